@@ -1,0 +1,4 @@
+//! # usernet forwarder: the host-facing side
+#![deny(unsafe_code)]
+
+pub mod dhcp;

@@ -1,0 +1,2 @@
+//! usernet binary (being written).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Link configuration (placeholder: being written).

@@ -1,0 +1,1 @@
+//! TAP device (placeholder: being written).

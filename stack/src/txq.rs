@@ -1,0 +1,1 @@
+//! txq (being written).
