@@ -1,2 +1,315 @@
-//! usernet binary (being written).
-fn main() {}
+//! # usernet
+//!
+//! Rootless user-space networking for containers: a slirp4netns drop-in built on smoltcp.
+//!
+//! Start-up, in this order (joining a user namespace needs a single-threaded process, and
+//! usernet never starts a thread):
+//! 1. parse and validate the command line ([`conf`]);
+//! 2. get the TAP: fork a helper that joins the target's namespaces, creates and configures
+//!    the TAP and passes its fd back ([`netns::open_tap`]); or, in run mode, fork the
+//!    command's process in new namespaces ([`netns::spawn_run`]);
+//! 3. build the [`forwarder::Forwarder`] and run the [`event_loop`].
+
+#![deny(unsafe_code)]
+
+mod conf;
+mod event_loop;
+mod netns;
+mod sys;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use forwarder::nat::{NatConfig, Network};
+use forwarder::{Config, Forwarder, Limits};
+use stack::sys::link::LinkConfig;
+use stack::sys::tap::Tap;
+
+use crate::conf::{AttachArgs, Cli, Command, NetArgs, NetnsType, RunArgs};
+use crate::event_loop::Extras;
+use crate::netns::{AttachSpec, RunSpec, Target, TargetWatch};
+
+/// Everything that stops usernet at start-up; printed as one line.
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("{0} is not supported yet")]
+    NotSupported(&'static str),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    #[error(transparent)]
+    Tap(#[from] stack::sys::tap::TapError),
+    #[error(transparent)]
+    Loop(#[from] event_loop::LoopError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if cli.version {
+        print!("{}", conf::version_text());
+        return ExitCode::SUCCESS;
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+        .format_target(false)
+        .init();
+    let result = match cli.command {
+        Some(Command::Run(args)) => run_mode(args),
+        None => attach_mode(cli.attach),
+    };
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            eprintln!("usernet: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Refuses flags whose features are not implemented yet.
+fn refuse_unsupported(net: &NetArgs) -> Result<(), MainError> {
+    if net.api_socket.is_some() {
+        return Err(MainError::NotSupported("--api-socket"));
+    }
+    if net.enable_ipv6 {
+        return Err(MainError::NotSupported("--enable-ipv6"));
+    }
+    if net.outbound_addr6.is_some() {
+        return Err(MainError::NotSupported("--outbound-addr6 (IPv6)"));
+    }
+    if net.enable_sandbox {
+        return Err(MainError::NotSupported("--enable-sandbox"));
+    }
+    if net.enable_seccomp {
+        return Err(MainError::NotSupported("--enable-seccomp"));
+    }
+    Ok(())
+}
+
+fn link_config(net: &Network, mtu: u32, tap_name: &str, mac: Option<[u8; 6]>) -> LinkConfig {
+    LinkConfig {
+        name: tap_name.to_owned(),
+        mtu,
+        addr: net.guest(),
+        prefix_len: net.prefix_len,
+        gateway: net.gateway(),
+        mac,
+    }
+}
+
+fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
+    refuse_unsupported(&args.net)?;
+    let target = args.target.clone().unwrap_or_default();
+    if args.macaddress.is_some() && !args.configure {
+        return Err(MainError::Usage("--macaddress needs --configure".into()));
+    }
+    let kind = args.netns_type.unwrap_or(if target.parse::<i32>().is_ok() {
+        NetnsType::Pid
+    } else {
+        NetnsType::Path
+    });
+    let configure = args.configure.then(|| {
+        link_config(
+            &args.net.cidr,
+            args.net.mtu,
+            &args.tap_name,
+            args.macaddress,
+        )
+    });
+    let (tap, target) = match kind {
+        NetnsType::Tapfd => {
+            let fd = parse_fd(&target, "TAP file descriptor")?;
+            let fd = sys::fd::adopt(fd).map_err(|source| MainError::Io {
+                what: format!("bad TAP file descriptor {target}"),
+                source,
+            })?;
+            (Tap::from_fd(fd)?, None)
+        }
+        NetnsType::Pid | NetnsType::Path => {
+            let target = if kind == NetnsType::Pid {
+                Target::Pid(parse_fd(&target, "PID")?)
+            } else {
+                Target::Path(PathBuf::from(&target))
+            };
+            let spec = AttachSpec {
+                target: target.clone(),
+                userns: args.userns_path.clone(),
+                tap_name: args.tap_name.clone(),
+                vnet_hdr: true,
+                configure,
+            };
+            (netns::open_tap(&spec)?, Some(target))
+        }
+    };
+    let watch = match &target {
+        Some(t) => match TargetWatch::new(t) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("cannot watch {t:?}, usernet will not notice when it goes away: {e}");
+                None
+            }
+        },
+        None => None,
+    };
+    let adopt = |fd: Option<i32>, what: &str| {
+        fd.map(|fd| {
+            sys::fd::adopt(fd).map_err(|source| MainError::Io {
+                what: format!("bad {what} {fd}"),
+                source,
+            })
+        })
+        .transpose()
+    };
+    let extras = Extras {
+        exit_fd: adopt(args.exit_fd, "exit fd")?,
+        ready_fd: adopt(args.ready_fd, "ready fd")?,
+        watch,
+        child: None,
+    };
+    let fwd = forwarder(&args.net, &tap)?;
+    let signals = event_loop::signal_fd(false)?;
+    Ok(event_loop::run(tap, fwd, signals, extras)?)
+}
+
+fn run_mode(args: RunArgs) -> Result<i32, MainError> {
+    refuse_unsupported(&args.net)?;
+    let net = &args.net.cidr;
+    let resolv_conf = if args.net.disable_dns {
+        // Keep the host's resolvers out of reach as asked; the command gets none.
+        String::new()
+    } else {
+        format!("nameserver {}\n", net.dns())
+    };
+    // Validate everything that can fail before the command is started.
+    let nameservers = nameservers(&args.net);
+    let outbound = outbound_v4(&args.net)?;
+    let spec = RunSpec {
+        cmd: args.command.clone(),
+        tap_name: "tap0".into(),
+        vnet_hdr: true,
+        link: link_config(net, args.net.mtu, "tap0", args.macaddress),
+        resolv_conf,
+    };
+    let mut child = netns::spawn_run(&spec)?;
+    let signals = event_loop::signal_fd(true)?;
+    let fwd = forwarder_with(&args.net, &child.tap, nameservers, outbound);
+    child.release()?;
+    let extras = Extras {
+        exit_fd: None,
+        ready_fd: None,
+        watch: None,
+        child: Some(child.pid),
+    };
+    let tap = child.tap;
+    Ok(event_loop::run(tap, fwd, signals, extras)?)
+}
+
+fn parse_fd(s: &str, what: &str) -> Result<i32, MainError> {
+    s.parse::<i32>()
+        .ok()
+        .filter(|n| *n >= 0)
+        .ok_or_else(|| MainError::Usage(format!("bad {what}: {s:?}")))
+}
+
+fn nameservers(net: &NetArgs) -> Vec<std::net::SocketAddr> {
+    if net.disable_dns {
+        return Vec::new();
+    }
+    match forwarder::dns::read_resolv_conf(Path::new("/etc/resolv.conf")) {
+        Ok(list) if !list.is_empty() => list,
+        Ok(_) => {
+            log::warn!("/etc/resolv.conf names no nameserver: the DNS forwarder will not answer");
+            Vec::new()
+        }
+        Err(e) => {
+            log::warn!("cannot read /etc/resolv.conf ({e}): the DNS forwarder will not answer");
+            Vec::new()
+        }
+    }
+}
+
+/// `--outbound-addr`: an IPv4 address, or the first IPv4 address of an interface.
+fn outbound_v4(net: &NetArgs) -> Result<Option<Ipv4Addr>, MainError> {
+    let Some(spec) = &net.outbound_addr else {
+        return Ok(None);
+    };
+    if let Ok(ip) = spec.parse::<IpAddr>() {
+        return match ip {
+            IpAddr::V4(v4) => Ok(Some(v4)),
+            IpAddr::V6(_) => Err(MainError::Usage(format!(
+                "--outbound-addr takes an IPv4 address, not {spec}"
+            ))),
+        };
+    }
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| MainError::Io {
+        what: "cannot list interfaces".into(),
+        source: e.into(),
+    })?;
+    for ifa in addrs {
+        if ifa.interface_name != *spec {
+            continue;
+        }
+        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            return Ok(Some(sin.ip()));
+        }
+    }
+    Err(MainError::Usage(format!(
+        "--outbound-addr {spec}: no such IPv4 address or interface with one"
+    )))
+}
+
+fn forwarder(net: &NetArgs, tap: &Tap) -> Result<Forwarder, MainError> {
+    let outbound = outbound_v4(net)?;
+    Ok(forwarder_with(net, tap, nameservers(net), outbound))
+}
+
+fn forwarder_with(
+    net: &NetArgs,
+    tap: &Tap,
+    nameservers: Vec<std::net::SocketAddr>,
+    outbound: Option<Ipv4Addr>,
+) -> Forwarder {
+    let cfg = Config {
+        nat: NatConfig {
+            net: net.cidr,
+            host_loopback: !net.disable_host_loopback,
+            nameservers,
+        },
+        dns_enabled: !net.disable_dns,
+        mtu: net.mtu as usize,
+        vnet_hdr_len: tap.vnet_hdr_len(),
+        outbound_v4: outbound,
+        tcp_buffer: 256 * 1024,
+        udp_idle: smoltcp::time::Duration::from_secs(60),
+        limits: Limits::default(),
+        seed: random_seed(),
+    };
+    Forwarder::new(cfg, smoltcp::time::Instant::from_micros(0))
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // std's RandomState is seeded from the OS's random source.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}

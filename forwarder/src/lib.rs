@@ -1,4 +1,830 @@
 //! # usernet forwarder: the host-facing side
+//!
+//! The [`Forwarder`] takes the guest's frames and the host sockets' readiness and turns
+//! every guest flow into an ordinary host socket: outbound NAT in user space.
+//!
+//! Layering:
+//! - [`nat`]: where a guest destination goes on the host (gateway = host loopback, DNS).
+//! - [`tcp`]: one smoltcp socket per flow, each in its own `SocketSet`, relayed to a
+//!   host `TcpStream`; [`udp`] and [`icmp`] bypass smoltcp with connected host sockets;
+//!   [`dhcp`] and [`dns`] are the virtual services.
+//! - [`emit`] builds packets straight into the transmit queue, [`timer`] wakes flows.
+//!
+//! ## How to drive it
+//! The event loop (the `usernet` binary) owns the TAP and the mio `Poll`, and per turn:
+//! 1. feeds each frame read from the TAP to [`Forwarder::handle_frame`];
+//! 2. feeds each readiness event of a flow token to [`Forwarder::handle_ready`];
+//! 3. calls [`Forwarder::handle_timeouts`], then [`Forwarder::poll_flows`], which relays
+//!    data of every flow touched in this turn and sends what smoltcp has to send;
+//! 4. writes out the transmit queue ([`Forwarder::flush`]) and sleeps until
+//!    [`Forwarder::poll_timeout`].
+//!
+//! Host I/O (socket creation, `read`/`write` on flow sockets, registration) happens here
+//! through the [`Io`] handed in; the TAP itself is behind [`FrameSink`], so tests can run
+//! the forwarder over memory.
+//!
+//! ## Invariants
+//! - No allocation per packet: buffers are sized when a flow opens.
+//! - Every table is bounded by [`Limits`]; when full, new flows are refused (TCP: RST,
+//!   UDP/ICMP: dropped) and counted, existing flows keep going.
+//! - Guest input is never trusted: malformed packets are dropped and counted in
+//!   [`Counters`], never a panic.
+
 #![deny(unsafe_code)]
 
 pub mod dhcp;
+pub mod dns;
+pub mod emit;
+pub mod icmp;
+pub mod nat;
+pub mod tcp;
+pub mod timer;
+pub mod udp;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Ipv4Addr;
+
+use mio::Token;
+use slab::Slab;
+use smoltcp::iface::{Interface, SocketSet};
+use smoltcp::phy::{ChecksumCapabilities, DeviceCapabilities};
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket};
+use stack::device::GuestDevice;
+use stack::l2::{Ingress, L2Drop, L2};
+use stack::txq::TxQueue;
+
+use crate::nat::NatConfig;
+
+/// Tokens from this value up belong to flows; the event loop keeps the ones below.
+pub const FLOW_TOKEN_BASE: usize = 16;
+
+/// Where frames for the guest go: the TAP in production, memory in tests.
+pub trait FrameSink {
+    /// Writes one frame (vnet header included).
+    ///
+    /// # Errors
+    /// `WouldBlock` when the device cannot take it now; other errors drop the frame.
+    fn send_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+}
+
+/// The host side handed to the forwarder for one call.
+pub struct Io<'a> {
+    /// Registry for flow sockets.
+    pub registry: &'a mio::Registry,
+    /// The guest link.
+    pub tap: &'a mut dyn FrameSink,
+}
+
+/// Table sizes. When a table is full, new flows of that kind are refused (TCP with a
+/// RST, UDP and ICMP dropped) and counted; established flows are never evicted.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// TCP flows, any state.
+    pub tcp_flows: usize,
+    /// TCP flows whose host connection is still being set up (pending SYNs).
+    pub tcp_half_open: usize,
+    /// UDP flows.
+    pub udp_flows: usize,
+    /// ICMP echo flows.
+    pub icmp_flows: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tcp_flows: 16384,
+            tcp_half_open: 1024,
+            udp_flows: 4096,
+            icmp_flows: 256,
+        }
+    }
+}
+
+/// Forwarder configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses and NAT policy.
+    pub nat: NatConfig,
+    /// Whether the DNS forwarder is offered (and announced by DHCP).
+    pub dns_enabled: bool,
+    /// The guest link's MTU.
+    pub mtu: usize,
+    /// 0, or the vnet header length of the TAP.
+    pub vnet_hdr_len: usize,
+    /// Source address for IPv4 host sockets (`--outbound-addr`).
+    pub outbound_v4: Option<Ipv4Addr>,
+    /// Bytes of smoltcp buffer per TCP flow and direction.
+    pub tcp_buffer: usize,
+    /// UDP flows are closed after this long without traffic.
+    pub udp_idle: Duration,
+    /// Table sizes.
+    pub limits: Limits,
+    /// Seed for smoltcp's initial sequence numbers.
+    pub seed: u64,
+}
+
+/// Counters, exposed for diagnostics.
+#[allow(missing_docs)]
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+    pub drop_truncated: u64,
+    pub drop_not_for_us: u64,
+    pub drop_ethertype: u64,
+    pub drop_arp_malformed: u64,
+    pub drop_arp_spoof: u64,
+    pub drop_ipv4_malformed: u64,
+    pub drop_ipv4_fragment: u64,
+    pub drop_ipv6: u64,
+    pub drop_bad_source: u64,
+    pub drop_protocol: u64,
+    pub drop_tcp_malformed: u64,
+    pub drop_udp_malformed: u64,
+    pub drop_icmp_malformed: u64,
+    pub tcp_opened: u64,
+    pub tcp_closed: u64,
+    pub tcp_refused: u64,
+    pub tcp_unreachable: u64,
+    pub tcp_denied: u64,
+    pub tcp_table_full: u64,
+    pub tcp_host_errors: u64,
+    pub tcp_stray_segments: u64,
+    pub udp_opened: u64,
+    pub udp_closed: u64,
+    pub udp_denied: u64,
+    pub udp_table_full: u64,
+    pub udp_host_errors: u64,
+    pub udp_send_dropped: u64,
+    pub udp_too_big: u64,
+    pub icmp_echo_local: u64,
+    pub icmp_opened: u64,
+    pub icmp_closed: u64,
+    pub icmp_denied: u64,
+    pub icmp_ignored: u64,
+    pub dhcp_replies: u64,
+    pub dhcp_drops: u64,
+}
+
+/// The guest link: smoltcp's interface and our L2 in front of the transmit queue.
+pub(crate) struct Link {
+    pub iface: Interface,
+    pub caps: DeviceCapabilities,
+    pub l2: L2,
+    pub txq: TxQueue,
+    pub mtu: usize,
+}
+
+impl Link {
+    /// A device for one smoltcp call.
+    pub fn device<'a>(
+        l2: &'a mut L2,
+        txq: &'a mut TxQueue,
+        caps: &'a DeviceCapabilities,
+        rx: Option<&'a [u8]>,
+        guest: Ipv4Address,
+    ) -> GuestDevice<'a> {
+        GuestDevice::new(rx, l2, txq, caps, Some(guest))
+    }
+
+    /// Writes queued frames to the guest. Returns false when the device would block
+    /// (the rest stays queued).
+    pub fn flush(&mut self, tap: &mut dyn FrameSink, c: &mut Counters) -> bool {
+        while let Some(frame) = self.txq.front() {
+            match tap.send_frame(frame) {
+                Ok(()) => {
+                    c.tx_frames += 1;
+                    c.tx_bytes += frame.len() as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    log::debug!("TAP write failed: {e}");
+                    c.tx_errors += 1;
+                }
+            }
+            self.txq.pop();
+        }
+        true
+    }
+}
+
+/// A guest flow: the key the guest sees on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The guest's address and port (or ICMP identifier).
+    pub guest: (Ipv4Address, u16),
+    /// The destination as the guest addressed it.
+    pub remote: (Ipv4Address, u16),
+}
+
+pub(crate) enum Flow {
+    Tcp(Box<tcp::TcpFlow>),
+    Udp(udp::UdpFlow),
+    Icmp(icmp::IcmpFlow),
+}
+
+impl Flow {
+    fn timer_slot(&mut self) -> &mut Option<Instant> {
+        match self {
+            Flow::Tcp(f) => &mut f.timer,
+            Flow::Udp(f) => &mut f.timer,
+            Flow::Icmp(f) => &mut f.timer,
+        }
+    }
+}
+
+/// The forwarder: all flows between the guest and the host.
+pub struct Forwarder {
+    cfg: Config,
+    link: Link,
+    flows: Slab<Flow>,
+    tcp_map: HashMap<FlowKey, usize>,
+    udp_map: HashMap<FlowKey, usize>,
+    icmp_map: HashMap<FlowKey, usize>,
+    timers: timer::Timers,
+    dirty: Vec<usize>,
+    no_flow: SocketSet<'static>,
+    dhcp: dhcp::DhcpServer,
+    epoch: std::time::Instant,
+    half_open: usize,
+    counters: Counters,
+}
+
+/// Frames queued for the guest: room for a burst of full-size segments.
+const TXQ_SLOTS: usize = 256;
+
+impl Forwarder {
+    /// A forwarder for a guest link with `cfg`. `now` is the current time on the clock
+    /// that every later call uses.
+    pub fn new(cfg: Config, now: Instant) -> Forwarder {
+        let net = cfg.nat.net;
+        let gateway = Ipv4Address::from(net.gateway());
+        let dns = Ipv4Address::from(net.dns());
+        let mut l2 = L2::new(L2::mac_for(gateway), [gateway, dns], cfg.vnet_hdr_len);
+        // The largest frame: vnet header + Ethernet header + the largest IP packet.
+        let slot = cfg.vnet_hdr_len + stack::l2::ETHERNET_HEADER_LEN + 65536;
+        let mut txq = TxQueue::new(TXQ_SLOTS, slot);
+        let caps = stack::iface::capabilities(cfg.mtu);
+        let iface = stack::iface::interface(
+            now,
+            &caps,
+            &mut l2,
+            &mut txq,
+            gateway,
+            net.prefix_len,
+            cfg.seed,
+        );
+        let dhcp = dhcp::DhcpServer::new(dhcp::DhcpConfig {
+            server: net.gateway(),
+            prefix_len: net.prefix_len,
+            router: net.gateway(),
+            dns: cfg.dns_enabled.then(|| net.dns()),
+            pool_start: net.dhcp_start(),
+            pool_len: 16,
+            lease: std::time::Duration::from_secs(24 * 3600),
+        });
+        Forwarder {
+            link: Link {
+                iface,
+                caps,
+                l2,
+                txq,
+                mtu: cfg.mtu,
+            },
+            cfg,
+            flows: Slab::new(),
+            tcp_map: HashMap::new(),
+            udp_map: HashMap::new(),
+            icmp_map: HashMap::new(),
+            timers: timer::Timers::default(),
+            dirty: Vec::new(),
+            no_flow: SocketSet::new(Vec::new()),
+            dhcp,
+            // DHCP leases count on std's clock: anchor it so that `now` maps onto it.
+            epoch: std::time::Instant::now()
+                .checked_sub(std::time::Duration::from_micros(
+                    now.total_micros().unsigned_abs(),
+                ))
+                .unwrap_or_else(std::time::Instant::now),
+            half_open: 0,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Open flows by protocol: (tcp, udp, icmp).
+    pub fn flow_counts(&self) -> (usize, usize, usize) {
+        (self.tcp_map.len(), self.udp_map.len(), self.icmp_map.len())
+    }
+
+    /// Takes one frame read from the TAP (vnet header included).
+    pub fn handle_frame(&mut self, now: Instant, frame: &[u8], io: &mut Io<'_>) {
+        self.counters.rx_frames += 1;
+        self.counters.rx_bytes += frame.len() as u64;
+        if self.link.txq.is_full() {
+            self.link.flush(io.tap, &mut self.counters);
+        }
+        let c = &mut self.counters;
+        match self.link.l2.handle_frame(frame, &mut self.link.txq) {
+            Ok(Ingress::Ipv4(ip, _vnet)) => self.handle_ipv4(now, ip, io),
+            Ok(Ingress::Ipv6(..)) => c.drop_ipv6 += 1,
+            Ok(Ingress::Consumed) => {}
+            Err(L2Drop::Truncated) => c.drop_truncated += 1,
+            Err(L2Drop::NotForUs) => c.drop_not_for_us += 1,
+            Err(L2Drop::UnknownEthertype) => c.drop_ethertype += 1,
+            Err(L2Drop::ArpMalformed) => c.drop_arp_malformed += 1,
+            Err(L2Drop::ArpSpoof) => c.drop_arp_spoof += 1,
+        }
+    }
+
+    fn handle_ipv4(&mut self, now: Instant, ip: &[u8], io: &mut Io<'_>) {
+        let Ok(packet) = Ipv4Packet::new_checked(ip) else {
+            self.counters.drop_ipv4_malformed += 1;
+            return;
+        };
+        let Ok(repr) = Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
+            self.counters.drop_ipv4_malformed += 1;
+            return;
+        };
+        if packet.more_frags() || packet.frag_offset() != 0 {
+            self.counters.drop_ipv4_fragment += 1;
+            return;
+        }
+        // The IP packet without Ethernet padding.
+        let ip = &ip[..usize::from(packet.total_len())];
+        let payload = packet.payload();
+        let net = self.cfg.nat.net;
+        let src = Ipv4Addr::from(repr.src_addr);
+        let valid_source = net.contains(src)
+            && src != net.addr
+            && src != net.gateway()
+            && src != net.dns()
+            && src != net.broadcast();
+        match repr.next_header {
+            IpProtocol::Udp => {
+                if udp::is_dhcp_request(&repr, payload) {
+                    self.handle_dhcp(now, payload);
+                } else if valid_source {
+                    self.handle_udp(now, &repr, ip, payload, io);
+                } else {
+                    self.counters.drop_bad_source += 1;
+                }
+            }
+            _ if !valid_source => self.counters.drop_bad_source += 1,
+            IpProtocol::Tcp => self.handle_tcp(now, &repr, ip, payload, io),
+            IpProtocol::Icmp => self.handle_icmp(now, &repr, ip, payload, io),
+            _ => self.counters.drop_protocol += 1,
+        }
+    }
+
+    fn handle_dhcp(&mut self, now: Instant, payload: &[u8]) {
+        let now = self.epoch + std::time::Duration::from_micros(now.total_micros().unsigned_abs());
+        let Some(data) = payload.get(emit::UDP_HEADER_LEN..) else {
+            self.counters.drop_udp_malformed += 1;
+            return;
+        };
+        let gateway = Ipv4Address::from(self.cfg.nat.net.gateway());
+        let Some(slot) = self.link.txq.slot() else {
+            self.counters.dhcp_drops += 1;
+            return;
+        };
+        // Build the reply in the slot's payload area, then the headers around it.
+        let off = self.link.l2.header_len() + emit::IPV4_HEADER_LEN + emit::UDP_HEADER_LEN;
+        let limit = (self.link.l2.header_len() + self.link.mtu).min(slot.len());
+        let reply = match self.dhcp.handle(now, data, &mut slot[off..limit]) {
+            Ok(reply) => reply,
+            Err(drop) => {
+                log::trace!("DHCP request dropped: {drop:?}");
+                self.counters.dhcp_drops += 1;
+                return;
+            }
+        };
+        let res = emit::udp(
+            &self.link.l2,
+            &mut self.link.txq,
+            self.link.mtu,
+            (gateway, 67),
+            (Ipv4Address::from(reply.dst_ip), 68),
+            Some(reply.dst_mac),
+            |_| Some(reply.len),
+        );
+        match res {
+            Ok(_) => self.counters.dhcp_replies += 1,
+            Err(_) => self.counters.dhcp_drops += 1,
+        }
+    }
+
+    fn handle_tcp(
+        &mut self,
+        now: Instant,
+        repr: &Ipv4Repr,
+        ip: &[u8],
+        payload: &[u8],
+        io: &mut Io<'_>,
+    ) {
+        let Ok(segment) = TcpPacket::new_checked(payload) else {
+            self.counters.drop_tcp_malformed += 1;
+            return;
+        };
+        let key = FlowKey {
+            guest: (repr.src_addr, segment.src_port()),
+            remote: (repr.dst_addr, segment.dst_port()),
+        };
+        if let Some(&id) = self.tcp_map.get(&key) {
+            if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
+                flow.ingress(now, &mut self.link, ip);
+                self.mark_dirty(id);
+            }
+            return;
+        }
+        if !(segment.syn() && !segment.ack() && !segment.rst()) {
+            self.counters.tcp_stray_segments += 1;
+            self.reset_stray(now, repr.src_addr, ip);
+            return;
+        }
+        self.open_tcp(now, key, ip, io);
+    }
+
+    /// Lets smoltcp answer a segment that belongs to no flow: a RST, as a host would.
+    fn reset_stray(&mut self, now: Instant, guest: Ipv4Address, ip: &[u8]) {
+        let l = &mut self.link;
+        let mut dev = Link::device(&mut l.l2, &mut l.txq, &l.caps, Some(ip), guest);
+        l.iface
+            .poll_ingress_single(now, &mut dev, &mut self.no_flow);
+    }
+
+    fn open_tcp(&mut self, now: Instant, key: FlowKey, ip: &[u8], io: &mut Io<'_>) {
+        let limits = self.cfg.limits;
+        if self.tcp_map.len() >= limits.tcp_flows || self.half_open >= limits.tcp_half_open {
+            self.counters.tcp_table_full += 1;
+            self.reset_stray(now, key.guest.0, ip);
+            return;
+        }
+        let target = match self.cfg.nat.translate(key.remote.0.into(), key.remote.1) {
+            Ok(target) => target,
+            Err(deny) => {
+                log::debug!("TCP to {:?} denied: {deny:?}", key.remote);
+                self.counters.tcp_denied += 1;
+                self.reset_stray(now, key.guest.0, ip);
+                return;
+            }
+        };
+        let entry = self.flows.vacant_entry();
+        let id = entry.key();
+        let token = Token(FLOW_TOKEN_BASE + id);
+        let opts = tcp::OpenOptions {
+            outbound: self.cfg.outbound_v4,
+            buffer: self.cfg.tcp_buffer,
+        };
+        match tcp::TcpFlow::open(now, key, target, ip, &opts, io.registry, token) {
+            Ok(mut flow) => {
+                flow.ingress(now, &mut self.link, ip);
+                entry.insert(Flow::Tcp(Box::new(flow)));
+                self.tcp_map.insert(key, id);
+                self.half_open += 1;
+                self.counters.tcp_opened += 1;
+                self.mark_dirty(id);
+            }
+            Err(tcp::OpenError::Refused) => {
+                self.counters.tcp_refused += 1;
+                self.reset_stray(now, key.guest.0, ip);
+            }
+            Err(tcp::OpenError::Unreachable(code)) => {
+                self.counters.tcp_unreachable += 1;
+                icmp::emit_unreachable(&mut self.link, self.cfg.nat.net.gateway().into(), code, ip);
+            }
+            Err(tcp::OpenError::Local(e)) => {
+                log::debug!("cannot open host socket for {:?}: {e}", key.remote);
+                self.counters.tcp_host_errors += 1;
+                self.reset_stray(now, key.guest.0, ip);
+            }
+        }
+    }
+
+    fn handle_udp(
+        &mut self,
+        now: Instant,
+        repr: &Ipv4Repr,
+        ip: &[u8],
+        payload: &[u8],
+        io: &mut Io<'_>,
+    ) {
+        let Some((key, data)) = udp::parse(repr, payload) else {
+            self.counters.drop_udp_malformed += 1;
+            return;
+        };
+        let id = match self.udp_map.get(&key) {
+            Some(&id) => id,
+            None => match self.open_udp(now, key, ip, io) {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        if let Some(Flow::Udp(flow)) = self.flows.get_mut(id) {
+            flow.send(now, data, &mut self.counters);
+        }
+    }
+
+    fn open_udp(
+        &mut self,
+        now: Instant,
+        key: FlowKey,
+        ip: &[u8],
+        io: &mut Io<'_>,
+    ) -> Option<usize> {
+        if self.udp_map.len() >= self.cfg.limits.udp_flows {
+            self.counters.udp_table_full += 1;
+            return None;
+        }
+        let target = match self.cfg.nat.translate(key.remote.0.into(), key.remote.1) {
+            Ok(target) => target,
+            Err(deny) => {
+                log::debug!("UDP to {:?} denied: {deny:?}", key.remote);
+                self.counters.udp_denied += 1;
+                let code = if deny == nat::Deny::NoService {
+                    icmp::Unreachable::Port
+                } else {
+                    icmp::Unreachable::Prohibited
+                };
+                icmp::emit_unreachable(&mut self.link, key.remote.0, code, ip);
+                return None;
+            }
+        };
+        let entry = self.flows.vacant_entry();
+        let id = entry.key();
+        let token = Token(FLOW_TOKEN_BASE + id);
+        match udp::UdpFlow::open(now, key, target, self.cfg.outbound_v4, io.registry, token) {
+            Ok(flow) => {
+                entry.insert(Flow::Udp(flow));
+                self.udp_map.insert(key, id);
+                self.counters.udp_opened += 1;
+                let at = now + self.cfg.udp_idle;
+                if let Some(flow) = self.flows.get_mut(id) {
+                    self.timers.arm(flow.timer_slot(), id, at);
+                }
+                Some(id)
+            }
+            Err(e) => {
+                log::debug!("cannot open UDP socket for {:?}: {e}", key.remote);
+                self.counters.udp_host_errors += 1;
+                None
+            }
+        }
+    }
+
+    fn handle_icmp(
+        &mut self,
+        now: Instant,
+        repr: &Ipv4Repr,
+        ip: &[u8],
+        payload: &[u8],
+        io: &mut Io<'_>,
+    ) {
+        let Some(echo) = icmp::parse_echo_request(payload) else {
+            self.counters.drop_icmp_malformed += 1;
+            return;
+        };
+        let Some(echo) = echo else {
+            self.counters.icmp_ignored += 1;
+            return;
+        };
+        let net = self.cfg.nat.net;
+        let dst = Ipv4Addr::from(repr.dst_addr);
+        if dst == net.gateway() || dst == net.dns() {
+            if icmp::emit_echo_reply(&mut self.link, repr.dst_addr, repr.src_addr, payload) {
+                self.counters.icmp_echo_local += 1;
+            }
+            return;
+        }
+        if self.cfg.nat.translate(dst, 0).is_err() {
+            self.counters.icmp_denied += 1;
+            return;
+        }
+        let key = FlowKey {
+            guest: (repr.src_addr, echo.ident),
+            remote: (repr.dst_addr, 0),
+        };
+        let id = match self.icmp_map.get(&key) {
+            Some(&id) => id,
+            None => {
+                if self.icmp_map.len() >= self.cfg.limits.icmp_flows {
+                    self.counters.icmp_denied += 1;
+                    return;
+                }
+                let entry = self.flows.vacant_entry();
+                let id = entry.key();
+                let token = Token(FLOW_TOKEN_BASE + id);
+                match icmp::IcmpFlow::open(now, key, self.cfg.outbound_v4, io.registry, token) {
+                    Ok(flow) => {
+                        entry.insert(Flow::Icmp(flow));
+                        self.icmp_map.insert(key, id);
+                        self.counters.icmp_opened += 1;
+                        if let Some(flow) = self.flows.get_mut(id) {
+                            self.timers.arm(flow.timer_slot(), id, now + icmp::IDLE);
+                        }
+                        id
+                    }
+                    Err(e) => {
+                        // Typically EACCES: net.ipv4.ping_group_range excludes our gid.
+                        // Never fake a reply: tell the guest the echo cannot pass.
+                        log::debug!("cannot open ping socket: {e}");
+                        self.counters.icmp_denied += 1;
+                        let gw = net.gateway().into();
+                        icmp::emit_unreachable(
+                            &mut self.link,
+                            gw,
+                            icmp::Unreachable::Prohibited,
+                            ip,
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        if let Some(Flow::Icmp(flow)) = self.flows.get_mut(id) {
+            flow.send(now, payload);
+        }
+    }
+
+    /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`).
+    pub fn handle_ready(
+        &mut self,
+        now: Instant,
+        token: Token,
+        readable: bool,
+        writable: bool,
+        io: &mut Io<'_>,
+    ) {
+        let Some(id) = token.0.checked_sub(FLOW_TOKEN_BASE) else {
+            return;
+        };
+        let mtu = self.link.mtu;
+        match self.flows.get_mut(id) {
+            Some(Flow::Tcp(flow)) => {
+                flow.on_ready(readable, writable);
+                self.mark_dirty(id);
+            }
+            Some(Flow::Udp(flow)) => {
+                if readable {
+                    let done = flow.receive(now, &mut self.link, mtu, io, &mut self.counters);
+                    if !done {
+                        self.mark_dirty(id);
+                    }
+                }
+            }
+            Some(Flow::Icmp(flow)) => {
+                if readable {
+                    flow.receive(now, &mut self.link, io);
+                }
+            }
+            None => {}
+        }
+    }
+
+    fn mark_dirty(&mut self, id: usize) {
+        if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
+            if flow.dirty {
+                return;
+            }
+            flow.dirty = true;
+        }
+        self.dirty.push(id);
+    }
+
+    /// Services the flows whose timers are due.
+    pub fn handle_timeouts(&mut self, now: Instant, io: &mut Io<'_>) {
+        while let Some((at, id)) = self.timers.pop_due(now) {
+            let Some(flow) = self.flows.get_mut(id) else {
+                continue;
+            };
+            let slot = flow.timer_slot();
+            if *slot != Some(at) {
+                continue;
+            }
+            *slot = None;
+            match flow {
+                Flow::Tcp(_) => self.mark_dirty(id),
+                Flow::Udp(f) => {
+                    let idle_until = f.last_active + self.cfg.udp_idle;
+                    if now >= idle_until {
+                        self.close_flow(id, io);
+                    } else {
+                        self.timers.arm(&mut f.timer, id, idle_until);
+                    }
+                }
+                Flow::Icmp(f) => {
+                    let idle_until = f.last_active + icmp::IDLE;
+                    if now >= idle_until {
+                        self.close_flow(id, io);
+                    } else {
+                        self.timers.arm(&mut f.timer, id, idle_until);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Relays data and sends segments for every flow touched since the last call.
+    pub fn poll_flows(&mut self, now: Instant, io: &mut Io<'_>) {
+        // A flow serviced here may be marked dirty again (its host socket became
+        // writable meanwhile): the outer loop picks that up.
+        while !self.dirty.is_empty() {
+            let batch = std::mem::take(&mut self.dirty);
+            for &id in &batch {
+                self.poll_flow(now, id, io);
+            }
+            // Reuse the allocation.
+            let mut batch = batch;
+            batch.clear();
+            if self.dirty.is_empty() {
+                self.dirty = batch;
+            }
+        }
+    }
+
+    fn poll_flow(&mut self, now: Instant, id: usize, io: &mut Io<'_>) {
+        match self.flows.get_mut(id) {
+            Some(Flow::Tcp(flow)) => {
+                flow.dirty = false;
+                let was_connecting = flow.is_connecting();
+                let status = flow.poll(now, &mut self.link, io, &mut self.counters);
+                if was_connecting && !flow.is_connecting() {
+                    self.half_open -= 1;
+                }
+                match status {
+                    tcp::Status::Alive(Some(at)) => {
+                        self.timers.arm(&mut flow.timer, id, at);
+                    }
+                    tcp::Status::Alive(None) => {}
+                    tcp::Status::Unreachable(code) => {
+                        self.counters.tcp_unreachable += 1;
+                        let gw = self.cfg.nat.net.gateway().into();
+                        icmp::emit_unreachable(&mut self.link, gw, code, flow.syn());
+                        self.close_flow(id, io);
+                    }
+                    tcp::Status::Done => self.close_flow(id, io),
+                }
+            }
+            Some(Flow::Udp(flow)) => {
+                let mtu = self.link.mtu;
+                if !flow.receive(now, &mut self.link, mtu, io, &mut self.counters) {
+                    // The guest link is congested: retry shortly.
+                    let at = now + Duration::from_millis(1);
+                    self.timers.arm(&mut flow.timer, id, at);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn close_flow(&mut self, id: usize, io: &mut Io<'_>) {
+        let Some(flow) = self.flows.try_remove(id) else {
+            return;
+        };
+        match flow {
+            Flow::Tcp(mut f) => {
+                if f.is_connecting() {
+                    self.half_open -= 1;
+                }
+                self.tcp_map.remove(&f.key);
+                f.close(io.registry);
+                self.counters.tcp_closed += 1;
+            }
+            Flow::Udp(mut f) => {
+                self.udp_map.remove(&f.key);
+                f.close(io.registry);
+                self.counters.udp_closed += 1;
+            }
+            Flow::Icmp(mut f) => {
+                self.icmp_map.remove(&f.key);
+                f.close(io.registry);
+                self.counters.icmp_closed += 1;
+            }
+        }
+    }
+
+    /// Writes the transmit queue to the guest. Returns false when the device would
+    /// block; call again when it is writable.
+    pub fn flush(&mut self, tap: &mut dyn FrameSink) -> bool {
+        self.link.flush(tap, &mut self.counters)
+    }
+
+    /// Whether frames are waiting for the guest.
+    pub fn has_pending_tx(&self) -> bool {
+        !self.link.txq.is_empty()
+    }
+
+    /// When [`handle_timeouts`](Self::handle_timeouts) is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+}

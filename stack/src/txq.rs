@@ -1,1 +1,128 @@
-//! txq (being written).
+//! The transmit queue: frames bound for the guest, built in place.
+//!
+//! # Theory of operation
+//!
+//! Every frame the guest receives (smoltcp's TCP segments, our UDP, ICMP, ARP and DHCP
+//! replies) is written straight into a slot of this queue; the event loop then hands each
+//! slot to one `write()` on the TAP. Slots are allocated once, at start-up, each large
+//! enough for the largest frame (vnet header + Ethernet header + the biggest IP packet);
+//! the pages of a slot are committed by the kernel only when a frame first touches them.
+//!
+//! When the queue is full, producers are told so (`slot()` returns `None`): smoltcp then
+//! keeps its segment and retries on the next poll, so nothing is dropped silently. The
+//! event loop flushes the queue whenever it fills and at the end of every turn.
+
+/// A ring of fixed-size frame slots.
+#[derive(Debug)]
+pub struct TxQueue {
+    slots: Box<[Box<[u8]>]>,
+    lens: Box<[usize]>,
+    head: usize,
+    len: usize,
+}
+
+impl TxQueue {
+    /// Allocates `slots` slots of `slot_size` bytes each.
+    ///
+    /// # Panics
+    /// When `slots` is zero.
+    pub fn new(slots: usize, slot_size: usize) -> TxQueue {
+        assert!(slots > 0, "a transmit queue needs at least one slot");
+        TxQueue {
+            slots: (0..slots)
+                .map(|_| vec![0u8; slot_size].into_boxed_slice())
+                .collect(),
+            lens: vec![0; slots].into_boxed_slice(),
+            head: 0,
+            len: 0,
+        }
+    }
+
+    /// Size of one slot: the largest frame the queue can hold.
+    pub fn slot_size(&self) -> usize {
+        self.slots[0].len()
+    }
+
+    /// Whether no slot is free.
+    pub fn is_full(&self) -> bool {
+        self.len == self.slots.len()
+    }
+
+    /// Whether no frame is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Number of queued frames.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The next free slot, to be filled and then [`commit`](Self::commit)ted; `None` when
+    /// the queue is full. A slot that is not committed stays free.
+    pub fn slot(&mut self) -> Option<&mut [u8]> {
+        if self.is_full() {
+            return None;
+        }
+        let idx = (self.head + self.len) % self.slots.len();
+        Some(&mut self.slots[idx])
+    }
+
+    /// Queues the slot last returned by [`slot`](Self::slot), holding a frame of `len` bytes.
+    ///
+    /// # Panics
+    /// When the queue is full or `len` exceeds the slot size (a caller bug).
+    pub fn commit(&mut self, len: usize) {
+        assert!(!self.is_full() && len <= self.slot_size());
+        let idx = (self.head + self.len) % self.slots.len();
+        self.lens[idx] = len;
+        self.len += 1;
+    }
+
+    /// The oldest queued frame.
+    pub fn front(&self) -> Option<&[u8]> {
+        if self.is_empty() {
+            return None;
+        }
+        Some(&self.slots[self.head][..self.lens[self.head]])
+    }
+
+    /// Removes the oldest queued frame.
+    pub fn pop(&mut self) {
+        if self.len > 0 {
+            self.head = (self.head + 1) % self.slots.len();
+            self.len -= 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_order_and_wraparound() {
+        let mut q = TxQueue::new(2, 8);
+        for round in 0..5u8 {
+            q.slot().unwrap()[0] = round;
+            q.commit(1);
+            q.slot().unwrap()[..2].copy_from_slice(&[round, round]);
+            q.commit(2);
+            assert!(q.is_full());
+            assert!(q.slot().is_none());
+            assert_eq!(q.front(), Some(&[round][..]));
+            q.pop();
+            assert_eq!(q.front(), Some(&[round, round][..]));
+            q.pop();
+            assert!(q.is_empty());
+        }
+    }
+
+    #[test]
+    fn uncommitted_slot_stays_free() {
+        let mut q = TxQueue::new(1, 4);
+        q.slot().unwrap()[0] = 9;
+        assert!(q.is_empty());
+        assert!(q.front().is_none());
+    }
+}

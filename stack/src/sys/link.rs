@@ -1,1 +1,487 @@
-//! Link configuration (placeholder: being written).
+//! Link configuration inside a network namespace, with the classic interface ioctls.
+//!
+//! # Theory of operation
+//!
+//! [`configure`] does what `slirp4netns --configure` does, in the calling *thread's*
+//! network namespace, with ioctls on an `AF_INET` datagram socket: no `ip` binary, no
+//! netlink. In order:
+//!
+//! 1. `lo` up (`SIOCGIFFLAGS` / `SIOCSIFFLAGS`);
+//! 2. on the link: the MAC address if one is given (`SIOCSIFHWADDR`, with the link down:
+//!    an up link may refuse the change);
+//! 3. the MTU (`SIOCSIFMTU`);
+//! 4. the IPv4 address and netmask (`SIOCSIFADDR`, `SIOCSIFNETMASK`);
+//! 5. the link up;
+//! 6. a default route via the gateway on that link (`SIOCADDRT`), which needs the link up
+//!    and the gateway inside the configured subnet.
+//!
+//! It never touches `/etc/resolv.conf`, as slirp4netns does not. It is not atomic: on
+//! error the link is left half configured, and the caller is expected to give up on the
+//! namespace. IPv6 is configured by the guest itself from our router advertisements.
+//!
+//! Security: inputs (name, prefix length, MTU) are checked before they reach a syscall
+//! structure; the kernel checks the rest and needs `CAP_NET_ADMIN` in the namespace.
+
+use std::ffi::{c_short, CString};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+
+use super::tap::{ifreq_with_name, ioctl_ptr};
+
+/// What [`configure`] sets up on one link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Interface name (at most 15 bytes), e.g. `tap0`.
+    pub name: String,
+    /// MTU in bytes (the kernel bounds it; TAP accepts 68..=65535).
+    pub mtu: u32,
+    /// IPv4 address of the guest, e.g. `10.0.2.100`.
+    pub addr: Ipv4Addr,
+    /// Prefix length of the subnet, 0..=32.
+    pub prefix_len: u8,
+    /// Default gateway, inside the subnet, e.g. `10.0.2.2`.
+    pub gateway: Ipv4Addr,
+    /// MAC address to set, or `None` to keep the kernel's random one.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Errors of [`configure`].
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The name does not fit in `struct ifreq` or contains a NUL byte.
+    #[error("invalid link name {name:?}: at most 15 bytes, no NUL")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+    },
+    /// The prefix length is above 32.
+    #[error("invalid prefix length {prefix_len}: at most 32")]
+    InvalidPrefix {
+        /// The rejected prefix length.
+        prefix_len: u8,
+    },
+    /// The MTU does not fit in the kernel's `int`.
+    #[error("invalid MTU {mtu}")]
+    InvalidMtu {
+        /// The rejected MTU.
+        mtu: u32,
+    },
+    /// The `AF_INET` socket for the ioctls cannot be created.
+    #[error("cannot open a socket for link configuration")]
+    Socket(#[source] io::Error),
+    /// `SIOCGIFFLAGS` failed (typically `ENODEV`: no such link).
+    #[error("cannot read the flags of link {name}")]
+    GetFlags {
+        /// The link.
+        name: String,
+        /// The error of `ioctl(SIOCGIFFLAGS)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCSIFFLAGS` failed while bringing the link up.
+    #[error("cannot bring link {name} up")]
+    Up {
+        /// The link.
+        name: String,
+        /// The error of `ioctl(SIOCSIFFLAGS)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCSIFFLAGS` failed while bringing the link down to change its MAC address.
+    #[error("cannot bring link {name} down")]
+    Down {
+        /// The link.
+        name: String,
+        /// The error of `ioctl(SIOCSIFFLAGS)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCSIFHWADDR` failed.
+    #[error("cannot set MAC address {} on link {name}", fmt_mac(mac))]
+    Mac {
+        /// The link.
+        name: String,
+        /// The address.
+        mac: [u8; 6],
+        /// The error of `ioctl(SIOCSIFHWADDR)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCSIFMTU` failed (`EINVAL`: out of the device's range).
+    #[error("cannot set MTU {mtu} on link {name}")]
+    Mtu {
+        /// The link.
+        name: String,
+        /// The MTU.
+        mtu: u32,
+        /// The error of `ioctl(SIOCSIFMTU)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCSIFADDR` failed.
+    #[error("cannot set address {addr} on link {name}")]
+    Addr {
+        /// The link.
+        name: String,
+        /// The address.
+        addr: Ipv4Addr,
+        /// The error of `ioctl(SIOCSIFADDR)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCSIFNETMASK` failed.
+    #[error("cannot set netmask /{prefix_len} on link {name}")]
+    Netmask {
+        /// The link.
+        name: String,
+        /// The prefix length.
+        prefix_len: u8,
+        /// The error of `ioctl(SIOCSIFNETMASK)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCADDRT` failed (`ENETUNREACH`: gateway outside the subnet; `EEXIST`: a default
+    /// route exists already).
+    #[error("cannot add a default route via {gateway} on link {name}")]
+    Route {
+        /// The link.
+        name: String,
+        /// The gateway.
+        gateway: Ipv4Addr,
+        /// The error of `ioctl(SIOCADDRT)`.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Configures `lo` and `cfg.name` in the calling thread's network namespace, as
+/// `slirp4netns --configure` does: `lo` up; on `cfg.name`: MAC address (if any, while the
+/// link is down), MTU, address and netmask, up, default route via `cfg.gateway`.
+///
+/// Never touches `/etc/resolv.conf`.
+///
+/// # Errors
+///
+/// [`LinkError::InvalidName`], [`LinkError::InvalidPrefix`], [`LinkError::InvalidMtu`] for
+/// bad input (checked before any change); otherwise the variant of the step that failed,
+/// after the earlier steps took effect. Without `CAP_NET_ADMIN` in the namespace every
+/// step fails with `EPERM`.
+pub fn configure(cfg: &LinkConfig) -> Result<(), LinkError> {
+    let name = cfg.name.as_str();
+    if ifreq_with_name(name).is_none() {
+        return Err(LinkError::InvalidName {
+            name: cfg.name.clone(),
+        });
+    }
+    if cfg.prefix_len > 32 {
+        return Err(LinkError::InvalidPrefix {
+            prefix_len: cfg.prefix_len,
+        });
+    }
+    let mtu = libc::c_int::try_from(cfg.mtu).map_err(|_| LinkError::InvalidMtu { mtu: cfg.mtu })?;
+    let rt_dev = CString::new(name).map_err(|_| LinkError::InvalidName {
+        name: cfg.name.clone(),
+    })?;
+
+    let sock = socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| LinkError::Socket(e.into()))?;
+    let sock = Sock(sock);
+
+    let lo_flags = sock.flags("lo")?;
+    sock.set_flags("lo", lo_flags | IFF_UP)
+        .map_err(|source| LinkError::Up {
+            name: "lo".into(),
+            source,
+        })?;
+
+    let mut flags = sock.flags(name)?;
+    if let Some(mac) = cfg.mac {
+        if flags & IFF_UP != 0 {
+            flags &= !IFF_UP;
+            sock.set_flags(name, flags)
+                .map_err(|source| LinkError::Down {
+                    name: cfg.name.clone(),
+                    source,
+                })?;
+        }
+        let mut ifr = sock.ifreq(name);
+        ifr.ifr_ifru.ifru_hwaddr = sockaddr_mac(mac);
+        // SAFETY: SIOCSIFHWADDR reads a `struct ifreq`; `ifr` is one, fully initialised.
+        unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFHWADDR, &mut ifr) }.map_err(|source| {
+            LinkError::Mac {
+                name: cfg.name.clone(),
+                mac,
+                source,
+            }
+        })?;
+    }
+
+    let mut ifr = sock.ifreq(name);
+    ifr.ifr_ifru.ifru_mtu = mtu;
+    // SAFETY: SIOCSIFMTU reads a `struct ifreq`; `ifr` is one, fully initialised.
+    unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFMTU, &mut ifr) }.map_err(|source| {
+        LinkError::Mtu {
+            name: cfg.name.clone(),
+            mtu: cfg.mtu,
+            source,
+        }
+    })?;
+
+    let mut ifr = sock.ifreq(name);
+    ifr.ifr_ifru.ifru_addr = sockaddr_in(cfg.addr);
+    // SAFETY: SIOCSIFADDR reads a `struct ifreq`; `ifr` is one, fully initialised.
+    unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFADDR, &mut ifr) }.map_err(|source| {
+        LinkError::Addr {
+            name: cfg.name.clone(),
+            addr: cfg.addr,
+            source,
+        }
+    })?;
+
+    let mut ifr = sock.ifreq(name);
+    ifr.ifr_ifru.ifru_netmask = sockaddr_in(netmask(cfg.prefix_len));
+    // SAFETY: SIOCSIFNETMASK reads a `struct ifreq`; `ifr` is one, fully initialised.
+    unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFNETMASK, &mut ifr) }.map_err(|source| {
+        LinkError::Netmask {
+            name: cfg.name.clone(),
+            prefix_len: cfg.prefix_len,
+            source,
+        }
+    })?;
+
+    sock.set_flags(name, flags | IFF_UP)
+        .map_err(|source| LinkError::Up {
+            name: cfg.name.clone(),
+            source,
+        })?;
+
+    // SAFETY: an all-zero `struct rtentry` is valid: integers, sockaddrs and a null
+    // `rt_dev` pointer.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+    rt.rt_gateway = sockaddr_in(cfg.gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // The kernel only reads the name (it copies it with strncpy_from_user).
+    rt.rt_dev = rt_dev.as_ptr().cast_mut();
+    // SAFETY: SIOCADDRT reads a `struct rtentry`; `rt` is one, fully initialised, and
+    // `rt_dev` points to a NUL-terminated string (`rt_dev`) that outlives the call.
+    unsafe { ioctl_ptr(sock.fd(), libc::SIOCADDRT, &mut rt) }.map_err(|source| {
+        LinkError::Route {
+            name: cfg.name.clone(),
+            gateway: cfg.gateway,
+            source,
+        }
+    })?;
+    Ok(())
+}
+
+/// `IFF_UP` as the `short` of `ifr_flags`.
+const IFF_UP: c_short = libc::IFF_UP as c_short;
+
+/// The configuration socket.
+struct Sock(OwnedFd);
+
+impl Sock {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// An `ifreq` for a name already validated by [`configure`].
+    fn ifreq(&self, name: &str) -> libc::ifreq {
+        // Invariant: `configure` checked the name with `ifreq_with_name` ("lo" is valid).
+        ifreq_with_name(name).unwrap_or_else(|| unreachable!("link name validated"))
+    }
+
+    /// `SIOCGIFFLAGS`.
+    fn flags(&self, name: &str) -> Result<c_short, LinkError> {
+        let mut ifr = self.ifreq(name);
+        // SAFETY: SIOCGIFFLAGS reads the name and writes the flags of a `struct ifreq`;
+        // `ifr` is one and lives across the call.
+        unsafe { ioctl_ptr(self.fd(), libc::SIOCGIFFLAGS, &mut ifr) }.map_err(|source| {
+            LinkError::GetFlags {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        // SAFETY: SIOCGIFFLAGS filled `ifru_flags`, a plain integer.
+        Ok(unsafe { ifr.ifr_ifru.ifru_flags })
+    }
+
+    /// `SIOCSIFFLAGS`.
+    fn set_flags(&self, name: &str, flags: c_short) -> io::Result<()> {
+        let mut ifr = self.ifreq(name);
+        ifr.ifr_ifru.ifru_flags = flags;
+        // SAFETY: SIOCSIFFLAGS reads a `struct ifreq`; `ifr` is one, fully initialised.
+        unsafe { ioctl_ptr(self.fd(), libc::SIOCSIFFLAGS, &mut ifr) }.map(drop)
+    }
+}
+
+/// `struct sockaddr_in` for `addr` (port 0), in its generic `struct sockaddr` shape: the
+/// port in `sa_data[0..2]`, the address in `sa_data[2..6]`, both big endian.
+fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
+    let mut sa = libc::sockaddr {
+        sa_family: libc::AF_INET as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    for (dst, src) in sa.sa_data[2..6].iter_mut().zip(addr.octets()) {
+        *dst = src as libc::c_char;
+    }
+    sa
+}
+
+/// The hardware address `struct sockaddr` of `SIOCSIFHWADDR` for an Ethernet MAC.
+fn sockaddr_mac(mac: [u8; 6]) -> libc::sockaddr {
+    let mut sa = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: [0; 14],
+    };
+    for (dst, src) in sa.sa_data[..6].iter_mut().zip(mac) {
+        *dst = src as libc::c_char;
+    }
+    sa
+}
+
+/// The netmask of a prefix length (at most 32).
+fn netmask(prefix_len: u8) -> Ipv4Addr {
+    let bits = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len.min(32)))
+        .unwrap_or(0);
+    Ipv4Addr::from(bits)
+}
+
+fn fmt_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = *mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use nix::sched::{unshare, CloneFlags};
+
+    use super::*;
+    use crate::sys::tap::Tap;
+
+    fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET): run as root");
+            f()
+        })
+        .join()
+        .expect("test thread panicked")
+    }
+
+    fn ip(args: &[&str]) -> String {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn slirp_cfg(name: &str) -> LinkConfig {
+        LinkConfig {
+            name: name.into(),
+            mtu: 65520,
+            addr: Ipv4Addr::new(10, 0, 2, 100),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(10, 0, 2, 2),
+            mac: Some([0x02, 0x50, 0x00, 0x00, 0x00, 0x01]),
+        }
+    }
+
+    #[test]
+    fn netmask_of_prefix() {
+        assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
+        assert_eq!(netmask(1), Ipv4Addr::new(128, 0, 0, 0));
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(32), Ipv4Addr::new(255, 255, 255, 255));
+    }
+
+    #[test]
+    fn sockaddr_in_layout() {
+        let sa = sockaddr_in(Ipv4Addr::new(10, 0, 2, 100));
+        assert_eq!(sa.sa_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(&sa.sa_data[..6], &[0, 0, 10, 0, 2, 100]);
+    }
+
+    #[test]
+    fn configure_bad_input_rejected() {
+        let mut cfg = slirp_cfg("0123456789abcdef");
+        assert!(matches!(
+            configure(&cfg),
+            Err(LinkError::InvalidName { .. })
+        ));
+        cfg.name = "tap0".into();
+        cfg.prefix_len = 33;
+        assert!(matches!(
+            configure(&cfg),
+            Err(LinkError::InvalidPrefix { prefix_len: 33 })
+        ));
+        cfg.prefix_len = 24;
+        cfg.mtu = u32::MAX;
+        assert!(matches!(configure(&cfg), Err(LinkError::InvalidMtu { .. })));
+    }
+
+    #[test]
+    fn configure_tap_like_slirp4netns() {
+        in_new_netns(|| {
+            let _tap = Tap::create("tap0", true).unwrap();
+            configure(&slirp_cfg("tap0")).unwrap();
+
+            let addr = ip(&["-o", "-4", "addr", "show", "dev", "tap0"]);
+            assert!(addr.contains("inet 10.0.2.100/24 brd 10.0.2.255"), "{addr}");
+            let link = ip(&["-o", "link", "show", "tap0"]);
+            assert!(link.contains("mtu 65520"), "{link}");
+            assert!(link.contains(",UP"), "{link}");
+            assert!(link.contains("link/ether 02:50:00:00:00:01"), "{link}");
+            let lo = ip(&["-o", "link", "show", "lo"]);
+            assert!(lo.contains(",UP"), "{lo}");
+            let route = ip(&["-4", "route"]);
+            assert!(route.contains("default via 10.0.2.2 dev tap0"), "{route}");
+            assert!(route.contains("10.0.2.0/24 dev tap0"), "{route}");
+        });
+    }
+
+    #[test]
+    fn configure_up_link_changes_mac() {
+        in_new_netns(|| {
+            let _tap = Tap::create("tap0", false).unwrap();
+            ip(&["link", "set", "tap0", "up"]);
+            let mut cfg = slirp_cfg("tap0");
+            cfg.mtu = 1500;
+            configure(&cfg).unwrap();
+            let link = ip(&["-o", "link", "show", "tap0"]);
+            assert!(link.contains("link/ether 02:50:00:00:00:01"), "{link}");
+            assert!(link.contains("mtu 1500"), "{link}");
+        });
+    }
+
+    #[test]
+    fn configure_missing_link_fails() {
+        in_new_netns(|| {
+            let err = configure(&slirp_cfg("nosuch0")).unwrap_err();
+            assert!(matches!(err, LinkError::GetFlags { .. }), "{err:?}");
+            assert_eq!(err.to_string(), "cannot read the flags of link nosuch0");
+        });
+    }
+
+    #[test]
+    fn configure_gateway_outside_subnet_fails() {
+        in_new_netns(|| {
+            let _tap = Tap::create("tap0", false).unwrap();
+            let mut cfg = slirp_cfg("tap0");
+            cfg.gateway = Ipv4Addr::new(192, 168, 1, 1);
+            let err = configure(&cfg).unwrap_err();
+            assert!(matches!(err, LinkError::Route { .. }), "{err:?}");
+        });
+    }
+}

@@ -1,0 +1,394 @@
+//! TCP flows: a smoltcp socket facing the guest, a host `TcpStream` facing the world.
+//!
+//! # Theory of operation
+//!
+//! Lifecycle of a flow (one per guest 4-tuple):
+//!
+//! ```text
+//!  guest SYN ──> Connecting ──(host connect ok)──> Open ──(both sides closed)──> freed
+//!                    │                               │
+//!                    │ refused: RST to the guest      │ reset on either side: RST to
+//!                    │ unreachable: ICMP to the guest │ the other, freed
+//!                    └──> freed                       └──> freed
+//! ```
+//!
+//! - **Connecting.** The SYN is fed to a fresh smoltcp socket that listens on exactly the
+//!   destination the guest asked for (`any_ip`), with `pause_synack` set, while the host
+//!   socket connects. Only when the host connection succeeds does smoltcp answer SYN-ACK,
+//!   so a refused connection reaches the guest as a RST and an unreachable one as an ICMP
+//!   error, as a kernel router would report them. The SYN's first bytes are kept to quote
+//!   in that ICMP error.
+//! - **Open.** Data moves through smoltcp's buffers straight to and from the host socket
+//!   (`recv`/`send` closures call `write`/`read`): one copy each way. Readiness is
+//!   edge-triggered, so the flow remembers whether the host socket is readable/writable
+//!   and stops reading when smoltcp's transmit buffer is full (the guest's window
+//!   throttles the host through TCP flow control on the host socket).
+//! - **Half-close.** Host EOF closes smoltcp's send side (FIN after the buffered data); a
+//!   guest FIN shuts down the host socket's write side once smoltcp's receive buffer is
+//!   drained.
+//! - **Teardown.** A flow is freed when smoltcp reaches CLOSED or TIME-WAIT (TIME-WAIT
+//!   would otherwise pin the flow for 10 s). If the host side did not close cleanly, the
+//!   host socket is closed with a RST (`SO_LINGER` 0), as a kernel would on reset.
+//!
+//! Settings: Nagle off, delayed ACK off, no congestion control (the guest link is local),
+//! a 60 s user timeout for unacknowledged data so a vanished guest cannot pin a flow.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+
+use mio::{Interest, Registry, Token};
+use smoltcp::iface::{PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp::{self, State};
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::IpListenEndpoint;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::icmp::Unreachable;
+use crate::{Counters, FlowKey, Io, Link};
+
+/// Bytes of the guest's SYN kept for an ICMP error: the IPv4 header (with options) and
+/// the first 8 bytes of TCP.
+const SYN_QUOTE: usize = 60 + 8;
+
+/// How a flow's host connection could not be made.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The destination refused (ECONNREFUSED).
+    Refused,
+    /// No route, or the host did not answer.
+    Unreachable(Unreachable),
+    /// A local failure (EMFILE, ENOBUFS, ...).
+    Local(io::Error),
+}
+
+/// Host socket options for new flows.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Source address for IPv4 host sockets.
+    pub outbound: Option<std::net::Ipv4Addr>,
+    /// smoltcp buffer bytes per direction.
+    pub buffer: usize,
+}
+
+/// What the flow needs after a poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Keep it; wake it at this time (if any).
+    Alive(Option<Instant>),
+    /// The host connection failed: tell the guest, then free it.
+    Unreachable(Unreachable),
+    /// Free it.
+    Done,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// The host connection is in progress; the guest's SYN waits in SYN-RECEIVED.
+    Connecting,
+    /// Both sides are connected.
+    Open,
+}
+
+/// One TCP flow.
+pub struct TcpFlow {
+    pub(crate) key: FlowKey,
+    host: mio::net::TcpStream,
+    sockets: SocketSet<'static>,
+    handle: SocketHandle,
+    phase: Phase,
+    syn: [u8; SYN_QUOTE],
+    syn_len: usize,
+    host_readable: bool,
+    host_writable: bool,
+    host_eof: bool,
+    host_wr_shut: bool,
+    pub(crate) dirty: bool,
+    pub(crate) timer: Option<Instant>,
+}
+
+fn classify(e: &io::Error) -> OpenError {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => OpenError::Refused,
+        Some(libc::ENETUNREACH) => OpenError::Unreachable(Unreachable::Net),
+        Some(libc::EHOSTUNREACH) | Some(libc::ETIMEDOUT) | Some(libc::EHOSTDOWN) => {
+            OpenError::Unreachable(Unreachable::Host)
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => OpenError::Unreachable(Unreachable::Prohibited),
+        _ => OpenError::Local(io::Error::new(e.kind(), e.to_string())),
+    }
+}
+
+impl TcpFlow {
+    /// Starts the host connection for a guest SYN (`syn` is the whole IPv4 packet).
+    ///
+    /// # Errors
+    /// [`OpenError`] when the connection fails at once.
+    pub fn open(
+        now: Instant,
+        key: FlowKey,
+        target: SocketAddr,
+        syn: &[u8],
+        opts: &OpenOptions,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<TcpFlow, OpenError> {
+        let host = connect(target, opts.outbound).map_err(|e| classify(&e))?;
+        let mut host = mio::net::TcpStream::from_std(host);
+        registry
+            .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
+            .map_err(OpenError::Local)?;
+
+        let rx = tcp::SocketBuffer::new(vec![0; opts.buffer]);
+        let tx = tcp::SocketBuffer::new(vec![0; opts.buffer]);
+        let mut socket = tcp::Socket::new(rx, tx);
+        socket.set_nagle_enabled(false);
+        socket.set_ack_delay(None);
+        socket.set_timeout(Some(Duration::from_secs(60)));
+        socket.pause_synack(true);
+        let endpoint = IpListenEndpoint {
+            addr: Some(key.remote.0.into()),
+            port: key.remote.1,
+        };
+        // Cannot fail: the port is non-zero (a SYN to port 0 is refused by smoltcp's
+        // parser before it gets here) and the socket is fresh.
+        if socket.listen(endpoint).is_err() {
+            return Err(OpenError::Refused);
+        }
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        let mut quote = [0u8; SYN_QUOTE];
+        let syn_len = syn.len().min(SYN_QUOTE);
+        quote[..syn_len].copy_from_slice(&syn[..syn_len]);
+        let _ = now;
+        Ok(TcpFlow {
+            key,
+            host,
+            sockets,
+            handle,
+            phase: Phase::Connecting,
+            syn: quote,
+            syn_len,
+            host_readable: false,
+            host_writable: false,
+            host_eof: false,
+            host_wr_shut: false,
+            dirty: false,
+            timer: None,
+        })
+    }
+
+    /// Whether the host connection is still being made.
+    pub fn is_connecting(&self) -> bool {
+        matches!(self.phase, Phase::Connecting)
+    }
+
+    /// The start of the guest's SYN, to quote in an ICMP error.
+    pub fn syn(&self) -> &[u8] {
+        &self.syn[..self.syn_len]
+    }
+
+    /// Feeds one guest segment (a whole IPv4 packet) to smoltcp.
+    pub(crate) fn ingress(&mut self, now: Instant, link: &mut Link, ip: &[u8]) {
+        let guest = self.key.guest.0;
+        let mut dev = Link::device(&mut link.l2, &mut link.txq, &link.caps, Some(ip), guest);
+        link.iface
+            .poll_ingress_single(now, &mut dev, &mut self.sockets);
+    }
+
+    /// Records host socket readiness.
+    pub(crate) fn on_ready(&mut self, readable: bool, writable: bool) {
+        self.host_readable |= readable;
+        self.host_writable |= writable;
+    }
+
+    /// Moves data, sends segments, and says what the flow needs next.
+    pub(crate) fn poll(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        io: &mut Io<'_>,
+        c: &mut Counters,
+    ) -> Status {
+        if let Phase::Connecting = self.phase {
+            if !self.host_writable && !self.host_readable {
+                return self.egress(now, link, io, c);
+            }
+            match self.host.take_error() {
+                Ok(Some(e)) | Err(e) => return self.connect_failed(&e, now, link, io, c),
+                Ok(None) => {}
+            }
+            match self.host.peer_addr() {
+                Ok(_) => {
+                    self.phase = Phase::Open;
+                    self.socket().pause_synack(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    // Spurious wake-up: still connecting.
+                    self.host_writable = false;
+                    self.host_readable = false;
+                    return self.egress(now, link, io, c);
+                }
+                Err(e) => return self.connect_failed(&e, now, link, io, c),
+            }
+        }
+        self.relay();
+        self.egress(now, link, io, c)
+    }
+
+    fn connect_failed(
+        &mut self,
+        e: &io::Error,
+        now: Instant,
+        link: &mut Link,
+        io: &mut Io<'_>,
+        c: &mut Counters,
+    ) -> Status {
+        log::debug!("TCP connect to {:?} failed: {e}", self.key.remote);
+        match classify(e) {
+            OpenError::Unreachable(code) => Status::Unreachable(code),
+            OpenError::Refused => {
+                c.tcp_refused += 1;
+                self.socket().abort();
+                self.egress(now, link, io, c);
+                Status::Done
+            }
+            OpenError::Local(_) => {
+                c.tcp_host_errors += 1;
+                self.socket().abort();
+                self.egress(now, link, io, c);
+                Status::Done
+            }
+        }
+    }
+
+    fn socket(&mut self) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(self.handle)
+    }
+
+    /// Copies data both ways between smoltcp and the host socket.
+    fn relay(&mut self) {
+        let socket = self.sockets.get_mut::<tcp::Socket>(self.handle);
+        let host = &mut self.host;
+
+        // Guest -> host.
+        while self.host_writable && !self.host_wr_shut && socket.can_recv() {
+            let res = socket.recv(|buf| match host.write(buf) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match res {
+                Ok(Ok(0)) | Err(_) => break,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.host_writable = false,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => {
+                    log::debug!("host write failed: {e}");
+                    socket.abort();
+                    return;
+                }
+            }
+        }
+        let guest_fin = matches!(
+            socket.state(),
+            State::CloseWait | State::LastAck | State::Closing | State::TimeWait
+        );
+        if guest_fin && !socket.can_recv() && !self.host_wr_shut {
+            let _ = host.shutdown(Shutdown::Write);
+            self.host_wr_shut = true;
+        }
+
+        // Host -> guest.
+        while self.host_readable && !self.host_eof && socket.can_send() {
+            let res = socket.send(|buf| match host.read(buf) {
+                Ok(n) => (n, Ok(n)),
+                Err(e) => (0, Err(e)),
+            });
+            match res {
+                Ok(Ok(0)) => {
+                    self.host_eof = true;
+                    socket.close();
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.host_readable = false,
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => {
+                    log::debug!("host read failed: {e}");
+                    socket.abort();
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Sends what smoltcp has to send; decides whether the flow is over.
+    fn egress(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        io: &mut Io<'_>,
+        c: &mut Counters,
+    ) -> Status {
+        let guest = self.key.guest.0;
+        loop {
+            let mut dev = Link::device(&mut link.l2, &mut link.txq, &link.caps, None, guest);
+            let res = link.iface.poll_egress(now, &mut dev, &mut self.sockets);
+            if link.txq.is_full() {
+                if !link.flush(io.tap, c) {
+                    break;
+                }
+                continue;
+            }
+            if res == PollResult::None {
+                break;
+            }
+        }
+        let socket = self.sockets.get::<tcp::Socket>(self.handle);
+        match socket.state() {
+            State::Closed => {
+                if !(self.host_eof && self.host_wr_shut) {
+                    // The guest reset, or we aborted: reset the host side too.
+                    let _ = socket2::SockRef::from(&self.host)
+                        .set_linger(Some(std::time::Duration::ZERO));
+                }
+                Status::Done
+            }
+            State::TimeWait if !socket.can_recv() => {
+                if !self.host_wr_shut {
+                    let _ = self.host.shutdown(Shutdown::Write);
+                }
+                Status::Done
+            }
+            _ => Status::Alive(link.iface.poll_at(now, &self.sockets)),
+        }
+    }
+
+    /// Deregisters and closes the host socket.
+    pub(crate) fn close(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.host);
+    }
+}
+
+/// A non-blocking TCP connect, bound to `outbound` for non-loopback IPv4 targets.
+fn connect(
+    target: SocketAddr,
+    outbound: Option<std::net::Ipv4Addr>,
+) -> io::Result<std::net::TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(target),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    if let (Some(addr), SocketAddr::V4(v4)) = (outbound, target) {
+        if !v4.ip().is_loopback() {
+            socket.bind(&SocketAddr::new(addr.into(), 0).into())?;
+        }
+    }
+    match socket.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}

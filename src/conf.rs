@@ -1,0 +1,300 @@
+//! Command line: slirp4netns's, plus `usernet run` for people.
+//!
+//! # Theory of operation
+//!
+//! podman and RootlessKit run `slirp4netns` with its exact flags and detect features by
+//! grepping `--help`, so the attach mode takes the same flags, spelled the same way,
+//! with the same defaults and the same validation (`--mtu` 1..65521, `--cidr` prefix
+//! 1..25 and a network address). Parsing is clap's; a bad flag is a usage message on
+//! stderr and exit status 2. Flags of features that are not implemented yet are parsed
+//! and then refused at start with a clear "not supported yet" error, never ignored.
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use forwarder::nat::Network;
+
+/// usernet: rootless user-space networking for containers (a slirp4netns drop-in).
+#[derive(Debug, Parser)]
+#[command(
+    name = "usernet",
+    disable_version_flag = true,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    override_usage = "usernet [OPTIONS] PID|PATH|FD [TAPNAME]\n       usernet run [OPTIONS] -- COMMAND [ARG]...",
+    after_help = "Attach mode (slirp4netns-compatible): join the network namespace of PID (or the \
+namespace file PATH, or use the open TAP file descriptor FD), create or attach TAPNAME \
+(default tap0) and serve it: outbound NAT for TCP, UDP and ICMP echo, gateway net+2 \
+(the host's 127.0.0.1), DNS forwarder net+3, DHCP.\n\nRun mode: `usernet run -- CMD` runs \
+CMD in new user, network and mount namespaces connected this way."
+)]
+pub struct Cli {
+    /// Print version information and exit.
+    #[arg(short = 'v', long = "version", action = clap::ArgAction::SetTrue)]
+    pub version: bool,
+
+    #[command(flatten)]
+    pub attach: AttachArgs,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run COMMAND in new user + network + mount namespaces with a network.
+    Run(RunArgs),
+}
+
+/// How to read the positional target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetnsType {
+    /// A process id: join /proc/PID/ns/{user,net}.
+    Pid,
+    /// A network namespace file, e.g. /run/netns/NAME.
+    Path,
+    /// An open TAP file descriptor.
+    Tapfd,
+}
+
+/// Network options shared by both modes.
+#[derive(Debug, Args)]
+pub struct NetArgs {
+    /// MTU of the TAP (1..65521).
+    #[arg(short = 'm', long, default_value_t = 1500, value_parser = parse_mtu)]
+    pub mtu: u32,
+
+    /// Guest network: guest net+100, gateway net+2, DNS net+3.
+    #[arg(long, value_name = "A.B.C.D/N", default_value = "10.0.2.0/24", value_parser = parse_cidr)]
+    pub cidr: Network,
+
+    /// The gateway no longer reaches the host's 127.0.0.1.
+    #[arg(long, alias = "no-host-loopback")]
+    pub disable_host_loopback: bool,
+
+    /// No DNS forwarder at net+3.
+    #[arg(long)]
+    pub disable_dns: bool,
+
+    /// Bind outbound IPv4 host sockets to this address (or this interface's address).
+    #[arg(long, value_name = "ADDR|IFNAME")]
+    pub outbound_addr: Option<String>,
+
+    /// Bind outbound IPv6 host sockets to this address (IPv6 is not supported yet).
+    #[arg(long, value_name = "ADDR|IFNAME")]
+    pub outbound_addr6: Option<String>,
+
+    /// Enable IPv6 (fd00::/64, gateway fd00::2, DNS fd00::3): not supported yet.
+    #[arg(short = '6', long)]
+    pub enable_ipv6: bool,
+
+    /// JSON API socket for port forwarding: not supported yet.
+    #[arg(short = 'a', long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+
+    /// Sandbox the process after setup: not supported yet.
+    #[arg(long)]
+    pub enable_sandbox: bool,
+
+    /// Seccomp syscall filter: not supported yet.
+    #[arg(long)]
+    pub enable_seccomp: bool,
+}
+
+/// Attach mode (slirp4netns's command line).
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// In the namespace: bring up lo and the TAP, set MTU, address net+100 and the
+    /// default route via net+2.
+    #[arg(short = 'c', long)]
+    pub configure: bool,
+
+    /// Exit when this file descriptor (a pipe's read end) reaches end of file.
+    #[arg(short = 'e', long, value_name = "FD")]
+    pub exit_fd: Option<i32>,
+
+    /// Write "1" to this file descriptor and close it once ready.
+    #[arg(short = 'r', long, value_name = "FD")]
+    pub ready_fd: Option<i32>,
+
+    /// How to read the target: pid, path or tapfd (default: pid if numeric, else path).
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub netns_type: Option<NetnsType>,
+
+    /// User namespace to join (default with a PID: /proc/PID/ns/user).
+    #[arg(long, value_name = "PATH")]
+    pub userns_path: Option<PathBuf>,
+
+    /// MAC address of the TAP (with --configure).
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub macaddress: Option<[u8; 6]>,
+
+    #[command(flatten)]
+    pub net: NetArgs,
+
+    /// PID, namespace PATH, or TAP FD.
+    #[arg(value_name = "PID|PATH|FD", required = true)]
+    pub target: Option<String>,
+
+    /// TAP device name.
+    #[arg(value_name = "TAPNAME", default_value = "tap0")]
+    pub tap_name: String,
+}
+
+/// `usernet run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub net: NetArgs,
+
+    /// MAC address of the guest's TAP.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    pub macaddress: Option<[u8; 6]>,
+
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+fn parse_mtu(s: &str) -> Result<u32, String> {
+    let mtu: u32 = s
+        .parse()
+        .map_err(|_| format!("MTU must be a number, not {s:?}"))?;
+    if mtu == 0 || mtu >= 65522 {
+        return Err("MTU must be > 0 and < 65522".into());
+    }
+    Ok(mtu)
+}
+
+/// Parses `A.B.C.D/N` as slirp4netns does: prefix 1..25, a network address.
+pub fn parse_cidr(s: &str) -> Result<Network, String> {
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| format!("CIDR must look like A.B.C.D/N, not {s:?}"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("bad IPv4 address in CIDR {s:?}"))?;
+    let prefix_len: u8 = prefix
+        .parse()
+        .map_err(|_| format!("bad prefix length in CIDR {s:?}"))?;
+    if !(1..=25).contains(&prefix_len) {
+        return Err(format!("prefix length of CIDR {s:?} must be 1..25"));
+    }
+    let net = Network { addr, prefix_len };
+    if u32::from(addr) & !u32::from(net.netmask()) != 0 {
+        return Err(format!(
+            "CIDR {s:?} is not a network address (host bits set)"
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let part = parts
+            .next()
+            .ok_or_else(|| format!("bad MAC address {s:?}"))?;
+        if part.len() != 2 {
+            return Err(format!("bad MAC address {s:?}"));
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| format!("bad MAC address {s:?}"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!("bad MAC address {s:?}"));
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("MAC address {s:?} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// The version text, slirp4netns style.
+pub fn version_text() -> String {
+    format!(
+        "usernet version {}\ncommit: {}\nsmoltcp: 0.14\n",
+        env!("CARGO_PKG_VERSION"),
+        option_env!("USERNET_COMMIT").unwrap_or("unknown"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cidr_validation_matches_slirp4netns() {
+        assert!(parse_cidr("10.0.2.0/24").is_ok());
+        assert!(parse_cidr("10.10.0.0/16").is_ok());
+        assert!(parse_cidr("10.0.2.1/24").is_err());
+        assert!(parse_cidr("10.0.2.0/26").is_err());
+        assert!(parse_cidr("10.0.2.0/0").is_err());
+        assert!(parse_cidr("10.0.2.0").is_err());
+    }
+
+    #[test]
+    fn mtu_bounds() {
+        assert!(parse_mtu("0").is_err());
+        assert!(parse_mtu("65522").unwrap_err().contains("< 65522"));
+        assert_eq!(parse_mtu("65521"), Ok(65521));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02:00:00:aa:bb:cc"),
+            Ok([2, 0, 0, 0xaa, 0xbb, 0xcc])
+        );
+        assert!(parse_mac("01:00:00:aa:bb:cc").is_err());
+        assert!(parse_mac("02:00:00:aa:bb").is_err());
+        assert!(parse_mac("02:00:00:aa:bb:cc:dd").is_err());
+    }
+
+    #[test]
+    fn attach_podman_command_line_parses() {
+        let cli = Cli::try_parse_from([
+            "usernet",
+            "--disable-host-loopback",
+            "--mtu=65520",
+            "-c",
+            "-r",
+            "3",
+            "-e",
+            "4",
+            "--netns-type=path",
+            "/run/user/1000/netns/netns-x",
+            "tap0",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.attach.net.mtu, 65520);
+        assert_eq!(cli.attach.ready_fd, Some(3));
+        assert_eq!(
+            cli.attach.target.as_deref(),
+            Some("/run/user/1000/netns/netns-x")
+        );
+    }
+
+    #[test]
+    fn run_takes_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "usernet", "run", "--mtu", "9000", "--", "sh", "-c", "exit 3",
+        ])
+        .unwrap();
+        let Some(Command::Run(run)) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.net.mtu, 9000);
+        assert_eq!(run.command, ["sh", "-c", "exit 3"]);
+    }
+}

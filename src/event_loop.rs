@@ -1,0 +1,278 @@
+//! The one event loop: the TAP, the flows' host sockets, signals and lifecycle fds.
+//!
+//! # Theory of operation
+//!
+//! One thread, one mio `Poll` (epoll, edge-triggered). Per turn: wait (until the
+//! forwarder's next timer, or not at all while the TAP still has frames), note readiness,
+//! read a bounded batch of frames from the TAP (fairness with host sockets; the rest is
+//! read next turn), then let the forwarder run its timers, relay every flow touched in
+//! this turn, and write what it queued for the guest. smoltcp's clock is fed from a
+//! monotonic clock (`std::time::Instant`), never the wall clock.
+//!
+//! Exits: SIGTERM/SIGINT (attach mode) or the `-e` pipe's end of file: status 0; the
+//! attach target or the TAP going away: status 0; in run mode, the command's exit.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use forwarder::{Forwarder, FrameSink, Io};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use stack::sys::tap::Tap;
+
+use crate::netns::TargetWatch;
+
+const TAP: Token = Token(0);
+const SIGNAL: Token = Token(1);
+const EXIT_FD: Token = Token(2);
+const WATCH: Token = Token(3);
+
+/// Frames read from the TAP per turn before host sockets get their turn.
+const TAP_BATCH: usize = 64;
+
+/// Largest frame the TAP can hand us: vnet header + Ethernet + 64 KiB (GSO).
+const RX_BUFFER: usize = 10 + 14 + 65536;
+
+/// Errors that stop the loop.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    /// Setting up epoll or a registration failed.
+    #[error("cannot set up the event loop")]
+    Setup(#[source] io::Error),
+    /// Waiting for events failed.
+    #[error("cannot wait for events")]
+    Poll(#[source] io::Error),
+    /// Signal handling could not be set up.
+    #[error("cannot set up signal handling")]
+    Signals(#[source] nix::Error),
+}
+
+/// What else the loop watches, besides the TAP.
+pub struct Extras {
+    /// `-e`: exit when this pipe reaches end of file.
+    pub exit_fd: Option<OwnedFd>,
+    /// `-r`: written "1" and closed once ready.
+    pub ready_fd: Option<OwnedFd>,
+    /// The attach target, to exit when it goes away.
+    pub watch: Option<TargetWatch>,
+    /// Run mode: the command; the loop ends when it does.
+    pub child: Option<Pid>,
+}
+
+struct TapSink<'a>(&'a Tap);
+
+impl FrameSink for TapSink<'_> {
+    fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.0.write(frame).map(|_| ())
+    }
+}
+
+/// Blocks the signals the loop handles, so that they arrive on a signalfd. Call before
+/// any thread exists; children started later must unblock them before exec.
+pub fn signal_fd(run_mode: bool) -> Result<SignalFd, LoopError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGTERM);
+    mask.add(Signal::SIGINT);
+    mask.add(Signal::SIGHUP);
+    if run_mode {
+        mask.add(Signal::SIGCHLD);
+    }
+    mask.thread_block().map_err(LoopError::Signals)?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(LoopError::Signals)
+}
+
+/// Runs until an exit condition; returns the exit status.
+///
+/// # Errors
+/// [`LoopError`] when epoll itself fails.
+pub fn run(
+    tap: Tap,
+    mut fwd: Forwarder,
+    signals: SignalFd,
+    mut extras: Extras,
+) -> Result<i32, LoopError> {
+    let mut poll = Poll::new().map_err(LoopError::Setup)?;
+    let registry = poll.registry();
+    let reg = |fd: i32, token, interest| {
+        registry
+            .register(&mut SourceFd(&fd), token, interest)
+            .map_err(LoopError::Setup)
+    };
+    reg(
+        tap.as_raw_fd(),
+        TAP,
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    reg(signals.as_raw_fd(), SIGNAL, Interest::READABLE)?;
+    if let Some(fd) = &extras.exit_fd {
+        set_nonblocking(fd).map_err(LoopError::Setup)?;
+        reg(fd.as_raw_fd(), EXIT_FD, Interest::READABLE)?;
+    }
+    if let Some(watch) = &extras.watch {
+        reg(watch.as_raw_fd(), WATCH, Interest::READABLE)?;
+    }
+    if let Some(fd) = extras.ready_fd.take() {
+        let mut f = File::from(fd);
+        if let Err(e) = f.write_all(b"1") {
+            log::warn!("cannot write to the ready fd: {e}");
+        }
+    }
+
+    let start = std::time::Instant::now();
+    let clock = |t: std::time::Instant| {
+        smoltcp::time::Instant::from_micros(t.duration_since(start).as_micros() as i64)
+    };
+    let mut events = Events::with_capacity(1024);
+    let mut frame = vec![0u8; RX_BUFFER];
+    let mut tap_readable = true;
+    let mut tap_blocked = false;
+
+    loop {
+        let timeout = if tap_readable {
+            Some(std::time::Duration::ZERO)
+        } else {
+            let now = clock(std::time::Instant::now());
+            // Not `at - now`: smoltcp's difference of instants is absolute, not saturating.
+            fwd.poll_timeout().map(|at| {
+                let us = at.total_micros().saturating_sub(now.total_micros());
+                std::time::Duration::from_micros(us.max(0).unsigned_abs())
+            })
+        };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(LoopError::Poll(e));
+        }
+        let now = clock(std::time::Instant::now());
+        let mut sink = TapSink(&tap);
+        let mut io = Io {
+            registry: poll.registry(),
+            tap: &mut sink,
+        };
+        for event in events.iter() {
+            let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+            let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+            match event.token() {
+                TAP => {
+                    tap_readable |= readable;
+                    if event.is_writable() {
+                        tap_blocked = false;
+                    }
+                }
+                SIGNAL => {
+                    if let Some(code) = handle_signals(&signals, extras.child) {
+                        return Ok(code);
+                    }
+                }
+                EXIT_FD => {
+                    if exit_fd_closed(extras.exit_fd.as_ref()) {
+                        log::info!("exit fd closed: exiting");
+                        return Ok(0);
+                    }
+                }
+                WATCH => {
+                    if extras.watch.as_mut().is_some_and(|w| w.target_gone()) {
+                        log::info!("the namespace went away: exiting");
+                        return Ok(0);
+                    }
+                }
+                token => fwd.handle_ready(now, token, readable, writable, &mut io),
+            }
+        }
+        if tap_readable {
+            for _ in 0..TAP_BATCH {
+                match tap.read(&mut frame) {
+                    Ok(n) => fwd.handle_frame(now, &frame[..n], &mut io),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        tap_readable = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // EBADFD/EIO: the device was unregistered with its namespace.
+                        log::info!("the TAP device went away ({e}): exiting");
+                        return Ok(0);
+                    }
+                }
+            }
+        }
+        fwd.handle_timeouts(now, &mut io);
+        fwd.poll_flows(now, &mut io);
+        if !tap_blocked {
+            tap_blocked = !fwd.flush(&mut sink);
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// Drains the exit pipe; true at end of file (data written to it is ignored).
+fn exit_fd_closed(fd: Option<&OwnedFd>) -> bool {
+    let Some(fd) = fd else {
+        return false;
+    };
+    let Ok(dup) = fd.try_clone() else {
+        return false;
+    };
+    let mut f = File::from(dup);
+    let mut buf = [0u8; 64];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Handles pending signals; `Some(status)` when the loop should end.
+fn handle_signals(signals: &SignalFd, child: Option<Pid>) -> Option<i32> {
+    while let Ok(Some(info)) = signals.read_signal() {
+        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
+            continue;
+        };
+        match (sig, child) {
+            (Signal::SIGCHLD, Some(pid)) => {
+                if let Some(code) = reap(pid) {
+                    return Some(code);
+                }
+            }
+            (Signal::SIGCHLD, None) => {}
+            (sig, Some(pid)) => {
+                // Run mode: the command decides; pass the signal on.
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+            (sig, None) => {
+                log::info!("{sig}: exiting");
+                return Some(0);
+            }
+        }
+    }
+    None
+}
+
+/// Reaps the command; its exit status as a shell reports it.
+fn reap(pid: Pid) -> Option<i32> {
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => Some(code),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(128 + sig as i32),
+        Ok(_) => None,
+        Err(nix::errno::Errno::ECHILD) => Some(1),
+        Err(_) => None,
+    }
+}
