@@ -351,14 +351,16 @@ impl Forwarder {
             self.counters.drop_ipv4_malformed += 1;
             return;
         };
-        let Ok(repr) = Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
-            self.counters.drop_ipv4_malformed += 1;
-            return;
-        };
+        // Reassembly is not implemented: fragments are dropped (and counted apart from
+        // malformed packets, which smoltcp's parser would otherwise call them).
         if packet.more_frags() || packet.frag_offset() != 0 {
             self.counters.drop_ipv4_fragment += 1;
             return;
         }
+        let Ok(repr) = Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
+            self.counters.drop_ipv4_malformed += 1;
+            return;
+        };
         // The IP packet without Ethernet padding.
         let ip = &ip[..usize::from(packet.total_len())];
         let payload = packet.payload();

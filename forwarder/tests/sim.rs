@@ -1,0 +1,422 @@
+//! The forwarder driven over memory: guest frames built and checked with etherparse (an
+//! implementation independent of smoltcp::wire), host sockets on this machine's loopback.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::time::Duration as StdDuration;
+
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use forwarder::nat::{NatConfig, Network};
+use forwarder::{Config, Forwarder, FrameSink, Io, Limits};
+use mio::{Events, Poll};
+use smoltcp::time::{Duration, Instant};
+
+const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
+const GW_MAC: [u8; 6] = [0x52, 0x55, 10, 0, 2, 2];
+const GUEST: [u8; 4] = [10, 0, 2, 100];
+const GW: [u8; 4] = [10, 0, 2, 2];
+
+#[derive(Default)]
+struct Wire(Vec<Vec<u8>>);
+
+impl FrameSink for Wire {
+    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.0.push(frame.to_vec());
+        Ok(())
+    }
+}
+
+struct Sim {
+    poll: Poll,
+    events: Events,
+    fwd: Forwarder,
+    wire: Wire,
+    start: std::time::Instant,
+}
+
+impl Sim {
+    fn new(host_loopback: bool) -> Sim {
+        let cfg = Config {
+            nat: NatConfig {
+                net: Network {
+                    addr: Ipv4Addr::new(10, 0, 2, 0),
+                    prefix_len: 24,
+                },
+                host_loopback,
+                nameservers: vec![],
+            },
+            dns_enabled: true,
+            mtu: 1500,
+            vnet_hdr_len: 0,
+            outbound_v4: None,
+            tcp_buffer: 64 * 1024,
+            udp_idle: Duration::from_secs(60),
+            limits: Limits::default(),
+            seed: 1,
+        };
+        Sim {
+            poll: Poll::new().unwrap(),
+            events: Events::with_capacity(64),
+            fwd: Forwarder::new(cfg, Instant::from_micros(0)),
+            wire: Wire::default(),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.start.elapsed().as_micros() as i64)
+    }
+
+    /// Feeds a guest frame and runs the forwarder's turn.
+    fn send(&mut self, frame: &[u8]) {
+        let now = self.now();
+        let mut io = Io {
+            registry: self.poll.registry(),
+            tap: &mut self.wire,
+        };
+        self.fwd.handle_frame(now, frame, &mut io);
+        self.fwd.poll_flows(now, &mut io);
+        self.fwd.flush(&mut self.wire);
+    }
+
+    /// Runs event loop turns until `done` holds for a frame sent to the guest or the
+    /// time runs out; returns that frame.
+    fn run_until(&mut self, ms: u64, mut done: impl FnMut(&[u8]) -> bool) -> Option<Vec<u8>> {
+        let deadline = std::time::Instant::now() + StdDuration::from_millis(ms);
+        loop {
+            if let Some(i) = self.wire.0.iter().position(|f| done(f)) {
+                return Some(self.wire.0.remove(i));
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            self.poll
+                .poll(&mut self.events, Some(StdDuration::from_millis(5)))
+                .unwrap();
+            let now = self.now();
+            let mut io = Io {
+                registry: self.poll.registry(),
+                tap: &mut self.wire,
+            };
+            for ev in self.events.iter() {
+                let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+                self.fwd.handle_ready(now, ev.token(), r, w, &mut io);
+            }
+            self.fwd.handle_timeouts(now, &mut io);
+            self.fwd.poll_flows(now, &mut io);
+            self.fwd.flush(&mut self.wire);
+        }
+    }
+}
+
+fn guest() -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC).ipv4(GUEST, GW, 64)
+}
+
+fn tcp_of(frame: &[u8]) -> Option<(etherparse::TcpHeader, Vec<u8>, [u8; 4])> {
+    let p = SlicedPacket::from_ethernet(frame).ok()?;
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        return None;
+    };
+    let Some(TransportSlice::Tcp(t)) = &p.transport else {
+        return None;
+    };
+    Some((t.to_header(), t.payload().to_vec(), ip.header().source()))
+}
+
+fn tcp_frame(
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    build: impl FnOnce(
+        etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    data: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .ipv4(GUEST, dst, 64)
+        .tcp(sport, dport, seq, 65535);
+    let b = build(b);
+    let mut out = Vec::new();
+    b.write(&mut out, data).unwrap();
+    out
+}
+
+#[test]
+fn arp_for_gateway_answered() {
+    let mut sim = Sim::new(true);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, [0xff; 6])
+        .arp(
+            etherparse::ArpPacket::new(
+                etherparse::ArpHardwareId::ETHERNET,
+                etherparse::EtherType::IPV4,
+                etherparse::ArpOperation::REQUEST,
+                &GUEST_MAC,
+                &GUEST,
+                &[0; 6],
+                &GW,
+            )
+            .unwrap(),
+        )
+        .write(&mut frame)
+        .unwrap();
+    sim.send(&frame);
+    let reply = sim.wire.0.pop().expect("ARP reply");
+    let p = SlicedPacket::from_ethernet(&reply).unwrap();
+    let Some(NetSlice::Arp(arp)) = p.net else {
+        panic!("not ARP: {p:?}")
+    };
+    assert_eq!(arp.sender_hw_addr(), GW_MAC);
+    assert_eq!(arp.target_protocol_addr(), GUEST);
+}
+
+#[test]
+fn ping_gateway_answered_with_same_payload() {
+    let mut sim = Sim::new(true);
+    let mut frame = Vec::new();
+    guest()
+        .icmpv4_echo_request(0x77, 3)
+        .write(&mut frame, b"abcdefgh")
+        .unwrap();
+    sim.send(&frame);
+    let reply = sim.wire.0.pop().expect("echo reply");
+    let p = SlicedPacket::from_ethernet(&reply).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    assert_eq!(ip.header().source(), GW);
+    assert_eq!(ip.header().destination(), GUEST);
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::EchoReply(etherparse::IcmpEchoHeader { id: 0x77, seq: 3 })
+    );
+    assert_eq!(icmp.payload(), b"abcdefgh");
+    let hdr = icmp.header();
+    assert_eq!(hdr.checksum, hdr.icmp_type.calc_checksum(icmp.payload()));
+}
+
+#[test]
+fn syn_to_closed_port_reset() {
+    // A loopback port with nothing listening: bind, learn the port, close.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sim = Sim::new(true);
+    sim.send(&tcp_frame(GW, 40000, port, 1000, |b| b.syn(), &[]));
+    let rst = sim
+        .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.rst))
+        .expect("RST for a refused connection");
+    let (t, _, src) = tcp_of(&rst).unwrap();
+    assert_eq!(src, GW);
+    assert_eq!(t.acknowledgment_number, 1001);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
+}
+
+#[test]
+fn syn_with_host_loopback_disabled_reset_without_connecting() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut sim = Sim::new(false);
+    sim.send(&tcp_frame(GW, 40000, port, 1, |b| b.syn(), &[]));
+    let rst = sim.wire.0.pop().expect("RST");
+    assert!(tcp_of(&rst).unwrap().0.rst);
+    assert!(
+        listener.accept().is_err(),
+        "nothing may reach the host's loopback"
+    );
+    assert_eq!(sim.fwd.counters().tcp_denied, 1);
+}
+
+#[test]
+fn stray_ack_reset() {
+    let mut sim = Sim::new(true);
+    sim.send(&tcp_frame(
+        [203, 0, 113, 1],
+        40000,
+        80,
+        5,
+        |b| b.ack(77),
+        &[],
+    ));
+    let rst = sim.wire.0.pop().expect("RST");
+    let (t, _, _) = tcp_of(&rst).unwrap();
+    assert!(t.rst);
+    assert_eq!(t.sequence_number, 77);
+}
+
+#[test]
+fn tcp_handshake_data_both_ways_and_close() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut sim = Sim::new(true);
+    sim.send(&tcp_frame(GW, 40001, port, 5000, |b| b.syn(), &[]));
+    let synack = sim
+        .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.syn && t.ack))
+        .expect("SYN-ACK once the host connection is up");
+    let (t, _, _) = tcp_of(&synack).unwrap();
+    assert_eq!(t.acknowledgment_number, 5001);
+    let server_isn = t.sequence_number;
+    let (mut conn, peer) = listener.accept().unwrap();
+    assert!(peer.ip().is_loopback());
+
+    sim.send(&tcp_frame(
+        GW,
+        40001,
+        port,
+        5001,
+        |b| b.ack(server_isn + 1).psh(),
+        b"hello host",
+    ));
+    sim.run_until(200, |_| false);
+    conn.set_read_timeout(Some(StdDuration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 10];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello host");
+
+    conn.write_all(b"hello guest").unwrap();
+    let data = sim
+        .run_until(2000, |f| tcp_of(f).is_some_and(|(_, d, _)| !d.is_empty()))
+        .expect("data for the guest");
+    let (t, payload, _) = tcp_of(&data).unwrap();
+    assert_eq!(payload, b"hello guest");
+    assert_eq!(t.acknowledgment_number, 5011);
+
+    // Host closes: FIN to the guest; guest acknowledges and closes too.
+    drop(conn);
+    let fin = sim
+        .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.fin))
+        .expect("FIN after the host closed");
+    let (t, _, _) = tcp_of(&fin).unwrap();
+    let ack = t.sequence_number + 1;
+    sim.send(&tcp_frame(GW, 40001, port, 5011, |b| b.ack(ack).fin(), &[]));
+    sim.run_until(200, |_| false);
+    assert_eq!(
+        sim.fwd.flow_counts(),
+        (0, 0, 0),
+        "flow freed after both FINs"
+    );
+}
+
+#[test]
+fn udp_round_trip_through_gateway() {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server
+        .set_read_timeout(Some(StdDuration::from_secs(2)))
+        .unwrap();
+    let port = server.local_addr().unwrap().port();
+    let mut sim = Sim::new(true);
+    let mut frame = Vec::new();
+    guest().udp(4444, port).write(&mut frame, b"ping").unwrap();
+    sim.send(&frame);
+    let mut buf = [0u8; 16];
+    let (n, from) = server.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"ping");
+    server.send_to(b"pong!", from).unwrap();
+    let reply = sim
+        .run_until(2000, |f| {
+            matches!(
+                SlicedPacket::from_ethernet(f).map(|p| p.transport),
+                Ok(Some(TransportSlice::Udp(_)))
+            )
+        })
+        .expect("UDP reply");
+    let p = SlicedPacket::from_ethernet(&reply).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!()
+    };
+    let Some(TransportSlice::Udp(u)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!((ip.header().source(), u.source_port()), (GW, port));
+    assert_eq!(
+        (ip.header().destination(), u.destination_port()),
+        (GUEST, 4444)
+    );
+    assert_eq!(u.payload(), b"pong!");
+    let expect = u
+        .to_header()
+        .calc_checksum_ipv4_raw(GW, GUEST, b"pong!")
+        .unwrap();
+    assert_eq!(u.checksum(), expect);
+    assert_eq!(sim.fwd.flow_counts(), (0, 1, 0));
+}
+
+#[test]
+fn dhcp_discover_offered_pool_address() {
+    let mut sim = Sim::new(true);
+    // A minimal DISCOVER: BOOTREQUEST, htype 1, hlen 6, xid, chaddr, magic, option 53 = 1.
+    let mut dhcp = vec![0u8; 240];
+    dhcp[0] = 1;
+    dhcp[1] = 1;
+    dhcp[2] = 6;
+    dhcp[4..8].copy_from_slice(&[1, 2, 3, 4]);
+    dhcp[10] = 0x80; // broadcast flag
+    dhcp[28..34].copy_from_slice(&GUEST_MAC);
+    dhcp[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    dhcp.extend_from_slice(&[53, 1, 1, 255]);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, [0xff; 6])
+        .ipv4([0; 4], [255; 4], 64)
+        .udp(68, 67)
+        .write(&mut frame, &dhcp)
+        .unwrap();
+    sim.send(&frame);
+    let offer = sim.wire.0.pop().expect("DHCP offer");
+    let p = SlicedPacket::from_ethernet(&offer).unwrap();
+    let Some(TransportSlice::Udp(u)) = &p.transport else {
+        panic!()
+    };
+    assert_eq!((u.source_port(), u.destination_port()), (67, 68));
+    let body = u.payload();
+    assert_eq!(body[0], 2, "BOOTREPLY");
+    assert_eq!(&body[16..20], &[10, 0, 2, 15], "yiaddr: first pool address");
+}
+
+#[test]
+fn malformed_frames_dropped_and_counted() {
+    let mut sim = Sim::new(true);
+    let mut good = Vec::new();
+    guest().udp(4444, 9).write(&mut good, b"x").unwrap();
+    // Every truncation of a valid frame.
+    for cut in 0..good.len() {
+        sim.send(&good[..cut]);
+    }
+    // A bad IPv4 header checksum.
+    let mut bad = good.clone();
+    bad[14 + 10] ^= 0xff;
+    sim.send(&bad);
+    // A fragment.
+    let mut frag = good.clone();
+    frag[14 + 6] = 0x20; // more fragments
+    let ip = etherparse::Ipv4HeaderSlice::from_slice(&frag[14..])
+        .unwrap()
+        .to_header();
+    let csum = ip.calc_header_checksum();
+    frag[14 + 10..14 + 12].copy_from_slice(&csum.to_be_bytes());
+    sim.send(&frag);
+    // A spoofed source (the gateway's address).
+    let mut spoof = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .ipv4(GW, [203, 0, 113, 1], 64)
+        .udp(1, 2)
+        .write(&mut spoof, b"x")
+        .unwrap();
+    sim.send(&spoof);
+    let c = sim.fwd.counters();
+    assert!(c.drop_truncated > 0);
+    assert!(c.drop_ipv4_malformed > 0);
+    assert_eq!(c.drop_ipv4_fragment, 1);
+    assert_eq!(c.drop_bad_source, 1);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
+    assert!(sim.wire.0.is_empty(), "nothing answered: {:?}", sim.wire.0);
+}
