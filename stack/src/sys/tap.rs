@@ -522,6 +522,9 @@ mod tests {
                 }
             };
             assert_eq!(tap.vnet_hdr_len(), 0);
+            // The kernel agrees: attaching replaced the device's flags with ours.
+            let dup = Tap::from_fd(tap.as_fd().try_clone_to_owned().unwrap()).unwrap();
+            assert_eq!(dup.vnet_hdr_len(), 0);
         });
     }
 
