@@ -10,11 +10,12 @@
 //! and then refused at start with a clear "not supported yet" error, never ignored.
 
 use std::ffi::OsString;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use forwarder::nat::Network;
+use forwarder::port::Proto;
 
 /// usernet: rootless user-space networking for containers (a slirp4netns drop-in).
 #[derive(Debug, Parser)]
@@ -47,6 +48,115 @@ pub struct Cli {
 pub enum Command {
     /// Run COMMAND in new user + network + mount namespaces with a network.
     Run(RunArgs),
+    /// Publish, list or unpublish ports of a running usernet through its API socket.
+    Ports(PortsArgs),
+}
+
+/// `usernet ports`.
+#[derive(Debug, Args)]
+pub struct PortsArgs {
+    /// The API socket of the running usernet (its --api-socket).
+    #[arg(short = 'a', long, value_name = "PATH", required = true)]
+    pub api_socket: PathBuf,
+
+    #[command(subcommand)]
+    pub action: PortsAction,
+}
+
+/// What `usernet ports` does.
+#[derive(Debug, Subcommand)]
+pub enum PortsAction {
+    /// Publish ports: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp].
+    Add {
+        /// The ports to publish.
+        #[arg(value_parser = parse_publish)]
+        spec: Publish,
+    },
+    /// List the published ports.
+    List,
+    /// Unpublish a port by id.
+    Remove {
+        /// The id `add` or `list` showed.
+        id: u32,
+    },
+}
+
+/// A `-p` specification: a range of host ports to a range of container ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// TCP or UDP.
+    pub proto: Proto,
+    /// Host address to listen on.
+    pub host_ip: IpAddr,
+    /// First host port.
+    pub host_port: u16,
+    /// First container port.
+    pub guest_port: u16,
+    /// Number of ports.
+    pub count: u16,
+}
+
+impl Publish {
+    /// (host port, container port) pairs.
+    pub fn pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        (0..self.count).map(|i| (self.host_port + i, self.guest_port + i))
+    }
+}
+
+fn parse_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+        None => {
+            let p = s.parse().ok()?;
+            (p, p)
+        }
+    };
+    (a != 0 && a <= b).then_some((a, b))
+}
+
+/// Parses `[HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]` (IPv6 in brackets).
+pub fn parse_publish(s: &str) -> Result<Publish, String> {
+    let bad = || {
+        format!("bad port specification {s:?}: want [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]")
+    };
+    let (rest, proto) = match s.rsplit_once('/') {
+        Some((rest, "tcp")) => (rest, Proto::Tcp),
+        Some((rest, "udp")) => (rest, Proto::Udp),
+        Some(_) => return Err(bad()),
+        None => (s, Proto::Tcp),
+    };
+    let (host_ip, ports) = if let Some(v6) = rest.strip_prefix('[') {
+        let (ip, ports) = v6.split_once("]:").ok_or_else(bad)?;
+        (IpAddr::V6(ip.parse().map_err(|_| bad())?), ports)
+    } else {
+        match rest.matches(':').count() {
+            1 => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), rest),
+            2 => {
+                let (ip, ports) = rest.split_once(':').ok_or_else(bad)?;
+                (IpAddr::V4(ip.parse().map_err(|_| bad())?), ports)
+            }
+            _ => return Err(bad()),
+        }
+    };
+    let (host, guest) = ports.split_once(':').ok_or_else(bad)?;
+    let (h0, h1) = parse_range(host).ok_or_else(bad)?;
+    let (g0, g1) = parse_range(guest).ok_or_else(bad)?;
+    let count = h1 - h0 + 1;
+    if g1 != g0 && g1 - g0 + 1 != count {
+        return Err(format!(
+            "bad port specification {s:?}: the ranges differ in length"
+        ));
+    }
+    if u32::from(g0) + u32::from(count) - 1 > u32::from(u16::MAX) {
+        return Err(bad());
+    }
+    Ok(Publish {
+        proto,
+        host_ip,
+        host_port: h0,
+        guest_port: g0,
+        count,
+    })
 }
 
 /// How to read the positional target.
@@ -91,9 +201,14 @@ pub struct NetArgs {
     #[arg(short = '6', long)]
     pub enable_ipv6: bool,
 
-    /// JSON API socket for port forwarding: not supported yet.
+    /// JSON API socket (slirp4netns's add_hostfwd, list_hostfwd, remove_hostfwd).
     #[arg(short = 'a', long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// Publish ports: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]
+    /// (repeatable).
+    #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_publish)]
+    pub publish: Vec<Publish>,
 
     /// Sandbox the process after setup: not supported yet.
     #[arg(long)]
@@ -283,6 +398,36 @@ mod tests {
             cli.attach.target.as_deref(),
             Some("/run/user/1000/netns/netns-x")
         );
+    }
+
+    #[test]
+    fn publish_specs() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!(
+            (p.proto, p.host_ip, p.host_port, p.guest_port, p.count),
+            (Proto::Tcp, "0.0.0.0".parse().unwrap(), 8080, 80, 1)
+        );
+        let p = parse_publish("127.0.0.1:5300-5302:53/udp").unwrap();
+        assert_eq!(
+            p.pairs().collect::<Vec<_>>(),
+            [(5300, 53), (5301, 54), (5302, 55)]
+        );
+        assert_eq!(p.proto, Proto::Udp);
+        let p = parse_publish("[::1]:8080-8081:80-81").unwrap();
+        assert_eq!(p.host_ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(p.count, 2);
+        for bad in [
+            "80",
+            "0:80",
+            "8080:80/sctp",
+            "1.2.3:80:80",
+            "8080-8081:80-82",
+            "[::1:80:80",
+            "9-8:80",
+            "65534-65535:65535",
+        ] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use forwarder::port::{PortError, PortRule, Proto};
 use forwarder::{Forwarder, FrameSink, Io};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -25,12 +26,17 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use stack::sys::tap::Tap;
 
+use crate::api;
+use crate::conf::Publish;
 use crate::netns::TargetWatch;
 
 const TAP: Token = Token(0);
 const SIGNAL: Token = Token(1);
 const EXIT_FD: Token = Token(2);
 const WATCH: Token = Token(3);
+const API: Token = Token(4);
+/// API client tokens, far above any flow token.
+const API_CLIENTS: usize = 1 << 40;
 
 /// Frames read from the TAP per turn before host sockets get their turn.
 const TAP_BATCH: usize = 64;
@@ -50,6 +56,18 @@ pub enum LoopError {
     /// Signal handling could not be set up.
     #[error("cannot set up signal handling")]
     Signals(#[source] nix::Error),
+    /// The API socket could not be set up.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    /// A `-p` port could not be published.
+    #[error("cannot publish {spec}")]
+    Publish {
+        /// The rule.
+        spec: String,
+        /// Why.
+        #[source]
+        source: PortError,
+    },
 }
 
 /// What else the loop watches, besides the TAP.
@@ -62,6 +80,40 @@ pub struct Extras {
     pub watch: Option<TargetWatch>,
     /// Run mode: the command; the loop ends when it does.
     pub child: Option<Pid>,
+    /// `--api-socket`.
+    pub api_socket: Option<std::path::PathBuf>,
+    /// `-p` rules, published before ready.
+    pub publish: Vec<Publish>,
+}
+
+/// The API's view of the forwarder for one request.
+struct Ctl<'a> {
+    fwd: &'a mut Forwarder,
+    registry: &'a mio::Registry,
+    tap: &'a Tap,
+}
+
+impl api::Control for Ctl<'_> {
+    fn add(
+        &mut self,
+        proto: Proto,
+        host: std::net::SocketAddr,
+        guest: Option<std::net::Ipv4Addr>,
+        port: u16,
+    ) -> Result<PortRule, PortError> {
+        self.fwd.add_port(proto, host, guest, port, self.registry)
+    }
+    fn remove(&mut self, id: u32) -> Result<(), PortError> {
+        let mut sink = TapSink(self.tap);
+        let mut io = Io {
+            registry: self.registry,
+            tap: &mut sink,
+        };
+        self.fwd.remove_port(id, &mut io)
+    }
+    fn list(&self) -> Vec<PortRule> {
+        self.fwd.port_rules()
+    }
 }
 
 struct TapSink<'a>(&'a Tap);
@@ -117,6 +169,20 @@ pub fn run(
     if let Some(watch) = &extras.watch {
         reg(watch.as_raw_fd(), WATCH, Interest::READABLE)?;
     }
+    let mut api = match &extras.api_socket {
+        Some(path) => Some(api::Server::bind(path, poll.registry(), API, API_CLIENTS)?),
+        None => None,
+    };
+    for spec in &extras.publish {
+        for (host_port, guest_port) in spec.pairs() {
+            let host = std::net::SocketAddr::new(spec.host_ip, host_port);
+            fwd.add_port(spec.proto, host, None, guest_port, poll.registry())
+                .map_err(|source| LoopError::Publish {
+                    spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
+                    source,
+                })?;
+        }
+    }
     if let Some(fd) = extras.ready_fd.take() {
         let mut f = File::from(fd);
         if let Err(e) = f.write_all(b"1") {
@@ -139,10 +205,18 @@ pub fn run(
         } else {
             let now = clock(std::time::Instant::now());
             // Not `at - now`: smoltcp's difference of instants is absolute, not saturating.
-            fwd.poll_timeout().map(|at| {
+            let flows = fwd.poll_timeout().map(|at| {
                 let us = at.total_micros().saturating_sub(now.total_micros());
                 std::time::Duration::from_micros(us.max(0).unsigned_abs())
-            })
+            });
+            let api_due = api
+                .as_mut()
+                .and_then(|a| a.expire(std::time::Instant::now(), poll.registry()))
+                .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+            match (flows, api_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -181,6 +255,16 @@ pub fn run(
                     if extras.watch.as_mut().is_some_and(|w| w.target_gone()) {
                         log::info!("the namespace went away: exiting");
                         return Ok(0);
+                    }
+                }
+                token if api.as_ref().is_some_and(|a| a.owns(token)) => {
+                    if let Some(a) = api.as_mut() {
+                        let mut ctl = Ctl {
+                            fwd: &mut fwd,
+                            registry: poll.registry(),
+                            tap: &tap,
+                        };
+                        a.handle(token, poll.registry(), &mut ctl);
                     }
                 }
                 token => fwd.handle_ready(now, token, readable, writable, &mut io),

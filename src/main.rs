@@ -12,6 +12,7 @@
 
 #![deny(unsafe_code)]
 
+mod api;
 mod conf;
 mod event_loop;
 mod netns;
@@ -28,7 +29,7 @@ use forwarder::{Config, Forwarder, Limits};
 use stack::sys::link::LinkConfig;
 use stack::sys::tap::Tap;
 
-use crate::conf::{AttachArgs, Cli, Command, NetArgs, NetnsType, RunArgs};
+use crate::conf::{AttachArgs, Cli, Command, NetArgs, NetnsType, PortsAction, PortsArgs, RunArgs};
 use crate::event_loop::Extras;
 use crate::netns::{AttachSpec, RunSpec, Target, TargetWatch};
 
@@ -67,6 +68,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Some(Command::Run(args)) => run_mode(args),
+        Some(Command::Ports(args)) => ports_client(args),
         None => attach_mode(cli.attach),
     };
     match result {
@@ -87,9 +89,6 @@ fn main() -> ExitCode {
 
 /// Refuses flags whose features are not implemented yet.
 fn refuse_unsupported(net: &NetArgs) -> Result<(), MainError> {
-    if net.api_socket.is_some() {
-        return Err(MainError::NotSupported("--api-socket"));
-    }
     if net.enable_ipv6 {
         return Err(MainError::NotSupported("--enable-ipv6"));
     }
@@ -184,6 +183,8 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         ready_fd: adopt(args.ready_fd, "ready fd")?,
         watch,
         child: None,
+        api_socket: args.net.api_socket.clone(),
+        publish: args.net.publish.clone(),
     };
     let fwd = forwarder(&args.net, &tap)?;
     let signals = event_loop::signal_fd(false)?;
@@ -218,9 +219,56 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         ready_fd: None,
         watch: None,
         child: Some(child.pid),
+        api_socket: args.net.api_socket.clone(),
+        publish: args.net.publish.clone(),
     };
     let tap = child.tap;
     Ok(event_loop::run(tap, fwd, signals, extras)?)
+}
+
+/// `usernet ports`: one API request per rule, human-readable output.
+fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
+    use serde_json::{json, Value};
+    let ask = |req: Value| -> Result<Value, MainError> {
+        let reply = api::request(&args.api_socket, &req).map_err(|source| MainError::Io {
+            what: format!("API socket {}", args.api_socket.display()),
+            source,
+        })?;
+        match reply.pointer("/error/desc").and_then(Value::as_str) {
+            Some(desc) => Err(MainError::Usage(desc.to_owned())),
+            None => Ok(reply),
+        }
+    };
+    match args.action {
+        PortsAction::Add { spec } => {
+            for (host_port, guest_port) in spec.pairs() {
+                let reply = ask(json!({"execute": "add_hostfwd", "arguments": {
+                    "proto": spec.proto.as_str(), "host_addr": spec.host_ip.to_string(),
+                    "host_port": host_port, "guest_port": guest_port }}))?;
+                let id = reply.pointer("/return/id").cloned().unwrap_or(Value::Null);
+                let list = ask(json!({"execute": "list_hostfwd"}))?;
+                let entry = list["entries"]
+                    .as_array()
+                    .and_then(|e| e.iter().find(|e| e["id"] == id));
+                match entry {
+                    Some(e) => println!("{}", api::describe(e)),
+                    None => println!("{id}"),
+                }
+            }
+        }
+        PortsAction::List => {
+            let list = ask(json!({"execute": "list_hostfwd"}))?;
+            println!("ID PROTO HOST GUEST");
+            for e in list["entries"].as_array().into_iter().flatten() {
+                println!("{}", api::describe(e));
+            }
+        }
+        PortsAction::Remove { id } => {
+            ask(json!({"execute": "remove_hostfwd", "arguments": {"id": id}}))?;
+            println!("removed {id}");
+        }
+    }
+    Ok(0)
 }
 
 fn parse_fd(s: &str, what: &str) -> Result<i32, MainError> {

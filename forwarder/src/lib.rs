@@ -37,6 +37,7 @@ pub mod dns;
 pub mod emit;
 pub mod icmp;
 pub mod nat;
+pub mod port;
 pub mod tcp;
 pub mod timer;
 pub mod udp;
@@ -222,18 +223,23 @@ pub struct FlowKey {
     pub remote: (Ipv4Address, u16),
 }
 
+/// An entry of the token table: a flow, or a published port's listener.
 pub(crate) enum Flow {
     Tcp(Box<tcp::TcpFlow>),
     Udp(udp::UdpFlow),
+    UdpIn(udp::InboundFlow),
     Icmp(icmp::IcmpFlow),
+    Port(Box<port::Listener>),
 }
 
 impl Flow {
-    fn timer_slot(&mut self) -> &mut Option<Instant> {
+    fn timer_slot(&mut self) -> Option<&mut Option<Instant>> {
         match self {
-            Flow::Tcp(f) => &mut f.timer,
-            Flow::Udp(f) => &mut f.timer,
-            Flow::Icmp(f) => &mut f.timer,
+            Flow::Tcp(f) => Some(&mut f.timer),
+            Flow::Udp(f) => Some(&mut f.timer),
+            Flow::UdpIn(f) => Some(&mut f.timer),
+            Flow::Icmp(f) => Some(&mut f.timer),
+            Flow::Port(_) => None,
         }
     }
 }
@@ -253,6 +259,11 @@ pub struct Forwarder {
     epoch: std::time::Instant,
     half_open: usize,
     counters: Counters,
+    /// Published ports: rule id -> token table entry.
+    ports: std::collections::BTreeMap<u32, usize>,
+    next_port_id: u32,
+    /// Receive buffer for datagrams of published UDP ports.
+    scratch: Box<[u8]>,
 }
 
 /// Frames queued for the guest: room for a burst of full-size segments.
@@ -313,6 +324,9 @@ impl Forwarder {
                 .unwrap_or_else(std::time::Instant::now),
             half_open: 0,
             counters: Counters::default(),
+            ports: std::collections::BTreeMap::new(),
+            next_port_id: 1,
+            scratch: vec![0u8; 65536].into_boxed_slice(),
         }
     }
 
@@ -487,7 +501,7 @@ impl Forwarder {
             outbound: self.cfg.outbound_v4,
             buffer: self.cfg.tcp_buffer,
         };
-        match tcp::TcpFlow::open(now, key, target, ip, &opts, io.registry, token) {
+        match tcp::TcpFlow::open(key, target, ip, &opts, io.registry, token) {
             Ok(mut flow) => {
                 flow.ingress(now, &mut self.link, ip);
                 entry.insert(Flow::Tcp(Box::new(flow)));
@@ -531,8 +545,22 @@ impl Forwarder {
                 None => return,
             },
         };
-        if let Some(Flow::Udp(flow)) = self.flows.get_mut(id) {
-            flow.send(now, data, &mut self.counters);
+        match self.flows.get_mut(id) {
+            Some(Flow::Udp(flow)) => flow.send(now, data, &mut self.counters),
+            Some(Flow::UdpIn(flow)) => {
+                flow.last_active = now;
+                let (listener, rule, client) = (flow.listener, flow.rule_id, flow.client);
+                if let Some(Flow::Port(l)) = self.flows.get(listener) {
+                    if l.rule.id == rule {
+                        if let port::ListenSocket::Udp(sock) = &l.socket {
+                            if sock.send_to(data, client).is_err() {
+                                self.counters.udp_send_dropped += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
@@ -570,8 +598,8 @@ impl Forwarder {
                 self.udp_map.insert(key, id);
                 self.counters.udp_opened += 1;
                 let at = now + self.cfg.udp_idle;
-                if let Some(flow) = self.flows.get_mut(id) {
-                    self.timers.arm(flow.timer_slot(), id, at);
+                if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                    self.timers.arm(slot, id, at);
                 }
                 Some(id)
             }
@@ -630,8 +658,8 @@ impl Forwarder {
                         entry.insert(Flow::Icmp(flow));
                         self.icmp_map.insert(key, id);
                         self.counters.icmp_opened += 1;
-                        if let Some(flow) = self.flows.get_mut(id) {
-                            self.timers.arm(flow.timer_slot(), id, now + icmp::IDLE);
+                        if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                            self.timers.arm(slot, id, now + icmp::IDLE);
                         }
                         id
                     }
@@ -688,7 +716,12 @@ impl Forwarder {
                     flow.receive(now, &mut self.link, io);
                 }
             }
-            None => {}
+            Some(Flow::Port(_)) => {
+                if readable {
+                    self.port_ready(now, id, io);
+                }
+            }
+            Some(Flow::UdpIn(_)) | None => {}
         }
     }
 
@@ -708,7 +741,9 @@ impl Forwarder {
             let Some(flow) = self.flows.get_mut(id) else {
                 continue;
             };
-            let slot = flow.timer_slot();
+            let Some(slot) = flow.timer_slot() else {
+                continue;
+            };
             if *slot != Some(at) {
                 continue;
             }
@@ -716,6 +751,14 @@ impl Forwarder {
             match flow {
                 Flow::Tcp(_) => self.mark_dirty(id),
                 Flow::Udp(f) => {
+                    let idle_until = f.last_active + self.cfg.udp_idle;
+                    if now >= idle_until {
+                        self.close_flow(id, io);
+                    } else {
+                        self.timers.arm(&mut f.timer, id, idle_until);
+                    }
+                }
+                Flow::UdpIn(f) => {
                     let idle_until = f.last_active + self.cfg.udp_idle;
                     if now >= idle_until {
                         self.close_flow(id, io);
@@ -731,6 +774,7 @@ impl Forwarder {
                         self.timers.arm(&mut f.timer, id, idle_until);
                     }
                 }
+                Flow::Port(_) => {}
             }
         }
     }
@@ -764,6 +808,13 @@ impl Forwarder {
                 }
                 match status {
                     tcp::Status::Alive(Some(at)) => {
+                        // Until the guest's MAC is known smoltcp keeps asking to send
+                        // now; the ARP probe is under way, do not spin.
+                        let at = if self.link.l2.guest_mac().is_none() {
+                            at.max(now + Duration::from_millis(20))
+                        } else {
+                            at
+                        };
                         self.timers.arm(&mut flow.timer, id, at);
                     }
                     tcp::Status::Alive(None) => {}
@@ -806,10 +857,248 @@ impl Forwarder {
                 f.close(io.registry);
                 self.counters.udp_closed += 1;
             }
+            Flow::UdpIn(f) => {
+                self.udp_map.remove(&f.key);
+                self.counters.udp_closed += 1;
+            }
             Flow::Icmp(mut f) => {
                 self.icmp_map.remove(&f.key);
                 f.close(io.registry);
                 self.counters.icmp_closed += 1;
+            }
+            Flow::Port(mut l) => l.close(io.registry),
+        }
+    }
+
+    /// Publishes a port: listens on `host` and forwards to `guest_addr` (default: the
+    /// guest's `net+100`) port `guest_port`.
+    ///
+    /// # Errors
+    /// [`port::PortError`] when the rule is invalid or the host socket cannot listen.
+    pub fn add_port(
+        &mut self,
+        proto: port::Proto,
+        host: std::net::SocketAddr,
+        guest_addr: Option<Ipv4Addr>,
+        guest_port: u16,
+        registry: &mio::Registry,
+    ) -> Result<port::PortRule, port::PortError> {
+        let net = self.cfg.nat.net;
+        let guest_ip = guest_addr.unwrap_or(net.guest());
+        if host.port() == 0 || guest_port == 0 {
+            return Err(port::PortError::Invalid("ports must be 1..65535"));
+        }
+        if !net.contains(guest_ip)
+            || [net.addr, net.gateway(), net.dns(), net.broadcast()].contains(&guest_ip)
+        {
+            return Err(port::PortError::Invalid(
+                "the guest address must be a host address of the guest network",
+            ));
+        }
+        if self.ports.len() >= port::MAX_RULES {
+            return Err(port::PortError::TooMany);
+        }
+        let rule = port::PortRule {
+            id: self.next_port_id,
+            proto,
+            host,
+            guest: std::net::SocketAddrV4::new(guest_ip, guest_port),
+        };
+        let entry = self.flows.vacant_entry();
+        let id = entry.key();
+        let listener = port::Listener::open(rule.clone(), registry, Token(FLOW_TOKEN_BASE + id))?;
+        entry.insert(Flow::Port(Box::new(listener)));
+        self.ports.insert(rule.id, id);
+        self.next_port_id += 1;
+        Ok(rule)
+    }
+
+    /// Unpublishes a port. Connections already made through it keep going.
+    ///
+    /// # Errors
+    /// [`port::PortError::NotFound`] for an unknown id.
+    pub fn remove_port(&mut self, rule_id: u32, io: &mut Io<'_>) -> Result<(), port::PortError> {
+        let id = self
+            .ports
+            .remove(&rule_id)
+            .ok_or(port::PortError::NotFound(rule_id))?;
+        self.close_flow(id, io);
+        Ok(())
+    }
+
+    /// The published ports, by id.
+    pub fn port_rules(&self) -> Vec<port::PortRule> {
+        self.ports
+            .values()
+            .filter_map(|&id| match self.flows.get(id) {
+                Some(Flow::Port(l)) => Some(l.rule.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The guest-side source for a published-port client: its own address where the
+    /// guest can route back to it, else the gateway with a port free for `guest`.
+    fn map_client(
+        &self,
+        client: std::net::SocketAddr,
+        guest: (Ipv4Address, u16),
+        tcp: bool,
+    ) -> (Ipv4Address, u16) {
+        if let Some(v4) = port::routable_client(client, &self.cfg.nat.net) {
+            return (Ipv4Address::from(*v4.ip()), v4.port());
+        }
+        let gw = Ipv4Address::from(self.cfg.nat.net.gateway());
+        let map = if tcp { &self.tcp_map } else { &self.udp_map };
+        let mut p = client.port().max(1024);
+        for _ in 0..64 {
+            if !map.contains_key(&FlowKey {
+                guest,
+                remote: (gw, p),
+            }) {
+                break;
+            }
+            p = if p == u16::MAX { 1024 } else { p + 1 };
+        }
+        (gw, p)
+    }
+
+    fn port_ready(&mut self, now: Instant, id: usize, io: &mut Io<'_>) {
+        loop {
+            let Some(Flow::Port(l)) = self.flows.get(id) else {
+                return;
+            };
+            let (rule_id, host) = (l.rule.id, l.rule.host);
+            let guest = (Ipv4Address::from(*l.rule.guest.ip()), l.rule.guest.port());
+            let listener = match &l.socket {
+                port::ListenSocket::Tcp(listener) => listener,
+                port::ListenSocket::Udp(_) => {
+                    return self.port_datagrams(now, id, rule_id, guest, io)
+                }
+            };
+            let (stream, client) = match listener.accept() {
+                Ok(conn) => conn,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays in the backlog.
+                    log::debug!("accept on {host} failed: {e}");
+                    self.counters.tcp_host_errors += 1;
+                    return;
+                }
+            };
+            if self.tcp_map.len() >= self.cfg.limits.tcp_flows {
+                self.counters.tcp_table_full += 1;
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            } else {
+                self.accept_tcp(stream, client, guest, io);
+            }
+        }
+    }
+
+    fn accept_tcp(
+        &mut self,
+        stream: mio::net::TcpStream,
+        client: std::net::SocketAddr,
+        guest: (Ipv4Address, u16),
+        io: &mut Io<'_>,
+    ) {
+        let remote = self.map_client(client, guest, true);
+        let key = FlowKey { guest, remote };
+        let entry = self.flows.vacant_entry();
+        let id = entry.key();
+        let token = Token(FLOW_TOKEN_BASE + id);
+        match tcp::TcpFlow::accept(
+            key,
+            stream,
+            &mut self.link,
+            self.cfg.tcp_buffer,
+            io.registry,
+            token,
+        ) {
+            Ok(flow) => {
+                entry.insert(Flow::Tcp(Box::new(flow)));
+                self.tcp_map.insert(key, id);
+                self.counters.tcp_opened += 1;
+                self.mark_dirty(id);
+            }
+            Err(e) => {
+                log::debug!("cannot forward connection from {client}: {e:?}");
+                self.counters.tcp_host_errors += 1;
+            }
+        }
+    }
+
+    /// Moves datagrams received on a published UDP port into the guest.
+    fn port_datagrams(
+        &mut self,
+        now: Instant,
+        id: usize,
+        rule_id: u32,
+        guest: (Ipv4Address, u16),
+        io: &mut Io<'_>,
+    ) {
+        loop {
+            let Some(Flow::Port(l)) = self.flows.get(id) else {
+                return;
+            };
+            let port::ListenSocket::Udp(sock) = &l.socket else {
+                return;
+            };
+            let (n, client) = match sock.recv_from(&mut self.scratch) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let remote = self.map_client(client, guest, false);
+            let key = FlowKey { guest, remote };
+            match self.udp_map.get(&key).and_then(|&f| self.flows.get_mut(f)) {
+                Some(Flow::UdpIn(f)) => {
+                    f.last_active = now;
+                    f.client = client;
+                }
+                Some(_) => {}
+                None => {
+                    if self.udp_map.len() >= self.cfg.limits.udp_flows {
+                        self.counters.udp_table_full += 1;
+                        continue;
+                    }
+                    let fid = self.flows.insert(Flow::UdpIn(udp::InboundFlow {
+                        key,
+                        listener: id,
+                        rule_id,
+                        client,
+                        last_active: now,
+                        timer: None,
+                    }));
+                    self.udp_map.insert(key, fid);
+                    self.counters.udp_opened += 1;
+                    if let Some(slot) = self.flows.get_mut(fid).and_then(Flow::timer_slot) {
+                        self.timers.arm(slot, fid, now + self.cfg.udp_idle);
+                    }
+                }
+            }
+            let data = &self.scratch[..n];
+            let mtu = self.link.mtu;
+            let send = |link: &mut Link| {
+                emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
+                    buf.get_mut(..data.len())?.copy_from_slice(data);
+                    Some(data.len())
+                })
+            };
+            let mut res = send(&mut self.link);
+            if res == Err(emit::EmitError::QueueFull) && self.link.flush(io.tap, &mut self.counters)
+            {
+                res = send(&mut self.link);
+            }
+            match res {
+                Ok(_) => {}
+                Err(emit::EmitError::TooBig) => self.counters.udp_too_big += 1,
+                Err(emit::EmitError::NoNeighbor) => {
+                    self.link.l2.probe_guest(now, guest.0, &mut self.link.txq);
+                    self.counters.udp_send_dropped += 1;
+                }
+                Err(_) => self.counters.udp_send_dropped += 1,
             }
         }
     }

@@ -124,7 +124,6 @@ impl TcpFlow {
     /// # Errors
     /// [`OpenError`] when the connection fails at once.
     pub fn open(
-        now: Instant,
         key: FlowKey,
         target: SocketAddr,
         syn: &[u8],
@@ -138,12 +137,7 @@ impl TcpFlow {
             .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(OpenError::Local)?;
 
-        let rx = tcp::SocketBuffer::new(vec![0; opts.buffer]);
-        let tx = tcp::SocketBuffer::new(vec![0; opts.buffer]);
-        let mut socket = tcp::Socket::new(rx, tx);
-        socket.set_nagle_enabled(false);
-        socket.set_ack_delay(None);
-        socket.set_timeout(Some(Duration::from_secs(60)));
+        let mut socket = new_socket(opts.buffer);
         socket.pause_synack(true);
         let endpoint = IpListenEndpoint {
             addr: Some(key.remote.0.into()),
@@ -159,7 +153,6 @@ impl TcpFlow {
         let mut quote = [0u8; SYN_QUOTE];
         let syn_len = syn.len().min(SYN_QUOTE);
         quote[..syn_len].copy_from_slice(&syn[..syn_len]);
-        let _ = now;
         Ok(TcpFlow {
             key,
             host,
@@ -170,6 +163,52 @@ impl TcpFlow {
             syn_len,
             host_readable: false,
             host_writable: false,
+            host_eof: false,
+            host_wr_shut: false,
+            dirty: false,
+            timer: None,
+        })
+    }
+
+    /// A flow for a connection accepted on a published port: smoltcp connects from
+    /// `key.remote` (the client as the guest will see it) to `key.guest`.
+    ///
+    /// # Errors
+    /// [`OpenError::Local`] when the host socket cannot be registered or smoltcp refuses
+    /// the endpoints.
+    pub(crate) fn accept(
+        key: FlowKey,
+        mut host: mio::net::TcpStream,
+        link: &mut Link,
+        buffer: usize,
+        registry: &Registry,
+        token: Token,
+    ) -> Result<TcpFlow, OpenError> {
+        let _ = host.set_nodelay(true);
+        registry
+            .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
+            .map_err(OpenError::Local)?;
+        let mut socket = new_socket(buffer);
+        let remote = (smoltcp::wire::IpAddress::from(key.guest.0), key.guest.1);
+        let local = (smoltcp::wire::IpAddress::from(key.remote.0), key.remote.1);
+        if let Err(e) = socket.connect(link.iface.context(), remote, local) {
+            let _ = registry.deregister(&mut host);
+            return Err(OpenError::Local(io::Error::other(format!(
+                "smoltcp connect: {e}"
+            ))));
+        }
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        Ok(TcpFlow {
+            key,
+            host,
+            sockets,
+            handle,
+            phase: Phase::Open,
+            syn: [0; SYN_QUOTE],
+            syn_len: 0,
+            host_readable: true,
+            host_writable: true,
             host_eof: false,
             host_wr_shut: false,
             dirty: false,
@@ -367,6 +406,17 @@ impl TcpFlow {
     pub(crate) fn close(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.host);
     }
+}
+
+/// A guest-facing socket with our settings.
+fn new_socket(buffer: usize) -> tcp::Socket<'static> {
+    let rx = tcp::SocketBuffer::new(vec![0; buffer]);
+    let tx = tcp::SocketBuffer::new(vec![0; buffer]);
+    let mut socket = tcp::Socket::new(rx, tx);
+    socket.set_nagle_enabled(false);
+    socket.set_ack_delay(None);
+    socket.set_timeout(Some(Duration::from_secs(60)));
+    socket
 }
 
 /// A non-blocking TCP connect, bound to `outbound` for non-loopback IPv4 targets.

@@ -35,6 +35,20 @@ pub struct UdpFlow {
     pub(crate) timer: Option<Instant>,
 }
 
+/// An association of a published UDP port: a client of the host socket `listener`
+/// and the guest address it was forwarded to. Replies leave through the listener.
+pub struct InboundFlow {
+    pub(crate) key: FlowKey,
+    /// Token table entry of the rule's listener.
+    pub(crate) listener: usize,
+    /// The rule's id (the entry may have been reused by another rule).
+    pub(crate) rule_id: u32,
+    /// The client on the host side.
+    pub(crate) client: std::net::SocketAddr,
+    pub(crate) last_active: Instant,
+    pub(crate) timer: Option<Instant>,
+}
+
 /// Whether a guest datagram is a DHCP request (client port 68 to server port 67).
 pub fn is_dhcp_request(ip: &Ipv4Repr, payload: &[u8]) -> bool {
     let Ok(packet) = UdpPacket::new_checked(payload) else {

@@ -1,0 +1,235 @@
+//! Published ports: host listeners whose connections and datagrams go into the guest.
+//!
+//! # Theory of operation
+//!
+//! The rootless form of DNAT (`docker run -p`). Each rule owns one host socket bound to
+//! `host` (a TCP listener or a UDP socket). A TCP connection accepted there becomes a TCP
+//! flow whose smoltcp socket *connects* into the guest; a UDP datagram received there
+//! opens (or refreshes) an inbound association, and the guest's replies go back to that
+//! client through the rule's socket.
+//!
+//! **Client addresses.** The guest sees the real address and port of a client that it
+//! can route back to (an IPv4 address outside the guest network): smoltcp's `any_ip`
+//! lets the flow's local end be any address. Loopback clients, IPv6 clients and clients
+//! whose address would collide with the guest network appear as the gateway (`net+2`),
+//! keeping their port where it is free.
+//!
+//! Limits: a rule count bound ([`MAX_RULES`]); connections and associations count
+//! against the TCP and UDP flow limits like outbound flows.
+
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use mio::{Interest, Registry, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Most rules at once.
+pub const MAX_RULES: usize = 1024;
+
+/// Transport protocol of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// `"tcp"` or `"udp"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// A published port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRule {
+    /// Identifier, from 1, never reused.
+    pub id: u32,
+    /// Protocol.
+    pub proto: Proto,
+    /// Host address and port listened on.
+    pub host: SocketAddr,
+    /// Guest address and port connected to.
+    pub guest: SocketAddrV4,
+}
+
+/// Why a rule could not be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// Another socket holds the host address and port.
+    #[error("host address {0} is already in use")]
+    InUse(SocketAddr),
+    /// Binding or listening failed otherwise.
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The host address.
+        addr: SocketAddr,
+        /// The failure.
+        #[source]
+        source: io::Error,
+    },
+    /// [`MAX_RULES`] reached.
+    #[error("too many published ports (at most {MAX_RULES})")]
+    TooMany,
+    /// No rule with that id.
+    #[error("no published port with id {0}")]
+    NotFound(u32),
+    /// The guest address is not in the guest network, or a port is 0.
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+pub(crate) enum ListenSocket {
+    Tcp(mio::net::TcpListener),
+    Udp(mio::net::UdpSocket),
+}
+
+/// A rule and its host socket.
+pub(crate) struct Listener {
+    pub rule: PortRule,
+    pub socket: ListenSocket,
+}
+
+impl Listener {
+    /// Binds the host socket of `rule` and registers it.
+    pub fn open(rule: PortRule, registry: &Registry, token: Token) -> Result<Listener, PortError> {
+        let addr = rule.host;
+        let fail = |source: io::Error| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                PortError::InUse(addr)
+            } else {
+                PortError::Listen { addr, source }
+            }
+        };
+        let ty = match rule.proto {
+            Proto::Tcp => Type::STREAM,
+            Proto::Udp => Type::DGRAM,
+        };
+        let proto = match rule.proto {
+            Proto::Tcp => Protocol::TCP,
+            Proto::Udp => Protocol::UDP,
+        };
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            ty.nonblocking().cloexec(),
+            Some(proto),
+        )
+        .map_err(fail)?;
+        if addr.is_ipv6() {
+            // `[::]` means IPv6 only, so that a rule for 0.0.0.0 can coexist.
+            socket.set_only_v6(true).map_err(fail)?;
+        }
+        if rule.proto == Proto::Tcp {
+            // Re-publishing a port right after removing it must not trip over TIME-WAIT.
+            socket.set_reuse_address(true).map_err(fail)?;
+        }
+        socket.bind(&addr.into()).map_err(fail)?;
+        let socket = match rule.proto {
+            Proto::Tcp => {
+                socket.listen(1024).map_err(fail)?;
+                let mut l = mio::net::TcpListener::from_std(socket.into());
+                registry
+                    .register(&mut l, token, Interest::READABLE)
+                    .map_err(fail)?;
+                ListenSocket::Tcp(l)
+            }
+            Proto::Udp => {
+                let mut u = mio::net::UdpSocket::from_std(socket.into());
+                registry
+                    .register(&mut u, token, Interest::READABLE)
+                    .map_err(fail)?;
+                ListenSocket::Udp(u)
+            }
+        };
+        Ok(Listener { rule, socket })
+    }
+
+    /// Deregisters and closes the host socket.
+    pub fn close(&mut self, registry: &Registry) {
+        let _ = match &mut self.socket {
+            ListenSocket::Tcp(l) => registry.deregister(l),
+            ListenSocket::Udp(u) => registry.deregister(u),
+        };
+    }
+}
+
+/// Whether the guest can be shown `client` as the source of a published-port flow.
+pub fn routable_client(
+    client: SocketAddr,
+    guest_net: &crate::nat::Network,
+) -> Option<SocketAddrV4> {
+    let SocketAddr::V4(v4) = client else {
+        return None;
+    };
+    let ip = *v4.ip();
+    let hidden = ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || ip.is_broadcast()
+        || guest_net.contains(ip)
+        || ip == Ipv4Addr::BROADCAST;
+    (!hidden).then_some(v4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nat::Network;
+
+    fn net() -> Network {
+        Network {
+            addr: Ipv4Addr::new(10, 0, 2, 0),
+            prefix_len: 24,
+        }
+    }
+
+    #[test]
+    fn world_client_kept() {
+        let c: SocketAddr = "203.0.113.9:5555".parse().unwrap();
+        assert_eq!(
+            routable_client(c, &net()),
+            Some("203.0.113.9:5555".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn loopback_v6_and_in_network_clients_hidden() {
+        for c in [
+            "127.0.0.1:1",
+            "[::1]:1",
+            "[2001:db8::1]:1",
+            "10.0.2.7:1",
+            "0.0.0.0:1",
+        ] {
+            assert_eq!(routable_client(c.parse().unwrap(), &net()), None, "{c}");
+        }
+    }
+
+    #[test]
+    fn second_bind_same_address_in_use() {
+        let poll = mio::Poll::new().unwrap();
+        let rule = |id| PortRule {
+            id,
+            proto: Proto::Tcp,
+            host: "127.0.0.1:0".parse().unwrap(),
+            guest: "10.0.2.100:80".parse().unwrap(),
+        };
+        let first = Listener::open(rule(1), poll.registry(), Token(1)).unwrap();
+        let ListenSocket::Tcp(l) = &first.socket else {
+            panic!()
+        };
+        let taken = l.local_addr().unwrap();
+        let mut second = rule(2);
+        second.host = taken;
+        match Listener::open(second, poll.registry(), Token(2)) {
+            Err(PortError::InUse(a)) => assert_eq!(a, taken),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("second bind succeeded"),
+        }
+    }
+}

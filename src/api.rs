@@ -1,0 +1,550 @@
+//! The control API: slirp4netns's JSON protocol on a UNIX socket, and a client for it.
+//!
+//! # Theory of operation
+//!
+//! One request per connection: the client writes one JSON object, usually half-closes,
+//! and reads one JSON reply; then we close. The server runs inside the event loop and
+//! never blocks it: sockets are non-blocking, a request is at most [`MAX_REQUEST`] bytes
+//! (larger ones get the `too large message` error), a connection that has not sent a
+//! complete request within [`CLIENT_TIMEOUT`] is closed, and at most [`MAX_CLIENTS`] are
+//! served at once (more are closed at accept). A request is answered as soon as its bytes
+//! form a complete JSON value or the client half-closes, whichever comes first.
+//!
+//! Replies and error texts are slirp4netns's, byte for byte where callers might match
+//! them (podman and RootlessKit do), with two improvements: a request without `proto` is
+//! an error reply instead of a crash, and IPv6 host addresses are accepted.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use forwarder::port::{PortError, PortRule, Proto};
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+use serde_json::{json, Value};
+use slab::Slab;
+
+/// Largest request, in bytes (slirp4netns's buffer: 4096 bytes read means too large).
+pub const MAX_REQUEST: usize = 4096;
+/// Clients served at once.
+pub const MAX_CLIENTS: usize = 64;
+/// Time a client has to send its request.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the API may change.
+pub trait Control {
+    /// Publishes a port.
+    ///
+    /// # Errors
+    /// When the rule is invalid or the host socket cannot listen.
+    fn add(
+        &mut self,
+        proto: Proto,
+        host: SocketAddr,
+        guest_addr: Option<Ipv4Addr>,
+        guest_port: u16,
+    ) -> Result<PortRule, PortError>;
+    /// Unpublishes a port.
+    ///
+    /// # Errors
+    /// When there is no such rule.
+    fn remove(&mut self, id: u32) -> Result<(), PortError>;
+    /// The rules.
+    fn list(&self) -> Vec<PortRule>;
+}
+
+fn error(desc: &str) -> Value {
+    json!({ "error": { "desc": desc } })
+}
+
+fn rule_json(r: &PortRule) -> Value {
+    json!({
+        "id": r.id,
+        "proto": r.proto.as_str(),
+        "host_addr": r.host.ip().to_string(),
+        "host_port": r.host.port(),
+        "guest_addr": r.guest.ip().to_string(),
+        "guest_port": r.guest.port(),
+    })
+}
+
+/// Answers one request (its raw bytes).
+pub fn execute(request: &[u8], ctl: &mut dyn Control) -> Value {
+    if request.len() >= MAX_REQUEST {
+        return error("bad request: too large message");
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(request) else {
+        return error("bad request: cannot parse JSON");
+    };
+    let Some(obj) = v.as_object() else {
+        return error("bad request: json_object() failed");
+    };
+    let Some(execute) = obj.get("execute").and_then(Value::as_str) else {
+        return error("bad request: no execute found");
+    };
+    let args = obj.get("arguments");
+    let arg = |name: &str| args.and_then(|a| a.get(name));
+    match execute {
+        "add_hostfwd" => add_hostfwd(&arg, ctl),
+        "list_hostfwd" => {
+            json!({ "entries": ctl.list().iter().map(rule_json).collect::<Vec<_>>() })
+        }
+        "remove_hostfwd" => {
+            let id = arg("id")
+                .and_then(Value::as_u64)
+                .and_then(|id| u32::try_from(id).ok());
+            match id.map(|id| ctl.remove(id)) {
+                Some(Ok(())) => json!({ "return": {} }),
+                _ => error("bad request: remove_hostfwd: bad arguments.id"),
+            }
+        }
+        _ => error("bad request: unknown execute"),
+    }
+}
+
+fn port_arg(v: Option<&Value>) -> Option<u16> {
+    v.and_then(Value::as_u64)
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+}
+
+fn add_hostfwd<'v>(arg: &dyn Fn(&str) -> Option<&'v Value>, ctl: &mut dyn Control) -> Value {
+    let proto = match arg("proto").and_then(Value::as_str) {
+        Some("tcp") => Proto::Tcp,
+        Some("udp") => Proto::Udp,
+        _ => return error("bad request: add_hostfwd: bad arguments.proto"),
+    };
+    let host_ip = match arg("host_addr").and_then(Value::as_str) {
+        None | Some("") => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Some(s) => match s.parse::<IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) => return error("bad request: add_hostfwd: bad arguments.host_addr"),
+        },
+    };
+    if arg("host_addr").is_some_and(|v| !v.is_string()) {
+        return error("bad request: add_hostfwd: bad arguments.host_addr");
+    }
+    let Some(host_port) = port_arg(arg("host_port")) else {
+        return error("bad request: add_hostfwd: bad arguments.host_port");
+    };
+    let guest_addr = match arg("guest_addr") {
+        None => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => match s.parse::<Ipv4Addr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => return error("bad request: add_hostfwd: bad arguments.guest_addr"),
+        },
+        Some(_) => return error("bad request: add_hostfwd: bad arguments.guest_addr"),
+    };
+    let Some(guest_port) = port_arg(arg("guest_port")) else {
+        return error("bad request: add_hostfwd: bad arguments.guest_port");
+    };
+    match ctl.add(
+        proto,
+        SocketAddr::new(host_ip, host_port),
+        guest_addr,
+        guest_port,
+    ) {
+        Ok(rule) => json!({ "return": { "id": rule.id } }),
+        Err(PortError::Invalid(_)) if guest_addr.is_some() => {
+            error("bad request: add_hostfwd: bad arguments.guest_addr")
+        }
+        Err(e) => error(&format!(
+            "bad request: add_hostfwd: slirp_add_hostfwd failed: {e}"
+        )),
+    }
+}
+
+struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    since: Instant,
+}
+
+/// The API socket.
+pub struct Server {
+    listener: UnixListener,
+    path: PathBuf,
+    clients: Slab<Client>,
+    listener_token: Token,
+    client_base: usize,
+}
+
+/// Errors setting up the API socket.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on API socket {path}")]
+pub struct ApiError {
+    path: PathBuf,
+    #[source]
+    source: io::Error,
+}
+
+impl Server {
+    /// Binds `path` (removing a stale socket file first, as slirp4netns does) and
+    /// registers it as `listener_token`; client tokens start at `client_base`.
+    ///
+    /// # Errors
+    /// [`ApiError`] when the socket cannot be bound or registered.
+    pub fn bind(
+        path: &Path,
+        registry: &Registry,
+        listener_token: Token,
+        client_base: usize,
+    ) -> Result<Server, ApiError> {
+        let fail = |source| ApiError {
+            path: path.to_owned(),
+            source,
+        };
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(fail(e)),
+        }
+        let mut listener = UnixListener::bind(path).map_err(fail)?;
+        registry
+            .register(&mut listener, listener_token, Interest::READABLE)
+            .map_err(fail)?;
+        Ok(Server {
+            listener,
+            path: path.to_owned(),
+            clients: Slab::new(),
+            listener_token,
+            client_base,
+        })
+    }
+
+    /// Whether `token` belongs to the API.
+    pub fn owns(&self, token: Token) -> bool {
+        token == self.listener_token || token.0 >= self.client_base
+    }
+
+    /// Handles readiness of an API token.
+    pub fn handle(&mut self, token: Token, registry: &Registry, ctl: &mut dyn Control) {
+        if token == self.listener_token {
+            self.accept(registry);
+            return;
+        }
+        let id = token.0 - self.client_base;
+        let Some(client) = self.clients.get_mut(id) else {
+            return;
+        };
+        let mut chunk = [0u8; 1024];
+        let mut eof = false;
+        loop {
+            match client.stream.read(&mut chunk) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    let room = (MAX_REQUEST + 1).saturating_sub(client.buf.len());
+                    client.buf.extend_from_slice(&chunk[..n.min(room)]);
+                    if client.buf.len() > MAX_REQUEST {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.drop_client(id, registry);
+                    return;
+                }
+            }
+        }
+        let complete = eof
+            || client.buf.len() >= MAX_REQUEST
+            || serde_json::from_slice::<Value>(&client.buf).is_ok();
+        if !complete {
+            return;
+        }
+        let reply = execute(&client.buf, ctl);
+        log::debug!(
+            "API request {:?} -> {reply}",
+            String::from_utf8_lossy(&client.buf)
+        );
+        // The reply is small: one write on a fresh socket does not block in practice; a
+        // client that does not read loses its reply, never our loop.
+        let _ = client.stream.write_all(reply.to_string().as_bytes());
+        self.drop_client(id, registry);
+    }
+
+    fn accept(&mut self, registry: &Registry) {
+        loop {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(conn) => conn,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            if self.clients.len() >= MAX_CLIENTS {
+                log::warn!("API: too many clients, closing a new connection");
+                continue;
+            }
+            let entry = self.clients.vacant_entry();
+            let token = Token(self.client_base + entry.key());
+            if registry
+                .register(&mut stream, token, Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            entry.insert(Client {
+                stream,
+                buf: Vec::with_capacity(256),
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn drop_client(&mut self, id: usize, registry: &Registry) {
+        if let Some(mut c) = self.clients.try_remove(id) {
+            let _ = registry.deregister(&mut c.stream);
+        }
+    }
+
+    /// Closes clients that have been silent too long; returns when to call again.
+    pub fn expire(&mut self, now: Instant, registry: &Registry) -> Option<Instant> {
+        let stale: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.since) >= CLIENT_TIMEOUT)
+            .map(|(id, _)| id)
+            .collect();
+        for id in stale {
+            self.drop_client(id, registry);
+        }
+        self.clients
+            .iter()
+            .map(|(_, c)| c.since + CLIENT_TIMEOUT)
+            .min()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// One request from the `usernet ports` client: the reply.
+///
+/// # Errors
+/// When the socket cannot be reached or the reply is not JSON.
+pub fn request(path: &Path, req: &Value) -> io::Result<Value> {
+    let mut s = StdUnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(req.to_string().as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    serde_json::from_slice(&out).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One line describing a rule: `1 tcp 0.0.0.0:8080 -> 10.0.2.100:80`.
+pub fn describe(entry: &Value) -> String {
+    let s = |k: &str| {
+        entry
+            .get(k)
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string())
+            })
+            .unwrap_or_default()
+    };
+    let host_addr = s("host_addr");
+    let host = if host_addr.contains(':') {
+        format!("[{host_addr}]:{}", s("host_port"))
+    } else {
+        format!("{host_addr}:{}", s("host_port"))
+    };
+    format!(
+        "{} {} {} -> {}:{}",
+        s("id"),
+        s("proto"),
+        host,
+        s("guest_addr"),
+        s("guest_port")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddrV4;
+
+    #[derive(Default)]
+    struct Fake {
+        rules: Vec<PortRule>,
+        next: u32,
+    }
+
+    impl Control for Fake {
+        fn add(
+            &mut self,
+            proto: Proto,
+            host: SocketAddr,
+            guest_addr: Option<Ipv4Addr>,
+            guest_port: u16,
+        ) -> Result<PortRule, PortError> {
+            if self
+                .rules
+                .iter()
+                .any(|r| r.host == host && r.proto == proto)
+            {
+                return Err(PortError::InUse(host));
+            }
+            self.next += 1;
+            let rule = PortRule {
+                id: self.next,
+                proto,
+                host,
+                guest: SocketAddrV4::new(
+                    guest_addr.unwrap_or(Ipv4Addr::new(10, 0, 2, 100)),
+                    guest_port,
+                ),
+            };
+            self.rules.push(rule.clone());
+            Ok(rule)
+        }
+        fn remove(&mut self, id: u32) -> Result<(), PortError> {
+            let before = self.rules.len();
+            self.rules.retain(|r| r.id != id);
+            if self.rules.len() == before {
+                return Err(PortError::NotFound(id));
+            }
+            Ok(())
+        }
+        fn list(&self) -> Vec<PortRule> {
+            self.rules.clone()
+        }
+    }
+
+    fn run(ctl: &mut Fake, req: &str) -> String {
+        execute(req.as_bytes(), ctl).to_string()
+    }
+
+    #[test]
+    fn add_list_remove_exact_shapes() {
+        let mut f = Fake::default();
+        let add = r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"0.0.0.0","host_port":8080,"guest_addr":"10.0.2.100","guest_port":80}}"#;
+        assert_eq!(run(&mut f, add), r#"{"return":{"id":1}}"#);
+        assert_eq!(
+            run(&mut f, "{\"execute\":\"list_hostfwd\"}\n"),
+            r#"{"entries":[{"id":1,"proto":"tcp","host_addr":"0.0.0.0","host_port":8080,"guest_addr":"10.0.2.100","guest_port":80}]}"#
+        );
+        assert_eq!(
+            run(
+                &mut f,
+                r#"{"execute":"remove_hostfwd","arguments":{"id":1}}"#
+            ),
+            r#"{"return":{}}"#
+        );
+        assert_eq!(
+            run(&mut f, r#"{"execute":"list_hostfwd"}"#),
+            r#"{"entries":[]}"#
+        );
+    }
+
+    #[test]
+    fn add_defaults_and_ipv6_host() {
+        let mut f = Fake::default();
+        let r = run(
+            &mut f,
+            r#"{"execute":"add_hostfwd","arguments":{"proto":"udp","host_addr":"","host_port":53,"guest_port":53}}"#,
+        );
+        assert_eq!(r, r#"{"return":{"id":1}}"#);
+        assert_eq!(f.rules[0].host, "0.0.0.0:53".parse().unwrap());
+        assert_eq!(f.rules[0].guest, "10.0.2.100:53".parse().unwrap());
+        run(
+            &mut f,
+            r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"::1","host_port":80,"guest_port":80}}"#,
+        );
+        assert_eq!(f.rules[1].host, "[::1]:80".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_match_slirp4netns() {
+        let mut f = Fake::default();
+        let cases = [
+            ("not json", "bad request: cannot parse JSON"),
+            ("[1,2]", "bad request: json_object() failed"),
+            ("{}", "bad request: no execute found"),
+            (
+                r#"{"execute":"frobnicate"}"#,
+                "bad request: unknown execute",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"host_port":1,"guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.proto",
+            ),
+            (
+                r#"{"execute":"add_hostfwd"}"#,
+                "bad request: add_hostfwd: bad arguments.proto",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"sctp","host_port":1,"guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.proto",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"nope","host_port":1,"guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.host_addr",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":0,"guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.host_port",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":70000,"guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.host_port",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1,"guest_addr":"x","guest_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.guest_addr",
+            ),
+            (
+                r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":1}}"#,
+                "bad request: add_hostfwd: bad arguments.guest_port",
+            ),
+            (
+                r#"{"execute":"remove_hostfwd","arguments":{"id":9}}"#,
+                "bad request: remove_hostfwd: bad arguments.id",
+            ),
+            (
+                r#"{"execute":"remove_hostfwd"}"#,
+                "bad request: remove_hostfwd: bad arguments.id",
+            ),
+        ];
+        for (req, desc) in cases {
+            assert_eq!(run(&mut f, req), error(desc).to_string(), "{req}");
+        }
+        let big = format!(
+            "{{\"execute\":\"list_hostfwd\",\"pad\":\"{}\"}}",
+            "x".repeat(5000)
+        );
+        assert_eq!(
+            run(&mut f, &big),
+            error("bad request: too large message").to_string()
+        );
+    }
+
+    #[test]
+    fn port_in_use_is_clear() {
+        let mut f = Fake::default();
+        let add = r#"{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_port":8080,"guest_port":80}}"#;
+        run(&mut f, add);
+        let r = run(&mut f, add);
+        assert!(
+            r.contains("bad request: add_hostfwd: slirp_add_hostfwd failed"),
+            "{r}"
+        );
+        assert!(r.contains("already in use"), "{r}");
+    }
+
+    #[test]
+    fn describe_rules() {
+        let e = json!({"id":1,"proto":"tcp","host_addr":"::","host_port":80,"guest_addr":"10.0.2.100","guest_port":8080});
+        assert_eq!(describe(&e), "1 tcp [::]:80 -> 10.0.2.100:8080");
+    }
+}
