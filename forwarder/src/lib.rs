@@ -55,6 +55,7 @@ use smoltcp::wire::{IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket};
 use stack::device::GuestDevice;
 use stack::l2::{Ingress, L2Drop, L2};
 use stack::txq::TxQueue;
+use stack::vnet::{self, VnetRepr};
 
 use crate::nat::NatConfig;
 
@@ -114,6 +115,9 @@ pub struct Config {
     pub mtu: usize,
     /// 0, or the vnet header length of the TAP.
     pub vnet_hdr_len: usize,
+    /// The TAP has checksum and TCP segmentation offloads (`TUN_F_CSUM | TUN_F_TSO4 |
+    /// TUN_F_TSO6`): TCP super-frames both ways.
+    pub offload: bool,
     /// Source address for IPv4 host sockets (`--outbound-addr`).
     pub outbound_v4: Option<Ipv4Addr>,
     /// Bytes of smoltcp buffer per TCP flow and direction.
@@ -146,6 +150,7 @@ pub struct Counters {
     pub drop_bad_source: u64,
     pub drop_protocol: u64,
     pub drop_tcp_malformed: u64,
+    pub drop_bad_checksum: u64,
     pub drop_udp_malformed: u64,
     pub drop_icmp_malformed: u64,
     pub tcp_opened: u64,
@@ -280,7 +285,7 @@ impl Forwarder {
         // The largest frame: vnet header + Ethernet header + the largest IP packet.
         let slot = cfg.vnet_hdr_len + stack::l2::ETHERNET_HEADER_LEN + 65536;
         let mut txq = TxQueue::new(TXQ_SLOTS, slot);
-        let caps = stack::iface::capabilities(cfg.mtu);
+        let caps = stack::iface::capabilities(cfg.mtu, cfg.offload);
         let iface = stack::iface::interface(
             now,
             &caps,
@@ -349,7 +354,7 @@ impl Forwarder {
         }
         let c = &mut self.counters;
         match self.link.l2.handle_frame(frame, &mut self.link.txq) {
-            Ok(Ingress::Ipv4(ip, _vnet)) => self.handle_ipv4(now, ip, io),
+            Ok(Ingress::Ipv4(ip, vnet)) => self.handle_ipv4(now, ip, &vnet, io),
             Ok(Ingress::Ipv6(..)) => c.drop_ipv6 += 1,
             Ok(Ingress::Consumed) => {}
             Err(L2Drop::Truncated) => c.drop_truncated += 1,
@@ -360,7 +365,10 @@ impl Forwarder {
         }
     }
 
-    fn handle_ipv4(&mut self, now: Instant, ip: &[u8], io: &mut Io<'_>) {
+    fn handle_ipv4(&mut self, now: Instant, ip: &[u8], vnet: &VnetRepr, io: &mut Io<'_>) {
+        // The guest's kernel leaves transport checksums to us ("partial") when the TAP
+        // has checksum offload, or says it verified them; else they are checked here.
+        let verify = vnet.flags & (vnet::FLAG_NEEDS_CSUM | vnet::FLAG_DATA_VALID) == 0;
         let Ok(packet) = Ipv4Packet::new_checked(ip) else {
             self.counters.drop_ipv4_malformed += 1;
             return;
@@ -390,13 +398,13 @@ impl Forwarder {
                 if udp::is_dhcp_request(&repr, payload) {
                     self.handle_dhcp(now, payload);
                 } else if valid_source {
-                    self.handle_udp(now, &repr, ip, payload, io);
+                    self.handle_udp(now, &repr, ip, payload, verify, io);
                 } else {
                     self.counters.drop_bad_source += 1;
                 }
             }
             _ if !valid_source => self.counters.drop_bad_source += 1,
-            IpProtocol::Tcp => self.handle_tcp(now, &repr, ip, payload, io),
+            IpProtocol::Tcp => self.handle_tcp(now, &repr, ip, payload, verify, io),
             IpProtocol::Icmp => self.handle_icmp(now, &repr, ip, payload, io),
             _ => self.counters.drop_protocol += 1,
         }
@@ -445,12 +453,17 @@ impl Forwarder {
         repr: &Ipv4Repr,
         ip: &[u8],
         payload: &[u8],
+        verify: bool,
         io: &mut Io<'_>,
     ) {
         let Ok(segment) = TcpPacket::new_checked(payload) else {
             self.counters.drop_tcp_malformed += 1;
             return;
         };
+        if verify && !segment.verify_checksum(&repr.src_addr.into(), &repr.dst_addr.into()) {
+            self.counters.drop_bad_checksum += 1;
+            return;
+        }
         let key = FlowKey {
             guest: (repr.src_addr, segment.src_port()),
             remote: (repr.dst_addr, segment.dst_port()),
@@ -532,9 +545,10 @@ impl Forwarder {
         repr: &Ipv4Repr,
         ip: &[u8],
         payload: &[u8],
+        verify: bool,
         io: &mut Io<'_>,
     ) {
-        let Some((key, data)) = udp::parse(repr, payload) else {
+        let Some((key, data)) = udp::parse(repr, payload, verify) else {
             self.counters.drop_udp_malformed += 1;
             return;
         };

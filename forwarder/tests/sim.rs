@@ -48,6 +48,7 @@ impl Sim {
             dns_enabled: true,
             mtu: 1500,
             vnet_hdr_len: 0,
+            offload: false,
             outbound_v4: None,
             tcp_buffer: 64 * 1024,
             udp_idle: Duration::from_secs(60),

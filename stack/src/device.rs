@@ -12,9 +12,11 @@
 
 use smoltcp::phy::{self, DeviceCapabilities, PacketMeta};
 use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetProtocol, Ipv4Address};
+use smoltcp::wire::{
+    checksum, EthernetProtocol, IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv6Packet,
+};
 
-use crate::l2::L2;
+use crate::l2::{ETHERNET_HEADER_LEN, L2};
 use crate::txq::TxQueue;
 use crate::vnet::{GsoType, VnetRepr, FLAG_NEEDS_CSUM};
 
@@ -71,6 +73,7 @@ pub struct Tx<'a> {
     l2: &'a L2,
     txq: &'a mut TxQueue,
     meta: PacketMeta,
+    offload: bool,
 }
 
 impl phy::RxToken for Rx<'_> {
@@ -90,12 +93,7 @@ impl phy::TxToken for Tx<'_> {
             return f(&mut scratch);
         };
         let ret = f(&mut slot[hdr..hdr + len]);
-        let ethertype = if slot[hdr] >> 4 == 6 {
-            EthernetProtocol::Ipv6
-        } else {
-            EthernetProtocol::Ipv4
-        };
-        let vnet = vnet_for(&self.meta, ethertype, slot, hdr);
+        let (ethertype, vnet) = finish_ip(&mut slot[hdr..hdr + len], &self.meta, self.offload);
         if self.l2.write_headers(slot, ethertype, &vnet, None) {
             self.txq.commit(hdr + len);
         }
@@ -107,29 +105,75 @@ impl phy::TxToken for Tx<'_> {
     }
 }
 
-/// The vnet header for a packet smoltcp built: plain, or a TSO super-frame.
-fn vnet_for(meta: &PacketMeta, ethertype: EthernetProtocol, slot: &[u8], hdr: usize) -> VnetRepr {
-    let Some(mss) = meta.segmentation_offload_size else {
-        return VnetRepr::PLAIN;
+/// smoltcp runs with TCP checksums off (its segmentation offload requires it); this
+/// finishes a TCP packet it built: with `offload`, the checksum field gets the
+/// pseudo-header sum and the vnet header asks the kernel to complete it (and to cut a
+/// super-frame into `gso_size` segments); without, the checksum is computed here.
+/// Returns the ethertype and the vnet header.
+pub fn finish_ip(ip: &mut [u8], meta: &PacketMeta, offload: bool) -> (EthernetProtocol, VnetRepr) {
+    let v6 = ip.first().is_some_and(|b| b >> 4 == 6);
+    let ethertype = if v6 {
+        EthernetProtocol::Ipv6
+    } else {
+        EthernetProtocol::Ipv4
     };
-    let ip = &slot[hdr..];
-    let (gso_type, ip_hdr_len) = match ethertype {
-        EthernetProtocol::Ipv6 => (GsoType::TcpV6, 40),
-        _ => (GsoType::TcpV4, usize::from(ip[0] & 0x0f) * 4),
+    let (l4, proto, src, dst) = if v6 {
+        let Ok(p) = Ipv6Packet::new_checked(&*ip) else {
+            return (ethertype, VnetRepr::PLAIN);
+        };
+        let (s, d) = (IpAddress::Ipv6(p.src_addr()), IpAddress::Ipv6(p.dst_addr()));
+        (IPV6_HEADER_LEN, p.next_header(), s, d)
+    } else {
+        let Ok(p) = Ipv4Packet::new_checked(&*ip) else {
+            return (ethertype, VnetRepr::PLAIN);
+        };
+        let (s, d) = (IpAddress::Ipv4(p.src_addr()), IpAddress::Ipv4(p.dst_addr()));
+        (usize::from(p.header_len()), p.next_header(), s, d)
     };
-    let l4 = crate::l2::ETHERNET_HEADER_LEN + ip_hdr_len;
-    let tcp_hdr_len = ip
-        .get(ip_hdr_len + 12)
-        .map_or(20, |b| usize::from(b >> 4) * 4);
-    VnetRepr {
-        flags: FLAG_NEEDS_CSUM,
-        gso_type,
-        hdr_len: u16::try_from(l4 + tcp_hdr_len).unwrap_or(u16::MAX),
-        gso_size: mss.get(),
-        csum_start: u16::try_from(l4).unwrap_or(u16::MAX),
-        csum_offset: 16,
+    if proto != IpProtocol::Tcp || ip.len() < l4 + 20 {
+        return (ethertype, VnetRepr::PLAIN);
     }
+    // At most 65535 bytes: the slot holds no more, and TSO_MAX bounds smoltcp's segments.
+    let tcp_len = u32::try_from(ip.len() - l4).unwrap_or(u32::MAX);
+    let pseudo = match (src, dst) {
+        (IpAddress::Ipv4(s), IpAddress::Ipv4(d)) => {
+            checksum::pseudo_header_v4(&s, &d, IpProtocol::Tcp, tcp_len)
+        }
+        (IpAddress::Ipv6(s), IpAddress::Ipv6(d)) => {
+            checksum::pseudo_header_v6(&s, &d, IpProtocol::Tcp, tcp_len)
+        }
+        _ => return (ethertype, VnetRepr::PLAIN),
+    };
+    let field = l4 + TCP_CHECKSUM_OFFSET;
+    if !offload {
+        ip[field..field + 2].fill(0);
+        let sum = !checksum::combine(&[pseudo, checksum::data(&ip[l4..])]);
+        ip[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+        return (ethertype, VnetRepr::PLAIN);
+    }
+    ip[field..field + 2].copy_from_slice(&pseudo.to_be_bytes());
+    let csum_start = ETHERNET_HEADER_LEN + l4;
+    let mut vnet = VnetRepr {
+        flags: FLAG_NEEDS_CSUM,
+        gso_type: GsoType::None,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: u16::try_from(csum_start).unwrap_or(u16::MAX),
+        csum_offset: TCP_CHECKSUM_OFFSET as u16,
+    };
+    if let Some(mss) = meta.segmentation_offload_size {
+        let tcp_hdr_len = usize::from(ip[l4 + 12] >> 4) * 4;
+        vnet.gso_type = if v6 { GsoType::TcpV6 } else { GsoType::TcpV4 };
+        vnet.gso_size = mss.get();
+        vnet.hdr_len = u16::try_from(csum_start + tcp_hdr_len).unwrap_or(u16::MAX);
+    }
+    (ethertype, vnet)
 }
+
+/// Offset of the checksum field in a TCP header.
+const TCP_CHECKSUM_OFFSET: usize = 16;
+/// Length of an IPv6 header (smoltcp emits no extension headers).
+const IPV6_HEADER_LEN: usize = 40;
 
 impl phy::Device for GuestDevice<'_> {
     type RxToken<'b>
@@ -153,6 +197,7 @@ impl phy::Device for GuestDevice<'_> {
                 l2: self.l2,
                 txq: self.txq,
                 meta: PacketMeta::default(),
+                offload: self.caps.segmentation.tcpv4.is_some(),
             },
         ))
     }
@@ -165,6 +210,7 @@ impl phy::Device for GuestDevice<'_> {
             l2: self.l2,
             txq: self.txq,
             meta: PacketMeta::default(),
+            offload: self.caps.segmentation.tcpv4.is_some(),
         })
     }
 

@@ -7,6 +7,8 @@
 //! packet cost O(flows): smoltcp#934). The interface runs with `any_ip`, so it accepts
 //! segments for any destination: the destination is whatever host the guest connects to.
 
+use core::num::NonZeroUsize;
+
 use smoltcp::iface::{Config, Interface};
 use smoltcp::phy::{Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -16,17 +18,28 @@ use crate::device::GuestDevice;
 use crate::l2::L2;
 use crate::txq::TxQueue;
 
-/// Device capabilities for the guest link: IP medium, `mtu`, software checksums.
-pub fn capabilities(mtu: usize) -> DeviceCapabilities {
+/// Largest IP packet smoltcp may hand the device for segmentation: the IPv4 total
+/// length field's limit.
+pub const TSO_MAX: usize = 65535;
+
+/// Device capabilities for the guest link: IP medium, `mtu`. smoltcp never handles TCP
+/// checksums: the device finishes them (see [`crate::device`]) and the forwarder verifies
+/// the guest's. With `offload` (the TAP has `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`),
+/// smoltcp builds TCP super-frames of up to [`TSO_MAX`] bytes for the kernel to segment.
+pub fn capabilities(mtu: usize, offload: bool) -> DeviceCapabilities {
     let mut caps = DeviceCapabilities::default();
     caps.medium = Medium::Ip;
     caps.max_transmission_unit = mtu;
     caps.max_burst_size = None;
     let mut csum = ChecksumCapabilities::default();
     csum.ipv4 = Checksum::Both;
-    csum.tcp = Checksum::Both;
+    csum.tcp = Checksum::None;
     csum.udp = Checksum::Both;
     caps.checksum = csum;
+    if offload {
+        caps.segmentation.tcpv4 = NonZeroUsize::new(TSO_MAX);
+        caps.segmentation.tcpv6 = NonZeroUsize::new(TSO_MAX);
+    }
     caps
 }
 
