@@ -250,8 +250,8 @@ pub struct AttachArgs {
     #[command(flatten)]
     pub net: NetArgs,
 
-    /// PID, namespace PATH, or TAP FD.
-    #[arg(value_name = "PID|PATH|FD", required = true)]
+    /// PID, namespace PATH, or TAP FD (required unless -v/--version).
+    #[arg(value_name = "PID|PATH|FD", required_unless_present = "version")]
     pub target: Option<String>,
 
     /// TAP device name.
