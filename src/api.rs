@@ -166,7 +166,10 @@ struct Client {
 /// The API socket.
 pub struct Server {
     listener: UnixListener,
-    path: PathBuf,
+    /// The socket's directory, kept open so that the socket can be unlinked at exit even
+    /// after the sandbox has pivoted away from the host's file system.
+    dir: std::fs::File,
+    name: std::ffi::OsString,
     clients: Slab<Client>,
     listener_token: Token,
     client_base: usize,
@@ -202,13 +205,23 @@ impl Server {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(fail(e)),
         }
+        let name = path
+            .file_name()
+            .ok_or_else(|| fail(io::Error::from(io::ErrorKind::InvalidInput)))?
+            .to_owned();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = std::fs::File::open(parent).map_err(fail)?;
         let mut listener = UnixListener::bind(path).map_err(fail)?;
         registry
             .register(&mut listener, listener_token, Interest::READABLE)
             .map_err(fail)?;
         Ok(Server {
             listener,
-            path: path.to_owned(),
+            dir,
+            name,
             clients: Slab::new(),
             listener_token,
             client_base,
@@ -323,7 +336,11 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = nix::unistd::unlinkat(
+            &self.dir,
+            self.name.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
     }
 }
 
