@@ -152,8 +152,13 @@ fn macaddress_with_configure_sets_tap_mac() {
 fn disable_dns_forwarder_does_not_answer() {
     let Some(t) = Topology::new() else { return };
     let dns = DnsServer::start(&t);
+    let echo = UdpEcho::start(&t.world_ns(), any(WORLD));
     let _u = UsernetCmd::new(&t).args(["-c", "--disable-dns"]).start();
     let r = t.in_container(|| {
+        // UDP forwarding itself works...
+        let s = udp_socket(any(Ipv4Addr::UNSPECIFIED));
+        udp_roundtrip(&s, echo.addr, b"udp still works", 3).unwrap_or_else(|e| panic!("{e}"));
+        // ...but nothing answers DNS at 10.0.2.3.
         dns_udp_exchange(SocketAddrV4::new(DNS, 53), &dns_query(3, DNS_NAME, QTYPE_A))
     });
     assert!(

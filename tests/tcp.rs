@@ -61,9 +61,20 @@ fn tcp_refused_destination_gives_econnrefused() {
 #[test]
 fn tcp_unreachable_destination_fails_fast() {
     let Some(t) = Topology::new() else { return };
+    let echo = TcpServer::echo(&t.world_ns(), any(WORLD));
     let _u = UsernetCmd::new(&t).args(["-c"]).start();
-    // H has no route to 192.0.2.0/24: the guest must learn it at once, not time out.
-    t.in_container(|| assert_unreachable(SocketAddrV4::new(UNREACHABLE, 80)));
+    // C routes everything via the gateway, so the failure must come from usernet, not from
+    // C's own routing table.
+    let route = ip(&["-n", &t.container, "route", "get", "192.0.2.55"]).stdout;
+    assert!(
+        route.contains("via 10.0.2.2"),
+        "C's route to 192.0.2.55: {route}"
+    );
+    t.in_container(|| {
+        echo_once(echo.addr, b"the world is reachable");
+        // H has no route to 192.0.2.0/24: the guest must learn it at once, not time out.
+        assert_unreachable(SocketAddrV4::new(UNREACHABLE, 80));
+    });
 }
 
 #[test]
@@ -101,7 +112,15 @@ fn tcp_1000_concurrent_connections_all_freed() {
     let u = UsernetCmd::new(&t).args(["-c"]).start();
     let baseline = u.fd_count();
     let before = u.fd_targets();
-    t.in_container(|| concurrent_echo(echo.addr, 1000, 1024));
+    let mut peak = 0;
+    t.in_container(|| {
+        concurrent_echo_with(echo.addr, 1000, 1024, || peak = u.fd_count());
+    });
+    // One host socket per flow: proves we watch the right process.
+    assert!(
+        peak >= 1000,
+        "usernet held only {peak} fds with 1,000 flows open (baseline {baseline})"
+    );
     let max_open = echo.stats.max_open.load(Ordering::SeqCst);
     assert!(
         max_open >= 1000,
@@ -128,7 +147,7 @@ fn tcp_1000_concurrent_connections_all_freed() {
         u.fd_targets()
     );
     eprintln!(
-        "fd count back to {last} (baseline {baseline}) after {:.2?}",
+        "fds: baseline {baseline}, peak {peak}, back to {last} after {:.2?}",
         t0.elapsed()
     );
     assert_eq!(

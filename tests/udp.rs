@@ -3,7 +3,7 @@
 
 mod util;
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use util::*;
 
@@ -70,9 +70,9 @@ fn udp_many_distinct_flows() {
         .lock()
         .unwrap()
         .iter()
-        .map(|p| p.port())
+        .map(SocketAddr::port)
         .collect();
-    ports.sort();
+    ports.sort_unstable();
     ports.dedup();
     assert!(
         ports.len() >= FLOWS,

@@ -129,7 +129,10 @@ pub fn require(ok: bool, why: &str) -> bool {
         if ci() {
             panic!("{}: prerequisite missing under CI=true: {why}", test_name());
         }
-        eprintln!(
+        // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+        // tests, and a skip must be seen.
+        let _ = writeln!(
+            io::stderr(),
             "\n************************************************************\n\
              SKIPPED {}: {why}\n\
              (set CI=true to turn this into a failure)\n\
@@ -351,6 +354,34 @@ pub fn kill_tree(child: &mut Child) {
         let _ = nix::sys::signal::kill(Pid::from_raw(p as i32), Signal::SIGKILL);
     }
     let _ = child.wait();
+}
+
+/// A background child process; it and its descendants are SIGKILLed (by PID) on drop.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Spawns `cmd` with all standard streams closed.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let line = cmdline(&cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        ChildGuard(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawn `{line}`: {e}")),
+        )
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        kill_tree(&mut self.0);
+    }
 }
 
 /// Runs `cmd` with stdin closed and stdout/stderr captured; kills its process tree at `timeout`.
@@ -907,6 +938,13 @@ pub fn half_close_server_first(addr: SocketAddrV4, seed: u64, len: u64) -> [u8; 
 /// bytes on every one, checks every echo, then closes them all.
 #[track_caller]
 pub fn concurrent_echo(addr: SocketAddrV4, n: usize, each: usize) {
+    concurrent_echo_with(addr, n, each, || {});
+}
+
+/// [`concurrent_echo`], calling `while_open` after every echo was checked and before any
+/// connection is closed.
+#[track_caller]
+pub fn concurrent_echo_with(addr: SocketAddrV4, n: usize, each: usize, while_open: impl FnOnce()) {
     let t0 = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
@@ -932,6 +970,7 @@ pub fn concurrent_echo(addr: SocketAddrV4, n: usize, each: usize) {
             "echo on connection {i} differs"
         );
     }
+    while_open();
     for (i, s) in conns.iter_mut().enumerate() {
         s.shutdown(Shutdown::Write)
             .unwrap_or_else(|e| panic!("shutdown connection {i}: {e}"));
@@ -2000,7 +2039,7 @@ pub fn open_tap_in(ns_path: &str, name: &str) -> OwnedFd {
         req.flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: `f` is an open /dev/net/tun fd and `req` is a valid, writable struct ifreq
         // (40 bytes, C layout) that outlives the call.
-        let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) };
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &raw mut req) };
         assert!(rc == 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
         OwnedFd::from(f)
     })
