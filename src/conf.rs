@@ -193,11 +193,13 @@ pub struct NetArgs {
     #[arg(long, value_name = "ADDR|IFNAME")]
     pub outbound_addr: Option<String>,
 
-    /// Bind outbound IPv6 host sockets to this address (IPv6 is not supported yet).
+    /// Bind outbound IPv6 host sockets to this address (or this interface's address).
     #[arg(long, value_name = "ADDR|IFNAME")]
     pub outbound_addr6: Option<String>,
 
-    /// Enable IPv6 (fd00::/64, gateway fd00::2, DNS fd00::3): not supported yet.
+    /// Enable IPv6: fd00::/64 by router advertisements (SLAAC), gateway fd00::2 (the
+    /// host's ::1), DNS fd00::3; with --configure also fd00::100 and a default route.
+    /// On by default in `usernet run`.
     #[arg(short = '6', long)]
     pub enable_ipv6: bool,
 
@@ -268,6 +270,10 @@ pub struct RunArgs {
     /// MAC address of the guest's TAP.
     #[arg(long, value_name = "MAC", value_parser = parse_mac)]
     pub macaddress: Option<[u8; 6]>,
+
+    /// No IPv6 for the command (it is on by default in run mode).
+    #[arg(long, conflicts_with = "enable_ipv6")]
+    pub disable_ipv6: bool,
 
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]

@@ -19,14 +19,14 @@ mod netns;
 mod sys;
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use forwarder::nat::{NatConfig, Network};
+use forwarder::nat::{NatConfig, Network, Network6};
 use forwarder::{Config, Forwarder, Limits};
-use stack::sys::link::LinkConfig;
+use stack::sys::link::{Ipv6Link, LinkConfig};
 use stack::sys::tap::Tap;
 
 use crate::conf::{AttachArgs, Cli, Command, NetArgs, NetnsType, PortsAction, PortsArgs, RunArgs};
@@ -89,12 +89,6 @@ fn main() -> ExitCode {
 
 /// Refuses flags whose features are not implemented yet.
 fn refuse_unsupported(net: &NetArgs) -> Result<(), MainError> {
-    if net.enable_ipv6 {
-        return Err(MainError::NotSupported("--enable-ipv6"));
-    }
-    if net.outbound_addr6.is_some() {
-        return Err(MainError::NotSupported("--outbound-addr6 (IPv6)"));
-    }
     if net.enable_sandbox {
         return Err(MainError::NotSupported("--enable-sandbox"));
     }
@@ -104,7 +98,14 @@ fn refuse_unsupported(net: &NetArgs) -> Result<(), MainError> {
     Ok(())
 }
 
-fn link_config(net: &Network, mtu: u32, tap_name: &str, mac: Option<[u8; 6]>) -> LinkConfig {
+fn link_config(
+    net: &Network,
+    mtu: u32,
+    tap_name: &str,
+    mac: Option<[u8; 6]>,
+    ipv6: bool,
+) -> LinkConfig {
+    let net6 = Network6::DEFAULT;
     LinkConfig {
         name: tap_name.to_owned(),
         mtu,
@@ -112,7 +113,21 @@ fn link_config(net: &Network, mtu: u32, tap_name: &str, mac: Option<[u8; 6]>) ->
         prefix_len: net.prefix_len,
         gateway: net.gateway(),
         mac,
+        // IPv6 needs an MTU of at least 1280.
+        ipv6: (ipv6 && mtu >= 1280).then(|| Ipv6Link {
+            addr: net6.guest(),
+            prefix_len: Network6::PREFIX_LEN,
+            gateway: net6.gateway(),
+        }),
     }
+}
+
+/// What start-up decided that the forwarder needs to know.
+struct Setup {
+    /// IPv6 on the guest link.
+    ipv6: bool,
+    /// The guest's addresses are known (`--configure`, run mode).
+    configured: bool,
 }
 
 fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
@@ -126,12 +141,14 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
     } else {
         NetnsType::Path
     });
+    let ipv6 = args.net.enable_ipv6;
     let configure = args.configure.then(|| {
         link_config(
             &args.net.cidr,
             args.net.mtu,
             &args.tap_name,
             args.macaddress,
+            ipv6,
         )
     });
     let (tap, target) = match kind {
@@ -186,7 +203,11 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         api_socket: args.net.api_socket.clone(),
         publish: args.net.publish.clone(),
     };
-    let fwd = forwarder(&args.net, &tap)?;
+    let setup = Setup {
+        ipv6,
+        configured: args.configure,
+    };
+    let fwd = forwarder(&args.net, &tap, &setup)?;
     let signals = event_loop::signal_fd(false)?;
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
@@ -194,25 +215,36 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
 fn run_mode(args: RunArgs) -> Result<i32, MainError> {
     refuse_unsupported(&args.net)?;
     let net = &args.net.cidr;
+    let ipv6 = !args.disable_ipv6 && args.net.mtu >= 1280;
     let resolv_conf = if args.net.disable_dns {
         // Keep the host's resolvers out of reach as asked; the command gets none.
         String::new()
+    } else if ipv6 {
+        format!(
+            "nameserver {}\nnameserver {}\n",
+            net.dns(),
+            Network6::DEFAULT.dns()
+        )
     } else {
         format!("nameserver {}\n", net.dns())
     };
     // Validate everything that can fail before the command is started.
     let nameservers = nameservers(&args.net);
-    let outbound = outbound_v4(&args.net)?;
+    let outbound = outbound_addrs(&args.net)?;
     let spec = RunSpec {
         cmd: args.command.clone(),
         tap_name: "tap0".into(),
         vnet_hdr: true,
-        link: link_config(net, args.net.mtu, "tap0", args.macaddress),
+        link: link_config(net, args.net.mtu, "tap0", args.macaddress, ipv6),
         resolv_conf,
     };
     let mut child = netns::spawn_run(&spec)?;
     let signals = event_loop::signal_fd(true)?;
-    let fwd = forwarder_with(&args.net, &child.tap, nameservers, outbound);
+    let setup = Setup {
+        ipv6,
+        configured: true,
+    };
+    let fwd = forwarder_with(&args.net, &child.tap, nameservers, outbound, &setup);
     child.release()?;
     let extras = Extras {
         exit_fd: None,
@@ -295,50 +327,77 @@ fn nameservers(net: &NetArgs) -> Vec<std::net::SocketAddr> {
     }
 }
 
-/// `--outbound-addr`: an IPv4 address, or the first IPv4 address of an interface.
-fn outbound_v4(net: &NetArgs) -> Result<Option<Ipv4Addr>, MainError> {
-    let Some(spec) = &net.outbound_addr else {
-        return Ok(None);
+/// `--outbound-addr` and `--outbound-addr6`.
+fn outbound_addrs(net: &NetArgs) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), MainError> {
+    let v4 = match &net.outbound_addr {
+        None => None,
+        Some(spec) => match outbound_addr(spec, "--outbound-addr", false)? {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        },
     };
+    let v6 = match &net.outbound_addr6 {
+        None => None,
+        Some(spec) => match outbound_addr(spec, "--outbound-addr6", true)? {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        },
+    };
+    Ok((v4, v6))
+}
+
+/// An address of the wanted family, or the first such address of an interface (for
+/// IPv6, not a link-local one).
+fn outbound_addr(spec: &str, flag: &str, v6: bool) -> Result<IpAddr, MainError> {
+    let family = if v6 { "IPv6" } else { "IPv4" };
     if let Ok(ip) = spec.parse::<IpAddr>() {
-        return match ip {
-            IpAddr::V4(v4) => Ok(Some(v4)),
-            IpAddr::V6(_) => Err(MainError::Usage(format!(
-                "--outbound-addr takes an IPv4 address, not {spec}"
-            ))),
-        };
+        if ip.is_ipv6() != v6 {
+            return Err(MainError::Usage(format!(
+                "{flag} takes an {family} address, not {spec}"
+            )));
+        }
+        return Ok(ip);
     }
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| MainError::Io {
         what: "cannot list interfaces".into(),
         source: e.into(),
     })?;
-    for ifa in addrs {
-        if ifa.interface_name != *spec {
+    for ifa in addrs.filter(|ifa| ifa.interface_name == spec) {
+        let Some(addr) = ifa.address.as_ref() else {
             continue;
+        };
+        if let (false, Some(sin)) = (v6, addr.as_sockaddr_in()) {
+            return Ok(IpAddr::V4(sin.ip()));
         }
-        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
-            return Ok(Some(sin.ip()));
+        if let (true, Some(sin6)) = (v6, addr.as_sockaddr_in6()) {
+            let ip = sin6.ip();
+            if ip.segments()[0] & 0xffc0 != 0xfe80 {
+                return Ok(IpAddr::V6(ip));
+            }
         }
     }
     Err(MainError::Usage(format!(
-        "--outbound-addr {spec}: no such IPv4 address or interface with one"
+        "{flag} {spec}: no such {family} address or interface with one"
     )))
 }
 
-fn forwarder(net: &NetArgs, tap: &Tap) -> Result<Forwarder, MainError> {
-    let outbound = outbound_v4(net)?;
-    Ok(forwarder_with(net, tap, nameservers(net), outbound))
+fn forwarder(net: &NetArgs, tap: &Tap, setup: &Setup) -> Result<Forwarder, MainError> {
+    let outbound = outbound_addrs(net)?;
+    Ok(forwarder_with(net, tap, nameservers(net), outbound, setup))
 }
 
 fn forwarder_with(
     net: &NetArgs,
     tap: &Tap,
     nameservers: Vec<std::net::SocketAddr>,
-    outbound: Option<Ipv4Addr>,
+    outbound: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    setup: &Setup,
 ) -> Forwarder {
+    let net6 = setup.ipv6.then_some(Network6::DEFAULT);
     let cfg = Config {
         nat: NatConfig {
             net: net.cidr,
+            net6,
             host_loopback: !net.disable_host_loopback,
             nameservers,
         },
@@ -346,7 +405,10 @@ fn forwarder_with(
         mtu: net.mtu as usize,
         vnet_hdr_len: tap.vnet_hdr_len(),
         offload: enable_offloads(tap),
-        outbound_v4: outbound,
+        outbound_v4: outbound.0,
+        outbound_v6: outbound.1,
+        guest_v4: setup.configured.then(|| net.cidr.guest()),
+        guest_v6: net6.filter(|_| setup.configured).map(|n| n.guest()),
         tcp_buffer: 256 * 1024,
         udp_idle: smoltcp::time::Duration::from_secs(60),
         limits: Limits::default(),

@@ -987,6 +987,7 @@ mod tests {
             prefix_len: 24,
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             mac: Some([0x02, 0x50, 0x00, 0x00, 0x00, 0x01]),
+            ipv6: None,
         }
     }
 

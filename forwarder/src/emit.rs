@@ -1,4 +1,4 @@
-//! Building IPv4 packets for the guest straight into the transmit queue.
+//! Building IP packets for the guest straight into the transmit queue.
 //!
 //! Used for everything that does not come out of smoltcp: UDP datagrams, ICMP replies
 //! and errors, DHCP. The payload is written first (often by a `recv()` straight into the
@@ -6,8 +6,8 @@
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    EthernetAddress, EthernetProtocol, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, UdpPacket,
-    UdpRepr,
+    EthernetAddress, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet,
+    Ipv6Repr, UdpPacket, UdpRepr,
 };
 use stack::l2::L2;
 use stack::txq::TxQueue;
@@ -15,6 +15,8 @@ use stack::vnet::VnetRepr;
 
 /// IPv4 header length of every packet we build (no options).
 pub const IPV4_HEADER_LEN: usize = 20;
+/// IPv6 header length (we build no extension headers).
+pub const IPV6_HEADER_LEN: usize = 40;
 /// UDP header length.
 pub const UDP_HEADER_LEN: usize = 8;
 
@@ -25,26 +27,34 @@ pub enum EmitError {
     QueueFull,
     /// The guest's MAC address is not known yet.
     NoNeighbor,
-    /// The payload builder gave up (e.g. nothing to read).
+    /// The payload builder gave up (e.g. nothing to read), or the addresses mix families.
     Empty,
     /// The payload does not fit the guest MTU.
     TooBig,
 }
 
-/// Builds an IPv4 packet from `src` to `dst` in the next queue slot. `payload` gets the
-/// rest of the slot (so that a `recv()` into it sees whole datagrams) and returns how much
-/// it wrote, or `None` to abandon the packet; more than `mtu - 20` bytes is
-/// [`EmitError::TooBig`]. `dst_mac` overrides the guest's learned MAC address.
+/// Length of the IP header we build for `addr`'s family.
+pub fn ip_header_len(addr: &IpAddress) -> usize {
+    match addr {
+        IpAddress::Ipv4(_) => IPV4_HEADER_LEN,
+        IpAddress::Ipv6(_) => IPV6_HEADER_LEN,
+    }
+}
+
+/// Builds an IP packet (IPv4 or IPv6, after `src`/`dst`) in the next queue slot.
+/// `payload` gets the rest of the slot (so that a `recv()` into it sees whole datagrams)
+/// and returns how much it wrote, or `None` to abandon the packet; more than the MTU
+/// allows is [`EmitError::TooBig`]. `dst_mac` overrides the guest's learned MAC address.
 ///
 /// # Errors
 /// [`EmitError`] when nothing was queued.
 #[allow(clippy::too_many_arguments)]
-pub fn ipv4(
+pub fn ip(
     l2: &L2,
     txq: &mut TxQueue,
     mtu: usize,
-    src: Ipv4Address,
-    dst: Ipv4Address,
+    src: IpAddress,
+    dst: IpAddress,
     protocol: IpProtocol,
     dst_mac: Option<EthernetAddress>,
     payload: impl FnOnce(&mut [u8]) -> Option<usize>,
@@ -53,32 +63,54 @@ pub fn ipv4(
         return Err(EmitError::NoNeighbor);
     }
     let hdr = l2.header_len();
+    let ip_len = ip_header_len(&src);
     let slot = txq.slot().ok_or(EmitError::QueueFull)?;
-    let Some(len) = payload(&mut slot[hdr + IPV4_HEADER_LEN..]) else {
+    let Some(len) = payload(&mut slot[hdr + ip_len..]) else {
         return Err(EmitError::Empty);
     };
-    if IPV4_HEADER_LEN + len > mtu {
+    if ip_len + len > mtu {
         return Err(EmitError::TooBig);
     }
-    let repr = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: protocol,
-        payload_len: len,
-        hop_limit: 64,
+    let total = ip_len + len;
+    let ethertype = match (src, dst) {
+        (IpAddress::Ipv4(src_addr), IpAddress::Ipv4(dst_addr)) => {
+            let repr = Ipv4Repr {
+                src_addr,
+                dst_addr,
+                next_header: protocol,
+                payload_len: len,
+                hop_limit: 64,
+            };
+            repr.emit(
+                &mut Ipv4Packet::new_unchecked(&mut slot[hdr..hdr + total]),
+                &ChecksumCapabilities::default(),
+            );
+            EthernetProtocol::Ipv4
+        }
+        (IpAddress::Ipv6(src_addr), IpAddress::Ipv6(dst_addr)) => {
+            let repr = Ipv6Repr {
+                src_addr,
+                dst_addr,
+                next_header: protocol,
+                payload_len: len,
+                hop_limit: if protocol == IpProtocol::Icmpv6 {
+                    255
+                } else {
+                    64
+                },
+            };
+            repr.emit(&mut Ipv6Packet::new_unchecked(&mut slot[hdr..hdr + total]));
+            EthernetProtocol::Ipv6
+        }
+        _ => return Err(EmitError::Empty),
     };
-    let total = IPV4_HEADER_LEN + len;
-    repr.emit(
-        &mut Ipv4Packet::new_unchecked(&mut slot[hdr..hdr + total]),
-        &ChecksumCapabilities::default(),
-    );
-    l2.write_headers(slot, EthernetProtocol::Ipv4, &VnetRepr::PLAIN, dst_mac);
+    l2.write_headers(slot, ethertype, &VnetRepr::PLAIN, dst_mac);
     txq.commit(hdr + total);
     Ok(total)
 }
 
 /// Builds a UDP datagram: `data` writes the UDP payload in place and returns its
-/// length; more than `mtu - 28` bytes is [`EmitError::TooBig`].
+/// length; more than the MTU allows is [`EmitError::TooBig`].
 ///
 /// # Errors
 /// [`EmitError`] when nothing was queued.
@@ -87,12 +119,12 @@ pub fn udp(
     l2: &L2,
     txq: &mut TxQueue,
     mtu: usize,
-    src: (Ipv4Address, u16),
-    dst: (Ipv4Address, u16),
+    src: (IpAddress, u16),
+    dst: (IpAddress, u16),
     dst_mac: Option<EthernetAddress>,
     data: impl FnOnce(&mut [u8]) -> Option<usize>,
 ) -> Result<usize, EmitError> {
-    ipv4(
+    ip(
         l2,
         txq,
         mtu,
@@ -109,8 +141,8 @@ pub fn udp(
             let mut packet = UdpPacket::new_unchecked(&mut area[..UDP_HEADER_LEN + n]);
             repr.emit(
                 &mut packet,
-                &src.0.into(),
-                &dst.0.into(),
+                &src.0,
+                &dst.0,
                 n,
                 |_| {},
                 &ChecksumCapabilities::default(),
@@ -123,6 +155,7 @@ pub fn udp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smoltcp::wire::Ipv4Address;
 
     #[test]
     fn udp_datagram_checks_out_with_etherparse() {
@@ -135,8 +168,8 @@ mod tests {
             &l2,
             &mut q,
             1500,
-            (gw, 53),
-            (guest, 4000),
+            (gw.into(), 53),
+            (guest.into(), 4000),
             Some(mac),
             |buf| {
                 buf[..5].copy_from_slice(b"hello");
@@ -170,15 +203,16 @@ mod tests {
         let gw = Ipv4Address::new(10, 0, 2, 2);
         let l2 = L2::new(L2::mac_for(gw), [gw, gw], 0);
         let mut q = TxQueue::new(1, 2048);
-        let guest = (Ipv4Address::new(10, 0, 2, 100), 1);
+        let guest = (Ipv4Address::new(10, 0, 2, 100).into(), 1);
+        let gw_ep = (IpAddress::from(gw), 1);
         assert_eq!(
-            udp(&l2, &mut q, 1500, (gw, 1), guest, None, |_| Some(0)),
+            udp(&l2, &mut q, 1500, gw_ep, guest, None, |_| Some(0)),
             Err(EmitError::NoNeighbor)
         );
         let mac = Some(EthernetAddress([2, 0, 0, 0, 0, 1]));
-        udp(&l2, &mut q, 1500, (gw, 1), guest, mac, |_| Some(0)).unwrap();
+        udp(&l2, &mut q, 1500, gw_ep, guest, mac, |_| Some(0)).unwrap();
         assert_eq!(
-            udp(&l2, &mut q, 1500, (gw, 1), guest, mac, |_| Some(0)),
+            udp(&l2, &mut q, 1500, gw_ep, guest, mac, |_| Some(0)),
             Err(EmitError::QueueFull)
         );
     }

@@ -37,6 +37,7 @@ pub mod dns;
 pub mod emit;
 pub mod icmp;
 pub mod nat;
+pub mod ndp;
 pub mod port;
 pub mod tcp;
 pub mod timer;
@@ -44,14 +45,17 @@ pub mod udp;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use mio::Token;
 use slab::Slab;
 use smoltcp::iface::{Interface, SocketSet};
 use smoltcp::phy::{ChecksumCapabilities, DeviceCapabilities};
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpPacket};
+use smoltcp::wire::{
+    IpAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet,
+    Ipv6Repr, TcpPacket,
+};
 use stack::device::GuestDevice;
 use stack::l2::{Ingress, L2Drop, L2};
 use stack::txq::TxQueue;
@@ -120,6 +124,15 @@ pub struct Config {
     pub offload: bool,
     /// Source address for IPv4 host sockets (`--outbound-addr`).
     pub outbound_v4: Option<Ipv4Addr>,
+    /// Source address for IPv6 host sockets (`--outbound-addr6`).
+    pub outbound_v6: Option<Ipv6Addr>,
+    /// The guest's IPv4 address when it is known in advance (`--configure`): usernet
+    /// asks for its MAC address at start, so that published ports work before the guest
+    /// has sent anything.
+    pub guest_v4: Option<Ipv4Addr>,
+    /// The guest's IPv6 address when it is known in advance (`--configure`); otherwise
+    /// learned from the guest's traffic. Published ports reach the guest there.
+    pub guest_v6: Option<Ipv6Addr>,
     /// Bytes of smoltcp buffer per TCP flow and direction.
     pub tcp_buffer: usize,
     /// UDP flows are closed after this long without traffic.
@@ -147,6 +160,11 @@ pub struct Counters {
     pub drop_ipv4_malformed: u64,
     pub drop_ipv4_fragment: u64,
     pub drop_ipv6: u64,
+    pub drop_ipv6_malformed: u64,
+    pub drop_ipv6_ext: u64,
+    pub arp_probes: u64,
+    pub ndp_adverts: u64,
+    pub ndp_router_adverts: u64,
     pub drop_bad_source: u64,
     pub drop_protocol: u64,
     pub drop_tcp_malformed: u64,
@@ -193,7 +211,7 @@ impl Link {
         txq: &'a mut TxQueue,
         caps: &'a DeviceCapabilities,
         rx: Option<&'a [u8]>,
-        guest: Ipv4Address,
+        guest: IpAddress,
     ) -> GuestDevice<'a> {
         GuestDevice::new(rx, l2, txq, caps, Some(guest))
     }
@@ -223,9 +241,9 @@ impl Link {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// The guest's address and port (or ICMP identifier).
-    pub guest: (Ipv4Address, u16),
+    pub guest: (IpAddress, u16),
     /// The destination as the guest addressed it.
-    pub remote: (Ipv4Address, u16),
+    pub remote: (IpAddress, u16),
 }
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -245,6 +263,16 @@ impl Flow {
             Flow::UdpIn(f) => Some(&mut f.timer),
             Flow::Icmp(f) => Some(&mut f.timer),
             Flow::Port(_) => None,
+        }
+    }
+}
+
+/// Our address of `addr`'s family that reports errors: the gateway.
+fn gateway_for(nat: &NatConfig, addr: &IpAddress) -> IpAddress {
+    match addr {
+        IpAddress::Ipv4(_) => IpAddress::Ipv4(nat.net.gateway()),
+        IpAddress::Ipv6(_) => {
+            IpAddress::Ipv6(nat.net6.map_or(nat::ROUTER_LINK_LOCAL, |n| n.gateway()))
         }
     }
 }
@@ -269,6 +297,12 @@ pub struct Forwarder {
     next_port_id: u32,
     /// Receive buffer for datagrams of published UDP ports.
     scratch: Box<[u8]>,
+    /// The guest's global IPv6 address, configured or learned.
+    guest_v6: Option<Ipv6Address>,
+    /// When the next unsolicited router advertisement is due (IPv6 enabled).
+    next_ra: Option<Instant>,
+    /// Unsolicited router advertisements sent so far.
+    ra_sent: u32,
 }
 
 /// Frames queued for the guest: room for a burst of full-size segments.
@@ -286,15 +320,13 @@ impl Forwarder {
         let slot = cfg.vnet_hdr_len + stack::l2::ETHERNET_HEADER_LEN + 65536;
         let mut txq = TxQueue::new(TXQ_SLOTS, slot);
         let caps = stack::iface::capabilities(cfg.mtu, cfg.offload);
-        let iface = stack::iface::interface(
-            now,
-            &caps,
-            &mut l2,
-            &mut txq,
-            gateway,
-            net.prefix_len,
-            cfg.seed,
-        );
+        let mut addrs = vec![IpCidr::new(IpAddress::Ipv4(gateway), net.prefix_len)];
+        if let Some(net6) = cfg.nat.net6 {
+            let gw6 = Ipv6Address::from(net6.gateway());
+            addrs.push(IpCidr::new(IpAddress::Ipv6(gw6), nat::Network6::PREFIX_LEN));
+        }
+        let iface = stack::iface::interface(now, &caps, &mut l2, &mut txq, &addrs, cfg.seed);
+        let (cfg_net6, cfg_guest_v6) = (cfg.nat.net6, cfg.guest_v6.map(Ipv6Address::from));
         let dhcp = dhcp::DhcpServer::new(dhcp::DhcpConfig {
             server: net.gateway(),
             prefix_len: net.prefix_len,
@@ -317,7 +349,7 @@ impl Forwarder {
             tcp_map: HashMap::new(),
             udp_map: HashMap::new(),
             icmp_map: HashMap::new(),
-            timers: timer::Timers::default(),
+            timers: timer::Timers::new(),
             dirty: Vec::new(),
             no_flow: SocketSet::new(Vec::new()),
             dhcp,
@@ -332,12 +364,20 @@ impl Forwarder {
             ports: std::collections::BTreeMap::new(),
             next_port_id: 1,
             scratch: vec![0u8; 65536].into_boxed_slice(),
+            guest_v6: cfg_guest_v6,
+            next_ra: cfg_net6.map(|_| now),
+            ra_sent: 0,
         }
     }
 
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Entries in the timer heap (stale ones included): a diagnostic.
+    pub fn timer_entries(&self) -> usize {
+        self.timers.len()
     }
 
     /// Open flows by protocol: (tcp, udp, icmp).
@@ -355,7 +395,13 @@ impl Forwarder {
         let c = &mut self.counters;
         match self.link.l2.handle_frame(frame, &mut self.link.txq) {
             Ok(Ingress::Ipv4(ip, vnet)) => self.handle_ipv4(now, ip, &vnet, io),
-            Ok(Ingress::Ipv6(..)) => c.drop_ipv6 += 1,
+            Ok(Ingress::Ipv6(ip, vnet)) => {
+                if self.cfg.nat.net6.is_some() {
+                    self.handle_ipv6(now, ip, &vnet, io);
+                } else {
+                    c.drop_ipv6 += 1;
+                }
+            }
             Ok(Ingress::Consumed) => {}
             Err(L2Drop::Truncated) => c.drop_truncated += 1,
             Err(L2Drop::NotForUs) => c.drop_not_for_us += 1,
@@ -393,19 +439,124 @@ impl Forwarder {
             && src != net.gateway()
             && src != net.dns()
             && src != net.broadcast();
-        match repr.next_header {
-            IpProtocol::Udp => {
-                if udp::is_dhcp_request(&repr, payload) {
-                    self.handle_dhcp(now, payload);
-                } else if valid_source {
-                    self.handle_udp(now, &repr, ip, payload, verify, io);
-                } else {
-                    self.counters.drop_bad_source += 1;
+        if repr.next_header == IpProtocol::Udp && udp::is_dhcp_request(&repr, payload) {
+            self.handle_dhcp(now, payload);
+            return;
+        }
+        if !valid_source {
+            self.counters.drop_bad_source += 1;
+            return;
+        }
+        let (src, dst) = (
+            IpAddress::Ipv4(repr.src_addr),
+            IpAddress::Ipv4(repr.dst_addr),
+        );
+        self.handle_l4(now, src, dst, repr.next_header, ip, payload, verify, io);
+    }
+
+    fn handle_ipv6(&mut self, now: Instant, ip: &[u8], vnet: &VnetRepr, io: &mut Io<'_>) {
+        let verify = vnet.flags & (vnet::FLAG_NEEDS_CSUM | vnet::FLAG_DATA_VALID) == 0;
+        let Ok(packet) = Ipv6Packet::new_checked(ip) else {
+            self.counters.drop_ipv6_malformed += 1;
+            return;
+        };
+        let Ok(repr) = Ipv6Repr::parse(&packet) else {
+            self.counters.drop_ipv6_malformed += 1;
+            return;
+        };
+        let Some(net6) = self.cfg.nat.net6 else {
+            return;
+        };
+        let ip = &ip[..emit::IPV6_HEADER_LEN + repr.payload_len];
+        let payload = packet.payload();
+        let (src, dst) = (
+            IpAddress::Ipv6(repr.src_addr),
+            IpAddress::Ipv6(repr.dst_addr),
+        );
+        if repr.next_header == IpProtocol::Icmpv6 {
+            // Neighbor discovery comes from link-local or unspecified sources.
+            match icmp::parse_v6(&src, &dst, payload) {
+                None => self.counters.drop_icmp_malformed += 1,
+                Some(icmp::Message::NeighborSolicit) => {
+                    if ndp::answer_solicitation(&mut self.link, &net6, repr.src_addr, payload) {
+                        self.counters.ndp_adverts += 1;
+                    }
                 }
+                Some(icmp::Message::RouterSolicit) => {
+                    let to = if repr.src_addr.is_unspecified() {
+                        ndp::ALL_NODES
+                    } else {
+                        repr.src_addr
+                    };
+                    if ndp::advertise(&mut self.link, &net6, self.cfg.dns_enabled, to) {
+                        self.counters.ndp_router_adverts += 1;
+                    }
+                }
+                Some(msg @ icmp::Message::Echo(_)) => {
+                    if self.valid_source_v6(&net6, repr.src_addr) {
+                        self.handle_icmp(now, src, dst, ip, payload, msg, io);
+                    } else {
+                        self.counters.drop_bad_source += 1;
+                    }
+                }
+                Some(icmp::Message::Other) => self.counters.icmp_ignored += 1,
             }
-            _ if !valid_source => self.counters.drop_bad_source += 1,
-            IpProtocol::Tcp => self.handle_tcp(now, &repr, ip, payload, verify, io),
-            IpProtocol::Icmp => self.handle_icmp(now, &repr, ip, payload, io),
+            return;
+        }
+        if !self.valid_source_v6(&net6, repr.src_addr) {
+            self.counters.drop_bad_source += 1;
+            return;
+        }
+        if self.guest_v6 != Some(repr.src_addr) {
+            self.guest_v6 = Some(repr.src_addr);
+        }
+        match repr.next_header {
+            IpProtocol::Tcp | IpProtocol::Udp => {
+                self.handle_l4(now, src, dst, repr.next_header, ip, payload, verify, io);
+            }
+            // Extension headers (hop-by-hop of MLD, fragments, ...) are not handled.
+            _ => self.counters.drop_ipv6_ext += 1,
+        }
+    }
+
+    /// A guest source address for flows: in the /64, not one of ours.
+    fn valid_source_v6(&self, net6: &nat::Network6, src: Ipv6Address) -> bool {
+        let a = Ipv6Addr::from(src);
+        net6.contains(a) && a != net6.gateway() && a != net6.dns() && a != net6.prefix
+    }
+
+    /// Our address of `addr`'s family that reports errors: the gateway.
+    fn gateway_for(&self, addr: &IpAddress) -> IpAddress {
+        gateway_for(&self.cfg.nat, addr)
+    }
+
+    /// Host socket source address for a destination of `addr`'s family.
+    fn outbound_for(&self, addr: &IpAddr) -> Option<IpAddr> {
+        icmp::outbound_for(addr, self.cfg.outbound_v4, self.cfg.outbound_v6)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_l4(
+        &mut self,
+        now: Instant,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: IpProtocol,
+        ip: &[u8],
+        payload: &[u8],
+        verify: bool,
+        io: &mut Io<'_>,
+    ) {
+        match proto {
+            IpProtocol::Udp => self.handle_udp(now, src, dst, ip, payload, verify, io),
+            IpProtocol::Tcp => self.handle_tcp(now, src, dst, ip, payload, verify, io),
+            IpProtocol::Icmp => match icmp::parse_v4(payload) {
+                None => self.counters.drop_icmp_malformed += 1,
+                Some(msg @ icmp::Message::Echo(_)) => {
+                    self.handle_icmp(now, src, dst, ip, payload, msg, io)
+                }
+                Some(_) => self.counters.icmp_ignored += 1,
+            },
             _ => self.counters.drop_protocol += 1,
         }
     }
@@ -436,8 +587,8 @@ impl Forwarder {
             &self.link.l2,
             &mut self.link.txq,
             self.link.mtu,
-            (gateway, 67),
-            (Ipv4Address::from(reply.dst_ip), 68),
+            (gateway.into(), 67),
+            (Ipv4Address::from(reply.dst_ip).into(), 68),
             Some(reply.dst_mac),
             |_| Some(reply.len),
         );
@@ -447,10 +598,12 @@ impl Forwarder {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn handle_tcp(
         &mut self,
         now: Instant,
-        repr: &Ipv4Repr,
+        src: IpAddress,
+        dst: IpAddress,
         ip: &[u8],
         payload: &[u8],
         verify: bool,
@@ -460,13 +613,13 @@ impl Forwarder {
             self.counters.drop_tcp_malformed += 1;
             return;
         };
-        if verify && !segment.verify_checksum(&repr.src_addr.into(), &repr.dst_addr.into()) {
+        if verify && !segment.verify_checksum(&src, &dst) {
             self.counters.drop_bad_checksum += 1;
             return;
         }
         let key = FlowKey {
-            guest: (repr.src_addr, segment.src_port()),
-            remote: (repr.dst_addr, segment.dst_port()),
+            guest: (src, segment.src_port()),
+            remote: (dst, segment.dst_port()),
         };
         if let Some(&id) = self.tcp_map.get(&key) {
             if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
@@ -477,14 +630,14 @@ impl Forwarder {
         }
         if !(segment.syn() && !segment.ack() && !segment.rst()) {
             self.counters.tcp_stray_segments += 1;
-            self.reset_stray(now, repr.src_addr, ip);
+            self.reset_stray(now, src, ip);
             return;
         }
         self.open_tcp(now, key, ip, io);
     }
 
     /// Lets smoltcp answer a segment that belongs to no flow: a RST, as a host would.
-    fn reset_stray(&mut self, now: Instant, guest: Ipv4Address, ip: &[u8]) {
+    fn reset_stray(&mut self, now: Instant, guest: IpAddress, ip: &[u8]) {
         let l = &mut self.link;
         let mut dev = Link::device(&mut l.l2, &mut l.txq, &l.caps, Some(ip), guest);
         l.iface
@@ -507,13 +660,13 @@ impl Forwarder {
                 return;
             }
         };
+        let opts = tcp::OpenOptions {
+            outbound: self.outbound_for(&target.ip()),
+            buffer: self.cfg.tcp_buffer,
+        };
         let entry = self.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
-        let opts = tcp::OpenOptions {
-            outbound: self.cfg.outbound_v4,
-            buffer: self.cfg.tcp_buffer,
-        };
         match tcp::TcpFlow::open(key, target, ip, &opts, io.registry, token) {
             Ok(mut flow) => {
                 flow.ingress(now, &mut self.link, ip);
@@ -529,7 +682,8 @@ impl Forwarder {
             }
             Err(tcp::OpenError::Unreachable(code)) => {
                 self.counters.tcp_unreachable += 1;
-                icmp::emit_unreachable(&mut self.link, self.cfg.nat.net.gateway().into(), code, ip);
+                let gw = self.gateway_for(&key.remote.0);
+                icmp::emit_unreachable(&mut self.link, gw, code, ip);
             }
             Err(tcp::OpenError::Local(e)) => {
                 log::debug!("cannot open host socket for {:?}: {e}", key.remote);
@@ -539,16 +693,18 @@ impl Forwarder {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn handle_udp(
         &mut self,
         now: Instant,
-        repr: &Ipv4Repr,
+        src: IpAddress,
+        dst: IpAddress,
         ip: &[u8],
         payload: &[u8],
         verify: bool,
         io: &mut Io<'_>,
     ) {
-        let Some((key, data)) = udp::parse(repr, payload, verify) else {
+        let Some((key, data)) = udp::parse(&src, &dst, payload, verify) else {
             self.counters.drop_udp_malformed += 1;
             return;
         };
@@ -603,10 +759,11 @@ impl Forwarder {
                 return None;
             }
         };
+        let outbound = self.outbound_for(&target.ip());
         let entry = self.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
-        match udp::UdpFlow::open(now, key, target, self.cfg.outbound_v4, io.registry, token) {
+        match udp::UdpFlow::open(now, key, target, outbound, io.registry, token) {
             Ok(flow) => {
                 entry.insert(Flow::Udp(flow));
                 self.udp_map.insert(key, id);
@@ -625,37 +782,38 @@ impl Forwarder {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn handle_icmp(
         &mut self,
         now: Instant,
-        repr: &Ipv4Repr,
+        src: IpAddress,
+        dst: IpAddress,
         ip: &[u8],
         payload: &[u8],
+        msg: icmp::Message,
         io: &mut Io<'_>,
     ) {
-        let Some(echo) = icmp::parse_echo_request(payload) else {
-            self.counters.drop_icmp_malformed += 1;
-            return;
-        };
-        let Some(echo) = echo else {
+        let icmp::Message::Echo(ident) = msg else {
             self.counters.icmp_ignored += 1;
             return;
         };
-        let net = self.cfg.nat.net;
-        let dst = Ipv4Addr::from(repr.dst_addr);
-        if dst == net.gateway() || dst == net.dns() {
-            if icmp::emit_echo_reply(&mut self.link, repr.dst_addr, repr.src_addr, payload) {
+        let ours = match dst {
+            IpAddress::Ipv4(d) => d == self.cfg.nat.net.gateway() || d == self.cfg.nat.net.dns(),
+            IpAddress::Ipv6(d) => self.cfg.nat.net6.is_some_and(|n| ndp::ours(&n, &d)),
+        };
+        if ours {
+            if icmp::emit_echo_reply(&mut self.link, dst, src, payload) {
                 self.counters.icmp_echo_local += 1;
             }
             return;
         }
-        if self.cfg.nat.translate(dst, 0).is_err() {
+        if self.cfg.nat.translate(dst.into(), 0).is_err() {
             self.counters.icmp_denied += 1;
             return;
         }
         let key = FlowKey {
-            guest: (repr.src_addr, echo.ident),
-            remote: (repr.dst_addr, 0),
+            guest: (src, ident),
+            remote: (dst, 0),
         };
         let id = match self.icmp_map.get(&key) {
             Some(&id) => id,
@@ -664,10 +822,11 @@ impl Forwarder {
                     self.counters.icmp_denied += 1;
                     return;
                 }
+                let outbound = self.outbound_for(&dst.into());
                 let entry = self.flows.vacant_entry();
                 let id = entry.key();
                 let token = Token(FLOW_TOKEN_BASE + id);
-                match icmp::IcmpFlow::open(now, key, self.cfg.outbound_v4, io.registry, token) {
+                match icmp::IcmpFlow::open(now, key, outbound, io.registry, token) {
                     Ok(flow) => {
                         entry.insert(Flow::Icmp(flow));
                         self.icmp_map.insert(key, id);
@@ -682,7 +841,7 @@ impl Forwarder {
                         // Never fake a reply: tell the guest the echo cannot pass.
                         log::debug!("cannot open ping socket: {e}");
                         self.counters.icmp_denied += 1;
-                        let gw = net.gateway().into();
+                        let gw = self.gateway_for(&dst);
                         icmp::emit_unreachable(
                             &mut self.link,
                             gw,
@@ -749,8 +908,25 @@ impl Forwarder {
         self.dirty.push(id);
     }
 
-    /// Services the flows whose timers are due.
+    /// Services the flows whose timers are due, sends router advertisements and asks
+    /// for the guest's MAC address while it is unknown.
     pub fn handle_timeouts(&mut self, now: Instant, io: &mut Io<'_>) {
+        if let (Some(at), Some(net6)) = (self.next_ra, self.cfg.nat.net6) {
+            if now >= at {
+                if ndp::advertise(&mut self.link, &net6, self.cfg.dns_enabled, ndp::ALL_NODES) {
+                    self.counters.ndp_router_adverts += 1;
+                }
+                self.next_ra = Some(ndp::next_advert(now, self.ra_sent));
+                self.ra_sent = self.ra_sent.saturating_add(1);
+            }
+        }
+        if let (None, Some(guest)) = (self.link.l2.guest_mac(), self.cfg.guest_v4) {
+            let before = self.link.l2.counters.arp_probes;
+            self.link
+                .l2
+                .probe_guest(now, guest.into(), &mut self.link.txq);
+            self.counters.arp_probes += self.link.l2.counters.arp_probes - before;
+        }
         while let Some((at, id)) = self.timers.pop_due(now) {
             let Some(flow) = self.flows.get_mut(id) else {
                 continue;
@@ -834,7 +1010,7 @@ impl Forwarder {
                     tcp::Status::Alive(None) => {}
                     tcp::Status::Unreachable(code) => {
                         self.counters.tcp_unreachable += 1;
-                        let gw = self.cfg.nat.net.gateway().into();
+                        let gw = gateway_for(&self.cfg.nat, &flow.key.remote.0);
                         icmp::emit_unreachable(&mut self.link, gw, code, flow.syn());
                         self.close_flow(id, io);
                     }
@@ -951,18 +1127,30 @@ impl Forwarder {
             .collect()
     }
 
-    /// The guest-side source for a published-port client: its own address where the
-    /// guest can route back to it, else the gateway with a port free for `guest`.
-    fn map_client(
+    /// The two ends of a published-port flow for `client`: the guest end (the rule's
+    /// IPv4 target, or the guest's IPv6 address for an IPv6 client when the guest has
+    /// one) and the source the guest sees (the client itself where the guest can route
+    /// back to it, else the gateway, with a port free for that guest end).
+    fn inbound_ends(
         &self,
         client: std::net::SocketAddr,
-        guest: (Ipv4Address, u16),
+        rule_guest: std::net::SocketAddrV4,
         tcp: bool,
-    ) -> (Ipv4Address, u16) {
-        if let Some(v4) = port::routable_client(client, &self.cfg.nat.net) {
-            return (Ipv4Address::from(*v4.ip()), v4.port());
+    ) -> ((IpAddress, u16), (IpAddress, u16)) {
+        let net6 = self.cfg.nat.net6;
+        let guest = match (client, net6, self.guest_v6) {
+            (std::net::SocketAddr::V6(_), Some(_), Some(g6)) => {
+                (IpAddress::Ipv6(g6), rule_guest.port())
+            }
+            _ => (IpAddress::Ipv4(*rule_guest.ip()), rule_guest.port()),
+        };
+        if let Some(c) = port::routable_client(client, &self.cfg.nat.net, net6.as_ref()) {
+            let ip = IpAddress::from(c.ip());
+            if std::mem::discriminant(&ip) == std::mem::discriminant(&guest.0) {
+                return (guest, (ip, c.port()));
+            }
         }
-        let gw = Ipv4Address::from(self.cfg.nat.net.gateway());
+        let gw = self.gateway_for(&guest.0);
         let map = if tcp { &self.tcp_map } else { &self.udp_map };
         let mut p = client.port().max(1024);
         for _ in 0..64 {
@@ -974,7 +1162,7 @@ impl Forwarder {
             }
             p = if p == u16::MAX { 1024 } else { p + 1 };
         }
-        (gw, p)
+        (guest, (gw, p))
     }
 
     fn port_ready(&mut self, now: Instant, id: usize, io: &mut Io<'_>) {
@@ -982,8 +1170,7 @@ impl Forwarder {
             let Some(Flow::Port(l)) = self.flows.get(id) else {
                 return;
             };
-            let (rule_id, host) = (l.rule.id, l.rule.host);
-            let guest = (Ipv4Address::from(*l.rule.guest.ip()), l.rule.guest.port());
+            let (rule_id, host, guest) = (l.rule.id, l.rule.host, l.rule.guest);
             let listener = match &l.socket {
                 port::ListenSocket::Tcp(listener) => listener,
                 port::ListenSocket::Udp(_) => {
@@ -1014,10 +1201,10 @@ impl Forwarder {
         &mut self,
         stream: mio::net::TcpStream,
         client: std::net::SocketAddr,
-        guest: (Ipv4Address, u16),
+        rule_guest: std::net::SocketAddrV4,
         io: &mut Io<'_>,
     ) {
-        let remote = self.map_client(client, guest, true);
+        let (guest, remote) = self.inbound_ends(client, rule_guest, true);
         let key = FlowKey { guest, remote };
         let entry = self.flows.vacant_entry();
         let id = entry.key();
@@ -1049,7 +1236,7 @@ impl Forwarder {
         now: Instant,
         id: usize,
         rule_id: u32,
-        guest: (Ipv4Address, u16),
+        rule_guest: std::net::SocketAddrV4,
         io: &mut Io<'_>,
     ) {
         loop {
@@ -1064,7 +1251,7 @@ impl Forwarder {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            let remote = self.map_client(client, guest, false);
+            let (guest, remote) = self.inbound_ends(client, rule_guest, false);
             let key = FlowKey { guest, remote };
             match self.udp_map.get(&key).and_then(|&f| self.flows.get_mut(f)) {
                 Some(Flow::UdpIn(f)) => {
@@ -1109,7 +1296,9 @@ impl Forwarder {
                 Ok(_) => {}
                 Err(emit::EmitError::TooBig) => self.counters.udp_too_big += 1,
                 Err(emit::EmitError::NoNeighbor) => {
-                    self.link.l2.probe_guest(now, guest.0, &mut self.link.txq);
+                    if let IpAddress::Ipv4(g) = guest.0 {
+                        self.link.l2.probe_guest(now, g, &mut self.link.txq);
+                    }
                     self.counters.udp_send_dropped += 1;
                 }
                 Err(_) => self.counters.udp_send_dropped += 1,
@@ -1130,6 +1319,11 @@ impl Forwarder {
 
     /// When [`handle_timeouts`](Self::handle_timeouts) is next due.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        let probe = (self.link.l2.guest_mac().is_none() && self.cfg.guest_v4.is_some())
+            .then(|| self.link.l2.next_probe());
+        [self.timers.next(), self.next_ra, probe.flatten()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }

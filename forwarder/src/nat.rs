@@ -13,10 +13,14 @@
 //! | anything else in our subnet, loopback, multicast, broadcast, unspecified | refused |
 //! | any other address | itself |
 //!
+//! IPv6 (with `--enable-ipv6`) follows the same table with the `fd00::/64` network:
+//! gateway `fd00::2` is the host's `::1`, DNS `fd00::3`; link-local and IPv4-mapped
+//! destinations are refused too.
+//!
 //! Security: loopback is reachable only through the gateway address, and only while host
 //! loopback is enabled; the guest cannot name `127.0.0.1` directly.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The guest-facing network: addresses derived from `--cidr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,11 +69,52 @@ impl Network {
     }
 }
 
+/// The guest-facing IPv6 network, a /64: gateway `::2`, DNS `::3`, guest `::100`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network6 {
+    /// The prefix, e.g. `fd00::`.
+    pub prefix: Ipv6Addr,
+}
+
+impl Network6 {
+    /// The default, `fd00::/64`.
+    pub const DEFAULT: Network6 = Network6 {
+        prefix: Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0),
+    };
+    /// Prefix length: always 64 (SLAAC needs it).
+    pub const PREFIX_LEN: u8 = 64;
+
+    fn offset(&self, n: u128) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.prefix) + n)
+    }
+    /// The gateway, `prefix::2`.
+    pub fn gateway(&self) -> Ipv6Addr {
+        self.offset(2)
+    }
+    /// The DNS forwarder, `prefix::3`.
+    pub fn dns(&self) -> Ipv6Addr {
+        self.offset(3)
+    }
+    /// The guest's address with `--configure`, `prefix::100`.
+    pub fn guest(&self) -> Ipv6Addr {
+        self.offset(0x100)
+    }
+    /// Whether `ip` is inside the /64.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        u128::from(ip) >> 64 == u128::from(self.prefix) >> 64
+    }
+}
+
+/// The router's link-local address, source of router advertisements.
+pub const ROUTER_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+
 /// What the NAT needs to know.
 #[derive(Debug, Clone)]
 pub struct NatConfig {
     /// The guest network.
     pub net: Network,
+    /// The guest IPv6 network, when IPv6 is enabled.
+    pub net6: Option<Network6>,
     /// Whether the gateway reaches the host's loopback.
     pub host_loopback: bool,
     /// The DNS forwarder's upstreams, in order; empty disables the forwarder.
@@ -88,11 +133,47 @@ pub enum Deny {
 }
 
 impl NatConfig {
-    /// The host destination for a guest flow to `dst:port`.
+    /// The host destination for a guest flow to `dst:port`, either family.
     ///
     /// # Errors
     /// [`Deny`] when the destination is refused.
-    pub fn translate(&self, dst: Ipv4Addr, port: u16) -> Result<SocketAddr, Deny> {
+    pub fn translate(&self, dst: IpAddr, port: u16) -> Result<SocketAddr, Deny> {
+        match dst {
+            IpAddr::V4(v4) => self.translate_v4(v4, port),
+            IpAddr::V6(v6) => self.translate_v6(v6, port),
+        }
+    }
+
+    fn translate_v6(&self, dst: Ipv6Addr, port: u16) -> Result<SocketAddr, Deny> {
+        let Some(net) = &self.net6 else {
+            return Err(Deny::NotRoutable);
+        };
+        if dst == net.gateway() {
+            if !self.host_loopback {
+                return Err(Deny::HostLoopbackDisabled);
+            }
+            return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port));
+        }
+        if dst == net.dns() {
+            return match self.nameservers.first() {
+                Some(ns) if port == 53 => Ok(*ns),
+                _ => Err(Deny::NoService),
+            };
+        }
+        let link_local = dst.segments()[0] & 0xffc0 == 0xfe80;
+        if net.contains(dst)
+            || link_local
+            || dst.is_loopback()
+            || dst.is_multicast()
+            || dst.is_unspecified()
+            || dst.to_ipv4_mapped().is_some()
+        {
+            return Err(Deny::NotRoutable);
+        }
+        Ok(SocketAddr::new(IpAddr::V6(dst), port))
+    }
+
+    fn translate_v4(&self, dst: Ipv4Addr, port: u16) -> Result<SocketAddr, Deny> {
         let net = &self.net;
         if dst == net.gateway() {
             if !self.host_loopback {
@@ -128,6 +209,7 @@ mod tests {
                 addr: Ipv4Addr::new(10, 0, 2, 0),
                 prefix_len: 24,
             },
+            net6: Some(Network6::DEFAULT),
             host_loopback,
             nameservers: vec!["127.0.0.53:53".parse().unwrap()],
         }
@@ -146,20 +228,20 @@ mod tests {
 
     #[test]
     fn gateway_maps_to_host_loopback() {
-        let to = nat(true).translate(Ipv4Addr::new(10, 0, 2, 2), 8080);
+        let to = nat(true).translate(Ipv4Addr::new(10, 0, 2, 2).into(), 8080);
         assert_eq!(to, Ok("127.0.0.1:8080".parse().unwrap()));
     }
 
     #[test]
     fn gateway_with_loopback_disabled_denied() {
-        let to = nat(false).translate(Ipv4Addr::new(10, 0, 2, 2), 8080);
+        let to = nat(false).translate(Ipv4Addr::new(10, 0, 2, 2).into(), 8080);
         assert_eq!(to, Err(Deny::HostLoopbackDisabled));
     }
 
     #[test]
     fn dns_port_53_maps_to_first_nameserver_other_ports_denied() {
         let n = nat(true);
-        let dns = Ipv4Addr::new(10, 0, 2, 3);
+        let dns = IpAddr::from(Ipv4Addr::new(10, 0, 2, 3));
         assert_eq!(n.translate(dns, 53), Ok("127.0.0.53:53".parse().unwrap()));
         assert_eq!(n.translate(dns, 80), Err(Deny::NoService));
         let mut off = nat(true);
@@ -178,7 +260,7 @@ mod tests {
             [0, 0, 0, 0],
         ] {
             assert_eq!(
-                n.translate(Ipv4Addr::from(dst), 80),
+                n.translate(Ipv4Addr::from(dst).into(), 80),
                 Err(Deny::NotRoutable),
                 "{dst:?}"
             );
@@ -187,8 +269,50 @@ mod tests {
 
     #[test]
     fn world_destination_kept() {
-        let to = nat(true).translate(Ipv4Addr::new(203, 0, 113, 1), 443);
+        let to = nat(true).translate(Ipv4Addr::new(203, 0, 113, 1).into(), 443);
         assert_eq!(to, Ok("203.0.113.1:443".parse().unwrap()));
+    }
+
+    #[test]
+    fn ipv6_gateway_dns_world_and_refusals() {
+        let n = nat(true);
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            n.translate(v6("fd00::2"), 80),
+            Ok("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            n.translate(v6("fd00::3"), 53),
+            Ok("127.0.0.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            n.translate(v6("2001:db8::1"), 443),
+            Ok("[2001:db8::1]:443".parse().unwrap())
+        );
+        for dst in [
+            "fd00::50",
+            "fe80::1",
+            "::1",
+            "ff02::1",
+            "::",
+            "::ffff:127.0.0.1",
+        ] {
+            assert_eq!(n.translate(v6(dst), 80), Err(Deny::NotRoutable), "{dst}");
+        }
+        assert_eq!(
+            nat(false).translate(v6("fd00::2"), 80),
+            Err(Deny::HostLoopbackDisabled)
+        );
+        let mut off = nat(true);
+        off.net6 = None;
+        assert_eq!(
+            off.translate(v6("2001:db8::1"), 443),
+            Err(Deny::NotRoutable)
+        );
+        let net = Network6::DEFAULT;
+        assert_eq!(net.guest(), "fd00::100".parse::<Ipv6Addr>().unwrap());
+        assert!(net.contains("fd00::abcd:1".parse().unwrap()));
+        assert!(!net.contains("fd00:0:0:1::1".parse().unwrap()));
     }
 
     #[test]

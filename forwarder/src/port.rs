@@ -18,7 +18,7 @@
 //! against the TCP and UDP flow limits like outbound flows.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -158,28 +158,41 @@ impl Listener {
     }
 }
 
-/// Whether the guest can be shown `client` as the source of a published-port flow.
+/// Whether the guest can be shown `client` as the source of a published-port flow: an
+/// address it can route back to through us (IPv6 only when the guest has IPv6).
 pub fn routable_client(
     client: SocketAddr,
     guest_net: &crate::nat::Network,
-) -> Option<SocketAddrV4> {
-    let SocketAddr::V4(v4) = client else {
-        return None;
+    guest_net6: Option<&crate::nat::Network6>,
+) -> Option<SocketAddr> {
+    let hidden = match client {
+        SocketAddr::V4(v4) => {
+            let ip = *v4.ip();
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || ip.is_broadcast()
+                || guest_net.contains(ip)
+        }
+        SocketAddr::V6(v6) => {
+            let ip = *v6.ip();
+            let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
+            guest_net6.is_none_or(|n| n.contains(ip))
+                || ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || link_local
+                || ip.to_ipv4_mapped().is_some()
+        }
     };
-    let ip = *v4.ip();
-    let hidden = ip.is_loopback()
-        || ip.is_unspecified()
-        || ip.is_multicast()
-        || ip.is_broadcast()
-        || guest_net.contains(ip)
-        || ip == Ipv4Addr::BROADCAST;
-    (!hidden).then_some(v4)
+    (!hidden).then_some(client)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nat::Network;
+    use std::net::Ipv4Addr;
 
     fn net() -> Network {
         Network {
@@ -189,25 +202,37 @@ mod tests {
     }
 
     #[test]
-    fn world_client_kept() {
-        let c: SocketAddr = "203.0.113.9:5555".parse().unwrap();
-        assert_eq!(
-            routable_client(c, &net()),
-            Some("203.0.113.9:5555".parse().unwrap())
-        );
+    fn world_clients_kept() {
+        let n6 = crate::nat::Network6::DEFAULT;
+        for c in ["203.0.113.9:5555", "[2001:db8::9]:5555"] {
+            let c: SocketAddr = c.parse().unwrap();
+            assert_eq!(routable_client(c, &net(), Some(&n6)), Some(c));
+        }
     }
 
     #[test]
-    fn loopback_v6_and_in_network_clients_hidden() {
+    fn loopback_link_local_and_in_network_clients_hidden() {
+        let n6 = crate::nat::Network6::DEFAULT;
         for c in [
             "127.0.0.1:1",
             "[::1]:1",
-            "[2001:db8::1]:1",
+            "[fe80::1]:1",
+            "[fd00::9]:1",
             "10.0.2.7:1",
             "0.0.0.0:1",
         ] {
-            assert_eq!(routable_client(c.parse().unwrap(), &net()), None, "{c}");
+            assert_eq!(
+                routable_client(c.parse().unwrap(), &net(), Some(&n6)),
+                None,
+                "{c}"
+            );
         }
+        let c = "[2001:db8::1]:1".parse().unwrap();
+        assert_eq!(
+            routable_client(c, &net(), None),
+            None,
+            "no IPv6 in the guest"
+        );
     }
 
     #[test]

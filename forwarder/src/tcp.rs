@@ -64,8 +64,8 @@ pub enum OpenError {
 /// Host socket options for new flows.
 #[derive(Debug, Clone, Copy)]
 pub struct OpenOptions {
-    /// Source address for IPv4 host sockets.
-    pub outbound: Option<std::net::Ipv4Addr>,
+    /// Source address for the host socket (of the target's family).
+    pub outbound: Option<std::net::IpAddr>,
     /// smoltcp buffer bytes per direction.
     pub buffer: usize,
 }
@@ -189,8 +189,7 @@ impl TcpFlow {
             .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(OpenError::Local)?;
         let mut socket = new_socket(buffer);
-        let remote = (smoltcp::wire::IpAddress::from(key.guest.0), key.guest.1);
-        let local = (smoltcp::wire::IpAddress::from(key.remote.0), key.remote.1);
+        let (remote, local) = (key.guest, key.remote);
         if let Err(e) = socket.connect(link.iface.context(), remote, local) {
             let _ = registry.deregister(&mut host);
             return Err(OpenError::Local(io::Error::other(format!(
@@ -419,10 +418,10 @@ fn new_socket(buffer: usize) -> tcp::Socket<'static> {
     socket
 }
 
-/// A non-blocking TCP connect, bound to `outbound` for non-loopback IPv4 targets.
+/// A non-blocking TCP connect, bound to `outbound` for non-loopback targets of its family.
 fn connect(
     target: SocketAddr,
-    outbound: Option<std::net::Ipv4Addr>,
+    outbound: Option<std::net::IpAddr>,
 ) -> io::Result<std::net::TcpStream> {
     let socket = Socket::new(
         Domain::for_address(target),
@@ -430,9 +429,9 @@ fn connect(
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
-    if let (Some(addr), SocketAddr::V4(v4)) = (outbound, target) {
-        if !v4.ip().is_loopback() {
-            socket.bind(&SocketAddr::new(addr.into(), 0).into())?;
+    if let Some(addr) = outbound {
+        if addr.is_ipv4() == target.is_ipv4() && !target.ip().is_loopback() {
+            socket.bind(&SocketAddr::new(addr, 0).into())?;
         }
     }
     match socket.connect(&target.into()) {

@@ -20,7 +20,18 @@ pub struct Timers {
     heap: BinaryHeap<Reverse<(Instant, usize)>>,
 }
 
+/// Entries reserved up front: the heap grows with the number of flows (about one entry
+/// each), never with the number of packets.
+const INITIAL_CAPACITY: usize = 1024;
+
 impl Timers {
+    /// An empty heap with room for [`INITIAL_CAPACITY`] entries.
+    pub fn new() -> Timers {
+        Timers {
+            heap: BinaryHeap::with_capacity(INITIAL_CAPACITY),
+        }
+    }
+
     /// Arms `slot` (a flow's `timer` field) to fire at `at` for flow `key`, unless it is
     /// already armed earlier.
     pub fn arm(&mut self, slot: &mut Option<Instant>, key: usize, at: Instant) {

@@ -15,12 +15,12 @@
 //! the host socket (`ECONNREFUSED`) is reported to the guest the same way.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use mio::{Interest, Registry, Token};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::Instant;
-use smoltcp::wire::{Ipv4Repr, UdpPacket, UdpRepr};
+use smoltcp::wire::{IpAddress, Ipv4Repr, UdpPacket, UdpRepr};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::emit::{self, EmitError};
@@ -60,21 +60,26 @@ pub fn is_dhcp_request(ip: &Ipv4Repr, payload: &[u8]) -> bool {
         && (dst.is_broadcast() || dst.octets()[3] == 2 || ip.src_addr.is_unspecified())
 }
 
-/// Parses a guest datagram: its flow key and payload. The checksum is checked when
-/// `verify` (the guest's kernel did not leave it to us).
-pub fn parse<'a>(ip: &Ipv4Repr, payload: &'a [u8], verify: bool) -> Option<(FlowKey, &'a [u8])> {
+/// Parses a guest datagram from `src` to `dst`: its flow key and payload. The checksum
+/// is checked when `verify` (the guest's kernel did not leave it to us).
+pub fn parse<'a>(
+    src: &IpAddress,
+    dst: &IpAddress,
+    payload: &'a [u8],
+    verify: bool,
+) -> Option<(FlowKey, &'a [u8])> {
     let packet = UdpPacket::new_checked(payload).ok()?;
     let mut caps = ChecksumCapabilities::default();
     if !verify {
         caps.udp = smoltcp::phy::Checksum::None;
     }
-    let repr = UdpRepr::parse(&packet, &ip.src_addr.into(), &ip.dst_addr.into(), &caps).ok()?;
+    let repr = UdpRepr::parse(&packet, src, dst, &caps).ok()?;
     if repr.src_port == 0 || repr.dst_port == 0 {
         return None;
     }
     let key = FlowKey {
-        guest: (ip.src_addr, repr.src_port),
-        remote: (ip.dst_addr, repr.dst_port),
+        guest: (*src, repr.src_port),
+        remote: (*dst, repr.dst_port),
     };
     // `new_checked` verified the length field against the buffer.
     let data = &payload[emit::UDP_HEADER_LEN..usize::from(packet.len())];
@@ -90,7 +95,7 @@ impl UdpFlow {
         now: Instant,
         key: FlowKey,
         target: SocketAddr,
-        outbound: Option<Ipv4Addr>,
+        outbound: Option<IpAddr>,
         registry: &Registry,
         token: Token,
     ) -> io::Result<UdpFlow> {
@@ -99,9 +104,9 @@ impl UdpFlow {
             Type::DGRAM.nonblocking().cloexec(),
             Some(Protocol::UDP),
         )?;
-        if let (Some(addr), SocketAddr::V4(v4)) = (outbound, target) {
-            if !v4.ip().is_loopback() {
-                socket.bind(&SocketAddr::new(addr.into(), 0).into())?;
+        if let Some(addr) = outbound {
+            if addr.is_ipv4() == target.is_ipv4() && !target.ip().is_loopback() {
+                socket.bind(&SocketAddr::new(addr, 0).into())?;
             }
         }
         socket.connect(&target.into())?;
@@ -205,6 +210,10 @@ mod tests {
         }
     }
 
+    fn ep(a: [u8; 4]) -> IpAddress {
+        IpAddress::Ipv4(Ipv4Address::from(a))
+    }
+
     fn datagram(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         etherparse::PacketBuilder::ipv4(src, dst, 64)
@@ -218,9 +227,9 @@ mod tests {
     fn parse_valid_datagram() {
         let (g, w) = ([10, 0, 2, 100], [203, 0, 113, 1]);
         let d = datagram(g, w, 4000, 53, b"query");
-        let (key, data) = parse(&ip(g, w, d.len()), &d, true).unwrap();
-        assert_eq!(key.guest, (Ipv4Address::from(g), 4000));
-        assert_eq!(key.remote, (Ipv4Address::from(w), 53));
+        let (key, data) = parse(&ep(g), &ep(w), &d, true).unwrap();
+        assert_eq!(key.guest, (ep(g), 4000));
+        assert_eq!(key.remote, (ep(w), 53));
         assert_eq!(data, b"query");
     }
 
@@ -229,7 +238,7 @@ mod tests {
         let (g, w) = ([10, 0, 2, 100], [203, 0, 113, 1]);
         let mut d = datagram(g, w, 4000, 53, b"query");
         d[8] ^= 0xff;
-        assert!(parse(&ip(g, w, d.len()), &d, true).is_none());
+        assert!(parse(&ep(g), &ep(w), &d, true).is_none());
     }
 
     #[test]
@@ -238,12 +247,12 @@ mod tests {
         let d = datagram(g, w, 4000, 53, b"query");
         for cut in 0..d.len() {
             assert!(
-                parse(&ip(g, w, cut), &d[..cut], true).is_none(),
+                parse(&ep(g), &ep(w), &d[..cut], true).is_none(),
                 "cut {cut}"
             );
         }
         let z = datagram(g, w, 4000, 0, b"x");
-        assert!(parse(&ip(g, w, z.len()), &z, true).is_none());
+        assert!(parse(&ep(g), &ep(w), &z, true).is_none());
     }
 
     #[test]

@@ -12,9 +12,7 @@
 
 use smoltcp::phy::{self, DeviceCapabilities, PacketMeta};
 use smoltcp::time::Instant;
-use smoltcp::wire::{
-    checksum, EthernetProtocol, IpAddress, IpProtocol, Ipv4Address, Ipv4Packet, Ipv6Packet,
-};
+use smoltcp::wire::{checksum, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet};
 
 use crate::l2::{ETHERNET_HEADER_LEN, L2};
 use crate::txq::TxQueue;
@@ -27,7 +25,7 @@ pub struct GuestDevice<'a> {
     l2: &'a mut L2,
     txq: &'a mut TxQueue,
     caps: &'a DeviceCapabilities,
-    guest: Option<Ipv4Address>,
+    guest: Option<IpAddress>,
 }
 
 impl<'a> GuestDevice<'a> {
@@ -38,7 +36,7 @@ impl<'a> GuestDevice<'a> {
         l2: &'a mut L2,
         txq: &'a mut TxQueue,
         caps: &'a DeviceCapabilities,
-        guest: Option<Ipv4Address>,
+        guest: Option<IpAddress>,
     ) -> GuestDevice<'a> {
         GuestDevice {
             rx,
@@ -54,7 +52,9 @@ impl<'a> GuestDevice<'a> {
             return false;
         }
         if self.l2.guest_mac().is_none() {
-            if let Some(guest) = self.guest {
+            // IPv6 guests announce themselves (router solicitation, DAD); IPv4 ones
+            // are asked.
+            if let Some(IpAddress::Ipv4(guest)) = self.guest {
                 self.l2.probe_guest(now, guest, self.txq);
             }
             return false;

@@ -12,7 +12,7 @@ use core::num::NonZeroUsize;
 use smoltcp::iface::{Config, Interface};
 use smoltcp::phy::{Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
-use smoltcp::wire::{HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr};
+use smoltcp::wire::{HardwareAddress, IpCidr};
 
 use crate::device::GuestDevice;
 use crate::l2::L2;
@@ -25,7 +25,8 @@ pub const TSO_MAX: usize = 65535;
 /// Device capabilities for the guest link: IP medium, `mtu`. smoltcp never handles TCP
 /// checksums: the device finishes them (see [`crate::device`]) and the forwarder verifies
 /// the guest's. With `offload` (the TAP has `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`),
-/// smoltcp builds TCP super-frames of up to [`TSO_MAX`] bytes for the kernel to segment.
+/// smoltcp builds IPv4 TCP super-frames of up to [`TSO_MAX`] bytes for the kernel to
+/// segment.
 pub fn capabilities(mtu: usize, offload: bool) -> DeviceCapabilities {
     let mut caps = DeviceCapabilities::default();
     caps.medium = Medium::Ip;
@@ -38,28 +39,34 @@ pub fn capabilities(mtu: usize, offload: bool) -> DeviceCapabilities {
     caps.checksum = csum;
     if offload {
         caps.segmentation.tcpv4 = NonZeroUsize::new(TSO_MAX);
-        caps.segmentation.tcpv6 = NonZeroUsize::new(TSO_MAX);
+        // Not for IPv6: smoltcp 0.14's IPv6 egress ignores `segmentation_offload_size`
+        // and drops every packet above the MTU as "needs fragmentation" (its TSO was only
+        // tested on IPv4, smoltcp#1148), which stalls the flow in retransmissions.
+        // IPv6 keeps checksum offload; segments are MSS-sized.
+        caps.segmentation.tcpv6 = None;
     }
     caps
 }
 
-/// Builds the interface: address `gateway/prefix`, `any_ip` on.
+/// Builds the interface: our addresses (the gateways), `any_ip` on.
 pub fn interface(
     now: Instant,
     caps: &DeviceCapabilities,
     l2: &mut L2,
     txq: &mut TxQueue,
-    gateway: Ipv4Address,
-    prefix_len: u8,
+    addrs: &[IpCidr],
     seed: u64,
 ) -> Interface {
     let mut config = Config::new(HardwareAddress::Ip);
     config.random_seed = seed;
     let mut dev = GuestDevice::new(None, l2, txq, caps, None);
     let mut iface = Interface::new(config, &mut dev, now);
-    iface.update_ip_addrs(|addrs| {
-        // The address list has room for several entries; the first push cannot fail.
-        let _ = addrs.push(IpCidr::Ipv4(Ipv4Cidr::new(gateway, prefix_len)));
+    iface.update_ip_addrs(|list| {
+        for addr in addrs {
+            if list.push(*addr).is_err() {
+                log::warn!("smoltcp has no room for address {addr}");
+            }
+        }
     });
     iface.set_any_ip(true);
     iface

@@ -229,6 +229,14 @@ impl L2 {
         }
     }
 
+    /// When [`probe_guest`](Self::probe_guest) may send again (`None`: now).
+    pub fn next_probe(&self) -> Option<Instant> {
+        Some(
+            self.last_probe
+                .map_or(Instant::from_millis(0), |t| t + PROBE_INTERVAL),
+        )
+    }
+
     /// Writes the vnet header and the Ethernet header in front of an IP packet of
     /// `ethertype` in `slot`, to `dst` (the guest's MAC when `None` is not given).
     /// Returns false when the guest's MAC is unknown and no `dst` is given.

@@ -15,16 +15,23 @@
 //! 6. a default route via the gateway on that link (`SIOCADDRT`), which needs the link up
 //!    and the gateway inside the configured subnet.
 //!
+//! With IPv6 (`ipv6` set), duplicate address detection is turned off on the link before
+//! it goes up (`/proc/sys/net/ipv6/conf/NAME/accept_dad`: nothing else can hold our
+//! addresses on a point-to-point TAP, and DAD would delay the container by a second),
+//! then the address is added (`SIOCSIFADDR` with `struct in6_ifreq`) and a default route
+//! via the IPv6 gateway (`SIOCADDRT` with `struct in6_rtmsg`). SLAAC from our router
+//! advertisements adds the guest's own address on top.
+//!
 //! It never touches `/etc/resolv.conf`, as slirp4netns does not. It is not atomic: on
 //! error the link is left half configured, and the caller is expected to give up on the
-//! namespace. IPv6 is configured by the guest itself from our router advertisements.
+//! namespace.
 //!
 //! Security: inputs (name, prefix length, MTU) are checked before they reach a syscall
 //! structure; the kernel checks the rest and needs `CAP_NET_ADMIN` in the namespace.
 
 use std::ffi::{c_short, CString};
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -46,11 +53,57 @@ pub struct LinkConfig {
     pub gateway: Ipv4Addr,
     /// MAC address to set, or `None` to keep the kernel's random one.
     pub mac: Option<[u8; 6]>,
+    /// IPv6 address and default route, if any.
+    pub ipv6: Option<Ipv6Link>,
+}
+
+/// The IPv6 part of a [`LinkConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Link {
+    /// The guest's address, e.g. `fd00::100`.
+    pub addr: Ipv6Addr,
+    /// Prefix length, e.g. 64.
+    pub prefix_len: u8,
+    /// Default gateway, e.g. `fd00::2`.
+    pub gateway: Ipv6Addr,
 }
 
 /// Errors of [`configure`].
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    /// Turning duplicate address detection off failed.
+    #[error("cannot turn off IPv6 duplicate address detection on link {name}")]
+    NoDad {
+        /// The link.
+        name: String,
+        /// The error writing the sysctl.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCSIFADDR` (IPv6) failed.
+    #[error("cannot set IPv6 address {addr}/{prefix_len} on link {name}")]
+    Addr6 {
+        /// The link.
+        name: String,
+        /// The address.
+        addr: Ipv6Addr,
+        /// Its prefix length.
+        prefix_len: u8,
+        /// The error of `ioctl(SIOCSIFADDR)`.
+        #[source]
+        source: io::Error,
+    },
+    /// `SIOCADDRT` (IPv6) failed.
+    #[error("cannot add an IPv6 default route via {gateway} on link {name}")]
+    Route6 {
+        /// The link.
+        name: String,
+        /// The gateway.
+        gateway: Ipv6Addr,
+        /// The error of `ioctl(SIOCADDRT)`.
+        #[source]
+        source: io::Error,
+    },
     /// The name does not fit in `struct ifreq` or contains a NUL byte.
     #[error("invalid link name {name:?}: at most 15 bytes, no NUL")]
     InvalidName {
@@ -257,6 +310,14 @@ pub fn configure(cfg: &LinkConfig) -> Result<(), LinkError> {
         }
     })?;
 
+    if cfg.ipv6.is_some() {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_dad");
+        std::fs::write(path, "0").map_err(|source| LinkError::NoDad {
+            name: cfg.name.clone(),
+            source,
+        })?;
+    }
+
     sock.set_flags(name, flags | IFF_UP)
         .map_err(|source| LinkError::Up {
             name: cfg.name.clone(),
@@ -278,6 +339,80 @@ pub fn configure(cfg: &LinkConfig) -> Result<(), LinkError> {
         LinkError::Route {
             name: cfg.name.clone(),
             gateway: cfg.gateway,
+            source,
+        }
+    })?;
+    if let Some(v6) = &cfg.ipv6 {
+        configure_ipv6(name, v6)?;
+    }
+    Ok(())
+}
+
+/// The kernel's `struct in6_rtmsg` (libc's has private fields).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+fn in6_addr(a: Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: a.octets(),
+    }
+}
+
+/// Adds the IPv6 address and the default route; the link is up.
+fn configure_ipv6(name: &str, v6: &Ipv6Link) -> Result<(), LinkError> {
+    let sock = socket(
+        AddressFamily::Inet6,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| LinkError::Socket(e.into()))?;
+    let addr_err = |source| LinkError::Addr6 {
+        name: name.to_owned(),
+        addr: v6.addr,
+        prefix_len: v6.prefix_len,
+        source,
+    };
+    let ifindex = nix::net::if_::if_nametoindex(name).map_err(|e| addr_err(e.into()))?;
+    let ifindex = libc::c_int::try_from(ifindex)
+        .map_err(|_| addr_err(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let mut req = libc::in6_ifreq {
+        ifr6_addr: in6_addr(v6.addr),
+        ifr6_prefixlen: u32::from(v6.prefix_len),
+        ifr6_ifindex: ifindex,
+    };
+    // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads a `struct in6_ifreq`; `req` is one,
+    // fully initialised.
+    unsafe { ioctl_ptr(sock.as_fd(), libc::SIOCSIFADDR, &mut req) }.map_err(addr_err)?;
+    let mut rt = In6Rtmsg {
+        dst: in6_addr(Ipv6Addr::UNSPECIFIED),
+        src: in6_addr(Ipv6Addr::UNSPECIFIED),
+        gateway: in6_addr(v6.gateway),
+        kind: 0,
+        dst_len: 0,
+        src_len: 0,
+        metric: 1,
+        info: 0,
+        flags: (libc::RTF_UP | libc::RTF_GATEWAY).into(),
+        ifindex,
+    };
+    // SAFETY: SIOCADDRT on an AF_INET6 socket reads a `struct in6_rtmsg`; `rt` has its
+    // layout (`#[repr(C)]`, the kernel's field order and types) and is fully initialised.
+    unsafe { ioctl_ptr(sock.as_fd(), libc::SIOCADDRT, &mut rt) }.map_err(|source| {
+        LinkError::Route6 {
+            name: name.to_owned(),
+            gateway: v6.gateway,
             source,
         }
     })?;
@@ -395,6 +530,7 @@ mod tests {
             prefix_len: 24,
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             mac: Some([0x02, 0x50, 0x00, 0x00, 0x00, 0x01]),
+            ipv6: None,
         }
     }
 

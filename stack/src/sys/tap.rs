@@ -592,6 +592,7 @@ mod tests {
                 prefix_len: 24,
                 gateway: "10.0.2.2".parse().unwrap(),
                 mac: None,
+                ipv6: None,
             })
             .unwrap();
             let mut buf = [0u8; 2048];
