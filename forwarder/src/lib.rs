@@ -39,6 +39,7 @@ pub mod icmp;
 pub mod nat;
 pub mod ndp;
 pub mod port;
+mod sys;
 pub mod tcp;
 pub mod timer;
 pub mod udp;
@@ -46,6 +47,7 @@ pub mod udp;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 
 use mio::Token;
 use slab::Slab;
@@ -53,8 +55,8 @@ use smoltcp::iface::{Interface, SocketSet};
 use smoltcp::phy::{ChecksumCapabilities, DeviceCapabilities};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    IpAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet,
-    Ipv6Repr, TcpPacket,
+    EthernetAddress, IpAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address,
+    Ipv6Packet, Ipv6Repr, TcpPacket,
 };
 use stack::device::GuestDevice;
 use stack::l2::{Ingress, L2Drop, L2};
@@ -303,7 +305,14 @@ pub struct Forwarder {
     next_ra: Option<Instant>,
     /// Unsolicited router advertisements sent so far.
     ra_sent: u32,
+    /// Frames for a guest whose MAC address is not known yet (published-port datagrams
+    /// that arrive before the guest has spoken), released once it is. At most
+    /// [`MAX_PARKED`]; a rare path, so plain `Vec`s.
+    parked: Vec<Vec<u8>>,
 }
+
+/// Frames kept while the guest's MAC address is being resolved.
+const MAX_PARKED: usize = 16;
 
 /// Frames queued for the guest: room for a burst of full-size segments.
 const TXQ_SLOTS: usize = 256;
@@ -367,6 +376,7 @@ impl Forwarder {
             guest_v6: cfg_guest_v6,
             next_ra: cfg_net6.map(|_| now),
             ra_sent: 0,
+            parked: Vec::new(),
         }
     }
 
@@ -408,6 +418,9 @@ impl Forwarder {
             Err(L2Drop::UnknownEthertype) => c.drop_ethertype += 1,
             Err(L2Drop::ArpMalformed) => c.drop_arp_malformed += 1,
             Err(L2Drop::ArpSpoof) => c.drop_arp_spoof += 1,
+        }
+        if !self.parked.is_empty() {
+            self.release_parked(io);
         }
     }
 
@@ -719,11 +732,18 @@ impl Forwarder {
             Some(Flow::Udp(flow)) => flow.send(now, data, &mut self.counters),
             Some(Flow::UdpIn(flow)) => {
                 flow.last_active = now;
-                let (listener, rule, client) = (flow.listener, flow.rule_id, flow.client);
+                let (listener, rule, client, local) =
+                    (flow.listener, flow.rule_id, flow.client, flow.local);
                 if let Some(Flow::Port(l)) = self.flows.get(listener) {
                     if l.rule.id == rule {
                         if let port::ListenSocket::Udp(sock) = &l.socket {
-                            if sock.send_to(data, client).is_err() {
+                            // Reply from the address the client used (the rule's
+                            // socket may be bound to a wildcard address).
+                            let sent = match local {
+                                Some(from) => sys::send_from(sock.as_raw_fd(), data, client, from),
+                                None => sock.send_to(data, client),
+                            };
+                            if sent.is_err() {
                                 self.counters.udp_send_dropped += 1;
                             }
                         }
@@ -1246,7 +1266,7 @@ impl Forwarder {
             let port::ListenSocket::Udp(sock) = &l.socket else {
                 return;
             };
-            let (n, client) = match sock.recv_from(&mut self.scratch) {
+            let (n, client, local) = match sys::recv_with_dst(sock.as_raw_fd(), &mut self.scratch) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
@@ -1257,6 +1277,7 @@ impl Forwarder {
                 Some(Flow::UdpIn(f)) => {
                     f.last_active = now;
                     f.client = client;
+                    f.local = local;
                 }
                 Some(_) => {}
                 None => {
@@ -1269,6 +1290,7 @@ impl Forwarder {
                         listener: id,
                         rule_id,
                         client,
+                        local,
                         last_active: now,
                         timer: None,
                     }));
@@ -1296,13 +1318,69 @@ impl Forwarder {
                 Ok(_) => {}
                 Err(emit::EmitError::TooBig) => self.counters.udp_too_big += 1,
                 Err(emit::EmitError::NoNeighbor) => {
-                    if let IpAddress::Ipv4(g) = guest.0 {
-                        self.link.l2.probe_guest(now, g, &mut self.link.txq);
-                    }
-                    self.counters.udp_send_dropped += 1;
+                    self.park(now, guest.0, remote, guest, &self.scratch[..n].to_vec());
                 }
                 Err(_) => self.counters.udp_send_dropped += 1,
             }
+        }
+    }
+
+    /// Keeps a datagram for the guest until its MAC address is known, and asks for it.
+    fn park(
+        &mut self,
+        now: Instant,
+        to: IpAddress,
+        src: (IpAddress, u16),
+        dst: (IpAddress, u16),
+        data: &[u8],
+    ) {
+        if let IpAddress::Ipv4(g) = to {
+            self.link.l2.probe_guest(now, g, &mut self.link.txq);
+        }
+        if self.parked.len() >= MAX_PARKED {
+            self.counters.udp_send_dropped += 1;
+            return;
+        }
+        let mtu = self.link.mtu;
+        let built = emit::udp(
+            &self.link.l2,
+            &mut self.link.txq,
+            mtu,
+            src,
+            dst,
+            Some(EthernetAddress::BROADCAST),
+            |buf| {
+                buf.get_mut(..data.len())?.copy_from_slice(data);
+                Some(data.len())
+            },
+        );
+        match built {
+            Ok(_) => {
+                if let Some(frame) = self.link.txq.uncommit_last() {
+                    self.parked.push(frame.to_vec());
+                }
+            }
+            Err(_) => self.counters.udp_send_dropped += 1,
+        }
+    }
+
+    /// Sends the parked frames now that the guest's MAC address is known.
+    fn release_parked(&mut self, io: &mut Io<'_>) {
+        let Some(mac) = self.link.l2.guest_mac() else {
+            return;
+        };
+        let at = self.link.l2.header_len() - stack::l2::ETHERNET_HEADER_LEN;
+        for frame in std::mem::take(&mut self.parked) {
+            if self.link.txq.is_full() {
+                self.link.flush(io.tap, &mut self.counters);
+            }
+            let Some(slot) = self.link.txq.slot() else {
+                self.counters.udp_send_dropped += 1;
+                continue;
+            };
+            slot[..frame.len()].copy_from_slice(&frame);
+            slot[at..at + 6].copy_from_slice(mac.as_bytes());
+            self.link.txq.commit(frame.len());
         }
     }
 

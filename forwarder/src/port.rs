@@ -19,6 +19,7 @@
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -139,6 +140,10 @@ impl Listener {
                 ListenSocket::Tcp(l)
             }
             Proto::Udp => {
+                if addr.ip().is_unspecified() {
+                    // Learn each datagram's local address, to reply from it.
+                    crate::sys::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6()).map_err(fail)?;
+                }
                 let mut u = mio::net::UdpSocket::from_std(socket.into());
                 registry
                     .register(&mut u, token, Interest::READABLE)

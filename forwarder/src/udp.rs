@@ -45,6 +45,8 @@ pub struct InboundFlow {
     pub(crate) rule_id: u32,
     /// The client on the host side.
     pub(crate) client: std::net::SocketAddr,
+    /// The host address the client sent to (replies must come from it).
+    pub(crate) local: Option<std::net::IpAddr>,
     pub(crate) last_active: Instant,
     pub(crate) timer: Option<Instant>,
 }

@@ -79,6 +79,17 @@ impl TxQueue {
         self.len += 1;
     }
 
+    /// Takes back the newest queued frame, which stays readable (the returned slice)
+    /// until the next [`slot`](Self::slot). For frames that cannot leave yet.
+    pub fn uncommit_last(&mut self) -> Option<&[u8]> {
+        if self.is_empty() {
+            return None;
+        }
+        self.len -= 1;
+        let idx = (self.head + self.len) % self.slots.len();
+        Some(&self.slots[idx][..self.lens[idx]])
+    }
+
     /// The oldest queued frame.
     pub fn front(&self) -> Option<&[u8]> {
         if self.is_empty() {
