@@ -53,6 +53,8 @@ pub trait Control {
     fn remove(&mut self, id: u32) -> Result<(), PortError>;
     /// The rules.
     fn list(&self) -> Vec<PortRule>;
+    /// Counters, flows and limits, as the `return` object of `get_stats`.
+    fn stats(&self) -> Value;
 }
 
 fn error(desc: &str) -> Value {
@@ -100,6 +102,7 @@ pub fn execute(request: &[u8], ctl: &mut dyn Control) -> Value {
                 _ => error("bad request: remove_hostfwd: bad arguments.id"),
             }
         }
+        "get_stats" => json!({ "return": ctl.stats() }),
         _ => error("bad request: unknown execute"),
     }
 }
@@ -436,6 +439,9 @@ mod tests {
         fn list(&self) -> Vec<PortRule> {
             self.rules.clone()
         }
+        fn stats(&self) -> Value {
+            json!({ "flows": { "tcp": 0 } })
+        }
     }
 
     fn run(ctl: &mut Fake, req: &str) -> String {
@@ -557,6 +563,15 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("already in use"), "{r}");
+    }
+
+    #[test]
+    fn get_stats_returns_the_stats_object() {
+        let mut f = Fake::default();
+        assert_eq!(
+            run(&mut f, r#"{"execute":"get_stats"}"#),
+            r#"{"return":{"flows":{"tcp":0}}}"#
+        );
     }
 
     #[test]

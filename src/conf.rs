@@ -50,6 +50,20 @@ pub enum Command {
     Run(RunArgs),
     /// Publish, list or unpublish ports of a running usernet through its API socket.
     Ports(PortsArgs),
+    /// Show the counters, flows and limits of a running usernet (its API socket).
+    Stats(StatsArgs),
+}
+
+/// `usernet stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The API socket of the running usernet (its --api-socket).
+    #[arg(short = 'a', long, value_name = "PATH", required = true)]
+    pub api_socket: PathBuf,
+
+    /// Print the raw JSON reply.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `usernet ports`.
@@ -219,6 +233,10 @@ pub struct NetArgs {
     /// Seccomp syscall filter: not supported yet.
     #[arg(long)]
     pub enable_seccomp: bool,
+
+    /// Log level: error, warn, info, debug or trace (default: $RUST_LOG, else warn).
+    #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
+    pub log_level: Option<String>,
 }
 
 /// Attach mode (slirp4netns's command line).

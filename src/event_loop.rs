@@ -114,6 +114,32 @@ impl api::Control for Ctl<'_> {
     fn list(&self) -> Vec<PortRule> {
         self.fwd.port_rules()
     }
+    fn stats(&self) -> serde_json::Value {
+        let (tcp, udp, icmp) = self.fwd.flow_counts();
+        let limits = self.fwd.limits();
+        let counters: serde_json::Map<String, serde_json::Value> = self
+            .fwd
+            .counters()
+            .iter()
+            .map(|(name, value)| (name.to_owned(), value.into()))
+            .collect();
+        serde_json::json!({
+            "flows": {
+                "tcp": tcp,
+                "tcp_half_open": self.fwd.half_open(),
+                "udp": udp,
+                "icmp": icmp,
+                "published_ports": self.fwd.port_rules().len(),
+            },
+            "limits": {
+                "tcp_flows": limits.tcp_flows,
+                "tcp_half_open": limits.tcp_half_open,
+                "udp_flows": limits.udp_flows,
+                "icmp_flows": limits.icmp_flows,
+            },
+            "counters": counters,
+        })
+    }
 }
 
 struct TapSink<'a>(&'a Tap);

@@ -63,12 +63,21 @@ fn main() -> ExitCode {
         print!("{}", conf::version_text());
         return ExitCode::SUCCESS;
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_target(false)
-        .init();
+    let level = match &cli.command {
+        Some(Command::Run(r)) => r.net.log_level.clone(),
+        None => cli.attach.net.log_level.clone(),
+        _ => None,
+    };
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if let Some(level) = level {
+        logger.parse_filters(&level);
+    }
+    logger.format_target(false).init();
     let result = match cli.command {
         Some(Command::Run(args)) => run_mode(args),
         Some(Command::Ports(args)) => ports_client(args),
+        Some(Command::Stats(args)) => stats_client(args),
         None => attach_mode(cli.attach),
     };
     match result {
@@ -256,6 +265,32 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
     };
     let tap = child.tap;
     Ok(event_loop::run(tap, fwd, signals, extras)?)
+}
+
+/// `usernet stats`: the `get_stats` reply, one `section.name value` line each.
+fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
+    use serde_json::{json, Value};
+    let reply =
+        api::request(&args.api_socket, &json!({"execute": "get_stats"})).map_err(|source| {
+            MainError::Io {
+                what: format!("API socket {}", args.api_socket.display()),
+                source,
+            }
+        })?;
+    if let Some(desc) = reply.pointer("/error/desc").and_then(Value::as_str) {
+        return Err(MainError::Usage(desc.to_owned()));
+    }
+    if args.json {
+        println!("{reply}");
+        return Ok(0);
+    }
+    let empty = serde_json::Map::new();
+    for (section, body) in reply["return"].as_object().unwrap_or(&empty) {
+        for (name, value) in body.as_object().unwrap_or(&empty) {
+            println!("{section}.{name} {value}");
+        }
+    }
+    Ok(0)
 }
 
 /// `usernet ports`: one API request per rule, human-readable output.

@@ -145,56 +145,117 @@ pub struct Config {
     pub seed: u64,
 }
 
-/// Counters, exposed for diagnostics.
-#[allow(missing_docs)]
-#[derive(Debug, Default, Clone)]
-pub struct Counters {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub tx_errors: u64,
-    pub drop_truncated: u64,
-    pub drop_not_for_us: u64,
-    pub drop_ethertype: u64,
-    pub drop_arp_malformed: u64,
-    pub drop_arp_spoof: u64,
-    pub drop_ipv4_malformed: u64,
-    pub drop_ipv4_fragment: u64,
-    pub drop_ipv6: u64,
-    pub drop_ipv6_malformed: u64,
-    pub drop_ipv6_ext: u64,
-    pub arp_probes: u64,
-    pub ndp_adverts: u64,
-    pub ndp_router_adverts: u64,
-    pub drop_bad_source: u64,
-    pub drop_protocol: u64,
-    pub drop_tcp_malformed: u64,
-    pub drop_bad_checksum: u64,
-    pub drop_udp_malformed: u64,
-    pub drop_icmp_malformed: u64,
-    pub tcp_opened: u64,
-    pub tcp_closed: u64,
-    pub tcp_refused: u64,
-    pub tcp_unreachable: u64,
-    pub tcp_denied: u64,
-    pub tcp_table_full: u64,
-    pub tcp_host_errors: u64,
-    pub tcp_stray_segments: u64,
-    pub udp_opened: u64,
-    pub udp_closed: u64,
-    pub udp_denied: u64,
-    pub udp_table_full: u64,
-    pub udp_host_errors: u64,
-    pub udp_send_dropped: u64,
-    pub udp_too_big: u64,
-    pub icmp_echo_local: u64,
-    pub icmp_opened: u64,
-    pub icmp_closed: u64,
-    pub icmp_denied: u64,
-    pub icmp_ignored: u64,
-    pub dhcp_replies: u64,
-    pub dhcp_drops: u64,
+/// Declares [`Counters`] and its name/value listing in one place.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Counters, exposed by the API's `get_stats`: events and drops by reason.
+        #[derive(Debug, Default, Clone)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl Counters {
+            /// Every counter with its name, in declaration order.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($name), self.$name),)*].into_iter()
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames read from the guest.
+    rx_frames,
+    /// Bytes read from the guest.
+    rx_bytes,
+    /// Frames written to the guest.
+    tx_frames,
+    /// Bytes written to the guest.
+    tx_bytes,
+    /// Frames the TAP refused (lost).
+    tx_errors,
+    /// Frames shorter than their headers.
+    drop_truncated,
+    /// Frames for another MAC address.
+    drop_not_for_us,
+    /// Frames of an ethertype we do not handle.
+    drop_ethertype,
+    /// Malformed ARP.
+    drop_arp_malformed,
+    /// ARP claiming one of our addresses.
+    drop_arp_spoof,
+    /// Malformed IPv4 (bad header, length or checksum).
+    drop_ipv4_malformed,
+    /// IPv4 fragments (reassembly is not implemented).
+    drop_ipv4_fragment,
+    /// IPv6 packets while IPv6 is off.
+    drop_ipv6,
+    /// Malformed IPv6.
+    drop_ipv6_malformed,
+    /// IPv6 with extension headers (not handled).
+    drop_ipv6_ext,
+    /// ARP requests sent to learn the guest MAC address.
+    arp_probes,
+    /// Neighbor advertisements sent.
+    ndp_adverts,
+    /// Router advertisements sent.
+    ndp_router_adverts,
+    /// Packets from a source address the guest may not use.
+    drop_bad_source,
+    /// Packets of a transport protocol we do not handle.
+    drop_protocol,
+    /// Malformed TCP.
+    drop_tcp_malformed,
+    /// TCP with a bad checksum.
+    drop_bad_checksum,
+    /// Malformed UDP (or bad checksum).
+    drop_udp_malformed,
+    /// Malformed ICMP (or bad checksum).
+    drop_icmp_malformed,
+    /// TCP flows opened.
+    tcp_opened,
+    /// TCP flows closed.
+    tcp_closed,
+    /// TCP connections refused by the destination.
+    tcp_refused,
+    /// TCP destinations unreachable.
+    tcp_unreachable,
+    /// TCP destinations refused by policy.
+    tcp_denied,
+    /// TCP flows refused: table or half-open limit reached.
+    tcp_table_full,
+    /// TCP flows refused by a local error (EMFILE...).
+    tcp_host_errors,
+    /// TCP segments of no flow (answered with RST).
+    tcp_stray_segments,
+    /// UDP flows opened.
+    udp_opened,
+    /// UDP flows closed.
+    udp_closed,
+    /// UDP destinations refused by policy.
+    udp_denied,
+    /// UDP flows refused: table limit reached.
+    udp_table_full,
+    /// UDP flows refused by a local error.
+    udp_host_errors,
+    /// UDP datagrams the host socket could not take (dropped).
+    udp_send_dropped,
+    /// UDP datagrams larger than the guest MTU (dropped).
+    udp_too_big,
+    /// Echo requests answered by usernet (gateway, DNS).
+    icmp_echo_local,
+    /// ICMP echo flows opened.
+    icmp_opened,
+    /// ICMP echo flows closed.
+    icmp_closed,
+    /// Echo requests refused (policy, limit, ping sockets not allowed).
+    icmp_denied,
+    /// ICMP messages other than echo requests.
+    icmp_ignored,
+    /// DHCP replies sent.
+    dhcp_replies,
+    /// DHCP requests dropped.
+    dhcp_drops,
 }
 
 /// The guest link: smoltcp's interface and our L2 in front of the transmit queue.
@@ -388,6 +449,16 @@ impl Forwarder {
     /// Entries in the timer heap (stale ones included): a diagnostic.
     pub fn timer_entries(&self) -> usize {
         self.timers.len()
+    }
+
+    /// TCP flows whose host connection is still being made.
+    pub fn half_open(&self) -> usize {
+        self.half_open
+    }
+
+    /// The table limits in force.
+    pub fn limits(&self) -> Limits {
+        self.cfg.limits
     }
 
     /// Open flows by protocol: (tcp, udp, icmp).

@@ -10,7 +10,9 @@
 
 #![allow(unsafe_code)]
 
+pub mod caps;
 pub mod fd;
+pub mod seccomp;
 
 use std::ffi::c_long;
 use std::io::{self, IoSlice, IoSliceMut};
