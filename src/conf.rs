@@ -234,6 +234,26 @@ pub struct NetArgs {
     #[arg(long)]
     pub enable_seccomp: bool,
 
+    /// Most TCP flows at once; more are refused with a RST.
+    #[arg(long, value_name = "N", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_tcp_flows: u32,
+
+    /// Most TCP flows whose host connection is still pending (a SYN flood's reach).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_half_open: u32,
+
+    /// Most UDP flows at once; datagrams of new ones are dropped beyond.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_udp_flows: u32,
+
+    /// Most ICMP echo flows at once.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_icmp_flows: u32,
+
+    /// Bytes buffered per TCP flow and direction (memory is committed as data flows).
+    #[arg(long, value_name = "BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
+    pub tcp_buffer: u32,
+
     /// Log level: error, warn, info, debug or trace (default: $RUST_LOG, else warn).
     #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
     pub log_level: Option<String>,

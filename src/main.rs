@@ -444,9 +444,14 @@ fn forwarder_with(
         outbound_v6: outbound.1,
         guest_v4: setup.configured.then(|| net.cidr.guest()),
         guest_v6: net6.filter(|_| setup.configured).map(|n| n.guest()),
-        tcp_buffer: 256 * 1024,
+        tcp_buffer: net.tcp_buffer as usize,
         udp_idle: smoltcp::time::Duration::from_secs(60),
-        limits: Limits::default(),
+        limits: Limits {
+            tcp_flows: net.max_tcp_flows as usize,
+            tcp_half_open: net.max_half_open as usize,
+            udp_flows: net.max_udp_flows as usize,
+            icmp_flows: net.max_icmp_flows as usize,
+        },
         seed: random_seed(),
     };
     Forwarder::new(cfg, smoltcp::time::Instant::from_micros(0))
