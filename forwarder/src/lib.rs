@@ -1029,33 +1029,21 @@ impl Forwarder {
                 continue;
             }
             *slot = None;
-            match flow {
-                Flow::Tcp(_) => self.mark_dirty(id),
-                Flow::Udp(f) => {
-                    let idle_until = f.last_active + self.cfg.udp_idle;
-                    if now >= idle_until {
-                        self.close_flow(id, io);
-                    } else {
-                        self.timers.arm(&mut f.timer, id, idle_until);
-                    }
+            // Datagram flows close after their idle time; TCP flows let smoltcp decide.
+            let idle = match flow {
+                Flow::Tcp(_) => {
+                    self.mark_dirty(id);
+                    continue;
                 }
-                Flow::UdpIn(f) => {
-                    let idle_until = f.last_active + self.cfg.udp_idle;
-                    if now >= idle_until {
-                        self.close_flow(id, io);
-                    } else {
-                        self.timers.arm(&mut f.timer, id, idle_until);
-                    }
-                }
-                Flow::Icmp(f) => {
-                    let idle_until = f.last_active + icmp::IDLE;
-                    if now >= idle_until {
-                        self.close_flow(id, io);
-                    } else {
-                        self.timers.arm(&mut f.timer, id, idle_until);
-                    }
-                }
-                Flow::Port(_) => {}
+                Flow::Udp(f) => f.last_active + self.cfg.udp_idle,
+                Flow::UdpIn(f) => f.last_active + self.cfg.udp_idle,
+                Flow::Icmp(f) => f.last_active + icmp::IDLE,
+                Flow::Port(_) => continue,
+            };
+            if now >= idle {
+                self.close_flow(id, io);
+            } else if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                self.timers.arm(slot, id, idle);
             }
         }
     }
