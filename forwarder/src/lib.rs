@@ -35,6 +35,7 @@
 pub mod dhcp;
 pub mod dns;
 pub mod emit;
+pub mod frag;
 pub mod icmp;
 pub mod nat;
 pub mod ndp;
@@ -186,8 +187,12 @@ counters! {
     drop_arp_spoof,
     /// Malformed IPv4 (bad header, length or checksum).
     drop_ipv4_malformed,
-    /// IPv4 fragments (reassembly is not implemented).
+    /// IPv4 fragments that cannot be (beyond 64 KiB, misaligned).
     drop_ipv4_fragment,
+    /// IPv4 fragments received.
+    ipv4_fragments,
+    /// IPv4 datagrams reassembled from fragments.
+    ipv4_reassembled,
     /// IPv6 packets while IPv6 is off.
     drop_ipv6,
     /// Malformed IPv6.
@@ -370,6 +375,8 @@ pub struct Forwarder {
     /// that arrive before the guest has spoken), released once it is. At most
     /// [`MAX_PARKED`]; a rare path, so plain `Vec`s.
     parked: Vec<Vec<u8>>,
+    /// IPv4 reassembly; `None` only while a reassembled packet is being handled.
+    reasm: Option<frag::Reassembler>,
 }
 
 /// Frames kept while the guest's MAC address is being resolved.
@@ -438,6 +445,7 @@ impl Forwarder {
             next_ra: cfg_net6.map(|_| now),
             ra_sent: 0,
             parked: Vec::new(),
+            reasm: Some(frag::Reassembler::default()),
         }
     }
 
@@ -503,10 +511,8 @@ impl Forwarder {
             self.counters.drop_ipv4_malformed += 1;
             return;
         };
-        // Reassembly is not implemented: fragments are dropped (and counted apart from
-        // malformed packets, which smoltcp's parser would otherwise call them).
         if packet.more_frags() || packet.frag_offset() != 0 {
-            self.counters.drop_ipv4_fragment += 1;
+            self.handle_fragment(now, &packet, vnet, io);
             return;
         }
         let Ok(repr) = Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
@@ -536,6 +542,30 @@ impl Forwarder {
             IpAddress::Ipv4(repr.dst_addr),
         );
         self.handle_l4(now, src, dst, repr.next_header, ip, payload, verify, io);
+    }
+
+    /// Collects a fragment; handles the datagram it completes.
+    fn handle_fragment(
+        &mut self,
+        now: Instant,
+        packet: &Ipv4Packet<&[u8]>,
+        vnet: &VnetRepr,
+        io: &mut Io<'_>,
+    ) {
+        let Some(mut reasm) = self.reasm.take() else {
+            return;
+        };
+        self.counters.ipv4_fragments += 1;
+        match reasm.add(now, packet) {
+            Ok(Some(idx)) => {
+                self.counters.ipv4_reassembled += 1;
+                self.handle_ipv4(now, reasm.packet(idx), vnet, io);
+                reasm.release(idx);
+            }
+            Ok(None) => {}
+            Err(_) => self.counters.drop_ipv4_fragment += 1,
+        }
+        self.reasm = Some(reasm);
     }
 
     fn handle_ipv6(&mut self, now: Instant, ip: &[u8], vnet: &VnetRepr, io: &mut Io<'_>) {
