@@ -1,0 +1,831 @@
+//! `cargo bench --bench anchors`: usernet side by side with slirp4netns, pasta and kernel veth.
+//!
+//! # Theory of operation
+//!
+//! The same work is done by every engine, one engine after the other, in one run, repeated
+//! `RUNS` times; the median of the runs is kept. For each run, MTU and engine, a fresh
+//! "container" network namespace is made and the engine attached to it ([`engine`]), the
+//! figures are measured ([`figures`]) and everything is torn down again ([`sys`]). The
+//! figures mean what they mean in `../shared/bench/anchors.sh`:
+//!
+//! | figure | what | unit |
+//! |---|---|---|
+//! | tcp_out | iperf3, container -> host loopback | Gbit/s |
+//! | tcp_in | iperf3 -R, host loopback -> container | Gbit/s |
+//! | tcp_pub | iperf3, host -> published 127.0.0.1 port -> container | Gbit/s |
+//! | rr | 1-byte TCP ping-pong container <-> host, one-way (RTT/2, as sockperf) | µs |
+//! | crr | connect + 1 B + 1 B + close per connection, sequential | conn/s |
+//! | udp_1400, udp_8000 | iperf3 -u at a fixed offered rate, -l 1400 / 8000 | Gbit/s received, loss % |
+//! | udp_rr | 1-byte UDP ping-pong, one-way (RTT/2) | µs |
+//! | cpu_per_gib | engine CPU time (its threads' schedstat, else utime + stime) per GiB received in tcp_out | s/GiB |
+//! | startup_ms | exec to the ready-fd byte (`-r FD`), usernet and slirp4netns | ms |
+//! | scale | usernet with 10,000 idle connections: tcp_out as % of without, RSS growth per connection | %, KiB |
+//!
+//! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
+//! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
+//! `ENGINES` ("usernet slirp4netns pasta kernel"), `FIGURES` (all; `scale` and `udp` name both
+//! of theirs), `UDP_RATE` (iperf3 -b, "1G"), `SCALE_CONNS` (10000), `USERNET_BIN` (default
+//! target/release/usernet, rebuilt with `cargo build --release` when missing or older than the
+//! sources), `SLIRP4NETNS`, `PASTA` (other builds). `BENCH_SMOKE=1` is the CI guard: usernet
+//! and slirp4netns, tcp_out at MTU 65520, RUNS=3 and SECS=3 (unless set); exit status 1 only
+//! if usernet's median is below slirp4netns's (or usernet fails), 0 with a note if slirp4netns
+//! cannot run. The table goes to stdout and to `target/bench/anchors-<date>-<HHMM>.md`
+//! (`...-smoke.md` for the smoke run); progress and failures go to stderr.
+//!
+//! The container side of the scale figure is this same binary, `--idle-client ADDR N`, run in
+//! the container: each side's 10,000 sockets need an `RLIMIT_NOFILE` of their own.
+//!
+//! Must run as root (namespaces, veth, iptables). Only loopback and our own namespaces carry
+//! traffic; every process, namespace and iptables rule is removed at the end, on panic and on
+//! Ctrl-C.
+
+#[path = "anchors/engine.rs"]
+mod engine;
+#[path = "anchors/figures.rs"]
+mod figures;
+#[path = "anchors/sys.rs"]
+mod sys;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use engine::{Kind, Session, Tools};
+use figures::{Ctx, HostServers};
+
+/// A table row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Fig {
+    TcpOut,
+    TcpIn,
+    TcpPub,
+    Rr,
+    Crr,
+    Udp1400,
+    Udp8000,
+    UdpRr,
+    CpuPerGib,
+    StartupMs,
+    ScaleTcpOut,
+    ScaleRss,
+}
+
+impl Fig {
+    const ALL: [Fig; 12] = [
+        Fig::TcpOut,
+        Fig::TcpIn,
+        Fig::TcpPub,
+        Fig::Rr,
+        Fig::Crr,
+        Fig::Udp1400,
+        Fig::Udp8000,
+        Fig::UdpRr,
+        Fig::CpuPerGib,
+        Fig::StartupMs,
+        Fig::ScaleTcpOut,
+        Fig::ScaleRss,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Fig::TcpOut => "tcp_out",
+            Fig::TcpIn => "tcp_in",
+            Fig::TcpPub => "tcp_pub",
+            Fig::Rr => "rr",
+            Fig::Crr => "crr",
+            Fig::Udp1400 => "udp_1400",
+            Fig::Udp8000 => "udp_8000",
+            Fig::UdpRr => "udp_rr",
+            Fig::CpuPerGib => "cpu_per_gib",
+            Fig::StartupMs => "startup_ms",
+            Fig::ScaleTcpOut => "scale_tcp_out",
+            Fig::ScaleRss => "scale_rss",
+        }
+    }
+
+    /// Unit, and whether higher is better.
+    fn unit(self) -> (&'static str, bool) {
+        match self {
+            Fig::TcpOut | Fig::TcpIn | Fig::TcpPub => ("Gbit/s", true),
+            Fig::Udp1400 | Fig::Udp8000 => ("Gbit/s rx (loss)", true),
+            Fig::Rr | Fig::UdpRr => ("µs", false),
+            Fig::Crr => ("conn/s", true),
+            Fig::CpuPerGib => ("CPU s/GiB", false),
+            Fig::StartupMs => ("ms", false),
+            Fig::ScaleTcpOut => ("% of tcp_out", true),
+            Fig::ScaleRss => ("KiB/conn", false),
+        }
+    }
+
+    fn decimals(self) -> usize {
+        match self {
+            Fig::Crr | Fig::ScaleTcpOut => 0,
+            Fig::Rr | Fig::UdpRr | Fig::StartupMs | Fig::ScaleRss => 1,
+            _ => 2,
+        }
+    }
+
+    fn applies(self, k: Kind) -> bool {
+        match self {
+            Fig::CpuPerGib => k.has_process(),
+            Fig::StartupMs => k.has_ready_fd(),
+            Fig::ScaleTcpOut | Fig::ScaleRss => k == Kind::Usernet,
+            _ => true,
+        }
+    }
+
+    /// Parses a `FIGURES` word (some name two rows).
+    fn parse(s: &str) -> Option<Vec<Fig>> {
+        match s {
+            "scale" => Some(vec![Fig::ScaleTcpOut, Fig::ScaleRss]),
+            "udp" => Some(vec![Fig::Udp1400, Fig::Udp8000]),
+            _ => Fig::ALL
+                .into_iter()
+                .find(|f| f.name() == s)
+                .map(|f| vec![f]),
+        }
+    }
+}
+
+/// One measurement: the value and, for UDP streams, the loss in %.
+type Sample = Result<(f64, Option<f64>), String>;
+
+#[derive(Debug)]
+struct Config {
+    runs: usize,
+    secs: u64,
+    mtus: Vec<u32>,
+    engines: Vec<Kind>,
+    figs: Vec<Fig>,
+    smoke: bool,
+    udp_rate: String,
+    scale_conns: usize,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn words(s: &str) -> impl Iterator<Item = &str> {
+    s.split([' ', ',', '\t']).filter(|w| !w.is_empty())
+}
+
+fn config() -> Result<Config, String> {
+    let smoke = env("BENCH_SMOKE").is_some_and(|v| v != "0");
+    let num = |name: &str, default: u64| -> Result<u64, String> {
+        match env(name) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(format!("{name}={v}: want a positive integer")),
+        }
+    };
+    let (runs, secs) = if smoke {
+        (num("RUNS", 3)?, num("SECS", 3)?)
+    } else {
+        (num("RUNS", 3)?, num("SECS", 5)?)
+    };
+    let mtus = match (smoke, env("MTUS")) {
+        (true, _) => vec![65520],
+        (false, None) => vec![1500, 65520],
+        (false, Some(v)) => words(&v)
+            .map(|w| w.parse().ok().filter(|m| (68..=65520).contains(m)))
+            .collect::<Option<Vec<u32>>>()
+            .ok_or(format!("MTUS={v}: want MTUs in 68..=65520"))?,
+    };
+    let engines = match (smoke, env("ENGINES")) {
+        (true, _) => vec![Kind::Usernet, Kind::Slirp4netns],
+        (false, None) => Kind::ALL.to_vec(),
+        (false, Some(v)) => words(&v)
+            .map(|w| Kind::parse(w).ok_or(format!("ENGINES: unknown engine {w:?}")))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let figs = match (smoke, env("FIGURES")) {
+        (true, _) => vec![Fig::TcpOut],
+        (false, None) => Fig::ALL.to_vec(),
+        (false, Some(v)) => {
+            let mut f = Vec::new();
+            for w in words(&v) {
+                f.extend(Fig::parse(w).ok_or(format!(
+                    "FIGURES: unknown figure {w:?} (known: {}, scale, udp)",
+                    Fig::ALL.map(Fig::name).join(" ")
+                ))?);
+            }
+            f.sort();
+            f.dedup();
+            f
+        }
+    };
+    Ok(Config {
+        runs: runs as usize,
+        secs,
+        mtus,
+        engines,
+        figs,
+        smoke,
+        udp_rate: env("UDP_RATE").unwrap_or_else(|| "1G".into()),
+        scale_conns: num("SCALE_CONNS", 10_000)? as usize,
+    })
+}
+
+/// Newest modification time of the sources usernet is built from.
+fn newest_source(dir: &Path, newest: &mut SystemTime) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name();
+        if name == "target" || name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            newest_source(&p, newest);
+        } else if p.extension().is_some_and(|x| x == "rs" || x == "toml") || name == "Cargo.lock" {
+            if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
+                *newest = (*newest).max(t);
+            }
+        }
+    }
+}
+
+/// usernet's binary: `USERNET_BIN`, else `target/release/usernet`, (re)built if missing or
+/// older than any source of the workspace.
+fn usernet_bin() -> Result<PathBuf, String> {
+    if let Some(p) = env("USERNET_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // This bench runs as <target>/release/deps/anchors-HASH.
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.join("usernet")))
+        .filter(|b| b.parent().is_some_and(|d| d.ends_with("release")))
+        .unwrap_or_else(|| root.join("target/release/usernet"));
+    let mut newest = UNIX_EPOCH;
+    for d in ["src", "stack", "forwarder"] {
+        newest_source(&root.join(d), &mut newest);
+    }
+    for f in ["Cargo.toml", "Cargo.lock"] {
+        if let Ok(t) = fs::metadata(root.join(f)).and_then(|m| m.modified()) {
+            newest = newest.max(t);
+        }
+    }
+    let built = fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    if built.is_none_or(|b| b < newest) {
+        eprintln!(
+            "anchors: {} is {}: cargo build --release",
+            bin.display(),
+            if built.is_some() { "stale" } else { "missing" }
+        );
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--release", "--bin", "usernet"])
+            .current_dir(&root)
+            .status()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        if !st.success() {
+            return Err(format!("cargo build --release failed: {st}"));
+        }
+    }
+    Ok(bin)
+}
+
+fn free_port() -> Result<u16, String> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// First line a command prints on success, else "?".
+fn first_line(prog: &str, args: &[&str]) -> String {
+    sys::run(Command::new(prog).args(args), Duration::from_secs(5))
+        .ok()
+        .filter(|o| o.ok())
+        .map(|o| {
+            let s = if o.stdout.trim().is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// UTC date and time of `t`: ("YYYY-MM-DD", "HH:MM").
+fn utc(t: SystemTime) -> (String, String) {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        format!("{:02}:{:02}", rem / 3600, rem % 3600 / 60),
+    )
+}
+
+fn machine() -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("unknown CPU")
+        .trim()
+        .to_string();
+    let n = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {n} CPUs, Linux {}", kernel.trim())
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+/// A table cell and the median behind it.
+fn cell(fig: Fig, samples: &[Sample]) -> (String, Option<f64>) {
+    let ok: Vec<(f64, Option<f64>)> = samples
+        .iter()
+        .filter_map(|s| s.as_ref().ok().copied())
+        .collect();
+    let fails = samples.len() - ok.len();
+    let Some(m) = median(ok.iter().map(|s| s.0).collect()) else {
+        return (
+            if samples.is_empty() {
+                "-".into()
+            } else {
+                "fail".into()
+            },
+            None,
+        );
+    };
+    let mut s = format!("{m:.*}", fig.decimals());
+    if let Some(loss) = median(ok.iter().filter_map(|s| s.1).collect()) {
+        let _ = write!(s, " ({loss:.1}%)");
+    }
+    if fails > 0 {
+        let _ = write!(s, " ({fails}/{} fail)", samples.len());
+    }
+    (s, Some(m))
+}
+
+struct Report {
+    results: BTreeMap<(Kind, u32, Fig), Vec<Sample>>,
+    missing: BTreeMap<Kind, String>,
+    failures: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, k: Kind, mtu: u32, f: Fig, s: Sample, run: usize) {
+        if let Err(e) = &s {
+            self.failures.push(format!(
+                "run {run}, {} MTU {mtu}, {}: {e}",
+                k.name(),
+                f.name()
+            ));
+        }
+        self.results.entry((k, mtu, f)).or_default().push(s);
+    }
+
+    fn median(&self, k: Kind, mtu: u32, f: Fig) -> Option<f64> {
+        self.results.get(&(k, mtu, f)).and_then(|s| cell(f, s).1)
+    }
+
+    fn table(&self, cfg: &Config) -> String {
+        let mut t = String::new();
+        let others: Vec<Kind> = if cfg.engines.contains(&Kind::Usernet) {
+            cfg.engines
+                .iter()
+                .copied()
+                .filter(|k| *k != Kind::Usernet)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for &mtu in &cfg.mtus {
+            let _ = writeln!(t, "\n### MTU {mtu}\n");
+            let mut head = String::from("| figure | unit |");
+            let mut rule = String::from("|---|---|");
+            for k in &cfg.engines {
+                let _ = write!(head, " {} |", k.name());
+                rule.push_str("---:|");
+            }
+            for k in &others {
+                let _ = write!(head, " usernet ÷ {} |", k.name());
+                rule.push_str("---:|");
+            }
+            let _ = writeln!(t, "{head}\n{rule}");
+            for &f in &cfg.figs {
+                let (unit, up) = f.unit();
+                let _ = write!(
+                    t,
+                    "| {} | {unit} {} |",
+                    f.name(),
+                    if up { "↑" } else { "↓" }
+                );
+                for &k in &cfg.engines {
+                    let c = if let Some(why) = self.missing.get(&k) {
+                        why.clone()
+                    } else if !f.applies(k) {
+                        "n/a".into()
+                    } else {
+                        cell(f, self.results.get(&(k, mtu, f)).map_or(&[][..], |v| v)).0
+                    };
+                    let _ = write!(t, " {c} |");
+                }
+                for &k in &others {
+                    let r = match (self.median(Kind::Usernet, mtu, f), self.median(k, mtu, f)) {
+                        (Some(u), Some(o)) if o > 0.0 && f.applies(k) => format!("{:.2}x", u / o),
+                        _ => "-".into(),
+                    };
+                    let _ = write!(t, " {r} |");
+                }
+                t.push('\n');
+            }
+        }
+        t
+    }
+}
+
+/// Measures one figure on a running session.
+fn measure(
+    f: Fig,
+    s: &Session,
+    ctx: &Ctx,
+    srv: &HostServers,
+    cache: &mut BTreeMap<Fig, Sample>,
+) -> Sample {
+    if let Some(v) = cache.remove(&f) {
+        return v;
+    }
+    let gbps = |r: Result<figures::Iperf, String>| r.map(|r| (r.gbps, r.lost_pct));
+    let udp = |l: &str| {
+        gbps(figures::iperf_to_host(
+            s,
+            ctx,
+            &["-u", "-b", &ctx.udp_rate, "-l", l, "-w", "4M"],
+        ))
+    };
+    match f {
+        Fig::TcpOut | Fig::CpuPerGib => {
+            let r = figures::iperf_to_host(s, ctx, &[]);
+            let cpu = match &r {
+                Ok(r) => match r.cpu_s {
+                    Some(c) if r.bytes > 0.0 => Ok((c / (r.bytes / f64::from(1u32 << 30)), None)),
+                    _ => Err("no engine CPU time".into()),
+                },
+                Err(e) => Err(e.clone()),
+            };
+            let out = r.map(|r| (r.gbps, None));
+            if f == Fig::TcpOut {
+                cache.insert(Fig::CpuPerGib, cpu);
+                out
+            } else {
+                cpu
+            }
+        }
+        Fig::TcpIn => gbps(figures::iperf_to_host(s, ctx, &["-R"])),
+        Fig::TcpPub => gbps(figures::tcp_pub(s, ctx)),
+        Fig::Rr => figures::rr(s, ctx, srv).map(|v| (v, None)),
+        Fig::Crr => figures::crr(s, ctx, srv).map(|v| (v, None)),
+        Fig::Udp1400 => udp("1400"),
+        Fig::Udp8000 => udp("8000"),
+        Fig::UdpRr => figures::udp_rr(s, ctx, srv).map(|v| (v, None)),
+        Fig::StartupMs => s
+            .startup_ms
+            .map(|v| (v, None))
+            .ok_or("no ready-fd time".into()),
+        Fig::ScaleTcpOut | Fig::ScaleRss => {
+            let r = figures::scale(s, ctx, srv);
+            let (pct, rss) = match r {
+                Ok((p, k)) => (Ok((p, None)), Ok((k, None))),
+                Err(e) => (Err(e.clone()), Err(e)),
+            };
+            if f == Fig::ScaleTcpOut {
+                cache.insert(Fig::ScaleRss, rss);
+                pct
+            } else {
+                rss
+            }
+        }
+    }
+}
+
+fn brief(f: Fig, s: &Sample) -> String {
+    match s {
+        Ok((v, Some(l))) => format!("{v:.*} Gbit/s ({l:.1}% loss)", f.decimals()),
+        Ok((v, None)) => format!("{v:.*} {}", f.decimals(), f.unit().0),
+        Err(e) => format!("fail: {e}"),
+    }
+}
+
+fn real_main() -> Result<ExitCode, String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, addr, n] = &args[..] {
+        if flag == "--idle-client" {
+            return Ok(figures::idle_client(addr, n));
+        }
+    }
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!(
+            "{}",
+            include_str!("anchors.rs")
+                .lines()
+                .take_while(|l| l.starts_with("//!"))
+                .map(|l| l.trim_start_matches("//!").trim_start())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        // `cargo test --benches` runs this without --bench: do not start a benchmark then.
+        println!("anchors: benchmark not run in test mode (use `cargo bench --bench anchors`)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let cfg = config()?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(
+            "must run as root: it creates network namespaces, veth pairs and iptables rules".into(),
+        );
+    }
+    for t in ["iperf3", "ip", "unshare", "nsenter"] {
+        if sys::which(t).is_none() {
+            return Err(format!(
+                "`{t}` is not installed (apt-get install iperf3 iproute2 util-linux)"
+            ));
+        }
+    }
+    let scale = cfg.figs.contains(&Fig::ScaleTcpOut) || cfg.figs.contains(&Fig::ScaleRss);
+    let nofile = sys::raise_nofile();
+    if scale && nofile < cfg.scale_conns as u64 + 1024 {
+        eprintln!(
+            "anchors: RLIMIT_NOFILE is {nofile}: too low for SCALE_CONNS={}",
+            cfg.scale_conns
+        );
+    }
+    let usernet = usernet_bin()?;
+    let dir = std::env::temp_dir().join(format!("usernet-anchors.{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _dir_guard = sys::Guard::new(sys::Item::Dir(dir.clone()));
+    let tools = Tools {
+        usernet: usernet.clone(),
+        slirp4netns: sys::which(&env("SLIRP4NETNS").unwrap_or_else(|| "slirp4netns".into())),
+        pasta: sys::which(&env("PASTA").unwrap_or_else(|| "pasta".into())),
+        dir,
+        pub_port: free_port()?,
+    };
+    let ctx = Ctx {
+        secs: cfg.secs,
+        udp_rate: cfg.udp_rate.clone(),
+        iperf_port: free_port()?,
+        scale_conns: cfg.scale_conns,
+    };
+    let started = SystemTime::now();
+    let load0 = loadavg();
+    let mut rep = Report {
+        results: BTreeMap::new(),
+        missing: BTreeMap::new(),
+        failures: Vec::new(),
+    };
+    for &k in &cfg.engines {
+        if let Some(why) = tools.missing(k) {
+            eprintln!("anchors: {}: {why}", k.name());
+            rep.missing.insert(k, why);
+        }
+    }
+    eprintln!(
+        "anchors: {} run(s) x MTU {:?} x {:?}, {} s per figure, usernet = {}",
+        cfg.runs,
+        cfg.mtus,
+        cfg.engines.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        cfg.secs,
+        usernet.display()
+    );
+    for run in 1..=cfg.runs {
+        for &mtu in &cfg.mtus {
+            for &k in &cfg.engines {
+                if rep.missing.contains_key(&k) {
+                    continue;
+                }
+                eprintln!("[run {run}/{}] {} MTU {mtu}", cfg.runs, k.name());
+                let figs: Vec<Fig> = cfg.figs.iter().copied().filter(|f| f.applies(k)).collect();
+                let session = Session::start(k, mtu, &tools);
+                let servers = session
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|s| HostServers::start(s.bind));
+                match (&session, &servers) {
+                    (Ok(s), Ok(srv)) => {
+                        let mut cache = BTreeMap::new();
+                        for &f in &figs {
+                            let v = measure(f, s, &ctx, srv, &mut cache);
+                            eprintln!("    {:<13} {}", f.name(), brief(f, &v));
+                            rep.add(k, mtu, f, v, run);
+                        }
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        eprintln!("    engine failed: {e}");
+                        rep.failures
+                            .push(format!("run {run}, {} MTU {mtu}: engine: {e}", k.name()));
+                        for &f in &figs {
+                            rep.results
+                                .entry((k, mtu, f))
+                                .or_default()
+                                .push(Err(e.clone()));
+                        }
+                    }
+                }
+                drop(servers);
+                drop(session);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+
+    let (date, time) = utc(started);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## usernet anchors, {date} {time} UTC{}",
+        if cfg.smoke { " (smoke)" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "\n- machine: {}; load average at start {load0}, at end {}",
+        machine(),
+        loadavg()
+    );
+    let git = first_line(
+        "git",
+        &[
+            "-C",
+            env!("CARGO_MANIFEST_DIR"),
+            "describe",
+            "--always",
+            "--dirty",
+        ],
+    );
+    let _ = writeln!(
+        out,
+        "- usernet {git} ({}); {}; {}; {}",
+        usernet.display(),
+        tools
+            .slirp4netns
+            .as_ref()
+            .map_or("slirp4netns not installed".into(), |p| first_line(
+                &p.to_string_lossy(),
+                &["--version"]
+            )),
+        tools
+            .pasta
+            .as_ref()
+            .map_or("pasta not installed".into(), |p| first_line(
+                &p.to_string_lossy(),
+                &["--version"]
+            )),
+        first_line("iperf3", &["--version"]),
+    );
+    let _ = writeln!(
+        out,
+        "- RUNS={} (median kept), SECS={} per figure, UDP offered {}bit/s, scale: {} idle connections",
+        cfg.runs, cfg.secs, cfg.udp_rate, cfg.scale_conns
+    );
+    out.push_str(&rep.table(&cfg));
+    let has = |fs: &[Fig]| fs.iter().any(|f| cfg.figs.contains(f));
+    let mut legend = vec![
+        "↑ higher is better, ↓ lower is better; ratios are usernet ÷ engine (for ↓ figures, \
+         below 1 favours usernet); \"(k/n fail)\": median of the runs that worked."
+            .to_string(),
+    ];
+    if has(&[Fig::Rr, Fig::UdpRr]) {
+        legend.push(
+            "rr, udp_rr: mean one-way latency of a 1-byte ping-pong, container -> host \
+             (round trip / 2, as sockperf reports it)."
+                .into(),
+        );
+    }
+    if has(&[Fig::Crr]) {
+        legend.push("crr: sequential connect + 1 byte + 1 byte + close (RST), like crr.c.".into());
+    }
+    if has(&[Fig::Udp1400, Fig::Udp8000]) {
+        legend.push(format!(
+            "udp_*: iperf3 -u -b {} -w 4M container -> host, received rate (loss % from bytes \
+             sent and received).",
+            cfg.udp_rate
+        ));
+    }
+    if has(&[Fig::CpuPerGib]) {
+        legend.push(
+            "cpu_per_gib: CPU time of the engine process (all threads, /proc schedstat) \
+             during tcp_out per GiB received."
+                .into(),
+        );
+    }
+    if has(&[Fig::StartupMs]) {
+        legend.push("startup_ms: exec to the ready-fd byte (`-r FD`, with --configure).".into());
+    }
+    if has(&[Fig::ScaleTcpOut, Fig::ScaleRss]) {
+        legend.push(format!(
+            "scale_*: with {} idle TCP connections open from the container through usernet: \
+             tcp_out as % of tcp_out without them, and usernet's VmRSS growth per connection.",
+            cfg.scale_conns
+        ));
+    }
+    let _ = writeln!(out, "\n{}", legend.join(" "));
+    if !rep.failures.is_empty() {
+        let _ = writeln!(out, "\nFailures:\n");
+        for f in &rep.failures {
+            let _ = writeln!(out, "- {f}");
+        }
+    }
+    let mut code = ExitCode::SUCCESS;
+    if cfg.smoke {
+        let u = rep.median(Kind::Usernet, 65520, Fig::TcpOut);
+        let s = rep.median(Kind::Slirp4netns, 65520, Fig::TcpOut);
+        let f = |v: Option<f64>| v.map_or("fail".into(), |v| format!("{v:.2} Gbit/s"));
+        let verdict = match (u, s) {
+            (None, _) => {
+                code = ExitCode::from(1);
+                "FAIL: usernet's tcp_out failed"
+            }
+            (Some(u), Some(s)) if u < s => {
+                code = ExitCode::from(1);
+                "FAIL: usernet is below slirp4netns"
+            }
+            (Some(_), None) => "no verdict: slirp4netns did not run (not counted as a failure)",
+            _ => "ok",
+        };
+        let _ = writeln!(
+            out,
+            "\nsmoke (tcp_out, MTU 65520, median of {}): usernet {} vs slirp4netns {}: {verdict}",
+            cfg.runs,
+            f(u),
+            f(s)
+        );
+    }
+    println!("{out}");
+    let root = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.parent()?.to_path_buf()))
+        .filter(|t| t.join("CACHEDIR.TAG").exists())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let file = root.join("bench").join(format!(
+        "anchors-{date}-{}{}.md",
+        time.replace(':', ""),
+        if cfg.smoke { "-smoke" } else { "" }
+    ));
+    match fs::create_dir_all(root.join("bench")).and_then(|()| fs::write(&file, &out)) {
+        Ok(()) => eprintln!("anchors: written to {}", file.display()),
+        Err(e) => eprintln!("anchors: cannot write {}: {e}", file.display()),
+    }
+    Ok(code)
+}
+
+fn main() -> ExitCode {
+    sys::install_signal_cleanup();
+    let r = std::panic::catch_unwind(real_main);
+    sys::cleanup_all();
+    match r {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            eprintln!("anchors: {e}");
+            ExitCode::from(2)
+        }
+        Err(_) => ExitCode::from(101),
+    }
+}
