@@ -55,6 +55,7 @@ enum MainError {
 }
 
 fn main() -> ExitCode {
+    sys::alloc::lazy_large_allocations();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => e.exit(),

@@ -377,7 +377,13 @@ pub struct Forwarder {
     parked: Vec<Vec<u8>>,
     /// IPv4 reassembly; `None` only while a reassembled packet is being handled.
     reasm: Option<frag::Reassembler>,
+    /// Closed guest sockets kept for the next flows (at most [`SOCKET_POOL`]).
+    socket_pool: Vec<tcp::Guest>,
 }
+
+/// Closed TCP sockets kept for reuse: connection churn then allocates nothing. Their
+/// buffers' touched pages stay resident, so the pool is small.
+const SOCKET_POOL: usize = 64;
 
 /// Frames kept while the guest's MAC address is being resolved.
 const MAX_PARKED: usize = 16;
@@ -446,7 +452,15 @@ impl Forwarder {
             ra_sent: 0,
             parked: Vec::new(),
             reasm: Some(frag::Reassembler::default()),
+            socket_pool: Vec::with_capacity(SOCKET_POOL),
         }
+    }
+
+    /// A closed guest socket: pooled, or new.
+    fn guest_socket(&mut self) -> tcp::Guest {
+        self.socket_pool
+            .pop()
+            .unwrap_or_else(|| tcp::Guest::new(self.cfg.tcp_buffer))
     }
 
     /// The counters.
@@ -778,10 +792,11 @@ impl Forwarder {
             outbound: self.outbound_for(&target.ip()),
             buffer: self.cfg.tcp_buffer,
         };
+        let guest = self.guest_socket();
         let entry = self.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
-        match tcp::TcpFlow::open(key, target, ip, &opts, io.registry, token) {
+        match tcp::TcpFlow::open(key, target, ip, &opts, io.registry, token, guest) {
             Ok(mut flow) => {
                 flow.ingress(now, &mut self.link, ip);
                 entry.insert(Flow::Tcp(Box::new(flow)));
@@ -1143,12 +1158,15 @@ impl Forwarder {
             return;
         };
         match flow {
-            Flow::Tcp(mut f) => {
+            Flow::Tcp(f) => {
                 if f.is_connecting() {
                     self.half_open -= 1;
                 }
                 self.tcp_map.remove(&f.key);
-                f.close(io.registry);
+                let guest = f.close(io.registry);
+                if self.socket_pool.len() < SOCKET_POOL {
+                    self.socket_pool.push(guest);
+                }
                 self.counters.tcp_closed += 1;
             }
             Flow::Udp(mut f) => {
@@ -1315,6 +1333,7 @@ impl Forwarder {
     ) {
         let (guest, remote) = self.inbound_ends(client, rule_guest, true);
         let key = FlowKey { guest, remote };
+        let guest = self.guest_socket();
         let entry = self.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
@@ -1322,9 +1341,10 @@ impl Forwarder {
             key,
             stream,
             &mut self.link,
-            self.cfg.tcp_buffer,
+            
             io.registry,
             token,
+            guest,
         ) {
             Ok(flow) => {
                 entry.insert(Flow::Tcp(Box::new(flow)));

@@ -118,18 +118,41 @@ fn classify(e: &io::Error) -> OpenError {
     }
 }
 
+/// The guest-facing end of a flow: one smoltcp socket in a set of its own. Closed ones
+/// are pooled and reused by later flows (`listen`/`connect` reset them), so that a new
+/// connection allocates nothing and maps no buffer memory.
+pub(crate) struct Guest {
+    sockets: SocketSet<'static>,
+    handle: SocketHandle,
+}
+
+impl Guest {
+    /// A fresh socket with `buffer` bytes per direction.
+    pub(crate) fn new(buffer: usize) -> Guest {
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(new_socket(buffer));
+        Guest { sockets, handle }
+    }
+
+    fn socket(&mut self) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(self.handle)
+    }
+}
+
 impl TcpFlow {
     /// Starts the host connection for a guest SYN (`syn` is the whole IPv4 packet).
+    /// `guest` is a closed socket (fresh or pooled).
     ///
     /// # Errors
     /// [`OpenError`] when the connection fails at once.
-    pub fn open(
+    pub(crate) fn open(
         key: FlowKey,
         target: SocketAddr,
         syn: &[u8],
         opts: &OpenOptions,
         registry: &Registry,
         token: Token,
+        mut guest: Guest,
     ) -> Result<TcpFlow, OpenError> {
         let host = connect(target, opts.outbound).map_err(|e| classify(&e))?;
         let mut host = mio::net::TcpStream::from_std(host);
@@ -137,19 +160,18 @@ impl TcpFlow {
             .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(OpenError::Local)?;
 
-        let mut socket = new_socket(opts.buffer);
+        let socket = guest.socket();
         socket.pause_synack(true);
         let endpoint = IpListenEndpoint {
             addr: Some(key.remote.0.into()),
             port: key.remote.1,
         };
         // Cannot fail: the port is non-zero (a SYN to port 0 is refused by smoltcp's
-        // parser before it gets here) and the socket is fresh.
+        // parser before it gets here) and the socket is closed.
         if socket.listen(endpoint).is_err() {
             return Err(OpenError::Refused);
         }
-        let mut sockets = SocketSet::new(Vec::with_capacity(1));
-        let handle = sockets.add(socket);
+        let Guest { sockets, handle } = guest;
         let mut quote = [0u8; SYN_QUOTE];
         let syn_len = syn.len().min(SYN_QUOTE);
         quote[..syn_len].copy_from_slice(&syn[..syn_len]);
@@ -180,15 +202,16 @@ impl TcpFlow {
         key: FlowKey,
         mut host: mio::net::TcpStream,
         link: &mut Link,
-        buffer: usize,
         registry: &Registry,
         token: Token,
+        mut guest: Guest,
     ) -> Result<TcpFlow, OpenError> {
         let _ = host.set_nodelay(true);
         registry
             .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
             .map_err(OpenError::Local)?;
-        let mut socket = new_socket(buffer);
+        let socket = guest.socket();
+        socket.pause_synack(false);
         let (remote, local) = (key.guest, key.remote);
         if let Err(e) = socket.connect(link.iface.context(), remote, local) {
             let _ = registry.deregister(&mut host);
@@ -196,8 +219,7 @@ impl TcpFlow {
                 "smoltcp connect: {e}"
             ))));
         }
-        let mut sockets = SocketSet::new(Vec::with_capacity(1));
-        let handle = sockets.add(socket);
+        let Guest { sockets, handle } = guest;
         Ok(TcpFlow {
             key,
             host,
@@ -401,9 +423,22 @@ impl TcpFlow {
         }
     }
 
-    /// Deregisters and closes the host socket.
-    pub(crate) fn close(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut self.host);
+    /// Deregisters and closes the host socket; hands back the guest socket, closed,
+    /// for reuse.
+    pub(crate) fn close(self, registry: &Registry) -> Guest {
+        let TcpFlow {
+            mut host,
+            sockets,
+            handle,
+            ..
+        } = self;
+        let _ = registry.deregister(&mut host);
+        let mut guest = Guest { sockets, handle };
+        if guest.socket().is_open() {
+            // Never dispatched again: the flow is gone. `listen`/`connect` reset it.
+            guest.socket().abort();
+        }
+        guest
     }
 }
 

@@ -11,6 +11,7 @@
 #![allow(unsafe_code)]
 
 pub mod caps;
+pub mod alloc;
 pub mod fd;
 pub mod seccomp;
 

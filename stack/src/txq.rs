@@ -12,10 +12,12 @@
 //! keeps its segment and retries on the next poll, so nothing is dropped silently. The
 //! event loop flushes the queue whenever it fills and at the end of every turn.
 
-/// A ring of fixed-size frame slots.
+/// A ring of fixed-size frame slots, in one allocation (large enough to be mapped
+/// lazily by the allocator: untouched slots cost no memory).
 #[derive(Debug)]
 pub struct TxQueue {
-    slots: Box<[Box<[u8]>]>,
+    buf: Box<[u8]>,
+    slot_size: usize,
     lens: Box<[usize]>,
     head: usize,
     len: usize,
@@ -29,9 +31,8 @@ impl TxQueue {
     pub fn new(slots: usize, slot_size: usize) -> TxQueue {
         assert!(slots > 0, "a transmit queue needs at least one slot");
         TxQueue {
-            slots: (0..slots)
-                .map(|_| vec![0u8; slot_size].into_boxed_slice())
-                .collect(),
+            buf: vec![0u8; slots * slot_size].into_boxed_slice(),
+            slot_size,
             lens: vec![0; slots].into_boxed_slice(),
             head: 0,
             len: 0,
@@ -40,12 +41,20 @@ impl TxQueue {
 
     /// Size of one slot: the largest frame the queue can hold.
     pub fn slot_size(&self) -> usize {
-        self.slots[0].len()
+        self.slot_size
+    }
+
+    fn slots(&self) -> usize {
+        self.lens.len()
+    }
+
+    fn range(&self, idx: usize) -> std::ops::Range<usize> {
+        idx * self.slot_size..(idx + 1) * self.slot_size
     }
 
     /// Whether no slot is free.
     pub fn is_full(&self) -> bool {
-        self.len == self.slots.len()
+        self.len == self.slots()
     }
 
     /// Whether no frame is queued.
@@ -64,8 +73,9 @@ impl TxQueue {
         if self.is_full() {
             return None;
         }
-        let idx = (self.head + self.len) % self.slots.len();
-        Some(&mut self.slots[idx])
+        let idx = (self.head + self.len) % self.slots();
+        let r = self.range(idx);
+        Some(&mut self.buf[r])
     }
 
     /// Queues the slot last returned by [`slot`](Self::slot), holding a frame of `len` bytes.
@@ -74,7 +84,7 @@ impl TxQueue {
     /// When the queue is full or `len` exceeds the slot size (a caller bug).
     pub fn commit(&mut self, len: usize) {
         assert!(!self.is_full() && len <= self.slot_size());
-        let idx = (self.head + self.len) % self.slots.len();
+        let idx = (self.head + self.len) % self.slots();
         self.lens[idx] = len;
         self.len += 1;
     }
@@ -86,8 +96,9 @@ impl TxQueue {
             return None;
         }
         self.len -= 1;
-        let idx = (self.head + self.len) % self.slots.len();
-        Some(&self.slots[idx][..self.lens[idx]])
+        let idx = (self.head + self.len) % self.slots();
+        let start = self.range(idx).start;
+        Some(&self.buf[start..start + self.lens[idx]])
     }
 
     /// The oldest queued frame.
@@ -95,13 +106,14 @@ impl TxQueue {
         if self.is_empty() {
             return None;
         }
-        Some(&self.slots[self.head][..self.lens[self.head]])
+        let start = self.range(self.head).start;
+        Some(&self.buf[start..start + self.lens[self.head]])
     }
 
     /// Removes the oldest queued frame.
     pub fn pop(&mut self) {
         if self.len > 0 {
-            self.head = (self.head + 1) % self.slots.len();
+            self.head = (self.head + 1) % self.slots();
             self.len -= 1;
         }
     }
