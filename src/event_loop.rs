@@ -293,7 +293,14 @@ pub fn run(
                         a.handle(token, poll.registry(), &mut ctl);
                     }
                 }
-                token => fwd.handle_ready(now, token, readable, writable, &mut io),
+                token => fwd.handle_ready(
+                    now,
+                    token,
+                    readable,
+                    writable,
+                    event.is_read_closed(),
+                    &mut io,
+                ),
             }
         }
         if tap_readable {

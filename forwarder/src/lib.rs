@@ -994,13 +994,15 @@ impl Forwarder {
         }
     }
 
-    /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`).
+    /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`); `hup`:
+    /// the peer of a stream socket closed its sending side (`EPOLLRDHUP`).
     pub fn handle_ready(
         &mut self,
         now: Instant,
         token: Token,
         readable: bool,
         writable: bool,
+        hup: bool,
         io: &mut Io<'_>,
     ) {
         let Some(id) = token.0.checked_sub(FLOW_TOKEN_BASE) else {
@@ -1009,7 +1011,7 @@ impl Forwarder {
         let mtu = self.link.mtu;
         match self.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
-                flow.on_ready(readable, writable);
+                flow.on_ready(readable, writable, hup);
                 self.mark_dirty(id);
             }
             Some(Flow::Udp(flow)) => {
@@ -1337,15 +1339,7 @@ impl Forwarder {
         let entry = self.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
-        match tcp::TcpFlow::accept(
-            key,
-            stream,
-            &mut self.link,
-            
-            io.registry,
-            token,
-            guest,
-        ) {
+        match tcp::TcpFlow::accept(key, stream, &mut self.link, io.registry, token, guest) {
             Ok(flow) => {
                 entry.insert(Flow::Tcp(Box::new(flow)));
                 self.tcp_map.insert(key, id);

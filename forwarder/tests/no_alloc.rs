@@ -97,7 +97,8 @@ fn turn(sim: &mut Sim, tally: &mut Tally) {
     for ev in sim.events.iter() {
         let r = ev.is_readable() || ev.is_read_closed();
         let w = ev.is_writable() || ev.is_write_closed();
-        sim.fwd.handle_ready(now, ev.token(), r, w, &mut io);
+        sim.fwd
+            .handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
     }
     sim.fwd.handle_timeouts(now, &mut io);
     sim.fwd.poll_flows(now, &mut io);
