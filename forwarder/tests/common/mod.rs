@@ -106,7 +106,8 @@ impl Sim {
             for ev in self.events.iter() {
                 let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
                 let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                self.fwd.handle_ready(now, ev.token(), r, w, &mut io);
+                self.fwd
+                    .handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
             }
             self.fwd.handle_timeouts(now, &mut io);
             self.fwd.poll_flows(now, &mut io);
@@ -147,4 +148,350 @@ pub fn tcp_frame(
     let mut out = Vec::new();
     b.write(&mut out, data).unwrap();
     out
+}
+
+// Hostile input (tests/hostile.rs and the fuzz targets, which include this file): a
+// forwarder that cannot reach anything, fed frames whose destinations are confined.
+
+/// The IPv6 network of [`sealed_config`]: `fd00::/64`.
+pub const NET6: forwarder::nat::Network6 = forwarder::nat::Network6::DEFAULT;
+
+/// A configuration under which every destination [`confine`] writes is refused by the
+/// NAT: host loopback off (the gateway reaches nothing), no DNS upstream (the DNS
+/// address reaches nothing), IPv6 on so that NDP and ICMPv6 are parsed. Offloads follow
+/// the vnet header, as in `usernet`.
+pub fn sealed_config(vnet_hdr_len: usize) -> Config {
+    Config {
+        nat: NatConfig {
+            net: Network {
+                addr: Ipv4Addr::new(10, 0, 2, 0),
+                prefix_len: 24,
+            },
+            net6: Some(NET6),
+            host_loopback: false,
+            nameservers: vec![],
+        },
+        dns_enabled: true,
+        mtu: 1500,
+        vnet_hdr_len,
+        offload: vnet_hdr_len > 0,
+        outbound_v4: None,
+        outbound_v6: None,
+        guest_v4: None,
+        guest_v6: None,
+        tcp_buffer: 64 * 1024,
+        udp_idle: Duration::from_secs(60),
+        limits: Limits::default(),
+        seed: 1,
+    }
+}
+
+/// Where the IP destination address of `frame` sits, as the forwarder reads it
+/// (ethertype at Ethernet offset 12, IPv4 destination at IP offset 16, IPv6 at 24).
+fn dst_field(frame: &[u8], vnet: usize) -> Option<(std::ops::Range<usize>, bool)> {
+    let eth = frame.get(vnet..)?;
+    let ip = vnet + 14;
+    match u16::from_be_bytes([*eth.get(12)?, *eth.get(13)?]) {
+        0x0800 if frame.len() >= ip + 20 => Some((ip + 16..ip + 20, true)),
+        0x86dd if frame.len() >= ip + 40 => Some((ip + 24..ip + 40, false)),
+        _ => None,
+    }
+}
+
+/// Rewrites the IP destination of `frame` (vnet header of `vnet` bytes included) into
+/// an address the NAT of [`sealed_config`] refuses; `pick` chooses which. Frames too
+/// short to hold a destination are left alone: the forwarder cannot parse them as IP.
+pub fn confine(frame: &mut [u8], vnet: usize, pick: u64) {
+    let Some((field, v4)) = dst_field(frame, vnet) else {
+        return;
+    };
+    let low = (pick >> 8) as u8;
+    if v4 {
+        let dst: [u8; 4] = match pick % 8 {
+            0 | 1 => [10, 0, 2, 2],
+            2 => [10, 0, 2, 3],
+            3 | 4 => [10, 0, 2, low],
+            5 => [255, 255, 255, 255],
+            6 => [224 + low % 16, 0, 0, low],
+            _ => [127, low, 0, 1],
+        };
+        frame[field].copy_from_slice(&dst);
+    } else {
+        let mut dst = [0u8; 16];
+        match pick % 8 {
+            0 | 1 => dst = NET6.gateway().octets(),
+            2 => dst = NET6.dns().octets(),
+            3 | 4 => {
+                dst = NET6.prefix.octets();
+                dst[15] = low;
+                dst[9] = (pick >> 16) as u8;
+            }
+            5 => dst = [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, low],
+            6 => {
+                // Link-local, or the solicited-node group of a low address.
+                dst[..2].copy_from_slice(&[0xfe, 0x80]);
+                if low & 1 == 1 {
+                    dst[..2].copy_from_slice(&[0xff, 0x02]);
+                    dst[11..13].copy_from_slice(&[1, 0xff]);
+                }
+                dst[15] = low;
+            }
+            _ => {
+                // Loopback, unspecified or IPv4-mapped loopback.
+                match low % 3 {
+                    0 => dst[15] = 1,
+                    1 => {}
+                    _ => dst[10..].copy_from_slice(&[0xff, 0xff, 127, 0, 0, 1]),
+                }
+            }
+        }
+        frame[field].copy_from_slice(&dst);
+    }
+}
+
+/// Whether the NAT refuses the IP destination of `frame` for every port: the check
+/// run on every frame before it is fed (frames without a destination pass).
+pub fn reaches_nothing(nat: &NatConfig, frame: &[u8], vnet: usize) -> bool {
+    let Some((field, v4)) = dst_field(frame, vnet) else {
+        return true;
+    };
+    let b = &frame[field];
+    let dst = if v4 {
+        std::net::IpAddr::from(<[u8; 4]>::try_from(b).unwrap())
+    } else {
+        std::net::IpAddr::from(<[u8; 16]>::try_from(b).unwrap())
+    };
+    [0, 1, 53, 67, 80, 443, 65535]
+        .iter()
+        .all(|&port| nat.translate(dst, port).is_err())
+}
+
+/// The Internet checksum of `data` added to `sum`, not yet folded.
+fn sum16(mut sum: u32, data: &[u8]) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Recomputes the checksum of a TCP, UDP, ICMP or ICMPv6 message in place.
+fn fix_transport(seg: &mut [u8], proto: u8, pseudo: u32) {
+    let at = match proto {
+        6 => 16,
+        17 => 6,
+        1 | 58 => 2,
+        _ => return,
+    };
+    if seg.len() < at + 2 {
+        return;
+    }
+    seg[at..at + 2].fill(0);
+    let mut csum = if proto == 1 {
+        fold(sum16(0, seg))
+    } else {
+        fold(sum16(pseudo + seg.len() as u32 + u32::from(proto), seg))
+    };
+    if proto == 17 && csum == 0 {
+        csum = 0xffff;
+    }
+    seg[at..at + 2].copy_from_slice(&csum.to_be_bytes());
+}
+
+/// Recomputes the IPv4 header checksum and the transport checksum of `frame` where its
+/// length fields allow (mutated frames then get past the checksum checks).
+pub fn fix_checksums(frame: &mut [u8], vnet: usize) {
+    let Some(eth) = frame.get_mut(vnet..) else {
+        return;
+    };
+    if eth.len() < 14 {
+        return;
+    }
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let ip = &mut eth[14..];
+    match ethertype {
+        0x0800 if ip.len() >= 20 => {
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            if ihl < 20 || ihl > ip.len() {
+                return;
+            }
+            ip[10..12].fill(0);
+            let csum = fold(sum16(0, &ip[..ihl]));
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            // A fragment's transport checksum covers the whole datagram: left alone.
+            let fragment = ip[6] & 0x3f != 0 || ip[7] != 0;
+            if total < ihl || total > ip.len() || fragment {
+                return;
+            }
+            let proto = ip[9];
+            let pseudo = sum16(0, &ip[12..20]);
+            fix_transport(&mut ip[ihl..total], proto, pseudo);
+        }
+        0x86dd if ip.len() >= 40 => {
+            let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            if 40 + len > ip.len() {
+                return;
+            }
+            let proto = ip[6];
+            let pseudo = sum16(0, &ip[8..40]);
+            fix_transport(&mut ip[40..40 + len], proto, pseudo);
+        }
+        _ => {}
+    }
+}
+
+/// Frames for the guest, checked and dropped: each must hold its headers, must not
+/// exceed the MTU unless the vnet header asks for segmentation, and a checksum the
+/// vnet header leaves to the kernel must lie inside the frame.
+#[derive(Debug, Default)]
+pub struct Discard {
+    /// vnet header length of the link.
+    pub vnet: usize,
+    /// The link MTU.
+    pub mtu: usize,
+    /// Frames taken.
+    pub frames: u64,
+    /// Bytes taken.
+    pub bytes: u64,
+    /// Frames that failed a check.
+    pub bad: u64,
+    /// The first frame that failed a check.
+    pub first_bad: Option<Vec<u8>>,
+}
+
+impl Discard {
+    fn check(&self, frame: &[u8]) -> bool {
+        let v = self.vnet;
+        let Some(ip_len) = frame.len().checked_sub(v + 14) else {
+            return false;
+        };
+        let (gso, needs_csum, start, offset) = if v > 0 {
+            let u = |i: usize| usize::from(u16::from_le_bytes([frame[i], frame[i + 1]]));
+            (frame[1] != 0, frame[0] & 1 != 0, u(6), u(8))
+        } else {
+            (false, false, 0, 0)
+        };
+        let src_ok = frame[v + 6..v + 12] == GW_MAC;
+        let size_ok = gso || ip_len <= self.mtu;
+        let csum_ok = !needs_csum || start + offset + 2 <= frame.len() - v;
+        src_ok && size_ok && csum_ok
+    }
+}
+
+impl FrameSink for Discard {
+    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.frames += 1;
+        self.bytes += frame.len() as u64;
+        if !self.check(frame) {
+            self.bad += 1;
+            if self.first_bad.is_none() {
+                self.first_bad = Some(frame.to_vec());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A forwarder with [`sealed_config`] on a synthetic clock, for floods of hostile
+/// frames: [`feed`](Self::feed) takes one frame, [`turn`](Self::turn) runs the rest of
+/// an event loop turn (timers, flows, flush) once per batch.
+pub struct Sealed {
+    pub poll: Poll,
+    pub events: Events,
+    pub fwd: Forwarder,
+    pub sink: Discard,
+    pub vnet: usize,
+    nat: NatConfig,
+    micros: i64,
+}
+
+impl Sealed {
+    pub fn new(vnet: usize) -> Sealed {
+        let cfg = sealed_config(vnet);
+        let nat = cfg.nat.clone();
+        let sink = Discard {
+            vnet,
+            mtu: cfg.mtu,
+            ..Discard::default()
+        };
+        Sealed {
+            poll: Poll::new().unwrap(),
+            events: Events::with_capacity(64),
+            fwd: Forwarder::new(cfg, Instant::from_micros(0)),
+            sink,
+            vnet,
+            nat,
+            micros: 0,
+        }
+    }
+
+    pub fn now(&self) -> Instant {
+        Instant::from_micros(self.micros)
+    }
+
+    /// Feeds one frame (vnet header included).
+    ///
+    /// # Panics
+    /// When the frame's destination is one the NAT would let through: a generator bug
+    /// that could send traffic off this machine.
+    pub fn feed(&mut self, frame: &[u8]) {
+        assert!(
+            reaches_nothing(&self.nat, frame, self.vnet),
+            "unconfined destination in {frame:02x?}"
+        );
+        self.micros += 10;
+        let now = self.now();
+        let mut io = Io {
+            registry: self.poll.registry(),
+            tap: &mut self.sink,
+        };
+        self.fwd.handle_frame(now, frame, &mut io);
+    }
+
+    /// The rest of an event loop turn: readiness (none is expected), timers, flows,
+    /// flush.
+    pub fn turn(&mut self) {
+        self.poll
+            .poll(&mut self.events, Some(StdDuration::ZERO))
+            .unwrap();
+        self.micros += 1000;
+        let now = self.now();
+        let mut io = Io {
+            registry: self.poll.registry(),
+            tap: &mut self.sink,
+        };
+        for ev in self.events.iter() {
+            let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+            let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+            self.fwd
+                .handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
+        }
+        self.fwd.handle_timeouts(now, &mut io);
+        self.fwd.poll_flows(now, &mut io);
+        self.fwd.flush(&mut self.sink);
+    }
+}
+
+impl Sim {
+    /// A simulation of a forwarder with `cfg` (limits, NAT policy, vnet header).
+    pub fn with_config(cfg: Config) -> Sim {
+        Sim {
+            poll: Poll::new().unwrap(),
+            events: Events::with_capacity(64),
+            fwd: Forwarder::new(cfg, Instant::from_micros(0)),
+            wire: Wire::default(),
+            start: std::time::Instant::now(),
+        }
+    }
 }
