@@ -6,8 +6,9 @@
 //! grepping `--help`, so the attach mode takes the same flags, spelled the same way,
 //! with the same defaults and the same validation (`--mtu` 1..65521, `--cidr` prefix
 //! 1..25 and a network address). Parsing is clap's; a bad flag is a usage message on
-//! stderr and exit status 2. Flags of features that are not implemented yet are parsed
-//! and then refused at start with a clear "not supported yet" error, never ignored.
+//! stderr and exit status 2. Every slirp4netns flag is implemented; usernet's own
+//! additions (`-p`, limits, `--log-level`, the `run`, `ports` and `stats` subcommands)
+//! come on top.
 
 use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr};
@@ -226,11 +227,14 @@ pub struct NetArgs {
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_publish)]
     pub publish: Vec<Publish>,
 
-    /// Sandbox the process after setup: not supported yet.
+    /// After start-up: private mount namespace, a read-only empty root holding only
+    /// resolv.conf, every capability dropped but CAP_NET_BIND_SERVICE, no_new_privs.
+    /// On by default in `usernet run`.
     #[arg(long)]
     pub enable_sandbox: bool,
 
-    /// Seccomp syscall filter: not supported yet.
+    /// After start-up: a seccomp allow list of the syscalls the event loop needs; any
+    /// other kills the process. On by default in `usernet run`.
     #[arg(long)]
     pub enable_seccomp: bool,
 
@@ -312,6 +316,14 @@ pub struct RunArgs {
     /// No IPv6 for the command (it is on by default in run mode).
     #[arg(long, conflicts_with = "enable_ipv6")]
     pub disable_ipv6: bool,
+
+    /// Do not sandbox usernet (the sandbox is on by default in run mode).
+    #[arg(long, conflicts_with = "enable_sandbox")]
+    pub no_sandbox: bool,
+
+    /// No seccomp filter (it is on by default in run mode).
+    #[arg(long, conflicts_with = "enable_seccomp")]
+    pub no_seccomp: bool,
 
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]

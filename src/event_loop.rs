@@ -59,6 +59,9 @@ pub enum LoopError {
     /// The API socket could not be set up.
     #[error(transparent)]
     Api(#[from] api::ApiError),
+    /// An isolation stage failed.
+    #[error(transparent)]
+    Isolation(#[from] crate::isolation::IsolationError),
     /// A `-p` port could not be published.
     #[error("cannot publish {spec}")]
     Publish {
@@ -80,6 +83,8 @@ pub struct Extras {
     pub watch: Option<TargetWatch>,
     /// Run mode: the command; the loop ends when it does.
     pub child: Option<Pid>,
+    /// `--enable-sandbox`, `--enable-seccomp`: applied after start-up, before ready.
+    pub isolation: crate::isolation::Isolation,
     /// `--api-socket`.
     pub api_socket: Option<std::path::PathBuf>,
     /// `-p` rules, published before ready.
@@ -209,6 +214,8 @@ pub fn run(
                 })?;
         }
     }
+    crate::isolation::apply(&extras.isolation)?;
+    crate::isolation::test_probe();
     if let Some(fd) = extras.ready_fd.take() {
         let mut f = File::from(fd);
         if let Err(e) = f.write_all(b"1") {

@@ -15,6 +15,7 @@
 mod api;
 mod conf;
 mod event_loop;
+mod isolation;
 mod netns;
 mod sys;
 
@@ -36,8 +37,6 @@ use crate::netns::{AttachSpec, RunSpec, Target, TargetWatch};
 /// Everything that stops usernet at start-up; printed as one line.
 #[derive(Debug, thiserror::Error)]
 enum MainError {
-    #[error("{0} is not supported yet")]
-    NotSupported(&'static str),
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
@@ -97,17 +96,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Refuses flags whose features are not implemented yet.
-fn refuse_unsupported(net: &NetArgs) -> Result<(), MainError> {
-    if net.enable_sandbox {
-        return Err(MainError::NotSupported("--enable-sandbox"));
-    }
-    if net.enable_seccomp {
-        return Err(MainError::NotSupported("--enable-seccomp"));
-    }
-    Ok(())
-}
-
 fn link_config(
     net: &Network,
     mtu: u32,
@@ -141,7 +129,6 @@ struct Setup {
 }
 
 fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
-    refuse_unsupported(&args.net)?;
     let target = args.target.clone().unwrap_or_default();
     if args.macaddress.is_some() && !args.configure {
         return Err(MainError::Usage("--macaddress needs --configure".into()));
@@ -210,6 +197,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         ready_fd: adopt(args.ready_fd, "ready fd")?,
         watch,
         child: None,
+        isolation: isolation_of(&args.net),
         api_socket: args.net.api_socket.clone(),
         publish: args.net.publish.clone(),
     };
@@ -223,7 +211,6 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
 }
 
 fn run_mode(args: RunArgs) -> Result<i32, MainError> {
-    refuse_unsupported(&args.net)?;
     let net = &args.net.cidr;
     let ipv6 = !args.disable_ipv6 && args.net.mtu >= 1280;
     let resolv_conf = if args.net.disable_dns {
@@ -261,6 +248,11 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         ready_fd: None,
         watch: None,
         child: Some(child.pid),
+        isolation: isolation::Isolation {
+            sandbox: !args.no_sandbox,
+            seccomp: !args.no_seccomp,
+            ..isolation_of(&args.net)
+        },
         api_socket: args.net.api_socket.clone(),
         publish: args.net.publish.clone(),
     };
@@ -337,6 +329,16 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
         }
     }
     Ok(0)
+}
+
+/// The isolation stages asked for: `--enable-sandbox`, `--enable-seccomp`. usernet
+/// still reads resolv.conf when sandboxed (the DNS forwarder's upstreams).
+fn isolation_of(net: &NetArgs) -> isolation::Isolation {
+    isolation::Isolation {
+        sandbox: net.enable_sandbox,
+        seccomp: net.enable_seccomp,
+        keep: vec![PathBuf::from("/etc/resolv.conf")],
+    }
 }
 
 fn parse_fd(s: &str, what: &str) -> Result<i32, MainError> {

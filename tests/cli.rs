@@ -187,24 +187,3 @@ fn cli_macaddress_without_configure_rejected() {
     );
     assert_rejected(&f);
 }
-
-/// The flags of later issues (sandbox; seccomp) are parsed now but must refuse to start
-/// with "not supported yet", never be silently ignored. Change this test when those issues
-/// land. (`--api-socket` and `-6` left this list when published ports and IPv6 landed: see
-/// tests/api.rs and tests/ipv6.rs.)
-#[test]
-fn cli_later_issue_flags_fail_with_not_supported_yet() {
-    let Some(t) = Topology::new() else { return };
-    let c = t.container_ns();
-    for flags in [&["--enable-sandbox"][..], &["--enable-seccomp"]] {
-        let mut args = vec!["-c"];
-        args.extend_from_slice(flags);
-        args.extend(["--netns-type=path", &c, "tap0"]);
-        let f = usernet(&t, &args);
-        assert_rejected(&f);
-        assert!(
-            f.stderr.contains("not supported yet"),
-            "{flags:?}: stderr should say \"not supported yet\":\n{f}"
-        );
-    }
-}

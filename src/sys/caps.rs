@@ -10,7 +10,7 @@
 //! capabilities, which `no_new_privs` then rules out).
 //!
 //! The order matters: dropping from the bounding set needs `CAP_SETPCAP` in the effective
-//! set, so [`restrict_bounding`] and [`clear_ambient`] come before [`restrict`], which
+//! set, so [`restrict_bounding`] and [`clear_ambient`] come before [`set`], which
 //! removes `CAP_SETPCAP` itself.
 //!
 //! Capabilities are numbered 0 to 63 in two 32-bit words (`_LINUX_CAPABILITY_VERSION_3`);

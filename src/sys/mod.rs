@@ -10,8 +10,8 @@
 
 #![allow(unsafe_code)]
 
-pub mod caps;
 pub mod alloc;
+pub mod caps;
 pub mod fd;
 pub mod seccomp;
 

@@ -495,3 +495,52 @@ impl Sim {
         }
     }
 }
+
+/// The largest frame a guest input may be: vnet header + Ethernet + a 65535-byte IP
+/// packet, and then some.
+pub const MAX_FRAME: usize = 65560;
+
+/// One input of the `frame_parser` fuzz target, also replayed from its corpus by
+/// `tests/hostile.rs`: a mode byte, then the frame. Mode bit 0: vnet header (10 bytes)
+/// or none; bit 1: recompute checksums (so mutations get past them); bit 7: the rest is
+/// frames, each prefixed by its length (2 bytes, little endian), all fed to one
+/// forwarder; bits 2-6 choose the refused destination every frame's IP destination is
+/// rewritten to ([`confine`]).
+///
+/// # Panics
+/// When the forwarder panics, opens a host socket or sends the guest a malformed frame.
+pub fn replay_frames(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let vnet = if mode & 1 == 0 { 0 } else { 10 };
+    let mut s = Sealed::new(vnet);
+    let mut feed = |frame: &[u8]| {
+        let mut frame = frame[..frame.len().min(MAX_FRAME)].to_vec();
+        confine(&mut frame, vnet, u64::from(mode >> 2));
+        if mode & 2 != 0 {
+            fix_checksums(&mut frame, vnet);
+        }
+        s.feed(&frame);
+    };
+    if mode & 0x80 == 0 {
+        feed(rest);
+    } else {
+        let mut rest = rest;
+        while let [a, b, tail @ ..] = rest {
+            let len = usize::from(u16::from_le_bytes([*a, *b])).min(tail.len());
+            let (frame, next) = tail.split_at(len);
+            feed(frame);
+            rest = next;
+        }
+    }
+    s.turn();
+    let c = s.fwd.counters();
+    assert_eq!((c.tcp_opened, c.udp_opened, c.icmp_opened), (0, 0, 0));
+    assert_eq!(s.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!(
+        s.sink.bad, 0,
+        "malformed frame to the guest: {:02x?}",
+        s.sink.first_bad
+    );
+}
