@@ -163,7 +163,15 @@ impl Reassembler {
         if !more {
             slot.total = Some(end);
         }
-        Ok(slot.complete().then_some(idx))
+        if !slot.complete() {
+            return Ok(None);
+        }
+        if slot.header_len + slot.total.unwrap_or(0) > 65535 {
+            // Options in the first fragment pushed the whole past the IPv4 limit.
+            slot.key = None;
+            return Err(FragDrop::Malformed);
+        }
+        Ok(Some(idx))
     }
 
     /// The reassembled IPv4 packet of a completed slot.
@@ -174,7 +182,7 @@ impl Reassembler {
         slot.buf[start..60].copy_from_slice(&slot.header[..hl]);
         let out = &mut slot.buf[start..60 + total];
         let mut p = Ipv4Packet::new_unchecked(&mut *out);
-        // hl + total <= 65535: `add` bounds the payload end.
+        // hl + total <= 65535: `add` refuses larger wholes.
         p.set_total_len(u16::try_from(hl + total).unwrap_or(u16::MAX));
         p.set_more_frags(false);
         p.set_frag_offset(0);

@@ -193,6 +193,8 @@ counters! {
     ipv4_fragments,
     /// IPv4 datagrams reassembled from fragments.
     ipv4_reassembled,
+    /// IPv4 packets whose options were stripped (the flow is re-originated without).
+    ipv4_options_stripped,
     /// IPv6 packets while IPv6 is off.
     drop_ipv6,
     /// Malformed IPv6.
@@ -249,6 +251,8 @@ counters! {
     udp_too_big,
     /// Echo requests answered by usernet (gateway, DNS).
     icmp_echo_local,
+    /// Echo requests to usernet whose reply could not be sent (beyond the MTU).
+    icmp_reply_dropped,
     /// ICMP echo flows opened.
     icmp_opened,
     /// ICMP echo flows closed.
@@ -525,6 +529,15 @@ impl Forwarder {
             self.counters.drop_ipv4_malformed += 1;
             return;
         };
+        // Checked here for fragments too: reassembly writes a fresh header checksum.
+        if packet.version() != 4 || !packet.verify_checksum() {
+            self.counters.drop_ipv4_malformed += 1;
+            return;
+        }
+        if packet.header_len() > 20 {
+            // Options never reach the host: the flow is re-originated without them.
+            self.counters.ipv4_options_stripped += 1;
+        }
         if packet.more_frags() || packet.frag_offset() != 0 {
             self.handle_fragment(now, &packet, vnet, io);
             return;
@@ -544,6 +557,14 @@ impl Forwarder {
             && src != net.dns()
             && src != net.broadcast();
         if repr.next_header == IpProtocol::Udp && udp::is_dhcp_request(&repr, payload) {
+            let (src, dst) = (
+                IpAddress::Ipv4(repr.src_addr),
+                IpAddress::Ipv4(repr.dst_addr),
+            );
+            if udp::parse_any(&src, &dst, payload, verify).is_none() {
+                self.counters.drop_udp_malformed += 1;
+                return;
+            }
             self.handle_dhcp(now, payload);
             return;
         }
@@ -605,6 +626,12 @@ impl Forwarder {
             // Neighbor discovery comes from link-local or unspecified sources.
             match icmp::parse_v6(&src, &dst, payload) {
                 None => self.counters.drop_icmp_malformed += 1,
+                Some(icmp::Message::NeighborSolicit | icmp::Message::RouterSolicit)
+                    if ndp::ours(&net6, &repr.src_addr) =>
+                {
+                    // Someone claiming our address.
+                    self.counters.drop_bad_source += 1;
+                }
                 Some(icmp::Message::NeighborSolicit) => {
                     if ndp::answer_solicitation(&mut self.link, &net6, repr.src_addr, payload) {
                         self.counters.ndp_adverts += 1;
@@ -644,6 +671,19 @@ impl Forwarder {
             }
             // Extension headers (hop-by-hop of MLD, fragments, ...) are not handled.
             _ => self.counters.drop_ipv6_ext += 1,
+        }
+    }
+
+    /// Whether `addr` is a unicast address (for ICMP errors).
+    fn is_unicast(&self, addr: &IpAddress) -> bool {
+        match addr {
+            IpAddress::Ipv4(a) => {
+                !(a.is_broadcast()
+                    || a.is_multicast()
+                    || a.is_unspecified()
+                    || *a == self.cfg.nat.net.broadcast())
+            }
+            IpAddress::Ipv6(a) => !(a.is_multicast() || a.is_unspecified()),
         }
     }
 
@@ -743,6 +783,10 @@ impl Forwarder {
         };
         if verify && !segment.verify_checksum(&src, &dst) {
             self.counters.drop_bad_checksum += 1;
+            return;
+        }
+        if segment.src_port() == 0 || segment.dst_port() == 0 {
+            self.counters.drop_tcp_malformed += 1;
             return;
         }
         let key = FlowKey {
@@ -891,7 +935,11 @@ impl Forwarder {
                 } else {
                     icmp::Unreachable::Prohibited
                 };
-                icmp::emit_unreachable(&mut self.link, key.remote.0, code, ip);
+                // Never an ICMP error about (or from) a broadcast or multicast address
+                // (RFC 1122 3.2.2): the guest's mDNS and SSDP end here.
+                if self.is_unicast(&key.remote.0) {
+                    icmp::emit_unreachable(&mut self.link, key.remote.0, code, ip);
+                }
                 return None;
             }
         };
@@ -940,6 +988,8 @@ impl Forwarder {
         if ours {
             if icmp::emit_echo_reply(&mut self.link, dst, src, payload) {
                 self.counters.icmp_echo_local += 1;
+            } else {
+                self.counters.icmp_reply_dropped += 1;
             }
             return;
         }

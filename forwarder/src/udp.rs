@@ -62,6 +62,20 @@ pub fn is_dhcp_request(ip: &Ipv4Repr, payload: &[u8]) -> bool {
         && (dst.is_broadcast() || dst.octets()[3] == 2 || ip.src_addr.is_unspecified())
 }
 
+/// Checks a guest datagram (length, and checksum when `verify`), ports 0 included.
+pub fn parse_any<'a>(
+    src: &IpAddress,
+    dst: &IpAddress,
+    payload: &'a [u8],
+    verify: bool,
+) -> Option<&'a [u8]> {
+    let packet = UdpPacket::new_checked(payload).ok()?;
+    if verify && packet.checksum() != 0 && !packet.verify_checksum(src, dst) {
+        return None;
+    }
+    Some(&payload[emit::UDP_HEADER_LEN..usize::from(packet.len())])
+}
+
 /// Parses a guest datagram from `src` to `dst`: its flow key and payload. The checksum
 /// is checked when `verify` (the guest's kernel did not leave it to us).
 pub fn parse<'a>(
