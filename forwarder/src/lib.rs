@@ -383,6 +383,9 @@ pub struct Forwarder {
     reasm: Option<frag::Reassembler>,
     /// Closed guest sockets kept for the next flows (at most [`SOCKET_POOL`]).
     socket_pool: Vec<tcp::Guest>,
+    /// Published-port UDP associations by (guest port, client as the guest sees it):
+    /// a guest with several addresses may answer from another one than it was sent to.
+    udp_in_by_port: HashMap<(u16, (IpAddress, u16)), usize>,
 }
 
 /// Closed TCP sockets kept for reuse: connection churn then allocates nothing. Their
@@ -457,6 +460,7 @@ impl Forwarder {
             parked: Vec::new(),
             reasm: Some(frag::Reassembler::default()),
             socket_pool: Vec::with_capacity(SOCKET_POOL),
+            udp_in_by_port: HashMap::new(),
         }
     }
 
@@ -662,7 +666,9 @@ impl Forwarder {
             self.counters.drop_bad_source += 1;
             return;
         }
-        if self.guest_v6 != Some(repr.src_addr) {
+        // Learn the guest's address for published ports, unless it was configured (a
+        // guest with SLAAC has several: stick to one).
+        if self.cfg.guest_v6.is_none() && self.guest_v6 != Some(repr.src_addr) {
             self.guest_v6 = Some(repr.src_addr);
         }
         match repr.next_header {
@@ -881,7 +887,11 @@ impl Forwarder {
             self.counters.drop_udp_malformed += 1;
             return;
         };
-        let id = match self.udp_map.get(&key) {
+        let known = self
+            .udp_map
+            .get(&key)
+            .or_else(|| self.udp_in_by_port.get(&(key.guest.1, key.remote)));
+        let id = match known {
             Some(&id) => id,
             None => match self.open_udp(now, key, ip, io) {
                 Some(id) => id,
@@ -1228,6 +1238,7 @@ impl Forwarder {
             }
             Flow::UdpIn(f) => {
                 self.udp_map.remove(&f.key);
+                self.udp_in_by_port.remove(&(f.key.guest.1, f.key.remote));
                 self.counters.udp_closed += 1;
             }
             Flow::Icmp(mut f) => {
@@ -1448,6 +1459,7 @@ impl Forwarder {
                         timer: None,
                     }));
                     self.udp_map.insert(key, fid);
+                    self.udp_in_by_port.insert((key.guest.1, key.remote), fid);
                     self.counters.udp_opened += 1;
                     if let Some(slot) = self.flows.get_mut(fid).and_then(Flow::timer_slot) {
                         self.timers.arm(slot, fid, now + self.cfg.udp_idle);
