@@ -14,6 +14,19 @@
 //!                             /etc/resolv.conf: nameserver 127.0.0.1
 //! ```
 //!
+//! [`Topology::new_ipv6`] adds IPv6 to H and W (C is left to usernet and the kernel's
+//! defaults; H and W skip duplicate address detection; H's ::3 is deprecated, so never a
+//! default source):
+//!
+//! ```text
+//!                             vh  2001:db8:1::1/64 + ::3/64 <--> vw  2001:db8:1::2/64
+//!                             ob0 2001:db8:1::9/128              lo  2001:db8:2::1 (WORLD6)
+//!                             route 2001:db8:2::/64 via 2001:db8:1::2
+//!                                                                route 2001:db8:1::9 dev ob1
+//! ```
+//!
+//! 2001:db8:ff::/48 has no route in H: it is the IPv6 "unreachable" network.
+//!
 //! usernet is always started as `ip netns exec H usernet ...`: `ip netns exec` execs in place
 //! (the PID we get is usernet's) and bind-mounts `/etc/netns/H/resolv.conf` over
 //! `/etc/resolv.conf` for it. 192.0.2.0/24 has no route in H: it is the "unreachable" network.
@@ -42,7 +55,10 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{
+    Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
+    UdpSocket,
+};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -85,6 +101,29 @@ pub const WORLD: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const UNREACHABLE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 55);
 /// The name the test DNS server resolves (to [`WORLD`]).
 pub const DNS_NAME: &str = "example.test";
+
+// IPv6 (only with [`Topology::new_ipv6`]; usernet's side with `-6`).
+
+/// Guest address with `-6 -c` (`fd00::100`).
+pub const GUEST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
+/// IPv6 gateway (`fd00::2`): the host namespace's `::1` unless `--disable-host-loopback`.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// IPv6 DNS forwarder (`fd00::3`).
+pub const DNS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 3);
+/// usernet's router link-local address (`fe80::2`), the source of its advertisements.
+pub const ROUTER_LL6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
+/// H's primary IPv6 address on the veth to W: what the world sees by default.
+pub const HOST_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+/// A second IPv6 address of H on the same veth, for `--outbound-addr6 ADDR`.
+pub const HOST_ADDR6_2: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 3);
+/// The only global IPv6 address of H's interface `ob0`, for `--outbound-addr6 IFNAME`.
+pub const HOST_OB_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 9);
+/// W's IPv6 address on the veth to H.
+pub const WORLD_LINK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+/// The IPv6 "world" server address (on W's `lo`; H routes 2001:db8:2::/64 via W).
+pub const WORLD6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+/// An IPv6 destination with no route in H.
+pub const UNREACHABLE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x55);
 
 /// Read/write timeout of every test socket.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -503,6 +542,30 @@ impl Topology {
     ///
     /// If a setup command fails (the partial topology is still removed).
     pub fn new() -> Option<Self> {
+        Self::build(false)
+    }
+
+    /// [`new`](Self::new) plus IPv6 on H and W (see the module docs): H `vh`
+    /// 2001:db8:1::1/64 and ::3/64 (deprecated: only used when bound explicitly), `ob0`
+    /// 2001:db8:1::9/128; W `vw` 2001:db8:1::2/64, `lo` 2001:db8:2::1 ([`WORLD6`]); H routes
+    /// 2001:db8:2::/64 via W; no duplicate address detection in H and W (C keeps the kernel
+    /// defaults). `None` after a loud SKIPPED line when IPv6 is missing (panics under CI).
+    ///
+    /// # Panics
+    ///
+    /// If a setup command fails (the partial topology is still removed).
+    pub fn new_ipv6() -> Option<Self> {
+        if !require_root_netns() {
+            return None;
+        }
+        let v6 = Path::new("/proc/sys/net/ipv6/conf/default/disable_ipv6").exists();
+        if !require(v6, "the kernel has no IPv6 (/proc/sys/net/ipv6 missing)") {
+            return None;
+        }
+        Self::build(true)
+    }
+
+    fn build(ipv6: bool) -> Option<Self> {
         if !require_root_netns() {
             return None;
         }
@@ -516,7 +579,7 @@ impl Topology {
             created: Vec::new(),
             etc_dir: None,
         };
-        t.setup();
+        t.setup(ipv6);
         Some(t)
     }
 
@@ -525,7 +588,7 @@ impl Topology {
         self.created.push(name.to_string());
     }
 
-    fn setup(&mut self) {
+    fn setup(&mut self, ipv6: bool) {
         let _ = fs::remove_dir_all(&self.tmp);
         fs::create_dir_all(&self.tmp).expect("create scratch dir");
         fs::set_permissions(&self.tmp, fs::Permissions::from_mode(0o755)).expect("chmod tmp");
@@ -538,6 +601,27 @@ impl Topology {
         self.add_netns(&h);
         self.add_netns(&w);
         self.add_netns(&c);
+        if ipv6 {
+            // Before any interface exists: no duplicate address detection on H's and W's
+            // addresses (link-local ones included), so they are usable at once.
+            for ns in [&h, &w] {
+                sh(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-q",
+                        "-w",
+                        "net.ipv6.conf.all.disable_ipv6=0",
+                        "net.ipv6.conf.default.disable_ipv6=0",
+                        "net.ipv6.conf.all.accept_dad=0",
+                        "net.ipv6.conf.default.accept_dad=0",
+                    ],
+                );
+            }
+        }
 
         // resolv.conf that `ip netns exec H` bind-mounts over /etc/resolv.conf.
         let etc = PathBuf::from(format!("/etc/netns/{h}"));
@@ -577,6 +661,58 @@ impl Topology {
         ip(&["-n", &h, "addr", "add", "198.51.100.9/32", "dev", "ob0"]);
         ip(&["-n", &h, "link", "set", "ob0", "up"]);
         ip(&["-n", &w, "link", "set", "ob1", "up"]);
+        if ipv6 {
+            self.setup_ipv6();
+        }
+    }
+
+    fn setup_ipv6(&self) {
+        let (h, w) = (&self.host, &self.world);
+        for (ns, addr, dev) in [
+            (h, "2001:db8:1::1/64", "vh"),
+            (h, "2001:db8:1::9/128", "ob0"),
+            (w, "2001:db8:1::2/64", "vw"),
+            (w, "2001:db8:2::1/128", "lo"),
+        ] {
+            ip(&["-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        }
+        // Deprecated (preferred lifetime 0): usable when bound explicitly, never chosen as a
+        // default source, so ::1 stays what the world sees.
+        ip(&[
+            "-n",
+            h,
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::3/64",
+            "dev",
+            "vh",
+            "nodad",
+            "preferred_lft",
+            "0",
+        ]);
+        ip(&[
+            "-n",
+            h,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:2::/64",
+            "via",
+            "2001:db8:1::2",
+        ]);
+        // W reaches ob0's address over ob1: IPv6 answers neighbor solicitations only for
+        // addresses of the receiving interface (no weak-host NDP as with ARP).
+        ip(&[
+            "-n",
+            w,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:1::9/128",
+            "dev",
+            "ob1",
+        ]);
     }
 
     /// `/run/netns/H`.
@@ -660,6 +796,27 @@ impl Topology {
             "via",
             "198.51.100.1",
         ]);
+    }
+
+    /// Replaces the `/etc/resolv.conf` that usernet (started after this) sees in H.
+    pub fn set_host_resolv_conf(&self, text: &str) {
+        let path = PathBuf::from(format!("/etc/netns/{}/resolv.conf", self.host));
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
+    /// The IPv6 addresses of `dev` in C (`ip -o -6 addr show`), flags included.
+    pub fn container_addrs6(&self, dev: &str) -> String {
+        ip(&[
+            "-n",
+            &self.container,
+            "-o",
+            "-6",
+            "addr",
+            "show",
+            "dev",
+            dev,
+        ])
+        .stdout
     }
 
     /// `ip -n C -o link show DEV`, for MTU and MAC checks.
@@ -809,7 +966,16 @@ fn set_timeouts(s: &TcpStream) {
 
 /// TCP connect with [`CONNECT_TIMEOUT`] and [`IO_TIMEOUT`] on the stream.
 pub fn connect(addr: SocketAddrV4) -> io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+    connect_at(addr.into())
+}
+
+/// [`connect`] over IPv6.
+pub fn connect6(addr: SocketAddrV6) -> io::Result<TcpStream> {
+    connect_at(addr.into())
+}
+
+fn connect_at(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
     set_timeouts(&s);
     Ok(s)
 }
@@ -822,8 +988,19 @@ pub fn connect(addr: SocketAddrV4) -> io::Result<TcpStream> {
 /// On any I/O error or digest mismatch.
 #[track_caller]
 pub fn upload_to_sink(addr: SocketAddrV4, seed: u64, len: u64) -> [u8; 32] {
+    upload_to_sink_at(addr.into(), seed, len)
+}
+
+/// [`upload_to_sink`] over IPv6.
+#[track_caller]
+pub fn upload_to_sink6(addr: SocketAddrV6, seed: u64, len: u64) -> [u8; 32] {
+    upload_to_sink_at(addr.into(), seed, len)
+}
+
+#[track_caller]
+fn upload_to_sink_at(addr: SocketAddr, seed: u64, len: u64) -> [u8; 32] {
     let t0 = Instant::now();
-    let mut s = connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut s = connect_at(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     let sent = send_pattern(&mut s, seed, len).unwrap_or_else(|e| {
         panic!(
             "upload to {addr}: write failed after {:.2?}: {e}",
@@ -866,8 +1043,19 @@ pub fn upload_to_sink(addr: SocketAddrV4, seed: u64, len: u64) -> [u8; 32] {
 /// On any I/O error or digest mismatch.
 #[track_caller]
 pub fn download_from_source(addr: SocketAddrV4, seed: u64, len: u64) {
+    download_from_source_at(addr.into(), seed, len);
+}
+
+/// [`download_from_source`] over IPv6.
+#[track_caller]
+pub fn download_from_source6(addr: SocketAddrV6, seed: u64, len: u64) {
+    download_from_source_at(addr.into(), seed, len);
+}
+
+#[track_caller]
+fn download_from_source_at(addr: SocketAddr, seed: u64, len: u64) {
     let t0 = Instant::now();
-    let mut s = connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut s = connect_at(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     let mut req = [0u8; 16];
     req[..8].copy_from_slice(&seed.to_le_bytes());
     req[8..].copy_from_slice(&len.to_le_bytes());
@@ -897,7 +1085,18 @@ pub fn download_from_source(addr: SocketAddrV4, seed: u64, len: u64) {
 /// One request/reply through a [`TcpServer::echo`]: sends `data`, half-closes, reads to EOF.
 #[track_caller]
 pub fn echo_once(addr: SocketAddrV4, data: &[u8]) {
-    let mut s = connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    echo_once_at(addr.into(), data);
+}
+
+/// [`echo_once`] over IPv6.
+#[track_caller]
+pub fn echo_once6(addr: SocketAddrV6, data: &[u8]) {
+    echo_once_at(addr.into(), data);
+}
+
+#[track_caller]
+fn echo_once_at(addr: SocketAddr, data: &[u8]) {
+    let mut s = connect_at(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.write_all(data).expect("echo write");
     s.shutdown(Shutdown::Write).expect("shutdown(Write)");
     let mut back = Vec::new();
@@ -993,8 +1192,19 @@ pub fn concurrent_echo_with(addr: SocketAddrV4, n: usize, each: usize, while_ope
 /// Asserts that a TCP connect to `addr` fails with ECONNREFUSED within 5 s.
 #[track_caller]
 pub fn assert_refused(addr: SocketAddrV4) {
+    assert_refused_at(addr.into());
+}
+
+/// [`assert_refused`] over IPv6.
+#[track_caller]
+pub fn assert_refused6(addr: SocketAddrV6) {
+    assert_refused_at(addr.into());
+}
+
+#[track_caller]
+fn assert_refused_at(addr: SocketAddr) {
     let t0 = Instant::now();
-    match TcpStream::connect_timeout(&addr.into(), CONNECT_TIMEOUT) {
+    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
         Ok(_) => panic!("connect to {addr} succeeded, expected ECONNREFUSED"),
         Err(e) => {
             assert_eq!(
@@ -1016,8 +1226,19 @@ pub fn assert_refused(addr: SocketAddrV4) {
 /// ENETUNREACH.
 #[track_caller]
 pub fn assert_unreachable(addr: SocketAddrV4) {
+    assert_unreachable_at(addr.into());
+}
+
+/// [`assert_unreachable`] over IPv6.
+#[track_caller]
+pub fn assert_unreachable6(addr: SocketAddrV6) {
+    assert_unreachable_at(addr.into());
+}
+
+#[track_caller]
+fn assert_unreachable_at(addr: SocketAddr) {
     let t0 = Instant::now();
-    match TcpStream::connect_timeout(&addr.into(), CONNECT_TIMEOUT) {
+    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
         Ok(_) => panic!("connect to {addr} succeeded, expected EHOSTUNREACH/ENETUNREACH"),
         Err(e) => assert!(
             matches!(
@@ -1037,6 +1258,15 @@ pub fn assert_unreachable(addr: SocketAddrV4) {
 
 /// A UDP socket with [`IO_TIMEOUT`]-free short timeouts, for request/reply tests.
 pub fn udp_socket(bind: SocketAddrV4) -> UdpSocket {
+    udp_socket_at(bind.into())
+}
+
+/// [`udp_socket`] on an IPv6 address.
+pub fn udp_socket6(bind: SocketAddrV6) -> UdpSocket {
+    udp_socket_at(bind.into())
+}
+
+fn udp_socket_at(bind: SocketAddr) -> UdpSocket {
     let s = UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind udp {bind}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("udp timeout");
@@ -1053,6 +1283,25 @@ pub fn udp_roundtrip(
     payload: &[u8],
     tries: u32,
 ) -> Result<u32, String> {
+    udp_roundtrip_at(sock, dst.into(), payload, tries)
+}
+
+/// [`udp_roundtrip`] over IPv6.
+pub fn udp_roundtrip6(
+    sock: &UdpSocket,
+    dst: SocketAddrV6,
+    payload: &[u8],
+    tries: u32,
+) -> Result<u32, String> {
+    udp_roundtrip_at(sock, dst.into(), payload, tries)
+}
+
+fn udp_roundtrip_at(
+    sock: &UdpSocket,
+    dst: SocketAddr,
+    payload: &[u8],
+    tries: u32,
+) -> Result<u32, String> {
     let mut buf = vec![0u8; 65536];
     let mut last = String::new();
     for attempt in 1..=tries {
@@ -1065,7 +1314,7 @@ pub fn udp_roundtrip(
         while Instant::now() < deadline {
             match sock.recv_from(&mut buf) {
                 Ok((n, from)) => {
-                    if from != SocketAddr::V4(dst) {
+                    if (from.ip(), from.port()) != (dst.ip(), dst.port()) {
                         last = format!("datagram from unexpected source {from}");
                         continue;
                     }
@@ -1126,6 +1375,23 @@ impl Stats {
         v
     }
 
+    /// Distinct peer IPv6 addresses seen (IPv4-mapped ones included as such).
+    pub fn peer_ips6(&self) -> Vec<Ipv6Addr> {
+        let mut v: Vec<Ipv6Addr> = self
+            .peers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|p| match p {
+                SocketAddr::V6(a) => Some(*a.ip()),
+                SocketAddr::V4(_) => None,
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Waits up to `t` for `n` recorded digests.
     pub fn wait_digests(&self, n: usize, t: Duration) -> Vec<(SocketAddr, [u8; 32], u64)> {
         let end = Instant::now() + t;
@@ -1170,6 +1436,64 @@ pub fn tcp_listen(addr: SocketAddrV4) -> io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
+/// Serves `listener` (already bound) from an accept thread.
+fn serve(
+    listener: TcpListener,
+    name: String,
+    handler: Handler,
+) -> (Arc<Stats>, Arc<AtomicBool>, JoinHandle<()>) {
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, sp) = (stats.clone(), stop.clone());
+    let accept = thread::Builder::new()
+        .name(name)
+        .spawn(move || accept_loop(listener, handler, st, sp))
+        .expect("spawn accept thread");
+    (stats, stop, accept)
+}
+
+fn sink_handler(s: &mut TcpStream, peer: SocketAddr, st: &Stats) -> io::Result<()> {
+    let (d, n) = read_digest(s)?;
+    st.digests.lock().unwrap().push((peer, d, n));
+    let mut reply = [0u8; 40];
+    reply[..32].copy_from_slice(&d);
+    reply[32..].copy_from_slice(&n.to_le_bytes());
+    s.write_all(&reply)?;
+    Ok(())
+}
+
+fn source_handler(s: &mut TcpStream, _: SocketAddr, _: &Stats) -> io::Result<()> {
+    let mut req = [0u8; 16];
+    s.read_exact(&mut req)?;
+    let seed = u64::from_le_bytes(req[..8].try_into().expect("8 bytes"));
+    let len = u64::from_le_bytes(req[8..].try_into().expect("8 bytes"));
+    send_pattern(s, seed, len)?;
+    s.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn echo_handler(s: &mut TcpStream, _: SocketAddr, _: &Stats) -> io::Result<()> {
+    let mut buf = [0u8; 16384];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return s.shutdown(Shutdown::Write);
+        }
+        s.write_all(&buf[..n])?;
+    }
+}
+
+fn half_close_handler(s: &mut TcpStream, peer: SocketAddr, st: &Stats) -> io::Result<()> {
+    s.write_all(HALF_CLOSE_GREETING)?;
+    s.shutdown(Shutdown::Write)?;
+    let (d, n) = read_digest(s)?;
+    st.digests.lock().unwrap().push((peer, d, n));
+    Ok(())
+}
+
 impl TcpServer {
     /// Binds `addr` (port 0: any) inside `ns_path` and serves each connection with
     /// `handler(stream, peer, stats)`.
@@ -1184,17 +1508,8 @@ impl TcpServer {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => unreachable!("bound an IPv4 address"),
         };
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        let stats = Arc::new(Stats::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let handler: Handler = Arc::new(handler);
-        let (st, sp) = (stats.clone(), stop.clone());
-        let accept = thread::Builder::new()
-            .name(format!("tcp server {addr}"))
-            .spawn(move || accept_loop(listener, handler, st, sp))
-            .expect("spawn accept thread");
+        let (stats, stop, accept) =
+            serve(listener, format!("tcp server {addr}"), Arc::new(handler));
         TcpServer {
             addr,
             stats,
@@ -1206,55 +1521,24 @@ impl TcpServer {
     /// Reads to EOF, then replies with the SHA-256 (32 bytes) and length (u64 LE) of what it
     /// got, and records both.
     pub fn sink(ns_path: &str, addr: SocketAddrV4) -> Self {
-        Self::start(ns_path, addr, |s, peer, st| {
-            let (d, n) = read_digest(s)?;
-            st.digests.lock().unwrap().push((peer, d, n));
-            let mut reply = [0u8; 40];
-            reply[..32].copy_from_slice(&d);
-            reply[32..].copy_from_slice(&n.to_le_bytes());
-            s.write_all(&reply)?;
-            Ok(())
-        })
+        Self::start(ns_path, addr, sink_handler)
     }
 
     /// Reads a 16-byte request (seed u64 LE, length u64 LE), sends that many bytes of the
     /// stream, then closes.
     pub fn source(ns_path: &str, addr: SocketAddrV4) -> Self {
-        Self::start(ns_path, addr, |s, _, _| {
-            let mut req = [0u8; 16];
-            s.read_exact(&mut req)?;
-            let seed = u64::from_le_bytes(req[..8].try_into().expect("8 bytes"));
-            let len = u64::from_le_bytes(req[8..].try_into().expect("8 bytes"));
-            send_pattern(s, seed, len)?;
-            s.shutdown(Shutdown::Write)?;
-            Ok(())
-        })
+        Self::start(ns_path, addr, source_handler)
     }
 
     /// Echoes everything until the client half-closes, then closes.
     pub fn echo(ns_path: &str, addr: SocketAddrV4) -> Self {
-        Self::start(ns_path, addr, |s, _, _| {
-            let mut buf = [0u8; 16384];
-            loop {
-                let n = s.read(&mut buf)?;
-                if n == 0 {
-                    return s.shutdown(Shutdown::Write);
-                }
-                s.write_all(&buf[..n])?;
-            }
-        })
+        Self::start(ns_path, addr, echo_handler)
     }
 
     /// Server-first half-close: sends [`HALF_CLOSE_GREETING`], shuts down its write side at
     /// once, then reads the client's data to EOF and records its digest.
     pub fn half_close(ns_path: &str, addr: SocketAddrV4) -> Self {
-        Self::start(ns_path, addr, |s, peer, st| {
-            s.write_all(HALF_CLOSE_GREETING)?;
-            s.shutdown(Shutdown::Write)?;
-            let (d, n) = read_digest(s)?;
-            st.digests.lock().unwrap().push((peer, d, n));
-            Ok(())
-        })
+        Self::start(ns_path, addr, half_close_handler)
     }
 
     /// A minimal HTTP/1.0 responder: reads the request head, answers `200` with `body`.
@@ -1276,6 +1560,89 @@ impl TcpServer {
             s.write_all(resp.as_bytes())?;
             Ok(())
         })
+    }
+}
+
+/// A listening IPv6 socket (dual-stack when bound to `[::]`) with a large backlog.
+pub fn tcp_listen6(addr: SocketAddrV6) -> io::Result<TcpListener> {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn6,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(addr))?;
+    listen(&fd, Backlog::new(4096).unwrap_or(Backlog::MAXCONN))?;
+    Ok(TcpListener::from(fd))
+}
+
+/// [`TcpServer`] on an IPv6 address (same handlers); stops accepting on drop.
+pub struct TcpServer6 {
+    /// The bound address.
+    pub addr: SocketAddrV6,
+    /// What it saw.
+    pub stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl TcpServer6 {
+    /// Binds `addr` (port 0: any; `[::]` also accepts IPv4) inside `ns_path` and serves each
+    /// connection with `handler(stream, peer, stats)`.
+    pub fn start(
+        ns_path: &str,
+        addr: SocketAddrV6,
+        handler: impl Fn(&mut TcpStream, SocketAddr, &Stats) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        let listener = in_netns(ns_path, || tcp_listen6(addr))
+            .unwrap_or_else(|e| panic!("listen on {addr} in {ns_path}: {e}"));
+        let addr = match listener.local_addr().expect("local_addr") {
+            SocketAddr::V6(a) => a,
+            SocketAddr::V4(_) => unreachable!("bound an IPv6 address"),
+        };
+        let (stats, stop, accept) =
+            serve(listener, format!("tcp server {addr}"), Arc::new(handler));
+        TcpServer6 {
+            addr,
+            stats,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    /// Like [`TcpServer::sink`].
+    pub fn sink(ns_path: &str, addr: SocketAddrV6) -> Self {
+        Self::start(ns_path, addr, sink_handler)
+    }
+
+    /// Like [`TcpServer::source`].
+    pub fn source(ns_path: &str, addr: SocketAddrV6) -> Self {
+        Self::start(ns_path, addr, source_handler)
+    }
+
+    /// Like [`TcpServer::echo`].
+    pub fn echo(ns_path: &str, addr: SocketAddrV6) -> Self {
+        Self::start(ns_path, addr, echo_handler)
+    }
+
+    /// Like [`TcpServer::half_close`].
+    pub fn half_close(ns_path: &str, addr: SocketAddrV6) -> Self {
+        Self::start(ns_path, addr, half_close_handler)
+    }
+}
+
+impl Drop for TcpServer6 {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
     }
 }
 
@@ -1347,6 +1714,35 @@ pub struct UdpEcho {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Serves a bound UDP socket as an echo server from a thread.
+fn udp_echo_serve(sock: UdpSocket, name: String) -> (Arc<Stats>, Arc<AtomicBool>, JoinHandle<()>) {
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("udp timeout");
+    let stats = Arc::new(Stats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, sp) = (stats.clone(), stop.clone());
+    let thread = thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !sp.load(Ordering::SeqCst) {
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                st.accepted.fetch_add(1, Ordering::SeqCst);
+                st.peers.lock().unwrap().push(peer);
+                if let Err(e) = sock.send_to(&buf[..n], peer) {
+                    st.errors
+                        .lock()
+                        .unwrap()
+                        .push(format!("send_to {peer}: {e}"));
+                }
+            }
+        })
+        .expect("spawn udp echo");
+    (stats, stop, thread)
+}
+
 impl UdpEcho {
     /// Binds `addr` (port 0: any) inside `ns_path`.
     pub fn start(ns_path: &str, addr: SocketAddrV4) -> Self {
@@ -1356,35 +1752,50 @@ impl UdpEcho {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => unreachable!("bound an IPv4 address"),
         };
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("udp timeout");
-        let stats = Arc::new(Stats::default());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (st, sp) = (stats.clone(), stop.clone());
-        let thread = thread::Builder::new()
-            .name(format!("udp echo {addr}"))
-            .spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !sp.load(Ordering::SeqCst) {
-                    let Ok((n, peer)) = sock.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    st.accepted.fetch_add(1, Ordering::SeqCst);
-                    st.peers.lock().unwrap().push(peer);
-                    if let Err(e) = sock.send_to(&buf[..n], peer) {
-                        st.errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("send_to {peer}: {e}"));
-                    }
-                }
-            })
-            .expect("spawn udp echo");
+        let (stats, stop, thread) = udp_echo_serve(sock, format!("udp echo {addr}"));
         UdpEcho {
             addr,
             stats,
             stop,
             thread: Some(thread),
+        }
+    }
+}
+
+/// [`UdpEcho`] on an IPv6 address; stops on drop.
+pub struct UdpEcho6 {
+    /// The bound address.
+    pub addr: SocketAddrV6,
+    /// `accepted` counts datagrams; `peers` records each datagram's source.
+    pub stats: Arc<Stats>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEcho6 {
+    /// Binds `addr` (port 0: any) inside `ns_path`.
+    pub fn start(ns_path: &str, addr: SocketAddrV6) -> Self {
+        let sock = in_netns(ns_path, || UdpSocket::bind(addr))
+            .unwrap_or_else(|e| panic!("bind udp {addr} in {ns_path}: {e}"));
+        let addr = match sock.local_addr().expect("local_addr") {
+            SocketAddr::V6(a) => a,
+            SocketAddr::V4(_) => unreachable!("bound an IPv6 address"),
+        };
+        let (stats, stop, thread) = udp_echo_serve(sock, format!("udp echo {addr}"));
+        UdpEcho6 {
+            addr,
+            stats,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpEcho6 {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
         }
     }
 }
@@ -1543,7 +1954,13 @@ pub struct DnsServer {
     pub names: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
-    _tcp: TcpServer,
+    _tcp: AnyTcpServer,
+}
+
+/// The TCP half of a [`DnsServer`], on either family (only kept alive).
+enum AnyTcpServer {
+    V4(TcpServer),
+    V6(TcpServer6),
 }
 
 impl DnsServer {
@@ -1554,6 +1971,15 @@ impl DnsServer {
 
     /// Starts the server on `addr` inside `ns_path`.
     pub fn start_at(ns_path: &str, addr: SocketAddrV4) -> Self {
+        Self::start_on(ns_path, addr.into())
+    }
+
+    /// Starts the server on an IPv6 `addr` (e.g. `[::1]:53`) inside `ns_path`.
+    pub fn start_at6(ns_path: &str, addr: SocketAddrV6) -> Self {
+        Self::start_on(ns_path, addr.into())
+    }
+
+    fn start_on(ns_path: &str, addr: SocketAddr) -> Self {
         let udp_queries = Arc::new(AtomicUsize::new(0));
         let tcp_queries = Arc::new(AtomicUsize::new(0));
         let names = Arc::new(Mutex::new(Vec::new()));
@@ -1584,7 +2010,7 @@ impl DnsServer {
             .expect("spawn dns udp");
 
         let (tq, nm) = (tcp_queries.clone(), names.clone());
-        let tcp = TcpServer::start(ns_path, addr, move |s, _, _| loop {
+        let handler = move |s: &mut TcpStream, _: SocketAddr, _: &Stats| loop {
             let mut len = [0u8; 2];
             match s.read_exact(&mut len) {
                 Ok(()) => {}
@@ -1603,7 +2029,11 @@ impl DnsServer {
             let mut out = (r.len() as u16).to_be_bytes().to_vec();
             out.extend_from_slice(&r);
             s.write_all(&out)?;
-        });
+        };
+        let tcp = match addr {
+            SocketAddr::V4(a) => AnyTcpServer::V4(TcpServer::start(ns_path, a, handler)),
+            SocketAddr::V6(a) => AnyTcpServer::V6(TcpServer6::start(ns_path, a, handler)),
+        };
         DnsServer {
             udp_queries,
             tcp_queries,
@@ -1626,14 +2056,28 @@ impl Drop for DnsServer {
 
 /// One DNS query over UDP to `server`; `None` if no answer within 3 s (two tries).
 pub fn dns_udp_exchange(server: SocketAddrV4, query: &[u8]) -> Option<Vec<u8>> {
-    let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    dns_udp_exchange_at(server.into(), query)
+}
+
+/// [`dns_udp_exchange`] over IPv6.
+pub fn dns_udp_exchange6(server: SocketAddrV6, query: &[u8]) -> Option<Vec<u8>> {
+    dns_udp_exchange_at(server.into(), query)
+}
+
+fn dns_udp_exchange_at(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let s = match server {
+        SocketAddr::V4(_) => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
+    };
     s.set_read_timeout(Some(Duration::from_millis(1500)))
         .expect("timeout");
     let mut buf = [0u8; 4096];
     for _ in 0..2 {
         s.send_to(query, server).ok()?;
         while let Ok((n, from)) = s.recv_from(&mut buf) {
-            if from == SocketAddr::V4(server) && buf[..n].get(..2) == query.get(..2) {
+            if (from.ip(), from.port()) == (server.ip(), server.port())
+                && buf[..n].get(..2) == query.get(..2)
+            {
                 return Some(buf[..n].to_vec());
             }
         }
@@ -1643,7 +2087,16 @@ pub fn dns_udp_exchange(server: SocketAddrV4, query: &[u8]) -> Option<Vec<u8>> {
 
 /// One DNS query over TCP (length-prefixed) to `server`.
 pub fn dns_tcp_exchange(server: SocketAddrV4, query: &[u8]) -> io::Result<Vec<u8>> {
-    let mut s = connect(server)?;
+    dns_tcp_exchange_at(server.into(), query)
+}
+
+/// [`dns_tcp_exchange`] over IPv6.
+pub fn dns_tcp_exchange6(server: SocketAddrV6, query: &[u8]) -> io::Result<Vec<u8>> {
+    dns_tcp_exchange_at(server.into(), query)
+}
+
+fn dns_tcp_exchange_at(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let mut s = connect_at(server)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut out = (query.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(query);
