@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use forwarder::nat::Network;
+use forwarder::nat::{Network, Network6};
 use forwarder::port::Proto;
 
 /// usernet: rootless user-space networking for containers (a slirp4netns drop-in).
@@ -212,6 +212,10 @@ pub struct NetArgs {
     #[arg(long, value_name = "ADDR|IFNAME")]
     pub outbound_addr6: Option<String>,
 
+    /// Guest IPv6 network (a /64): guest ::100, gateway ::2, DNS ::3.
+    #[arg(long, value_name = "PREFIX/64", default_value = "fd00::/64", value_parser = parse_cidr6)]
+    pub cidr6: Network6,
+
     /// Enable IPv6: fd00::/64 by router advertisements (SLAAC), gateway fd00::2 (the
     /// host's ::1), DNS fd00::3; with --configure also fd00::100 and a default route.
     /// On by default in `usernet run`.
@@ -363,6 +367,32 @@ pub fn parse_cidr(s: &str) -> Result<Network, String> {
     Ok(net)
 }
 
+/// Parses an IPv6 /64 network prefix (SLAAC needs exactly 64 bits).
+pub fn parse_cidr6(s: &str) -> Result<Network6, String> {
+    let (addr, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| format!("IPv6 network must look like PREFIX::/64, not {s:?}"))?;
+    let addr: std::net::Ipv6Addr = addr
+        .parse()
+        .map_err(|_| format!("bad IPv6 address in {s:?}"))?;
+    if prefix != "64" {
+        return Err(format!("IPv6 network {s:?} must be a /64 (SLAAC needs it)"));
+    }
+    if u128::from(addr) & u128::from(u64::MAX) != 0 {
+        return Err(format!(
+            "{s:?} is not a network prefix (interface bits set)"
+        ));
+    }
+    if addr.segments()[0] & 0xffc0 == 0xfe80
+        || addr.is_multicast()
+        || addr.is_loopback()
+        || addr.is_unspecified()
+    {
+        return Err(format!("{s:?} cannot be a guest network"));
+    }
+    Ok(Network6 { prefix: addr })
+}
+
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
@@ -411,6 +441,22 @@ mod tests {
         assert!(parse_cidr("10.0.2.0/26").is_err());
         assert!(parse_cidr("10.0.2.0/0").is_err());
         assert!(parse_cidr("10.0.2.0").is_err());
+    }
+
+    #[test]
+    fn cidr6_validation() {
+        assert_eq!(parse_cidr6("fd00::/64"), Ok(Network6::DEFAULT));
+        assert!(parse_cidr6("fd00:1:2:3::/64").is_ok());
+        for bad in [
+            "fd00::/48",
+            "fd00::1/64",
+            "fe80::/64",
+            "ff02::/64",
+            "fd00::",
+            "x::/64",
+        ] {
+            assert!(parse_cidr6(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

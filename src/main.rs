@@ -98,12 +98,12 @@ fn main() -> ExitCode {
 
 fn link_config(
     net: &Network,
+    net6: Network6,
     mtu: u32,
     tap_name: &str,
     mac: Option<[u8; 6]>,
     ipv6: bool,
 ) -> LinkConfig {
-    let net6 = Network6::DEFAULT;
     LinkConfig {
         name: tap_name.to_owned(),
         mtu,
@@ -142,6 +142,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
     let configure = args.configure.then(|| {
         link_config(
             &args.net.cidr,
+            args.net.cidr6,
             args.net.mtu,
             &args.tap_name,
             args.macaddress,
@@ -220,7 +221,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         format!(
             "nameserver {}\nnameserver {}\n",
             net.dns(),
-            Network6::DEFAULT.dns()
+            args.net.cidr6.dns()
         )
     } else {
         format!("nameserver {}\n", net.dns())
@@ -232,7 +233,14 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         cmd: args.command.clone(),
         tap_name: "tap0".into(),
         vnet_hdr: true,
-        link: link_config(net, args.net.mtu, "tap0", args.macaddress, ipv6),
+        link: link_config(
+            net,
+            args.net.cidr6,
+            args.net.mtu,
+            "tap0",
+            args.macaddress,
+            ipv6,
+        ),
         resolv_conf,
     };
     let mut child = netns::spawn_run(&spec)?;
@@ -431,7 +439,7 @@ fn forwarder_with(
     outbound: (Option<Ipv4Addr>, Option<Ipv6Addr>),
     setup: &Setup,
 ) -> Forwarder {
-    let net6 = setup.ipv6.then_some(Network6::DEFAULT);
+    let net6 = setup.ipv6.then_some(net.cidr6);
     let cfg = Config {
         nat: NatConfig {
             net: net.cidr,

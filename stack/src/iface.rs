@@ -39,11 +39,15 @@ pub fn capabilities(mtu: usize, offload: bool) -> DeviceCapabilities {
     caps.checksum = csum;
     if offload {
         caps.segmentation.tcpv4 = NonZeroUsize::new(TSO_MAX);
-        // Not for IPv6: smoltcp 0.14's IPv6 egress ignores `segmentation_offload_size`
-        // and drops every packet above the MTU as "needs fragmentation" (its TSO was only
-        // tested on IPv4, smoltcp#1148), which stalls the flow in retransmissions.
-        // IPv6 keeps checksum offload; segments are MSS-sized.
-        caps.segmentation.tcpv6 = None;
+        caps.segmentation.tcpv6 = NonZeroUsize::new(TSO_MAX);
+        // smoltcp 0.14's IPv6 egress ignores `segmentation_offload_size` and drops every
+        // packet above its MTU as "needs fragmentation" (its TSO was only tested on IPv4,
+        // smoltcp#1148). Its MTU only bounds our own MSS, though: segments are cut at
+        // min(our MSS, the guest's MSS), and the guest announces an MSS that fits its MTU.
+        // So with offloads smoltcp gets the TSO limit as MTU, super-frames pass the IPv6
+        // size check, and the kernel cuts them at the guest's MSS (the vnet gso_size).
+        // Everything else usernet sends is bounded by the link's real MTU.
+        caps.max_transmission_unit = TSO_MAX;
     }
     caps
 }
