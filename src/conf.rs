@@ -259,7 +259,7 @@ pub struct NetArgs {
     pub max_icmp_flows: u32,
 
     /// Bytes buffered per TCP flow and direction (memory is committed as data flows).
-    #[arg(long, value_name = "BYTES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
+    #[arg(long, value_name = "BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
     pub tcp_buffer: u32,
 
     /// Log level: error, warn, info, debug or trace (default: $RUST_LOG, else warn).
