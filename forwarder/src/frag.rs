@@ -126,7 +126,7 @@ impl Reassembler {
         let payload = packet.payload();
         let more = packet.more_frags();
         let end = offset + payload.len();
-        if end > MAX_PAYLOAD || (more && payload.len() % 8 != 0) || payload.is_empty() {
+        if end > MAX_PAYLOAD || (more && !payload.len().is_multiple_of(8)) || payload.is_empty() {
             return Err(FragDrop::Malformed);
         }
         let idx = match self

@@ -56,8 +56,8 @@ use smoltcp::iface::{Interface, SocketSet};
 use smoltcp::phy::{ChecksumCapabilities, DeviceCapabilities};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
-    EthernetAddress, IpAddress, IpCidr, IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, Ipv6Address,
-    Ipv6Packet, Ipv6Repr, TcpPacket,
+    EthernetAddress, IpAddress, IpCidr, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet,
+    Ipv6Repr, TcpPacket,
 };
 use stack::device::GuestDevice;
 use stack::l2::{Ingress, L2Drop, L2};
@@ -403,8 +403,8 @@ impl Forwarder {
     /// that every later call uses.
     pub fn new(cfg: Config, now: Instant) -> Forwarder {
         let net = cfg.nat.net;
-        let gateway = Ipv4Address::from(net.gateway());
-        let dns = Ipv4Address::from(net.dns());
+        let gateway = net.gateway();
+        let dns = net.dns();
         let mut l2 = L2::new(L2::mac_for(gateway), [gateway, dns], cfg.vnet_hdr_len);
         // The largest frame: vnet header + Ethernet header + the largest IP packet.
         let slot = cfg.vnet_hdr_len + stack::l2::ETHERNET_HEADER_LEN + 65536;
@@ -412,11 +412,11 @@ impl Forwarder {
         let caps = stack::iface::capabilities(cfg.mtu, cfg.offload);
         let mut addrs = vec![IpCidr::new(IpAddress::Ipv4(gateway), net.prefix_len)];
         if let Some(net6) = cfg.nat.net6 {
-            let gw6 = Ipv6Address::from(net6.gateway());
+            let gw6 = net6.gateway();
             addrs.push(IpCidr::new(IpAddress::Ipv6(gw6), nat::Network6::PREFIX_LEN));
         }
         let iface = stack::iface::interface(now, &caps, &mut l2, &mut txq, &addrs, cfg.seed);
-        let (cfg_net6, cfg_guest_v6) = (cfg.nat.net6, cfg.guest_v6.map(Ipv6Address::from));
+        let (cfg_net6, cfg_guest_v6) = (cfg.nat.net6, cfg.guest_v6);
         let dhcp = dhcp::DhcpServer::new(dhcp::DhcpConfig {
             server: net.gateway(),
             prefix_len: net.prefix_len,
@@ -554,7 +554,7 @@ impl Forwarder {
         let ip = &ip[..usize::from(packet.total_len())];
         let payload = packet.payload();
         let net = self.cfg.nat.net;
-        let src = Ipv4Addr::from(repr.src_addr);
+        let src = repr.src_addr;
         let valid_source = net.contains(src)
             && src != net.addr
             && src != net.gateway()
@@ -695,7 +695,7 @@ impl Forwarder {
 
     /// A guest source address for flows: in the /64, not one of ours.
     fn valid_source_v6(&self, net6: &nat::Network6, src: Ipv6Address) -> bool {
-        let a = Ipv6Addr::from(src);
+        let a = src;
         net6.contains(a) && a != net6.gateway() && a != net6.dns() && a != net6.prefix
     }
 
@@ -741,7 +741,7 @@ impl Forwarder {
             self.counters.drop_udp_malformed += 1;
             return;
         };
-        let gateway = Ipv4Address::from(self.cfg.nat.net.gateway());
+        let gateway = self.cfg.nat.net.gateway();
         let Some(slot) = self.link.txq.slot() else {
             self.counters.dhcp_drops += 1;
             return;
@@ -762,7 +762,7 @@ impl Forwarder {
             &mut self.link.txq,
             self.link.mtu,
             (gateway.into(), 67),
-            (Ipv4Address::from(reply.dst_ip).into(), 68),
+            (reply.dst_ip.into(), 68),
             Some(reply.dst_mac),
             |_| Some(reply.len),
         );
@@ -1120,9 +1120,7 @@ impl Forwarder {
         }
         if let (None, Some(guest)) = (self.link.l2.guest_mac(), self.cfg.guest_v4) {
             let before = self.link.l2.counters.arp_probes;
-            self.link
-                .l2
-                .probe_guest(now, guest.into(), &mut self.link.txq);
+            self.link.l2.probe_guest(now, guest, &mut self.link.txq);
             self.counters.arp_probes += self.link.l2.counters.arp_probes - before;
         }
         while let Some((at, id)) = self.timers.pop_due(now) {
@@ -1483,7 +1481,10 @@ impl Forwarder {
                 Ok(_) => {}
                 Err(emit::EmitError::TooBig) => self.counters.udp_too_big += 1,
                 Err(emit::EmitError::NoNeighbor) => {
-                    self.park(now, guest.0, remote, guest, &self.scratch[..n].to_vec());
+                    // `park` needs `&mut self`: lend it the buffer (a move, no copy).
+                    let scratch = std::mem::take(&mut self.scratch);
+                    self.park(now, guest.0, remote, guest, &scratch[..n]);
+                    self.scratch = scratch;
                 }
                 Err(_) => self.counters.udp_send_dropped += 1,
             }

@@ -45,7 +45,7 @@ fn multicast_mac(ip: &Ipv6Address) -> EthernetAddress {
 
 /// Our IPv6 addresses.
 pub fn ours(net: &Network6, ip: &Ipv6Address) -> bool {
-    let ip = std::net::Ipv6Addr::from(*ip);
+    let ip = *ip;
     ip == net.gateway() || ip == net.dns() || ip == ROUTER_LINK_LOCAL
 }
 
@@ -99,7 +99,7 @@ pub(crate) fn answer_solicitation(
 
 /// Sends a router advertisement to `dst` (all nodes, or a soliciting guest address).
 pub(crate) fn advertise(link: &mut Link, net: &Network6, dns: bool, dst: Ipv6Address) -> bool {
-    let src = Ipv6Address::from(ROUTER_LINK_LOCAL);
+    let src = ROUTER_LINK_LOCAL;
     let dst_mac = dst.is_multicast().then(|| multicast_mac(&dst));
     let mac = link.l2.mac();
     let mtu = link.mtu;

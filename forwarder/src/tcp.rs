@@ -164,7 +164,7 @@ impl TcpFlow {
         let socket = guest.socket();
         socket.pause_synack(true);
         let endpoint = IpListenEndpoint {
-            addr: Some(key.remote.0.into()),
+            addr: Some(key.remote.0),
             port: key.remote.1,
         };
         // Cannot fail: the port is non-zero (a SYN to port 0 is refused by smoltcp's
