@@ -175,6 +175,8 @@ counters! {
     tx_bytes,
     /// Frames the TAP refused (lost).
     tx_errors,
+    /// TCP super-frames written for the kernel to segment (TSO, IPv4 and IPv6).
+    tx_gso_frames,
     /// Frames shorter than their headers.
     drop_truncated,
     /// Frames for another MAC address.
@@ -284,18 +286,24 @@ impl Link {
         caps: &'a DeviceCapabilities,
         rx: Option<&'a [u8]>,
         guest: IpAddress,
+        mtu: usize,
     ) -> GuestDevice<'a> {
-        GuestDevice::new(rx, l2, txq, caps, Some(guest))
+        GuestDevice::new(rx, l2, txq, caps, Some(guest), mtu)
     }
 
     /// Writes queued frames to the guest. Returns false when the device would block
     /// (the rest stays queued).
     pub fn flush(&mut self, tap: &mut dyn FrameSink, c: &mut Counters) -> bool {
+        let vnet = self.l2.header_len() > stack::l2::ETHERNET_HEADER_LEN;
         while let Some(frame) = self.txq.front() {
             match tap.send_frame(frame) {
                 Ok(()) => {
                     c.tx_frames += 1;
                     c.tx_bytes += frame.len() as u64;
+                    // The vnet header's gso_type, second byte.
+                    if vnet && frame.get(1).is_some_and(|&gso| gso != 0) {
+                        c.tx_gso_frames += 1;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
@@ -817,7 +825,7 @@ impl Forwarder {
     /// Lets smoltcp answer a segment that belongs to no flow: a RST, as a host would.
     fn reset_stray(&mut self, now: Instant, guest: IpAddress, ip: &[u8]) {
         let l = &mut self.link;
-        let mut dev = Link::device(&mut l.l2, &mut l.txq, &l.caps, Some(ip), guest);
+        let mut dev = Link::device(&mut l.l2, &mut l.txq, &l.caps, Some(ip), guest, l.mtu);
         l.iface
             .poll_ingress_single(now, &mut dev, &mut self.no_flow);
     }

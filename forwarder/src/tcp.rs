@@ -253,7 +253,14 @@ impl TcpFlow {
     /// Feeds one guest segment (a whole IPv4 packet) to smoltcp.
     pub(crate) fn ingress(&mut self, now: Instant, link: &mut Link, ip: &[u8]) {
         let guest = self.key.guest.0;
-        let mut dev = Link::device(&mut link.l2, &mut link.txq, &link.caps, Some(ip), guest);
+        let mut dev = Link::device(
+            &mut link.l2,
+            &mut link.txq,
+            &link.caps,
+            Some(ip),
+            guest,
+            link.mtu,
+        );
         link.iface
             .poll_ingress_single(now, &mut dev, &mut self.sockets);
     }
@@ -402,7 +409,14 @@ impl TcpFlow {
     ) -> Status {
         let guest = self.key.guest.0;
         loop {
-            let mut dev = Link::device(&mut link.l2, &mut link.txq, &link.caps, None, guest);
+            let mut dev = Link::device(
+                &mut link.l2,
+                &mut link.txq,
+                &link.caps,
+                None,
+                guest,
+                link.mtu,
+            );
             let res = link.iface.poll_egress(now, &mut dev, &mut self.sockets);
             if link.txq.is_full() {
                 if !link.flush(io.tap, c) {

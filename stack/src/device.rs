@@ -26,6 +26,7 @@ pub struct GuestDevice<'a> {
     txq: &'a mut TxQueue,
     caps: &'a DeviceCapabilities,
     guest: Option<IpAddress>,
+    link_mtu: usize,
 }
 
 impl<'a> GuestDevice<'a> {
@@ -37,6 +38,7 @@ impl<'a> GuestDevice<'a> {
         txq: &'a mut TxQueue,
         caps: &'a DeviceCapabilities,
         guest: Option<IpAddress>,
+        link_mtu: usize,
     ) -> GuestDevice<'a> {
         GuestDevice {
             rx,
@@ -44,6 +46,7 @@ impl<'a> GuestDevice<'a> {
             txq,
             caps,
             guest,
+            link_mtu,
         }
     }
 
@@ -74,6 +77,7 @@ pub struct Tx<'a> {
     txq: &'a mut TxQueue,
     meta: PacketMeta,
     offload: bool,
+    link_mtu: usize,
 }
 
 impl phy::RxToken for Rx<'_> {
@@ -93,7 +97,12 @@ impl phy::TxToken for Tx<'_> {
             return f(&mut scratch);
         };
         let ret = f(&mut slot[hdr..hdr + len]);
-        let (ethertype, vnet) = finish_ip(&mut slot[hdr..hdr + len], &self.meta, self.offload);
+        let (ethertype, vnet) = finish_ip(
+            &mut slot[hdr..hdr + len],
+            &self.meta,
+            self.offload,
+            self.link_mtu,
+        );
         if self.l2.write_headers(slot, ethertype, &vnet, None) {
             self.txq.commit(hdr + len);
         }
@@ -110,7 +119,12 @@ impl phy::TxToken for Tx<'_> {
 /// pseudo-header sum and the vnet header asks the kernel to complete it (and to cut a
 /// super-frame into `gso_size` segments); without, the checksum is computed here.
 /// Returns the ethertype and the vnet header.
-pub fn finish_ip(ip: &mut [u8], meta: &PacketMeta, offload: bool) -> (EthernetProtocol, VnetRepr) {
+pub fn finish_ip(
+    ip: &mut [u8],
+    meta: &PacketMeta,
+    offload: bool,
+    link_mtu: usize,
+) -> (EthernetProtocol, VnetRepr) {
     let v6 = ip.first().is_some_and(|b| b >> 4 == 6);
     let ethertype = if v6 {
         EthernetProtocol::Ipv6
@@ -161,8 +175,16 @@ pub fn finish_ip(ip: &mut [u8], meta: &PacketMeta, offload: bool) -> (EthernetPr
         csum_start: u16::try_from(csum_start).unwrap_or(u16::MAX),
         csum_offset: TCP_CHECKSUM_OFFSET as u16,
     };
-    if let Some(mss) = meta.segmentation_offload_size {
-        let tcp_hdr_len = usize::from(ip[l4 + 12] >> 4) * 4;
+    let tcp_hdr_len = usize::from(ip[l4 + 12] >> 4) * 4;
+    // smoltcp 0.14 does not pass the segment size along for IPv6 (its IPv4 path does):
+    // a packet above the link MTU is a super-frame, cut to fit the link.
+    let mss = meta.segmentation_offload_size.or_else(|| {
+        (v6 && ip.len() > link_mtu)
+            .then(|| u16::try_from(link_mtu.saturating_sub(l4 + tcp_hdr_len)).ok())
+            .flatten()
+            .and_then(core::num::NonZeroU16::new)
+    });
+    if let Some(mss) = mss {
         vnet.gso_type = if v6 { GsoType::TcpV6 } else { GsoType::TcpV4 };
         vnet.gso_size = mss.get();
         vnet.hdr_len = u16::try_from(csum_start + tcp_hdr_len).unwrap_or(u16::MAX);
@@ -198,6 +220,7 @@ impl phy::Device for GuestDevice<'_> {
                 txq: self.txq,
                 meta: PacketMeta::default(),
                 offload: self.caps.segmentation.tcpv4.is_some(),
+                link_mtu: self.link_mtu,
             },
         ))
     }
@@ -211,6 +234,7 @@ impl phy::Device for GuestDevice<'_> {
             txq: self.txq,
             meta: PacketMeta::default(),
             offload: self.caps.segmentation.tcpv4.is_some(),
+            link_mtu: self.link_mtu,
         })
     }
 

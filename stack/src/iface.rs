@@ -63,7 +63,7 @@ pub fn interface(
 ) -> Interface {
     let mut config = Config::new(HardwareAddress::Ip);
     config.random_seed = seed;
-    let mut dev = GuestDevice::new(None, l2, txq, caps, None);
+    let mut dev = GuestDevice::new(None, l2, txq, caps, None, caps.max_transmission_unit);
     let mut iface = Interface::new(config, &mut dev, now);
     iface.update_ip_addrs(|list| {
         for addr in addrs {
