@@ -32,6 +32,8 @@ pub const MAX_REQUEST: usize = 4096;
 pub const MAX_CLIENTS: usize = 64;
 /// Time a client has to send its request.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon `accept` is tried again after it failed for lack of fds.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// What the API may change.
 pub trait Control {
@@ -176,6 +178,9 @@ pub struct Server {
     clients: Slab<Client>,
     listener_token: Token,
     client_base: usize,
+    /// When to try `accept` again after it failed for lack of fds (EMFILE): the client
+    /// waits in the backlog and no new edge will say so.
+    retry: Option<Instant>,
 }
 
 /// Errors setting up the API socket.
@@ -228,6 +233,7 @@ impl Server {
             clients: Slab::new(),
             listener_token,
             client_base,
+            retry: None,
         })
     }
 
@@ -291,7 +297,12 @@ impl Server {
             let (mut stream, _) = match self.listener.accept() {
                 Ok(conn) => conn,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("API: accept failed ({e}); trying again shortly");
+                    self.retry = Some(Instant::now() + ACCEPT_RETRY);
+                    return;
+                }
             };
             if self.clients.len() >= MAX_CLIENTS {
                 log::warn!("API: too many clients, closing a new connection");
@@ -319,8 +330,13 @@ impl Server {
         }
     }
 
-    /// Closes clients that have been silent too long; returns when to call again.
+    /// Closes clients that have been silent too long and retries a failed `accept`;
+    /// returns when to call again.
     pub fn expire(&mut self, now: Instant, registry: &Registry) -> Option<Instant> {
+        if self.retry.is_some_and(|at| now >= at) {
+            self.retry = None;
+            self.accept(registry);
+        }
         let stale: Vec<usize> = self
             .clients
             .iter()
@@ -333,6 +349,7 @@ impl Server {
         self.clients
             .iter()
             .map(|(_, c)| c.since + CLIENT_TIMEOUT)
+            .chain(self.retry)
             .min()
     }
 }

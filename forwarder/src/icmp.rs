@@ -326,7 +326,13 @@ impl IcmpFlow {
     }
 
     /// Moves echo replies to the guest.
-    pub(crate) fn receive(&mut self, now: Instant, link: &mut Link, io: &mut Io<'_>) {
+    pub(crate) fn receive(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        io: &mut Io<'_>,
+        c: &mut crate::Counters,
+    ) {
         let (remote, guest) = (self.key.remote.0, self.key.guest);
         loop {
             let mtu = link.mtu;
@@ -367,8 +373,7 @@ impl IcmpFlow {
             match res {
                 Ok(_) => self.last_active = now,
                 Err(EmitError::QueueFull) => {
-                    let mut c = crate::Counters::default();
-                    if !link.flush(io.tap, &mut c) {
+                    if !link.flush(io.tap, c) {
                         return;
                     }
                 }

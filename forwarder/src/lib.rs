@@ -342,7 +342,7 @@ impl Flow {
             Flow::Udp(f) => Some(&mut f.timer),
             Flow::UdpIn(f) => Some(&mut f.timer),
             Flow::Icmp(f) => Some(&mut f.timer),
-            Flow::Port(_) => None,
+            Flow::Port(l) => Some(&mut l.retry),
         }
     }
 }
@@ -399,6 +399,9 @@ pub struct Forwarder {
 /// Closed TCP sockets kept for reuse: connection churn then allocates nothing. Their
 /// buffers' touched pages stay resident, so the pool is small.
 const SOCKET_POOL: usize = 64;
+
+/// How soon `accept` is tried again after it failed for lack of fds.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// Frames kept while the guest's MAC address is being resolved.
 const MAX_PARKED: usize = 16;
@@ -1092,7 +1095,7 @@ impl Forwarder {
             }
             Some(Flow::Icmp(flow)) => {
                 if readable {
-                    flow.receive(now, &mut self.link, io);
+                    flow.receive(now, &mut self.link, io, &mut self.counters);
                 }
             }
             Some(Flow::Port(_)) => {
@@ -1151,7 +1154,11 @@ impl Forwarder {
                 Flow::Udp(f) => f.last_active + self.cfg.udp_idle,
                 Flow::UdpIn(f) => f.last_active + self.cfg.udp_idle,
                 Flow::Icmp(f) => f.last_active + icmp::IDLE,
-                Flow::Port(_) => continue,
+                Flow::Port(_) => {
+                    // A retry after EMFILE.
+                    self.port_ready(now, id, io);
+                    continue;
+                }
             };
             if now >= idle {
                 self.close_flow(id, io);
@@ -1378,9 +1385,13 @@ impl Forwarder {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: the connection stays in the backlog.
+                    // EMFILE and friends: the connection stays in the backlog, and no
+                    // new edge will announce it: try again shortly.
                     log::debug!("accept on {host} failed: {e}");
                     self.counters.tcp_host_errors += 1;
+                    if let Some(Flow::Port(l)) = self.flows.get_mut(id) {
+                        self.timers.arm(&mut l.retry, id, now + ACCEPT_RETRY);
+                    }
                     return;
                 }
             };

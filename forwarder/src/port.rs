@@ -94,6 +94,9 @@ pub(crate) enum ListenSocket {
 pub(crate) struct Listener {
     pub rule: PortRule,
     pub socket: ListenSocket,
+    /// When to try `accept` again after it failed for lack of fds (EMFILE): the
+    /// connection waits in the backlog and no new edge will say so.
+    pub retry: Option<smoltcp::time::Instant>,
 }
 
 impl Listener {
@@ -151,7 +154,11 @@ impl Listener {
                 ListenSocket::Udp(u)
             }
         };
-        Ok(Listener { rule, socket })
+        Ok(Listener {
+            rule,
+            socket,
+            retry: None,
+        })
     }
 
     /// Deregisters and closes the host socket.

@@ -2511,3 +2511,359 @@ pub fn wait_for<R>(t: Duration, mut f: impl FnMut() -> Option<R>) -> Option<R> {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Resource use and `get_stats` (tests/limits.rs, tests/faults.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Resident set size of process `pid` in KiB (`VmRSS` in `/proc/PID/status`).
+///
+/// # Panics
+///
+/// If the process is gone or the line is missing.
+pub fn vm_rss_kib(pid: u32) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Sets `SO_LINGER` to 0: closing the socket then sends a RST instead of a FIN.
+pub fn set_linger_zero(s: &impl AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(s, sockopt::Linger, &l).expect("setsockopt(SO_LINGER, 0)");
+}
+
+/// A parsed JSON value (the dev-dependencies have no JSON crate); objects are key-sorted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JsonValue {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// Any number.
+    Num(f64),
+    /// A string.
+    Str(String),
+    /// An array.
+    Arr(Vec<JsonValue>),
+    /// An object (duplicate keys are a parse error).
+    Obj(std::collections::BTreeMap<String, JsonValue>),
+}
+
+impl JsonValue {
+    /// The member `key` of an object.
+    pub fn get(&self, key: &str) -> Option<&JsonValue> {
+        match self {
+            JsonValue::Obj(m) => m.get(key),
+            _ => None,
+        }
+    }
+
+    /// The members of an object.
+    pub fn as_obj(&self) -> Option<&std::collections::BTreeMap<String, JsonValue>> {
+        match self {
+            JsonValue::Obj(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// A non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            JsonValue::Num(n) if *n >= 0.0 && n.fract() == 0.0 && *n < 2f64.powi(53) => {
+                Some(*n as u64)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Parses one JSON document (surrounding whitespace allowed, nothing else after it).
+pub fn parse_json_value(text: &str) -> Result<JsonValue, String> {
+    struct P<'a> {
+        b: &'a [u8],
+        i: usize,
+    }
+    impl P<'_> {
+        fn ws(&mut self) {
+            while self.i < self.b.len() && matches!(self.b[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+                self.i += 1;
+            }
+        }
+        fn err<T>(&self, what: &str) -> Result<T, String> {
+            Err(format!("{what} at byte {}", self.i))
+        }
+        fn lit(&mut self, word: &str, v: JsonValue) -> Result<JsonValue, String> {
+            if self.b[self.i..].starts_with(word.as_bytes()) {
+                self.i += word.len();
+                Ok(v)
+            } else {
+                self.err("bad literal")
+            }
+        }
+        fn string(&mut self) -> Result<String, String> {
+            // At the opening quote.
+            self.i += 1;
+            let mut out = Vec::new();
+            loop {
+                let Some(&c) = self.b.get(self.i) else {
+                    return self.err("unterminated string");
+                };
+                self.i += 1;
+                match c {
+                    b'"' => break,
+                    b'\\' => {
+                        let Some(&e) = self.b.get(self.i) else {
+                            return self.err("unterminated escape");
+                        };
+                        self.i += 1;
+                        match e {
+                            b'"' | b'\\' | b'/' => out.push(e),
+                            b'b' => out.push(8),
+                            b'f' => out.push(12),
+                            b'n' => out.push(b'\n'),
+                            b'r' => out.push(b'\r'),
+                            b't' => out.push(b'\t'),
+                            b'u' => {
+                                let hex = self
+                                    .b
+                                    .get(self.i..self.i + 4)
+                                    .and_then(|h| std::str::from_utf8(h).ok())
+                                    .and_then(|h| u32::from_str_radix(h, 16).ok());
+                                let Some(cp) = hex else {
+                                    return self.err("bad \\u escape");
+                                };
+                                self.i += 4;
+                                let ch = char::from_u32(cp).unwrap_or('\u{fffd}');
+                                let mut tmp = [0u8; 4];
+                                out.extend_from_slice(ch.encode_utf8(&mut tmp).as_bytes());
+                            }
+                            _ => return self.err("bad escape"),
+                        }
+                    }
+                    c if c < 0x20 => return self.err("control character in string"),
+                    c => out.push(c),
+                }
+            }
+            String::from_utf8(out).map_err(|e| e.to_string())
+        }
+        fn value(&mut self, depth: usize) -> Result<JsonValue, String> {
+            if depth > 64 {
+                return self.err("nested too deeply");
+            }
+            self.ws();
+            let Some(&c) = self.b.get(self.i) else {
+                return self.err("unexpected end");
+            };
+            match c {
+                b'n' => self.lit("null", JsonValue::Null),
+                b't' => self.lit("true", JsonValue::Bool(true)),
+                b'f' => self.lit("false", JsonValue::Bool(false)),
+                b'"' => Ok(JsonValue::Str(self.string()?)),
+                b'[' => {
+                    self.i += 1;
+                    let mut v = Vec::new();
+                    self.ws();
+                    if self.b.get(self.i) == Some(&b']') {
+                        self.i += 1;
+                        return Ok(JsonValue::Arr(v));
+                    }
+                    loop {
+                        v.push(self.value(depth + 1)?);
+                        self.ws();
+                        match self.b.get(self.i) {
+                            Some(b',') => self.i += 1,
+                            Some(b']') => {
+                                self.i += 1;
+                                return Ok(JsonValue::Arr(v));
+                            }
+                            _ => return self.err("expected , or ]"),
+                        }
+                    }
+                }
+                b'{' => {
+                    self.i += 1;
+                    let mut m = std::collections::BTreeMap::new();
+                    self.ws();
+                    if self.b.get(self.i) == Some(&b'}') {
+                        self.i += 1;
+                        return Ok(JsonValue::Obj(m));
+                    }
+                    loop {
+                        self.ws();
+                        if self.b.get(self.i) != Some(&b'"') {
+                            return self.err("expected a key");
+                        }
+                        let k = self.string()?;
+                        self.ws();
+                        if self.b.get(self.i) != Some(&b':') {
+                            return self.err("expected :");
+                        }
+                        self.i += 1;
+                        let v = self.value(depth + 1)?;
+                        if m.insert(k.clone(), v).is_some() {
+                            return self.err(&format!("duplicate key {k:?}"));
+                        }
+                        self.ws();
+                        match self.b.get(self.i) {
+                            Some(b',') => self.i += 1,
+                            Some(b'}') => {
+                                self.i += 1;
+                                return Ok(JsonValue::Obj(m));
+                            }
+                            _ => return self.err("expected , or }"),
+                        }
+                    }
+                }
+                b'-' | b'0'..=b'9' => {
+                    let start = self.i;
+                    while self.i < self.b.len()
+                        && matches!(
+                            self.b[self.i],
+                            b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
+                        )
+                    {
+                        self.i += 1;
+                    }
+                    let s =
+                        std::str::from_utf8(&self.b[start..self.i]).map_err(|e| e.to_string())?;
+                    s.parse::<f64>()
+                        .map(JsonValue::Num)
+                        .map_err(|e| format!("bad number {s:?}: {e}"))
+                }
+                _ => self.err("unexpected character"),
+            }
+        }
+    }
+    let mut p = P {
+        b: text.as_bytes(),
+        i: 0,
+    };
+    let v = p.value(0)?;
+    p.ws();
+    if p.i != p.b.len() {
+        return p.err("trailing data");
+    }
+    Ok(v)
+}
+
+/// One request on a slirp4netns-style API socket, as podman sends it (the request, `\n`,
+/// half-close); returns the reply read to EOF. Never blocks longer than `t` in all.
+pub fn api_request(path: &Path, req: &str, t: Duration) -> io::Result<String> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::unix::net::UnixStream;
+    let end = Instant::now() + t;
+    let mut s = loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        match connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+            Ok(()) => break UnixStream::from(fd),
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < end => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    s.set_nonblocking(false)?;
+    let left = end
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    s.set_read_timeout(Some(left))?;
+    s.set_write_timeout(Some(left))?;
+    s.write_all(format!("{req}\n").as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if Instant::now() > end {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "API reply not complete in time",
+            ));
+        }
+    }
+    String::from_utf8(got).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One `get_stats` reply: the JSON document and its numbers flattened as `section.name`
+/// (`flows.tcp`, `limits.udp_flows`, `counters.tcp_table_full`, ...).
+#[derive(Debug, Clone)]
+pub struct UsernetStats {
+    /// The whole reply (`{"return": {...}}`).
+    pub json: JsonValue,
+    /// Every numeric `return.SECTION.NAME`, keyed `SECTION.NAME`.
+    pub values: std::collections::BTreeMap<String, u64>,
+}
+
+impl UsernetStats {
+    /// The value `section.name`.
+    ///
+    /// # Panics
+    ///
+    /// If it is missing (the available keys are printed).
+    #[track_caller]
+    pub fn get(&self, key: &str) -> u64 {
+        match self.values.get(key) {
+            Some(v) => *v,
+            None => panic!(
+                "get_stats has no {key}; it has: {:?}",
+                self.values.keys().collect::<Vec<_>>()
+            ),
+        }
+    }
+
+    /// How much `key` grew since `earlier`.
+    #[track_caller]
+    pub fn delta(&self, earlier: &UsernetStats, key: &str) -> u64 {
+        self.get(key).saturating_sub(earlier.get(key))
+    }
+}
+
+/// Flattens a `{"return": {SECTION: {NAME: number}}}` reply into [`UsernetStats`].
+pub fn usernet_stats_from(reply: &str) -> Result<UsernetStats, String> {
+    let json = parse_json_value(reply).map_err(|e| format!("{e} in {reply:?}"))?;
+    let ret = json
+        .get("return")
+        .and_then(JsonValue::as_obj)
+        .ok_or_else(|| format!("get_stats reply has no \"return\" object: {reply}"))?;
+    let mut values = std::collections::BTreeMap::new();
+    for (section, body) in ret {
+        let Some(body) = body.as_obj() else { continue };
+        for (name, v) in body {
+            if let Some(n) = v.as_u64() {
+                values.insert(format!("{section}.{name}"), n);
+            }
+        }
+    }
+    Ok(UsernetStats { json, values })
+}
+
+/// `{"execute":"get_stats"}` on the API socket at `path` (5 s deadline).
+pub fn try_get_stats(path: &Path) -> Result<UsernetStats, String> {
+    let reply = api_request(path, r#"{"execute":"get_stats"}"#, Duration::from_secs(5))
+        .map_err(|e| format!("get_stats on {}: {e}", path.display()))?;
+    usernet_stats_from(&reply)
+}
+
+/// [`try_get_stats`], panicking on failure.
+#[track_caller]
+pub fn get_stats(path: &Path) -> UsernetStats {
+    try_get_stats(path).unwrap_or_else(|e| panic!("{e}"))
+}
