@@ -6,8 +6,8 @@
 //! and reads one JSON reply; then we close. The server runs inside the event loop and
 //! never blocks it: sockets are non-blocking, a request is at most [`MAX_REQUEST`] bytes
 //! (larger ones get the `too large message` error), a connection that has not sent a
-//! complete request within [`CLIENT_TIMEOUT`] is closed, and at most [`MAX_CLIENTS`] are
-//! served at once (more are closed at accept). A request is answered as soon as its bytes
+//! complete request within [`CLIENT_TIMEOUT`] is closed, and at most `--max-api-clients`
+//! (64) are served at once (more are closed at accept). A request is answered as soon as its bytes
 //! form a complete JSON value or the client half-closes, whichever comes first.
 //!
 //! Replies and error texts are slirp4netns's, byte for byte where callers might match
@@ -28,8 +28,6 @@ use slab::Slab;
 
 /// Largest request, in bytes (slirp4netns's buffer: 4096 bytes read means too large).
 pub const MAX_REQUEST: usize = 4096;
-/// Clients served at once.
-pub const MAX_CLIENTS: usize = 64;
 /// Time a client has to send its request.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How soon `accept` is tried again after it failed for lack of fds.
@@ -178,6 +176,7 @@ pub struct Server {
     clients: Slab<Client>,
     listener_token: Token,
     client_base: usize,
+    max_clients: usize,
     /// When to try `accept` again after it failed for lack of fds (EMFILE): the client
     /// waits in the backlog and no new edge will say so.
     retry: Option<Instant>,
@@ -194,7 +193,8 @@ pub struct ApiError {
 
 impl Server {
     /// Binds `path` (removing a stale socket file first, as slirp4netns does) and
-    /// registers it as `listener_token`; client tokens start at `client_base`.
+    /// registers it as `listener_token`; client tokens start at `client_base`; at most
+    /// `max_clients` are served at once.
     ///
     /// # Errors
     /// [`ApiError`] when the socket cannot be bound or registered.
@@ -203,6 +203,7 @@ impl Server {
         registry: &Registry,
         listener_token: Token,
         client_base: usize,
+        max_clients: usize,
     ) -> Result<Server, ApiError> {
         let fail = |source| ApiError {
             path: path.to_owned(),
@@ -233,6 +234,7 @@ impl Server {
             clients: Slab::new(),
             listener_token,
             client_base,
+            max_clients,
             retry: None,
         })
     }
@@ -304,7 +306,7 @@ impl Server {
                     return;
                 }
             };
-            if self.clients.len() >= MAX_CLIENTS {
+            if self.clients.len() >= self.max_clients {
                 log::warn!("API: too many clients, closing a new connection");
                 continue;
             }

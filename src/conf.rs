@@ -258,6 +258,14 @@ pub struct NetArgs {
     #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_icmp_flows: u32,
 
+    /// Most published ports (rules) at once.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65535))]
+    pub max_published_ports: u32,
+
+    /// Most API clients served at once; more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_api_clients: u32,
+
     /// Bytes buffered per TCP flow and direction (memory is committed as data flows).
     #[arg(long, value_name = "BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
     pub tcp_buffer: u32,

@@ -89,6 +89,8 @@ pub struct Extras {
     pub api_socket: Option<std::path::PathBuf>,
     /// `-p` rules, published before ready.
     pub publish: Vec<Publish>,
+    /// `--max-api-clients`.
+    pub max_api_clients: usize,
 }
 
 /// The API's view of the forwarder for one request.
@@ -201,7 +203,13 @@ pub fn run(
         reg(watch.as_raw_fd(), WATCH, Interest::READABLE)?;
     }
     let mut api = match &extras.api_socket {
-        Some(path) => Some(api::Server::bind(path, poll.registry(), API, API_CLIENTS)?),
+        Some(path) => Some(api::Server::bind(
+            path,
+            poll.registry(),
+            API,
+            API_CLIENTS,
+            extras.max_api_clients,
+        )?),
         None => None,
     };
     for spec in &extras.publish {

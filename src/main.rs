@@ -201,6 +201,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         isolation: isolation_of(&args.net),
         api_socket: args.net.api_socket.clone(),
         publish: args.net.publish.clone(),
+        max_api_clients: args.net.max_api_clients as usize,
     };
     let setup = Setup {
         ipv6,
@@ -263,6 +264,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         },
         api_socket: args.net.api_socket.clone(),
         publish: args.net.publish.clone(),
+        max_api_clients: args.net.max_api_clients as usize,
     };
     let tap = child.tap;
     Ok(event_loop::run(tap, fwd, signals, extras)?)
@@ -462,6 +464,7 @@ fn forwarder_with(
             tcp_half_open: net.max_half_open as usize,
             udp_flows: net.max_udp_flows as usize,
             icmp_flows: net.max_icmp_flows as usize,
+            ports: net.max_published_ports as usize,
         },
         seed: random_seed(),
     };

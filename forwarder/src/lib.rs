@@ -98,6 +98,8 @@ pub struct Limits {
     pub udp_flows: usize,
     /// ICMP echo flows.
     pub icmp_flows: usize,
+    /// Published ports (rules).
+    pub ports: usize,
 }
 
 impl Default for Limits {
@@ -107,6 +109,7 @@ impl Default for Limits {
             tcp_half_open: 1024,
             udp_flows: 4096,
             icmp_flows: 256,
+            ports: port::MAX_RULES,
         }
     }
 }
@@ -1288,8 +1291,8 @@ impl Forwarder {
                 "the guest address must be a host address of the guest network",
             ));
         }
-        if self.ports.len() >= port::MAX_RULES {
-            return Err(port::PortError::TooMany);
+        if self.ports.len() >= self.cfg.limits.ports {
+            return Err(port::PortError::TooMany(self.cfg.limits.ports));
         }
         let rule = port::PortRule {
             id: self.next_port_id,

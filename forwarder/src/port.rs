@@ -24,7 +24,7 @@ use std::os::fd::AsRawFd;
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Most rules at once.
+/// Most rules at once, by default.
 pub const MAX_RULES: usize = 1024;
 
 /// Transport protocol of a rule.
@@ -74,9 +74,9 @@ pub enum PortError {
         #[source]
         source: io::Error,
     },
-    /// [`MAX_RULES`] reached.
-    #[error("too many published ports (at most {MAX_RULES})")]
-    TooMany,
+    /// The limit of rules (`--max-published-ports`) is reached.
+    #[error("too many published ports (at most {0})")]
+    TooMany(usize),
     /// No rule with that id.
     #[error("no published port with id {0}")]
     NotFound(u32),
