@@ -2076,6 +2076,7 @@ fn flows_stay_within_limits() {
         tcp_half_open: 8,
         udp_flows: 16,
         icmp_flows: 4,
+        ports: 4,
     };
     let limits = cfg.limits;
     let mut sim = Sim::with_config(cfg);
