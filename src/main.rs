@@ -270,19 +270,25 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
 
+/// One API request from a client subcommand: the reply, or its error's text.
+fn api_call(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value, MainError> {
+    let reply = api::request(socket, req).map_err(|source| MainError::Io {
+        what: format!("API socket {}", socket.display()),
+        source,
+    })?;
+    match reply
+        .pointer("/error/desc")
+        .and_then(serde_json::Value::as_str)
+    {
+        Some(desc) => Err(MainError::Usage(desc.to_owned())),
+        None => Ok(reply),
+    }
+}
+
 /// `usernet stats`: the `get_stats` reply, one `section.name value` line each.
 fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
-    use serde_json::{json, Value};
-    let reply =
-        api::request(&args.api_socket, &json!({"execute": "get_stats"})).map_err(|source| {
-            MainError::Io {
-                what: format!("API socket {}", args.api_socket.display()),
-                source,
-            }
-        })?;
-    if let Some(desc) = reply.pointer("/error/desc").and_then(Value::as_str) {
-        return Err(MainError::Usage(desc.to_owned()));
-    }
+    use serde_json::json;
+    let reply = api_call(&args.api_socket, &json!({"execute": "get_stats"}))?;
     if args.json {
         println!("{reply}");
         return Ok(0);
@@ -299,16 +305,7 @@ fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
 /// `usernet ports`: one API request per rule, human-readable output.
 fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
     use serde_json::{json, Value};
-    let ask = |req: Value| -> Result<Value, MainError> {
-        let reply = api::request(&args.api_socket, &req).map_err(|source| MainError::Io {
-            what: format!("API socket {}", args.api_socket.display()),
-            source,
-        })?;
-        match reply.pointer("/error/desc").and_then(Value::as_str) {
-            Some(desc) => Err(MainError::Usage(desc.to_owned())),
-            None => Ok(reply),
-        }
-    };
+    let ask = |req: Value| api_call(&args.api_socket, &req);
     match args.action {
         PortsAction::Add { spec } => {
             for (host_port, guest_port) in spec.pairs() {

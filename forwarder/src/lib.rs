@@ -560,7 +560,10 @@ impl Forwarder {
             self.handle_fragment(now, &packet, vnet, io);
             return;
         }
-        let Ok(repr) = Ipv4Repr::parse(&packet, &ChecksumCapabilities::default()) else {
+        // The header checksum was verified above: do not let smoltcp compute it again.
+        let mut caps = ChecksumCapabilities::default();
+        caps.ipv4 = smoltcp::phy::Checksum::None;
+        let Ok(repr) = Ipv4Repr::parse(&packet, &caps) else {
             self.counters.drop_ipv4_malformed += 1;
             return;
         };

@@ -242,10 +242,3 @@ impl phy::Device for GuestDevice<'_> {
         self.caps.clone()
     }
 }
-
-impl GuestDevice<'_> {
-    /// Whether the received frame is still there (smoltcp did not take it).
-    pub fn rx_pending(&self) -> bool {
-        self.rx.is_some()
-    }
-}
