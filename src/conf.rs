@@ -270,6 +270,11 @@ pub struct NetArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
     pub tcp_buffer: u32,
 
+    /// Microseconds the event loop may poll before it sleeps while traffic is
+    /// interactive (lower latency for a busier CPU); 0 always sleeps at once.
+    #[arg(long, value_name = "USEC", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub busy_poll: u32,
+
     /// Log level: error, warn, info, debug or trace (default: $RUST_LOG, else warn).
     #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
     pub log_level: Option<String>,

@@ -3,7 +3,8 @@
 //! # Theory of operation
 //!
 //! One thread, one mio `Poll` (epoll, edge-triggered). Per turn: wait (until the
-//! forwarder's next timer, or not at all while the TAP still has frames), note readiness,
+//! forwarder's next timer, or not at all while the TAP still has frames; spinning first
+//! while traffic is interactive, see [`crate::busy_poll`]), note readiness,
 //! read a bounded batch of frames from the TAP (fairness with host sockets; the rest is
 //! read next turn), then let the forwarder run its timers, relay every flow touched in
 //! this turn, and write what it queued for the guest. smoltcp's clock is fed from a
@@ -27,6 +28,7 @@ use nix::unistd::Pid;
 use stack::sys::tap::Tap;
 
 use crate::api;
+use crate::busy_poll::BusyPoll;
 use crate::conf::Publish;
 use crate::netns::TargetWatch;
 
@@ -91,6 +93,8 @@ pub struct Extras {
     pub publish: Vec<Publish>,
     /// `--max-api-clients`.
     pub max_api_clients: usize,
+    /// `--busy-poll`: the most the loop spins before it sleeps.
+    pub busy_poll: std::time::Duration,
 }
 
 /// The API's view of the forwarder for one request.
@@ -239,6 +243,7 @@ pub fn run(
     let mut frame = vec![0u8; RX_BUFFER];
     let mut tap_readable = true;
     let mut tap_blocked = false;
+    let mut waiter = BusyPoll::new(extras.busy_poll);
 
     loop {
         let timeout = if tap_readable {
@@ -259,7 +264,7 @@ pub fn run(
                 (a, b) => a.or(b),
             }
         };
-        if let Err(e) = poll.poll(&mut events, timeout) {
+        if let Err(e) = waiter.wait(&mut poll, &mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }

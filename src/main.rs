@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 mod api;
+mod busy_poll;
 mod conf;
 mod event_loop;
 mod isolation;
@@ -202,6 +203,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         api_socket: args.net.api_socket.clone(),
         publish: args.net.publish.clone(),
         max_api_clients: args.net.max_api_clients as usize,
+        busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
     };
     let setup = Setup {
         ipv6,
@@ -265,6 +267,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         api_socket: args.net.api_socket.clone(),
         publish: args.net.publish.clone(),
         max_api_clients: args.net.max_api_clients as usize,
+        busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
     };
     let tap = child.tap;
     Ok(event_loop::run(tap, fwd, signals, extras)?)

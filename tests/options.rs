@@ -1,5 +1,5 @@
 //! Data-plane options: `--disable-host-loopback`, `--outbound-addr` (address and interface
-//! name), `--cidr`, `--mtu 65520`, `--macaddress`, `--disable-dns`.
+//! name), `--cidr`, `--mtu 65520`, `--macaddress`, `--disable-dns`, `--busy-poll`.
 
 mod util;
 
@@ -167,4 +167,121 @@ fn disable_dns_forwarder_does_not_answer() {
         r.as_deref().map(parse_dns)
     );
     assert_eq!(dns.udp_queries.load(Ordering::SeqCst), 0);
+}
+
+/// CPU time and voluntary context switches (sleeps) of a process so far.
+fn cpu_and_sleeps(pid: u32) -> (Duration, u64) {
+    // schedstat: time on CPU (ns), time waiting to run (ns), timeslices.
+    let schedstat = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("schedstat");
+    let ns: u64 = schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("time on CPU");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let sleeps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("voluntary_ctxt_switches");
+    (Duration::from_nanos(ns), sleeps)
+}
+
+#[test]
+fn busy_poll_bad_values_rejected() {
+    let Some(t) = Topology::new() else { return };
+    let c = t.container_ns();
+    for bad in ["-1", "10001", "fast", ""] {
+        let f = UsernetCmd::new(&t)
+            .target([
+                &format!("--busy-poll={bad}"),
+                "--netns-type=path",
+                &c,
+                "tap0",
+            ])
+            .output(Duration::from_secs(10));
+        assert!(f.status.is_some() && !f.success(), "accepted {bad:?}:\n{f}");
+        assert!(f.stderr.contains("busy-poll"), "error names the flag:\n{f}");
+    }
+}
+
+/// While the host answers within the window, usernet polls instead of sleeping: a
+/// ping-pong costs it far fewer sleeps than round trips. `--busy-poll=0` sleeps for every
+/// packet.
+#[test]
+fn busy_poll_serves_a_ping_pong_without_sleeping() {
+    let Some(t) = Topology::new() else { return };
+    let echo = UdpEcho::start(&t.host_ns(), any(Ipv4Addr::LOCALHOST));
+    let dst = SocketAddrV4::new(GATEWAY, echo.addr.port());
+    let rounds = 2000u64;
+    let mut per_round = Vec::new();
+    for window in ["1000", "0"] {
+        let u = UsernetCmd::new(&t)
+            .args(["-c", &format!("--busy-poll={window}")])
+            .start();
+        let before = t.in_container(|| {
+            let s = udp_socket(any(Ipv4Addr::UNSPECIFIED));
+            udp_roundtrip(&s, dst, b"warm-up", 3).unwrap_or_else(|e| panic!("{e}"));
+            let before = cpu_and_sleeps(u.pid).1;
+            s.connect(dst).unwrap();
+            s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut buf = [0u8; 16];
+            for i in 0..rounds {
+                s.send(&i.to_be_bytes()).unwrap();
+                let n = s.recv(&mut buf).expect("echo");
+                assert_eq!(&buf[..n], &i.to_be_bytes(), "echo of round {i}");
+            }
+            before
+        });
+        let sleeps = cpu_and_sleeps(u.pid).1 - before;
+        per_round.push(sleeps as f64 / rounds as f64);
+    }
+    let (spinning, sleeping) = (per_round[0], per_round[1]);
+    assert!(
+        sleeping >= 0.9,
+        "--busy-poll=0: {sleeping:.2} sleeps per round trip, expected one or more"
+    );
+    assert!(
+        spinning < sleeping / 4.0,
+        "--busy-poll=1000: {spinning:.2} sleeps per round trip (--busy-poll=0: {sleeping:.2})"
+    );
+}
+
+/// Sporadic traffic closes the window: datagrams 2 ms apart (longer than the 1 ms window)
+/// cost usernet no spinning, where a fixed 1 ms spin would burn half a CPU.
+#[test]
+fn busy_poll_does_not_spin_on_sporadic_traffic() {
+    let Some(t) = Topology::new() else { return };
+    let sink = t.in_host(|| {
+        let s = std::net::UdpSocket::bind(any(Ipv4Addr::LOCALHOST)).expect("bind sink");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s
+    });
+    let dst = SocketAddrV4::new(GATEWAY, sink.local_addr().unwrap().port());
+    let count = 500u32;
+    let reader = std::thread::spawn(move || {
+        let (mut got, mut buf) = (0u32, [0u8; 16]);
+        while got < count {
+            let Ok(n) = sink.recv(&mut buf) else { break };
+            assert_eq!(n, 4);
+            got += 1;
+        }
+        got
+    });
+    let u = UsernetCmd::new(&t).args(["-c", "--busy-poll=1000"]).start();
+    let (cpu, wall) = t.in_container(|| {
+        let s = udp_socket(any(Ipv4Addr::UNSPECIFIED));
+        let before = cpu_and_sleeps(u.pid).0;
+        let t0 = Instant::now();
+        for i in 0..count {
+            s.send_to(&i.to_be_bytes(), dst).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (cpu_and_sleeps(u.pid).0 - before, t0.elapsed())
+    });
+    assert_eq!(reader.join().unwrap(), count, "datagrams delivered");
+    assert!(
+        cpu < wall / 5,
+        "usernet used {cpu:?} of CPU in {wall:?} of sporadic traffic: the window did not close"
+    );
 }
