@@ -10,7 +10,11 @@
 //!
 //! When the queue is full, producers are told so (`slot()` returns `None`): smoltcp then
 //! keeps its segment and retries on the next poll, so nothing is dropped silently. The
-//! event loop flushes the queue whenever it fills and at the end of every turn.
+//! event loop flushes the queue whenever it fills and at the end of every turn; TCP flows
+//! also flush once a few hundred KiB are queued, and an emptied queue starts over at its
+//! first slot, so that bulk transfers cycle through a few cache-warm slots rather than
+//! the whole queue (measured: the user-space copy into slots fell from 21 % to 8.5 % of
+//! usernet's CPU time in a 65520-MTU download).
 
 /// A ring of fixed-size frame slots, in one allocation (large enough to be mapped
 /// lazily by the allocator: untouched slots cost no memory).
@@ -21,6 +25,7 @@ pub struct TxQueue {
     lens: Box<[usize]>,
     head: usize,
     len: usize,
+    bytes: usize,
 }
 
 impl TxQueue {
@@ -36,6 +41,7 @@ impl TxQueue {
             lens: vec![0; slots].into_boxed_slice(),
             head: 0,
             len: 0,
+            bytes: 0,
         }
     }
 
@@ -67,6 +73,11 @@ impl TxQueue {
         self.len
     }
 
+    /// Bytes of the queued frames.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// The next free slot, to be filled and then [`commit`](Self::commit)ted; `None` when
     /// the queue is full. A slot that is not committed stays free.
     pub fn slot(&mut self) -> Option<&mut [u8]> {
@@ -87,6 +98,7 @@ impl TxQueue {
         let idx = (self.head + self.len) % self.slots();
         self.lens[idx] = len;
         self.len += 1;
+        self.bytes += len;
     }
 
     /// Takes back the newest queued frame, which stays readable (the returned slice)
@@ -97,6 +109,7 @@ impl TxQueue {
         }
         self.len -= 1;
         let idx = (self.head + self.len) % self.slots();
+        self.bytes -= self.lens[idx];
         let start = self.range(idx).start;
         Some(&self.buf[start..start + self.lens[idx]])
     }
@@ -113,8 +126,14 @@ impl TxQueue {
     /// Removes the oldest queued frame.
     pub fn pop(&mut self) {
         if self.len > 0 {
-            self.head = (self.head + 1) % self.slots();
+            self.bytes -= self.lens[self.head];
             self.len -= 1;
+            // Empty: start over at the first slot, whose pages are still in the cache.
+            self.head = if self.len == 0 {
+                0
+            } else {
+                (self.head + 1) % self.slots()
+            };
         }
     }
 }
@@ -139,6 +158,29 @@ mod tests {
             q.pop();
             assert!(q.is_empty());
         }
+    }
+
+    #[test]
+    fn bytes_are_counted_and_an_empty_queue_reuses_its_first_slot() {
+        let mut q = TxQueue::new(4, 8);
+        let first = q.slot().unwrap().as_ptr();
+        q.commit(3);
+        q.slot().unwrap();
+        q.commit(5);
+        assert_eq!(q.bytes(), 8);
+        q.pop();
+        assert_eq!(q.bytes(), 5);
+        assert_ne!(q.slot().unwrap().as_ptr(), first, "one frame still queued");
+        q.commit(2);
+        assert_eq!(q.uncommit_last(), Some(&[0u8; 2][..]));
+        assert_eq!(q.bytes(), 5);
+        q.pop();
+        assert_eq!(q.bytes(), 0);
+        assert_eq!(
+            q.slot().unwrap().as_ptr(),
+            first,
+            "cache-warm first slot again"
+        );
     }
 
     #[test]
