@@ -267,7 +267,7 @@ pub struct NetArgs {
     pub max_api_clients: u32,
 
     /// Bytes buffered per TCP flow and direction (memory is committed as data flows).
-    #[arg(long, value_name = "BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
+    #[arg(long, value_name = "BYTES", default_value_t = 2_097_152, value_parser = clap::value_parser!(u32).range(4096..=16_777_216))]
     pub tcp_buffer: u32,
 
     /// Microseconds the event loop may poll before it sleeps while traffic is

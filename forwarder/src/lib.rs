@@ -400,8 +400,13 @@ pub struct Forwarder {
 }
 
 /// Closed TCP sockets kept for reuse: connection churn then allocates nothing. Their
-/// buffers' touched pages stay resident, so the pool is small.
+/// buffers' touched pages stay resident, so the pool is small and takes only sockets
+/// of flows that moved at most [`POOL_MAX_MOVED`] bytes (the pool's memory is then at
+/// most 64 x 128 KiB); a bulk flow's buffers are freed when it ends.
 const SOCKET_POOL: usize = 64;
+
+/// Largest transfer (both directions) whose socket is pooled.
+const POOL_MAX_MOVED: usize = 128 << 10;
 
 /// How soon `accept` is tried again after it failed for lack of fds.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
@@ -476,6 +481,11 @@ impl Forwarder {
             socket_pool: Vec::with_capacity(SOCKET_POOL),
             udp_in_by_port: HashMap::new(),
         }
+    }
+
+    /// Closed TCP sockets waiting for reuse.
+    pub fn pooled_sockets(&self) -> usize {
+        self.socket_pool.len()
     }
 
     /// A closed guest socket: pooled, or new.
@@ -1244,8 +1254,9 @@ impl Forwarder {
                     self.half_open -= 1;
                 }
                 self.tcp_map.remove(&f.key);
+                let light = f.moved() <= POOL_MAX_MOVED;
                 let guest = f.close(io.registry);
-                if self.socket_pool.len() < SOCKET_POOL {
+                if light && self.socket_pool.len() < SOCKET_POOL {
                     self.socket_pool.push(guest);
                 }
                 self.counters.tcp_closed += 1;

@@ -108,6 +108,8 @@ pub struct TcpFlow {
     host_eof: bool,
     host_hup: bool,
     host_wr_shut: bool,
+    /// Bytes relayed each way (saturating): how much of smoltcp's buffers was touched.
+    moved: usize,
     pub(crate) dirty: bool,
     pub(crate) timer: Option<Instant>,
 }
@@ -194,6 +196,7 @@ impl TcpFlow {
             host_eof: false,
             host_hup: false,
             host_wr_shut: false,
+            moved: 0,
             dirty: false,
             timer: None,
         })
@@ -240,6 +243,7 @@ impl TcpFlow {
             host_eof: false,
             host_hup: false,
             host_wr_shut: false,
+            moved: 0,
             dirty: false,
             timer: None,
         })
@@ -356,8 +360,11 @@ impl TcpFlow {
                 Ok(Ok((0, _))) | Err(_) => break,
                 // A short write means the socket buffer is full: EPOLLOUT will say when
                 // it is not, no need for a write that fails with EAGAIN.
-                Ok(Ok((n, len))) if n < len => self.host_writable = false,
-                Ok(Ok(_)) => {}
+                Ok(Ok((n, len))) if n < len => {
+                    self.moved = self.moved.saturating_add(n);
+                    self.host_writable = false;
+                }
+                Ok(Ok((n, _))) => self.moved = self.moved.saturating_add(n),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.host_writable = false,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
@@ -390,8 +397,11 @@ impl TcpFlow {
                 // A short read drained the socket: the next data raises a new edge, so
                 // skip the read that would fail with EAGAIN. Not once the peer has
                 // half-closed: its FIN raises no new edge and must be read now.
-                Ok(Ok((n, len))) if n < len && !self.host_hup => self.host_readable = false,
-                Ok(Ok(_)) => {}
+                Ok(Ok((n, len))) if n < len && !self.host_hup => {
+                    self.moved = self.moved.saturating_add(n);
+                    self.host_readable = false;
+                }
+                Ok(Ok((n, _))) => self.moved = self.moved.saturating_add(n),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.host_readable = false,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
@@ -451,6 +461,12 @@ impl TcpFlow {
             }
             _ => Status::Alive(link.iface.poll_at(now, &self.sockets)),
         }
+    }
+
+    /// Bytes relayed in both directions together: an upper bound on the pages of
+    /// smoltcp's buffers this flow made resident.
+    pub(crate) fn moved(&self) -> usize {
+        self.moved
     }
 
     /// Deregisters and closes the host socket; hands back the guest socket, closed,

@@ -170,6 +170,44 @@ fn tcp_handshake_data_both_ways_and_close() {
         (0, 0, 0),
         "flow freed after both FINs"
     );
+    assert_eq!(
+        sim.fwd.pooled_sockets(),
+        1,
+        "a light flow's socket is reused"
+    );
+}
+
+/// A bulk flow's socket is freed, not pooled: its buffers' pages would stay resident.
+#[test]
+fn bulk_flow_socket_not_pooled() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut sim = Sim::with_config(forwarder::Config {
+        tcp_buffer: 1 << 20,
+        ..Sim::config(true)
+    });
+    sim.send(&tcp_frame(GW, 40002, port, 7000, |b| b.syn(), &[]));
+    let synack = sim
+        .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.syn && t.ack))
+        .expect("SYN-ACK");
+    let server_isn = tcp_of(&synack).unwrap().0.sequence_number;
+    let (mut conn, _) = listener.accept().unwrap();
+    sim.send(&tcp_frame(
+        GW,
+        40002,
+        port,
+        7001,
+        |b| b.ack(server_isn + 1),
+        &[],
+    ));
+    // 512 KiB from the host: smoltcp takes it into its buffer whether or not the guest
+    // acknowledges it.
+    conn.write_all(&vec![7u8; 512 << 10]).unwrap();
+    sim.run_until(300, |_| false);
+    sim.send(&tcp_frame(GW, 40002, port, 7001, |b| b.rst(), &[]));
+    sim.run_until(100, |_| false);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0), "flow freed after RST");
+    assert_eq!(sim.fwd.pooled_sockets(), 0, "bulk socket freed");
 }
 
 #[test]

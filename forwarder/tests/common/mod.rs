@@ -36,7 +36,12 @@ pub struct Sim {
 
 impl Sim {
     pub fn new(host_loopback: bool) -> Sim {
-        let cfg = Config {
+        Sim::with_config(Sim::config(host_loopback))
+    }
+
+    /// [`Sim::new`]'s configuration: IPv4 only, no vnet header, 64 KiB TCP buffers.
+    pub fn config(host_loopback: bool) -> Config {
+        Config {
             nat: NatConfig {
                 net: Network {
                     addr: Ipv4Addr::new(10, 0, 2, 0),
@@ -58,13 +63,6 @@ impl Sim {
             udp_idle: Duration::from_secs(60),
             limits: Limits::default(),
             seed: 1,
-        };
-        Sim {
-            poll: Poll::new().unwrap(),
-            events: Events::with_capacity(64),
-            fwd: Forwarder::new(cfg, Instant::from_micros(0)),
-            wire: Wire::default(),
-            start: std::time::Instant::now(),
         }
     }
 
