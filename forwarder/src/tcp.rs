@@ -108,7 +108,8 @@ pub struct TcpFlow {
     host_eof: bool,
     host_hup: bool,
     host_wr_shut: bool,
-    /// Bytes relayed each way (saturating): how much of smoltcp's buffers was touched.
+    /// Bytes relayed, both directions together (saturating): how much of smoltcp's
+    /// buffers was touched.
     moved: usize,
     pub(crate) dirty: bool,
     pub(crate) timer: Option<Instant>,
@@ -356,15 +357,15 @@ impl TcpFlow {
                 Ok(n) => (n, Ok((n, buf.len()))),
                 Err(e) => (0, Err(e)),
             });
+            if let Ok(Ok((n, _))) = res {
+                self.moved = self.moved.saturating_add(n);
+            }
             match res {
                 Ok(Ok((0, _))) | Err(_) => break,
                 // A short write means the socket buffer is full: EPOLLOUT will say when
                 // it is not, no need for a write that fails with EAGAIN.
-                Ok(Ok((n, len))) if n < len => {
-                    self.moved = self.moved.saturating_add(n);
-                    self.host_writable = false;
-                }
-                Ok(Ok((n, _))) => self.moved = self.moved.saturating_add(n),
+                Ok(Ok((n, len))) if n < len => self.host_writable = false,
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.host_writable = false,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
@@ -389,6 +390,9 @@ impl TcpFlow {
                 Ok(n) => (n, Ok((n, buf.len()))),
                 Err(e) => (0, Err(e)),
             });
+            if let Ok(Ok((n, _))) = res {
+                self.moved = self.moved.saturating_add(n);
+            }
             match res {
                 Ok(Ok((0, _))) => {
                     self.host_eof = true;
@@ -397,11 +401,8 @@ impl TcpFlow {
                 // A short read drained the socket: the next data raises a new edge, so
                 // skip the read that would fail with EAGAIN. Not once the peer has
                 // half-closed: its FIN raises no new edge and must be read now.
-                Ok(Ok((n, len))) if n < len && !self.host_hup => {
-                    self.moved = self.moved.saturating_add(n);
-                    self.host_readable = false;
-                }
-                Ok(Ok((n, _))) => self.moved = self.moved.saturating_add(n),
+                Ok(Ok((n, len))) if n < len && !self.host_hup => self.host_readable = false,
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.host_readable = false,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => {
