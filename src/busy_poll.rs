@@ -22,12 +22,11 @@
 //!
 //! So an idle or sporadic flow costs no spinning at all (after at most `2 * max` of it
 //! once traffic stops), and a ping-pong whose peer answers within `max` is served
-//! without sleeping. Bulk transfers are not spun for at all (the event loop says so
+//! without sleeping, at the price of one busy CPU while it lasts. Bulk transfers are not spun for at all (the event loop says so
 //! after a turn that moved 32 KiB or more): buffers on both sides hide the wake-up, and
 //! the CPU is better left to the peers (measured in a 65520-MTU download, medians of 3:
 //! 0.31 CPU s/GiB with `--busy-poll=0`, 0.42 spinning on every wait, 0.39 with this rule;
-//! throughput the same within noise). The price is CPU time: during such an exchange
-//! usernet keeps one CPU busy. `--busy-poll=0` turns it off.
+//! throughput the same within noise). `--busy-poll=0` turns it off.
 
 use std::io;
 use std::time::{Duration, Instant};

@@ -2540,7 +2540,7 @@ pub fn set_linger_zero(s: &impl AsFd) {
     setsockopt(s, sockopt::Linger, &l).expect("setsockopt(SO_LINGER, 0)");
 }
 
-/// A parsed JSON value (the dev-dependencies have no JSON crate); objects are key-sorted.
+/// A parsed JSON value; objects are key-sorted, so they compare regardless of key order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JsonValue {
     /// `null`.
@@ -2570,6 +2570,14 @@ impl JsonValue {
     pub fn as_obj(&self) -> Option<&std::collections::BTreeMap<String, JsonValue>> {
         match self {
             JsonValue::Obj(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// A string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            JsonValue::Str(s) => Some(s),
             _ => None,
         }
     }

@@ -97,19 +97,7 @@ impl Sim {
                 .poll(&mut self.events, Some(StdDuration::from_millis(5)))
                 .unwrap();
             let now = self.now();
-            let mut io = Io {
-                registry: self.poll.registry(),
-                tap: &mut self.wire,
-            };
-            for ev in self.events.iter() {
-                let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-                self.fwd
-                    .handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
-            }
-            self.fwd.handle_timeouts(now, &mut io);
-            self.fwd.poll_flows(now, &mut io);
-            self.fwd.flush(&mut self.wire);
+            finish_turn(&mut self.fwd, &self.poll, &self.events, now, &mut self.wire);
         }
     }
 }
@@ -465,19 +453,7 @@ impl Sealed {
             .unwrap();
         self.micros += 1000;
         let now = self.now();
-        let mut io = Io {
-            registry: self.poll.registry(),
-            tap: &mut self.sink,
-        };
-        for ev in self.events.iter() {
-            let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-            let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-            self.fwd
-                .handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
-        }
-        self.fwd.handle_timeouts(now, &mut io);
-        self.fwd.poll_flows(now, &mut io);
-        self.fwd.flush(&mut self.sink);
+        finish_turn(&mut self.fwd, &self.poll, &self.events, now, &mut self.sink);
     }
 }
 
@@ -492,6 +468,29 @@ impl Sim {
             start: std::time::Instant::now(),
         }
     }
+}
+
+/// The rest of an event loop turn after the wait, as `src/event_loop.rs` does it:
+/// readiness, timers, flows, then the frames for the guest.
+fn finish_turn(
+    fwd: &mut Forwarder,
+    poll: &Poll,
+    events: &Events,
+    now: Instant,
+    tap: &mut dyn FrameSink,
+) {
+    let mut io = Io {
+        registry: poll.registry(),
+        tap: &mut *tap,
+    };
+    for ev in events.iter() {
+        let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+        let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
+        fwd.handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
+    }
+    fwd.handle_timeouts(now, &mut io);
+    fwd.poll_flows(now, &mut io);
+    fwd.flush(tap);
 }
 
 /// The largest frame a guest input may be: vnet header + Ethernet + a 65535-byte IP
