@@ -254,6 +254,10 @@ counters! {
     udp_send_dropped,
     /// UDP datagrams larger than the guest MTU (dropped).
     udp_too_big,
+    /// Runs of guest datagrams sent with one `sendmsg` (UDP GSO).
+    udp_gso_sends,
+    /// Guest datagrams sent in such runs.
+    udp_gso_datagrams,
     /// Echo requests answered by usernet (gateway, DNS).
     icmp_echo_local,
     /// Echo requests to usernet whose reply could not be sent (beyond the MTU).
@@ -397,6 +401,8 @@ pub struct Forwarder {
     /// Published-port UDP associations by (guest port, client as the guest sees it):
     /// a guest with several addresses may answer from another one than it was sent to.
     udp_in_by_port: HashMap<(u16, (IpAddress, u16)), usize>,
+    /// Guest datagrams of one flow waiting to leave together.
+    udp_batch: udp::Batch,
 }
 
 /// Closed TCP sockets kept for reuse: connection churn then allocates nothing. Their
@@ -480,6 +486,7 @@ impl Forwarder {
             reasm: Some(frag::Reassembler::default()),
             socket_pool: Vec::with_capacity(SOCKET_POOL),
             udp_in_by_port: HashMap::new(),
+            udp_batch: udp::Batch::new(sys::udp_gso_supported()),
         }
     }
 
@@ -925,8 +932,14 @@ impl Forwarder {
                 None => return,
             },
         };
+        if !self.udp_batch.accepts(id, data) {
+            self.send_udp_batch();
+        }
         match self.flows.get_mut(id) {
-            Some(Flow::Udp(flow)) => flow.send(now, data, &mut self.counters),
+            Some(Flow::Udp(flow)) => {
+                flow.last_active = now;
+                self.udp_batch.push(id, flow, data, &mut self.counters);
+            }
             Some(Flow::UdpIn(flow)) => {
                 flow.last_active = now;
                 let (listener, rule, client, local) =
@@ -1184,8 +1197,22 @@ impl Forwarder {
         }
     }
 
-    /// Relays data and sends segments for every flow touched since the last call.
+    /// Sends the guest datagrams waiting in the UDP batch.
+    fn send_udp_batch(&mut self) {
+        let Some(id) = self.udp_batch.flow() else {
+            return;
+        };
+        match self.flows.get_mut(id) {
+            Some(Flow::Udp(flow)) => self.udp_batch.send(flow, &mut self.counters),
+            _ => self.udp_batch.clear(),
+        }
+    }
+
+    /// Sends the guest datagrams that wait in a batch, then relays data and sends
+    /// segments for every flow touched since the last call. Call after every batch of
+    /// guest frames.
     pub fn poll_flows(&mut self, now: Instant, io: &mut Io<'_>) {
+        self.send_udp_batch();
         // A flow serviced here may be marked dirty again (its host socket became
         // writable meanwhile): the outer loop picks that up.
         while !self.dirty.is_empty() {
@@ -1245,6 +1272,9 @@ impl Forwarder {
     }
 
     fn close_flow(&mut self, id: usize, io: &mut Io<'_>) {
+        if self.udp_batch.flow() == Some(id) {
+            self.send_udp_batch();
+        }
         let Some(flow) = self.flows.try_remove(id) else {
             return;
         };

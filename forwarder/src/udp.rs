@@ -4,7 +4,8 @@
 //!
 //! UDP bypasses smoltcp. A guest datagram to a new destination opens a non-blocking host
 //! socket, `connect`ed to the translated destination, so the kernel filters replies for
-//! us; datagrams are sent as they come. Replies are received straight into a transmit
+//! us. Guest datagrams of one flow that arrive in one TAP read batch leave together, as
+//! one `sendmsg` with `UDP_SEGMENT` (see [`Batch`]); the kernel cuts them apart. Replies are received straight into a transmit
 //! queue slot, behind room for the headers, which are then written around them: one copy
 //! from the kernel, none of our own. A flow closes after `udp_idle` without traffic in
 //! either direction.
@@ -16,6 +17,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 
 use mio::{Interest, Registry, Token};
 use smoltcp::phy::ChecksumCapabilities;
@@ -25,7 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::emit::{self, EmitError};
 use crate::icmp::{self, Unreachable};
-use crate::{Counters, FlowKey, Io, Link};
+use crate::{sys, Counters, FlowKey, Io, Link};
 
 /// One UDP flow.
 pub struct UdpFlow {
@@ -33,6 +35,102 @@ pub struct UdpFlow {
     host: mio::net::UdpSocket,
     pub(crate) last_active: Instant,
     pub(crate) timer: Option<Instant>,
+    /// Whether the host route takes segmented sends (false after it refused one).
+    gso: bool,
+}
+
+/// Most datagrams in one segmented send (the kernel's `UDP_MAX_SEGMENTS` before 6.9).
+const MAX_SEGMENTS: usize = 64;
+
+/// Most payload bytes in one segmented send: one IPv4 datagram's worth.
+const MAX_BATCH_BYTES: usize = 65_507;
+
+/// Guest datagrams of one flow waiting to leave with one `sendmsg` (UDP GSO).
+///
+/// A guest that streams sends runs of equal-sized datagrams to one destination, and one
+/// TAP read batch holds many of them. They are copied here (a few hundred ns each) so
+/// that the host kernel builds, routes and hands over one packet instead of one per
+/// datagram: on loopback it is cut apart only at the receiving socket. The batch is sent
+/// as soon as a datagram of another flow, a larger one or one after a short one comes,
+/// when it is full, and at the end of every TAP read batch
+/// ([`crate::Forwarder::poll_flows`]): it never waits for more traffic.
+pub(crate) struct Batch {
+    /// Token table entry of the flow whose datagrams wait.
+    flow: Option<usize>,
+    /// Size of every datagram but the last.
+    seg: usize,
+    /// Datagrams waiting.
+    count: usize,
+    buf: Vec<u8>,
+    /// Whether the kernel segments at all ([`sys::udp_gso_supported`]).
+    enabled: bool,
+}
+
+impl Batch {
+    /// An empty batch; `enabled` false sends every datagram alone.
+    pub(crate) fn new(enabled: bool) -> Batch {
+        Batch {
+            flow: None,
+            seg: 0,
+            count: 0,
+            buf: Vec::new(),
+            enabled,
+        }
+    }
+
+    /// The flow whose datagrams wait, if any.
+    pub(crate) fn flow(&self) -> Option<usize> {
+        self.flow
+    }
+
+    /// Whether `data` for `flow` can be pushed without sending the batch first: nothing
+    /// waits, or it joins datagrams of the same flow, no larger than the first, with
+    /// none shorter before it, and room left. An empty datagram never joins (it cannot be
+    /// a segment): it leaves on its own, after those waiting.
+    pub(crate) fn accepts(&self, flow: usize, data: &[u8]) -> bool {
+        self.flow.is_none()
+            || (self.flow == Some(flow)
+                && !data.is_empty()
+                && data.len() <= self.seg
+                && self.buf.len().is_multiple_of(self.seg)
+                && self.count < MAX_SEGMENTS
+                && self.buf.len() + data.len() <= MAX_BATCH_BYTES)
+    }
+
+    /// Sends `data` of the flow `id` now or later. The caller has sent the batch first
+    /// unless it [`Batch::accepts`] `data`.
+    pub(crate) fn push(&mut self, id: usize, flow: &mut UdpFlow, data: &[u8], c: &mut Counters) {
+        if !self.enabled || !flow.gso || data.is_empty() {
+            flow.send(data, c);
+            return;
+        }
+        if self.flow.is_none() {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(MAX_BATCH_BYTES);
+            }
+            self.flow = Some(id);
+            self.seg = data.len();
+        }
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// Sends the waiting datagrams through `flow` (the one of [`Batch::flow`]).
+    pub(crate) fn send(&mut self, flow: &mut UdpFlow, c: &mut Counters) {
+        if self.count == 1 {
+            flow.send(&self.buf, c);
+        } else if self.count > 1 {
+            flow.send_segments(&self.buf, self.seg, self.count, c);
+        }
+        self.clear();
+    }
+
+    /// Forgets the waiting datagrams (their flow is gone).
+    pub(crate) fn clear(&mut self) {
+        self.flow = None;
+        self.count = 0;
+        self.buf.clear();
+    }
 }
 
 /// An association of a published UDP port: a client of the host socket `listener`
@@ -133,17 +231,46 @@ impl UdpFlow {
             host,
             last_active: now,
             timer: None,
+            gso: true,
         })
     }
 
     /// Sends one guest datagram.
-    pub(crate) fn send(&mut self, now: Instant, data: &[u8], c: &mut Counters) {
-        self.last_active = now;
-        match self.host.send(data) {
-            Ok(_) => {}
+    fn send(&mut self, data: &[u8], c: &mut Counters) {
+        if let Err(e) = self.host.send(data) {
+            log::trace!("UDP send to {:?} failed: {e}", self.key.remote);
+            c.udp_send_dropped += 1;
+        }
+    }
+
+    /// Sends `count` guest datagrams, `data` cut every `seg` bytes, with one `sendmsg`.
+    /// A route that cannot segment gets them one by one, now and from then on.
+    fn send_segments(&mut self, data: &[u8], seg: usize, count: usize, c: &mut Counters) {
+        // `seg` is at most MAX_BATCH_BYTES.
+        let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
+        match sys::send_segments(self.host.as_raw_fd(), data, seg16) {
+            Ok(_) => {
+                c.udp_gso_sends += 1;
+                c.udp_gso_datagrams += count as u64;
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+                ) =>
+            {
+                log::debug!(
+                    "UDP to {:?}: the route does not segment ({e}); sending one by one",
+                    self.key.remote
+                );
+                self.gso = false;
+                for datagram in data.chunks(seg) {
+                    self.send(datagram, c);
+                }
+            }
             Err(e) => {
                 log::trace!("UDP send to {:?} failed: {e}", self.key.remote);
-                c.udp_send_dropped += 1;
+                c.udp_send_dropped += count as u64;
             }
         }
     }

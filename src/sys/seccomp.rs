@@ -198,7 +198,8 @@ pub fn allow_list() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     m.insert(libc::SYS_recvfrom, vec![]);
     m.insert(libc::SYS_sendto, vec![]);
     // Published UDP ports: datagrams with ancillary data (the local address a client
-    // used, so that replies leave from it).
+    // used, so that replies leave from it); runs of guest datagrams sent segmented
+    // (UDP_SEGMENT).
     m.insert(libc::SYS_recvmsg, vec![]);
     m.insert(libc::SYS_sendmsg, vec![]);
     // (not seen) The same in batches.

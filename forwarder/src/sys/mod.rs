@@ -199,3 +199,65 @@ pub fn send_from(fd: RawFd, data: &[u8], to: SocketAddr, from: IpAddr) -> io::Re
     }
     Ok(n.unsigned_abs())
 }
+
+/// Whether the kernel cuts datagrams apart for us (`UDP_SEGMENT`, Linux 4.18): probed once
+/// on a throw-away socket. An older kernel would not reject the control message of
+/// [`send_segments`] but ignore it and send one large datagram, hence the probe.
+pub fn udp_gso_supported() -> bool {
+    let Ok(socket) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None) else {
+        return false;
+    };
+    let seg: libc::c_int = 1400;
+    // SAFETY: `seg` is a live c_int and its size is passed; setsockopt only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&raw const seg).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+/// Sends `data` on a connected datagram socket as datagrams of `seg` bytes each (the
+/// last may be shorter) with one `sendmsg` and a `UDP_SEGMENT` control message: the
+/// kernel builds one packet and cuts it apart late (or not at all, on loopback to a
+/// reader that takes GRO). Only after [`udp_gso_supported`].
+///
+/// # Errors
+/// The error of `sendmsg`: `EIO`, `EINVAL` or `EMSGSIZE` when this route cannot segment
+/// (no checksum offload, `seg` above the path MTU); the caller then sends one by one.
+pub fn send_segments(fd: RawFd, data: &[u8], seg: u16) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let mut cmsg = CmsgBuf([0; 64]);
+    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths); no address: the
+    // socket is connected.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.0.as_mut_ptr().cast();
+    let len32 = size_of::<u16>() as u32;
+    // SAFETY: CMSG_SPACE only computes a size (well under the 64-byte buffer).
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(len32) } as _;
+    // SAFETY: `msg_control` points to `cmsg`, at least CMSG_SPACE(2) bytes long, so the
+    // header and its data lie inside it; the payload is written unaligned.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = libc::UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(len32) as _;
+        libc::CMSG_DATA(c).cast::<u16>().write_unaligned(seg);
+    }
+    // SAFETY: all pointers in `msg` refer to live buffers of the stated lengths; the
+    // kernel only reads them.
+    let n = unsafe { libc::sendmsg(fd, &raw const msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.unsigned_abs())
+}
