@@ -16,6 +16,7 @@
 //! | rr | 1-byte TCP ping-pong container <-> host, one-way (RTT/2, as sockperf) | µs |
 //! | crr | connect + 1 B + 1 B + close per connection, sequential | conn/s |
 //! | udp_1400, udp_8000 | iperf3 -u at a fixed offered rate, -l 1400 / 8000 | Gbit/s received, loss % |
+//! | udp_1400_max, udp_8000_max | the highest offered rate carried with under 1 % loss (RFC 2544 throughput: doubling, then 3 bisections, 2 s probes) | Gbit/s received, loss % |
 //! | udp_rr | 1-byte UDP ping-pong, one-way (RTT/2) | µs |
 //! | cpu_per_gib | engine CPU time (its threads' schedstat, else utime + stime) per GiB received in tcp_out | s/GiB |
 //! | startup_ms | exec to the ready-fd byte (`-r FD`), usernet and slirp4netns | ms |
@@ -23,8 +24,8 @@
 //!
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
-//! `ENGINES` ("usernet slirp4netns pasta kernel"), `FIGURES` (all; `scale` and `udp` name both
-//! of theirs), `UDP_RATE` (iperf3 -b, "1G"), `SCALE_CONNS` (10000), `USERNET_BIN` (default
+//! `ENGINES` ("usernet slirp4netns pasta kernel"), `FIGURES` (all; `scale`, `udp` and `udp_max` name
+//! both of theirs), `UDP_RATE` (iperf3 -b, "1G"), `SCALE_CONNS` (10000), `USERNET_BIN` (default
 //! target/release/usernet, rebuilt with `cargo build --release` when missing or older than the
 //! sources), `SLIRP4NETNS`, `PASTA` (other builds). `BENCH_SMOKE=1` is the CI guard: usernet
 //! and slirp4netns, tcp_out at MTU 65520, RUNS=3 and SECS=3 (unless set); exit status 1 only
@@ -67,6 +68,8 @@ enum Fig {
     Crr,
     Udp1400,
     Udp8000,
+    Udp1400Max,
+    Udp8000Max,
     UdpRr,
     CpuPerGib,
     StartupMs,
@@ -75,7 +78,7 @@ enum Fig {
 }
 
 impl Fig {
-    const ALL: [Fig; 12] = [
+    const ALL: [Fig; 14] = [
         Fig::TcpOut,
         Fig::TcpIn,
         Fig::TcpPub,
@@ -83,6 +86,8 @@ impl Fig {
         Fig::Crr,
         Fig::Udp1400,
         Fig::Udp8000,
+        Fig::Udp1400Max,
+        Fig::Udp8000Max,
         Fig::UdpRr,
         Fig::CpuPerGib,
         Fig::StartupMs,
@@ -99,6 +104,8 @@ impl Fig {
             Fig::Crr => "crr",
             Fig::Udp1400 => "udp_1400",
             Fig::Udp8000 => "udp_8000",
+            Fig::Udp1400Max => "udp_1400_max",
+            Fig::Udp8000Max => "udp_8000_max",
             Fig::UdpRr => "udp_rr",
             Fig::CpuPerGib => "cpu_per_gib",
             Fig::StartupMs => "startup_ms",
@@ -112,6 +119,7 @@ impl Fig {
         match self {
             Fig::TcpOut | Fig::TcpIn | Fig::TcpPub => ("Gbit/s", true),
             Fig::Udp1400 | Fig::Udp8000 => ("Gbit/s rx (loss)", true),
+            Fig::Udp1400Max | Fig::Udp8000Max => ("Gbit/s at <1% loss", true),
             Fig::Rr | Fig::UdpRr => ("µs", false),
             Fig::Crr => ("conn/s", true),
             Fig::CpuPerGib => ("CPU s/GiB", false),
@@ -143,6 +151,7 @@ impl Fig {
         match s {
             "scale" => Some(vec![Fig::ScaleTcpOut, Fig::ScaleRss]),
             "udp" => Some(vec![Fig::Udp1400, Fig::Udp8000]),
+            "udp_max" => Some(vec![Fig::Udp1400Max, Fig::Udp8000Max]),
             _ => Fig::ALL
                 .into_iter()
                 .find(|f| f.name() == s)
@@ -524,6 +533,8 @@ fn measure(
         Fig::Crr => figures::crr(s, ctx, srv).map(|v| (v, None)),
         Fig::Udp1400 => udp("1400"),
         Fig::Udp8000 => udp("8000"),
+        Fig::Udp1400Max => figures::udp_lossless(s, ctx, "1400").map(|(v, l)| (v, Some(l))),
+        Fig::Udp8000Max => figures::udp_lossless(s, ctx, "8000").map(|(v, l)| (v, Some(l))),
         Fig::UdpRr => figures::udp_rr(s, ctx, srv).map(|v| (v, None)),
         Fig::StartupMs => s
             .startup_ms
@@ -744,10 +755,19 @@ fn real_main() -> Result<ExitCode, String> {
     }
     if has(&[Fig::Udp1400, Fig::Udp8000]) {
         legend.push(format!(
-            "udp_*: iperf3 -u -b {} -w 4M container -> host, received rate (loss % from bytes \
-             sent and received).",
+            "udp_1400, udp_8000: iperf3 -u -b {} -w 4M container -> host, received rate (loss % \
+             from bytes sent and received).",
             cfg.udp_rate
         ));
+    }
+    if has(&[Fig::Udp1400Max, Fig::Udp8000Max]) {
+        legend.push(
+            "udp_*_max: the highest offered rate carried with under 1% loss (RFC 2544 \
+             throughput): offered rates double from 1 Gbit/s until one passes and one fails, \
+             then 3 bisections, 2 s per probe; shown is the received rate (loss) of the best \
+             passing probe."
+                .into(),
+        );
     }
     if has(&[Fig::CpuPerGib]) {
         legend.push(

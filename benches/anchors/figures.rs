@@ -237,6 +237,62 @@ pub fn iperf_to_host(s: &Session, ctx: &Ctx, extra: &[&str]) -> Result<Iperf, St
     Ok(r)
 }
 
+/// Loss below which a UDP rate counts as carried (the "under 1 %").
+const LOSSLESS_PCT: f64 = 1.0;
+
+/// Seconds per probe of [`udp_lossless`].
+const PROBE_SECS: &str = "2";
+
+/// Throughput of a UDP stream of `len`-byte datagrams in the sense of RFC 2544: the highest
+/// offered rate carried with under 1 % loss. The offered rate doubles from 1 Gbit/s (or
+/// halves) until one probe passes and one fails, then 3 bisections narrow the gap to an
+/// eighth. Returns the received rate and loss of the best passing probe.
+pub fn udp_lossless(s: &Session, ctx: &Ctx, len: &str) -> Result<(f64, f64), String> {
+    let probe = |gbps: f64| -> Result<(f64, f64), String> {
+        let rate = format!("{:.0}M", gbps * 1000.0);
+        let r = iperf_to_host(
+            s,
+            ctx,
+            &["-u", "-b", &rate, "-l", len, "-w", "4M", "-t", PROBE_SECS],
+        )?;
+        Ok((r.gbps, r.lost_pct.ok_or("iperf3: no loss figure")?))
+    };
+    let passes = |r: &(f64, f64)| r.1 < LOSSLESS_PCT;
+    // (offered, result) of the best pass and the lowest failure so far.
+    let mut pass: Option<(f64, (f64, f64))> = None;
+    let mut fail: Option<f64> = None;
+    let mut rate = 1.0;
+    while pass.is_none() || fail.is_none() {
+        let r = probe(rate)?;
+        if passes(&r) {
+            pass = Some((rate, r));
+            rate *= 2.0;
+            if rate > 64.0 {
+                break;
+            }
+        } else {
+            fail = Some(rate);
+            rate /= 2.0;
+            if rate < 0.05 {
+                return Err(format!("loses {:.1}% even at {rate:.2} Gbit/s", r.1));
+            }
+        }
+    }
+    if let (Some((mut lo, _)), Some(mut hi)) = (pass, fail) {
+        for _ in 0..3 {
+            let mid = (lo + hi) / 2.0;
+            let r = probe(mid)?;
+            if passes(&r) {
+                lo = mid;
+                pass = Some((mid, r));
+            } else {
+                hi = mid;
+            }
+        }
+    }
+    pass.map(|(_, r)| r).ok_or_else(|| "no passing rate".into())
+}
+
 /// iperf3 from the host to the published 127.0.0.1 port, to a server in the container.
 pub fn tcp_pub(s: &Session, ctx: &Ctx) -> Result<Iperf, String> {
     let _server = iperf_server(s.cmd("iperf3"), CONTAINER_PORT)?;
