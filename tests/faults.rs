@@ -1,6 +1,7 @@
 //! Faults are survived and nothing is lost (issue 5, item 4): a world server that resets or
 //! stalls mid-transfer, a container client that dies mid-transfer, host fd exhaustion
-//! (usernet under `RLIMIT_NOFILE` 64: new flows refused, established ones keep going), and
+//! (usernet under `RLIMIT_NOFILE` 64: new flows refused, established ones keep going), memory
+//! that cannot be had (`RLIMIT_AS`, as under strict overcommit: the same), and
 //! many sequential short connections without fd or memory growth. Data is compared by
 //! SHA-256 wherever it flows; after every fault usernet's flow and its host socket must be
 //! gone (its `/proc/PID/fd` count back to the baseline, `flows.tcp` 0 in `get_stats`).
@@ -595,6 +596,62 @@ fn host_fd_exhaustion_refuses_new_flows_keeps_established_ones() {
     });
     assert!(ok.is_some(), "no new flow after fds were released");
     t.in_container(|| echo_once(echo.addr, &pattern(0xAF, 100_000)));
+    u.assert_running();
+}
+
+/// Bytes per direction of a flow in the memory test: 32 MiB of address space per flow.
+const BIG_BUFFER: u64 = 16 * MIB;
+
+#[test]
+fn memory_exhaustion_refuses_new_flows_keeps_established_ones() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("prlimit") {
+        return;
+    }
+    let echo = TcpServer::echo(&t.world_ns(), any(WORLD));
+    let (mut u, api) = start(&t, &["--tcp-buffer", &BIG_BUFFER.to_string()]);
+    thread::sleep(Duration::from_millis(200));
+    // Address space for three flows' buffers and 16 MiB to spare: the fourth flow's
+    // buffers cannot be allocated, as under vm.overcommit_memory=2 with memory short.
+    let limit = vm_size_kib(u.pid) * 1024 + 3 * 2 * BIG_BUFFER + 16 * MIB;
+    let pid = u.pid.to_string();
+    let lim = format!("--as={limit}:{limit}");
+    sh("prlimit", &["--pid", &pid, &lim]).assert_success();
+    let s0 = get_stats(&api);
+
+    let n = t.in_container(|| {
+        let (mut conns, err) = open_until_refused(echo.addr, 10);
+        let n = conns.len();
+        eprintln!("{n} flows of 2 x {BIG_BUFFER} bytes under RLIMIT_AS {limit}; then {err:?}");
+        let err = err.unwrap_or_else(|| panic!("10 flows of 32 MiB fit in RLIMIT_AS {limit}"));
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ECONNREFUSED),
+            "a new flow without memory: expected ECONNREFUSED, got {err}"
+        );
+        assert!(n >= 1, "not one flow fit under RLIMIT_AS {limit}");
+        for _ in 0..3 {
+            assert_refused(echo.addr);
+        }
+        // The established flows keep carrying data, in both directions.
+        echo_round(&mut conns, 0x3000);
+        n
+    });
+    u.assert_running();
+    let s1 = get_stats(&api);
+    let host_errors = s1.delta(&s0, "counters.tcp_host_errors");
+    assert!(
+        host_errors >= 4,
+        "tcp_host_errors grew by {host_errors} for 4 flows refused without memory"
+    );
+    wait_no_tcp_flow(&api, Duration::from_secs(10));
+    // The closed flows' memory is back (light flows' sockets are kept for reuse): new
+    // flows work again.
+    let ok = wait_for(Duration::from_secs(10), || {
+        t.in_container(|| connect(echo.addr).is_ok()).then_some(())
+    });
+    assert!(ok.is_some(), "no new flow after {n} flows closed");
+    t.in_container(|| echo_once(echo.addr, &pattern(0xA5, 100_000)));
     u.assert_running();
 }
 

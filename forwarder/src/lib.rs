@@ -236,7 +236,7 @@ counters! {
     tcp_denied,
     /// TCP flows refused: table or half-open limit reached.
     tcp_table_full,
-    /// TCP flows refused by a local error (EMFILE...).
+    /// TCP flows refused by a local error (EMFILE, no memory for buffers...).
     tcp_host_errors,
     /// TCP segments of no flow (answered with RST).
     tcp_stray_segments,
@@ -495,11 +495,21 @@ impl Forwarder {
         self.socket_pool.len()
     }
 
-    /// A closed guest socket: pooled, or new.
-    fn guest_socket(&mut self) -> tcp::Guest {
-        self.socket_pool
+    /// A closed guest socket: pooled, or new. `None` (counted) when the memory for a new
+    /// one's buffers cannot be had.
+    fn guest_socket(&mut self) -> Option<tcp::Guest> {
+        let guest = self
+            .socket_pool
             .pop()
-            .unwrap_or_else(|| tcp::Guest::new(self.cfg.tcp_buffer))
+            .or_else(|| tcp::Guest::new(self.cfg.tcp_buffer));
+        if guest.is_none() {
+            log::debug!(
+                "no memory for the buffers of a TCP flow ({} bytes): refused",
+                2 * self.cfg.tcp_buffer
+            );
+            self.counters.tcp_host_errors += 1;
+        }
+        guest
     }
 
     /// The counters.
@@ -876,7 +886,10 @@ impl Forwarder {
             outbound: self.outbound_for(&target.ip()),
             buffer: self.cfg.tcp_buffer,
         };
-        let guest = self.guest_socket();
+        let Some(guest) = self.guest_socket() else {
+            self.reset_stray(now, key.guest.0, ip);
+            return;
+        };
         let entry = self.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
@@ -1460,7 +1473,10 @@ impl Forwarder {
     ) {
         let (guest, remote) = self.inbound_ends(client, rule_guest, true);
         let key = FlowKey { guest, remote };
-        let guest = self.guest_socket();
+        let Some(guest) = self.guest_socket() else {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        };
         let entry = self.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);

@@ -44,7 +44,7 @@ use smoltcp::wire::IpListenEndpoint;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::icmp::Unreachable;
-use crate::{Counters, FlowKey, Io, Link};
+use crate::{sys, Counters, FlowKey, Io, Link};
 
 /// Bytes of the guest's SYN kept for an ICMP error: the IPv4 header (with options) and
 /// the first 8 bytes of TCP.
@@ -136,11 +136,12 @@ pub(crate) struct Guest {
 }
 
 impl Guest {
-    /// A fresh socket with `buffer` bytes per direction.
-    pub(crate) fn new(buffer: usize) -> Guest {
+    /// A fresh socket with `buffer` bytes per direction, or `None` when that memory cannot
+    /// be allocated (the flow is then refused; the process goes on).
+    pub(crate) fn new(buffer: usize) -> Option<Guest> {
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
-        let handle = sockets.add(new_socket(buffer));
-        Guest { sockets, handle }
+        let handle = sockets.add(new_socket(buffer)?);
+        Some(Guest { sockets, handle })
     }
 
     fn socket(&mut self) -> &mut tcp::Socket<'static> {
@@ -489,10 +490,10 @@ impl TcpFlow {
     }
 }
 
-/// A guest-facing socket with our settings.
-fn new_socket(buffer: usize) -> tcp::Socket<'static> {
-    let rx = tcp::SocketBuffer::new(vec![0; buffer]);
-    let tx = tcp::SocketBuffer::new(vec![0; buffer]);
+/// A guest-facing socket with our settings, or `None` when its buffers cannot be had.
+fn new_socket(buffer: usize) -> Option<tcp::Socket<'static>> {
+    let rx = tcp::SocketBuffer::new(sys::zeroed_buffer(buffer)?);
+    let tx = tcp::SocketBuffer::new(sys::zeroed_buffer(buffer)?);
     let mut socket = tcp::Socket::new(rx, tx);
     socket.set_nagle_enabled(false);
     // A reply from the host within 1 ms carries the ACK (one frame to the guest instead
@@ -500,7 +501,7 @@ fn new_socket(buffer: usize) -> tcp::Socket<'static> {
     // ACKs immediately once more than one MSS is unacknowledged).
     socket.set_ack_delay(Some(Duration::from_millis(1)));
     socket.set_timeout(Some(Duration::from_secs(60)));
-    socket
+    Some(socket)
 }
 
 /// A non-blocking TCP connect, bound to `outbound` for non-loopback targets of its family.

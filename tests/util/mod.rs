@@ -2522,12 +2522,25 @@ pub fn wait_for<R>(t: Duration, mut f: impl FnMut() -> Option<R>) -> Option<R> {
 ///
 /// If the process is gone or the line is missing.
 pub fn vm_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// Virtual memory size of process `pid` in KiB (`VmSize`), what `RLIMIT_AS` limits.
+///
+/// # Panics
+///
+/// As [`vm_rss_kib`].
+pub fn vm_size_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmSize")
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
     let s = fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
 }
 
 /// Sets `SO_LINGER` to 0: closing the socket then sends a RST instead of a FIN.
