@@ -498,6 +498,20 @@ fn open_until_refused(echo: SocketAddrV4, max: usize) -> (Vec<TcpStream>, Option
     (conns, None)
 }
 
+/// The error that ended [`open_until_refused`] is a refusal (the RST of a flow usernet
+/// could not open), `what` being the limit in force.
+#[track_caller]
+fn assert_refusal(err: Option<io::Error>, what: &str) {
+    match err {
+        None => panic!("every connection succeeded {what}"),
+        Some(e) => assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ECONNREFUSED),
+            "a new flow {what}: expected ECONNREFUSED, got {e}"
+        ),
+    }
+}
+
 /// One 64 KiB echo on each connection, compared by SHA-256.
 fn echo_round(conns: &mut [TcpStream], seed: u64) {
     for (i, c) in conns.iter_mut().enumerate() {
@@ -548,14 +562,7 @@ fn host_fd_exhaustion_refuses_new_flows_keeps_established_ones() {
             u.fd_count()
         );
         eprintln!("usernet's fds at EMFILE:\n{}", u.fd_targets().join("\n"));
-        let err = err.unwrap_or_else(|| {
-            panic!("{NOFILE} + 16 connections all succeeded under RLIMIT_NOFILE {NOFILE}")
-        });
-        assert_eq!(
-            err.raw_os_error(),
-            Some(libc::ECONNREFUSED),
-            "a new flow at EMFILE: expected ECONNREFUSED, got {err}"
-        );
+        assert_refusal(err, &format!("under RLIMIT_NOFILE {NOFILE}"));
         assert!(
             n + 1 + base >= NOFILE - 4,
             "only {n} flows fit in {NOFILE} fds (baseline {base})"
@@ -623,12 +630,7 @@ fn memory_exhaustion_refuses_new_flows_keeps_established_ones() {
         let (mut conns, err) = open_until_refused(echo.addr, 10);
         let n = conns.len();
         eprintln!("{n} flows of 2 x {BIG_BUFFER} bytes under RLIMIT_AS {limit}; then {err:?}");
-        let err = err.unwrap_or_else(|| panic!("10 flows of 32 MiB fit in RLIMIT_AS {limit}"));
-        assert_eq!(
-            err.raw_os_error(),
-            Some(libc::ECONNREFUSED),
-            "a new flow without memory: expected ECONNREFUSED, got {err}"
-        );
+        assert_refusal(err, &format!("under RLIMIT_AS {limit}"));
         assert!(n >= 1, "not one flow fit under RLIMIT_AS {limit}");
         for _ in 0..3 {
             assert_refused(echo.addr);

@@ -273,7 +273,10 @@ pub fn udp_lossless(s: &Session, ctx: &Ctx, len: &str) -> Result<(f64, f64), Str
         } else {
             fail = Some(rate);
             if rate < 0.1 {
-                return Err(format!("loses {:.1}% even at {rate:.2} Gbit/s offered", r.1));
+                return Err(format!(
+                    "loses {:.1}% even at {rate:.2} Gbit/s offered",
+                    r.1
+                ));
             }
             rate /= 2.0;
         }
