@@ -189,3 +189,57 @@ fn udp_bursts_keep_datagram_boundaries_and_order() {
         assert_burst(&got, seed, &format!("world, burst {round}"));
     }
 }
+
+#[test]
+fn udp_burst_towards_the_container_waits_in_usernets_socket() {
+    const LEN: usize = 1400;
+    let Some(t) = Topology::new() else { return };
+    let u = UsernetCmd::new(&t).args(["-c"]).start();
+    let server = t.in_host(|| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind"));
+    let port = server.local_addr().expect("addr").port();
+    let client = t.in_container(|| udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
+    setsockopt(&client, sockopt::RcvBuf, &(4 << 20)).expect("SO_RCVBUF");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    // The flow: the container speaks first, the host answers its source.
+    client
+        .send_to(b"hello", SocketAddrV4::new(GATEWAY, port))
+        .expect("send");
+    let mut buf = vec![0u8; 65536];
+    let (_, peer) = server
+        .recv_from(&mut buf)
+        .expect("the container's datagram");
+
+    // As many datagrams as half of what usernet's socket may queue (1400-byte datagrams
+    // take about 2.3 KiB of buffer each; the kernel caps the buffer at rmem_max and
+    // doubles it), at most 1500: far more than the default buffer's 90.
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .expect("rmem_max")
+        .trim()
+        .parse()
+        .expect("rmem_max");
+    let n = (2 * rmem_max.min(4 << 20) / 2 / 2400).clamp(50, 1500);
+    // Sent while usernet is stopped: all of them wait in its host socket.
+    let pid = Pid::from_raw(i32::try_from(u.pid).expect("pid"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP usernet");
+    for i in 0..n {
+        server
+            .send_to(&pattern(i as u64, LEN), peer)
+            .unwrap_or_else(|e| panic!("send datagram {i}: {e}"));
+    }
+    kill(pid, Signal::SIGCONT).expect("SIGCONT usernet");
+    let mut got = 0;
+    while got < n {
+        match client.recv(&mut buf) {
+            Ok(len) => {
+                assert!(
+                    buf[..len] == pattern(got as u64, LEN),
+                    "datagram {got} of {n} differs (or one before it was lost)"
+                );
+                got += 1;
+            }
+            Err(e) => panic!("{got} of {n} datagrams arrived (rmem_max {rmem_max}): {e}"),
+        }
+    }
+}

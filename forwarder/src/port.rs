@@ -143,6 +143,7 @@ impl Listener {
                 ListenSocket::Tcp(l)
             }
             Proto::Udp => {
+                crate::udp::widen_receive_buffer(&socket);
                 if addr.ip().is_unspecified() {
                     // Learn each datagram's local address, to reply from it.
                     crate::sys::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6()).map_err(fail)?;
