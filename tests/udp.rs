@@ -113,6 +113,8 @@ fn stopped_burst(
     seed: u64,
 ) -> Vec<Vec<u8>> {
     let sizes = burst_sizes();
+    // Room for the whole burst, which arrives faster than this thread reads.
+    setsockopt(rx, sockopt::RcvBuf, &(4 << 20)).expect("SO_RCVBUF");
     let pid = Pid::from_raw(i32::try_from(u.pid).expect("pid"));
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP usernet");
     t.in_container(|| {
@@ -125,8 +127,6 @@ fn stopped_burst(
     kill(pid, Signal::SIGCONT).expect("SIGCONT usernet");
     let mut got = Vec::new();
     let mut buf = vec![0u8; 65536];
-    // Room for the whole burst, whose datagrams arrive faster than this thread reads.
-    setsockopt(rx, sockopt::RcvBuf, &(4 << 20)).expect("SO_RCVBUF");
     let end = Instant::now() + Duration::from_secs(10);
     rx.set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
