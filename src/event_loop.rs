@@ -28,7 +28,7 @@ use nix::unistd::Pid;
 use stack::sys::tap::Tap;
 
 use crate::api;
-use crate::busy_poll::BusyPoll;
+use crate::busy_poll::{BulkMeter, BusyPoll};
 use crate::conf::Publish;
 use crate::netns::TargetWatch;
 
@@ -42,9 +42,6 @@ const API_CLIENTS: usize = 1 << 40;
 
 /// Frames read from the TAP per turn before host sockets get their turn.
 const TAP_BATCH: usize = 64;
-
-/// Bytes through the TAP in one turn from which traffic counts as bulk (no spinning).
-const BULK_TURN: u64 = 32 << 10;
 
 /// Largest frame the TAP can hand us: vnet header + Ethernet + 64 KiB (GSO).
 const RX_BUFFER: usize = 10 + 14 + 65536;
@@ -247,7 +244,7 @@ pub fn run(
     let mut tap_readable = true;
     let mut tap_blocked = false;
     let mut waiter = BusyPoll::new(extras.busy_poll);
-    let mut moved = 0u64;
+    let mut bulk = BulkMeter::new(start);
 
     loop {
         let timeout = if tap_readable {
@@ -268,12 +265,10 @@ pub fn run(
                 (a, b) => a.or(b),
             }
         };
-        // Bytes through the TAP in the last turn: a bulk transfer has buffers on both
-        // sides and gains nothing from a faster wake-up, so it is not spun for.
+        // A stream has buffers on both sides and gains nothing from a faster wake-up,
+        // so it is not spun for.
         let c = fwd.counters();
-        let turn = c.rx_bytes + c.tx_bytes - moved;
-        moved += turn;
-        let spin = turn < BULK_TURN;
+        let spin = !bulk.is_bulk(std::time::Instant::now(), c.rx_bytes + c.tx_bytes);
         if let Err(e) = waiter.wait(&mut poll, &mut events, timeout, spin) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;

@@ -286,3 +286,54 @@ fn busy_poll_does_not_spin_on_sporadic_traffic() {
         "usernet used {cpu:?} of CPU in {wall:?} of sporadic traffic: the window did not close"
     );
 }
+
+#[test]
+fn busy_poll_does_not_spin_on_a_stream() {
+    // Bursts of 40 datagrams of 1400 bytes every millisecond (450 Mbit/s) towards the
+    // container: with a 10 ms window every gap would be spun through; a stream must not be.
+    let Some(t) = Topology::new() else { return };
+    let u = UsernetCmd::new(&t)
+        .args(["-c", "--busy-poll=10000"])
+        .start();
+    let source = t.in_host(|| std::net::UdpSocket::bind(any(Ipv4Addr::LOCALHOST)).expect("bind"));
+    let port = source.local_addr().unwrap().port();
+    let sink = t.in_container(|| udp_socket(any(Ipv4Addr::UNSPECIFIED)));
+    sink.send_to(b"start", SocketAddrV4::new(GATEWAY, port))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    let (_, peer) = source
+        .recv_from(&mut buf)
+        .expect("the container's datagram");
+    let (bursts, per_burst) = (1000u32, 40u32);
+    let reader = std::thread::spawn(move || {
+        sink.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut got = 0u32;
+        while got < bursts * per_burst {
+            let Ok(n) = sink.recv(&mut buf) else { break };
+            assert_eq!(n, 1400);
+            got += 1;
+        }
+        got
+    });
+    let data = [0x5au8; 1400];
+    let before = cpu_and_sleeps(u.pid).0;
+    let t0 = Instant::now();
+    for _ in 0..bursts {
+        for _ in 0..per_burst {
+            source.send_to(&data, peer).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (cpu, wall) = (cpu_and_sleeps(u.pid).0 - before, t0.elapsed());
+    let got = reader.join().unwrap();
+    eprintln!("usernet used {cpu:?} of CPU in {wall:?}; {got} datagrams arrived");
+    assert!(
+        got >= bursts * per_burst * 99 / 100,
+        "{got} of {} datagrams delivered",
+        bursts * per_burst
+    );
+    assert!(
+        cpu < wall / 2,
+        "usernet used {cpu:?} of CPU in {wall:?} of a 450 Mbit/s stream: it spun between bursts"
+    );
+}
