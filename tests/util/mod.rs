@@ -1408,14 +1408,54 @@ impl Stats {
 type Handler = Arc<dyn Fn(&mut TcpStream, SocketAddr, &Stats) -> io::Result<()> + Send + Sync>;
 
 /// A TCP server bound inside a namespace, served by an accept thread plus one small thread per
-/// connection. Stops accepting on drop.
-pub struct TcpServer {
+/// connection. Stops accepting on drop. [`TcpServer`] on IPv4, [`TcpServer6`] on IPv6.
+pub struct TcpServerOn<A> {
     /// The bound address.
-    pub addr: SocketAddrV4,
+    pub addr: A,
     /// What it saw.
     pub stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+}
+
+/// [`TcpServerOn`] an IPv4 address.
+pub type TcpServer = TcpServerOn<SocketAddrV4>;
+
+/// [`TcpServerOn`] an IPv6 address (`[::]` also accepts IPv4).
+pub type TcpServer6 = TcpServerOn<SocketAddrV6>;
+
+/// The address family of a test server: how it listens and what it bound.
+pub trait ServerAddr: Copy + Send + Sync + std::fmt::Display + Into<SocketAddr> {
+    /// A listening TCP socket on the address ([`tcp_listen`], [`tcp_listen6`]).
+    fn tcp_listen(self) -> io::Result<TcpListener>;
+    /// The bound address a socket of this family reports.
+    fn bound(local: SocketAddr) -> Self;
+}
+
+impl ServerAddr for SocketAddrV4 {
+    fn tcp_listen(self) -> io::Result<TcpListener> {
+        tcp_listen(self)
+    }
+
+    fn bound(local: SocketAddr) -> Self {
+        match local {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!("bound an IPv4 address"),
+        }
+    }
+}
+
+impl ServerAddr for SocketAddrV6 {
+    fn tcp_listen(self) -> io::Result<TcpListener> {
+        tcp_listen6(self)
+    }
+
+    fn bound(local: SocketAddr) -> Self {
+        match local {
+            SocketAddr::V6(a) => a,
+            SocketAddr::V4(_) => unreachable!("bound an IPv6 address"),
+        }
+    }
 }
 
 /// A listening socket with a large backlog (the 1,000-connection test opens them back to back).
@@ -1494,23 +1534,20 @@ fn half_close_handler(s: &mut TcpStream, peer: SocketAddr, st: &Stats) -> io::Re
     Ok(())
 }
 
-impl TcpServer {
+impl<A: ServerAddr> TcpServerOn<A> {
     /// Binds `addr` (port 0: any) inside `ns_path` and serves each connection with
     /// `handler(stream, peer, stats)`.
     pub fn start(
         ns_path: &str,
-        addr: SocketAddrV4,
+        addr: A,
         handler: impl Fn(&mut TcpStream, SocketAddr, &Stats) -> io::Result<()> + Send + Sync + 'static,
     ) -> Self {
-        let listener = in_netns(ns_path, || tcp_listen(addr))
+        let listener = in_netns(ns_path, || addr.tcp_listen())
             .unwrap_or_else(|e| panic!("listen on {addr} in {ns_path}: {e}"));
-        let addr = match listener.local_addr().expect("local_addr") {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!("bound an IPv4 address"),
-        };
+        let addr = A::bound(listener.local_addr().expect("local_addr"));
         let (stats, stop, accept) =
             serve(listener, format!("tcp server {addr}"), Arc::new(handler));
-        TcpServer {
+        TcpServerOn {
             addr,
             stats,
             stop,
@@ -1520,29 +1557,29 @@ impl TcpServer {
 
     /// Reads to EOF, then replies with the SHA-256 (32 bytes) and length (u64 LE) of what it
     /// got, and records both.
-    pub fn sink(ns_path: &str, addr: SocketAddrV4) -> Self {
+    pub fn sink(ns_path: &str, addr: A) -> Self {
         Self::start(ns_path, addr, sink_handler)
     }
 
     /// Reads a 16-byte request (seed u64 LE, length u64 LE), sends that many bytes of the
     /// stream, then closes.
-    pub fn source(ns_path: &str, addr: SocketAddrV4) -> Self {
+    pub fn source(ns_path: &str, addr: A) -> Self {
         Self::start(ns_path, addr, source_handler)
     }
 
     /// Echoes everything until the client half-closes, then closes.
-    pub fn echo(ns_path: &str, addr: SocketAddrV4) -> Self {
+    pub fn echo(ns_path: &str, addr: A) -> Self {
         Self::start(ns_path, addr, echo_handler)
     }
 
     /// Server-first half-close: sends [`HALF_CLOSE_GREETING`], shuts down its write side at
     /// once, then reads the client's data to EOF and records its digest.
-    pub fn half_close(ns_path: &str, addr: SocketAddrV4) -> Self {
+    pub fn half_close(ns_path: &str, addr: A) -> Self {
         Self::start(ns_path, addr, half_close_handler)
     }
 
     /// A minimal HTTP/1.0 responder: reads the request head, answers `200` with `body`.
-    pub fn http(ns_path: &str, addr: SocketAddrV4, body: &'static str) -> Self {
+    pub fn http(ns_path: &str, addr: A, body: &'static str) -> Self {
         Self::start(ns_path, addr, move |s, _, _| {
             let mut req = Vec::new();
             let mut b = [0u8; 1024];
@@ -1580,70 +1617,6 @@ pub fn tcp_listen6(addr: SocketAddrV6) -> io::Result<TcpListener> {
     bind(fd.as_raw_fd(), &SockaddrIn6::from(addr))?;
     listen(&fd, Backlog::new(4096).unwrap_or(Backlog::MAXCONN))?;
     Ok(TcpListener::from(fd))
-}
-
-/// [`TcpServer`] on an IPv6 address (same handlers); stops accepting on drop.
-pub struct TcpServer6 {
-    /// The bound address.
-    pub addr: SocketAddrV6,
-    /// What it saw.
-    pub stats: Arc<Stats>,
-    stop: Arc<AtomicBool>,
-    accept: Option<JoinHandle<()>>,
-}
-
-impl TcpServer6 {
-    /// Binds `addr` (port 0: any; `[::]` also accepts IPv4) inside `ns_path` and serves each
-    /// connection with `handler(stream, peer, stats)`.
-    pub fn start(
-        ns_path: &str,
-        addr: SocketAddrV6,
-        handler: impl Fn(&mut TcpStream, SocketAddr, &Stats) -> io::Result<()> + Send + Sync + 'static,
-    ) -> Self {
-        let listener = in_netns(ns_path, || tcp_listen6(addr))
-            .unwrap_or_else(|e| panic!("listen on {addr} in {ns_path}: {e}"));
-        let addr = match listener.local_addr().expect("local_addr") {
-            SocketAddr::V6(a) => a,
-            SocketAddr::V4(_) => unreachable!("bound an IPv6 address"),
-        };
-        let (stats, stop, accept) =
-            serve(listener, format!("tcp server {addr}"), Arc::new(handler));
-        TcpServer6 {
-            addr,
-            stats,
-            stop,
-            accept: Some(accept),
-        }
-    }
-
-    /// Like [`TcpServer::sink`].
-    pub fn sink(ns_path: &str, addr: SocketAddrV6) -> Self {
-        Self::start(ns_path, addr, sink_handler)
-    }
-
-    /// Like [`TcpServer::source`].
-    pub fn source(ns_path: &str, addr: SocketAddrV6) -> Self {
-        Self::start(ns_path, addr, source_handler)
-    }
-
-    /// Like [`TcpServer::echo`].
-    pub fn echo(ns_path: &str, addr: SocketAddrV6) -> Self {
-        Self::start(ns_path, addr, echo_handler)
-    }
-
-    /// Like [`TcpServer::half_close`].
-    pub fn half_close(ns_path: &str, addr: SocketAddrV6) -> Self {
-        Self::start(ns_path, addr, half_close_handler)
-    }
-}
-
-impl Drop for TcpServer6 {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 /// What [`TcpServer::half_close`] sends before shutting down its write side.
@@ -1695,7 +1668,7 @@ fn accept_loop(listener: TcpListener, handler: Handler, stats: Arc<Stats>, stop:
     }
 }
 
-impl Drop for TcpServer {
+impl<A> Drop for TcpServerOn<A> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.accept.take() {
@@ -1704,10 +1677,11 @@ impl Drop for TcpServer {
     }
 }
 
-/// A UDP echo server bound inside a namespace; stops on drop.
-pub struct UdpEcho {
+/// A UDP echo server bound inside a namespace; stops on drop. [`UdpEcho`] on IPv4,
+/// [`UdpEcho6`] on IPv6.
+pub struct UdpEchoOn<A> {
     /// The bound address.
-    pub addr: SocketAddrV4,
+    pub addr: A,
     /// `accepted` counts datagrams; `peers` records each datagram's source.
     pub stats: Arc<Stats>,
     stop: Arc<AtomicBool>,
@@ -1743,17 +1717,20 @@ fn udp_echo_serve(sock: UdpSocket, name: String) -> (Arc<Stats>, Arc<AtomicBool>
     (stats, stop, thread)
 }
 
-impl UdpEcho {
+/// [`UdpEchoOn`] an IPv4 address.
+pub type UdpEcho = UdpEchoOn<SocketAddrV4>;
+
+/// [`UdpEchoOn`] an IPv6 address.
+pub type UdpEcho6 = UdpEchoOn<SocketAddrV6>;
+
+impl<A: ServerAddr> UdpEchoOn<A> {
     /// Binds `addr` (port 0: any) inside `ns_path`.
-    pub fn start(ns_path: &str, addr: SocketAddrV4) -> Self {
-        let sock = in_netns(ns_path, || UdpSocket::bind(addr))
+    pub fn start(ns_path: &str, addr: A) -> Self {
+        let sock = in_netns(ns_path, || UdpSocket::bind(addr.into()))
             .unwrap_or_else(|e| panic!("bind udp {addr} in {ns_path}: {e}"));
-        let addr = match sock.local_addr().expect("local_addr") {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!("bound an IPv4 address"),
-        };
+        let addr = A::bound(sock.local_addr().expect("local_addr"));
         let (stats, stop, thread) = udp_echo_serve(sock, format!("udp echo {addr}"));
-        UdpEcho {
+        UdpEchoOn {
             addr,
             stats,
             stop,
@@ -1762,45 +1739,7 @@ impl UdpEcho {
     }
 }
 
-/// [`UdpEcho`] on an IPv6 address; stops on drop.
-pub struct UdpEcho6 {
-    /// The bound address.
-    pub addr: SocketAddrV6,
-    /// `accepted` counts datagrams; `peers` records each datagram's source.
-    pub stats: Arc<Stats>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpEcho6 {
-    /// Binds `addr` (port 0: any) inside `ns_path`.
-    pub fn start(ns_path: &str, addr: SocketAddrV6) -> Self {
-        let sock = in_netns(ns_path, || UdpSocket::bind(addr))
-            .unwrap_or_else(|e| panic!("bind udp {addr} in {ns_path}: {e}"));
-        let addr = match sock.local_addr().expect("local_addr") {
-            SocketAddr::V6(a) => a,
-            SocketAddr::V4(_) => unreachable!("bound an IPv6 address"),
-        };
-        let (stats, stop, thread) = udp_echo_serve(sock, format!("udp echo {addr}"));
-        UdpEcho6 {
-            addr,
-            stats,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpEcho6 {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.thread.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for UdpEcho {
+impl<A> Drop for UdpEchoOn<A> {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(h) = self.thread.take() {
