@@ -14,7 +14,7 @@
 //!   MTU for IPv6 (RFC 4443).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use mio::{Interest, Registry, Token};
 use smoltcp::phy::ChecksumCapabilities;
@@ -386,18 +386,6 @@ impl IcmpFlow {
     /// Deregisters and closes the ping socket.
     pub(crate) fn close(&mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.host);
-    }
-}
-
-/// An address of `ip`'s family for `outbound` settings.
-pub(crate) fn outbound_for(
-    dst: &IpAddr,
-    v4: Option<Ipv4Addr>,
-    v6: Option<Ipv6Addr>,
-) -> Option<IpAddr> {
-    match dst {
-        IpAddr::V4(_) => v4.map(IpAddr::V4),
-        IpAddr::V6(_) => v6.map(IpAddr::V6),
     }
 }
 

@@ -750,7 +750,10 @@ impl Forwarder {
 
     /// Host socket source address for a destination of `addr`'s family.
     fn outbound_for(&self, addr: &IpAddr) -> Option<IpAddr> {
-        icmp::outbound_for(addr, self.cfg.outbound_v4, self.cfg.outbound_v6)
+        match addr {
+            IpAddr::V4(_) => self.cfg.outbound_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.cfg.outbound_v6.map(IpAddr::V6),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
