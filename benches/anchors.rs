@@ -137,6 +137,13 @@ impl Fig {
         }
     }
 
+    /// Whether the figure drives engines past their limits, so that it is measured after
+    /// every other figure of a session: slirp4netns 1.2.0 dies of SIGBUS under 2 Gbit/s of
+    /// 8000-byte datagrams at MTU 1500 (udp_8000_max), which would fail the figures after it.
+    fn overloads(self) -> bool {
+        matches!(self, Fig::Udp1400Max | Fig::Udp8000Max)
+    }
+
     fn applies(self, k: Kind) -> bool {
         match self {
             Fig::CpuPerGib => k.has_process(),
@@ -654,7 +661,9 @@ fn real_main() -> Result<ExitCode, String> {
                     continue;
                 }
                 eprintln!("[run {run}/{}] {} MTU {mtu}", cfg.runs, k.name());
-                let figs: Vec<Fig> = cfg.figs.iter().copied().filter(|f| f.applies(k)).collect();
+                let mut figs: Vec<Fig> =
+                    cfg.figs.iter().copied().filter(|f| f.applies(k)).collect();
+                figs.sort_by_key(|f| f.overloads());
                 let session = Session::start(k, mtu, &tools);
                 let servers = session
                     .as_ref()
