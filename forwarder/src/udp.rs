@@ -5,10 +5,10 @@
 //! UDP bypasses smoltcp. A guest datagram to a new destination opens a non-blocking host
 //! socket, `connect`ed to the translated destination, so the kernel filters replies for
 //! us. Guest datagrams of one flow that arrive in one TAP read batch leave together, as
-//! one `sendmsg` with `UDP_SEGMENT` (see [`Batch`]); the kernel cuts them apart. Replies are received straight into a transmit
-//! queue slot, behind room for the headers, which are then written around them: one copy
-//! from the kernel, none of our own. A flow closes after `udp_idle` without traffic in
-//! either direction.
+//! one `sendmsg` with `UDP_SEGMENT` (see [`Batch`]); the kernel cuts them apart. Replies
+//! are received straight into a transmit queue slot, behind room for the headers, which
+//! are then written around them: one copy from the kernel, none of our own. A flow closes
+//! after `udp_idle` without traffic in either direction.
 //!
 //! Limits: datagrams larger than the guest MTU allows are dropped and counted (IPv4
 //! fragmentation is not implemented); so are datagrams the host socket cannot take right
@@ -39,7 +39,8 @@ pub struct UdpFlow {
     gso: bool,
 }
 
-/// Most datagrams in one segmented send (the kernel's `UDP_MAX_SEGMENTS` before 6.9).
+/// Most datagrams in one segmented send: `UDP_MAX_SEGMENTS` of older kernels (newer ones
+/// take 128).
 const MAX_SEGMENTS: usize = 64;
 
 /// Most payload bytes in one segmented send: one IPv4 datagram's worth.
