@@ -1294,3 +1294,35 @@ fn run_mode_disable_ipv6_removes_it() {
     );
     assert_eq!(echo.stats.accepted.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn udp6_bursts_keep_datagram_boundaries_and_order() {
+    let Some(t) = Topology::new_ipv6() else {
+        return;
+    };
+    // MTU 65520: the container does not fragment (IPv6 fragments are not handled).
+    let api = t.tmp.join("api.sock");
+    let s = start6(
+        &t,
+        &["--mtu", "65520", "-a", api.to_str().expect("utf-8 path")],
+    );
+    // Host loopback through the gateway: the route segments.
+    let rx = t.in_host(|| UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).expect("bind"));
+    let dst = SocketAddr::from((GATEWAY6, rx.local_addr().expect("addr").port()));
+    let s0 = get_stats(&api);
+    for round in 0..2 {
+        let seed = 7000 + 1000 * round;
+        let got = udp_stopped_burst(&t, &s._u, &rx, dst, seed);
+        assert_udp_burst(&got, seed, &format!("gateway, burst {round}"));
+    }
+    let runs = get_stats(&api).delta(&s0, "counters.udp_gso_sends");
+    assert!(runs >= 2, "two bursts sent in {runs} segmented runs");
+    // The world through H's 1500-byte veth: runs above the path MTU go one by one.
+    let rx = t.in_world(|| UdpSocket::bind((WORLD6, 0)).expect("bind"));
+    let dst = SocketAddr::from((WORLD6, rx.local_addr().expect("addr").port()));
+    for round in 0..2 {
+        let seed = 90_000 + 1000 * round;
+        let got = udp_stopped_burst(&t, &s._u, &rx, dst, seed);
+        assert_udp_burst(&got, seed, &format!("world, burst {round}"));
+    }
+}

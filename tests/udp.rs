@@ -5,7 +5,7 @@
 mod util;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
@@ -88,72 +88,6 @@ fn udp_many_distinct_flows() {
     assert_eq!(echo.stats.peer_ips(), vec![HOST_ADDR]);
 }
 
-/// Sizes of one burst, chosen to start and end segmented runs in every way: equal sizes, a
-/// shorter one (ends its run), a larger one (starts a new run), more than 64 datagrams
-/// (the most in one run), more than 64 KiB in one run, an empty datagram, and sizes above
-/// a 1500-byte path MTU (which a route of that MTU cannot segment).
-fn burst_sizes() -> Vec<usize> {
-    let mut v = vec![
-        1400, 1400, 1400, 700, 1400, 1400, 1472, 1472, 1, 1, 0, 1000, 1000,
-    ];
-    v.extend([100; 70]);
-    v.extend([1400; 50]);
-    v.extend([8000, 8000, 8000, 3000, 5, 9000, 1200, 1200]);
-    v
-}
-
-/// Sends [`burst_sizes`] from the container to `dst` while usernet is stopped, so that
-/// one TAP read batch holds the whole burst, then resumes it and returns what `rx`
-/// received, in order.
-fn stopped_burst(
-    t: &Topology,
-    u: &Usernet,
-    rx: &UdpSocket,
-    dst: SocketAddrV4,
-    seed: u64,
-) -> Vec<Vec<u8>> {
-    let sizes = burst_sizes();
-    // Room for the whole burst, which arrives faster than this thread reads.
-    setsockopt(rx, sockopt::RcvBuf, &(4 << 20)).expect("SO_RCVBUF");
-    let pid = Pid::from_raw(i32::try_from(u.pid).expect("pid"));
-    kill(pid, Signal::SIGSTOP).expect("SIGSTOP usernet");
-    t.in_container(|| {
-        let sock = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-        for (i, &n) in sizes.iter().enumerate() {
-            sock.send_to(&pattern(seed + i as u64, n), dst)
-                .unwrap_or_else(|e| panic!("send datagram {i} ({n} bytes): {e}"));
-        }
-    });
-    kill(pid, Signal::SIGCONT).expect("SIGCONT usernet");
-    let mut got = Vec::new();
-    let mut buf = vec![0u8; 65536];
-    let end = Instant::now() + Duration::from_secs(10);
-    rx.set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout");
-    while got.len() < sizes.len() && Instant::now() < end {
-        if let Ok(n) = rx.recv(&mut buf) {
-            got.push(buf[..n].to_vec());
-        }
-    }
-    got
-}
-
-/// Compares what arrived with what a burst of `seed` sent, datagram for datagram.
-fn assert_burst(got: &[Vec<u8>], seed: u64, what: &str) {
-    let sizes = burst_sizes();
-    let got_sizes: Vec<usize> = got.iter().map(Vec::len).collect();
-    assert_eq!(
-        got_sizes, sizes,
-        "{what}: datagram sizes received, in order"
-    );
-    for (i, (d, &n)) in got.iter().zip(&sizes).enumerate() {
-        assert!(
-            *d == pattern(seed + i as u64, n),
-            "{what}: datagram {i} ({n} bytes) differs"
-        );
-    }
-}
-
 #[test]
 fn udp_bursts_keep_datagram_boundaries_and_order() {
     let Some(t) = Topology::new() else { return };
@@ -167,8 +101,8 @@ fn udp_bursts_keep_datagram_boundaries_and_order() {
     let s0 = get_stats(&api);
     for round in 0..3 {
         let seed = 1000 * round;
-        let got = stopped_burst(&t, &u, &rx, SocketAddrV4::new(GATEWAY, port), seed);
-        assert_burst(&got, seed, &format!("gateway, burst {round}"));
+        let got = udp_stopped_burst(&t, &u, &rx, SocketAddrV4::new(GATEWAY, port).into(), seed);
+        assert_udp_burst(&got, seed, &format!("gateway, burst {round}"));
     }
     let s1 = get_stats(&api);
     let runs = s1.delta(&s0, "counters.udp_gso_sends");
@@ -185,8 +119,8 @@ fn udp_bursts_keep_datagram_boundaries_and_order() {
     let dst = SocketAddrV4::new(WORLD, rx.local_addr().expect("addr").port());
     for round in 0..2 {
         let seed = 50_000 + 1000 * round;
-        let got = stopped_burst(&t, &u, &rx, dst, seed);
-        assert_burst(&got, seed, &format!("world, burst {round}"));
+        let got = udp_stopped_burst(&t, &u, &rx, dst.into(), seed);
+        assert_udp_burst(&got, seed, &format!("world, burst {round}"));
     }
 }
 

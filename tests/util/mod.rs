@@ -1327,6 +1327,82 @@ fn udp_roundtrip_at(
     ))
 }
 
+/// Sizes of one burst, chosen to start and end segmented runs in every way: equal sizes, a
+/// shorter one (ends its run), a larger one (starts a new run), more than 64 datagrams
+/// (the most in one run), more than 64 KiB in one run, an empty datagram, and sizes above
+/// a 1500-byte path MTU (which a route of that MTU cannot segment).
+pub fn udp_burst_sizes() -> Vec<usize> {
+    let mut v = vec![
+        1400, 1400, 1400, 700, 1400, 1400, 1472, 1472, 1, 1, 0, 1000, 1000,
+    ];
+    v.extend([100; 70]);
+    v.extend([1400; 50]);
+    v.extend([8000, 8000, 8000, 3000, 5, 9000, 1200, 1200]);
+    v
+}
+
+/// Sends [`udp_burst_sizes`] from the container to `dst` while usernet is stopped, so that
+/// one TAP read batch holds the whole burst, then resumes it and returns what `rx`
+/// received, in order.
+pub fn udp_stopped_burst(
+    t: &Topology,
+    u: &Usernet,
+    rx: &UdpSocket,
+    dst: SocketAddr,
+    seed: u64,
+) -> Vec<Vec<u8>> {
+    let sizes = udp_burst_sizes();
+    // Room for the whole burst, which arrives faster than this thread reads.
+    nix::sys::socket::setsockopt(rx, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
+        .expect("SO_RCVBUF");
+    let sock = t.in_container(|| match dst {
+        SocketAddr::V4(_) => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
+    });
+    let mut buf = vec![0u8; 65536];
+    // One datagram through first: the container has resolved the gateway (ARP, NDP) and
+    // usernet has the flow, so the burst waits in the TAP queue, not in a neighbour queue.
+    rx.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    sock.send_to(b"warm-up", dst)
+        .expect("send the warm-up datagram");
+    let n = rx.recv(&mut buf).expect("the warm-up datagram");
+    assert_eq!(&buf[..n], b"warm-up");
+    let pid = Pid::from_raw(i32::try_from(u.pid).expect("pid"));
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).expect("SIGSTOP usernet");
+    for (i, &n) in sizes.iter().enumerate() {
+        sock.send_to(&pattern(seed + i as u64, n), dst)
+            .unwrap_or_else(|e| panic!("send datagram {i} ({n} bytes): {e}"));
+    }
+    nix::sys::signal::kill(pid, Signal::SIGCONT).expect("SIGCONT usernet");
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    while got.len() < sizes.len() && Instant::now() < end {
+        if let Ok(n) = rx.recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+    }
+    got
+}
+
+/// Compares what arrived with what a burst of `seed` sent, datagram for datagram.
+pub fn assert_udp_burst(got: &[Vec<u8>], seed: u64, what: &str) {
+    let sizes = udp_burst_sizes();
+    let got_sizes: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(
+        got_sizes, sizes,
+        "{what}: datagram sizes received, in order"
+    );
+    for (i, (d, &n)) in got.iter().zip(&sizes).enumerate() {
+        assert!(
+            *d == pattern(seed + i as u64, n),
+            "{what}: datagram {i} ({n} bytes) differs"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Servers
 // ---------------------------------------------------------------------------------------------
