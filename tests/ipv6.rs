@@ -1309,10 +1309,11 @@ fn udp6_bursts_keep_datagram_boundaries_and_order() {
     // Host loopback through the gateway: the route segments.
     let rx = t.in_host(|| UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).expect("bind"));
     let dst = SocketAddr::from((GATEWAY6, rx.local_addr().expect("addr").port()));
+    let tx = t.in_container(|| udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)));
     let s0 = get_stats(&api);
     for round in 0..2 {
         let seed = 7000 + 1000 * round;
-        let got = udp_stopped_burst(&t, &s._u, &rx, dst, seed);
+        let got = udp_stopped_burst(&s._u, &tx, &rx, dst, seed);
         assert_udp_burst(&got, seed, &format!("gateway, burst {round}"));
     }
     let runs = get_stats(&api).delta(&s0, "counters.udp_gso_sends");
@@ -1322,7 +1323,7 @@ fn udp6_bursts_keep_datagram_boundaries_and_order() {
     let dst = SocketAddr::from((WORLD6, rx.local_addr().expect("addr").port()));
     for round in 0..2 {
         let seed = 90_000 + 1000 * round;
-        let got = udp_stopped_burst(&t, &s._u, &rx, dst, seed);
+        let got = udp_stopped_burst(&s._u, &tx, &rx, dst, seed);
         assert_udp_burst(&got, seed, &format!("world, burst {round}"));
     }
 }

@@ -482,6 +482,31 @@ fn udp_published_echo_with_api_and_flag() {
 }
 
 #[test]
+fn udp_published_port_reply_bursts_keep_datagram_boundaries() {
+    // The container's replies to a client of a published port leave in segmented runs,
+    // with IP_PKTINFO beside UDP_SEGMENT (the rule's socket is bound to 0.0.0.0).
+    let Some(t) = Topology::new() else { return };
+    let server = t.in_container(|| udp_socket(any0()));
+    let p = format!("5302:{}/udp", server.local_addr().unwrap().port());
+    let (u, api) = start_with_api(&t, &["-p", &p]);
+    let s0 = get_stats(&api);
+    let clients = [
+        ("world", t.in_world(|| udp_socket(any0())), host(5302)),
+        ("host loopback", t.in_host(|| udp_socket(lo(0))), lo(5302)),
+    ];
+    let mut buf = [0u8; 64];
+    for (round, (who, client, dst)) in clients.iter().enumerate() {
+        client.send_to(b"hello", dst).expect("send");
+        let (_, peer) = server.recv_from(&mut buf).expect("the client's datagram");
+        let seed = 20_000 + 1000 * round as u64;
+        let got = udp_stopped_burst(&u, &server, client, peer, seed);
+        assert_udp_burst(&got, seed, who);
+    }
+    let runs = get_stats(&api).delta(&s0, "counters.udp_gso_sends");
+    assert!(runs >= 2, "two reply bursts sent in {runs} segmented runs");
+}
+
+#[test]
 fn udp_reply_source_is_the_address_the_client_used() {
     let Some(t) = Topology::new() else { return };
     let urep = UdpReporter::start(&t.container_ns(), any0());

@@ -98,10 +98,11 @@ fn udp_bursts_keep_datagram_boundaries_and_order() {
     // Host loopback through the gateway: the route segments.
     let rx = t.in_host(|| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind"));
     let port = rx.local_addr().expect("addr").port();
+    let tx = t.in_container(|| udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
     let s0 = get_stats(&api);
     for round in 0..3 {
         let seed = 1000 * round;
-        let got = udp_stopped_burst(&t, &u, &rx, SocketAddrV4::new(GATEWAY, port).into(), seed);
+        let got = udp_stopped_burst(&u, &tx, &rx, SocketAddrV4::new(GATEWAY, port).into(), seed);
         assert_udp_burst(&got, seed, &format!("gateway, burst {round}"));
     }
     let s1 = get_stats(&api);
@@ -119,7 +120,7 @@ fn udp_bursts_keep_datagram_boundaries_and_order() {
     let dst = SocketAddrV4::new(WORLD, rx.local_addr().expect("addr").port());
     for round in 0..2 {
         let seed = 50_000 + 1000 * round;
-        let got = udp_stopped_burst(&t, &u, &rx, dst.into(), seed);
+        let got = udp_stopped_burst(&u, &tx, &rx, dst.into(), seed);
         assert_udp_burst(&got, seed, &format!("world, burst {round}"));
     }
 }

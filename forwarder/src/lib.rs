@@ -405,6 +405,38 @@ pub struct Forwarder {
     udp_batch: udp::Batch,
 }
 
+/// How guest datagrams of the UDP flow `id` leave, and its flag of whether that route
+/// segments. `None` for other flows and for a published port whose rule is gone.
+fn udp_route(flows: &mut Slab<Flow>, id: usize) -> Option<(udp::Route, &mut bool)> {
+    let route = match flows.get(id)? {
+        Flow::Udp(f) => f.route(),
+        Flow::UdpIn(f) => {
+            let Some(Flow::Port(l)) = flows.get(f.listener) else {
+                return None;
+            };
+            let port::ListenSocket::Udp(sock) = &l.socket else {
+                return None;
+            };
+            if l.rule.id != f.rule_id {
+                return None;
+            }
+            // Replies from the address the client used (the rule's socket may be bound
+            // to a wildcard address).
+            udp::Route {
+                fd: sock.as_raw_fd(),
+                to: Some(f.client),
+                from: f.local,
+            }
+        }
+        _ => return None,
+    };
+    match flows.get_mut(id)? {
+        Flow::Udp(f) => Some((route, &mut f.gso)),
+        Flow::UdpIn(f) => Some((route, &mut f.gso)),
+        _ => None,
+    }
+}
+
 /// Closed TCP sockets kept for reuse: connection churn then allocates nothing. Their
 /// buffers' touched pages stay resident, so the pool is small and takes only sockets
 /// of flows that moved at most [`POOL_MAX_MOVED`] bytes (the pool's memory is then at
@@ -952,31 +984,15 @@ impl Forwarder {
             self.send_udp_batch();
         }
         match self.flows.get_mut(id) {
-            Some(Flow::Udp(flow)) => {
-                flow.last_active = now;
-                self.udp_batch.push(id, flow, data, &mut self.counters);
-            }
-            Some(Flow::UdpIn(flow)) => {
-                flow.last_active = now;
-                let (listener, rule, client, local) =
-                    (flow.listener, flow.rule_id, flow.client, flow.local);
-                if let Some(Flow::Port(l)) = self.flows.get(listener) {
-                    if l.rule.id == rule {
-                        if let port::ListenSocket::Udp(sock) = &l.socket {
-                            // Reply from the address the client used (the rule's
-                            // socket may be bound to a wildcard address).
-                            let sent = match local {
-                                Some(from) => sys::send_from(sock.as_raw_fd(), data, client, from),
-                                None => sock.send_to(data, client),
-                            };
-                            if sent.is_err() {
-                                self.counters.udp_send_dropped += 1;
-                            }
-                        }
-                    }
-                }
-            }
-            _ => {}
+            Some(Flow::Udp(flow)) => flow.last_active = now,
+            Some(Flow::UdpIn(flow)) => flow.last_active = now,
+            _ => return,
+        }
+        // A published port whose rule is gone has no route: the reply is dropped.
+        if let Some((route, gso)) = udp_route(&mut self.flows, id) {
+            let gso = *gso;
+            self.udp_batch
+                .push(id, route, gso, data, &mut self.counters);
         }
     }
 
@@ -1218,9 +1234,13 @@ impl Forwarder {
         let Some(id) = self.udp_batch.flow() else {
             return;
         };
-        match self.flows.get_mut(id) {
-            Some(Flow::Udp(flow)) => self.udp_batch.send(flow, &mut self.counters),
-            _ => self.udp_batch.clear(),
+        match udp_route(&mut self.flows, id) {
+            Some((route, gso)) => {
+                if !self.udp_batch.send(route, &mut self.counters) {
+                    *gso = false;
+                }
+            }
+            None => self.udp_batch.clear(),
         }
     }
 
@@ -1540,6 +1560,7 @@ impl Forwarder {
                         local,
                         last_active: now,
                         timer: None,
+                        gso: true,
                     }));
                     self.udp_map.insert(key, fid);
                     self.udp_in_by_port.insert((key.guest.1, key.remote), fid);

@@ -36,7 +36,61 @@ pub struct UdpFlow {
     pub(crate) last_active: Instant,
     pub(crate) timer: Option<Instant>,
     /// Whether the host route takes segmented sends (false after it refused one).
-    gso: bool,
+    pub(crate) gso: bool,
+}
+
+/// How guest datagrams of a flow leave: a host socket, the peer (`None`: the socket's
+/// connected one) and the local address to send from (`None`: by route).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Route {
+    pub fd: std::os::fd::RawFd,
+    pub to: Option<SocketAddr>,
+    pub from: Option<IpAddr>,
+}
+
+impl Route {
+    /// Sends one datagram; a failure is counted (UDP may drop, the guest's protocol
+    /// recovers).
+    fn send_one(self, data: &[u8], c: &mut Counters) {
+        if let Err(e) = sys::send_msg(self.fd, data, self.to, self.from, None) {
+            log::trace!("UDP send ({:?}) failed: {e}", self.to);
+            c.udp_send_dropped += 1;
+        }
+    }
+
+    /// Sends `count` datagrams, `data` cut every `seg` bytes, with one `sendmsg`. Returns
+    /// false when the route cannot segment: they are then sent one by one.
+    fn send_run(self, data: &[u8], seg: usize, count: usize, c: &mut Counters) -> bool {
+        // `seg` is at most MAX_BATCH_BYTES.
+        let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
+        match sys::send_msg(self.fd, data, self.to, self.from, Some(seg16)) {
+            Ok(_) => {
+                c.udp_gso_sends += 1;
+                c.udp_gso_datagrams += count as u64;
+                true
+            }
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+                ) =>
+            {
+                log::debug!(
+                    "UDP ({:?}): the route does not segment ({e}); one by one",
+                    self.to
+                );
+                for datagram in data.chunks(seg) {
+                    self.send_one(datagram, c);
+                }
+                false
+            }
+            Err(e) => {
+                log::trace!("UDP send ({:?}) failed: {e}", self.to);
+                c.udp_send_dropped += count as u64;
+                true
+            }
+        }
+    }
 }
 
 /// Most datagrams in one segmented send: `UDP_MAX_SEGMENTS` of older kernels (newer ones
@@ -114,11 +168,19 @@ impl Batch {
                 && self.buf.len() + data.len() <= MAX_BATCH_BYTES)
     }
 
-    /// Sends `data` of the flow `id` now or later. The caller has sent the batch first
-    /// unless it [`Batch::accepts`] `data`.
-    pub(crate) fn push(&mut self, id: usize, flow: &mut UdpFlow, data: &[u8], c: &mut Counters) {
-        if !self.enabled || !flow.gso || data.is_empty() {
-            flow.send(data, c);
+    /// Sends `data` of the flow `id`, leaving by `route`, now or later. The caller has sent
+    /// the batch first unless it [`Batch::accepts`] `data`. `gso` is the flow's: whether
+    /// its route segments.
+    pub(crate) fn push(
+        &mut self,
+        id: usize,
+        route: Route,
+        gso: bool,
+        data: &[u8],
+        c: &mut Counters,
+    ) {
+        if !self.enabled || !gso || data.is_empty() {
+            route.send_one(data, c);
             return;
         }
         if self.flow.is_none() {
@@ -132,14 +194,20 @@ impl Batch {
         self.count += 1;
     }
 
-    /// Sends the waiting datagrams through `flow` (the one of [`Batch::flow`]).
-    pub(crate) fn send(&mut self, flow: &mut UdpFlow, c: &mut Counters) {
-        if self.count == 1 {
-            flow.send(&self.buf, c);
-        } else if self.count > 1 {
-            flow.send_segments(&self.buf, self.seg, self.count, c);
-        }
+    /// Sends the waiting datagrams by `route` (that of [`Batch::flow`]). Returns false when
+    /// the route could not segment them (they went one by one): the flow's `gso` is off
+    /// from then on.
+    pub(crate) fn send(&mut self, route: Route, c: &mut Counters) -> bool {
+        let segmented = match self.count {
+            0 => true,
+            1 => {
+                route.send_one(&self.buf, c);
+                true
+            }
+            n => route.send_run(&self.buf, self.seg, n, c),
+        };
         self.clear();
+        segmented
     }
 
     /// Forgets the waiting datagrams (their flow is gone).
@@ -164,6 +232,8 @@ pub struct InboundFlow {
     pub(crate) local: Option<std::net::IpAddr>,
     pub(crate) last_active: Instant,
     pub(crate) timer: Option<Instant>,
+    /// Whether the route to the client takes segmented sends (false after it refused one).
+    pub(crate) gso: bool,
 }
 
 /// Whether a guest datagram is a DHCP request (client port 68 to server port 67).
@@ -253,43 +323,12 @@ impl UdpFlow {
         })
     }
 
-    /// Sends one guest datagram.
-    fn send(&mut self, data: &[u8], c: &mut Counters) {
-        if let Err(e) = self.host.send(data) {
-            log::trace!("UDP send to {:?} failed: {e}", self.key.remote);
-            c.udp_send_dropped += 1;
-        }
-    }
-
-    /// Sends `count` guest datagrams, `data` cut every `seg` bytes, with one `sendmsg`.
-    /// A route that cannot segment gets them one by one, now and from then on.
-    fn send_segments(&mut self, data: &[u8], seg: usize, count: usize, c: &mut Counters) {
-        // `seg` is at most MAX_BATCH_BYTES.
-        let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
-        match sys::send_segments(self.host.as_raw_fd(), data, seg16) {
-            Ok(_) => {
-                c.udp_gso_sends += 1;
-                c.udp_gso_datagrams += count as u64;
-            }
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
-                ) =>
-            {
-                log::debug!(
-                    "UDP to {:?}: the route does not segment ({e}); sending one by one",
-                    self.key.remote
-                );
-                self.gso = false;
-                for datagram in data.chunks(seg) {
-                    self.send(datagram, c);
-                }
-            }
-            Err(e) => {
-                log::trace!("UDP send to {:?} failed: {e}", self.key.remote);
-                c.udp_send_dropped += count as u64;
-            }
+    /// Where the guest's datagrams go: the connected host socket.
+    pub(crate) fn route(&self) -> Route {
+        Route {
+            fd: self.host.as_raw_fd(),
+            to: None,
+            from: None,
         }
     }
 

@@ -1341,12 +1341,12 @@ pub fn udp_burst_sizes() -> Vec<usize> {
     v
 }
 
-/// Sends [`udp_burst_sizes`] from the container to `dst` while usernet is stopped, so that
-/// one TAP read batch holds the whole burst, then resumes it and returns what `rx`
-/// received, in order.
+/// Sends [`udp_burst_sizes`] on `sock` (a container socket) to `dst` while usernet is
+/// stopped, so that one TAP read batch holds the whole burst, then resumes it and returns
+/// what `rx` received, in order.
 pub fn udp_stopped_burst(
-    t: &Topology,
     u: &Usernet,
+    sock: &UdpSocket,
     rx: &UdpSocket,
     dst: SocketAddr,
     seed: u64,
@@ -1355,10 +1355,6 @@ pub fn udp_stopped_burst(
     // Room for the whole burst, which arrives faster than this thread reads.
     nix::sys::socket::setsockopt(rx, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
         .expect("SO_RCVBUF");
-    let sock = t.in_container(|| match dst {
-        SocketAddr::V4(_) => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
-        SocketAddr::V6(_) => udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
-    });
     let mut buf = vec![0u8; 65536];
     // One datagram through first: the container has resolved the gateway (ARP, NDP) and
     // usernet has the flow, so the burst waits in the TAP queue, not in a neighbour queue.

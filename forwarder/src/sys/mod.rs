@@ -128,81 +128,9 @@ pub fn recv_with_dst(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr
     Ok((n.unsigned_abs(), sender, local))
 }
 
-/// Sends `data` to `to` from the local address `from` (a datagram socket bound to a
-/// wildcard address otherwise picks its source by route).
-///
-/// # Errors
-/// The error of `sendmsg`.
-pub fn send_from(fd: RawFd, data: &[u8], to: SocketAddr, from: IpAddr) -> io::Result<usize> {
-    let to: socket2::SockAddr = to.into();
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
-    let mut cmsg = CmsgBuf([0; 64]);
-    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = to.as_ptr().cast_mut().cast();
-    msg.msg_namelen = to.len();
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.0.as_mut_ptr().cast();
-    let (level, kind, len) = match from {
-        IpAddr::V4(_) => (
-            libc::IPPROTO_IP,
-            libc::IP_PKTINFO,
-            size_of::<libc::in_pktinfo>(),
-        ),
-        IpAddr::V6(_) => (
-            libc::IPPROTO_IPV6,
-            libc::IPV6_PKTINFO,
-            size_of::<libc::in6_pktinfo>(),
-        ),
-    };
-    // Both payloads are a few bytes: CMSG_SPACE fits the 64-byte buffer.
-    let len32 = len as u32;
-    // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(len32) } as _;
-    // SAFETY: `msg_control` points to `cmsg`, at least CMSG_SPACE(len) bytes long, so the
-    // first header and its data lie inside it; the payload is written unaligned.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&raw const msg);
-        (*c).cmsg_level = level;
-        (*c).cmsg_type = kind;
-        (*c).cmsg_len = libc::CMSG_LEN(len32) as _;
-        let data = libc::CMSG_DATA(c);
-        match from {
-            IpAddr::V4(a) => data
-                .cast::<libc::in_pktinfo>()
-                .write_unaligned(libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from(a).to_be(),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                }),
-            IpAddr::V6(a) => data
-                .cast::<libc::in6_pktinfo>()
-                .write_unaligned(libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr {
-                        s6_addr: a.octets(),
-                    },
-                    ipi6_ifindex: 0,
-                }),
-        }
-    }
-    // SAFETY: all pointers in `msg` refer to live buffers of the stated lengths; the
-    // kernel only reads them.
-    let n = unsafe { libc::sendmsg(fd, &raw const msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n.unsigned_abs())
-}
-
 /// Whether the kernel cuts datagrams apart for us (`UDP_SEGMENT`, Linux 4.18): probed once
 /// on a throw-away socket. An older kernel would not reject the control message of
-/// [`send_segments`] but ignore it and send one large datagram, hence the probe.
+/// [`send_msg`] but ignore it and send one large datagram, hence the probe.
 pub fn udp_gso_supported() -> bool {
     let Ok(socket) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None) else {
         return false;
@@ -221,37 +149,106 @@ pub fn udp_gso_supported() -> bool {
     rc == 0
 }
 
-/// Sends `data` on a connected datagram socket as datagrams of `seg` bytes each (the
-/// last may be shorter) with one `sendmsg` and a `UDP_SEGMENT` control message: the
-/// kernel builds one packet and cuts it apart late (or not at all, on loopback to a
-/// reader that takes GRO). Only after [`udp_gso_supported`].
+/// Sends `data` on a datagram socket with one `sendmsg`: to `to` (`None`: the connected
+/// peer), from the local address `from` (`IP_PKTINFO`/`IPV6_PKTINFO`: a socket bound to a
+/// wildcard address otherwise picks its source by route), and, with `seg`, as datagrams
+/// of `seg` bytes each, the last maybe shorter (`UDP_SEGMENT`: the kernel builds one
+/// packet and cuts it apart late, or on loopback only at the receiving socket; only after
+/// [`udp_gso_supported`]).
 ///
 /// # Errors
-/// The error of `sendmsg`: `EIO`, `EINVAL` or `EMSGSIZE` when this route cannot segment
-/// (no checksum offload, `seg` above the path MTU); the caller then sends one by one.
-pub fn send_segments(fd: RawFd, data: &[u8], seg: u16) -> io::Result<usize> {
+/// The error of `sendmsg`. With `seg`: `EIO`, `EINVAL` or `EMSGSIZE` when this route
+/// cannot segment (no checksum offload, `seg` above the path MTU); the caller then sends
+/// one by one.
+pub fn send_msg(
+    fd: RawFd,
+    data: &[u8],
+    to: Option<SocketAddr>,
+    from: Option<IpAddr>,
+    seg: Option<u16>,
+) -> io::Result<usize> {
+    let to: Option<socket2::SockAddr> = to.map(Into::into);
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
     };
     let mut cmsg = CmsgBuf([0; 64]);
-    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths); no address: the
-    // socket is connected.
+    // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    if let Some(to) = &to {
+        msg.msg_name = to.as_ptr().cast_mut().cast();
+        msg.msg_namelen = to.len();
+    }
     msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cmsg.0.as_mut_ptr().cast();
-    let len32 = size_of::<u16>() as u32;
-    // SAFETY: CMSG_SPACE only computes a size (well under the 64-byte buffer).
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(len32) } as _;
-    // SAFETY: `msg_control` points to `cmsg`, at least CMSG_SPACE(2) bytes long, so the
-    // header and its data lie inside it; the payload is written unaligned.
+    let pktinfo = from.map(|from| match from {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            size_of::<libc::in_pktinfo>() as u32,
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            size_of::<libc::in6_pktinfo>() as u32,
+        ),
+    });
+    let seg_len = size_of::<u16>() as u32;
+    // SAFETY: CMSG_SPACE only computes sizes. Both messages together take 40 + 24 bytes
+    // (in6_pktinfo, u16), which the 64-byte buffer holds.
+    let space = unsafe {
+        pktinfo.map_or(0, |(_, _, len)| libc::CMSG_SPACE(len))
+            + seg.map_or(0, |_| libc::CMSG_SPACE(seg_len))
+    };
+    if space > 0 {
+        msg.msg_control = cmsg.0.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+    }
+    // SAFETY: `msg_control` points to `cmsg` and `msg_controllen` is the sum of the
+    // CMSG_SPACE of the messages written, so CMSG_FIRSTHDR/CMSG_NXTHDR return headers
+    // (non-null, checked) whose data lie inside the buffer; payloads are written unaligned.
     unsafe {
-        let c = libc::CMSG_FIRSTHDR(&raw const msg);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = libc::UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(len32) as _;
-        libc::CMSG_DATA(c).cast::<u16>().write_unaligned(seg);
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+        if let (Some(from), Some((level, kind, len))) = (from, pktinfo) {
+            if c.is_null() {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            (*c).cmsg_level = level;
+            (*c).cmsg_type = kind;
+            (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+            let data = libc::CMSG_DATA(c);
+            match from {
+                IpAddr::V4(a) => {
+                    data.cast::<libc::in_pktinfo>()
+                        .write_unaligned(libc::in_pktinfo {
+                            ipi_ifindex: 0,
+                            ipi_spec_dst: libc::in_addr {
+                                s_addr: u32::from(a).to_be(),
+                            },
+                            ipi_addr: libc::in_addr { s_addr: 0 },
+                        })
+                }
+                IpAddr::V6(a) => {
+                    data.cast::<libc::in6_pktinfo>()
+                        .write_unaligned(libc::in6_pktinfo {
+                            ipi6_addr: libc::in6_addr {
+                                s6_addr: a.octets(),
+                            },
+                            ipi6_ifindex: 0,
+                        })
+                }
+            }
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
+        }
+        if let Some(seg) = seg {
+            if c.is_null() {
+                return Err(io::Error::from(io::ErrorKind::InvalidInput));
+            }
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(seg_len) as _;
+            libc::CMSG_DATA(c).cast::<u16>().write_unaligned(seg);
+        }
     }
     // SAFETY: all pointers in `msg` refer to live buffers of the stated lengths; the
     // kernel only reads them.
