@@ -128,10 +128,8 @@ pub(crate) fn widen_receive_buffer(socket: &Socket) {
 pub(crate) struct Batch {
     /// Token table entry of the flow whose datagrams wait.
     flow: Option<usize>,
-    /// Size of every datagram but the last.
+    /// Size of every datagram but the last (never 0: empty datagrams do not wait).
     seg: usize,
-    /// Datagrams waiting.
-    count: usize,
     buf: Vec<u8>,
     /// Whether the kernel segments at all ([`sys::udp_gso_supported`]).
     enabled: bool,
@@ -143,7 +141,6 @@ impl Batch {
         Batch {
             flow: None,
             seg: 0,
-            count: 0,
             buf: Vec::new(),
             enabled,
         }
@@ -164,7 +161,7 @@ impl Batch {
                 && !data.is_empty()
                 && data.len() <= self.seg
                 && self.buf.len().is_multiple_of(self.seg)
-                && self.count < MAX_SEGMENTS
+                && self.count() < MAX_SEGMENTS
                 && self.buf.len() + data.len() <= MAX_BATCH_BYTES)
     }
 
@@ -191,14 +188,22 @@ impl Batch {
             self.seg = data.len();
         }
         self.buf.extend_from_slice(data);
-        self.count += 1;
+    }
+
+    /// Datagrams waiting.
+    fn count(&self) -> usize {
+        if self.seg == 0 {
+            0
+        } else {
+            self.buf.len().div_ceil(self.seg)
+        }
     }
 
     /// Sends the waiting datagrams by `route` (that of [`Batch::flow`]). Returns false when
     /// the route could not segment them (they went one by one): the flow's `gso` is off
     /// from then on.
     pub(crate) fn send(&mut self, route: Route, c: &mut Counters) -> bool {
-        let segmented = match self.count {
+        let segmented = match self.count() {
             0 => true,
             1 => {
                 route.send_one(&self.buf, c);
@@ -213,7 +218,7 @@ impl Batch {
     /// Forgets the waiting datagrams (their flow is gone).
     pub(crate) fn clear(&mut self) {
         self.flow = None;
-        self.count = 0;
+        self.seg = 0;
         self.buf.clear();
     }
 }
