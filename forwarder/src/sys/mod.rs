@@ -1,6 +1,7 @@
 //! System calls the forwarder needs beyond std/mio/socket2: datagrams with their local
-//! address (`IP_PKTINFO`/`IPV6_PKTINFO`), without allocating (nix's `sendmsg` allocates its
-//! control buffer per call).
+//! address (`IP_PKTINFO`/`IPV6_PKTINFO`) and segmented sends (`UDP_SEGMENT`), without
+//! allocating (nix's `sendmsg` allocates its control buffer per call); and zeroed buffers
+//! whose allocation may fail without aborting.
 //!
 //! The only module of this crate with `unsafe` code; each block names its invariants.
 
@@ -9,9 +10,10 @@
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
-/// Room for one `in_pktinfo` or `in6_pktinfo` control message, 8-byte aligned.
+/// Room for the control messages of one call: an `in_pktinfo` or `in6_pktinfo` and a
+/// `UDP_SEGMENT` size (40 + 24 bytes at most), 8-byte aligned.
 #[repr(C, align(8))]
 struct CmsgBuf([u8; 64]);
 
@@ -139,7 +141,7 @@ pub fn udp_gso_supported() -> bool {
     // SAFETY: `seg` is a live c_int and its size is passed; setsockopt only reads it.
     let rc = unsafe {
         libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            socket.as_raw_fd(),
             libc::SOL_UDP,
             libc::UDP_SEGMENT,
             (&raw const seg).cast(),
