@@ -58,9 +58,18 @@ pub enum Command {
 /// `usernet stats`.
 #[derive(Debug, Args)]
 pub struct StatsArgs {
+    /// Print usernet's version and exit.
+    #[arg(short = 'v', long = "version")]
+    pub version: bool,
+
     /// The API socket of the running usernet (its --api-socket).
-    #[arg(short = 'a', long, value_name = "PATH", required = true)]
-    pub api_socket: PathBuf,
+    #[arg(
+        short = 'a',
+        long,
+        value_name = "PATH",
+        required_unless_present = "version"
+    )]
+    pub api_socket: Option<PathBuf>,
 
     /// Print the raw JSON reply.
     #[arg(long)]
@@ -70,12 +79,22 @@ pub struct StatsArgs {
 /// `usernet ports`.
 #[derive(Debug, Args)]
 pub struct PortsArgs {
-    /// The API socket of the running usernet (its --api-socket).
-    #[arg(short = 'a', long, value_name = "PATH", required = true)]
-    pub api_socket: PathBuf,
+    /// Print usernet's version and exit.
+    #[arg(short = 'v', long = "version")]
+    pub version: bool,
 
+    /// The API socket of the running usernet (its --api-socket).
+    #[arg(
+        short = 'a',
+        long,
+        value_name = "PATH",
+        required_unless_present = "version"
+    )]
+    pub api_socket: Option<PathBuf>,
+
+    /// What to do (required unless -v/--version).
     #[command(subcommand)]
-    pub action: PortsAction,
+    pub action: Option<PortsAction>,
 }
 
 /// What `usernet ports` does.
@@ -342,42 +361,88 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "enable_seccomp")]
     pub no_seccomp: bool,
 
+    /// Print usernet's version and exit.
+    #[arg(short = 'v', long = "version")]
+    pub version: bool,
+
     /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+    #[arg(
+        required_unless_present = "version",
+        trailing_var_arg = true,
+        value_name = "COMMAND"
+    )]
     pub command: Vec<OsString>,
 }
 
+/// slirp4netns's message for a bad `--mtu`, kept word for word (callers match it).
+const MTU_ERROR: &str = "MTU must be a positive integer (< 65522)";
+
 fn parse_mtu(s: &str) -> Result<u32, String> {
-    let mtu: u32 = s
-        .parse()
-        .map_err(|_| format!("MTU must be a number, not {s:?}"))?;
-    if mtu == 0 || mtu >= 65522 {
-        return Err("MTU must be > 0 and < 65522".into());
+    match s.parse::<u32>() {
+        Ok(mtu) if (1..65522).contains(&mtu) => Ok(mtu),
+        _ => Err(MTU_ERROR.into()),
     }
-    Ok(mtu)
 }
 
-/// Parses `A.B.C.D/N` as slirp4netns does: prefix 1..25, a network address.
+/// `A.B.C.D/N` with 1-3 digits per octet and 1-2 prefix digits: slirp4netns's regex.
+fn cidr_shape(s: &str) -> Option<(&str, &str)> {
+    let (addr, prefix) = s.split_once('/')?;
+    let digits =
+        |p: &str, max: usize| (1..=max).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit());
+    let octets: Vec<&str> = addr.split('.').collect();
+    (octets.len() == 4 && octets.iter().all(|o| digits(o, 3)) && digits(prefix, 2))
+        .then_some((addr, prefix))
+}
+
+/// Parses `A.B.C.D/N` as slirp4netns does: prefix 1..25, a network address. The error's
+/// first line is slirp4netns's own message (callers match it, e.g. `invalid CIDR: 24`);
+/// usernet's explanation follows on the next line.
 pub fn parse_cidr(s: &str) -> Result<Network, String> {
-    let (addr, prefix) = s
-        .split_once('/')
-        .ok_or_else(|| format!("CIDR must look like A.B.C.D/N, not {s:?}"))?;
-    let addr: Ipv4Addr = addr
-        .parse()
-        .map_err(|_| format!("bad IPv4 address in CIDR {s:?}"))?;
+    let (addr, prefix) = cidr_shape(s)
+        .ok_or_else(|| format!("invalid CIDR: {s}\nthe guest network looks like 10.0.2.0/24"))?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| {
+        format!("invalid network address: {addr}\nin --cidr {s}: not an IPv4 address")
+    })?;
     let prefix_len: u8 = prefix
         .parse()
-        .map_err(|_| format!("bad prefix length in CIDR {s:?}"))?;
+        .map_err(|_| format!("invalid prefix length: {prefix}"))?;
     if !(1..=25).contains(&prefix_len) {
-        return Err(format!("prefix length of CIDR {s:?} must be 1..25"));
+        return Err(format!(
+            "prefix length needs to be 1-25\nin --cidr {s}: the guest address is net+100"
+        ));
     }
     let net = Network { addr, prefix_len };
     if u32::from(addr) & !u32::from(net.netmask()) != 0 {
         return Err(format!(
-            "CIDR {s:?} is not a network address (host bits set)"
+            "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24\n\
+             in --cidr {s}: host bits are set"
         ));
     }
     Ok(net)
+}
+
+/// Options whose validation errors keep slirp4netns's wording and exit status 1.
+const SLIRP4NETNS_VALIDATED: [&str; 2] = ["--cidr", "--mtu"];
+
+/// Exits on a command-line error. A bad value of one of slirp4netns's validated options
+/// prints slirp4netns's message (the value parser's text) on stderr and exits 1, as
+/// slirp4netns does; every other error is clap's (usage on stderr, exit 2; help and
+/// version on stdout, exit 0).
+pub fn exit_on_parse_error(e: clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() == ErrorKind::ValueValidation {
+        let arg = match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(arg)) => arg.split([' ', '=']).next().unwrap_or(""),
+            _ => "",
+        };
+        if SLIRP4NETNS_VALIDATED.contains(&arg) {
+            if let Some(why) = std::error::Error::source(&e) {
+                eprintln!("{why}");
+                std::process::exit(1);
+            }
+        }
+    }
+    e.exit()
 }
 
 /// Parses an IPv6 /64 network prefix (SLAAC needs exactly 64 bits).
@@ -427,12 +492,48 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// The version text, slirp4netns style.
+/// The slirp4netns release whose command line and API usernet implements.
+pub const SLIRP4NETNS_COMPAT: &str = "1.2.0";
+
+/// libslirp's `SLIRP_CONFIG_VERSION_MAX` that usernet's options correspond to. Scripts
+/// parse it to decide which options exist: 2 brings `--outbound-addr`/`--outbound-addr6`,
+/// 3 `--disable-dns`, 4 (libslirp 4.7) only adds a switch that slirp4netns does not
+/// expose (turning the DHCP server off). usernet has them all; slirp4netns 1.2.0 with
+/// libslirp 4.7 prints 4 too.
+pub const SLIRP_CONFIG_VERSION_MAX: u32 = 4;
+
+/// smoltcp and seccompiler versions, named in the version text (a unit test keeps them
+/// equal to Cargo.lock's).
+const SMOLTCP_VERSION: &str = "0.14.0";
+const SECCOMPILER_VERSION: &str = "0.5.0";
+
+fn commit() -> &'static str {
+    option_env!("USERNET_COMMIT").unwrap_or("unknown")
+}
+
+/// `usernet -v`: slirp4netns's five lines (`slirp4netns version`, `commit`, `libslirp`,
+/// `SLIRP_CONFIG_VERSION_MAX`, `libseccomp`), with values true for usernet. The first
+/// token after `slirp4netns version` is a semantic version (the slirp4netns release
+/// implemented, usernet's own as build metadata) so that version parsers keep working;
+/// the rest of the line says that this is usernet.
 pub fn version_text() -> String {
+    let v = env!("CARGO_PKG_VERSION");
     format!(
-        "usernet version {}\ncommit: {}\nsmoltcp: 0.14\n",
+        "slirp4netns version {SLIRP4NETNS_COMPAT}+usernet.{v} (usernet {v}, a slirp4netns drop-in)\n\
+         commit: {}\n\
+         libslirp: none (usernet {v} on smoltcp {SMOLTCP_VERSION})\n\
+         SLIRP_CONFIG_VERSION_MAX: {SLIRP_CONFIG_VERSION_MAX}\n\
+         libseccomp: none (seccompiler {SECCOMPILER_VERSION})\n",
+        commit(),
+    )
+}
+
+/// `usernet run|ports|stats --version`: usernet's own version.
+pub fn usernet_version_text() -> String {
+    format!(
+        "usernet version {}\ncommit: {}\nsmoltcp: {SMOLTCP_VERSION}\nslirp4netns-compatible: {SLIRP4NETNS_COMPAT}\n",
         env!("CARGO_PKG_VERSION"),
-        option_env!("USERNET_COMMIT").unwrap_or("unknown"),
+        commit(),
     )
 }
 
@@ -447,6 +548,31 @@ mod tests {
     }
 
     #[test]
+    fn version_text_names_the_locked_versions() {
+        let lock = include_str!("../Cargo.lock");
+        for (name, v) in [
+            ("smoltcp", SMOLTCP_VERSION),
+            ("seccompiler", SECCOMPILER_VERSION),
+        ] {
+            let entry = format!("name = \"{name}\"\nversion = \"{v}\"\n");
+            assert!(lock.contains(&entry), "Cargo.lock has no {entry:?}");
+        }
+        let text = version_text();
+        let keys: Vec<&str> = text.lines().filter_map(|l| l.split(':').next()).collect();
+        assert_eq!(keys.len(), 5, "{text}");
+        assert!(keys[0].starts_with("slirp4netns version "), "{text}");
+        assert_eq!(
+            keys[1..],
+            [
+                "commit",
+                "libslirp",
+                "SLIRP_CONFIG_VERSION_MAX",
+                "libseccomp"
+            ]
+        );
+    }
+
+    #[test]
     fn cidr_validation_matches_slirp4netns() {
         assert!(parse_cidr("10.0.2.0/24").is_ok());
         assert!(parse_cidr("10.10.0.0/16").is_ok());
@@ -454,6 +580,20 @@ mod tests {
         assert!(parse_cidr("10.0.2.0/26").is_err());
         assert!(parse_cidr("10.0.2.0/0").is_err());
         assert!(parse_cidr("10.0.2.0").is_err());
+        let first_line = |s: &str| parse_cidr(s).unwrap_err().lines().next().map(str::to_owned);
+        assert_eq!(first_line("24").as_deref(), Some("invalid CIDR: 24"));
+        assert_eq!(
+            first_line("10.0.2.0/123").as_deref(),
+            Some("invalid CIDR: 10.0.2.0/123")
+        );
+        assert_eq!(
+            first_line("300.0.2.0/24").as_deref(),
+            Some("invalid network address: 300.0.2.0")
+        );
+        assert_eq!(
+            first_line("10.0.2.0/33").as_deref(),
+            Some("prefix length needs to be 1-25")
+        );
     }
 
     #[test]
@@ -475,7 +615,8 @@ mod tests {
     #[test]
     fn mtu_bounds() {
         assert!(parse_mtu("0").is_err());
-        assert!(parse_mtu("65522").unwrap_err().contains("< 65522"));
+        assert_eq!(parse_mtu("65522").unwrap_err(), MTU_ERROR);
+        assert_eq!(parse_mtu("abc").unwrap_err(), MTU_ERROR);
         assert_eq!(parse_mtu("65521"), Ok(65521));
     }
 

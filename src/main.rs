@@ -58,10 +58,20 @@ fn main() -> ExitCode {
     sys::alloc::lazy_large_allocations();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => e.exit(),
+        Err(e) => conf::exit_on_parse_error(e),
     };
     if cli.version {
         print!("{}", conf::version_text());
+        return ExitCode::SUCCESS;
+    }
+    let sub_version = match &cli.command {
+        Some(Command::Run(a)) => a.version,
+        Some(Command::Ports(a)) => a.version,
+        Some(Command::Stats(a)) => a.version,
+        None => false,
+    };
+    if sub_version {
+        print!("{}", conf::usernet_version_text());
         return ExitCode::SUCCESS;
     }
     let level = match &cli.command {
@@ -291,7 +301,8 @@ fn api_call(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value,
 /// `usernet stats`: the `get_stats` reply, one `section.name value` line each.
 fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
     use serde_json::json;
-    let reply = api_call(&args.api_socket, &json!({"execute": "get_stats"}))?;
+    let socket = args.api_socket.as_deref().unwrap_or(Path::new(""));
+    let reply = api_call(socket, &json!({"execute": "get_stats"}))?;
     if args.json {
         println!("{reply}");
         return Ok(0);
@@ -308,8 +319,14 @@ fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
 /// `usernet ports`: one API request per rule, human-readable output.
 fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
     use serde_json::{json, Value};
-    let ask = |req: Value| api_call(&args.api_socket, &req);
-    match args.action {
+    let socket = args.api_socket.as_deref().unwrap_or(Path::new(""));
+    let ask = |req: Value| api_call(socket, &req);
+    let Some(action) = args.action else {
+        return Err(MainError::Usage(
+            "ports needs an action: add, list or remove (see usernet ports --help)".into(),
+        ));
+    };
+    match action {
         PortsAction::Add { spec } => {
             for (host_port, guest_port) in spec.pairs() {
                 let reply = ask(json!({"execute": "add_hostfwd", "arguments": {

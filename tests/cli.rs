@@ -6,6 +6,7 @@
 
 mod util;
 
+use std::process::Command;
 use std::time::Duration;
 
 use util::*;
@@ -62,15 +63,98 @@ fn cli_help_on_stdout_exit_0_names_every_flag_callers_grep() {
     }
 }
 
+/// The value of `KEY: VALUE` in version output, as slirp4netns's test scripts read it
+/// (`grep "SLIRP_CONFIG_VERSION_MAX: " | sed ...`).
+fn version_value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(": "))
+}
+
 #[test]
-fn cli_version_first_line() {
+fn cli_version_has_slirp4netns_five_lines_with_usernet_values() {
     let Some(t) = Topology::new() else { return };
     for flag in ["--version", "-v"] {
         let f = usernet(&t, &[flag]);
         assert!(f.success(), "{f}");
+        let lines: Vec<&str> = f.stdout.lines().collect();
+        assert_eq!(lines.len(), 5, "want slirp4netns's five lines:\n{f}");
+        // podman-style parsers take the word after "slirp4netns version".
+        let first = lines[0]
+            .strip_prefix("slirp4netns version ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "first line of `usernet {flag}` is {:?}, want `slirp4netns version X`",
+                    lines[0]
+                )
+            });
+        let word = first.split_whitespace().next().unwrap_or("");
+        let core = word.split('+').next().unwrap_or("");
+        assert!(
+            core.split('.').count() == 3 && core.split('.').all(|n| n.parse::<u32>().is_ok()),
+            "{word:?} is not a semantic version:\n{f}"
+        );
+        assert!(
+            first.contains("usernet"),
+            "the first line must say this is usernet:\n{f}"
+        );
+        for key in ["commit", "libslirp", "libseccomp"] {
+            let v = version_value(&f.stdout, key).unwrap_or("");
+            assert!(!v.trim().is_empty(), "no {key} value:\n{f}");
+        }
+        // Scripts enable --outbound-addr at >= 2 and --disable-dns at >= 3; an empty or
+        // non-numeric value makes them treat both as missing.
+        let max: u32 = version_value(&f.stdout, "SLIRP_CONFIG_VERSION_MAX")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("SLIRP_CONFIG_VERSION_MAX is not a number:\n{f}"));
+        assert!(
+            max >= 3,
+            "SLIRP_CONFIG_VERSION_MAX {max} hides --disable-dns:\n{f}"
+        );
+    }
+    // The same keys, in the same order, as the real slirp4netns prints.
+    if let Some(real) = which("slirp4netns") {
+        let mut cmd = Command::new(real);
+        cmd.arg("-v");
+        let r = run_with_timeout(cmd, Duration::from_secs(10));
+        let keys = |s: &str| -> Vec<String> {
+            s.lines()
+                .map(|l| {
+                    l.split([':'])
+                        .next()
+                        .unwrap_or("")
+                        .split(" version")
+                        .next()
+                        .unwrap_or("")
+                        .to_owned()
+                })
+                .collect()
+        };
+        let ours = usernet(&t, &["-v"]);
+        assert_eq!(
+            keys(&ours.stdout),
+            keys(&r.stdout),
+            "ours:\n{ours}\nslirp4netns:\n{r}"
+        );
+    }
+}
+
+#[test]
+fn cli_subcommand_version_is_usernet_version() {
+    let Some(t) = Topology::new() else { return };
+    for args in [
+        &["run", "--version"][..],
+        &["run", "-v"],
+        &["ports", "--version"],
+        &["stats", "-v"],
+    ] {
+        let f = usernet(&t, args);
+        assert!(f.success(), "{f}");
         let first = f.stdout.lines().next().unwrap_or("");
         let v = first.strip_prefix("usernet version ").unwrap_or_else(|| {
-            panic!("first line of `usernet {flag}` is {first:?}, want `usernet version X`")
+            panic!(
+                "first line of `usernet {}` is {first:?}, want `usernet version X`",
+                args.join(" ")
+            )
         });
         assert!(!v.trim().is_empty(), "empty version in {first:?}");
     }
@@ -146,7 +230,41 @@ fn cli_cidr_invalid_rejected() {
     ] {
         let f = usernet(&t, &["-c", "--cidr", bad, "--netns-type=path", &c, "tap0"]);
         assert_rejected(&f);
+        assert_eq!(f.code(), Some(1), "slirp4netns exits 1:\n{f}");
     }
+}
+
+#[test]
+fn cli_cidr_errors_keep_slirp4netns_wording() {
+    let Some(t) = Topology::new() else { return };
+    let c = t.container_ns();
+    for (bad, want) in [
+        ("24", "invalid CIDR: 24"),
+        ("10.0.2.0", "invalid CIDR: 10.0.2.0"),
+        ("abc/24", "invalid CIDR: abc/24"),
+        ("300.0.2.0/24", "invalid network address: 300.0.2.0"),
+        ("10.0.2.0/26", "prefix length needs to be 1-25"),
+        (
+            "10.0.2.1/24",
+            "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24",
+        ),
+    ] {
+        for args in [
+            vec!["--cidr", bad, "--netns-type=path", &c, "tap0"],
+            vec!["run", "--cidr", bad, "--", "true"],
+        ] {
+            let f = usernet(&t, &args);
+            assert_eq!(f.code(), Some(1), "slirp4netns exits 1:\n{f}");
+            assert_eq!(f.stderr.lines().next(), Some(want), "{f}");
+        }
+    }
+    let f = usernet(&t, &["--mtu", "70000", "--netns-type=path", &c, "tap0"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert_eq!(
+        f.stderr.lines().next(),
+        Some("MTU must be a positive integer (< 65522)"),
+        "{f}"
+    );
 }
 
 #[test]
