@@ -361,6 +361,11 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "enable_seccomp")]
     pub no_seccomp: bool,
 
+    /// Seconds the command gets to end after usernet passed it SIGTERM, SIGINT, SIGHUP or
+    /// SIGQUIT; then it and every process of its PID namespace are killed.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    pub stop_timeout: u32,
+
     /// Print usernet's version and exit.
     #[arg(short = 'v', long = "version")]
     pub version: bool,

@@ -10,8 +10,14 @@
 //! this turn, and write what it queued for the guest. smoltcp's clock is fed from a
 //! monotonic clock (`std::time::Instant`), never the wall clock.
 //!
+//! Start-up ([`start`]) binds the API socket, publishes the `-p` ports and applies the
+//! isolation stages; only once all of that worked does the caller release run mode's
+//! command and call [`Running::run`], so that a failure stops usernet before the command
+//! ever runs.
+//!
 //! Exits: SIGTERM/SIGINT (attach mode) or the `-e` pipe's end of file: status 0; the
-//! attach target or the TAP going away: status 0; in run mode, the command's exit.
+//! attach target or the TAP going away: status 0; in run mode, the command's exit (signals
+//! are passed on to it, see [`crate::pidns`]).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -23,14 +29,13 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use stack::sys::tap::Tap;
 
 use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};
 use crate::conf::Publish;
 use crate::netns::TargetWatch;
+use crate::pidns::Supervisor;
 
 const TAP: Token = Token(0);
 const SIGNAL: Token = Token(1);
@@ -83,8 +88,8 @@ pub struct Extras {
     pub ready_fd: Option<OwnedFd>,
     /// The attach target, to exit when it goes away.
     pub watch: Option<TargetWatch>,
-    /// Run mode: the command; the loop ends when it does.
-    pub child: Option<Pid>,
+    /// Run mode: the command; signals go to it and the loop ends when it does.
+    pub child: Option<Supervisor>,
     /// `--enable-sandbox`, `--enable-seccomp`: applied after start-up, before ready.
     pub isolation: crate::isolation::Isolation,
     /// `--api-socket`.
@@ -169,6 +174,9 @@ pub fn signal_fd(run_mode: bool) -> Result<SignalFd, LoopError> {
     mask.add(Signal::SIGINT);
     mask.add(Signal::SIGHUP);
     if run_mode {
+        for sig in crate::pidns::FORWARDED {
+            mask.add(sig);
+        }
         mask.add(Signal::SIGCHLD);
     }
     mask.thread_block().map_err(LoopError::Signals)?;
@@ -176,17 +184,37 @@ pub fn signal_fd(run_mode: bool) -> Result<SignalFd, LoopError> {
         .map_err(LoopError::Signals)
 }
 
-/// Runs until an exit condition; returns the exit status.
+/// Runs until an exit condition; returns the exit status. [`start`], then
+/// [`Running::run`].
 ///
 /// # Errors
-/// [`LoopError`] when epoll itself fails.
-pub fn run(
+/// [`LoopError`] when start-up or epoll itself fails.
+pub fn run(tap: Tap, fwd: Forwarder, signals: SignalFd, extras: Extras) -> Result<i32, LoopError> {
+    start(tap, fwd, signals, extras)?.run()
+}
+
+/// The event loop after start-up, ready to [`run`](Running::run).
+pub struct Running {
+    tap: Tap,
+    fwd: Forwarder,
+    signals: SignalFd,
+    extras: Extras,
+    poll: Poll,
+    api: Option<api::Server>,
+}
+
+/// Start-up: registers every descriptor, binds the API socket, publishes the `-p` ports,
+/// applies the isolation stages and writes the ready fd.
+///
+/// # Errors
+/// [`LoopError`] for the first step that fails.
+pub fn start(
     tap: Tap,
     mut fwd: Forwarder,
     signals: SignalFd,
     mut extras: Extras,
-) -> Result<i32, LoopError> {
-    let mut poll = Poll::new().map_err(LoopError::Setup)?;
+) -> Result<Running, LoopError> {
+    let poll = Poll::new().map_err(LoopError::Setup)?;
     let registry = poll.registry();
     let reg = |fd: i32, token, interest| {
         registry
@@ -206,7 +234,7 @@ pub fn run(
     if let Some(watch) = &extras.watch {
         reg(watch.as_raw_fd(), WATCH, Interest::READABLE)?;
     }
-    let mut api = match &extras.api_socket {
+    let api = match &extras.api_socket {
         Some(path) => Some(api::Server::bind(
             path,
             poll.registry(),
@@ -234,121 +262,150 @@ pub fn run(
             log::warn!("cannot write to the ready fd: {e}");
         }
     }
+    Ok(Running {
+        tap,
+        fwd,
+        signals,
+        extras,
+        poll,
+        api,
+    })
+}
 
-    let start = std::time::Instant::now();
-    let clock = |t: std::time::Instant| {
-        smoltcp::time::Instant::from_micros(t.duration_since(start).as_micros() as i64)
-    };
-    let mut events = Events::with_capacity(1024);
-    let mut frame = vec![0u8; RX_BUFFER];
-    let mut tap_readable = true;
-    let mut tap_blocked = false;
-    let mut waiter = BusyPoll::new(extras.busy_poll);
-    let mut bulk = BulkMeter::new(start);
+impl Running {
+    /// Runs until an exit condition; returns the exit status.
+    ///
+    /// # Errors
+    /// [`LoopError::Poll`] when epoll itself fails.
+    pub fn run(self) -> Result<i32, LoopError> {
+        let Running {
+            tap,
+            mut fwd,
+            signals,
+            mut extras,
+            mut poll,
+            mut api,
+        } = self;
+        let start = std::time::Instant::now();
+        let clock = |t: std::time::Instant| {
+            smoltcp::time::Instant::from_micros(t.duration_since(start).as_micros() as i64)
+        };
+        let mut events = Events::with_capacity(1024);
+        let mut frame = vec![0u8; RX_BUFFER];
+        let mut tap_readable = true;
+        let mut tap_blocked = false;
+        let mut waiter = BusyPoll::new(extras.busy_poll);
+        let mut bulk = BulkMeter::new(start);
 
-    loop {
-        let timeout = if tap_readable {
-            Some(std::time::Duration::ZERO)
-        } else {
+        loop {
+            let timeout = if tap_readable {
+                Some(std::time::Duration::ZERO)
+            } else {
+                let now = clock(std::time::Instant::now());
+                // Not `at - now`: smoltcp's difference of instants is absolute, not saturating.
+                let flows = fwd.poll_timeout().map(|at| {
+                    let us = at.total_micros().saturating_sub(now.total_micros());
+                    std::time::Duration::from_micros(us.max(0).unsigned_abs())
+                });
+                let api_due = api
+                    .as_mut()
+                    .and_then(|a| a.expire(std::time::Instant::now(), poll.registry()))
+                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+                let child_due = extras
+                    .child
+                    .as_ref()
+                    .and_then(Supervisor::poll_timeout)
+                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+                [flows, api_due, child_due].into_iter().flatten().min()
+            };
+            // A stream has buffers on both sides and gains nothing from a faster wake-up,
+            // so it is not spun for.
+            let c = fwd.counters();
+            let spin = !bulk.is_bulk(std::time::Instant::now(), c.rx_bytes + c.tx_bytes);
+            if let Err(e) = waiter.wait(&mut poll, &mut events, timeout, spin) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(LoopError::Poll(e));
+            }
             let now = clock(std::time::Instant::now());
-            // Not `at - now`: smoltcp's difference of instants is absolute, not saturating.
-            let flows = fwd.poll_timeout().map(|at| {
-                let us = at.total_micros().saturating_sub(now.total_micros());
-                std::time::Duration::from_micros(us.max(0).unsigned_abs())
-            });
-            let api_due = api
-                .as_mut()
-                .and_then(|a| a.expire(std::time::Instant::now(), poll.registry()))
-                .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-            match (flows, api_due) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
+            let mut sink = TapSink(&tap);
+            let mut io = Io {
+                registry: poll.registry(),
+                tap: &mut sink,
+            };
+            for event in events.iter() {
+                let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                let writable = event.is_writable() || event.is_write_closed() || event.is_error();
+                match event.token() {
+                    TAP => {
+                        tap_readable |= readable;
+                        if event.is_writable() {
+                            tap_blocked = false;
+                        }
+                    }
+                    SIGNAL => {
+                        if let Some(code) = handle_signals(&signals, extras.child.as_mut()) {
+                            return Ok(code);
+                        }
+                    }
+                    EXIT_FD => {
+                        if exit_fd_closed(extras.exit_fd.as_ref()) {
+                            log::info!("exit fd closed: exiting");
+                            return Ok(0);
+                        }
+                    }
+                    WATCH => {
+                        if extras.watch.as_mut().is_some_and(|w| w.target_gone()) {
+                            log::info!("the namespace went away: exiting");
+                            return Ok(0);
+                        }
+                    }
+                    token if api.as_ref().is_some_and(|a| a.owns(token)) => {
+                        if let Some(a) = api.as_mut() {
+                            let mut ctl = Ctl {
+                                fwd: &mut fwd,
+                                registry: poll.registry(),
+                                tap: &tap,
+                            };
+                            a.handle(token, poll.registry(), &mut ctl);
+                        }
+                    }
+                    token => fwd.handle_ready(
+                        now,
+                        token,
+                        readable,
+                        writable,
+                        event.is_read_closed(),
+                        &mut io,
+                    ),
+                }
             }
-        };
-        // A stream has buffers on both sides and gains nothing from a faster wake-up,
-        // so it is not spun for.
-        let c = fwd.counters();
-        let spin = !bulk.is_bulk(std::time::Instant::now(), c.rx_bytes + c.tx_bytes);
-        if let Err(e) = waiter.wait(&mut poll, &mut events, timeout, spin) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(LoopError::Poll(e));
-        }
-        let now = clock(std::time::Instant::now());
-        let mut sink = TapSink(&tap);
-        let mut io = Io {
-            registry: poll.registry(),
-            tap: &mut sink,
-        };
-        for event in events.iter() {
-            let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-            let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-            match event.token() {
-                TAP => {
-                    tap_readable |= readable;
-                    if event.is_writable() {
-                        tap_blocked = false;
-                    }
-                }
-                SIGNAL => {
-                    if let Some(code) = handle_signals(&signals, extras.child) {
-                        return Ok(code);
-                    }
-                }
-                EXIT_FD => {
-                    if exit_fd_closed(extras.exit_fd.as_ref()) {
-                        log::info!("exit fd closed: exiting");
-                        return Ok(0);
-                    }
-                }
-                WATCH => {
-                    if extras.watch.as_mut().is_some_and(|w| w.target_gone()) {
-                        log::info!("the namespace went away: exiting");
-                        return Ok(0);
-                    }
-                }
-                token if api.as_ref().is_some_and(|a| a.owns(token)) => {
-                    if let Some(a) = api.as_mut() {
-                        let mut ctl = Ctl {
-                            fwd: &mut fwd,
-                            registry: poll.registry(),
-                            tap: &tap,
-                        };
-                        a.handle(token, poll.registry(), &mut ctl);
-                    }
-                }
-                token => fwd.handle_ready(
-                    now,
-                    token,
-                    readable,
-                    writable,
-                    event.is_read_closed(),
-                    &mut io,
-                ),
-            }
-        }
-        if tap_readable {
-            for _ in 0..TAP_BATCH {
-                match tap.read(&mut frame) {
-                    Ok(n) => fwd.handle_frame(now, &frame[..n], &mut io),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        tap_readable = false;
-                        break;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        // EBADFD/EIO: the device was unregistered with its namespace.
-                        log::info!("the TAP device went away ({e}): exiting");
-                        return Ok(0);
+            if tap_readable {
+                for _ in 0..TAP_BATCH {
+                    match tap.read(&mut frame) {
+                        Ok(n) => fwd.handle_frame(now, &frame[..n], &mut io),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            tap_readable = false;
+                            break;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            // EBADFD/EIO: the device was unregistered with its namespace.
+                            log::info!("the TAP device went away ({e}): exiting");
+                            return Ok(0);
+                        }
                     }
                 }
             }
-        }
-        fwd.handle_timeouts(now, &mut io);
-        fwd.poll_flows(now, &mut io);
-        if !tap_blocked {
-            tap_blocked = !fwd.flush(&mut sink);
+            if let Some(child) = extras.child.as_mut() {
+                child.handle_timeout(std::time::Instant::now());
+            }
+            fwd.handle_timeouts(now, &mut io);
+            fwd.poll_flows(now, &mut io);
+            if !tap_blocked {
+                tap_blocked = !fwd.flush(&mut sink);
+            }
         }
     }
 }
@@ -383,21 +440,21 @@ fn exit_fd_closed(fd: Option<&OwnedFd>) -> bool {
 }
 
 /// Handles pending signals; `Some(status)` when the loop should end.
-fn handle_signals(signals: &SignalFd, child: Option<Pid>) -> Option<i32> {
+fn handle_signals(signals: &SignalFd, mut child: Option<&mut Supervisor>) -> Option<i32> {
     while let Ok(Some(info)) = signals.read_signal() {
         let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
             continue;
         };
-        match (sig, child) {
-            (Signal::SIGCHLD, Some(pid)) => {
-                if let Some(code) = reap(pid) {
+        match (sig, child.as_deref_mut()) {
+            (Signal::SIGCHLD, Some(child)) => {
+                if let Some(code) = child.try_reap() {
                     return Some(code);
                 }
             }
             (Signal::SIGCHLD, None) => {}
-            (sig, Some(pid)) => {
+            (sig, Some(child)) => {
                 // Run mode: the command decides; pass the signal on.
-                let _ = nix::sys::signal::kill(pid, sig);
+                child.handle_signal(sig, info.ssi_code, std::time::Instant::now());
             }
             (sig, None) => {
                 log::info!("{sig}: exiting");
@@ -406,15 +463,4 @@ fn handle_signals(signals: &SignalFd, child: Option<Pid>) -> Option<i32> {
         }
     }
     None
-}
-
-/// Reaps the command; its exit status as a shell reports it.
-fn reap(pid: Pid) -> Option<i32> {
-    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-        Ok(WaitStatus::Exited(_, code)) => Some(code),
-        Ok(WaitStatus::Signaled(_, sig, _)) => Some(128 + sig as i32),
-        Ok(_) => None,
-        Err(nix::errno::Errno::ECHILD) => Some(1),
-        Err(_) => None,
-    }
 }

@@ -8,7 +8,8 @@
 //! 2. get the TAP: fork a helper that joins the target's namespaces, creates and configures
 //!    the TAP and passes its fd back ([`netns::open_tap`]); or, in run mode, fork the
 //!    command's process in new namespaces ([`netns::spawn_run`]);
-//! 3. build the [`forwarder::Forwarder`] and run the [`event_loop`].
+//! 3. build the [`forwarder::Forwarder`], [start](event_loop::start) the [`event_loop`]
+//!    (API socket, published ports, sandbox), release run mode's command, and run.
 
 #![deny(unsafe_code)]
 
@@ -18,6 +19,7 @@ mod conf;
 mod event_loop;
 mod isolation;
 mod netns;
+mod pidns;
 mod sys;
 
 use std::io;
@@ -256,19 +258,23 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         ),
         resolv_conf,
     };
-    let mut child = netns::spawn_run(&spec)?;
+    // Blocked before the fork: the command's namespace holder inherits the mask and
+    // relays these signals instead of dying of them.
     let signals = event_loop::signal_fd(true)?;
+    let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;
     let setup = Setup {
         ipv6,
         configured: true,
     };
-    let fwd = forwarder_with(&args.net, &child.tap, nameservers, outbound, &setup);
-    child.release()?;
+    let fwd = forwarder_with(&args.net, &tap, nameservers, outbound, &setup);
     let extras = Extras {
         exit_fd: None,
         ready_fd: None,
         watch: None,
-        child: Some(child.pid),
+        child: Some(pidns::Supervisor::new(
+            pid,
+            std::time::Duration::from_secs(args.stop_timeout.into()),
+        )),
         isolation: isolation::Isolation {
             sandbox: !args.no_sandbox,
             seccomp: !args.no_seccomp,
@@ -279,8 +285,11 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
     };
-    let tap = child.tap;
-    Ok(event_loop::run(tap, fwd, signals, extras)?)
+    // Every set-up step first: if one fails, `hold` is dropped unreleased and the child
+    // exits without running the command.
+    let running = event_loop::start(tap, fwd, signals, extras)?;
+    hold.release()?;
+    Ok(running.run()?)
 }
 
 /// One API request from a client subcommand: the reply, or its error's text.

@@ -13,11 +13,12 @@
 //! failure the helper sends one line of error text plus the `errno` instead, which
 //! becomes [`NetnsError::Helper`].
 //!
-//! **Running** ([`spawn_run`], `usernet run -- CMD`): the child creates new user, network
-//! and mount namespaces, maps root to our user, creates and configures the TAP, puts a
+//! **Running** ([`spawn_run`], `usernet run -- CMD`): the child creates new user, network,
+//! mount and PID namespaces, maps root to our user, creates and configures the TAP, puts a
 //! generated `resolv.conf` in place with a bind mount, hands the TAP to the parent, and
-//! waits on a pipe until the parent [releases](RunChild::release) it, so nothing runs
-//! before usernet serves the network. Then it `execvp`s the command.
+//! waits on a pipe until the parent [releases](Hold::release) it, so nothing runs
+//! before usernet serves the network (ports published, API socket bound, sandbox applied).
+//! Then it starts the command in the new PID namespace ([`crate::pidns`]).
 //!
 //! **Watching** ([`TargetWatch`]): a TAP descriptor holds a reference to its namespace,
 //! so the TAP never goes away by itself. A pid target is watched with a pidfd (readable
@@ -51,7 +52,7 @@ use nix::sys::prctl;
 use nix::sys::signal::Signal;
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
-use nix::unistd::{execvp, getegid, geteuid, getpid, getppid, pipe2, Pid};
+use nix::unistd::{getegid, geteuid, getpid, getppid, pipe2, Pid};
 use stack::sys::link::{configure, LinkConfig, LinkError};
 use stack::sys::tap::{Tap, TapError};
 
@@ -116,7 +117,7 @@ pub struct RunSpec {
     pub resolv_conf: String,
 }
 
-/// A child of [`spawn_run`], stopped before `execvp` until [`RunChild::release`].
+/// A child of [`spawn_run`], held back before the command starts until [`Hold::release`].
 ///
 /// Dropping it without releasing makes the child exit (status 1) without running the
 /// command; reap it with `waitpid` either way.
@@ -126,6 +127,14 @@ pub struct RunChild {
     pub pid: Pid,
     /// The TAP inside the child's network namespace.
     pub tap: Tap,
+    /// What holds the command back.
+    pub hold: Hold,
+}
+
+/// Holds the command of a [`RunChild`] back until [`Hold::release`]; dropped unreleased,
+/// the child exits (status 1) without running the command.
+#[derive(Debug)]
+pub struct Hold {
     /// Write end of the pipe the child waits on; `None` once released.
     sync: Option<OwnedFd>,
 }
@@ -270,18 +279,19 @@ pub fn open_tap(spec: &AttachSpec) -> Result<Tap, NetnsError> {
     }
 }
 
-/// Forks the child of `usernet run -- CMD` in new user, network and mount namespaces,
-/// and returns once its TAP is ready, with the child held back before `execvp`.
+/// Forks the child of `usernet run -- CMD` in new user, network, mount and PID namespaces,
+/// and returns once its TAP is ready, with the child held back before the command starts.
 ///
-/// The child: dies with the calling thread (`PR_SET_PDEATHSIG` `SIGKILL`, kept across
-/// `execvp`: the command's network would be gone anyway); `unshare`s user, network and
-/// mount namespaces; writes `deny` to `/proc/self/setgroups`, `0 EUID 1` to `uid_map`,
+/// The child: dies with the calling thread (`PR_SET_PDEATHSIG` `SIGKILL`: the command's
+/// network would be gone anyway); `unshare`s user, network, mount and PID namespaces; writes `deny` to `/proc/self/setgroups`, `0 EUID 1` to `uid_map`,
 /// `0 EGID 1` to `gid_map` (unprivileged or root alike); creates the TAP and configures
 /// it as `slirp4netns -c` does; makes all mounts private and bind-mounts a file holding
 /// `spec.resolv_conf` over `/etc/resolv.conf` (over its target if it is a symlink);
-/// sends the TAP to us; waits for [`RunChild::release`] (and exits with status 1 if we
-/// go away first); resets signal dispositions and mask; `execvp`s the command. If that
-/// fails it prints `usernet: cannot execute CMD: ERROR` on stderr and exits with 127.
+/// sends the TAP to us; waits for [`Hold::release`] (and exits with status 1 if we
+/// go away first); then starts the command as PID 2 of the new PID namespace under an init
+/// of ours ([`crate::pidns::run_command`]) and exits with the command's status once it has
+/// ended, taking every other process of the namespace with it. If `execvp` fails, the
+/// command prints `usernet: cannot execute CMD: ERROR` on stderr and exits with 127.
 ///
 /// The `resolv.conf` copy lives in a private directory under `$TMPDIR` (or `/tmp`),
 /// removed as soon as the child has mounted it (the mount keeps the file alive).
@@ -292,7 +302,7 @@ pub fn open_tap(spec: &AttachSpec) -> Result<Tap, NetnsError> {
 /// # Errors
 ///
 /// [`NetnsError::EmptyCommand`], [`NetnsError::NulInArgument`] for bad commands;
-/// [`NetnsError::Helper`] with the child's error text for a failure before `execvp`
+/// [`NetnsError::Helper`] with the child's error text for a failure before the release
 /// (the child is reaped then); the other variants for local failures.
 pub fn spawn_run(spec: &RunSpec) -> Result<RunChild, NetnsError> {
     if spec.cmd.is_empty() {
@@ -332,19 +342,7 @@ pub fn spawn_run(spec: &RunSpec) -> Result<RunChild, NetnsError> {
             return 1;
         }
         drop(sync_read);
-        // Best effort: a failure leaves a signal blocked or ignored, not worth aborting.
-        let _ = sys::reset_signals_for_exec();
-        // Invariant: `argv` is not empty (checked above).
-        let Err(err) = execvp(&argv[0], &argv);
-        let line = format!(
-            "usernet: cannot execute {}: {}\n",
-            spec.cmd[0].to_string_lossy(),
-            io::Error::from(err)
-        );
-        // Raw write(2): std's stderr handle takes a lock another thread may have held at
-        // fork time.
-        let _ = nix::unistd::write(io::stderr(), line.as_bytes());
-        127
+        crate::pidns::run_command(&argv, &spec.cmd[0])
     })
     .map_err(NetnsError::Fork)?;
 
@@ -357,7 +355,9 @@ pub fn spawn_run(spec: &RunSpec) -> Result<RunChild, NetnsError> {
                 return Ok(RunChild {
                     pid,
                     tap,
-                    sync: Some(sync_write),
+                    hold: Hold {
+                        sync: Some(sync_write),
+                    },
                 })
             }
             Err(err) => Err(NetnsError::ReceivedTap(err)),
@@ -374,8 +374,8 @@ pub fn spawn_run(spec: &RunSpec) -> Result<RunChild, NetnsError> {
     })
 }
 
-impl RunChild {
-    /// Lets the child `execvp` the command. Calling it again does nothing.
+impl Hold {
+    /// Lets the child start the command. Calling it again does nothing.
     ///
     /// # Errors
     ///
@@ -572,7 +572,7 @@ enum StepError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot create user, network and mount namespaces")]
+    #[error("cannot create user, network, mount and PID namespaces")]
     Unshare(#[source] nix::Error),
     #[error("cannot write {path}")]
     IdMap {
@@ -658,8 +658,13 @@ fn create_tap(name: &str, vnet_hdr: bool, link: Option<&LinkConfig>) -> Result<T
 
 /// The child of `spawn_run`, up to the point where it hands over the TAP.
 fn setup_run(spec: &RunSpec, ids: IdMaps, resolv_conf: &Path) -> Result<Tap, StepError> {
-    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS)
-        .map_err(StepError::Unshare)?;
+    unshare(
+        CloneFlags::CLONE_NEWUSER
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID,
+    )
+    .map_err(StepError::Unshare)?;
     let write = |path: &'static str, content: String| {
         fs::write(path, content).map_err(|source| StepError::IdMap { path, source })
     };
@@ -1239,8 +1244,8 @@ mod tests {
         assert_eq!(child.tap.vnet_hdr_len(), 10);
         // The copy is gone already; the mount keeps it alive.
         assert_eq!(usernet_temp_dirs(), before);
-        child.release().unwrap();
-        child.release().unwrap();
+        child.hold.release().unwrap();
+        child.hold.release().unwrap();
         assert_eq!(exit_code(child.pid), 3);
         let text = fs::read_to_string(&out).unwrap();
         let _ = fs::remove_file(&out);
@@ -1259,7 +1264,7 @@ mod tests {
     fn spawn_run_exec_failure_exits_127() {
         let _lock = spawn_lock();
         let mut child = spawn_run(&run_spec(&["/nonexistent/usernet-test-cmd"])).unwrap();
-        child.release().unwrap();
+        child.hold.release().unwrap();
         assert_eq!(exit_code(child.pid), 127);
     }
 
@@ -1302,7 +1307,7 @@ mod tests {
             WaitStatus::Signaled(_, Signal::SIGKILL, _)
         ));
         let mut child = child;
-        assert!(matches!(child.release(), Err(NetnsError::Release(_))));
+        assert!(matches!(child.hold.release(), Err(NetnsError::Release(_))));
     }
 
     fn usernet_temp_dirs() -> Vec<PathBuf> {

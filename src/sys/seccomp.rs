@@ -254,7 +254,7 @@ pub fn allow_list() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
     // --- Run mode: the command ---
     // Reaping the command on SIGCHLD.
     m.insert(libc::SYS_wait4, vec![]);
-    // Passing SIGTERM/SIGINT/SIGHUP on to the command (tests/sandbox.rs): one positive PID
+    // Passing signals on to the command (tests/sandbox.rs, tests/run.rs): one positive PID
     // only, never a process group or -1 (every process we may signal).
     m.insert(
         libc::SYS_kill,
