@@ -15,6 +15,7 @@
 
 mod api;
 mod busy_poll;
+mod cli_docs;
 mod conf;
 mod event_loop;
 mod isolation;
