@@ -512,6 +512,7 @@ pub const SLIRP_CONFIG_VERSION_MAX: u32 = 4;
 const SMOLTCP_VERSION: &str = "0.14.0";
 const SECCOMPILER_VERSION: &str = "0.5.0";
 
+/// The git commit `build.rs` found, or `unknown` (a tarball).
 fn commit() -> &'static str {
     option_env!("USERNET_COMMIT").unwrap_or("unknown")
 }

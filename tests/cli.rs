@@ -305,3 +305,39 @@ fn cli_macaddress_without_configure_rejected() {
     );
     assert_rejected(&f);
 }
+
+/// The commit `git` says this checkout is at, if the tests run from a git checkout of the
+/// repository itself (as opposed to a tarball).
+fn checkout_commit() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let top = std::fs::canonicalize(git(&["rev-parse", "--show-toplevel"])?).ok()?;
+    (top == std::fs::canonicalize(dir).ok()?).then_some(())?;
+    git(&["rev-parse", "HEAD"])
+}
+
+#[test]
+fn cli_version_names_the_commit_of_a_git_checkout() {
+    let Some(t) = Topology::new() else { return };
+    let want = checkout_commit().unwrap_or_else(|| "unknown".to_owned());
+    for args in [&["--version"][..], &["run", "--version"]] {
+        let f = usernet(&t, args);
+        assert!(f.success(), "{f}");
+        assert_eq!(
+            version_value(&f.stdout, "commit"),
+            Some(want.as_str()),
+            "`usernet {}`:\n{f}",
+            args.join(" ")
+        );
+    }
+}
