@@ -512,16 +512,28 @@ fn run_isolated_reaches_the_world_and_returns_the_exit_code() {
 #[test]
 fn run_isolated_passes_sigterm_to_the_command() {
     let Some(t) = Topology::new() else { return };
-    let script = "trap 'exit 5' TERM; while :; do sleep 0.1; done";
+    // The command says when its trap is set: usernet is isolated before it releases the
+    // command, so isolation alone does not mean the trap is there yet.
+    let trapped = t.tmp.join("trapped");
+    let script = format!(
+        "trap 'exit 5' TERM; touch {}; while :; do sleep 0.1; done",
+        trapped.display()
+    );
     let mut u = UsernetCmd::new(&t)
         .target(
             ["run"]
                 .into_iter()
                 .chain(ISOLATED)
-                .chain(["--", "sh", "-c", script]),
+                .chain(["--", "sh", "-c", script.as_str()]),
         )
         .spawn();
     wait_isolated(u.pid);
+    let set = wait_for(Duration::from_secs(20), || trapped.exists().then_some(()));
+    assert!(
+        set.is_some(),
+        "the command never set its trap\n{}",
+        u.stderr()
+    );
     // kill(2) of the command's PID, under the filter.
     u.signal(Signal::SIGTERM);
     let st = u
