@@ -44,6 +44,24 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+impl Cli {
+    /// Attach mode: the inherited descriptors the command line names (`-e`, `-r`, a
+    /// `tapfd` target); every other one above 2 is closed at start-up. `None` for the
+    /// subcommands: `run` passes the caller's descriptors on to its command, as `env`
+    /// or `unshare` would.
+    pub fn inherited_fds(&self) -> Option<Vec<i32>> {
+        if self.command.is_some() {
+            return None;
+        }
+        let a = &self.attach;
+        let mut fds: Vec<i32> = a.exit_fd.into_iter().chain(a.ready_fd).collect();
+        if a.netns_type == Some(NetnsType::Tapfd) {
+            fds.extend(a.target.as_deref().and_then(|t| t.parse::<i32>().ok()));
+        }
+        Some(fds)
+    }
+}
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {

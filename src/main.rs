@@ -77,6 +77,13 @@ fn main() -> ExitCode {
         print!("{}", conf::usernet_version_text());
         return ExitCode::SUCCESS;
     }
+    // Before anything opens a descriptor: keep only what the command line names.
+    if let Some(keep) = cli.inherited_fds() {
+        if let Err(e) = sys::fd::close_inherited(&keep) {
+            eprintln!("usernet: cannot close inherited descriptors: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let level = match &cli.command {
         Some(Command::Run(r)) => r.net.log_level.clone(),
         None => cli.attach.net.log_level.clone(),

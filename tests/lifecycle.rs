@@ -7,6 +7,7 @@ mod util;
 use std::fs;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -323,4 +324,52 @@ fn run_as_unprivileged_user() {
         .output(Duration::from_secs(60));
     assert_eq!(f.code(), Some(3), "{f}");
     assert!(f.stdout.contains("hello, nobody"), "{f}");
+}
+
+/// slirp4netns's callers hand it `-e`, `-r` and maybe a TAP descriptor; anything else it
+/// inherits (a caller's pipe to its own child, a log file) must not be held open: a pipe
+/// whose only writer is usernet's copy would never reach end of file.
+#[test]
+fn inherited_descriptors_closed_at_start_but_exit_fd_kept() {
+    let Some(t) = Topology::new() else { return };
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
+    let (r2, w2) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
+    let mut u = UsernetCmd::new(&t)
+        .args(["-c"])
+        .exit_fd()
+        .pass_fd(w, 7)
+        .pass_fd(w2, 12)
+        .start();
+    // usernet's own sockets reuse the numbers: compare what they point to.
+    let pipes: Vec<_> = [&r, &r2]
+        .iter()
+        .map(|fd| fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap())
+        .collect();
+    let held: Vec<_> = fs::read_dir(format!("/proc/{}/fd", u.pid))
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    for p in &pipes {
+        assert!(!held.contains(p), "usernet still holds {p:?}: {held:?}");
+    }
+    assert!(
+        fs::read_link(format!("/proc/{}/fd/{EXIT_FD}", u.pid))
+            .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:")),
+        "usernet closed its exit fd"
+    );
+    // The pipes reach end of file: no writer left anywhere.
+    for r in [r, r2] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut f = fs::File::from(r);
+            let mut buf = [0u8; 16];
+            let _ = tx.send(std::io::Read::read(&mut f, &mut buf).map_err(|e| e.to_string()));
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Ok(0)),
+            "the caller's pipe did not reach end of file"
+        );
+    }
+    u.assert_running();
 }
