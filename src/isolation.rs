@@ -29,13 +29,19 @@
 //!    where unprivileged user namespaces are disabled or `user.max_user_namespaces` is
 //!    reached, this stage fails and usernet does not start, rather than run unsandboxed.
 //! 3. **mount namespace** (sandbox): `unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)`,
-//!    then every mount made private (`MS_REC | MS_PRIVATE`), so that nothing done next
-//!    propagates to the host and no host mount event reaches us. The IPC and UTS
-//!    namespaces cost nothing and cut System V IPC and the host name off.
+//!    then every mount made a slave (`MS_REC | MS_SLAVE`), so that nothing done next
+//!    propagates to the host, while the host's unmounts still reach the kept trees (a
+//!    network namespace file unmounted under `/run` goes from our copy too, and the
+//!    namespace is not kept alive by us). The IPC and UTS namespaces cost nothing and cut
+//!    System V IPC and the host name off.
 //! 4. **new root** (sandbox): a small tmpfs (`nosuid,nodev,noexec`) is mounted on
-//!    [`NEW_ROOT`] and receives, at their original paths, the recorded symbolic links and
-//!    an empty file per kept file on which the real one is bind-mounted read-only (from a
-//!    descriptor opened in this mount namespace, so that the tmpfs may hide the source);
+//!    [`NEW_ROOT`] and receives the kept trees (`/etc` and `/run`, as slirp4netns keeps
+//!    them) bound recursively, every mount of them read-only; then, at their original
+//!    paths, those recorded symbolic links and kept files that the trees do not already
+//!    show (a file outside them, or one mounted over): an empty file on which the real one
+//!    is bind-mounted read-only (from a descriptor opened in this mount namespace, so that
+//!    the tmpfs may hide the source). A file the trees show stays live: replaced by
+//!    rename on the host, the new one is what the sandbox reads;
 //!    then `pivot_root(".", ".")` into it, the old root is detached (`MNT_DETACH`: our copy
 //!    of every host mount goes, including any `/run/netns` entries, which would otherwise
 //!    keep namespaces alive), and the tmpfs itself is remounted read-only. Open
@@ -105,6 +111,11 @@ pub struct Isolation {
     /// at their paths; symbolic links on the way are replayed. A path that does not exist
     /// is left out.
     pub keep: Vec<PathBuf>,
+    /// Directories kept whole, read-only, with the mounts below them (`/etc` and `/run`,
+    /// as slirp4netns keeps them): tools look at `/proc/PID/root/etc`, and resolv.conf and
+    /// the files its symbolic links lead to stay current there. A directory that does not
+    /// exist is left out.
+    pub keep_trees: Vec<PathBuf>,
 }
 
 /// A failed isolation stage. usernet must not go on: some stages cannot be undone and the
@@ -207,7 +218,7 @@ pub fn apply(cfg: &Isolation) -> Result<(), IsolationError> {
         // 3. mount namespace
         enter_mount_namespace()?;
         // 4. new root
-        build_root(&plan)?;
+        build_root(&cfg.keep_trees, &plan)?;
         log::debug!("isolation: new root holds {plan:?}");
         // 5. capabilities
         drop_capabilities()?;
@@ -379,7 +390,9 @@ fn write_proc(path: &str, text: &str) -> io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-/// Stage 3: private mount, IPC and UTS namespaces.
+/// Stage 3: mount, IPC and UTS namespaces of our own; every mount a slave, so that
+/// nothing done here reaches the host while the host's unmounts (of a network namespace
+/// file under `/run`, say) still reach the kept trees.
 fn enter_mount_namespace() -> Result<(), IsolationError> {
     let fail = |step| {
         move |e: nix::Error| IsolationError::MountNamespace {
@@ -393,10 +406,10 @@ fn enter_mount_namespace() -> Result<(), IsolationError> {
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .map_err(fail("making every mount private"))
+    .map_err(fail("making every mount a slave"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -408,8 +421,20 @@ fn under(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
 
-/// Stage 4: builds the read-only root from `plan` and pivots into it.
-fn build_root(plan: &[Node]) -> Result<(), IsolationError> {
+/// Whether `inside` (a path in the new root, before `pivot_root`) is the very file open as
+/// `fd`: a kept tree already shows it, live.
+fn same_file(inside: &Path, fd: &OwnedFd) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(there) = fs::symlink_metadata(inside) else {
+        return false;
+    };
+    nix::sys::stat::fstat(fd).is_ok_and(|st| {
+        st.st_dev == there.dev() as libc::dev_t && st.st_ino == there.ino() as libc::ino_t
+    })
+}
+
+/// Stage 4: builds the read-only root from `trees` and `plan` and pivots into it.
+fn build_root(trees: &[PathBuf], plan: &[Node]) -> Result<(), IsolationError> {
     let root = Path::new(NEW_ROOT);
     let fail = |step: &'static str, path: &Path| {
         let path = path.to_owned();
@@ -421,6 +446,23 @@ fn build_root(plan: &[Node]) -> Result<(), IsolationError> {
     };
     // The files to bind, opened now: in this mount namespace (a bind from a mount of
     // another namespace is refused) and before the tmpfs may hide them.
+    let mut tree_sources: Vec<(&Path, OwnedFd)> = Vec::new();
+    for tree in trees {
+        match open(
+            tree.as_path(),
+            OFlag::O_PATH | OFlag::O_CLOEXEC | OFlag::O_DIRECTORY,
+            Mode::empty(),
+        ) {
+            Ok(fd) => tree_sources.push((tree, fd)),
+            Err(nix::Error::ENOENT) => {
+                log::info!(
+                    "isolation: no {}, the sandbox will not have it",
+                    tree.display()
+                );
+            }
+            Err(e) => return Err(nix_fail("opening", tree)(e)),
+        }
+    }
     let mut sources: Vec<(&Path, bool, OwnedFd)> = Vec::new();
     for node in plan {
         if let Node::Bind { at, dir } = node {
@@ -443,9 +485,19 @@ fn build_root(plan: &[Node]) -> Result<(), IsolationError> {
     .map_err(nix_fail("mounting a tmpfs on", root))?;
     let mut dirs = fs::DirBuilder::new();
     dirs.recursive(true).mode(0o755);
+    // The trees first: what the plan adds goes on top of them, where they lack it.
+    for (tree, fd) in &tree_sources {
+        let inside = under(root, tree);
+        dirs.create(&inside).map_err(fail("creating", tree))?;
+        bind_read_only(fd, true, &inside).map_err(fail("binding read-only", tree))?;
+    }
     for node in plan {
         if let Node::Symlink { at, target } = node {
             let inside = under(root, at);
+            if fs::symlink_metadata(&inside).is_ok() {
+                // A kept tree holds this link already.
+                continue;
+            }
             if let Some(parent) = inside.parent() {
                 dirs.create(parent).map_err(fail("creating", parent))?;
             }
@@ -454,10 +506,16 @@ fn build_root(plan: &[Node]) -> Result<(), IsolationError> {
     }
     for (at, dir, fd) in &sources {
         let inside = under(root, at);
+        if same_file(&inside, fd) {
+            // A kept tree shows it live (a file replaced by rename stays current there).
+            continue;
+        }
         if let Some(parent) = inside.parent() {
             dirs.create(parent).map_err(fail("creating", parent))?;
         }
-        if *dir {
+        if inside.exists() {
+            // Another file of a kept tree is there (a mount over it elsewhere): cover it.
+        } else if *dir {
             dirs.create(&inside).map_err(fail("creating", at))?;
         } else {
             fs::OpenOptions::new()
@@ -505,7 +563,21 @@ fn bind_read_only(src: &OwnedFd, dir: bool, target: &Path) -> io::Result<()> {
         flags,
         None::<&str>,
     )?;
-    let st = fstatvfs(src)?.flags();
+    remount_read_only(target, fstatvfs(src)?.flags())?;
+    if dir {
+        // The mounts below came along (MS_REC) with their own flags: read-only too.
+        for below in mounts_below(target)? {
+            let st = nix::sys::statvfs::statvfs(below.as_path())?.flags();
+            remount_read_only(&below, st)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the bind mount at `target` read-only, `nosuid`, `nodev`, `noexec`, keeping the
+/// access-time flags `st` (those of its source; in a user namespace they may be locked,
+/// and a remount that changes them fails).
+fn remount_read_only(target: &Path, st: FsFlags) -> io::Result<()> {
     let mut flags = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_RDONLY
@@ -522,6 +594,43 @@ fn bind_read_only(src: &OwnedFd, dir: bool, target: &Path) -> io::Result<()> {
     }
     mount(None::<&str>, target, None::<&str>, flags, None::<&str>)?;
     Ok(())
+}
+
+/// The mount points strictly below `dir`, from `/proc/self/mountinfo` (its fifth field,
+/// with the kernel's octal escapes undone).
+fn mounts_below(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::ffi::OsStringExt;
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in info.lines() {
+        let Some(field) = line.split(' ').nth(4) else {
+            continue;
+        };
+        let mut bytes = Vec::with_capacity(field.len());
+        let raw = field.as_bytes();
+        let mut i = 0;
+        while i < raw.len() {
+            let octal = raw
+                .get(i + 1..i + 4)
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .and_then(|d| u8::from_str_radix(d, 8).ok());
+            match (raw[i], octal) {
+                (b'\\', Some(b)) => {
+                    bytes.push(b);
+                    i += 4;
+                }
+                (b, _) => {
+                    bytes.push(b);
+                    i += 1;
+                }
+            }
+        }
+        let path = PathBuf::from(OsString::from_vec(bytes));
+        if path != dir && path.starts_with(dir) {
+            out.push(path);
+        }
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -382,6 +382,7 @@ fn isolation_of(net: &NetArgs) -> isolation::Isolation {
         sandbox: net.enable_sandbox,
         seccomp: net.enable_seccomp,
         keep: vec![PathBuf::from("/etc/resolv.conf")],
+        keep_trees: vec![PathBuf::from("/etc"), PathBuf::from("/run")],
     }
 }
 

@@ -80,8 +80,9 @@ fn root_entries(pid: u32) -> Vec<String> {
     v
 }
 
-/// Asserts that usernet's root is the sandbox: none of the host's directories, read-only,
-/// and `/etc/resolv.conf` readable there with the content usernet was started with.
+/// Asserts that usernet's root is the sandbox: none of the host's directories but `/etc`
+/// and `/run` (read-only, the host's own, as slirp4netns keeps them), and
+/// `/etc/resolv.conf` readable there with the content usernet was started with.
 #[track_caller]
 fn assert_sandbox_root(t: &Topology, pid: u32) {
     let entries = root_entries(pid);
@@ -93,10 +94,28 @@ fn assert_sandbox_root(t: &Topology, pid: u32) {
     }
     assert_eq!(
         entries,
-        vec!["etc".to_string()],
+        vec!["etc".to_string(), "run".to_string()],
         "the sandbox's root holds only what usernet keeps"
     );
     let root = format!("/proc/{pid}/root");
+    // /etc and /run are the host's, whole: tools read /proc/PID/root/etc.
+    for (dir, file) in [("etc", "passwd"), ("etc", "ld.so.cache"), ("run", "netns")] {
+        let inside = format!("{root}/{dir}/{file}");
+        let host = format!("/{dir}/{file}");
+        assert_eq!(
+            fs::symlink_metadata(&inside).map(|m| m.file_type()).ok(),
+            fs::symlink_metadata(&host).map(|m| m.file_type()).ok(),
+            "{inside} is not the host's {host}"
+        );
+        if file == "passwd" {
+            assert_eq!(fs::read(&inside).ok(), fs::read(&host).ok(), "{inside}");
+        }
+    }
+    for dir in ["etc", "run"] {
+        let err = fs::write(format!("{root}/{dir}/usernet-new-file"), "x")
+            .expect_err("kept directories are read-only");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "/{dir}: {err}");
+    }
     let inside = fs::read_to_string(format!("{root}/etc/resolv.conf"))
         .unwrap_or_else(|e| panic!("resolv.conf in the sandbox: {e}"));
     let host =
