@@ -66,6 +66,17 @@ impl Unreachable {
     }
 }
 
+/// The ICMP error that tells the guest why NAT refused a destination, where one is owed
+/// whatever the protocol: the gateway's host-loopback mapping switched off
+/// (`--disable-host-loopback`) is "network unreachable", as slirp4netns answers. `None`:
+/// the protocol decides (TCP resets, UDP says port unreachable or prohibited).
+pub fn deny_reason(deny: crate::nat::Deny) -> Option<Unreachable> {
+    match deny {
+        crate::nat::Deny::HostLoopbackDisabled => Some(Unreachable::Net),
+        crate::nat::Deny::NoService | crate::nat::Deny::NotRoutable => None,
+    }
+}
+
 /// A guest ICMP message that matters to us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Message {

@@ -913,7 +913,15 @@ impl Forwarder {
             Err(deny) => {
                 log::debug!("TCP to {:?} denied: {deny:?}", key.remote);
                 self.counters.tcp_denied += 1;
-                self.reset_stray(now, key.guest.0, ip);
+                match icmp::deny_reason(deny) {
+                    // The host's loopback behind the gateway is switched off: the gateway
+                    // has no route there ("Network is unreachable"), as in slirp4netns.
+                    Some(code) => {
+                        let gw = self.gateway_for(&key.remote.0);
+                        icmp::emit_unreachable(&mut self.link, gw, code, ip);
+                    }
+                    None => self.reset_stray(now, key.guest.0, ip),
+                }
                 return;
             }
         };
@@ -1012,10 +1020,9 @@ impl Forwarder {
             Err(deny) => {
                 log::debug!("UDP to {:?} denied: {deny:?}", key.remote);
                 self.counters.udp_denied += 1;
-                let code = if deny == nat::Deny::NoService {
-                    icmp::Unreachable::Port
-                } else {
-                    icmp::Unreachable::Prohibited
+                let code = match deny {
+                    nat::Deny::NoService => icmp::Unreachable::Port,
+                    deny => icmp::deny_reason(deny).unwrap_or(icmp::Unreachable::Prohibited),
                 };
                 // Never an ICMP error about (or from) a broadcast or multicast address
                 // (RFC 1122 3.2.2): the guest's mDNS and SSDP end here.

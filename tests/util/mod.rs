@@ -1247,6 +1247,50 @@ fn assert_unreachable_at(addr: SocketAddr) {
     );
 }
 
+/// Asserts that a TCP connect to `addr` fails fast with ENETUNREACH ("Network is
+/// unreachable": an ICMP/ICMPv6 network unreachable came back).
+#[track_caller]
+pub fn assert_net_unreachable(addr: SocketAddr) {
+    assert_connect_fails(addr, &[libc::ENETUNREACH], "ENETUNREACH");
+}
+
+/// Sends one datagram to `addr` from a connected UDP socket and returns the error the
+/// socket then reports (the errno of an ICMP error that came back), `None` if a reply or
+/// nothing arrived within `wait`. The socket asks for every ICMP error (`IP_RECVERR`,
+/// `IPV6_RECVERR`, as ping and traceroute do): without it Linux reports only port
+/// unreachable and prohibited to a UDP socket. Call inside a namespace.
+pub fn udp_error_after_send(addr: SocketAddr, payload: &[u8], wait: Duration) -> Option<i32> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let bind: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let s = UdpSocket::bind(bind).expect("bind UDP");
+    match addr {
+        SocketAddr::V4(_) => setsockopt(&s, sockopt::Ipv4RecvErr, &true),
+        SocketAddr::V6(_) => setsockopt(&s, sockopt::Ipv6RecvErr, &true),
+    }
+    .expect("RECVERR");
+    s.connect(addr).expect("connect UDP");
+    if let Err(e) = s.send(payload) {
+        return e.raw_os_error();
+    }
+    s.set_read_timeout(Some(wait)).expect("timeout");
+    let mut buf = [0u8; 2048];
+    match s.recv(&mut buf) {
+        Ok(_) => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => e.raw_os_error(),
+    }
+}
+
 /// A UDP socket with [`IO_TIMEOUT`]-free short timeouts, for request/reply tests.
 pub fn udp_socket(bind: SocketAddrV4) -> UdpSocket {
     udp_socket_at(bind.into())
