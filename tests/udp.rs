@@ -178,3 +178,74 @@ fn udp_burst_towards_the_container_waits_in_usernets_socket() {
         }
     }
 }
+
+/// Host-side errors of a UDP flow reach the container as ICMP/ICMPv6 errors about its
+/// datagram, as a router's would: a closed port on the host's loopback (the host socket's
+/// `ECONNREFUSED`) is port unreachable, a destination the host has no route to
+/// (`ENETUNREACH` at once) network unreachable; both families. The sockets ask for every
+/// ICMP error (`IP_RECVERR`), as glibc's resolver, ping and traceroute do.
+#[test]
+fn udp_host_errors_reach_the_container_as_icmp_errors() {
+    let Some(t) = Topology::new_ipv6() else {
+        return;
+    };
+    // A port nothing listens on in H: bound and closed again.
+    let closed = in_netns(&t.host_ns(), || {
+        UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    });
+    let _u = UsernetCmd::new(&t).args(["-c", "-6"]).start();
+    let cases: [(SocketAddr, i32); 4] = [
+        ((GATEWAY, closed).into(), libc::ECONNREFUSED),
+        ((GATEWAY6, closed).into(), libc::ECONNREFUSED),
+        ((UNREACHABLE, 9).into(), libc::ENETUNREACH),
+        ((UNREACHABLE6, 9).into(), libc::ENETUNREACH),
+    ];
+    for (dst, want) in cases {
+        t.in_container(|| {
+            let t0 = std::time::Instant::now();
+            let got = udp_error_after_send(dst, b"is anyone there?", Duration::from_secs(3));
+            assert_eq!(
+                got,
+                Some(want),
+                "UDP to {dst}: want {}, got {:?} after {:.2?}",
+                std::io::Error::from_raw_os_error(want),
+                got.map(std::io::Error::from_raw_os_error),
+                t0.elapsed()
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "{dst}: {:.2?}",
+                t0.elapsed()
+            );
+        });
+    }
+}
+
+/// The measured case: the host's only nameserver has no route. `getent hosts` of the
+/// guest's own address (a reverse lookup, as `python3 -m http.server` does before it
+/// listens) fails at once, where glibc would otherwise wait 2 x 5 s.
+#[test]
+fn udp_unreachable_resolver_makes_reverse_lookup_fail_fast() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("getent") {
+        return;
+    }
+    t.set_host_resolv_conf(&format!("nameserver {}\n", Ipv4Addr::new(192, 0, 2, 53)));
+    t.set_container_resolv_conf(&format!("nameserver {DNS}\n"));
+    let _u = UsernetCmd::new(&t).args(["-c"]).start();
+    let f = t.run_in_container(
+        "getent",
+        &["hosts", &GUEST.to_string()],
+        Duration::from_secs(15),
+    );
+    assert!(!f.success(), "nothing can answer, yet:\n{f}");
+    assert!(
+        f.elapsed < Duration::from_secs(2),
+        "getent took {:.2?} to fail:\n{f}",
+        f.elapsed
+    );
+}

@@ -21,7 +21,7 @@ use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
     Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, Ipv4Packet,
-    Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr,
+    Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -63,6 +63,70 @@ impl Unreachable {
             Unreachable::Host => 3,
             Unreachable::Port => 4,
         }
+    }
+}
+
+/// ICMP errors that may leave at once (Linux's `net.ipv4.icmp_msgs_burst`).
+const ERROR_BURST: u32 = 50;
+
+/// ICMP errors per second in the long run (Linux's `net.ipv4.icmp_msgs_per_sec`).
+const ERRORS_PER_SEC: u64 = 1000;
+
+/// A token bucket for the ICMP errors usernet sends the guest about host-side failures,
+/// like the kernel's global ICMP limit: a burst of [`ERROR_BURST`], then
+/// [`ERRORS_PER_SEC`]. A guest that keeps sending into an unreachable network gets its
+/// errors at that rate, never one per datagram.
+#[derive(Debug)]
+pub(crate) struct ErrorLimit {
+    tokens: u32,
+    last: Instant,
+}
+
+impl ErrorLimit {
+    /// A full bucket.
+    pub(crate) fn new(now: Instant) -> ErrorLimit {
+        ErrorLimit {
+            tokens: ERROR_BURST,
+            last: now,
+        }
+    }
+
+    /// Takes a token if one is left (refilled for the time since the last call).
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = (now - self.last).total_micros();
+        let earned = elapsed.saturating_mul(ERRORS_PER_SEC) / 1_000_000;
+        if earned > 0 {
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            self.tokens = self.tokens.saturating_add(earned).min(ERROR_BURST);
+            // Keep the remainder: advance by the time the earned tokens took.
+            self.last = if self.tokens == ERROR_BURST {
+                now
+            } else {
+                self.last + Duration::from_micros(u64::from(earned) * 1_000_000 / ERRORS_PER_SEC)
+            };
+        } else if now < self.last {
+            self.last = now;
+        }
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+}
+
+/// The ICMP error that tells the guest of a host socket's failure to send (or of an
+/// error the connected socket reported), as a router would: `ENETUNREACH` network,
+/// `EHOSTUNREACH` host, `EACCES`/`EPERM` (a firewall, a broadcast) administratively
+/// prohibited, `ECONNREFUSED` (an ICMP port unreachable the host got) port unreachable.
+/// `None` for local conditions the guest cannot act on (`ENOBUFS`, `EAGAIN`...).
+pub(crate) fn unreachable_for(err: &io::Error) -> Option<Unreachable> {
+    match err.raw_os_error()? {
+        libc::ENETUNREACH => Some(Unreachable::Net),
+        libc::EHOSTUNREACH => Some(Unreachable::Host),
+        libc::EACCES | libc::EPERM => Some(Unreachable::Prohibited),
+        libc::ECONNREFUSED => Some(Unreachable::Port),
+        _ => None,
     }
 }
 
@@ -184,18 +248,25 @@ pub(crate) fn emit_unreachable(
     code: Unreachable,
     original: &[u8],
 ) {
+    // `original` may be a quote already cut short: only its header must be whole.
     let (to, quote_len) = match from {
         IpAddress::Ipv4(_) => {
-            let Ok(orig) = Ipv4Packet::new_checked(original) else {
+            if original.len() < emit::IPV4_HEADER_LEN {
                 return;
-            };
-            let len = usize::from(orig.header_len()) + 8;
+            }
+            let orig = Ipv4Packet::new_unchecked(original);
+            let header_len = usize::from(orig.header_len());
+            if header_len < emit::IPV4_HEADER_LEN || header_len > original.len() {
+                return;
+            }
+            let len = header_len + 8;
             (IpAddress::Ipv4(orig.src_addr()), len.min(original.len()))
         }
         IpAddress::Ipv6(_) => {
-            let Ok(orig) = Ipv6Packet::new_checked(original) else {
+            if original.len() < emit::IPV6_HEADER_LEN {
                 return;
-            };
+            }
+            let orig = Ipv6Packet::new_unchecked(original);
             let room = IPV6_MIN_MTU - emit::IPV6_HEADER_LEN - 8;
             (IpAddress::Ipv6(orig.src_addr()), original.len().min(room))
         }
@@ -238,23 +309,41 @@ pub(crate) fn emit_unreachable(
     }
 }
 
-/// Sends "destination unreachable" for a UDP flow, quoting a reconstructed datagram
-/// header (the original datagram is long gone when the host socket reports it).
+/// Most payload bytes of a guest datagram quoted in an error about it: the quote of an
+/// IPv4 error stops after the UDP header anyway (RFC 792), IPv6 quotes as much as fits
+/// (RFC 4443); the guest's kernel matches on the headers.
+pub(crate) const QUOTE_PAYLOAD: usize = 64;
+
+/// Sends "destination unreachable" from `from` about a guest datagram of the flow
+/// `guest` -> `remote`, quoting it rebuilt from its addresses, ports, length (`data_len`
+/// payload bytes) and first payload bytes `head` (the datagram itself is gone when the
+/// host socket reports the failure). Nothing when the link's [`ErrorLimit`] has no token
+/// left.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn emit_unreachable_udp(
     link: &mut Link,
+    now: Instant,
+    from: IpAddress,
     remote: (IpAddress, u16),
     guest: (IpAddress, u16),
     code: Unreachable,
+    data_len: usize,
+    head: &[u8],
 ) {
-    let mut quote = [0u8; emit::IPV6_HEADER_LEN + emit::UDP_HEADER_LEN];
+    if !link.icmp_limit.allow(now) {
+        return;
+    }
+    let head = &head[..head.len().min(QUOTE_PAYLOAD)];
+    let mut quote = [0u8; emit::IPV6_HEADER_LEN + emit::UDP_HEADER_LEN + QUOTE_PAYLOAD];
     let caps = ChecksumCapabilities::default();
+    let udp_len = emit::UDP_HEADER_LEN + data_len;
     let ip_len = match (guest.0, remote.0) {
         (IpAddress::Ipv4(src_addr), IpAddress::Ipv4(dst_addr)) => {
             let ip = Ipv4Repr {
                 src_addr,
                 dst_addr,
                 next_header: IpProtocol::Udp,
-                payload_len: emit::UDP_HEADER_LEN,
+                payload_len: udp_len,
                 hop_limit: 64,
             };
             ip.emit(&mut Ipv4Packet::new_unchecked(&mut quote[..]), &caps);
@@ -265,7 +354,7 @@ pub(crate) fn emit_unreachable_udp(
                 src_addr,
                 dst_addr,
                 next_header: IpProtocol::Udp,
-                payload_len: emit::UDP_HEADER_LEN,
+                payload_len: udp_len,
                 hop_limit: 64,
             };
             ip.emit(&mut Ipv6Packet::new_unchecked(&mut quote[..]));
@@ -273,18 +362,14 @@ pub(crate) fn emit_unreachable_udp(
         }
         _ => return,
     };
-    let udp = UdpRepr {
-        src_port: guest.1,
-        dst_port: remote.1,
-    };
-    let mut packet = UdpPacket::new_unchecked(&mut quote[ip_len..ip_len + emit::UDP_HEADER_LEN]);
-    udp.emit(&mut packet, &guest.0, &remote.0, 0, |_| {}, &caps);
-    emit_unreachable(
-        link,
-        remote.0,
-        code,
-        &quote[..ip_len + emit::UDP_HEADER_LEN],
-    );
+    let end = ip_len + emit::UDP_HEADER_LEN;
+    let mut packet = UdpPacket::new_unchecked(&mut quote[ip_len..end]);
+    packet.set_src_port(guest.1);
+    packet.set_dst_port(remote.1);
+    packet.set_len(u16::try_from(udp_len).unwrap_or(u16::MAX));
+    packet.set_checksum(0);
+    quote[end..end + head.len()].copy_from_slice(head);
+    emit_unreachable(link, from, code, &quote[..end + head.len()]);
 }
 
 /// One echo flow through a ping socket.
@@ -404,6 +489,37 @@ impl IcmpFlow {
 mod tests {
     use super::*;
     use smoltcp::wire::Ipv6Address;
+
+    #[test]
+    fn error_limit_burst_then_rate_like_the_kernel() {
+        let t0 = Instant::from_millis(1_000);
+        let mut l = ErrorLimit::new(t0);
+        let burst = (0..200).filter(|_| l.allow(t0)).count();
+        assert_eq!(burst, ERROR_BURST as usize);
+        // 1000 per second: one per millisecond from then on, none in between.
+        assert!(!l.allow(t0 + Duration::from_micros(500)));
+        assert!(l.allow(t0 + Duration::from_millis(1)));
+        assert!(!l.allow(t0 + Duration::from_millis(1)));
+        let later = t0 + Duration::from_millis(10);
+        assert_eq!((0..100).filter(|_| l.allow(later)).count(), 9);
+        // Idle long enough, the bucket is full again, never fuller.
+        let idle = later + Duration::from_secs(5);
+        assert_eq!(
+            (0..200).filter(|_| l.allow(idle)).count(),
+            ERROR_BURST as usize
+        );
+    }
+
+    #[test]
+    fn unreachable_for_maps_host_errnos() {
+        let code = |n| unreachable_for(&io::Error::from_raw_os_error(n));
+        assert_eq!(code(libc::ENETUNREACH), Some(Unreachable::Net));
+        assert_eq!(code(libc::EHOSTUNREACH), Some(Unreachable::Host));
+        assert_eq!(code(libc::EACCES), Some(Unreachable::Prohibited));
+        assert_eq!(code(libc::EPERM), Some(Unreachable::Prohibited));
+        assert_eq!(code(libc::ECONNREFUSED), Some(Unreachable::Port));
+        assert_eq!(code(libc::ENOBUFS), None);
+    }
 
     fn echo_v4(kind: u8, ident: u16) -> Vec<u8> {
         let mut m = vec![

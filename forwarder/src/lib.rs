@@ -283,6 +283,8 @@ pub(crate) struct Link {
     pub l2: L2,
     pub txq: TxQueue,
     pub mtu: usize,
+    /// Rate of the ICMP errors about host-side failures.
+    pub icmp_limit: icmp::ErrorLimit,
 }
 
 impl Link {
@@ -426,6 +428,7 @@ fn udp_route(flows: &mut Slab<Flow>, id: usize) -> Option<(udp::Route, &mut bool
                 fd: sock.as_raw_fd(),
                 to: Some(f.client),
                 from: f.local,
+                key: f.key,
             }
         }
         _ => return None,
@@ -490,6 +493,7 @@ impl Forwarder {
                 l2,
                 txq,
                 mtu: cfg.mtu,
+                icmp_limit: icmp::ErrorLimit::new(now),
             },
             cfg,
             flows: Slab::new(),
@@ -1002,6 +1006,29 @@ impl Forwarder {
             self.udp_batch
                 .push(id, route, gso, data, &mut self.counters);
         }
+        self.report_udp_failure(now);
+    }
+
+    /// Tells the guest, by an ICMP error from the gateway (port unreachable: from the
+    /// destination), of a datagram the host could not send.
+    fn report_udp_failure(&mut self, now: Instant) {
+        if let Some(f) = self.udp_batch.take_failure() {
+            let from = match f.code {
+                icmp::Unreachable::Port => f.key.remote.0,
+                _ => self.gateway_for(&f.key.remote.0),
+            };
+            let (remote, guest) = (f.key.remote, f.key.guest);
+            icmp::emit_unreachable_udp(
+                &mut self.link,
+                now,
+                from,
+                remote,
+                guest,
+                f.code,
+                f.len,
+                f.head(),
+            );
+        }
     }
 
     fn open_udp(
@@ -1050,6 +1077,13 @@ impl Forwarder {
             Err(e) => {
                 log::debug!("cannot open UDP socket for {:?}: {e}", key.remote);
                 self.counters.udp_host_errors += 1;
+                // No route, a firewall: the guest hears of it at once, as from a router.
+                if let Some(code) = icmp::unreachable_for(&e) {
+                    if self.link.icmp_limit.allow(now) {
+                        let gw = self.gateway_for(&key.remote.0);
+                        icmp::emit_unreachable(&mut self.link, gw, code, ip);
+                    }
+                }
                 None
             }
         }
@@ -1256,6 +1290,7 @@ impl Forwarder {
     /// guest frames.
     pub fn poll_flows(&mut self, now: Instant, io: &mut Io<'_>) {
         self.send_udp_batch();
+        self.report_udp_failure(now);
         // A flow serviced here may be marked dirty again (its host socket became
         // writable meanwhile): the outer loop picks that up.
         while !self.dirty.is_empty() {

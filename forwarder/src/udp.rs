@@ -12,8 +12,17 @@
 //!
 //! Limits: datagrams larger than the guest MTU allows are dropped and counted (IPv4
 //! fragmentation is not implemented); so are datagrams the host socket cannot take right
-//! now (UDP may drop, the guest's protocol recovers). An ICMP port unreachable seen by
-//! the host socket (`ECONNREFUSED`) is reported to the guest the same way.
+//! now (UDP may drop, the guest's protocol recovers).
+//!
+//! Host-side errors reach the guest as a router's ICMP/ICMPv6 errors about its datagram
+//! ([`icmp::unreachable_for`]): a flow whose socket cannot connect or send
+//! (`ENETUNREACH`, `EHOSTUNREACH`, `EACCES`/`EPERM`) gets network or host unreachable or
+//! administratively prohibited from the gateway, quoting the datagram (rebuilt from its
+//! headers and first bytes when the batch sent it); an ICMP port unreachable the host
+//! socket reports (`ECONNREFUSED`) comes back as port unreachable from the destination.
+//! The guest's resolver, ping and traceroute (which ask for every ICMP error) then fail
+//! at once instead of timing out. These errors share one token bucket
+//! ([`icmp::ErrorLimit`], the kernel's 50 burst and 1000/s).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -40,27 +49,78 @@ pub struct UdpFlow {
 }
 
 /// How guest datagrams of a flow leave: a host socket, the peer (`None`: the socket's
-/// connected one) and the local address to send from (`None`: by route).
+/// connected one) and the local address to send from (`None`: by route); `key` is the
+/// flow as the guest sees it, for errors about its datagrams.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Route {
     pub fd: std::os::fd::RawFd,
     pub to: Option<SocketAddr>,
     pub from: Option<IpAddr>,
+    pub key: FlowKey,
+}
+
+/// A guest datagram the host could not send, to be reported to the guest as an ICMP
+/// error ([`icmp::unreachable_for`]): the flow, why, and enough of the datagram to
+/// quote it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SendFailure {
+    pub key: FlowKey,
+    pub code: Unreachable,
+    /// The datagram's payload length.
+    pub len: usize,
+    head: [u8; icmp::QUOTE_PAYLOAD],
+    head_len: usize,
+}
+
+impl SendFailure {
+    /// The first payload bytes of the datagram.
+    pub fn head(&self) -> &[u8] {
+        &self.head[..self.head_len]
+    }
+}
+
+/// Records the first failure worth an ICMP error in `slot` (one per send call: the
+/// errors are rate-limited anyway).
+fn note_failure(slot: &mut Option<SendFailure>, key: FlowKey, e: &io::Error, data: &[u8]) {
+    let Some(code) = icmp::unreachable_for(e) else {
+        return;
+    };
+    if slot.is_some() {
+        return;
+    }
+    let mut head = [0u8; icmp::QUOTE_PAYLOAD];
+    let head_len = data.len().min(head.len());
+    head[..head_len].copy_from_slice(&data[..head_len]);
+    *slot = Some(SendFailure {
+        key,
+        code,
+        len: data.len(),
+        head,
+        head_len,
+    });
 }
 
 impl Route {
     /// Sends one datagram; a failure is counted (UDP may drop, the guest's protocol
-    /// recovers).
-    fn send_one(self, data: &[u8], c: &mut Counters) {
+    /// recovers) and, when the guest should hear of it, noted in `failure`.
+    fn send_one(self, data: &[u8], c: &mut Counters, failure: &mut Option<SendFailure>) {
         if let Err(e) = sys::send_msg(self.fd, data, self.to, self.from, None) {
             log::trace!("UDP send ({:?}) failed: {e}", self.to);
             c.udp_send_dropped += 1;
+            note_failure(failure, self.key, &e, data);
         }
     }
 
     /// Sends `count` datagrams, `data` cut every `seg` bytes, with one `sendmsg`. Returns
     /// false when the route cannot segment: they are then sent one by one.
-    fn send_run(self, data: &[u8], seg: usize, count: usize, c: &mut Counters) -> bool {
+    fn send_run(
+        self,
+        data: &[u8],
+        seg: usize,
+        count: usize,
+        c: &mut Counters,
+        failure: &mut Option<SendFailure>,
+    ) -> bool {
         // `seg` is at most MAX_BATCH_BYTES.
         let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
         match sys::send_msg(self.fd, data, self.to, self.from, Some(seg16)) {
@@ -80,13 +140,14 @@ impl Route {
                     self.to
                 );
                 for datagram in data.chunks(seg) {
-                    self.send_one(datagram, c);
+                    self.send_one(datagram, c, failure);
                 }
                 false
             }
             Err(e) => {
                 log::trace!("UDP send ({:?}) failed: {e}", self.to);
                 c.udp_send_dropped += count as u64;
+                note_failure(failure, self.key, &e, &data[..seg.min(data.len())]);
                 true
             }
         }
@@ -133,6 +194,8 @@ pub(crate) struct Batch {
     buf: Vec<u8>,
     /// Whether the kernel segments at all ([`sys::udp_gso_supported`]).
     enabled: bool,
+    /// A send that failed in a way the guest should hear of, not yet reported.
+    failure: Option<SendFailure>,
 }
 
 impl Batch {
@@ -143,6 +206,7 @@ impl Batch {
             seg: 0,
             buf: Vec::new(),
             enabled,
+            failure: None,
         }
     }
 
@@ -177,7 +241,7 @@ impl Batch {
         c: &mut Counters,
     ) {
         if !self.enabled || !gso || data.is_empty() {
-            route.send_one(data, c);
+            route.send_one(data, c, &mut self.failure);
             return;
         }
         if self.flow.is_none() {
@@ -206,13 +270,18 @@ impl Batch {
         let segmented = match self.count() {
             0 => true,
             1 => {
-                route.send_one(&self.buf, c);
+                route.send_one(&self.buf, c, &mut self.failure);
                 true
             }
-            n => route.send_run(&self.buf, self.seg, n, c),
+            n => route.send_run(&self.buf, self.seg, n, c, &mut self.failure),
         };
         self.clear();
         segmented
+    }
+
+    /// The failed send to report to the guest, if any (taken: reported once).
+    pub(crate) fn take_failure(&mut self) -> Option<SendFailure> {
+        self.failure.take()
     }
 
     /// Forgets the waiting datagrams (their flow is gone).
@@ -334,6 +403,7 @@ impl UdpFlow {
             fd: self.host.as_raw_fd(),
             to: None,
             from: None,
+            key: self.key,
         }
     }
 
@@ -382,7 +452,18 @@ impl UdpFlow {
             match outcome {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    icmp::emit_unreachable_udp(link, remote, guest, Unreachable::Port);
+                    // The host got a port unreachable for one of the guest's datagrams:
+                    // which one is not known, so the quote holds the headers only.
+                    icmp::emit_unreachable_udp(
+                        link,
+                        now,
+                        remote.0,
+                        remote,
+                        guest,
+                        Unreachable::Port,
+                        0,
+                        &[],
+                    );
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {

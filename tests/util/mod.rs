@@ -804,6 +804,16 @@ impl Topology {
         fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
 
+    /// Gives commands run with `ip netns exec C` (`run_in_container`) this
+    /// `/etc/resolv.conf`, e.g. `nameserver 10.0.2.3`, so that their resolver asks
+    /// usernet and never the machine's own nameservers. Removed on drop.
+    pub fn set_container_resolv_conf(&self, text: &str) {
+        let dir = PathBuf::from(format!("/etc/netns/{}", self.container));
+        fs::create_dir_all(&dir).expect("create /etc/netns/C");
+        let path = dir.join("resolv.conf");
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+
     /// The IPv6 addresses of `dev` in C (`ip -o -6 addr show`), flags included.
     pub fn container_addrs6(&self, dev: &str) -> String {
         ip(&[
@@ -857,6 +867,7 @@ impl Drop for Topology {
         if let Some(etc) = &self.etc_dir {
             let _ = fs::remove_dir_all(etc);
         }
+        let _ = fs::remove_dir_all(format!("/etc/netns/{}", self.container));
         let _ = fs::remove_dir_all(&self.tmp);
     }
 }
