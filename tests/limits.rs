@@ -875,3 +875,60 @@ fn get_stats_shape_and_counters_move() {
     assert!(f.stdout.contains("limits.tcp_flows 100\n"), "{}", f.stdout);
     u.assert_running();
 }
+
+/// A pending host connect has a deadline of its own (20 s): connects into a black hole
+/// (the host's SYN retries at Linux's default, ~127 s) leave the half-open table by
+/// themselves, the guest hears "host unreachable" instead of waiting for its own
+/// timeout, and new connections work again without anyone stopping the flood.
+#[test]
+fn half_open_connects_expire_after_20_s_and_the_table_drains() {
+    const N: usize = 8;
+    let Some(t) = Topology::new() else { return };
+    add_black_hole(&t);
+    t.host_sysctl("net.ipv4.tcp_syn_retries", "6");
+    let echo = TcpServer::echo(&t.world_ns(), any(WORLD));
+    let (_u, api) = start(&t, &["--max-half-open", &N.to_string()]);
+    let t0 = Instant::now();
+    let results = thread::scope(|s| {
+        let pending: Vec<_> = (0..N)
+            .map(|i| {
+                let t = &t;
+                s.spawn(move || {
+                    t.in_container(|| {
+                        let r = TcpStream::connect_timeout(
+                            &black_hole(i).into(),
+                            Duration::from_secs(40),
+                        );
+                        (r.map(|_| ()), t0.elapsed())
+                    })
+                })
+            })
+            .collect();
+        // The table fills; a connection to a live server is refused at once.
+        let full = wait_for(Duration::from_secs(5), || {
+            (get_stats(&api).get("flows.tcp_half_open") == N as u64).then_some(())
+        });
+        assert!(full.is_some(), "the half-open table did not fill");
+        t.in_container(|| assert_refused(echo.addr));
+        pending
+            .into_iter()
+            .map(|h| h.join().expect("connect thread"))
+            .collect::<Vec<_>>()
+    });
+    for (r, took) in &results {
+        let e = r
+            .as_ref()
+            .expect_err("a connect into the black hole succeeded");
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::EHOSTUNREACH),
+            "a pending connect ended with {e} after {took:.2?}"
+        );
+        assert!(
+            *took >= Duration::from_secs(19) && *took < Duration::from_secs(25),
+            "a pending connect ended after {took:.2?}, want about 20 s"
+        );
+    }
+    assert_eq!(get_stats(&api).get("flows.tcp_half_open"), 0);
+    t.in_container(|| echo_once(echo.addr, b"the table has drained"));
+}

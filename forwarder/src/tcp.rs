@@ -32,6 +32,11 @@
 //!
 //! Settings: Nagle off, ACKs delayed 1 ms at most, no congestion control (the guest link is local),
 //! a 60 s user timeout for unacknowledged data so a vanished guest cannot pin a flow.
+//!
+//! A pending host connect has a deadline of its own, [`CONNECT_TIMEOUT`] (20 s, where
+//! Linux's default SYN retries take about 127 s): a destination that never answers is then
+//! reported to the guest as host unreachable and the flow leaves the half-open table, so
+//! that after a SYN flood into a black hole the table drains by itself within 20 s.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -54,6 +59,10 @@ const SYN_QUOTE: usize = 60 + 8;
 /// at the end of the turn: frames leave while their bytes are still in the CPU cache
 /// (a turn can otherwise queue 256 64 KiB super-frames, 16 MiB, before the first write).
 const FLUSH_BYTES: usize = 256 << 10;
+
+/// How long a host connect may stay pending before the flow gives up (host unreachable to
+/// the guest). The host's own SYN retries end it sooner where they are set lower.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How a flow's host connection could not be made.
 #[derive(Debug)]
@@ -88,8 +97,9 @@ pub enum Status {
 
 #[derive(Debug)]
 enum Phase {
-    /// The host connection is in progress; the guest's SYN waits in SYN-RECEIVED.
-    Connecting,
+    /// The host connection is in progress until the deadline (set at the first poll);
+    /// the guest's SYN waits in SYN-RECEIVED.
+    Connecting(Option<Instant>),
     /// Both sides are connected.
     Open,
 }
@@ -190,7 +200,7 @@ impl TcpFlow {
             host,
             sockets,
             handle,
-            phase: Phase::Connecting,
+            phase: Phase::Connecting(None),
             syn: quote,
             syn_len,
             host_readable: false,
@@ -253,7 +263,7 @@ impl TcpFlow {
 
     /// Whether the host connection is still being made.
     pub fn is_connecting(&self) -> bool {
-        matches!(self.phase, Phase::Connecting)
+        matches!(self.phase, Phase::Connecting(_))
     }
 
     /// The start of the guest's SYN, to quote in an ICMP error.
@@ -283,7 +293,8 @@ impl TcpFlow {
         self.host_hup |= hup;
     }
 
-    /// Moves data, sends segments, and says what the flow needs next.
+    /// Moves data, sends segments, and says what the flow needs next (while the host
+    /// connect is pending, a wake-up by its deadline at the latest).
     pub(crate) fn poll(
         &mut self,
         now: Instant,
@@ -291,8 +302,33 @@ impl TcpFlow {
         io: &mut Io<'_>,
         c: &mut Counters,
     ) -> Status {
-        if let Phase::Connecting = self.phase {
+        let status = self.poll_phase(now, link, io, c);
+        match (status, &self.phase) {
+            (Status::Alive(at), Phase::Connecting(Some(deadline))) => {
+                Status::Alive(Some(at.map_or(*deadline, |at| at.min(*deadline))))
+            }
+            (status, _) => status,
+        }
+    }
+
+    fn poll_phase(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        io: &mut Io<'_>,
+        c: &mut Counters,
+    ) -> Status {
+        if let Phase::Connecting(deadline) = self.phase {
+            let deadline = deadline.unwrap_or(now + CONNECT_TIMEOUT);
+            self.phase = Phase::Connecting(Some(deadline));
             if !self.host_writable && !self.host_readable {
+                if now >= deadline {
+                    log::debug!(
+                        "TCP connect to {:?}: no answer in {CONNECT_TIMEOUT}",
+                        self.key.remote
+                    );
+                    return Status::Unreachable(Unreachable::Host);
+                }
                 return self.egress(now, link, io, c);
             }
             match self.host.take_error() {
