@@ -85,15 +85,26 @@ fn syn_to_closed_port_reset() {
     assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
 }
 
+/// As slirp4netns: a SYN to the gateway with host loopback disabled gets ICMP network
+/// unreachable from the gateway ("Network is unreachable"), not a RST.
 #[test]
-fn syn_with_host_loopback_disabled_reset_without_connecting() {
+fn syn_with_host_loopback_disabled_network_unreachable_without_connecting() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
     let mut sim = Sim::new(false);
     sim.send(&tcp_frame(GW, 40000, port, 1, |b| b.syn(), &[]));
-    let rst = sim.wire.0.pop().expect("RST");
-    assert!(tcp_of(&rst).unwrap().0.rst);
+    let err = sim.wire.0.pop().expect("ICMP error");
+    let p = SlicedPacket::from_ethernet(&err).unwrap();
+    let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+        panic!("not ICMP: {p:?}");
+    };
+    assert_eq!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::Network
+        )
+    );
     assert!(
         listener.accept().is_err(),
         "nothing may reach the host's loopback"
