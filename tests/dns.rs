@@ -113,3 +113,97 @@ fn dns_dig_through_forwarder_udp_and_tcp() {
         "the test DNS server saw {seen} queries, expected at least 3"
     );
 }
+
+/// A UDP socket on H's `addr:53` that takes queries and never answers: a nameserver that
+/// is down without saying so. Returns the socket, to count what reached it.
+fn silent_nameserver(t: &Topology, addr: std::net::Ipv4Addr) -> std::net::UdpSocket {
+    in_netns(&t.host_ns(), || std::net::UdpSocket::bind((addr, 53)))
+        .unwrap_or_else(|e| panic!("bind the silent nameserver {addr}:53: {e}"))
+}
+
+/// Datagrams waiting on `sink`.
+fn queued(sink: &std::net::UdpSocket) -> usize {
+    sink.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 1500];
+    std::iter::from_fn(|| sink.recv(&mut buf).ok()).count()
+}
+
+fn dig(t: &Topology, extra: &[&str]) -> Finished {
+    let mut args = vec!["@10.0.2.3", DNS_NAME, "A", "+time=5", "+tries=1"];
+    args.extend_from_slice(extra);
+    t.run_in_container("dig", &args, Duration::from_secs(20))
+}
+
+/// The host's first nameserver takes queries and never answers: usernet asks the next
+/// one after 1 s (as glibc would, had the container seen the list), so `dig` and `getent`
+/// get their answer well within their own 5 s timeout, and later flows start with the
+/// server that works.
+#[test]
+fn dns_fails_over_from_a_silent_first_nameserver() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("dig") || !require_tool("getent") {
+        return;
+    }
+    let sink = silent_nameserver(&t, std::net::Ipv4Addr::new(127, 0, 0, 9));
+    let dns = DnsServer::start(&t);
+    t.set_host_resolv_conf("nameserver 127.0.0.9\nnameserver 127.0.0.1\n");
+    t.set_container_resolv_conf(&format!("nameserver {DNS}\n"));
+    let _u = UsernetCmd::new(&t).args(["-c"]).start();
+    let f = dig(&t, &["+short"]);
+    assert_eq!(f.assert_success().stdout.trim(), "203.0.113.1", "{f}");
+    assert!(
+        f.elapsed < Duration::from_millis(2500),
+        "dig took {:.2?}:\n{f}",
+        f.elapsed
+    );
+    assert!(
+        queued(&sink) >= 1,
+        "the silent nameserver was not asked first"
+    );
+    assert!(dns.udp_queries.load(Ordering::SeqCst) >= 1);
+    // The silent server went to the end of the list: the next lookups are quick.
+    let f = t.run_in_container("getent", &["hosts", DNS_NAME], Duration::from_secs(20));
+    assert!(f.assert_success().stdout.contains("203.0.113.1"), "{f}");
+    assert!(
+        f.elapsed < Duration::from_millis(1000),
+        "getent took {:.2?}:\n{f}",
+        f.elapsed
+    );
+    let f = dig(&t, &["+short"]);
+    assert_eq!(f.assert_success().stdout.trim(), "203.0.113.1", "{f}");
+    assert!(
+        f.elapsed < Duration::from_millis(1000),
+        "dig took {:.2?}:\n{f}",
+        f.elapsed
+    );
+}
+
+/// No nameserver answers: the container gets SERVFAIL after 4 s, before dig's and glibc's
+/// own 5 s timeout, instead of silence (dig waited 20 s, getent 40 s).
+#[test]
+fn dns_servfail_when_no_nameserver_answers() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("dig") || !require_tool("getent") {
+        return;
+    }
+    let _a = silent_nameserver(&t, std::net::Ipv4Addr::new(127, 0, 0, 9));
+    let _b = silent_nameserver(&t, std::net::Ipv4Addr::new(127, 0, 0, 10));
+    t.set_host_resolv_conf("nameserver 127.0.0.9\nnameserver 127.0.0.10\n");
+    t.set_container_resolv_conf(&format!("nameserver {DNS}\n"));
+    let _u = UsernetCmd::new(&t).args(["-c"]).start();
+    let f = dig(&t, &["+time=8"]);
+    assert!(f.stdout.contains("status: SERVFAIL"), "{f}");
+    assert!(
+        f.elapsed < Duration::from_secs(6),
+        "dig took {:.2?}:\n{f}",
+        f.elapsed
+    );
+    let f = t.run_in_container("getent", &["hosts", DNS_NAME], Duration::from_secs(60));
+    assert!(!f.success(), "{f}");
+    eprintln!("getent failed after {:.2?}", f.elapsed);
+    assert!(
+        f.elapsed < Duration::from_secs(8),
+        "getent took {:.2?}:\n{f}",
+        f.elapsed
+    );
+}

@@ -34,6 +34,7 @@
 
 pub mod dhcp;
 pub mod dns;
+pub mod dns_relay;
 pub mod emit;
 pub mod frag;
 pub mod icmp;
@@ -254,6 +255,12 @@ counters! {
     udp_send_dropped,
     /// UDP datagrams larger than the guest MTU (dropped).
     udp_too_big,
+    /// DNS queries moved to the next nameserver (the current one did not answer).
+    dns_failovers,
+    /// DNS queries answered SERVFAIL (no nameserver answered in time).
+    dns_servfail,
+    /// DNS queries answered by a nameserver (followed ones).
+    dns_answers,
     /// Runs of guest datagrams sent with one `sendmsg` (UDP GSO).
     udp_gso_sends,
     /// Guest datagrams sent in such runs.
@@ -405,6 +412,9 @@ pub struct Forwarder {
     udp_in_by_port: HashMap<(u16, (IpAddress, u16)), usize>,
     /// Guest datagrams of one flow waiting to leave together.
     udp_batch: udp::Batch,
+    /// Set when a DNS query got SERVFAIL, to the `dns_answers` count then: while no
+    /// answer came since, new DNS flows are quick ([`dns_relay`]).
+    dns_down: Option<u64>,
 }
 
 /// How guest datagrams of the UDP flow `id` leave, and its flag of whether that route
@@ -523,6 +533,7 @@ impl Forwarder {
             socket_pool: Vec::with_capacity(SOCKET_POOL),
             udp_in_by_port: HashMap::new(),
             udp_batch: udp::Batch::new(sys::udp_gso_supported()),
+            dns_down: None,
         }
     }
 
@@ -996,7 +1007,16 @@ impl Forwarder {
             self.send_udp_batch();
         }
         match self.flows.get_mut(id) {
-            Some(Flow::Udp(flow)) => flow.last_active = now,
+            Some(Flow::Udp(flow)) => {
+                flow.last_active = now;
+                if let Some(dns) = flow.dns.as_deref_mut() {
+                    dns.set_quick(self.dns_down == Some(self.counters.dns_answers));
+                    dns.query(now, data);
+                    if let Some(at) = dns.deadline() {
+                        self.timers.arm(&mut flow.timer, id, at);
+                    }
+                }
+            }
             Some(Flow::UdpIn(flow)) => flow.last_active = now,
             _ => return,
         }
@@ -1059,13 +1079,34 @@ impl Forwarder {
                 return None;
             }
         };
-        let outbound = self.outbound_for(&target.ip());
-        let entry = self.flows.vacant_entry();
-        let id = entry.key();
+        let id = self.flows.vacant_key();
         let token = Token(FLOW_TOKEN_BASE + id);
-        match udp::UdpFlow::open(now, key, target, outbound, io.registry, token) {
+        let dns = self.cfg.nat.is_dns(key.remote.0.into(), key.remote.1);
+        let servers = if dns {
+            &self.cfg.nat.nameservers[..]
+        } else {
+            std::slice::from_ref(&target)
+        };
+        // A nameserver the host cannot reach is skipped for the next one.
+        let mut opened = Err(io::Error::from_raw_os_error(libc::ENETUNREACH));
+        for (i, server) in servers.iter().enumerate() {
+            let outbound = self.outbound_for(&server.ip());
+            opened = udp::UdpFlow::open(now, key, *server, outbound, io.registry, token).map(
+                |mut flow| {
+                    if dns {
+                        let quick = self.dns_down == Some(self.counters.dns_answers);
+                        flow.follow_dns(servers, i, now, quick);
+                    }
+                    flow
+                },
+            );
+            if opened.is_ok() {
+                break;
+            }
+        }
+        match opened {
             Ok(flow) => {
-                entry.insert(Flow::Udp(flow));
+                self.flows.insert(Flow::Udp(flow));
                 self.udp_map.insert(key, id);
                 self.counters.udp_opened += 1;
                 let at = now + self.cfg.udp_idle;
@@ -1253,7 +1294,27 @@ impl Forwarder {
                     self.mark_dirty(id);
                     continue;
                 }
-                Flow::Udp(f) => f.last_active + self.cfg.udp_idle,
+                Flow::Udp(f) => {
+                    let idle = f.last_active + self.cfg.udp_idle;
+                    let servfail = self.counters.dns_servfail;
+                    let (silent, dns_at) = f.poll_dns(now, &mut self.link, &mut self.counters);
+                    if let Some(server) = silent {
+                        self.cfg.nat.demote_nameserver(server);
+                    }
+                    if self.counters.dns_servfail != servfail {
+                        // No nameserver answers: quick flows until one does.
+                        self.dns_down = Some(self.counters.dns_answers);
+                    }
+                    match dns_at {
+                        Some(at) if at < idle => {
+                            if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                                self.timers.arm(slot, id, at);
+                            }
+                            continue;
+                        }
+                        _ => idle,
+                    }
+                }
                 Flow::UdpIn(f) => f.last_active + self.cfg.udp_idle,
                 Flow::Icmp(f) => f.last_active + icmp::IDLE,
                 Flow::Port(_) => {

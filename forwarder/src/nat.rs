@@ -133,6 +133,26 @@ pub enum Deny {
 }
 
 impl NatConfig {
+    /// Whether `dst:port` is the DNS forwarder (`net+3` or the IPv6 one, port 53) and it
+    /// is enabled: its flows fail over between [`NatConfig::nameservers`].
+    pub fn is_dns(&self, dst: IpAddr, port: u16) -> bool {
+        port == 53
+            && !self.nameservers.is_empty()
+            && match dst {
+                IpAddr::V4(v4) => v4 == self.net.dns(),
+                IpAddr::V6(v6) => self.net6.is_some_and(|n| n.dns() == v6),
+            }
+    }
+
+    /// Moves `server`, which did not answer, to the end of the nameservers: new DNS
+    /// flows start with one that does.
+    pub fn demote_nameserver(&mut self, server: SocketAddr) {
+        if let Some(pos) = self.nameservers.iter().position(|s| *s == server) {
+            let s = self.nameservers.remove(pos);
+            self.nameservers.push(s);
+        }
+    }
+
     /// The host destination for a guest flow to `dst:port`, either family.
     ///
     /// # Errors

@@ -34,6 +34,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, Ipv4Repr, UdpPacket, UdpRepr};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::dns_relay::{DnsState, Failover};
 use crate::emit::{self, EmitError};
 use crate::icmp::{self, Unreachable};
 use crate::{sys, Counters, FlowKey, Io, Link};
@@ -46,6 +47,8 @@ pub struct UdpFlow {
     pub(crate) timer: Option<Instant>,
     /// Whether the host route takes segmented sends (false after it refused one).
     pub(crate) gso: bool,
+    /// For a flow to the DNS forwarder: its queries, followed for failover.
+    pub(crate) dns: Option<Box<DnsState>>,
 }
 
 /// How guest datagrams of a flow leave: a host socket, the peer (`None`: the socket's
@@ -394,7 +397,61 @@ impl UdpFlow {
             last_active: now,
             timer: None,
             gso: true,
+            dns: None,
         })
+    }
+
+    /// Makes this a DNS flow connected to `servers[current]`, failing over to the
+    /// servers after it ([`crate::dns_relay`]).
+    pub(crate) fn follow_dns(
+        &mut self,
+        servers: &[SocketAddr],
+        current: usize,
+        now: Instant,
+        quick: bool,
+    ) {
+        self.dns = Some(Box::new(DnsState::new(servers, current, now, quick)));
+    }
+
+    /// At a DNS flow's deadline: moves its pending queries to the next nameserver, or
+    /// answers SERVFAIL for those the last one left unanswered. Returns the server that
+    /// did not answer (if the flow moved on) and the next deadline.
+    pub(crate) fn poll_dns(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        c: &mut Counters,
+    ) -> (Option<SocketAddr>, Option<Instant>) {
+        let Some(dns) = self.dns.as_deref_mut() else {
+            return (None, None);
+        };
+        let mut silent = None;
+        if let Failover::Next { from, to } = dns.poll(now) {
+            log::debug!("DNS: {from} did not answer within 1 s, asking {to}");
+            c.dns_failovers += 1;
+            silent = Some(from);
+            if let Err(e) = self.host.connect(to) {
+                log::debug!("DNS: cannot connect to {to}: {e}");
+            }
+            for q in dns.pending_queries() {
+                if let Err(e) = self.host.send(q) {
+                    log::trace!("DNS: resend to {to} failed: {e}");
+                }
+            }
+        }
+        let (remote, guest, mtu) = (self.key.remote, self.key.guest, link.mtu);
+        dns.expire(now, |reply| {
+            c.dns_servfail += 1;
+            let res = emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
+                let out = buf.get_mut(..reply.len())?;
+                out.copy_from_slice(reply);
+                Some(reply.len())
+            });
+            if res.is_err() {
+                c.udp_send_dropped += 1;
+            }
+        });
+        (silent, dns.deadline())
     }
 
     /// Where the guest's datagrams go: the connected host socket.
@@ -420,9 +477,16 @@ impl UdpFlow {
         let (remote, guest) = (self.key.remote, self.key.guest);
         loop {
             let mut outcome: io::Result<usize> = Ok(0);
+            let (host, dns) = (&self.host, &mut self.dns);
             let res = emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
-                outcome = self.host.recv(buf);
-                outcome.as_ref().ok().copied()
+                outcome = host.recv(buf);
+                let n = *outcome.as_ref().ok()?;
+                if let Some(dns) = dns {
+                    if dns.answered(&buf[..n.min(2)]) {
+                        c.dns_answers += 1;
+                    }
+                }
+                Some(n)
             });
             match res {
                 Ok(_) => {
