@@ -42,6 +42,7 @@ const SIGNAL: Token = Token(1);
 const EXIT_FD: Token = Token(2);
 const WATCH: Token = Token(3);
 const API: Token = Token(4);
+const RESOLV: Token = Token(5);
 /// API client tokens, far above any flow token.
 const API_CLIENTS: usize = 1 << 40;
 
@@ -100,6 +101,9 @@ pub struct Extras {
     pub max_api_clients: usize,
     /// `--busy-poll`: the most the loop spins before it sleeps.
     pub busy_poll: std::time::Duration,
+    /// The host's resolv.conf, followed for the DNS forwarder (none with
+    /// `--disable-dns`).
+    pub resolv: Option<crate::resolv_watch::ResolvWatch>,
 }
 
 /// The API's view of the forwarder for one request.
@@ -234,6 +238,9 @@ pub fn start(
     if let Some(watch) = &extras.watch {
         reg(watch.as_raw_fd(), WATCH, Interest::READABLE)?;
     }
+    if let Some(resolv) = &extras.resolv {
+        reg(resolv.as_raw_fd(), RESOLV, Interest::READABLE)?;
+    }
     let api = match &extras.api_socket {
         Some(path) => Some(api::Server::bind(
             path,
@@ -316,7 +323,15 @@ impl Running {
                     .as_ref()
                     .and_then(Supervisor::poll_timeout)
                     .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                [flows, api_due, child_due].into_iter().flatten().min()
+                let resolv_due = extras
+                    .resolv
+                    .as_ref()
+                    .and_then(|r| r.poll_timeout())
+                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+                [flows, api_due, child_due, resolv_due]
+                    .into_iter()
+                    .flatten()
+                    .min()
             };
             // A stream has buffers on both sides and gains nothing from a faster wake-up,
             // so it is not spun for.
@@ -361,6 +376,11 @@ impl Running {
                             return Ok(0);
                         }
                     }
+                    RESOLV => {
+                        if let Some(r) = extras.resolv.as_mut() {
+                            r.handle_ready(std::time::Instant::now());
+                        }
+                    }
                     token if api.as_ref().is_some_and(|a| a.owns(token)) => {
                         if let Some(a) = api.as_mut() {
                             let mut ctl = Ctl {
@@ -400,6 +420,13 @@ impl Running {
             }
             if let Some(child) = extras.child.as_mut() {
                 child.handle_timeout(std::time::Instant::now());
+            }
+            if let Some(list) = extras
+                .resolv
+                .as_mut()
+                .and_then(|r| r.poll(std::time::Instant::now()))
+            {
+                fwd.set_nameservers(list, &mut io);
             }
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);

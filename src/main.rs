@@ -21,6 +21,7 @@ mod event_loop;
 mod isolation;
 mod netns;
 mod pidns;
+mod resolv_watch;
 mod sys;
 
 use std::io;
@@ -224,6 +225,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         publish: args.net.publish.clone(),
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
+        resolv: resolv_watch(&args.net),
     };
     let setup = Setup {
         ipv6,
@@ -292,6 +294,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         publish: args.net.publish.clone(),
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
+        resolv: resolv_watch(&args.net),
     };
     // Every set-up step first: if one fails, `hold` is dropped unreleased and the child
     // exits without running the command.
@@ -391,6 +394,21 @@ fn parse_fd(s: &str, what: &str) -> Result<i32, MainError> {
         .ok()
         .filter(|n| *n >= 0)
         .ok_or_else(|| MainError::Usage(format!("bad {what}: {s:?}")))
+}
+
+/// The watch that keeps the DNS forwarder's nameservers in step with resolv.conf; none
+/// with `--disable-dns`, or (logged) where inotify is not available.
+fn resolv_watch(net: &NetArgs) -> Option<resolv_watch::ResolvWatch> {
+    if net.disable_dns {
+        return None;
+    }
+    match resolv_watch::ResolvWatch::new(Path::new("/etc/resolv.conf"), nameservers(net)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("cannot watch /etc/resolv.conf ({e}): its changes will not be followed");
+            None
+        }
+    }
 }
 
 fn nameservers(net: &NetArgs) -> Vec<std::net::SocketAddr> {

@@ -207,3 +207,67 @@ fn dns_servfail_when_no_nameserver_answers() {
         f.elapsed
     );
 }
+
+/// The host's resolv.conf changes while usernet runs, sandboxed and under seccomp (a VPN
+/// comes up): the forwarder follows within a second, also for a guest socket that keeps
+/// asking, and without a restart.
+#[test]
+fn dns_follows_resolv_conf_changes_with_sandbox_and_seccomp() {
+    let Some(t) = Topology::new() else { return };
+    let first = DnsServer::start(&t);
+    let second = DnsServer::start_at(
+        &t.host_ns(),
+        SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 2), 53),
+    );
+    t.set_host_resolv_conf("nameserver 127.0.0.1\n");
+    let mut u = UsernetCmd::new(&t)
+        .args(["-c", "--enable-sandbox", "--enable-seccomp"])
+        .start();
+    let resolve = |sock: &std::net::UdpSocket, id: u16| {
+        sock.send_to(&dns_query(id, DNS_NAME, QTYPE_A), forwarder())
+            .expect("send");
+        let mut buf = [0u8; 1500];
+        let n = sock.recv(&mut buf).ok()?;
+        parse_dns(&buf[..n]).filter(|r| r.id == id && r.a == vec![WORLD])
+    };
+    let sock = t.in_container(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        s
+    });
+    t.in_container(|| assert!(resolve(&sock, 1).is_some(), "no answer before the change"));
+    assert_eq!(first.udp_queries.load(Ordering::SeqCst), 1);
+    assert_eq!(second.udp_queries.load(Ordering::SeqCst), 0);
+
+    // Rewritten in place, as the bind-mounted file of `ip netns exec` must be.
+    t.set_host_resolv_conf("# a VPN came up\nnameserver 127.0.0.2\n");
+    let t0 = std::time::Instant::now();
+    let switched = t.in_container(|| {
+        (2..60u16).find_map(|id| {
+            thread_sleep(Duration::from_millis(50));
+            resolve(&sock, id)?;
+            (second.udp_queries.load(Ordering::SeqCst) > 0).then(|| t0.elapsed())
+        })
+    });
+    let took = switched.expect("the forwarder never asked the new nameserver");
+    assert!(took < Duration::from_secs(1), "switched after {took:.2?}");
+    let before = first.udp_queries.load(Ordering::SeqCst);
+    t.in_container(|| assert!(resolve(&sock, 100).is_some()));
+    assert_eq!(
+        first.udp_queries.load(Ordering::SeqCst),
+        before,
+        "the old one is still asked"
+    );
+
+    // And back, by replacing the file's content once more.
+    t.set_host_resolv_conf("nameserver 127.0.0.1\n");
+    thread_sleep(Duration::from_millis(500));
+    t.in_container(|| assert!(resolve(&sock, 200).is_some()));
+    assert_eq!(first.udp_queries.load(Ordering::SeqCst), before + 1);
+    u.assert_running();
+}
+
+fn thread_sleep(d: Duration) {
+    std::thread::sleep(d);
+}

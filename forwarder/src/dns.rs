@@ -17,8 +17,8 @@
 //! Limits: IPv4 addresses must be dotted quads (glibc also accepts `inet_aton` shorthands such
 //! as `127.1`, which nobody writes in resolv.conf); a scope that names no interface leaves that
 //! server out, where glibc would keep it unscoped; `search`, `domain` and `options` lines are
-//! not read. The file is read once, at startup: later changes (NetworkManager, VPNs) are not
-//! followed. A file without any server yields an empty list; glibc would then use
+//! not read. The binary re-reads the file when it changes (NetworkManager, VPNs: see its
+//! `resolv_watch` module) and hands the new list to the forwarder. A file without any server yields an empty list; glibc would then use
 //! `127.0.0.1:53`, and that choice is left to the caller.
 //!
 //! Security: resolv.conf belongs to the host, not to the guest; still, reading stops after

@@ -1208,6 +1208,26 @@ impl Forwarder {
         }
     }
 
+    /// Replaces the DNS forwarder's nameservers (the host's resolv.conf changed). Its UDP
+    /// flows are closed, so that the guest's next queries go to the new servers; TCP
+    /// connections finish with the old ones. Nothing with the forwarder disabled.
+    pub fn set_nameservers(&mut self, list: Vec<std::net::SocketAddr>, io: &mut Io<'_>) {
+        if !self.cfg.dns_enabled {
+            return;
+        }
+        self.cfg.nat.nameservers = list;
+        self.dns_down = None;
+        let stale: Vec<usize> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| matches!(f, Flow::Udp(u) if u.dns.is_some()))
+            .map(|(id, _)| id)
+            .collect();
+        for id in stale {
+            self.close_flow(id, io);
+        }
+    }
+
     /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`); `hup`:
     /// the peer of a stream socket closed its sending side (`EPOLLRDHUP`).
     pub fn handle_ready(

@@ -24,9 +24,10 @@
 //! the IPv4/IPv6 families and of the stream/datagram types (no raw or packet sockets, no
 //! netlink, no `AF_ALG`), socket options only at the IP-family levels and never those that
 //! attach BPF programs or upper-layer protocols (`TCP_ULP`), no executable memory, `kill`
-//! only of a single positive PID, `fcntl` only for descriptor and status flags.
+//! only of a single positive PID, `fcntl` only for descriptor and status flags, `openat`
+//! only read-only (re-reading resolv.conf when it changes).
 //!
-//! Not listed, among others: `open`/`openat` (no file is opened once isolated), `execve`,
+//! Not listed, among others: `open` and a writing `openat`, `execve`,
 //! `fork`/`clone` (usernet never starts a thread or process after start-up), `ioctl`,
 //! `mprotect`, `ptrace`, `mount`, `umount2`, `setns`, `unshare`, `bpf`, `keyctl`,
 //! `io_uring_*`, `userfaultfd`, `perf_event_open`, `futex` (one thread: no lock is ever
@@ -233,6 +234,21 @@ pub fn allow_list() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
         ],
     );
 
+    // --- Following resolv.conf (src/resolv_watch.rs) ---
+    // Re-reading the file: read-only opens only (no O_WRONLY/O_RDWR, O_CREAT, O_TRUNC,
+    // O_APPEND, O_TMPFILE); with --enable-sandbox the root is read-only anyway.
+    let write_flags =
+        libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND | libc::O_TMPFILE;
+    m.insert(
+        libc::SYS_openat,
+        vec![all(vec![arg(2, MaskedEq(int(write_flags)), 0)?])?],
+    );
+    // (not seen) std's size hint for reading a file.
+    m.insert(libc::SYS_statx, vec![]);
+    m.insert(libc::SYS_fstat, vec![]);
+    // The watch on a resolv.conf replaced by rename (a new inode).
+    m.insert(libc::SYS_inotify_add_watch, vec![]);
+
     // --- Memory (the allocator; flows' buffers are allocated and freed per flow) ---
     m.insert(libc::SYS_brk, vec![]);
     // Large buffers (per-flow TCP buffers) come from mmap; never executable memory.
@@ -311,7 +327,6 @@ mod tests {
             libc::SYS_execveat,
             libc::SYS_clone,
             libc::SYS_clone3,
-            libc::SYS_openat,
             libc::SYS_ptrace,
             libc::SYS_mount,
             libc::SYS_umount2,
@@ -328,6 +343,13 @@ mod tests {
                 "syscall {forbidden} allowed"
             );
         }
+    }
+
+    #[test]
+    fn openat_is_read_only() {
+        let list = allow_list().expect("list");
+        let rules = &list[&libc::SYS_openat];
+        assert_eq!(rules.len(), 1, "one conditional rule, never unconditional");
     }
 
     #[test]
