@@ -565,10 +565,16 @@ fn bind_read_only(src: &OwnedFd, dir: bool, target: &Path) -> io::Result<()> {
     )?;
     remount_read_only(target, fstatvfs(src)?.flags())?;
     if dir {
-        // The mounts below came along (MS_REC) with their own flags: read-only too.
+        // The mounts below came along (MS_REC) with their own flags: read-only too. One
+        // that cannot even be looked at (another user's FUSE mount under /run/user) is
+        // left as it is: usernet cannot write there either.
         for below in mounts_below(target)? {
-            let st = nix::sys::statvfs::statvfs(below.as_path())?.flags();
-            remount_read_only(&below, st)?;
+            let done = nix::sys::statvfs::statvfs(below.as_path())
+                .map_err(io::Error::from)
+                .and_then(|st| remount_read_only(&below, st.flags()));
+            if let Err(e) = done {
+                log::debug!("isolation: {} stays as it is: {e}", below.display());
+            }
         }
     }
     Ok(())
