@@ -182,7 +182,8 @@ fn udp_burst_towards_the_container_waits_in_usernets_socket() {
 /// Host-side errors of a UDP flow reach the container as ICMP/ICMPv6 errors about its
 /// datagram, as a router's would: a closed port on the host's loopback (the host socket's
 /// `ECONNREFUSED`) is port unreachable, a destination the host has no route to
-/// (`ENETUNREACH` at once) network unreachable; both families. The sockets ask for every
+/// (`ENETUNREACH` at once) network unreachable, one it may not send to (`EACCES`)
+/// administratively prohibited; both families. The sockets ask for every
 /// ICMP error (`IP_RECVERR`), as glibc's resolver, ping and traceroute do.
 #[test]
 fn udp_host_errors_reach_the_container_as_icmp_errors() {
@@ -198,11 +199,15 @@ fn udp_host_errors_reach_the_container_as_icmp_errors() {
             .port()
     });
     let _u = UsernetCmd::new(&t).args(["-c", "-6"]).start();
-    let cases: [(SocketAddr, i32); 4] = [
+    // H's own subnet broadcast: the host socket may not send there (EACCES without
+    // SO_BROADCAST), which the container hears as "administratively prohibited".
+    let broadcast = Ipv4Addr::new(198, 51, 100, 255);
+    let cases: [(SocketAddr, i32); 5] = [
         ((GATEWAY, closed).into(), libc::ECONNREFUSED),
         ((GATEWAY6, closed).into(), libc::ECONNREFUSED),
         ((UNREACHABLE, 9).into(), libc::ENETUNREACH),
         ((UNREACHABLE6, 9).into(), libc::ENETUNREACH),
+        ((broadcast, 9).into(), libc::EHOSTUNREACH),
     ];
     for (dst, want) in cases {
         t.in_container(|| {
