@@ -2,12 +2,14 @@
 //!
 //! # Theory of operation
 //!
-//! One thread, one mio `Poll` (epoll, edge-triggered). Per turn: wait (until the
-//! forwarder's next timer, or not at all while the TAP still has frames; spinning first
-//! while traffic is interactive, see [`crate::busy_poll`]), note readiness,
-//! read a bounded batch of frames from the TAP (fairness with host sockets; the rest is
-//! read next turn), then let the forwarder run its timers, relay every flow touched in
-//! this turn, and write what it queued for the guest. smoltcp's clock is fed from a
+//! One thread, one mio `Poll` (epoll, edge-triggered) for the members' TAPs (one per
+//! switch port; a single namespace is a network of one) and the host sockets. Per turn:
+//! wait (until the forwarder's next timer, or not at all while a TAP still has frames;
+//! spinning first while traffic is interactive, see [`crate::busy_poll`]), note
+//! readiness, read a bounded batch of frames from each readable TAP (fairness with the
+//! other members and the host sockets; the rest is read next turn), then let the
+//! forwarder run its timers, relay every flow touched in this turn, and write what it
+//! queued for the members. smoltcp's clock is fed from a
 //! monotonic clock (`std::time::Instant`), never the wall clock.
 //!
 //! Start-up ([`start`]) binds the API socket, publishes the `-p` ports and applies the
@@ -37,7 +39,6 @@ use crate::conf::Publish;
 use crate::netns::TargetWatch;
 use crate::pidns::Supervisor;
 
-const TAP: Token = Token(0);
 const SIGNAL: Token = Token(1);
 const EXIT_FD: Token = Token(2);
 const WATCH: Token = Token(3);
@@ -45,6 +46,8 @@ const API: Token = Token(4);
 const RESOLV: Token = Token(5);
 /// API client tokens, far above any flow token.
 const API_CLIENTS: usize = 1 << 40;
+/// TAP tokens: this plus the switch port, between flow and API client tokens.
+const TAPS: usize = 1 << 32;
 
 /// Frames read from the TAP per turn before host sockets get their turn.
 const TAP_BATCH: usize = 64;
@@ -106,11 +109,47 @@ pub struct Extras {
     pub resolv: Option<crate::resolv_watch::ResolvWatch>,
 }
 
+/// A member's TAP, by switch port.
+struct Member {
+    tap: Tap,
+    /// Frames may be waiting to be read.
+    readable: bool,
+}
+
+/// The members' TAPs, indexed by switch port.
+#[derive(Default)]
+struct Members(Vec<Option<Member>>);
+
+impl Members {
+    fn insert(&mut self, port: forwarder::PortId, tap: Tap) {
+        if self.0.len() <= port {
+            self.0.resize_with(port + 1, || None);
+        }
+        self.0[port] = Some(Member {
+            tap,
+            readable: true,
+        });
+    }
+
+    fn get(&self, port: forwarder::PortId) -> Option<&Member> {
+        self.0.get(port).and_then(Option::as_ref)
+    }
+}
+
+impl FrameSink for Members {
+    fn send_frame(&mut self, port: forwarder::PortId, frame: &[u8]) -> io::Result<()> {
+        match self.get(port) {
+            Some(m) => m.tap.write(frame).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The API's view of the forwarder for one request.
 struct Ctl<'a> {
     fwd: &'a mut Forwarder,
     registry: &'a mio::Registry,
-    tap: &'a Tap,
+    members: &'a mut Members,
 }
 
 impl api::Control for Ctl<'_> {
@@ -124,10 +163,9 @@ impl api::Control for Ctl<'_> {
         self.fwd.add_port(proto, host, guest, port, self.registry)
     }
     fn remove(&mut self, id: u32) -> Result<(), PortError> {
-        let mut sink = TapSink(self.tap);
         let mut io = Io {
             registry: self.registry,
-            tap: &mut sink,
+            tap: self.members,
         };
         self.fwd.remove_port(id, &mut io)
     }
@@ -162,14 +200,6 @@ impl api::Control for Ctl<'_> {
     }
 }
 
-struct TapSink<'a>(&'a Tap);
-
-impl FrameSink for TapSink<'_> {
-    fn send_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.0.write(frame).map(|_| ())
-    }
-}
-
 /// Blocks the signals the loop handles, so that they arrive on a signalfd. Call before
 /// any thread exists; children started later must unblock them before exec.
 pub fn signal_fd(run_mode: bool) -> Result<SignalFd, LoopError> {
@@ -199,7 +229,7 @@ pub fn run(tap: Tap, fwd: Forwarder, signals: SignalFd, extras: Extras) -> Resul
 
 /// The event loop after start-up, ready to [`run`](Running::run).
 pub struct Running {
-    tap: Tap,
+    members: Members,
     fwd: Forwarder,
     signals: SignalFd,
     extras: Extras,
@@ -227,9 +257,12 @@ pub fn start(
     };
     reg(
         tap.as_raw_fd(),
-        TAP,
+        Token(TAPS),
         Interest::READABLE | Interest::WRITABLE,
     )?;
+    let mut members = Members::default();
+    // The forwarder's first port.
+    members.insert(0, tap);
     reg(signals.as_raw_fd(), SIGNAL, Interest::READABLE)?;
     if let Some(fd) = &extras.exit_fd {
         set_nonblocking(fd).map_err(LoopError::Setup)?;
@@ -270,7 +303,7 @@ pub fn start(
         }
     }
     Ok(Running {
-        tap,
+        members,
         fwd,
         signals,
         extras,
@@ -286,7 +319,7 @@ impl Running {
     /// [`LoopError::Poll`] when epoll itself fails.
     pub fn run(self) -> Result<i32, LoopError> {
         let Running {
-            tap,
+            mut members,
             mut fwd,
             signals,
             mut extras,
@@ -299,13 +332,13 @@ impl Running {
         };
         let mut events = Events::with_capacity(1024);
         let mut frame = vec![0u8; RX_BUFFER];
-        let mut tap_readable = true;
         let mut tap_blocked = false;
         let mut waiter = BusyPoll::new(extras.busy_poll);
         let mut bulk = BulkMeter::new(start);
 
         loop {
-            let timeout = if tap_readable {
+            let any_readable = members.0.iter().flatten().any(|m| m.readable);
+            let timeout = if any_readable {
                 Some(std::time::Duration::ZERO)
             } else {
                 let now = clock(std::time::Instant::now());
@@ -344,17 +377,14 @@ impl Running {
                 return Err(LoopError::Poll(e));
             }
             let now = clock(std::time::Instant::now());
-            let mut sink = TapSink(&tap);
-            let mut io = Io {
-                registry: poll.registry(),
-                tap: &mut sink,
-            };
             for event in events.iter() {
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
                 match event.token() {
-                    TAP => {
-                        tap_readable |= readable;
+                    Token(t) if (TAPS..API_CLIENTS).contains(&t) => {
+                        if let Some(Some(m)) = members.0.get_mut(t - TAPS) {
+                            m.readable |= readable;
+                        }
                         if event.is_writable() {
                             tap_blocked = false;
                         }
@@ -386,27 +416,47 @@ impl Running {
                             let mut ctl = Ctl {
                                 fwd: &mut fwd,
                                 registry: poll.registry(),
-                                tap: &tap,
+                                members: &mut members,
                             };
                             a.handle(token, poll.registry(), &mut ctl);
                         }
                     }
-                    token => fwd.handle_ready(
-                        now,
-                        token,
-                        readable,
-                        writable,
-                        event.is_read_closed(),
-                        &mut io,
-                    ),
+                    token => {
+                        let mut io = Io {
+                            registry: poll.registry(),
+                            tap: &mut members,
+                        };
+                        fwd.handle_ready(
+                            now,
+                            token,
+                            readable,
+                            writable,
+                            event.is_read_closed(),
+                            &mut io,
+                        )
+                    }
                 }
             }
-            if tap_readable {
+            for port in 0..members.0.len() {
+                if !members.get(port).is_some_and(|m| m.readable) {
+                    continue;
+                }
                 for _ in 0..TAP_BATCH {
-                    match tap.read(&mut frame) {
-                        Ok(n) => fwd.handle_frame(now, &frame[..n], &mut io),
+                    let Some(m) = members.get(port) else {
+                        break;
+                    };
+                    match m.tap.read(&mut frame) {
+                        Ok(n) => {
+                            let mut io = Io {
+                                registry: poll.registry(),
+                                tap: &mut members,
+                            };
+                            fwd.handle_port_frame(now, port, &frame[..n], &mut io);
+                        }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            tap_readable = false;
+                            if let Some(Some(m)) = members.0.get_mut(port) {
+                                m.readable = false;
+                            }
                             break;
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -421,6 +471,10 @@ impl Running {
             if let Some(child) = extras.child.as_mut() {
                 child.handle_timeout(std::time::Instant::now());
             }
+            let mut io = Io {
+                registry: poll.registry(),
+                tap: &mut members,
+            };
             if let Some(list) = extras
                 .resolv
                 .as_mut()
@@ -431,7 +485,7 @@ impl Running {
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
             if !tap_blocked {
-                tap_blocked = !fwd.flush(&mut sink);
+                tap_blocked = !fwd.flush(&mut members);
             }
         }
     }

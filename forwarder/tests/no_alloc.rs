@@ -68,7 +68,7 @@ struct Tally {
 }
 
 impl forwarder::FrameSink for Tally {
-    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send_frame(&mut self, _port: forwarder::PortId, frame: &[u8]) -> std::io::Result<()> {
         if let Ok(p) = SlicedPacket::from_ethernet(frame) {
             match p.transport {
                 Some(TransportSlice::Tcp(t)) if !t.payload().is_empty() => {

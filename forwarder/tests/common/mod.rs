@@ -20,7 +20,7 @@ pub const GW: [u8; 4] = [10, 0, 2, 2];
 pub struct Wire(pub Vec<Vec<u8>>);
 
 impl FrameSink for Wire {
-    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send_frame(&mut self, _port: forwarder::PortId, frame: &[u8]) -> std::io::Result<()> {
         self.0.push(frame.to_vec());
         Ok(())
     }
@@ -376,7 +376,7 @@ impl Discard {
 }
 
 impl FrameSink for Discard {
-    fn send_frame(&mut self, frame: &[u8]) -> std::io::Result<()> {
+    fn send_frame(&mut self, _port: forwarder::PortId, frame: &[u8]) -> std::io::Result<()> {
         self.frames += 1;
         self.bytes += frame.len() as u64;
         if !self.check(frame) {

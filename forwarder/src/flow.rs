@@ -1,0 +1,1221 @@
+//! The NAT: every flow between the members and the host, and the published ports.
+//!
+//! # Theory of operation
+//!
+//! [`Nat`] is the part of the gateway port that re-originates guest flows with host
+//! sockets (outbound NAT in user space) and brings host connections in (published ports,
+//! DNAT). The gateway ([`crate::gateway`]) hands it every IP packet from a member that is
+//! not for the virtual services; it answers through the gateway's [`Link`], whose frames
+//! the switch ([`crate::switch`]) delivers to the member that owns the destination.
+//!
+//! - One token table ([`Flow`] in a `Slab`) holds TCP, UDP, ICMP flows and the published
+//!   ports' listeners; the mio token of a host socket is its index plus
+//!   [`FLOW_TOKEN_BASE`]. Three maps find a flow by the key the guest sees on the wire.
+//! - TCP: one smoltcp socket per flow, each in its own `SocketSet` ([`crate::tcp`]); UDP
+//!   and ICMP bypass smoltcp with connected host sockets ([`crate::udp`], [`crate::icmp`]).
+//! - Where a destination goes (host loopback, DNS, denied) is [`crate::nat::NatConfig`]'s
+//!   decision; this type keeps the tables.
+//!
+//! Limits: every table is bounded by [`Limits`] (one flow table and one set of limits for
+//! all members of a network); when full, new flows are refused (TCP: RST, UDP/ICMP:
+//! dropped) and counted, established flows keep going. Closed TCP sockets are pooled
+//! ([`SOCKET_POOL`]) so that connection churn allocates nothing.
+//!
+//! Security: keys are guest-controlled, so the maps keep std's random-keyed SipHash.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use mio::Token;
+use slab::Slab;
+use smoltcp::iface::SocketSet;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPacket};
+
+use crate::{
+    emit, icmp, nat, port, sys, tcp, timer, udp, Config, Counters, FlowKey, Io, Limits, Link,
+    FLOW_TOKEN_BASE,
+};
+
+/// An entry of the token table: a flow, or a published port's listener.
+pub(crate) enum Flow {
+    Tcp(Box<tcp::TcpFlow>),
+    Udp(udp::UdpFlow),
+    UdpIn(udp::InboundFlow),
+    Icmp(icmp::IcmpFlow),
+    Port(Box<port::Listener>),
+}
+
+impl Flow {
+    fn timer_slot(&mut self) -> Option<&mut Option<Instant>> {
+        match self {
+            Flow::Tcp(f) => Some(&mut f.timer),
+            Flow::Udp(f) => Some(&mut f.timer),
+            Flow::UdpIn(f) => Some(&mut f.timer),
+            Flow::Icmp(f) => Some(&mut f.timer),
+            Flow::Port(l) => Some(&mut l.retry),
+        }
+    }
+}
+
+/// Our address of `addr`'s family that reports errors: the gateway.
+fn gateway_for(nat: &nat::NatConfig, addr: &IpAddress) -> IpAddress {
+    match addr {
+        IpAddress::Ipv4(_) => IpAddress::Ipv4(nat.net.gateway()),
+        IpAddress::Ipv6(_) => {
+            IpAddress::Ipv6(nat.net6.map_or(nat::ROUTER_LINK_LOCAL, |n| n.gateway()))
+        }
+    }
+}
+
+/// How guest datagrams of the UDP flow `id` leave, and its flag of whether that route
+/// segments. `None` for other flows and for a published port whose rule is gone.
+fn udp_route(flows: &mut Slab<Flow>, id: usize) -> Option<(udp::Route, &mut bool)> {
+    let route = match flows.get(id)? {
+        Flow::Udp(f) => f.route(),
+        Flow::UdpIn(f) => {
+            let Some(Flow::Port(l)) = flows.get(f.listener) else {
+                return None;
+            };
+            let port::ListenSocket::Udp(sock) = &l.socket else {
+                return None;
+            };
+            if l.rule.id != f.rule_id {
+                return None;
+            }
+            // Replies from the address the client used (the rule's socket may be bound
+            // to a wildcard address).
+            udp::Route {
+                fd: sock.as_raw_fd(),
+                to: Some(f.client),
+                from: f.local,
+                key: f.key,
+            }
+        }
+        _ => return None,
+    };
+    match flows.get_mut(id)? {
+        Flow::Udp(f) => Some((route, &mut f.gso)),
+        Flow::UdpIn(f) => Some((route, &mut f.gso)),
+        _ => None,
+    }
+}
+
+/// Closed TCP sockets kept for reuse: connection churn then allocates nothing. Their
+/// buffers' touched pages stay resident, so the pool is small and takes only sockets
+/// of flows that moved at most [`POOL_MAX_MOVED`] bytes (the pool's memory is then at
+/// most 64 x 128 KiB); a bulk flow's buffers are freed when it ends.
+const SOCKET_POOL: usize = 64;
+
+/// Largest transfer (both directions) whose socket is pooled.
+const POOL_MAX_MOVED: usize = 128 << 10;
+
+/// How soon `accept` is tried again after it failed for lack of fds.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Frames kept while the guest's MAC address is being resolved.
+const MAX_PARKED: usize = 16;
+
+/// The NAT: flows, published ports and their tables.
+pub struct Nat {
+    cfg: Config,
+    flows: Slab<Flow>,
+    tcp_map: HashMap<FlowKey, usize>,
+    udp_map: HashMap<FlowKey, usize>,
+    icmp_map: HashMap<FlowKey, usize>,
+    timers: timer::Timers,
+    dirty: Vec<usize>,
+    no_flow: SocketSet<'static>,
+    half_open: usize,
+    /// Published ports: rule id -> token table entry.
+    ports: std::collections::BTreeMap<u32, usize>,
+    next_port_id: u32,
+    /// Receive buffer for datagrams of published UDP ports.
+    scratch: Box<[u8]>,
+    /// The guest's global IPv6 address, configured or learned.
+    guest_v6: Option<Ipv6Address>,
+    /// Frames for a guest whose MAC address is not known yet (published-port datagrams
+    /// that arrive before the guest has spoken), released once it is. At most
+    /// [`MAX_PARKED`]; a rare path, so plain `Vec`s.
+    parked: Vec<Vec<u8>>,
+    /// Closed guest sockets kept for the next flows (at most [`SOCKET_POOL`]).
+    socket_pool: Vec<tcp::Guest>,
+    /// Published-port UDP associations by (guest port, client as the guest sees it):
+    /// a guest with several addresses may answer from another one than it was sent to.
+    udp_in_by_port: HashMap<(u16, (IpAddress, u16)), usize>,
+    /// Guest datagrams of one flow waiting to leave together.
+    udp_batch: udp::Batch,
+    /// Set when a DNS query got SERVFAIL, to the `dns_answers` count then: while no
+    /// answer came since, new DNS flows are quick ([`crate::dns_relay`]).
+    dns_down: Option<u64>,
+}
+
+impl Nat {
+    /// Empty tables for `cfg`.
+    pub fn new(cfg: Config) -> Nat {
+        Nat {
+            guest_v6: cfg.guest_v6,
+            cfg,
+            flows: Slab::new(),
+            tcp_map: HashMap::new(),
+            udp_map: HashMap::new(),
+            icmp_map: HashMap::new(),
+            timers: timer::Timers::new(),
+            dirty: Vec::new(),
+            no_flow: SocketSet::new(Vec::new()),
+            half_open: 0,
+            ports: std::collections::BTreeMap::new(),
+            next_port_id: 1,
+            scratch: vec![0u8; 65536].into_boxed_slice(),
+            parked: Vec::new(),
+            socket_pool: Vec::with_capacity(SOCKET_POOL),
+            udp_in_by_port: HashMap::new(),
+            udp_batch: udp::Batch::new(sys::udp_gso_supported()),
+            dns_down: None,
+        }
+    }
+
+    /// Learns the guest's IPv6 address from its traffic, unless it was configured (a
+    /// guest with SLAAC has several: stick to one).
+    pub(crate) fn learn_guest_v6(&mut self, src: Ipv6Address) {
+        if self.cfg.guest_v6.is_none() && self.guest_v6 != Some(src) {
+            self.guest_v6 = Some(src);
+        }
+    }
+
+    /// Whether frames wait for the guest's MAC address.
+    pub(crate) fn has_parked(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
+    /// When the next flow timer is due.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next()
+    }
+
+    /// Closed TCP sockets waiting for reuse.
+    pub fn pooled_sockets(&self) -> usize {
+        self.socket_pool.len()
+    }
+
+    /// A closed guest socket: pooled, or new. `None` (counted) when the memory for a new
+    /// one's buffers cannot be had.
+    fn guest_socket(&mut self, c: &mut Counters) -> Option<tcp::Guest> {
+        let guest = self
+            .socket_pool
+            .pop()
+            .or_else(|| tcp::Guest::new(self.cfg.tcp_buffer));
+        if guest.is_none() {
+            log::debug!(
+                "no memory for the buffers of a TCP flow ({} bytes): refused",
+                2 * self.cfg.tcp_buffer
+            );
+            c.tcp_host_errors += 1;
+        }
+        guest
+    }
+
+    /// Entries in the timer heap (stale ones included): a diagnostic.
+    pub fn timer_entries(&self) -> usize {
+        self.timers.len()
+    }
+
+    /// TCP flows whose host connection is still being made.
+    pub fn half_open(&self) -> usize {
+        self.half_open
+    }
+
+    /// The table limits in force.
+    pub fn limits(&self) -> Limits {
+        self.cfg.limits
+    }
+
+    /// Open flows by protocol: (tcp, udp, icmp).
+    pub fn flow_counts(&self) -> (usize, usize, usize) {
+        (self.tcp_map.len(), self.udp_map.len(), self.icmp_map.len())
+    }
+
+    /// Whether `addr` is a unicast address (for ICMP errors).
+    fn is_unicast(&self, addr: &IpAddress) -> bool {
+        match addr {
+            IpAddress::Ipv4(a) => {
+                !(a.is_broadcast()
+                    || a.is_multicast()
+                    || a.is_unspecified()
+                    || *a == self.cfg.nat.net.broadcast())
+            }
+            IpAddress::Ipv6(a) => !(a.is_multicast() || a.is_unspecified()),
+        }
+    }
+
+    /// Our address of `addr`'s family that reports errors: the gateway.
+    fn gateway_for(&self, addr: &IpAddress) -> IpAddress {
+        gateway_for(&self.cfg.nat, addr)
+    }
+
+    /// Host socket source address for a destination of `addr`'s family.
+    fn outbound_for(&self, addr: &IpAddr) -> Option<IpAddr> {
+        match addr {
+            IpAddr::V4(_) => self.cfg.outbound_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.cfg.outbound_v6.map(IpAddr::V6),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn handle_l4(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        src: IpAddress,
+        dst: IpAddress,
+        proto: IpProtocol,
+        ip: &[u8],
+        payload: &[u8],
+        verify: bool,
+        io: &mut Io<'_>,
+    ) {
+        match proto {
+            IpProtocol::Udp => self.handle_udp(link, c, now, src, dst, ip, payload, verify, io),
+            IpProtocol::Tcp => self.handle_tcp(link, c, now, src, dst, ip, payload, verify, io),
+            IpProtocol::Icmp => match icmp::parse_v4(payload) {
+                None => c.drop_icmp_malformed += 1,
+                Some(msg @ icmp::Message::Echo(_)) => {
+                    self.handle_icmp(link, c, now, src, dst, ip, payload, msg, io)
+                }
+                Some(_) => c.icmp_ignored += 1,
+            },
+            _ => c.drop_protocol += 1,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_tcp(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        src: IpAddress,
+        dst: IpAddress,
+        ip: &[u8],
+        payload: &[u8],
+        verify: bool,
+        io: &mut Io<'_>,
+    ) {
+        let Ok(segment) = TcpPacket::new_checked(payload) else {
+            c.drop_tcp_malformed += 1;
+            return;
+        };
+        if verify && !segment.verify_checksum(&src, &dst) {
+            c.drop_bad_checksum += 1;
+            return;
+        }
+        if segment.src_port() == 0 || segment.dst_port() == 0 {
+            c.drop_tcp_malformed += 1;
+            return;
+        }
+        let key = FlowKey {
+            guest: (src, segment.src_port()),
+            remote: (dst, segment.dst_port()),
+        };
+        if let Some(&id) = self.tcp_map.get(&key) {
+            if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
+                flow.ingress(now, link, ip);
+                self.mark_dirty(id);
+            }
+            return;
+        }
+        if !(segment.syn() && !segment.ack() && !segment.rst()) {
+            c.tcp_stray_segments += 1;
+            self.reset_stray(link, now, src, ip);
+            return;
+        }
+        self.open_tcp(link, c, now, key, ip, io);
+    }
+
+    /// Lets smoltcp answer a segment that belongs to no flow: a RST, as a host would.
+    fn reset_stray(&mut self, link: &mut Link, now: Instant, guest: IpAddress, ip: &[u8]) {
+        let l = link;
+        let mut dev = Link::device(&mut l.l2, &mut l.txq, &l.caps, Some(ip), guest, l.mtu);
+        l.iface
+            .poll_ingress_single(now, &mut dev, &mut self.no_flow);
+    }
+
+    fn open_tcp(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        key: FlowKey,
+        ip: &[u8],
+        io: &mut Io<'_>,
+    ) {
+        let limits = self.cfg.limits;
+        if self.tcp_map.len() >= limits.tcp_flows || self.half_open >= limits.tcp_half_open {
+            c.tcp_table_full += 1;
+            self.reset_stray(link, now, key.guest.0, ip);
+            return;
+        }
+        let target = match self.cfg.nat.translate(key.remote.0.into(), key.remote.1) {
+            Ok(target) => target,
+            Err(deny) => {
+                log::debug!("TCP to {:?} denied: {deny:?}", key.remote);
+                c.tcp_denied += 1;
+                match icmp::deny_reason(deny) {
+                    // The host's loopback behind the gateway is switched off: the gateway
+                    // has no route there ("Network is unreachable"), as in slirp4netns.
+                    Some(code) => {
+                        let gw = self.gateway_for(&key.remote.0);
+                        icmp::emit_unreachable(link, gw, code, ip);
+                    }
+                    None => self.reset_stray(link, now, key.guest.0, ip),
+                }
+                return;
+            }
+        };
+        let opts = tcp::OpenOptions {
+            outbound: self.outbound_for(&target.ip()),
+            buffer: self.cfg.tcp_buffer,
+        };
+        let Some(guest) = self.guest_socket(c) else {
+            self.reset_stray(link, now, key.guest.0, ip);
+            return;
+        };
+        let entry = self.flows.vacant_entry();
+        let id = entry.key();
+        let token = Token(FLOW_TOKEN_BASE + id);
+        match tcp::TcpFlow::open(key, target, ip, &opts, io.registry, token, guest) {
+            Ok(mut flow) => {
+                flow.ingress(now, link, ip);
+                entry.insert(Flow::Tcp(Box::new(flow)));
+                self.tcp_map.insert(key, id);
+                self.half_open += 1;
+                c.tcp_opened += 1;
+                self.mark_dirty(id);
+            }
+            Err(tcp::OpenError::Refused) => {
+                c.tcp_refused += 1;
+                self.reset_stray(link, now, key.guest.0, ip);
+            }
+            Err(tcp::OpenError::Unreachable(code)) => {
+                c.tcp_unreachable += 1;
+                let gw = self.gateway_for(&key.remote.0);
+                icmp::emit_unreachable(link, gw, code, ip);
+            }
+            Err(tcp::OpenError::Local(e)) => {
+                log::debug!("cannot open host socket for {:?}: {e}", key.remote);
+                c.tcp_host_errors += 1;
+                self.reset_stray(link, now, key.guest.0, ip);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_udp(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        src: IpAddress,
+        dst: IpAddress,
+        ip: &[u8],
+        payload: &[u8],
+        verify: bool,
+        io: &mut Io<'_>,
+    ) {
+        let Some((key, data)) = udp::parse(&src, &dst, payload, verify) else {
+            c.drop_udp_malformed += 1;
+            return;
+        };
+        let known = self
+            .udp_map
+            .get(&key)
+            .or_else(|| self.udp_in_by_port.get(&(key.guest.1, key.remote)));
+        let id = match known {
+            Some(&id) => id,
+            None => match self.open_udp(link, c, now, key, ip, io) {
+                Some(id) => id,
+                None => return,
+            },
+        };
+        if !self.udp_batch.accepts(id, data) {
+            self.send_udp_batch(c);
+        }
+        match self.flows.get_mut(id) {
+            Some(Flow::Udp(flow)) => {
+                flow.last_active = now;
+                if let Some(dns) = flow.dns.as_deref_mut() {
+                    dns.set_quick(self.dns_down == Some(c.dns_answers));
+                    dns.query(now, data);
+                    if let Some(at) = dns.deadline() {
+                        self.timers.arm(&mut flow.timer, id, at);
+                    }
+                }
+            }
+            Some(Flow::UdpIn(flow)) => flow.last_active = now,
+            _ => return,
+        }
+        // A published port whose rule is gone has no route: the reply is dropped.
+        if let Some((route, gso)) = udp_route(&mut self.flows, id) {
+            let gso = *gso;
+            self.udp_batch.push(id, route, gso, data, c);
+        }
+        self.report_udp_failure(link, now);
+    }
+
+    /// Tells the guest, by an ICMP error from the gateway (port unreachable: from the
+    /// destination), of a datagram the host could not send.
+    fn report_udp_failure(&mut self, link: &mut Link, now: Instant) {
+        if let Some(f) = self.udp_batch.take_failure() {
+            let from = match f.code {
+                icmp::Unreachable::Port => f.key.remote.0,
+                _ => self.gateway_for(&f.key.remote.0),
+            };
+            let (remote, guest) = (f.key.remote, f.key.guest);
+            icmp::emit_unreachable_udp(link, now, from, remote, guest, f.code, f.len, f.head());
+        }
+    }
+
+    /// Takes the new nameservers: closes the DNS forwarder's UDP flows.
+    pub(crate) fn set_nameservers(
+        &mut self,
+        c: &mut Counters,
+        list: Vec<std::net::SocketAddr>,
+        io: &mut Io<'_>,
+    ) {
+        self.cfg.nat.nameservers = list;
+        self.dns_down = None;
+        let stale: Vec<usize> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| matches!(f, Flow::Udp(u) if u.dns.is_some()))
+            .map(|(id, _)| id)
+            .collect();
+        for id in stale {
+            self.close_flow(c, id, io);
+        }
+    }
+
+    fn open_udp(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        key: FlowKey,
+        ip: &[u8],
+        io: &mut Io<'_>,
+    ) -> Option<usize> {
+        if self.udp_map.len() >= self.cfg.limits.udp_flows {
+            c.udp_table_full += 1;
+            return None;
+        }
+        let target = match self.cfg.nat.translate(key.remote.0.into(), key.remote.1) {
+            Ok(target) => target,
+            Err(deny) => {
+                log::debug!("UDP to {:?} denied: {deny:?}", key.remote);
+                c.udp_denied += 1;
+                let code = match deny {
+                    nat::Deny::NoService => icmp::Unreachable::Port,
+                    deny => icmp::deny_reason(deny).unwrap_or(icmp::Unreachable::Prohibited),
+                };
+                // Never an ICMP error about (or from) a broadcast or multicast address
+                // (RFC 1122 3.2.2): the guest's mDNS and SSDP end here.
+                if self.is_unicast(&key.remote.0) {
+                    icmp::emit_unreachable(link, key.remote.0, code, ip);
+                }
+                return None;
+            }
+        };
+        let id = self.flows.vacant_key();
+        let token = Token(FLOW_TOKEN_BASE + id);
+        let dns = self.cfg.nat.is_dns(key.remote.0.into(), key.remote.1);
+        let servers = if dns {
+            &self.cfg.nat.nameservers[..]
+        } else {
+            std::slice::from_ref(&target)
+        };
+        // A nameserver the host cannot reach is skipped for the next one.
+        let mut opened = Err(io::Error::from_raw_os_error(libc::ENETUNREACH));
+        for (i, server) in servers.iter().enumerate() {
+            let outbound = self.outbound_for(&server.ip());
+            opened = udp::UdpFlow::open(now, key, *server, outbound, io.registry, token).map(
+                |mut flow| {
+                    if dns {
+                        let quick = self.dns_down == Some(c.dns_answers);
+                        flow.follow_dns(servers, i, now, quick);
+                    }
+                    flow
+                },
+            );
+            if opened.is_ok() {
+                break;
+            }
+        }
+        match opened {
+            Ok(flow) => {
+                self.flows.insert(Flow::Udp(flow));
+                self.udp_map.insert(key, id);
+                c.udp_opened += 1;
+                let at = now + self.cfg.udp_idle;
+                if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                    self.timers.arm(slot, id, at);
+                }
+                Some(id)
+            }
+            Err(e) => {
+                log::debug!("cannot open UDP socket for {:?}: {e}", key.remote);
+                c.udp_host_errors += 1;
+                // No route, a firewall: the guest hears of it at once, as from a router.
+                if let Some(code) = icmp::unreachable_for(&e) {
+                    if link.icmp_limit.allow(now) {
+                        let gw = self.gateway_for(&key.remote.0);
+                        icmp::emit_unreachable(link, gw, code, ip);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn handle_icmp(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        src: IpAddress,
+        dst: IpAddress,
+        ip: &[u8],
+        payload: &[u8],
+        msg: icmp::Message,
+        io: &mut Io<'_>,
+    ) {
+        let icmp::Message::Echo(ident) = msg else {
+            c.icmp_ignored += 1;
+            return;
+        };
+        if self.cfg.nat.translate(dst.into(), 0).is_err() {
+            c.icmp_denied += 1;
+            return;
+        }
+        let key = FlowKey {
+            guest: (src, ident),
+            remote: (dst, 0),
+        };
+        let id = match self.icmp_map.get(&key) {
+            Some(&id) => id,
+            None => {
+                if self.icmp_map.len() >= self.cfg.limits.icmp_flows {
+                    c.icmp_denied += 1;
+                    return;
+                }
+                let outbound = self.outbound_for(&dst.into());
+                let entry = self.flows.vacant_entry();
+                let id = entry.key();
+                let token = Token(FLOW_TOKEN_BASE + id);
+                match icmp::IcmpFlow::open(now, key, outbound, io.registry, token) {
+                    Ok(flow) => {
+                        entry.insert(Flow::Icmp(flow));
+                        self.icmp_map.insert(key, id);
+                        c.icmp_opened += 1;
+                        if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                            self.timers.arm(slot, id, now + icmp::IDLE);
+                        }
+                        id
+                    }
+                    Err(e) => {
+                        // Typically EACCES: net.ipv4.ping_group_range excludes our gid.
+                        // Never fake a reply: tell the guest the echo cannot pass.
+                        log::debug!("cannot open ping socket: {e}");
+                        c.icmp_denied += 1;
+                        let gw = self.gateway_for(&dst);
+                        icmp::emit_unreachable(link, gw, icmp::Unreachable::Prohibited, ip);
+                        return;
+                    }
+                }
+            }
+        };
+        if let Some(Flow::Icmp(flow)) = self.flows.get_mut(id) {
+            flow.send(now, payload);
+        }
+    }
+
+    /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`); `hup`:
+    /// the peer of a stream socket closed its sending side (`EPOLLRDHUP`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn handle_ready(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        token: Token,
+        readable: bool,
+        writable: bool,
+        hup: bool,
+        io: &mut Io<'_>,
+    ) {
+        let Some(id) = token.0.checked_sub(FLOW_TOKEN_BASE) else {
+            return;
+        };
+        let mtu = link.mtu;
+        match self.flows.get_mut(id) {
+            Some(Flow::Tcp(flow)) => {
+                flow.on_ready(readable, writable, hup);
+                self.mark_dirty(id);
+            }
+            Some(Flow::Udp(flow)) => {
+                if readable {
+                    let done = flow.receive(now, link, mtu, io, c);
+                    if !done {
+                        self.mark_dirty(id);
+                    }
+                }
+            }
+            Some(Flow::Icmp(flow)) => {
+                if readable {
+                    flow.receive(now, link, io, c);
+                }
+            }
+            Some(Flow::Port(_)) => {
+                if readable {
+                    self.port_ready(link, c, now, id, io);
+                }
+            }
+            Some(Flow::UdpIn(_)) | None => {}
+        }
+    }
+
+    fn mark_dirty(&mut self, id: usize) {
+        if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
+            if flow.dirty {
+                return;
+            }
+            flow.dirty = true;
+        }
+        self.dirty.push(id);
+    }
+
+    /// Services the flows whose timers are due.
+    pub(crate) fn handle_timeouts(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        io: &mut Io<'_>,
+    ) {
+        while let Some((at, id)) = self.timers.pop_due(now) {
+            let Some(flow) = self.flows.get_mut(id) else {
+                continue;
+            };
+            let Some(slot) = flow.timer_slot() else {
+                continue;
+            };
+            if *slot != Some(at) {
+                continue;
+            }
+            *slot = None;
+            // Datagram flows close after their idle time; TCP flows let smoltcp decide.
+            let idle = match flow {
+                Flow::Tcp(_) => {
+                    self.mark_dirty(id);
+                    continue;
+                }
+                Flow::Udp(f) => {
+                    let idle = f.last_active + self.cfg.udp_idle;
+                    let servfail = c.dns_servfail;
+                    let (silent, dns_at) = f.poll_dns(now, link, c);
+                    if let Some(server) = silent {
+                        self.cfg.nat.demote_nameserver(server);
+                    }
+                    if c.dns_servfail != servfail {
+                        // No nameserver answers: quick flows until one does.
+                        self.dns_down = Some(c.dns_answers);
+                    }
+                    match dns_at {
+                        Some(at) if at < idle => {
+                            if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                                self.timers.arm(slot, id, at);
+                            }
+                            continue;
+                        }
+                        _ => idle,
+                    }
+                }
+                Flow::UdpIn(f) => f.last_active + self.cfg.udp_idle,
+                Flow::Icmp(f) => f.last_active + icmp::IDLE,
+                Flow::Port(_) => {
+                    // A retry after EMFILE.
+                    self.port_ready(link, c, now, id, io);
+                    continue;
+                }
+            };
+            if now >= idle {
+                self.close_flow(c, id, io);
+            } else if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
+                self.timers.arm(slot, id, idle);
+            }
+        }
+    }
+
+    /// Sends the guest datagrams waiting in the UDP batch.
+    fn send_udp_batch(&mut self, c: &mut Counters) {
+        let Some(id) = self.udp_batch.flow() else {
+            return;
+        };
+        match udp_route(&mut self.flows, id) {
+            Some((route, gso)) => {
+                if !self.udp_batch.send(route, c) {
+                    *gso = false;
+                }
+            }
+            None => self.udp_batch.clear(),
+        }
+    }
+
+    /// Sends the guest datagrams that wait in a batch, then relays data and sends
+    /// segments for every flow touched since the last call. Call after every batch of
+    /// guest frames.
+    pub(crate) fn poll_flows(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        io: &mut Io<'_>,
+    ) {
+        self.send_udp_batch(c);
+        self.report_udp_failure(link, now);
+        // A flow serviced here may be marked dirty again (its host socket became
+        // writable meanwhile): the outer loop picks that up.
+        while !self.dirty.is_empty() {
+            let batch = std::mem::take(&mut self.dirty);
+            for &id in &batch {
+                self.poll_flow(link, c, now, id, io);
+            }
+            // Reuse the allocation.
+            let mut batch = batch;
+            batch.clear();
+            if self.dirty.is_empty() {
+                self.dirty = batch;
+            }
+        }
+    }
+
+    fn poll_flow(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        id: usize,
+        io: &mut Io<'_>,
+    ) {
+        match self.flows.get_mut(id) {
+            Some(Flow::Tcp(flow)) => {
+                flow.dirty = false;
+                let was_connecting = flow.is_connecting();
+                let status = flow.poll(now, link, io, c);
+                if was_connecting && !flow.is_connecting() {
+                    self.half_open -= 1;
+                }
+                match status {
+                    tcp::Status::Alive(Some(at)) => {
+                        // Until the guest's MAC is known smoltcp keeps asking to send
+                        // now; the ARP probe is under way, do not spin.
+                        let at = if link.l2.guest_mac().is_none() {
+                            at.max(now + Duration::from_millis(20))
+                        } else {
+                            at
+                        };
+                        self.timers.arm(&mut flow.timer, id, at);
+                    }
+                    tcp::Status::Alive(None) => {}
+                    tcp::Status::Unreachable(code) => {
+                        c.tcp_unreachable += 1;
+                        let gw = gateway_for(&self.cfg.nat, &flow.key.remote.0);
+                        icmp::emit_unreachable(link, gw, code, flow.syn());
+                        self.close_flow(c, id, io);
+                    }
+                    tcp::Status::Done => self.close_flow(c, id, io),
+                }
+            }
+            Some(Flow::Udp(flow)) => {
+                let mtu = link.mtu;
+                if !flow.receive(now, link, mtu, io, c) {
+                    // The guest link is congested: retry shortly.
+                    let at = now + Duration::from_millis(1);
+                    self.timers.arm(&mut flow.timer, id, at);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn close_flow(&mut self, c: &mut Counters, id: usize, io: &mut Io<'_>) {
+        if self.udp_batch.flow() == Some(id) {
+            self.send_udp_batch(c);
+        }
+        let Some(flow) = self.flows.try_remove(id) else {
+            return;
+        };
+        match flow {
+            Flow::Tcp(f) => {
+                if f.is_connecting() {
+                    self.half_open -= 1;
+                }
+                self.tcp_map.remove(&f.key);
+                let light = f.moved() <= POOL_MAX_MOVED;
+                let guest = f.close(io.registry);
+                if light && self.socket_pool.len() < SOCKET_POOL {
+                    self.socket_pool.push(guest);
+                }
+                c.tcp_closed += 1;
+            }
+            Flow::Udp(mut f) => {
+                self.udp_map.remove(&f.key);
+                f.close(io.registry);
+                c.udp_closed += 1;
+            }
+            Flow::UdpIn(f) => {
+                self.udp_map.remove(&f.key);
+                self.udp_in_by_port.remove(&(f.key.guest.1, f.key.remote));
+                c.udp_closed += 1;
+            }
+            Flow::Icmp(mut f) => {
+                self.icmp_map.remove(&f.key);
+                f.close(io.registry);
+                c.icmp_closed += 1;
+            }
+            Flow::Port(mut l) => l.close(io.registry),
+        }
+    }
+
+    /// Publishes a port: listens on `host` and forwards to `guest_addr` (default: the
+    /// guest's `net+100`) port `guest_port`.
+    ///
+    /// # Errors
+    /// [`port::PortError`] when the rule is invalid or the host socket cannot listen.
+    pub fn add_port(
+        &mut self,
+        proto: port::Proto,
+        host: std::net::SocketAddr,
+        guest_addr: Option<Ipv4Addr>,
+        guest_port: u16,
+        registry: &mio::Registry,
+    ) -> Result<port::PortRule, port::PortError> {
+        let net = self.cfg.nat.net;
+        let guest_ip = guest_addr.unwrap_or(net.guest());
+        if host.port() == 0 || guest_port == 0 {
+            return Err(port::PortError::Invalid("ports must be 1..65535"));
+        }
+        if !net.contains(guest_ip)
+            || [net.addr, net.gateway(), net.dns(), net.broadcast()].contains(&guest_ip)
+        {
+            return Err(port::PortError::Invalid(
+                "the guest address must be a host address of the guest network",
+            ));
+        }
+        if self.ports.len() >= self.cfg.limits.ports {
+            return Err(port::PortError::TooMany(self.cfg.limits.ports));
+        }
+        let rule = port::PortRule {
+            id: self.next_port_id,
+            proto,
+            host,
+            guest: std::net::SocketAddrV4::new(guest_ip, guest_port),
+        };
+        let entry = self.flows.vacant_entry();
+        let id = entry.key();
+        let listener = port::Listener::open(rule.clone(), registry, Token(FLOW_TOKEN_BASE + id))?;
+        entry.insert(Flow::Port(Box::new(listener)));
+        self.ports.insert(rule.id, id);
+        self.next_port_id += 1;
+        Ok(rule)
+    }
+
+    /// Unpublishes a port. Connections already made through it keep going.
+    ///
+    /// # Errors
+    /// [`port::PortError::NotFound`] for an unknown id.
+    pub(crate) fn remove_port(
+        &mut self,
+        c: &mut Counters,
+        rule_id: u32,
+        io: &mut Io<'_>,
+    ) -> Result<(), port::PortError> {
+        let id = self
+            .ports
+            .remove(&rule_id)
+            .ok_or(port::PortError::NotFound(rule_id))?;
+        self.close_flow(c, id, io);
+        Ok(())
+    }
+
+    /// The published ports, by id.
+    pub fn port_rules(&self) -> Vec<port::PortRule> {
+        self.ports
+            .values()
+            .filter_map(|&id| match self.flows.get(id) {
+                Some(Flow::Port(l)) => Some(l.rule.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The two ends of a published-port flow for `client`: the guest end (the rule's
+    /// IPv4 target, or the guest's IPv6 address for an IPv6 client when the guest has
+    /// one) and the source the guest sees (the client itself where the guest can route
+    /// back to it, else the gateway, with a port free for that guest end).
+    fn inbound_ends(
+        &self,
+        client: std::net::SocketAddr,
+        rule_guest: std::net::SocketAddrV4,
+        tcp: bool,
+    ) -> ((IpAddress, u16), (IpAddress, u16)) {
+        let net6 = self.cfg.nat.net6;
+        let guest = match (client, net6, self.guest_v6) {
+            (std::net::SocketAddr::V6(_), Some(_), Some(g6)) => {
+                (IpAddress::Ipv6(g6), rule_guest.port())
+            }
+            _ => (IpAddress::Ipv4(*rule_guest.ip()), rule_guest.port()),
+        };
+        if let Some(c) = port::routable_client(client, &self.cfg.nat.net, net6.as_ref()) {
+            let ip = IpAddress::from(c.ip());
+            if std::mem::discriminant(&ip) == std::mem::discriminant(&guest.0) {
+                return (guest, (ip, c.port()));
+            }
+        }
+        let gw = self.gateway_for(&guest.0);
+        let map = if tcp { &self.tcp_map } else { &self.udp_map };
+        let mut p = client.port().max(1024);
+        for _ in 0..64 {
+            if !map.contains_key(&FlowKey {
+                guest,
+                remote: (gw, p),
+            }) {
+                break;
+            }
+            p = if p == u16::MAX { 1024 } else { p + 1 };
+        }
+        (guest, (gw, p))
+    }
+
+    fn port_ready(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        id: usize,
+        io: &mut Io<'_>,
+    ) {
+        loop {
+            let Some(Flow::Port(l)) = self.flows.get(id) else {
+                return;
+            };
+            let (rule_id, host, guest) = (l.rule.id, l.rule.host, l.rule.guest);
+            let listener = match &l.socket {
+                port::ListenSocket::Tcp(listener) => listener,
+                port::ListenSocket::Udp(_) => {
+                    return self.port_datagrams(link, c, now, id, rule_id, guest, io)
+                }
+            };
+            let (stream, client) = match listener.accept() {
+                Ok(conn) => conn,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the connection stays in the backlog, and no
+                    // new edge will announce it: try again shortly.
+                    log::debug!("accept on {host} failed: {e}");
+                    c.tcp_host_errors += 1;
+                    if let Some(Flow::Port(l)) = self.flows.get_mut(id) {
+                        self.timers.arm(&mut l.retry, id, now + ACCEPT_RETRY);
+                    }
+                    return;
+                }
+            };
+            if self.tcp_map.len() >= self.cfg.limits.tcp_flows {
+                c.tcp_table_full += 1;
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            } else {
+                self.accept_tcp(link, c, stream, client, guest, io);
+            }
+        }
+    }
+
+    fn accept_tcp(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        stream: mio::net::TcpStream,
+        client: std::net::SocketAddr,
+        rule_guest: std::net::SocketAddrV4,
+        io: &mut Io<'_>,
+    ) {
+        let (guest, remote) = self.inbound_ends(client, rule_guest, true);
+        let key = FlowKey { guest, remote };
+        let Some(guest) = self.guest_socket(c) else {
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            return;
+        };
+        let entry = self.flows.vacant_entry();
+        let id = entry.key();
+        let token = Token(FLOW_TOKEN_BASE + id);
+        match tcp::TcpFlow::accept(key, stream, link, io.registry, token, guest) {
+            Ok(flow) => {
+                entry.insert(Flow::Tcp(Box::new(flow)));
+                self.tcp_map.insert(key, id);
+                c.tcp_opened += 1;
+                self.mark_dirty(id);
+            }
+            Err(e) => {
+                log::debug!("cannot forward connection from {client}: {e:?}");
+                c.tcp_host_errors += 1;
+            }
+        }
+    }
+
+    /// Moves datagrams received on a published UDP port into the guest.
+    #[allow(clippy::too_many_arguments)]
+    fn port_datagrams(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        id: usize,
+        rule_id: u32,
+        rule_guest: std::net::SocketAddrV4,
+        io: &mut Io<'_>,
+    ) {
+        loop {
+            let Some(Flow::Port(l)) = self.flows.get(id) else {
+                return;
+            };
+            let port::ListenSocket::Udp(sock) = &l.socket else {
+                return;
+            };
+            let (n, client, local) = match sys::recv_with_dst(sock.as_raw_fd(), &mut self.scratch) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let (guest, remote) = self.inbound_ends(client, rule_guest, false);
+            let key = FlowKey { guest, remote };
+            match self.udp_map.get(&key).and_then(|&f| self.flows.get_mut(f)) {
+                Some(Flow::UdpIn(f)) => {
+                    f.last_active = now;
+                    f.client = client;
+                    f.local = local;
+                }
+                Some(_) => {}
+                None => {
+                    if self.udp_map.len() >= self.cfg.limits.udp_flows {
+                        c.udp_table_full += 1;
+                        continue;
+                    }
+                    let fid = self.flows.insert(Flow::UdpIn(udp::InboundFlow {
+                        key,
+                        listener: id,
+                        rule_id,
+                        client,
+                        local,
+                        last_active: now,
+                        timer: None,
+                        gso: true,
+                    }));
+                    self.udp_map.insert(key, fid);
+                    self.udp_in_by_port.insert((key.guest.1, key.remote), fid);
+                    c.udp_opened += 1;
+                    if let Some(slot) = self.flows.get_mut(fid).and_then(Flow::timer_slot) {
+                        self.timers.arm(slot, fid, now + self.cfg.udp_idle);
+                    }
+                }
+            }
+            let data = &self.scratch[..n];
+            let mtu = link.mtu;
+            let send = |link: &mut Link| {
+                emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
+                    buf.get_mut(..data.len())?.copy_from_slice(data);
+                    Some(data.len())
+                })
+            };
+            let mut res = send(link);
+            if res == Err(emit::EmitError::QueueFull) && link.flush(io.tap, c) {
+                res = send(link);
+            }
+            match res {
+                Ok(_) => {}
+                Err(emit::EmitError::TooBig) => c.udp_too_big += 1,
+                Err(emit::EmitError::NoNeighbor) => {
+                    // `park` needs `&mut self`: lend it the buffer (a move, no copy).
+                    let scratch = std::mem::take(&mut self.scratch);
+                    self.park(link, c, now, guest.0, remote, guest, &scratch[..n]);
+                    self.scratch = scratch;
+                }
+                Err(_) => c.udp_send_dropped += 1,
+            }
+        }
+    }
+
+    /// Keeps a datagram for the guest until its MAC address is known, and asks for it.
+    #[allow(clippy::too_many_arguments)]
+    fn park(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        to: IpAddress,
+        src: (IpAddress, u16),
+        dst: (IpAddress, u16),
+        data: &[u8],
+    ) {
+        if let IpAddress::Ipv4(g) = to {
+            link.l2.probe_guest(now, g, &mut link.txq);
+        }
+        if self.parked.len() >= MAX_PARKED {
+            c.udp_send_dropped += 1;
+            return;
+        }
+        let mtu = link.mtu;
+        let built = emit::udp(
+            &link.l2,
+            &mut link.txq,
+            mtu,
+            src,
+            dst,
+            Some(EthernetAddress::BROADCAST),
+            |buf| {
+                buf.get_mut(..data.len())?.copy_from_slice(data);
+                Some(data.len())
+            },
+        );
+        match built {
+            Ok(_) => {
+                if let Some(frame) = link.txq.uncommit_last() {
+                    self.parked.push(frame.to_vec());
+                }
+            }
+            Err(_) => c.udp_send_dropped += 1,
+        }
+    }
+
+    /// Sends the parked frames now that the guest's MAC address is known.
+    pub(crate) fn release_parked(&mut self, link: &mut Link, c: &mut Counters, io: &mut Io<'_>) {
+        let Some(mac) = link.l2.guest_mac() else {
+            return;
+        };
+        let at = link.l2.header_len() - stack::l2::ETHERNET_HEADER_LEN;
+        for frame in std::mem::take(&mut self.parked) {
+            if link.txq.is_full() {
+                link.flush(io.tap, c);
+            }
+            let Some(slot) = link.txq.slot() else {
+                c.udp_send_dropped += 1;
+                continue;
+            };
+            slot[..frame.len()].copy_from_slice(&frame);
+            slot[at..at + 6].copy_from_slice(mac.as_bytes());
+            link.txq.commit(frame.len());
+        }
+    }
+}
