@@ -71,6 +71,98 @@ pub enum Command {
     Ports(PortsArgs),
     /// Show the counters, flows and limits of a running usernet (its API socket).
     Stats(StatsArgs),
+    /// Manage networks: many namespaces on one user-space switch.
+    Network(NetworkArgs),
+}
+
+/// `usernet network`.
+#[derive(Debug, Args)]
+pub struct NetworkArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: NetworkAction,
+}
+
+/// What `usernet network` does.
+#[derive(Debug, Subcommand)]
+pub enum NetworkAction {
+    /// Define a network (kept in the user's configuration directory).
+    Create {
+        /// The network's name.
+        name: String,
+        /// IPv4 subnet, at most a /24 (default: a free 10.89.N.0/24); gateway net+2,
+        /// DNS net+3, members from net+100.
+        #[arg(long, value_name = "A.B.C.D/N", value_parser = parse_cidr)]
+        subnet: Option<Network>,
+        /// IPv6 too, in fd89:N::/64.
+        #[arg(long)]
+        ipv6: bool,
+        /// IPv6 too, in this /64.
+        #[arg(long, value_name = "PREFIX/64", value_parser = parse_cidr6, conflicts_with = "ipv6")]
+        subnet6: Option<Network6>,
+        /// No way out: no outbound NAT, no host loopback; members and names only.
+        #[arg(long)]
+        internal: bool,
+        /// The members' MTU (1280..65520).
+        #[arg(long = "mtu", value_name = "N", default_value_t = 65520, value_parser = clap::value_parser!(u32).range(1280..=65520))]
+        network_mtu: u32,
+        /// The gateway does not reach the host's 127.0.0.1.
+        #[arg(long = "disable-host-loopback")]
+        no_loopback: bool,
+    },
+    /// List the networks.
+    Ls,
+    /// Show a network as JSON: subnets, gateway, members (names, addresses, MAC,
+    /// namespace, published ports, port counters).
+    Inspect {
+        /// The network's name.
+        name: String,
+    },
+    /// Remove a network's definition; refused while it has members unless forced.
+    Rm {
+        /// The network's name.
+        name: String,
+        /// Remove it even with members (they lose their network).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Attach a running namespace (a PID or a network namespace file) to a network.
+    Connect {
+        /// The network's name.
+        name: String,
+        /// PID or network namespace path of the member.
+        target: String,
+        /// The member's name in the network's DNS.
+        #[arg(long = "name", value_name = "NAME")]
+        member_name: Option<String>,
+        /// More names for it (repeatable).
+        #[arg(long = "alias", value_name = "NAME")]
+        aliases: Vec<String>,
+        /// Its IPv4 address (default: the next free one).
+        #[arg(long = "ip", value_name = "ADDR")]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Its IPv6 address.
+        #[arg(long = "ip6", value_name = "ADDR")]
+        ip6: Option<std::net::Ipv6Addr>,
+        /// Its MAC address.
+        #[arg(long = "mac", value_name = "MAC", value_parser = parse_mac)]
+        mac: Option<[u8; 6]>,
+        /// Its interface name in the namespace (default: the first free ethN).
+        #[arg(long = "interface", value_name = "NAME")]
+        interface: Option<String>,
+    },
+    /// Detach a member (by name or IPv4 address) from a network.
+    Disconnect {
+        /// The network's name.
+        name: String,
+        /// The member's name or IPv4 address.
+        member: String,
+    },
+    /// Serve a network (started on demand by run --network and connect).
+    Serve {
+        /// The network's name.
+        name: String,
+    },
 }
 
 /// `usernet stats`.
@@ -364,8 +456,29 @@ pub struct RunArgs {
     pub net: NetArgs,
 
     /// MAC address of the guest's TAP.
-    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    #[arg(long, visible_alias = "mac", value_name = "MAC", value_parser = parse_mac)]
     pub macaddress: Option<[u8; 6]>,
+
+    /// Attach the command to this network (see `usernet network`) instead of a private
+    /// one: its own address on the network's subnet, names, shared NAT.
+    #[arg(long, value_name = "NAME")]
+    pub network: Option<String>,
+
+    /// With --network: the command's name in the network's DNS.
+    #[arg(long = "name", value_name = "NAME", requires = "network")]
+    pub member_name: Option<String>,
+
+    /// With --network: more names for it (repeatable).
+    #[arg(long = "alias", value_name = "NAME", requires = "network")]
+    pub aliases: Vec<String>,
+
+    /// With --network: its IPv4 address (default: the next free one).
+    #[arg(long = "ip", value_name = "ADDR", requires = "network")]
+    pub ip: Option<std::net::Ipv4Addr>,
+
+    /// With --network: its IPv6 address (default: derived from the IPv4 one).
+    #[arg(long = "ip6", value_name = "ADDR", requires = "network")]
+    pub ip6: Option<std::net::Ipv6Addr>,
 
     /// No IPv6 for the command (it is on by default in run mode).
     #[arg(long, conflicts_with = "enable_ipv6")]

@@ -44,10 +44,13 @@ const EXIT_FD: Token = Token(2);
 const WATCH: Token = Token(3);
 const API: Token = Token(4);
 const RESOLV: Token = Token(5);
+const NETWORK: Token = Token(6);
 /// API client tokens, far above any flow token.
 const API_CLIENTS: usize = 1 << 40;
 /// TAP tokens: this plus the switch port, between flow and API client tokens.
 const TAPS: usize = 1 << 32;
+/// Network members' watches (process or namespace gone): this plus the switch port.
+const WATCHES: usize = 1 << 36;
 
 /// Frames read from the TAP per turn before host sockets get their turn.
 const TAP_BATCH: usize = 64;
@@ -118,7 +121,7 @@ struct Member {
 
 /// The members' TAPs, indexed by switch port.
 #[derive(Default)]
-struct Members(Vec<Option<Member>>);
+pub(crate) struct Members(Vec<Option<Member>>);
 
 impl Members {
     fn insert(&mut self, port: forwarder::PortId, tap: Tap) {
@@ -136,6 +139,34 @@ impl Members {
     }
 }
 
+impl crate::network::Taps for Members {
+    fn add(&mut self, port: forwarder::PortId, tap: Tap, registry: &mio::Registry) -> io::Result<()> {
+        registry.register(
+            &mut SourceFd(&tap.as_raw_fd()),
+            Token(TAPS + port),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.insert(port, tap);
+        Ok(())
+    }
+
+    fn remove(&mut self, port: forwarder::PortId, registry: &mio::Registry) {
+        if let Some(slot) = self.0.get_mut(port) {
+            if let Some(m) = slot.take() {
+                let _ = registry.deregister(&mut SourceFd(&m.tap.as_raw_fd()));
+            }
+        }
+    }
+
+    fn sink(&mut self) -> &mut dyn FrameSink {
+        self
+    }
+
+    fn watch_token(&self, port: forwarder::PortId) -> Token {
+        Token(WATCHES + port)
+    }
+}
+
 impl FrameSink for Members {
     fn send_frame(&mut self, port: forwarder::PortId, frame: &[u8]) -> io::Result<()> {
         match self.get(port) {
@@ -146,13 +177,14 @@ impl FrameSink for Members {
 }
 
 /// The API's view of the forwarder for one request.
-struct Ctl<'a> {
-    fwd: &'a mut Forwarder,
-    registry: &'a mio::Registry,
-    members: &'a mut Members,
+pub(crate) struct FwdControl<'a, 'io> {
+    /// The forwarder.
+    pub fwd: &'a mut Forwarder,
+    /// The host side.
+    pub io: &'a mut Io<'io>,
 }
 
-impl api::Control for Ctl<'_> {
+impl api::Control for FwdControl<'_, '_> {
     fn add(
         &mut self,
         proto: Proto,
@@ -160,14 +192,10 @@ impl api::Control for Ctl<'_> {
         guest: Option<std::net::Ipv4Addr>,
         port: u16,
     ) -> Result<PortRule, PortError> {
-        self.fwd.add_port(proto, host, guest, port, self.registry)
+        self.fwd.add_port(proto, host, guest, port, self.io.registry)
     }
     fn remove(&mut self, id: u32) -> Result<(), PortError> {
-        let mut io = Io {
-            registry: self.registry,
-            tap: self.members,
-        };
-        self.fwd.remove_port(id, &mut io)
+        self.fwd.remove_port(id, self.io)
     }
     fn list(&self) -> Vec<PortRule> {
         self.fwd.port_rules()
@@ -230,6 +258,8 @@ pub fn run(tap: Tap, fwd: Forwarder, signals: SignalFd, extras: Extras) -> Resul
 /// The event loop after start-up, ready to [`run`](Running::run).
 pub struct Running {
     members: Members,
+    /// Serving a usernet network: members come and go.
+    network: Option<crate::network::Server>,
     fwd: Forwarder,
     signals: SignalFd,
     extras: Extras,
@@ -304,11 +334,55 @@ pub fn start(
     }
     Ok(Running {
         members,
+        network: None,
         fwd,
         signals,
         extras,
         poll,
         api,
+    })
+}
+
+/// Start-up of a network's serving process: no member yet; the network's socket serves
+/// joins and the API.
+///
+/// # Errors
+/// [`LoopError::Setup`] when a registration fails.
+pub fn start_network(
+    server: crate::network::Server,
+    fwd: Forwarder,
+    signals: SignalFd,
+) -> Result<Running, LoopError> {
+    let poll = Poll::new().map_err(LoopError::Setup)?;
+    let registry = poll.registry();
+    for (fd, token) in [(signals.as_raw_fd(), SIGNAL), (server.fd(), NETWORK)] {
+        registry
+            .register(&mut SourceFd(&fd), token, Interest::READABLE)
+            .map_err(LoopError::Setup)?;
+    }
+    Ok(Running {
+        members: Members::default(),
+        network: Some(server),
+        fwd,
+        signals,
+        extras: Extras {
+            exit_fd: None,
+            ready_fd: None,
+            watch: None,
+            child: None,
+            isolation: crate::isolation::Isolation {
+                sandbox: false,
+                seccomp: false,
+                keep: Vec::new(),
+            },
+            api_socket: None,
+            publish: Vec::new(),
+            max_api_clients: 64,
+            busy_poll: std::time::Duration::from_micros(50),
+            resolv: None,
+        },
+        poll,
+        api: None,
     })
 }
 
@@ -320,6 +394,7 @@ impl Running {
     pub fn run(self) -> Result<i32, LoopError> {
         let Running {
             mut members,
+            mut network,
             mut fwd,
             signals,
             mut extras,
@@ -361,7 +436,11 @@ impl Running {
                     .as_ref()
                     .and_then(|r| r.poll_timeout())
                     .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                [flows, api_due, child_due, resolv_due]
+                let network_due = network
+                    .as_ref()
+                    .and_then(crate::network::Server::poll_timeout)
+                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+                [flows, api_due, child_due, resolv_due, network_due]
                     .into_iter()
                     .flatten()
                     .min()
@@ -381,7 +460,16 @@ impl Running {
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
                 match event.token() {
-                    Token(t) if (TAPS..API_CLIENTS).contains(&t) => {
+                    Token(t) if (WATCHES..API_CLIENTS).contains(&t) => {
+                        if let Some(server) = network.as_mut() {
+                            let mut host = crate::network::Host {
+                                registry: poll.registry(),
+                                taps: &mut members,
+                            };
+                            server.watch_event(&mut fwd, &mut host, t - WATCHES);
+                        }
+                    }
+                    Token(t) if (TAPS..WATCHES).contains(&t) => {
                         if let Some(Some(m)) = members.0.get_mut(t - TAPS) {
                             m.readable |= readable;
                         }
@@ -411,12 +499,24 @@ impl Running {
                             r.handle_ready(std::time::Instant::now());
                         }
                     }
+                    NETWORK => {
+                        if let Some(server) = network.as_mut() {
+                            let mut host = crate::network::Host {
+                                registry: poll.registry(),
+                                taps: &mut members,
+                            };
+                            server.handle(&mut fwd, &mut host);
+                        }
+                    }
                     token if api.as_ref().is_some_and(|a| a.owns(token)) => {
                         if let Some(a) = api.as_mut() {
-                            let mut ctl = Ctl {
-                                fwd: &mut fwd,
+                            let mut io = Io {
                                 registry: poll.registry(),
-                                members: &mut members,
+                                tap: &mut members,
+                            };
+                            let mut ctl = FwdControl {
+                                fwd: &mut fwd,
+                                io: &mut io,
                             };
                             a.handle(token, poll.registry(), &mut ctl);
                         }
@@ -462,8 +562,17 @@ impl Running {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => {
                             // EBADFD/EIO: the device was unregistered with its namespace.
-                            log::info!("the TAP device went away ({e}): exiting");
-                            return Ok(0);
+                            let Some(server) = network.as_mut() else {
+                                log::info!("the TAP device went away ({e}): exiting");
+                                return Ok(0);
+                            };
+                            log::info!("the TAP of port {port} went away ({e})");
+                            let mut host = crate::network::Host {
+                                registry: poll.registry(),
+                                taps: &mut members,
+                            };
+                            server.port_gone(&mut fwd, &mut host, port);
+                            break;
                         }
                     }
                 }
@@ -486,6 +595,14 @@ impl Running {
             fwd.poll_flows(now, &mut io);
             if !tap_blocked {
                 tap_blocked = !fwd.flush(&mut members);
+            }
+            if let Some(server) = network.as_mut() {
+                let now = std::time::Instant::now();
+                server.expire(now);
+                if server.should_exit(now) {
+                    log::info!("network {}: no members left, exiting", server.def().name);
+                    return Ok(0);
+                }
             }
         }
     }
@@ -521,7 +638,7 @@ fn exit_fd_closed(fd: Option<&OwnedFd>) -> bool {
 }
 
 /// Handles pending signals; `Some(status)` when the loop should end.
-fn handle_signals(signals: &SignalFd, mut child: Option<&mut Supervisor>) -> Option<i32> {
+pub(crate) fn handle_signals(signals: &SignalFd, mut child: Option<&mut Supervisor>) -> Option<i32> {
     while let Ok(Some(info)) = signals.read_signal() {
         let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
             continue;

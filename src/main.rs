@@ -20,6 +20,7 @@ mod conf;
 mod event_loop;
 mod isolation;
 mod netns;
+mod network;
 mod pidns;
 mod resolv_watch;
 mod sys;
@@ -35,7 +36,10 @@ use forwarder::{Config, Forwarder, Limits};
 use stack::sys::link::{Ipv6Link, LinkConfig};
 use stack::sys::tap::Tap;
 
-use crate::conf::{AttachArgs, Cli, Command, NetArgs, NetnsType, PortsAction, PortsArgs, RunArgs};
+use crate::conf::{
+    AttachArgs, Cli, Command, NetArgs, NetnsType, NetworkAction, NetworkArgs, PortsAction,
+    PortsArgs, RunArgs,
+};
 use crate::event_loop::Extras;
 use crate::netns::{AttachSpec, RunSpec, Target, TargetWatch};
 
@@ -50,6 +54,8 @@ enum MainError {
     Tap(#[from] stack::sys::tap::TapError),
     #[error(transparent)]
     Loop(#[from] event_loop::LoopError),
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -72,7 +78,7 @@ fn main() -> ExitCode {
         Some(Command::Run(a)) => a.version,
         Some(Command::Ports(a)) => a.version,
         Some(Command::Stats(a)) => a.version,
-        None => false,
+        Some(Command::Network(_)) | None => false,
     };
     if sub_version {
         print!("{}", conf::usernet_version_text());
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run_mode(args),
         Some(Command::Ports(args)) => ports_client(args),
         Some(Command::Stats(args)) => stats_client(args),
+        Some(Command::Network(args)) => network_command(args),
         None => attach_mode(cli.attach),
     };
     match result {
@@ -237,6 +244,9 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
 }
 
 fn run_mode(args: RunArgs) -> Result<i32, MainError> {
+    if let Some(name) = args.network.clone() {
+        return run_network(args, &name);
+    }
     let net = &args.net.cidr;
     let ipv6 = !args.disable_ipv6 && args.net.mtu >= 1280;
     let resolv_conf = if args.net.disable_dns {
@@ -547,4 +557,242 @@ fn random_seed() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(std::process::id().into());
     h.finish()
+}
+
+/// The link of a network member: static addresses, the network's gateway and MTU.
+fn member_link(def: &network::Def, lease: &network::Lease, name: &str) -> LinkConfig {
+    LinkConfig {
+        name: name.to_owned(),
+        mtu: def.mtu,
+        addr: lease.ip,
+        prefix_len: def.subnet.prefix_len,
+        gateway: def.subnet.gateway(),
+        mac: Some(lease.mac),
+        ipv6: def.subnet6.zip(lease.ip6).map(|(n, addr)| Ipv6Link {
+            addr,
+            prefix_len: Network6::PREFIX_LEN,
+            gateway: n.gateway(),
+        }),
+    }
+}
+
+/// `usernet network ...`.
+fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
+    match args.action {
+        NetworkAction::Create {
+            name,
+            subnet,
+            ipv6,
+            subnet6,
+            internal,
+            network_mtu,
+            no_loopback,
+        } => {
+            let def = network::create(&network::CreateSpec {
+                name,
+                subnet,
+                ipv6,
+                subnet6,
+                internal,
+                mtu: network_mtu,
+                disable_host_loopback: no_loopback,
+            })?;
+            println!("{}", def.name);
+        }
+        NetworkAction::Ls => {
+            for line in network::list()? {
+                println!("{line}");
+            }
+        }
+        NetworkAction::Inspect { name } => println!("{:#}", network::inspect(&name)?),
+        NetworkAction::Rm { name, force } => {
+            network::remove(&name, force)?;
+            println!("{name}");
+        }
+        NetworkAction::Connect {
+            name,
+            target,
+            member_name,
+            aliases,
+            ip,
+            ip6,
+            mac,
+            interface,
+        } => {
+            let spec = network::JoinSpec {
+                name: member_name,
+                aliases,
+                ip,
+                ip6,
+                mac,
+                publish: Vec::new(),
+                namespace: target.clone(),
+            };
+            return network_connect(&name, &target, &spec, interface);
+        }
+        NetworkAction::Disconnect { name, member } => {
+            network::load(&name)?;
+            network::request(
+                &name,
+                &serde_json::json!({"execute": "disconnect", "arguments": {"member": member}}),
+                None,
+            )?;
+        }
+        NetworkAction::Serve { name } => return network_serve(&name),
+    }
+    Ok(0)
+}
+
+/// `usernet network connect`: a TAP in the target's namespace, handed to the network.
+fn network_connect(
+    name: &str,
+    target: &str,
+    spec: &network::JoinSpec,
+    interface: Option<String>,
+) -> Result<i32, MainError> {
+    let def = network::load(name)?;
+    let target = match target.parse::<i32>() {
+        Ok(pid) if pid > 0 => Target::Pid(pid),
+        _ => Target::Path(PathBuf::from(target)),
+    };
+    network::ensure_server(name)?;
+    let lease = network::reserve(name, spec)?;
+    // The first free ethN, unless a name is given.
+    let names: Vec<String> = match interface {
+        Some(n) => vec![n],
+        None => (0..8).map(network::tap_name).collect(),
+    };
+    let mut last = None;
+    for ifname in names {
+        let attach = AttachSpec {
+            target: target.clone(),
+            userns: None,
+            tap_name: ifname.clone(),
+            vnet_hdr: true,
+            configure: Some(member_link(&def, &lease, &ifname)),
+        };
+        match netns::open_tap(&attach) {
+            Ok(tap) => {
+                network::attach(name, &lease, spec, &tap, &target)?;
+                println!("{} {} {}", ifname, lease.ip, lease.ip6.map_or(String::new(), |a| a.to_string()));
+                return Ok(0);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.map_or_else(|| MainError::Usage("no interface name to try".into()), MainError::from))
+}
+
+/// `usernet run --network NAME`: the command's namespace joins the network, whose
+/// serving process does the networking; this process only supervises the command.
+fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
+    if args.net.api_socket.is_some() {
+        return Err(MainError::Usage(
+            "--api-socket with --network: the network's API socket is its serving process's (see usernet network inspect)".into(),
+        ));
+    }
+    let def = network::load(name)?;
+    network::ensure_server(name)?;
+    let mut spec = network::JoinSpec {
+        name: args.member_name.clone(),
+        aliases: args.aliases.clone(),
+        ip: args.ip,
+        ip6: args.ip6,
+        mac: args.macaddress,
+        publish: args.net.publish.clone(),
+        namespace: "run".into(),
+    };
+    let lease = network::reserve(name, &spec)?;
+    let mut resolv_conf = format!("nameserver {}\n", def.subnet.dns());
+    if let (Some(n), Some(_)) = (def.subnet6, lease.ip6) {
+        resolv_conf.push_str(&format!("nameserver {}\n", n.dns()));
+    }
+    let run = RunSpec {
+        cmd: args.command.clone(),
+        tap_name: "eth0".into(),
+        vnet_hdr: true,
+        link: member_link(&def, &lease, "eth0"),
+        resolv_conf,
+    };
+    let signals = event_loop::signal_fd(true)?;
+    let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&run)?;
+    spec.namespace = format!("pid {pid}");
+    network::attach(name, &lease, &spec, &tap, &Target::Pid(pid.as_raw()))?;
+    // The network's process holds the TAP now: it goes away with the namespace.
+    drop(tap);
+    hold.release()?;
+    let mut child = pidns::Supervisor::new(
+        pid,
+        std::time::Duration::from_secs(args.stop_timeout.into()),
+    );
+    loop {
+        let timeout = child
+            .poll_timeout()
+            .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        let mut fds = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(&signals),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::NONE));
+        if let Some(code) = event_loop::handle_signals(&signals, Some(&mut child)) {
+            return Ok(code);
+        }
+        child.handle_timeout(std::time::Instant::now());
+    }
+}
+
+/// `usernet network serve NAME`: the network's serving process, in a child of its own
+/// (not a descendant of the member that started it, which may end first).
+fn network_serve(name: &str) -> Result<i32, MainError> {
+    let def = network::load(name)?;
+    sys::fork_child(&[], || match serve_network(def) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("usernet: {e}");
+            1
+        }
+    })
+    .map_err(|e| MainError::Io {
+        what: "cannot fork the network's serving process".into(),
+        source: e.into(),
+    })?;
+    Ok(0)
+}
+
+fn serve_network(def: network::Def) -> Result<i32, MainError> {
+    let name = def.name.clone();
+    let Some(server) = network::Server::bind(def.clone())? else {
+        log::info!("network {name} is served already");
+        return Ok(0);
+    };
+    let nameservers = if def.internal {
+        Vec::new()
+    } else {
+        forwarder::dns::read_resolv_conf(Path::new("/etc/resolv.conf")).unwrap_or_default()
+    };
+    let cfg = Config {
+        nat: NatConfig {
+            net: def.subnet,
+            net6: def.subnet6,
+            host_loopback: def.host_loopback(),
+            nameservers,
+        },
+        dns_enabled: true,
+        mtu: def.mtu as usize,
+        vnet_hdr_len: stack::vnet::HEADER_LEN,
+        offload: true,
+        outbound_v4: None,
+        outbound_v6: None,
+        guest_v4: None,
+        guest_v6: None,
+        tcp_buffer: 2 << 20,
+        udp_idle: smoltcp::time::Duration::from_secs(60),
+        limits: Limits::default(),
+        seed: random_seed(),
+    };
+    let mut fwd = Forwarder::without_ports(cfg, smoltcp::time::Instant::from_micros(0));
+    fwd.set_network(network::MEMBER_FLOWS, def.internal);
+    let signals = event_loop::signal_fd(false)?;
+    Ok(event_loop::start_network(server, fwd, signals)?.run()?)
 }

@@ -59,9 +59,9 @@ pub fn ip(
     dst_mac: Option<EthernetAddress>,
     payload: impl FnOnce(&mut [u8]) -> Option<usize>,
 ) -> Result<usize, EmitError> {
-    if dst_mac.or(l2.guest_mac()).is_none() {
+    let Some(dst_mac) = dst_mac.or_else(|| l2.neighbor(&dst)) else {
         return Err(EmitError::NoNeighbor);
-    }
+    };
     let hdr = l2.header_len();
     let ip_len = ip_header_len(&src);
     let slot = txq.slot().ok_or(EmitError::QueueFull)?;
@@ -104,7 +104,7 @@ pub fn ip(
         }
         _ => return Err(EmitError::Empty),
     };
-    l2.write_headers(slot, ethertype, &VnetRepr::PLAIN, dst_mac);
+    l2.write_headers(slot, ethertype, &VnetRepr::PLAIN, Some(dst_mac));
     txq.commit(hdr + total);
     Ok(total)
 }

@@ -35,8 +35,8 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPacket};
 
 use crate::{
-    emit, icmp, nat, port, sys, tcp, timer, udp, Config, Counters, FlowKey, Io, Limits, Link,
-    FLOW_TOKEN_BASE,
+    emit, icmp, names, nat, port, sys, tcp, timer, udp, Config, Counters, FlowKey, Io, Limits,
+    Link, FLOW_TOKEN_BASE,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -150,6 +150,16 @@ pub struct Nat {
     /// Set when a DNS query got SERVFAIL, to the `dns_answers` count then: while no
     /// answer came since, new DNS flows are quick ([`crate::dns_relay`]).
     dns_down: Option<u64>,
+    /// Member names the DNS address answers itself.
+    names: names::Names,
+    /// No flow leaves the network (an `--internal` network).
+    internal: bool,
+    /// Several members: the IPv6 address of published ports is not learned.
+    shared: bool,
+    /// Flows per guest address, when [`member_limit`](Self::member_limit) is set.
+    member_flows: HashMap<IpAddress, usize>,
+    /// Most flows (TCP, UDP, ICMP together) one guest address may have open.
+    member_limit: Option<usize>,
 }
 
 impl Nat {
@@ -174,13 +184,101 @@ impl Nat {
             udp_in_by_port: HashMap::new(),
             udp_batch: udp::Batch::new(sys::udp_gso_supported()),
             dns_down: None,
+            names: names::Names::default(),
+            internal: false,
+            shared: false,
+            member_flows: HashMap::new(),
+            member_limit: None,
         }
+    }
+
+    /// The member names the DNS address answers.
+    pub(crate) fn names_mut(&mut self) -> &mut names::Names {
+        &mut self.names
+    }
+
+    /// Refuses every flow out of the network (DNS names of members still answered).
+    pub(crate) fn set_internal(&mut self) {
+        self.internal = true;
+    }
+
+    /// Several members share the network; each guest address may have at most `limit`
+    /// flows open (beyond the network's table limits).
+    pub(crate) fn set_shared(&mut self, limit: usize) {
+        self.shared = true;
+        self.member_limit = Some(limit);
+    }
+
+    /// Where a guest destination goes on the host.
+    fn translate(&self, dst: IpAddr, port: u16) -> Result<std::net::SocketAddr, nat::Deny> {
+        if self.internal {
+            return Err(nat::Deny::NotRoutable);
+        }
+        self.cfg.nat.translate(dst, port)
+    }
+
+    /// Whether `guest` has as many flows open as a member may (counted).
+    fn member_full(&self, c: &mut Counters, guest: &IpAddress) -> bool {
+        let full = self
+            .member_limit
+            .is_some_and(|limit| self.member_flows.get(guest).is_some_and(|&n| n >= limit));
+        if full {
+            c.member_flow_limit += 1;
+        }
+        full
+    }
+
+    /// A flow of `guest` opened.
+    fn member_opened(&mut self, guest: IpAddress) {
+        if self.member_limit.is_some() {
+            *self.member_flows.entry(guest).or_insert(0) += 1;
+        }
+    }
+
+    /// A flow of `guest` ended.
+    fn member_release(&mut self, guest: IpAddress) {
+        if self.member_limit.is_none() {
+            return;
+        }
+        if let Some(n) = self.member_flows.get_mut(&guest) {
+            *n -= 1;
+            if *n == 0 {
+                self.member_flows.remove(&guest);
+            }
+        }
+    }
+
+    /// Answers a DNS query for a member name; false when the query is not for one.
+    fn answer_name(&self, link: &mut Link, c: &mut Counters, key: FlowKey, query: &[u8]) -> bool {
+        let dns = match key.remote.0 {
+            IpAddress::Ipv4(a) => a == self.cfg.nat.net.dns(),
+            IpAddress::Ipv6(a) => self.cfg.nat.net6.is_some_and(|n| a == n.dns()),
+        };
+        if !dns || key.remote.1 != 53 || self.names.is_empty() {
+            return false;
+        }
+        let mtu = link.mtu;
+        let names = &self.names;
+        match emit::udp(
+            &link.l2,
+            &mut link.txq,
+            mtu,
+            key.remote,
+            key.guest,
+            None,
+            |buf| names.answer(query, buf),
+        ) {
+            Ok(_) => c.dns_names_answered += 1,
+            Err(emit::EmitError::Empty) => return false,
+            Err(_) => c.udp_send_dropped += 1,
+        }
+        true
     }
 
     /// Learns the guest's IPv6 address from its traffic, unless it was configured (a
     /// guest with SLAAC has several: stick to one).
     pub(crate) fn learn_guest_v6(&mut self, src: Ipv6Address) {
-        if self.cfg.guest_v6.is_none() && self.guest_v6 != Some(src) {
+        if !self.shared && self.cfg.guest_v6.is_none() && self.guest_v6 != Some(src) {
             self.guest_v6 = Some(src);
         }
     }
@@ -358,7 +456,11 @@ impl Nat {
             self.reset_stray(link, now, key.guest.0, ip);
             return;
         }
-        let target = match self.cfg.nat.translate(key.remote.0.into(), key.remote.1) {
+        if self.member_full(c, &key.guest.0) {
+            self.reset_stray(link, now, key.guest.0, ip);
+            return;
+        }
+        let target = match self.translate(key.remote.0.into(), key.remote.1) {
             Ok(target) => target,
             Err(deny) => {
                 log::debug!("TCP to {:?} denied: {deny:?}", key.remote);
@@ -391,6 +493,7 @@ impl Nat {
                 flow.ingress(now, link, ip);
                 entry.insert(Flow::Tcp(Box::new(flow)));
                 self.tcp_map.insert(key, id);
+                self.member_opened(key.guest.0);
                 self.half_open += 1;
                 c.tcp_opened += 1;
                 self.mark_dirty(id);
@@ -429,6 +532,9 @@ impl Nat {
             c.drop_udp_malformed += 1;
             return;
         };
+        if self.answer_name(link, c, key, data) {
+            return;
+        }
         let known = self
             .udp_map
             .get(&key)
@@ -511,7 +617,10 @@ impl Nat {
             c.udp_table_full += 1;
             return None;
         }
-        let target = match self.cfg.nat.translate(key.remote.0.into(), key.remote.1) {
+        if self.member_full(c, &key.guest.0) {
+            return None;
+        }
+        let target = match self.translate(key.remote.0.into(), key.remote.1) {
             Ok(target) => target,
             Err(deny) => {
                 log::debug!("UDP to {:?} denied: {deny:?}", key.remote);
@@ -557,6 +666,7 @@ impl Nat {
             Ok(flow) => {
                 self.flows.insert(Flow::Udp(flow));
                 self.udp_map.insert(key, id);
+                self.member_opened(key.guest.0);
                 c.udp_opened += 1;
                 let at = now + self.cfg.udp_idle;
                 if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
@@ -596,7 +706,7 @@ impl Nat {
             c.icmp_ignored += 1;
             return;
         };
-        if self.cfg.nat.translate(dst.into(), 0).is_err() {
+        if self.translate(dst.into(), 0).is_err() {
             c.icmp_denied += 1;
             return;
         }
@@ -607,6 +717,9 @@ impl Nat {
         let id = match self.icmp_map.get(&key) {
             Some(&id) => id,
             None => {
+                if self.member_full(c, &key.guest.0) {
+                    return;
+                }
                 if self.icmp_map.len() >= self.cfg.limits.icmp_flows {
                     c.icmp_denied += 1;
                     return;
@@ -618,6 +731,7 @@ impl Nat {
                 match icmp::IcmpFlow::open(now, key, outbound, io.registry, token) {
                     Ok(flow) => {
                         entry.insert(Flow::Icmp(flow));
+                        self.member_opened(key.guest.0);
                         self.icmp_map.insert(key, id);
                         c.icmp_opened += 1;
                         if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
@@ -864,6 +978,7 @@ impl Nat {
                     self.half_open -= 1;
                 }
                 self.tcp_map.remove(&f.key);
+                self.member_release(f.key.guest.0);
                 let light = f.moved() <= POOL_MAX_MOVED;
                 let guest = f.close(io.registry);
                 if light && self.socket_pool.len() < SOCKET_POOL {
@@ -873,16 +988,19 @@ impl Nat {
             }
             Flow::Udp(mut f) => {
                 self.udp_map.remove(&f.key);
+                self.member_release(f.key.guest.0);
                 f.close(io.registry);
                 c.udp_closed += 1;
             }
             Flow::UdpIn(f) => {
                 self.udp_map.remove(&f.key);
+                self.member_release(f.key.guest.0);
                 self.udp_in_by_port.remove(&(f.key.guest.1, f.key.remote));
                 c.udp_closed += 1;
             }
             Flow::Icmp(mut f) => {
                 self.icmp_map.remove(&f.key);
+                self.member_release(f.key.guest.0);
                 f.close(io.registry);
                 c.icmp_closed += 1;
             }
@@ -973,7 +1091,10 @@ impl Nat {
         tcp: bool,
     ) -> ((IpAddress, u16), (IpAddress, u16)) {
         let net6 = self.cfg.nat.net6;
-        let guest = match (client, net6, self.guest_v6) {
+        // Several members: the rule's IPv4 address says which; IPv6 clients reach it
+        // from the gateway's address.
+        let guest_v6 = self.guest_v6.filter(|_| !self.shared);
+        let guest = match (client, net6, guest_v6) {
             (std::net::SocketAddr::V6(_), Some(_), Some(g6)) => {
                 (IpAddress::Ipv6(g6), rule_guest.port())
             }
@@ -1064,6 +1185,7 @@ impl Nat {
         match tcp::TcpFlow::accept(key, stream, link, io.registry, token, guest) {
             Ok(flow) => {
                 entry.insert(Flow::Tcp(Box::new(flow)));
+                self.member_opened(key.guest.0);
                 self.tcp_map.insert(key, id);
                 c.tcp_opened += 1;
                 self.mark_dirty(id);
@@ -1124,6 +1246,7 @@ impl Nat {
                         gso: true,
                     }));
                     self.udp_map.insert(key, fid);
+                    self.member_opened(key.guest.0);
                     self.udp_in_by_port.insert((key.guest.1, key.remote), fid);
                     c.udp_opened += 1;
                     if let Some(slot) = self.flows.get_mut(fid).and_then(Flow::timer_slot) {

@@ -8,7 +8,8 @@
 //! unicast) and:
 //! - answers ARP for the virtual IPv4 addresses (in [`stack::l2`]) and neighbour
 //!   solicitations for the IPv6 ones ([`crate::ndp`]); sends router advertisements (on
-//!   start, then periodically) and ARP probes for a configured member address;
+//!   start, then periodically; not on a network, whose members are configured
+//!   statically) and ARP probes for a configured member address;
 //! - serves DHCP ([`crate::dhcp`]) and answers pings to its own addresses;
 //! - validates and reassembles IP ([`crate::frag`]), and checks that the source is an
 //!   address a member may use (in the subnet, not a virtual one);
@@ -54,6 +55,9 @@ pub struct Gateway {
     ra_sent: u32,
     /// IPv4 reassembly; `None` only while a reassembled packet is being handled.
     reasm: Option<frag::Reassembler>,
+    /// No router advertisements: a network's members are configured statically, and
+    /// SLAAC would give them a second address that answers for the first.
+    no_ra: bool,
 }
 
 impl Gateway {
@@ -81,7 +85,14 @@ impl Gateway {
                 .unwrap_or_else(std::time::Instant::now),
             ra_sent: 0,
             reasm: Some(frag::Reassembler::default()),
+            no_ra: false,
         }
+    }
+
+    /// Stops router advertisements (a network of statically configured members).
+    pub(crate) fn set_static_members(&mut self) {
+        self.no_ra = true;
+        self.next_ra = None;
     }
 
     /// Sends router advertisements and asks for the guest's MAC address while it is
@@ -296,6 +307,7 @@ impl Gateway {
                         cx.c.ndp_adverts += 1;
                     }
                 }
+                Some(icmp::Message::RouterSolicit) if self.no_ra => {}
                 Some(icmp::Message::RouterSolicit) => {
                     let to = if repr.src_addr.is_unspecified() {
                         ndp::ALL_NODES

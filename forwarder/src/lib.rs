@@ -49,6 +49,7 @@ pub mod flow;
 pub mod frag;
 pub mod gateway;
 pub mod icmp;
+pub mod names;
 pub mod nat;
 pub mod ndp;
 pub mod port;
@@ -284,6 +285,10 @@ counters! {
     drop_mac_spoof,
     /// Frames switched between members (flooded frames once per copy).
     switched_frames,
+    /// DNS queries for member names answered by the network's DNS.
+    dns_names_answered,
+    /// Flows refused because the member had as many open as a member may.
+    member_flow_limit,
 }
 
 /// The gateway's link: smoltcp's interface and our L2 in front of the transmit queue,
@@ -431,6 +436,50 @@ impl Forwarder {
     /// Detaches a member port (its TAP is gone). Its flows end by themselves.
     pub fn detach(&mut self, port: PortId) {
         self.link.switch.detach(port);
+    }
+
+    /// Makes this forwarder a shared network's: frames are addressed by member, each
+    /// member address may have at most `member_flows` flows open, and with `internal`
+    /// no flow leaves the network.
+    pub fn set_network(&mut self, member_flows: usize, internal: bool) {
+        self.link.l2.set_shared();
+        self.gateway.set_static_members();
+        self.nat.set_shared(member_flows);
+        if internal {
+            self.nat.set_internal();
+        }
+    }
+
+    /// Registers a member on `port`: its addresses (its frames must come from them),
+    /// its MAC address for frames to them, and its names for the network's DNS.
+    /// Returns false when the name table is full (addresses are set anyway).
+    pub fn add_member(
+        &mut self,
+        port: PortId,
+        mac: EthernetAddress,
+        addrs: names::Addrs,
+        name: &str,
+        aliases: &[String],
+    ) -> bool {
+        self.link.switch.set_addresses(port, addrs.v4, addrs.v6);
+        if let Some(v4) = addrs.v4 {
+            self.link.l2.set_neighbor(IpAddress::Ipv4(v4), Some(mac));
+        }
+        if let Some(v6) = addrs.v6 {
+            self.link.l2.set_neighbor(IpAddress::Ipv6(v6), Some(mac));
+        }
+        self.nat.names_mut().add(name, aliases, addrs)
+    }
+
+    /// Withdraws a member's names and addresses (its port is detached separately).
+    pub fn remove_member(&mut self, addrs: names::Addrs, name: &str, aliases: &[String]) {
+        if let Some(v4) = addrs.v4 {
+            self.link.l2.set_neighbor(IpAddress::Ipv4(v4), None);
+        }
+        if let Some(v6) = addrs.v6 {
+            self.link.l2.set_neighbor(IpAddress::Ipv6(v6), None);
+        }
+        self.nat.names_mut().remove(name, aliases);
     }
 
     /// The switch: ports and their counters.

@@ -41,7 +41,7 @@ use std::io;
 
 use slab::Slab;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::EthernetAddress;
+use smoltcp::wire::{EthernetAddress, Ipv4Address, Ipv6Address};
 use stack::l2::ETHERNET_HEADER_LEN;
 use stack::txq::TxQueue;
 
@@ -147,6 +147,10 @@ struct Port {
     fixed: bool,
     /// The last frame from `mac`.
     seen: Instant,
+    /// The member's addresses, when the network assigned them: its ARP, IPv4 and IPv6
+    /// must come from these (or unspecified, or IPv6 link-local).
+    v4: Option<Ipv4Address>,
+    v6: Option<Ipv6Address>,
     /// Frames waiting for the TAP.
     queue: TxQueue,
     counters: PortCounters,
@@ -239,6 +243,8 @@ impl Switch {
             mac,
             fixed: mac.is_some(),
             seen: now,
+            v4: None,
+            v6: None,
             queue: TxQueue::new(QUEUE_SLOTS, slot),
             counters: PortCounters::default(),
         });
@@ -256,6 +262,45 @@ impl Switch {
                     self.fdb.remove(&mac);
                 }
             }
+        }
+    }
+
+    /// Pins `port` to its assigned addresses: ARP, IPv4 and IPv6 from any other source
+    /// address (but unspecified ones, IPv6 link-local ones and the IPv6 address SLAAC
+    /// derives from the port's MAC) are dropped as spoofed.
+    pub fn set_addresses(
+        &mut self,
+        port: PortId,
+        v4: Option<Ipv4Address>,
+        v6: Option<Ipv6Address>,
+    ) {
+        if let Some(p) = self.ports.get_mut(port) {
+            p.v4 = v4;
+            p.v6 = v6;
+        }
+    }
+
+    /// Whether a frame's IP-level source is one `p` may use.
+    fn source_allowed(p: &Port, eth: &[u8]) -> bool {
+        if p.v4.is_none() && p.v6.is_none() {
+            return true;
+        }
+        let v4_ok = |a: &[u8]| a == [0, 0, 0, 0] || p.v4.is_some_and(|v4| v4.octets() == a);
+        match eth.get(12..14) {
+            // ARP: the sender protocol address.
+            Some([0x08, 0x06]) => eth.get(28..32).is_some_and(v4_ok),
+            Some([0x08, 0x00]) => eth.get(26..30).is_some_and(v4_ok),
+            // IPv6: also the address SLAAC makes of the port's MAC (EUI-64), in any prefix.
+            Some([0x86, 0xdd]) => eth.get(22..38).is_some_and(|a| {
+                a.iter().all(|&b| b == 0)
+                    || (a[0] == 0xfe && a[1] & 0xc0 == 0x80)
+                    || p.v6.is_some_and(|v6| v6.octets() == a)
+                    || p.mac.is_some_and(|m| {
+                        let m = m.as_bytes();
+                        a[8..] == [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
+                    })
+            }),
+            _ => true,
         }
     }
 
@@ -332,6 +377,11 @@ impl Switch {
             }
             p.seen = now;
             self.fdb.insert(src, port);
+        }
+        let eth = &frame[self.vnet_hdr_len..];
+        if !Self::source_allowed(p, eth) {
+            p.counters.drop_spoofed += 1;
+            return Verdict::Drop;
         }
         if dst == self.gateway_mac {
             return Verdict::Gateway;

@@ -54,7 +54,11 @@ impl<'a> GuestDevice<'a> {
         if self.txq.is_full() {
             return false;
         }
-        if self.l2.guest_mac().is_none() {
+        let known = match &self.guest {
+            Some(g) => self.l2.neighbor(g).is_some(),
+            None => self.l2.guest_mac().is_some(),
+        };
+        if !known {
             // IPv6 guests announce themselves (router solicitation, DAD); IPv4 ones
             // are asked.
             if let Some(IpAddress::Ipv4(guest)) = self.guest {

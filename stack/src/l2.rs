@@ -12,14 +12,22 @@
 //! - learns the guest's MAC address from the frames it sends, and prefixes every outgoing
 //!   IP packet with the vnet and Ethernet headers ([`L2::write_headers`]).
 //!
+//! With several guests on one segment (a usernet network, [`L2::set_shared`]), frames
+//! are addressed by a neighbour table instead of the one learned MAC address: entries are
+//! set for the members' configured addresses and learned from the source addresses of
+//! the frames that reach us (the switch in front has already dropped frames whose
+//! addresses are not their member's); at most [`MAX_NEIGHBORS`] of them.
+//!
 //! Security: every field is guest-controlled. Frames for other MACs, unknown ethertypes,
 //! malformed ARP and ARP that claims one of our addresses are dropped and counted.
 //! Nothing here allocates.
 
+use std::collections::HashMap;
+
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, Ipv4Address,
+    EthernetRepr, IpAddress, Ipv4Address, Ipv6Address,
 };
 
 use crate::txq::TxQueue;
@@ -65,6 +73,9 @@ pub struct L2Counters {
     pub arp_probes: u64,
 }
 
+/// Neighbours a shared segment remembers.
+pub const MAX_NEIGHBORS: usize = 4096;
+
 /// The L2 state: our MAC, our addresses, the guest's MAC.
 #[derive(Debug)]
 pub struct L2 {
@@ -72,6 +83,9 @@ pub struct L2 {
     vnet_hdr_len: usize,
     ours: [Ipv4Address; 2],
     guest_mac: Option<EthernetAddress>,
+    /// Several guests: frames are addressed by this table, not by `guest_mac`.
+    shared: bool,
+    neighbors: HashMap<IpAddress, EthernetAddress>,
     last_probe: Option<Instant>,
     /// Counters.
     pub counters: L2Counters,
@@ -89,6 +103,8 @@ impl L2 {
             vnet_hdr_len,
             ours,
             guest_mac: None,
+            shared: false,
+            neighbors: HashMap::new(),
             last_probe: None,
             counters: L2Counters::default(),
         }
@@ -109,6 +125,82 @@ impl L2 {
     /// The guest's MAC address, once learned.
     pub fn guest_mac(&self) -> Option<EthernetAddress> {
         self.guest_mac
+    }
+
+    /// Several guests share the segment: address frames by the neighbour table.
+    pub fn set_shared(&mut self) {
+        self.shared = true;
+    }
+
+    /// Whether several guests share the segment.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    /// Sets (`Some`) or forgets (`None`) the MAC address of a guest address. Ignored
+    /// when the table is full.
+    pub fn set_neighbor(&mut self, ip: IpAddress, mac: Option<EthernetAddress>) {
+        match mac {
+            Some(mac)
+                if self.neighbors.len() < MAX_NEIGHBORS || self.neighbors.contains_key(&ip) =>
+            {
+                self.neighbors.insert(ip, mac);
+            }
+            Some(_) => {}
+            None => {
+                self.neighbors.remove(&ip);
+            }
+        }
+    }
+
+    /// The MAC address frames to `ip` go to: the guest's on a segment of one, the
+    /// neighbour table's on a shared one (multicast and broadcast addresses map to
+    /// their group addresses).
+    pub fn neighbor(&self, ip: &IpAddress) -> Option<EthernetAddress> {
+        if !self.shared {
+            return self.guest_mac;
+        }
+        match ip {
+            IpAddress::Ipv4(a) if a.is_broadcast() => Some(EthernetAddress::BROADCAST),
+            IpAddress::Ipv6(a) if a.is_multicast() => {
+                let o = a.octets();
+                Some(EthernetAddress([0x33, 0x33, o[12], o[13], o[14], o[15]]))
+            }
+            _ => self.neighbors.get(ip).copied(),
+        }
+    }
+
+    /// The destination of the IP packet at the start of `ip`, if it is long enough.
+    fn packet_dst(ip: &[u8]) -> Option<IpAddress> {
+        match ip.first()? >> 4 {
+            4 => Some(IpAddress::Ipv4(Ipv4Address::from_octets(
+                ip.get(16..20)?.try_into().ok()?,
+            ))),
+            6 => Some(IpAddress::Ipv6(Ipv6Address::from_octets(
+                ip.get(24..40)?.try_into().ok()?,
+            ))),
+            _ => None,
+        }
+    }
+
+    /// Learns the MAC address of the source of an IP packet on a shared segment.
+    fn learn(&mut self, ethertype: EthernetProtocol, ip: &[u8], mac: EthernetAddress) {
+        let src = match ethertype {
+            EthernetProtocol::Ipv4 => ip
+                .get(12..16)
+                .and_then(|a| a.try_into().ok())
+                .map(|a| IpAddress::Ipv4(Ipv4Address::from_octets(a))),
+            EthernetProtocol::Ipv6 => ip
+                .get(8..24)
+                .and_then(|a| a.try_into().ok())
+                .map(|a| IpAddress::Ipv6(Ipv6Address::from_octets(a))),
+            _ => None,
+        };
+        if let Some(src) = src.filter(|s| s.is_unicast() && !s.is_unspecified()) {
+            if self.neighbors.get(&src) != Some(&mac) {
+                self.set_neighbor(src, Some(mac));
+            }
+        }
     }
 
     /// Bytes in front of the IP packet in every frame: vnet header + Ethernet header.
@@ -141,6 +233,9 @@ impl L2 {
         let src = eth.src_addr();
         if src.is_unicast() && src != self.mac {
             self.guest_mac = Some(src);
+            if self.shared {
+                self.learn(eth.ethertype(), eth.payload(), src);
+            }
         }
         match eth.ethertype() {
             EthernetProtocol::Ipv4 => Ok(Ingress::Ipv4(payload(frame, self.vnet_hdr_len), vnet)),
@@ -238,8 +333,9 @@ impl L2 {
     }
 
     /// Writes the vnet header and the Ethernet header in front of an IP packet of
-    /// `ethertype` in `slot`, to `dst` (the guest's MAC when `None` is not given).
-    /// Returns false when the guest's MAC is unknown and no `dst` is given.
+    /// `ethertype` in `slot`, to `dst` (when `None`: the guest's MAC, or on a shared
+    /// segment the neighbour of the packet's destination, which must be in place).
+    /// Returns false when that MAC is unknown.
     ///
     /// # Panics
     /// When `slot` is shorter than [`header_len`](Self::header_len).
@@ -250,8 +346,23 @@ impl L2 {
         vnet: &VnetRepr,
         dst: Option<EthernetAddress>,
     ) -> bool {
-        let Some(dst) = dst.or(self.guest_mac) else {
-            return false;
+        let hdr = self.header_len();
+        let dst = match dst {
+            Some(dst) => dst,
+            None if self.shared => {
+                let Some(mac) = slot
+                    .get(hdr..)
+                    .and_then(Self::packet_dst)
+                    .and_then(|ip| self.neighbor(&ip))
+                else {
+                    return false;
+                };
+                mac
+            }
+            None => match self.guest_mac {
+                Some(mac) => mac,
+                None => return false,
+            },
         };
         let vnet_len = self.vnet_hdr_len;
         if vnet_len > 0 {

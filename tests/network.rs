@@ -1,0 +1,384 @@
+//! usernet networks in real namespaces: several `usernet run --network` members (and
+//! `network connect`ed namespaces) on one user-space switch, served by the network's own
+//! process inside the test's host namespace H.
+//!
+//! Each test keeps its network definitions and runtime files in its own directories
+//! (`XDG_CONFIG_HOME`, `XDG_RUNTIME_DIR` under the topology's scratch directory). Members
+//! run `sleep MARKER`; the test finds that process and opens sockets in its network
+//! namespace (`/proc/PID/ns/net`).
+
+mod util;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use util::*;
+
+/// The networks of one test.
+struct Nets<'t> {
+    t: &'t Topology,
+    cfg: PathBuf,
+    run: PathBuf,
+}
+
+/// One member: its `usernet run` (killed on drop) and its command's namespace.
+struct Member {
+    /// Killed (with the command) on drop.
+    _u: Usernet,
+    pid: u32,
+}
+
+impl Member {
+    fn ns(&self) -> String {
+        format!("/proc/{}/ns/net", self.pid)
+    }
+}
+
+static MARKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A `sleep` argument no other process uses.
+fn marker() -> String {
+    let n = MARKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("41.{}{n:03}", std::process::id())
+}
+
+/// PIDs of the processes whose command line is `sleep MARKER`.
+fn sleepers(marker: &str) -> Vec<u32> {
+    let want = format!("sleep\0{marker}\0");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+impl<'t> Nets<'t> {
+    fn new(t: &'t Topology) -> Self {
+        let cfg = t.tmp.join("config");
+        let run = t.tmp.join("runtime");
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        Nets { t, cfg, run }
+    }
+
+    fn env(&self) -> Vec<String> {
+        vec![
+            "env".into(),
+            format!("XDG_CONFIG_HOME={}", self.cfg.display()),
+            format!("XDG_RUNTIME_DIR={}", self.run.display()),
+            "RUST_LOG=info".into(),
+        ]
+    }
+
+    /// `usernet ARGS...` in H, to completion.
+    fn cli(&self, args: &[&str]) -> Finished {
+        UsernetCmd::new(self.t)
+            .wrap(self.env())
+            .target(args)
+            .output(Duration::from_secs(20))
+    }
+
+    /// `usernet network create ARGS...`, which must work.
+    fn create(&self, args: &[&str]) {
+        let mut a = vec!["network", "create"];
+        a.extend_from_slice(args);
+        self.cli(&a).assert_success();
+    }
+
+    /// A member of `net` named `name` running `sleep`, with more `run` options.
+    fn member(&self, net: &str, name: &str, opts: &[&str]) -> Member {
+        let m = marker();
+        let mut target = vec!["run", "--network", net, "--name", name];
+        target.extend_from_slice(opts);
+        target.extend_from_slice(&["--", "sleep", &m]);
+        let mut u = UsernetCmd::new(self.t)
+            .wrap(self.env())
+            .target(target)
+            .spawn();
+        let pid = wait_for(Duration::from_secs(20), || sleepers(&m).first().copied());
+        let Some(pid) = pid else {
+            u.assert_running();
+            panic!("member {name}: `sleep {m}` never started: {}", u.stderr());
+        };
+        Member { _u: u, pid }
+    }
+
+    /// `usernet network inspect NET` as JSON.
+    fn inspect(&self, net: &str) -> serde_json::Value {
+        let f = self.cli(&["network", "inspect", net]);
+        f.assert_success();
+        serde_json::from_str(&f.stdout).unwrap_or_else(|e| panic!("inspect: {e}: {f}"))
+    }
+
+    /// The inspect entry of member `name`.
+    fn member_json(&self, net: &str, name: &str) -> serde_json::Value {
+        self.inspect(net)["members"]
+            .as_array()
+            .and_then(|a| a.iter().find(|m| m["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no member {name} in {}", self.inspect(net)))
+    }
+
+    /// The serving process's log of `net`.
+    fn log(&self, net: &str) -> String {
+        std::fs::read_to_string(self.run.join("usernet").join(format!("{net}.log")))
+            .unwrap_or_default()
+    }
+}
+
+fn ip4(v: &serde_json::Value) -> Ipv4Addr {
+    v["ipv4"].as_str().unwrap().parse().unwrap()
+}
+
+fn ip6(v: &serde_json::Value) -> Ipv6Addr {
+    v["ipv6"].as_str().unwrap().parse().unwrap()
+}
+
+/// `ping` from inside `ns`: true if answered.
+fn ping(ns: &str, dst: &str) -> bool {
+    let mut cmd = Command::new("nsenter");
+    cmd.args([&format!("--net={ns}"), "ping", "-c", "1", "-W", "2", dst]);
+    run_with_timeout(cmd, Duration::from_secs(10)).success()
+}
+
+/// The A (or AAAA) addresses the network's DNS gives for `name`, asked from `ns`.
+fn resolve(ns: &str, dns: Ipv4Addr, name: &str, qtype: u16) -> Option<Vec<u8>> {
+    let q = dns_query(0x4242, name, qtype);
+    in_netns(ns, || dns_udp_exchange(SocketAddrV4::new(dns, 53), &q))
+}
+
+fn has_record(reply: &[u8], addr: &[u8]) -> bool {
+    reply.windows(addr.len()).any(|w| w == addr)
+}
+
+#[test]
+fn three_members_talk_both_families_by_name() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n1", "--ipv6"]);
+    let a = n.member("n1", "alpha", &["--alias", "first"]);
+    let b = n.member("n1", "beta", &[]);
+    let c = n.member("n1", "gamma", &["--ip", "10.89.0.50"]);
+    let (ja, jb, jc) = (
+        n.member_json("n1", "alpha"),
+        n.member_json("n1", "beta"),
+        n.member_json("n1", "gamma"),
+    );
+    assert_eq!(ip4(&jc), Ipv4Addr::new(10, 89, 0, 50), "static --ip");
+    let dns = Ipv4Addr::new(10, 89, 0, 3);
+
+    // ARP and ND between members: ping each way, both families.
+    for (from, to) in [(&a, &jb), (&b, &jc), (&c, &ja)] {
+        assert!(ping(&from.ns(), &ip4(to).to_string()), "ping {}", to["name"]);
+        assert!(ping(&from.ns(), &ip6(to).to_string()), "ping6 {}", to["name"]);
+    }
+    // The gateway answers too.
+    assert!(ping(&a.ns(), "10.89.0.2"));
+
+    // Names and aliases (A, AAAA, PTR) from the network's DNS.
+    let r = resolve(&a.ns(), dns, "beta", QTYPE_A).expect("A beta");
+    assert!(has_record(&r, &ip4(&jb).octets()), "{r:?}");
+    let r = resolve(&b.ns(), dns, "FIRST", QTYPE_AAAA).expect("AAAA first");
+    assert!(has_record(&r, &ip6(&ja).octets()), "{r:?}");
+    let rev = format!("50.0.89.10.in-addr.arpa");
+    let r = resolve(&a.ns(), dns, &rev, 12).expect("PTR");
+    assert!(has_record(&r, b"\x05gamma\x00"), "{r:?}");
+    // The short TTL.
+    assert!(has_record(&r, &5u32.to_be_bytes()));
+
+    // TCP both ways with SHA-256, IPv4: alpha -> beta upload, beta -> alpha download.
+    let sink = TcpServer::sink(&b.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let to_b = SocketAddrV4::new(ip4(&jb), sink.addr.port());
+    in_netns(&a.ns(), || upload_to_sink(to_b, 1, 16 << 20));
+    let source = TcpServer::source(&a.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let to_a = SocketAddrV4::new(ip4(&ja), source.addr.port());
+    in_netns(&b.ns(), || download_from_source(to_a, 2, 16 << 20));
+    // The sink saw alpha's own address: no NAT between members.
+    assert_eq!(sink.stats.peer_ips(), vec![ip4(&ja)]);
+
+    // IPv6 TCP, gamma -> beta.
+    let sink6 = TcpServer6::sink(&b.ns(), SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+    let to_b6 = SocketAddrV6::new(ip6(&jb), sink6.addr.port(), 0, 0);
+    in_netns(&c.ns(), || upload_to_sink6(to_b6, 3, 8 << 20));
+
+    // UDP both ways (an echo), IPv4 and IPv6.
+    let echo = UdpEcho::start(&c.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let to_c = SocketAddrV4::new(ip4(&jc), echo.addr.port());
+    in_netns(&a.ns(), || {
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        udp_roundtrip(&s, to_c, &pattern(4, 1200), 3).expect("udp echo");
+    });
+    let echo6 = UdpEcho6::start(&c.ns(), SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+    let to_c6 = SocketAddrV6::new(ip6(&jc), echo6.addr.port(), 0, 0);
+    in_netns(&b.ns(), || {
+        let s = udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+        udp_roundtrip6(&s, to_c6, &pattern(5, 1200), 3).expect("udp6 echo");
+    });
+
+    // Per-port counters: beta's port moved the upload.
+    let jb = n.member_json("n1", "beta");
+    assert!(jb["port_counters"]["tx_bytes"].as_u64().unwrap() > 16 << 20, "{jb}");
+    drop((a, b, c));
+}
+
+#[test]
+fn networks_are_isolated_and_internal_ones_have_no_way_out() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["outer", "--subnet", "10.90.1.0/24"]);
+    n.create(&["inner", "--subnet", "10.90.2.0/24", "--internal"]);
+    let o = n.member("outer", "o1", &[]);
+    let i1 = n.member("inner", "i1", &[]);
+    let i2 = n.member("inner", "i2", &[]);
+    let world = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let host = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+
+    // outer reaches the world and the host's loopback through its gateway.
+    in_netns(&o.ns(), || echo_once(world.addr, b"out"));
+    in_netns(&o.ns(), || {
+        echo_once(SocketAddrV4::new(Ipv4Addr::new(10, 90, 1, 2), host.addr.port()), b"lo")
+    });
+    // But not the other network's members (separate processes: no route between them).
+    assert!(!ping(&o.ns(), "10.90.2.100"));
+    let sink = TcpServer::sink(&i1.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    in_netns(&o.ns(), || {
+        assert!(connect(SocketAddrV4::new(Ipv4Addr::new(10, 90, 2, 100), sink.addr.port())).is_err())
+    });
+
+    // inner: no world, no host loopback; members and names only.
+    in_netns(&i1.ns(), || {
+        assert!(connect(world.addr).is_err(), "internal network reached the world");
+        let gw = SocketAddrV4::new(Ipv4Addr::new(10, 90, 2, 2), host.addr.port());
+        assert!(connect(gw).is_err(), "internal network reached the host");
+    });
+    let to_i1 = SocketAddrV4::new(Ipv4Addr::new(10, 90, 2, 100), sink.addr.port());
+    in_netns(&i2.ns(), || upload_to_sink(to_i1, 6, 1 << 20));
+    let r = resolve(&i2.ns(), Ipv4Addr::new(10, 90, 2, 3), "i1", QTYPE_A).expect("name");
+    assert!(has_record(&r, &[10, 90, 2, 100]));
+    assert_eq!(world.stats.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[test]
+fn connect_and_disconnect_a_running_namespace() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n3", "--subnet", "10.91.0.0/24"]);
+    let a = n.member("n3", "a", &[]);
+    let c = t.container_ns();
+    let f = n.cli(&["network", "connect", "n3", &c, "--name", "joined", "--alias", "j"]);
+    f.assert_success();
+    assert!(t.container_addrs("eth0").contains("10.91.0.101"), "{}", t.container_addrs("eth0"));
+    assert!(ping(&a.ns(), "10.91.0.101"));
+    assert!(ping(&c, "10.91.0.100"));
+    let r = resolve(&a.ns(), Ipv4Addr::new(10, 91, 0, 3), "j", QTYPE_A).expect("name j");
+    assert!(has_record(&r, &[10, 91, 0, 101]));
+    assert_eq!(n.member_json("n3", "joined")["namespace"], c.as_str());
+
+    n.cli(&["network", "disconnect", "n3", "joined"]).assert_success();
+    // Gone: the interface, the name, the address.
+    let gone = || {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &t.container, "link", "show", "eth0"]);
+        (!run_with_timeout(cmd, Duration::from_secs(5)).success()).then_some(())
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), gone).is_some(),
+        "eth0 still in the namespace"
+    );
+    let r = resolve(&a.ns(), Ipv4Addr::new(10, 91, 0, 3), "joined", QTYPE_A);
+    assert!(r.as_ref().is_none_or(|r| !has_record(r, &[10, 91, 0, 101])), "{r:?}");
+    assert!(!ping(&a.ns(), "10.91.0.101"));
+    // Another member takes the freed address.
+    let b = n.member("n3", "b", &[]);
+    assert_eq!(ip4(&n.member_json("n3", "b")), Ipv4Addr::new(10, 91, 0, 101));
+    drop((a, b));
+}
+
+#[test]
+fn published_port_reaches_the_second_member_with_the_client_address_and_hairpins() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n4", "--subnet", "10.92.0.0/24"]);
+    let a = n.member("n4", "a", &[]);
+    let server_port = 8080;
+    let host_port = 18080 + (std::process::id() % 1000) as u16;
+    let spec = format!("{host_port}:{server_port}");
+    let b = n.member("n4", "b", &["-p", &spec]);
+    let sink = TcpServer::sink(&b.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, server_port));
+    // From the world to H's address: b sees the world's address.
+    in_netns(&t.world_ns(), || upload_to_sink(SocketAddrV4::new(HOST_ADDR, host_port), 7, 4 << 20));
+    assert_eq!(sink.stats.peer_ips(), vec![WORLD_LINK]);
+    // Hairpin: a reaches the published port through its gateway and lands on b.
+    let gw = SocketAddrV4::new(Ipv4Addr::new(10, 92, 0, 2), host_port);
+    in_netns(&a.ns(), || upload_to_sink(gw, 8, 1 << 20));
+    assert_eq!(sink.stats.wait_digests(2, Duration::from_secs(5)).len(), 2);
+    let jb = n.member_json("n4", "b");
+    assert_eq!(jb["published_ports"][0]["host_port"], host_port, "{jb}");
+    drop((a, b));
+}
+
+#[test]
+fn spoofed_addresses_and_macs_are_dropped_and_counted() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n5", "--subnet", "10.93.0.0/24"]);
+    let a = n.member("n5", "a", &[]);
+    let b = n.member("n5", "b", &[]);
+    let echo = UdpEcho::start(&b.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let to_b = SocketAddrV4::new(Ipv4Addr::new(10, 93, 0, 101), echo.addr.port());
+    // a takes a third address and sends from it: dropped at its port.
+    let sh = |ns: &str, cmd: &str| {
+        let mut c = Command::new("nsenter");
+        c.args([&format!("--net={ns}"), "sh", "-c", cmd]);
+        run_with_timeout(c, Duration::from_secs(10))
+    };
+    sh(&a.ns(), "ip addr add 10.93.0.77/24 dev eth0").assert_success();
+    in_netns(&a.ns(), || {
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::new(10, 93, 0, 77), 0));
+        assert!(udp_roundtrip(&s, to_b, b"spoofed", 2).is_err(), "a spoofed source got through");
+    });
+    assert_eq!(echo.stats.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let before = n.member_json("n5", "a")["port_counters"]["drop_spoofed"].as_u64().unwrap();
+    assert!(before >= 2, "spoofed datagrams not counted: {before}");
+    // a takes b's MAC address: its frames are dropped too.
+    sh(&a.ns(), "ip link set eth0 address 02:89:0a:5d:00:65").assert_success();
+    assert!(!ping(&a.ns(), "10.93.0.2"));
+    let after = n.member_json("n5", "a")["port_counters"]["drop_spoofed"].as_u64().unwrap();
+    assert!(after > before, "{before} -> {after}");
+    // b is unaffected.
+    assert!(ping(&b.ns(), "10.93.0.2"));
+    drop((a, b));
+}
+
+#[test]
+fn definitions_persist_and_rm_is_refused_while_in_use() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["keep", "--subnet", "10.94.0.0/24", "--ipv6"]);
+    let f = n.cli(&["network", "create", "keep"]);
+    assert!(!f.success() && f.stderr.contains("exists"), "{f}");
+    let a = n.member("keep", "a", &[]);
+    let f = n.cli(&["network", "rm", "keep"]);
+    assert!(!f.success() && f.stderr.contains("in use"), "{f}");
+    // The member goes: so does the serving process, the definition stays.
+    drop(a);
+    assert!(
+        wait_for(Duration::from_secs(10), || n.log("keep").contains("exiting").then_some(())).is_some(),
+        "{}",
+        n.log("keep")
+    );
+    let ls = n.cli(&["network", "ls"]);
+    assert!(ls.stdout.contains("keep 10.94.0.0/24 fd89::/64"), "{ls}");
+    // A new serving process takes it up again.
+    let b = n.member("keep", "b", &[]);
+    assert_eq!(ip4(&n.member_json("keep", "b")), Ipv4Addr::new(10, 94, 0, 100));
+    n.cli(&["network", "rm", "--force", "keep"]).assert_success();
+    assert!(!n.cli(&["network", "inspect", "keep"]).success());
+    drop(b);
+}
