@@ -140,7 +140,12 @@ impl Members {
 }
 
 impl crate::network::Taps for Members {
-    fn add(&mut self, port: forwarder::PortId, tap: Tap, registry: &mio::Registry) -> io::Result<()> {
+    fn add(
+        &mut self,
+        port: forwarder::PortId,
+        tap: Tap,
+        registry: &mio::Registry,
+    ) -> io::Result<()> {
         registry.register(
             &mut SourceFd(&tap.as_raw_fd()),
             Token(TAPS + port),
@@ -192,7 +197,8 @@ impl api::Control for FwdControl<'_, '_> {
         guest: Option<std::net::Ipv4Addr>,
         port: u16,
     ) -> Result<PortRule, PortError> {
-        self.fwd.add_port(proto, host, guest, port, self.io.registry)
+        self.fwd
+            .add_port(proto, host, guest, port, self.io.registry)
     }
     fn remove(&mut self, id: u32) -> Result<(), PortError> {
         self.fwd.remove_port(id, self.io)
@@ -370,11 +376,7 @@ pub fn start_network(
             ready_fd: None,
             watch: None,
             child: None,
-            isolation: crate::isolation::Isolation {
-                sandbox: false,
-                seccomp: false,
-                keep: Vec::new(),
-            },
+            isolation: crate::isolation::Isolation::default(),
             api_socket: None,
             publish: Vec::new(),
             max_api_clients: 64,
@@ -638,7 +640,10 @@ fn exit_fd_closed(fd: Option<&OwnedFd>) -> bool {
 }
 
 /// Handles pending signals; `Some(status)` when the loop should end.
-pub(crate) fn handle_signals(signals: &SignalFd, mut child: Option<&mut Supervisor>) -> Option<i32> {
+pub(crate) fn handle_signals(
+    signals: &SignalFd,
+    mut child: Option<&mut Supervisor>,
+) -> Option<i32> {
     while let Ok(Some(info)) = signals.read_signal() {
         let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
             continue;

@@ -674,13 +674,21 @@ fn network_connect(
         match netns::open_tap(&attach) {
             Ok(tap) => {
                 network::attach(name, &lease, spec, &tap, &target)?;
-                println!("{} {} {}", ifname, lease.ip, lease.ip6.map_or(String::new(), |a| a.to_string()));
+                println!(
+                    "{} {} {}",
+                    ifname,
+                    lease.ip,
+                    lease.ip6.map_or(String::new(), |a| a.to_string())
+                );
                 return Ok(0);
             }
             Err(e) => last = Some(e),
         }
     }
-    Err(last.map_or_else(|| MainError::Usage("no interface name to try".into()), MainError::from))
+    Err(last.map_or_else(
+        || MainError::Usage("no interface name to try".into()),
+        MainError::from,
+    ))
 }
 
 /// `usernet run --network NAME`: the command's namespace joins the network, whose
@@ -734,7 +742,10 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
             std::os::fd::AsFd::as_fd(&signals),
             nix::poll::PollFlags::POLLIN,
         )];
-        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::NONE));
+        let _ = nix::poll::poll(
+            &mut fds,
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::NONE),
+        );
         if let Some(code) = event_loop::handle_signals(&signals, Some(&mut child)) {
             return Ok(code);
         }

@@ -282,17 +282,27 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
     }
     let free = (0..=255u8).find(|n| {
         let addr = Ipv4Addr::new(10, 89, *n, 0);
-        !defs.iter().any(|d| d.subnet.contains(addr) || {
-            let probe = Network { addr, prefix_len: 24 };
-            probe.contains(d.subnet.addr)
+        !defs.iter().any(|d| {
+            d.subnet.contains(addr) || {
+                let probe = Network {
+                    addr,
+                    prefix_len: 24,
+                };
+                probe.contains(d.subnet.addr)
+            }
         })
     });
     let subnet = match spec.subnet {
         Some(s) => s,
         None => Network {
-            addr: Ipv4Addr::new(10, 89, free.ok_or_else(|| {
-                NetworkError::Usage("no free 10.89.N.0/24 subnet: give --subnet".into())
-            })?, 0),
+            addr: Ipv4Addr::new(
+                10,
+                89,
+                free.ok_or_else(|| {
+                    NetworkError::Usage("no free 10.89.N.0/24 subnet: give --subnet".into())
+                })?,
+                0,
+            ),
             prefix_len: 24,
         },
     };
@@ -485,7 +495,10 @@ pub fn attach(
             })
         })
         .collect();
-    let fd = tap.as_fd().try_clone_to_owned().map_err(io_err("cannot dup the TAP"))?;
+    let fd = tap
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(io_err("cannot dup the TAP"))?;
     request(
         name,
         &json!({"execute": "attach", "arguments": {
@@ -533,7 +546,8 @@ pub fn list() -> Result<Vec<String>, NetworkError> {
             d.name,
             d.subnet.addr,
             d.subnet.prefix_len,
-            d.subnet6.map_or("-".to_owned(), |n| format!("{}/64", n.prefix)),
+            d.subnet6
+                .map_or("-".to_owned(), |n| format!("{}/64", n.prefix)),
             d.internal,
             members
         ));
@@ -779,11 +793,7 @@ impl Server {
     }
 
     /// Accepts and serves the pending connections, one request each.
-    pub fn handle(
-        &mut self,
-        fwd: &mut Forwarder,
-        host: &mut Host<'_>,
-    ) {
+    pub fn handle(&mut self, fwd: &mut Forwarder, host: &mut Host<'_>) {
         loop {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
@@ -893,7 +903,10 @@ impl Server {
             Some(s) => {
                 let a: Ipv4Addr = s.parse().map_err(|_| format!("bad --ip {s:?}"))?;
                 if !net.contains(a) {
-                    return Err(format!("--ip {a} is not in {}/{}", net.addr, net.prefix_len));
+                    return Err(format!(
+                        "--ip {a} is not in {}/{}",
+                        net.addr, net.prefix_len
+                    ));
                 }
                 if taken(a, &self.members) {
                     return Err(format!("--ip {a} is in use or reserved"));
@@ -917,7 +930,10 @@ impl Server {
             (Some(n), Some(s)) => {
                 let a: Ipv6Addr = s.parse().map_err(|_| format!("bad --ip6 {s:?}"))?;
                 if !n.contains(a) || [n.gateway(), n.dns(), n.prefix].contains(&a) {
-                    return Err(format!("--ip6 {a} is not a member address of {}/64", n.prefix));
+                    return Err(format!(
+                        "--ip6 {a} is not a member address of {}/64",
+                        n.prefix
+                    ));
                 }
                 if self.members.values().any(|m| m.v6 == Some(a)) {
                     return Err(format!("--ip6 {a} is in use"));
@@ -954,7 +970,10 @@ impl Server {
                 m.name.eq_ignore_ascii_case(&lower)
                     || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(&lower))
             }) {
-                return Err(format!("name {n:?} is in use in network {:?}", self.def.name));
+                return Err(format!(
+                    "name {n:?} is in use in network {:?}",
+                    self.def.name
+                ));
             }
         }
         let id = self.next_id;
@@ -989,7 +1008,9 @@ impl Server {
         fd: Option<OwnedFd>,
     ) -> Result<Value, String> {
         let fd = fd.ok_or("attach needs the TAP's descriptor")?;
-        let id = args["id"].as_u64().ok_or("attach needs the reservation's id")?;
+        let id = args["id"]
+            .as_u64()
+            .ok_or("attach needs the reservation's id")?;
         let m = self
             .members
             .get_mut(&id)
@@ -1032,7 +1053,9 @@ impl Server {
                     }
                     m.watch = Some(w);
                 }
-                Err(e) => log::warn!("cannot watch {target:?}, the member stays until disconnected: {e}"),
+                Err(e) => {
+                    log::warn!("cannot watch {target:?}, the member stays until disconnected: {e}")
+                }
             }
         }
         let addrs = m.addrs();
@@ -1058,10 +1081,19 @@ impl Server {
                 failed = Some("bad publish rule".to_owned());
                 break;
             };
-            match fwd.add_port(proto, SocketAddr::new(host_ip, hp), Some(v4), gp, host.registry) {
+            match fwd.add_port(
+                proto,
+                SocketAddr::new(host_ip, hp),
+                Some(v4),
+                gp,
+                host.registry,
+            ) {
                 Ok(rule) => rules.push(rule.id),
                 Err(e) => {
-                    failed = Some(format!("cannot publish {} {host_ip}:{hp}: {e}", proto.as_str()));
+                    failed = Some(format!(
+                        "cannot publish {} {host_ip}:{hp}: {e}",
+                        proto.as_str()
+                    ));
                     break;
                 }
             }
@@ -1078,7 +1110,11 @@ impl Server {
 }
 
 /// The slirp4netns-shaped calls, through [`crate::api::execute`].
-fn api_execute(fwd: &mut Forwarder, io: &mut forwarder::Io<'_>, req: &Value) -> Result<Value, String> {
+fn api_execute(
+    fwd: &mut Forwarder,
+    io: &mut forwarder::Io<'_>,
+    req: &Value,
+) -> Result<Value, String> {
     let mut ctl = crate::event_loop::FwdControl { fwd, io };
     let reply = crate::api::execute(req.to_string().as_bytes(), &mut ctl);
     match reply.pointer("/error/desc").and_then(Value::as_str) {

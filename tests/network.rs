@@ -44,21 +44,6 @@ fn marker() -> String {
     format!("41.{}{n:03}", std::process::id())
 }
 
-/// PIDs of the processes whose command line is `sleep MARKER`.
-fn sleepers(marker: &str) -> Vec<u32> {
-    let want = format!("sleep\0{marker}\0");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes()) {
-            found.push(pid);
-        }
-    }
-    found
-}
-
 impl<'t> Nets<'t> {
     fn new(t: &'t Topology) -> Self {
         let cfg = t.tmp.join("config");
@@ -175,8 +160,16 @@ fn three_members_talk_both_families_by_name() {
 
     // ARP and ND between members: ping each way, both families.
     for (from, to) in [(&a, &jb), (&b, &jc), (&c, &ja)] {
-        assert!(ping(&from.ns(), &ip4(to).to_string()), "ping {}", to["name"]);
-        assert!(ping(&from.ns(), &ip6(to).to_string()), "ping6 {}", to["name"]);
+        assert!(
+            ping(&from.ns(), &ip4(to).to_string()),
+            "ping {}",
+            to["name"]
+        );
+        assert!(
+            ping(&from.ns(), &ip6(to).to_string()),
+            "ping6 {}",
+            to["name"]
+        );
     }
     // The gateway answers too.
     assert!(ping(&a.ns(), "10.89.0.2"));
@@ -186,8 +179,7 @@ fn three_members_talk_both_families_by_name() {
     assert!(has_record(&r, &ip4(&jb).octets()), "{r:?}");
     let r = resolve(&b.ns(), dns, "FIRST", QTYPE_AAAA).expect("AAAA first");
     assert!(has_record(&r, &ip6(&ja).octets()), "{r:?}");
-    let rev = format!("50.0.89.10.in-addr.arpa");
-    let r = resolve(&a.ns(), dns, &rev, 12).expect("PTR");
+    let r = resolve(&a.ns(), dns, "50.0.89.10.in-addr.arpa", 12).expect("PTR");
     assert!(has_record(&r, b"\x05gamma\x00"), "{r:?}");
     // The short TTL.
     assert!(has_record(&r, &5u32.to_be_bytes()));
@@ -223,7 +215,10 @@ fn three_members_talk_both_families_by_name() {
 
     // Per-port counters: beta's port moved the upload.
     let jb = n.member_json("n1", "beta");
-    assert!(jb["port_counters"]["tx_bytes"].as_u64().unwrap() > 16 << 20, "{jb}");
+    assert!(
+        jb["port_counters"]["tx_bytes"].as_u64().unwrap() > 16 << 20,
+        "{jb}"
+    );
     drop((a, b, c));
 }
 
@@ -242,18 +237,28 @@ fn networks_are_isolated_and_internal_ones_have_no_way_out() {
     // outer reaches the world and the host's loopback through its gateway.
     in_netns(&o.ns(), || echo_once(world.addr, b"out"));
     in_netns(&o.ns(), || {
-        echo_once(SocketAddrV4::new(Ipv4Addr::new(10, 90, 1, 2), host.addr.port()), b"lo")
+        echo_once(
+            SocketAddrV4::new(Ipv4Addr::new(10, 90, 1, 2), host.addr.port()),
+            b"lo",
+        )
     });
     // But not the other network's members (separate processes: no route between them).
     assert!(!ping(&o.ns(), "10.90.2.100"));
     let sink = TcpServer::sink(&i1.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     in_netns(&o.ns(), || {
-        assert!(connect(SocketAddrV4::new(Ipv4Addr::new(10, 90, 2, 100), sink.addr.port())).is_err())
+        assert!(connect(SocketAddrV4::new(
+            Ipv4Addr::new(10, 90, 2, 100),
+            sink.addr.port()
+        ))
+        .is_err())
     });
 
     // inner: no world, no host loopback; members and names only.
     in_netns(&i1.ns(), || {
-        assert!(connect(world.addr).is_err(), "internal network reached the world");
+        assert!(
+            connect(world.addr).is_err(),
+            "internal network reached the world"
+        );
         let gw = SocketAddrV4::new(Ipv4Addr::new(10, 90, 2, 2), host.addr.port());
         assert!(connect(gw).is_err(), "internal network reached the host");
     });
@@ -261,7 +266,13 @@ fn networks_are_isolated_and_internal_ones_have_no_way_out() {
     in_netns(&i2.ns(), || upload_to_sink(to_i1, 6, 1 << 20));
     let r = resolve(&i2.ns(), Ipv4Addr::new(10, 90, 2, 3), "i1", QTYPE_A).expect("name");
     assert!(has_record(&r, &[10, 90, 2, 100]));
-    assert_eq!(world.stats.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        world
+            .stats
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
 }
 
 #[test]
@@ -271,16 +282,23 @@ fn connect_and_disconnect_a_running_namespace() {
     n.create(&["n3", "--subnet", "10.91.0.0/24"]);
     let a = n.member("n3", "a", &[]);
     let c = t.container_ns();
-    let f = n.cli(&["network", "connect", "n3", &c, "--name", "joined", "--alias", "j"]);
+    let f = n.cli(&[
+        "network", "connect", "n3", &c, "--name", "joined", "--alias", "j",
+    ]);
     f.assert_success();
-    assert!(t.container_addrs("eth0").contains("10.91.0.101"), "{}", t.container_addrs("eth0"));
+    assert!(
+        t.container_addrs("eth0").contains("10.91.0.101"),
+        "{}",
+        t.container_addrs("eth0")
+    );
     assert!(ping(&a.ns(), "10.91.0.101"));
     assert!(ping(&c, "10.91.0.100"));
     let r = resolve(&a.ns(), Ipv4Addr::new(10, 91, 0, 3), "j", QTYPE_A).expect("name j");
     assert!(has_record(&r, &[10, 91, 0, 101]));
     assert_eq!(n.member_json("n3", "joined")["namespace"], c.as_str());
 
-    n.cli(&["network", "disconnect", "n3", "joined"]).assert_success();
+    n.cli(&["network", "disconnect", "n3", "joined"])
+        .assert_success();
     // Gone: the interface, the name, the address.
     let gone = || {
         let mut cmd = Command::new("ip");
@@ -292,11 +310,17 @@ fn connect_and_disconnect_a_running_namespace() {
         "eth0 still in the namespace"
     );
     let r = resolve(&a.ns(), Ipv4Addr::new(10, 91, 0, 3), "joined", QTYPE_A);
-    assert!(r.as_ref().is_none_or(|r| !has_record(r, &[10, 91, 0, 101])), "{r:?}");
+    assert!(
+        r.as_ref().is_none_or(|r| !has_record(r, &[10, 91, 0, 101])),
+        "{r:?}"
+    );
     assert!(!ping(&a.ns(), "10.91.0.101"));
     // Another member takes the freed address.
     let b = n.member("n3", "b", &[]);
-    assert_eq!(ip4(&n.member_json("n3", "b")), Ipv4Addr::new(10, 91, 0, 101));
+    assert_eq!(
+        ip4(&n.member_json("n3", "b")),
+        Ipv4Addr::new(10, 91, 0, 101)
+    );
     drop((a, b));
 }
 
@@ -310,9 +334,14 @@ fn published_port_reaches_the_second_member_with_the_client_address_and_hairpins
     let host_port = 18080 + (std::process::id() % 1000) as u16;
     let spec = format!("{host_port}:{server_port}");
     let b = n.member("n4", "b", &["-p", &spec]);
-    let sink = TcpServer::sink(&b.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, server_port));
+    let sink = TcpServer::sink(
+        &b.ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, server_port),
+    );
     // From the world to H's address: b sees the world's address.
-    in_netns(&t.world_ns(), || upload_to_sink(SocketAddrV4::new(HOST_ADDR, host_port), 7, 4 << 20));
+    in_netns(&t.world_ns(), || {
+        upload_to_sink(SocketAddrV4::new(HOST_ADDR, host_port), 7, 4 << 20)
+    });
     assert_eq!(sink.stats.peer_ips(), vec![WORLD_LINK]);
     // Hairpin: a reaches the published port through its gateway and lands on b.
     let gw = SocketAddrV4::new(Ipv4Addr::new(10, 92, 0, 2), host_port);
@@ -341,15 +370,27 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
     sh(&a.ns(), "ip addr add 10.93.0.77/24 dev eth0").assert_success();
     in_netns(&a.ns(), || {
         let s = udp_socket(SocketAddrV4::new(Ipv4Addr::new(10, 93, 0, 77), 0));
-        assert!(udp_roundtrip(&s, to_b, b"spoofed", 2).is_err(), "a spoofed source got through");
+        assert!(
+            udp_roundtrip(&s, to_b, b"spoofed", 2).is_err(),
+            "a spoofed source got through"
+        );
     });
-    assert_eq!(echo.stats.accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
-    let before = n.member_json("n5", "a")["port_counters"]["drop_spoofed"].as_u64().unwrap();
+    assert_eq!(
+        echo.stats
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let before = n.member_json("n5", "a")["port_counters"]["drop_spoofed"]
+        .as_u64()
+        .unwrap();
     assert!(before >= 2, "spoofed datagrams not counted: {before}");
     // a takes b's MAC address: its frames are dropped too.
     sh(&a.ns(), "ip link set eth0 address 02:89:0a:5d:00:65").assert_success();
     assert!(!ping(&a.ns(), "10.93.0.2"));
-    let after = n.member_json("n5", "a")["port_counters"]["drop_spoofed"].as_u64().unwrap();
+    let after = n.member_json("n5", "a")["port_counters"]["drop_spoofed"]
+        .as_u64()
+        .unwrap();
     assert!(after > before, "{before} -> {after}");
     // b is unaffected.
     assert!(ping(&b.ns(), "10.93.0.2"));
@@ -369,7 +410,11 @@ fn definitions_persist_and_rm_is_refused_while_in_use() {
     // The member goes: so does the serving process, the definition stays.
     drop(a);
     assert!(
-        wait_for(Duration::from_secs(10), || n.log("keep").contains("exiting").then_some(())).is_some(),
+        wait_for(Duration::from_secs(10), || n
+            .log("keep")
+            .contains("exiting")
+            .then_some(()))
+        .is_some(),
         "{}",
         n.log("keep")
     );
@@ -377,8 +422,12 @@ fn definitions_persist_and_rm_is_refused_while_in_use() {
     assert!(ls.stdout.contains("keep 10.94.0.0/24 fd89::/64"), "{ls}");
     // A new serving process takes it up again.
     let b = n.member("keep", "b", &[]);
-    assert_eq!(ip4(&n.member_json("keep", "b")), Ipv4Addr::new(10, 94, 0, 100));
-    n.cli(&["network", "rm", "--force", "keep"]).assert_success();
+    assert_eq!(
+        ip4(&n.member_json("keep", "b")),
+        Ipv4Addr::new(10, 94, 0, 100)
+    );
+    n.cli(&["network", "rm", "--force", "keep"])
+        .assert_success();
     assert!(!n.cli(&["network", "inspect", "keep"]).success());
     drop(b);
 }

@@ -20,23 +20,6 @@ fn marker(n: u32) -> String {
     format!("40.{}{n}", std::process::id())
 }
 
-/// PIDs of the processes whose command line is `sleep MARKER`.
-fn sleepers(marker: &str) -> Vec<u32> {
-    let want = format!("sleep\0{marker}\0");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            if cmdline == want.as_bytes() {
-                found.push(pid);
-            }
-        }
-    }
-    found
-}
-
 /// Kills leftovers (by PID) so that a failing test does not leave them running.
 struct Leftovers(String);
 

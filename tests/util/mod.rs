@@ -2555,6 +2555,23 @@ pub fn open_tap_in(ns_path: &str, name: &str) -> OwnedFd {
     })
 }
 
+/// PIDs of the processes whose command line is `sleep MARKER`.
+pub fn sleepers(marker: &str) -> Vec<u32> {
+    let want = format!("sleep\0{marker}\0");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            if cmdline == want.as_bytes() {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
 /// Polls `f` every 20 ms until it returns `Some` or `t` passes.
 pub fn wait_for<R>(t: Duration, mut f: impl FnMut() -> Option<R>) -> Option<R> {
     let end = Instant::now() + t;
