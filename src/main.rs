@@ -342,6 +342,13 @@ fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
         for (name, value) in body.as_object().unwrap_or(&empty) {
             println!("{section}.{name} {value}");
         }
+        // A network's members: their ports' counters.
+        for member in body.as_array().into_iter().flatten() {
+            let who = member["name"].as_str().unwrap_or("?");
+            for (name, value) in member["port_counters"].as_object().unwrap_or(&empty) {
+                println!("{section}.{who}.{name} {value}");
+            }
+        }
     }
     Ok(0)
 }

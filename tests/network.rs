@@ -213,11 +213,26 @@ fn three_members_talk_both_families_by_name() {
         udp_roundtrip6(&s, to_c6, &pattern(5, 1200), 3).expect("udp6 echo");
     });
 
-    // Per-port counters: beta's port moved the upload.
+    // Per-port counters: beta's port moved the upload; `usernet stats` on the network's
+    // socket shows them per member.
     let jb = n.member_json("n1", "beta");
     assert!(
         jb["port_counters"]["tx_bytes"].as_u64().unwrap() > 16 << 20,
         "{jb}"
+    );
+    let sock = n.run.join("usernet").join("n1.sock");
+    let stats = n.cli(&["stats", "-a", sock.to_str().unwrap()]);
+    stats.assert_success();
+    let line = stats
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("members.beta.tx_bytes "))
+        .unwrap_or_else(|| panic!("no per-member counters: {stats}"));
+    let bytes: u64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(bytes > 16 << 20, "{line}");
+    assert!(
+        stats.stdout.contains("counters.switched_frames "),
+        "{stats}"
     );
     drop((a, b, c));
 }
@@ -430,4 +445,46 @@ fn definitions_persist_and_rm_is_refused_while_in_use() {
         .assert_success();
     assert!(!n.cli(&["network", "inspect", "keep"]).success());
     drop(b);
+}
+
+#[test]
+fn a_member_killed_mid_transfer_leaves_the_others_going() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n6", "--subnet", "10.95.0.0/24"]);
+    let server = n.member("n6", "server", &[]);
+    let doomed = n.member("n6", "doomed", &[]);
+    let steady = n.member("n6", "steady", &[]);
+    let sink = TcpServer::sink(&server.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 95, 0, 100), sink.addr.port());
+    // doomed streams without end; it is killed while steady's transfer runs.
+    let doomed_ns = doomed.ns();
+    let _stream = std::thread::spawn(move || {
+        in_netns(&doomed_ns, || {
+            if let Ok(mut s) = connect(to) {
+                let _ = send_pattern(&mut s, 9, 1 << 40);
+            }
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let steady_ns = steady.ns();
+    let upload =
+        std::thread::spawn(move || in_netns(&steady_ns, || upload_to_sink(to, 10, 64 << 20)));
+    std::thread::sleep(Duration::from_millis(100));
+    drop(doomed);
+    upload.join().expect("steady's upload");
+    // The doomed member is gone: its address, name and port.
+    let gone = wait_for(Duration::from_secs(5), || {
+        n.inspect("n6")["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 2)
+            .then_some(())
+    });
+    assert!(gone.is_some(), "{}", n.inspect("n6"));
+    assert!(
+        n.log("n6").contains("member doomed (10.95.0.101) left"),
+        "{}",
+        n.log("n6")
+    );
+    drop((server, steady));
 }
