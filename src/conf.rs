@@ -460,7 +460,8 @@ pub struct RunArgs {
     pub macaddress: Option<[u8; 6]>,
 
     /// Attach the command to this network (see `usernet network`) instead of a private
-    /// one: its own address on the network's subnet, names, shared NAT.
+    /// one: its own address on the network's subnet, names, shared NAT. `none`: only
+    /// `lo`; `host`: usernet's own network namespace; `container:PID`: PID's.
     #[arg(long, value_name = "NAME")]
     pub network: Option<String>,
 

@@ -244,8 +244,33 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
 }
 
 fn run_mode(args: RunArgs) -> Result<i32, MainError> {
-    if let Some(name) = args.network.clone() {
-        return run_network(args, &name);
+    let special = args
+        .network
+        .as_deref()
+        .is_some_and(|n| n == "none" || n == "host" || n.starts_with("container:"));
+    let member_opts = args.member_name.is_some()
+        || !args.aliases.is_empty()
+        || args.ip.is_some()
+        || args.ip6.is_some()
+        || !args.net.publish.is_empty();
+    if special && member_opts {
+        return Err(MainError::Usage(
+            "--name, --alias, --ip, --ip6 and -p need a usernet network, not --network none|host|container:PID".into(),
+        ));
+    }
+    match args.network.as_deref() {
+        None => {}
+        Some("none") => return run_without_network(args),
+        Some("host") => return run_in_place(&args.command, None),
+        Some(spec) if spec.starts_with("container:") => {
+            let who = &spec["container:".len()..];
+            let pid = parse_fd(who, "container PID")?;
+            return run_in_place(&args.command, Some(&Target::Pid(pid)));
+        }
+        Some(name) => {
+            let name = name.to_owned();
+            return run_network(args, &name);
+        }
     }
     let net = &args.net.cidr;
     let ipv6 = !args.disable_ipv6 && args.net.mtu >= 1280;
@@ -736,24 +761,31 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
     // The network's process holds the TAP now: it goes away with the namespace.
     drop(tap);
     hold.release()?;
-    let mut child = pidns::Supervisor::new(
-        pid,
-        std::time::Duration::from_secs(args.stop_timeout.into()),
-    );
+    supervise(&signals, pid, args.stop_timeout)
+}
+
+/// Passes signals on to the command and waits for it; its exit status.
+fn supervise(
+    signals: &nix::sys::signalfd::SignalFd,
+    pid: nix::unistd::Pid,
+    stop_timeout: u32,
+) -> Result<i32, MainError> {
+    let mut child =
+        pidns::Supervisor::new(pid, std::time::Duration::from_secs(stop_timeout.into()));
     loop {
         let timeout = child
             .poll_timeout()
             .map(|at| at.saturating_duration_since(std::time::Instant::now()));
         let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
         let mut fds = [nix::poll::PollFd::new(
-            std::os::fd::AsFd::as_fd(&signals),
+            std::os::fd::AsFd::as_fd(signals),
             nix::poll::PollFlags::POLLIN,
         )];
         let _ = nix::poll::poll(
             &mut fds,
             nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::NONE),
         );
-        if let Some(code) = event_loop::handle_signals(&signals, Some(&mut child)) {
+        if let Some(code) = event_loop::handle_signals(signals, Some(&mut child)) {
             return Ok(code);
         }
         child.handle_timeout(std::time::Instant::now());
@@ -813,4 +845,45 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
     fwd.set_network(network::MEMBER_FLOWS, def.internal);
     let signals = event_loop::signal_fd(false)?;
     Ok(event_loop::start_network(server, fwd, signals)?.run()?)
+}
+
+/// `usernet run --network none`: the command's own namespaces with only `lo` (its TAP is
+/// closed, so the device goes, before the command starts).
+fn run_without_network(args: RunArgs) -> Result<i32, MainError> {
+    let spec = RunSpec {
+        cmd: args.command.clone(),
+        tap_name: "tap0".into(),
+        vnet_hdr: false,
+        link: link_config(
+            &args.net.cidr,
+            args.net.cidr6,
+            args.net.mtu,
+            "tap0",
+            None,
+            false,
+        ),
+        resolv_conf: String::new(),
+    };
+    let signals = event_loop::signal_fd(true)?;
+    let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;
+    drop(tap);
+    hold.release()?;
+    supervise(&signals, pid, args.stop_timeout)
+}
+
+/// `usernet run --network host|container:PID`: the command runs in usernet's place, in
+/// usernet's own network namespace (`host`) or in the process `PID`'s (joined first).
+fn run_in_place(cmd: &[std::ffi::OsString], target: Option<&Target>) -> Result<i32, MainError> {
+    use std::os::unix::process::CommandExt;
+    let Some((prog, rest)) = cmd.split_first() else {
+        return Err(MainError::Usage("no command to run".into()));
+    };
+    if let Some(target) = target {
+        netns::join(target)?;
+    }
+    let err = std::process::Command::new(prog).args(rest).exec();
+    Err(MainError::Io {
+        what: format!("cannot run {}", prog.to_string_lossy()),
+        source: err,
+    })
 }

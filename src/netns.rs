@@ -698,6 +698,22 @@ fn setup_run(spec: &RunSpec, ids: IdMaps, resolv_conf: &Path) -> Result<Tap, Ste
     Ok(tap)
 }
 
+/// Joins `target`'s network namespace (and its user namespace first, for a process that
+/// is not in ours), in this process: for `usernet run --network container:PID`, before
+/// the command is executed in place. usernet must still be single-threaded.
+///
+/// # Errors
+/// [`NetnsError::Helper`] naming the namespace that could not be joined.
+pub fn join(target: &Target) -> Result<(), NetnsError> {
+    join_namespaces(&target.netns_path(), target.userns_path(None).as_deref()).map_err(|err| {
+        let (message, errno) = flatten(&err);
+        NetnsError::Helper {
+            message,
+            source: errno.map(io::Error::from_raw_os_error),
+        }
+    })
+}
+
 /// Blocks until the parent writes a byte (true) or closes the pipe (false).
 fn wait_release(fd: BorrowedFd<'_>) -> bool {
     let mut byte = [0u8; 1];

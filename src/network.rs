@@ -170,6 +170,8 @@ impl Def {
 
 fn check_name(name: &str) -> Result<(), NetworkError> {
     let ok = !name.is_empty()
+        && !["none", "host"].contains(&name)
+        && !name.contains(':')
         && name.len() <= 63
         && !name.starts_with('.')
         && name

@@ -488,3 +488,43 @@ fn a_member_killed_mid_transfer_leaves_the_others_going() {
     );
     drop((server, steady));
 }
+
+#[test]
+fn run_modes_none_host_and_container() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    // none: only lo.
+    let f = n.cli(&["run", "--network", "none", "--", "ip", "-o", "link"]);
+    f.assert_success();
+    assert_eq!(f.stdout.lines().count(), 1, "{f}");
+    assert!(f.stdout.contains(": lo:"), "{f}");
+    // host: usernet's own network namespace (H here).
+    let f = n.cli(&["run", "--network", "host", "--", "ip", "-o", "addr"]);
+    f.assert_success();
+    assert!(f.stdout.contains(&HOST_ADDR.to_string()), "{f}");
+    // container:PID: a member's namespace, with its address, reaching another member.
+    n.create(&["n7", "--subnet", "10.96.0.0/24"]);
+    let a = n.member("n7", "a", &[]);
+    let b = n.member("n7", "b", &[]);
+    let spec = format!("container:{}", a.pid);
+    let f = n.cli(&[
+        "run",
+        "--network",
+        &spec,
+        "--",
+        "sh",
+        "-c",
+        "ip -o addr; ping -c 1 -W 2 10.96.0.101",
+    ]);
+    f.assert_success();
+    assert!(f.stdout.contains("10.96.0.100/24"), "{f}");
+    // Member options make no sense there.
+    let f = n.cli(&["run", "--network", "none", "--name", "x", "--", "true"]);
+    assert!(
+        !f.success() && f.stderr.contains("need a usernet network"),
+        "{f}"
+    );
+    let f = n.cli(&["network", "create", "host"]);
+    assert!(!f.success(), "{f}");
+    drop((a, b));
+}
