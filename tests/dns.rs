@@ -271,3 +271,83 @@ fn dns_follows_resolv_conf_changes_with_sandbox_and_seccomp() {
 fn thread_sleep(d: Duration) {
     std::thread::sleep(d);
 }
+
+/// systemd-resolved's and NetworkManager's way: `/etc/resolv.conf` is a symbolic link to a
+/// file under `/run` that is replaced by rename. The sandbox keeps `/run` live, and the
+/// watch on that directory notices the new file: the switch happens within a second.
+#[test]
+fn dns_follows_a_resolv_conf_symlink_into_run_replaced_by_rename() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("unshare") {
+        return;
+    }
+    let first = DnsServer::start(&t);
+    let second = DnsServer::start_at(
+        &t.host_ns(),
+        SocketAddrV4::new(std::net::Ipv4Addr::new(127, 0, 0, 2), 53),
+    );
+    let dir = std::path::PathBuf::from(format!("/run/usernet-test-{}", t.host));
+    std::fs::create_dir_all(&dir).expect("mkdir under /run");
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    let real = dir.join("resolv.conf");
+    std::fs::write(&real, "nameserver 127.0.0.1\n").expect("write");
+    // usernet's own mount namespace: /etc a tmpfs whose resolv.conf links into /run.
+    let cache = t.tmp.join("ld.so.cache");
+    let _ = std::fs::copy("/etc/ld.so.cache", &cache);
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /etc; \
+         if [ -e {cache} ]; then cp {cache} /etc/ld.so.cache; fi; \
+         ln -s {real} /etc/resolv.conf; exec \"$@\"",
+        cache = cache.display(),
+        real = real.display()
+    );
+    let mut u = UsernetCmd::new(&t)
+        .wrap([
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script.as_str(),
+            "sh",
+        ])
+        .args(["-c", "--enable-sandbox", "--enable-seccomp"])
+        .start();
+    let sock = t.in_container(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        s
+    });
+    let resolve = |id: u16| {
+        sock.send_to(&dns_query(id, DNS_NAME, QTYPE_A), forwarder())
+            .expect("send");
+        let mut buf = [0u8; 1500];
+        let n = sock.recv(&mut buf).ok()?;
+        parse_dns(&buf[..n]).filter(|r| r.id == id && r.a == vec![WORLD])
+    };
+    t.in_container(|| assert!(resolve(1).is_some(), "no answer before the change"));
+    assert_eq!(first.udp_queries.load(Ordering::SeqCst), 1);
+
+    let new = dir.join(".resolv.conf.new");
+    std::fs::write(&new, "nameserver 127.0.0.2\n").expect("write");
+    std::fs::rename(&new, &real).expect("rename");
+    let t0 = std::time::Instant::now();
+    let switched = t.in_container(|| {
+        (2..60u16).find_map(|id| {
+            thread_sleep(Duration::from_millis(50));
+            resolve(id)?;
+            (second.udp_queries.load(Ordering::SeqCst) > 0).then(|| t0.elapsed())
+        })
+    });
+    let took = switched.expect("the forwarder never asked the new nameserver");
+    assert!(took < Duration::from_secs(1), "switched after {took:.2?}");
+    u.assert_running();
+}
