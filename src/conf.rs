@@ -73,6 +73,16 @@ pub enum Command {
     Stats(StatsArgs),
     /// Manage networks: many namespaces on one user-space switch.
     Network(NetworkArgs),
+    /// List the usernet runs that are running (their API sockets), with their ports.
+    Ps(PsArgs),
+}
+
+/// `usernet ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print usernet's version and exit.
+    #[arg(short = 'v', long = "version")]
+    pub version: bool,
 }
 
 /// `usernet network`.
@@ -172,14 +182,14 @@ pub struct StatsArgs {
     #[arg(short = 'v', long = "version")]
     pub version: bool,
 
-    /// The API socket of the running usernet (its --api-socket).
-    #[arg(
-        short = 'a',
-        long,
-        value_name = "PATH",
-        required_unless_present = "version"
-    )]
+    /// The API socket of the running usernet (its --api-socket); default: the run named
+    /// by --name, else the only usernet run running.
+    #[arg(short = 'a', long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// The usernet run of this --name.
+    #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
+    pub name: Option<String>,
 
     /// Print the raw JSON reply.
     #[arg(long)]
@@ -193,14 +203,14 @@ pub struct PortsArgs {
     #[arg(short = 'v', long = "version")]
     pub version: bool,
 
-    /// The API socket of the running usernet (its --api-socket).
-    #[arg(
-        short = 'a',
-        long,
-        value_name = "PATH",
-        required_unless_present = "version"
-    )]
+    /// The API socket of the running usernet (its --api-socket); default: the run named
+    /// by --name, else the only usernet run running.
+    #[arg(short = 'a', long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// The usernet run of this --name.
+    #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
+    pub name: Option<String>,
 
     /// What to do (required unless -v/--version).
     #[command(subcommand)]
@@ -465,8 +475,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub network: Option<String>,
 
-    /// With --network: the command's name in the network's DNS.
-    #[arg(long = "name", value_name = "NAME", requires = "network")]
+    /// Name of this run: its API socket is $XDG_RUNTIME_DIR/usernet/NAME.sock (as root
+    /// without XDG_RUNTIME_DIR: /run/usernet/NAME.sock) unless -a is given; `usernet
+    /// ports`, `stats` and `ps` find it by this name. Default: usernet's PID. With
+    /// --network also the command's name in the network's DNS.
+    #[arg(long = "name", value_name = "NAME", value_parser = crate::runs::parse_name)]
     pub member_name: Option<String>,
 
     /// With --network: more names for it (repeatable).

@@ -101,6 +101,8 @@ pub struct Extras {
     pub isolation: crate::isolation::Isolation,
     /// `--api-socket`.
     pub api_socket: Option<std::path::PathBuf>,
+    /// What `get_info` answers: mode, pid, and in run mode the name and command.
+    pub info: serde_json::Value,
     /// `-p` rules, published before ready.
     pub publish: Vec<Publish>,
     /// `--max-api-clients`.
@@ -187,6 +189,36 @@ pub(crate) struct FwdControl<'a, 'io> {
     pub fwd: &'a mut Forwarder,
     /// The host side.
     pub io: &'a mut Io<'io>,
+}
+
+/// [`FwdControl`] plus what `get_info` answers.
+struct InfoControl<'c, 'a, 'io> {
+    inner: FwdControl<'a, 'io>,
+    info: &'c serde_json::Value,
+}
+
+impl api::Control for InfoControl<'_, '_, '_> {
+    fn add(
+        &mut self,
+        proto: Proto,
+        host: std::net::SocketAddr,
+        guest: Option<std::net::Ipv4Addr>,
+        port: u16,
+    ) -> Result<PortRule, PortError> {
+        self.inner.add(proto, host, guest, port)
+    }
+    fn remove(&mut self, id: u32) -> Result<(), PortError> {
+        self.inner.remove(id)
+    }
+    fn list(&self) -> Vec<PortRule> {
+        self.inner.list()
+    }
+    fn stats(&self) -> serde_json::Value {
+        self.inner.stats()
+    }
+    fn info(&self) -> serde_json::Value {
+        self.info.clone()
+    }
 }
 
 impl api::Control for FwdControl<'_, '_> {
@@ -378,6 +410,7 @@ pub fn start_network(
             child: None,
             isolation: crate::isolation::Isolation::default(),
             api_socket: None,
+            info: serde_json::Value::Null,
             publish: Vec::new(),
             max_api_clients: 64,
             busy_poll: std::time::Duration::from_micros(50),
@@ -516,9 +549,12 @@ impl Running {
                                 registry: poll.registry(),
                                 tap: &mut members,
                             };
-                            let mut ctl = FwdControl {
-                                fwd: &mut fwd,
-                                io: &mut io,
+                            let mut ctl = InfoControl {
+                                inner: FwdControl {
+                                    fwd: &mut fwd,
+                                    io: &mut io,
+                                },
+                                info: &extras.info,
                             };
                             a.handle(token, poll.registry(), &mut ctl);
                         }

@@ -229,3 +229,133 @@ fn unusable_api_socket_stops_usernet_before_the_command_runs() {
     assert!(!Path::new(&path).parent().unwrap().exists());
     assert_setup_failure_stops_the_command(&t, &["-a", path.to_str().unwrap()], "api.sock");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The control API without asking: $XDG_RUNTIME_DIR/usernet/NAME.sock, `ports`, `stats`, `ps`
+// ---------------------------------------------------------------------------------------------
+
+/// A private `$XDG_RUNTIME_DIR` for one test, so that runs of other tests stay out of it.
+fn runtime_env(t: &Topology) -> (std::path::PathBuf, Vec<String>) {
+    let xdg = t.tmp.join("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    let wrap = vec![
+        "env".to_owned(),
+        format!("XDG_RUNTIME_DIR={}", xdg.display()),
+    ];
+    (xdg.join("usernet"), wrap)
+}
+
+/// Runs a client subcommand (`ports list`, `stats`, `ps`) with the test's runtime dir.
+fn client(t: &Topology, wrap: &[String], args: &[&str]) -> Finished {
+    UsernetCmd::new(t)
+        .wrap(wrap)
+        .target(args)
+        .output(Duration::from_secs(20))
+}
+
+#[test]
+fn run_serves_its_api_under_its_name_and_clients_find_it() {
+    let Some(t) = Topology::new() else { return };
+    let (dir, wrap) = runtime_env(&t);
+    let m = marker(7);
+    let _guard = Leftovers(m.clone());
+    let script = format!("sleep {m} & wait");
+    let mut u = run_cmd(&t, &["--name", "web", "-p", "127.0.0.1:18080:80"], &script)
+        .wrap(&wrap)
+        .spawn();
+    let up = wait_for(Duration::from_secs(20), || {
+        (!sleepers(&m).is_empty()).then_some(())
+    });
+    assert!(up.is_some(), "the command never started:\n{}", u.stderr());
+    let socket = dir.join("web.sock");
+    assert!(socket.exists(), "no API socket {}", socket.display());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+
+    // The only run: found without -a or --name.
+    let f = client(&t, &wrap, &["ports", "list"]);
+    assert!(f.success(), "{f}");
+    assert!(
+        f.stdout.contains("tcp 127.0.0.1:18080 -> 10.0.2.100:80"),
+        "{f}"
+    );
+    let f = client(&t, &wrap, &["stats", "--name", "web"]);
+    assert!(f.success(), "{f}");
+    assert!(f.stdout.contains("flows.published_ports 1"), "{f}");
+
+    // A stale socket (its usernet died) is cleaned away by `ps`, which lists the live run.
+    drop(std::os::unix::net::UnixListener::bind(dir.join("dead.sock")).unwrap());
+    let f = client(&t, &wrap, &["ps"]);
+    assert!(f.success(), "{f}");
+    let line = f
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("{f}"));
+    assert_eq!(
+        line,
+        format!("web {} 127.0.0.1:18080->80/tcp sh -c {script}", u.pid),
+        "{f}"
+    );
+    assert!(!f.stdout.contains("dead"), "{f}");
+    assert!(
+        !dir.join("dead.sock").exists(),
+        "the stale socket is still there"
+    );
+
+    // The name is taken while it runs: refused before the command could run.
+    let other = t.tmp.join("second-ran");
+    let f = UsernetCmd::new(&t)
+        .wrap(&wrap)
+        .target([
+            "run",
+            "--name",
+            "web",
+            "--",
+            "touch",
+            other.to_str().unwrap(),
+        ])
+        .output(Duration::from_secs(20));
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(
+        f.stderr.contains("usernet named web is running already"),
+        "{f}"
+    );
+    assert!(!other.exists());
+
+    // Two runs: a client without --name says which there are.
+    let m2 = marker(8);
+    let _guard2 = Leftovers(m2.clone());
+    let mut u2 = run_cmd(&t, &[], &format!("sleep {m2} & wait"))
+        .wrap(&wrap)
+        .spawn();
+    let up = wait_for(Duration::from_secs(20), || {
+        (!sleepers(&m2).is_empty()).then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "the second command never started:\n{}",
+        u2.stderr()
+    );
+    // Its default name is its PID.
+    assert!(dir.join(format!("{}.sock", u2.pid)).exists());
+    let f = client(&t, &wrap, &["stats"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(
+        f.stderr.contains("several usernet runs")
+            && f.stderr.contains("web")
+            && f.stderr.contains("--name"),
+        "{f}"
+    );
+
+    // Socket files go when their runs end.
+    u.signal(Signal::SIGTERM);
+    u2.signal(Signal::SIGTERM);
+    assert_exit(&mut u, Duration::from_secs(10), 143);
+    assert_exit(&mut u2, Duration::from_secs(10), 143);
+    assert!(!socket.exists());
+    let f = client(&t, &wrap, &["ports", "list"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(f.stderr.contains("no usernet run is running"), "{f}");
+}
