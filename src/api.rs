@@ -160,9 +160,16 @@ fn add_hostfwd<'v>(arg: &dyn Fn(&str) -> Option<&'v Value>, ctl: &mut dyn Contro
         Err(PortError::Invalid(_)) if guest_addr.is_some() => {
             error("bad request: add_hostfwd: bad arguments.guest_addr")
         }
-        Err(e) => error(&format!(
-            "bad request: add_hostfwd: slirp_add_hostfwd failed: {e}"
-        )),
+        Err(e) => {
+            // The whole chain: the OS error says why (slirp4netns's text stays the prefix).
+            let mut desc = format!("bad request: add_hostfwd: slirp_add_hostfwd failed: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                desc.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            error(&desc)
+        }
     }
 }
 

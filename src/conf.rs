@@ -240,8 +240,9 @@ pub enum PortsAction {
 pub struct Publish {
     /// TCP or UDP.
     pub proto: Proto,
-    /// Host address to listen on.
-    pub host_ip: IpAddr,
+    /// Host address to listen on; `None`: every address, `0.0.0.0` and also `[::]`
+    /// where IPv6 is on (as Docker does).
+    pub host_ip: Option<IpAddr>,
     /// First host port.
     pub host_port: u16,
     /// First container port.
@@ -251,6 +252,19 @@ pub struct Publish {
 }
 
 impl Publish {
+    /// The host addresses to listen on: the one given, else `0.0.0.0`, and `::` too
+    /// when `ipv6`.
+    pub fn host_addrs(&self, ipv6: bool) -> Vec<IpAddr> {
+        match self.host_ip {
+            Some(ip) => vec![ip],
+            None if ipv6 => vec![
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            ],
+            None => vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+        }
+    }
+
     /// (host port, container port) pairs.
     pub fn pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
         (0..self.count).map(|i| (self.host_port + i, self.guest_port + i))
@@ -281,13 +295,13 @@ pub fn parse_publish(s: &str) -> Result<Publish, String> {
     };
     let (host_ip, ports) = if let Some(v6) = rest.strip_prefix('[') {
         let (ip, ports) = v6.split_once("]:").ok_or_else(bad)?;
-        (IpAddr::V6(ip.parse().map_err(|_| bad())?), ports)
+        (Some(IpAddr::V6(ip.parse().map_err(|_| bad())?)), ports)
     } else {
         match rest.matches(':').count() {
-            1 => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), rest),
+            1 => (None, rest),
             2 => {
                 let (ip, ports) = rest.split_once(':').ok_or_else(bad)?;
-                (IpAddr::V4(ip.parse().map_err(|_| bad())?), ports)
+                (Some(IpAddr::V4(ip.parse().map_err(|_| bad())?)), ports)
             }
             _ => return Err(bad()),
         }
@@ -812,8 +826,15 @@ mod tests {
         let p = parse_publish("8080:80").unwrap();
         assert_eq!(
             (p.proto, p.host_ip, p.host_port, p.guest_port, p.count),
-            (Proto::Tcp, "0.0.0.0".parse().unwrap(), 8080, 80, 1)
+            (Proto::Tcp, None, 8080, 80, 1)
         );
+        assert_eq!(p.host_addrs(false), ["0.0.0.0".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            p.host_addrs(true),
+            ["0.0.0.0".parse::<IpAddr>().unwrap(), "::".parse().unwrap()]
+        );
+        let p = parse_publish("0.0.0.0:8080:80").unwrap();
+        assert_eq!(p.host_addrs(true), ["0.0.0.0".parse::<IpAddr>().unwrap()]);
         let p = parse_publish("127.0.0.1:5300-5302:53/udp").unwrap();
         assert_eq!(
             p.pairs().collect::<Vec<_>>(),
@@ -821,7 +842,8 @@ mod tests {
         );
         assert_eq!(p.proto, Proto::Udp);
         let p = parse_publish("[::1]:8080-8081:80-81").unwrap();
-        assert_eq!(p.host_ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(p.host_ip, Some("::1".parse::<IpAddr>().unwrap()));
+        assert_eq!(p.host_addrs(true), ["::1".parse::<IpAddr>().unwrap()]);
         assert_eq!(p.count, 2);
         for bad in [
             "80",

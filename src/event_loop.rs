@@ -105,6 +105,8 @@ pub struct Extras {
     pub info: serde_json::Value,
     /// `-p` rules, published before ready.
     pub publish: Vec<Publish>,
+    /// Address-less `-p` rules listen on `[::]` too.
+    pub publish_ipv6: bool,
     /// `--max-api-clients`.
     pub max_api_clients: usize,
     /// `--busy-poll`: the most the loop spins before it sleeps.
@@ -353,13 +355,28 @@ pub fn start(
         None => None,
     };
     for spec in &extras.publish {
-        for (host_port, guest_port) in spec.pairs() {
-            let host = std::net::SocketAddr::new(spec.host_ip, host_port);
-            fwd.add_port(spec.proto, host, None, guest_port, poll.registry())
-                .map_err(|source| LoopError::Publish {
-                    spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
-                    source,
-                })?;
+        for ip in spec.host_addrs(extras.publish_ipv6) {
+            for (host_port, guest_port) in spec.pairs() {
+                let host = std::net::SocketAddr::new(ip, host_port);
+                match fwd.add_port(spec.proto, host, None, guest_port, poll.registry()) {
+                    Ok(_) => {}
+                    // No IPv6 in this kernel: the IPv4 half of an address-less rule still
+                    // serves.
+                    Err(PortError::Listen { source, .. })
+                        if spec.host_ip.is_none()
+                            && ip.is_ipv6()
+                            && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                    {
+                        log::warn!("no IPv6 on this host: {host} not published");
+                    }
+                    Err(source) => {
+                        return Err(LoopError::Publish {
+                            spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
+                            source,
+                        })
+                    }
+                }
+            }
         }
     }
     crate::isolation::apply(&extras.isolation)?;

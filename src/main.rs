@@ -234,8 +234,9 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         child: None,
         isolation: isolation_of(&args.net),
         api_socket: args.net.api_socket.clone(),
-        info: serde_json::json!({"mode": "attach", "pid": std::process::id()}),
+        info: serde_json::json!({"mode": "attach", "pid": std::process::id(), "ipv6": ipv6}),
         publish: args.net.publish.clone(),
+        publish_ipv6: ipv6,
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
@@ -320,6 +321,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
     };
     let info = serde_json::json!({
         "mode": "run",
+        "ipv6": ipv6,
         "name": name,
         "pid": std::process::id(),
         "command": args.command.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>(),
@@ -349,6 +351,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         api_socket: Some(api_socket),
         info,
         publish: args.net.publish.clone(),
+        publish_ipv6: ipv6,
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
@@ -456,18 +459,26 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
     };
     match action {
         PortsAction::Add { spec } => {
-            for (host_port, guest_port) in spec.pairs() {
-                let reply = ask(json!({"execute": "add_hostfwd", "arguments": {
-                    "proto": spec.proto.as_str(), "host_addr": spec.host_ip.to_string(),
-                    "host_port": host_port, "guest_port": guest_port }}))?;
-                let id = reply.pointer("/return/id").cloned().unwrap_or(Value::Null);
-                let list = ask(json!({"execute": "list_hostfwd"}))?;
-                let entry = list["entries"]
-                    .as_array()
-                    .and_then(|e| e.iter().find(|e| e["id"] == id));
-                match entry {
-                    Some(e) => println!("{}", api::describe(e)),
-                    None => println!("{id}"),
+            // Without an address, both families where the run has IPv6 (as `-p`); a
+            // slirp4netns answers get_info with an error: IPv4 only then.
+            let ipv6 = ask(json!({"execute": "get_info"}))
+                .ok()
+                .and_then(|i| i.pointer("/return/ipv6").and_then(Value::as_bool))
+                .unwrap_or(false);
+            for ip in spec.host_addrs(ipv6) {
+                for (host_port, guest_port) in spec.pairs() {
+                    let reply = ask(json!({"execute": "add_hostfwd", "arguments": {
+                        "proto": spec.proto.as_str(), "host_addr": ip.to_string(),
+                        "host_port": host_port, "guest_port": guest_port }}))?;
+                    let id = reply.pointer("/return/id").cloned().unwrap_or(Value::Null);
+                    let list = ask(json!({"execute": "list_hostfwd"}))?;
+                    let entry = list["entries"]
+                        .as_array()
+                        .and_then(|e| e.iter().find(|e| e["id"] == id));
+                    match entry {
+                        Some(e) => println!("{}", api::describe(e)),
+                        None => println!("{id}"),
+                    }
                 }
             }
         }
@@ -479,7 +490,28 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
             }
         }
         PortsAction::Remove { id } => {
-            ask(json!({"execute": "remove_hostfwd", "arguments": {"id": id}}))?;
+            let reply = ask(json!({"execute": "remove_hostfwd", "arguments": {"id": id}}));
+            if reply.is_err() {
+                // slirp4netns's reply only says "bad arguments.id": say what is wrong.
+                let list = ask(json!({"execute": "list_hostfwd"}))?;
+                let ids: Vec<String> = list["entries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e["id"].to_string())
+                    .collect();
+                if !ids.contains(&id.to_string()) {
+                    return Err(MainError::Usage(if ids.is_empty() {
+                        format!("no published port with id {id}: no ports are published")
+                    } else {
+                        format!(
+                            "no published port with id {id} (the ids are {}; `usernet ports list` shows them)",
+                            ids.join(", ")
+                        )
+                    }));
+                }
+            }
+            reply?;
             println!("removed {id}");
         }
     }

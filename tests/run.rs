@@ -359,3 +359,147 @@ fn run_serves_its_api_under_its_name_and_clients_find_it() {
     assert_eq!(f.code(), Some(1), "{f}");
     assert!(f.stderr.contains("no usernet run is running"), "{f}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Published ports: both families without an address, one family with one
+// ---------------------------------------------------------------------------------------------
+
+/// The greeting of the container's server, read through host address `addr`.
+fn greeting(t: &Topology, addr: std::net::SocketAddr) -> std::io::Result<String> {
+    t.in_host(|| {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })
+}
+
+#[test]
+fn publish_without_address_listens_on_ipv4_and_ipv6() {
+    let Some(t) = Topology::new_ipv6() else {
+        return;
+    };
+    if !require_tool("socat") {
+        return;
+    }
+    let (_, wrap) = runtime_env(&t);
+    // Dual-stack: an IPv6 client reaches the container over IPv6 (it has fd00::100).
+    let server =
+        "socat TCP6-LISTEN:80,ipv6only=0,fork,reuseaddr SYSTEM:'echo hello from the container'";
+    let mut u = run_cmd(&t, &["-p", "18082:80", "-p", "127.0.0.1:18083:80"], server)
+        .wrap(&wrap)
+        .spawn();
+    let f = wait_for(Duration::from_secs(20), || {
+        let f = client(&t, &wrap, &["ports", "list"]);
+        f.success().then_some(f)
+    });
+    let Some(f) = f else {
+        u.assert_running();
+        panic!("no API answer");
+    };
+    for rule in [
+        "tcp 0.0.0.0:18082 -> 10.0.2.100:80",
+        "tcp [::]:18082 -> 10.0.2.100:80",
+        "tcp 127.0.0.1:18083 -> 10.0.2.100:80",
+    ] {
+        assert!(f.stdout.contains(rule), "no rule {rule}:\n{f}");
+    }
+    assert_eq!(f.stdout.lines().count(), 4, "one header, three rules:\n{f}");
+    for addr in ["127.0.0.1:18082", "[::1]:18082", "127.0.0.1:18083"] {
+        let addr = addr.parse().unwrap();
+        let got = wait_for(Duration::from_secs(10), || {
+            greeting(&t, addr).ok().filter(|g| !g.is_empty())
+        });
+        assert_eq!(
+            got.as_deref(),
+            Some("hello from the container\n"),
+            "through {addr}"
+        );
+    }
+    // An explicit address keeps its one family.
+    let refused = greeting(&t, "[::1]:18083".parse().unwrap());
+    assert!(refused.is_err(), "[::1]:18083 answered: {refused:?}");
+
+    // `ports add` without an address does as -p does.
+    let f = client(&t, &wrap, &["ports", "add", "18084:80"]);
+    assert!(f.success(), "{f}");
+    assert!(f.stdout.contains("tcp 0.0.0.0:18084"), "{f}");
+    assert!(f.stdout.contains("tcp [::]:18084"), "{f}");
+
+    // Removing a rule that does not exist says so.
+    let f = client(&t, &wrap, &["ports", "remove", "99"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(f.stderr.contains("no published port with id 99"), "{f}");
+    assert_eq!(f.stderr.lines().count(), 1, "{f}");
+    u.signal(Signal::SIGTERM);
+    u.wait_exit(Duration::from_secs(10)).expect("usernet ends");
+}
+
+#[test]
+fn publish_without_address_and_without_ipv6_listens_on_ipv4_only() {
+    let Some(t) = Topology::new() else { return };
+    let (_, wrap) = runtime_env(&t);
+    let mut u = run_cmd(&t, &["--disable-ipv6", "-p", "18085:80"], "sleep 30")
+        .wrap(&wrap)
+        .spawn();
+    let f = wait_for(Duration::from_secs(20), || {
+        let f = client(&t, &wrap, &["ports", "list"]);
+        f.success().then_some(f)
+    });
+    let Some(f) = f else {
+        u.assert_running();
+        panic!("no API answer");
+    };
+    assert!(f.stdout.contains("tcp 0.0.0.0:18085"), "{f}");
+    assert!(!f.stdout.contains("[::]"), "{f}");
+    u.signal(Signal::SIGTERM);
+    u.wait_exit(Duration::from_secs(10)).expect("usernet ends");
+}
+
+#[test]
+fn unprivileged_port_is_explained() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("setpriv") {
+        return;
+    }
+    t.host_sysctl("net.ipv4.ip_unprivileged_port_start", "1024");
+    // A directory nobody may write, for the API socket.
+    let dir = std::env::temp_dir().join(format!("usernet-test-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let socket = dir.join("api.sock");
+    let f = UsernetCmd::new(&t)
+        .wrap([
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+        ])
+        .target([
+            "run",
+            "-a",
+            socket.to_str().unwrap(),
+            "-p",
+            "80:80",
+            "--",
+            "true",
+        ])
+        .output(Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Unprivileged user namespaces and /dev/net/tun must work for nobody; lifecycle.rs
+    // checks those. Here only the message matters, whatever set-up step failed first.
+    assert_eq!(f.code(), Some(1), "{f}");
+    if f.stderr.contains("0.0.0.0:80") {
+        assert!(
+            f.stderr.contains("net.ipv4.ip_unprivileged_port_start"),
+            "{f}"
+        );
+        assert_eq!(f.stderr.lines().count(), 1, "{f}");
+    } else {
+        panic!("usernet failed before publishing the port:\n{f}");
+    }
+}
