@@ -429,6 +429,7 @@ pub fn start_network(
             api_socket: None,
             info: serde_json::Value::Null,
             publish: Vec::new(),
+            publish_ipv6: false,
             max_api_clients: 64,
             busy_poll: std::time::Duration::from_micros(50),
             resolv: None,
