@@ -55,6 +55,11 @@ pub trait Control {
     fn list(&self) -> Vec<PortRule>;
     /// Counters, flows and limits, as the `return` object of `get_stats`.
     fn stats(&self) -> Value;
+    /// Who answers, as the `return` object of `get_info`: `mode`, `pid`, and in run mode
+    /// `name` and `command`.
+    fn info(&self) -> Value {
+        json!({})
+    }
 }
 
 fn error(desc: &str) -> Value {
@@ -103,6 +108,7 @@ pub fn execute(request: &[u8], ctl: &mut dyn Control) -> Value {
             }
         }
         "get_stats" => json!({ "return": ctl.stats() }),
+        "get_info" => json!({ "return": ctl.info() }),
         _ => error("bad request: unknown execute"),
     }
 }
@@ -154,9 +160,16 @@ fn add_hostfwd<'v>(arg: &dyn Fn(&str) -> Option<&'v Value>, ctl: &mut dyn Contro
         Err(PortError::Invalid(_)) if guest_addr.is_some() => {
             error("bad request: add_hostfwd: bad arguments.guest_addr")
         }
-        Err(e) => error(&format!(
-            "bad request: add_hostfwd: slirp_add_hostfwd failed: {e}"
-        )),
+        Err(e) => {
+            // The whole chain: the OS error says why (slirp4netns's text stays the prefix).
+            let mut desc = format!("bad request: add_hostfwd: slirp_add_hostfwd failed: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                desc.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            error(&desc)
+        }
     }
 }
 
@@ -405,6 +418,22 @@ pub fn describe(entry: &Value) -> String {
         host,
         s("guest_addr"),
         s("guest_port")
+    )
+}
+
+/// A rule in a few characters, as `usernet ps` shows it: `0.0.0.0:8080->80/tcp`.
+pub fn describe_short(entry: &Value) -> String {
+    let host_addr = entry["host_addr"].as_str().unwrap_or("?");
+    let host_port = &entry["host_port"];
+    let host = if host_addr.contains(':') {
+        format!("[{host_addr}]:{host_port}")
+    } else {
+        format!("{host_addr}:{host_port}")
+    };
+    format!(
+        "{host}->{}/{}",
+        entry["guest_port"],
+        entry["proto"].as_str().unwrap_or("?")
     )
 }
 

@@ -73,6 +73,16 @@ pub enum Command {
     Stats(StatsArgs),
     /// Manage networks: many namespaces on one user-space switch.
     Network(NetworkArgs),
+    /// List the usernet runs that are running (their API sockets), with their ports.
+    Ps(PsArgs),
+}
+
+/// `usernet ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print usernet's version and exit.
+    #[arg(short = 'v', long = "version")]
+    pub version: bool,
 }
 
 /// `usernet network`.
@@ -172,14 +182,14 @@ pub struct StatsArgs {
     #[arg(short = 'v', long = "version")]
     pub version: bool,
 
-    /// The API socket of the running usernet (its --api-socket).
-    #[arg(
-        short = 'a',
-        long,
-        value_name = "PATH",
-        required_unless_present = "version"
-    )]
+    /// The API socket of the running usernet (its --api-socket); default: the run named
+    /// by --name, else the only usernet run running.
+    #[arg(short = 'a', long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// The usernet run of this --name.
+    #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
+    pub name: Option<String>,
 
     /// Print the raw JSON reply.
     #[arg(long)]
@@ -193,14 +203,14 @@ pub struct PortsArgs {
     #[arg(short = 'v', long = "version")]
     pub version: bool,
 
-    /// The API socket of the running usernet (its --api-socket).
-    #[arg(
-        short = 'a',
-        long,
-        value_name = "PATH",
-        required_unless_present = "version"
-    )]
+    /// The API socket of the running usernet (its --api-socket); default: the run named
+    /// by --name, else the only usernet run running.
+    #[arg(short = 'a', long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+
+    /// The usernet run of this --name.
+    #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
+    pub name: Option<String>,
 
     /// What to do (required unless -v/--version).
     #[command(subcommand)]
@@ -230,8 +240,9 @@ pub enum PortsAction {
 pub struct Publish {
     /// TCP or UDP.
     pub proto: Proto,
-    /// Host address to listen on.
-    pub host_ip: IpAddr,
+    /// Host address to listen on; `None`: every address, `0.0.0.0` and also `[::]`
+    /// where IPv6 is on (as Docker does).
+    pub host_ip: Option<IpAddr>,
     /// First host port.
     pub host_port: u16,
     /// First container port.
@@ -241,6 +252,19 @@ pub struct Publish {
 }
 
 impl Publish {
+    /// The host addresses to listen on: the one given, else `0.0.0.0`, and `::` too
+    /// when `ipv6`.
+    pub fn host_addrs(&self, ipv6: bool) -> Vec<IpAddr> {
+        match self.host_ip {
+            Some(ip) => vec![ip],
+            None if ipv6 => vec![
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            ],
+            None => vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+        }
+    }
+
     /// (host port, container port) pairs.
     pub fn pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
         (0..self.count).map(|i| (self.host_port + i, self.guest_port + i))
@@ -271,13 +295,13 @@ pub fn parse_publish(s: &str) -> Result<Publish, String> {
     };
     let (host_ip, ports) = if let Some(v6) = rest.strip_prefix('[') {
         let (ip, ports) = v6.split_once("]:").ok_or_else(bad)?;
-        (IpAddr::V6(ip.parse().map_err(|_| bad())?), ports)
+        (Some(IpAddr::V6(ip.parse().map_err(|_| bad())?)), ports)
     } else {
         match rest.matches(':').count() {
-            1 => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), rest),
+            1 => (None, rest),
             2 => {
                 let (ip, ports) = rest.split_once(':').ok_or_else(bad)?;
-                (IpAddr::V4(ip.parse().map_err(|_| bad())?), ports)
+                (Some(IpAddr::V4(ip.parse().map_err(|_| bad())?)), ports)
             }
             _ => return Err(bad()),
         }
@@ -465,8 +489,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub network: Option<String>,
 
-    /// With --network: the command's name in the network's DNS.
-    #[arg(long = "name", value_name = "NAME", requires = "network")]
+    /// Name of this run: its API socket is $XDG_RUNTIME_DIR/usernet/NAME.sock (as root
+    /// without XDG_RUNTIME_DIR: /run/usernet/NAME.sock) unless -a is given; `usernet
+    /// ports`, `stats` and `ps` find it by this name. Default: usernet's PID. With
+    /// --network also the command's name in the network's DNS.
+    #[arg(long = "name", value_name = "NAME", value_parser = crate::runs::parse_name)]
     pub member_name: Option<String>,
 
     /// With --network: more names for it (repeatable).
@@ -799,8 +826,15 @@ mod tests {
         let p = parse_publish("8080:80").unwrap();
         assert_eq!(
             (p.proto, p.host_ip, p.host_port, p.guest_port, p.count),
-            (Proto::Tcp, "0.0.0.0".parse().unwrap(), 8080, 80, 1)
+            (Proto::Tcp, None, 8080, 80, 1)
         );
+        assert_eq!(p.host_addrs(false), ["0.0.0.0".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            p.host_addrs(true),
+            ["0.0.0.0".parse::<IpAddr>().unwrap(), "::".parse().unwrap()]
+        );
+        let p = parse_publish("0.0.0.0:8080:80").unwrap();
+        assert_eq!(p.host_addrs(true), ["0.0.0.0".parse::<IpAddr>().unwrap()]);
         let p = parse_publish("127.0.0.1:5300-5302:53/udp").unwrap();
         assert_eq!(
             p.pairs().collect::<Vec<_>>(),
@@ -808,7 +842,8 @@ mod tests {
         );
         assert_eq!(p.proto, Proto::Udp);
         let p = parse_publish("[::1]:8080-8081:80-81").unwrap();
-        assert_eq!(p.host_ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(p.host_ip, Some("::1".parse::<IpAddr>().unwrap()));
+        assert_eq!(p.host_addrs(true), ["::1".parse::<IpAddr>().unwrap()]);
         assert_eq!(p.count, 2);
         for bad in [
             "80",

@@ -101,8 +101,12 @@ pub struct Extras {
     pub isolation: crate::isolation::Isolation,
     /// `--api-socket`.
     pub api_socket: Option<std::path::PathBuf>,
+    /// What `get_info` answers: mode, pid, and in run mode the name and command.
+    pub info: serde_json::Value,
     /// `-p` rules, published before ready.
     pub publish: Vec<Publish>,
+    /// Address-less `-p` rules listen on `[::]` too.
+    pub publish_ipv6: bool,
     /// `--max-api-clients`.
     pub max_api_clients: usize,
     /// `--busy-poll`: the most the loop spins before it sleeps.
@@ -187,6 +191,36 @@ pub(crate) struct FwdControl<'a, 'io> {
     pub fwd: &'a mut Forwarder,
     /// The host side.
     pub io: &'a mut Io<'io>,
+}
+
+/// [`FwdControl`] plus what `get_info` answers.
+struct InfoControl<'c, 'a, 'io> {
+    inner: FwdControl<'a, 'io>,
+    info: &'c serde_json::Value,
+}
+
+impl api::Control for InfoControl<'_, '_, '_> {
+    fn add(
+        &mut self,
+        proto: Proto,
+        host: std::net::SocketAddr,
+        guest: Option<std::net::Ipv4Addr>,
+        port: u16,
+    ) -> Result<PortRule, PortError> {
+        self.inner.add(proto, host, guest, port)
+    }
+    fn remove(&mut self, id: u32) -> Result<(), PortError> {
+        self.inner.remove(id)
+    }
+    fn list(&self) -> Vec<PortRule> {
+        self.inner.list()
+    }
+    fn stats(&self) -> serde_json::Value {
+        self.inner.stats()
+    }
+    fn info(&self) -> serde_json::Value {
+        self.info.clone()
+    }
 }
 
 impl api::Control for FwdControl<'_, '_> {
@@ -321,13 +355,28 @@ pub fn start(
         None => None,
     };
     for spec in &extras.publish {
-        for (host_port, guest_port) in spec.pairs() {
-            let host = std::net::SocketAddr::new(spec.host_ip, host_port);
-            fwd.add_port(spec.proto, host, None, guest_port, poll.registry())
-                .map_err(|source| LoopError::Publish {
-                    spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
-                    source,
-                })?;
+        for ip in spec.host_addrs(extras.publish_ipv6) {
+            for (host_port, guest_port) in spec.pairs() {
+                let host = std::net::SocketAddr::new(ip, host_port);
+                match fwd.add_port(spec.proto, host, None, guest_port, poll.registry()) {
+                    Ok(_) => {}
+                    // No IPv6 in this kernel: the IPv4 half of an address-less rule still
+                    // serves.
+                    Err(PortError::Listen { source, .. })
+                        if spec.host_ip.is_none()
+                            && ip.is_ipv6()
+                            && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                    {
+                        log::warn!("no IPv6 on this host: {host} not published");
+                    }
+                    Err(source) => {
+                        return Err(LoopError::Publish {
+                            spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
+                            source,
+                        })
+                    }
+                }
+            }
         }
     }
     crate::isolation::apply(&extras.isolation)?;
@@ -378,7 +427,9 @@ pub fn start_network(
             child: None,
             isolation: crate::isolation::Isolation::default(),
             api_socket: None,
+            info: serde_json::Value::Null,
             publish: Vec::new(),
+            publish_ipv6: false,
             max_api_clients: 64,
             busy_poll: std::time::Duration::from_micros(50),
             resolv: None,
@@ -516,9 +567,12 @@ impl Running {
                                 registry: poll.registry(),
                                 tap: &mut members,
                             };
-                            let mut ctl = FwdControl {
-                                fwd: &mut fwd,
-                                io: &mut io,
+                            let mut ctl = InfoControl {
+                                inner: FwdControl {
+                                    fwd: &mut fwd,
+                                    io: &mut io,
+                                },
+                                info: &extras.info,
                             };
                             a.handle(token, poll.registry(), &mut ctl);
                         }

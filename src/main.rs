@@ -23,6 +23,7 @@ mod netns;
 mod network;
 mod pidns;
 mod resolv_watch;
+mod runs;
 mod sys;
 
 use std::io;
@@ -56,6 +57,8 @@ enum MainError {
     Loop(#[from] event_loop::LoopError),
     #[error(transparent)]
     Network(#[from] network::NetworkError),
+    #[error(transparent)]
+    Runs(#[from] runs::RunsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Some(Command::Run(a)) => a.version,
         Some(Command::Ports(a)) => a.version,
         Some(Command::Stats(a)) => a.version,
+        Some(Command::Ps(a)) => a.version,
         Some(Command::Network(_)) | None => false,
     };
     if sub_version {
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Some(Command::Ports(args)) => ports_client(args),
         Some(Command::Stats(args)) => stats_client(args),
         Some(Command::Network(args)) => network_command(args),
+        Some(Command::Ps(_)) => ps_client(),
         None => attach_mode(cli.attach),
     };
     match result {
@@ -229,7 +234,9 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         child: None,
         isolation: isolation_of(&args.net),
         api_socket: args.net.api_socket.clone(),
+        info: serde_json::json!({"mode": "attach", "pid": std::process::id(), "ipv6": ipv6}),
         publish: args.net.publish.clone(),
+        publish_ipv6: ipv6,
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
@@ -303,6 +310,22 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         ),
         resolv_conf,
     };
+    // The API socket, there without asking: refuse a name in use before anything starts.
+    let name = args
+        .member_name
+        .clone()
+        .unwrap_or_else(|| std::process::id().to_string());
+    let api_socket = match &args.net.api_socket {
+        Some(path) => path.clone(),
+        None => runs::claim(&runs::prepare_dir()?, &name)?,
+    };
+    let info = serde_json::json!({
+        "mode": "run",
+        "ipv6": ipv6,
+        "name": name,
+        "pid": std::process::id(),
+        "command": args.command.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>(),
+    });
     // Blocked before the fork: the command's namespace holder inherits the mask and
     // relays these signals instead of dying of them.
     let signals = event_loop::signal_fd(true)?;
@@ -325,8 +348,10 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
             seccomp: !args.no_seccomp,
             ..isolation_of(&args.net)
         },
-        api_socket: args.net.api_socket.clone(),
+        api_socket: Some(api_socket),
+        info,
         publish: args.net.publish.clone(),
+        publish_ipv6: ipv6,
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
@@ -356,8 +381,8 @@ fn api_call(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value,
 /// `usernet stats`: the `get_stats` reply, one `section.name value` line each.
 fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
     use serde_json::json;
-    let socket = args.api_socket.as_deref().unwrap_or(Path::new(""));
-    let reply = api_call(socket, &json!({"execute": "get_stats"}))?;
+    let socket = runs::find_socket(args.api_socket.as_deref(), args.name.as_deref())?;
+    let reply = api_call(&socket, &json!({"execute": "get_stats"}))?;
     if args.json {
         println!("{reply}");
         return Ok(0);
@@ -378,11 +403,55 @@ fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
     Ok(0)
 }
 
+/// `usernet ps`: the live runs (stale sockets are removed on the way), one line each.
+fn ps_client() -> Result<i32, MainError> {
+    use serde_json::json;
+    let (_, list) = runs::live_runs()?;
+    println!("NAME PID PORTS COMMAND");
+    for run in list {
+        // A run that ends meanwhile is left out.
+        let Ok(info) = api_call(&run.socket, &json!({"execute": "get_info"})) else {
+            continue;
+        };
+        let ports = api_call(&run.socket, &json!({"execute": "list_hostfwd"}))
+            .map(|l| {
+                l["entries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(api::describe_short)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let command = info
+            .pointer("/return/command")
+            .and_then(serde_json::Value::as_array)
+            .map(|c| {
+                c.iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
+        let pid = info
+            .pointer("/return/pid")
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        println!(
+            "{} {pid} {} {command}",
+            run.name,
+            if ports.is_empty() { "-" } else { &ports }
+        );
+    }
+    Ok(0)
+}
+
 /// `usernet ports`: one API request per rule, human-readable output.
 fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
     use serde_json::{json, Value};
-    let socket = args.api_socket.as_deref().unwrap_or(Path::new(""));
-    let ask = |req: Value| api_call(socket, &req);
+    let socket = runs::find_socket(args.api_socket.as_deref(), args.name.as_deref())?;
+    let ask = |req: Value| api_call(&socket, &req);
     let Some(action) = args.action else {
         return Err(MainError::Usage(
             "ports needs an action: add, list or remove (see usernet ports --help)".into(),
@@ -390,18 +459,26 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
     };
     match action {
         PortsAction::Add { spec } => {
-            for (host_port, guest_port) in spec.pairs() {
-                let reply = ask(json!({"execute": "add_hostfwd", "arguments": {
-                    "proto": spec.proto.as_str(), "host_addr": spec.host_ip.to_string(),
-                    "host_port": host_port, "guest_port": guest_port }}))?;
-                let id = reply.pointer("/return/id").cloned().unwrap_or(Value::Null);
-                let list = ask(json!({"execute": "list_hostfwd"}))?;
-                let entry = list["entries"]
-                    .as_array()
-                    .and_then(|e| e.iter().find(|e| e["id"] == id));
-                match entry {
-                    Some(e) => println!("{}", api::describe(e)),
-                    None => println!("{id}"),
+            // Without an address, both families where the run has IPv6 (as `-p`); a
+            // slirp4netns answers get_info with an error: IPv4 only then.
+            let ipv6 = ask(json!({"execute": "get_info"}))
+                .ok()
+                .and_then(|i| i.pointer("/return/ipv6").and_then(Value::as_bool))
+                .unwrap_or(false);
+            for ip in spec.host_addrs(ipv6) {
+                for (host_port, guest_port) in spec.pairs() {
+                    let reply = ask(json!({"execute": "add_hostfwd", "arguments": {
+                        "proto": spec.proto.as_str(), "host_addr": ip.to_string(),
+                        "host_port": host_port, "guest_port": guest_port }}))?;
+                    let id = reply.pointer("/return/id").cloned().unwrap_or(Value::Null);
+                    let list = ask(json!({"execute": "list_hostfwd"}))?;
+                    let entry = list["entries"]
+                        .as_array()
+                        .and_then(|e| e.iter().find(|e| e["id"] == id));
+                    match entry {
+                        Some(e) => println!("{}", api::describe(e)),
+                        None => println!("{id}"),
+                    }
                 }
             }
         }
@@ -413,7 +490,28 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
             }
         }
         PortsAction::Remove { id } => {
-            ask(json!({"execute": "remove_hostfwd", "arguments": {"id": id}}))?;
+            let reply = ask(json!({"execute": "remove_hostfwd", "arguments": {"id": id}}));
+            if reply.is_err() {
+                // slirp4netns's reply only says "bad arguments.id": say what is wrong.
+                let list = ask(json!({"execute": "list_hostfwd"}))?;
+                let ids: Vec<String> = list["entries"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e["id"].to_string())
+                    .collect();
+                if !ids.contains(&id.to_string()) {
+                    return Err(MainError::Usage(if ids.is_empty() {
+                        format!("no published port with id {id}: no ports are published")
+                    } else {
+                        format!(
+                            "no published port with id {id} (the ids are {}; `usernet ports list` shows them)",
+                            ids.join(", ")
+                        )
+                    }));
+                }
+            }
+            reply?;
             println!("removed {id}");
         }
     }

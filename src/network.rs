@@ -491,9 +491,12 @@ pub fn attach(
         .publish
         .iter()
         .flat_map(|p| {
-            p.pairs().map(move |(h, g)| {
-                json!({"proto": p.proto.as_str(), "host_addr": p.host_ip.to_string(),
-                       "host_port": h, "guest_port": g})
+            // Address-less rules: 0.0.0.0 on a network (its server publishes for IPv4).
+            p.host_addrs(false).into_iter().flat_map(move |ip| {
+                p.pairs().map(move |(h, g)| {
+                    json!({"proto": p.proto.as_str(), "host_addr": ip.to_string(),
+                           "host_port": h, "guest_port": g})
+                })
             })
         })
         .collect();

@@ -1073,7 +1073,11 @@ fn ports_client_errors_exit_1_with_the_desc() {
     );
 
     let e = ports_err(&t, &sock, &["remove", "99"]);
-    assert_eq!(e, "usernet: bad request: remove_hostfwd: bad arguments.id");
+    // slirp4netns's reply says "bad arguments.id"; the client says what is wrong.
+    assert_eq!(
+        e,
+        "usernet: no published port with id 99 (the ids are 1; `usernet ports list` shows them)"
+    );
 
     let e = ports_err(&t, &sock, &["add", "8080:81"]);
     assert!(

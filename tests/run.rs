@@ -229,3 +229,277 @@ fn unusable_api_socket_stops_usernet_before_the_command_runs() {
     assert!(!Path::new(&path).parent().unwrap().exists());
     assert_setup_failure_stops_the_command(&t, &["-a", path.to_str().unwrap()], "api.sock");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The control API without asking: $XDG_RUNTIME_DIR/usernet/NAME.sock, `ports`, `stats`, `ps`
+// ---------------------------------------------------------------------------------------------
+
+/// A private `$XDG_RUNTIME_DIR` for one test, so that runs of other tests stay out of it.
+fn runtime_env(t: &Topology) -> (std::path::PathBuf, Vec<String>) {
+    let xdg = t.tmp.join("xdg");
+    std::fs::create_dir_all(&xdg).unwrap();
+    let wrap = vec![
+        "env".to_owned(),
+        format!("XDG_RUNTIME_DIR={}", xdg.display()),
+    ];
+    (xdg.join("usernet"), wrap)
+}
+
+/// Runs a client subcommand (`ports list`, `stats`, `ps`) with the test's runtime dir.
+fn client(t: &Topology, wrap: &[String], args: &[&str]) -> Finished {
+    UsernetCmd::new(t)
+        .wrap(wrap)
+        .target(args)
+        .output(Duration::from_secs(20))
+}
+
+#[test]
+fn run_serves_its_api_under_its_name_and_clients_find_it() {
+    let Some(t) = Topology::new() else { return };
+    let (dir, wrap) = runtime_env(&t);
+    let m = marker(7);
+    let _guard = Leftovers(m.clone());
+    let script = format!("sleep {m} & wait");
+    let mut u = run_cmd(&t, &["--name", "web", "-p", "127.0.0.1:18080:80"], &script)
+        .wrap(&wrap)
+        .spawn();
+    let up = wait_for(Duration::from_secs(20), || {
+        (!sleepers(&m).is_empty()).then_some(())
+    });
+    assert!(up.is_some(), "the command never started:\n{}", u.stderr());
+    let socket = dir.join("web.sock");
+    assert!(socket.exists(), "no API socket {}", socket.display());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&dir).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+
+    // The only run: found without -a or --name.
+    let f = client(&t, &wrap, &["ports", "list"]);
+    assert!(f.success(), "{f}");
+    assert!(
+        f.stdout.contains("tcp 127.0.0.1:18080 -> 10.0.2.100:80"),
+        "{f}"
+    );
+    let f = client(&t, &wrap, &["stats", "--name", "web"]);
+    assert!(f.success(), "{f}");
+    assert!(f.stdout.contains("flows.published_ports 1"), "{f}");
+
+    // A stale socket (its usernet died) is cleaned away by `ps`, which lists the live run.
+    drop(std::os::unix::net::UnixListener::bind(dir.join("dead.sock")).unwrap());
+    let f = client(&t, &wrap, &["ps"]);
+    assert!(f.success(), "{f}");
+    let line = f
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("{f}"));
+    assert_eq!(
+        line,
+        format!("web {} 127.0.0.1:18080->80/tcp sh -c {script}", u.pid),
+        "{f}"
+    );
+    assert!(!f.stdout.contains("dead"), "{f}");
+    assert!(
+        !dir.join("dead.sock").exists(),
+        "the stale socket is still there"
+    );
+
+    // The name is taken while it runs: refused before the command could run.
+    let other = t.tmp.join("second-ran");
+    let f = UsernetCmd::new(&t)
+        .wrap(&wrap)
+        .target([
+            "run",
+            "--name",
+            "web",
+            "--",
+            "touch",
+            other.to_str().unwrap(),
+        ])
+        .output(Duration::from_secs(20));
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(
+        f.stderr.contains("usernet named web is running already"),
+        "{f}"
+    );
+    assert!(!other.exists());
+
+    // Two runs: a client without --name says which there are.
+    let m2 = marker(8);
+    let _guard2 = Leftovers(m2.clone());
+    let mut u2 = run_cmd(&t, &[], &format!("sleep {m2} & wait"))
+        .wrap(&wrap)
+        .spawn();
+    let up = wait_for(Duration::from_secs(20), || {
+        (!sleepers(&m2).is_empty()).then_some(())
+    });
+    assert!(
+        up.is_some(),
+        "the second command never started:\n{}",
+        u2.stderr()
+    );
+    // Its default name is its PID.
+    assert!(dir.join(format!("{}.sock", u2.pid)).exists());
+    let f = client(&t, &wrap, &["stats"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(
+        f.stderr.contains("several usernet runs")
+            && f.stderr.contains("web")
+            && f.stderr.contains("--name"),
+        "{f}"
+    );
+
+    // Socket files go when their runs end.
+    u.signal(Signal::SIGTERM);
+    u2.signal(Signal::SIGTERM);
+    assert_exit(&mut u, Duration::from_secs(10), 143);
+    assert_exit(&mut u2, Duration::from_secs(10), 143);
+    assert!(!socket.exists());
+    let f = client(&t, &wrap, &["ports", "list"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(f.stderr.contains("no usernet run is running"), "{f}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Published ports: both families without an address, one family with one
+// ---------------------------------------------------------------------------------------------
+
+/// The greeting of the container's server, read through host address `addr`.
+fn greeting(t: &Topology, addr: std::net::SocketAddr) -> std::io::Result<String> {
+    t.in_host(|| {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })
+}
+
+#[test]
+fn publish_without_address_listens_on_ipv4_and_ipv6() {
+    let Some(t) = Topology::new_ipv6() else {
+        return;
+    };
+    if !require_tool("socat") {
+        return;
+    }
+    let (_, wrap) = runtime_env(&t);
+    // Dual-stack: an IPv6 client reaches the container over IPv6 (it has fd00::100).
+    let server =
+        "socat TCP6-LISTEN:80,ipv6only=0,fork,reuseaddr SYSTEM:'echo hello from the container'";
+    let mut u = run_cmd(&t, &["-p", "18082:80", "-p", "127.0.0.1:18083:80"], server)
+        .wrap(&wrap)
+        .spawn();
+    let f = wait_for(Duration::from_secs(20), || {
+        let f = client(&t, &wrap, &["ports", "list"]);
+        f.success().then_some(f)
+    });
+    let Some(f) = f else {
+        u.assert_running();
+        panic!("no API answer");
+    };
+    for rule in [
+        "tcp 0.0.0.0:18082 -> 10.0.2.100:80",
+        "tcp [::]:18082 -> 10.0.2.100:80",
+        "tcp 127.0.0.1:18083 -> 10.0.2.100:80",
+    ] {
+        assert!(f.stdout.contains(rule), "no rule {rule}:\n{f}");
+    }
+    assert_eq!(f.stdout.lines().count(), 4, "one header, three rules:\n{f}");
+    for addr in ["127.0.0.1:18082", "[::1]:18082", "127.0.0.1:18083"] {
+        let addr = addr.parse().unwrap();
+        let got = wait_for(Duration::from_secs(10), || {
+            greeting(&t, addr).ok().filter(|g| !g.is_empty())
+        });
+        assert_eq!(
+            got.as_deref(),
+            Some("hello from the container\n"),
+            "through {addr}"
+        );
+    }
+    // An explicit address keeps its one family.
+    let refused = greeting(&t, "[::1]:18083".parse().unwrap());
+    assert!(refused.is_err(), "[::1]:18083 answered: {refused:?}");
+
+    // `ports add` without an address does as -p does.
+    let f = client(&t, &wrap, &["ports", "add", "18084:80"]);
+    assert!(f.success(), "{f}");
+    assert!(f.stdout.contains("tcp 0.0.0.0:18084"), "{f}");
+    assert!(f.stdout.contains("tcp [::]:18084"), "{f}");
+
+    // Removing a rule that does not exist says so.
+    let f = client(&t, &wrap, &["ports", "remove", "99"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(f.stderr.contains("no published port with id 99"), "{f}");
+    assert_eq!(f.stderr.lines().count(), 1, "{f}");
+    u.signal(Signal::SIGTERM);
+    u.wait_exit(Duration::from_secs(10)).expect("usernet ends");
+}
+
+#[test]
+fn publish_without_address_and_without_ipv6_listens_on_ipv4_only() {
+    let Some(t) = Topology::new() else { return };
+    let (_, wrap) = runtime_env(&t);
+    let mut u = run_cmd(&t, &["--disable-ipv6", "-p", "18085:80"], "sleep 30")
+        .wrap(&wrap)
+        .spawn();
+    let f = wait_for(Duration::from_secs(20), || {
+        let f = client(&t, &wrap, &["ports", "list"]);
+        f.success().then_some(f)
+    });
+    let Some(f) = f else {
+        u.assert_running();
+        panic!("no API answer");
+    };
+    assert!(f.stdout.contains("tcp 0.0.0.0:18085"), "{f}");
+    assert!(!f.stdout.contains("[::]"), "{f}");
+    u.signal(Signal::SIGTERM);
+    u.wait_exit(Duration::from_secs(10)).expect("usernet ends");
+}
+
+#[test]
+fn unprivileged_port_is_explained() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("setpriv") {
+        return;
+    }
+    t.host_sysctl("net.ipv4.ip_unprivileged_port_start", "1024");
+    // A directory nobody may write, for the API socket.
+    let dir = std::env::temp_dir().join(format!("usernet-test-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let socket = dir.join("api.sock");
+    let f = UsernetCmd::new(&t)
+        .wrap([
+            "setpriv",
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+        ])
+        .target([
+            "run",
+            "-a",
+            socket.to_str().unwrap(),
+            "-p",
+            "80:80",
+            "--",
+            "true",
+        ])
+        .output(Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Unprivileged user namespaces and /dev/net/tun must work for nobody; lifecycle.rs
+    // checks those. Here only the message matters, whatever set-up step failed first.
+    assert_eq!(f.code(), Some(1), "{f}");
+    if f.stderr.contains("0.0.0.0:80") {
+        assert!(
+            f.stderr.contains("net.ipv4.ip_unprivileged_port_start"),
+            "{f}"
+        );
+        assert_eq!(f.stderr.lines().count(), 1, "{f}");
+    } else {
+        panic!("usernet failed before publishing the port:\n{f}");
+    }
+}

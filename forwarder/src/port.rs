@@ -74,6 +74,19 @@ pub enum PortError {
         #[source]
         source: io::Error,
     },
+    /// A port below `net.ipv4.ip_unprivileged_port_start` without the right to bind it.
+    #[error(
+        "cannot listen on {addr}: ports below net.ipv4.ip_unprivileged_port_start (1024 by \
+         default) need root or CAP_NET_BIND_SERVICE; publish a port above it, or lower it \
+         (sysctl -w net.ipv4.ip_unprivileged_port_start={port})", port = .addr.port()
+    )]
+    Privileged {
+        /// The host address.
+        addr: SocketAddr,
+        /// The failure (`EACCES`).
+        #[source]
+        source: io::Error,
+    },
     /// The limit of rules (`--max-published-ports`) is reached.
     #[error("too many published ports (at most {0})")]
     TooMany(usize),
@@ -106,6 +119,8 @@ impl Listener {
         let fail = |source: io::Error| {
             if source.kind() == io::ErrorKind::AddrInUse {
                 PortError::InUse(addr)
+            } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+                PortError::Privileged { addr, source }
             } else {
                 PortError::Listen { addr, source }
             }
