@@ -302,6 +302,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
             ipv6,
         ),
         resolv_conf,
+        hostname: None,
     };
     // Blocked before the fork: the command's namespace holder inherits the mask and
     // relays these signals instead of dying of them.
@@ -753,6 +754,7 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
         vnet_hdr: true,
         link: member_link(&def, &lease, "eth0"),
         resolv_conf,
+        hostname: Some(lease.name.clone()),
     };
     let signals = event_loop::signal_fd(true)?;
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&run)?;
@@ -863,6 +865,7 @@ fn run_without_network(args: RunArgs) -> Result<i32, MainError> {
             false,
         ),
         resolv_conf: String::new(),
+        hostname: None,
     };
     let signals = event_loop::signal_fd(true)?;
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;

@@ -430,6 +430,8 @@ pub struct Lease {
     pub ip6: Option<Ipv6Addr>,
     /// MAC address.
     pub mac: [u8; 6],
+    /// The member's name in the network's DNS.
+    pub name: String,
 }
 
 /// What a joining member asks for.
@@ -471,6 +473,7 @@ pub fn reserve(name: &str, spec: &JoinSpec) -> Result<Lease, NetworkError> {
             ip: ret["ip"].as_str()?.parse().ok()?,
             ip6: ret["ip6"].as_str().and_then(|s| s.parse().ok()),
             mac: parse_mac(ret["mac"].as_str()?)?,
+            name: ret["name"].as_str()?.to_owned(),
         })
     };
     parse().ok_or_else(|| NetworkError::Refused("bad reply to reserve".into()))

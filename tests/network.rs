@@ -156,6 +156,11 @@ fn three_members_talk_both_families_by_name() {
         n.member_json("n1", "gamma"),
     );
     assert_eq!(ip4(&jc), Ipv4Addr::new(10, 89, 0, 50), "static --ip");
+    // The command's host name is its member name.
+    let mut cmd = Command::new("nsenter");
+    cmd.args([&format!("--uts=/proc/{}/ns/uts", c.pid), "hostname"]);
+    let f = run_with_timeout(cmd, Duration::from_secs(5));
+    assert_eq!(f.stdout.trim(), "gamma", "{f}");
     let dns = Ipv4Addr::new(10, 89, 0, 3);
 
     // ARP and ND between members: ping each way, both families.
