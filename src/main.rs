@@ -620,6 +620,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
             internal,
             network_mtu,
             no_loopback,
+            max_member_flows,
         } => {
             let def = network::create(&network::CreateSpec {
                 name,
@@ -629,6 +630,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
                 internal,
                 mtu: network_mtu,
                 disable_host_loopback: no_loopback,
+                member_flows: max_member_flows,
             })?;
             println!("{}", def.name);
         }
@@ -844,7 +846,7 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
         seed: random_seed(),
     };
     let mut fwd = Forwarder::without_ports(cfg, smoltcp::time::Instant::from_micros(0));
-    fwd.set_network(network::MEMBER_FLOWS, def.internal);
+    fwd.set_network(def.member_flows as usize, def.internal);
     let signals = event_loop::signal_fd(false)?;
     Ok(event_loop::start_network(server, fwd, signals)?.run()?)
 }
