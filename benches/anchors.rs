@@ -21,6 +21,7 @@
 //! | cpu_per_gib | engine CPU time (its threads' schedstat, else utime + stime) per GiB received in tcp_out | s/GiB |
 //! | startup_ms | exec to the ready-fd byte (`-r FD`), usernet and slirp4netns | ms |
 //! | scale | usernet with 10,000 idle connections: tcp_out as % of without, RSS growth per connection | %, KiB |
+//! | c2c_tcp, c2c_rr, tcp_out_8 | 8 namespaces on one switch (usernet network, kernel bridge + veth, VDE): iperf3 member -> member, 1-byte ping-pong member <-> member (one way), iperf3 member -> host with seven others attached; `FIGURES=c2c` for these alone | Gbit/s, µs |
 //!
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
@@ -40,6 +41,8 @@
 //! traffic; every process, namespace and iptables rule is removed at the end, on panic and on
 //! Ctrl-C.
 
+#[path = "anchors/c2c.rs"]
+mod c2c;
 #[path = "anchors/engine.rs"]
 mod engine;
 #[path = "anchors/figures.rs"]
@@ -228,7 +231,7 @@ fn config() -> Result<Config, String> {
         (false, None) => Fig::ALL.to_vec(),
         (false, Some(v)) => {
             let mut f = Vec::new();
-            for w in words(&v) {
+            for w in words(&v).filter(|w| *w != "c2c") {
                 f.extend(Fig::parse(w).ok_or(format!(
                     "FIGURES: unknown figure {w:?} (known: {}, scale, udp)",
                     Fig::ALL.map(Fig::name).join(" ")
@@ -796,6 +799,11 @@ fn real_main() -> Result<ExitCode, String> {
         ));
     }
     let _ = writeln!(out, "\n{}", legend.join(" "));
+    // Members of one network: their own table (FIGURES=c2c, or every figure).
+    let want_c2c = !cfg.smoke && env("FIGURES").is_none_or(|v| words(&v).any(|w| w == "c2c"));
+    if want_c2c {
+        out.push_str(&c2c::table(&usernet, cfg.runs, cfg.secs, &cfg.mtus));
+    }
     if !rep.failures.is_empty() {
         let _ = writeln!(out, "\nFailures:\n");
         for f in &rep.failures {

@@ -119,6 +119,10 @@ pub enum NetworkAction {
         /// The gateway does not reach the host's 127.0.0.1.
         #[arg(long = "disable-host-loopback")]
         no_loopback: bool,
+        /// Most flows (TCP, UDP, ICMP) one member address may have open at once; more
+        /// are refused as when the network's tables are full.
+        #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_member_flows: u32,
     },
     /// List the networks.
     Ls,

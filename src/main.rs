@@ -309,6 +309,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
             ipv6,
         ),
         resolv_conf,
+        hostname: None,
     };
     // The API socket, there without asking: refuse a name in use before anything starts.
     let name = args
@@ -717,6 +718,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
             internal,
             network_mtu,
             no_loopback,
+            max_member_flows,
         } => {
             let def = network::create(&network::CreateSpec {
                 name,
@@ -726,6 +728,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
                 internal,
                 mtu: network_mtu,
                 disable_host_loopback: no_loopback,
+                member_flows: max_member_flows,
             })?;
             println!("{}", def.name);
         }
@@ -851,6 +854,7 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
         vnet_hdr: true,
         link: member_link(&def, &lease, "eth0"),
         resolv_conf,
+        hostname: Some(lease.name.clone()),
     };
     let signals = event_loop::signal_fd(true)?;
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&run)?;
@@ -940,7 +944,7 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
         seed: random_seed(),
     };
     let mut fwd = Forwarder::without_ports(cfg, smoltcp::time::Instant::from_micros(0));
-    fwd.set_network(network::MEMBER_FLOWS, def.internal);
+    fwd.set_network(def.member_flows as usize, def.internal);
     let signals = event_loop::signal_fd(false)?;
     Ok(event_loop::start_network(server, fwd, signals)?.run()?)
 }
@@ -961,6 +965,7 @@ fn run_without_network(args: RunArgs) -> Result<i32, MainError> {
             false,
         ),
         resolv_conf: String::new(),
+        hostname: None,
     };
     let signals = event_loop::signal_fd(true)?;
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;

@@ -115,6 +115,8 @@ pub struct RunSpec {
     pub link: LinkConfig,
     /// Content of the command's `/etc/resolv.conf`, e.g. `"nameserver 10.0.2.3\n"`.
     pub resolv_conf: String,
+    /// The command's host name, in a UTS namespace of its own (a network member's name).
+    pub hostname: Option<String>,
 }
 
 /// A child of [`spawn_run`], held back before the command starts until [`Hold::release`].
@@ -574,6 +576,8 @@ enum StepError {
     },
     #[error("cannot create user, network, mount and PID namespaces")]
     Unshare(#[source] nix::Error),
+    #[error("cannot set the host name")]
+    Hostname(#[source] nix::Error),
     #[error("cannot write {path}")]
     IdMap {
         path: &'static str,
@@ -673,6 +677,10 @@ fn setup_run(spec: &RunSpec, ids: IdMaps, resolv_conf: &Path) -> Result<Tap, Ste
     write("/proc/self/gid_map", format!("0 {} 1\n", ids.gid))?;
 
     let tap = create_tap(&spec.tap_name, spec.vnet_hdr, Some(&spec.link))?;
+    if let Some(name) = &spec.hostname {
+        unshare(CloneFlags::CLONE_NEWUTS).map_err(StepError::Unshare)?;
+        nix::unistd::sethostname(name).map_err(StepError::Hostname)?;
+    }
 
     mount(
         None::<&str>,
@@ -1233,6 +1241,7 @@ mod tests {
             vnet_hdr: true,
             link: slirp_link(),
             resolv_conf: "nameserver 10.0.2.3\n".into(),
+            hostname: None,
         }
     }
 

@@ -68,8 +68,8 @@ pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 const RESERVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Flows one member address may have open (TCP, UDP and ICMP together).
-pub const MEMBER_FLOWS: usize = 4096;
+/// Flows one member address may have open (TCP, UDP and ICMP together), by default.
+pub const MEMBER_FLOWS: u32 = 4096;
 
 /// Errors of network management.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,8 @@ pub struct Def {
     pub mtu: u32,
     /// The gateway does not reach the host's loopback.
     pub disable_host_loopback: bool,
+    /// Flows one member address may have open.
+    pub member_flows: u32,
 }
 
 impl Def {
@@ -143,6 +145,7 @@ impl Def {
             "internal": self.internal,
             "mtu": self.mtu,
             "disable_host_loopback": self.disable_host_loopback,
+            "max_member_flows": self.member_flows,
         })
     }
 
@@ -159,6 +162,10 @@ impl Def {
             internal: v["internal"].as_bool()?,
             mtu: u32::try_from(v["mtu"].as_u64()?).ok()?,
             disable_host_loopback: v["disable_host_loopback"].as_bool()?,
+            member_flows: v["max_member_flows"]
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(MEMBER_FLOWS),
         })
     }
 
@@ -269,6 +276,8 @@ pub struct CreateSpec {
     pub mtu: u32,
     /// `--disable-host-loopback`.
     pub disable_host_loopback: bool,
+    /// `--max-member-flows`.
+    pub member_flows: u32,
 }
 
 /// `usernet network create`: writes the definition (a free `10.89.N.0/24` and
@@ -326,6 +335,7 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
         internal: spec.internal,
         mtu: spec.mtu,
         disable_host_loopback: spec.disable_host_loopback,
+        member_flows: spec.member_flows,
     };
     let dir = config_dir();
     fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
@@ -430,6 +440,8 @@ pub struct Lease {
     pub ip6: Option<Ipv6Addr>,
     /// MAC address.
     pub mac: [u8; 6],
+    /// The member's name in the network's DNS.
+    pub name: String,
 }
 
 /// What a joining member asks for.
@@ -471,6 +483,7 @@ pub fn reserve(name: &str, spec: &JoinSpec) -> Result<Lease, NetworkError> {
             ip: ret["ip"].as_str()?.parse().ok()?,
             ip6: ret["ip6"].as_str().and_then(|s| s.parse().ok()),
             mac: parse_mac(ret["mac"].as_str()?)?,
+            name: ret["name"].as_str()?.to_owned(),
         })
     };
     parse().ok_or_else(|| NetworkError::Refused("bad reply to reserve".into()))

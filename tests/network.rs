@@ -156,6 +156,11 @@ fn three_members_talk_both_families_by_name() {
         n.member_json("n1", "gamma"),
     );
     assert_eq!(ip4(&jc), Ipv4Addr::new(10, 89, 0, 50), "static --ip");
+    // The command's host name is its member name.
+    let mut cmd = Command::new("nsenter");
+    cmd.args([&format!("--uts=/proc/{}/ns/uts", c.pid), "hostname"]);
+    let f = run_with_timeout(cmd, Duration::from_secs(5));
+    assert_eq!(f.stdout.trim(), "gamma", "{f}");
     let dns = Ipv4Addr::new(10, 89, 0, 3);
 
     // ARP and ND between members: ping each way, both families.
@@ -527,4 +532,33 @@ fn run_modes_none_host_and_container() {
     let f = n.cli(&["network", "create", "host"]);
     assert!(!f.success(), "{f}");
     drop((a, b));
+}
+
+#[test]
+fn one_member_cannot_take_more_flows_than_its_share() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n8", "--subnet", "10.97.0.0/24", "--max-member-flows", "4"]);
+    let greedy = n.member("n8", "greedy", &[]);
+    let modest = n.member("n8", "modest", &[]);
+    let echo = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    // greedy holds its four flows open; the fifth is refused.
+    let held: Vec<_> = in_netns(&greedy.ns(), || {
+        (0..4)
+            .map(|i| connect(echo.addr).unwrap_or_else(|e| panic!("flow {i}: {e}")))
+            .collect()
+    });
+    in_netns(&greedy.ns(), || {
+        assert!(connect(echo.addr).is_err(), "a fifth flow was let through")
+    });
+    // The other member is not affected.
+    in_netns(&modest.ns(), || echo_once(echo.addr, b"fair"));
+    let sock = n.run.join("usernet").join("n8.sock");
+    let stats = n.cli(&["stats", "-a", sock.to_str().unwrap()]);
+    assert!(
+        stats.stdout.contains("counters.member_flow_limit 1"),
+        "{stats}"
+    );
+    drop(held);
+    drop((greedy, modest));
 }

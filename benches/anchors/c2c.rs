@@ -1,0 +1,384 @@
+//! Member-to-member figures: several namespaces on one switch, for usernet's networks, a
+//! kernel bridge with veth pairs, and VDE.
+//!
+//! # Theory of operation
+//!
+//! For each run, MTU and engine, [`MEMBERS`] fresh namespaces are attached to one switch:
+//! - usernet: `usernet network create` (private `XDG_*` directories) and `usernet network
+//!   connect` per namespace; the host is reached through the gateway (`net+2`);
+//! - kernel: a bridge in a namespace of its own, a veth pair per member, the host side's
+//!   address on the bridge;
+//! - vde: `vde_switch` and, in every member and the host namespace, `vde_plug tap://`.
+//!
+//! Figures: `c2c_tcp` (iperf3 member 0 -> member 1), `c2c_rr` (1-byte TCP ping-pong
+//! between them, one way = RTT/2) and `tcp_out_8` (iperf3 member 0 -> the host while the
+//! other seven are attached). Everything is torn down after each engine, also on error.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::sys;
+
+/// Namespaces on the switch.
+pub const MEMBERS: usize = 8;
+
+/// The engines compared.
+pub const ENGINES: [&str; 3] = ["usernet", "kernel", "vde"];
+
+/// The rows.
+pub const FIGS: [&str; 3] = ["c2c_tcp", "c2c_rr", "tcp_out_8"];
+
+/// One engine's members, torn down on drop.
+struct Net {
+    /// Namespace names; member `i` is `ns[i]`, the host side `host`.
+    ns: Vec<String>,
+    host: String,
+    /// Member addresses.
+    addr: Vec<Ipv4Addr>,
+    /// Where members reach the host side.
+    host_addr: Ipv4Addr,
+    /// Processes to end (by PID) and files to remove.
+    pids: Vec<i32>,
+    dir: PathBuf,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // The daemons we started (their pid files name the process before it forked): the
+        // ones whose command line names our private directory.
+        let mark = self.dir.to_string_lossy().into_owned();
+        let ours = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                String::from_utf8_lossy(&cmd).contains(&mark).then_some(pid)
+            });
+        for pid in self.pids.iter().copied().chain(ours) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        for ns in self.ns.iter().chain(std::iter::once(&self.host)) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    sys::sh("ip", args)
+}
+
+fn new_net(tag: &str) -> Result<Net, String> {
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("anchors-c2c-{id}-{tag}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut net = Net {
+        ns: Vec::new(),
+        host: format!("c2c{id}{tag}h"),
+        addr: Vec::new(),
+        host_addr: Ipv4Addr::UNSPECIFIED,
+        pids: Vec::new(),
+        dir,
+    };
+    ip(&["netns", "add", &net.host])?;
+    ip(&["-n", &net.host, "link", "set", "lo", "up"])?;
+    for i in 0..MEMBERS {
+        let ns = format!("c2c{id}{tag}m{i}");
+        ip(&["netns", "add", &ns])?;
+        net.ns.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    }
+    Ok(net)
+}
+
+fn usernet(bin: &Path, mtu: u32) -> Result<Net, String> {
+    let mut net = new_net("u")?;
+    let env = [
+        ("XDG_CONFIG_HOME", net.dir.join("cfg")),
+        ("XDG_RUNTIME_DIR", net.dir.join("run")),
+    ];
+    let run = |args: &[&str]| -> Result<(), String> {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &net.host]).arg(bin).args(args);
+        for (k, v) in &env {
+            c.env(k, v);
+        }
+        sys::run_status(&mut c)
+    };
+    let mtu_s = mtu.max(1280).to_string();
+    run(&[
+        "network",
+        "create",
+        "bench",
+        "--subnet",
+        "10.248.0.0/24",
+        "--mtu",
+        &mtu_s,
+    ])?;
+    for i in 0..MEMBERS {
+        let path = format!("/run/netns/{}", net.ns[i]);
+        run(&[
+            "network",
+            "connect",
+            "bench",
+            &path,
+            "--name",
+            &format!("m{i}"),
+        ])?;
+        net.addr.push(Ipv4Addr::new(10, 248, 0, 100 + i as u8));
+    }
+    net.host_addr = Ipv4Addr::new(10, 248, 0, 2);
+    Ok(net)
+}
+
+fn kernel(mtu: u32) -> Result<Net, String> {
+    let mut net = new_net("k")?;
+    let h = net.host.clone();
+    let m = mtu.to_string();
+    ip(&["-n", &h, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", &h, "link", "set", "br0", "mtu", &m, "up"])?;
+    ip(&["-n", &h, "addr", "add", "10.249.0.1/24", "dev", "br0"])?;
+    for i in 0..MEMBERS {
+        let (ns, v) = (net.ns[i].clone(), format!("v{i}"));
+        ip(&[
+            "-n", &h, "link", "add", &v, "mtu", &m, "type", "veth", "peer", "name", "eth0", "mtu",
+            &m, "netns", &ns,
+        ])?;
+        ip(&["-n", &h, "link", "set", &v, "master", "br0", "up"])?;
+        let a = Ipv4Addr::new(10, 249, 0, 10 + i as u8);
+        ip(&["-n", &ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        net.addr.push(a);
+    }
+    net.host_addr = Ipv4Addr::new(10, 249, 0, 1);
+    Ok(net)
+}
+
+fn vde(mtu: u32) -> Result<Net, String> {
+    let mut net = new_net("v")?;
+    let sock = net.dir.join("sw");
+    let pidfile = net.dir.join("sw.pid");
+    sys::run_status(
+        Command::new("vde_switch")
+            .args(["-d", "-s"])
+            .arg(&sock)
+            .arg("-p")
+            .arg(&pidfile),
+    )?;
+    let pid = |f: &Path| -> Result<i32, String> {
+        for _ in 0..100 {
+            if let Some(p) = std::fs::read_to_string(f)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return Ok(p);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("no pid in {}", f.display()))
+    };
+    net.pids.push(pid(&pidfile)?);
+    let url = format!("vde://{}", sock.display());
+    let m = mtu.min(1500).to_string();
+    let mut plug = |ns: &str, a: Ipv4Addr, n: usize| -> Result<(), String> {
+        let pf = net.dir.join(format!("plug{n}.pid"));
+        sys::run_status(
+            Command::new("ip")
+                .args(["netns", "exec", ns, "vde_plug", "-d", "-p"])
+                .arg(&pf)
+                .args([&url, "tap://vde0"]),
+        )?;
+        net.pids.push(pid(&pf)?);
+        for _ in 0..100 {
+            if sys::sh("ip", &["-n", ns, "link", "show", "vde0"]).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ip(&["-n", ns, "link", "set", "vde0", "mtu", &m, "up"])?;
+        ip(&["-n", ns, "addr", "add", &format!("{a}/24"), "dev", "vde0"])
+    };
+    let host = net.host.clone();
+    plug(&host, Ipv4Addr::new(10, 247, 0, 1), MEMBERS)?;
+    let names = net.ns.clone();
+    for (i, ns) in names.iter().enumerate() {
+        let a = Ipv4Addr::new(10, 247, 0, 10 + i as u8);
+        plug(ns, a, i)?;
+        net.addr.push(a);
+    }
+    net.host_addr = Ipv4Addr::new(10, 247, 0, 1);
+    Ok(net)
+}
+
+/// iperf3 from `from` to a server in `to` at `addr`: Gbit/s received.
+fn iperf(from: &str, to: &str, addr: Ipv4Addr, secs: u64) -> Result<f64, String> {
+    let port = "5299";
+    let server = sys::ChildProc::spawn(
+        Command::new("ip")
+            .args(["netns", "exec", to, "iperf3", "-s", "-1", "-p", port])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+        "iperf3 -s",
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = sys::run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            from,
+            "iperf3",
+            "-c",
+            &addr.to_string(),
+            "-p",
+            port,
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ]),
+        Duration::from_secs(secs + 20),
+    );
+    drop(server);
+    let out = out?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
+    v.pointer("/end/sum_received/bits_per_second")
+        .and_then(serde_json::Value::as_f64)
+        .map(|b| b / 1e9)
+        .ok_or_else(|| format!("iperf3: {}", sys::last_lines(&out.stdout, 5)))
+}
+
+/// 1-byte TCP ping-pong from `from` to a server in `to`: mean one-way µs.
+fn rr(from: &str, to: &str, addr: Ipv4Addr, secs: u64) -> Result<f64, String> {
+    let listener = sys::in_netns(
+        Path::new(&format!("/run/netns/{to}")),
+        Duration::from_secs(5),
+        || {
+            TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))
+                .map_err(|e| e.to_string())
+        },
+    )?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let server = std::thread::spawn(move || {
+        if let Ok((mut c, _)) = listener.accept() {
+            let _ = c.set_nodelay(true);
+            let mut b = [0u8; 1];
+            while c.read_exact(&mut b).is_ok() && c.write_all(&b).is_ok() {}
+        }
+    });
+    let dst = SocketAddrV4::new(addr, port);
+    let res = sys::in_netns(
+        Path::new(&format!("/run/netns/{from}")),
+        Duration::from_secs(secs + 10),
+        move || -> Result<f64, String> {
+            let mut c = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(5))
+                .map_err(|e| format!("connect {dst}: {e}"))?;
+            let _ = c.set_nodelay(true);
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let (start, mut n) = (Instant::now(), 0u64);
+            let mut b = [1u8; 1];
+            while start.elapsed() < Duration::from_secs(secs.min(3)) {
+                c.write_all(&b).map_err(|e| e.to_string())?;
+                c.read_exact(&mut b).map_err(|e| e.to_string())?;
+                n += 1;
+            }
+            Ok(start.elapsed().as_secs_f64() * 1e6 / n.max(1) as f64 / 2.0)
+        },
+    )?;
+    let _ = server.join();
+    Ok(res)
+}
+
+/// One engine at one MTU: the three figures.
+fn measure(
+    engine: &str,
+    bin: &Path,
+    mtu: u32,
+    secs: u64,
+) -> Result<[Result<f64, String>; 3], String> {
+    let net = match engine {
+        "usernet" => usernet(bin, mtu)?,
+        "kernel" => kernel(mtu)?,
+        _ => vde(mtu)?,
+    };
+    let tcp = iperf(&net.ns[0], &net.ns[1], net.addr[1], secs);
+    let lat = rr(&net.ns[0], &net.ns[1], net.addr[1], secs);
+    // tcp_out with the other members attached: to an iperf3 server on the host side
+    // (usernet: the gateway reaches the host namespace's loopback).
+    let out = iperf(&net.ns[0], &net.host, net.host_addr, secs);
+    Ok([tcp, lat, out])
+}
+
+/// The member-to-member table in Markdown, medians of `runs`.
+pub fn table(bin: &Path, runs: usize, secs: u64, mtus: &[u32]) -> String {
+    let mut out = String::from("\n### Members of one network (c2c)\n");
+    for &mtu in mtus {
+        let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); ENGINES.len()]; FIGS.len()];
+        let mut errors = Vec::new();
+        for run in 0..runs {
+            for (e, engine) in ENGINES.iter().enumerate() {
+                eprintln!("[c2c run {}/{runs}] {engine} MTU {mtu}", run + 1);
+                match measure(engine, bin, mtu, secs) {
+                    Ok(figs) => {
+                        for (f, r) in figs.into_iter().enumerate() {
+                            match r {
+                                Ok(v) => {
+                                    eprintln!("    {:<10} {v:.2}", FIGS[f]);
+                                    samples[f][e].push(v);
+                                }
+                                Err(err) => {
+                                    errors.push(format!("{engine} {} MTU {mtu}: {err}", FIGS[f]))
+                                }
+                            }
+                        }
+                    }
+                    Err(err) => errors.push(format!("{engine} MTU {mtu}: {err}")),
+                }
+            }
+        }
+        out.push_str(&format!(
+            "\n#### MTU {mtu}{}\n\n| figure | unit | {} |\n|---|---|{}\n",
+            if mtu > 1500 {
+                " (VDE at 1500: its frames stop near 1518 bytes)"
+            } else {
+                ""
+            },
+            ENGINES.join(" | "),
+            "---:|".repeat(ENGINES.len())
+        ));
+        for (f, name) in FIGS.iter().enumerate() {
+            let unit = if *name == "c2c_rr" {
+                "µs ↓"
+            } else {
+                "Gbit/s ↑"
+            };
+            let cells: Vec<String> = samples[f]
+                .iter()
+                .map(|v| {
+                    let mut v = v.clone();
+                    v.sort_by(f64::total_cmp);
+                    v.get(v.len() / 2)
+                        .map_or("fail".into(), |m| format!("{m:.2}"))
+                })
+                .collect();
+            out.push_str(&format!("| {name} | {unit} | {} |\n", cells.join(" | ")));
+        }
+        for e in errors {
+            out.push_str(&format!("\n- {e}"));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!(
+        "\nc2c: {MEMBERS} namespaces on one switch; c2c_tcp: iperf3 member -> member; c2c_rr: \
+         1-byte TCP ping-pong member <-> member, one way; tcp_out_8: iperf3 member -> host side \
+         with the other seven attached (usernet: its gateway to the host namespace).\n"
+    ));
+    out
+}
