@@ -579,7 +579,7 @@ pub fn parse_cidr(s: &str) -> Result<Network, String> {
             "prefix length needs to be 1-25\nin --cidr {s}: the guest address is net+100"
         ));
     }
-    let net = Network { addr, prefix_len };
+    let net = Network::slirp(addr, prefix_len);
     if u32::from(addr) & !u32::from(net.netmask()) != 0 {
         return Err(format!(
             "CIDR needs to be a network address like 10.0.2.0/24, not like 10.0.2.100/24\n\
@@ -636,7 +636,7 @@ pub fn parse_cidr6(s: &str) -> Result<Network6, String> {
     {
         return Err(format!("{s:?} cannot be a guest network"));
     }
-    Ok(Network6 { prefix: addr })
+    Ok(Network6::slirp(addr))
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {

@@ -148,7 +148,7 @@ fn link_config(
         // IPv6 needs an MTU of at least 1280.
         ipv6: (ipv6 && mtu >= 1280).then(|| Ipv6Link {
             addr: net6.guest(),
-            prefix_len: Network6::PREFIX_LEN,
+            prefix_len: net6.prefix_len,
             gateway: net6.gateway(),
         }),
     }
@@ -284,14 +284,13 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
     let resolv_conf = if args.net.disable_dns {
         // Keep the host's resolvers out of reach as asked; the command gets none.
         String::new()
-    } else if ipv6 {
-        format!(
-            "nameserver {}\nnameserver {}\n",
-            net.dns(),
-            args.net.cidr6.dns()
-        )
     } else {
-        format!("nameserver {}\n", net.dns())
+        let v6 = args.net.cidr6.dns().filter(|_| ipv6).map(IpAddr::V6);
+        [net.dns().map(IpAddr::V4), v6]
+            .into_iter()
+            .flatten()
+            .map(|ns| format!("nameserver {ns}\n"))
+            .collect()
     };
     // Validate everything that can fail before the command is started.
     let nameservers = nameservers(&args.net);
@@ -642,6 +641,7 @@ fn forwarder_with(
             net6,
             host_loopback: !net.disable_host_loopback,
             nameservers,
+            aliases: Vec::new(),
         },
         dns_enabled: !net.disable_dns,
         mtu: net.mtu as usize,
@@ -844,9 +844,15 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
         namespace: "run".into(),
     };
     let lease = network::reserve(name, &spec)?;
-    let mut resolv_conf = format!("nameserver {}\n", def.subnet.dns());
+    let mut resolv_conf: String = def
+        .subnet
+        .dns()
+        .map(|d| format!("nameserver {d}\n"))
+        .unwrap_or_default();
     if let (Some(n), Some(_)) = (def.subnet6, lease.ip6) {
-        resolv_conf.push_str(&format!("nameserver {}\n", n.dns()));
+        if let Some(d) = n.dns() {
+            resolv_conf.push_str(&format!("nameserver {d}\n"));
+        }
     }
     let run = RunSpec {
         cmd: args.command.clone(),
@@ -929,6 +935,7 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
             net6: def.subnet6,
             host_loopback: def.host_loopback(),
             nameservers,
+            aliases: Vec::new(),
         },
         dns_enabled: true,
         mtu: def.mtu as usize,

@@ -139,7 +139,7 @@ impl Def {
             "name": self.name,
             "subnet": format!("{}/{}", self.subnet.addr, self.subnet.prefix_len),
             "gateway": self.subnet.gateway().to_string(),
-            "dns": self.subnet.dns().to_string(),
+            "dns": self.subnet.dns().map(|d| d.to_string()),
             "subnet6": self.subnet6.map(|n| format!("{}/64", n.prefix)),
             "gateway6": self.subnet6.map(|n| n.gateway().to_string()),
             "internal": self.internal,
@@ -295,18 +295,15 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
         let addr = Ipv4Addr::new(10, 89, *n, 0);
         !defs.iter().any(|d| {
             d.subnet.contains(addr) || {
-                let probe = Network {
-                    addr,
-                    prefix_len: 24,
-                };
+                let probe = Network::slirp(addr, 24);
                 probe.contains(d.subnet.addr)
             }
         })
     });
     let subnet = match spec.subnet {
         Some(s) => s,
-        None => Network {
-            addr: Ipv4Addr::new(
+        None => Network::slirp(
+            Ipv4Addr::new(
                 10,
                 89,
                 free.ok_or_else(|| {
@@ -314,8 +311,8 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
                 })?,
                 0,
             ),
-            prefix_len: 24,
-        },
+            24,
+        ),
     };
     if subnet.prefix_len > 24 {
         return Err(NetworkError::Usage(format!(
@@ -324,8 +321,17 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
         )));
     }
     let subnet6 = spec.subnet6.or_else(|| {
-        spec.ipv6.then(|| Network6 {
-            prefix: Ipv6Addr::new(0xfd89, u16::from(subnet.addr.octets()[2]), 0, 0, 0, 0, 0, 0),
+        spec.ipv6.then(|| {
+            Network6::slirp(Ipv6Addr::new(
+                0xfd89,
+                u16::from(subnet.addr.octets()[2]),
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ))
         })
     });
     let def = Def {
@@ -914,8 +920,7 @@ impl Server {
         }
         let net = self.def.subnet;
         let taken = |a: Ipv4Addr, ms: &BTreeMap<u64, Member>| {
-            ms.values().any(|m| m.v4 == a)
-                || [net.addr, net.gateway(), net.dns(), net.broadcast()].contains(&a)
+            ms.values().any(|m| m.v4 == a) || (net.contains(a) && !net.valid_source(a))
         };
         let v4 = match args["ip"].as_str() {
             Some(s) => {
@@ -947,7 +952,7 @@ impl Server {
             (None, None) => None,
             (Some(n), Some(s)) => {
                 let a: Ipv6Addr = s.parse().map_err(|_| format!("bad --ip6 {s:?}"))?;
-                if !n.contains(a) || [n.gateway(), n.dns(), n.prefix].contains(&a) {
+                if !n.contains(a) || (n.is_ours(a) || a == n.prefix) {
                     return Err(format!(
                         "--ip6 {a} is not a member address of {}/64",
                         n.prefix

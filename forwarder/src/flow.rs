@@ -251,8 +251,8 @@ impl Nat {
     /// Answers a DNS query for a member name; false when the query is not for one.
     fn answer_name(&self, link: &mut Link, c: &mut Counters, key: FlowKey, query: &[u8]) -> bool {
         let dns = match key.remote.0 {
-            IpAddress::Ipv4(a) => a == self.cfg.nat.net.dns(),
-            IpAddress::Ipv6(a) => self.cfg.nat.net6.is_some_and(|n| a == n.dns()),
+            IpAddress::Ipv4(a) => Some(a) == self.cfg.nat.net.dns(),
+            IpAddress::Ipv6(a) => self.cfg.nat.net6.is_some_and(|n| Some(a) == n.dns()),
         };
         if !dns || key.remote.1 != 53 || self.names.is_empty() {
             return false;
@@ -1026,9 +1026,7 @@ impl Nat {
         if host.port() == 0 || guest_port == 0 {
             return Err(port::PortError::Invalid("ports must be 1..65535"));
         }
-        if !net.contains(guest_ip)
-            || [net.addr, net.gateway(), net.dns(), net.broadcast()].contains(&guest_ip)
-        {
+        if !net.contains(guest_ip) || !net.valid_source(guest_ip) {
             return Err(port::PortError::Invalid(
                 "the guest address must be a host address of the guest network",
             ));

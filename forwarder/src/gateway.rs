@@ -69,13 +69,13 @@ impl Gateway {
             server: net.gateway(),
             prefix_len: net.prefix_len,
             router: net.gateway(),
-            dns: cfg.dns_enabled.then(|| net.dns()),
+            dns: net.dns().filter(|_| cfg.dns_enabled),
             pool_start: net.dhcp_start(),
             pool_len: 16,
             lease: std::time::Duration::from_secs(24 * 3600),
         });
         Gateway {
-            next_ra: cfg.nat.net6.map(|_| now),
+            next_ra: cfg.nat.net6.filter(|n| n.router_adverts).map(|_| now),
             cfg,
             dhcp,
             epoch: std::time::Instant::now()
@@ -132,7 +132,7 @@ impl Gateway {
         payload: &[u8],
     ) -> bool {
         let ours = match dst {
-            IpAddress::Ipv4(d) => d == self.cfg.nat.net.gateway() || d == self.cfg.nat.net.dns(),
+            IpAddress::Ipv4(d) => self.cfg.nat.net.is_ours(d),
             IpAddress::Ipv6(d) => self.cfg.nat.net6.is_some_and(|n| ndp::ours(&n, &d)),
         };
         if ours {
@@ -204,11 +204,7 @@ impl Gateway {
         let payload = packet.payload();
         let net = self.cfg.nat.net;
         let src = repr.src_addr;
-        let valid_source = net.contains(src)
-            && src != net.addr
-            && src != net.gateway()
-            && src != net.dns()
-            && src != net.broadcast();
+        let valid_source = net.valid_source(src);
         if repr.next_header == IpProtocol::Udp && udp::is_dhcp_request(&repr, payload) {
             let (src, dst) = (
                 IpAddress::Ipv4(repr.src_addr),
@@ -307,7 +303,9 @@ impl Gateway {
                         cx.c.ndp_adverts += 1;
                     }
                 }
-                Some(icmp::Message::RouterSolicit) if self.no_ra => {}
+                Some(icmp::Message::RouterSolicit) if self.no_ra || !net6.router_adverts => {
+                    cx.c.icmp_ignored += 1;
+                }
                 Some(icmp::Message::RouterSolicit) => {
                     let to = if repr.src_addr.is_unspecified() {
                         ndp::ALL_NODES
@@ -361,7 +359,7 @@ impl Gateway {
     /// A guest source address for flows: in the /64, not one of ours.
     fn valid_source_v6(&self, net6: &nat::Network6, src: Ipv6Address) -> bool {
         let a = src;
-        net6.contains(a) && a != net6.gateway() && a != net6.dns() && a != net6.prefix
+        net6.contains(a) && !net6.is_ours(a) && a != net6.prefix
     }
 
     fn handle_dhcp(&mut self, now: Instant, payload: &[u8], cx: &mut Cx<'_, '_>) {

@@ -388,9 +388,12 @@ impl Forwarder {
     pub fn without_ports(cfg: Config, now: Instant) -> Forwarder {
         let net = cfg.nat.net;
         let gateway = net.gateway();
-        let dns = net.dns();
+        let dns = net.dns().unwrap_or(gateway);
         let mac = L2::mac_for(gateway);
         let mut l2 = L2::new(mac, [gateway, dns], cfg.vnet_hdr_len);
+        if net.neighbours == nat::Neighbours::AllButGuest {
+            l2.answer_all_but(net.guest());
+        }
         // The largest frame: vnet header + Ethernet header + the largest IP packet.
         let slot = cfg.vnet_hdr_len + stack::l2::ETHERNET_HEADER_LEN + 65536;
         let mut txq = TxQueue::new(TXQ_SLOTS, slot);
@@ -398,7 +401,7 @@ impl Forwarder {
         let mut addrs = vec![IpCidr::new(IpAddress::Ipv4(gateway), net.prefix_len)];
         if let Some(net6) = cfg.nat.net6 {
             let gw6 = net6.gateway();
-            addrs.push(IpCidr::new(IpAddress::Ipv6(gw6), nat::Network6::PREFIX_LEN));
+            addrs.push(IpCidr::new(IpAddress::Ipv6(gw6), net6.prefix_len));
         }
         let iface = stack::iface::interface(now, &caps, &mut l2, &mut txq, &addrs, cfg.seed);
         let mut switch = Switch::new(mac, cfg.vnet_hdr_len);

@@ -19,7 +19,7 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, Icmpv6Packet, IpAddress, IpProtocol, Ipv6Address};
 
 use crate::emit;
-use crate::nat::{Network6, ROUTER_LINK_LOCAL};
+use crate::nat::{Neighbours, Network6, ROUTER_LINK_LOCAL};
 use crate::Link;
 
 /// Interval of unsolicited router advertisements once settled.
@@ -45,8 +45,23 @@ fn multicast_mac(ip: &Ipv6Address) -> EthernetAddress {
 
 /// Our IPv6 addresses.
 pub fn ours(net: &Network6, ip: &Ipv6Address) -> bool {
-    let ip = *ip;
-    ip == net.gateway() || ip == net.dns() || ip == ROUTER_LINK_LOCAL
+    net.is_ours(*ip)
+}
+
+/// Whether a neighbor solicitation from `src` for `target` gets our answer: one of our
+/// addresses; in the pasta model any address but the guest's, and never for duplicate
+/// address detection (the guest probing an address it is about to take).
+fn answers(net: &Network6, src: &Ipv6Address, target: &Ipv6Address) -> bool {
+    match net.neighbours {
+        Neighbours::Ours => ours(net, target),
+        Neighbours::AllButGuest => {
+            !src.is_unspecified()
+                && *target != net.guest
+                && *target != *src
+                && !target.is_multicast()
+                && !target.is_unspecified()
+        }
+    }
 }
 
 /// Answers a neighbor solicitation (`message`, a checksum-verified ICMPv6 message from
@@ -64,7 +79,7 @@ pub(crate) fn answer_solicitation(
     let mut t = [0u8; 16];
     t.copy_from_slice(target);
     let target = Ipv6Address::from(t);
-    if !ours(net, &target) {
+    if !answers(net, &src, &target) {
         return false;
     }
     let dad = src.is_unspecified();
@@ -104,7 +119,8 @@ pub(crate) fn advertise(link: &mut Link, net: &Network6, dns: bool, dst: Ipv6Add
     let mac = link.l2.mac();
     let mtu = link.mtu;
     let link_mtu = u32::try_from(mtu).unwrap_or(u32::MAX);
-    let len = if dns { 88 } else { 64 };
+    let dns = if dns { net.dns() } else { None };
+    let len = if dns.is_some() { 88 } else { 64 };
     let res = emit::ip(
         &link.l2,
         &mut link.txq,
@@ -130,17 +146,17 @@ pub(crate) fn advertise(link: &mut Link, net: &Network6, dns: bool, dst: Ipv6Add
             // Prefix information: on-link and autonomous (SLAAC).
             out[32] = 3;
             out[33] = 4;
-            out[34] = Network6::PREFIX_LEN;
+            out[34] = net.prefix_len;
             out[35] = 0xc0;
             out[36..40].copy_from_slice(&PREFIX_VALID_S.to_be_bytes());
             out[40..44].copy_from_slice(&PREFIX_PREFERRED_S.to_be_bytes());
             out[48..64].copy_from_slice(&net.prefix.octets());
-            if dns {
+            if let Some(dns) = dns {
                 // Recursive DNS server.
                 out[64] = 25;
                 out[65] = 3;
                 out[68..72].copy_from_slice(&RDNSS_LIFETIME_S.to_be_bytes());
-                out[72..88].copy_from_slice(&net.dns().octets());
+                out[72..88].copy_from_slice(&dns.octets());
             }
             Icmpv6Packet::new_unchecked(&mut out[..]).fill_checksum(&src, &dst);
             Some(len)

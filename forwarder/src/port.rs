@@ -200,12 +200,12 @@ pub fn routable_client(
                 || ip.is_unspecified()
                 || ip.is_multicast()
                 || ip.is_broadcast()
-                || guest_net.contains(ip)
+                || guest_net.hides(ip)
         }
         SocketAddr::V6(v6) => {
             let ip = *v6.ip();
             let link_local = ip.segments()[0] & 0xffc0 == 0xfe80;
-            guest_net6.is_none_or(|n| n.contains(ip))
+            guest_net6.is_none_or(|n| n.hides(ip))
                 || ip.is_loopback()
                 || ip.is_unspecified()
                 || ip.is_multicast()
@@ -223,10 +223,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn net() -> Network {
-        Network {
-            addr: Ipv4Addr::new(10, 0, 2, 0),
-            prefix_len: 24,
-        }
+        Network::slirp(Ipv4Addr::new(10, 0, 2, 0), 24)
     }
 
     #[test]

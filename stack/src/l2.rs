@@ -82,6 +82,8 @@ pub struct L2 {
     mac: EthernetAddress,
     vnet_hdr_len: usize,
     ours: [Ipv4Address; 2],
+    /// Answer ARP for every address but this one (the guest's), as pasta does.
+    all_but: Option<Ipv4Address>,
     guest_mac: Option<EthernetAddress>,
     /// Several guests: frames are addressed by this table, not by `guest_mac`.
     shared: bool,
@@ -102,12 +104,21 @@ impl L2 {
             mac,
             vnet_hdr_len,
             ours,
+            all_but: None,
             guest_mac: None,
             shared: false,
             neighbors: HashMap::new(),
             last_probe: None,
             counters: L2Counters::default(),
         }
+    }
+
+    /// Answers ARP for every address but `guest` from now on (pasta's model: the guest
+    /// holds a copy of the host's address on the host's subnet, whose other addresses are
+    /// all reached through us). Probes for the guest's own address (duplicate address
+    /// detection, gratuitous ARP) stay unanswered.
+    pub fn answer_all_but(&mut self, guest: Ipv4Address) {
+        self.all_but = Some(guest);
     }
 
     /// The MAC address of our virtual hosts: `52:55:` followed by the gateway's IPv4
@@ -267,7 +278,18 @@ impl L2 {
         if operation != ArpOperation::Request {
             return Ok(());
         }
-        if !self.ours.contains(&target_protocol_addr) {
+        let answer = match self.all_but {
+            None => self.ours.contains(&target_protocol_addr),
+            Some(guest) => {
+                target_protocol_addr != guest
+                    && target_protocol_addr != source_protocol_addr
+                    && !source_protocol_addr.is_unspecified()
+                    && !target_protocol_addr.is_unspecified()
+                    && !target_protocol_addr.is_broadcast()
+                    && !target_protocol_addr.is_multicast()
+            }
+        };
+        if !answer {
             self.counters.arp_ignored += 1;
             return Ok(());
         }
@@ -452,6 +474,33 @@ mod tests {
         assert_eq!(l2.handle_frame(&req, &mut q), Ok(Ingress::Consumed));
         assert!(q.is_empty());
         assert_eq!(l2.counters.arp_ignored, 1);
+    }
+
+    #[test]
+    fn all_but_guest_answers_any_neighbour_but_not_the_guest_itself() {
+        let (mut l2, mut q) = layer(0);
+        l2.answer_all_but(GUEST);
+        let other = Ipv4Address::new(10, 0, 2, 50);
+        assert_eq!(
+            l2.handle_frame(&arp_request(GUEST, other, 0), &mut q),
+            Ok(Ingress::Consumed)
+        );
+        let reply = q.front().unwrap();
+        let (_, rest) = etherparse::Ethernet2Header::from_slice(reply).unwrap();
+        assert_eq!(
+            EpArp::from_slice(rest).unwrap().sender_protocol_addr(),
+            &other.octets()
+        );
+        q.pop();
+        // Duplicate address detection and gratuitous ARP of the guest's own address.
+        let unspecified = Ipv4Address::new(0, 0, 0, 0);
+        for req in [
+            arp_request(unspecified, GUEST, 0),
+            arp_request(GUEST, GUEST, 0),
+        ] {
+            assert_eq!(l2.handle_frame(&req, &mut q), Ok(Ingress::Consumed));
+            assert!(q.is_empty());
+        }
     }
 
     #[test]

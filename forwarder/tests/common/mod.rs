@@ -43,13 +43,11 @@ impl Sim {
     pub fn config(host_loopback: bool) -> Config {
         Config {
             nat: NatConfig {
-                net: Network {
-                    addr: Ipv4Addr::new(10, 0, 2, 0),
-                    prefix_len: 24,
-                },
+                net: Network::slirp(Ipv4Addr::new(10, 0, 2, 0), 24),
                 net6: None,
                 host_loopback,
                 nameservers: vec![],
+                aliases: vec![],
             },
             dns_enabled: true,
             mtu: 1500,
@@ -149,13 +147,11 @@ pub const NET6: forwarder::nat::Network6 = forwarder::nat::Network6::DEFAULT;
 pub fn sealed_config(vnet_hdr_len: usize) -> Config {
     Config {
         nat: NatConfig {
-            net: Network {
-                addr: Ipv4Addr::new(10, 0, 2, 0),
-                prefix_len: 24,
-            },
+            net: Network::slirp(Ipv4Addr::new(10, 0, 2, 0), 24),
             net6: Some(NET6),
             host_loopback: false,
             nameservers: vec![],
+            aliases: vec![],
         },
         dns_enabled: true,
         mtu: 1500,
@@ -206,7 +202,7 @@ pub fn confine(frame: &mut [u8], vnet: usize, pick: u64) {
         let mut dst = [0u8; 16];
         match pick % 8 {
             0 | 1 => dst = NET6.gateway().octets(),
-            2 => dst = NET6.dns().octets(),
+            2 => dst = NET6.dns.unwrap_or(NET6.gateway).octets(),
             3 | 4 => {
                 dst = NET6.prefix.octets();
                 dst[15] = low;
