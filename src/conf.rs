@@ -66,7 +66,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run COMMAND in new user + network + mount namespaces with a network.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Publish, list or unpublish ports of a running usernet through its API socket.
     Ports(PortsArgs),
     /// Show the counters, flows and limits of a running usernet (its API socket).

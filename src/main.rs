@@ -107,7 +107,7 @@ fn main() -> ExitCode {
     }
     logger.format_target(false).init();
     let result = match cli.command {
-        Some(Command::Run(args)) => run_mode(args),
+        Some(Command::Run(args)) => run_mode(*args),
         Some(Command::Ports(args)) => ports_client(args),
         Some(Command::Stats(args)) => stats_client(args),
         Some(Command::Network(args)) => network_command(args),
