@@ -75,6 +75,10 @@ pub enum Command {
     Network(NetworkArgs),
     /// List the usernet runs that are running (their API sockets), with their ports.
     Ps(PsArgs),
+    /// Take pasta's command line (as when invoked under a name containing "pasta"); see
+    /// `usernet pasta --help`.
+    #[command(disable_help_flag = true)]
+    Pasta(PastaArgs),
 }
 
 /// `usernet ps`.
@@ -177,6 +181,18 @@ pub enum NetworkAction {
         /// The network's name.
         name: String,
     },
+}
+
+/// `usernet pasta`: everything after it is pasta's command line.
+#[derive(Debug, Args)]
+pub struct PastaArgs {
+    /// pasta's options and target or command.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PASTA_ARGS"
+    )]
+    pub args: Vec<OsString>,
 }
 
 /// `usernet stats`.
@@ -639,7 +655,7 @@ pub fn parse_cidr6(s: &str) -> Result<Network6, String> {
     Ok(Network6::slirp(addr))
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub(crate) fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
     for byte in &mut mac {

@@ -114,6 +114,9 @@ pub struct Extras {
     /// The host's resolv.conf, followed for the DNS forwarder (none with
     /// `--disable-dns`).
     pub resolv: Option<crate::resolv_watch::ResolvWatch>,
+    /// Runs once everything is set up, just before ready is reported (pasta mode: the
+    /// PID file, detaching from the caller's stdio). An error ends start-up.
+    pub before_ready: Option<Box<dyn FnOnce() -> io::Result<()>>>,
 }
 
 /// A member's TAP, by switch port.
@@ -381,6 +384,9 @@ pub fn start(
     }
     crate::isolation::apply(&extras.isolation)?;
     crate::isolation::test_probe();
+    if let Some(hook) = extras.before_ready.take() {
+        hook().map_err(LoopError::Setup)?;
+    }
     if let Some(fd) = extras.ready_fd.take() {
         let mut f = File::from(fd);
         if let Err(e) = f.write_all(b"1") {
@@ -433,6 +439,7 @@ pub fn start_network(
             max_api_clients: 64,
             busy_poll: std::time::Duration::from_micros(50),
             resolv: None,
+            before_ready: None,
         },
         poll,
         api: None,

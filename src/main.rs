@@ -21,6 +21,7 @@ mod event_loop;
 mod isolation;
 mod netns;
 mod network;
+mod pasta;
 mod pidns;
 mod resolv_watch;
 mod runs;
@@ -69,10 +70,18 @@ enum MainError {
 
 fn main() -> ExitCode {
     sys::alloc::lazy_large_allocations();
+    // pasta's command line: under a name containing "pasta", or `usernet pasta ARGS`.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.first().is_some_and(pasta::invoked_as_pasta) {
+        return pasta::main(&args[1..]);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => conf::exit_on_parse_error(e),
     };
+    if let Some(Command::Pasta(p)) = &cli.command {
+        return pasta::main(&p.args);
+    }
     if cli.version {
         print!("{}", conf::version_text());
         return ExitCode::SUCCESS;
@@ -82,7 +91,7 @@ fn main() -> ExitCode {
         Some(Command::Ports(a)) => a.version,
         Some(Command::Stats(a)) => a.version,
         Some(Command::Ps(a)) => a.version,
-        Some(Command::Network(_)) | None => false,
+        Some(Command::Network(_)) | Some(Command::Pasta(_)) | None => false,
     };
     if sub_version {
         print!("{}", conf::usernet_version_text());
@@ -112,6 +121,7 @@ fn main() -> ExitCode {
         Some(Command::Stats(args)) => stats_client(args),
         Some(Command::Network(args)) => network_command(args),
         Some(Command::Ps(_)) => ps_client(),
+        Some(Command::Pasta(p)) => return pasta::main(&p.args),
         None => attach_mode(cli.attach),
     };
     match result {
@@ -240,6 +250,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
+        before_ready: None,
     };
     let setup = Setup {
         ipv6,
@@ -355,6 +366,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         max_api_clients: args.net.max_api_clients as usize,
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
+        before_ready: None,
     };
     // Every set-up step first: if one fails, `hold` is dropped unreleased and the child
     // exits without running the command.
@@ -668,7 +680,7 @@ fn forwarder_with(
 /// Turns on checksum and TCP segmentation offloads on a TAP with a vnet header: the
 /// guest's kernel then sends and takes 64 KiB TCP super-frames even at MTU 1500.
 /// `USERNET_NO_OFFLOAD=1` keeps them off (a fallback while TSO in smoltcp is young).
-fn enable_offloads(tap: &Tap) -> bool {
+pub(crate) fn enable_offloads(tap: &Tap) -> bool {
     use stack::sys::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
     if tap.vnet_hdr_len() == 0 || std::env::var_os("USERNET_NO_OFFLOAD").is_some_and(|v| v == "1") {
         return false;
@@ -682,7 +694,7 @@ fn enable_offloads(tap: &Tap) -> bool {
     }
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // std's RandomState is seeded from the OS's random source.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -82,3 +82,19 @@ fn close_listed(keep: &[u32]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Points descriptors 0, 1 and 2 at `/dev/null` (a detached daemon keeps none of its
+/// caller's terminals or pipes).
+///
+/// # Errors
+/// Opening `/dev/null` or `dup2(2)` failing.
+pub fn stdio_to_dev_null() -> io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
+    Ok(())
+}

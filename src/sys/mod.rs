@@ -24,6 +24,25 @@ use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 use nix::unistd::{ForkResult, Pid};
 
+/// Forks, and both processes continue with the caller's code: `Some(child)` in the
+/// parent, `None` in the child (pasta's detach, where the child lives on).
+///
+/// Call only while the process is single-threaded (usernet forks before it starts any
+/// thread), so that the child inherits no lock held by another thread.
+///
+/// # Errors
+///
+/// Errors of `fork(2)` (`EAGAIN`, `ENOMEM`).
+pub fn fork_continue() -> nix::Result<Option<Pid>> {
+    // SAFETY: the caller is single-threaded (documented above), so the child's copy of
+    // the address space is consistent and both processes may run any code, destructors
+    // included: each owns its copies of descriptors and memory.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(Some(child)),
+        ForkResult::Child => Ok(None),
+    }
+}
+
 /// Forks; the child closes `parent_only`, runs `child` and exits with its return value
 /// (101 if it panics). Returns the child's pid in the parent, where `child` is dropped
 /// without running: descriptors it captured by value are thereby closed in the parent.

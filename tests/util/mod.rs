@@ -2962,3 +2962,186 @@ pub fn try_get_stats(path: &Path) -> Result<UsernetStats, String> {
 pub fn get_stats(path: &Path) -> UsernetStats {
     try_get_stats(path).unwrap_or_else(|e| panic!("{e}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// pasta mode
+// ---------------------------------------------------------------------------------------------
+
+impl Topology {
+    /// Default routes in H via W ([`WORLD_LINK`], and [`WORLD_LINK6`] after
+    /// [`new_ipv6`](Self::new_ipv6)): pasta's `--config-net` copies the interface that
+    /// holds them (`vh`, whose first addresses are [`HOST_ADDR`] and [`HOST_ADDR6`]).
+    pub fn host_default_routes(&self) {
+        ip(&[
+            "-n",
+            &self.host,
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.51.100.2",
+        ]);
+        let has6 = !ip(&[
+            "-n", &self.host, "-6", "addr", "show", "dev", "vh", "scope", "global",
+        ])
+        .stdout
+        .is_empty();
+        if has6 {
+            ip(&[
+                "-n",
+                &self.host,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "2001:db8:1::2",
+            ]);
+        }
+    }
+
+    /// A directory holding the binary under test as `pasta` (a symbolic link, as a user
+    /// would install it for podman's `helper_binaries_dir`).
+    pub fn pasta_dir(&self) -> PathBuf {
+        let dir = self.tmp.join("helpers");
+        if !dir.join("pasta").exists() {
+            fs::create_dir_all(&dir).expect("create the helper directory");
+            std::os::unix::fs::symlink(usernet_bin(), dir.join("pasta")).expect("link pasta");
+        }
+        dir
+    }
+
+    /// `usernet` as `pasta`.
+    pub fn pasta_bin(&self) -> PathBuf {
+        self.pasta_dir().join("pasta")
+    }
+}
+
+/// A pasta started in H the way podman starts it: the first process has exited; the
+/// detached one (found by its `argv[0]`, unique to the test's directory) is SIGKILLed on
+/// drop if it is still alive.
+pub struct Pasta {
+    /// The first process's output and status.
+    pub first: Finished,
+    bin: PathBuf,
+}
+
+impl Pasta {
+    /// Runs `pasta ARGS` in H as podman and RootlessKit do (Go's `CombinedOutput()`): waits
+    /// until the first process has exited *and* both its output pipes reached end of file,
+    /// which needs the detached process to hold no copy of them. At most 20 s; then the
+    /// status is `None` (as for [`run_with_timeout`]).
+    pub fn run(t: &Topology, args: &[&str]) -> Pasta {
+        let bin = t.pasta_bin();
+        let mut cmd = t.exec_in(&t.host, &bin, args);
+        let line = cmdline(&cmd);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn `{line}`: {e}"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let readers: Vec<_> = [
+            Box::new(child.stdout.take().expect("piped stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("piped stderr")),
+        ]
+        .into_iter()
+        .map(|mut r| {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                let _ = tx.send(());
+                String::from_utf8_lossy(&buf).into_owned()
+            })
+        })
+        .collect();
+        let timeout = Duration::from_secs(20);
+        let mut eofs = 0;
+        let mut status = None;
+        while start.elapsed() < timeout && (eofs < 2 || status.is_none()) {
+            if rx.recv_timeout(Duration::from_millis(5)).is_ok() {
+                eofs += 1;
+            }
+            if status.is_none() {
+                status = child.try_wait().expect("try_wait");
+            }
+        }
+        let elapsed = start.elapsed();
+        let complete = eofs == 2 && status.is_some();
+        if !complete {
+            kill_tree(&mut child);
+        }
+        // Reaped already (try_wait, or kill_tree); this returns the kept status.
+        let _ = child.wait();
+        let mut texts = readers.into_iter().map(|h| {
+            if complete {
+                h.join().unwrap_or_default()
+            } else {
+                String::from("(pipe still open)")
+            }
+        });
+        let first = Finished {
+            status: status.filter(|_| complete),
+            stdout: texts.next().unwrap_or_default(),
+            stderr: texts.next().unwrap_or_default(),
+            elapsed,
+            cmdline: line,
+        };
+        Pasta { first, bin }
+    }
+
+    /// [`run`](Self::run), asserting that the first process exited 0 with no output.
+    #[track_caller]
+    pub fn start(t: &Topology, args: &[&str]) -> Pasta {
+        let p = Pasta::run(t, args);
+        p.first.assert_success();
+        p
+    }
+
+    /// PIDs of live processes whose `argv[0]` is this test's `pasta`.
+    pub fn pids(&self) -> Vec<u32> {
+        use std::os::unix::ffi::OsStrExt as _;
+        let want = self.bin.as_os_str().as_bytes();
+        let mut out = Vec::new();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let alive = fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    !s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+                .unwrap_or(false);
+            if alive && cmdline.split(|b| *b == 0).next() == Some(want) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Waits up to `t` until no process of this pasta is left.
+    pub fn wait_gone(&self, t: Duration) -> bool {
+        wait_for(t, || self.pids().is_empty().then_some(())).is_some()
+    }
+}
+
+impl Drop for Pasta {
+    fn drop(&mut self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}

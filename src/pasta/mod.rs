@@ -1,0 +1,516 @@
+//! pasta mode: usernet started as `pasta` by podman or RootlessKit.
+//!
+//! # Theory of operation
+//!
+//! [`main`] parses pasta's command line ([`opts`]), turns it into the same pieces the
+//! slirp4netns mode builds (a [`LinkConfig`] for the namespace, a forwarder [`Config`] in
+//! pasta's address model, `-p`-style rules for `-t/-u`) and runs the shared event loop.
+//!
+//! **Addresses** (`--config-net`): the guest gets a copy of the host's address, prefix
+//! and default gateway per family ([`opts::HostTemplate`]; `-a/-n/-g` override them) on
+//! an interface named like the host's (`-I`), MTU 65520 (`-m`). The forwarder runs in
+//! [`Neighbours::AllButGuest`]: it answers ARP/NDP for every address but the guest's, so
+//! on-link hosts and the gateway are reached through it. The gateway reaches the host's
+//! loopback unless `--no-map-gw` (`--map-host-loopback` names another address);
+//! `--dns-forward ADDR` is the DNS forwarder's address; `--map-guest-addr ADDR` reaches
+//! the host's own address (an alias in the NAT).
+//!
+//! **Lifecycle**, as callers rely on it (they wait for the first process with
+//! `CombinedOutput()`, which returns when it has exited *and* every copy of its output
+//! pipes is closed): unless `-f`, usernet forks at once; the first process waits on a
+//! pipe and exits 0 when the second reports ready (namespace configured, every port
+//! bound), or with the second's status when it fails first. The second calls `setsid`,
+//! does the work, prints errors to the caller's stderr while it still has it, and just
+//! before reporting ready writes the `-P` file (`"%i\n"`) and points fds 0-2 at
+//! `/dev/null`, so it holds none of the caller's pipes. It exits when the namespace file
+//! is deleted, when a target process ends, and on SIGTERM/SIGINT/SIGHUP.
+
+pub mod opts;
+
+use std::ffi::OsString;
+use std::io::{self, Read as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use forwarder::nat::{NatConfig, Neighbours, Network, Network6};
+use forwarder::port::Proto;
+use forwarder::{Config, Forwarder, Limits};
+use nix::fcntl::OFlag;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::pipe2;
+use stack::sys::link::{Ipv6Link, LinkConfig};
+use stack::sys::tap::Tap;
+
+use crate::conf::Publish;
+use crate::event_loop::{self, Extras};
+use crate::netns::{self, AttachSpec, Target, TargetWatch};
+use crate::{isolation, sys};
+use opts::{HostTemplate, PastaError, PastaOpts};
+
+/// pasta's default MTU.
+pub const DEFAULT_MTU: u32 = 65520;
+
+/// Errors after parsing; printed as `pasta: ...`, exit status 1.
+#[derive(Debug, thiserror::Error)]
+pub enum PastaRunError {
+    /// A bad combination of options.
+    #[error(transparent)]
+    Opts(#[from] PastaError),
+    /// The namespace work failed.
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    /// The TAP.
+    #[error(transparent)]
+    Tap(#[from] stack::sys::tap::TapError),
+    /// The event loop (binding a port, the signal fd, epoll).
+    #[error(transparent)]
+    Loop(#[from] event_loop::LoopError),
+    /// Another local failure.
+    #[error("{what}")]
+    Io {
+        /// What failed.
+        what: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> PastaRunError {
+    let what = what.into();
+    move |source| PastaRunError::Io { what, source }
+}
+
+/// Prints `pasta: MSG` and its sources on stderr.
+fn report(e: &dyn std::error::Error) {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    eprintln!("pasta: {msg}");
+}
+
+/// Entry point with pasta's arguments (without `argv[0]`).
+pub fn main(args: &[OsString]) -> ExitCode {
+    let opts = match PastaOpts::parse(args) {
+        Ok(o) => o,
+        Err(e) => {
+            report(&e);
+            return ExitCode::from(1);
+        }
+    };
+    if opts.version {
+        print!("{}", opts::version_text());
+        return ExitCode::SUCCESS;
+    }
+    if opts.help {
+        print!("{}", opts::USAGE);
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = init_logging(&opts) {
+        report(&e);
+        return ExitCode::from(1);
+    }
+    match run(&opts) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            report(&e);
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(opts: &PastaOpts) -> Result<(), PastaRunError> {
+    let mut logger = env_logger::Builder::new();
+    logger.parse_filters(opts.log_level());
+    if let Some(path) = &opts.log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err(format!("cannot open log file {}", path.display())))?;
+        logger.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    // Already set only if a caller logged before handing over; keep that one then.
+    let _ = logger.format_target(false).try_init();
+    Ok(())
+}
+
+/// The guest link and the forwarder's address model, from the options and the host.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The namespace's link.
+    pub link: LinkConfig,
+    /// The NAT configuration.
+    pub nat: NatConfig,
+}
+
+/// Builds the [`Plan`] of `opts` on a host described by `host`.
+///
+/// # Errors
+/// [`PastaError::Invalid`] for addresses that do not fit together.
+pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
+    let invalid = |s: String| PastaError::Invalid(s);
+    if opts.v6_only {
+        return Err(invalid(
+            "-6/--ipv6-only is not supported by usernet (its guest link always has IPv4)".into(),
+        ));
+    }
+    // IPv4: the host's address, prefix and gateway unless overridden; pasta's fallbacks.
+    let fallback = host.addr4.is_none() && opts.addr4.is_none();
+    let addr4 = opts
+        .addr4
+        .or(host.addr4.map(|a| a.0))
+        .unwrap_or(Ipv4Addr::new(169, 254, 2, 1));
+    let prefix4 = opts
+        .prefix4
+        .or(host.addr4.map(|a| a.1))
+        .unwrap_or(if fallback { 16 } else { 24 });
+    let gw4 = opts
+        .gw4
+        .or(host.gw4)
+        .unwrap_or(Ipv4Addr::new(169, 254, 2, 2));
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix4)).unwrap_or(0);
+    if gw4 == addr4 {
+        return Err(invalid(format!(
+            "the gateway {gw4} is the namespace's own address"
+        )));
+    }
+    let net = Network {
+        addr: Ipv4Addr::from(u32::from(addr4) & mask),
+        prefix_len: prefix4,
+        gateway: gw4,
+        dns: opts.dns_forward4,
+        guest: addr4,
+        loopback: opts.map_loopback4.unwrap_or(gw4),
+        neighbours: Neighbours::AllButGuest,
+    };
+    if !net.contains(gw4) {
+        return Err(invalid(format!(
+            "the gateway {gw4} is outside {addr4}/{prefix4} (on-link routes are not supported by usernet)"
+        )));
+    }
+    // IPv6 when the host has an address (or -a gives one), unless -4.
+    let v6 = if opts.v4_only {
+        None
+    } else {
+        opts.addr6
+            .map(|a| (a, host.addr6.map_or(64, |h| h.1)))
+            .or(host.addr6)
+    };
+    let net6 = v6.map(|(addr6, prefix6)| {
+        let gw6 = opts
+            .gw6
+            .or(host.gw6)
+            .unwrap_or(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1));
+        let mask = u128::MAX.checked_shl(128 - u32::from(prefix6)).unwrap_or(0);
+        Network6 {
+            prefix: Ipv6Addr::from(u128::from(addr6) & mask),
+            prefix_len: prefix6,
+            gateway: gw6,
+            dns: opts.dns_forward6,
+            guest: addr6,
+            loopback: opts.map_loopback6.unwrap_or(gw6),
+            neighbours: Neighbours::AllButGuest,
+            router_adverts: false,
+        }
+    });
+    let mtu = opts.mtu.unwrap_or(DEFAULT_MTU);
+    let ipv6 = net6.is_some() && mtu >= 1280;
+    let name = opts
+        .ns_ifname
+        .clone()
+        .or_else(|| host.ifname.clone())
+        .unwrap_or_else(|| "tap0".into());
+    let link = LinkConfig {
+        name,
+        mtu,
+        addr: addr4,
+        prefix_len: prefix4,
+        gateway: gw4,
+        mac: opts.ns_mac,
+        ipv6: net6.filter(|_| ipv6).map(|n| Ipv6Link {
+            addr: n.guest,
+            prefix_len: n.prefix_len,
+            gateway: n.gateway,
+        }),
+    };
+    // --map-guest-addr: the host's own address of that family (the one copied).
+    let mut aliases = Vec::new();
+    if let Some(a) = opts.map_guest4 {
+        let to = host.addr4.map_or(addr4, |h| h.0);
+        aliases.push((IpAddr::V4(a), IpAddr::V4(to)));
+    }
+    if let (Some(a), Some(n)) = (opts.map_guest6, net6) {
+        let to = host.addr6.map_or(n.guest, |h| h.0);
+        aliases.push((IpAddr::V6(a), IpAddr::V6(to)));
+    }
+    let host_loopback = if opts.map_loopback4.is_some() || opts.map_loopback6.is_some() {
+        true
+    } else {
+        !opts.no_map_gw
+    };
+    Ok(Plan {
+        link,
+        nat: NatConfig {
+            net,
+            net6: net6.filter(|_| ipv6),
+            host_loopback,
+            nameservers: Vec::new(),
+            aliases,
+        },
+    })
+}
+
+/// The `-t/-u` rules.
+fn port_rules(opts: &PastaOpts) -> Result<Vec<Publish>, PastaError> {
+    let mut out = Vec::new();
+    for (spec, proto, opt) in [(&opts.tcp, Proto::Tcp, "-t"), (&opts.udp, Proto::Udp, "-u")] {
+        if spec.auto {
+            return Err(PastaError::Invalid(format!(
+                "{opt} auto is not supported by usernet yet: name the ports or give {opt} none"
+            )));
+        }
+        out.extend(spec.publish(proto, opts.v4_only, opts.v6_only));
+    }
+    for (spec, opt) in [(&opts.tcp_ns, "-T"), (&opts.udp_ns, "-U")] {
+        if !spec.none && (spec.auto || !spec.ranges.is_empty()) {
+            return Err(PastaError::Invalid(format!(
+                "{opt} (namespace to host loopback) is not supported by usernet yet"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+fn nameservers(opts: &PastaOpts) -> Vec<SocketAddr> {
+    if let Some(host) = opts.dns_host {
+        return vec![SocketAddr::new(host, 53)];
+    }
+    match forwarder::dns::read_resolv_conf(Path::new("/etc/resolv.conf")) {
+        Ok(list) => list,
+        Err(e) => {
+            log::warn!("cannot read /etc/resolv.conf ({e}): --dns-forward will not answer");
+            Vec::new()
+        }
+    }
+}
+
+fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
+    let target = match (&opts.netns, opts.pid) {
+        (Some(path), _) => Target::Path(path.clone()),
+        (None, Some(pid)) => Target::Pid(pid),
+        (None, None) => {
+            return Err(PastaError::Invalid(
+                "running a command (no --netns or PID) is not supported by usernet yet".into(),
+            )
+            .into())
+        }
+    };
+    // Everything that can be refused is checked before detaching.
+    let host = HostTemplate::read(opts.interface.as_deref());
+    let mut plan = plan(opts, &host)?;
+    let publish = port_rules(opts)?;
+    if opts.dns_forward4.is_some() || opts.dns_forward6.is_some() {
+        plan.nat.nameservers = nameservers(opts);
+    }
+    let ready = if opts.foreground {
+        None
+    } else {
+        Some(detach()?)
+    };
+    let spec = AttachSpec {
+        target: target.clone(),
+        userns: opts.userns.clone(),
+        tap_name: plan.link.name.clone(),
+        vnet_hdr: true,
+        configure: opts.config_net.then(|| plan.link.clone()),
+    };
+    let tap = netns::open_tap(&spec)?;
+    let watch = match TargetWatch::new(&target) {
+        Ok(w) => Some(w),
+        Err(e) => return Err(e.into()),
+    };
+    let fwd = forwarder(opts, &plan, &tap);
+    let signals = event_loop::signal_fd(false)?;
+    let pid_file = opts.pid_file.clone();
+    let detach_stdio = !opts.foreground;
+    let extras = Extras {
+        exit_fd: None,
+        ready_fd: ready,
+        watch,
+        child: None,
+        isolation: isolation::Isolation {
+            sandbox: false,
+            seccomp: false,
+            keep: Vec::new(),
+            keep_trees: Vec::new(),
+        },
+        api_socket: None,
+        publish,
+        max_api_clients: 0,
+        busy_poll: std::time::Duration::from_micros(50),
+        resolv: None,
+        before_ready: Some(Box::new(move || {
+            before_ready(pid_file.as_deref(), detach_stdio)
+        })),
+    };
+    Ok(event_loop::run(tap, fwd, signals, extras)?)
+}
+
+/// Just before the first process is told "ready": the PID file, then fds 0-2 on
+/// `/dev/null` (unless `-f`).
+fn before_ready(pid_file: Option<&Path>, detach_stdio: bool) -> io::Result<()> {
+    if let Some(path) = pid_file {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot write PID file {}: {e}", path.display()),
+            )
+        })?;
+    }
+    if detach_stdio {
+        sys::fd::stdio_to_dev_null()?;
+    }
+    Ok(())
+}
+
+/// Forks: the first process waits for the second's "ready" (exit 0) or its end (its
+/// status) and never returns; the second, in a new session, returns the pipe to report
+/// ready on.
+fn detach() -> Result<OwnedFd, PastaRunError> {
+    let (rd, wr) = pipe2(OFlag::O_CLOEXEC).map_err(|e| PastaRunError::Io {
+        what: "cannot create the ready pipe".into(),
+        source: e.into(),
+    })?;
+    match sys::fork_continue().map_err(|e| PastaRunError::Io {
+        what: "cannot fork".into(),
+        source: e.into(),
+    })? {
+        Some(child) => {
+            drop(wr);
+            let mut buf = [0u8; 1];
+            let mut file = std::fs::File::from(rd);
+            let ready = matches!(file.read(&mut buf), Ok(1));
+            let code = if ready {
+                0
+            } else {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => code,
+                    _ => 1,
+                }
+            };
+            std::process::exit(code);
+        }
+        None => {
+            drop(rd);
+            // A new session: no controlling terminal, no signals of the caller's group.
+            let _ = nix::unistd::setsid();
+            Ok(wr)
+        }
+    }
+}
+
+fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap) -> Forwarder {
+    let cfg = Config {
+        nat: plan.nat.clone(),
+        dns_enabled: plan.nat.net.dns.is_some() || plan.nat.net6.is_some_and(|n| n.dns.is_some()),
+        mtu: plan.link.mtu as usize,
+        vnet_hdr_len: tap.vnet_hdr_len(),
+        offload: crate::enable_offloads(tap),
+        outbound_v4: opts.outbound4,
+        outbound_v6: opts.outbound6,
+        guest_v4: Some(plan.nat.net.guest),
+        guest_v6: plan.nat.net6.map(|n| n.guest),
+        tcp_buffer: 2 << 20,
+        udp_idle: smoltcp::time::Duration::from_secs(60),
+        limits: Limits {
+            tcp_flows: 16384,
+            tcp_half_open: 1024,
+            udp_flows: 4096,
+            icmp_flows: 256,
+            ports: 1024,
+        },
+        seed: crate::random_seed(),
+    };
+    Forwarder::new(cfg, smoltcp::time::Instant::from_micros(0))
+}
+
+/// Whether `argv[0]`'s file name asks for pasta's command line (as pasta's own
+/// `conf_mode()` decides).
+pub fn invoked_as_pasta(argv0: &OsString) -> bool {
+    PathBuf::from(argv0)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().contains("pasta"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> PastaOpts {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        PastaOpts::parse(&args).unwrap()
+    }
+
+    fn host() -> HostTemplate {
+        HostTemplate {
+            ifname: Some("vh".into()),
+            addr4: Some((Ipv4Addr::new(198, 51, 100, 1), 24)),
+            gw4: Some(Ipv4Addr::new(198, 51, 100, 2)),
+            addr6: Some(("2001:db8:1::1".parse().unwrap(), 64)),
+            gw6: Some("2001:db8:1::2".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn config_net_copies_the_host() {
+        let p = plan(&opts(&["--config-net", "--netns", "x"]), &host()).unwrap();
+        assert_eq!(p.link.name, "vh");
+        assert_eq!(p.link.mtu, 65520);
+        assert_eq!(
+            (p.link.addr, p.link.prefix_len),
+            (Ipv4Addr::new(198, 51, 100, 1), 24)
+        );
+        assert_eq!(p.link.gateway, Ipv4Addr::new(198, 51, 100, 2));
+        let v6 = p.link.ipv6.unwrap();
+        assert_eq!(v6.addr, "2001:db8:1::1".parse::<Ipv6Addr>().unwrap());
+        assert!(p.nat.host_loopback);
+        assert_eq!(p.nat.net.addr, Ipv4Addr::new(198, 51, 100, 0));
+    }
+
+    #[test]
+    fn rootlesskit_overrides_and_fallbacks() {
+        let o = opts(&[
+            "--ns-ifname=tap0",
+            "--mtu=1500",
+            "--address=10.0.2.100",
+            "--netmask=24",
+            "--gateway=10.0.2.2",
+            "--dns-forward=10.0.2.3",
+            "--no-map-gw",
+            "-4",
+            "1",
+        ]);
+        let p = plan(&o, &host()).unwrap();
+        assert_eq!((p.link.name.as_str(), p.link.mtu), ("tap0", 1500));
+        assert_eq!(p.nat.net.guest, Ipv4Addr::new(10, 0, 2, 100));
+        assert_eq!(p.nat.net.dns, Some(Ipv4Addr::new(10, 0, 2, 3)));
+        assert!(!p.nat.host_loopback && p.link.ipv6.is_none());
+        let empty = HostTemplate {
+            ifname: None,
+            addr4: None,
+            gw4: None,
+            addr6: None,
+            gw6: None,
+        };
+        let p = plan(&opts(&["--config-net", "1"]), &empty).unwrap();
+        assert_eq!(p.link.addr, Ipv4Addr::new(169, 254, 2, 1));
+        assert_eq!(p.link.gateway, Ipv4Addr::new(169, 254, 2, 2));
+    }
+}

@@ -1,0 +1,949 @@
+//! pasta's command line and the host template of `--config-net`.
+//!
+//! # Theory of operation
+//!
+//! podman 5+ and RootlessKit v2 start `pasta` with passt's option syntax and rely on its
+//! exact behaviour (see the README's pasta section). usernet takes that command line when
+//! the basename of `argv[0]` contains `pasta` (as pasta picks its own mode) or after
+//! `usernet pasta`.
+//!
+//! **Parsing** is hand-written getopt_long, not clap: pasta's callers depend on details
+//! clap does not reproduce: an unknown option must fail with getopt's exact text
+//! (`unrecognized option '--x'`, podman's retry without `--map-guest-addr` keys on it) and
+//! exit status 1; long options may be abbreviated to any unique prefix; `-xVALUE`,
+//! `-x VALUE`, `--long VALUE` and `--long=VALUE` are all accepted; parsing stops at the
+//! first non-option (`+` in the getopt string) so that `pasta -- CMD -a` and
+//! `pasta CMD -a` both leave `-a` to CMD. Options that take no value refuse one.
+//!
+//! **The model** ([`PastaOpts`]) is everything pasta's callers pass; [`PortSpec`] is the
+//! `-t/-u/-T/-U` grammar (`none`, `auto`, ranges, `ADDR/`, `~` exclusions, comma lists;
+//! repeated options add up). What usernet does not implement (`all`, `%IF`, and every
+//! pasta option not listed in [`LONG`]) is refused with pasta's message for an unknown
+//! option or a sentence naming it, never ignored.
+//!
+//! **The host template** ([`HostTemplate`]): `--config-net` copies the addresses of the
+//! host interface holding the default route (`/proc/net/route`, `/proc/net/ipv6_route`,
+//! `getifaddrs`), the first non-link-local one per family, and the default gateways.
+//! Without a default route pasta's fallbacks apply (169.254.2.1/16 via 169.254.2.2).
+
+use std::ffi::OsString;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use forwarder::port::Proto;
+
+use crate::conf::Publish;
+
+/// Errors of the command line and of the host template; printed as one line on stderr,
+/// exit status 1.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PastaError {
+    /// getopt's texts, verbatim (podman matches them).
+    #[error("unrecognized option '{0}'")]
+    Unrecognized(String),
+    /// An unknown short option.
+    #[error("invalid option -- '{0}'")]
+    InvalidShort(char),
+    /// A long option abbreviated to a prefix of several.
+    #[error("option '{0}' is ambiguous")]
+    Ambiguous(String),
+    /// A long option needing a value got none.
+    #[error("option '--{0}' requires an argument")]
+    MissingLong(String),
+    /// A short option needing a value got none.
+    #[error("option requires an argument -- '{0}'")]
+    MissingShort(char),
+    /// A flag given a value (`--quiet=1`).
+    #[error("option '--{0}' doesn't allow an argument")]
+    UnexpectedValue(String),
+    /// A value that does not parse, or a combination pasta refuses.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Whether an option takes a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arg {
+    No,
+    Yes,
+}
+
+/// Long options: name, value, the short option it is (or a private code).
+const LONG: &[(&str, Arg, char)] = &[
+    ("debug", Arg::No, 'd'),
+    ("quiet", Arg::No, 'q'),
+    ("foreground", Arg::No, 'f'),
+    ("stderr", Arg::No, 'e'),
+    ("log-file", Arg::Yes, 'l'),
+    ("help", Arg::No, 'h'),
+    ("version", Arg::No, '\u{1}'),
+    ("trace", Arg::No, '\u{2}'),
+    ("pcap", Arg::Yes, 'p'),
+    ("pid", Arg::Yes, 'P'),
+    ("mtu", Arg::Yes, 'm'),
+    ("address", Arg::Yes, 'a'),
+    ("netmask", Arg::Yes, 'n'),
+    ("gateway", Arg::Yes, 'g'),
+    ("interface", Arg::Yes, 'i'),
+    ("outbound", Arg::Yes, 'o'),
+    ("dns", Arg::Yes, 'D'),
+    ("ipv4-only", Arg::No, '4'),
+    ("ipv6-only", Arg::No, '6'),
+    ("tcp-ports", Arg::Yes, 't'),
+    ("udp-ports", Arg::Yes, 'u'),
+    ("tcp-ns", Arg::Yes, 'T'),
+    ("udp-ns", Arg::Yes, 'U'),
+    ("ns-ifname", Arg::Yes, 'I'),
+    ("netns", Arg::Yes, '\u{3}'),
+    ("userns", Arg::Yes, '\u{4}'),
+    ("config-net", Arg::No, '\u{5}'),
+    ("dns-forward", Arg::Yes, '\u{6}'),
+    ("dns-host", Arg::Yes, '\u{7}'),
+    ("no-map-gw", Arg::No, '\u{8}'),
+    ("map-host-loopback", Arg::Yes, '\u{9}'),
+    ("map-guest-addr", Arg::Yes, '\u{a}'),
+    ("host-lo-to-ns-lo", Arg::No, '\u{b}'),
+    ("ns-mac-addr", Arg::Yes, '\u{c}'),
+];
+
+/// Short options and whether they take a value.
+const SHORT: &[(char, Arg)] = &[
+    ('d', Arg::No),
+    ('q', Arg::No),
+    ('f', Arg::No),
+    ('e', Arg::No),
+    ('h', Arg::No),
+    ('4', Arg::No),
+    ('6', Arg::No),
+    ('l', Arg::Yes),
+    ('p', Arg::Yes),
+    ('P', Arg::Yes),
+    ('m', Arg::Yes),
+    ('a', Arg::Yes),
+    ('n', Arg::Yes),
+    ('g', Arg::Yes),
+    ('i', Arg::Yes),
+    ('o', Arg::Yes),
+    ('D', Arg::Yes),
+    ('t', Arg::Yes),
+    ('u', Arg::Yes),
+    ('T', Arg::Yes),
+    ('U', Arg::Yes),
+    ('I', Arg::Yes),
+];
+
+/// One `-t/-u/-T/-U` forwarding range: host (or, for `-T/-U`, namespace) ports
+/// `first..=last` to `to..`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRange {
+    /// `ADDR/`: the address to listen on; `None`: every address.
+    pub addr: Option<IpAddr>,
+    /// First port.
+    pub first: u16,
+    /// Last port.
+    pub last: u16,
+    /// Where `first` goes on the other side (the rest follow).
+    pub to: u16,
+}
+
+/// A `-t/-u/-T/-U` option's accumulated value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortSpec {
+    /// Whether any option was given (pasta's default without one is `auto`).
+    pub given: bool,
+    /// `none`.
+    pub none: bool,
+    /// `auto`: follow the listening sockets of the other side.
+    pub auto: bool,
+    /// Explicit ranges.
+    pub ranges: Vec<PortRange>,
+    /// `~FIRST[-LAST]`: excluded ports.
+    pub excluded: Vec<(u16, u16)>,
+}
+
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+        None => {
+            let p = s.parse().ok()?;
+            (p, p)
+        }
+    };
+    (a != 0 && a <= b).then_some((a, b))
+}
+
+impl PortSpec {
+    /// Adds one option value: `none`, `auto`, `all`, or a comma list of
+    /// `[ADDR[%IF]/]FIRST[-LAST][:TOFIRST[-TOLAST]]` and `~FIRST[-LAST]`.
+    ///
+    /// # Errors
+    /// [`PastaError::Invalid`] naming the value.
+    pub fn add(&mut self, opt: &str, value: &str) -> Result<(), PastaError> {
+        let bad = |why: &str| {
+            PastaError::Invalid(format!("invalid {opt} specification '{value}': {why}"))
+        };
+        self.given = true;
+        match value {
+            "none" => {
+                if self.auto || !self.ranges.is_empty() {
+                    return Err(bad("'none' cannot be combined with other ports"));
+                }
+                self.none = true;
+                return Ok(());
+            }
+            "auto" => {
+                self.auto = true;
+                return self.check_none(&bad);
+            }
+            "all" => {
+                return Err(PastaError::Invalid(format!(
+                    "{opt} all is not supported by usernet: name the ports"
+                )))
+            }
+            _ => {}
+        }
+        let (addr, list) = match value.rsplit_once('/') {
+            Some((addr, list)) => {
+                if addr.contains('%') {
+                    return Err(PastaError::Invalid(format!(
+                        "{opt} {value}: binding to an interface (%IF) is not supported by usernet"
+                    )));
+                }
+                let ip: IpAddr = addr.parse().map_err(|_| bad("bad address"))?;
+                (Some(ip), list)
+            }
+            None => (None, value),
+        };
+        let mut any = false;
+        for item in list.split(',') {
+            if let Some(ex) = item.strip_prefix('~') {
+                self.excluded
+                    .push(parse_port_range(ex).ok_or_else(|| bad("bad excluded range"))?);
+                continue;
+            }
+            let (from, to) = match item.split_once(':') {
+                Some((from, to)) => (from, Some(to)),
+                None => (item, None),
+            };
+            let (first, last) = parse_port_range(from).ok_or_else(|| bad("bad port range"))?;
+            let to = match to {
+                None => first,
+                Some(to) => {
+                    let (t0, t1) = parse_port_range(to).ok_or_else(|| bad("bad target range"))?;
+                    if t1 != t0 && t1 - t0 != last - first {
+                        return Err(bad("the ranges differ in length"));
+                    }
+                    if u32::from(t0) + u32::from(last - first) > u32::from(u16::MAX) {
+                        return Err(bad("target range beyond 65535"));
+                    }
+                    t0
+                }
+            };
+            self.ranges.push(PortRange {
+                addr,
+                first,
+                last,
+                to,
+            });
+            any = true;
+        }
+        if !any {
+            // Exclusions only: pasta then forwards every other port.
+            return Err(PastaError::Invalid(format!(
+                "{opt} {value}: exclusions alone (all other ports) are not supported by usernet"
+            )));
+        }
+        self.check_none(&bad)
+    }
+
+    fn check_none(&self, bad: &dyn Fn(&str) -> PastaError) -> Result<(), PastaError> {
+        if self.none {
+            return Err(bad("'none' cannot be combined with other ports"));
+        }
+        Ok(())
+    }
+
+    /// Whether `port` is excluded.
+    pub fn excludes(&self, port: u16) -> bool {
+        self.excluded.iter().any(|&(a, b)| (a..=b).contains(&port))
+    }
+
+    /// The explicit ranges as `-p` rules of `proto`, exclusions cut out; an address-less
+    /// range listens on `0.0.0.0` and, unless `v4_only`, on `::` too.
+    pub fn publish(&self, proto: Proto, v4_only: bool, v6_only: bool) -> Vec<Publish> {
+        let mut out = Vec::new();
+        for r in &self.ranges {
+            let addrs: Vec<IpAddr> = match r.addr {
+                Some(a) => vec![a],
+                None => {
+                    let mut v = Vec::new();
+                    if !v6_only {
+                        v.push(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+                    }
+                    if !v4_only {
+                        v.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+                    }
+                    v
+                }
+            };
+            // Runs of consecutive ports that are not excluded.
+            let mut p = u32::from(r.first);
+            while p <= u32::from(r.last) {
+                let start = p;
+                while p <= u32::from(r.last) && !self.excludes(p as u16) {
+                    p += 1;
+                }
+                if p > start {
+                    for &host_ip in &addrs {
+                        out.push(Publish {
+                            proto,
+                            host_ip,
+                            host_port: start as u16,
+                            guest_port: (u32::from(r.to) + start - u32::from(r.first)) as u16,
+                            count: (p - start) as u16,
+                        });
+                    }
+                }
+                p += 1;
+            }
+        }
+        out
+    }
+}
+
+/// Everything pasta's command line says.
+#[derive(Debug, Clone, Default)]
+pub struct PastaOpts {
+    /// `--version`.
+    pub version: bool,
+    /// `-h/--help`.
+    pub help: bool,
+    /// `-d/--debug`.
+    pub debug: bool,
+    /// `--trace`.
+    pub trace: bool,
+    /// `-q/--quiet`.
+    pub quiet: bool,
+    /// `-f/--foreground`.
+    pub foreground: bool,
+    /// `-l/--log-file`.
+    pub log_file: Option<PathBuf>,
+    /// `-p/--pcap`.
+    pub pcap: Option<PathBuf>,
+    /// `-P/--pid`.
+    pub pid_file: Option<PathBuf>,
+    /// `-m/--mtu`.
+    pub mtu: Option<u32>,
+    /// `-a/--address` per family.
+    pub addr4: Option<Ipv4Addr>,
+    /// `-a/--address` (IPv6).
+    pub addr6: Option<Ipv6Addr>,
+    /// `-n/--netmask` (IPv4 prefix length).
+    pub prefix4: Option<u8>,
+    /// `-g/--gateway` per family.
+    pub gw4: Option<Ipv4Addr>,
+    /// `-g/--gateway` (IPv6).
+    pub gw6: Option<Ipv6Addr>,
+    /// `-i/--interface`: the host interface to copy.
+    pub interface: Option<String>,
+    /// `-o/--outbound` per family.
+    pub outbound4: Option<Ipv4Addr>,
+    /// `-o/--outbound` (IPv6).
+    pub outbound6: Option<Ipv6Addr>,
+    /// `-4/--ipv4-only`.
+    pub v4_only: bool,
+    /// `-6/--ipv6-only`.
+    pub v6_only: bool,
+    /// `-t/--tcp-ports`.
+    pub tcp: PortSpec,
+    /// `-u/--udp-ports`.
+    pub udp: PortSpec,
+    /// `-T/--tcp-ns`.
+    pub tcp_ns: PortSpec,
+    /// `-U/--udp-ns`.
+    pub udp_ns: PortSpec,
+    /// `-I/--ns-ifname`.
+    pub ns_ifname: Option<String>,
+    /// `--ns-mac-addr`.
+    pub ns_mac: Option<[u8; 6]>,
+    /// `--netns PATH|NAME` (a NAME is `/run/netns/NAME`).
+    pub netns: Option<PathBuf>,
+    /// `--userns PATH`.
+    pub userns: Option<PathBuf>,
+    /// A bare PID target.
+    pub pid: Option<i32>,
+    /// `[--] CMD [ARGS]`.
+    pub command: Vec<OsString>,
+    /// `--config-net`.
+    pub config_net: bool,
+    /// `--dns-forward` per family.
+    pub dns_forward4: Option<Ipv4Addr>,
+    /// `--dns-forward` (IPv6).
+    pub dns_forward6: Option<Ipv6Addr>,
+    /// `--dns-host`: the upstream for `--dns-forward` instead of resolv.conf's first.
+    pub dns_host: Option<IpAddr>,
+    /// `--no-map-gw`.
+    pub no_map_gw: bool,
+    /// `--map-host-loopback ADDR` per family.
+    pub map_loopback4: Option<Ipv4Addr>,
+    /// `--map-host-loopback` (IPv6).
+    pub map_loopback6: Option<Ipv6Addr>,
+    /// `--map-guest-addr ADDR` per family.
+    pub map_guest4: Option<Ipv4Addr>,
+    /// `--map-guest-addr` (IPv6).
+    pub map_guest6: Option<Ipv6Addr>,
+    /// `--host-lo-to-ns-lo`.
+    pub host_lo_to_ns_lo: bool,
+}
+
+/// Finds a long option by its full name or a unique prefix (getopt_long).
+fn find_long(name: &str) -> Result<(&'static str, Arg, char), PastaError> {
+    if let Some(&(n, a, c)) = LONG.iter().find(|(n, _, _)| *n == name) {
+        return Ok((n, a, c));
+    }
+    let matches: Vec<_> = LONG
+        .iter()
+        .filter(|(n, _, _)| n.starts_with(name))
+        .collect();
+    match matches.as_slice() {
+        [&(n, a, c)] if !name.is_empty() => Ok((n, a, c)),
+        [] | [_] => Err(PastaError::Unrecognized(format!("--{name}"))),
+        _ => Err(PastaError::Ambiguous(format!("--{name}"))),
+    }
+}
+
+impl PastaOpts {
+    /// Parses pasta's arguments (without `argv[0]`).
+    ///
+    /// # Errors
+    /// [`PastaError`] with getopt's text for syntax errors, or naming a bad value.
+    pub fn parse(args: &[OsString]) -> Result<PastaOpts, PastaError> {
+        let mut o = PastaOpts::default();
+        let mut i = 0;
+        while i < args.len() {
+            let raw = args[i].as_bytes();
+            let arg = String::from_utf8_lossy(raw).into_owned();
+            i += 1;
+            if arg == "--" {
+                o.command.extend(args[i..].iter().cloned());
+                break;
+            }
+            if let Some(long) = arg.strip_prefix("--") {
+                let (name, inline) = match long.split_once('=') {
+                    Some((n, v)) => (n, Some(v.to_owned())),
+                    None => (long, None),
+                };
+                let (full, kind, code) = find_long(name)?;
+                let value = match (kind, inline) {
+                    (Arg::No, Some(_)) => return Err(PastaError::UnexpectedValue(full.to_owned())),
+                    (Arg::No, None) => None,
+                    (Arg::Yes, Some(v)) => Some(v),
+                    (Arg::Yes, None) => {
+                        let v = args
+                            .get(i)
+                            .ok_or_else(|| PastaError::MissingLong(full.to_owned()))?;
+                        i += 1;
+                        Some(v.to_string_lossy().into_owned())
+                    }
+                };
+                o.apply(code, full, value)?;
+                continue;
+            }
+            if arg.len() > 1 && arg.starts_with('-') {
+                let chars: Vec<char> = arg[1..].chars().collect();
+                let mut j = 0;
+                while j < chars.len() {
+                    let c = chars[j];
+                    j += 1;
+                    let &(_, kind) = SHORT
+                        .iter()
+                        .find(|(s, _)| *s == c)
+                        .ok_or(PastaError::InvalidShort(c))?;
+                    let value = if kind == Arg::Yes {
+                        let rest: String = chars[j..].iter().collect();
+                        j = chars.len();
+                        if rest.is_empty() {
+                            let v = args.get(i).ok_or(PastaError::MissingShort(c))?;
+                            i += 1;
+                            Some(v.to_string_lossy().into_owned())
+                        } else {
+                            Some(rest)
+                        }
+                    } else {
+                        None
+                    };
+                    let name = LONG
+                        .iter()
+                        .find(|(_, _, code)| *code == c)
+                        .map_or("", |(n, _, _)| *n);
+                    o.apply(c, name, value)?;
+                }
+                continue;
+            }
+            // The first non-option ends the options (getopt's '+').
+            let rest = &args[i - 1..];
+            match (rest.len(), arg.parse::<i32>()) {
+                (1, Ok(pid)) if pid > 0 => o.pid = Some(pid),
+                _ => o.command.extend(rest.iter().cloned()),
+            }
+            break;
+        }
+        o.validate()?;
+        Ok(o)
+    }
+
+    fn apply(&mut self, code: char, name: &str, value: Option<String>) -> Result<(), PastaError> {
+        let v = value.unwrap_or_default();
+        let bad = |what: &str| PastaError::Invalid(format!("invalid {what} for --{name}: '{v}'"));
+        let ip = || v.parse::<IpAddr>().map_err(|_| bad("address"));
+        match code {
+            'd' => self.debug = true,
+            '\u{2}' => {
+                self.debug = true;
+                self.trace = true;
+            }
+            'q' => self.quiet = true,
+            'f' => self.foreground = true,
+            // Accepted and without effect, as in pasta: logs go to stderr anyway.
+            'e' => {}
+            'h' => self.help = true,
+            '\u{1}' => self.version = true,
+            'l' => self.log_file = Some(PathBuf::from(&v)),
+            'p' => self.pcap = Some(PathBuf::from(&v)),
+            'P' => self.pid_file = Some(PathBuf::from(&v)),
+            'm' => {
+                let mtu: u32 = v.parse().map_err(|_| bad("MTU"))?;
+                if !(68..=65520).contains(&mtu) {
+                    return Err(bad("MTU (68..65520)"));
+                }
+                self.mtu = Some(mtu);
+            }
+            'a' => match ip()? {
+                IpAddr::V4(a) => self.addr4 = Some(a),
+                IpAddr::V6(a) => self.addr6 = Some(a),
+            },
+            'n' => {
+                let prefix = match v.parse::<u8>() {
+                    Ok(p) if p <= 32 => p,
+                    _ => {
+                        let mask: Ipv4Addr = v.parse().map_err(|_| bad("netmask"))?;
+                        let m = u32::from(mask);
+                        if m.leading_ones() + m.trailing_zeros() != 32 {
+                            return Err(bad("netmask"));
+                        }
+                        m.leading_ones() as u8
+                    }
+                };
+                self.prefix4 = Some(prefix);
+            }
+            'g' => match ip()? {
+                IpAddr::V4(a) => self.gw4 = Some(a),
+                IpAddr::V6(a) => self.gw6 = Some(a),
+            },
+            'i' => self.interface = Some(v),
+            'o' => match ip()? {
+                IpAddr::V4(a) => self.outbound4 = Some(a),
+                IpAddr::V6(a) => self.outbound6 = Some(a),
+            },
+            // podman 5.0 passes `--dns none`: announce no resolver (usernet announces
+            // none in pasta mode anyway). Announcing other addresses is not implemented.
+            'D' if v == "none" => {}
+            'D' => {
+                return Err(PastaError::Invalid(format!(
+                    "--dns {v}: usernet only takes --dns none (it offers no DHCP/NDP resolver in pasta mode)"
+                )))
+            }
+            '4' => self.v4_only = true,
+            '6' => self.v6_only = true,
+            't' => self.tcp.add("-t", &v)?,
+            'u' => self.udp.add("-u", &v)?,
+            'T' => self.tcp_ns.add("-T", &v)?,
+            'U' => self.udp_ns.add("-U", &v)?,
+            'I' => {
+                if v.is_empty() || v.len() > 15 || v.contains('/') || v.contains(' ') {
+                    return Err(bad("interface name"));
+                }
+                self.ns_ifname = Some(v);
+            }
+            '\u{3}' => {
+                self.netns = Some(if v.contains('/') {
+                    PathBuf::from(&v)
+                } else {
+                    PathBuf::from("/run/netns").join(&v)
+                })
+            }
+            '\u{4}' => self.userns = Some(PathBuf::from(&v)),
+            '\u{5}' => self.config_net = true,
+            '\u{6}' => match ip()? {
+                IpAddr::V4(a) => self.dns_forward4 = Some(a),
+                IpAddr::V6(a) => self.dns_forward6 = Some(a),
+            },
+            '\u{7}' => self.dns_host = Some(ip()?),
+            '\u{8}' => self.no_map_gw = true,
+            '\u{9}' | '\u{a}' => {
+                let addr = if v == "none" { None } else { Some(ip()?) };
+                let (v4, v6) = if code == '\u{9}' {
+                    (&mut self.map_loopback4, &mut self.map_loopback6)
+                } else {
+                    (&mut self.map_guest4, &mut self.map_guest6)
+                };
+                match addr {
+                    Some(IpAddr::V4(a)) => *v4 = Some(a),
+                    Some(IpAddr::V6(a)) => *v6 = Some(a),
+                    None => {
+                        *v4 = None;
+                        *v6 = None;
+                    }
+                }
+            }
+            '\u{b}' => self.host_lo_to_ns_lo = true,
+            '\u{c}' => {
+                self.ns_mac = Some(crate::conf::parse_mac(&v).map_err(PastaError::Invalid)?)
+            }
+            _ => return Err(PastaError::Unrecognized(format!("--{name}"))),
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), PastaError> {
+        if self.v4_only && self.v6_only {
+            return Err(PastaError::Invalid(
+                "options ipv4-only and ipv6-only are mutually exclusive".into(),
+            ));
+        }
+        if self.pid.is_some() && self.netns.is_some() {
+            return Err(PastaError::Invalid(
+                "both --netns and PID given: name one target".into(),
+            ));
+        }
+        if self.userns.is_some() && self.netns.is_none() && self.pid.is_none() {
+            return Err(PastaError::Invalid("--userns requires --netns".into()));
+        }
+        if !self.command.is_empty() && (self.netns.is_some() || self.pid.is_some()) {
+            return Err(PastaError::Invalid(
+                "a command cannot be given with a target namespace".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The log filter these options ask for.
+    pub fn log_level(&self) -> &'static str {
+        if self.trace {
+            "trace"
+        } else if self.debug {
+            "debug"
+        } else if self.quiet {
+            "error"
+        } else {
+            "warn"
+        }
+    }
+}
+
+/// What `--config-net` copies from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTemplate {
+    /// The interface holding the default route (or `-i`), if any.
+    pub ifname: Option<String>,
+    /// Its first IPv4 address and prefix length.
+    pub addr4: Option<(Ipv4Addr, u8)>,
+    /// The IPv4 default gateway.
+    pub gw4: Option<Ipv4Addr>,
+    /// Its first global IPv6 address and prefix length.
+    pub addr6: Option<(Ipv6Addr, u8)>,
+    /// The IPv6 default gateway.
+    pub gw6: Option<Ipv6Addr>,
+}
+
+/// The first global IPv6 address of `ifname` that is not deprecated, tentative or
+/// link-local, with its prefix length, from `/proc/net/if_inet6` text.
+pub fn first_addr6(text: &str, ifname: &str) -> Option<(Ipv6Addr, u8)> {
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (addr, prefix, flags, name) = (f.first()?, f.get(2)?, f.get(4)?, f.get(5)?);
+        let flags = u32::from_str_radix(flags, 16).ok()?;
+        // IFA_F_TENTATIVE 0x40, IFA_F_DEPRECATED 0x20, IFA_F_DADFAILED 0x08.
+        if *name != ifname || flags & 0x68 != 0 {
+            return None;
+        }
+        let ip = Ipv6Addr::from(u128::from_str_radix(addr, 16).ok()?);
+        let prefix = u8::from_str_radix(prefix, 16).ok()?;
+        (ip.segments()[0] & 0xffc0 != 0xfe80 && !ip.is_loopback()).then_some((ip, prefix))
+    })
+}
+
+/// The interface and gateway of the IPv4 default route in `/proc/net/route` text.
+pub fn default_route4(text: &str) -> Option<(String, Ipv4Addr)> {
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (ifname, dst, gw, flags, mask) =
+            (f.first()?, f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
+        let flags = u32::from_str_radix(flags, 16).ok()?;
+        // RTF_UP | RTF_GATEWAY, destination and mask 0.
+        if *dst != "00000000" || *mask != "00000000" || flags & 0x3 != 0x3 {
+            return None;
+        }
+        let gw = u32::from_str_radix(gw, 16).ok()?;
+        Some(((*ifname).to_owned(), Ipv4Addr::from(gw.swap_bytes())))
+    })
+}
+
+/// The interface and gateway of the IPv6 default route in `/proc/net/ipv6_route` text.
+pub fn default_route6(text: &str) -> Option<(String, Ipv6Addr)> {
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (dst, len, gw, flags, ifname) =
+            (f.first()?, f.get(1)?, f.get(4)?, f.get(8)?, f.get(9)?);
+        let flags = u32::from_str_radix(flags, 16).ok()?;
+        if dst.bytes().any(|b| b != b'0') || *len != "00" || flags & 0x3 != 0x3 || *ifname == "lo" {
+            return None;
+        }
+        let gw = u128::from_str_radix(gw, 16).ok()?;
+        Some(((*ifname).to_owned(), Ipv6Addr::from(gw)))
+    })
+}
+
+impl HostTemplate {
+    /// Reads the host's default routes and the addresses of their interface (`ifname`
+    /// overrides the interface, as `-i`).
+    pub fn read(ifname: Option<&str>) -> HostTemplate {
+        let r4 = std::fs::read_to_string("/proc/net/route")
+            .ok()
+            .and_then(|t| default_route4(&t));
+        let r6 = std::fs::read_to_string("/proc/net/ipv6_route")
+            .ok()
+            .and_then(|t| default_route6(&t));
+        let name = ifname
+            .map(str::to_owned)
+            .or_else(|| r4.as_ref().map(|r| r.0.clone()))
+            .or_else(|| r6.as_ref().map(|r| r.0.clone()));
+        let mut t = HostTemplate {
+            ifname: name.clone(),
+            addr4: None,
+            gw4: r4.filter(|r| Some(&r.0) == name.as_ref()).map(|r| r.1),
+            addr6: None,
+            gw6: r6.filter(|r| Some(&r.0) == name.as_ref()).map(|r| r.1),
+        };
+        let Some(name) = name else {
+            return t;
+        };
+        let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+            return t;
+        };
+        for ifa in addrs.filter(|ifa| ifa.interface_name == name) {
+            let (Some(addr), Some(mask)) = (ifa.address.as_ref(), ifa.netmask.as_ref()) else {
+                continue;
+            };
+            if let (None, Some(a), Some(m)) =
+                (t.addr4, addr.as_sockaddr_in(), mask.as_sockaddr_in())
+            {
+                let ip = a.ip();
+                if !ip.is_link_local() {
+                    t.addr4 = Some((ip, u32::from(m.ip()).leading_ones() as u8));
+                }
+            }
+        }
+        // IPv6 from /proc/net/if_inet6, which tells deprecated addresses apart.
+        t.addr6 = std::fs::read_to_string("/proc/net/if_inet6")
+            .ok()
+            .and_then(|text| first_addr6(&text, &name));
+        t
+    }
+}
+
+/// pasta's version text for `--version` (RootlessKit and podman only look at the exit
+/// status and show the first line).
+pub fn version_text() -> String {
+    format!(
+        "pasta (usernet {}): a pasta-compatible front end of usernet\n",
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// The `-h/--help` text.
+pub const USAGE: &str = "Usage: pasta [OPTION]... [COMMAND] [ARGS]...
+       pasta [OPTION]... PID
+       pasta [OPTION]... --netns [PATH|NAME]
+
+usernet taking pasta's command line. Options:
+  -d, --debug              debug messages          --trace            trace messages
+  -q, --quiet              errors only             -f, --foreground   do not detach
+  -e, --stderr             (accepted, no effect)   -l, --log-file F   log to F
+  -p, --pcap FILE          write frames to FILE    -P, --pid FILE     write the PID to FILE
+  -m, --mtu MTU            (default 65520)         -a, --address A    -n, --netmask M
+  -g, --gateway G          -i, --interface IF      -o, --outbound A   -D, --dns none
+  -4, --ipv4-only          -6, --ipv6-only         -I, --ns-ifname N  --ns-mac-addr MAC
+  -t, --tcp-ports SPEC     -u, --udp-ports SPEC    -T, --tcp-ns SPEC  -U, --udp-ns SPEC
+      SPEC: none | auto | [ADDR/]FIRST[-LAST][:TO[-TOLAST]] | ~FIRST[-LAST], comma lists
+  --netns PATH|NAME        --userns PATH           --config-net
+  --dns-forward ADDR       --dns-host ADDR         --no-map-gw
+  --map-host-loopback ADDR|none                    --map-guest-addr ADDR|none
+  --host-lo-to-ns-lo       --version               -h, --help
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<PastaOpts, PastaError> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        PastaOpts::parse(&args)
+    }
+
+    #[test]
+    fn podman_53_default_line() {
+        let o = parse(&[
+            "--config-net",
+            "--dns-forward",
+            "169.254.1.1",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--no-map-gw",
+            "--quiet",
+            "--netns",
+            "/run/user/1000/netns/x",
+            "--map-guest-addr",
+            "169.254.1.2",
+        ])
+        .unwrap();
+        assert!(o.config_net && o.no_map_gw && o.quiet && o.tcp.none && o.udp_ns.none);
+        assert_eq!(o.dns_forward4, Some(Ipv4Addr::new(169, 254, 1, 1)));
+        assert_eq!(o.map_guest4, Some(Ipv4Addr::new(169, 254, 1, 2)));
+        assert_eq!(o.netns, Some(PathBuf::from("/run/user/1000/netns/x")));
+    }
+
+    #[test]
+    fn rootlesskit_equals_forms_and_pid() {
+        let o = parse(&[
+            "--stderr",
+            "--ns-ifname=tap0",
+            "--mtu=65520",
+            "--config-net",
+            "--address=10.0.2.100",
+            "--netmask=24",
+            "--gateway=10.0.2.2",
+            "--dns-forward=10.0.2.3",
+            "--tcp-ports=none",
+            "--udp-ports=none",
+            "--host-lo-to-ns-lo",
+            "4242",
+        ])
+        .unwrap();
+        assert_eq!(o.pid, Some(4242));
+        assert_eq!(o.ns_ifname.as_deref(), Some("tap0"));
+        assert_eq!((o.mtu, o.prefix4), (Some(65520), Some(24)));
+        assert_eq!(o.gw4, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert!(o.host_lo_to_ns_lo);
+    }
+
+    #[test]
+    fn getopt_forms_prefixes_and_errors() {
+        let o = parse(&["-t8080", "-tnone", "--conf", "-dq"]);
+        assert!(o.is_err(), "none after a port must be refused");
+        let o = parse(&["-t8080", "--conf", "-dqm", "1500", "--netns=x"]).unwrap();
+        assert!(o.config_net && o.debug && o.quiet);
+        assert_eq!(o.mtu, Some(1500));
+        assert_eq!(o.netns, Some(PathBuf::from("/run/netns/x")));
+        assert_eq!(
+            parse(&["--map-guest-addr", "1.2.3.4", "--bogus"])
+                .unwrap_err()
+                .to_string(),
+            "unrecognized option '--bogus'"
+        );
+        assert_eq!(
+            parse(&["-Z"]).unwrap_err().to_string(),
+            "invalid option -- 'Z'"
+        );
+        assert_eq!(
+            parse(&["--netns"]).unwrap_err().to_string(),
+            "option '--netns' requires an argument"
+        );
+        assert_eq!(
+            parse(&["--quiet=1"]).unwrap_err().to_string(),
+            "option '--quiet' doesn't allow an argument"
+        );
+        assert!(matches!(parse(&["--map"]), Err(PastaError::Ambiguous(_))));
+    }
+
+    #[test]
+    fn command_after_options_or_double_dash() {
+        let o = parse(&["--config-net", "--", "sh", "-c", "exit 3"]).unwrap();
+        assert_eq!(o.command, ["sh", "-c", "exit 3"]);
+        let o = parse(&["-q", "sh", "-c", "x"]).unwrap();
+        assert_eq!(o.command, ["sh", "-c", "x"]);
+        assert!(parse(&["--netns", "x", "--", "sh"]).is_err());
+    }
+
+    #[test]
+    fn port_grammar() {
+        let mut s = PortSpec::default();
+        s.add("-t", "8080-8082:80-82").unwrap();
+        s.add("-t", "127.0.0.1/5353:53").unwrap();
+        s.add("-t", "::1/9000").unwrap();
+        s.add("-t", "100-110,~103-104,~110").unwrap();
+        let p = s.publish(Proto::Tcp, false, false);
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| (p.host_ip.to_string(), p.host_port, p.guest_port, p.count))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("0.0.0.0".into(), 8080, 80, 3),
+                ("::".into(), 8080, 80, 3),
+                ("127.0.0.1".into(), 5353, 53, 1),
+                ("::1".into(), 9000, 9000, 1),
+                ("0.0.0.0".into(), 100, 100, 3),
+                ("::".into(), 100, 100, 3),
+                ("0.0.0.0".into(), 105, 105, 5),
+                ("::".into(), 105, 105, 5),
+            ]
+        );
+        for bad in [
+            "0",
+            "80-79",
+            "80:90-91",
+            "x/80",
+            "all",
+            "eth0%1.2.3.4/80",
+            "~80",
+        ] {
+            assert!(PortSpec::default().add("-t", bad).is_err(), "{bad}");
+        }
+        let mut s = PortSpec::default();
+        s.add("-t", "auto").unwrap();
+        assert!(s.add("-t", "none").is_err());
+    }
+
+    #[test]
+    fn proc_route_parsing() {
+        let v4 =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                  vh\t00716433\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                  vh\t00000000\t02643364\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        assert_eq!(
+            default_route4(v4),
+            Some(("vh".into(), Ipv4Addr::new(100, 51, 100, 2)))
+        );
+        let v6 = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 vh\n\
+                  00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 ffffffff 00000001 00000000 00200200 lo\n";
+        let if6 = "20010db8000100000000000000000003 03 40 00 a0       vh\n\
+                   20010db8000100000000000000000001 03 40 00 80       vh\n";
+        assert_eq!(
+            first_addr6(if6, "vh"),
+            Some(("2001:db8:1::1".parse().unwrap(), 64))
+        );
+        assert_eq!(
+            default_route6(v6),
+            Some(("vh".into(), "fe80::1".parse().unwrap()))
+        );
+    }
+}

@@ -1,0 +1,454 @@
+//! pasta mode: usernet run as `pasta` with the verbatim command lines of podman 5.0,
+//! 5.1-5.2, 5.3+ (per container and rootless-netns) and RootlessKit v2, in H, against C.
+//! H has default routes via W (`vh`, 198.51.100.1/24 and 2001:db8:1::1/64), so
+//! `--config-net` copies those into C. Checked: the first process exits 0 with the
+//! namespace configured and its pipes closed (podman's `CombinedOutput()`), addresses and
+//! routes, traffic to the world and on-link, published ports (`-t/-u`: single, range,
+//! translated, address-bound; IPv4 and IPv6), `--dns-forward`, `--map-guest-addr`,
+//! `--no-map-gw`, the PID file, the exit on namespace deletion and SIGTERM, getopt's text
+//! for unknown options, `--version`.
+
+mod util;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use util::*;
+
+/// podman 5.3+'s default per-container line, with the container's netns path.
+fn podman53(netns: &str, ports: &[&str]) -> Vec<String> {
+    let mut v = vec!["--config-net".to_owned()];
+    v.extend(ports.iter().map(|s| (*s).to_owned()));
+    let has = |o: &str| ports.contains(&o);
+    v.extend(["--dns-forward", "169.254.1.1"].map(String::from));
+    for o in ["-t", "-u", "-T", "-U"] {
+        if !has(o) {
+            v.extend([o.to_owned(), "none".to_owned()]);
+        }
+    }
+    v.extend(
+        [
+            "--no-map-gw",
+            "--quiet",
+            "--netns",
+            netns,
+            "--map-guest-addr",
+            "169.254.1.2",
+        ]
+        .map(String::from),
+    );
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+const DNS_FWD: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+const MAP_GUEST: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 2);
+
+fn topology(ipv6: bool) -> Option<Topology> {
+    let t = if ipv6 {
+        Topology::new_ipv6()?
+    } else {
+        Topology::new()?
+    };
+    t.host_default_routes();
+    Some(t)
+}
+
+#[test]
+fn pasta_podman53_default_line_configures_copy_of_host_and_reaches_world() {
+    let Some(t) = topology(true) else { return };
+    let sink = TcpServer::sink(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let sink6 = TcpServer6::sink(&t.world_ns(), SocketAddrV6::new(WORLD6, 0, 0, 0));
+    let args = podman53(&t.container_ns(), &[]);
+    let p = Pasta::start(&t, &strs(&args));
+    assert!(
+        p.first.stdout.is_empty() && p.first.stderr.is_empty(),
+        "pasta printed something:\n{}",
+        p.first
+    );
+    assert!(p.first.elapsed < Duration::from_secs(5), "{}", p.first);
+    // The namespace was configured before the first process exited.
+    let addrs = t.container_addrs("vh");
+    assert!(addrs.contains("198.51.100.1/24"), "{addrs}");
+    assert!(t.container_link("vh").contains("mtu 65520"));
+    let addrs6 = t.container_addrs6("vh");
+    assert!(addrs6.contains("2001:db8:1::1/64"), "{addrs6}");
+    let routes = ip(&["-n", &t.container, "route", "show", "default"]).stdout;
+    assert!(routes.contains("via 198.51.100.2 dev vh"), "{routes}");
+    let routes6 = ip(&["-n", &t.container, "-6", "route", "show", "default"]).stdout;
+    assert!(routes6.contains("via 2001:db8:1::2 dev vh"), "{routes6}");
+    t.in_container(|| {
+        upload_to_sink(sink.addr, 0x5a, 4 << 20);
+        upload_to_sink6(sink6.addr, 0x5b, 4 << 20);
+    });
+    // The world sees the host's address (the same one the container holds).
+    assert_eq!(sink.stats.peer_ips(), vec![HOST_ADDR]);
+    assert_eq!(sink6.stats.peer_ips6(), vec![HOST_ADDR6]);
+    // An on-link neighbour of the host (W's own veth address) is reached as itself.
+    let echo = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(WORLD_LINK, 0));
+    t.in_container(|| tcp_echo_roundtrip(echo.addr.into(), b"on-link"));
+    // podman removes the namespace file when the container ends: pasta goes away.
+    assert_eq!(p.pids().len(), 1, "one long-lived pasta");
+    ip(&["netns", "del", &t.container]);
+    assert!(
+        p.wait_gone(Duration::from_secs(5)),
+        "pasta outlived its namespace"
+    );
+}
+
+#[test]
+fn pasta_podman53_published_ports_tcp_udp_ipv4_ipv6() {
+    let Some(t) = topology(true) else { return };
+    let args = podman53(
+        &t.container_ns(),
+        &[
+            "-t",
+            "8080-8080:80-80",
+            "-t",
+            "9000-9001:9000-9001",
+            "-t",
+            "127.0.0.1/5432-5432:5433-5433",
+            "-t",
+            "::1/7000-7000:70-70",
+            "-u",
+            "127.0.0.1/5353-5353:53-53",
+            "-u",
+            "6000-6000:60-60",
+        ],
+    );
+    let echo80 = TcpServer6::echo(
+        &t.container_ns(),
+        SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 80, 0, 0),
+    );
+    let echo9001 = TcpServer::echo(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 9001),
+    );
+    let echo5433 = TcpServer::echo(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5433),
+    );
+    let echo70 = TcpServer6::echo(
+        &t.container_ns(),
+        SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 70, 0, 0),
+    );
+    let udp53 = UdpEcho::start(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 53),
+    );
+    let udp60 = UdpEcho6::start(
+        &t.container_ns(),
+        SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 60, 0, 0),
+    );
+    let _p = Pasta::start(&t, &strs(&args));
+    let _ = (&echo80, &echo9001, &echo5433, &echo70, &udp53, &udp60);
+    // From the world: single and translated, a range, both families.
+    t.in_world(|| {
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 8080)), b"single v4");
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR6, 8080)), b"single v6");
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 9001)), b"range");
+        let s = UdpSocket::bind("[::]:0").expect("bind");
+        s.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        for to in [
+            SocketAddr::from((HOST_ADDR, 6000)),
+            SocketAddr::from((HOST_ADDR6, 6000)),
+        ] {
+            s.send_to(b"udp range", to).expect("send");
+            let mut buf = [0u8; 64];
+            let (n, _) = s
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("no UDP echo via {to}: {e}"));
+            assert_eq!(&buf[..n], b"udp range");
+        }
+        // Address-bound rules listen on the host's loopback only.
+        assert_refused(SocketAddrV4::new(HOST_ADDR, 5432));
+    });
+    // From the host's loopback: address-bound TCP and UDP, IPv4 and IPv6.
+    t.in_host(|| {
+        tcp_echo_roundtrip(SocketAddr::from((Ipv4Addr::LOCALHOST, 5432)), b"bound v4");
+        tcp_echo_roundtrip(SocketAddr::from((Ipv6Addr::LOCALHOST, 7000)), b"bound v6");
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        udp_roundtrip(
+            &s,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5353),
+            b"dns-ish",
+            3,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    });
+}
+
+/// One request/answer over TCP through an echo server.
+#[track_caller]
+fn tcp_echo_roundtrip(to: SocketAddr, msg: &[u8]) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+    s.write_all(msg).expect("write");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .unwrap_or_else(|e| panic!("read from {to}: {e}"));
+    assert_eq!(got, msg, "echo through {to}");
+}
+
+#[test]
+fn pasta_dns_forward_and_map_guest_addr_reach_host() {
+    let Some(t) = topology(false) else { return };
+    let dns = DnsServer::start(&t);
+    let own = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(HOST_ADDR, 0));
+    let args = podman53(&t.container_ns(), &[]);
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_container(|| {
+        let q = dns_query(0x1234, DNS_NAME, QTYPE_A);
+        let udp =
+            dns_udp_exchange(SocketAddrV4::new(DNS_FWD, 53), &q).expect("no DNS answer over UDP");
+        assert_eq!(parse_dns(&udp).expect("malformed").a, vec![WORLD]);
+        let tcp = dns_tcp_exchange(SocketAddrV4::new(DNS_FWD, 53), &q).expect("DNS over TCP");
+        assert_eq!(parse_dns(&tcp).expect("malformed").a, vec![WORLD]);
+        // host.containers.internal: the host's own address.
+        tcp_echo_roundtrip(SocketAddr::from((MAP_GUEST, own.addr.port())), b"host");
+    });
+    assert!(dns.udp_queries.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
+#[test]
+fn pasta_no_map_gw_keeps_host_loopback_out_of_reach_map_gw_reaches_it() {
+    let Some(t) = topology(false) else { return };
+    let lo = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    let port = lo.addr.port();
+    let args = podman53(&t.container_ns(), &[]);
+    let p = Pasta::start(&t, &strs(&args));
+    // The gateway is W here: nothing listens there on that port.
+    t.in_container(|| assert_refused(SocketAddrV4::new(WORLD_LINK, port)));
+    drop(p);
+    ip(&["netns", "del", &t.container]);
+    ip(&["netns", "add", &t.container]);
+    // podman's `--network pasta:--map-gw` leaves --no-map-gw out.
+    let args: Vec<String> = podman53(&t.container_ns(), &[])
+        .into_iter()
+        .filter(|a| a != "--no-map-gw")
+        .collect();
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_container(|| tcp_echo_roundtrip(SocketAddr::from((WORLD_LINK, port)), b"loopback"));
+}
+
+#[test]
+fn pasta_rootless_netns_line_writes_pid_file_and_ends_on_sigterm() {
+    let Some(t) = topology(false) else { return };
+    let pid_file = t.tmp.join("rootless-netns-conn.pid");
+    let p = Pasta::start(
+        &t,
+        &[
+            "--config-net",
+            "--pid",
+            pid_file.to_str().expect("utf-8"),
+            "--dns-forward",
+            "169.254.1.1",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--no-map-gw",
+            "--quiet",
+            "--netns",
+            &t.container_ns(),
+            "--map-guest-addr",
+            "169.254.1.2",
+        ],
+    );
+    let text = std::fs::read_to_string(&pid_file)
+        .expect("PID file written before the first process exits");
+    assert!(text.ends_with('\n') && !text.starts_with(' '), "{text:?}");
+    let pid: u32 = text.trim().parse().expect("a PID");
+    assert_eq!(
+        p.pids(),
+        vec![pid],
+        "the PID file names the long-lived process"
+    );
+    // Detached: a session of its own, stdio on /dev/null.
+    let sid = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = sid
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields.get(3).copied(),
+        Some(pid.to_string().as_str()),
+        "not a session leader"
+    );
+    for fd in 0..3 {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).expect("fd");
+        assert_eq!(target.to_str(), Some("/dev/null"), "fd {fd}");
+    }
+    kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM");
+    assert!(p.wait_gone(Duration::from_secs(5)), "pasta ignored SIGTERM");
+}
+
+#[test]
+fn pasta_podman50_and_51_lines() {
+    let Some(t) = topology(false) else { return };
+    let first_echo = TcpServer::echo(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+    );
+    let ns = t.container_ns();
+    // 5.0: ports first, `--dns none`, ends with --quiet --netns P.
+    let p = Pasta::start(
+        &t,
+        &[
+            "-t",
+            "8080-8080:80-80",
+            "--config-net",
+            "--dns",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--no-map-gw",
+            "--quiet",
+            "--netns",
+            &ns,
+        ],
+    );
+    t.in_world(|| tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 8080)), b"5.0"));
+    drop((p, first_echo));
+    ip(&["netns", "del", &t.container]);
+    ip(&["netns", "add", &t.container]);
+    let echo = TcpServer::echo(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+    );
+    // 5.1-5.2: --dns-forward 169.254.0.1, no --map-guest-addr.
+    let dns = DnsServer::start(&t);
+    let _p = Pasta::start(
+        &t,
+        &[
+            "--config-net",
+            "-t",
+            "8080-8080:80-80",
+            "--dns-forward",
+            "169.254.0.1",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "--no-map-gw",
+            "--quiet",
+            "--netns",
+            &ns,
+        ],
+    );
+    t.in_world(|| tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 8080)), b"5.1"));
+    t.in_container(|| {
+        let q = dns_query(7, DNS_NAME, QTYPE_A);
+        let r = dns_udp_exchange(SocketAddrV4::new(Ipv4Addr::new(169, 254, 0, 1), 53), &q)
+            .expect("DNS");
+        assert_eq!(parse_dns(&r).expect("malformed").a, vec![WORLD]);
+    });
+    drop((echo, dns));
+}
+
+#[test]
+fn pasta_rootlesskit_line_with_pid_target() {
+    let Some(t) = topology(false) else { return };
+    // RootlessKit's child: a process in C (here only its network namespace is new).
+    let mut holder = ChildGuard::spawn(t.exec_in(&t.container, "sleep", &["60"]));
+    let pid = holder.pid().to_string();
+    let sink = TcpServer::sink(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let p = Pasta::start(
+        &t,
+        &[
+            "--stderr",
+            "--ns-ifname=tap0",
+            "--mtu=65520",
+            "--config-net",
+            "--address=10.0.2.100",
+            "--netmask=24",
+            "--gateway=10.0.2.2",
+            "--dns-forward=10.0.2.3",
+            "--no-map-gw",
+            "--ipv4-only",
+            "--tcp-ports=none",
+            "--udp-ports=none",
+            &pid,
+        ],
+    );
+    let addrs = t.container_addrs("tap0");
+    assert!(addrs.contains("10.0.2.100/24"), "{addrs}");
+    t.in_container(|| upload_to_sink(sink.addr, 0x77, 1 << 20));
+    assert_eq!(sink.stats.peer_ips(), vec![HOST_ADDR]);
+    // The target process ends: so does pasta.
+    kill_tree(&mut holder.0);
+    assert!(
+        p.wait_gone(Duration::from_secs(5)),
+        "pasta outlived its target PID"
+    );
+}
+
+#[test]
+fn pasta_unknown_option_text_version_and_errors_before_detaching() {
+    let Some(t) = topology(false) else { return };
+    // podman's retry without --map-guest-addr keys on this text.
+    let p = Pasta::run(
+        &t,
+        &[
+            "--config-net",
+            "--map-guest-addrX",
+            "1.2.3.4",
+            "--netns",
+            "x",
+        ],
+    );
+    assert_eq!(p.first.code(), Some(1), "{}", p.first);
+    assert!(
+        p.first
+            .stderr
+            .contains("unrecognized option '--map-guest-addrX'"),
+        "{}",
+        p.first
+    );
+    for args in [&["--version"][..], &["--host-lo-to-ns-lo", "--version"]] {
+        let p = Pasta::run(&t, args);
+        assert_eq!(p.first.code(), Some(0), "{}", p.first);
+        assert!(p.first.stdout.starts_with("pasta"), "{}", p.first);
+    }
+    // A namespace that does not exist: an error on stderr, status 1, nothing left behind.
+    let p = Pasta::run(
+        &t,
+        &[
+            "--config-net",
+            "--quiet",
+            "--netns",
+            "/run/netns/no-such-ns",
+        ],
+    );
+    assert_eq!(p.first.code(), Some(1), "{}", p.first);
+    assert!(p.first.stderr.contains("no-such-ns"), "{}", p.first);
+    assert!(p.wait_gone(Duration::from_secs(2)));
+    // A port that cannot be bound is an error too (a rule the host already uses).
+    let _busy = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8088));
+    let p = Pasta::run(
+        &t,
+        &strs(&podman53(&t.container_ns(), &["-t", "8088-8088:80-80"])),
+    );
+    assert_eq!(p.first.code(), Some(1), "{}", p.first);
+    assert!(p.wait_gone(Duration::from_secs(2)));
+}
