@@ -52,6 +52,30 @@ const TAPS: usize = 1 << 32;
 /// Network members' watches (process or namespace gone): this plus the switch port.
 const WATCHES: usize = 1 << 36;
 
+/// Tokens of a [`Service`]'s sources, above the API clients'.
+pub const SERVICE_TOKENS: usize = 1 << 41;
+
+/// Extra work of a mode that the loop drives besides the forwarder (pasta's port scans
+/// and loopback relays). Its sources use tokens from [`SERVICE_TOKENS`] up.
+pub trait Service {
+    /// When [`tick`](Self::tick) is next due (`None`: never).
+    fn next_tick(&self) -> Option<std::time::Instant>;
+    /// Periodic work (and once before ready), with control of the published ports.
+    ///
+    /// # Errors
+    /// A failure that must stop start-up (the first call only; later ones are logged).
+    fn tick(
+        &mut self,
+        now: std::time::Instant,
+        ctl: &mut dyn api::Control,
+        registry: &mio::Registry,
+    ) -> io::Result<()>;
+    /// Whether `token` is one of its sources.
+    fn owns(&self, token: Token) -> bool;
+    /// A readiness event of one of its sources.
+    fn handle(&mut self, token: Token, registry: &mio::Registry);
+}
+
 /// Frames read from the TAP per turn before host sockets get their turn.
 const TAP_BATCH: usize = 64;
 
@@ -117,6 +141,8 @@ pub struct Extras {
     /// Runs once everything is set up, just before ready is reported (pasta mode: the
     /// PID file, detaching from the caller's stdio). An error ends start-up.
     pub before_ready: Option<Box<dyn FnOnce() -> io::Result<()>>>,
+    /// A mode's extra work, see [`Service`].
+    pub service: Option<Box<dyn Service>>,
 }
 
 /// A member's TAP, by switch port.
@@ -382,6 +408,19 @@ pub fn start(
             }
         }
     }
+    if let Some(service) = extras.service.as_mut() {
+        let mut io = Io {
+            registry: poll.registry(),
+            tap: &mut members,
+        };
+        let mut ctl = FwdControl {
+            fwd: &mut fwd,
+            io: &mut io,
+        };
+        service
+            .tick(std::time::Instant::now(), &mut ctl, poll.registry())
+            .map_err(LoopError::Setup)?;
+    }
     crate::isolation::apply(&extras.isolation)?;
     crate::isolation::test_probe();
     if let Some(hook) = extras.before_ready.take() {
@@ -440,6 +479,7 @@ pub fn start_network(
             busy_poll: std::time::Duration::from_micros(50),
             resolv: None,
             before_ready: None,
+            service: None,
         },
         poll,
         api: None,
@@ -500,10 +540,22 @@ impl Running {
                     .as_ref()
                     .and_then(crate::network::Server::poll_timeout)
                     .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                [flows, api_due, child_due, resolv_due, network_due]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                let service_due = extras
+                    .service
+                    .as_ref()
+                    .and_then(|s| s.next_tick())
+                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
+                [
+                    flows,
+                    api_due,
+                    child_due,
+                    resolv_due,
+                    network_due,
+                    service_due,
+                ]
+                .into_iter()
+                .flatten()
+                .min()
             };
             // A stream has buffers on both sides and gains nothing from a faster wake-up,
             // so it is not spun for.
@@ -566,6 +618,11 @@ impl Running {
                                 taps: &mut members,
                             };
                             server.handle(&mut fwd, &mut host);
+                        }
+                    }
+                    token if extras.service.as_ref().is_some_and(|s| s.owns(token)) => {
+                        if let Some(s) = extras.service.as_mut() {
+                            s.handle(token, poll.registry());
                         }
                     }
                     token if api.as_ref().is_some_and(|a| a.owns(token)) => {
@@ -656,6 +713,18 @@ impl Running {
             }
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
+            if let Some(service) = extras.service.as_mut() {
+                let wall = std::time::Instant::now();
+                if service.next_tick().is_some_and(|at| at <= wall) {
+                    let mut ctl = FwdControl {
+                        fwd: &mut fwd,
+                        io: &mut io,
+                    };
+                    if let Err(e) = service.tick(wall, &mut ctl, poll.registry()) {
+                        log::warn!("{e}");
+                    }
+                }
+            }
             if !tap_blocked {
                 tap_blocked = !fwd.flush(&mut members);
             }

@@ -251,6 +251,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
         before_ready: None,
+        service: None,
     };
     let setup = Setup {
         ipv6,
@@ -367,6 +368,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
         before_ready: None,
+        service: None,
     };
     // Every set-up step first: if one fails, `hold` is dropped unreleased and the child
     // exits without running the command.

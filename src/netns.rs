@@ -70,7 +70,7 @@ pub enum Target {
 
 impl Target {
     /// The network namespace file.
-    fn netns_path(&self) -> PathBuf {
+    pub(crate) fn netns_path(&self) -> PathBuf {
         match self {
             Target::Pid(pid) => PathBuf::from(format!("/proc/{pid}/ns/net")),
             Target::Path(path) => path.clone(),
@@ -78,7 +78,7 @@ impl Target {
     }
 
     /// The user namespace file to join: `userns` if given, else the process's for a pid.
-    fn userns_path(&self, userns: Option<&Path>) -> Option<PathBuf> {
+    pub(crate) fn userns_path(&self, userns: Option<&Path>) -> Option<PathBuf> {
         match (userns, self) {
             (Some(path), _) => Some(path.to_owned()),
             (None, Target::Pid(pid)) => Some(PathBuf::from(format!("/proc/{pid}/ns/user"))),
@@ -398,7 +398,7 @@ impl Hold {
 
 /// Notices when the attach target goes away, so usernet can exit by itself.
 ///
-/// A [`Target::Pid`] (or a `/proc/PID/ns/...` path) is watched with a pidfd, readable
+/// A [`Target::Pid`] (or a `/proc/PID/ns/...` or `/proc/PID/root/...` path) is watched with a pidfd, readable
 /// once the process exits. Any other path is watched with inotify on its directory for
 /// `IN_DELETE` / `IN_MOVED_FROM` of its name (`ip netns del` unmounts, then unlinks
 /// `/run/netns/NAME`), and for the directory itself going away.
@@ -548,11 +548,16 @@ fn proc_pid(path: &Path) -> Option<i32> {
         return None;
     }
     let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;
-    if parts.next() != Some(Component::Normal(OsStr::new("ns"))) {
-        return None;
+    match parts.next() {
+        Some(Component::Normal(n)) if n == "ns" => {
+            parts.next()?;
+            parts.next().is_none().then_some(pid)
+        }
+        // RootlessKit's `--detach-netns` path, /proc/PID/root/STATEDIR/netns: reachable
+        // only while PID lives (inotify does not see that through procfs).
+        Some(Component::Normal(n)) if n == "root" => parts.next().map(|_| pid),
+        _ => None,
     }
-    parts.next()?;
-    parts.next().is_none().then_some(pid)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -609,6 +614,21 @@ struct IdMaps {
 }
 
 /// Joins `userns` (unless it is ours) and then `netns`.
+/// Joins `userns` (unless it is ours already), then `netns`, in the calling process: for
+/// forked helpers only (joining a user namespace needs a single-threaded process).
+///
+/// # Errors
+/// [`NetnsError::Helper`] naming the namespace that could not be joined.
+pub(crate) fn join(netns: &Path, userns: Option<&Path>) -> Result<(), NetnsError> {
+    join_namespaces(netns, userns).map_err(|e| {
+        let (message, errno) = flatten(&e);
+        NetnsError::Helper {
+            message,
+            source: errno.map(io::Error::from_raw_os_error),
+        }
+    })
+}
+
 fn join_namespaces(netns: &Path, userns: Option<&Path>) -> Result<(), StepError> {
     // Open both first: once in the user namespace we may no longer be allowed to.
     let user = userns
@@ -1225,6 +1245,8 @@ mod tests {
         assert_eq!(proc_pid(Path::new("/proc/self/ns/net")), None);
         assert_eq!(proc_pid(Path::new("/run/netns/x")), None);
         assert_eq!(proc_pid(Path::new("/proc/123/ns/net/x")), None);
+        assert_eq!(proc_pid(Path::new("/proc/123/root/run/x/netns")), Some(123));
+        assert_eq!(proc_pid(Path::new("/proc/123/root")), None);
     }
 
     /// Serialises the `spawn_run` tests: one checks the temporary directories they make.

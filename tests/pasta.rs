@@ -452,3 +452,144 @@ fn pasta_unknown_option_text_version_and_errors_before_detaching() {
     assert_eq!(p.first.code(), Some(1), "{}", p.first);
     assert!(p.wait_gone(Duration::from_secs(2)));
 }
+
+#[test]
+fn pasta_rootlesskit_auto_ports_follow_listeners_that_appear_and_go() {
+    let Some(t) = topology(false) else { return };
+    let mut holder = ChildGuard::spawn(t.exec_in(&t.container, "sleep", &["60"]));
+    let pid = holder.pid().to_string();
+    let _p = Pasta::start(
+        &t,
+        &[
+            "--stderr",
+            "--ns-ifname=tap0",
+            "--mtu=65520",
+            "--config-net",
+            "--address=10.0.2.100",
+            "--netmask=24",
+            "--gateway=10.0.2.2",
+            "--dns-forward=10.0.2.3",
+            "--tcp-ports=auto",
+            "--udp-ports=auto",
+            "--host-lo-to-ns-lo",
+            &pid,
+        ],
+    );
+    // Nothing listens in C yet.
+    t.in_world(|| assert_refused(SocketAddrV4::new(HOST_ADDR, 8123)));
+    let echo = TcpServer::echo(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8123),
+    );
+    let udp = UdpEcho::start(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8124),
+    );
+    let to = SocketAddr::from((HOST_ADDR, 8123));
+    let seen = wait_for(Duration::from_secs(5), || {
+        t.in_world(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok())
+            .map(|_| ())
+    });
+    assert!(seen.is_some(), "auto did not pick up the new TCP listener");
+    t.in_world(|| {
+        tcp_echo_roundtrip(to, b"auto tcp");
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        udp_roundtrip(&s, SocketAddrV4::new(HOST_ADDR, 8124), b"auto udp", 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+    });
+    drop((echo, udp));
+    let gone = wait_for(Duration::from_secs(5), || {
+        t.in_world(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_err())
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "auto kept forwarding a port nobody listens on"
+    );
+    kill_tree(&mut holder.0);
+}
+
+#[test]
+fn pasta_tcp_ns_udp_ns_reach_host_loopback_explicit_and_auto() {
+    let Some(t) = topology(true) else { return };
+    let tcp = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5432));
+    let tcp6 = TcpServer6::echo(
+        &t.host_ns(),
+        SocketAddrV6::new(Ipv6Addr::LOCALHOST, 5432, 0, 0),
+    );
+    let udp = UdpEcho::start(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5354));
+    // podman's `--network pasta:-T,5432,-U,5353:5354`.
+    let args = podman53(&t.container_ns(), &["-T", "5432", "-U", "5353:5354"]);
+    let p = Pasta::start(&t, &strs(&args));
+    t.in_container(|| {
+        tcp_echo_roundtrip(SocketAddr::from((Ipv4Addr::LOCALHOST, 5432)), b"-T v4");
+        tcp_echo_roundtrip(SocketAddr::from((Ipv6Addr::LOCALHOST, 5432)), b"-T v6");
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        let sent = udp_roundtrip(&s, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5353), b"-U", 3);
+        sent.unwrap_or_else(|e| panic!("{e}"));
+    });
+    assert_eq!(tcp.stats.peer_ips(), vec![Ipv4Addr::LOCALHOST]);
+    drop((p, tcp6, udp));
+    ip(&["netns", "del", &t.container]);
+    ip(&["netns", "add", &t.container]);
+    // pasta's default for -T is auto: the host's loopback listeners appear in C, also one
+    // that starts later.
+    let _p = Pasta::start(
+        &t,
+        &[
+            "--config-net",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "--quiet",
+            "--netns",
+            &t.container_ns(),
+        ],
+    );
+    t.in_container(|| {
+        tcp_echo_roundtrip(SocketAddr::from((Ipv4Addr::LOCALHOST, 5432)), b"auto -T")
+    });
+    let late = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, late.addr.port()));
+    let seen = wait_for(Duration::from_secs(5), || {
+        t.in_container(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok())
+            .map(|_| ())
+    });
+    assert!(seen.is_some(), "-T auto did not follow a new host listener");
+    t.in_container(|| tcp_echo_roundtrip(to, b"late"));
+}
+
+#[test]
+fn pasta_rootlesskit_detach_netns_line_userns_and_netns_paths() {
+    let Some(t) = topology(false) else { return };
+    let mut holder = ChildGuard::spawn(t.exec_in(&t.container, "sleep", &["60"]));
+    let pid = holder.pid();
+    let sink = TcpServer::sink(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let userns = format!("--userns=/proc/{pid}/ns/user");
+    // RootlessKit's --detach-netns: the namespace file under the child's root.
+    let netns = format!("--netns=/proc/{pid}/root{}", t.container_ns());
+    let p = Pasta::start(
+        &t,
+        &[
+            "--stderr",
+            "--ns-ifname=tap0",
+            "--mtu=65520",
+            "--config-net",
+            "--address=10.0.2.100",
+            "--netmask=24",
+            "--gateway=10.0.2.2",
+            "--dns-forward=10.0.2.3",
+            "--tcp-ports=none",
+            "--udp-ports=none",
+            &userns,
+            &netns,
+        ],
+    );
+    t.in_container(|| upload_to_sink(sink.addr, 0x78, 1 << 20));
+    kill_tree(&mut holder.0);
+    assert!(
+        p.wait_gone(Duration::from_secs(5)),
+        "pasta outlived the process its --netns path runs through"
+    );
+}

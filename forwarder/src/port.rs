@@ -28,7 +28,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 pub const MAX_RULES: usize = 1024;
 
 /// Transport protocol of a rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     /// TCP.
     Tcp,

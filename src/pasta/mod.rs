@@ -25,7 +25,9 @@
 //! `/dev/null`, so it holds none of the caller's pipes. It exits when the namespace file
 //! is deleted, when a target process ends, and on SIGTERM/SIGINT/SIGHUP.
 
+pub mod agent;
 pub mod opts;
+pub mod ports;
 
 use std::ffi::OsString;
 use std::io::{self, Read as _};
@@ -268,24 +270,12 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
 }
 
 /// The `-t/-u` rules.
-fn port_rules(opts: &PastaOpts) -> Result<Vec<Publish>, PastaError> {
+fn port_rules(opts: &PastaOpts) -> Vec<Publish> {
     let mut out = Vec::new();
-    for (spec, proto, opt) in [(&opts.tcp, Proto::Tcp, "-t"), (&opts.udp, Proto::Udp, "-u")] {
-        if spec.auto {
-            return Err(PastaError::Invalid(format!(
-                "{opt} auto is not supported by usernet yet: name the ports or give {opt} none"
-            )));
-        }
+    for (spec, proto) in [(&opts.tcp, Proto::Tcp), (&opts.udp, Proto::Udp)] {
         out.extend(spec.publish(proto, opts.v4_only, opts.v6_only));
     }
-    for (spec, opt) in [(&opts.tcp_ns, "-T"), (&opts.udp_ns, "-U")] {
-        if !spec.none && (spec.auto || !spec.ranges.is_empty()) {
-            return Err(PastaError::Invalid(format!(
-                "{opt} (namespace to host loopback) is not supported by usernet yet"
-            )));
-        }
-    }
-    Ok(out)
+    out
 }
 
 fn nameservers(opts: &PastaOpts) -> Vec<SocketAddr> {
@@ -315,7 +305,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     // Everything that can be refused is checked before detaching.
     let host = HostTemplate::read(opts.interface.as_deref());
     let mut plan = plan(opts, &host)?;
-    let publish = port_rules(opts)?;
+    let publish = port_rules(opts);
     if opts.dns_forward4.is_some() || opts.dns_forward6.is_some() {
         plan.nat.nameservers = nameservers(opts);
     }
@@ -337,6 +327,8 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         Err(e) => return Err(e.into()),
     };
     let fwd = forwarder(opts, &plan, &tap);
+    let service = ports::PastaPorts::new(opts, &target, plan.nat.net6.is_some())?
+        .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
     let signals = event_loop::signal_fd(false)?;
     let pid_file = opts.pid_file.clone();
     let detach_stdio = !opts.foreground;
@@ -359,6 +351,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         before_ready: Some(Box::new(move || {
             before_ready(pid_file.as_deref(), detach_stdio)
         })),
+        service,
     };
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
