@@ -593,3 +593,41 @@ fn pasta_rootlesskit_detach_netns_line_userns_and_netns_paths() {
         "pasta outlived the process its --netns path runs through"
     );
 }
+
+#[test]
+fn pasta_command_mode_runs_cmd_in_new_namespaces_and_exits_with_its_status() {
+    let Some(t) = topology(false) else { return };
+    if !require_tool("busybox") {
+        return;
+    }
+    let web = TcpServer::http(&t.world_ns(), SocketAddrV4::new(WORLD, 0), "from the world");
+    let url = format!("http://{}/", web.addr);
+    let script = format!(
+        "ip -br addr show dev vh; ip route show default; busybox wget -q -O - {url} && echo; \
+         echo pid $$; exit 7"
+    );
+    let bin = t.pasta_bin();
+    let out = run_with_timeout(
+        t.exec_in(
+            &t.host,
+            &bin,
+            &["--config-net", "-q", "--", "sh", "-c", &script],
+        ),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code(), Some(7), "{out}");
+    assert!(out.stdout.contains("198.51.100.1/24"), "{out}");
+    assert!(
+        out.stdout.contains("default via 198.51.100.2 dev vh"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("from the world"), "{out}");
+    // Its own PID namespace: the shell is not one of H's processes' PIDs.
+    assert!(out.stdout.contains("pid 2"), "{out}");
+    // A command killed by a signal: 128 + N, as a shell reports it.
+    let out = run_with_timeout(
+        t.exec_in(&t.host, &bin, &["-q", "sh", "-c", "kill -TERM $$"]),
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.code(), Some(128 + 15), "{out}");
+}

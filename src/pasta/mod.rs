@@ -295,12 +295,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let target = match (&opts.netns, opts.pid) {
         (Some(path), _) => Target::Path(path.clone()),
         (None, Some(pid)) => Target::Pid(pid),
-        (None, None) => {
-            return Err(PastaError::Invalid(
-                "running a command (no --netns or PID) is not supported by usernet yet".into(),
-            )
-            .into())
-        }
+        (None, None) => return run_command(opts),
     };
     // Everything that can be refused is checked before detaching.
     let host = HostTemplate::read(opts.interface.as_deref());
@@ -354,6 +349,74 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         service,
     };
     Ok(event_loop::run(tap, fwd, signals, extras)?)
+}
+
+/// `pasta [OPTIONS] [--] [CMD [ARGS]]` without a target: CMD (default: `$SHELL`, else
+/// `/bin/sh`) in new user, network, mount, PID and UTS namespaces, the network configured
+/// as `--config-net` does; usernet stays in front and exits with CMD's status.
+fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
+    let host = HostTemplate::read(opts.interface.as_deref());
+    let mut plan = plan(opts, &host)?;
+    let publish = port_rules(opts);
+    plan.nat.nameservers = nameservers(opts);
+    let cmd = if opts.command.is_empty() {
+        vec![std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())]
+    } else {
+        opts.command.clone()
+    };
+    // The command's resolv.conf: the DNS forwarder if asked for, else the host's.
+    let resolv_conf = match (opts.dns_forward4, opts.dns_forward6) {
+        (None, None) => std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        (v4, v6) => [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .map(|ns| format!("nameserver {ns}\n"))
+            .collect(),
+    };
+    let spec = netns::RunSpec {
+        cmd,
+        tap_name: plan.link.name.clone(),
+        vnet_hdr: true,
+        link: plan.link.clone(),
+        resolv_conf,
+        // A UTS namespace of its own, named like the host (as pasta does).
+        hostname: Some(
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "localhost".into()),
+        ),
+    };
+    let signals = event_loop::signal_fd(true)?;
+    let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;
+    let fwd = forwarder(opts, &plan, &tap);
+    let service =
+        ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), plan.nat.net6.is_some())?
+            .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
+    let pid_file = opts.pid_file.clone();
+    let extras = Extras {
+        exit_fd: None,
+        ready_fd: None,
+        watch: None,
+        child: Some(crate::pidns::Supervisor::new(
+            pid,
+            std::time::Duration::from_secs(10),
+        )),
+        isolation: isolation::Isolation {
+            sandbox: false,
+            seccomp: false,
+            keep: Vec::new(),
+        },
+        api_socket: None,
+        publish,
+        max_api_clients: 0,
+        busy_poll: std::time::Duration::from_micros(50),
+        before_ready: Some(Box::new(move || before_ready(pid_file.as_deref(), false))),
+        service,
+    };
+    let running = event_loop::start(tap, fwd, signals, extras)?;
+    hold.release()?;
+    Ok(running.run()?)
 }
 
 /// Just before the first process is told "ready": the PID file, then fds 0-2 on
