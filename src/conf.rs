@@ -448,6 +448,11 @@ pub struct NetArgs {
     #[arg(long, value_name = "USEC", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub busy_poll: u32,
 
+    /// Write every frame of the TAP, both ways, to FILE in pcap format (tcpdump,
+    /// Wireshark); the file stops growing at 1 GiB.
+    #[arg(long, value_name = "FILE")]
+    pub pcap: Option<PathBuf>,
+
     /// Log level: error, warn, info, debug or trace (default: $RUST_LOG, else warn).
     #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
     pub log_level: Option<String>,

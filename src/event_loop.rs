@@ -37,6 +37,7 @@ use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};
 use crate::conf::Publish;
 use crate::netns::TargetWatch;
+use crate::pcap::Pcap;
 use crate::pidns::Supervisor;
 
 const SIGNAL: Token = Token(1);
@@ -143,6 +144,8 @@ pub struct Extras {
     pub before_ready: Option<Box<dyn FnOnce() -> io::Result<()>>>,
     /// A mode's extra work, see [`Service`].
     pub service: Option<Box<dyn Service>>,
+    /// `--pcap`: every TAP frame, both ways.
+    pub pcap: Option<Pcap>,
 }
 
 /// A member's TAP, by switch port.
@@ -153,8 +156,10 @@ struct Member {
 }
 
 /// The members' TAPs, indexed by switch port.
+/// The members' TAPs by switch port, and the `--pcap` capture of frames read and written
+/// on any of them.
 #[derive(Default)]
-pub(crate) struct Members(Vec<Option<Member>>);
+pub(crate) struct Members(Vec<Option<Member>>, Option<Pcap>);
 
 impl Members {
     fn insert(&mut self, port: forwarder::PortId, tap: Tap) {
@@ -207,10 +212,14 @@ impl crate::network::Taps for Members {
 
 impl FrameSink for Members {
     fn send_frame(&mut self, port: forwarder::PortId, frame: &[u8]) -> io::Result<()> {
-        match self.get(port) {
-            Some(m) => m.tap.write(frame).map(|_| ()),
-            None => Ok(()),
+        let Some(m) = self.get(port) else {
+            return Ok(());
+        };
+        m.tap.write(frame)?;
+        if let Some(p) = self.1.as_mut() {
+            p.record(frame);
         }
+        Ok(())
     }
 }
 
@@ -359,7 +368,7 @@ pub fn start(
         Token(TAPS),
         Interest::READABLE | Interest::WRITABLE,
     )?;
-    let mut members = Members::default();
+    let mut members = Members(Vec::new(), extras.pcap.take());
     // The forwarder's first port.
     members.insert(0, tap);
     reg(signals.as_raw_fd(), SIGNAL, Interest::READABLE)?;
@@ -480,6 +489,7 @@ pub fn start_network(
             resolv: None,
             before_ready: None,
             service: None,
+            pcap: None,
         },
         poll,
         api: None,
@@ -667,6 +677,9 @@ impl Running {
                     };
                     match m.tap.read(&mut frame) {
                         Ok(n) => {
+                            if let Some(p) = members.1.as_mut() {
+                                p.record(&frame[..n]);
+                            }
                             let mut io = Io {
                                 registry: poll.registry(),
                                 tap: &mut members,
@@ -735,6 +748,9 @@ impl Running {
                     log::info!("network {}: no members left, exiting", server.def().name);
                     return Ok(0);
                 }
+            }
+            if let Some(p) = members.1.as_mut() {
+                p.flush();
             }
         }
     }

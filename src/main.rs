@@ -22,6 +22,7 @@ mod isolation;
 mod netns;
 mod network;
 mod pasta;
+mod pcap;
 mod pidns;
 mod resolv_watch;
 mod runs;
@@ -252,6 +253,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         resolv: resolv_watch(&args.net),
         before_ready: None,
         service: None,
+        pcap: open_pcap(&args.net, &tap)?,
     };
     let setup = Setup {
         ipv6,
@@ -369,6 +371,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         resolv: resolv_watch(&args.net),
         before_ready: None,
         service: None,
+        pcap: open_pcap(&args.net, &tap)?,
     };
     // Every set-up step first: if one fails, `hold` is dropped unreleased and the child
     // exits without running the command.
@@ -541,6 +544,19 @@ fn isolation_of(net: &NetArgs) -> isolation::Isolation {
         keep: vec![PathBuf::from("/etc/resolv.conf")],
         keep_trees: vec![PathBuf::from("/etc"), PathBuf::from("/run")],
     }
+}
+
+/// `--pcap FILE`, created now (before any isolation stage).
+fn open_pcap(net: &NetArgs, tap: &Tap) -> Result<Option<pcap::Pcap>, MainError> {
+    net.pcap
+        .as_ref()
+        .map(|path| {
+            pcap::Pcap::create(path, tap.vnet_hdr_len()).map_err(|source| MainError::Io {
+                what: format!("cannot create {}", path.display()),
+                source,
+            })
+        })
+        .transpose()
 }
 
 fn parse_fd(s: &str, what: &str) -> Result<i32, MainError> {

@@ -1,5 +1,5 @@
 //! Data-plane options: `--disable-host-loopback`, `--outbound-addr` (address and interface
-//! name), `--cidr`, `--mtu 65520`, `--macaddress`, `--disable-dns`, `--busy-poll`.
+//! name), `--cidr`, `--mtu 65520`, `--macaddress`, `--disable-dns`, `--busy-poll`, `--pcap`.
 
 mod util;
 
@@ -378,4 +378,48 @@ fn busy_poll_does_not_spin_on_a_stream() {
         cpu < wall / 2,
         "usernet used {cpu:?} of CPU in {wall:?} of a 450 Mbit/s stream: it spun between bursts"
     );
+}
+
+/// `tcpdump -r FILE -n` output, or a failure naming it.
+pub fn tcpdump_read(path: &std::path::Path) -> String {
+    let out = run_with_timeout(
+        {
+            let mut c = std::process::Command::new("tcpdump");
+            c.args(["-n", "-r"]).arg(path);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert!(out.success(), "tcpdump cannot read the capture:\n{out}");
+    out.stdout
+}
+
+#[test]
+fn pcap_records_both_directions_readable_by_tcpdump() {
+    let Some(t) = Topology::new() else { return };
+    if !require_tool("tcpdump") {
+        return;
+    }
+    let sink = TcpServer::sink(&t.world_ns(), any(WORLD));
+    let path = t.tmp.join("cap.pcap");
+    let mut u = UsernetCmd::new(&t)
+        .args(["-c", "--pcap", path.to_str().expect("utf-8")])
+        .start();
+    t.in_container(|| upload_to_sink(sink.addr, 0x9c, 64 << 10));
+    u.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(u.wait_exit(Duration::from_secs(5)).is_some());
+    let text = tcpdump_read(&path);
+    let to = "10.0.2.100.".to_owned();
+    let world = format!("{WORLD}.{}", sink.addr.port());
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&to) && l.contains(&format!("> {world}"))),
+        "no guest -> world segment in the capture:\n{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&format!("{world} >")) && l.contains(&to)),
+        "no world -> guest segment in the capture:\n{text}"
+    );
+    assert!(text.contains("ARP"), "no ARP in the capture:\n{text}");
 }

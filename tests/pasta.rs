@@ -631,3 +631,32 @@ fn pasta_command_mode_runs_cmd_in_new_namespaces_and_exits_with_its_status() {
     );
     assert_eq!(out.code(), Some(128 + 15), "{out}");
 }
+
+#[test]
+fn pasta_pcap_short_option_captures_the_namespace_link() {
+    let Some(t) = topology(false) else { return };
+    if !require_tool("tcpdump") {
+        return;
+    }
+    let sink = TcpServer::sink(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let path = t.tmp.join("pasta.pcap");
+    let args = podman53(&t.container_ns(), &["-p", path.to_str().expect("utf-8")]);
+    let p = Pasta::start(&t, &strs(&args));
+    t.in_container(|| upload_to_sink(sink.addr, 0x9d, 64 << 10));
+    ip(&["netns", "del", &t.container]);
+    assert!(p.wait_gone(Duration::from_secs(5)));
+    let out = run_with_timeout(
+        {
+            let mut c = std::process::Command::new("tcpdump");
+            c.args(["-n", "-r"]).arg(&path);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert!(out.success(), "{out}");
+    let world = format!("{WORLD}.{}", sink.addr.port());
+    assert!(
+        out.stdout.contains("198.51.100.1.") && out.stdout.contains(&world),
+        "{out}"
+    );
+}

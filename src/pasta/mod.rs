@@ -347,6 +347,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
             before_ready(pid_file.as_deref(), detach_stdio)
         })),
         service,
+        pcap: open_pcap(opts, &tap)?,
     };
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
@@ -406,17 +407,31 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
             sandbox: false,
             seccomp: false,
             keep: Vec::new(),
+            keep_trees: Vec::new(),
         },
         api_socket: None,
         publish,
         max_api_clients: 0,
         busy_poll: std::time::Duration::from_micros(50),
+        resolv: None,
         before_ready: Some(Box::new(move || before_ready(pid_file.as_deref(), false))),
         service,
+        pcap: open_pcap(opts, &tap)?,
     };
     let running = event_loop::start(tap, fwd, signals, extras)?;
     hold.release()?;
     Ok(running.run()?)
+}
+
+/// `-p/--pcap FILE`.
+fn open_pcap(opts: &PastaOpts, tap: &Tap) -> Result<Option<crate::pcap::Pcap>, PastaRunError> {
+    opts.pcap
+        .as_ref()
+        .map(|path| {
+            crate::pcap::Pcap::create(path, tap.vnet_hdr_len())
+                .map_err(io_err(format!("cannot create {}", path.display())))
+        })
+        .transpose()
 }
 
 /// Just before the first process is told "ready": the PID file, then fds 0-2 on
