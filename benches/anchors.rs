@@ -20,12 +20,13 @@
 //! | udp_rr | 1-byte UDP ping-pong, one-way (RTT/2) | µs |
 //! | cpu_per_gib | engine CPU time (its threads' schedstat, else utime + stime) per GiB received in tcp_out | s/GiB |
 //! | startup_ms | exec to the ready-fd byte (`-r FD`), usernet and slirp4netns | ms |
+//! | pasta_ready_ms | exec of pasta's command line to the first process's exit, pasta and usernet-pasta (usernet as `pasta`) | ms |
 //! | scale | usernet with 10,000 idle connections: tcp_out as % of without, RSS growth per connection | %, KiB |
 //! | c2c_tcp, c2c_rr, tcp_out_8 | 8 namespaces on one switch (usernet network, kernel bridge + veth, VDE): iperf3 member -> member, 1-byte ping-pong member <-> member (one way), iperf3 member -> host with seven others attached; `FIGURES=c2c` for these alone | Gbit/s, µs |
 //!
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
-//! `ENGINES` ("usernet slirp4netns pasta kernel"), `FIGURES` (all; `scale`, `udp` and `udp_max` name
+//! `ENGINES` ("usernet usernet-pasta slirp4netns pasta kernel"), `FIGURES` (all; `scale`, `udp` and `udp_max` name
 //! both of theirs), `UDP_RATE` (iperf3 -b, "1G"), `SCALE_CONNS` (10000), `USERNET_BIN` (default
 //! target/release/usernet, rebuilt with `cargo build --release` when missing or older than the
 //! sources), `SLIRP4NETNS`, `PASTA` (other builds). `BENCH_SMOKE=1` is the CI guard: usernet
@@ -76,12 +77,13 @@ enum Fig {
     UdpRr,
     CpuPerGib,
     StartupMs,
+    PastaReadyMs,
     ScaleTcpOut,
     ScaleRss,
 }
 
 impl Fig {
-    const ALL: [Fig; 14] = [
+    const ALL: [Fig; 15] = [
         Fig::TcpOut,
         Fig::TcpIn,
         Fig::TcpPub,
@@ -94,6 +96,7 @@ impl Fig {
         Fig::UdpRr,
         Fig::CpuPerGib,
         Fig::StartupMs,
+        Fig::PastaReadyMs,
         Fig::ScaleTcpOut,
         Fig::ScaleRss,
     ];
@@ -112,6 +115,7 @@ impl Fig {
             Fig::UdpRr => "udp_rr",
             Fig::CpuPerGib => "cpu_per_gib",
             Fig::StartupMs => "startup_ms",
+            Fig::PastaReadyMs => "pasta_ready_ms",
             Fig::ScaleTcpOut => "scale_tcp_out",
             Fig::ScaleRss => "scale_rss",
         }
@@ -126,7 +130,7 @@ impl Fig {
             Fig::Rr | Fig::UdpRr => ("µs", false),
             Fig::Crr => ("conn/s", true),
             Fig::CpuPerGib => ("CPU s/GiB", false),
-            Fig::StartupMs => ("ms", false),
+            Fig::StartupMs | Fig::PastaReadyMs => ("ms", false),
             Fig::ScaleTcpOut => ("% of tcp_out", true),
             Fig::ScaleRss => ("KiB/conn", false),
         }
@@ -135,7 +139,7 @@ impl Fig {
     fn decimals(self) -> usize {
         match self {
             Fig::Crr | Fig::ScaleTcpOut => 0,
-            Fig::Rr | Fig::UdpRr | Fig::StartupMs | Fig::ScaleRss => 1,
+            Fig::Rr | Fig::UdpRr | Fig::StartupMs | Fig::PastaReadyMs | Fig::ScaleRss => 1,
             _ => 2,
         }
     }
@@ -151,6 +155,7 @@ impl Fig {
         match self {
             Fig::CpuPerGib => k.has_process(),
             Fig::StartupMs => k.has_ready_fd(),
+            Fig::PastaReadyMs => k.is_pasta_like(),
             Fig::ScaleTcpOut | Fig::ScaleRss => k == Kind::Usernet,
             _ => true,
         }
@@ -546,10 +551,10 @@ fn measure(
         Fig::Udp1400Max => figures::udp_lossless(s, ctx, "1400").map(|(v, l)| (v, Some(l))),
         Fig::Udp8000Max => figures::udp_lossless(s, ctx, "8000").map(|(v, l)| (v, Some(l))),
         Fig::UdpRr => figures::udp_rr(s, ctx, srv).map(|v| (v, None)),
-        Fig::StartupMs => s
+        Fig::StartupMs | Fig::PastaReadyMs => s
             .startup_ms
             .map(|v| (v, None))
-            .ok_or("no ready-fd time".into()),
+            .ok_or("no start-up time".into()),
         Fig::ScaleTcpOut | Fig::ScaleRss => {
             let r = figures::scale(s, ctx, srv);
             let (pct, rss) = match r {
@@ -790,6 +795,14 @@ fn real_main() -> Result<ExitCode, String> {
     }
     if has(&[Fig::StartupMs]) {
         legend.push("startup_ms: exec to the ready-fd byte (`-r FD`, with --configure).".into());
+    }
+    if has(&[Fig::PastaReadyMs]) {
+        legend.push(
+            "pasta_ready_ms: exec of pasta's command line to the first process's exit with \
+             the namespace configured and the `-t` port bound (what podman waits for); \
+             usernet-pasta is usernet run as `pasta` with the real pasta's command line."
+                .into(),
+        );
     }
     if has(&[Fig::ScaleTcpOut, Fig::ScaleRss]) {
         legend.push(format!(

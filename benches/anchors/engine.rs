@@ -38,6 +38,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 pub enum Kind {
     /// The project's binary.
     Usernet,
+    /// The project's binary run as `pasta`, with the real pasta's command line.
+    UsernetPasta,
     /// slirp4netns (libslirp).
     Slirp4netns,
     /// pasta (passt).
@@ -48,12 +50,19 @@ pub enum Kind {
 
 impl Kind {
     /// All, in table order.
-    pub const ALL: [Kind; 4] = [Kind::Usernet, Kind::Slirp4netns, Kind::Pasta, Kind::Kernel];
+    pub const ALL: [Kind; 5] = [
+        Kind::Usernet,
+        Kind::UsernetPasta,
+        Kind::Slirp4netns,
+        Kind::Pasta,
+        Kind::Kernel,
+    ];
 
     /// Its name in tables and in `ENGINES`.
     pub fn name(self) -> &'static str {
         match self {
             Kind::Usernet => "usernet",
+            Kind::UsernetPasta => "usernet-pasta",
             Kind::Slirp4netns => "slirp4netns",
             Kind::Pasta => "pasta",
             Kind::Kernel => "kernel",
@@ -76,6 +85,12 @@ impl Kind {
     pub fn has_ready_fd(self) -> bool {
         matches!(self, Kind::Usernet | Kind::Slirp4netns)
     }
+
+    /// Whether it is started with pasta's command line (start-up: exec to the first
+    /// process's exit, what podman waits for).
+    pub fn is_pasta_like(self) -> bool {
+        matches!(self, Kind::UsernetPasta | Kind::Pasta)
+    }
 }
 
 /// Programs the harness runs.
@@ -97,7 +112,9 @@ impl Tools {
     /// Why `kind` cannot run here, if it cannot.
     pub fn missing(&self, kind: Kind) -> Option<String> {
         let need: &[&str] = match kind {
-            Kind::Usernet | Kind::Slirp4netns | Kind::Pasta => &["unshare", "nsenter"],
+            Kind::Usernet | Kind::UsernetPasta | Kind::Slirp4netns | Kind::Pasta => {
+                &["unshare", "nsenter"]
+            }
             Kind::Kernel => &["ip", "iptables"],
         };
         for t in need {
@@ -106,7 +123,7 @@ impl Tools {
             }
         }
         match kind {
-            Kind::Usernet if !self.usernet.is_file() => {
+            Kind::Usernet | Kind::UsernetPasta if !self.usernet.is_file() => {
                 Some(format!("{} missing", self.usernet.display()))
             }
             Kind::Slirp4netns if self.slirp4netns.is_none() => Some("not installed".into()),
@@ -180,7 +197,7 @@ impl Session {
         };
         match kind {
             Kind::Kernel => s.start_kernel()?,
-            Kind::Usernet | Kind::Slirp4netns | Kind::Pasta => {
+            Kind::Usernet | Kind::UsernetPasta | Kind::Slirp4netns | Kind::Pasta => {
                 let target = s.start_target()?;
                 s.netns = PathBuf::from(format!("/proc/{target}/ns/net"));
                 s.enter = [
@@ -194,7 +211,7 @@ impl Session {
                 .map(String::from)
                 .to_vec();
                 match kind {
-                    Kind::Pasta => s.start_pasta(tools, target)?,
+                    Kind::Pasta | Kind::UsernetPasta => s.start_pasta(tools, target)?,
                     _ => s.start_slirp_like(tools, target)?,
                 }
             }
@@ -320,13 +337,21 @@ impl Session {
         Ok(())
     }
 
+    /// pasta, or usernet as `pasta` (argv[0]), with the same command line; the start-up
+    /// time is exec to the first process's exit.
     fn start_pasta(&mut self, tools: &Tools, target: i32) -> Result<(), String> {
-        let pasta = tools.pasta.clone().ok_or("not installed")?;
-        let pidfile = tools.dir.join("pasta.pid");
+        let name = self.kind.name();
+        let pidfile = tools.dir.join(format!("{name}.pid"));
         let _ = fs::remove_file(&pidfile);
-        let log_path = tools.dir.join(format!("pasta-{}.log", self.mtu));
+        let log_path = tools.dir.join(format!("{name}-{}.log", self.mtu));
         let log = File::create(&log_path).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(&pasta);
+        let mut cmd = if self.kind == Kind::UsernetPasta {
+            let mut c = Command::new(&tools.usernet);
+            std::os::unix::process::CommandExt::arg0(&mut c, "pasta");
+            c
+        } else {
+            Command::new(tools.pasta.clone().ok_or("not installed")?)
+        };
         cmd.args([
             "--runas",
             "0",
@@ -345,8 +370,10 @@ impl Session {
         .stdout(Stdio::null())
         .stderr(log);
         // pasta forks its daemon once the namespace is configured, then the parent exits.
+        let t0 = Instant::now();
         let mut parent = ChildProc::spawn(&mut cmd, "pasta")?;
         let st = parent.wait_timeout(READY_TIMEOUT);
+        self.startup_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
         let pid = fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
@@ -360,7 +387,7 @@ impl Session {
         match st {
             Some(s) if s.success() && self.engine_pid.is_some() => Ok(()),
             _ => Err(format!(
-                "pasta did not start ({}): {}",
+                "{name} did not start ({}): {}",
                 st.map_or("timed out".into(), |s| s.to_string()),
                 sys::last_lines(&fs::read_to_string(&log_path).unwrap_or_default(), 3)
             )),

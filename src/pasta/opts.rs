@@ -105,6 +105,7 @@ const LONG: &[(&str, Arg, char)] = &[
     ("map-guest-addr", Arg::Yes, '\u{a}'),
     ("host-lo-to-ns-lo", Arg::No, '\u{b}'),
     ("ns-mac-addr", Arg::Yes, '\u{c}'),
+    ("runas", Arg::Yes, '\u{d}'),
 ];
 
 /// Short options and whether they take a value.
@@ -598,6 +599,26 @@ impl PastaOpts {
                 }
             }
             '\u{b}' => self.host_lo_to_ns_lo = true,
+            // pasta drops to this user when started as root. usernet keeps its user, so
+            // only the user it already runs as is accepted.
+            '\u{d}' => {
+                let (user, group) = v.split_once(':').map_or((v.as_str(), None), |(u, g)| (u, Some(g)));
+                let uid = user.parse::<u32>().ok().or_else(|| {
+                    nix::unistd::User::from_name(user).ok().flatten().map(|u| u.uid.as_raw())
+                });
+                let gid = group.map(|g| {
+                    g.parse::<u32>().ok().or_else(|| {
+                        nix::unistd::Group::from_name(g).ok().flatten().map(|g| g.gid.as_raw())
+                    })
+                });
+                let same_uid = uid == Some(nix::unistd::geteuid().as_raw());
+                let same_gid = gid.is_none_or(|g| g == Some(nix::unistd::getegid().as_raw()));
+                if !(same_uid && same_gid) {
+                    return Err(PastaError::Invalid(format!(
+                        "--runas {v}: usernet does not change its user; run it as that user"
+                    )));
+                }
+            }
             '\u{c}' => {
                 self.ns_mac = Some(crate::conf::parse_mac(&v).map_err(PastaError::Invalid)?)
             }
@@ -780,7 +801,8 @@ usernet taking pasta's command line. Options:
   --netns PATH|NAME        --userns PATH           --config-net
   --dns-forward ADDR       --dns-host ADDR         --no-map-gw
   --map-host-loopback ADDR|none                    --map-guest-addr ADDR|none
-  --host-lo-to-ns-lo       --version               -h, --help
+  --host-lo-to-ns-lo       --runas UID[:GID] (the current user only)
+  --version                -h, --help
 ";
 
 #[cfg(test)]
