@@ -291,7 +291,8 @@ impl Publish {
     }
 }
 
-fn parse_range(s: &str) -> Option<(u16, u16)> {
+/// `FIRST[-LAST]`, 1..=65535, FIRST <= LAST.
+pub(crate) fn parse_range(s: &str) -> Option<(u16, u16)> {
     let (a, b) = match s.split_once('-') {
         Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
         None => {

@@ -327,28 +327,15 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let signals = event_loop::signal_fd(false)?;
     let pid_file = opts.pid_file.clone();
     let detach_stdio = !opts.foreground;
-    let extras = Extras {
-        exit_fd: None,
-        ready_fd: ready,
+    let extras = extras(
+        ready,
         watch,
-        child: None,
-        isolation: isolation::Isolation {
-            sandbox: false,
-            seccomp: false,
-            keep: Vec::new(),
-            keep_trees: Vec::new(),
-        },
-        api_socket: None,
+        None,
         publish,
-        max_api_clients: 0,
-        busy_poll: std::time::Duration::from_micros(50),
-        resolv: None,
-        before_ready: Some(Box::new(move || {
-            before_ready(pid_file.as_deref(), detach_stdio)
-        })),
+        Box::new(move || before_ready(pid_file.as_deref(), detach_stdio)),
         service,
-        pcap: open_pcap(opts, &tap)?,
-    };
+        open_pcap(opts, &tap)?,
+    );
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
 
@@ -395,14 +382,37 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), plan.nat.net6.is_some())?
             .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
     let pid_file = opts.pid_file.clone();
-    let extras = Extras {
+    let supervisor = crate::pidns::Supervisor::new(pid, std::time::Duration::from_secs(10));
+    let extras = extras(
+        None,
+        None,
+        Some(supervisor),
+        publish,
+        Box::new(move || before_ready(pid_file.as_deref(), false)),
+        service,
+        open_pcap(opts, &tap)?,
+    );
+    let running = event_loop::start(tap, fwd, signals, extras)?;
+    hold.release()?;
+    Ok(running.run()?)
+}
+
+/// The event loop's extras in pasta mode: no API socket, no sandbox (pasta's callers
+/// isolate it themselves), the default busy polling.
+fn extras(
+    ready_fd: Option<OwnedFd>,
+    watch: Option<TargetWatch>,
+    child: Option<crate::pidns::Supervisor>,
+    publish: Vec<Publish>,
+    before_ready: Box<dyn FnOnce() -> io::Result<()>>,
+    service: Option<Box<dyn event_loop::Service>>,
+    pcap: Option<crate::pcap::Pcap>,
+) -> Extras {
+    Extras {
         exit_fd: None,
-        ready_fd: None,
-        watch: None,
-        child: Some(crate::pidns::Supervisor::new(
-            pid,
-            std::time::Duration::from_secs(10),
-        )),
+        ready_fd,
+        watch,
+        child,
         isolation: isolation::Isolation {
             sandbox: false,
             seccomp: false,
@@ -414,13 +424,10 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         max_api_clients: 0,
         busy_poll: std::time::Duration::from_micros(50),
         resolv: None,
-        before_ready: Some(Box::new(move || before_ready(pid_file.as_deref(), false))),
+        before_ready: Some(before_ready),
         service,
-        pcap: open_pcap(opts, &tap)?,
-    };
-    let running = event_loop::start(tap, fwd, signals, extras)?;
-    hold.release()?;
-    Ok(running.run()?)
+        pcap,
+    }
 }
 
 /// `-p/--pcap FILE`.

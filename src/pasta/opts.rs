@@ -163,17 +163,6 @@ pub struct PortSpec {
     pub excluded: Vec<(u16, u16)>,
 }
 
-fn parse_port_range(s: &str) -> Option<(u16, u16)> {
-    let (a, b) = match s.split_once('-') {
-        Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
-        None => {
-            let p = s.parse().ok()?;
-            (p, p)
-        }
-    };
-    (a != 0 && a <= b).then_some((a, b))
-}
-
 impl PortSpec {
     /// Adds one option value: `none`, `auto`, `all`, or a comma list of
     /// `[ADDR[%IF]/]FIRST[-LAST][:TOFIRST[-TOLAST]]` and `~FIRST[-LAST]`.
@@ -220,18 +209,20 @@ impl PortSpec {
         for item in list.split(',') {
             if let Some(ex) = item.strip_prefix('~') {
                 self.excluded
-                    .push(parse_port_range(ex).ok_or_else(|| bad("bad excluded range"))?);
+                    .push(crate::conf::parse_range(ex).ok_or_else(|| bad("bad excluded range"))?);
                 continue;
             }
             let (from, to) = match item.split_once(':') {
                 Some((from, to)) => (from, Some(to)),
                 None => (item, None),
             };
-            let (first, last) = parse_port_range(from).ok_or_else(|| bad("bad port range"))?;
+            let (first, last) =
+                crate::conf::parse_range(from).ok_or_else(|| bad("bad port range"))?;
             let to = match to {
                 None => first,
                 Some(to) => {
-                    let (t0, t1) = parse_port_range(to).ok_or_else(|| bad("bad target range"))?;
+                    let (t0, t1) =
+                        crate::conf::parse_range(to).ok_or_else(|| bad("bad target range"))?;
                     if t1 != t0 && t1 - t0 != last - first {
                         return Err(bad("the ranges differ in length"));
                     }
