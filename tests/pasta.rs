@@ -660,3 +660,25 @@ fn pasta_pcap_short_option_captures_the_namespace_link() {
         "{out}"
     );
 }
+
+#[test]
+fn pasta_ipv6_only_leaves_ipv4_out_and_forwards_ipv6() {
+    let Some(t) = topology(true) else { return };
+    let sink6 = TcpServer6::sink(&t.world_ns(), SocketAddrV6::new(WORLD6, 0, 0, 0));
+    let echo = TcpServer6::echo(
+        &t.container_ns(),
+        SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 80, 0, 0),
+    );
+    let args = podman53(&t.container_ns(), &["-6", "-t", "8080:80"]);
+    let _p = Pasta::start(&t, &strs(&args));
+    let addrs = t.container_addrs("vh");
+    assert!(!addrs.contains("inet "), "IPv4 address with -6: {addrs}");
+    assert!(t.container_addrs6("vh").contains("2001:db8:1::1/64"));
+    t.in_container(|| upload_to_sink6(sink6.addr, 0x66, 1 << 20));
+    t.in_world(|| {
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR6, 8080)), b"v6 only");
+        // No IPv4 listener for the port.
+        assert_refused(SocketAddrV4::new(HOST_ADDR, 8080));
+    });
+    drop(echo);
+}

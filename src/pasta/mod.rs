@@ -158,9 +158,9 @@ pub struct Plan {
 /// [`PastaError::Invalid`] for addresses that do not fit together.
 pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
     let invalid = |s: String| PastaError::Invalid(s);
-    if opts.v6_only {
+    if opts.v6_only && opts.addr6.is_none() && host.addr6.is_none() {
         return Err(invalid(
-            "-6/--ipv6-only is not supported by usernet (its guest link always has IPv4)".into(),
+            "-6/--ipv6-only: the host has no IPv6 address to copy (give -a)".into(),
         ));
     }
     // IPv4: the host's address, prefix and gateway unless overridden; pasta's fallbacks.
@@ -232,7 +232,12 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
     let link = LinkConfig {
         name,
         mtu,
-        addr: addr4,
+        // -6: no IPv4 in the namespace (the forwarder keeps its IPv4 model unused).
+        addr: if opts.v6_only {
+            Ipv4Addr::UNSPECIFIED
+        } else {
+            addr4
+        },
         prefix_len: prefix4,
         gateway: gw4,
         mac: opts.ns_mac,
@@ -503,7 +508,7 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap) -> Forwarder {
         offload: crate::enable_offloads(tap),
         outbound_v4: opts.outbound4,
         outbound_v6: opts.outbound6,
-        guest_v4: Some(plan.nat.net.guest),
+        guest_v4: (!opts.v6_only).then_some(plan.nat.net.guest),
         guest_v6: plan.nat.net6.map(|n| n.guest),
         tcp_buffer: 2 << 20,
         udp_idle: smoltcp::time::Duration::from_secs(60),

@@ -403,6 +403,7 @@ struct AutoHost {
 pub struct PastaPorts {
     agent: Agent,
     v4_only: bool,
+    v6_only: bool,
     ns_ipv6: bool,
     /// `-t/-u auto`.
     auto_tcp: Option<AutoHost>,
@@ -467,6 +468,7 @@ impl PastaPorts {
         Ok(Some(PastaPorts {
             agent,
             v4_only: opts.v4_only,
+            v6_only: opts.v6_only,
             ns_ipv6,
             auto_tcp,
             auto_udp,
@@ -517,7 +519,7 @@ impl PastaPorts {
             return Ok(());
         }
         let found = self.agent.scan()?;
-        let v4_only = self.v4_only;
+        let (v4_only, v6_only) = (self.v4_only, self.v6_only);
         for (proto, auto) in [
             (Proto::Tcp, &mut self.auto_tcp),
             (Proto::Udp, &mut self.auto_udp),
@@ -545,7 +547,10 @@ impl PastaPorts {
                     continue;
                 }
                 let mut ids = Vec::new();
-                let mut hosts: Vec<IpAddr> = vec![Ipv4Addr::UNSPECIFIED.into()];
+                let mut hosts: Vec<IpAddr> = Vec::new();
+                if !v6_only {
+                    hosts.push(Ipv4Addr::UNSPECIFIED.into());
+                }
                 if !v4_only {
                     hosts.push(Ipv6Addr::UNSPECIFIED.into());
                 }

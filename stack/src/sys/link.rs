@@ -45,7 +45,8 @@ pub struct LinkConfig {
     pub name: String,
     /// MTU in bytes (the kernel bounds it; TAP accepts 68..=65535).
     pub mtu: u32,
-    /// IPv4 address of the guest, e.g. `10.0.2.100`.
+    /// IPv4 address of the guest, e.g. `10.0.2.100`; `0.0.0.0` leaves the link without
+    /// IPv4 (no address, netmask or IPv4 route: pasta's `--ipv6-only`).
     pub addr: Ipv4Addr,
     /// Prefix length of the subnet, 0..=32.
     pub prefix_len: u8,
@@ -288,27 +289,30 @@ pub fn configure(cfg: &LinkConfig) -> Result<(), LinkError> {
         }
     })?;
 
-    let mut ifr = sock.ifreq(name);
-    ifr.ifr_ifru.ifru_addr = sockaddr_in(cfg.addr);
-    // SAFETY: SIOCSIFADDR reads a `struct ifreq`; `ifr` is one, fully initialised.
-    unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFADDR, &mut ifr) }.map_err(|source| {
-        LinkError::Addr {
-            name: cfg.name.clone(),
-            addr: cfg.addr,
-            source,
-        }
-    })?;
+    let ipv4 = !cfg.addr.is_unspecified();
+    if ipv4 {
+        let mut ifr = sock.ifreq(name);
+        ifr.ifr_ifru.ifru_addr = sockaddr_in(cfg.addr);
+        // SAFETY: SIOCSIFADDR reads a `struct ifreq`; `ifr` is one, fully initialised.
+        unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFADDR, &mut ifr) }.map_err(|source| {
+            LinkError::Addr {
+                name: cfg.name.clone(),
+                addr: cfg.addr,
+                source,
+            }
+        })?;
 
-    let mut ifr = sock.ifreq(name);
-    ifr.ifr_ifru.ifru_netmask = sockaddr_in(netmask(cfg.prefix_len));
-    // SAFETY: SIOCSIFNETMASK reads a `struct ifreq`; `ifr` is one, fully initialised.
-    unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFNETMASK, &mut ifr) }.map_err(|source| {
-        LinkError::Netmask {
-            name: cfg.name.clone(),
-            prefix_len: cfg.prefix_len,
-            source,
-        }
-    })?;
+        let mut ifr = sock.ifreq(name);
+        ifr.ifr_ifru.ifru_netmask = sockaddr_in(netmask(cfg.prefix_len));
+        // SAFETY: SIOCSIFNETMASK reads a `struct ifreq`; `ifr` is one, fully initialised.
+        unsafe { ioctl_ptr(sock.fd(), libc::SIOCSIFNETMASK, &mut ifr) }.map_err(|source| {
+            LinkError::Netmask {
+                name: cfg.name.clone(),
+                prefix_len: cfg.prefix_len,
+                source,
+            }
+        })?;
+    }
 
     if cfg.ipv6.is_some() {
         let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_dad");
@@ -324,24 +328,26 @@ pub fn configure(cfg: &LinkConfig) -> Result<(), LinkError> {
             source,
         })?;
 
-    // SAFETY: an all-zero `struct rtentry` is valid: integers, sockaddrs and a null
-    // `rt_dev` pointer.
-    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-    rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-    rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-    rt.rt_gateway = sockaddr_in(cfg.gateway);
-    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-    // The kernel only reads the name (it copies it with strncpy_from_user).
-    rt.rt_dev = rt_dev.as_ptr().cast_mut();
-    // SAFETY: SIOCADDRT reads a `struct rtentry`; `rt` is one, fully initialised, and
-    // `rt_dev` points to a NUL-terminated string (`rt_dev`) that outlives the call.
-    unsafe { ioctl_ptr(sock.fd(), libc::SIOCADDRT, &mut rt) }.map_err(|source| {
-        LinkError::Route {
-            name: cfg.name.clone(),
-            gateway: cfg.gateway,
-            source,
-        }
-    })?;
+    if ipv4 {
+        // SAFETY: an all-zero `struct rtentry` is valid: integers, sockaddrs and a null
+        // `rt_dev` pointer.
+        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+        rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+        rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+        rt.rt_gateway = sockaddr_in(cfg.gateway);
+        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+        // The kernel only reads the name (it copies it with strncpy_from_user).
+        rt.rt_dev = rt_dev.as_ptr().cast_mut();
+        // SAFETY: SIOCADDRT reads a `struct rtentry`; `rt` is one, fully initialised, and
+        // `rt_dev` points to a NUL-terminated string (`rt_dev`) that outlives the call.
+        unsafe { ioctl_ptr(sock.fd(), libc::SIOCADDRT, &mut rt) }.map_err(|source| {
+            LinkError::Route {
+                name: cfg.name.clone(),
+                gateway: cfg.gateway,
+                source,
+            }
+        })?;
+    }
     if let Some(v6) = &cfg.ipv6 {
         configure_ipv6(name, v6)?;
     }
