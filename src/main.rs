@@ -162,6 +162,7 @@ fn link_config(
             prefix_len: net6.prefix_len,
             gateway: net6.gateway(),
         }),
+        routes: Vec::new(),
     }
 }
 

@@ -1037,6 +1037,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             mac: Some([0x02, 0x50, 0x00, 0x00, 0x00, 0x01]),
             ipv6: None,
+            routes: Vec::new(),
         }
     }
 

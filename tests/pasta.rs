@@ -82,6 +82,17 @@ fn pasta_podman53_default_line_configures_copy_of_host_and_reaches_world() {
     assert!(routes.contains("via 198.51.100.2 dev vh"), "{routes}");
     let routes6 = ip(&["-n", &t.container, "-6", "route", "show", "default"]).stdout;
     assert!(routes6.contains("via 2001:db8:1::2 dev vh"), "{routes6}");
+    // The host's other routes on that interface are copied too.
+    let all = ip(&["-n", &t.container, "route", "show"]).stdout;
+    assert!(
+        all.contains("203.0.113.0/24 via 198.51.100.2 dev vh"),
+        "{all}"
+    );
+    let all6 = ip(&["-n", &t.container, "-6", "route", "show"]).stdout;
+    assert!(
+        all6.contains("2001:db8:2::/64 via 2001:db8:1::2 dev vh"),
+        "{all6}"
+    );
     t.in_container(|| {
         upload_to_sink(sink.addr, 0x5a, 4 << 20);
         upload_to_sink6(sink6.addr, 0x5b, 4 << 20);

@@ -42,7 +42,7 @@ use forwarder::{Config, Forwarder, Limits};
 use nix::fcntl::OFlag;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::pipe2;
-use stack::sys::link::{Ipv6Link, LinkConfig};
+use stack::sys::link::{Ipv6Link, LinkConfig, Route};
 use stack::sys::tap::Tap;
 
 use crate::conf::Publish;
@@ -246,6 +246,20 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             prefix_len: n.prefix_len,
             gateway: n.gateway,
         }),
+        // The host's other routes whose next hop the namespace reaches on its link.
+        routes: host
+            .routes
+            .iter()
+            .copied()
+            .filter(|r| match *r {
+                Route::V4 { gateway, .. } => !opts.v6_only && net.contains(gateway),
+                Route::V6 { gateway, .. } => {
+                    ipv6 && net6.is_some_and(|n| {
+                        n.contains(gateway) || gateway.segments()[0] & 0xffc0 == 0xfe80
+                    })
+                }
+            })
+            .collect(),
     };
     // --map-guest-addr: the host's own address of that family (the one copied).
     let mut aliases = Vec::new();
@@ -548,6 +562,7 @@ mod tests {
             gw4: Some(Ipv4Addr::new(198, 51, 100, 2)),
             addr6: Some(("2001:db8:1::1".parse().unwrap(), 64)),
             gw6: Some("2001:db8:1::2".parse().unwrap()),
+            routes: Vec::new(),
         }
     }
 
@@ -591,6 +606,7 @@ mod tests {
             gw4: None,
             addr6: None,
             gw6: None,
+            routes: Vec::new(),
         };
         let p = plan(&opts(&["--config-net", "1"]), &empty).unwrap();
         assert_eq!(p.link.addr, Ipv4Addr::new(169, 254, 2, 1));

@@ -32,6 +32,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use forwarder::port::Proto;
+use stack::sys::link::Route;
 
 use crate::conf::Publish;
 
@@ -667,6 +668,54 @@ pub struct HostTemplate {
     pub addr6: Option<(Ipv6Addr, u8)>,
     /// The IPv6 default gateway.
     pub gw6: Option<Ipv6Addr>,
+    /// The interface's other routes via a gateway, both families.
+    pub routes: Vec<Route>,
+}
+
+/// The routes via a gateway of `ifname` in `/proc/net/route` text, the default one left out.
+pub fn routes4(text: &str, ifname: &str) -> Vec<Route> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (name, dst, gw, flags, mask) =
+                (f.first()?, f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            let mask = u32::from_str_radix(mask, 16).ok()?.swap_bytes();
+            if *name != ifname || flags & 0x3 != 0x3 || mask == 0 {
+                return None;
+            }
+            let dst = u32::from_str_radix(dst, 16).ok()?.swap_bytes();
+            let gateway = u32::from_str_radix(gw, 16).ok()?.swap_bytes();
+            Some(Route::V4 {
+                dst: Ipv4Addr::from(dst),
+                prefix_len: mask.leading_ones() as u8,
+                gateway: Ipv4Addr::from(gateway),
+            })
+        })
+        .collect()
+}
+
+/// The routes via a gateway of `ifname` in `/proc/net/ipv6_route` text, the default one
+/// left out.
+pub fn routes6(text: &str, ifname: &str) -> Vec<Route> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (dst, len, gw, flags, name) =
+                (f.first()?, f.get(1)?, f.get(4)?, f.get(8)?, f.get(9)?);
+            let flags = u32::from_str_radix(flags, 16).ok()?;
+            let prefix_len = u8::from_str_radix(len, 16).ok()?;
+            if *name != ifname || flags & 0x3 != 0x3 || prefix_len == 0 {
+                return None;
+            }
+            Some(Route::V6 {
+                dst: Ipv6Addr::from(u128::from_str_radix(dst, 16).ok()?),
+                prefix_len,
+                gateway: Ipv6Addr::from(u128::from_str_radix(gw, 16).ok()?),
+            })
+        })
+        .collect()
 }
 
 /// The first global IPv6 address of `ifname` that is not deprecated, tentative or
@@ -737,6 +786,7 @@ impl HostTemplate {
             gw4: r4.filter(|r| Some(&r.0) == name.as_ref()).map(|r| r.1),
             addr6: None,
             gw6: r6.filter(|r| Some(&r.0) == name.as_ref()).map(|r| r.1),
+            routes: Vec::new(),
         };
         let Some(name) = name else {
             return t;
@@ -757,6 +807,10 @@ impl HostTemplate {
                 }
             }
         }
+        let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+        t.routes = routes4(&read("/proc/net/route"), &name);
+        t.routes
+            .extend(routes6(&read("/proc/net/ipv6_route"), &name));
         // IPv6 from /proc/net/if_inet6, which tells deprecated addresses apart.
         t.addr6 = std::fs::read_to_string("/proc/net/if_inet6")
             .ok()
@@ -942,6 +996,17 @@ mod tests {
             "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                   vh\t00716433\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
                   vh\t00000000\t02643364\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
+        let v4r =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+                   vh\t007100CB\t02643364\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        assert_eq!(
+            routes4(v4r, "vh"),
+            [Route::V4 {
+                dst: Ipv4Addr::new(203, 0, 113, 0),
+                prefix_len: 24,
+                gateway: Ipv4Addr::new(100, 51, 100, 2)
+            }]
+        );
         assert_eq!(
             default_route4(v4),
             Some(("vh".into(), Ipv4Addr::new(100, 51, 100, 2)))

@@ -56,6 +56,32 @@ pub struct LinkConfig {
     pub mac: Option<[u8; 6]>,
     /// IPv6 address and default route, if any.
     pub ipv6: Option<Ipv6Link>,
+    /// More routes on the link, added after the default routes (pasta's `--config-net`
+    /// copies the host's); IPv6 ones only with `ipv6`.
+    pub routes: Vec<Route>,
+}
+
+/// A route via a gateway on the configured link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// IPv4: `dst/prefix_len via gateway`.
+    V4 {
+        /// Destination network.
+        dst: Ipv4Addr,
+        /// Its prefix length.
+        prefix_len: u8,
+        /// The next hop.
+        gateway: Ipv4Addr,
+    },
+    /// IPv6: `dst/prefix_len via gateway`.
+    V6 {
+        /// Destination network.
+        dst: Ipv6Addr,
+        /// Its prefix length.
+        prefix_len: u8,
+        /// The next hop.
+        gateway: Ipv6Addr,
+    },
 }
 
 /// The IPv6 part of a [`LinkConfig`].
@@ -329,29 +355,52 @@ pub fn configure(cfg: &LinkConfig) -> Result<(), LinkError> {
         })?;
 
     if ipv4 {
-        // SAFETY: an all-zero `struct rtentry` is valid: integers, sockaddrs and a null
-        // `rt_dev` pointer.
-        let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-        rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_gateway = sockaddr_in(cfg.gateway);
-        rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-        // The kernel only reads the name (it copies it with strncpy_from_user).
-        rt.rt_dev = rt_dev.as_ptr().cast_mut();
-        // SAFETY: SIOCADDRT reads a `struct rtentry`; `rt` is one, fully initialised, and
-        // `rt_dev` points to a NUL-terminated string (`rt_dev`) that outlives the call.
-        unsafe { ioctl_ptr(sock.fd(), libc::SIOCADDRT, &mut rt) }.map_err(|source| {
-            LinkError::Route {
-                name: cfg.name.clone(),
-                gateway: cfg.gateway,
-                source,
-            }
-        })?;
+        let routes = cfg.routes.iter().filter_map(|r| match *r {
+            Route::V4 {
+                dst,
+                prefix_len,
+                gateway,
+            } => Some((dst, prefix_len, gateway)),
+            Route::V6 { .. } => None,
+        });
+        for (dst, prefix_len, gateway) in
+            std::iter::once((Ipv4Addr::UNSPECIFIED, 0, cfg.gateway)).chain(routes)
+        {
+            add_route4(&sock, &rt_dev, dst, prefix_len, gateway).map_err(|source| {
+                LinkError::Route {
+                    name: cfg.name.clone(),
+                    gateway,
+                    source,
+                }
+            })?;
+        }
     }
     if let Some(v6) = &cfg.ipv6 {
-        configure_ipv6(name, v6)?;
+        configure_ipv6(name, v6, &cfg.routes)?;
     }
     Ok(())
+}
+
+/// `dst/prefix_len via gateway dev rt_dev` (IPv4).
+fn add_route4(
+    sock: &Sock,
+    rt_dev: &CString,
+    dst: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Ipv4Addr,
+) -> io::Result<()> {
+    // SAFETY: an all-zero `struct rtentry` is valid: integers, sockaddrs and a null
+    // `rt_dev` pointer.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(dst);
+    rt.rt_genmask = sockaddr_in(netmask(prefix_len));
+    rt.rt_gateway = sockaddr_in(gateway);
+    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    // The kernel only reads the name (it copies it with strncpy_from_user).
+    rt.rt_dev = rt_dev.as_ptr().cast_mut();
+    // SAFETY: SIOCADDRT reads a `struct rtentry`; `rt` is one, fully initialised, and
+    // `rt_dev` points to a NUL-terminated string (`rt_dev`) that outlives the call.
+    unsafe { ioctl_ptr(sock.fd(), libc::SIOCADDRT, &mut rt) }.map(|_| ())
 }
 
 /// The kernel's `struct in6_rtmsg` (libc's has private fields).
@@ -375,8 +424,9 @@ fn in6_addr(a: Ipv6Addr) -> libc::in6_addr {
     }
 }
 
-/// Adds the IPv6 address and the default route; the link is up.
-fn configure_ipv6(name: &str, v6: &Ipv6Link) -> Result<(), LinkError> {
+/// Adds the IPv6 address, the default route and the IPv6 ones of `routes`; the link is
+/// up.
+fn configure_ipv6(name: &str, v6: &Ipv6Link, routes: &[Route]) -> Result<(), LinkError> {
     let sock = socket(
         AddressFamily::Inet6,
         SockType::Datagram,
@@ -401,27 +451,40 @@ fn configure_ipv6(name: &str, v6: &Ipv6Link) -> Result<(), LinkError> {
     // SAFETY: SIOCSIFADDR on an AF_INET6 socket reads a `struct in6_ifreq`; `req` is one,
     // fully initialised.
     unsafe { ioctl_ptr(sock.as_fd(), libc::SIOCSIFADDR, &mut req) }.map_err(addr_err)?;
-    let mut rt = In6Rtmsg {
-        dst: in6_addr(Ipv6Addr::UNSPECIFIED),
-        src: in6_addr(Ipv6Addr::UNSPECIFIED),
-        gateway: in6_addr(v6.gateway),
-        kind: 0,
-        dst_len: 0,
-        src_len: 0,
-        metric: 1,
-        info: 0,
-        flags: (libc::RTF_UP | libc::RTF_GATEWAY).into(),
-        ifindex,
-    };
-    // SAFETY: SIOCADDRT on an AF_INET6 socket reads a `struct in6_rtmsg`; `rt` has its
-    // layout (`#[repr(C)]`, the kernel's field order and types) and is fully initialised.
-    unsafe { ioctl_ptr(sock.as_fd(), libc::SIOCADDRT, &mut rt) }.map_err(|source| {
-        LinkError::Route6 {
-            name: name.to_owned(),
-            gateway: v6.gateway,
-            source,
-        }
-    })?;
+    let extra = routes.iter().filter_map(|r| match *r {
+        Route::V6 {
+            dst,
+            prefix_len,
+            gateway,
+        } => Some((dst, prefix_len, gateway)),
+        Route::V4 { .. } => None,
+    });
+    for (dst, dst_len, gateway) in
+        std::iter::once((Ipv6Addr::UNSPECIFIED, 0, v6.gateway)).chain(extra)
+    {
+        let mut rt = In6Rtmsg {
+            dst: in6_addr(dst),
+            src: in6_addr(Ipv6Addr::UNSPECIFIED),
+            gateway: in6_addr(gateway),
+            kind: 0,
+            dst_len: dst_len.into(),
+            src_len: 0,
+            metric: 1,
+            info: 0,
+            flags: (libc::RTF_UP | libc::RTF_GATEWAY).into(),
+            ifindex,
+        };
+        // SAFETY: SIOCADDRT on an AF_INET6 socket reads a `struct in6_rtmsg`; `rt` has its
+        // layout (`#[repr(C)]`, the kernel's field order and types) and is fully
+        // initialised.
+        unsafe { ioctl_ptr(sock.as_fd(), libc::SIOCADDRT, &mut rt) }.map_err(|source| {
+            LinkError::Route6 {
+                name: name.to_owned(),
+                gateway,
+                source,
+            }
+        })?;
+    }
     wait_not_tentative(v6.addr, name);
     Ok(())
 }
@@ -568,6 +631,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 0, 2, 2),
             mac: Some([0x02, 0x50, 0x00, 0x00, 0x00, 0x01]),
             ipv6: None,
+            routes: Vec::new(),
         }
     }
 

@@ -593,6 +593,7 @@ mod tests {
                 gateway: "10.0.2.2".parse().unwrap(),
                 mac: None,
                 ipv6: None,
+                routes: Vec::new(),
             })
             .unwrap();
             let mut buf = [0u8; 2048];
