@@ -693,3 +693,58 @@ fn pasta_ipv6_only_leaves_ipv4_out_and_forwards_ipv6() {
     });
     drop(echo);
 }
+
+#[test]
+fn pasta_without_config_net_offers_the_host_address_by_dhcp() {
+    let Some(t) = topology(false) else { return };
+    if !require_tool("busybox") {
+        return;
+    }
+    let _p = Pasta::start(
+        &t,
+        &[
+            "--dns-forward",
+            "169.254.1.1",
+            "-t",
+            "none",
+            "-u",
+            "none",
+            "-T",
+            "none",
+            "-U",
+            "none",
+            "-q",
+            "--netns",
+            &t.container_ns(),
+        ],
+    );
+    // Not configured: the link is down and has no address.
+    assert!(!t.container_addrs("vh").contains("inet "));
+    ip(&["-n", &t.container, "link", "set", "vh", "up"]);
+    let out = t.tmp.join("lease");
+    let script = t.tmp.join("udhcpc.script");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in bound) echo \"ip=$ip router=$router dns=$dns subnet=$subnet\" > {};; esac\nexit 0\n",
+            out.display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let s = script.to_string_lossy().into_owned();
+    let f = t.run_in_container(
+        "busybox",
+        &[
+            "udhcpc", "-i", "vh", "-n", "-q", "-f", "-t", "5", "-T", "2", "-A", "1", "-s", &s,
+        ],
+        Duration::from_secs(30),
+    );
+    f.assert_success();
+    let lease = std::fs::read_to_string(&out).unwrap_or_else(|_| panic!("no lease:\n{f}"));
+    assert!(
+        lease.contains("ip=198.51.100.1 router=198.51.100.2 dns=169.254.1.1 subnet=255.255.255.0"),
+        "{lease}"
+    );
+}

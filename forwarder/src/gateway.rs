@@ -71,7 +71,7 @@ impl Gateway {
             router: net.gateway(),
             dns: net.dns().filter(|_| cfg.dns_enabled),
             pool_start: net.dhcp_start(),
-            pool_len: 16,
+            pool_len: net.dhcp_pool_len(),
             lease: std::time::Duration::from_secs(24 * 3600),
         });
         Gateway {

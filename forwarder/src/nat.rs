@@ -92,9 +92,22 @@ impl Network {
     pub fn guest(&self) -> Ipv4Addr {
         self.guest
     }
-    /// The first address of the DHCP pool, `net+15`.
+    /// The first address of the DHCP pool: `net+15` (slirp4netns), the guest's address in
+    /// pasta's model (where the subnet is the host's LAN, only the copied address is ours
+    /// to hand out).
     pub fn dhcp_start(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.addr).wrapping_add(15))
+        match self.neighbours {
+            Neighbours::Ours => Ipv4Addr::from(u32::from(self.addr).wrapping_add(15)),
+            Neighbours::AllButGuest => self.guest,
+        }
+    }
+    /// How many addresses the DHCP pool has: 16 from [`dhcp_start`](Self::dhcp_start),
+    /// or only the guest's in pasta's model.
+    pub fn dhcp_pool_len(&self) -> u8 {
+        match self.neighbours {
+            Neighbours::Ours => 16,
+            Neighbours::AllButGuest => 1,
+        }
     }
     /// The netmask.
     pub fn netmask(&self) -> Ipv4Addr {
@@ -513,6 +526,10 @@ mod tests {
         assert!(n.net.valid_source(Ipv4Addr::new(192, 0, 2, 10)));
         assert!(!n.net.valid_source(Ipv4Addr::new(192, 0, 2, 1)));
         assert!(n.net.hides(Ipv4Addr::new(192, 0, 2, 10)));
+        assert_eq!(
+            (n.net.dhcp_start(), n.net.dhcp_pool_len()),
+            (Ipv4Addr::new(192, 0, 2, 10), 1)
+        );
         assert!(!n.net.hides(Ipv4Addr::new(192, 0, 2, 7)));
     }
 
