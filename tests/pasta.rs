@@ -748,3 +748,31 @@ fn pasta_without_config_net_offers_the_host_address_by_dhcp() {
         "{lease}"
     );
 }
+
+#[test]
+fn pasta_foreground_stays_in_front_until_the_namespace_goes() {
+    let Some(t) = topology(false) else { return };
+    let mut args = podman53(&t.container_ns(), &[]);
+    args.insert(0, "-f".into());
+    let mut child = ChildGuard::spawn(t.exec_in(&t.host, t.pasta_bin(), &strs(&args)));
+    let configured = wait_for(Duration::from_secs(10), || {
+        t.container_addrs("vh")
+            .contains("198.51.100.1/24")
+            .then_some(())
+    });
+    assert!(configured.is_some(), "-f never configured the namespace");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.0.try_wait().expect("try_wait").is_none(),
+        "-f went away"
+    );
+    ip(&["netns", "del", &t.container]);
+    let status = wait_for(Duration::from_secs(5), || {
+        child.0.try_wait().expect("try_wait")
+    });
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "-f did not end with its namespace"
+    );
+}
