@@ -756,7 +756,12 @@ fn pasta_foreground_stays_in_front_until_the_namespace_goes() {
     args.insert(0, "-f".into());
     let mut child = ChildGuard::spawn(t.exec_in(&t.host, t.pasta_bin(), &strs(&args)));
     let configured = wait_for(Duration::from_secs(10), || {
-        t.container_addrs("vh")
+        // The link appears only once pasta has created it: ask without failing meanwhile.
+        let out = std::process::Command::new("ip")
+            .args(["-n", &t.container, "-o", "-4", "addr", "show", "dev", "vh"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
             .contains("198.51.100.1/24")
             .then_some(())
     });

@@ -99,6 +99,11 @@ fn report(e: &dyn std::error::Error) {
 
 /// Entry point with pasta's arguments (without `argv[0]`).
 pub fn main(args: &[OsString]) -> ExitCode {
+    // pasta takes no descriptors: none of the caller's (pipes, sockets) stays open here.
+    if let Err(e) = sys::fd::close_inherited(&[]) {
+        eprintln!("pasta: cannot close inherited descriptors: {e}");
+        return ExitCode::from(1);
+    }
     let opts = match PastaOpts::parse(args) {
         Ok(o) => o,
         Err(e) => {
