@@ -735,6 +735,7 @@ fn member_link(def: &network::Def, lease: &network::Lease, name: &str) -> LinkCo
             prefix_len: Network6::PREFIX_LEN,
             gateway: n.gateway(),
         }),
+        routes: Vec::new(),
     }
 }
 
