@@ -619,7 +619,7 @@ struct IdMaps {
 ///
 /// # Errors
 /// [`NetnsError::Helper`] naming the namespace that could not be joined.
-pub(crate) fn join(netns: &Path, userns: Option<&Path>) -> Result<(), NetnsError> {
+pub(crate) fn join_paths(netns: &Path, userns: Option<&Path>) -> Result<(), NetnsError> {
     join_namespaces(netns, userns).map_err(|e| {
         let (message, errno) = flatten(&e);
         NetnsError::Helper {
@@ -733,13 +733,7 @@ fn setup_run(spec: &RunSpec, ids: IdMaps, resolv_conf: &Path) -> Result<Tap, Ste
 /// # Errors
 /// [`NetnsError::Helper`] naming the namespace that could not be joined.
 pub fn join(target: &Target) -> Result<(), NetnsError> {
-    join_namespaces(&target.netns_path(), target.userns_path(None).as_deref()).map_err(|err| {
-        let (message, errno) = flatten(&err);
-        NetnsError::Helper {
-            message,
-            source: errno.map(io::Error::from_raw_os_error),
-        }
-    })
+    join_paths(&target.netns_path(), target.userns_path(None).as_deref())
 }
 
 /// Blocks until the parent writes a byte (true) or closes the pipe (false).

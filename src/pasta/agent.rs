@@ -87,7 +87,7 @@ impl Agent {
             if sys::fd::stdio_to_dev_null().is_err() {
                 return 1;
             }
-            let first = match netns::join(&netns_path, userns_path.as_deref()) {
+            let first = match netns::join_paths(&netns_path, userns_path.as_deref()) {
                 Ok(()) => b"K".to_vec(),
                 Err(e) => format!("E{e}").into_bytes(),
             };
