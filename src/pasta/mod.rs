@@ -444,7 +444,10 @@ fn extras(
             keep_trees: Vec::new(),
         },
         api_socket: None,
+        info: serde_json::json!({"mode": "pasta", "pid": std::process::id()}),
         publish,
+        // Address-less -t/-u ranges already name 0.0.0.0 and :: (see PortSpec::publish).
+        publish_ipv6: false,
         max_api_clients: 0,
         busy_poll: std::time::Duration::from_micros(50),
         resolv: None,

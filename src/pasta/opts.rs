@@ -291,7 +291,7 @@ impl PortSpec {
                     for &host_ip in &addrs {
                         out.push(Publish {
                             proto,
-                            host_ip,
+                            host_ip: Some(host_ip),
                             host_port: start as u16,
                             guest_port: (u32::from(r.to) + start - u32::from(r.first)) as u16,
                             count: (p - start) as u16,
@@ -959,7 +959,14 @@ mod tests {
         let p = s.publish(Proto::Tcp, false, false);
         let got: Vec<_> = p
             .iter()
-            .map(|p| (p.host_ip.to_string(), p.host_port, p.guest_port, p.count))
+            .map(|p| {
+                (
+                    p.host_ip.map(|a| a.to_string()).unwrap_or_default(),
+                    p.host_port,
+                    p.guest_port,
+                    p.count,
+                )
+            })
             .collect();
         assert_eq!(
             got,
