@@ -37,4 +37,4 @@ chroot "$root" useradd -m -u 1500 unpod
 echo "unpod:200000:65536" >"$root/etc/subuid"
 echo "unpod:200000:65536" >"$root/etc/subgid"
 touch "$root/.usernet-ready"
-echo "make-root.sh: $root is ready ($(chroot "$root" podman --version))"
+echo "make-root.sh: $root is ready"
