@@ -32,6 +32,12 @@
 //! is not the port's own (another live member's MAC, the gateway's, a multicast address,
 //! anything but the configured one) is dropped and counted ([`PortCounters::drop_spoofed`]), so a member cannot steal another
 //! member's or the gateway's traffic at L2; the gateway checks the IP addresses above.
+//! A member with assigned addresses is also held to them in what it claims: its ARP
+//! sender address, its IP sources, and the target of its IPv6 neighbour advertisements
+//! (its own address, the one SLAAC makes of its MAC, or a link-local address that is
+//! neither the router's nor the one another port's MAC makes); anything else is spoofed,
+//! so a member cannot take the gateway's or another member's IPv6 address in their
+//! neighbours' caches.
 //! Tables are bounded: one address per port, at most [`MAX_PORTS`] ports. Nothing here
 //! allocates per frame (a port's queue is allocated when it is attached; untouched pages
 //! cost no memory).
@@ -43,6 +49,8 @@ use slab::Slab;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, Ipv4Address, Ipv6Address};
 use stack::l2::ETHERNET_HEADER_LEN;
+
+use crate::nat::ROUTER_LINK_LOCAL;
 use stack::txq::TxQueue;
 
 /// A port of the switch: one member's TAP.
@@ -135,6 +143,34 @@ impl PortCounters {
             ("flooded", self.flooded),
         ]
         .into_iter()
+    }
+}
+
+/// The target address of an IPv6 neighbour advertisement (`eth` from its Ethernet
+/// header on), `None` for any other frame. Hop-by-hop, routing and destination options
+/// headers before the ICMPv6 one are walked, each at least 8 bytes long, so the walk
+/// ends within the frame (a fragment is no advertisement: receivers ignore fragmented
+/// ones).
+fn advert_target(eth: &[u8]) -> Option<[u8; 16]> {
+    if eth.get(12..14)? != [0x86, 0xdd] {
+        return None;
+    }
+    let mut next = *eth.get(20)?;
+    let mut at = ETHERNET_HEADER_LEN + 40;
+    loop {
+        match next {
+            // ICMPv6, type 136: neighbour advertisement; the target follows 8 bytes on.
+            58 => {
+                return (*eth.get(at)? == 136)
+                    .then(|| eth.get(at + 8..at + 24)?.try_into().ok())
+                    .flatten();
+            }
+            0 | 43 | 60 => {
+                next = *eth.get(at)?;
+                at += (usize::from(*eth.get(at + 1)?) + 1) * 8;
+            }
+            _ => return None,
+        }
     }
 }
 
@@ -304,6 +340,35 @@ impl Switch {
         }
     }
 
+    /// Whether a frame from `port` that is an IPv6 neighbour advertisement names a target
+    /// address the port may claim (see the module header); other frames pass.
+    fn advert_allowed(&self, port: PortId, eth: &[u8]) -> bool {
+        let Some(p) = self.ports.get(port) else {
+            return false;
+        };
+        if p.v4.is_none() && p.v6.is_none() {
+            return true;
+        }
+        let Some(t) = advert_target(eth) else {
+            return true;
+        };
+        let eui64 = |m: EthernetAddress| {
+            let m = m.as_bytes();
+            t[8..] == [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
+        };
+        if p.v6.is_some_and(|v6| v6.octets() == t) || p.mac.is_some_and(eui64) {
+            return true;
+        }
+        t[0] == 0xfe
+            && t[1] & 0xc0 == 0x80
+            && t != ROUTER_LINK_LOCAL.octets()
+            && !eui64(self.gateway_mac)
+            && !self
+                .ports
+                .iter()
+                .any(|(id, o)| id != port && o.mac.is_some_and(eui64))
+    }
+
     /// The attached ports.
     pub fn ports(&self) -> impl Iterator<Item = PortId> + '_ {
         self.ports.iter().map(|(id, _)| id)
@@ -379,8 +444,10 @@ impl Switch {
             self.fdb.insert(src, port);
         }
         let eth = &frame[self.vnet_hdr_len..];
-        if !Self::source_allowed(p, eth) {
-            p.counters.drop_spoofed += 1;
+        if !Self::source_allowed(p, eth) || !self.advert_allowed(port, eth) {
+            if let Some(p) = self.ports.get_mut(port) {
+                p.counters.drop_spoofed += 1;
+            }
             return Verdict::Drop;
         }
         if dst == self.gateway_mac {

@@ -2,12 +2,13 @@
 
 mod common;
 
-use common::{sealed_config, GUEST, GUEST_MAC, GW, GW_MAC};
+use common::{sealed_config, GUEST, GUEST_MAC, GW, GW_MAC, NET6};
 use etherparse::PacketBuilder;
 use forwarder::{Forwarder, FrameSink, Io, PortId};
 use mio::Poll;
 use smoltcp::time::Instant;
 use smoltcp::wire::EthernetAddress;
+use std::net::Ipv6Addr;
 
 const B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x65];
 const B: [u8; 4] = [10, 0, 2, 101];
@@ -165,4 +166,106 @@ fn spoofed_source_mac_is_dropped_and_counted() {
         .unwrap();
     net.send(b, &to_a);
     assert_eq!(net.out.take(a), vec![to_a]);
+}
+
+/// A neighbour advertisement from `mac`/`src` for `target`, to all nodes; `hop_by_hop`
+/// puts an (empty) hop-by-hop options header before the ICMPv6 one.
+fn neighbour_advert(mac: [u8; 6], src: Ipv6Addr, target: Ipv6Addr, hop_by_hop: bool) -> Vec<u8> {
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x86, 0xdd]);
+    let ext: &[u8] = if hop_by_hop {
+        &[58, 0, 1, 4, 0, 0, 0, 0]
+    } else {
+        &[]
+    };
+    let len = (ext.len() + 32) as u16;
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&len.to_be_bytes());
+    f.extend_from_slice(&[if hop_by_hop { 0 } else { 58 }, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets());
+    f.extend_from_slice(ext);
+    // Type 136, code 0, checksum (the switch does not look), override flag.
+    f.extend_from_slice(&[136, 0, 0, 0, 0x20, 0, 0, 0]);
+    f.extend_from_slice(&target.octets());
+    // Target link-layer address option.
+    f.extend_from_slice(&[2, 1]);
+    f.extend_from_slice(&mac);
+    f
+}
+
+/// The link-local address SLAAC makes of `mac`.
+fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 2,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ])
+}
+
+#[test]
+fn spoofed_neighbour_advertisements_are_dropped_and_counted() {
+    let mut net = Net::new(0);
+    let [a, b, c] = net.ports;
+    let b6: Ipv6Addr = "fd00::65".parse().unwrap();
+    let c6: Ipv6Addr = "fd00::66".parse().unwrap();
+    net.send(a, &arp_request(0, GUEST_MAC, GUEST, GW));
+    net.send(b, &arp_request(0, B_MAC, B, GW));
+    let addrs = |v4: [u8; 4], v6| forwarder::names::Addrs {
+        v4: Some(v4.into()),
+        v6: Some(v6),
+    };
+    net.fwd
+        .add_member(b, EthernetAddress(B_MAC), addrs(B, b6), "b", &[]);
+    net.fwd.add_member(
+        c,
+        EthernetAddress(C_MAC),
+        addrs([10, 0, 2, 102], c6),
+        "c",
+        &[],
+    );
+    net.out.0.clear();
+    // B may advertise its own addresses: assigned, SLAAC-made and link-local.
+    for target in [b6, eui64_link_local(B_MAC), "fe80::1234".parse().unwrap()] {
+        for hbh in [false, true] {
+            let na = neighbour_advert(B_MAC, b6, target, hbh);
+            net.send(b, &na);
+            assert_eq!(net.out.take(a), vec![na.clone()], "{target}");
+            assert_eq!(net.out.take(c), vec![na], "{target}");
+        }
+    }
+    assert_eq!(net.fwd.switch().counters(b).unwrap().drop_spoofed, 0);
+    // Not the gateway's (global or link-local), nor another member's.
+    let stolen: [Ipv6Addr; 5] = [
+        NET6.gateway(),
+        forwarder::nat::ROUTER_LINK_LOCAL,
+        eui64_link_local(GW_MAC),
+        c6,
+        eui64_link_local(GUEST_MAC),
+    ];
+    for target in stolen {
+        for hbh in [false, true] {
+            net.send(b, &neighbour_advert(B_MAC, b6, target, hbh));
+            assert!(net.out.0.is_empty(), "{target}: {:?}", net.out.0);
+        }
+    }
+    assert_eq!(net.fwd.switch().counters(b).unwrap().drop_spoofed, 10);
+    // B's other traffic still flows.
+    let req = arp_request(0, B_MAC, B, GUEST);
+    net.send(b, &req);
+    assert_eq!(net.out.take(a), vec![req]);
 }
