@@ -211,6 +211,11 @@ pub struct StatsArgs {
     #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
     pub name: Option<String>,
 
+    /// The usernet network of this name (`usernet network create`): ports are published
+    /// to one of its members (add --member).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["api_socket", "name"])]
+    pub network: Option<String>,
+
     /// Print the raw JSON reply.
     #[arg(long)]
     pub json: bool,
@@ -232,6 +237,11 @@ pub struct PortsArgs {
     #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
     pub name: Option<String>,
 
+    /// The usernet network of this name (`usernet network create`): ports are published
+    /// to one of its members (add --member).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["api_socket", "name"])]
+    pub network: Option<String>,
+
     /// What to do (required unless -v/--version).
     #[command(subcommand)]
     pub action: Option<PortsAction>,
@@ -245,6 +255,9 @@ pub enum PortsAction {
         /// The ports to publish.
         #[arg(value_parser = parse_publish)]
         spec: Publish,
+        /// With --network: the member (name, alias or IPv4 address) the ports go to.
+        #[arg(long, value_name = "MEMBER")]
+        member: Option<String>,
     },
     /// List the published ports.
     List,

@@ -468,15 +468,33 @@ fn ps_client() -> Result<i32, MainError> {
 /// `usernet ports`: one API request per rule, human-readable output.
 fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
     use serde_json::{json, Value};
-    let socket = runs::find_socket(args.api_socket.as_deref(), args.name.as_deref())?;
+    let socket = match &args.network {
+        Some(net) => {
+            network::load(net)?;
+            network::socket_path(net)
+        }
+        None => runs::find_socket(args.api_socket.as_deref(), args.name.as_deref())?,
+    };
     let ask = |req: Value| api_call(&socket, &req);
+    // A run answers list_hostfwd as slirp4netns does (no "return"); a network wraps it.
+    let entries = |list: &Value| {
+        list.get("return").unwrap_or(list)["entries"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
     let Some(action) = args.action else {
         return Err(MainError::Usage(
             "ports needs an action: add, list or remove (see usernet ports --help)".into(),
         ));
     };
     match action {
-        PortsAction::Add { spec } => {
+        PortsAction::Add { spec, member } => {
+            if member.is_some() != args.network.is_some() {
+                return Err(MainError::Usage(
+                    "ports add: --network and --member go together (a network's ports go to one of its members)".into(),
+                ));
+            }
             // Without an address, both families where the run has IPv6 (as `-p`); a
             // slirp4netns answers get_info with an error: IPv4 only then.
             let ipv6 = ask(json!({"execute": "get_info"}))
@@ -485,16 +503,18 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
                 .unwrap_or(false);
             for ip in spec.host_addrs(ipv6) {
                 for (host_port, guest_port) in spec.pairs() {
-                    let reply = ask(json!({"execute": "add_hostfwd", "arguments": {
+                    let mut req = json!({"execute": "add_hostfwd", "arguments": {
                         "proto": spec.proto.as_str(), "host_addr": ip.to_string(),
-                        "host_port": host_port, "guest_port": guest_port }}))?;
+                        "host_port": host_port, "guest_port": guest_port }});
+                    if let Some(m) = &member {
+                        req["arguments"]["member"] = json!(m);
+                    }
+                    let reply = ask(req)?;
                     let id = reply.pointer("/return/id").cloned().unwrap_or(Value::Null);
                     let list = ask(json!({"execute": "list_hostfwd"}))?;
-                    let entry = list["entries"]
-                        .as_array()
-                        .and_then(|e| e.iter().find(|e| e["id"] == id));
+                    let entry = entries(&list).into_iter().find(|e| e["id"] == id);
                     match entry {
-                        Some(e) => println!("{}", api::describe(e)),
+                        Some(e) => println!("{}", api::describe(&e)),
                         None => println!("{id}"),
                     }
                 }
@@ -503,8 +523,8 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
         PortsAction::List => {
             let list = ask(json!({"execute": "list_hostfwd"}))?;
             println!("ID PROTO HOST GUEST");
-            for e in list["entries"].as_array().into_iter().flatten() {
-                println!("{}", api::describe(e));
+            for e in entries(&list) {
+                println!("{}", api::describe(&e));
             }
         }
         PortsAction::Remove { id } => {
@@ -512,12 +532,7 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
             if reply.is_err() {
                 // slirp4netns's reply only says "bad arguments.id": say what is wrong.
                 let list = ask(json!({"execute": "list_hostfwd"}))?;
-                let ids: Vec<String> = list["entries"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|e| e["id"].to_string())
-                    .collect();
+                let ids: Vec<String> = entries(&list).iter().map(|e| e["id"].to_string()).collect();
                 if !ids.contains(&id.to_string()) {
                     return Err(MainError::Usage(if ids.is_empty() {
                         format!("no published port with id {id}: no ports are published")

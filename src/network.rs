@@ -854,15 +854,19 @@ impl Server {
             "attach" => self.attach(fwd, host, args, fd),
             "members" => Ok(self.members_json(fwd)),
             "disconnect" => {
-                let who = args["member"].as_str().unwrap_or("");
-                let id = self
-                    .members
-                    .iter()
-                    .find(|(_, m)| m.name == who || m.v4.to_string() == who)
-                    .map(|(&id, _)| id)
-                    .ok_or_else(|| format!("no member {who:?} in network {:?}", self.def.name))?;
+                let id = self.member_id(args["member"].as_str().unwrap_or(""))?;
                 self.leave(fwd, host, id);
                 Ok(json!({}))
+            }
+            "add_hostfwd" if !args["member"].is_null() => self.publish(fwd, host, req),
+            "remove_hostfwd" => {
+                let v = api_execute(fwd, &mut host.io(), req)?;
+                if let Some(rule) = args["id"].as_u64() {
+                    for m in self.members.values_mut() {
+                        m.rules.retain(|&r| u64::from(r) != rule);
+                    }
+                }
+                Ok(v)
             }
             "shutdown" => {
                 self.shutdown = true;
@@ -875,6 +879,43 @@ impl Server {
             }
             _ => api_execute(fwd, &mut host.io(), req),
         }
+    }
+
+    /// The member named `who` (its name, an alias or its IPv4 address).
+    fn member_id(&self, who: &str) -> Result<u64, String> {
+        self.members
+            .iter()
+            .find(|(_, m)| {
+                m.name == who || m.aliases.iter().any(|a| a == who) || m.v4.to_string() == who
+            })
+            .map(|(&id, _)| id)
+            .ok_or_else(|| format!("no member {who:?} in network {:?}", self.def.name))
+    }
+
+    /// `add_hostfwd` with a `member`: the port is published to that member's address,
+    /// and unpublished when it leaves.
+    fn publish(
+        &mut self,
+        fwd: &mut Forwarder,
+        host: &mut Host<'_>,
+        req: &Value,
+    ) -> Result<Value, String> {
+        let who = req["arguments"]["member"]
+            .as_str()
+            .ok_or("bad request: add_hostfwd: bad arguments.member")?;
+        let id = self.member_id(who)?;
+        let mut req = req.clone();
+        let args = &mut req["arguments"];
+        args["guest_addr"] = json!(self.members[&id].v4.to_string());
+        if let Some(a) = args.as_object_mut() {
+            a.remove("member");
+        }
+        let v = api_execute(fwd, &mut host.io(), &req)?;
+        let rule = v["id"].as_u64().and_then(|r| u32::try_from(r).ok());
+        if let (Some(rule), Some(m)) = (rule, self.members.get_mut(&id)) {
+            m.rules.push(rule);
+        }
+        Ok(v)
     }
 
     fn members_json(&self, fwd: &Forwarder) -> Value {

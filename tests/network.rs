@@ -562,3 +562,52 @@ fn one_member_cannot_take_more_flows_than_its_share() {
     drop(held);
     drop((greedy, modest));
 }
+
+#[test]
+fn ports_published_to_a_named_member_through_the_network() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n9", "--subnet", "10.98.0.0/24"]);
+    let a = n.member("n9", "a", &[]);
+    let b = n.member("n9", "b", &["--alias", "web"]);
+    let server_port = 8080;
+    let host_port = 19080 + (std::process::id() % 1000) as u16;
+    let spec = format!("{host_port}:{server_port}");
+    let sink = TcpServer::sink(
+        &b.ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, server_port),
+    );
+    // The member by alias: the port goes to b's address.
+    let f = n.cli(&["ports", "--network", "n9", "add", &spec, "--member", "web"]);
+    f.assert_success();
+    assert!(f.stdout.contains("10.98.0.101"), "{f}");
+    in_netns(&t.world_ns(), || {
+        upload_to_sink(SocketAddrV4::new(HOST_ADDR, host_port), 7, 1 << 20)
+    });
+    assert_eq!(sink.stats.wait_digests(1, Duration::from_secs(5)).len(), 1);
+    let jb = n.member_json("n9", "b");
+    let id = jb["published_ports"][0]["id"].clone();
+    assert_eq!(jb["published_ports"][0]["host_port"], host_port, "{jb}");
+    // No such member, and --member without --network: refused.
+    let f = n.cli(&[
+        "ports",
+        "--network",
+        "n9",
+        "add",
+        "1:1",
+        "--member",
+        "nobody",
+    ]);
+    assert!(
+        !f.status.is_some_and(|s| s.success()) && f.stderr.contains("nobody"),
+        "{f}"
+    );
+    let f = n.cli(&["ports", "add", "1:1", "--member", "b"]);
+    assert!(!f.status.is_some_and(|s| s.success()), "{f}");
+    // Removed through the network: b publishes nothing any more.
+    n.cli(&["ports", "--network", "n9", "remove", &id.to_string()])
+        .assert_success();
+    let jb = n.member_json("n9", "b");
+    assert_eq!(jb["published_ports"], serde_json::json!([]), "{jb}");
+    drop((a, b));
+}
