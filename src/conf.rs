@@ -108,6 +108,10 @@ pub enum NetworkAction {
         /// DNS net+3, members from net+100.
         #[arg(long, value_name = "A.B.C.D/N", value_parser = parse_cidr)]
         subnet: Option<Network>,
+        /// The gateway's address in the subnet instead of net+2 (it also reaches the
+        /// host's loopback).
+        #[arg(long, value_name = "A.B.C.D")]
+        gateway: Option<std::net::Ipv4Addr>,
         /// IPv6 too, in fd89:N::/64.
         #[arg(long)]
         ipv6: bool,

@@ -760,6 +760,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
         NetworkAction::Create {
             name,
             subnet,
+            gateway,
             ipv6,
             subnet6,
             internal,
@@ -770,6 +771,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
             let def = network::create(&network::CreateSpec {
                 name,
                 subnet,
+                gateway,
                 ipv6,
                 subnet6,
                 internal,

@@ -119,7 +119,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetworkError {
 pub struct Def {
     /// Its name.
     pub name: String,
-    /// IPv4 subnet (gateway `net+2`, DNS `net+3`).
+    /// IPv4 subnet (gateway `net+2` unless `--gateway`, DNS `net+3`).
     pub subnet: Network,
     /// IPv6 /64, if any.
     pub subnet6: Option<Network6>,
@@ -150,7 +150,10 @@ impl Def {
     }
 
     fn from_json(v: &Value) -> Option<Def> {
-        let subnet = crate::conf::parse_cidr(v["subnet"].as_str()?).ok()?;
+        let mut subnet = crate::conf::parse_cidr(v["subnet"].as_str()?).ok()?;
+        if let Some(g) = v["gateway"].as_str() {
+            subnet = with_gateway(subnet, g.parse().ok()?).ok()?;
+        }
         let subnet6 = match v["subnet6"].as_str() {
             Some(s) => Some(crate::conf::parse_cidr6(s).ok()?),
             None => None,
@@ -173,6 +176,26 @@ impl Def {
     pub fn host_loopback(&self) -> bool {
         !self.internal && !self.disable_host_loopback
     }
+}
+
+/// `net` with its gateway (and host loopback address) at `gateway`, which must be a host
+/// address of the subnet other than the DNS forwarder's.
+fn with_gateway(mut net: Network, gateway: Ipv4Addr) -> Result<Network, String> {
+    if !net.contains(gateway)
+        || gateway == net.addr
+        || gateway == net.broadcast()
+        || Some(gateway) == net.dns()
+    {
+        return Err(format!(
+            "--gateway {gateway} is not a free host address of {}/{} (the DNS forwarder is {})",
+            net.addr,
+            net.prefix_len,
+            net.dns().map_or("-".into(), |d| d.to_string())
+        ));
+    }
+    net.gateway = gateway;
+    net.loopback = gateway;
+    Ok(net)
 }
 
 fn check_name(name: &str) -> Result<(), NetworkError> {
@@ -266,6 +289,8 @@ pub struct CreateSpec {
     pub name: String,
     /// `--subnet`.
     pub subnet: Option<Network>,
+    /// `--gateway`.
+    pub gateway: Option<Ipv4Addr>,
     /// `--ipv6`.
     pub ipv6: bool,
     /// `--subnet6`.
@@ -313,6 +338,10 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
             ),
             24,
         ),
+    };
+    let subnet = match spec.gateway {
+        Some(g) => with_gateway(subnet, g).map_err(NetworkError::Usage)?,
+        None => subnet,
     };
     if subnet.prefix_len > 24 {
         return Err(NetworkError::Usage(format!(

@@ -611,3 +611,45 @@ fn ports_published_to_a_named_member_through_the_network() {
     assert_eq!(jb["published_ports"], serde_json::json!([]), "{jb}");
     drop((a, b));
 }
+
+#[test]
+fn a_chosen_gateway_address_is_the_route_out_and_names_still_resolve() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    // Not a host address of the subnet, or the DNS forwarder's: refused.
+    for bad in ["10.99.1.1", "10.99.0.0", "10.99.0.255", "10.99.0.3"] {
+        let f = n.cli(&[
+            "network",
+            "create",
+            "bad",
+            "--subnet",
+            "10.99.0.0/24",
+            "--gateway",
+            bad,
+        ]);
+        assert!(!f.status.is_some_and(|s| s.success()), "{f}");
+    }
+    n.create(&["n10", "--subnet", "10.99.0.0/24", "--gateway", "10.99.0.1"]);
+    assert_eq!(n.inspect("n10")["gateway"], "10.99.0.1");
+    let a = n.member("n10", "a", &[]);
+    let b = n.member("n10", "b", &[]);
+    // The member's default route is the chosen address, which answers; net+2 does not.
+    let route = std::fs::read_to_string(format!("/proc/{}/net/route", a.pid)).unwrap();
+    // Gateway 10.99.0.1 as /proc/net/route prints it (little-endian hex).
+    assert!(route.contains("0100630A"), "{route}");
+    assert!(ping(&a.ns(), "10.99.0.1"));
+    assert!(!ping(&a.ns(), "10.99.0.2"));
+    // Through it: the world, the host's loopback, and names from the network's DNS.
+    let world = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let host = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    in_netns(&a.ns(), || echo_once(world.addr, b"out"));
+    in_netns(&a.ns(), || {
+        echo_once(
+            SocketAddrV4::new(Ipv4Addr::new(10, 99, 0, 1), host.addr.port()),
+            b"lo",
+        )
+    });
+    let r = resolve(&a.ns(), Ipv4Addr::new(10, 99, 0, 3), "b", QTYPE_A).expect("name b");
+    assert!(has_record(&r, &[10, 99, 0, 101]));
+    drop((a, b));
+}
