@@ -79,6 +79,50 @@ pub enum Command {
     /// `usernet pasta --help`.
     #[command(disable_help_flag = true)]
     Pasta(PastaArgs),
+    /// Print the man page usernet(1), or write every page (one per subcommand) to a
+    /// directory.
+    Man(ManArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+}
+
+/// `usernet man`.
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Write usernet.1 and one page per subcommand (usernet-run.1, ...) into DIR
+    /// instead of printing usernet.1.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+/// `usernet completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// Shells with completion scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// bash: source the script, or put it in /usr/local/share/bash-completion/completions/usernet.
+    Bash,
+    /// zsh: put it as _usernet in a directory of $fpath.
+    Zsh,
+    /// fish: put it in ~/.config/fish/completions/usernet.fish.
+    Fish,
+}
+
+impl CompletionShell {
+    /// clap_complete's name for it.
+    pub fn shell(self) -> clap_complete::Shell {
+        match self {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+        }
+    }
 }
 
 /// `usernet ps`.

@@ -92,6 +92,7 @@ fn main() -> ExitCode {
         Some(Command::Ports(a)) => a.version,
         Some(Command::Stats(a)) => a.version,
         Some(Command::Ps(a)) => a.version,
+        Some(Command::Man(_) | Command::Completions(_)) => false,
         Some(Command::Network(_)) | Some(Command::Pasta(_)) | None => false,
     };
     if sub_version {
@@ -123,6 +124,16 @@ fn main() -> ExitCode {
         Some(Command::Network(args)) => network_command(args),
         Some(Command::Ps(_)) => ps_client(),
         Some(Command::Pasta(p)) => return pasta::main(&p.args),
+        Some(Command::Man(args)) => cli_docs::man(args.dir.as_deref(), &mut io::stdout())
+            .map(|()| 0)
+            .map_err(|source| MainError::Io {
+                what: "cannot write the man page".into(),
+                source,
+            }),
+        Some(Command::Completions(args)) => {
+            cli_docs::completions(args.shell.shell(), &mut io::stdout());
+            Ok(0)
+        }
         None => attach_mode(cli.attach),
     };
     match result {
