@@ -66,7 +66,8 @@ fn error(desc: &str) -> Value {
     json!({ "error": { "desc": desc } })
 }
 
-fn rule_json(r: &PortRule) -> Value {
+/// A published port as `list_hostfwd` shows it.
+pub fn rule_json(r: &PortRule) -> Value {
     json!({
         "id": r.id,
         "proto": r.proto.as_str(),

@@ -267,6 +267,11 @@ pub struct StatsArgs {
     /// Print the raw JSON reply.
     #[arg(long)]
     pub json: bool,
+
+    /// Follow each figure with what it counts (every drop reason says why frames or
+    /// flows were dropped).
+    #[arg(long, conflicts_with = "json")]
+    pub explain: bool,
 }
 
 /// `usernet ports`.

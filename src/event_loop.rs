@@ -306,6 +306,53 @@ impl api::Control for FwdControl<'_, '_> {
     }
 }
 
+/// What was set up, in two lines for `--log-level info`: the guest's addresses and the
+/// virtual services, then published ports, API socket and isolation.
+fn setup_summary(fwd: &Forwarder, extras: &Extras) -> String {
+    let cfg = fwd.config();
+    let net = &cfg.nat.net;
+    let mut s = format!(
+        "guest {}/{} via {}, DNS {}, MTU {}",
+        net.guest(),
+        net.prefix_len,
+        net.gateway(),
+        net.dns().map_or("off".to_owned(), |d| d.to_string()),
+        cfg.mtu
+    );
+    if let Some(net6) = &cfg.nat.net6 {
+        s += &format!(
+            ", IPv6 {}/{} via {}",
+            net6.guest(),
+            net6.prefix_len,
+            net6.gateway()
+        );
+    }
+    if !cfg.nat.host_loopback {
+        s += ", no host loopback";
+    }
+    let ports: Vec<String> = fwd
+        .port_rules()
+        .iter()
+        .map(|r| api::describe_short(&api::rule_json(r)))
+        .collect();
+    let isolation = &extras.isolation;
+    s += &format!(
+        "\nports: {}; API socket: {}; sandbox {}, seccomp {}",
+        if ports.is_empty() {
+            "none".to_owned()
+        } else {
+            ports.join(", ")
+        },
+        extras
+            .api_socket
+            .as_ref()
+            .map_or("none".to_owned(), |p| p.display().to_string()),
+        if isolation.sandbox { "on" } else { "off" },
+        if isolation.seccomp { "on" } else { "off" },
+    );
+    s
+}
+
 /// Blocks the signals the loop handles, so that they arrive on a signalfd. Call before
 /// any thread exists; children started later must unblock them before exec.
 pub fn signal_fd(run_mode: bool) -> Result<SignalFd, LoopError> {
@@ -435,6 +482,7 @@ pub fn start(
     if let Some(hook) = extras.before_ready.take() {
         hook().map_err(LoopError::Setup)?;
     }
+    log::info!("{}", setup_summary(&fwd, &extras));
     if let Some(fd) = extras.ready_fd.take() {
         let mut f = File::from(fd);
         if let Err(e) = f.write_all(b"1") {

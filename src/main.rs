@@ -61,7 +61,8 @@ enum MainError {
     Network(#[from] network::NetworkError),
     #[error(transparent)]
     Runs(#[from] runs::RunsError),
-    #[error("{what}: {source}")]
+    /// `what` failed; the OS error follows once, from the source chain.
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
@@ -147,9 +148,31 @@ fn main() -> ExitCode {
                 source = s.source();
             }
             eprintln!("usernet: {msg}");
+            if let Some(hint) = hint_for(&msg) {
+                eprintln!("usernet: {hint}");
+            }
             ExitCode::from(1)
         }
     }
+}
+
+/// What to do about an error, where usernet can tell: today a `/dev/net/tun` that an
+/// unprivileged user may not open (mode 0600 on some distributions).
+fn hint_for(msg: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let denied = msg.contains("Permission denied") || msg.contains("Operation not permitted");
+    if !msg.contains("/dev/net/tun") || !denied {
+        return None;
+    }
+    let mode = std::fs::metadata("/dev/net/tun").ok()?.permissions().mode() & 0o777;
+    (mode & 0o006 != 0o006).then(|| {
+        format!(
+            "/dev/net/tun is mode {mode:04o}, so only its owner may open it; as root, \
+             `chmod 0666 /dev/net/tun` lets every user create TAP devices in their own \
+             namespaces (the default on Debian and Fedora; a udev rule \
+             `KERNEL==\"tun\", MODE=\"0666\"` keeps it across reboots)"
+        )
+    })
 }
 
 fn link_config(
@@ -417,19 +440,43 @@ fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
         return Ok(0);
     }
     let empty = serde_json::Map::new();
+    let line = |key: String, value: &serde_json::Value, why: Option<&str>| match why {
+        Some(why) if args.explain => println!("{:<40} {why}", format!("{key} {value}")),
+        _ => println!("{key} {value}"),
+    };
     for (section, body) in reply["return"].as_object().unwrap_or(&empty) {
         for (name, value) in body.as_object().unwrap_or(&empty) {
-            println!("{section}.{name} {value}");
+            line(
+                format!("{section}.{name}"),
+                value,
+                explain_stat(section, name),
+            );
         }
         // A network's members: their ports' counters.
         for member in body.as_array().into_iter().flatten() {
             let who = member["name"].as_str().unwrap_or("?");
             for (name, value) in member["port_counters"].as_object().unwrap_or(&empty) {
-                println!("{section}.{who}.{name} {value}");
+                let why = forwarder::switch::PortCounters::explain(name);
+                line(format!("{section}.{who}.{name}"), value, why);
             }
         }
     }
     Ok(0)
+}
+
+/// What the `get_stats` figure `section.name` counts, for `usernet stats --explain`. The
+/// counters explain themselves (their doc comments); flows and limits are explained here.
+fn explain_stat(section: &str, name: &str) -> Option<&'static str> {
+    match (section, name) {
+        ("counters", _) => forwarder::Counters::explain(name),
+        ("flows", "tcp_half_open") => Some("TCP flows whose host connection is still pending"),
+        ("flows", "published_ports") => Some("published port rules"),
+        ("flows", _) => Some("flows of this protocol open now"),
+        ("limits", _) => {
+            Some("the most flows of this kind at once: beyond it new ones are refused and counted")
+        }
+        _ => None,
+    }
 }
 
 /// `usernet ps`: the live runs (stale sockets are removed on the way), one line each.

@@ -341,3 +341,45 @@ fn cli_version_names_the_commit_of_a_git_checkout() {
         );
     }
 }
+
+/// An OS error is printed once, after what failed (it used to follow twice).
+#[test]
+fn cli_os_error_is_printed_once() {
+    let Some(t) = Topology::new() else { return };
+    let f = usernet(&t, &["stats", "-a", "/nonexistent/usernet.sock"]);
+    assert_rejected(&f);
+    assert_eq!(
+        f.stderr.matches("os error 2").count(),
+        1,
+        "the OS error once:\n{f}"
+    );
+}
+
+/// `--log-level info` says what was set up, in two lines: addresses and services, then
+/// ports, API socket and isolation.
+#[test]
+fn cli_log_level_info_summarises_the_set_up() {
+    let Some(t) = Topology::new() else { return };
+    let api = t.tmp.join("api.sock");
+    let f = UsernetCmd::new(&t)
+        .target([
+            "run",
+            "--log-level",
+            "info",
+            "-a",
+            api.to_str().expect("utf-8"),
+            "-p",
+            "127.0.0.1:18080:80",
+            "--",
+            "true",
+        ])
+        .output(Duration::from_secs(20));
+    f.assert_success();
+    for want in [
+        "guest 10.0.2.100/24 via 10.0.2.2, DNS 10.0.2.3, MTU 1500, IPv6 fd00::100/64 via fd00::2",
+        "ports: 127.0.0.1:18080->80/tcp; API socket: ",
+        "sandbox on, seccomp on",
+    ] {
+        assert!(f.stderr.contains(want), "{want:?} is not said:\n{f}");
+    }
+}

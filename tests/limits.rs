@@ -873,6 +873,51 @@ fn get_stats_shape_and_counters_move() {
         "`usernet stats` keys"
     );
     assert!(f.stdout.contains("limits.tcp_flows 100\n"), "{}", f.stdout);
+
+    // `usernet stats --explain`: the same figures, each followed by what it counts.
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(["stats", "-a", api_s, "--explain"]);
+    let f = run_with_timeout(cmd, Duration::from_secs(10));
+    f.assert_success();
+    let mut explained = Vec::new();
+    for line in f.stdout.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(k), Some(v)) = (words.next(), words.next()) else {
+            panic!("`usernet stats --explain` line {line:?}");
+        };
+        assert!(v.parse::<u64>().is_ok(), "value of {k}: {line:?}");
+        let why: Vec<&str> = words.collect();
+        assert!(!why.is_empty(), "{k} is not explained: {line:?}");
+        explained.push(k.to_string());
+    }
+    explained.sort();
+    assert_eq!(explained, text_keys, "`usernet stats --explain` keys");
+    for (key, why) in [
+        (
+            "counters.drop_truncated",
+            "Frames shorter than their headers.",
+        ),
+        (
+            "counters.tcp_table_full",
+            "TCP flows refused: table or half-open limit reached.",
+        ),
+        (
+            "counters.drop_bad_source",
+            "Packets from a source address the guest may not use.",
+        ),
+    ] {
+        assert!(
+            f.stdout
+                .lines()
+                .any(|l| l.starts_with(key) && l.ends_with(why)),
+            "{key} is not explained as {why:?}:\n{}",
+            f.stdout
+        );
+    }
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.args(["stats", "-a", api_s, "--explain", "--json"]);
+    let f = run_with_timeout(cmd, Duration::from_secs(10));
+    assert!(!f.success(), "--explain with --json is refused:\n{f}");
     u.assert_running();
 }
 

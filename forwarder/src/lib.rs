@@ -41,6 +41,39 @@
 
 #![deny(unsafe_code)]
 
+/// Declares a counter struct, its name/value listing and its explanations in one place:
+/// each counter's doc comment is also its explanation (`usernet stats --explain`).
+macro_rules! counters {
+    ($(#[$meta:meta])* pub struct $Name:ident {
+        $($(#[doc = $doc:literal])* $name:ident,)*
+    }) => {
+        $(#[$meta])*
+        pub struct $Name {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl $Name {
+            /// Every counter's name with its one-line meaning (its doc comment), in
+            /// declaration order.
+            pub const EXPLANATIONS: &'static [(&'static str, &'static str)] =
+                &[$((stringify!($name), concat!($($doc),*)),)*];
+
+            /// Every counter with its name, in declaration order.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($name), self.$name),)*].into_iter()
+            }
+
+            /// The meaning of the counter `name`, if there is one of that name.
+            pub fn explain(name: &str) -> Option<&'static str> {
+                Self::EXPLANATIONS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, doc)| doc.trim())
+            }
+        }
+    };
+}
+
 pub mod dhcp;
 pub mod dns;
 pub mod dns_relay;
@@ -150,145 +183,131 @@ pub struct Config {
     pub seed: u64,
 }
 
-/// Declares [`Counters`] and its name/value listing in one place.
-macro_rules! counters {
-    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
-        /// Counters, exposed by the API's `get_stats`: events and drops by reason.
-        #[derive(Debug, Default, Clone)]
-        pub struct Counters {
-            $($(#[doc = $doc])* pub $name: u64,)*
-        }
-
-        impl Counters {
-            /// Every counter with its name, in declaration order.
-            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
-                [$((stringify!($name), self.$name),)*].into_iter()
-            }
-        }
-    };
-}
-
 counters! {
-    /// Frames read from the guest.
-    rx_frames,
-    /// Bytes read from the guest.
-    rx_bytes,
-    /// Frames written to the guest.
-    tx_frames,
-    /// Bytes written to the guest.
-    tx_bytes,
-    /// Frames the TAP refused (lost).
-    tx_errors,
-    /// TCP super-frames written for the kernel to segment (TSO, IPv4 and IPv6).
-    tx_gso_frames,
-    /// Frames shorter than their headers.
-    drop_truncated,
-    /// Frames for another MAC address.
-    drop_not_for_us,
-    /// Frames of an ethertype we do not handle.
-    drop_ethertype,
-    /// Malformed ARP.
-    drop_arp_malformed,
-    /// ARP claiming one of our addresses.
-    drop_arp_spoof,
-    /// Malformed IPv4 (bad header, length or checksum).
-    drop_ipv4_malformed,
-    /// IPv4 fragments that cannot be (beyond 64 KiB, misaligned).
-    drop_ipv4_fragment,
-    /// IPv4 fragments received.
-    ipv4_fragments,
-    /// IPv4 datagrams reassembled from fragments.
-    ipv4_reassembled,
-    /// IPv4 packets whose options were stripped (the flow is re-originated without).
-    ipv4_options_stripped,
-    /// IPv6 packets while IPv6 is off.
-    drop_ipv6,
-    /// Malformed IPv6.
-    drop_ipv6_malformed,
-    /// IPv6 with extension headers (not handled).
-    drop_ipv6_ext,
-    /// ARP requests sent to learn the guest MAC address.
-    arp_probes,
-    /// Neighbor advertisements sent.
-    ndp_adverts,
-    /// Router advertisements sent.
-    ndp_router_adverts,
-    /// Packets from a source address the guest may not use.
-    drop_bad_source,
-    /// Packets of a transport protocol we do not handle.
-    drop_protocol,
-    /// Malformed TCP.
-    drop_tcp_malformed,
-    /// TCP with a bad checksum.
-    drop_bad_checksum,
-    /// Malformed UDP (or bad checksum).
-    drop_udp_malformed,
-    /// Malformed ICMP (or bad checksum).
-    drop_icmp_malformed,
-    /// TCP flows opened.
-    tcp_opened,
-    /// TCP flows closed.
-    tcp_closed,
-    /// TCP connections refused by the destination.
-    tcp_refused,
-    /// TCP destinations unreachable.
-    tcp_unreachable,
-    /// TCP destinations refused by policy.
-    tcp_denied,
-    /// TCP flows refused: table or half-open limit reached.
-    tcp_table_full,
-    /// TCP flows refused by a local error (EMFILE, no memory for buffers...).
-    tcp_host_errors,
-    /// TCP segments of no flow (answered with RST).
-    tcp_stray_segments,
-    /// UDP flows opened.
-    udp_opened,
-    /// UDP flows closed.
-    udp_closed,
-    /// UDP destinations refused by policy.
-    udp_denied,
-    /// UDP flows refused: table limit reached.
-    udp_table_full,
-    /// UDP flows refused by a local error.
-    udp_host_errors,
-    /// UDP datagrams the host socket could not take (dropped).
-    udp_send_dropped,
-    /// UDP datagrams larger than the guest MTU (dropped).
-    udp_too_big,
-    /// DNS queries moved to the next nameserver (the current one did not answer).
-    dns_failovers,
-    /// DNS queries answered SERVFAIL (no nameserver answered in time).
-    dns_servfail,
-    /// DNS queries answered by a nameserver (followed ones).
-    dns_answers,
-    /// Runs of guest datagrams sent with one `sendmsg` (UDP GSO).
-    udp_gso_sends,
-    /// Guest datagrams sent in such runs.
-    udp_gso_datagrams,
-    /// Echo requests answered by usernet (gateway, DNS).
-    icmp_echo_local,
-    /// Echo requests to usernet whose reply could not be sent (beyond the MTU).
-    icmp_reply_dropped,
-    /// ICMP echo flows opened.
-    icmp_opened,
-    /// ICMP echo flows closed.
-    icmp_closed,
-    /// Echo requests refused (policy, limit, ping sockets not allowed).
-    icmp_denied,
-    /// ICMP messages other than echo requests.
-    icmp_ignored,
-    /// DHCP replies sent.
-    dhcp_replies,
-    /// DHCP requests dropped.
-    dhcp_drops,
-    /// Frames from a member whose source MAC address is not its own (spoofing).
-    drop_mac_spoof,
-    /// Frames switched between members (flooded frames once per copy).
-    switched_frames,
-    /// DNS queries for member names answered by the network's DNS.
-    dns_names_answered,
-    /// Flows refused because the member had as many open as a member may.
-    member_flow_limit,
+    /// Counters, exposed by the API's `get_stats`: events and drops by reason.
+    #[derive(Debug, Default, Clone)]
+    pub struct Counters {
+        /// Frames read from the guest.
+        rx_frames,
+        /// Bytes read from the guest.
+        rx_bytes,
+        /// Frames written to the guest.
+        tx_frames,
+        /// Bytes written to the guest.
+        tx_bytes,
+        /// Frames the TAP refused (lost).
+        tx_errors,
+        /// TCP super-frames written for the kernel to segment (TSO, IPv4 and IPv6).
+        tx_gso_frames,
+        /// Frames shorter than their headers.
+        drop_truncated,
+        /// Frames for another MAC address.
+        drop_not_for_us,
+        /// Frames of an ethertype we do not handle.
+        drop_ethertype,
+        /// Malformed ARP.
+        drop_arp_malformed,
+        /// ARP claiming one of our addresses.
+        drop_arp_spoof,
+        /// Malformed IPv4 (bad header, length or checksum).
+        drop_ipv4_malformed,
+        /// IPv4 fragments that cannot be (beyond 64 KiB, misaligned).
+        drop_ipv4_fragment,
+        /// IPv4 fragments received.
+        ipv4_fragments,
+        /// IPv4 datagrams reassembled from fragments.
+        ipv4_reassembled,
+        /// IPv4 packets whose options were stripped (the flow is re-originated without).
+        ipv4_options_stripped,
+        /// IPv6 packets while IPv6 is off.
+        drop_ipv6,
+        /// Malformed IPv6.
+        drop_ipv6_malformed,
+        /// IPv6 with extension headers (not handled).
+        drop_ipv6_ext,
+        /// ARP requests sent to learn the guest MAC address.
+        arp_probes,
+        /// Neighbor advertisements sent.
+        ndp_adverts,
+        /// Router advertisements sent.
+        ndp_router_adverts,
+        /// Packets from a source address the guest may not use.
+        drop_bad_source,
+        /// Packets of a transport protocol we do not handle.
+        drop_protocol,
+        /// Malformed TCP.
+        drop_tcp_malformed,
+        /// TCP with a bad checksum.
+        drop_bad_checksum,
+        /// Malformed UDP (or bad checksum).
+        drop_udp_malformed,
+        /// Malformed ICMP (or bad checksum).
+        drop_icmp_malformed,
+        /// TCP flows opened.
+        tcp_opened,
+        /// TCP flows closed.
+        tcp_closed,
+        /// TCP connections refused by the destination.
+        tcp_refused,
+        /// TCP destinations unreachable.
+        tcp_unreachable,
+        /// TCP destinations refused by policy.
+        tcp_denied,
+        /// TCP flows refused: table or half-open limit reached.
+        tcp_table_full,
+        /// TCP flows refused by a local error (EMFILE, no memory for buffers...).
+        tcp_host_errors,
+        /// TCP segments of no flow (answered with RST).
+        tcp_stray_segments,
+        /// UDP flows opened.
+        udp_opened,
+        /// UDP flows closed.
+        udp_closed,
+        /// UDP destinations refused by policy.
+        udp_denied,
+        /// UDP flows refused: table limit reached.
+        udp_table_full,
+        /// UDP flows refused by a local error.
+        udp_host_errors,
+        /// UDP datagrams the host socket could not take (dropped).
+        udp_send_dropped,
+        /// UDP datagrams larger than the guest MTU (dropped).
+        udp_too_big,
+        /// DNS queries moved to the next nameserver (the current one did not answer).
+        dns_failovers,
+        /// DNS queries answered SERVFAIL (no nameserver answered in time).
+        dns_servfail,
+        /// DNS queries answered by a nameserver (followed ones).
+        dns_answers,
+        /// Runs of guest datagrams sent with one `sendmsg` (UDP GSO).
+        udp_gso_sends,
+        /// Guest datagrams sent in such runs.
+        udp_gso_datagrams,
+        /// Echo requests answered by usernet (gateway, DNS).
+        icmp_echo_local,
+        /// Echo requests to usernet whose reply could not be sent (beyond the MTU).
+        icmp_reply_dropped,
+        /// ICMP echo flows opened.
+        icmp_opened,
+        /// ICMP echo flows closed.
+        icmp_closed,
+        /// Echo requests refused (policy, limit, ping sockets not allowed).
+        icmp_denied,
+        /// ICMP messages other than echo requests.
+        icmp_ignored,
+        /// DHCP replies sent.
+        dhcp_replies,
+        /// DHCP requests dropped.
+        dhcp_drops,
+        /// Frames from a member whose source MAC address is not its own (spoofing).
+        drop_mac_spoof,
+        /// Frames switched between members (flooded frames once per copy).
+        switched_frames,
+        /// DNS queries for member names answered by the network's DNS.
+        dns_names_answered,
+        /// Flows refused because the member had as many open as a member may.
+        member_flow_limit,
+    }
 }
 
 /// The gateway's link: smoltcp's interface and our L2 in front of the transmit queue,

@@ -105,44 +105,28 @@ pub enum SwitchError {
     MacInvalid(EthernetAddress),
 }
 
-/// Counters of one port, exposed per member by the control API.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PortCounters {
-    /// Frames read from the member.
-    pub rx_frames: u64,
-    /// Bytes read from the member.
-    pub rx_bytes: u64,
-    /// Frames written to the member.
-    pub tx_frames: u64,
-    /// Bytes written to the member.
-    pub tx_bytes: u64,
-    /// Frames from the member whose source MAC is not the port's (spoofing).
-    pub drop_spoofed: u64,
-    /// Frames from the member too short for an Ethernet header.
-    pub drop_malformed: u64,
-    /// Frames for the member dropped because its queue was full.
-    pub drop_queue_full: u64,
-    /// Frames the member's TAP refused (lost).
-    pub tx_errors: u64,
-    /// Frames from the member flooded (broadcast, multicast, unknown unicast).
-    pub flooded: u64,
-}
-
-impl PortCounters {
-    /// Every counter with its name.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> {
-        [
-            ("rx_frames", self.rx_frames),
-            ("rx_bytes", self.rx_bytes),
-            ("tx_frames", self.tx_frames),
-            ("tx_bytes", self.tx_bytes),
-            ("drop_spoofed", self.drop_spoofed),
-            ("drop_malformed", self.drop_malformed),
-            ("drop_queue_full", self.drop_queue_full),
-            ("tx_errors", self.tx_errors),
-            ("flooded", self.flooded),
-        ]
-        .into_iter()
+counters! {
+    /// Counters of one port, exposed per member by the control API.
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub struct PortCounters {
+        /// Frames read from the member.
+        rx_frames,
+        /// Bytes read from the member.
+        rx_bytes,
+        /// Frames written to the member.
+        tx_frames,
+        /// Bytes written to the member.
+        tx_bytes,
+        /// Frames from the member whose source MAC is not the port's (spoofing).
+        drop_spoofed,
+        /// Frames from the member too short for an Ethernet header.
+        drop_malformed,
+        /// Frames for the member dropped because its queue was full.
+        drop_queue_full,
+        /// Frames the member's TAP refused (lost).
+        tx_errors,
+        /// Frames from the member flooded (broadcast, multicast, unknown unicast).
+        flooded,
     }
 }
 
@@ -566,6 +550,19 @@ impl Switch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_explain_themselves() {
+        for (name, _) in PortCounters::default().iter() {
+            let why = PortCounters::explain(name).unwrap_or_default();
+            assert!(why.ends_with('.') && why.len() > 10, "{name}: {why:?}");
+        }
+        for (name, _) in crate::Counters::default().iter() {
+            let why = crate::Counters::explain(name).unwrap_or_default();
+            assert!(why.ends_with('.') && why.len() > 10, "{name}: {why:?}");
+        }
+        assert_eq!(PortCounters::explain("no_such_counter"), None);
+    }
 
     const GW: EthernetAddress = EthernetAddress([0x52, 0x55, 10, 0, 2, 2]);
     const A: EthernetAddress = EthernetAddress([2, 0, 0, 0, 0, 0xa]);
