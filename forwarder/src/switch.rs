@@ -130,6 +130,18 @@ counters! {
     }
 }
 
+/// Whether the IPv6 address `a` (16 bytes) is link-local (`fe80::/10`).
+fn is_link_local(a: &[u8]) -> bool {
+    a[0] == 0xfe && a[1] & 0xc0 == 0x80
+}
+
+/// Whether the interface identifier of the IPv6 address `a` (16 bytes) is the modified
+/// EUI-64 that SLAAC derives from `mac`.
+fn is_eui64_of(a: &[u8], mac: EthernetAddress) -> bool {
+    let m = mac.as_bytes();
+    a[8..] == [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
+}
+
 /// The target address of an IPv6 neighbour advertisement (`eth` from its Ethernet
 /// header on), `None` for any other frame. Hop-by-hop, routing and destination options
 /// headers before the ICMPv6 one are walked, each at least 8 bytes long, so the walk
@@ -313,12 +325,9 @@ impl Switch {
             // IPv6: also the address SLAAC makes of the port's MAC (EUI-64), in any prefix.
             Some([0x86, 0xdd]) => eth.get(22..38).is_some_and(|a| {
                 a.iter().all(|&b| b == 0)
-                    || (a[0] == 0xfe && a[1] & 0xc0 == 0x80)
+                    || is_link_local(a)
                     || p.v6.is_some_and(|v6| v6.octets() == a)
-                    || p.mac.is_some_and(|m| {
-                        let m = m.as_bytes();
-                        a[8..] == [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
-                    })
+                    || p.mac.is_some_and(|m| is_eui64_of(a, m))
             }),
             _ => true,
         }
@@ -336,15 +345,11 @@ impl Switch {
         let Some(t) = advert_target(eth) else {
             return true;
         };
-        let eui64 = |m: EthernetAddress| {
-            let m = m.as_bytes();
-            t[8..] == [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
-        };
+        let eui64 = |m: EthernetAddress| is_eui64_of(&t, m);
         if p.v6.is_some_and(|v6| v6.octets() == t) || p.mac.is_some_and(eui64) {
             return true;
         }
-        t[0] == 0xfe
-            && t[1] & 0xc0 == 0x80
+        is_link_local(&t)
             && t != ROUTER_LINK_LOCAL.octets()
             && !eui64(self.gateway_mac)
             && !self
