@@ -243,9 +243,9 @@ pub struct PastaArgs {
     pub args: Vec<OsString>,
 }
 
-/// `usernet stats`.
+/// Which running usernet a client subcommand (`ports`, `stats`) talks to.
 #[derive(Debug, Args)]
-pub struct StatsArgs {
+pub struct ApiTarget {
     /// Print usernet's version and exit.
     #[arg(short = 'v', long = "version")]
     pub version: bool,
@@ -259,10 +259,18 @@ pub struct StatsArgs {
     #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
     pub name: Option<String>,
 
-    /// The usernet network of this name (`usernet network create`): ports are published
-    /// to one of its members (add --member).
+    /// The usernet network of this name (`usernet network create`), through its serving
+    /// process's socket (`ports add` then publishes to one of its members: --member).
     #[arg(long, value_name = "NAME", conflicts_with_all = ["api_socket", "name"])]
     pub network: Option<String>,
+}
+
+/// `usernet stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The usernet to ask.
+    #[command(flatten)]
+    pub target: ApiTarget,
 
     /// Print the raw JSON reply.
     #[arg(long)]
@@ -277,23 +285,9 @@ pub struct StatsArgs {
 /// `usernet ports`.
 #[derive(Debug, Args)]
 pub struct PortsArgs {
-    /// Print usernet's version and exit.
-    #[arg(short = 'v', long = "version")]
-    pub version: bool,
-
-    /// The API socket of the running usernet (its --api-socket); default: the run named
-    /// by --name, else the only usernet run running.
-    #[arg(short = 'a', long, value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
-
-    /// The usernet run of this --name.
-    #[arg(long, value_name = "NAME", value_parser = crate::runs::parse_name, conflicts_with = "api_socket")]
-    pub name: Option<String>,
-
-    /// The usernet network of this name (`usernet network create`): ports are published
-    /// to one of its members (add --member).
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["api_socket", "name"])]
-    pub network: Option<String>,
+    /// The usernet to ask.
+    #[command(flatten)]
+    pub target: ApiTarget,
 
     /// What to do (required unless -v/--version).
     #[command(subcommand)]

@@ -90,8 +90,8 @@ fn main() -> ExitCode {
     }
     let sub_version = match &cli.command {
         Some(Command::Run(a)) => a.version,
-        Some(Command::Ports(a)) => a.version,
-        Some(Command::Stats(a)) => a.version,
+        Some(Command::Ports(a)) => a.target.version,
+        Some(Command::Stats(a)) => a.target.version,
         Some(Command::Ps(a)) => a.version,
         Some(Command::Man(_) | Command::Completions(_)) => false,
         Some(Command::Network(_)) | Some(Command::Pasta(_)) | None => false,
@@ -433,7 +433,7 @@ fn api_call(socket: &Path, req: &serde_json::Value) -> Result<serde_json::Value,
 /// `usernet stats`: the `get_stats` reply, one `section.name value` line each.
 fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
     use serde_json::json;
-    let socket = runs::find_socket(args.api_socket.as_deref(), args.name.as_deref())?;
+    let socket = api_socket_of(&args.target)?;
     let reply = api_call(&socket, &json!({"execute": "get_stats"}))?;
     if args.json {
         println!("{reply}");
@@ -523,16 +523,21 @@ fn ps_client() -> Result<i32, MainError> {
     Ok(0)
 }
 
-/// `usernet ports`: one API request per rule, human-readable output.
-fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
-    use serde_json::{json, Value};
-    let socket = match &args.network {
+/// The API socket a client subcommand talks to: a network's, the one given, or a run's.
+fn api_socket_of(target: &conf::ApiTarget) -> Result<PathBuf, MainError> {
+    Ok(match &target.network {
         Some(net) => {
             network::load(net)?;
             network::socket_path(net)
         }
-        None => runs::find_socket(args.api_socket.as_deref(), args.name.as_deref())?,
-    };
+        None => runs::find_socket(target.api_socket.as_deref(), target.name.as_deref())?,
+    })
+}
+
+/// `usernet ports`: one API request per rule, human-readable output.
+fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
+    use serde_json::{json, Value};
+    let socket = api_socket_of(&args.target)?;
     let ask = |req: Value| api_call(&socket, &req);
     // A run answers list_hostfwd as slirp4netns does (no "return"); a network wraps it.
     let entries = |list: &Value| {
@@ -548,7 +553,7 @@ fn ports_client(args: PortsArgs) -> Result<i32, MainError> {
     };
     match action {
         PortsAction::Add { spec, member } => {
-            if member.is_some() != args.network.is_some() {
+            if member.is_some() != args.target.network.is_some() {
                 return Err(MainError::Usage(
                     "ports add: --network and --member go together (a network's ports go to one of its members)".into(),
                 ));

@@ -235,6 +235,13 @@ fn three_members_talk_both_families_by_name() {
         .unwrap_or_else(|| panic!("no per-member counters: {stats}"));
     let bytes: u64 = line.split(' ').nth(1).unwrap().parse().unwrap();
     assert!(bytes > 16 << 20, "{line}");
+    // `--network NAME` finds the same socket by the network's name.
+    let by_name = n.cli(&["stats", "--network", "n1"]);
+    by_name.assert_success();
+    assert!(
+        by_name.stdout.contains("members.beta.tx_bytes "),
+        "stats --network: {by_name}"
+    );
     assert!(
         stats.stdout.contains("counters.switched_frames "),
         "{stats}"
