@@ -473,6 +473,7 @@ mod tests {
                     guest_addr.unwrap_or(Ipv4Addr::new(10, 0, 2, 100)),
                     guest_port,
                 ),
+                device: None,
             };
             self.rules.push(rule.clone());
             Ok(rule)

@@ -1008,8 +1008,8 @@ impl Nat {
         }
     }
 
-    /// Publishes a port: listens on `host` and forwards to `guest_addr` (default: the
-    /// guest's `net+100`) port `guest_port`.
+    /// Publishes a port: listens on `host` (bound to interface `device`, if given) and
+    /// forwards to `guest_addr` (default: the guest's `net+100`) port `guest_port`.
     ///
     /// # Errors
     /// [`port::PortError`] when the rule is invalid or the host socket cannot listen.
@@ -1017,6 +1017,7 @@ impl Nat {
         &mut self,
         proto: port::Proto,
         host: std::net::SocketAddr,
+        device: Option<&str>,
         guest_addr: Option<Ipv4Addr>,
         guest_port: u16,
         registry: &mio::Registry,
@@ -1039,6 +1040,7 @@ impl Nat {
             proto,
             host,
             guest: std::net::SocketAddrV4::new(guest_ip, guest_port),
+            device: device.map(str::to_owned),
         };
         let entry = self.flows.vacant_entry();
         let id = entry.key();

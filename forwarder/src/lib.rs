@@ -634,7 +634,26 @@ impl Forwarder {
         registry: &mio::Registry,
     ) -> Result<port::PortRule, port::PortError> {
         self.nat
-            .add_port(proto, host, guest_addr, guest_port, registry)
+            .add_port(proto, host, None, guest_addr, guest_port, registry)
+    }
+
+    /// [`add_port`](Self::add_port) with the host socket bound to the interface `device`
+    /// (`SO_BINDTODEVICE`; `None`: any): only what arrives through it is forwarded.
+    ///
+    /// # Errors
+    /// [`port::PortError::Device`] when there is no such interface, otherwise as
+    /// [`add_port`](Self::add_port).
+    pub fn add_port_on(
+        &mut self,
+        proto: port::Proto,
+        host: std::net::SocketAddr,
+        device: Option<&str>,
+        guest_addr: Option<Ipv4Addr>,
+        guest_port: u16,
+        registry: &mio::Registry,
+    ) -> Result<port::PortRule, port::PortError> {
+        self.nat
+            .add_port(proto, host, device, guest_addr, guest_port, registry)
     }
 
     /// Unpublishes a port. Connections already made through it keep going.

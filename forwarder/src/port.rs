@@ -57,6 +57,9 @@ pub struct PortRule {
     pub host: SocketAddr,
     /// Guest address and port connected to.
     pub guest: SocketAddrV4,
+    /// The host interface the socket is bound to (`SO_BINDTODEVICE`): only connections
+    /// and datagrams arriving through it are accepted. `None`: any interface.
+    pub device: Option<String>,
 }
 
 /// Why a rule could not be added or removed.
@@ -84,6 +87,18 @@ pub enum PortError {
         /// The host address.
         addr: SocketAddr,
         /// The failure (`EACCES`).
+        #[source]
+        source: io::Error,
+    },
+    /// The socket could not be bound to the interface (`ENODEV`: there is none of that
+    /// name).
+    #[error("cannot bind {addr} to interface {device}")]
+    Device {
+        /// The host address.
+        addr: SocketAddr,
+        /// The interface name.
+        device: String,
+        /// The failure.
         #[source]
         source: io::Error,
     },
@@ -142,6 +157,15 @@ impl Listener {
         if addr.is_ipv6() {
             // `[::]` means IPv6 only, so that a rule for 0.0.0.0 can coexist.
             socket.set_only_v6(true).map_err(fail)?;
+        }
+        if let Some(dev) = &rule.device {
+            socket
+                .bind_device(Some(dev.as_bytes()))
+                .map_err(|source| PortError::Device {
+                    addr,
+                    device: dev.clone(),
+                    source,
+                })?;
         }
         if rule.proto == Proto::Tcp {
             // Re-publishing a port right after removing it must not trip over TIME-WAIT.
@@ -261,6 +285,36 @@ mod tests {
     }
 
     #[test]
+    fn device_bound_listener_and_unknown_device() {
+        let poll = mio::Poll::new().unwrap();
+        let rule = |id, device: &str| PortRule {
+            id,
+            proto: Proto::Tcp,
+            host: "127.0.0.1:0".parse().unwrap(),
+            guest: "10.0.2.100:80".parse().unwrap(),
+            device: Some(device.to_owned()),
+        };
+        match Listener::open(rule(1, "lo"), poll.registry(), Token(1)) {
+            Ok(l) => {
+                let ListenSocket::Tcp(t) = &l.socket else {
+                    panic!()
+                };
+                let s = socket2::SockRef::from(t);
+                assert_eq!(s.device().unwrap().as_deref(), Some(&b"lo"[..]));
+            }
+            // Before Linux 5.7 SO_BINDTODEVICE needs CAP_NET_RAW.
+            Err(PortError::Device { source, .. })
+                if source.kind() == io::ErrorKind::PermissionDenied => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        match Listener::open(rule(2, "nosuch-if0"), poll.registry(), Token(2)) {
+            Err(PortError::Device { device, .. }) => assert_eq!(device, "nosuch-if0"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("bound to an interface that does not exist"),
+        }
+    }
+
+    #[test]
     fn second_bind_same_address_in_use() {
         let poll = mio::Poll::new().unwrap();
         let rule = |id| PortRule {
@@ -268,6 +322,7 @@ mod tests {
             proto: Proto::Tcp,
             host: "127.0.0.1:0".parse().unwrap(),
             guest: "10.0.2.100:80".parse().unwrap(),
+            device: None,
         };
         let first = Listener::open(rule(1), poll.registry(), Token(1)).unwrap();
         let ListenSocket::Tcp(l) = &first.socket else {
