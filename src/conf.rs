@@ -329,6 +329,23 @@ pub struct Publish {
     pub guest_port: u16,
     /// Number of ports.
     pub count: u16,
+    /// The host interface the listeners are bound to (`SO_BINDTODEVICE`, pasta's
+    /// `ADDR%IF/` and `%IF/`); `None`: any.
+    pub device: Option<String>,
+    /// pasta's exclusion-only `-t/-u` specs: ports that cannot be bound are skipped
+    /// (see [`BestEffort`]); `None`: every port must bind.
+    pub best_effort: Option<BestEffort>,
+}
+
+/// The option behind best-effort rules (pasta's `-t ~20000-20010`, "every other
+/// port"): a port that cannot be bound (in use, privileged) is skipped, but running out
+/// of descriptors is an error, and so is an option none of whose ports could be bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BestEffort {
+    /// The option, `-t` or `-u`.
+    pub opt: String,
+    /// Its value as given.
+    pub value: String,
 }
 
 impl Publish {
@@ -405,6 +422,8 @@ pub fn parse_publish(s: &str) -> Result<Publish, String> {
         host_port: h0,
         guest_port: g0,
         count,
+        device: None,
+        best_effort: None,
     })
 }
 

@@ -101,6 +101,20 @@ pub enum LoopError {
     /// An isolation stage failed.
     #[error(transparent)]
     Isolation(#[from] crate::isolation::IsolationError),
+    /// A best-effort rule (pasta's `-t ~PORTS`) ran out of descriptors (pasta's text).
+    #[error("Can't open enough sockets for port specifier: {value}")]
+    Descriptors {
+        /// The option's value.
+        value: String,
+    },
+    /// No port of a best-effort option could be bound (pasta's text).
+    #[error("Failed to bind any port for '{opt} {value}', exiting")]
+    NoneBound {
+        /// The option, `-t` or `-u`.
+        opt: String,
+        /// Its value.
+        value: String,
+    },
     /// A `-p` port could not be published.
     #[error("cannot publish {spec}")]
     Publish {
@@ -439,31 +453,7 @@ pub fn start(
         )?),
         None => None,
     };
-    for spec in &extras.publish {
-        for ip in spec.host_addrs(extras.publish_ipv6) {
-            for (host_port, guest_port) in spec.pairs() {
-                let host = std::net::SocketAddr::new(ip, host_port);
-                match fwd.add_port(spec.proto, host, None, guest_port, poll.registry()) {
-                    Ok(_) => {}
-                    // No IPv6 in this kernel: the IPv4 half of an address-less rule still
-                    // serves.
-                    Err(PortError::Listen { source, .. })
-                        if spec.host_ip.is_none()
-                            && ip.is_ipv6()
-                            && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
-                    {
-                        log::warn!("no IPv6 on this host: {host} not published");
-                    }
-                    Err(source) => {
-                        return Err(LoopError::Publish {
-                            spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
-                            source,
-                        })
-                    }
-                }
-            }
-        }
-    }
+    publish(&mut fwd, &extras, poll.registry())?;
     if let Some(service) = extras.service.as_mut() {
         let mut io = Io {
             registry: poll.registry(),
@@ -498,6 +488,79 @@ pub fn start(
         poll,
         api,
     })
+}
+
+/// Publishes the `-p` rules of `extras` (see [`Publish`]; best-effort rules as
+/// [`crate::conf::BestEffort`] says).
+fn publish(
+    fwd: &mut Forwarder,
+    extras: &Extras,
+    registry: &mio::Registry,
+) -> Result<(), LoopError> {
+    // Best-effort options and whether one of their ports was bound.
+    let mut best_effort: Vec<(&crate::conf::BestEffort, bool)> = Vec::new();
+    for spec in &extras.publish {
+        let mut bound = false;
+        for ip in spec.host_addrs(extras.publish_ipv6) {
+            for (host_port, guest_port) in spec.pairs() {
+                let host = std::net::SocketAddr::new(ip, host_port);
+                let device = spec.device.as_deref();
+                let err =
+                    match fwd.add_port_on(spec.proto, host, device, None, guest_port, registry) {
+                        Ok(_) => {
+                            bound = true;
+                            continue;
+                        }
+                        Err(e) => e,
+                    };
+                let os_error = match &err {
+                    PortError::Listen { source, .. } | PortError::Privileged { source, .. } => {
+                        source.raw_os_error()
+                    }
+                    _ => None,
+                };
+                match (&spec.best_effort, err) {
+                    (Some(be), _) if matches!(os_error, Some(libc::EMFILE | libc::ENFILE)) => {
+                        return Err(LoopError::Descriptors {
+                            value: be.value.clone(),
+                        });
+                    }
+                    // Anything else (in use, privileged, no such address) skips the port.
+                    (Some(_), e) => {
+                        log::debug!("{} {host} not forwarded: {e}", spec.proto.as_str())
+                    }
+                    // No IPv6 in this kernel: the IPv4 half of an address-less rule still
+                    // serves.
+                    (None, PortError::Listen { source, .. })
+                        if spec.host_ip.is_none()
+                            && ip.is_ipv6()
+                            && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                    {
+                        log::warn!("no IPv6 on this host: {host} not published");
+                    }
+                    (None, source) => {
+                        return Err(LoopError::Publish {
+                            spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        if let Some(be) = &spec.best_effort {
+            match best_effort.iter_mut().find(|(b, _)| *b == be) {
+                Some((_, any)) => *any |= bound,
+                None => best_effort.push((be, bound)),
+            }
+        }
+    }
+    if let Some((be, _)) = best_effort.iter().find(|(_, any)| !any) {
+        return Err(LoopError::NoneBound {
+            opt: be.opt.clone(),
+            value: be.value.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// Start-up of a network's serving process: no member yet; the network's socket serves

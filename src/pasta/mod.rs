@@ -6,6 +6,15 @@
 //! slirp4netns mode builds (a [`LinkConfig`] for the namespace, a forwarder [`Config`] in
 //! pasta's address model, `-p`-style rules for `-t/-u`) and runs the shared event loop.
 //!
+//! **Ports** (`-t/-u`): each range becomes `-p` rules, one host listener per port and
+//! address (`0.0.0.0` and `::` without `ADDR/`), bound before ready. `%IF` names the
+//! interface the listeners are bound to (`SO_BINDTODEVICE`); an interface the host does
+//! not have is refused before detaching. An option of exclusions alone is every other
+//! port but the ephemeral range (`net.ipv4.ip_local_port_range`, read at start) as
+//! best-effort rules: thousands of listeners, so the soft limit of open files is raised
+//! to the hard one at start (as pasta does) and the forwarder's rule limit is sized to
+//! the listeners asked for (plus room for `auto`).
+//!
 //! **Addresses** (`--config-net`): the guest gets a copy of the host's address, prefix
 //! and default gateway per family ([`opts::HostTemplate`]; `-a/-n/-g` override them) on
 //! an interface named like the host's (`-I`), MTU 65520 (`-m`). The forwarder runs in
@@ -85,8 +94,21 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> PastaRunError {
     move |source| PastaRunError::Io { what, source }
 }
 
-/// Prints `pasta: MSG` and its sources on stderr.
-fn report(e: &dyn std::error::Error) {
+/// Prints `pasta: MSG` and its sources on stderr; pasta's own texts (what it refuses
+/// in the same words) as pasta prints them, without the prefix.
+fn report(e: &(dyn std::error::Error + 'static)) {
+    let verbatim = match e.downcast_ref::<PastaRunError>() {
+        Some(PastaRunError::Opts(PastaError::Pasta(_))) => true,
+        Some(PastaRunError::Loop(l)) => matches!(
+            l,
+            event_loop::LoopError::Descriptors { .. } | event_loop::LoopError::NoneBound { .. }
+        ),
+        _ => matches!(e.downcast_ref::<PastaError>(), Some(PastaError::Pasta(_))),
+    };
+    if verbatim {
+        eprintln!("{e}");
+        return;
+    }
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -123,6 +145,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
         report(&e);
         return ExitCode::from(1);
     }
+    raise_nofile_limit();
     match run(&opts) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
@@ -293,13 +316,49 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
     })
 }
 
-/// The `-t/-u` rules.
-fn port_rules(opts: &PastaOpts) -> Vec<Publish> {
+/// The `-t/-u` rules, after checking that every `%IF` names an interface of the host.
+fn port_rules(opts: &PastaOpts) -> Result<Vec<Publish>, PastaError> {
+    for (spec, opt) in [(&opts.tcp, "-t"), (&opts.udp, "-u")] {
+        for name in spec.interfaces() {
+            if nix::net::if_::if_nametoindex(name).is_err() {
+                return Err(PastaError::Invalid(format!(
+                    "{opt}: no interface '{name}' on the host to bind ports to"
+                )));
+            }
+        }
+    }
+    let exclusions_only = !opts.tcp.all_but.is_empty() || !opts.udp.all_but.is_empty();
+    let ephemeral = if exclusions_only {
+        opts::ephemeral_ports()
+    } else {
+        opts::EPHEMERAL_FALLBACK
+    };
     let mut out = Vec::new();
     for (spec, proto) in [(&opts.tcp, Proto::Tcp), (&opts.udp, Proto::Udp)] {
-        out.extend(spec.publish(proto, opts.v4_only, opts.v6_only));
+        out.extend(spec.publish(proto, opts.v4_only, opts.v6_only, ephemeral));
     }
-    out
+    Ok(out)
+}
+
+/// How many host listeners `publish` asks for (address-less rules already name each
+/// address).
+fn listener_count(publish: &[Publish]) -> usize {
+    publish.iter().map(|p| usize::from(p.count)).sum()
+}
+
+/// Raises the soft limit of open files to the hard one, as pasta does: exclusion-only
+/// specs open a listener per port and address.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("cannot raise the open files limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot read the open files limit: {e}"),
+    }
 }
 
 fn nameservers(opts: &PastaOpts) -> Vec<SocketAddr> {
@@ -324,7 +383,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     // Everything that can be refused is checked before detaching.
     let host = HostTemplate::read(opts.interface.as_deref());
     let mut plan = plan(opts, &host)?;
-    let publish = port_rules(opts);
+    let publish = port_rules(opts)?;
     if opts.dns_forward4.is_some() || opts.dns_forward6.is_some() {
         plan.nat.nameservers = nameservers(opts);
     }
@@ -345,7 +404,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         Ok(w) => Some(w),
         Err(e) => return Err(e.into()),
     };
-    let fwd = forwarder(opts, &plan, &tap);
+    let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let service = ports::PastaPorts::new(opts, &target, plan.nat.net6.is_some())?
         .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
     let signals = event_loop::signal_fd(false)?;
@@ -369,7 +428,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
 fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let host = HostTemplate::read(opts.interface.as_deref());
     let mut plan = plan(opts, &host)?;
-    let publish = port_rules(opts);
+    let publish = port_rules(opts)?;
     plan.nat.nameservers = nameservers(opts);
     let cmd = if opts.command.is_empty() {
         vec![std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())]
@@ -401,7 +460,7 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     };
     let signals = event_loop::signal_fd(true)?;
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;
-    let fwd = forwarder(opts, &plan, &tap);
+    let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let service =
         ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), plan.nat.net6.is_some())?
             .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
@@ -521,7 +580,9 @@ fn detach() -> Result<OwnedFd, PastaRunError> {
     }
 }
 
-fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap) -> Forwarder {
+/// The forwarder; `listeners`: the `-t/-u` listeners to come (the rule limit leaves
+/// room for as many again for `auto`).
+fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forwarder {
     let cfg = Config {
         nat: plan.nat.clone(),
         dns_enabled: plan.nat.net.dns.is_some() || plan.nat.net6.is_some_and(|n| n.dns.is_some()),
@@ -539,7 +600,7 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap) -> Forwarder {
             tcp_half_open: 1024,
             udp_flows: 4096,
             icmp_flows: 256,
-            ports: 1024,
+            ports: listeners + forwarder::port::MAX_RULES.max(listeners),
         },
         seed: crate::random_seed(),
     };

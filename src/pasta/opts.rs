@@ -16,10 +16,16 @@
 //! `pasta CMD -a` both leave `-a` to CMD. Options that take no value refuse one.
 //!
 //! **The model** ([`PastaOpts`]) is everything pasta's callers pass; [`PortSpec`] is the
-//! `-t/-u/-T/-U` grammar (`none`, `auto`, ranges, `ADDR/`, `~` exclusions, comma lists;
-//! repeated options add up). What usernet does not implement (`all`, `%IF`, and every
-//! pasta option not listed in [`LONG`]) is refused with pasta's message for an unknown
-//! option or a sentence naming it, never ignored.
+//! `-t/-u/-T/-U` grammar (`none`, `auto`, ranges, `[ADDR][%IF]/`, `~` exclusions, comma
+//! lists; repeated options add up). As in pasta, an option's exclusions cut that option's
+//! ranges only, `%IF` (`-t/-u`) binds the host listeners to an interface, and an option of
+//! exclusions alone ([`AllBut`], `-t/-u`) forwards every other port but the ephemeral
+//! ones, best effort (see [`crate::conf::BestEffort`]). `all` is refused with pasta's own
+//! text (pasta allows it for passt only), and so are modes that do not combine
+//! ([`PastaError::Pasta`], printed without a prefix, as pasta prints it). What usernet
+//! does not implement (`-T/-U` `%IF` and exclusions alone, every pasta option not listed
+//! in [`LONG`]) is refused with pasta's message for an unknown option or a sentence
+//! naming it, never ignored.
 //!
 //! **The host template** ([`HostTemplate`]): `--config-net` copies the addresses of the
 //! host interface holding the default route (`/proc/net/route`, `/proc/net/ipv6_route`,
@@ -61,6 +67,9 @@ pub enum PastaError {
     /// A value that does not parse, or a combination pasta refuses.
     #[error("{0}")]
     Invalid(String),
+    /// pasta's own text for what it refuses, printed as pasta prints it (no prefix).
+    #[error("{0}")]
+    Pasta(String),
 }
 
 /// Whether an option takes a value.
@@ -141,12 +150,29 @@ const SHORT: &[(char, Arg)] = &[
 pub struct PortRange {
     /// `ADDR/`: the address to listen on; `None`: every address.
     pub addr: Option<IpAddr>,
+    /// `%IF/`: the host interface the listeners are bound to (`-t/-u` only).
+    pub ifname: Option<String>,
     /// First port.
     pub first: u16,
     /// Last port.
     pub last: u16,
     /// Where `first` goes on the other side (the rest follow).
     pub to: u16,
+}
+
+/// An option of exclusions only (`-t ~20000-20010`): every other port that is not
+/// ephemeral (`net.ipv4.ip_local_port_range`), each to the same port, as far as the
+/// host lets them be bound (see [`crate::conf::BestEffort`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllBut {
+    /// `ADDR/`: the address to listen on; `None`: every address.
+    pub addr: Option<IpAddr>,
+    /// `%IF/`: the host interface the listeners are bound to.
+    pub ifname: Option<String>,
+    /// The excluded ranges.
+    pub excluded: Vec<(u16, u16)>,
+    /// The option's value as given (pasta's messages quote it).
+    pub value: String,
 }
 
 /// A `-t/-u/-T/-U` option's accumulated value.
@@ -158,25 +184,84 @@ pub struct PortSpec {
     pub none: bool,
     /// `auto`: follow the listening sockets of the other side.
     pub auto: bool,
-    /// Explicit ranges.
+    /// Explicit ranges, the `~` exclusions of their option already cut out.
     pub ranges: Vec<PortRange>,
-    /// `~FIRST[-LAST]`: excluded ports.
+    /// Every `~FIRST[-LAST]` given with explicit ranges (what `auto` leaves out too).
     pub excluded: Vec<(u16, u16)>,
+    /// Options of exclusions only (`-t/-u`).
+    pub all_but: Vec<AllBut>,
+}
+
+/// The ephemeral port range pasta leaves out of exclusion-only specs when
+/// `/proc/sys/net/ipv4/ip_local_port_range` cannot be read (RFC 6335's).
+pub const EPHEMERAL_FALLBACK: (u16, u16) = (49152, 65535);
+
+/// The `ip_local_port_range` text: `FIRST\tLAST`.
+pub fn parse_port_range_sysctl(text: &str) -> Option<(u16, u16)> {
+    let mut it = text.split_whitespace().map(str::parse::<u16>);
+    let (Some(Ok(a)), Some(Ok(b)), None) = (it.next(), it.next(), it.next()) else {
+        return None;
+    };
+    (a <= b).then_some((a, b))
+}
+
+/// This network namespace's ephemeral ports (pasta's fallback if unreadable).
+pub fn ephemeral_ports() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| parse_port_range_sysctl(&t))
+        .unwrap_or_else(|| {
+            log::warn!("cannot read net.ipv4.ip_local_port_range: assuming 49152-65535");
+            EPHEMERAL_FALLBACK
+        })
+}
+
+/// Ranges `first..=last` minus `excluded`, as runs of consecutive ports.
+fn runs(first: u16, last: u16, excluded: &[(u16, u16)]) -> Vec<(u16, u16)> {
+    let out_of = |p: u32| {
+        excluded
+            .iter()
+            .any(|&(a, b)| (u32::from(a)..=u32::from(b)).contains(&p))
+    };
+    let mut out = Vec::new();
+    let mut p = u32::from(first);
+    while p <= u32::from(last) {
+        let start = p;
+        while p <= u32::from(last) && !out_of(p) {
+            p += 1;
+        }
+        if p > start {
+            out.push((start as u16, (p - 1) as u16));
+        }
+        p += 1;
+    }
+    out
 }
 
 impl PortSpec {
-    /// Adds one option value: `none`, `auto`, `all`, or a comma list of
-    /// `[ADDR[%IF]/]FIRST[-LAST][:TOFIRST[-TOLAST]]` and `~FIRST[-LAST]`.
+    /// Adds one option value: `none`, `auto`, `all` (refused as pasta does), or a comma
+    /// list of `[ADDR][%IF]/` and `FIRST[-LAST][:TOFIRST[-TOLAST]]` and `~FIRST[-LAST]`;
+    /// exclusions alone (`-t/-u` only) mean every other port.
     ///
     /// # Errors
-    /// [`PastaError::Invalid`] naming the value.
+    /// [`PastaError::Invalid`] naming the value; [`PastaError::Pasta`] with pasta's
+    /// text for `all` and for modes that do not combine.
     pub fn add(&mut self, opt: &str, value: &str) -> Result<(), PastaError> {
         let bad = |why: &str| {
             PastaError::Invalid(format!("invalid {opt} specification '{value}': {why}"))
         };
+        let was_given = self.given;
         self.given = true;
+        let conflict = || {
+            PastaError::Pasta(format!(
+                "Port forwarding mode '{value}' conflicts with previous mode"
+            ))
+        };
         match value {
             "none" => {
+                if !self.all_but.is_empty() {
+                    return Err(conflict());
+                }
                 if self.auto || !self.ranges.is_empty() {
                     return Err(bad("'none' cannot be combined with other ports"));
                 }
@@ -184,35 +269,61 @@ impl PortSpec {
                 return Ok(());
             }
             "auto" => {
+                if !self.all_but.is_empty() {
+                    return Err(conflict());
+                }
                 self.auto = true;
                 return self.check_none(&bad);
             }
+            // pasta's `all` is passt's only (pasta exits 1 with this text).
+            "all" if was_given => return Err(conflict()),
             "all" => {
-                return Err(PastaError::Invalid(format!(
-                    "{opt} all is not supported by usernet: name the ports"
-                )))
+                return Err(PastaError::Pasta(
+                    "'all' port forwarding is only allowed for passt".into(),
+                ))
             }
             _ => {}
         }
-        let (addr, list) = match value.rsplit_once('/') {
-            Some((addr, list)) => {
-                if addr.contains('%') {
-                    return Err(PastaError::Invalid(format!(
-                        "{opt} {value}: binding to an interface (%IF) is not supported by usernet"
-                    )));
+        let ns_side = matches!(opt, "-T" | "-U");
+        let (addr, ifname, list) = match value.split_once('/') {
+            Some((prefix, list)) => {
+                let (addr, ifname) = match prefix.split_once('%') {
+                    Some((a, i)) => (a, Some(i)),
+                    None => (prefix, None),
+                };
+                if let Some(i) = ifname {
+                    if ns_side {
+                        return Err(PastaError::Invalid(format!(
+                            "{opt} {value}: an interface (%IF) is for -t/-u only"
+                        )));
+                    }
+                    // IFNAMSIZ, with its terminating NUL.
+                    if i.is_empty() || i.len() > 15 || i.contains(['/', ' ', '\t']) {
+                        return Err(bad("bad interface name"));
+                    }
                 }
-                let ip: IpAddr = addr.parse().map_err(|_| bad("bad address"))?;
-                (Some(ip), list)
+                let addr = addr
+                    .strip_prefix('[')
+                    .and_then(|a| a.strip_suffix(']'))
+                    .unwrap_or(addr);
+                let ip = match (addr, ifname) {
+                    ("", Some(_)) => None,
+                    _ => Some(addr.parse::<IpAddr>().map_err(|_| bad("bad address"))?),
+                };
+                (ip, ifname.map(str::to_owned), list)
             }
-            None => (None, value),
+            None => (None, None, value),
         };
-        let mut any = false;
+        // This option's exclusions first: they cut its ranges wherever they are given.
+        let mut excluded = Vec::new();
         for item in list.split(',') {
             if let Some(ex) = item.strip_prefix('~') {
-                self.excluded
+                excluded
                     .push(crate::conf::parse_range(ex).ok_or_else(|| bad("bad excluded range"))?);
-                continue;
             }
+        }
+        let mut any = false;
+        for item in list.split(',').filter(|i| !i.starts_with('~')) {
             let (from, to) = match item.split_once(':') {
                 Some((from, to)) => (from, Some(to)),
                 None => (item, None),
@@ -233,20 +344,38 @@ impl PortSpec {
                     t0
                 }
             };
-            self.ranges.push(PortRange {
-                addr,
-                first,
-                last,
-                to,
-            });
+            for (a, b) in runs(first, last, &excluded) {
+                self.ranges.push(PortRange {
+                    addr,
+                    ifname: ifname.clone(),
+                    first: a,
+                    last: b,
+                    to: to + (a - first),
+                });
+            }
             any = true;
         }
         if !any {
             // Exclusions only: pasta then forwards every other port.
-            return Err(PastaError::Invalid(format!(
-                "{opt} {value}: exclusions alone (all other ports) are not supported by usernet"
-            )));
+            if ns_side {
+                return Err(PastaError::Invalid(format!(
+                    "{opt} {value}: exclusions alone (all other ports) are not supported by usernet for -T/-U"
+                )));
+            }
+            if self.none || self.auto {
+                return Err(PastaError::Pasta(
+                    "Specific ports cannot be specified together with all/none/auto".into(),
+                ));
+            }
+            self.all_but.push(AllBut {
+                addr,
+                ifname,
+                excluded,
+                value: value.to_owned(),
+            });
+            return Ok(());
         }
+        self.excluded.extend(excluded);
         self.check_none(&bad)
     }
 
@@ -262,12 +391,27 @@ impl PortSpec {
         self.excluded.iter().any(|&(a, b)| (a..=b).contains(&port))
     }
 
-    /// The explicit ranges as `-p` rules of `proto`, exclusions cut out; an address-less
-    /// range listens on `0.0.0.0` and, unless `v4_only`, on `::` too.
-    pub fn publish(&self, proto: Proto, v4_only: bool, v6_only: bool) -> Vec<Publish> {
-        let mut out = Vec::new();
-        for r in &self.ranges {
-            let addrs: Vec<IpAddr> = match r.addr {
+    /// The interfaces named with `%IF`.
+    pub fn interfaces(&self) -> impl Iterator<Item = &str> {
+        self.ranges
+            .iter()
+            .filter_map(|r| r.ifname.as_deref())
+            .chain(self.all_but.iter().filter_map(|a| a.ifname.as_deref()))
+    }
+
+    /// The explicit ranges, then the exclusion-only options, as `-p` rules of `proto`;
+    /// an address-less range listens on `0.0.0.0` and, unless `v4_only`, on `::` too.
+    /// Exclusion-only options leave out port 0 and the `ephemeral` range and are
+    /// best-effort rules.
+    pub fn publish(
+        &self,
+        proto: Proto,
+        v4_only: bool,
+        v6_only: bool,
+        ephemeral: (u16, u16),
+    ) -> Vec<Publish> {
+        let addrs = |addr: Option<IpAddr>| -> Vec<IpAddr> {
+            match addr {
                 Some(a) => vec![a],
                 None => {
                     let mut v = Vec::new();
@@ -279,26 +423,45 @@ impl PortSpec {
                     }
                     v
                 }
+            }
+        };
+        let mut out = Vec::new();
+        for r in &self.ranges {
+            for host_ip in addrs(r.addr) {
+                out.push(Publish {
+                    proto,
+                    host_ip: Some(host_ip),
+                    host_port: r.first,
+                    guest_port: r.to,
+                    count: r.last - r.first + 1,
+                    device: r.ifname.clone(),
+                    best_effort: None,
+                });
+            }
+        }
+        let opt = match proto {
+            Proto::Tcp => "-t",
+            Proto::Udp => "-u",
+        };
+        for a in &self.all_but {
+            let mut skip = a.excluded.clone();
+            skip.push(ephemeral);
+            let best_effort = crate::conf::BestEffort {
+                opt: opt.into(),
+                value: a.value.clone(),
             };
-            // Runs of consecutive ports that are not excluded.
-            let mut p = u32::from(r.first);
-            while p <= u32::from(r.last) {
-                let start = p;
-                while p <= u32::from(r.last) && !self.excludes(p as u16) {
-                    p += 1;
+            for host_ip in addrs(a.addr) {
+                for (first, last) in runs(1, u16::MAX, &skip) {
+                    out.push(Publish {
+                        proto,
+                        host_ip: Some(host_ip),
+                        host_port: first,
+                        guest_port: first,
+                        count: last - first + 1,
+                        device: a.ifname.clone(),
+                        best_effort: Some(best_effort.clone()),
+                    });
                 }
-                if p > start {
-                    for &host_ip in &addrs {
-                        out.push(Publish {
-                            proto,
-                            host_ip: Some(host_ip),
-                            host_port: start as u16,
-                            guest_port: (u32::from(r.to) + start - u32::from(r.first)) as u16,
-                            count: (p - start) as u16,
-                        });
-                    }
-                }
-                p += 1;
             }
         }
         out
@@ -842,7 +1005,8 @@ usernet taking pasta's command line. Options:
   -g, --gateway G          -i, --interface IF      -o, --outbound A   -D, --dns none
   -4, --ipv4-only          -6, --ipv6-only         -I, --ns-ifname N  --ns-mac-addr MAC
   -t, --tcp-ports SPEC     -u, --udp-ports SPEC    -T, --tcp-ns SPEC  -U, --udp-ns SPEC
-      SPEC: none | auto | [ADDR/]FIRST[-LAST][:TO[-TOLAST]] | ~FIRST[-LAST], comma lists
+      SPEC: none | auto | [[ADDR][%IF]/]FIRST[-LAST][:TO[-TOLAST]] | ~FIRST[-LAST], comma
+      lists; -t/-u only: %IF, and exclusions alone (every other non-ephemeral port)
   --netns PATH|NAME        --userns PATH           --config-net
   --dns-forward ADDR       --dns-host ADDR         --no-map-gw
   --map-host-loopback ADDR|none                    --map-guest-addr ADDR|none
@@ -949,16 +1113,8 @@ mod tests {
         assert!(parse(&["--netns", "x", "--", "sh"]).is_err());
     }
 
-    #[test]
-    fn port_grammar() {
-        let mut s = PortSpec::default();
-        s.add("-t", "8080-8082:80-82").unwrap();
-        s.add("-t", "127.0.0.1/5353:53").unwrap();
-        s.add("-t", "::1/9000").unwrap();
-        s.add("-t", "100-110,~103-104,~110").unwrap();
-        let p = s.publish(Proto::Tcp, false, false);
-        let got: Vec<_> = p
-            .iter()
+    fn rules(p: &[Publish]) -> Vec<(String, u16, u16, u16)> {
+        p.iter()
             .map(|p| {
                 (
                     p.host_ip.map(|a| a.to_string()).unwrap_or_default(),
@@ -967,9 +1123,22 @@ mod tests {
                     p.count,
                 )
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn port_grammar() {
+        let mut s = PortSpec::default();
+        s.add("-t", "8080-8082:80-82").unwrap();
+        s.add("-t", "127.0.0.1/5353:53").unwrap();
+        s.add("-t", "::1/9000").unwrap();
+        s.add("-t", "100-110,~103-104,~110").unwrap();
+        let p = s.publish(Proto::Tcp, false, false, EPHEMERAL_FALLBACK);
+        assert!(p
+            .iter()
+            .all(|p| p.device.is_none() && p.best_effort.is_none()));
         assert_eq!(
-            got,
+            rules(&p),
             [
                 ("0.0.0.0".into(), 8080, 80, 3),
                 ("::".into(), 8080, 80, 3),
@@ -986,15 +1155,151 @@ mod tests {
             "80-79",
             "80:90-91",
             "x/80",
-            "all",
             "eth0%1.2.3.4/80",
-            "~80",
+            "%/80",
+            "%averyveryverylongname/80",
+            "1.2.3.4%/80",
+            "/80",
+            "~0",
+            "~90-80",
         ] {
             assert!(PortSpec::default().add("-t", bad).is_err(), "{bad}");
         }
         let mut s = PortSpec::default();
         s.add("-t", "auto").unwrap();
         assert!(s.add("-t", "none").is_err());
+    }
+
+    #[test]
+    fn exclusions_cut_their_own_option_only() {
+        // pasta: each option's `~` applies to that option's ranges.
+        let mut s = PortSpec::default();
+        s.add("-t", "100-110").unwrap();
+        s.add("-t", "200-202:300,~201").unwrap();
+        let p = s.publish(Proto::Tcp, true, false, EPHEMERAL_FALLBACK);
+        assert_eq!(
+            rules(&p),
+            [
+                ("0.0.0.0".into(), 100, 100, 11),
+                ("0.0.0.0".into(), 200, 300, 1),
+                ("0.0.0.0".into(), 202, 302, 1),
+            ]
+        );
+        assert!(s.excludes(201) && !s.excludes(105));
+    }
+
+    #[test]
+    fn interface_bound_ranges() {
+        let mut s = PortSpec::default();
+        s.add("-t", "198.51.100.1%vh/8080-8081:80").unwrap();
+        s.add("-t", "%lo/9000").unwrap();
+        s.add("-t", "[::1]%lo/7000").unwrap();
+        let p = s.publish(Proto::Tcp, false, false, EPHEMERAL_FALLBACK);
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| {
+                (
+                    p.host_ip.unwrap().to_string(),
+                    p.host_port,
+                    p.device.clone(),
+                )
+            })
+            .collect();
+        let dev = |d: &str| Some(d.to_owned());
+        assert_eq!(
+            got,
+            [
+                ("198.51.100.1".into(), 8080, dev("vh")),
+                ("0.0.0.0".into(), 9000, dev("lo")),
+                ("::".into(), 9000, dev("lo")),
+                ("::1".into(), 7000, dev("lo")),
+            ]
+        );
+        assert_eq!(s.interfaces().collect::<Vec<_>>(), ["vh", "lo", "lo"]);
+        // -T/-U bind in the namespace: no host interface there.
+        let e = PortSpec::default().add("-T", "%lo/80").unwrap_err();
+        assert!(e.to_string().contains("-t/-u only"), "{e}");
+        // -u takes it as -t does.
+        let mut u = PortSpec::default();
+        u.add("-u", "%vh/53").unwrap();
+        assert_eq!(u.ranges[0].ifname.as_deref(), Some("vh"));
+    }
+
+    #[test]
+    fn exclusions_alone_are_every_other_port_but_ephemeral_ones() {
+        let mut s = PortSpec::default();
+        s.add("-t", "~20000-20010").unwrap();
+        assert!(s.ranges.is_empty());
+        let p = s.publish(Proto::Tcp, false, false, (32768, 60999));
+        assert_eq!(
+            rules(&p),
+            [
+                ("0.0.0.0".into(), 1, 1, 19999),
+                ("0.0.0.0".into(), 20011, 20011, 32768 - 20011),
+                ("0.0.0.0".into(), 61000, 61000, 65535 - 61000 + 1),
+                ("::".into(), 1, 1, 19999),
+                ("::".into(), 20011, 20011, 32768 - 20011),
+                ("::".into(), 61000, 61000, 65535 - 61000 + 1),
+            ]
+        );
+        let be = p[0].best_effort.clone().expect("best effort");
+        assert_eq!((be.opt.as_str(), be.value.as_str()), ("-t", "~20000-20010"));
+        // With an address and interface, several exclusions, UDP; the ephemeral range
+        // at the top.
+        let mut u = PortSpec::default();
+        u.add("-u", "127.0.0.1%lo/~1-1000,~2000-65000").unwrap();
+        let p = u.publish(Proto::Udp, false, false, EPHEMERAL_FALLBACK);
+        // 65001-65535 is ephemeral.
+        assert_eq!(rules(&p), [("127.0.0.1".into(), 1001, 1001, 999)]);
+        assert_eq!(p[0].device.as_deref(), Some("lo"));
+        assert_eq!(p[0].best_effort.as_ref().unwrap().opt, "-u");
+        // Not for -T/-U; not with auto or none (pasta's texts).
+        assert!(PortSpec::default().add("-T", "~80").is_err());
+        let mut a = PortSpec::default();
+        a.add("-t", "auto").unwrap();
+        assert_eq!(
+            a.add("-t", "~80").unwrap_err(),
+            PastaError::Pasta(
+                "Specific ports cannot be specified together with all/none/auto".into()
+            )
+        );
+        let mut x = PortSpec::default();
+        x.add("-t", "~80").unwrap();
+        assert_eq!(
+            x.add("-t", "auto").unwrap_err(),
+            PastaError::Pasta("Port forwarding mode 'auto' conflicts with previous mode".into())
+        );
+        assert!(x.add("-t", "none").is_err());
+    }
+
+    #[test]
+    fn all_is_refused_with_pastas_text() {
+        for opt in ["-t", "-u", "-T", "-U"] {
+            assert_eq!(
+                PortSpec::default().add(opt, "all").unwrap_err().to_string(),
+                "'all' port forwarding is only allowed for passt"
+            );
+        }
+        let mut s = PortSpec::default();
+        s.add("-t", "80").unwrap();
+        assert_eq!(
+            s.add("-t", "all").unwrap_err().to_string(),
+            "Port forwarding mode 'all' conflicts with previous mode"
+        );
+        let e = parse(&["-t", "all", "--netns", "x"]).unwrap_err();
+        assert!(matches!(e, PastaError::Pasta(_)), "{e:?}");
+    }
+
+    #[test]
+    fn ip_local_port_range_text() {
+        assert_eq!(
+            parse_port_range_sysctl("32768\t60999\n"),
+            Some((32768, 60999))
+        );
+        assert_eq!(parse_port_range_sysctl("1024 65000"), Some((1024, 65000)));
+        for bad in ["", "1", "5 4", "1 2 3", "x y", "1 70000"] {
+            assert_eq!(parse_port_range_sysctl(bad), None, "{bad}");
+        }
     }
 
     #[test]
