@@ -4,7 +4,8 @@
 //! `--config-net` copies those into C. Checked: the first process exits 0 with the
 //! namespace configured and its pipes closed (podman's `CombinedOutput()`), addresses and
 //! routes, traffic to the world and on-link, published ports (`-t/-u`: single, range,
-//! translated, address-bound; IPv4 and IPv6), `--dns-forward`, `--map-guest-addr`,
+//! translated, address-bound, interface-bound `%IF`, exclusions alone; IPv4 and IPv6;
+//! `all` refused with pasta's text), `--dns-forward`, `--map-guest-addr`,
 //! `--no-map-gw`, the PID file, the exit on namespace deletion and SIGTERM, getopt's text
 //! for unknown options, `--version`.
 
@@ -780,4 +781,174 @@ fn pasta_foreground_stays_in_front_until_the_namespace_goes() {
         Some(0),
         "-f did not end with its namespace"
     );
+}
+
+#[test]
+fn pasta_interface_bound_ports_accept_only_through_that_interface() {
+    let Some(t) = topology(false) else { return };
+    let echo = TcpServer::echo(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80),
+    );
+    let udp = UdpEcho::start(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 60),
+    );
+    // pasta's `%IF/PORTS` and `ADDR%IF/PORTS` (SO_BINDTODEVICE on the host listeners).
+    let args = podman53(
+        &t.container_ns(),
+        &[
+            "-t",
+            "%vh/8080:80",
+            "-t",
+            "198.51.100.3%vh/8081:80",
+            "-t",
+            "%lo/8082:80",
+            "-u",
+            "%vh/6000:60",
+        ],
+    );
+    let p = Pasta::start(&t, &strs(&args));
+    // W's connections arrive through vh.
+    t.in_world(|| {
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 8080)), b"via vh");
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR2, 8081)), b"address on vh");
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        udp_roundtrip(&s, SocketAddrV4::new(HOST_ADDR, 6000), b"udp via vh", 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Bound to lo: nothing from vh.
+        assert_refused(SocketAddrV4::new(HOST_ADDR, 8082));
+        // Bound to the other address of vh.
+        assert_refused(SocketAddrV4::new(HOST_ADDR, 8081));
+    });
+    // H's own connections to 127.0.0.1 arrive through lo (the kernel counts those to
+    // vh's addresses as vh's).
+    t.in_host(|| {
+        tcp_echo_roundtrip(SocketAddr::from((Ipv4Addr::LOCALHOST, 8082)), b"via lo");
+        assert_refused(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        let r = udp_roundtrip(&s, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 6000), b"lo", 1);
+        assert!(
+            r.is_err(),
+            "a UDP datagram through lo reached a vh-bound rule"
+        );
+    });
+    drop((p, echo, udp));
+    // An interface the host does not have: refused before detaching, nothing left.
+    let p = Pasta::run(
+        &t,
+        &strs(&podman53(&t.container_ns(), &["-t", "%nosuch0/8084:80"])),
+    );
+    assert_eq!(p.first.code(), Some(1), "{}", p.first);
+    assert!(p.first.stderr.contains("'nosuch0'"), "{}", p.first);
+    assert!(p.wait_gone(Duration::from_secs(2)));
+}
+
+/// The ports listening in H (TCP or UDP, any address), from `ss`.
+fn host_ports(t: &Topology, flag: &str) -> std::collections::BTreeSet<u16> {
+    let out = ip(&["netns", "exec", &t.host, "ss", "-Hn", flag]).stdout;
+    out.lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+fn pasta_exclusions_alone_forward_every_other_port_but_ephemeral_ones() {
+    let Some(t) = topology(false) else { return };
+    // Ephemeral (left out): 1024-65000; so 1-1023 and 65001-65535 are forwarded.
+    t.host_sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+    // A port H already uses is skipped, not fatal.
+    let busy = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(HOST_ADDR, 65010));
+    let servers: Vec<_> = [80, 65020, 65100, 40000]
+        .into_iter()
+        .map(|port| {
+            TcpServer::echo(
+                &t.container_ns(),
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+            )
+        })
+        .collect();
+    let udp = UdpEcho::start(
+        &t.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 65020),
+    );
+    let args = podman53(
+        &t.container_ns(),
+        &["-t", "~65100-65199", "-u", "~65100-65199,~65300"],
+    );
+    let _p = Pasta::start(&t, &strs(&args));
+    for (flag, skipped) in [("-ltn", 65100..=65199), ("-lun", 65100..=65199)] {
+        let ports = host_ports(&t, flag);
+        for p in (1..=1023).chain(65001..=65099).chain(65200..=65299) {
+            assert!(ports.contains(&p), "{flag}: port {p} not forwarded");
+        }
+        for p in skipped.chain([1024, 40000, 65000]) {
+            assert!(!ports.contains(&p), "{flag}: port {p} forwarded");
+        }
+    }
+    assert!(!host_ports(&t, "-lun").contains(&65300));
+    assert!(host_ports(&t, "-ltn").contains(&65300));
+    t.in_world(|| {
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 65020)), b"every other port");
+        tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 80)), b"a low one");
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        udp_roundtrip(&s, SocketAddrV4::new(HOST_ADDR, 65020), b"udp too", 3)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Excluded, ephemeral.
+        assert_refused(SocketAddrV4::new(HOST_ADDR, 65100));
+        assert_refused(SocketAddrV4::new(HOST_ADDR, 40000));
+    });
+    drop((busy, servers, udp));
+}
+
+#[test]
+fn pasta_exclusions_alone_fail_as_pasta_when_nothing_or_too_little_binds() {
+    let Some(t) = topology(false) else { return };
+    t.host_sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+    // An address H does not have: no port binds.
+    let p = Pasta::run(
+        &t,
+        &strs(&podman53(&t.container_ns(), &["-t", "192.0.2.77/~1-1000"])),
+    );
+    assert_eq!(p.first.code(), Some(1), "{}", p.first);
+    assert_eq!(
+        p.first.stderr, "Failed to bind any port for '-t 192.0.2.77/~1-1000', exiting\n",
+        "{}",
+        p.first
+    );
+    assert!(p.wait_gone(Duration::from_secs(2)));
+    // Too few descriptors (a hard limit of 256) for the ~1000 listeners.
+    let mut args = vec![
+        "--nofile=256:256".to_owned(),
+        t.pasta_bin().display().to_string(),
+    ];
+    args.extend(podman53(&t.container_ns(), &["-u", "~65100-65199"]));
+    let out = run_with_timeout(t.exec_in(&t.host, "prlimit", &strs(&args)), READY_TIMEOUT);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert_eq!(
+        out.stderr, "Can't open enough sockets for port specifier: ~65100-65199\n",
+        "{out}"
+    );
+}
+
+#[test]
+fn pasta_all_is_refused_with_pastas_text_and_status() {
+    let Some(t) = topology(false) else { return };
+    for opt in ["-t", "-u"] {
+        let p = Pasta::run(&t, &strs(&podman53(&t.container_ns(), &[opt, "all"])));
+        assert_eq!(p.first.code(), Some(1), "{}", p.first);
+        assert_eq!(
+            p.first.stderr, "'all' port forwarding is only allowed for passt\n",
+            "{}",
+            p.first
+        );
+        assert!(p.first.stdout.is_empty(), "{}", p.first);
+    }
 }
