@@ -301,6 +301,9 @@ counters! {
         dhcp_drops,
         /// Frames from a member whose source MAC address is not its own (spoofing).
         drop_mac_spoof,
+        /// Frames from a member that only the network's router sends (IPv6 router
+        /// advertisements and redirects, ICMP redirects, DHCP server replies), dropped.
+        drop_rogue_router,
         /// Frames switched between members (flooded frames once per copy).
         switched_frames,
         /// DNS queries for member names answered by the network's DNS.
@@ -356,7 +359,7 @@ impl Link {
                     self.switch.flood(None, frame, tap);
                     true
                 }
-                Verdict::Gateway | Verdict::Drop => false,
+                Verdict::Gateway | Verdict::Drop | Verdict::Rogue => false,
             };
             if sent {
                 c.tx_frames += 1;
@@ -572,6 +575,10 @@ impl Forwarder {
                 } else {
                     self.counters.drop_mac_spoof += 1;
                 }
+                false
+            }
+            Verdict::Rogue => {
+                self.counters.drop_rogue_router += 1;
                 false
             }
         };
