@@ -475,8 +475,9 @@ impl Forwarder {
         }
     }
 
-    /// Registers a member on `port`: its addresses (its frames must come from them),
-    /// its MAC address for frames to them, and its names for the network's DNS.
+    /// Registers a member on `port`: its addresses (its frames must come from them; its
+    /// DHCP client is offered its IPv4 one, nobody else is), its MAC address for frames
+    /// to them, and its names for the network's DNS.
     /// Returns false when the name table is full (addresses are set anyway).
     pub fn add_member(
         &mut self,
@@ -489,6 +490,7 @@ impl Forwarder {
         self.link.switch.set_addresses(port, addrs.v4, addrs.v6);
         if let Some(v4) = addrs.v4 {
             self.link.l2.set_neighbor(IpAddress::Ipv4(v4), Some(mac));
+            self.gateway.reserve_dhcp(v4, Some(mac));
         }
         if let Some(v6) = addrs.v6 {
             self.link.l2.set_neighbor(IpAddress::Ipv6(v6), Some(mac));
@@ -500,6 +502,7 @@ impl Forwarder {
     pub fn remove_member(&mut self, addrs: names::Addrs, name: &str, aliases: &[String]) {
         if let Some(v4) = addrs.v4 {
             self.link.l2.set_neighbor(IpAddress::Ipv4(v4), None);
+            self.gateway.reserve_dhcp(v4, None);
         }
         if let Some(v6) = addrs.v6 {
             self.link.l2.set_neighbor(IpAddress::Ipv6(v6), None);
