@@ -23,6 +23,7 @@
 //! | pasta_ready_ms | exec of pasta's command line to the first process's exit, pasta and usernet-pasta (usernet as `pasta`) | ms |
 //! | scale | usernet with 10,000 idle connections: tcp_out as % of without, RSS growth per connection | %, KiB |
 //! | c2c_tcp, c2c_rr, tcp_out_8 | 8 namespaces on one switch (usernet network, kernel bridge + veth, VDE): iperf3 member -> member, 1-byte ping-pong member <-> member (one way), iperf3 member -> host with seven others attached; `FIGURES=c2c` for these alone | Gbit/s, µs |
+//! | member_rss_kib | usernet network: VmRSS growth of its serving process per idle member, 1 to 8 members (`FIGURES=member_rss_kib ENGINES=usernet` alone) | KiB |
 //!
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
@@ -228,6 +229,8 @@ fn config() -> Result<Config, String> {
         (true, _) => vec![Kind::Usernet, Kind::Slirp4netns],
         (false, None) => Kind::ALL.to_vec(),
         (false, Some(v)) => words(&v)
+            // vde is the c2c table's alone.
+            .filter(|w| *w != "vde")
             .map(|w| Kind::parse(w).ok_or(format!("ENGINES: unknown engine {w:?}")))
             .collect::<Result<Vec<_>, _>>()?,
     };
@@ -236,7 +239,7 @@ fn config() -> Result<Config, String> {
         (false, None) => Fig::ALL.to_vec(),
         (false, Some(v)) => {
             let mut f = Vec::new();
-            for w in words(&v).filter(|w| *w != "c2c") {
+            for w in words(&v).filter(|w| *w != "c2c" && !c2c::FIGS.contains(w)) {
                 f.extend(Fig::parse(w).ok_or(format!(
                     "FIGURES: unknown figure {w:?} (known: {}, scale, udp)",
                     Fig::ALL.map(Fig::name).join(" ")
@@ -665,7 +668,8 @@ fn real_main() -> Result<ExitCode, String> {
     for run in 1..=cfg.runs {
         for &mtu in &cfg.mtus {
             for &k in &cfg.engines {
-                if rep.missing.contains_key(&k) {
+                // FIGURES named c2c figures only: no session for nothing.
+                if rep.missing.contains_key(&k) || cfg.figs.is_empty() {
                     continue;
                 }
                 eprintln!("[run {run}/{}] {} MTU {mtu}", cfg.runs, k.name());
@@ -813,9 +817,34 @@ fn real_main() -> Result<ExitCode, String> {
     }
     let _ = writeln!(out, "\n{}", legend.join(" "));
     // Members of one network: their own table (FIGURES=c2c, or every figure).
-    let want_c2c = !cfg.smoke && env("FIGURES").is_none_or(|v| words(&v).any(|w| w == "c2c"));
-    if want_c2c {
-        out.push_str(&c2c::table(&usernet, cfg.runs, cfg.secs, &cfg.mtus));
+    // FIGURES=c2c for the whole table, or single figures of it.
+    let c2c_figs: Vec<&str> = match env("FIGURES") {
+        None => c2c::FIGS.to_vec(),
+        Some(v) if words(&v).any(|w| w == "c2c") => c2c::FIGS.to_vec(),
+        Some(v) => c2c::FIGS
+            .into_iter()
+            .filter(|f| words(&v).any(|w| w == *f))
+            .collect(),
+    };
+    // ENGINES names the c2c engines too (usernet, kernel, vde); none of them: all.
+    let c2c_engines: Vec<&str> = env("ENGINES")
+        .map(|v| {
+            c2c::ENGINES
+                .into_iter()
+                .filter(|e| words(&v).any(|w| w == *e))
+                .collect::<Vec<_>>()
+        })
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| c2c::ENGINES.to_vec());
+    if !cfg.smoke && !c2c_figs.is_empty() {
+        out.push_str(&c2c::table(
+            &usernet,
+            cfg.runs,
+            cfg.secs,
+            &cfg.mtus,
+            &c2c_engines,
+            &c2c_figs,
+        ));
     }
     if !rep.failures.is_empty() {
         let _ = writeln!(out, "\nFailures:\n");

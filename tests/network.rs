@@ -660,3 +660,272 @@ fn a_chosen_gateway_address_is_the_route_out_and_names_still_resolve() {
     assert!(has_record(&r, &[10, 99, 0, 101]));
     drop((a, b));
 }
+
+/// `sh -c CMD` in the network namespace `ns`, to completion.
+fn sh_in(ns: &str, cmd: &str) -> Finished {
+    let mut c = Command::new("nsenter");
+    c.args([&format!("--net={ns}"), "sh", "-c", cmd]);
+    run_with_timeout(c, Duration::from_secs(10))
+}
+
+#[test]
+fn chosen_ipv6_and_mac_addresses_are_the_members_own() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&[
+        "n11",
+        "--subnet",
+        "10.100.0.0/24",
+        "--subnet6",
+        "fd42:11::/64",
+    ]);
+    let mac = "02:42:ac:11:00:99";
+    let a = n.member("n11", "a", &["--ip6", "fd42:11::beef", "--mac", mac]);
+    let b = n.member("n11", "b", &[]);
+    let ja = n.member_json("n11", "a");
+    assert_eq!(
+        ip6(&ja),
+        "fd42:11::beef".parse::<Ipv6Addr>().unwrap(),
+        "{ja}"
+    );
+    assert_eq!(ja["mac"], mac, "{ja}");
+    // a's eth0 has both.
+    let link = sh_in(&a.ns(), "ip -o link show eth0");
+    assert!(
+        link.stdout.contains(&format!("link/ether {mac} ")),
+        "{link}"
+    );
+    let addrs = sh_in(&a.ns(), "ip -o -6 addr show dev eth0");
+    assert!(addrs.stdout.contains("fd42:11::beef/64"), "{addrs}");
+    // b reaches a at that address (ND and the switch both know it), ping and TCP.
+    assert!(ping(&b.ns(), "fd42:11::beef"));
+    let sink6 = TcpServer6::sink(&a.ns(), SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0));
+    let to_a6 = SocketAddrV6::new(ip6(&ja), sink6.addr.port(), 0, 0);
+    in_netns(&b.ns(), || upload_to_sink6(to_a6, 11, 1 << 20));
+    assert_eq!(
+        sink6.stats.peer_ips6(),
+        vec![ip6(&n.member_json("n11", "b"))]
+    );
+    // b's neighbour table has a's chosen MAC for both of a's addresses.
+    assert!(ping(&b.ns(), &ip4(&ja).to_string()));
+    let neigh = sh_in(&b.ns(), "ip neigh show dev eth0");
+    for addr in [ip4(&ja).to_string(), "fd42:11::beef".into()] {
+        assert!(
+            neigh
+                .stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{addr} ")) && l.contains(mac)),
+            "{addr}: {neigh}"
+        );
+    }
+    // Another member cannot have them.
+    for opt in [["--mac", mac], ["--ip6", "fd42:11::beef"]] {
+        let f = n.cli(&["run", "--network", "n11", opt[0], opt[1], "--", "true"]);
+        assert!(!f.success() && f.stderr.contains("in use"), "{f}");
+    }
+    drop((a, b));
+}
+
+#[test]
+fn connect_by_pid_joins_its_namespace_and_leaves_with_the_process() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n12", "--subnet", "10.101.0.0/24"]);
+    let a = n.member("n12", "a", &[]);
+    // A process in C that usernet did not start.
+    let m = marker();
+    let holder = ChildGuard::spawn(t.exec_in(&t.container, "sleep", &[&m]));
+    let pid = wait_for(Duration::from_secs(10), || sleepers(&m).first().copied())
+        .expect("the sleeper in C never started");
+    let f = n.cli(&[
+        "network",
+        "connect",
+        "n12",
+        &pid.to_string(),
+        "--name",
+        "bypid",
+    ]);
+    f.assert_success();
+    assert!(
+        t.container_addrs("eth0").contains("10.101.0.101"),
+        "{}",
+        t.container_addrs("eth0")
+    );
+    assert!(ping(&a.ns(), "10.101.0.101"));
+    assert!(ping(&t.container_ns(), "10.101.0.100"));
+    assert_eq!(
+        n.member_json("n12", "bypid")["namespace"],
+        pid.to_string().as_str()
+    );
+    // The process ends: the member leaves (the namespace, a named one, stays).
+    drop(holder);
+    let left = wait_for(Duration::from_secs(10), || {
+        n.inspect("n12")["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 1)
+            .then_some(())
+    });
+    assert!(left.is_some(), "{}", n.inspect("n12"));
+    assert!(
+        n.log("n12").contains("member bypid (10.101.0.101) left"),
+        "{}",
+        n.log("n12")
+    );
+    let gone = || {
+        let mut cmd = Command::new("ip");
+        cmd.args(["-n", &t.container, "link", "show", "eth0"]);
+        (!run_with_timeout(cmd, Duration::from_secs(5)).success()).then_some(())
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), gone).is_some(),
+        "eth0 still in the namespace"
+    );
+    drop(a);
+}
+
+/// Runs busybox udhcpc on eth0 in `ns` once; the lease it got as `ip=... router=...`.
+fn udhcpc_lease(t: &Topology, ns: &str, tag: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let out = t.tmp.join(format!("{tag}.lease"));
+    let script = t.tmp.join(format!("{tag}.script"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in bound|renew)\n  \
+             echo \"ip=$ip router=$router dns=$dns subnet=$subnet\" > {}\n;;\nesac\nexit 0\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = script.to_string_lossy().into_owned();
+    let udhcpc = [
+        "udhcpc", "-i", "eth0", "-n", "-q", "-f", "-t", "5", "-T", "2", "-A", "1", "-s", &script,
+    ];
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={ns}"));
+    if which("udhcpc").is_some() {
+        c.args(udhcpc);
+    } else {
+        c.arg("busybox").args(udhcpc);
+    }
+    let f = run_with_timeout(c, Duration::from_secs(30));
+    f.assert_success();
+    std::fs::read_to_string(&out).unwrap_or_else(|_| panic!("udhcpc got no lease:\n{f}"))
+}
+
+#[test]
+fn a_members_dhcp_client_gets_its_own_address_never_a_static_one() {
+    if !require(
+        which("udhcpc").is_some() || which("busybox").is_some(),
+        "neither `udhcpc` nor `busybox` is installed",
+    ) {
+        return;
+    }
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n14", "--subnet", "10.103.0.0/24"]);
+    // s holds the first address of the DHCP pool (net+15) as its static --ip.
+    let s = n.member("n14", "s", &["--ip", "10.103.0.15"]);
+    let a = n.member("n14", "a", &[]);
+    for (m, tag, want) in [(&a, "a", "10.103.0.100"), (&s, "s", "10.103.0.15")] {
+        let lease = udhcpc_lease(&t, &m.ns(), tag);
+        assert!(lease.contains(&format!("ip={want} ")), "{tag}: {lease}");
+        assert!(lease.contains("router=10.103.0.2 "), "{tag}: {lease}");
+        assert!(lease.contains("dns=10.103.0.3 "), "{tag}: {lease}");
+        assert!(lease.contains("subnet=255.255.255.0"), "{tag}: {lease}");
+    }
+    // Both still reach each other at their assigned addresses.
+    assert!(ping(&a.ns(), "10.103.0.15"));
+    drop((a, s));
+}
+
+/// Sends an ICMPv6 message to all nodes on eth0 from `ns`, hop limit 255, from eth0's
+/// link-local address (the kernel fills in the checksum).
+fn send_icmp6_to_all_nodes(ns: &str, msg: &[u8]) {
+    use nix::sys::socket::{
+        sendto, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol,
+        SockType, SockaddrIn6,
+    };
+    use std::os::fd::AsRawFd;
+    in_netns(ns, || {
+        let fd = socket(
+            AddressFamily::Inet6,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::IcmpV6,
+        )
+        .expect("raw ICMPv6 socket");
+        setsockopt(&fd, sockopt::Ipv6MulticastHops, &255).expect("hop limit");
+        let index = nix::net::if_::if_nametoindex("eth0").expect("eth0");
+        let to = SocketAddrV6::new("ff02::1".parse().unwrap(), 0, 0, index);
+        sendto(
+            fd.as_raw_fd(),
+            msg,
+            &SockaddrIn6::from(to),
+            MsgFlags::empty(),
+        )
+        .expect("send the ICMPv6 message");
+    });
+}
+
+#[test]
+fn a_member_cannot_be_the_others_router_or_dhcp_server() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n13", "--subnet", "10.102.0.0/24", "--ipv6"]);
+    let rogue = n.member("n13", "rogue", &[]);
+    let b = n.member("n13", "b", &[]);
+    assert!(ping(&b.ns(), "10.102.0.100"));
+    let routes = |ns: &str| sh_in(ns, "ip -6 route show; ip -6 addr show").stdout;
+    let before = routes(&b.ns());
+    // b listens where a DHCP client does.
+    let dhcp_client = in_netns(&b.ns(), || {
+        udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))
+    });
+    dhcp_client
+        .set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    // The rogue advertises itself as the default router with a prefix for SLAAC...
+    let mut ra = vec![134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    ra.extend_from_slice(&[
+        3, 4, 64, 0xc0, 0, 0, 0x0e, 0x10, 0, 0, 0x0e, 0x10, 0, 0, 0, 0,
+    ]);
+    ra.extend_from_slice(&"2001:db8:99::".parse::<Ipv6Addr>().unwrap().octets());
+    for _ in 0..3 {
+        send_icmp6_to_all_nodes(&rogue.ns(), &ra);
+    }
+    // ...and offers an address to everyone, as a DHCP server does (port 67 -> 68).
+    in_netns(&rogue.ns(), || {
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 67));
+        s.set_broadcast(true).unwrap();
+        let mut offer = vec![2u8, 1, 6, 0];
+        offer.resize(300, 0);
+        s.send_to(&offer, SocketAddrV4::new(Ipv4Addr::BROADCAST, 68))
+            .expect("send the offer");
+    });
+    let mut buf = [0u8; 512];
+    let got = dhcp_client.recv_from(&mut buf);
+    // b's routes and addresses are unchanged: no default route or prefix from the rogue.
+    let after = routes(&b.ns());
+    assert!(
+        !after.contains("proto ra") && !after.contains("2001:db8:99"),
+        "before:\n{before}\nafter:\n{after}"
+    );
+    assert!(got.is_err(), "b received the rogue's DHCP offer: {got:?}");
+    // Dropped at the rogue's port and counted.
+    let dropped = n.member_json("n13", "rogue")["port_counters"]["drop_rogue_router"]
+        .as_u64()
+        .unwrap();
+    assert!(dropped >= 4, "{}", n.member_json("n13", "rogue"));
+    let stats = n.cli(&["stats", "--network", "n13"]);
+    assert!(
+        stats
+            .stdout
+            .contains(&format!("counters.drop_rogue_router {dropped}")),
+        "{stats}"
+    );
+    // The rogue's ordinary traffic still flows.
+    assert!(ping(&rogue.ns(), "10.102.0.101"));
+    drop((rogue, b));
+}

@@ -11,8 +11,13 @@
 //! - vde: `vde_switch` and, in every member and the host namespace, `vde_plug tap://`.
 //!
 //! Figures: `c2c_tcp` (iperf3 member 0 -> member 1), `c2c_rr` (1-byte TCP ping-pong
-//! between them, one way = RTT/2) and `tcp_out_8` (iperf3 member 0 -> the host while the
-//! other seven are attached). Everything is torn down after each engine, also on error.
+//! between them, one way = RTT/2), `tcp_out_8` (iperf3 member 0 -> the host while the
+//! other seven are attached) and, for usernet only, `member_rss_kib` (the memory an idle
+//! member costs: the VmRSS of the network's serving process with all members attached
+//! minus with the first one, divided by the members added, before any traffic).
+//! `FIGURES` may name single figures of this table (`FIGURES=member_rss_kib`: nothing
+//! else is measured) and `ENGINES` its engines (`usernet`, `kernel`, `vde`).
+//! Everything is torn down after each engine, also on error.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -29,7 +34,7 @@ pub const MEMBERS: usize = 8;
 pub const ENGINES: [&str; 3] = ["usernet", "kernel", "vde"];
 
 /// The rows.
-pub const FIGS: [&str; 3] = ["c2c_tcp", "c2c_rr", "tcp_out_8"];
+pub const FIGS: [&str; 4] = ["c2c_tcp", "c2c_rr", "tcp_out_8", "member_rss_kib"];
 
 /// One engine's members, torn down on drop.
 struct Net {
@@ -43,6 +48,8 @@ struct Net {
     /// Processes to end (by PID) and files to remove.
     pids: Vec<i32>,
     dir: PathBuf,
+    /// usernet: the serving process's VmRSS growth per member added to the first, KiB.
+    member_rss_kib: Option<Result<f64, String>>,
 }
 
 impl Drop for Net {
@@ -87,6 +94,7 @@ fn new_net(tag: &str) -> Result<Net, String> {
         host_addr: Ipv4Addr::UNSPECIFIED,
         pids: Vec::new(),
         dir,
+        member_rss_kib: None,
     };
     ip(&["netns", "add", &net.host])?;
     ip(&["-n", &net.host, "link", "set", "lo", "up"])?;
@@ -113,6 +121,7 @@ fn usernet(bin: &Path, mtu: u32) -> Result<Net, String> {
         }
         sys::run_status(&mut c)
     };
+    let run_dir = net.dir.join("run");
     let mtu_s = mtu.max(1280).to_string();
     run(&[
         "network",
@@ -123,6 +132,7 @@ fn usernet(bin: &Path, mtu: u32) -> Result<Net, String> {
         "--mtu",
         &mtu_s,
     ])?;
+    let mut first = None;
     for i in 0..MEMBERS {
         let path = format!("/run/netns/{}", net.ns[i]);
         run(&[
@@ -134,9 +144,52 @@ fn usernet(bin: &Path, mtu: u32) -> Result<Net, String> {
             &format!("m{i}"),
         ])?;
         net.addr.push(Ipv4Addr::new(10, 248, 0, 100 + i as u8));
+        if i == 0 {
+            first = Some(server_rss_kib(&run_dir));
+        }
     }
+    let all = server_rss_kib(&run_dir);
+    net.member_rss_kib = Some(match (first, all) {
+        (Some(Ok(first)), Ok(all)) => {
+            eprintln!(
+                "    serving process VmRSS: {first} KiB with 1 member, {all} KiB with {MEMBERS}"
+            );
+            Ok((all - first) / (MEMBERS - 1) as f64)
+        }
+        (Some(Err(e)), _) | (_, Err(e)) => Err(e),
+        (None, _) => Err("no member".into()),
+    });
     net.host_addr = Ipv4Addr::new(10, 248, 0, 2);
     Ok(net)
+}
+
+/// The VmRSS, in KiB, of the serving process of network `bench` whose runtime directory
+/// (`XDG_RUNTIME_DIR`) is `run_dir`, once its last request has settled.
+fn server_rss_kib(run_dir: &Path) -> Result<f64, String> {
+    std::thread::sleep(Duration::from_millis(300));
+    let env_mark = format!("XDG_RUNTIME_DIR={}\0", run_dir.display());
+    let pid = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| {
+            let (Ok(cmd), Ok(env)) = (
+                std::fs::read(e.path().join("cmdline")),
+                std::fs::read(e.path().join("environ")),
+            ) else {
+                return false;
+            };
+            let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+            has(&cmd, b"\0network\0serve\0bench\0") && has(&env, env_mark.as_bytes())
+        })
+        .ok_or("no serving process found")?
+        .path();
+    let status = std::fs::read_to_string(pid.join("status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS in {}/status", pid.display()))
 }
 
 fn kernel(mtu: u32) -> Result<Net, String> {
@@ -296,38 +349,58 @@ fn rr(from: &str, to: &str, addr: Ipv4Addr, secs: u64) -> Result<f64, String> {
     Ok(res)
 }
 
-/// One engine at one MTU: the three figures.
+/// One figure of one engine: `None` when it was not asked for or does not apply.
+type Cell = Option<Result<f64, String>>;
+
+/// One engine at one MTU: the figures of [`FIGS`] that `want` names.
 fn measure(
     engine: &str,
     bin: &Path,
     mtu: u32,
     secs: u64,
-) -> Result<[Result<f64, String>; 3], String> {
-    let net = match engine {
+    want: &[&str],
+) -> Result<[Cell; 4], String> {
+    let mut net = match engine {
         "usernet" => usernet(bin, mtu)?,
         "kernel" => kernel(mtu)?,
         _ => vde(mtu)?,
     };
-    let tcp = iperf(&net.ns[0], &net.ns[1], net.addr[1], secs);
-    let lat = rr(&net.ns[0], &net.ns[1], net.addr[1], secs);
+    let wants = |f: &str| want.contains(&f);
+    let tcp = wants("c2c_tcp").then(|| iperf(&net.ns[0], &net.ns[1], net.addr[1], secs));
+    let lat = wants("c2c_rr").then(|| rr(&net.ns[0], &net.ns[1], net.addr[1], secs));
     // tcp_out with the other members attached: to an iperf3 server on the host side
     // (usernet: the gateway reaches the host namespace's loopback).
-    let out = iperf(&net.ns[0], &net.host, net.host_addr, secs);
-    Ok([tcp, lat, out])
+    let out = wants("tcp_out_8").then(|| iperf(&net.ns[0], &net.host, net.host_addr, secs));
+    let rss = net
+        .member_rss_kib
+        .take()
+        .filter(|_| wants("member_rss_kib"));
+    Ok([tcp, lat, out, rss])
 }
 
-/// The member-to-member table in Markdown, medians of `runs`.
-pub fn table(bin: &Path, runs: usize, secs: u64, mtus: &[u32]) -> String {
+/// The member-to-member table in Markdown, medians of `runs`, for `engines` (of
+/// [`ENGINES`]) and the figures `figs` (of [`FIGS`]).
+pub fn table(
+    bin: &Path,
+    runs: usize,
+    secs: u64,
+    mtus: &[u32],
+    engines: &[&str],
+    figs: &[&str],
+) -> String {
     let mut out = String::from("\n### Members of one network (c2c)\n");
     for &mtu in mtus {
-        let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); ENGINES.len()]; FIGS.len()];
+        let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); engines.len()]; FIGS.len()];
+        let mut applies = vec![vec![false; engines.len()]; FIGS.len()];
         let mut errors = Vec::new();
         for run in 0..runs {
-            for (e, engine) in ENGINES.iter().enumerate() {
+            for (e, engine) in engines.iter().enumerate() {
                 eprintln!("[c2c run {}/{runs}] {engine} MTU {mtu}", run + 1);
-                match measure(engine, bin, mtu, secs) {
-                    Ok(figs) => {
-                        for (f, r) in figs.into_iter().enumerate() {
+                match measure(engine, bin, mtu, secs, figs) {
+                    Ok(cells) => {
+                        for (f, r) in cells.into_iter().enumerate() {
+                            let Some(r) = r else { continue };
+                            applies[f][e] = true;
                             match r {
                                 Ok(v) => {
                                     eprintln!("    {:<10} {v:.2}", FIGS[f]);
@@ -339,33 +412,45 @@ pub fn table(bin: &Path, runs: usize, secs: u64, mtus: &[u32]) -> String {
                             }
                         }
                     }
-                    Err(err) => errors.push(format!("{engine} MTU {mtu}: {err}")),
+                    Err(err) => {
+                        for a in applies.iter_mut() {
+                            a[e] = true;
+                        }
+                        errors.push(format!("{engine} MTU {mtu}: {err}"));
+                    }
                 }
             }
         }
         out.push_str(&format!(
             "\n#### MTU {mtu}{}\n\n| figure | unit | {} |\n|---|---|{}\n",
-            if mtu > 1500 {
+            if mtu > 1500 && engines.contains(&"vde") {
                 " (VDE at 1500: its frames stop near 1518 bytes)"
             } else {
                 ""
             },
-            ENGINES.join(" | "),
-            "---:|".repeat(ENGINES.len())
+            engines.join(" | "),
+            "---:|".repeat(engines.len())
         ));
         for (f, name) in FIGS.iter().enumerate() {
-            let unit = if *name == "c2c_rr" {
-                "µs ↓"
-            } else {
-                "Gbit/s ↑"
+            if !figs.contains(name) {
+                continue;
+            }
+            let unit = match *name {
+                "c2c_rr" => "µs ↓",
+                "member_rss_kib" => "KiB ↓",
+                _ => "Gbit/s ↑",
             };
             let cells: Vec<String> = samples[f]
                 .iter()
-                .map(|v| {
+                .zip(&applies[f])
+                .map(|(v, &applies)| {
                     let mut v = v.clone();
                     v.sort_by(f64::total_cmp);
-                    v.get(v.len() / 2)
-                        .map_or("fail".into(), |m| format!("{m:.2}"))
+                    match v.get(v.len() / 2) {
+                        Some(m) => format!("{m:.2}"),
+                        None if applies => "fail".into(),
+                        None => "-".into(),
+                    }
                 })
                 .collect();
             out.push_str(&format!("| {name} | {unit} | {} |\n", cells.join(" | ")));
@@ -378,7 +463,9 @@ pub fn table(bin: &Path, runs: usize, secs: u64, mtus: &[u32]) -> String {
     out.push_str(&format!(
         "\nc2c: {MEMBERS} namespaces on one switch; c2c_tcp: iperf3 member -> member; c2c_rr: \
          1-byte TCP ping-pong member <-> member, one way; tcp_out_8: iperf3 member -> host side \
-         with the other seven attached (usernet: its gateway to the host namespace).\n"
+         with the other seven attached (usernet: its gateway to the host namespace); \
+         member_rss_kib: the VmRSS growth of usernet's serving process per idle member, \
+         from one member to {MEMBERS}.\n"
     ));
     out
 }

@@ -24,12 +24,19 @@
 //! reply into a caller-provided buffer. It never touches a socket or the clock, and it has no
 //! timers: leases expire lazily, when a later call looks at them with a later `now`.
 //!
+//! Static reservations ([`DhcpServer::reserve`]): on a network, every member's address is
+//! assigned when it joins, and a member that runs a DHCP client anyway is offered (and
+//! acknowledged) exactly that address, which is never offered to another client; with
+//! [`DhcpServer::set_reserved_only`] a client without a reservation gets no address at
+//! all (a network's members all have one), so the pool never hands out an address that a
+//! member was assigned or asked for (`--ip`).
+//!
 //! Limits: clients are told apart by `chaddr` (their MAC address); the client-identifier
 //! option is echoed (RFC 6842) but not used as a key. There is no relay support (a request with
 //! a non-zero `giaddr` is ignored: nothing relays on a point-to-point TAP link), no BOOTP
-//! without option 53, no option overload (options in `sname`/`file`), and no static
-//! reservations. The lease table lives in memory only and is lost on restart, which is what
-//! a guest that lives as long as this process sees anyway.
+//! without option 53, no option overload (options in `sname`/`file`). The lease table lives
+//! in memory only and is lost on restart, which is what a guest that lives as long as this
+//! process sees anyway.
 //!
 //! Security: every byte of the input is guest-controlled. Parsing checks the length before
 //! any field access (through [`DhcpPacket::new_checked`]) and walks options with bounds checks,
@@ -139,6 +146,9 @@ pub enum DhcpDrop {
     NotForUs,
     /// A DISCOVER while every pool address is leased, offered or declined.
     PoolExhausted,
+    /// A DISCOVER from a client without a reservation while only reserved clients get
+    /// addresses ([`DhcpServer::set_reserved_only`]).
+    NoReservation,
     /// A message that needs no reply: RELEASE, DECLINE, a BOOTREPLY, a server message type, a
     /// relayed message (non-zero `giaddr`).
     Ignored,
@@ -345,6 +355,11 @@ pub struct DhcpServer {
     lease_secs: u32,
     /// One slot per pool address: `slots[i]` is `pool_start + i`. Allocated once.
     slots: Box<[Slot]>,
+    /// Static reservations: the address of each client that has one, in or out of the
+    /// pool. Changed when a member joins or leaves, never while handling a packet.
+    reservations: Vec<(EthernetAddress, Ipv4Addr)>,
+    /// Only clients with a reservation get an address.
+    reserved_only: bool,
 }
 
 impl DhcpServer {
@@ -382,7 +397,40 @@ impl DhcpServer {
             mask: Ipv4Addr::from(mask_bits),
             lease_secs,
             slots,
+            reservations: Vec::new(),
+            reserved_only: false,
         }
+    }
+
+    /// Reserves `ip` for the client `mac`: it is offered and acknowledged that address,
+    /// and nobody else is. Replaces an earlier reservation of `mac` or of `ip`.
+    pub fn reserve(&mut self, mac: EthernetAddress, ip: Ipv4Addr) {
+        self.reservations.retain(|&(m, a)| m != mac && a != ip);
+        self.reservations.push((mac, ip));
+    }
+
+    /// Withdraws the reservation of `ip`, if there is one.
+    pub fn unreserve(&mut self, ip: Ipv4Addr) {
+        self.reservations.retain(|&(_, a)| a != ip);
+    }
+
+    /// With `on`, a client without a reservation gets no address (DISCOVER: no offer,
+    /// REQUEST: NAK).
+    pub fn set_reserved_only(&mut self, on: bool) {
+        self.reserved_only = on;
+    }
+
+    /// The address reserved for `mac`.
+    fn reservation(&self, mac: EthernetAddress) -> Option<Ipv4Addr> {
+        self.reservations
+            .iter()
+            .find(|&&(m, _)| m == mac)
+            .map(|&(_, a)| a)
+    }
+
+    /// Whether `ip` is reserved for another client than `mac`.
+    fn reserved_for_other(&self, ip: Ipv4Addr, mac: EthernetAddress) -> bool {
+        self.reservations.iter().any(|&(m, a)| a == ip && m != mac)
     }
 
     /// Handles the UDP payload of a datagram the guest sent to port 67.
@@ -407,10 +455,17 @@ impl DhcpServer {
             return Err(DhcpDrop::Ignored);
         }
         let (reply, commit) = match req.message_type {
-            DhcpMessageType::Discover => {
-                let idx = self.choose_offer(now, &req)?;
-                (Reply::Offer(self.addr_of(idx)), Commit::Offer(idx))
-            }
+            DhcpMessageType::Discover => match self.reservation(req.chaddr) {
+                Some(ip) => (Reply::Offer(ip), Commit::None),
+                None if self.reserved_only => {
+                    log::trace!("dhcp: {} has no reservation, no offer", req.chaddr);
+                    return Err(DhcpDrop::NoReservation);
+                }
+                None => {
+                    let idx = self.choose_offer(now, &req)?;
+                    (Reply::Offer(self.addr_of(idx)), Commit::Offer(idx))
+                }
+            },
             DhcpMessageType::Request => self.on_request(now, &req)?,
             DhcpMessageType::Release => {
                 self.on_release(now, &req);
@@ -454,24 +509,29 @@ impl DhcpServer {
         (idx < self.slots.len()).then_some(idx)
     }
 
-    /// Picks the address to offer to a DISCOVER.
+    /// Picks the address to offer to a DISCOVER from a client without a reservation.
     fn choose_offer(&self, now: Instant, req: &Request<'_>) -> Result<usize, DhcpDrop> {
         let mac = req.chaddr;
+        // Never an address reserved for another client.
+        let open = |idx: usize| !self.reserved_for_other(self.addr_of(idx), mac);
         // At most one slot has `mac` as last holder: binding lets go of the others.
         if let Some(idx) = self.slots.iter().position(|s| s.last_holder() == Some(mac)) {
-            return Ok(idx);
+            if open(idx) {
+                return Ok(idx);
+            }
         }
         if let Some(idx) = req.requested_ip.and_then(|ip| self.index_of(ip)) {
-            if self.slots[idx].is_free(now) {
+            if self.slots[idx].is_free(now) && open(idx) {
                 return Ok(idx);
             }
         }
         // Prefer never-used addresses, so that expired and released ones stay with their
         // previous client as long as possible.
-        self.slots
-            .iter()
-            .position(|s| *s == Slot::Free)
-            .or_else(|| self.slots.iter().position(|s| s.is_free(now)))
+        let slots = self.slots.iter().enumerate();
+        slots
+            .clone()
+            .position(|(i, s)| *s == Slot::Free && open(i))
+            .or_else(|| slots.clone().position(|(i, s)| s.is_free(now) && open(i)))
             .ok_or_else(|| {
                 log::trace!("dhcp: pool exhausted, no offer for {mac}");
                 DhcpDrop::PoolExhausted
@@ -504,6 +564,15 @@ impl DhcpServer {
             None if !req.ciaddr.is_unspecified() => req.ciaddr,
             None => return Err(DhcpDrop::Malformed),
         };
+        match self.reservation(req.chaddr) {
+            Some(ip) if ip == addr => return Ok((Reply::Ack(addr), Commit::None)),
+            Some(_) => return Ok((Reply::Nak, Commit::None)),
+            None if self.reserved_only || self.reserved_for_other(addr, req.chaddr) => {
+                log::trace!("dhcp: {} requested reserved {addr}, NAK", req.chaddr);
+                return Ok((Reply::Nak, Commit::None));
+            }
+            None => {}
+        }
         match self.index_of(addr) {
             Some(idx) if self.slots[idx].available_to(req.chaddr, now) => {
                 Ok((Reply::Ack(addr), Commit::Bind(idx)))
@@ -1619,6 +1688,46 @@ mod tests {
             exchange(&mut server(), Instant::now(), &bytes(&repr)).unwrap_err(),
             DhcpDrop::Ignored
         );
+    }
+
+    #[test]
+    fn reservation_offered_and_acked_to_its_client_only() {
+        let mut s = server();
+        let now = Instant::now();
+        // mac(1) holds a pool address (the first one) and mac(2) one outside the pool.
+        s.reserve(mac(1), ip(15));
+        s.reserve(mac(2), ip(100));
+        assert_eq!(lease(&mut s, now, mac(1)), ip(15));
+        assert_eq!(lease(&mut s, now, mac(2)), ip(100));
+        // Another client is never offered them, even when it asks.
+        let mut repr = client_repr(DhcpMessageType::Discover, mac(3));
+        repr.requested_ip = Some(ip(15));
+        let (_, offer) = exchange(&mut s, now, &bytes(&repr)).unwrap();
+        assert_eq!(offer.yiaddr, ip(16));
+        let (_, nak) = exchange(&mut s, now, &request_selecting(mac(3), ip(15), SERVER)).unwrap();
+        assert_eq!(nak.message_type, DhcpMessageType::Nak);
+        // Nor may a reserved client take another address.
+        let (_, nak) = exchange(&mut s, now, &request_selecting(mac(1), ip(17), SERVER)).unwrap();
+        assert_eq!(nak.message_type, DhcpMessageType::Nak);
+        // Withdrawn: the address is the pool's again.
+        s.unreserve(ip(15));
+        let (_, offer) = exchange(&mut s, now, &discover(mac(4))).unwrap();
+        assert_eq!(offer.yiaddr, ip(15));
+    }
+
+    #[test]
+    fn reserved_only_refuses_clients_without_reservation() {
+        let mut s = server();
+        let now = Instant::now();
+        s.set_reserved_only(true);
+        s.reserve(mac(1), ip(100));
+        assert_eq!(lease(&mut s, now, mac(1)), ip(100));
+        assert_eq!(
+            exchange(&mut s, now, &discover(mac(2))).unwrap_err(),
+            DhcpDrop::NoReservation
+        );
+        let (_, nak) = exchange(&mut s, now, &request_selecting(mac(2), ip(15), SERVER)).unwrap();
+        assert_eq!(nak.message_type, DhcpMessageType::Nak);
     }
 
     #[test]

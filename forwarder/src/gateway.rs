@@ -10,7 +10,8 @@
 //!   solicitations for the IPv6 ones ([`crate::ndp`]); sends router advertisements (on
 //!   start, then periodically; not on a network, whose members are configured
 //!   statically) and ARP probes for a configured member address;
-//! - serves DHCP ([`crate::dhcp`]) and answers pings to its own addresses;
+//! - serves DHCP ([`crate::dhcp`]; on a network only each member's assigned address, to
+//!   that member) and answers pings to its own addresses;
 //! - validates and reassembles IP ([`crate::frag`]), and checks that the source is an
 //!   address a member may use (in the subnet, not a virtual one);
 //! - hands everything else to the NAT ([`crate::flow::Nat`]), which re-originates it on
@@ -26,7 +27,7 @@
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr,
+    EthernetAddress, IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr,
 };
 use stack::l2::{Ingress, L2Drop};
 use stack::vnet::{self, VnetRepr};
@@ -89,10 +90,20 @@ impl Gateway {
         }
     }
 
-    /// Stops router advertisements (a network of statically configured members).
+    /// Stops router advertisements (a network of statically configured members), and
+    /// DHCP hands out only the members' reserved addresses.
     pub(crate) fn set_static_members(&mut self) {
         self.no_ra = true;
         self.next_ra = None;
+        self.dhcp.set_reserved_only(true);
+    }
+
+    /// A member's assigned address, for its DHCP client (`None`: withdrawn).
+    pub(crate) fn reserve_dhcp(&mut self, ip: std::net::Ipv4Addr, mac: Option<EthernetAddress>) {
+        match mac {
+            Some(mac) => self.dhcp.reserve(mac, ip),
+            None => self.dhcp.unreserve(ip),
+        }
     }
 
     /// Sends router advertisements and asks for the guest's MAC address while it is

@@ -301,6 +301,9 @@ counters! {
         dhcp_drops,
         /// Frames from a member whose source MAC address is not its own (spoofing).
         drop_mac_spoof,
+        /// Frames from a member that only the network's router sends (IPv6 router
+        /// advertisements and redirects, ICMP redirects, DHCP server replies), dropped.
+        drop_rogue_router,
         /// Frames switched between members (flooded frames once per copy).
         switched_frames,
         /// DNS queries for member names answered by the network's DNS.
@@ -356,7 +359,7 @@ impl Link {
                     self.switch.flood(None, frame, tap);
                     true
                 }
-                Verdict::Gateway | Verdict::Drop => false,
+                Verdict::Gateway | Verdict::Drop | Verdict::Rogue => false,
             };
             if sent {
                 c.tx_frames += 1;
@@ -472,8 +475,9 @@ impl Forwarder {
         }
     }
 
-    /// Registers a member on `port`: its addresses (its frames must come from them),
-    /// its MAC address for frames to them, and its names for the network's DNS.
+    /// Registers a member on `port`: its addresses (its frames must come from them; its
+    /// DHCP client is offered its IPv4 one, nobody else is), its MAC address for frames
+    /// to them, and its names for the network's DNS.
     /// Returns false when the name table is full (addresses are set anyway).
     pub fn add_member(
         &mut self,
@@ -486,6 +490,7 @@ impl Forwarder {
         self.link.switch.set_addresses(port, addrs.v4, addrs.v6);
         if let Some(v4) = addrs.v4 {
             self.link.l2.set_neighbor(IpAddress::Ipv4(v4), Some(mac));
+            self.gateway.reserve_dhcp(v4, Some(mac));
         }
         if let Some(v6) = addrs.v6 {
             self.link.l2.set_neighbor(IpAddress::Ipv6(v6), Some(mac));
@@ -497,6 +502,7 @@ impl Forwarder {
     pub fn remove_member(&mut self, addrs: names::Addrs, name: &str, aliases: &[String]) {
         if let Some(v4) = addrs.v4 {
             self.link.l2.set_neighbor(IpAddress::Ipv4(v4), None);
+            self.gateway.reserve_dhcp(v4, None);
         }
         if let Some(v6) = addrs.v6 {
             self.link.l2.set_neighbor(IpAddress::Ipv6(v6), None);
@@ -572,6 +578,10 @@ impl Forwarder {
                 } else {
                     self.counters.drop_mac_spoof += 1;
                 }
+                false
+            }
+            Verdict::Rogue => {
+                self.counters.drop_rogue_router += 1;
                 false
             }
         };

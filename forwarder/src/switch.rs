@@ -37,7 +37,10 @@
 //! (its own address, the one SLAAC makes of its MAC, or a link-local address that is
 //! neither the router's nor the one another port's MAC makes); anything else is spoofed,
 //! so a member cannot take the gateway's or another member's IPv6 address in their
-//! neighbours' caches.
+//! neighbours' caches. Nor can a member be the others' router: what only a router sends
+//! (IPv6 router advertisements and redirects, ICMP redirects, DHCP server replies from UDP
+//! port 67) from a member with assigned addresses is dropped at its port and counted
+//! ([`PortCounters::drop_rogue_router`], [`Verdict::Rogue`]).
 //! Tables are bounded: one address per port, at most [`MAX_PORTS`] ports. Nothing here
 //! allocates per frame (a port's queue is allocated when it is attached; untouched pages
 //! cost no memory).
@@ -89,6 +92,9 @@ pub enum Verdict {
     },
     /// Dropped (and counted on the port it came from).
     Drop,
+    /// Dropped: a message only the network's router sends (router advertisement,
+    /// redirect, DHCP server reply), from a member (counted on its port).
+    Rogue,
 }
 
 /// Errors of attaching a port.
@@ -127,6 +133,10 @@ counters! {
         tx_errors,
         /// Frames from the member flooded (broadcast, multicast, unknown unicast).
         flooded,
+        /// Frames from the member that only the network's router sends (IPv6 router
+        /// advertisements and redirects, ICMP redirects, DHCP server replies), dropped: a
+        /// member cannot become the others' router or DHCP server.
+        drop_rogue_router,
     }
 }
 
@@ -142,12 +152,12 @@ fn is_eui64_of(a: &[u8], mac: EthernetAddress) -> bool {
     a[8..] == [m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]
 }
 
-/// The target address of an IPv6 neighbour advertisement (`eth` from its Ethernet
-/// header on), `None` for any other frame. Hop-by-hop, routing and destination options
-/// headers before the ICMPv6 one are walked, each at least 8 bytes long, so the walk
-/// ends within the frame (a fragment is no advertisement: receivers ignore fragmented
-/// ones).
-fn advert_target(eth: &[u8]) -> Option<[u8; 16]> {
+/// The ICMPv6 message of an IPv6 frame (`eth` from its Ethernet header on): its type and
+/// the offset of its ICMPv6 header, `None` for any other frame. Hop-by-hop, routing and
+/// destination options headers before the ICMPv6 one are walked, each at least 8 bytes
+/// long, so the walk ends within the frame (a fragment is no neighbour discovery message:
+/// receivers ignore fragmented ones, RFC 6980).
+fn icmpv6_message(eth: &[u8]) -> Option<(u8, usize)> {
     if eth.get(12..14)? != [0x86, 0xdd] {
         return None;
     }
@@ -155,18 +165,52 @@ fn advert_target(eth: &[u8]) -> Option<[u8; 16]> {
     let mut at = ETHERNET_HEADER_LEN + 40;
     loop {
         match next {
-            // ICMPv6, type 136: neighbour advertisement; the target follows 8 bytes on.
-            58 => {
-                return (*eth.get(at)? == 136)
-                    .then(|| eth.get(at + 8..at + 24)?.try_into().ok())
-                    .flatten();
-            }
+            58 => return Some((*eth.get(at)?, at)),
             0 | 43 | 60 => {
                 next = *eth.get(at)?;
                 at += (usize::from(*eth.get(at + 1)?) + 1) * 8;
             }
             _ => return None,
         }
+    }
+}
+
+/// The target address of an IPv6 neighbour advertisement (`eth` from its Ethernet
+/// header on), `None` for any other frame.
+fn advert_target(eth: &[u8]) -> Option<[u8; 16]> {
+    // ICMPv6, type 136: neighbour advertisement; the target follows 8 bytes on.
+    match icmpv6_message(eth)? {
+        (136, at) => eth.get(at + 8..at + 24)?.try_into().ok(),
+        _ => None,
+    }
+}
+
+/// Whether a frame (`eth` from its Ethernet header on) is a message only the network's
+/// router sends: an IPv6 router advertisement (ICMPv6 134) or redirect (137), an ICMP
+/// redirect (type 5), or a DHCP server's reply (UDP from port 67). IPv4 fragments but the
+/// first carry no transport header and pass.
+fn router_message(eth: &[u8]) -> bool {
+    match eth.get(12..14) {
+        Some([0x86, 0xdd]) => matches!(icmpv6_message(eth), Some((134 | 137, _))),
+        Some([0x08, 0x00]) => {
+            let Some(ip) = eth.get(ETHERNET_HEADER_LEN..) else {
+                return false;
+            };
+            let (Some(&vihl), Some(frag), Some(&proto)) = (ip.first(), ip.get(6..8), ip.get(9))
+            else {
+                return false;
+            };
+            if u16::from_be_bytes([frag[0], frag[1]]) & 0x1fff != 0 {
+                return false;
+            }
+            let l4 = usize::from(vihl & 0x0f) * 4;
+            match proto {
+                1 => ip.get(l4) == Some(&5),
+                17 => ip.get(l4..l4 + 2) == Some(&[0, 67]),
+                _ => false,
+            }
+        }
+        _ => false,
     }
 }
 
@@ -438,6 +482,13 @@ impl Switch {
                 p.counters.drop_spoofed += 1;
             }
             return Verdict::Drop;
+        }
+        if let Some(p) = self.ports.get_mut(port) {
+            // A network's member (assigned addresses); a lone guest has nobody to fool.
+            if (p.v4.is_some() || p.v6.is_some()) && router_message(eth) {
+                p.counters.drop_rogue_router += 1;
+                return Verdict::Rogue;
+            }
         }
         if dst == self.gateway_mac {
             return Verdict::Gateway;

@@ -269,3 +269,106 @@ fn spoofed_neighbour_advertisements_are_dropped_and_counted() {
     net.send(b, &req);
     assert_eq!(net.out.take(a), vec![req]);
 }
+
+/// An IPv4 frame with protocol `proto` and `payload` (checksums left zero: the switch
+/// does not look).
+fn ipv4_frame(
+    mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut f = dst_mac.to_vec();
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x00, 0x45, 0]);
+    f.extend_from_slice(&(20 + payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An ICMPv6 message `msg` from `mac`/`src` to all nodes.
+fn icmpv6_to_all(mac: [u8; 6], src: Ipv6Addr, msg: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x33, 0x33, 0, 0, 0, 1];
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+    f.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1).octets());
+    f.extend_from_slice(msg);
+    f
+}
+
+#[test]
+fn router_messages_from_members_are_dropped_and_counted() {
+    let mut net = Net::new(0);
+    let [a, b, c] = net.ports;
+    let c4 = [10, 0, 2, 102];
+    net.send(a, &arp_request(0, GUEST_MAC, GUEST, GW));
+    net.send(b, &arp_request(0, B_MAC, B, GW));
+    let addrs = |v4: [u8; 4], v6: &str| forwarder::names::Addrs {
+        v4: Some(v4.into()),
+        v6: Some(v6.parse().unwrap()),
+    };
+    net.fwd
+        .add_member(b, EthernetAddress(B_MAC), addrs(B, "fd00::65"), "b", &[]);
+    net.fwd
+        .add_member(c, EthernetAddress(C_MAC), addrs(c4, "fd00::66"), "c", &[]);
+    net.out.0.clear();
+    let ll: Ipv6Addr = "fe80::65".parse().unwrap();
+    // A router advertisement with a prefix and a default route, and a redirect.
+    let mut ra = vec![134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    ra.extend_from_slice(&[
+        3, 4, 64, 0xc0, 0, 0, 0x0e, 0x10, 0, 0, 0x0e, 0x10, 0, 0, 0, 0,
+    ]);
+    ra.extend_from_slice(&"2001:db8:99::".parse::<Ipv6Addr>().unwrap().octets());
+    let mut redirect = vec![137, 0, 0, 0, 0, 0, 0, 0];
+    redirect.extend_from_slice(&ll.octets());
+    redirect.extend_from_slice(&"fd00::66".parse::<Ipv6Addr>().unwrap().octets());
+    // An ICMP redirect to C (host, via B), and a DHCP offer from B's "server".
+    let mut icmp_redirect = vec![5, 1, 0, 0];
+    icmp_redirect.extend_from_slice(&B);
+    icmp_redirect.extend_from_slice(&[0x45; 28]);
+    let mut offer = Vec::new();
+    PacketBuilder::ethernet2(B_MAC, [0xff; 6])
+        .ipv4(B, [255; 4], 64)
+        .udp(67, 68)
+        .write(&mut offer, &[2; 300])
+        .unwrap();
+    let rogue = [
+        icmpv6_to_all(B_MAC, ll, &ra),
+        icmpv6_to_all(B_MAC, ll, &redirect),
+        ipv4_frame(B_MAC, C_MAC, B, c4, 1, &icmp_redirect),
+        offer,
+    ];
+    for f in &rogue {
+        net.send(b, f);
+        assert!(net.out.0.is_empty(), "{f:?} got through: {:?}", net.out.0);
+    }
+    assert_eq!(net.fwd.switch().counters(b).unwrap().drop_rogue_router, 4);
+    assert_eq!(net.fwd.counters().drop_rogue_router, 4);
+    assert_eq!(net.fwd.switch().counters(b).unwrap().drop_spoofed, 0);
+    assert_eq!(net.fwd.counters().drop_mac_spoof, 0);
+    // B's other ICMP and UDP still reach C: an echo request, a datagram to port 67.
+    let echo = ipv4_frame(B_MAC, C_MAC, B, c4, 1, &[8, 0, 0, 0, 0, 1, 0, 1]);
+    net.send(b, &echo);
+    assert_eq!(net.out.take(c), vec![echo]);
+    let mut to_67 = Vec::new();
+    PacketBuilder::ethernet2(B_MAC, C_MAC)
+        .ipv4(B, c4, 64)
+        .udp(40000, 67)
+        .write(&mut to_67, b"x")
+        .unwrap();
+    net.send(b, &to_67);
+    assert_eq!(net.out.take(c), vec![to_67]);
+    // A port without assigned addresses (a lone guest's) is not held to this.
+    let from_a = icmpv6_to_all(GUEST_MAC, "fe80::64".parse().unwrap(), &ra);
+    net.send(a, &from_a);
+    assert_eq!(net.out.take(b), vec![from_a]);
+    assert_eq!(net.fwd.switch().counters(a).unwrap().drop_rogue_router, 0);
+}
