@@ -75,6 +75,11 @@ pub trait Service {
     fn owns(&self, token: Token) -> bool;
     /// A readiness event of one of its sources.
     fn handle(&mut self, token: Token, registry: &mio::Registry);
+    /// A published-port connection from a loopback client that the forwarder handed over
+    /// ([`forwarder::Config::loopback_handoff`]); dropping it closes it.
+    fn take_connection(&mut self, conn: forwarder::port::Handoff, registry: &mio::Registry) {
+        let _ = (conn, registry);
+    }
 }
 
 /// Frames read from the TAP per turn before host sockets get their turn.
@@ -837,6 +842,11 @@ impl Running {
             }
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
+            for conn in fwd.handoffs() {
+                if let Some(service) = extras.service.as_mut() {
+                    service.take_connection(conn, poll.registry());
+                }
+            }
             if let Some(service) = extras.service.as_mut() {
                 let wall = std::time::Instant::now();
                 if service.next_tick().is_some_and(|at| at <= wall) {

@@ -308,10 +308,11 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         || !args.aliases.is_empty()
         || args.ip.is_some()
         || args.ip6.is_some()
+        || args.macaddress.is_some()
         || !args.net.publish.is_empty();
     if special && member_opts {
         return Err(MainError::Usage(
-            "--name, --alias, --ip, --ip6 and -p need a usernet network, not --network none|host|container:PID".into(),
+            "--name, --alias, --ip, --ip6, --mac and -p need a usernet network, not --network none|host|container:PID".into(),
         ));
     }
     match args.network.as_deref() {
@@ -761,6 +762,7 @@ fn forwarder_with(
         guest_v4: setup.configured.then(|| net.cidr.guest()),
         guest_v6: net6.filter(|_| setup.configured).map(|n| n.guest()),
         tcp_buffer: net.tcp_buffer as usize,
+        loopback_handoff: false,
         udp_idle: smoltcp::time::Duration::from_secs(60),
         limits: Limits {
             tcp_flows: net.max_tcp_flows as usize,
@@ -1058,6 +1060,7 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
         guest_v4: None,
         guest_v6: None,
         tcp_buffer: 2 << 20,
+        loopback_handoff: false,
         udp_idle: smoltcp::time::Duration::from_secs(60),
         limits: Limits::default(),
         seed: random_seed(),

@@ -536,6 +536,19 @@ fn run_modes_none_host_and_container() {
         !f.success() && f.stderr.contains("need a usernet network"),
         "{f}"
     );
+    let f = n.cli(&[
+        "run",
+        "--network",
+        "host",
+        "--mac",
+        "02:00:00:00:00:07",
+        "--",
+        "true",
+    ]);
+    assert!(
+        !f.success() && f.stderr.contains("--mac and -p need a usernet network"),
+        "{f}"
+    );
     let f = n.cli(&["network", "create", "host"]);
     assert!(!f.success(), "{f}");
     drop((a, b));

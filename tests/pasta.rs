@@ -952,3 +952,91 @@ fn pasta_all_is_refused_with_pastas_text_and_status() {
         assert!(p.first.stdout.is_empty(), "{}", p.first);
     }
 }
+
+/// A client that writes `msg`, half-closes and reads to the end: what came back
+/// (`None`: the connection failed).
+fn send_and_read(to: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(msg).ok()?;
+    s.shutdown(std::net::Shutdown::Write).ok()?;
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).ok()?;
+    Some(got)
+}
+
+#[test]
+fn pasta_loopback_clients_of_t_ports_reach_the_namespace_address_from_inside() {
+    let Some(t) = topology(true) else { return };
+    let args = podman53(
+        &t.container_ns(),
+        &[
+            "-t", "8081:81", "-t", "8082:82", "-t", "8083:83", "-t", "8084:84",
+        ],
+    );
+    let ns = t.container_ns();
+    let sink = TcpServer::sink(&ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 81));
+    let lo_only = TcpServer::echo(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 82));
+    let sink6 = TcpServer6::sink(&ns, SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 83, 0, 0));
+    let source = TcpServer::source(&ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 84));
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_host(|| {
+        // Both directions, 8 MiB each, compared by SHA-256; half-close both ways.
+        upload_to_sink(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8081), 0x11, 8 << 20);
+        upload_to_sink6(
+            SocketAddrV6::new(Ipv6Addr::LOCALHOST, 8083, 0, 0),
+            0x12,
+            8 << 20,
+        );
+        download_from_source(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8084), 0x13, 8 << 20);
+        // As in pasta, a server on the namespace's loopback only is not exposed.
+        let got = send_and_read(SocketAddr::from((Ipv4Addr::LOCALHOST, 8082)), b"hello");
+        assert!(
+            got.as_deref().is_none_or(<[u8]>::is_empty),
+            "a loopback-only server was reached: {got:?}"
+        );
+    });
+    // A client from outside keeps the TAP path and its own address.
+    t.in_world(|| upload_to_sink(SocketAddrV4::new(HOST_ADDR, 8081), 0x14, 1 << 20));
+    // The loopback client appears as the namespace's own address (a local client).
+    assert_eq!(sink.stats.peer_ips(), vec![HOST_ADDR, WORLD_LINK]);
+    assert_eq!(sink6.stats.peer_ips6(), vec![HOST_ADDR6]);
+    assert_eq!(
+        lo_only
+            .stats
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    drop(source);
+}
+
+#[test]
+fn pasta_host_lo_to_ns_lo_brings_loopback_clients_to_the_namespace_loopback() {
+    let Some(t) = topology(true) else { return };
+    let mut args = podman53(&t.container_ns(), &["-t", "8082:82", "-t", "8083:83"]);
+    args.insert(0, "--host-lo-to-ns-lo".into());
+    let ns = t.container_ns();
+    let lo_only = TcpServer::echo(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 82));
+    let sink6 = TcpServer6::sink(&ns, SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 83, 0, 0));
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_host(|| {
+        let msg: Vec<u8> = (0..(3 << 20)).map(|i: u32| (i % 251) as u8).collect();
+        let got = send_and_read(SocketAddr::from((Ipv4Addr::LOCALHOST, 8082)), &msg)
+            .expect("echo through the namespace's loopback");
+        assert!(
+            got == msg,
+            "echo differs: {} of {} bytes",
+            got.len(),
+            msg.len()
+        );
+        upload_to_sink6(
+            SocketAddrV6::new(Ipv6Addr::LOCALHOST, 8083, 0, 0),
+            0x21,
+            4 << 20,
+        );
+    });
+    assert_eq!(lo_only.stats.peer_ips(), vec![Ipv4Addr::LOCALHOST]);
+    assert_eq!(sink6.stats.peer_ips6(), vec![Ipv6Addr::LOCALHOST]);
+}

@@ -160,6 +160,8 @@ pub struct Nat {
     member_flows: HashMap<IpAddress, usize>,
     /// Most flows (TCP, UDP, ICMP together) one guest address may have open.
     member_limit: Option<usize>,
+    /// Loopback connections of published ports for the caller ([`Config::loopback_handoff`]).
+    handoffs: Vec<port::Handoff>,
 }
 
 impl Nat {
@@ -189,7 +191,13 @@ impl Nat {
             shared: false,
             member_flows: HashMap::new(),
             member_limit: None,
+            handoffs: Vec::new(),
         }
+    }
+
+    /// See [`crate::Forwarder::handoffs`].
+    pub(crate) fn handoffs(&mut self) -> std::vec::Drain<'_, port::Handoff> {
+        self.handoffs.drain(..)
     }
 
     /// The member names the DNS address answers.
@@ -1155,7 +1163,14 @@ impl Nat {
                     return;
                 }
             };
-            if self.tcp_map.len() >= self.cfg.limits.tcp_flows {
+            if self.cfg.loopback_handoff && client.ip().is_loopback() {
+                c.tcp_handed_off += 1;
+                self.handoffs.push(port::Handoff {
+                    stream,
+                    client,
+                    guest_port: guest.port(),
+                });
+            } else if self.tcp_map.len() >= self.cfg.limits.tcp_flows {
                 c.tcp_table_full += 1;
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
             } else {

@@ -175,6 +175,11 @@ pub struct Config {
     pub guest_v6: Option<Ipv6Addr>,
     /// Bytes of smoltcp buffer per TCP flow and direction.
     pub tcp_buffer: usize,
+    /// TCP connections accepted on a published port from a loopback client are not
+    /// forwarded through the guest link but handed to the caller
+    /// ([`Forwarder::handoffs`]), who connects them inside the guest's namespace: pasta's
+    /// "splice" path.
+    pub loopback_handoff: bool,
     /// UDP flows are closed after this long without traffic.
     pub udp_idle: Duration,
     /// Table sizes.
@@ -257,6 +262,9 @@ counters! {
         tcp_table_full,
         /// TCP flows refused by a local error (EMFILE, no memory for buffers...).
         tcp_host_errors,
+        /// Published-port connections from loopback clients handed to pasta mode's
+        /// relay inside the namespace (they do not cross the guest link).
+        tcp_handed_off,
         /// TCP segments of no flow (answered with RST).
         tcp_stray_segments,
         /// UDP flows opened.
@@ -664,6 +672,12 @@ impl Forwarder {
     ) -> Result<port::PortRule, port::PortError> {
         self.nat
             .add_port(proto, host, device, guest_addr, guest_port, registry)
+    }
+
+    /// The loopback connections accepted on published TCP ports since the last call,
+    /// when [`Config::loopback_handoff`] is set; whatever is not taken is closed.
+    pub fn handoffs(&mut self) -> std::vec::Drain<'_, port::Handoff> {
+        self.nat.handoffs()
     }
 
     /// Unpublishes a port. Connections already made through it keep going.

@@ -14,6 +14,11 @@
 //! whose address would collide with the guest network appear as the gateway (`net+2`),
 //! keeping their port where it is free.
 //!
+//! **Loopback clients in pasta mode.** With [`crate::Config::loopback_handoff`], a TCP
+//! connection from a loopback client is not forwarded at all: it is handed to the caller
+//! as a [`Handoff`], who connects it inside the guest's namespace and relays it there
+//! (pasta's model; see `src/pasta/ports.rs`).
+//!
 //! Limits: a rule count bound ([`MAX_RULES`]); connections and associations count
 //! against the TCP and UDP flow limits like outbound flows.
 
@@ -60,6 +65,18 @@ pub struct PortRule {
     /// The host interface the socket is bound to (`SO_BINDTODEVICE`): only connections
     /// and datagrams arriving through it are accepted. `None`: any interface.
     pub device: Option<String>,
+}
+
+/// A TCP connection from a loopback client, accepted on a published port and handed to
+/// the caller instead of entering the guest ([`crate::Config::loopback_handoff`]).
+#[derive(Debug)]
+pub struct Handoff {
+    /// The accepted connection.
+    pub stream: mio::net::TcpStream,
+    /// The client (a loopback address).
+    pub client: SocketAddr,
+    /// The guest port the rule forwards to.
+    pub guest_port: u16,
 }
 
 /// Why a rule could not be added or removed.

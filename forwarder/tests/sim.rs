@@ -195,6 +195,7 @@ fn bulk_flow_socket_not_pooled() {
     let port = listener.local_addr().unwrap().port();
     let mut sim = Sim::with_config(forwarder::Config {
         tcp_buffer: 1 << 20,
+        loopback_handoff: false,
         ..Sim::config(true)
     });
     sim.send(&tcp_frame(GW, 40002, port, 7000, |b| b.syn(), &[]));

@@ -16,6 +16,10 @@
 //!   that address in the namespace (TCP: listening), sent back with `SCM_RIGHTS` after a
 //!   `K`; or `E` + errno.
 //!
+//! - `C` + the same address form: a TCP socket of the namespace, non-blocking, whose
+//!   connection to that address is under way (pasta mode's loopback clients of `-t`
+//!   ports), sent back the same way.
+//!
 //! The helper dies with usernet (`PR_SET_PDEATHSIG`) and exits when its socket closes;
 //! its fds 0-2 are on `/dev/null` (it must not hold the caller's pipes).
 //! It runs with usernet's credentials and creates nothing but sockets on request.
@@ -147,14 +151,30 @@ impl Agent {
     /// # Errors
     /// The helper's errno (`EADDRINUSE`, ...), or the helper is gone.
     pub fn bind(&self, proto: Proto, addr: SocketAddr) -> io::Result<OwnedFd> {
-        let mut req = vec![b'L', proto_byte(proto)];
+        self.socket_request(&[b'L', proto_byte(proto)], addr)
+    }
+
+    /// A TCP socket inside the namespace connecting to `addr`, non-blocking (the
+    /// connection completes or fails later, as with any non-blocking `connect`).
+    ///
+    /// # Errors
+    /// The helper's errno, or the helper is gone.
+    pub fn connect(&self, addr: SocketAddr) -> io::Result<OwnedFd> {
+        self.socket_request(b"C", addr)
+    }
+
+    /// Sends `head` + `addr` and receives a socket or an errno.
+    fn socket_request(&self, head: &[u8], addr: SocketAddr) -> io::Result<OwnedFd> {
+        let mut req = [0u8; 20];
+        req[..head.len()].copy_from_slice(head);
         let ip6 = match addr.ip() {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
             IpAddr::V6(v6) => v6,
         };
-        req.extend_from_slice(&ip6.octets());
-        req.extend_from_slice(&addr.port().to_be_bytes());
-        send(&self.sock, &req)?;
+        let n = head.len() + 18;
+        req[head.len()..head.len() + 16].copy_from_slice(&ip6.octets());
+        req[head.len() + 16..n].copy_from_slice(&addr.port().to_be_bytes());
+        send(&self.sock, &req[..n])?;
         let mut buf = [0u8; 8];
         let (n, fd) = sys::recv_with_fd(self.sock.as_fd(), &mut buf)?;
         match (buf.get(..n), fd) {
@@ -212,26 +232,50 @@ fn serve(sock: &OwnedFd) -> i32 {
                 send(sock, &out).is_ok()
             }
             [b'L', p, rest @ ..] if rest.len() == 18 => {
-                let mut a = [0u8; 16];
-                a.copy_from_slice(&rest[..16]);
-                let ip6 = Ipv6Addr::from(a);
-                let ip = ip6.to_ipv4_mapped().map_or(IpAddr::V6(ip6), IpAddr::V4);
-                let addr = SocketAddr::new(ip, u16::from_be_bytes([rest[16], rest[17]]));
-                match bind_here(*p, addr) {
-                    Ok(fd) => sys::send_with_fd(sock.as_fd(), b"K", fd.as_fd()).is_ok(),
-                    Err(e) => {
-                        let mut msg = vec![b'E'];
-                        msg.extend_from_slice(&e.raw_os_error().unwrap_or(libc::EIO).to_ne_bytes());
-                        send(sock, &msg).is_ok()
-                    }
-                }
+                answer(sock, bind_here(*p, socket_addr(rest)))
             }
+            [b'C', rest @ ..] if rest.len() == 18 => answer(sock, connect_here(socket_addr(rest))),
             _ => false,
         };
         if !ok {
             return 1;
         }
     }
+}
+
+/// The address of a request: 16 bytes of IPv6 (or IPv4-mapped) address, the port.
+fn socket_addr(rest: &[u8]) -> SocketAddr {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&rest[..16]);
+    let ip6 = Ipv6Addr::from(a);
+    let ip = ip6.to_ipv4_mapped().map_or(IpAddr::V6(ip6), IpAddr::V4);
+    SocketAddr::new(ip, u16::from_be_bytes([rest[16], rest[17]]))
+}
+
+/// Sends a socket (`K`) or an errno (`E`); false when the answer cannot be sent.
+fn answer(sock: &OwnedFd, res: io::Result<OwnedFd>) -> bool {
+    match res {
+        Ok(fd) => sys::send_with_fd(sock.as_fd(), b"K", fd.as_fd()).is_ok(),
+        Err(e) => {
+            let mut msg = [b'E', 0, 0, 0, 0];
+            msg[1..].copy_from_slice(&e.raw_os_error().unwrap_or(libc::EIO).to_ne_bytes());
+            send(sock, &msg).is_ok()
+        }
+    }
+}
+
+fn connect_here(addr: SocketAddr) -> io::Result<OwnedFd> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_nonblocking(true)?;
+    sock.set_cloexec(true)?;
+    sock.set_tcp_nodelay(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(sock.into())
 }
 
 fn bind_here(proto: u8, addr: SocketAddr) -> io::Result<OwnedFd> {

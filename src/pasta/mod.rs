@@ -405,7 +405,8 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         Err(e) => return Err(e.into()),
     };
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
-    let service = ports::PastaPorts::new(opts, &target, plan.nat.net6.is_some())?
+    let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
+    let service = ports::PastaPorts::new(opts, &target, ns_v4, ns_v6)?
         .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
     let signals = event_loop::signal_fd(false)?;
     let pid_file = opts.pid_file.clone();
@@ -461,9 +462,9 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let signals = event_loop::signal_fd(true)?;
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
-    let service =
-        ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), plan.nat.net6.is_some())?
-            .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
+    let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
+    let service = ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), ns_v4, ns_v6)?
+        .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
     let pid_file = opts.pid_file.clone();
     let supervisor = crate::pidns::Supervisor::new(pid, std::time::Duration::from_secs(10));
     let extras = extras(
@@ -514,6 +515,14 @@ fn extras(
         service,
         pcap,
     }
+}
+
+/// The namespace's own addresses, per family.
+fn ns_addrs(opts: &PastaOpts, plan: &Plan) -> (Option<Ipv4Addr>, Option<std::net::Ipv6Addr>) {
+    (
+        (!opts.v6_only).then(|| plan.nat.net.guest()),
+        plan.nat.net6.map(|n| n.guest()),
+    )
 }
 
 /// `-p/--pcap FILE`.
@@ -594,6 +603,7 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         guest_v4: (!opts.v6_only).then_some(plan.nat.net.guest),
         guest_v6: plan.nat.net6.map(|n| n.guest),
         tcp_buffer: 2 << 20,
+        loopback_handoff: true,
         udp_idle: smoltcp::time::Duration::from_secs(60),
         limits: Limits {
             tcp_flows: 16384,

@@ -16,13 +16,26 @@
 //! the host listens on (loopback or wildcard, read from this process's own
 //! `/proc/net`), rescanned like `-t auto`, minus the ports usernet itself publishes.
 //!
+//! **Loopback clients of `-t` ports** (pasta's "splice" path): a connection to a forwarded
+//! TCP port from the host's loopback does not cross the TAP. The forwarder hands it over
+//! ([`forwarder::Config::loopback_handoff`]), the agent opens a socket inside the
+//! namespace connecting to the namespace's own address (with `--host-lo-to-ns-lo`: its
+//! loopback address) at the target port, and the two are relayed here. As in pasta, the
+//! namespace's server sees a local client (its own address, or `127.0.0.1`/`::1`), and a
+//! server bound only to the namespace's loopback is reached only with
+//! `--host-lo-to-ns-lo`. Other clients keep the TAP path and their real addresses.
+//!
+//! **Relaying TCP** moves bytes with `splice(2)` through one pipe per direction: the data
+//! never enters this process's memory, as in pasta. A side reads into its pipe only once
+//! the pipe is empty, so the pipe's fill is known without asking the kernel.
+//!
 //! Limits: at most [`MAX_RELAYS`] relayed TCP connections and UDP associations; beyond,
 //! new ones are refused (closed). Relayed UDP associations idle for [`UDP_IDLE`] end.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use forwarder::port::Proto;
@@ -43,8 +56,9 @@ pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_RELAYS: usize = 4096;
 /// Relayed UDP associations end after this long without traffic.
 pub const UDP_IDLE: Duration = Duration::from_secs(180);
-/// Bytes buffered per relayed direction.
-const RELAY_BUF: usize = 64 << 10;
+/// Pipe capacity asked for per relayed direction (the kernel may give less: a user's
+/// pipes beyond `fs.pipe-user-pages-soft` get the minimum).
+const PIPE_SIZE: usize = 1 << 20;
 
 /// One source of the relay.
 enum Entry {
@@ -68,11 +82,51 @@ struct TcpSide {
     sock: TcpStream,
     peer: usize,
     /// Read from this side, not yet written to the peer.
-    pending: Vec<u8>,
-    /// This side reached end of file (and the peer was told once `pending` is empty).
+    pipe: Pipe,
+    /// This side reached end of file (and the peer was told once the pipe is empty).
     eof: bool,
     /// The peer's write side was shut down.
     shut: bool,
+}
+
+/// A pipe that bytes cross between two sockets by `splice(2)`.
+struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    /// Bytes in it.
+    len: usize,
+    /// Its capacity.
+    cap: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        let asked = i32::try_from(PIPE_SIZE).unwrap_or(i32::MAX);
+        let cap = fcntl(&w, FcntlArg::F_SETPIPE_SZ(asked))
+            .or_else(|_| fcntl(&w, FcntlArg::F_GETPIPE_SZ))?;
+        Ok(Pipe {
+            r,
+            w,
+            len: 0,
+            cap: usize::try_from(cap).unwrap_or(4096),
+        })
+    }
+}
+
+/// `splice(2)` without blocking: `Ok(None)` for `EAGAIN`.
+fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<Option<usize>> {
+    use nix::fcntl::SpliceFFlags;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        match nix::fcntl::splice(from, None, to, None, len, flags) {
+            Ok(n) => return Ok(Some(n)),
+            Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The relay of `-T/-U`.
@@ -182,35 +236,52 @@ impl Relay {
                     continue;
                 }
             };
-            let a = self.entries.vacant_key();
-            let side = |sock, peer| {
-                Entry::TcpSide(Box::new(TcpSide {
-                    sock,
-                    peer,
-                    pending: Vec::new(),
-                    eof: false,
-                    shut: false,
-                }))
-            };
-            self.entries.insert(side(client, a + 1));
-            let b = self.entries.insert(side(host, a));
-            if b != a + 1 {
-                // Slab keys are handed out in order only when nothing was freed in
-                // between: fix the links.
-                if let Some(Entry::TcpSide(s)) = self.entries.get_mut(a) {
-                    s.peer = b;
-                }
+            if let Err(e) = self.add_pair(client, host, registry) {
+                log::debug!("-T relay to {to}: {e}");
             }
-            let rw = Interest::READABLE | Interest::WRITABLE;
-            for k in [a, b] {
-                if let Some(Entry::TcpSide(s)) = self.entries.get_mut(k) {
-                    if registry.register(&mut s.sock, token(k), rw).is_err() {
-                        self.close_pair(a, registry);
-                        break;
-                    }
+        }
+    }
+
+    /// Relays `a` and `b` to each other until both ends are done.
+    fn add_pair(&mut self, a: TcpStream, b: TcpStream, registry: &Registry) -> io::Result<()> {
+        let side = |sock: TcpStream, peer| -> io::Result<Entry> {
+            let _ = sock.set_nodelay(true);
+            Ok(Entry::TcpSide(Box::new(TcpSide {
+                sock,
+                peer,
+                pipe: Pipe::new()?,
+                eof: false,
+                shut: false,
+            })))
+        };
+        let ka = self.entries.vacant_key();
+        let ea = side(a, ka + 1)?;
+        self.entries.insert(ea);
+        let eb = match side(b, ka) {
+            Ok(e) => e,
+            Err(e) => {
+                self.entries.remove(ka);
+                return Err(e);
+            }
+        };
+        let kb = self.entries.insert(eb);
+        if kb != ka + 1 {
+            // Slab keys are handed out in order only when nothing was freed in
+            // between: fix the links.
+            if let Some(Entry::TcpSide(s)) = self.entries.get_mut(ka) {
+                s.peer = kb;
+            }
+        }
+        let rw = Interest::READABLE | Interest::WRITABLE;
+        for k in [ka, kb] {
+            if let Some(Entry::TcpSide(s)) = self.entries.get_mut(k) {
+                if let Err(e) = registry.register(&mut s.sock, token(k), rw) {
+                    self.close_pair(ka, registry);
+                    return Err(e);
                 }
             }
         }
+        Ok(())
     }
 
     /// Moves bytes both ways between `key` and its peer.
@@ -229,33 +300,28 @@ impl Relay {
                 }
             }
         }
-        let both_eof = [key, peer].iter().all(|k| {
-            matches!(self.entries.get(*k), Some(Entry::TcpSide(s)) if s.eof && s.pending.is_empty())
-        });
+        let both_eof = [key, peer].iter().all(
+            |k| matches!(self.entries.get(*k), Some(Entry::TcpSide(s)) if s.eof && s.pipe.len == 0),
+        );
         if done || both_eof {
             self.close_pair(key, registry);
         }
     }
 
-    /// Reads what `from` has and writes it (and older pending bytes) to `to`. `Ok(true)`
-    /// when the connection is over.
+    /// Moves what `from` has (and what waits in its pipe) to `to`. `Ok(true)` when the
+    /// connection is over.
     fn pump(&mut self, from: usize, to: usize) -> io::Result<bool> {
         let Some((Entry::TcpSide(src), Entry::TcpSide(dst))) = self.entries.get2_mut(from, to)
         else {
             return Ok(true);
         };
-        let mut buf = [0u8; 16 << 10];
         loop {
-            // Write what is pending first.
-            while !src.pending.is_empty() {
-                match dst.sock.write(&src.pending) {
-                    Ok(0) => return Ok(true),
-                    Ok(n) => {
-                        src.pending.drain(..n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
+            // Empty the pipe first.
+            while src.pipe.len > 0 {
+                match splice(src.pipe.r.as_fd(), dst.sock.as_fd(), src.pipe.len)? {
+                    Some(0) => return Ok(true),
+                    Some(n) => src.pipe.len -= n,
+                    None => return Ok(false),
                 }
             }
             if src.eof {
@@ -265,15 +331,11 @@ impl Relay {
                 }
                 return Ok(false);
             }
-            if src.pending.len() >= RELAY_BUF {
-                return Ok(false);
-            }
-            match src.sock.read(&mut buf) {
-                Ok(0) => src.eof = true,
-                Ok(n) => src.pending.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+            // The pipe is empty: EAGAIN can only mean that the socket is.
+            match splice(src.sock.as_fd(), src.pipe.w.as_fd(), src.pipe.cap)? {
+                Some(0) => src.eof = true,
+                Some(n) => src.pipe.len += n,
+                None => return Ok(false),
             }
         }
     }
@@ -418,6 +480,9 @@ pub struct PastaPorts {
     relay: Relay,
     next: Option<Instant>,
     first: bool,
+    /// Where loopback clients of `-t` ports go in the namespace, per family: its own
+    /// address, or its loopback address with `--host-lo-to-ns-lo`.
+    splice_to: (Option<Ipv4Addr>, Option<Ipv6Addr>),
 }
 
 /// A spec that is `auto` (given so, or not given at all: pasta's default).
@@ -426,16 +491,19 @@ fn is_auto(spec: &PortSpec) -> bool {
 }
 
 impl PastaPorts {
-    /// The service for `opts`, or `None` when nothing is dynamic (every spec `none` or
-    /// explicit without `-T/-U`).
+    /// The service for `opts` in a namespace with addresses `ns_v4` and `ns_v6`, or
+    /// `None` when there is nothing to do (no TCP port forwarded either way, nothing
+    /// dynamic).
     ///
     /// # Errors
     /// The agent cannot be started in `target`'s namespaces.
     pub fn new(
         opts: &PastaOpts,
         target: &Target,
-        ns_ipv6: bool,
+        ns_v4: Option<Ipv4Addr>,
+        ns_v6: Option<Ipv6Addr>,
     ) -> Result<Option<PastaPorts>, PastaRunError> {
+        let ns_ipv6 = ns_v6.is_some();
         let auto = |s: &PortSpec| {
             is_auto(s).then(|| AutoHost {
                 spec: s.clone(),
@@ -461,7 +529,8 @@ impl PastaPorts {
             || auto_tcp_ns.is_some()
             || auto_udp_ns.is_some()
             || !ns_static.is_empty();
-        if !dynamic {
+        let tcp_forwarded = !opts.tcp.ranges.is_empty() || !opts.tcp.all_but.is_empty();
+        if !dynamic && !tcp_forwarded {
             return Ok(None);
         }
         let agent = Agent::spawn(target, opts.userns.as_deref())?;
@@ -479,6 +548,14 @@ impl PastaPorts {
             relay: Relay::default(),
             next: Some(Instant::now()),
             first: true,
+            splice_to: if opts.host_lo_to_ns_lo {
+                (
+                    ns_v4.map(|_| Ipv4Addr::LOCALHOST),
+                    ns_v6.map(|_| Ipv6Addr::LOCALHOST),
+                )
+            } else {
+                (ns_v4, ns_v6)
+            },
         }))
     }
 
@@ -655,5 +732,32 @@ impl Service for PastaPorts {
 
     fn handle(&mut self, token: Token, registry: &Registry) {
         self.relay.handle(token.0 - SERVICE_TOKENS, registry);
+    }
+
+    fn take_connection(&mut self, conn: forwarder::port::Handoff, registry: &Registry) {
+        // The client's family first; a namespace without it is reached by the other.
+        let (v4, v6) = self.splice_to;
+        let to_v4 = v4.map(|a| SocketAddr::new(a.into(), conn.guest_port));
+        let to_v6 = v6.map(|a| SocketAddr::new(a.into(), conn.guest_port));
+        let to = if conn.client.is_ipv6() {
+            to_v6.or(to_v4)
+        } else {
+            to_v4.or(to_v6)
+        };
+        let Some(to) = to else { return };
+        if self.relay.relays() + 2 > MAX_RELAYS {
+            log::debug!("relay table full: connection from {} refused", conn.client);
+            return;
+        }
+        let ns = match self.agent.connect(to) {
+            Ok(fd) => TcpStream::from_std(std::net::TcpStream::from(fd)),
+            Err(e) => {
+                log::debug!("cannot connect to {to} in the namespace: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.relay.add_pair(conn.stream, ns, registry) {
+            log::debug!("relay of {} to {to}: {e}", conn.client);
+        }
     }
 }
