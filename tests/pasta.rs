@@ -1040,3 +1040,33 @@ fn pasta_host_lo_to_ns_lo_brings_loopback_clients_to_the_namespace_loopback() {
     assert_eq!(lo_only.stats.peer_ips(), vec![Ipv4Addr::LOCALHOST]);
     assert_eq!(sink6.stats.peer_ips6(), vec![Ipv6Addr::LOCALHOST]);
 }
+
+#[test]
+fn pasta_dns_forward_follows_resolv_conf_changes() {
+    let Some(t) = topology(false) else { return };
+    let first = DnsServer::start(&t);
+    let second = DnsServer::start_at(
+        &t.host_ns(),
+        SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 53),
+    );
+    t.set_host_resolv_conf("nameserver 127.0.0.1\n");
+    let args = podman53(&t.container_ns(), &[]);
+    let _p = Pasta::start(&t, &strs(&args));
+    let ask = |id: u16| {
+        let q = dns_query(id, DNS_NAME, QTYPE_A);
+        dns_udp_exchange(SocketAddrV4::new(DNS_FWD, 53), &q)
+            .and_then(|r| parse_dns(&r))
+            .is_some_and(|r| r.a == vec![WORLD])
+    };
+    t.in_container(|| assert!(ask(1), "no answer before the change"));
+    let asked_first = first.udp_queries.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(asked_first >= 1);
+    t.set_host_resolv_conf("nameserver 127.0.0.2\n");
+    let switched = t.in_container(|| {
+        (2..40u16).any(|id| {
+            std::thread::sleep(Duration::from_millis(50));
+            ask(id) && second.udp_queries.load(std::sync::atomic::Ordering::SeqCst) > 0
+        })
+    });
+    assert!(switched, "the forwarder never asked the new nameserver");
+}

@@ -374,6 +374,22 @@ fn nameservers(opts: &PastaOpts) -> Vec<SocketAddr> {
     }
 }
 
+/// With `--dns-forward` and the resolver taken from resolv.conf (no `--dns-host`), the
+/// watch that follows resolv.conf's changes (a VPN, another network): usernet's addition,
+/// pasta reads it once.
+fn resolv_watch(opts: &PastaOpts) -> Option<crate::resolv_watch::ResolvWatch> {
+    if opts.dns_host.is_some() || (opts.dns_forward4.is_none() && opts.dns_forward6.is_none()) {
+        return None;
+    }
+    match crate::resolv_watch::ResolvWatch::new(Path::new("/etc/resolv.conf"), nameservers(opts)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn!("cannot watch /etc/resolv.conf ({e}): its changes will not be followed");
+            None
+        }
+    }
+}
+
 fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let target = match (&opts.netns, opts.pid) {
         (Some(path), _) => Target::Path(path.clone()),
@@ -419,6 +435,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         Box::new(move || before_ready(pid_file.as_deref(), detach_stdio)),
         service,
         open_pcap(opts, &tap)?,
+        resolv_watch(opts),
     );
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
@@ -475,6 +492,7 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         Box::new(move || before_ready(pid_file.as_deref(), false)),
         service,
         open_pcap(opts, &tap)?,
+        resolv_watch(opts),
     );
     let running = event_loop::start(tap, fwd, signals, extras)?;
     hold.release()?;
@@ -491,6 +509,7 @@ fn extras(
     before_ready: Box<dyn FnOnce() -> io::Result<()>>,
     service: Option<Box<dyn event_loop::Service>>,
     pcap: Option<crate::pcap::Pcap>,
+    resolv: Option<crate::resolv_watch::ResolvWatch>,
 ) -> Extras {
     Extras {
         exit_fd: None,
@@ -510,7 +529,7 @@ fn extras(
         publish_ipv6: false,
         max_api_clients: 0,
         busy_poll: std::time::Duration::from_micros(50),
-        resolv: None,
+        resolv,
         before_ready: Some(before_ready),
         service,
         pcap,
