@@ -427,7 +427,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let signals = event_loop::signal_fd(false)?;
     let pid_file = opts.pid_file.clone();
     let detach_stdio = !opts.foreground;
-    let extras = extras(
+    let mut extras = extras(
         ready,
         watch,
         None,
@@ -435,8 +435,8 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         Box::new(move || before_ready(pid_file.as_deref(), detach_stdio)),
         service,
         open_pcap(opts, &tap)?,
-        resolv_watch(opts),
     );
+    extras.resolv = resolv_watch(opts);
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
 
@@ -484,7 +484,7 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
     let pid_file = opts.pid_file.clone();
     let supervisor = crate::pidns::Supervisor::new(pid, std::time::Duration::from_secs(10));
-    let extras = extras(
+    let mut extras = extras(
         None,
         None,
         Some(supervisor),
@@ -492,8 +492,8 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         Box::new(move || before_ready(pid_file.as_deref(), false)),
         service,
         open_pcap(opts, &tap)?,
-        resolv_watch(opts),
     );
+    extras.resolv = resolv_watch(opts);
     let running = event_loop::start(tap, fwd, signals, extras)?;
     hold.release()?;
     Ok(running.run()?)
@@ -509,7 +509,6 @@ fn extras(
     before_ready: Box<dyn FnOnce() -> io::Result<()>>,
     service: Option<Box<dyn event_loop::Service>>,
     pcap: Option<crate::pcap::Pcap>,
-    resolv: Option<crate::resolv_watch::ResolvWatch>,
 ) -> Extras {
     Extras {
         exit_fd: None,
@@ -529,7 +528,7 @@ fn extras(
         publish_ipv6: false,
         max_api_clients: 0,
         busy_poll: std::time::Duration::from_micros(50),
-        resolv,
+        resolv: None,
         before_ready: Some(before_ready),
         service,
         pcap,
