@@ -75,6 +75,11 @@ pub trait Service {
     fn owns(&self, token: Token) -> bool;
     /// A readiness event of one of its sources.
     fn handle(&mut self, token: Token, registry: &mio::Registry);
+    /// Bytes it has moved by itself (not through the TAP) so far: a stream there is bulk
+    /// traffic too, not spun for ([`crate::busy_poll`]).
+    fn bytes_relayed(&self) -> u64 {
+        0
+    }
     /// A published-port connection from a loopback client that the forwarder handed over
     /// ([`forwarder::Config::loopback_handoff`]); dropping it closes it.
     fn take_connection(&mut self, conn: forwarder::port::Handoff, registry: &mio::Registry) {
@@ -686,7 +691,8 @@ impl Running {
             // A stream has buffers on both sides and gains nothing from a faster wake-up,
             // so it is not spun for.
             let c = fwd.counters();
-            let spin = !bulk.is_bulk(std::time::Instant::now(), c.rx_bytes + c.tx_bytes);
+            let relayed = extras.service.as_ref().map_or(0, |s| s.bytes_relayed());
+            let spin = !bulk.is_bulk(std::time::Instant::now(), c.rx_bytes + c.tx_bytes + relayed);
             if let Err(e) = waiter.wait(&mut poll, &mut events, timeout, spin) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;

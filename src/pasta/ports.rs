@@ -137,6 +137,8 @@ struct Relay {
     assoc: BTreeMap<(usize, SocketAddr), usize>,
     /// `-T/-U` listeners by (proto, namespace port), for `auto`.
     listeners: BTreeMap<(Proto, u16), Vec<usize>>,
+    /// Bytes written to either side so far.
+    moved: u64,
 }
 
 fn token(key: usize) -> Token {
@@ -320,7 +322,10 @@ impl Relay {
             while src.pipe.len > 0 {
                 match splice(src.pipe.r.as_fd(), dst.sock.as_fd(), src.pipe.len)? {
                     Some(0) => return Ok(true),
-                    Some(n) => src.pipe.len -= n,
+                    Some(n) => {
+                        src.pipe.len -= n;
+                        self.moved += n as u64;
+                    }
                     None => return Ok(false),
                 }
             }
@@ -401,6 +406,7 @@ impl Relay {
             if let Some(Entry::UdpAssoc { sock, last, .. }) = self.entries.get_mut(assoc) {
                 *last = Instant::now();
                 let _ = sock.send(&buf[..n]);
+                self.moved += n as u64;
             }
         }
     }
@@ -424,6 +430,7 @@ impl Relay {
             };
             if let Some(Entry::UdpListen { sock, .. }) = self.entries.get(listener) {
                 let _ = sock.send_to(&buf[..n], client);
+                self.moved += n as u64;
             }
             if let Some(Entry::UdpAssoc { last, .. }) = self.entries.get_mut(key) {
                 *last = Instant::now();
@@ -732,6 +739,10 @@ impl Service for PastaPorts {
 
     fn handle(&mut self, token: Token, registry: &Registry) {
         self.relay.handle(token.0 - SERVICE_TOKENS, registry);
+    }
+
+    fn bytes_relayed(&self) -> u64 {
+        self.relay.moved
     }
 
     fn take_connection(&mut self, conn: forwarder::port::Handoff, registry: &Registry) {
