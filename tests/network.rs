@@ -115,6 +115,21 @@ impl<'t> Nets<'t> {
         std::fs::read_to_string(self.run.join("usernet").join(format!("{net}.log")))
             .unwrap_or_default()
     }
+
+    /// Waits up to `t` for member `who` (named `left` in the log, e.g. `doomed
+    /// (10.95.0.101)`) to have left `net`, which then has `count` members.
+    #[track_caller]
+    fn assert_left(&self, net: &str, who: &str, count: usize, t: Duration) {
+        let left = wait_for(t, || {
+            self.inspect(net)["members"]
+                .as_array()
+                .is_some_and(|m| m.len() == count)
+                .then_some(())
+        });
+        assert!(left.is_some(), "{}", self.inspect(net));
+        let log = self.log(net);
+        assert!(log.contains(&format!("member {who} left")), "{log}");
+    }
 }
 
 fn ip4(v: &serde_json::Value) -> Ipv4Addr {
@@ -486,18 +501,7 @@ fn a_member_killed_mid_transfer_leaves_the_others_going() {
     drop(doomed);
     upload.join().expect("steady's upload");
     // The doomed member is gone: its address, name and port.
-    let gone = wait_for(Duration::from_secs(5), || {
-        n.inspect("n6")["members"]
-            .as_array()
-            .is_some_and(|m| m.len() == 2)
-            .then_some(())
-    });
-    assert!(gone.is_some(), "{}", n.inspect("n6"));
-    assert!(
-        n.log("n6").contains("member doomed (10.95.0.101) left"),
-        "{}",
-        n.log("n6")
-    );
+    n.assert_left("n6", "doomed (10.95.0.101)", 2, Duration::from_secs(5));
     drop((server, steady));
 }
 
@@ -772,18 +776,7 @@ fn connect_by_pid_joins_its_namespace_and_leaves_with_the_process() {
     );
     // The process ends: the member leaves (the namespace, a named one, stays).
     drop(holder);
-    let left = wait_for(Duration::from_secs(10), || {
-        n.inspect("n12")["members"]
-            .as_array()
-            .is_some_and(|m| m.len() == 1)
-            .then_some(())
-    });
-    assert!(left.is_some(), "{}", n.inspect("n12"));
-    assert!(
-        n.log("n12").contains("member bypid (10.101.0.101) left"),
-        "{}",
-        n.log("n12")
-    );
+    n.assert_left("n12", "bypid (10.101.0.101)", 1, Duration::from_secs(10));
     let gone = || {
         let mut cmd = Command::new("ip");
         cmd.args(["-n", &t.container, "link", "show", "eth0"]);
