@@ -80,8 +80,8 @@ pub trait Service {
     fn bytes_relayed(&self) -> u64 {
         0
     }
-    /// A published-port connection from a loopback client that the forwarder handed over
-    /// ([`forwarder::Config::loopback_handoff`]); dropping it closes it.
+    /// A published-port connection or datagram from a loopback client that the forwarder
+    /// handed over ([`forwarder::Config::loopback_handoff`]); dropping it closes it.
     fn take_connection(&mut self, conn: forwarder::port::Handoff, registry: &mio::Registry) {
         let _ = (conn, registry);
     }

@@ -972,10 +972,13 @@ fn pasta_loopback_clients_of_t_ports_reach_the_namespace_address_from_inside() {
     let args = podman53(
         &t.container_ns(),
         &[
-            "-t", "8081:81", "-t", "8082:82", "-t", "8083:83", "-t", "8084:84",
+            "-t", "8081:81", "-t", "8082:82", "-t", "8083:83", "-t", "8084:84", "-u", "5301:53",
+            "-u", "5302:54",
         ],
     );
     let ns = t.container_ns();
+    let udp = UdpEcho::start(&ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 53));
+    let udp_lo = UdpEcho::start(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 54));
     let sink = TcpServer::sink(&ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 81));
     let lo_only = TcpServer::echo(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 82));
     let sink6 = TcpServer6::sink(&ns, SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 83, 0, 0));
@@ -996,7 +999,31 @@ fn pasta_loopback_clients_of_t_ports_reach_the_namespace_address_from_inside() {
             got.as_deref().is_none_or(<[u8]>::is_empty),
             "a loopback-only server was reached: {got:?}"
         );
+        // UDP: the reply comes back from the port asked; the client's port is kept.
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        for i in 0..3u8 {
+            let msg = [b'u', i, 0x55, 0xaa];
+            udp_roundtrip(&s, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5301), &msg, 3)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let port = s.local_addr().expect("local").port();
+        let lo = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        assert!(
+            udp_roundtrip(&lo, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5302), b"lo", 1).is_err(),
+            "a loopback-only UDP server was reached"
+        );
+        assert_eq!(
+            *udp.stats.peers.lock().unwrap(),
+            vec![SocketAddr::from((HOST_ADDR, port)); 3]
+        );
     });
+    assert_eq!(
+        udp_lo
+            .stats
+            .accepted
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     // A client from outside keeps the TAP path and its own address.
     t.in_world(|| upload_to_sink(SocketAddrV4::new(HOST_ADDR, 8081), 0x14, 1 << 20));
     // The loopback client appears as the namespace's own address (a local client).
@@ -1015,9 +1042,13 @@ fn pasta_loopback_clients_of_t_ports_reach_the_namespace_address_from_inside() {
 #[test]
 fn pasta_host_lo_to_ns_lo_brings_loopback_clients_to_the_namespace_loopback() {
     let Some(t) = topology(true) else { return };
-    let mut args = podman53(&t.container_ns(), &["-t", "8082:82", "-t", "8083:83"]);
+    let mut args = podman53(
+        &t.container_ns(),
+        &["-t", "8082:82", "-t", "8083:83", "-u", "5302:54"],
+    );
     args.insert(0, "--host-lo-to-ns-lo".into());
     let ns = t.container_ns();
+    let udp_lo = UdpEcho::start(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 54));
     let lo_only = TcpServer::echo(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 82));
     let sink6 = TcpServer6::sink(&ns, SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 83, 0, 0));
     let _p = Pasta::start(&t, &strs(&args));
@@ -1036,7 +1067,16 @@ fn pasta_host_lo_to_ns_lo_brings_loopback_clients_to_the_namespace_loopback() {
             0x21,
             4 << 20,
         );
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        udp_roundtrip(
+            &s,
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5302),
+            b"to ns lo",
+            3,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
     });
+    assert_eq!(udp_lo.stats.peer_ips(), vec![Ipv4Addr::LOCALHOST]);
     assert_eq!(lo_only.stats.peer_ips(), vec![Ipv4Addr::LOCALHOST]);
     assert_eq!(sink6.stats.peer_ips6(), vec![Ipv6Addr::LOCALHOST]);
 }

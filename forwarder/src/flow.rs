@@ -1165,7 +1165,7 @@ impl Nat {
             };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
                 c.tcp_handed_off += 1;
-                self.handoffs.push(port::Handoff {
+                self.handoffs.push(port::Handoff::Tcp {
                     stream,
                     client,
                     guest_port: guest.port(),
@@ -1236,6 +1236,21 @@ impl Nat {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
+            if self.cfg.loopback_handoff && client.ip().is_loopback() {
+                match socket2::SockRef::from(sock).try_clone() {
+                    Ok(dup) => {
+                        c.udp_handed_off += 1;
+                        self.handoffs.push(port::Handoff::Udp {
+                            socket: dup.into(),
+                            client,
+                            data: self.scratch[..n].to_vec(),
+                            guest_port: rule_guest.port(),
+                        });
+                    }
+                    Err(_) => c.udp_send_dropped += 1,
+                }
+                continue;
+            }
             let (guest, remote) = self.inbound_ends(client, rule_guest, false);
             let key = FlowKey { guest, remote };
             match self.udp_map.get(&key).and_then(|&f| self.flows.get_mut(f)) {

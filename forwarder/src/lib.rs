@@ -175,9 +175,9 @@ pub struct Config {
     pub guest_v6: Option<Ipv6Addr>,
     /// Bytes of smoltcp buffer per TCP flow and direction.
     pub tcp_buffer: usize,
-    /// TCP connections accepted on a published port from a loopback client are not
-    /// forwarded through the guest link but handed to the caller
-    /// ([`Forwarder::handoffs`]), who connects them inside the guest's namespace: pasta's
+    /// TCP connections and UDP datagrams of published ports from loopback clients are
+    /// not forwarded through the guest link but handed to the caller
+    /// ([`Forwarder::handoffs`]), who sends them on inside the guest's namespace: pasta's
     /// "splice" path.
     pub loopback_handoff: bool,
     /// UDP flows are closed after this long without traffic.
@@ -267,6 +267,9 @@ counters! {
         tcp_handed_off,
         /// TCP segments of no flow (answered with RST).
         tcp_stray_segments,
+        /// Published-port datagrams from loopback clients handed to pasta mode's relay
+        /// inside the namespace (they do not cross the guest link).
+        udp_handed_off,
         /// UDP flows opened.
         udp_opened,
         /// UDP flows closed.
@@ -674,8 +677,8 @@ impl Forwarder {
             .add_port(proto, host, device, guest_addr, guest_port, registry)
     }
 
-    /// The loopback connections accepted on published TCP ports since the last call,
-    /// when [`Config::loopback_handoff`] is set; whatever is not taken is closed.
+    /// The loopback connections and datagrams of published ports since the last call,
+    /// when [`Config::loopback_handoff`] is set; whatever is not taken is dropped.
     pub fn handoffs(&mut self) -> std::vec::Drain<'_, port::Handoff> {
         self.nat.handoffs()
     }

@@ -15,9 +15,10 @@
 //! keeping their port where it is free.
 //!
 //! **Loopback clients in pasta mode.** With [`crate::Config::loopback_handoff`], a TCP
-//! connection from a loopback client is not forwarded at all: it is handed to the caller
-//! as a [`Handoff`], who connects it inside the guest's namespace and relays it there
-//! (pasta's model; see `src/pasta/ports.rs`).
+//! connection or a UDP datagram from a loopback client is not forwarded at all: it is
+//! handed to the caller as a [`Handoff`], who sends it on inside the guest's namespace
+//! (pasta's model; see `src/pasta/ports.rs`). A datagram is a copy and comes with a
+//! duplicate of the rule's socket: loopback UDP is not the path bulk traffic takes.
 //!
 //! Limits: a rule count bound ([`MAX_RULES`]); connections and associations count
 //! against the TCP and UDP flow limits like outbound flows.
@@ -67,16 +68,30 @@ pub struct PortRule {
     pub device: Option<String>,
 }
 
-/// A TCP connection from a loopback client, accepted on a published port and handed to
-/// the caller instead of entering the guest ([`crate::Config::loopback_handoff`]).
+/// What a published port received from a loopback client and handed to the caller
+/// instead of forwarding it through the guest link ([`crate::Config::loopback_handoff`]).
 #[derive(Debug)]
-pub struct Handoff {
-    /// The accepted connection.
-    pub stream: mio::net::TcpStream,
-    /// The client (a loopback address).
-    pub client: SocketAddr,
-    /// The guest port the rule forwards to.
-    pub guest_port: u16,
+pub enum Handoff {
+    /// An accepted TCP connection.
+    Tcp {
+        /// The connection.
+        stream: mio::net::TcpStream,
+        /// The client (a loopback address).
+        client: SocketAddr,
+        /// The guest port the rule forwards to.
+        guest_port: u16,
+    },
+    /// A datagram; answers go to `client` through `socket`.
+    Udp {
+        /// A duplicate of the rule's socket (non-blocking).
+        socket: std::net::UdpSocket,
+        /// The client (a loopback address).
+        client: SocketAddr,
+        /// The datagram.
+        data: Vec<u8>,
+        /// The guest port the rule forwards to.
+        guest_port: u16,
+    },
 }
 
 /// Why a rule could not be added or removed.

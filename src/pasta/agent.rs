@@ -19,6 +19,9 @@
 //! - `C` + the same address form: a TCP socket of the namespace, non-blocking, whose
 //!   connection to that address is under way (pasta mode's loopback clients of `-t`
 //!   ports), sent back the same way.
+//! - `U` + the same address form + a local port: a UDP socket of the namespace bound to
+//!   that local port (any port if it is taken) and connected to the address (loopback
+//!   clients of `-u` ports, whose source port pasta keeps).
 //!
 //! The helper dies with usernet (`PR_SET_PDEATHSIG`) and exits when its socket closes;
 //! its fds 0-2 are on `/dev/null` (it must not hold the caller's pipes).
@@ -151,7 +154,7 @@ impl Agent {
     /// # Errors
     /// The helper's errno (`EADDRINUSE`, ...), or the helper is gone.
     pub fn bind(&self, proto: Proto, addr: SocketAddr) -> io::Result<OwnedFd> {
-        self.socket_request(&[b'L', proto_byte(proto)], addr)
+        self.socket_request(&[b'L', proto_byte(proto)], addr, &[])
     }
 
     /// A TCP socket inside the namespace connecting to `addr`, non-blocking (the
@@ -160,20 +163,30 @@ impl Agent {
     /// # Errors
     /// The helper's errno, or the helper is gone.
     pub fn connect(&self, addr: SocketAddr) -> io::Result<OwnedFd> {
-        self.socket_request(b"C", addr)
+        self.socket_request(b"C", addr, &[])
     }
 
-    /// Sends `head` + `addr` and receives a socket or an errno.
-    fn socket_request(&self, head: &[u8], addr: SocketAddr) -> io::Result<OwnedFd> {
-        let mut req = [0u8; 20];
-        req[..head.len()].copy_from_slice(head);
+    /// A UDP socket inside the namespace bound to `local_port` (any port if that one is
+    /// taken) and connected to `addr`, non-blocking.
+    ///
+    /// # Errors
+    /// The helper's errno, or the helper is gone.
+    pub fn udp_connect(&self, addr: SocketAddr, local_port: u16) -> io::Result<OwnedFd> {
+        self.socket_request(b"U", addr, &local_port.to_be_bytes())
+    }
+
+    /// Sends `head` + `addr` + `tail` and receives a socket or an errno.
+    fn socket_request(&self, head: &[u8], addr: SocketAddr, tail: &[u8]) -> io::Result<OwnedFd> {
+        let mut req = [0u8; 24];
         let ip6 = match addr.ip() {
             IpAddr::V4(v4) => v4.to_ipv6_mapped(),
             IpAddr::V6(v6) => v6,
         };
-        let n = head.len() + 18;
-        req[head.len()..head.len() + 16].copy_from_slice(&ip6.octets());
-        req[head.len() + 16..n].copy_from_slice(&addr.port().to_be_bytes());
+        let mut n = 0;
+        for part in [head, &ip6.octets(), &addr.port().to_be_bytes(), tail] {
+            req[n..n + part.len()].copy_from_slice(part);
+            n += part.len();
+        }
         send(&self.sock, &req[..n])?;
         let mut buf = [0u8; 8];
         let (n, fd) = sys::recv_with_fd(self.sock.as_fd(), &mut buf)?;
@@ -235,6 +248,10 @@ fn serve(sock: &OwnedFd) -> i32 {
                 answer(sock, bind_here(*p, socket_addr(rest)))
             }
             [b'C', rest @ ..] if rest.len() == 18 => answer(sock, connect_here(socket_addr(rest))),
+            [b'U', rest @ ..] if rest.len() == 20 => {
+                let local = u16::from_be_bytes([rest[18], rest[19]]);
+                answer(sock, udp_connect_here(socket_addr(rest), local))
+            }
             _ => false,
         };
         if !ok {
@@ -275,6 +292,24 @@ fn connect_here(addr: SocketAddr) -> io::Result<OwnedFd> {
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }
+    Ok(sock.into())
+}
+
+fn udp_connect_here(addr: SocketAddr, local_port: u16) -> io::Result<OwnedFd> {
+    use socket2::{Domain, Socket, Type};
+    let domain = Domain::for_address(addr);
+    let sock = Socket::new(domain, Type::DGRAM, None)?;
+    sock.set_nonblocking(true)?;
+    sock.set_cloexec(true)?;
+    let any: IpAddr = if addr.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    if sock.bind(&SocketAddr::new(any, local_port).into()).is_err() {
+        sock.bind(&SocketAddr::new(any, 0).into())?;
+    }
+    sock.connect(&addr.into())?;
     Ok(sock.into())
 }
 

@@ -16,14 +16,18 @@
 //! the host listens on (loopback or wildcard, read from this process's own
 //! `/proc/net`), rescanned like `-t auto`, minus the ports usernet itself publishes.
 //!
-//! **Loopback clients of `-t` ports** (pasta's "splice" path): a connection to a forwarded
-//! TCP port from the host's loopback does not cross the TAP. The forwarder hands it over
+//! **Loopback clients of `-t` and `-u` ports** (pasta's "splice" path): a connection to
+//! a forwarded TCP port from the host's loopback does not cross the TAP. The forwarder hands it over
 //! ([`forwarder::Config::loopback_handoff`]), the agent opens a socket inside the
 //! namespace connecting to the namespace's own address (with `--host-lo-to-ns-lo`: its
 //! loopback address) at the target port, and the two are relayed here. As in pasta, the
 //! namespace's server sees a local client (its own address, or `127.0.0.1`/`::1`), and a
 //! server bound only to the namespace's loopback is reached only with
 //! `--host-lo-to-ns-lo`. Other clients keep the TAP path and their real addresses.
+//! Datagrams of a loopback client of a `-u` port go the same way: the agent makes a UDP
+//! socket in the namespace bound to the client's port (as pasta keeps it; any port if it
+//! is taken) and connected to the target; the namespace's replies go back through the
+//! rule's own socket. Such an association ends after [`UDP_IDLE`] without traffic.
 //!
 //! **Relaying TCP** moves bytes with `splice(2)` through one pipe per direction: the data
 //! never enters this process's memory, as in pasta. A side reads into its pipe only once
@@ -38,7 +42,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use forwarder::port::Proto;
+use forwarder::port::{Handoff, Proto};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use slab::Slab;
@@ -74,6 +78,15 @@ enum Entry {
         sock: UdpSocket,
         listener: usize,
         client: SocketAddr,
+        last: Instant,
+    },
+    /// A loopback client of a `-u` port: `ns` is connected to the namespace's side,
+    /// replies go to `client` through `host` (the rule's socket).
+    UdpSplice {
+        ns: UdpSocket,
+        host: std::net::UdpSocket,
+        client: SocketAddr,
+        guest_port: u16,
         last: Instant,
     },
 }
@@ -129,6 +142,14 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<Op
     }
 }
 
+/// A datagram of a loopback client of a `-u` port ([`Handoff::Udp`]'s fields).
+struct UdpHandoff {
+    socket: std::net::UdpSocket,
+    client: SocketAddr,
+    data: Vec<u8>,
+    guest_port: u16,
+}
+
 /// The relay of `-T/-U`.
 #[derive(Default)]
 struct Relay {
@@ -139,6 +160,8 @@ struct Relay {
     listeners: BTreeMap<(Proto, u16), Vec<usize>>,
     /// Bytes written to either side so far.
     moved: u64,
+    /// Loopback clients of `-u` ports by (client, guest port).
+    spliced: BTreeMap<(SocketAddr, u16), usize>,
 }
 
 fn token(key: usize) -> Token {
@@ -209,7 +232,74 @@ impl Relay {
             Some(Entry::TcpSide(_)) => self.pump_pair(key, registry),
             Some(Entry::UdpListen { .. }) => self.udp_from_ns(key, registry),
             Some(Entry::UdpAssoc { .. }) => self.udp_from_host(key),
+            Some(Entry::UdpSplice { .. }) => self.udp_splice_reply(key),
             None => {}
+        }
+    }
+
+    /// A datagram of a loopback client of a `-u` port, for `to` in the namespace.
+    fn udp_splice(&mut self, agent: &Agent, h: UdpHandoff, to: SocketAddr, registry: &Registry) {
+        let key = match self.spliced.get(&(h.client, h.guest_port)) {
+            Some(&k) => k,
+            None => {
+                if self.relays() >= MAX_RELAYS {
+                    return;
+                }
+                let mut ns = match agent.udp_connect(to, h.client.port()) {
+                    Ok(fd) => UdpSocket::from_std(std::net::UdpSocket::from(fd)),
+                    Err(e) => {
+                        log::debug!("cannot reach {to} in the namespace: {e}");
+                        return;
+                    }
+                };
+                let k = self.entries.vacant_key();
+                if registry
+                    .register(&mut ns, token(k), Interest::READABLE)
+                    .is_err()
+                {
+                    return;
+                }
+                self.entries.insert(Entry::UdpSplice {
+                    ns,
+                    host: h.socket,
+                    client: h.client,
+                    guest_port: h.guest_port,
+                    last: Instant::now(),
+                });
+                self.spliced.insert((h.client, h.guest_port), k);
+                k
+            }
+        };
+        if let Some(Entry::UdpSplice { ns, last, .. }) = self.entries.get_mut(key) {
+            *last = Instant::now();
+            if ns.send(&h.data).is_ok() {
+                self.moved += h.data.len() as u64;
+            }
+        }
+    }
+
+    /// Replies from the namespace to a loopback client of a `-u` port.
+    fn udp_splice_reply(&mut self, key: usize) {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Some(Entry::UdpSplice {
+                ns,
+                host,
+                client,
+                last,
+                ..
+            }) = self.entries.get_mut(key)
+            else {
+                return;
+            };
+            let n = match ns.recv(&mut buf) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            *last = Instant::now();
+            if host.send_to(&buf[..n], *client).is_ok() {
+                self.moved += n as u64;
+            }
         }
     }
 
@@ -439,23 +529,39 @@ impl Relay {
     }
 
     fn expire(&mut self, now: Instant, registry: &Registry) {
-        let stale: Vec<(usize, (usize, SocketAddr))> = self
+        let stale: Vec<usize> = self
             .entries
             .iter()
             .filter_map(|(k, e)| match e {
-                Entry::UdpAssoc {
-                    listener,
-                    client,
-                    last,
-                    ..
-                } if now.duration_since(*last) > UDP_IDLE => Some((k, (*listener, *client))),
+                Entry::UdpAssoc { last, .. } | Entry::UdpSplice { last, .. }
+                    if now.duration_since(*last) > UDP_IDLE =>
+                {
+                    Some(k)
+                }
                 _ => None,
             })
             .collect();
-        for (k, a) in stale {
-            self.assoc.remove(&a);
-            if let Some(Entry::UdpAssoc { mut sock, .. }) = self.entries.try_remove(k) {
-                let _ = registry.deregister(&mut sock);
+        for k in stale {
+            match self.entries.try_remove(k) {
+                Some(Entry::UdpAssoc {
+                    mut sock,
+                    listener,
+                    client,
+                    ..
+                }) => {
+                    self.assoc.remove(&(listener, client));
+                    let _ = registry.deregister(&mut sock);
+                }
+                Some(Entry::UdpSplice {
+                    mut ns,
+                    client,
+                    guest_port,
+                    ..
+                }) => {
+                    self.spliced.remove(&(client, guest_port));
+                    let _ = registry.deregister(&mut ns);
+                }
+                _ => {}
             }
         }
     }
@@ -499,7 +605,7 @@ fn is_auto(spec: &PortSpec) -> bool {
 
 impl PastaPorts {
     /// The service for `opts` in a namespace with addresses `ns_v4` and `ns_v6`, or
-    /// `None` when there is nothing to do (no TCP port forwarded either way, nothing
+    /// `None` when there is nothing to do (no port forwarded either way, nothing
     /// dynamic).
     ///
     /// # Errors
@@ -536,8 +642,11 @@ impl PastaPorts {
             || auto_tcp_ns.is_some()
             || auto_udp_ns.is_some()
             || !ns_static.is_empty();
-        let tcp_forwarded = !opts.tcp.ranges.is_empty() || !opts.tcp.all_but.is_empty();
-        if !dynamic && !tcp_forwarded {
+        // Loopback clients of forwarded ports are relayed here.
+        let forwarded = [&opts.tcp, &opts.udp]
+            .iter()
+            .any(|s| !s.ranges.is_empty() || !s.all_but.is_empty());
+        if !dynamic && !forwarded {
             return Ok(None);
         }
         let agent = Agent::spawn(target, opts.userns.as_deref())?;
@@ -745,30 +854,56 @@ impl Service for PastaPorts {
         self.relay.moved
     }
 
-    fn take_connection(&mut self, conn: forwarder::port::Handoff, registry: &Registry) {
+    fn take_connection(&mut self, conn: Handoff, registry: &Registry) {
+        let (client, guest_port) = match &conn {
+            Handoff::Tcp {
+                client, guest_port, ..
+            }
+            | Handoff::Udp {
+                client, guest_port, ..
+            } => (*client, *guest_port),
+        };
         // The client's family first; a namespace without it is reached by the other.
         let (v4, v6) = self.splice_to;
-        let to_v4 = v4.map(|a| SocketAddr::new(a.into(), conn.guest_port));
-        let to_v6 = v6.map(|a| SocketAddr::new(a.into(), conn.guest_port));
-        let to = if conn.client.is_ipv6() {
+        let to_v4 = v4.map(|a| SocketAddr::new(a.into(), guest_port));
+        let to_v6 = v6.map(|a| SocketAddr::new(a.into(), guest_port));
+        let to = if client.is_ipv6() {
             to_v6.or(to_v4)
         } else {
             to_v4.or(to_v6)
         };
         let Some(to) = to else { return };
-        if self.relay.relays() + 2 > MAX_RELAYS {
-            log::debug!("relay table full: connection from {} refused", conn.client);
-            return;
-        }
-        let ns = match self.agent.connect(to) {
-            Ok(fd) => TcpStream::from_std(std::net::TcpStream::from(fd)),
-            Err(e) => {
-                log::debug!("cannot connect to {to} in the namespace: {e}");
-                return;
+        match conn {
+            Handoff::Udp {
+                socket,
+                client,
+                data,
+                guest_port,
+            } => {
+                let h = UdpHandoff {
+                    socket,
+                    client,
+                    data,
+                    guest_port,
+                };
+                self.relay.udp_splice(&self.agent, h, to, registry);
             }
-        };
-        if let Err(e) = self.relay.add_pair(conn.stream, ns, registry) {
-            log::debug!("relay of {} to {to}: {e}", conn.client);
+            Handoff::Tcp { stream, .. } => {
+                if self.relay.relays() + 2 > MAX_RELAYS {
+                    log::debug!("relay table full: connection from {client} refused");
+                    return;
+                }
+                let ns = match self.agent.connect(to) {
+                    Ok(fd) => TcpStream::from_std(std::net::TcpStream::from(fd)),
+                    Err(e) => {
+                        log::debug!("cannot connect to {to} in the namespace: {e}");
+                        return;
+                    }
+                };
+                if let Err(e) = self.relay.add_pair(stream, ns, registry) {
+                    log::debug!("relay of {client} to {to}: {e}");
+                }
+            }
         }
     }
 }
