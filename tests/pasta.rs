@@ -1110,3 +1110,37 @@ fn pasta_dns_forward_follows_resolv_conf_changes() {
     });
     assert!(switched, "the forwarder never asked the new nameserver");
 }
+
+#[test]
+fn pasta_dns_option_names_the_resolvers_dns_forward_uses() {
+    let Some(t) = topology(false) else { return };
+    let from_resolv_conf = DnsServer::start(&t);
+    let named = DnsServer::start_at(
+        &t.host_ns(),
+        SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 3), 53),
+    );
+    t.set_host_resolv_conf("nameserver 127.0.0.1\n");
+    let mut args = podman53(&t.container_ns(), &[]);
+    args.splice(0..0, ["-D".to_owned(), "127.0.0.3".to_owned()]);
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_container(|| {
+        let q = dns_query(0x4444, DNS_NAME, QTYPE_A);
+        let r = dns_udp_exchange(SocketAddrV4::new(DNS_FWD, 53), &q).expect("no DNS answer");
+        assert_eq!(parse_dns(&r).expect("malformed").a, vec![WORLD]);
+    });
+    let ord = std::sync::atomic::Ordering::SeqCst;
+    assert!(named.udp_queries.load(ord) >= 1);
+    assert_eq!(from_resolv_conf.udp_queries.load(ord), 0);
+    // An address that is not one is refused before anything starts.
+    let f = Pasta::run(
+        &t,
+        &[
+            "--config-net",
+            "-D",
+            "0.0.0.0",
+            "--netns",
+            &t.container_ns(),
+        ],
+    );
+    assert_eq!(f.first.code(), Some(1), "{}", f.first);
+}

@@ -365,6 +365,9 @@ fn nameservers(opts: &PastaOpts) -> Vec<SocketAddr> {
     if let Some(host) = opts.dns_host {
         return vec![SocketAddr::new(host, 53)];
     }
+    if !opts.dns.is_empty() {
+        return opts.dns.iter().map(|&a| SocketAddr::new(a, 53)).collect();
+    }
     match forwarder::dns::read_resolv_conf(Path::new("/etc/resolv.conf")) {
         Ok(list) => list,
         Err(e) => {
@@ -374,11 +377,14 @@ fn nameservers(opts: &PastaOpts) -> Vec<SocketAddr> {
     }
 }
 
-/// With `--dns-forward` and the resolver taken from resolv.conf (no `--dns-host`), the
+/// With `--dns-forward` and the resolver taken from resolv.conf (no `--dns-host`, no `-D`), the
 /// watch that follows resolv.conf's changes (a VPN, another network): usernet's addition,
 /// pasta reads it once.
 fn resolv_watch(opts: &PastaOpts) -> Option<crate::resolv_watch::ResolvWatch> {
-    if opts.dns_host.is_some() || (opts.dns_forward4.is_none() && opts.dns_forward6.is_none()) {
+    if opts.dns_host.is_some()
+        || !opts.dns.is_empty()
+        || (opts.dns_forward4.is_none() && opts.dns_forward6.is_none())
+    {
         return None;
     }
     match crate::resolv_watch::ResolvWatch::new(Path::new("/etc/resolv.conf"), nameservers(opts)) {

@@ -539,6 +539,9 @@ pub struct PastaOpts {
     pub dns_forward6: Option<Ipv6Addr>,
     /// `--dns-host`: the upstream for `--dns-forward` instead of resolv.conf's first.
     pub dns_host: Option<IpAddr>,
+    /// `-D/--dns ADDR` (repeatable): the resolvers `--dns-forward` uses instead of
+    /// resolv.conf's.
+    pub dns: Vec<IpAddr>,
     /// `--no-map-gw`.
     pub no_map_gw: bool,
     /// `--map-host-loopback ADDR` per family.
@@ -703,12 +706,14 @@ impl PastaOpts {
                 IpAddr::V6(a) => self.outbound6 = Some(a),
             },
             // podman 5.0 passes `--dns none`: announce no resolver (usernet announces
-            // none in pasta mode anyway). Announcing other addresses is not implemented.
+            // none by DHCP or NDP in pasta mode anyway).
             'D' if v == "none" => {}
             'D' => {
-                return Err(PastaError::Invalid(format!(
-                    "--dns {v}: usernet only takes --dns none (it offers no DHCP/NDP resolver in pasta mode)"
-                )))
+                let a = ip()?;
+                if a.is_unspecified() {
+                    return Err(bad("DNS address"));
+                }
+                self.dns.push(a);
             }
             '4' => self.v4_only = true,
             '6' => self.v6_only = true,
@@ -757,13 +762,21 @@ impl PastaOpts {
             // pasta drops to this user when started as root. usernet keeps its user, so
             // only the user it already runs as is accepted.
             '\u{d}' => {
-                let (user, group) = v.split_once(':').map_or((v.as_str(), None), |(u, g)| (u, Some(g)));
+                let (user, group) = v
+                    .split_once(':')
+                    .map_or((v.as_str(), None), |(u, g)| (u, Some(g)));
                 let uid = user.parse::<u32>().ok().or_else(|| {
-                    nix::unistd::User::from_name(user).ok().flatten().map(|u| u.uid.as_raw())
+                    nix::unistd::User::from_name(user)
+                        .ok()
+                        .flatten()
+                        .map(|u| u.uid.as_raw())
                 });
                 let gid = group.map(|g| {
                     g.parse::<u32>().ok().or_else(|| {
-                        nix::unistd::Group::from_name(g).ok().flatten().map(|g| g.gid.as_raw())
+                        nix::unistd::Group::from_name(g)
+                            .ok()
+                            .flatten()
+                            .map(|g| g.gid.as_raw())
                     })
                 });
                 let same_uid = uid == Some(nix::unistd::geteuid().as_raw());
@@ -774,9 +787,7 @@ impl PastaOpts {
                     )));
                 }
             }
-            '\u{c}' => {
-                self.ns_mac = Some(crate::conf::parse_mac(&v).map_err(PastaError::Invalid)?)
-            }
+            '\u{c}' => self.ns_mac = Some(crate::conf::parse_mac(&v).map_err(PastaError::Invalid)?),
             _ => return Err(PastaError::Unrecognized(format!("--{name}"))),
         }
         Ok(())
@@ -1002,7 +1013,7 @@ usernet taking pasta's command line. Options:
   -e, --stderr             (accepted, no effect)   -l, --log-file F   log to F
   -p, --pcap FILE          write frames to FILE    -P, --pid FILE     write the PID to FILE
   -m, --mtu MTU            (default 65520)         -a, --address A    -n, --netmask M
-  -g, --gateway G          -i, --interface IF      -o, --outbound A   -D, --dns none
+  -g, --gateway G          -i, --interface IF      -o, --outbound A   -D, --dns ADDR|none
   -4, --ipv4-only          -6, --ipv6-only         -I, --ns-ifname N  --ns-mac-addr MAC
   -t, --tcp-ports SPEC     -u, --udp-ports SPEC    -T, --tcp-ns SPEC  -U, --udp-ns SPEC
       SPEC: none | auto | [[ADDR][%IF]/]FIRST[-LAST][:TO[-TOLAST]] | ~FIRST[-LAST], comma
