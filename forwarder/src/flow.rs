@@ -1237,11 +1237,14 @@ impl Nat {
                 Err(_) => return,
             };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
-                match socket2::SockRef::from(sock).try_clone() {
-                    Ok(dup) => {
+                let Some(Flow::Port(l)) = self.flows.get_mut(id) else {
+                    return;
+                };
+                match l.handoff_socket() {
+                    Ok(socket) => {
                         c.udp_handed_off += 1;
                         self.handoffs.push(port::Handoff::Udp {
-                            socket: dup.into(),
+                            socket,
                             client,
                             data: self.scratch[..n].to_vec(),
                             guest_port: rule_guest.port(),

@@ -18,7 +18,8 @@
 //! connection or a UDP datagram from a loopback client is not forwarded at all: it is
 //! handed to the caller as a [`Handoff`], who sends it on inside the guest's namespace
 //! (pasta's model; see `src/pasta/ports.rs`). A datagram is a copy and comes with a
-//! duplicate of the rule's socket: loopback UDP is not the path bulk traffic takes.
+//! duplicate of the rule's socket (made once per rule): loopback UDP is not the path bulk
+//! traffic takes.
 //!
 //! Limits: a rule count bound ([`MAX_RULES`]); connections and associations count
 //! against the TCP and UDP flow limits like outbound flows.
@@ -83,8 +84,8 @@ pub enum Handoff {
     },
     /// A datagram; answers go to `client` through `socket`.
     Udp {
-        /// A duplicate of the rule's socket (non-blocking).
-        socket: std::net::UdpSocket,
+        /// A duplicate of the rule's socket (non-blocking), shared by its handoffs.
+        socket: std::sync::Arc<std::net::UdpSocket>,
         /// The client (a loopback address).
         client: SocketAddr,
         /// The datagram.
@@ -157,6 +158,8 @@ pub(crate) struct Listener {
     /// When to try `accept` again after it failed for lack of fds (EMFILE): the
     /// connection waits in the backlog and no new edge will say so.
     pub retry: Option<smoltcp::time::Instant>,
+    /// A duplicate of a UDP rule's socket for [`Handoff::Udp`], made on the first one.
+    handoff_socket: Option<std::sync::Arc<std::net::UdpSocket>>,
 }
 
 impl Listener {
@@ -230,7 +233,24 @@ impl Listener {
             rule,
             socket,
             retry: None,
+            handoff_socket: None,
         })
+    }
+
+    /// The duplicate of a UDP rule's socket that handed-off datagrams are answered
+    /// through: one `dup` per rule, not one per datagram.
+    pub fn handoff_socket(&mut self) -> io::Result<std::sync::Arc<std::net::UdpSocket>> {
+        if let Some(s) = &self.handoff_socket {
+            return Ok(s.clone());
+        }
+        let ListenSocket::Udp(u) = &self.socket else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let dup = std::sync::Arc::new(std::net::UdpSocket::from(
+            socket2::SockRef::from(u).try_clone()?,
+        ));
+        self.handoff_socket = Some(dup.clone());
+        Ok(dup)
     }
 
     /// Deregisters and closes the host socket.

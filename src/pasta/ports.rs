@@ -84,7 +84,7 @@ enum Entry {
     /// replies go to `client` through `host` (the rule's socket).
     UdpSplice {
         ns: UdpSocket,
-        host: std::net::UdpSocket,
+        host: std::sync::Arc<std::net::UdpSocket>,
         client: SocketAddr,
         guest_port: u16,
         last: Instant,
@@ -144,15 +144,16 @@ fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<Op
 
 /// A datagram of a loopback client of a `-u` port ([`Handoff::Udp`]'s fields).
 struct UdpHandoff {
-    socket: std::net::UdpSocket,
+    socket: std::sync::Arc<std::net::UdpSocket>,
     client: SocketAddr,
     data: Vec<u8>,
     guest_port: u16,
 }
 
-/// The relay of `-T/-U`.
-#[derive(Default)]
+/// The relay of `-T/-U` and of loopback clients of `-t/-u` ports.
 struct Relay {
+    /// Receive buffer of the UDP relays (one datagram at a time).
+    buf: Box<[u8]>,
     entries: Slab<Entry>,
     /// UDP associations by (listener, client).
     assoc: BTreeMap<(usize, SocketAddr), usize>,
@@ -162,6 +163,19 @@ struct Relay {
     moved: u64,
     /// Loopback clients of `-u` ports by (client, guest port).
     spliced: BTreeMap<(SocketAddr, u16), usize>,
+}
+
+impl Default for Relay {
+    fn default() -> Relay {
+        Relay {
+            buf: vec![0u8; 65536].into_boxed_slice(),
+            entries: Slab::new(),
+            assoc: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            moved: 0,
+            spliced: BTreeMap::new(),
+        }
+    }
 }
 
 fn token(key: usize) -> Token {
@@ -280,7 +294,6 @@ impl Relay {
 
     /// Replies from the namespace to a loopback client of a `-u` port.
     fn udp_splice_reply(&mut self, key: usize) {
-        let mut buf = vec![0u8; 65536];
         loop {
             let Some(Entry::UdpSplice {
                 ns,
@@ -292,12 +305,12 @@ impl Relay {
             else {
                 return;
             };
-            let n = match ns.recv(&mut buf) {
+            let n = match ns.recv(&mut self.buf) {
                 Ok(n) => n,
                 Err(_) => return,
             };
             *last = Instant::now();
-            if host.send_to(&buf[..n], *client).is_ok() {
+            if host.send_to(&self.buf[..n], *client).is_ok() {
                 self.moved += n as u64;
             }
         }
@@ -448,13 +461,12 @@ impl Relay {
     }
 
     fn udp_from_ns(&mut self, key: usize, registry: &Registry) {
-        let mut buf = vec![0u8; 65536];
         loop {
             let Some(Entry::UdpListen { sock, to }) = self.entries.get(key) else {
                 return;
             };
             let to = *to;
-            let (n, client) = match sock.recv_from(&mut buf) {
+            let (n, client) = match sock.recv_from(&mut self.buf) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => return,
@@ -495,14 +507,13 @@ impl Relay {
             };
             if let Some(Entry::UdpAssoc { sock, last, .. }) = self.entries.get_mut(assoc) {
                 *last = Instant::now();
-                let _ = sock.send(&buf[..n]);
+                let _ = sock.send(&self.buf[..n]);
                 self.moved += n as u64;
             }
         }
     }
 
     fn udp_from_host(&mut self, key: usize) {
-        let mut buf = vec![0u8; 65536];
         loop {
             let Some(Entry::UdpAssoc {
                 sock,
@@ -514,12 +525,12 @@ impl Relay {
                 return;
             };
             let (listener, client) = (*listener, *client);
-            let n = match sock.recv(&mut buf) {
+            let n = match sock.recv(&mut self.buf) {
                 Ok(n) => n,
                 Err(_) => return,
             };
             if let Some(Entry::UdpListen { sock, .. }) = self.entries.get(listener) {
-                let _ = sock.send_to(&buf[..n], client);
+                let _ = sock.send_to(&self.buf[..n], client);
                 self.moved += n as u64;
             }
             if let Some(Entry::UdpAssoc { last, .. }) = self.entries.get_mut(key) {
