@@ -1144,3 +1144,48 @@ fn pasta_dns_option_names_the_resolvers_dns_forward_uses() {
     );
     assert_eq!(f.first.code(), Some(1), "{}", f.first);
 }
+
+/// A client socket is one association (issue 17), in pasta mode too: datagrams of one client
+/// that the container cannot be shown as it is (the host's own address, which the container
+/// holds too, so usernet shows it as the gateway with a port of its own) and of loopback
+/// clients (the splice path) all reach a server that `connect()`s to its first peer, with gaps
+/// longer than a loop turn, both families. podman's "UDP port range forwarding, IPv6, tap"
+/// timed out on this.
+#[test]
+fn pasta_udp_client_socket_is_one_association_tap_and_splice_paths() {
+    let Some(t) = topology(true) else { return };
+    let ns = t.container_ns();
+    let v4 = |p| SocketAddr::from((Ipv4Addr::UNSPECIFIED, p));
+    let v6 = |p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p));
+    let tap4 = ConnectedUdpServer::start(&ns, v4(61), 4);
+    let splice4 = ConnectedUdpServer::start(&ns, v4(62), 4);
+    let tap6 = ConnectedUdpServer::start(&ns, v6(63), 4);
+    let splice6 = ConnectedUdpServer::start(&ns, v6(64), 4);
+    let args = podman53(
+        &ns,
+        &["-u", "5401:61", "-u", "5402:62", "-u", "5403:63", "-u", "5404:64"],
+    );
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_host(|| {
+        assert_one_udp_association(
+            tap4,
+            SocketAddr::from((HOST_ADDR, 0)),
+            SocketAddr::from((HOST_ADDR, 5401)),
+        );
+        assert_one_udp_association(
+            splice4,
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 5402)),
+        );
+        assert_one_udp_association(
+            tap6,
+            SocketAddr::from((HOST_ADDR6, 0)),
+            SocketAddr::from((HOST_ADDR6, 5403)),
+        );
+        assert_one_udp_association(
+            splice6,
+            SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+            SocketAddr::from((Ipv6Addr::LOCALHOST, 5404)),
+        );
+    });
+}

@@ -725,6 +725,44 @@ fn udp_clients_sharing_a_port_each_get_their_own_replies() {
     });
 }
 
+/// A client socket is one association (issue 17): every datagram of a loopback client (shown
+/// to the container as the gateway, with a port usernet picks) comes from the same address and
+/// port, also with gaps longer than a loop turn, so a server that `connect()`s to its first
+/// peer (socat's UDP-LISTEN) gets them all. Before, each datagram got a new gateway port.
+#[test]
+fn udp_client_socket_is_one_association() {
+    let Some(t) = Topology::new() else { return };
+    let v6 = ipv6_loopback_works(&t);
+    let servers: Vec<ConnectedUdpServer> = (0..3)
+        .map(|_| ConnectedUdpServer::start(&t.container_ns(), any0().into(), 4))
+        .collect();
+    let mut args = Vec::new();
+    for (i, s) in servers.iter().enumerate() {
+        args.push("-p".to_string());
+        let host = if i == 2 { "[::1]:" } else { "" };
+        args.push(format!("{host}{}:{}/udp", 5400 + i, s.addr.port()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _u = start(&t, &args);
+    let mut servers = servers.into_iter();
+    let (lo4, world, lo6) = (
+        servers.next().unwrap(),
+        servers.next().unwrap(),
+        servers.next().unwrap(),
+    );
+    t.in_host(|| assert_one_udp_association(lo4, lo(0).into(), lo(5400).into()));
+    t.in_world(|| assert_one_udp_association(world, any0().into(), host(5401).into()));
+    if v6 {
+        t.in_host(|| {
+            assert_one_udp_association(
+                lo6,
+                "[::1]:0".parse().unwrap(),
+                "[::1]:5402".parse().unwrap(),
+            )
+        });
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Listen addresses and ranges
 // ---------------------------------------------------------------------------------------------

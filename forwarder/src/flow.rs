@@ -145,6 +145,10 @@ pub struct Nat {
     /// Published-port UDP associations by (guest port, client as the guest sees it):
     /// a guest with several addresses may answer from another one than it was sent to.
     udp_in_by_port: HashMap<(u16, (IpAddress, u16)), usize>,
+    /// Published-port UDP associations by (rule, client as the host sees it): every
+    /// datagram of one client socket reaches the guest from the same address and port,
+    /// also when that client is shown as the gateway with a port of its own.
+    udp_in_by_client: HashMap<(u32, std::net::SocketAddr), usize>,
     /// Guest datagrams of one flow waiting to leave together.
     udp_batch: udp::Batch,
     /// Set when a DNS query got SERVFAIL, to the `dns_answers` count then: while no
@@ -184,6 +188,7 @@ impl Nat {
             parked: Vec::new(),
             socket_pool: Vec::with_capacity(SOCKET_POOL),
             udp_in_by_port: HashMap::new(),
+            udp_in_by_client: HashMap::new(),
             udp_batch: udp::Batch::new(sys::udp_gso_supported()),
             dns_down: None,
             names: names::Names::default(),
@@ -1004,6 +1009,7 @@ impl Nat {
                 self.udp_map.remove(&f.key);
                 self.member_release(f.key.guest.0);
                 self.udp_in_by_port.remove(&(f.key.guest.1, f.key.remote));
+                self.udp_in_by_client.remove(&(f.rule_id, f.client));
                 c.udp_closed += 1;
             }
             Flow::Icmp(mut f) => {
@@ -1254,12 +1260,20 @@ impl Nat {
                 }
                 continue;
             }
-            let (guest, remote) = self.inbound_ends(client, rule_guest, false);
-            let key = FlowKey { guest, remote };
+            // A known client keeps its association (and so the address and port the guest
+            // sees); only a new one is given ends, which may move a hidden client's port.
+            let known = self.udp_in_by_client.get(&(rule_id, client)).copied();
+            let key = match known.and_then(|f| self.flows.get(f)) {
+                Some(Flow::UdpIn(f)) => f.key,
+                _ => {
+                    let (guest, remote) = self.inbound_ends(client, rule_guest, false);
+                    FlowKey { guest, remote }
+                }
+            };
+            let (guest, remote) = (key.guest, key.remote);
             match self.udp_map.get(&key).and_then(|&f| self.flows.get_mut(f)) {
                 Some(Flow::UdpIn(f)) => {
                     f.last_active = now;
-                    f.client = client;
                     f.local = local;
                 }
                 Some(_) => {}
@@ -1281,6 +1295,7 @@ impl Nat {
                     self.udp_map.insert(key, fid);
                     self.member_opened(key.guest.0);
                     self.udp_in_by_port.insert((key.guest.1, key.remote), fid);
+                    self.udp_in_by_client.insert((rule_id, client), fid);
                     c.udp_opened += 1;
                     if let Some(slot) = self.flows.get_mut(fid).and_then(Flow::timer_slot) {
                         self.timers.arm(slot, fid, now + self.cfg.udp_idle);

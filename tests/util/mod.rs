@@ -1321,6 +1321,76 @@ fn udp_socket_at(bind: SocketAddr) -> UdpSocket {
     s
 }
 
+/// A UDP server in a namespace that behaves like `socat UDP-LISTEN`: it `connect()`s to the
+/// sender of its first datagram, so a later datagram of that client that arrives from another
+/// address or port is not delivered (the kernel answers "port unreachable"). It keeps what it
+/// gets until it has `want` datagrams or none came for 3 s.
+pub struct ConnectedUdpServer {
+    pub addr: SocketAddr,
+    thread: Option<std::thread::JoinHandle<(Option<SocketAddr>, Vec<Vec<u8>>)>>,
+}
+
+impl ConnectedUdpServer {
+    pub fn start(ns: &str, bind: SocketAddr, want: usize) -> Self {
+        let sock = in_netns(ns, || UdpSocket::bind(bind))
+            .unwrap_or_else(|e| panic!("bind udp {bind} in {ns}: {e}"));
+        let addr = sock.local_addr().expect("local_addr");
+        let thread = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut got = Vec::new();
+            sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                return (None, got);
+            };
+            got.push(buf[..n].to_vec());
+            sock.connect(peer).expect("connect to the first peer");
+            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            while got.len() < want {
+                match sock.recv(&mut buf) {
+                    Ok(n) => got.push(buf[..n].to_vec()),
+                    Err(_) => break,
+                }
+            }
+            (Some(peer), got)
+        });
+        ConnectedUdpServer {
+            addr,
+            thread: Some(thread),
+        }
+    }
+
+    /// The first peer and every datagram received, once the server is done.
+    pub fn finish(mut self) -> (Option<SocketAddr>, Vec<Vec<u8>>) {
+        self.thread
+            .take()
+            .expect("finished once")
+            .join()
+            .expect("server thread")
+    }
+}
+
+/// Sends `datagrams` to `dst` from one socket bound to `bind`, with `gap` between them, and
+/// checks that a [`ConnectedUdpServer`] got every one of them from one association.
+pub fn assert_one_udp_association(server: ConnectedUdpServer, bind: SocketAddr, dst: SocketAddr) {
+    let sock = udp_socket_at(bind);
+    let datagrams: [&[u8]; 4] = [b"x", b"", b"second after a gap", b"z"];
+    for (i, d) in datagrams.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        sock.send_to(d, dst)
+            .unwrap_or_else(|e| panic!("send datagram {i} to {dst}: {e}"));
+    }
+    let (peer, got) = server.finish();
+    let want: Vec<Vec<u8>> = datagrams.iter().map(|d| d.to_vec()).collect();
+    assert_eq!(
+        got,
+        want,
+        "a client socket at {:?} sending to {dst}: the container (connected to its first peer {peer:?}) got these datagrams",
+        sock.local_addr()
+    );
+}
+
 /// Sends `payload` to `dst` and waits for an identical datagram back from `dst`, retrying
 /// `tries` times (2 s each). Returns the number of attempts used.
 pub fn udp_roundtrip(
