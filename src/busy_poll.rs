@@ -36,11 +36,26 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Poll};
 
+/// What the loop's waits did, for `get_stats` (section `loop`): the tests assert these,
+/// which the loop controls, rather than the CPU time or sleeps the scheduler decides.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WaitStats {
+    /// Waits that went to sleep in `epoll_wait` (possibly after spinning).
+    pub sleeps: u64,
+    /// Non-blocking polls made while spinning.
+    pub spin_polls: u64,
+    /// Waits that an event ended while spinning (a wake-up saved).
+    pub spun_wakeups: u64,
+    /// Time spent spinning, in microseconds.
+    pub spin_us: u64,
+}
+
 /// The adaptive spin window.
 #[derive(Debug)]
 pub struct BusyPoll {
     max: Duration,
     window: Duration,
+    stats: WaitStats,
 }
 
 impl BusyPoll {
@@ -49,7 +64,13 @@ impl BusyPoll {
         BusyPoll {
             max,
             window: Duration::ZERO,
+            stats: WaitStats::default(),
         }
+    }
+
+    /// What the waits so far did.
+    pub fn stats(&self) -> WaitStats {
+        self.stats
     }
 
     /// How long the next wait may spin.
@@ -72,19 +93,27 @@ impl BusyPoll {
         spin: bool,
     ) -> io::Result<()> {
         if !spin || self.max.is_zero() || timeout == Some(Duration::ZERO) {
+            if timeout != Some(Duration::ZERO) {
+                self.stats.sleeps += 1;
+            }
             return poll.poll(events, timeout);
         }
         let start = Instant::now();
         let spin = timeout.map_or(self.window, |t| t.min(self.window));
         if !spin.is_zero() {
             loop {
-                poll.poll(events, Some(Duration::ZERO))?;
+                self.stats.spin_polls += 1;
+                let polled = poll.poll(events, Some(Duration::ZERO));
+                if polled.is_ok() && events.is_empty() && start.elapsed() < spin {
+                    continue;
+                }
+                self.stats.spin_us += start.elapsed().as_micros() as u64;
+                polled?;
                 if !events.is_empty() {
+                    self.stats.spun_wakeups += 1;
                     return Ok(());
                 }
-                if start.elapsed() >= spin {
-                    break;
-                }
+                break;
             }
             if timeout.is_some_and(|t| start.elapsed() >= t) {
                 // A timer is due: the caller has work, nothing to learn.
@@ -92,6 +121,7 @@ impl BusyPoll {
             }
         }
         let rest = timeout.map(|t| t.saturating_sub(start.elapsed()));
+        self.stats.sleeps += 1;
         poll.poll(events, rest)?;
         self.learn(start.elapsed());
         Ok(())

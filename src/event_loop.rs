@@ -259,6 +259,8 @@ pub(crate) struct FwdControl<'a, 'io> {
 struct InfoControl<'c, 'a, 'io> {
     inner: FwdControl<'a, 'io>,
     info: &'c serde_json::Value,
+    /// The event loop's waits so far (`get_stats` section `loop`).
+    waits: crate::busy_poll::WaitStats,
 }
 
 impl api::Control for InfoControl<'_, '_, '_> {
@@ -278,7 +280,15 @@ impl api::Control for InfoControl<'_, '_, '_> {
         self.inner.list()
     }
     fn stats(&self) -> serde_json::Value {
-        self.inner.stats()
+        let mut stats = self.inner.stats();
+        let w = self.waits;
+        stats["loop"] = serde_json::json!({
+            "sleeps": w.sleeps,
+            "spin_polls": w.spin_polls,
+            "spun_wakeups": w.spun_wakeups,
+            "spin_us": w.spin_us,
+        });
+        stats
     }
     fn info(&self) -> serde_json::Value {
         self.info.clone()
@@ -769,6 +779,7 @@ impl Running {
                                     io: &mut io,
                                 },
                                 info: &extras.info,
+                                waits: waiter.stats(),
                             };
                             a.handle(token, poll.registry(), &mut ctl);
                         }

@@ -476,6 +476,10 @@ fn explain_stat(section: &str, name: &str) -> Option<&'static str> {
         ("limits", _) => {
             Some("the most flows of this kind at once: beyond it new ones are refused and counted")
         }
+        ("loop", "sleeps") => Some("waits of the event loop that slept in epoll_wait"),
+        ("loop", "spin_polls") => Some("non-blocking polls while busy polling (--busy-poll)"),
+        ("loop", "spun_wakeups") => Some("waits an event ended while busy polling (a wake-up saved)"),
+        ("loop", "spin_us") => Some("microseconds spent busy polling"),
         _ => None,
     }
 }
