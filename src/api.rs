@@ -462,7 +462,10 @@ mod tests {
                 .iter()
                 .any(|r| r.host == host && r.proto == proto)
             {
-                return Err(PortError::InUse(host));
+                return Err(PortError::InUse {
+                    addr: host,
+                    source: std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+                });
             }
             self.next += 1;
             let rule = PortRule {

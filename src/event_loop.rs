@@ -125,6 +125,19 @@ pub enum LoopError {
         /// Its value.
         value: String,
     },
+    /// A port of a pasta option could not be bound (pasta's text, which callers match:
+    /// podman's tests look for the port and then the system's error text).
+    #[error("Failed to bind port {port} ({why}) for option '{opt} {value}', exiting")]
+    PastaBind {
+        /// The host port.
+        port: u16,
+        /// The system's error text (strerror).
+        why: String,
+        /// The option, `-t` or `-u`.
+        opt: String,
+        /// Its value as given.
+        value: String,
+    },
     /// A `-p` port could not be published.
     #[error("cannot publish {spec}")]
     Publish {
@@ -511,14 +524,14 @@ pub fn start(
 }
 
 /// Publishes the `-p` rules of `extras` (see [`Publish`]; best-effort rules as
-/// [`crate::conf::BestEffort`] says).
+/// [`crate::conf::Publish::best_effort`] says).
 fn publish(
     fwd: &mut Forwarder,
     extras: &Extras,
     registry: &mio::Registry,
 ) -> Result<(), LoopError> {
     // Best-effort options and whether one of their ports was bound.
-    let mut best_effort: Vec<(&crate::conf::BestEffort, bool)> = Vec::new();
+    let mut best_effort: Vec<(&crate::conf::PastaOption, bool)> = Vec::new();
     for spec in &extras.publish {
         let mut bound = false;
         for ip in spec.host_addrs(extras.publish_ipv6) {
@@ -533,13 +546,9 @@ fn publish(
                         }
                         Err(e) => e,
                     };
-                let os_error = match &err {
-                    PortError::Listen { source, .. } | PortError::Privileged { source, .. } => {
-                        source.raw_os_error()
-                    }
-                    _ => None,
-                };
-                match (&spec.best_effort, err) {
+                let os_error = err.os_error().and_then(io::Error::raw_os_error);
+                let best_effort = spec.option.as_ref().filter(|_| spec.best_effort);
+                match (best_effort, err) {
                     (Some(be), _) if matches!(os_error, Some(libc::EMFILE | libc::ENFILE)) => {
                         return Err(LoopError::Descriptors {
                             value: be.value.clone(),
@@ -559,6 +568,14 @@ fn publish(
                         log::warn!("no IPv6 on this host: {host} not published");
                     }
                     (None, source) => {
+                        if let (Some(o), Some(code)) = (&spec.option, os_error) {
+                            return Err(LoopError::PastaBind {
+                                port: host_port,
+                                why: nix::errno::Errno::from_raw(code).desc().to_owned(),
+                                opt: o.opt.clone(),
+                                value: o.value.clone(),
+                            });
+                        }
                         return Err(LoopError::Publish {
                             spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
                             source,
@@ -567,7 +584,7 @@ fn publish(
                 }
             }
         }
-        if let Some(be) = &spec.best_effort {
+        if let Some(be) = spec.option.as_ref().filter(|_| spec.best_effort) {
             match best_effort.iter_mut().find(|(b, _)| *b == be) {
                 Some((_, any)) => *any |= bound,
                 None => best_effort.push((be, bound)),

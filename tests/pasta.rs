@@ -462,6 +462,16 @@ fn pasta_unknown_option_text_version_and_errors_before_detaching() {
         &strs(&podman53(&t.container_ns(), &["-t", "8088-8088:80-80"])),
     );
     assert_eq!(p.first.code(), Some(1), "{}", p.first);
+    // In pasta's words, which podman's "port on localhost" test matches (the port, then the
+    // system's text).
+    assert!(
+        p.first.stderr.contains(
+            "Failed to bind port 8088 (Address already in use) for option '-t 8088-8088:80-80', \
+             exiting"
+        ),
+        "{}",
+        p.first
+    );
     assert!(p.wait_gone(Duration::from_secs(2)));
 }
 

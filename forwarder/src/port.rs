@@ -99,8 +99,14 @@ pub enum Handoff {
 #[derive(Debug, thiserror::Error)]
 pub enum PortError {
     /// Another socket holds the host address and port.
-    #[error("host address {0} is already in use")]
-    InUse(SocketAddr),
+    #[error("host address {addr} is already in use")]
+    InUse {
+        /// The host address.
+        addr: SocketAddr,
+        /// The failure (`EADDRINUSE`), whose text callers look for.
+        #[source]
+        source: io::Error,
+    },
     /// Binding or listening failed otherwise.
     #[error("cannot listen on {addr}")]
     Listen {
@@ -146,6 +152,19 @@ pub enum PortError {
     Invalid(&'static str),
 }
 
+impl PortError {
+    /// The system call's failure behind this error, if one is.
+    pub fn os_error(&self) -> Option<&io::Error> {
+        match self {
+            PortError::InUse { source, .. }
+            | PortError::Listen { source, .. }
+            | PortError::Privileged { source, .. }
+            | PortError::Device { source, .. } => Some(source),
+            PortError::TooMany(_) | PortError::NotFound(_) | PortError::Invalid(_) => None,
+        }
+    }
+}
+
 pub(crate) enum ListenSocket {
     Tcp(mio::net::TcpListener),
     Udp(mio::net::UdpSocket),
@@ -168,7 +187,7 @@ impl Listener {
         let addr = rule.host;
         let fail = |source: io::Error| {
             if source.kind() == io::ErrorKind::AddrInUse {
-                PortError::InUse(addr)
+                PortError::InUse { addr, source }
             } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
                 PortError::Privileged { addr, source }
             } else {
@@ -384,7 +403,10 @@ mod tests {
         let mut second = rule(2);
         second.host = taken;
         match Listener::open(second, poll.registry(), Token(2)) {
-            Err(PortError::InUse(a)) => assert_eq!(a, taken),
+            Err(PortError::InUse { addr, source }) => {
+                assert_eq!(addr, taken);
+                assert_eq!(source.raw_os_error(), Some(libc::EADDRINUSE));
+            }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("second bind succeeded"),
         }

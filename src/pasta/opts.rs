@@ -20,7 +20,7 @@
 //! lists; repeated options add up). As in pasta, an option's exclusions cut that option's
 //! ranges only, `%IF` (`-t/-u`) binds the host listeners to an interface, and an option of
 //! exclusions alone ([`AllBut`], `-t/-u`) forwards every other port but the ephemeral
-//! ones, best effort (see [`crate::conf::BestEffort`]). `all` is refused with pasta's own
+//! ones, best effort (see [`crate::conf::Publish::best_effort`]). `all` is refused with pasta's own
 //! text (pasta allows it for passt only), and so are modes that do not combine
 //! ([`PastaError::Pasta`], printed without a prefix, as pasta prints it). What usernet
 //! does not implement (`-T/-U` `%IF` and exclusions alone, every pasta option not listed
@@ -158,11 +158,13 @@ pub struct PortRange {
     pub last: u16,
     /// Where `first` goes on the other side (the rest follow).
     pub to: u16,
+    /// The option's value as given (pasta's messages quote it).
+    pub value: String,
 }
 
 /// An option of exclusions only (`-t ~20000-20010`): every other port that is not
 /// ephemeral (`net.ipv4.ip_local_port_range`), each to the same port, as far as the
-/// host lets them be bound (see [`crate::conf::BestEffort`]).
+/// host lets them be bound (see [`crate::conf::Publish::best_effort`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllBut {
     /// `ADDR/`: the address to listen on; `None`: every address.
@@ -351,6 +353,7 @@ impl PortSpec {
                     first: a,
                     last: b,
                     to: to + (a - first),
+                    value: value.to_owned(),
                 });
             }
             any = true;
@@ -425,6 +428,14 @@ impl PortSpec {
                 }
             }
         };
+        let opt = match proto {
+            Proto::Tcp => "-t",
+            Proto::Udp => "-u",
+        };
+        let option = |value: &str| crate::conf::PastaOption {
+            opt: opt.into(),
+            value: value.into(),
+        };
         let mut out = Vec::new();
         for r in &self.ranges {
             for host_ip in addrs(r.addr) {
@@ -435,21 +446,14 @@ impl PortSpec {
                     guest_port: r.to,
                     count: r.last - r.first + 1,
                     device: r.ifname.clone(),
-                    best_effort: None,
+                    option: Some(option(&r.value)),
+                    best_effort: false,
                 });
             }
         }
-        let opt = match proto {
-            Proto::Tcp => "-t",
-            Proto::Udp => "-u",
-        };
         for a in &self.all_but {
             let mut skip = a.excluded.clone();
             skip.push(ephemeral);
-            let best_effort = crate::conf::BestEffort {
-                opt: opt.into(),
-                value: a.value.clone(),
-            };
             for host_ip in addrs(a.addr) {
                 for (first, last) in runs(1, u16::MAX, &skip) {
                     out.push(Publish {
@@ -459,7 +463,8 @@ impl PortSpec {
                         guest_port: first,
                         count: last - first + 1,
                         device: a.ifname.clone(),
-                        best_effort: Some(best_effort.clone()),
+                        option: Some(option(&a.value)),
+                        best_effort: true,
                     });
                 }
             }
@@ -1147,7 +1152,7 @@ mod tests {
         let p = s.publish(Proto::Tcp, false, false, EPHEMERAL_FALLBACK);
         assert!(p
             .iter()
-            .all(|p| p.device.is_none() && p.best_effort.is_none()));
+            .all(|p| p.device.is_none() && !p.best_effort));
         assert_eq!(
             rules(&p),
             [
@@ -1253,7 +1258,8 @@ mod tests {
                 ("::".into(), 61000, 61000, 65535 - 61000 + 1),
             ]
         );
-        let be = p[0].best_effort.clone().expect("best effort");
+        assert!(p[0].best_effort);
+        let be = p[0].option.clone().expect("option");
         assert_eq!((be.opt.as_str(), be.value.as_str()), ("-t", "~20000-20010"));
         // With an address and interface, several exclusions, UDP; the ephemeral range
         // at the top.
@@ -1263,7 +1269,7 @@ mod tests {
         // 65001-65535 is ephemeral.
         assert_eq!(rules(&p), [("127.0.0.1".into(), 1001, 1001, 999)]);
         assert_eq!(p[0].device.as_deref(), Some("lo"));
-        assert_eq!(p[0].best_effort.as_ref().unwrap().opt, "-u");
+        assert_eq!(p[0].option.as_ref().unwrap().opt, "-u");
         // Not for -T/-U; not with auto or none (pasta's texts).
         assert!(PortSpec::default().add("-T", "~80").is_err());
         let mut a = PortSpec::default();

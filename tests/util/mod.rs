@@ -1327,8 +1327,11 @@ fn udp_socket_at(bind: SocketAddr) -> UdpSocket {
 /// gets until it has `want` datagrams or none came for 3 s.
 pub struct ConnectedUdpServer {
     pub addr: SocketAddr,
-    thread: Option<std::thread::JoinHandle<(Option<SocketAddr>, Vec<Vec<u8>>)>>,
+    thread: Option<std::thread::JoinHandle<FirstPeerAndDatagrams>>,
 }
+
+/// What a [`ConnectedUdpServer`] got: its first peer, and every datagram.
+pub type FirstPeerAndDatagrams = (Option<SocketAddr>, Vec<Vec<u8>>);
 
 impl ConnectedUdpServer {
     pub fn start(ns: &str, bind: SocketAddr, want: usize) -> Self {
@@ -1360,7 +1363,7 @@ impl ConnectedUdpServer {
     }
 
     /// The first peer and every datagram received, once the server is done.
-    pub fn finish(mut self) -> (Option<SocketAddr>, Vec<Vec<u8>>) {
+    pub fn finish(mut self) -> FirstPeerAndDatagrams {
         self.thread
             .take()
             .expect("finished once")
