@@ -107,6 +107,26 @@ fn outbound_addr_address_is_the_source_the_world_sees() {
     );
 }
 
+/// As slirp4netns, `--outbound-addr` binds every outbound socket, those to the gateway's
+/// host-loopback mapping (10.0.2.2) included: a loopback listener sees the outbound address.
+#[test]
+fn outbound_addr_applies_to_the_gateways_loopback_mapping() {
+    let Some(t) = Topology::new() else { return };
+    let sink = TcpServer::sink(&t.host_ns(), any(Ipv4Addr::LOCALHOST));
+    let udp = UdpEcho::start(&t.host_ns(), any(Ipv4Addr::LOCALHOST));
+    let _u = UsernetCmd::new(&t)
+        .args(["-c", "--outbound-addr", "198.51.100.3"])
+        .start();
+    t.in_container(|| {
+        upload_to_sink(SocketAddrV4::new(GATEWAY, sink.addr.port()), 0x0C, 64 << 10);
+        let s = udp_socket(any(Ipv4Addr::UNSPECIFIED));
+        let to = SocketAddrV4::new(GATEWAY, udp.addr.port());
+        udp_roundtrip(&s, to, b"udp to the gateway", 3).unwrap_or_else(|e| panic!("{e}"));
+    });
+    assert_eq!(sink.stats.peer_ips(), vec![HOST_ADDR2], "TCP source at the loopback listener");
+    assert_eq!(udp.stats.peer_ips(), vec![HOST_ADDR2], "UDP source at the loopback listener");
+}
+
 #[test]
 fn outbound_addr_interface_name_uses_its_address() {
     let Some(t) = Topology::new() else { return };
@@ -201,7 +221,17 @@ fn disable_dns_forwarder_does_not_answer() {
         let s = udp_socket(any(Ipv4Addr::UNSPECIFIED));
         udp_roundtrip(&s, echo.addr, b"udp still works", 3).unwrap_or_else(|e| panic!("{e}"));
         // ...but nothing answers DNS at 10.0.2.3.
-        dns_udp_exchange(SocketAddrV4::new(DNS, 53), &dns_query(3, DNS_NAME, QTYPE_A))
+        let r = dns_udp_exchange(SocketAddrV4::new(DNS, 53), &dns_query(3, DNS_NAME, QTYPE_A));
+        // ...and 10.0.2.3 is nobody's: a TCP connect is neither refused nor unreachable but
+        // times out, as with slirp4netns (its own test runs `ncat 10.0.2.3 53` and expects
+        // "Connection timed out"). 5 s: longer than a failed ARP resolution (3 s), which
+        // would say "No route to host".
+        let to = SocketAddr::from((DNS, 53));
+        match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            other => panic!("TCP connect to {to} with --disable-dns: {other:?}, expected a time-out"),
+        }
+        r
     });
     assert!(
         r.is_none(),

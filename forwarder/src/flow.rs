@@ -227,6 +227,9 @@ impl Nat {
         if self.internal {
             return Err(nat::Deny::NotRoutable);
         }
+        if !self.cfg.dns_enabled && self.cfg.nat.is_dns_address(dst) {
+            return Err(nat::Deny::Nobody);
+        }
         self.cfg.nat.translate(dst, port)
     }
 
@@ -366,8 +369,12 @@ impl Nat {
         gateway_for(&self.cfg.nat, addr)
     }
 
-    /// Host socket source address for a destination of `addr`'s family.
+    /// Host socket source address for a destination `addr` (of its family; for the host's
+    /// loopback only with [`Config::outbound_to_loopback`]).
     fn outbound_for(&self, addr: &IpAddr) -> Option<IpAddr> {
+        if addr.is_loopback() && !self.cfg.outbound_to_loopback {
+            return None;
+        }
         match addr {
             IpAddr::V4(_) => self.cfg.outbound_v4.map(IpAddr::V4),
             IpAddr::V6(_) => self.cfg.outbound_v6.map(IpAddr::V6),
@@ -478,6 +485,9 @@ impl Nat {
             Err(deny) => {
                 log::debug!("TCP to {:?} denied: {deny:?}", key.remote);
                 c.tcp_denied += 1;
+                if deny == nat::Deny::Nobody {
+                    return;
+                }
                 match icmp::deny_reason(deny) {
                     // The host's loopback behind the gateway is switched off: the gateway
                     // has no route there ("Network is unreachable"), as in slirp4netns.
@@ -638,6 +648,9 @@ impl Nat {
             Err(deny) => {
                 log::debug!("UDP to {:?} denied: {deny:?}", key.remote);
                 c.udp_denied += 1;
+                if deny == nat::Deny::Nobody {
+                    return None;
+                }
                 let code = match deny {
                     nat::Deny::NoService => icmp::Unreachable::Port,
                     deny => icmp::deny_reason(deny).unwrap_or(icmp::Unreachable::Prohibited),

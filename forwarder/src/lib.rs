@@ -166,6 +166,10 @@ pub struct Config {
     pub outbound_v4: Option<Ipv4Addr>,
     /// Source address for IPv6 host sockets (`--outbound-addr6`).
     pub outbound_v6: Option<Ipv6Addr>,
+    /// Flows to the host's loopback (the gateway's mapping) leave from the outbound
+    /// address too, as in slirp4netns, whose callers see that address at their loopback
+    /// listeners; false: from loopback, as pasta (`-o`) does.
+    pub outbound_to_loopback: bool,
     /// The guest's IPv4 address when it is known in advance (`--configure`): usernet
     /// asks for its MAC address at start, so that published ports work before the guest
     /// has sent anything.

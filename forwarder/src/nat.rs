@@ -246,18 +246,25 @@ pub enum Deny {
     NoService,
     /// An address that is never routed (ours, loopback, multicast, broadcast, unspecified).
     NotRoutable,
+    /// The DNS address with DNS disabled: nobody is there, so nothing answers (no reset,
+    /// no ICMP error) and a connection times out, as with libslirp, which still answers
+    /// ARP for that address.
+    Nobody,
 }
 
 impl NatConfig {
     /// Whether `dst:port` is the DNS forwarder (`net+3` or the IPv6 one, port 53) and it
     /// is enabled: its flows fail over between [`NatConfig::nameservers`].
     pub fn is_dns(&self, dst: IpAddr, port: u16) -> bool {
-        port == 53
-            && !self.nameservers.is_empty()
-            && match dst {
-                IpAddr::V4(v4) => Some(v4) == self.net.dns(),
-                IpAddr::V6(v6) => self.net6.is_some_and(|n| n.dns() == Some(v6)),
-            }
+        port == 53 && !self.nameservers.is_empty() && self.is_dns_address(dst)
+    }
+
+    /// Whether `dst` is the DNS forwarder's address (`net+3` or the IPv6 one).
+    pub fn is_dns_address(&self, dst: IpAddr) -> bool {
+        match dst {
+            IpAddr::V4(v4) => Some(v4) == self.net.dns(),
+            IpAddr::V6(v6) => self.net6.is_some_and(|n| n.dns() == Some(v6)),
+        }
     }
 
     /// Moves `server`, which did not answer, to the end of the nameservers: new DNS

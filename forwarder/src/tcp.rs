@@ -540,7 +540,7 @@ fn new_socket(buffer: usize) -> Option<tcp::Socket<'static>> {
     Some(socket)
 }
 
-/// A non-blocking TCP connect, bound to `outbound` for non-loopback targets of its family.
+/// A non-blocking TCP connect, bound to `outbound` if given (of the target's family).
 fn connect(
     target: SocketAddr,
     outbound: Option<std::net::IpAddr>,
@@ -552,7 +552,7 @@ fn connect(
     )?;
     socket.set_tcp_nodelay(true)?;
     if let Some(addr) = outbound {
-        if addr.is_ipv4() == target.is_ipv4() && !target.ip().is_loopback() {
+        if addr.is_ipv4() == target.is_ipv4() {
             socket.bind(&SocketAddr::new(addr, 0).into())?;
         }
     }

@@ -383,7 +383,7 @@ impl UdpFlow {
             Some(Protocol::UDP),
         )?;
         if let Some(addr) = outbound {
-            if addr.is_ipv4() == target.is_ipv4() && !target.ip().is_loopback() {
+            if addr.is_ipv4() == target.is_ipv4() {
                 socket.bind(&SocketAddr::new(addr, 0).into())?;
             }
         }

@@ -624,6 +624,7 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         offload: crate::enable_offloads(tap),
         outbound_v4: opts.outbound4,
         outbound_v6: opts.outbound6,
+        outbound_to_loopback: false,
         guest_v4: (!opts.v6_only).then_some(plan.nat.net.guest),
         guest_v6: plan.nat.net6.map(|n| n.guest),
         tcp_buffer: 2 << 20,
