@@ -622,6 +622,25 @@ fn run_isolated_as_unprivileged_user_gets_its_own_user_namespace() {
     assert_ne!(ours, its, "usernet should have made a user namespace");
     let entries = root_entries(u.pid);
     assert!(!entries.iter().any(|e| e == "usr"), "{entries:?}");
+    // Not dumpable: another process of the same user (a container sharing the host's PID
+    // namespace) can neither ptrace usernet nor read its /proc files, root excepted. A
+    // dumpable process of that user, for contrast, is readable.
+    let mut same_user = t.exec_in(&t.host, "setpriv", &nobody[1..]);
+    same_user.args(["sleep", "30"]);
+    let contrast = ChildGuard::spawn(same_user);
+    for (pid, readable) in [(contrast.pid(), true), (u.pid, false)] {
+        for (tool, file) in [("cat", "environ"), ("ls", "root/")] {
+            let path = format!("/proc/{pid}/{file}");
+            let mut c = t.exec_in(&t.host, "setpriv", &nobody[1..]);
+            c.args([tool, &path]);
+            let r = run_with_timeout(c, Duration::from_secs(10));
+            assert_eq!(r.success(), readable, "{tool} {path} as the same user:\n{r}");
+            if !readable {
+                assert!(r.stderr.contains("Permission denied"), "{path}:\n{r}");
+            }
+        }
+    }
+    drop(contrast);
     fs::write(&go, "").expect("go");
     let st = u
         .wait_exit(Duration::from_secs(30))
