@@ -1199,3 +1199,38 @@ fn pasta_udp_client_socket_is_one_association_tap_and_splice_paths() {
         );
     });
 }
+
+/// podman 5.4's "IPv4 address assignment" and "IPv6 address assignment": `-a` alone, no
+/// `-n` and no `-g`, so the gateway stays the host's, outside the new prefix. As pasta, the
+/// address gets its default prefix (classful, /64), the host interface's on-link prefix is
+/// copied before the default route, and the world is reached through it.
+#[test]
+fn pasta_address_alone_keeps_the_host_gateway_on_link() {
+    let Some(t) = topology(true) else { return };
+    let sink = TcpServer::sink(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let sink6 = TcpServer6::sink(&t.world_ns(), SocketAddrV6::new(WORLD6, 0, 0, 0));
+    let args = podman53(&t.container_ns(), &["-a", "192.0.2.1", "-a", "2001:db8::1"]);
+    let _p = Pasta::start(&t, &strs(&args));
+    let addrs = t.container_addrs("vh");
+    assert!(addrs.contains("192.0.2.1/24"), "{addrs}");
+    let addrs6 = t.container_addrs6("vh");
+    assert!(addrs6.contains("2001:db8::1/64"), "{addrs6}");
+    let all = ip(&["-n", &t.container, "route", "show"]).stdout;
+    for want in [
+        "default via 198.51.100.2 dev vh",
+        "198.51.100.0/24 dev vh scope link",
+        "192.0.2.0/24 dev vh proto kernel scope link src 192.0.2.1",
+    ] {
+        assert!(all.contains(want), "no '{want}' in:\n{all}");
+    }
+    let all6 = ip(&["-n", &t.container, "-6", "route", "show"]).stdout;
+    for want in ["default via 2001:db8:1::2 dev vh", "2001:db8:1::/64 dev vh"] {
+        assert!(all6.contains(want), "no '{want}' in:\n{all6}");
+    }
+    t.in_container(|| {
+        upload_to_sink(sink.addr, 0x5c, 1 << 20);
+        upload_to_sink6(sink6.addr, 0x5d, 1 << 20);
+    });
+    assert_eq!(sink.stats.peer_ips(), vec![HOST_ADDR]);
+    assert_eq!(sink6.stats.peer_ips6(), vec![HOST_ADDR6]);
+}

@@ -197,10 +197,20 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
         .addr4
         .or(host.addr4.map(|a| a.0))
         .unwrap_or(Ipv4Addr::new(169, 254, 2, 1));
-    let prefix4 = opts
-        .prefix4
-        .or(host.addr4.map(|a| a.1))
-        .unwrap_or(if fallback { 16 } else { 24 });
+    // An address given without -n gets its classful prefix, as in pasta; the host's
+    // prefix goes with the host's address only.
+    let prefix4 = match (opts.prefix4, opts.addr4, host.addr4) {
+        (Some(p), _, _) => p,
+        (None, Some(a), _) => classful_prefix(a),
+        (None, None, Some(h)) => h.1,
+        (None, None, None) => {
+            if fallback {
+                16
+            } else {
+                24
+            }
+        }
+    };
     let gw4 = opts
         .gw4
         .or(host.gw4)
@@ -220,18 +230,40 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
         loopback: opts.map_loopback4.unwrap_or(gw4),
         neighbours: Neighbours::AllButGuest,
     };
-    if !net.contains(gw4) {
+    // The host interface's on-link prefixes that the namespace's own prefix does not
+    // already cover (pasta copies them all): they keep a gateway outside the namespace's
+    // prefix reachable, as with `-a 192.0.2.1` alone and the host's gateway.
+    let on_link4: Vec<Route> = host
+        .routes
+        .iter()
+        .copied()
+        .filter(|r| match *r {
+            Route::V4 {
+                dst,
+                prefix_len,
+                gateway,
+            } => gateway.is_unspecified() && (dst, prefix_len) != (net.addr, net.prefix_len),
+            Route::V6 { .. } => false,
+        })
+        .collect();
+    let reaches4 = |ip: Ipv4Addr| {
+        net.contains(ip)
+            || on_link4.iter().any(|r| match *r {
+                Route::V4 { dst, prefix_len, .. } => in_prefix4(ip, dst, prefix_len),
+                Route::V6 { .. } => false,
+            })
+    };
+    if !opts.v6_only && !reaches4(gw4) {
         return Err(invalid(format!(
-            "the gateway {gw4} is outside {addr4}/{prefix4} (on-link routes are not supported by usernet)"
+            "the gateway {gw4} is outside {addr4}/{prefix4} and no on-link route of the host \
+             reaches it"
         )));
     }
-    // IPv6 when the host has an address (or -a gives one), unless -4.
+    // IPv6 when the host has an address (or -a gives one, with a /64 as in pasta), unless -4.
     let v6 = if opts.v4_only {
         None
     } else {
-        opts.addr6
-            .map(|a| (a, host.addr6.map_or(64, |h| h.1)))
-            .or(host.addr6)
+        opts.addr6.map(|a| (a, 64)).or(host.addr6)
     };
     let net6 = v6.map(|(addr6, prefix6)| {
         let gw6 = opts
@@ -274,13 +306,24 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             prefix_len: n.prefix_len,
             gateway: n.gateway,
         }),
-        // The host's other routes whose next hop the namespace reaches on its link.
+        // The host's on-link prefixes (but the namespace's own), and its other routes whose
+        // next hop the namespace reaches on its link.
         routes: host
             .routes
             .iter()
             .copied()
             .filter(|r| match *r {
-                Route::V4 { gateway, .. } => !opts.v6_only && net.contains(gateway),
+                Route::V4 { gateway, .. } if gateway.is_unspecified() => {
+                    !opts.v6_only && on_link4.contains(r)
+                }
+                Route::V4 { gateway, .. } => !opts.v6_only && reaches4(gateway),
+                Route::V6 {
+                    dst,
+                    prefix_len,
+                    gateway,
+                } if gateway.is_unspecified() => {
+                    ipv6 && net6.is_some_and(|n| (dst, prefix_len) != (n.prefix, n.prefix_len))
+                }
                 Route::V6 { gateway, .. } => {
                     ipv6 && net6.is_some_and(|n| {
                         n.contains(gateway) || gateway.segments()[0] & 0xffc0 == 0xfe80
@@ -314,6 +357,23 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             aliases,
         },
     })
+}
+
+/// The classful prefix length of `a` (pasta's default for `-a` without `-n`): 8 for
+/// class A, 16 for B, 24 for C, 32 above.
+fn classful_prefix(a: Ipv4Addr) -> u8 {
+    match a.octets()[0] {
+        0..=127 => 8,
+        128..=191 => 16,
+        192..=223 => 24,
+        _ => 32,
+    }
+}
+
+/// Whether `ip` is in `dst/prefix_len`.
+fn in_prefix4(ip: Ipv4Addr, dst: Ipv4Addr, prefix_len: u8) -> bool {
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+    u32::from(ip) & mask == u32::from(dst) & mask
 }
 
 /// The `-t/-u` rules, after checking that every `%IF` names an interface of the host.
@@ -715,5 +775,43 @@ mod tests {
         let p = plan(&opts(&["--config-net", "1"]), &empty).unwrap();
         assert_eq!(p.link.addr, Ipv4Addr::new(169, 254, 2, 1));
         assert_eq!(p.link.gateway, Ipv4Addr::new(169, 254, 2, 2));
+    }
+
+    /// podman's "IPv4/IPv6 address assignment": `-a` alone gets pasta's default prefix
+    /// (classful, /64) and keeps the host's gateway, reached through the host's on-link
+    /// prefix, which is copied; the namespace's own prefix is not (the kernel adds it).
+    #[test]
+    fn address_alone_keeps_the_host_gateway_through_on_link_routes() {
+        let mut h = host();
+        let on_link4 = Route::V4 {
+            dst: Ipv4Addr::new(198, 51, 100, 0),
+            prefix_len: 24,
+            gateway: Ipv4Addr::UNSPECIFIED,
+        };
+        let on_link6 = Route::V6 {
+            dst: "2001:db8:1::".parse().unwrap(),
+            prefix_len: 64,
+            gateway: Ipv6Addr::UNSPECIFIED,
+        };
+        h.routes = vec![on_link4, on_link6];
+        let p = plan(&opts(&["--config-net", "-a", "192.0.2.1", "1"]), &h).unwrap();
+        assert_eq!(
+            (p.link.addr, p.link.prefix_len, p.link.gateway),
+            (Ipv4Addr::new(192, 0, 2, 1), 24, Ipv4Addr::new(198, 51, 100, 2))
+        );
+        assert_eq!(p.link.routes, [on_link4]);
+        let p = plan(&opts(&["--config-net", "-a", "10.1.2.3", "1"]), &h).unwrap();
+        assert_eq!(p.link.prefix_len, 8);
+        let p = plan(&opts(&["--config-net", "-a", "2001:db8::1", "1"]), &h).unwrap();
+        let v6 = p.link.ipv6.unwrap();
+        assert_eq!((v6.prefix_len, v6.gateway), (64, "2001:db8:1::2".parse().unwrap()));
+        assert_eq!(p.link.routes, [on_link6]);
+        // Copied as it is, the host's prefix is the namespace's own: nothing to add.
+        let p = plan(&opts(&["--config-net", "1"]), &h).unwrap();
+        assert!(p.link.routes.is_empty(), "{:?}", p.link.routes);
+        // A gateway that no prefix reaches is still an error.
+        h.routes.clear();
+        let e = plan(&opts(&["--config-net", "-a", "192.0.2.1", "1"]), &h).unwrap_err();
+        assert!(e.to_string().contains("no on-link route"), "{e}");
     }
 }

@@ -847,11 +847,13 @@ pub struct HostTemplate {
     pub addr6: Option<(Ipv6Addr, u8)>,
     /// The IPv6 default gateway.
     pub gw6: Option<Ipv6Addr>,
-    /// The interface's other routes via a gateway, both families.
+    /// The interface's other routes, both families: via a gateway, and on-link ones
+    /// (gateway unspecified), which pasta copies too.
     pub routes: Vec<Route>,
 }
 
-/// The routes via a gateway of `ifname` in `/proc/net/route` text, the default one left out.
+/// The routes of `ifname` in `/proc/net/route` text, the default one left out: via a
+/// gateway, and on-link ones (gateway `0.0.0.0`, as the kernel shows them).
 pub fn routes4(text: &str, ifname: &str) -> Vec<Route> {
     text.lines()
         .skip(1)
@@ -861,11 +863,13 @@ pub fn routes4(text: &str, ifname: &str) -> Vec<Route> {
                 (f.first()?, f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
             let flags = u32::from_str_radix(flags, 16).ok()?;
             let mask = u32::from_str_radix(mask, 16).ok()?.swap_bytes();
-            if *name != ifname || flags & 0x3 != 0x3 || mask == 0 {
-                return None;
-            }
             let dst = u32::from_str_radix(dst, 16).ok()?.swap_bytes();
             let gateway = u32::from_str_radix(gw, 16).ok()?.swap_bytes();
+            // RTF_UP, with RTF_GATEWAY or (on-link) without a gateway.
+            let kind_ok = flags & 0x3 == 0x3 || (flags & 0x3 == 0x1 && gateway == 0);
+            if *name != ifname || !kind_ok || mask == 0 {
+                return None;
+            }
             Some(Route::V4 {
                 dst: Ipv4Addr::from(dst),
                 prefix_len: mask.leading_ones() as u8,
@@ -875,8 +879,9 @@ pub fn routes4(text: &str, ifname: &str) -> Vec<Route> {
         .collect()
 }
 
-/// The routes via a gateway of `ifname` in `/proc/net/ipv6_route` text, the default one
-/// left out.
+/// The routes of `ifname` in `/proc/net/ipv6_route` text, the default one left out: via a
+/// gateway, and on-link prefixes (gateway `::`) but for the kernel's own (link-local,
+/// multicast, local addresses).
 pub fn routes6(text: &str, ifname: &str) -> Vec<Route> {
     text.lines()
         .filter_map(|line| {
@@ -885,13 +890,19 @@ pub fn routes6(text: &str, ifname: &str) -> Vec<Route> {
                 (f.first()?, f.get(1)?, f.get(4)?, f.get(8)?, f.get(9)?);
             let flags = u32::from_str_radix(flags, 16).ok()?;
             let prefix_len = u8::from_str_radix(len, 16).ok()?;
-            if *name != ifname || flags & 0x3 != 0x3 || prefix_len == 0 {
+            let dst = Ipv6Addr::from(u128::from_str_radix(dst, 16).ok()?);
+            let gateway = Ipv6Addr::from(u128::from_str_radix(gw, 16).ok()?);
+            // RTF_UP | RTF_GATEWAY; or on-link: RTF_UP alone (RTF_LOCAL 0x80000000 not),
+            // a unicast, non-link-local prefix.
+            let kernels = dst.is_multicast() || dst.segments()[0] & 0xffc0 == 0xfe80;
+            let on_link = flags & 0x8000_0003 == 0x1 && gateway.is_unspecified() && !kernels;
+            if *name != ifname || !(flags & 0x3 == 0x3 || on_link) || prefix_len == 0 {
                 return None;
             }
             Some(Route::V6 {
-                dst: Ipv6Addr::from(u128::from_str_radix(dst, 16).ok()?),
+                dst,
                 prefix_len,
-                gateway: Ipv6Addr::from(u128::from_str_radix(gw, 16).ok()?),
+                gateway,
             })
         })
         .collect()
@@ -1327,13 +1338,35 @@ mod tests {
                   vh\t00000000\t02643364\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
         let v4r =
             "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                   vh\t007100CB\t02643364\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+                   vh\t007100CB\t02643364\t0003\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                   vh\t006433C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+                   vp\t00000A0A\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n";
         assert_eq!(
             routes4(v4r, "vh"),
-            [Route::V4 {
-                dst: Ipv4Addr::new(203, 0, 113, 0),
-                prefix_len: 24,
-                gateway: Ipv4Addr::new(100, 51, 100, 2)
+            [
+                Route::V4 {
+                    dst: Ipv4Addr::new(203, 0, 113, 0),
+                    prefix_len: 24,
+                    gateway: Ipv4Addr::new(100, 51, 100, 2)
+                },
+                Route::V4 {
+                    dst: Ipv4Addr::new(198, 51, 100, 0),
+                    prefix_len: 24,
+                    gateway: Ipv4Addr::UNSPECIFIED
+                }
+            ]
+        );
+        // On-link IPv6 prefixes, but not the kernel's link-local, multicast and local ones.
+        let v6r = "20010db8000900000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001       vh\n\
+                   fe800000000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001       vh\n\
+                   20010db8000100000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001       vh\n\
+                   ff000000000000000000000000000000 08 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000003 00000000 00000001       vh\n";
+        assert_eq!(
+            routes6(v6r, "vh"),
+            [Route::V6 {
+                dst: "2001:db8:9::".parse().unwrap(),
+                prefix_len: 64,
+                gateway: Ipv6Addr::UNSPECIFIED
             }]
         );
         assert_eq!(

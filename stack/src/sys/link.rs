@@ -64,7 +64,8 @@ pub struct LinkConfig {
 /// A route via a gateway on the configured link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
-    /// IPv4: `dst/prefix_len via gateway`.
+    /// IPv4: `dst/prefix_len via gateway`, or on the link itself (`scope link`) when the
+    /// gateway is `0.0.0.0`.
     V4 {
         /// Destination network.
         dst: Ipv4Addr,
@@ -73,7 +74,7 @@ pub enum Route {
         /// The next hop.
         gateway: Ipv4Addr,
     },
-    /// IPv6: `dst/prefix_len via gateway`.
+    /// IPv6: `dst/prefix_len via gateway`, or on the link itself when the gateway is `::`.
     V6 {
         /// Destination network.
         dst: Ipv6Addr,
@@ -363,9 +364,13 @@ pub fn configure(cfg: &LinkConfig) -> Result<(), LinkError> {
             } => Some((dst, prefix_len, gateway)),
             Route::V6 { .. } => None,
         });
-        for (dst, prefix_len, gateway) in
-            std::iter::once((Ipv4Addr::UNSPECIFIED, 0, cfg.gateway)).chain(routes)
-        {
+        // On-link prefixes first: the gateways of the others may lie in them.
+        let (on_link, via): (Vec<_>, Vec<_>) = routes.partition(|r| r.2.is_unspecified());
+        let all = on_link
+            .into_iter()
+            .chain(std::iter::once((Ipv4Addr::UNSPECIFIED, 0, cfg.gateway)))
+            .chain(via);
+        for (dst, prefix_len, gateway) in all {
             add_route4(&sock, &rt_dev, dst, prefix_len, gateway).map_err(|source| {
                 LinkError::Route {
                     name: cfg.name.clone(),
@@ -395,7 +400,10 @@ fn add_route4(
     rt.rt_dst = sockaddr_in(dst);
     rt.rt_genmask = sockaddr_in(netmask(prefix_len));
     rt.rt_gateway = sockaddr_in(gateway);
-    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+    rt.rt_flags = libc::RTF_UP;
+    if !gateway.is_unspecified() {
+        rt.rt_flags |= libc::RTF_GATEWAY;
+    }
     // The kernel only reads the name (it copies it with strncpy_from_user).
     rt.rt_dev = rt_dev.as_ptr().cast_mut();
     // SAFETY: SIOCADDRT reads a `struct rtentry`; `rt` is one, fully initialised, and
@@ -459,9 +467,13 @@ fn configure_ipv6(name: &str, v6: &Ipv6Link, routes: &[Route]) -> Result<(), Lin
         } => Some((dst, prefix_len, gateway)),
         Route::V4 { .. } => None,
     });
-    for (dst, dst_len, gateway) in
-        std::iter::once((Ipv6Addr::UNSPECIFIED, 0, v6.gateway)).chain(extra)
-    {
+    // On-link prefixes first: the gateways of the others may lie in them.
+    let (on_link, via): (Vec<_>, Vec<_>) = extra.partition(|r| r.2.is_unspecified());
+    let all = on_link
+        .into_iter()
+        .chain(std::iter::once((Ipv6Addr::UNSPECIFIED, 0, v6.gateway)))
+        .chain(via);
+    for (dst, dst_len, gateway) in all {
         let mut rt = In6Rtmsg {
             dst: in6_addr(dst),
             src: in6_addr(Ipv6Addr::UNSPECIFIED),
@@ -471,7 +483,11 @@ fn configure_ipv6(name: &str, v6: &Ipv6Link, routes: &[Route]) -> Result<(), Lin
             src_len: 0,
             metric: 1,
             info: 0,
-            flags: (libc::RTF_UP | libc::RTF_GATEWAY).into(),
+            flags: if gateway.is_unspecified() {
+                libc::RTF_UP.into()
+            } else {
+                (libc::RTF_UP | libc::RTF_GATEWAY).into()
+            },
             ifindex,
         };
         // SAFETY: SIOCADDRT on an AF_INET6 socket reads a `struct in6_rtmsg`; `rt` has its
