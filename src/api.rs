@@ -21,17 +21,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forwarder::port::{PortError, PortRule, Proto};
-use mio::net::{UnixListener, UnixStream};
+use mio::net::UnixListener;
 use mio::{Interest, Registry, Token};
+
+use crate::requests::Clients;
 use serde_json::{json, Value};
-use slab::Slab;
 
 /// Largest request, in bytes (slirp4netns's buffer: 4096 bytes read means too large).
 pub const MAX_REQUEST: usize = 4096;
 /// Time a client has to send its request.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How soon `accept` is tried again after it failed for lack of fds.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 /// What the API may change.
 pub trait Control {
@@ -174,12 +173,6 @@ fn add_hostfwd<'v>(arg: &dyn Fn(&str) -> Option<&'v Value>, ctl: &mut dyn Contro
     }
 }
 
-struct Client {
-    stream: UnixStream,
-    buf: Vec<u8>,
-    since: Instant,
-}
-
 /// The API socket.
 pub struct Server {
     listener: UnixListener,
@@ -187,13 +180,8 @@ pub struct Server {
     /// after the sandbox has pivoted away from the host's file system.
     dir: std::fs::File,
     name: std::ffi::OsString,
-    clients: Slab<Client>,
+    clients: Clients,
     listener_token: Token,
-    client_base: usize,
-    max_clients: usize,
-    /// When to try `accept` again after it failed for lack of fds (EMFILE): the client
-    /// waits in the backlog and no new edge will say so.
-    retry: Option<Instant>,
 }
 
 /// Errors setting up the API socket.
@@ -245,128 +233,38 @@ impl Server {
             listener,
             dir,
             name,
-            clients: Slab::new(),
+            clients: Clients::new("API", client_base, max_clients, MAX_REQUEST, CLIENT_TIMEOUT),
             listener_token,
-            client_base,
-            max_clients,
-            retry: None,
         })
     }
 
     /// Whether `token` belongs to the API.
     pub fn owns(&self, token: Token) -> bool {
-        token == self.listener_token || token.0 >= self.client_base
+        token == self.listener_token || self.clients.owns(token)
     }
 
     /// Handles readiness of an API token.
     pub fn handle(&mut self, token: Token, registry: &Registry, ctl: &mut dyn Control) {
         if token == self.listener_token {
-            self.accept(registry);
+            self.clients.accept(&self.listener, registry);
             return;
         }
-        let id = token.0 - self.client_base;
-        let Some(client) = self.clients.get_mut(id) else {
+        let Some(req) = self.clients.read(token, registry) else {
             return;
         };
-        let mut chunk = [0u8; 1024];
-        let mut eof = false;
-        loop {
-            match client.stream.read(&mut chunk) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    let room = (MAX_REQUEST + 1).saturating_sub(client.buf.len());
-                    client.buf.extend_from_slice(&chunk[..n.min(room)]);
-                    if client.buf.len() > MAX_REQUEST {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.drop_client(id, registry);
-                    return;
-                }
-            }
-        }
-        let complete = eof
-            || client.buf.len() >= MAX_REQUEST
-            || serde_json::from_slice::<Value>(&client.buf).is_ok();
-        if !complete {
-            return;
-        }
-        let reply = execute(&client.buf, ctl);
+        let reply = execute(&req.bytes, ctl);
         log::debug!(
             "API request {:?} -> {reply}",
-            String::from_utf8_lossy(&client.buf)
+            String::from_utf8_lossy(&req.bytes)
         );
-        // The reply is small: one write on a fresh socket does not block in practice; a
-        // client that does not read loses its reply, never our loop.
-        let _ = client.stream.write_all(reply.to_string().as_bytes());
-        self.drop_client(id, registry);
-    }
-
-    fn accept(&mut self, registry: &Registry) {
-        loop {
-            let (mut stream, _) = match self.listener.accept() {
-                Ok(conn) => conn,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => {
-                    log::warn!("API: accept failed ({e}); trying again shortly");
-                    self.retry = Some(Instant::now() + ACCEPT_RETRY);
-                    return;
-                }
-            };
-            if self.clients.len() >= self.max_clients {
-                log::warn!("API: too many clients, closing a new connection");
-                continue;
-            }
-            let entry = self.clients.vacant_entry();
-            let token = Token(self.client_base + entry.key());
-            if registry
-                .register(&mut stream, token, Interest::READABLE)
-                .is_err()
-            {
-                continue;
-            }
-            entry.insert(Client {
-                stream,
-                buf: Vec::with_capacity(256),
-                since: Instant::now(),
-            });
-        }
-    }
-
-    fn drop_client(&mut self, id: usize, registry: &Registry) {
-        if let Some(mut c) = self.clients.try_remove(id) {
-            let _ = registry.deregister(&mut c.stream);
-        }
+        self.clients
+            .reply(req.client, reply.to_string().as_bytes(), registry);
     }
 
     /// Closes clients that have been silent too long and retries a failed `accept`;
     /// returns when to call again.
     pub fn expire(&mut self, now: Instant, registry: &Registry) -> Option<Instant> {
-        if self.retry.is_some_and(|at| now >= at) {
-            self.retry = None;
-            self.accept(registry);
-        }
-        let stale: Vec<usize> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| now.duration_since(c.since) >= CLIENT_TIMEOUT)
-            .map(|(id, _)| id)
-            .collect();
-        for id in stale {
-            self.drop_client(id, registry);
-        }
-        self.clients
-            .iter()
-            .map(|(_, c)| c.since + CLIENT_TIMEOUT)
-            .chain(self.retry)
-            .min()
+        self.clients.expire(now, &self.listener, registry)
     }
 }
 

@@ -52,6 +52,8 @@ const API_CLIENTS: usize = 1 << 40;
 const TAPS: usize = 1 << 32;
 /// Network members' watches (process or namespace gone): this plus the switch port.
 const WATCHES: usize = 1 << 36;
+/// Clients of a network's control socket, above the watches.
+pub const NETWORK_CLIENTS: usize = 1 << 38;
 
 /// Tokens of a [`Service`]'s sources, above the API clients'.
 pub const SERVICE_TOKENS: usize = 1 << 41;
@@ -695,8 +697,12 @@ impl Running {
                     .and_then(|r| r.poll_timeout())
                     .map(|at| at.saturating_duration_since(std::time::Instant::now()));
                 let network_due = network
-                    .as_ref()
-                    .and_then(crate::network::Server::poll_timeout)
+                    .as_mut()
+                    .and_then(|s| {
+                        let wall = std::time::Instant::now();
+                        let clients = s.expire(wall, poll.registry());
+                        clients.into_iter().chain(s.poll_timeout()).min()
+                    })
                     .map(|at| at.saturating_duration_since(std::time::Instant::now()));
                 let service_due = extras
                     .service
@@ -731,7 +737,7 @@ impl Running {
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
                 match event.token() {
-                    Token(t) if (WATCHES..API_CLIENTS).contains(&t) => {
+                    Token(t) if (WATCHES..NETWORK_CLIENTS).contains(&t) => {
                         if let Some(server) = network.as_mut() {
                             let mut host = crate::network::Host {
                                 registry: poll.registry(),
@@ -772,11 +778,16 @@ impl Running {
                     }
                     NETWORK => {
                         if let Some(server) = network.as_mut() {
+                            server.accept(poll.registry());
+                        }
+                    }
+                    token if network.as_ref().is_some_and(|s| s.owns(token)) => {
+                        if let Some(server) = network.as_mut() {
                             let mut host = crate::network::Host {
                                 registry: poll.registry(),
                                 taps: &mut members,
                             };
-                            server.handle(&mut fwd, &mut host);
+                            server.handle_client(token, &mut fwd, &mut host);
                         }
                     }
                     token if extras.service.as_ref().is_some_and(|s| s.owns(token)) => {
@@ -898,7 +909,7 @@ impl Running {
             }
             if let Some(server) = network.as_mut() {
                 let now = std::time::Instant::now();
-                server.expire(now);
+                server.expire(now, poll.registry());
                 if server.should_exit(now) {
                     log::info!("network {}: no members left, exiting", server.def().name);
                     return Ok(0);

@@ -24,6 +24,7 @@ mod network;
 mod pasta;
 mod pcap;
 mod pidns;
+mod requests;
 mod resolv_watch;
 mod runs;
 mod sys;
@@ -1039,7 +1040,7 @@ fn network_serve(name: &str) -> Result<i32, MainError> {
 
 fn serve_network(def: network::Def) -> Result<i32, MainError> {
     let name = def.name.clone();
-    let Some(server) = network::Server::bind(def.clone())? else {
+    let Some(server) = network::Server::bind(def.clone(), event_loop::NETWORK_CLIENTS)? else {
         log::info!("network {name} is served already");
         return Ok(0);
     };

@@ -38,8 +38,9 @@
 //! Security: the socket is created in the user's runtime directory with the user's
 //! umask; the members' frames are checked by the switch (source MAC and addresses) and
 //! the gateway as in single-namespace mode. Limits: [`MAX_MEMBERS`] members, one address
-//! per family each; a request is handled synchronously in the event loop, with a
-//! [`REQUEST_TIMEOUT`] on the client's socket.
+//! per family each; requests are read without blocking the event loop
+//! ([`crate::requests`]): a client has [`REQUEST_TIMEOUT`] to send one, at most
+//! [`MAX_CLIENTS`] are served at once, and a silent one stalls no member's traffic.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -67,7 +68,11 @@ pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 /// A reservation that is not attached is freed after this long.
 const RESERVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send its request.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control clients served at once (more are closed at accept).
+pub const MAX_CLIENTS: usize = 64;
+/// Largest request, in bytes (a member's `attach` with its names and addresses).
+const MAX_REQUEST: usize = 16 << 10;
 /// Flows one member address may have open (TCP, UDP and ICMP together), by default.
 pub const MEMBER_FLOWS: u32 = 4096;
 
@@ -705,7 +710,8 @@ impl Host<'_> {
 /// The serving side of one network: its socket and its members.
 pub struct Server {
     def: Def,
-    listener: UnixListener,
+    listener: mio::net::UnixListener,
+    clients: crate::requests::Clients,
     /// Held for the process's lifetime: the one server of this network.
     _lock: nix::fcntl::Flock<fs::File>,
     members: BTreeMap<u64, Member>,
@@ -717,11 +723,11 @@ pub struct Server {
 
 impl Server {
     /// Takes the network's lock and binds its socket. `Ok(None)` when another process
-    /// serves the network already.
+    /// serves the network already. Its clients' tokens start at `client_base`.
     ///
     /// # Errors
     /// [`NetworkError`] when the runtime directory or socket cannot be set up.
-    pub fn bind(def: Def) -> Result<Option<Server>, NetworkError> {
+    pub fn bind(def: Def, client_base: usize) -> Result<Option<Server>, NetworkError> {
         let dir = runtime_dir();
         fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
         let lock_path = dir.join(format!("{}.lock", def.name));
@@ -745,7 +751,14 @@ impl Server {
             .map_err(io_err("cannot make the socket non-blocking"))?;
         Ok(Some(Server {
             def,
-            listener,
+            listener: mio::net::UnixListener::from_std(listener),
+            clients: crate::requests::Clients::new(
+                "network socket",
+                client_base,
+                MAX_CLIENTS,
+                MAX_REQUEST,
+                REQUEST_TIMEOUT,
+            ),
             _lock: lock,
             members: BTreeMap::new(),
             next_id: 1,
@@ -840,34 +853,45 @@ impl Server {
     }
 
     /// Frees reservations that were never attached.
-    pub fn expire(&mut self, now: Instant) {
+    /// Frees reservations that were never attached and closes control clients that sent
+    /// no request in time; returns when to call again for the clients.
+    pub fn expire(&mut self, now: Instant, registry: &mio::Registry) -> Option<Instant> {
+        self.expire_reservations(now);
+        self.clients.expire(now, &self.listener, registry)
+    }
+
+    fn expire_reservations(&mut self, now: Instant) {
         self.members
             .retain(|_, m| m.port.is_some() || m.reserved_until > now);
     }
 
-    /// Accepts and serves the pending connections, one request each.
-    pub fn handle(&mut self, fwd: &mut Forwarder, host: &mut Host<'_>) {
-        loop {
-            let stream = match self.listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
-            let _ = stream.set_nonblocking(false);
-            let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
-            let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
-            let (req, fd) = match read_request(&stream) {
-                Some(r) => r,
-                None => continue,
-            };
-            let reply = match self.execute(fwd, host, &req, fd) {
+    /// Accepts the pending connections; their requests come with [`handle_client`].
+    ///
+    /// [`handle_client`]: Self::handle_client
+    pub fn accept(&mut self, registry: &mio::Registry) {
+        self.clients.accept(&self.listener, registry);
+    }
+
+    /// Whether `token` is a control client's.
+    pub fn owns(&self, token: mio::Token) -> bool {
+        self.clients.owns(token)
+    }
+
+    /// Reads what client `token` sent and, once its request is complete, serves it.
+    pub fn handle_client(&mut self, token: mio::Token, fwd: &mut Forwarder, host: &mut Host<'_>) {
+        let Some(req) = self.clients.read(token, host.registry) else {
+            return;
+        };
+        let reply = match serde_json::from_slice::<Value>(&req.bytes) {
+            Ok(v) => match self.execute(fwd, host, &v, req.fd) {
                 Ok(v) => json!({ "return": v }),
                 Err(desc) => json!({ "error": { "desc": desc } }),
-            };
-            let mut line = reply.to_string();
-            line.push('\n');
-            let _ = (&stream).write_all(line.as_bytes());
-        }
+            },
+            Err(e) => json!({ "error": { "desc": format!("bad request: {e}") } }),
+        };
+        let mut line = reply.to_string();
+        line.push('\n');
+        self.clients.reply(req.client, line.as_bytes(), host.registry);
     }
 
     fn execute(
@@ -984,7 +1008,7 @@ impl Server {
 
     fn reserve(&mut self, args: &Value) -> Result<Value, String> {
         let now = Instant::now();
-        self.expire(now);
+        self.expire_reservations(now);
         if self.members.len() >= MAX_MEMBERS {
             return Err(format!("network {:?} is full", self.def.name));
         }
@@ -1214,29 +1238,6 @@ fn api_execute(
         Some(desc) => Err(desc.to_owned()),
         None => Ok(reply.get("return").cloned().unwrap_or(reply)),
     }
-}
-
-/// Reads one request line and the descriptor that may come with it.
-fn read_request(stream: &UnixStream) -> Option<(Value, Option<OwnedFd>)> {
-    let mut buf = vec![0u8; crate::api::MAX_REQUEST];
-    let mut len = 0;
-    let mut fd = None;
-    loop {
-        let (n, got) = crate::sys::recv_with_fd(stream.as_fd(), &mut buf[len..]).ok()?;
-        if got.is_some() {
-            fd = got;
-        }
-        if n == 0 {
-            break;
-        }
-        len += n;
-        if buf[..len].contains(&b'\n') || len == buf.len() {
-            break;
-        }
-    }
-    let line = buf[..len].split(|&b| b == b'\n').next()?;
-    let v = serde_json::from_slice(line).ok()?;
-    Some((v, fd))
 }
 
 /// The TAP name for the `n`-th network a namespace joins.

@@ -935,3 +935,49 @@ fn a_member_cannot_be_the_others_router_or_dhcp_server() {
     assert!(ping(&rogue.ns(), "10.102.0.101"));
     drop((rogue, b));
 }
+
+/// Control clients that connect and send nothing stall no member: the network's socket is
+/// read without blocking the loop that switches the members' frames. Member traffic flows
+/// and another client's request is answered while three silent clients hold the socket;
+/// they are still connected afterwards, so nothing waited for their requests. (Before, the
+/// loop read each request blocking, for up to 2 s per client.)
+#[test]
+fn a_silent_control_client_does_not_stall_the_members() {
+    use std::io::Read;
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["n9", "--subnet", "10.96.0.0/24"]);
+    let a = n.member("n9", "a", &[]);
+    let b = n.member("n9", "b", &[]);
+    let echo = UdpEcho::start(&b.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 101), echo.addr.port());
+    // Warm-up: the members know each other's MAC addresses.
+    in_netns(&a.ns(), || {
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        udp_roundtrip(&s, to, b"warm-up", 3).unwrap_or_else(|e| panic!("{e}"));
+    });
+    let path = n.run.join("usernet").join("n9.sock");
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..3)
+        .map(|_| {
+            std::os::unix::net::UnixStream::connect(&path)
+                .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()))
+        })
+        .collect();
+    in_netns(&a.ns(), || {
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        for i in 0..50u32 {
+            let msg = format!("while silent clients wait {i}");
+            udp_roundtrip(&s, to, msg.as_bytes(), 1).unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+    let members = n.inspect("n9")["members"].as_array().map_or(0, Vec::len);
+    assert_eq!(members, 2);
+    for mut s in silent {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("a silent client was already served or closed: {other:?}"),
+        }
+    }
+}
