@@ -31,7 +31,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use stack::sys::tap::Tap;
+use crate::sys::tap::Tap;
 
 use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};

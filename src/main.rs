@@ -37,8 +37,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use forwarder::nat::{NatConfig, Network, Network6};
 use forwarder::{Config, Forwarder, Limits};
-use stack::sys::link::{Ipv6Link, LinkConfig};
-use stack::sys::tap::Tap;
+use crate::sys::link::{Ipv6Link, LinkConfig};
+use crate::sys::tap::Tap;
 
 use crate::conf::{
     AttachArgs, Cli, Command, NetArgs, NetnsType, NetworkAction, NetworkArgs, PortsAction,
@@ -55,7 +55,7 @@ enum MainError {
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
     #[error(transparent)]
-    Tap(#[from] stack::sys::tap::TapError),
+    Tap(#[from] crate::sys::tap::TapError),
     #[error(transparent)]
     Loop(#[from] event_loop::LoopError),
     #[error(transparent)]
@@ -786,7 +786,7 @@ fn forwarder_with(
 /// guest's kernel then sends and takes 64 KiB TCP super-frames even at MTU 1500.
 /// `USERNET_NO_OFFLOAD=1` keeps them off (a fallback while TSO in smoltcp is young).
 pub(crate) fn enable_offloads(tap: &Tap) -> bool {
-    use stack::sys::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+    use crate::sys::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
     if tap.vnet_hdr_len() == 0 || std::env::var_os("USERNET_NO_OFFLOAD").is_some_and(|v| v == "1") {
         return false;
     }

@@ -53,8 +53,8 @@ use nix::sys::signal::Signal;
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{getegid, geteuid, getpid, getppid, pipe2, Pid};
-use stack::sys::link::{configure, LinkConfig, LinkError};
-use stack::sys::tap::{Tap, TapError};
+use crate::sys::link::{configure, LinkConfig, LinkError};
+use crate::sys::tap::{Tap, TapError};
 
 use crate::sys;
 
@@ -1066,7 +1066,7 @@ mod tests {
         assert_eq!(tap.name(), "tap0");
         assert_eq!(tap.vnet_hdr_len(), 10);
         tap.set_offload(
-            stack::sys::tap::TUN_F_CSUM | stack::sys::tap::TUN_F_TSO4 | stack::sys::tap::TUN_F_TSO6,
+            crate::sys::tap::TUN_F_CSUM | crate::sys::tap::TUN_F_TSO4 | crate::sys::tap::TUN_F_TSO6,
         )
         .unwrap();
 
@@ -1146,7 +1146,7 @@ mod tests {
         assert_eq!(tap.name(), "tap0");
         // Offloads are set from outside the namespace, also unprivileged.
         tap.set_offload(
-            stack::sys::tap::TUN_F_CSUM | stack::sys::tap::TUN_F_TSO4 | stack::sys::tap::TUN_F_TSO6,
+            crate::sys::tap::TUN_F_CSUM | crate::sys::tap::TUN_F_TSO4 | crate::sys::tap::TUN_F_TSO6,
         )
         .unwrap();
         // Joining the user namespace too also works unprivileged.

@@ -57,7 +57,7 @@ use forwarder::port::Proto;
 use forwarder::{Forwarder, PortId};
 use serde_json::{json, Value};
 use smoltcp::wire::EthernetAddress;
-use stack::sys::tap::Tap;
+use crate::sys::tap::Tap;
 
 use crate::conf::Publish;
 
@@ -1138,7 +1138,7 @@ impl Server {
             return Err("the TAP's vnet header does not match the network's".into());
         }
         if fwd.config().offload {
-            use stack::sys::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+            use crate::sys::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
             tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
                 .map_err(|e| format!("cannot turn on the TAP's offloads: {e}"))?;
         }

@@ -51,8 +51,8 @@ use forwarder::{Config, Forwarder, Limits};
 use nix::fcntl::OFlag;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::pipe2;
-use stack::sys::link::{Ipv6Link, LinkConfig, Route};
-use stack::sys::tap::Tap;
+use crate::sys::link::{Ipv6Link, LinkConfig, Route};
+use crate::sys::tap::Tap;
 
 use crate::conf::Publish;
 use crate::event_loop::{self, Extras};
@@ -74,7 +74,7 @@ pub enum PastaRunError {
     Netns(#[from] netns::NetnsError),
     /// The TAP.
     #[error(transparent)]
-    Tap(#[from] stack::sys::tap::TapError),
+    Tap(#[from] crate::sys::tap::TapError),
     /// The event loop (binding a port, the signal fd, epoll).
     #[error(transparent)]
     Loop(#[from] event_loop::LoopError),

@@ -38,7 +38,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use forwarder::port::Proto;
-use stack::sys::link::Route;
+use crate::sys::link::Route;
 
 use crate::conf::Publish;
 

@@ -13,7 +13,9 @@
 pub mod alloc;
 pub mod caps;
 pub mod fd;
+pub mod link;
 pub mod seccomp;
+pub mod tap;
 
 use std::ffi::c_long;
 use std::io::{self, IoSlice, IoSliceMut};

@@ -2,25 +2,25 @@
 //!
 //! Layering, from the wire up:
 //!
-//! 1. [`sys::tap`]: the TAP file descriptor (create, attach, vnet header, offloads).
-//!    [`sys::link`] configures a link inside a namespace with a few ioctls.
-//! 2. [`vnet`]: the `virtio_net_hdr` that prefixes every frame when the TAP runs with
+//! 1. [`vnet`]: the `virtio_net_hdr` that prefixes every frame when the TAP runs with
 //!    `IFF_VNET_HDR`.
-//! 3. [`l2`]: a thin Ethernet + ARP layer that answers only for usernet's virtual
+//! 2. [`l2`]: a thin Ethernet + ARP layer that answers only for usernet's virtual
 //!    addresses and remembers the guest's MAC address.
-//! 4. [`txq`]: a preallocated queue of outgoing frames; everything the guest receives is
+//! 3. [`txq`]: a preallocated queue of outgoing frames; everything the guest receives is
 //!    built in place there.
-//! 5. [`device`]: the smoltcp [`smoltcp::phy::Device`] (medium IP) over one received
+//! 4. [`device`]: the smoltcp [`smoltcp::phy::Device`] (medium IP) over one received
 //!    frame and the transmit queue; [`iface`] builds the smoltcp `Interface`.
 //!
+//! The TAP device and the link's configuration (system calls) are the binary's, in its
+//! `sys/`: this crate makes no system call and has no `unsafe` code.
+//!
 //! Invariants: nothing here allocates per frame; malformed input is dropped and counted
-//! by the caller, never a panic; only `sys/` holds `unsafe` code.
+//! by the caller, never a panic.
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod device;
 pub mod iface;
 pub mod l2;
-pub mod sys;
 pub mod txq;
 pub mod vnet;

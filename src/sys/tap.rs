@@ -43,13 +43,9 @@ pub const TUN_F_CSUM: u32 = libc::TUN_F_CSUM;
 pub const TUN_F_TSO4: u32 = libc::TUN_F_TSO4;
 /// `TUN_F_TSO6`: we accept TCP/IPv6 super-frames (needs [`TUN_F_CSUM`]).
 pub const TUN_F_TSO6: u32 = libc::TUN_F_TSO6;
-/// `TUN_F_TSO_ECN`: we accept TSO super-frames with the ECN CWR bit.
-pub const TUN_F_TSO_ECN: u32 = libc::TUN_F_TSO_ECN;
-/// `TUN_F_UFO`: we accept UDP super-frames (the kernel no longer sends them).
-pub const TUN_F_UFO: u32 = libc::TUN_F_UFO;
 
-/// Length of `struct virtio_net_hdr`, as [`crate::vnet`] parses it.
-const VNET_HDR_LEN: usize = crate::vnet::HEADER_LEN;
+/// Length of `struct virtio_net_hdr`, as [`stack::vnet`] parses it.
+const VNET_HDR_LEN: usize = stack::vnet::HEADER_LEN;
 
 /// The TUN/TAP clone device.
 const TUN_PATH: &str = "/dev/net/tun";
@@ -463,7 +459,7 @@ mod tests {
             let tap = Tap::create("tap0", true).unwrap();
             assert_eq!(tap.name(), "tap0");
             assert_eq!(tap.vnet_hdr_len(), 10);
-            tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+            tap.set_offload(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | libc::TUN_F_TSO_ECN)
                 .unwrap();
             tap.set_offload(0).unwrap();
             assert!(matches!(
