@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use forwarder::port::{PortError, PortRule, Proto};
+use forwarder::{Forwarder, Io};
 use mio::net::UnixListener;
 use mio::{Interest, Registry, Token};
 
@@ -58,6 +59,59 @@ pub trait Control {
     /// `name` and `command`.
     fn info(&self) -> Value {
         json!({})
+    }
+}
+
+/// The API's view of the forwarder for one request.
+pub(crate) struct FwdControl<'a, 'io> {
+    /// The forwarder.
+    pub fwd: &'a mut Forwarder,
+    /// The host side.
+    pub io: &'a mut Io<'io>,
+}
+
+impl Control for FwdControl<'_, '_> {
+    fn add(
+        &mut self,
+        proto: Proto,
+        host: std::net::SocketAddr,
+        guest: Option<std::net::Ipv4Addr>,
+        port: u16,
+    ) -> Result<PortRule, PortError> {
+        self.fwd
+            .add_port(proto, host, guest, port, self.io.registry)
+    }
+    fn remove(&mut self, id: u32) -> Result<(), PortError> {
+        self.fwd.remove_port(id, self.io)
+    }
+    fn list(&self) -> Vec<PortRule> {
+        self.fwd.port_rules()
+    }
+    fn stats(&self) -> serde_json::Value {
+        let (tcp, udp, icmp) = self.fwd.flow_counts();
+        let limits = self.fwd.limits();
+        let counters: serde_json::Map<String, serde_json::Value> = self
+            .fwd
+            .counters()
+            .iter()
+            .map(|(name, value)| (name.to_owned(), value.into()))
+            .collect();
+        serde_json::json!({
+            "flows": {
+                "tcp": tcp,
+                "tcp_half_open": self.fwd.half_open(),
+                "udp": udp,
+                "icmp": icmp,
+                "published_ports": self.fwd.port_rules().len(),
+            },
+            "limits": {
+                "tcp_flows": limits.tcp_flows,
+                "tcp_half_open": limits.tcp_half_open,
+                "udp_flows": limits.udp_flows,
+                "icmp_flows": limits.icmp_flows,
+            },
+            "counters": counters,
+        })
     }
 }
 

@@ -31,7 +31,6 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use crate::sys::tap::Tap;
 
 use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};
@@ -39,6 +38,7 @@ use crate::conf::Publish;
 use crate::netns::TargetWatch;
 use crate::pcap::Pcap;
 use crate::pidns::Supervisor;
+use crate::sys::tap::Tap;
 
 const SIGNAL: Token = Token(1);
 const EXIT_FD: Token = Token(2);
@@ -262,17 +262,9 @@ impl FrameSink for Members {
     }
 }
 
-/// The API's view of the forwarder for one request.
-pub(crate) struct FwdControl<'a, 'io> {
-    /// The forwarder.
-    pub fwd: &'a mut Forwarder,
-    /// The host side.
-    pub io: &'a mut Io<'io>,
-}
-
-/// [`FwdControl`] plus what `get_info` answers.
+/// [`api::FwdControl`] plus what `get_info` answers.
 struct InfoControl<'c, 'a, 'io> {
-    inner: FwdControl<'a, 'io>,
+    inner: api::FwdControl<'a, 'io>,
     info: &'c serde_json::Value,
     /// The event loop's waits so far (`get_stats` section `loop`).
     waits: crate::busy_poll::WaitStats,
@@ -307,51 +299,6 @@ impl api::Control for InfoControl<'_, '_, '_> {
     }
     fn info(&self) -> serde_json::Value {
         self.info.clone()
-    }
-}
-
-impl api::Control for FwdControl<'_, '_> {
-    fn add(
-        &mut self,
-        proto: Proto,
-        host: std::net::SocketAddr,
-        guest: Option<std::net::Ipv4Addr>,
-        port: u16,
-    ) -> Result<PortRule, PortError> {
-        self.fwd
-            .add_port(proto, host, guest, port, self.io.registry)
-    }
-    fn remove(&mut self, id: u32) -> Result<(), PortError> {
-        self.fwd.remove_port(id, self.io)
-    }
-    fn list(&self) -> Vec<PortRule> {
-        self.fwd.port_rules()
-    }
-    fn stats(&self) -> serde_json::Value {
-        let (tcp, udp, icmp) = self.fwd.flow_counts();
-        let limits = self.fwd.limits();
-        let counters: serde_json::Map<String, serde_json::Value> = self
-            .fwd
-            .counters()
-            .iter()
-            .map(|(name, value)| (name.to_owned(), value.into()))
-            .collect();
-        serde_json::json!({
-            "flows": {
-                "tcp": tcp,
-                "tcp_half_open": self.fwd.half_open(),
-                "udp": udp,
-                "icmp": icmp,
-                "published_ports": self.fwd.port_rules().len(),
-            },
-            "limits": {
-                "tcp_flows": limits.tcp_flows,
-                "tcp_half_open": limits.tcp_half_open,
-                "udp_flows": limits.udp_flows,
-                "icmp_flows": limits.icmp_flows,
-            },
-            "counters": counters,
-        })
     }
 }
 
@@ -494,7 +441,7 @@ pub fn start(
             registry: poll.registry(),
             tap: &mut members,
         };
-        let mut ctl = FwdControl {
+        let mut ctl = api::FwdControl {
             fwd: &mut fwd,
             io: &mut io,
         };
@@ -581,7 +528,7 @@ fn publish(
                         return Err(LoopError::Publish {
                             spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
                             source,
-                        })
+                        });
                     }
                 }
             }
@@ -802,7 +749,7 @@ impl Running {
                                 tap: &mut members,
                             };
                             let mut ctl = InfoControl {
-                                inner: FwdControl {
+                                inner: api::FwdControl {
                                     fwd: &mut fwd,
                                     io: &mut io,
                                 },
@@ -895,7 +842,7 @@ impl Running {
             if let Some(service) = extras.service.as_mut() {
                 let wall = std::time::Instant::now();
                 if service.next_tick().is_some_and(|at| at <= wall) {
-                    let mut ctl = FwdControl {
+                    let mut ctl = api::FwdControl {
                         fwd: &mut fwd,
                         io: &mut io,
                     };

@@ -37,8 +37,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use forwarder::nat::{NatConfig, Network, Network6};
 use forwarder::{Config, Forwarder, Limits};
-use crate::sys::link::{Ipv6Link, LinkConfig};
-use crate::sys::tap::Tap;
 
 use crate::conf::{
     AttachArgs, Cli, Command, NetArgs, NetnsType, NetworkAction, NetworkArgs, PortsAction,
@@ -46,6 +44,8 @@ use crate::conf::{
 };
 use crate::event_loop::Extras;
 use crate::netns::{AttachSpec, RunSpec, Target, TargetWatch};
+use crate::sys::link::{Ipv6Link, LinkConfig};
+use crate::sys::tap::Tap;
 
 /// Everything that stops usernet at start-up; printed as one line.
 #[derive(Debug, thiserror::Error)]
@@ -479,7 +479,9 @@ fn explain_stat(section: &str, name: &str) -> Option<&'static str> {
         }
         ("loop", "sleeps") => Some("waits of the event loop that slept in epoll_wait"),
         ("loop", "spin_polls") => Some("non-blocking polls while busy polling (--busy-poll)"),
-        ("loop", "spun_wakeups") => Some("waits an event ended while busy polling (a wake-up saved)"),
+        ("loop", "spun_wakeups") => {
+            Some("waits an event ended while busy polling (a wake-up saved)")
+        }
         ("loop", "spin_us") => Some("microseconds spent busy polling"),
         _ => None,
     }

@@ -53,10 +53,10 @@ use nix::sys::signal::Signal;
 use nix::sys::socket::{socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{getegid, geteuid, getpid, getppid, pipe2, Pid};
-use crate::sys::link::{configure, LinkConfig, LinkError};
-use crate::sys::tap::{Tap, TapError};
 
 use crate::sys;
+use crate::sys::link::{configure, LinkConfig, LinkError};
+use crate::sys::tap::{Tap, TapError};
 
 /// The namespace to attach to (slirp4netns's positional argument).
 #[derive(Debug, Clone, PartialEq, Eq)]

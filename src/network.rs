@@ -57,9 +57,9 @@ use forwarder::port::Proto;
 use forwarder::{Forwarder, PortId};
 use serde_json::{json, Value};
 use smoltcp::wire::EthernetAddress;
-use crate::sys::tap::Tap;
 
 use crate::conf::Publish;
+use crate::sys::tap::Tap;
 
 /// Members of one network.
 pub const MAX_MEMBERS: usize = 253;
@@ -891,7 +891,8 @@ impl Server {
         };
         let mut line = reply.to_string();
         line.push('\n');
-        self.clients.reply(req.client, line.as_bytes(), host.registry);
+        self.clients
+            .reply(req.client, line.as_bytes(), host.registry);
     }
 
     fn execute(
@@ -1232,7 +1233,7 @@ fn api_execute(
     io: &mut forwarder::Io<'_>,
     req: &Value,
 ) -> Result<Value, String> {
-    let mut ctl = crate::event_loop::FwdControl { fwd, io };
+    let mut ctl = crate::api::FwdControl { fwd, io };
     let reply = crate::api::execute(req.to_string().as_bytes(), &mut ctl);
     match reply.pointer("/error/desc").and_then(Value::as_str) {
         Some(desc) => Err(desc.to_owned()),

@@ -85,7 +85,10 @@ impl Clients {
     /// Whether `token` is one of ours (a client's, or a closed client's whose event was
     /// already queued). A slab's keys stay below its most entries at once.
     pub fn owns(&self, token: Token) -> bool {
-        token.0.checked_sub(self.base).is_some_and(|i| i < self.max_clients)
+        token
+            .0
+            .checked_sub(self.base)
+            .is_some_and(|i| i < self.max_clients)
     }
 
     /// Accepts every pending connection of `listener`.
@@ -199,7 +202,10 @@ impl Clients {
             .map(|(id, _)| id)
             .collect();
         for id in stale {
-            log::debug!("{}: closing a client that sent no complete request", self.what);
+            log::debug!(
+                "{}: closing a client that sent no complete request",
+                self.what
+            );
             self.close(id, registry);
         }
         self.clients

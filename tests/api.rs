@@ -660,7 +660,10 @@ fn api_port_in_use_is_a_clear_error() {
             desc.starts_with("bad request: add_hostfwd: slirp_add_hostfwd failed"),
             "{req}: desc {desc:?}"
         );
-        assert!(desc.contains("Address already in use"), "{req}: desc {desc:?}");
+        assert!(
+            desc.contains("Address already in use"),
+            "{req}: desc {desc:?}"
+        );
     };
     // Our own rule.
     check(add_req("tcp", "0.0.0.0", 8080, "10.0.2.100", 81));

@@ -123,8 +123,16 @@ fn outbound_addr_applies_to_the_gateways_loopback_mapping() {
         let to = SocketAddrV4::new(GATEWAY, udp.addr.port());
         udp_roundtrip(&s, to, b"udp to the gateway", 3).unwrap_or_else(|e| panic!("{e}"));
     });
-    assert_eq!(sink.stats.peer_ips(), vec![HOST_ADDR2], "TCP source at the loopback listener");
-    assert_eq!(udp.stats.peer_ips(), vec![HOST_ADDR2], "UDP source at the loopback listener");
+    assert_eq!(
+        sink.stats.peer_ips(),
+        vec![HOST_ADDR2],
+        "TCP source at the loopback listener"
+    );
+    assert_eq!(
+        udp.stats.peer_ips(),
+        vec![HOST_ADDR2],
+        "UDP source at the loopback listener"
+    );
 }
 
 #[test]
@@ -229,7 +237,9 @@ fn disable_dns_forwarder_does_not_answer() {
         let to = SocketAddr::from((DNS, 53));
         match TcpStream::connect_timeout(&to, Duration::from_secs(5)) {
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-            other => panic!("TCP connect to {to} with --disable-dns: {other:?}, expected a time-out"),
+            other => {
+                panic!("TCP connect to {to} with --disable-dns: {other:?}, expected a time-out")
+            }
         }
         r
     });
@@ -337,7 +347,12 @@ fn busy_poll_does_not_spin_on_sporadic_traffic() {
     });
     let api = t.tmp.join("api.sock");
     let _u = UsernetCmd::new(&t)
-        .args(["-c", "--busy-poll=1000", "-a", api.to_str().expect("utf-8 path")])
+        .args([
+            "-c",
+            "--busy-poll=1000",
+            "-a",
+            api.to_str().expect("utf-8 path"),
+        ])
         .start();
     let (spun, wall) = t.in_container(|| {
         let s = udp_socket(any(Ipv4Addr::UNSPECIFIED));
@@ -366,7 +381,12 @@ fn busy_poll_does_not_spin_on_a_stream() {
     let Some(t) = Topology::new() else { return };
     let api = t.tmp.join("api.sock");
     let _u = UsernetCmd::new(&t)
-        .args(["-c", "--busy-poll=10000", "-a", api.to_str().expect("utf-8 path")])
+        .args([
+            "-c",
+            "--busy-poll=10000",
+            "-a",
+            api.to_str().expect("utf-8 path"),
+        ])
         .start();
     let source = t.in_host(|| std::net::UdpSocket::bind(any(Ipv4Addr::LOCALHOST)).expect("bind"));
     let port = source.local_addr().unwrap().port();

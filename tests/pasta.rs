@@ -1173,7 +1173,9 @@ fn pasta_udp_client_socket_is_one_association_tap_and_splice_paths() {
     let splice6 = ConnectedUdpServer::start(&ns, v6(64), 4);
     let args = podman53(
         &ns,
-        &["-u", "5401:61", "-u", "5402:62", "-u", "5403:63", "-u", "5404:64"],
+        &[
+            "-u", "5401:61", "-u", "5402:62", "-u", "5403:63", "-u", "5404:64",
+        ],
     );
     let _p = Pasta::start(&t, &strs(&args));
     t.in_host(|| {

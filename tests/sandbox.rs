@@ -634,7 +634,11 @@ fn run_isolated_as_unprivileged_user_gets_its_own_user_namespace() {
             let mut c = t.exec_in(&t.host, "setpriv", &nobody[1..]);
             c.args([tool, &path]);
             let r = run_with_timeout(c, Duration::from_secs(10));
-            assert_eq!(r.success(), readable, "{tool} {path} as the same user:\n{r}");
+            assert_eq!(
+                r.success(),
+                readable,
+                "{tool} {path} as the same user:\n{r}"
+            );
             if !readable {
                 assert!(r.stderr.contains("Permission denied"), "{path}:\n{r}");
             }

@@ -51,12 +51,12 @@ use forwarder::{Config, Forwarder, Limits};
 use nix::fcntl::OFlag;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::pipe2;
-use crate::sys::link::{Ipv6Link, LinkConfig, Route};
-use crate::sys::tap::Tap;
 
 use crate::conf::Publish;
 use crate::event_loop::{self, Extras};
 use crate::netns::{self, AttachSpec, Target, TargetWatch};
+use crate::sys::link::{Ipv6Link, LinkConfig, Route};
+use crate::sys::tap::Tap;
 use crate::{isolation, sys};
 use opts::{HostTemplate, PastaError, PastaOpts};
 
@@ -249,7 +249,9 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
     let reaches4 = |ip: Ipv4Addr| {
         net.contains(ip)
             || on_link4.iter().any(|r| match *r {
-                Route::V4 { dst, prefix_len, .. } => in_prefix4(ip, dst, prefix_len),
+                Route::V4 {
+                    dst, prefix_len, ..
+                } => in_prefix4(ip, dst, prefix_len),
                 Route::V6 { .. } => false,
             })
     };
@@ -372,7 +374,9 @@ fn classful_prefix(a: Ipv4Addr) -> u8 {
 
 /// Whether `ip` is in `dst/prefix_len`.
 fn in_prefix4(ip: Ipv4Addr, dst: Ipv4Addr, prefix_len: u8) -> bool {
-    let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0);
     u32::from(ip) & mask == u32::from(dst) & mask
 }
 
@@ -797,14 +801,21 @@ mod tests {
         let p = plan(&opts(&["--config-net", "-a", "192.0.2.1", "1"]), &h).unwrap();
         assert_eq!(
             (p.link.addr, p.link.prefix_len, p.link.gateway),
-            (Ipv4Addr::new(192, 0, 2, 1), 24, Ipv4Addr::new(198, 51, 100, 2))
+            (
+                Ipv4Addr::new(192, 0, 2, 1),
+                24,
+                Ipv4Addr::new(198, 51, 100, 2)
+            )
         );
         assert_eq!(p.link.routes, [on_link4]);
         let p = plan(&opts(&["--config-net", "-a", "10.1.2.3", "1"]), &h).unwrap();
         assert_eq!(p.link.prefix_len, 8);
         let p = plan(&opts(&["--config-net", "-a", "2001:db8::1", "1"]), &h).unwrap();
         let v6 = p.link.ipv6.unwrap();
-        assert_eq!((v6.prefix_len, v6.gateway), (64, "2001:db8:1::2".parse().unwrap()));
+        assert_eq!(
+            (v6.prefix_len, v6.gateway),
+            (64, "2001:db8:1::2".parse().unwrap())
+        );
         assert_eq!(p.link.routes, [on_link6]);
         // Copied as it is, the host's prefix is the namespace's own: nothing to add.
         let p = plan(&opts(&["--config-net", "1"]), &h).unwrap();

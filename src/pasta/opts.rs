@@ -38,9 +38,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
 use forwarder::port::Proto;
-use crate::sys::link::Route;
 
 use crate::conf::Publish;
+use crate::sys::link::Route;
 
 /// Errors of the command line and of the host template; printed as one line on stderr,
 /// exit status 1.
@@ -1161,9 +1161,7 @@ mod tests {
         s.add("-t", "::1/9000").unwrap();
         s.add("-t", "100-110,~103-104,~110").unwrap();
         let p = s.publish(Proto::Tcp, false, false, EPHEMERAL_FALLBACK);
-        assert!(p
-            .iter()
-            .all(|p| p.device.is_none() && !p.best_effort));
+        assert!(p.iter().all(|p| p.device.is_none() && !p.best_effort));
         assert_eq!(
             rules(&p),
             [

@@ -1341,7 +1341,8 @@ impl ConnectedUdpServer {
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             let mut got = Vec::new();
-            sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
             let Ok((n, peer)) = sock.recv_from(&mut buf) else {
                 return (None, got);
             };
