@@ -36,7 +36,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use forwarder::nat::{NatConfig, Network, Network6};
-use forwarder::{Config, Forwarder, Limits};
+use forwarder::{Config, Forwarder, Limits, Topology};
 
 use crate::conf::{
     AttachArgs, Cli, Command, NetArgs, NetnsType, NetworkAction, NetworkArgs, PortsAction,
@@ -757,21 +757,18 @@ fn forwarder_with(
             net: net.cidr,
             net6,
             host_loopback: !net.disable_host_loopback,
-            nameservers,
             aliases: Vec::new(),
         },
         dns_enabled: !net.disable_dns,
+        nameservers,
         mtu: net.mtu as usize,
         vnet_hdr_len: tap.vnet_hdr_len(),
         offload: enable_offloads(tap),
         outbound_v4: outbound.0,
         outbound_v6: outbound.1,
-        outbound_to_loopback: true,
         guest_v4: setup.configured.then(|| net.cidr.guest()),
         guest_v6: net6.filter(|_| setup.configured).map(|n| n.guest()),
         tcp_buffer: net.tcp_buffer as usize,
-        loopback_handoff: false,
-        udp_idle: smoltcp::time::Duration::from_secs(60),
         limits: Limits {
             tcp_flows: net.max_tcp_flows as usize,
             tcp_half_open: net.max_half_open as usize,
@@ -780,8 +777,9 @@ fn forwarder_with(
             ports: net.max_published_ports as usize,
         },
         seed: random_seed(),
+        ..Config::default()
     };
-    Forwarder::new(cfg, smoltcp::time::Instant::from_micros(0))
+    Forwarder::new(cfg, Topology::Single, smoltcp::time::Instant::from_micros(0))
 }
 
 /// Turns on checksum and TCP segmentation offloads on a TAP with a vnet header: the
@@ -1056,26 +1054,20 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
             net: def.subnet,
             net6: def.subnet6,
             host_loopback: def.host_loopback(),
-            nameservers,
             aliases: Vec::new(),
         },
-        dns_enabled: true,
+        nameservers,
         mtu: def.mtu as usize,
         vnet_hdr_len: stack::vnet::HEADER_LEN,
         offload: true,
-        outbound_v4: None,
-        outbound_v6: None,
-        outbound_to_loopback: true,
-        guest_v4: None,
-        guest_v6: None,
-        tcp_buffer: 2 << 20,
-        loopback_handoff: false,
-        udp_idle: smoltcp::time::Duration::from_secs(60),
-        limits: Limits::default(),
         seed: random_seed(),
+        ..Config::default()
     };
-    let mut fwd = Forwarder::without_ports(cfg, smoltcp::time::Instant::from_micros(0));
-    fwd.set_network(def.member_flows as usize, def.internal);
+    let topology = Topology::Network {
+        member_flows: def.member_flows as usize,
+        internal: def.internal,
+    };
+    let fwd = Forwarder::new(cfg, topology, smoltcp::time::Instant::from_micros(0));
     let signals = event_loop::signal_fd(false)?;
     Ok(event_loop::start_network(server, fwd, signals)?.run()?)
 }

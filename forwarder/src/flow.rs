@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use mio::Token;
 use slab::Slab;
@@ -36,7 +37,7 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPack
 
 use crate::{
     emit, icmp, names, nat, port, sys, tcp, timer, udp, Config, Counters, FlowKey, Io, Limits,
-    Link, FLOW_TOKEN_BASE,
+    Link, Topology, FLOW_TOKEN_BASE,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -120,7 +121,10 @@ const MAX_PARKED: usize = 16;
 
 /// The NAT: flows, published ports and their tables.
 pub struct Nat {
-    cfg: Config,
+    cfg: Arc<Config>,
+    /// The DNS forwarder's upstreams now, in the order new DNS flows try them: replaced
+    /// when resolv.conf changes, one that did not answer moved to the end.
+    nameservers: Vec<std::net::SocketAddr>,
     flows: Slab<Flow>,
     tcp_map: HashMap<FlowKey, usize>,
     udp_map: HashMap<FlowKey, usize>,
@@ -169,10 +173,19 @@ pub struct Nat {
 }
 
 impl Nat {
-    /// Empty tables for `cfg`.
-    pub fn new(cfg: Config) -> Nat {
+    /// Empty tables for `cfg`; a [`Topology::Network`] shares them between members
+    /// (each with at most its share of flows; no flow leaves an internal one).
+    pub fn new(cfg: Arc<Config>, topology: Topology) -> Nat {
+        let (member_limit, internal) = match topology {
+            Topology::Single => (None, false),
+            Topology::Network {
+                member_flows,
+                internal,
+            } => (Some(member_flows), internal),
+        };
         Nat {
             guest_v6: cfg.guest_v6,
+            nameservers: cfg.nameservers.clone(),
             cfg,
             flows: Slab::new(),
             tcp_map: HashMap::new(),
@@ -192,10 +205,10 @@ impl Nat {
             udp_batch: udp::Batch::new(sys::udp_gso_supported()),
             dns_down: None,
             names: names::Names::default(),
-            internal: false,
-            shared: false,
+            internal,
+            shared: member_limit.is_some(),
             member_flows: HashMap::new(),
-            member_limit: None,
+            member_limit,
             handoffs: Vec::new(),
         }
     }
@@ -210,18 +223,6 @@ impl Nat {
         &mut self.names
     }
 
-    /// Refuses every flow out of the network (DNS names of members still answered).
-    pub(crate) fn set_internal(&mut self) {
-        self.internal = true;
-    }
-
-    /// Several members share the network; each guest address may have at most `limit`
-    /// flows open (beyond the network's table limits).
-    pub(crate) fn set_shared(&mut self, limit: usize) {
-        self.shared = true;
-        self.member_limit = Some(limit);
-    }
-
     /// Where a guest destination goes on the host.
     fn translate(&self, dst: IpAddr, port: u16) -> Result<std::net::SocketAddr, nat::Deny> {
         if self.internal {
@@ -230,7 +231,7 @@ impl Nat {
         if !self.cfg.dns_enabled && self.cfg.nat.is_dns_address(dst) {
             return Err(nat::Deny::Nobody);
         }
-        self.cfg.nat.translate(dst, port)
+        self.cfg.nat.translate(dst, port, &self.nameservers)
     }
 
     /// Whether `guest` has as many flows open as a member may (counted).
@@ -614,7 +615,7 @@ impl Nat {
         list: Vec<std::net::SocketAddr>,
         io: &mut Io<'_>,
     ) {
-        self.cfg.nat.nameservers = list;
+        self.nameservers = list;
         self.dns_down = None;
         let stale: Vec<usize> = self
             .flows
@@ -665,9 +666,12 @@ impl Nat {
         };
         let id = self.flows.vacant_key();
         let token = Token(FLOW_TOKEN_BASE + id);
-        let dns = self.cfg.nat.is_dns(key.remote.0.into(), key.remote.1);
+        // The DNS forwarder's flows fail over between the nameservers.
+        let dns = key.remote.1 == 53
+            && !self.nameservers.is_empty()
+            && self.cfg.nat.is_dns_address(key.remote.0.into());
         let servers = if dns {
-            &self.cfg.nat.nameservers[..]
+            &self.nameservers[..]
         } else {
             std::slice::from_ref(&target)
         };
@@ -867,7 +871,11 @@ impl Nat {
                     let servfail = c.dns_servfail;
                     let (silent, dns_at) = f.poll_dns(now, link, c);
                     if let Some(server) = silent {
-                        self.cfg.nat.demote_nameserver(server);
+                        // New DNS flows start with one that answers.
+                        if let Some(pos) = self.nameservers.iter().position(|s| *s == server) {
+                            let s = self.nameservers.remove(pos);
+                            self.nameservers.push(s);
+                        }
                     }
                     if c.dns_servfail != servfail {
                         // No nameserver answers: quick flows until one does.

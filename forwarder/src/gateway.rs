@@ -24,6 +24,8 @@
 //! be reassembled, spoofed sources and claims of the gateway's addresses (ARP, NDP) are
 //! dropped and counted in [`Counters`], never a panic.
 
+use std::sync::Arc;
+
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::Instant;
 use smoltcp::wire::{
@@ -33,7 +35,7 @@ use stack::l2::{Ingress, L2Drop};
 use stack::vnet::{self, VnetRepr};
 
 use crate::flow::Nat;
-use crate::{dhcp, emit, frag, icmp, nat, ndp, udp, Config, Counters, Io, Link};
+use crate::{dhcp, emit, frag, icmp, nat, ndp, udp, Config, Counters, Io, Link, Topology};
 
 /// What the gateway works with for one frame: the link, the counters, the NAT that takes
 /// what is not for the gateway itself, and the host side.
@@ -46,7 +48,7 @@ pub(crate) struct Cx<'a, 'io> {
 
 /// The gateway's own state: DHCP leases, router advertisements, reassembly.
 pub struct Gateway {
-    cfg: Config,
+    cfg: Arc<Config>,
     dhcp: dhcp::DhcpServer,
     /// DHCP leases count on std's clock: `now` maps onto it from here.
     epoch: std::time::Instant,
@@ -63,8 +65,11 @@ pub struct Gateway {
 
 impl Gateway {
     /// The gateway of `cfg`'s network; `now` is the current time on the clock that every
-    /// later call uses.
-    pub fn new(cfg: Config, now: Instant) -> Gateway {
+    /// later call uses. A [`Topology::Network`]'s members are configured statically: no
+    /// router advertisements (SLAAC would give them a second address that answers for
+    /// the first), and DHCP hands out only the members' reserved addresses.
+    pub fn new(cfg: Arc<Config>, topology: Topology, now: Instant) -> Gateway {
+        let members = matches!(topology, Topology::Network { .. });
         let net = cfg.nat.net;
         let dhcp = dhcp::DhcpServer::new(dhcp::DhcpConfig {
             server: net.gateway(),
@@ -75,8 +80,14 @@ impl Gateway {
             pool_len: net.dhcp_pool_len(),
             lease: std::time::Duration::from_secs(24 * 3600),
         });
+        let mut dhcp = dhcp;
+        dhcp.set_reserved_only(members);
         Gateway {
-            next_ra: cfg.nat.net6.filter(|n| n.router_adverts).map(|_| now),
+            next_ra: cfg
+                .nat
+                .net6
+                .filter(|n| n.router_adverts && !members)
+                .map(|_| now),
             cfg,
             dhcp,
             epoch: std::time::Instant::now()
@@ -86,16 +97,8 @@ impl Gateway {
                 .unwrap_or_else(std::time::Instant::now),
             ra_sent: 0,
             reasm: Some(frag::Reassembler::default()),
-            no_ra: false,
+            no_ra: members,
         }
-    }
-
-    /// Stops router advertisements (a network of statically configured members), and
-    /// DHCP hands out only the members' reserved addresses.
-    pub(crate) fn set_static_members(&mut self) {
-        self.no_ra = true;
-        self.next_ra = None;
-        self.dhcp.set_reserved_only(true);
     }
 
     /// A member's assigned address, for its DHCP client (`None`: withdrawn).

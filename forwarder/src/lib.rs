@@ -94,6 +94,7 @@ pub mod udp;
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use smoltcp::iface::Interface;
 use smoltcp::phy::DeviceCapabilities;
@@ -148,13 +149,19 @@ impl Default for Limits {
     }
 }
 
-/// Forwarder configuration.
+/// Forwarder configuration: fixed for the forwarder's life and shared by its parts.
+/// What changes while it runs (the nameservers' order, learned addresses) is state of
+/// the part that changes it. Front ends write the fields they set and take the rest
+/// from [`Config::default`].
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Addresses and NAT policy.
     pub nat: NatConfig,
     /// Whether the DNS forwarder is offered (and announced by DHCP).
     pub dns_enabled: bool,
+    /// The DNS forwarder's upstreams at start, in order (empty: it does not answer);
+    /// [`Forwarder::set_nameservers`] replaces them.
+    pub nameservers: Vec<std::net::SocketAddr>,
     /// The guest link's MTU.
     pub mtu: usize,
     /// 0, or the vnet header length of the TAP.
@@ -190,6 +197,58 @@ pub struct Config {
     pub limits: Limits,
     /// Seed for smoltcp's initial sequence numbers.
     pub seed: u64,
+}
+
+impl Default for Config {
+    /// slirp4netns's defaults ([`NatConfig::default`], MTU 1500, DNS on with no upstream
+    /// yet, no vnet header), 2 MiB of TCP buffer per flow and direction, UDP flows idle
+    /// for 60 s, [`Limits::default`], and a random seed.
+    fn default() -> Config {
+        Config {
+            nat: NatConfig::default(),
+            dns_enabled: true,
+            nameservers: Vec::new(),
+            mtu: 1500,
+            vnet_hdr_len: 0,
+            offload: false,
+            outbound_v4: None,
+            outbound_v6: None,
+            outbound_to_loopback: true,
+            guest_v4: None,
+            guest_v6: None,
+            tcp_buffer: 2 << 20,
+            loopback_handoff: false,
+            udp_idle: Duration::from_secs(60),
+            limits: Limits::default(),
+            seed: random_seed(),
+        }
+    }
+}
+
+/// A random 64-bit value from std's per-process random hash keys (the forwarder has no
+/// random source of its own; the binary passes its own seed where it has one).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+}
+
+/// What the forwarder serves: one namespace, or a network of members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// One namespace, on the port [`Forwarder::new`] attaches; its addresses are learned
+    /// from its traffic (DHCP, SLAAC and router advertisements as a home router).
+    Single,
+    /// A network: members attach and leave ([`Forwarder::attach`], `add_member`), frames
+    /// are addressed by member, members are configured statically (no router
+    /// advertisements; DHCP offers each member its reserved address only).
+    Network {
+        /// Most flows one member address may have open.
+        member_flows: usize,
+        /// No flow leaves the network.
+        internal: bool,
+    },
 }
 
 counters! {
@@ -403,7 +462,7 @@ const TXQ_SLOTS: usize = 256;
 
 /// The forwarder: one network's switch, its gateway and its NAT.
 pub struct Forwarder {
-    cfg: Config,
+    cfg: Arc<Config>,
     link: Link,
     gateway: Gateway,
     nat: Nat,
@@ -411,18 +470,19 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder for a network with `cfg`, with one member port attached
-    /// ([`handle_frame`](Self::handle_frame)'s). `now` is the current time on the clock
-    /// that every later call uses.
-    pub fn new(cfg: Config, now: Instant) -> Forwarder {
-        let mut fwd = Forwarder::without_ports(cfg, now);
-        // The first port of an empty switch, whose address is learned: cannot fail.
-        let _ = fwd.attach(now, None);
+    /// A forwarder for `topology` with `cfg`: [`Topology::Single`] with its one port
+    /// attached ([`handle_frame`](Self::handle_frame)'s), a [`Topology::Network`] with no
+    /// member yet. `now` is the current time on the clock that every later call uses.
+    pub fn new(cfg: Config, topology: Topology, now: Instant) -> Forwarder {
+        let mut fwd = Forwarder::build(Arc::new(cfg), topology, now);
+        if topology == Topology::Single {
+            // The first port of an empty switch, whose address is learned: cannot fail.
+            let _ = fwd.attach(now, None);
+        }
         fwd
     }
 
-    /// A forwarder for a network with `cfg` and no member yet.
-    pub fn without_ports(cfg: Config, now: Instant) -> Forwarder {
+    fn build(cfg: Arc<Config>, topology: Topology, now: Instant) -> Forwarder {
         let net = cfg.nat.net;
         let gateway = net.gateway();
         let dns = net.dns().unwrap_or(gateway);
@@ -443,6 +503,9 @@ impl Forwarder {
         let iface = stack::iface::interface(now, &caps, &mut l2, &mut txq, &addrs, cfg.seed);
         let mut switch = Switch::new(mac, cfg.vnet_hdr_len);
         switch.set_now(now);
+        if let Topology::Network { .. } = topology {
+            l2.set_shared();
+        }
         Forwarder {
             link: Link {
                 iface,
@@ -453,8 +516,8 @@ impl Forwarder {
                 switch,
                 icmp_limit: icmp::ErrorLimit::new(now),
             },
-            gateway: Gateway::new(cfg.clone(), now),
-            nat: Nat::new(cfg.clone()),
+            gateway: Gateway::new(Arc::clone(&cfg), topology, now),
+            nat: Nat::new(Arc::clone(&cfg), topology),
             cfg,
             counters: Counters::default(),
         }
@@ -476,18 +539,6 @@ impl Forwarder {
     /// Detaches a member port (its TAP is gone). Its flows end by themselves.
     pub fn detach(&mut self, port: PortId) {
         self.link.switch.detach(port);
-    }
-
-    /// Makes this forwarder a shared network's: frames are addressed by member, each
-    /// member address may have at most `member_flows` flows open, and with `internal`
-    /// no flow leaves the network.
-    pub fn set_network(&mut self, member_flows: usize, internal: bool) {
-        self.link.l2.set_shared();
-        self.gateway.set_static_members();
-        self.nat.set_shared(member_flows);
-        if internal {
-            self.nat.set_internal();
-        }
     }
 
     /// Registers a member on `port`: its addresses (its frames must come from them; its
@@ -707,7 +758,6 @@ impl Forwarder {
         if !self.cfg.dns_enabled {
             return;
         }
-        self.cfg.nat.nameservers.clone_from(&list);
         self.nat.set_nameservers(&mut self.counters, list, io);
     }
 

@@ -230,8 +230,6 @@ pub struct NatConfig {
     pub net6: Option<Network6>,
     /// Whether the loopback addresses reach the host's loopback.
     pub host_loopback: bool,
-    /// The DNS forwarder's upstreams, in order; empty disables the forwarder.
-    pub nameservers: Vec<SocketAddr>,
     /// Guest destinations that stand for a host address (pasta's `--map-guest-addr`):
     /// (what the guest addresses, the host address it reaches).
     pub aliases: Vec<(IpAddr, IpAddr)>,
@@ -252,12 +250,19 @@ pub enum Deny {
     Nobody,
 }
 
-impl NatConfig {
-    /// Whether `dst:port` is the DNS forwarder (`net+3` or the IPv6 one, port 53) and it
-    /// is enabled: its flows fail over between [`NatConfig::nameservers`].
-    pub fn is_dns(&self, dst: IpAddr, port: u16) -> bool {
-        port == 53 && !self.nameservers.is_empty() && self.is_dns_address(dst)
+impl Default for NatConfig {
+    /// slirp4netns's: `10.0.2.0/24`, no IPv6, the gateway reaches the host's loopback.
+    fn default() -> NatConfig {
+        NatConfig {
+            net: Network::slirp(Ipv4Addr::new(10, 0, 2, 0), 24),
+            net6: None,
+            host_loopback: true,
+            aliases: Vec::new(),
+        }
     }
+}
+
+impl NatConfig {
 
     /// Whether `dst` is the DNS forwarder's address (`net+3` or the IPv6 one).
     pub fn is_dns_address(&self, dst: IpAddr) -> bool {
@@ -267,30 +272,33 @@ impl NatConfig {
         }
     }
 
-    /// Moves `server`, which did not answer, to the end of the nameservers: new DNS
-    /// flows start with one that does.
-    pub fn demote_nameserver(&mut self, server: SocketAddr) {
-        if let Some(pos) = self.nameservers.iter().position(|s| *s == server) {
-            let s = self.nameservers.remove(pos);
-            self.nameservers.push(s);
-        }
-    }
-
-    /// The host destination for a guest flow to `dst:port`, either family.
+    /// The host destination for a guest flow to `dst:port`, either family; the DNS
+    /// address's port 53 goes to the first of `nameservers` (the DNS forwarder's upstreams
+    /// now, in order; none: refused).
     ///
     /// # Errors
     /// [`Deny`] when the destination is refused.
-    pub fn translate(&self, dst: IpAddr, port: u16) -> Result<SocketAddr, Deny> {
+    pub fn translate(
+        &self,
+        dst: IpAddr,
+        port: u16,
+        nameservers: &[SocketAddr],
+    ) -> Result<SocketAddr, Deny> {
         if let Some(&(_, to)) = self.aliases.iter().find(|(from, _)| *from == dst) {
             return Ok(SocketAddr::new(to, port));
         }
         match dst {
-            IpAddr::V4(v4) => self.translate_v4(v4, port),
-            IpAddr::V6(v6) => self.translate_v6(v6, port),
+            IpAddr::V4(v4) => self.translate_v4(v4, port, nameservers),
+            IpAddr::V6(v6) => self.translate_v6(v6, port, nameservers),
         }
     }
 
-    fn translate_v6(&self, dst: Ipv6Addr, port: u16) -> Result<SocketAddr, Deny> {
+    fn translate_v6(
+        &self,
+        dst: Ipv6Addr,
+        port: u16,
+        nameservers: &[SocketAddr],
+    ) -> Result<SocketAddr, Deny> {
         let Some(net) = &self.net6 else {
             return Err(Deny::NotRoutable);
         };
@@ -298,7 +306,7 @@ impl NatConfig {
             return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port));
         }
         if Some(dst) == net.dns {
-            return match self.nameservers.first() {
+            return match nameservers.first() {
                 Some(ns) if port == 53 => Ok(*ns),
                 _ => Err(Deny::NoService),
             };
@@ -323,13 +331,18 @@ impl NatConfig {
         Ok(SocketAddr::new(IpAddr::V6(dst), port))
     }
 
-    fn translate_v4(&self, dst: Ipv4Addr, port: u16) -> Result<SocketAddr, Deny> {
+    fn translate_v4(
+        &self,
+        dst: Ipv4Addr,
+        port: u16,
+        nameservers: &[SocketAddr],
+    ) -> Result<SocketAddr, Deny> {
         let net = &self.net;
         if dst == net.loopback && self.host_loopback {
             return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
         }
         if Some(dst) == net.dns {
-            return match self.nameservers.first() {
+            return match nameservers.first() {
                 Some(ns) if port == 53 => Ok(*ns),
                 _ => Err(Deny::NoService),
             };
@@ -355,16 +368,22 @@ impl NatConfig {
         Ok(SocketAddr::new(IpAddr::V4(dst), port))
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The DNS forwarder's upstreams in these tests.
+    const NS: &[SocketAddr] = &[SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)),
+        53,
+    )];
 
     fn nat(host_loopback: bool) -> NatConfig {
         NatConfig {
             net: Network::slirp(Ipv4Addr::new(10, 0, 2, 0), 24),
             net6: Some(Network6::DEFAULT),
             host_loopback,
-            nameservers: vec!["127.0.0.53:53".parse().unwrap()],
             aliases: vec![],
         }
     }
@@ -382,13 +401,13 @@ mod tests {
 
     #[test]
     fn gateway_maps_to_host_loopback() {
-        let to = nat(true).translate(Ipv4Addr::new(10, 0, 2, 2).into(), 8080);
+        let to = nat(true).translate(Ipv4Addr::new(10, 0, 2, 2).into(), 8080, NS);
         assert_eq!(to, Ok("127.0.0.1:8080".parse().unwrap()));
     }
 
     #[test]
     fn gateway_with_loopback_disabled_denied() {
-        let to = nat(false).translate(Ipv4Addr::new(10, 0, 2, 2).into(), 8080);
+        let to = nat(false).translate(Ipv4Addr::new(10, 0, 2, 2).into(), 8080, NS);
         assert_eq!(to, Err(Deny::HostLoopbackDisabled));
     }
 
@@ -396,11 +415,9 @@ mod tests {
     fn dns_port_53_maps_to_first_nameserver_other_ports_denied() {
         let n = nat(true);
         let dns = IpAddr::from(Ipv4Addr::new(10, 0, 2, 3));
-        assert_eq!(n.translate(dns, 53), Ok("127.0.0.53:53".parse().unwrap()));
-        assert_eq!(n.translate(dns, 80), Err(Deny::NoService));
-        let mut off = nat(true);
-        off.nameservers.clear();
-        assert_eq!(off.translate(dns, 53), Err(Deny::NoService));
+        assert_eq!(n.translate(dns, 53, NS), Ok("127.0.0.53:53".parse().unwrap()));
+        assert_eq!(n.translate(dns, 80, NS), Err(Deny::NoService));
+        assert_eq!(n.translate(dns, 53, &[]), Err(Deny::NoService));
     }
 
     #[test]
@@ -414,7 +431,7 @@ mod tests {
             [0, 0, 0, 0],
         ] {
             assert_eq!(
-                n.translate(Ipv4Addr::from(dst).into(), 80),
+                n.translate(Ipv4Addr::from(dst).into(), 80, NS),
                 Err(Deny::NotRoutable),
                 "{dst:?}"
             );
@@ -423,7 +440,7 @@ mod tests {
 
     #[test]
     fn world_destination_kept() {
-        let to = nat(true).translate(Ipv4Addr::new(203, 0, 113, 1).into(), 443);
+        let to = nat(true).translate(Ipv4Addr::new(203, 0, 113, 1).into(), 443, NS);
         assert_eq!(to, Ok("203.0.113.1:443".parse().unwrap()));
     }
 
@@ -432,15 +449,15 @@ mod tests {
         let n = nat(true);
         let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            n.translate(v6("fd00::2"), 80),
+            n.translate(v6("fd00::2"), 80, NS),
             Ok("[::1]:80".parse().unwrap())
         );
         assert_eq!(
-            n.translate(v6("fd00::3"), 53),
+            n.translate(v6("fd00::3"), 53, NS),
             Ok("127.0.0.53:53".parse().unwrap())
         );
         assert_eq!(
-            n.translate(v6("2001:db8::1"), 443),
+            n.translate(v6("2001:db8::1"), 443, NS),
             Ok("[2001:db8::1]:443".parse().unwrap())
         );
         for dst in [
@@ -451,16 +468,16 @@ mod tests {
             "::",
             "::ffff:127.0.0.1",
         ] {
-            assert_eq!(n.translate(v6(dst), 80), Err(Deny::NotRoutable), "{dst}");
+            assert_eq!(n.translate(v6(dst), 80, NS), Err(Deny::NotRoutable), "{dst}");
         }
         assert_eq!(
-            nat(false).translate(v6("fd00::2"), 80),
+            nat(false).translate(v6("fd00::2"), 80, NS),
             Err(Deny::HostLoopbackDisabled)
         );
         let mut off = nat(true);
         off.net6 = None;
         assert_eq!(
-            off.translate(v6("2001:db8::1"), 443),
+            off.translate(v6("2001:db8::1"), 443, NS),
             Err(Deny::NotRoutable)
         );
         let net = Network6::DEFAULT;
@@ -494,7 +511,6 @@ mod tests {
             net,
             net6: None,
             host_loopback,
-            nameservers: vec!["127.0.0.53:53".parse().unwrap()],
             aliases: vec![(
                 "169.254.1.2".parse().unwrap(),
                 "192.0.2.10".parse().unwrap(),
@@ -507,27 +523,27 @@ mod tests {
         let n = pasta(true);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
-            n.translate(ip("192.0.2.7"), 80),
+            n.translate(ip("192.0.2.7"), 80, NS),
             Ok("192.0.2.7:80".parse().unwrap())
         );
-        assert_eq!(n.translate(ip("192.0.2.10"), 80), Err(Deny::NotRoutable));
-        assert_eq!(n.translate(ip("192.0.2.255"), 80), Err(Deny::NotRoutable));
+        assert_eq!(n.translate(ip("192.0.2.10"), 80, NS), Err(Deny::NotRoutable));
+        assert_eq!(n.translate(ip("192.0.2.255"), 80, NS), Err(Deny::NotRoutable));
         assert_eq!(
-            n.translate(ip("192.0.2.1"), 80),
+            n.translate(ip("192.0.2.1"), 80, NS),
             Ok("127.0.0.1:80".parse().unwrap())
         );
         assert_eq!(
-            n.translate(ip("169.254.1.1"), 53),
+            n.translate(ip("169.254.1.1"), 53, NS),
             Ok("127.0.0.53:53".parse().unwrap())
         );
         assert_eq!(
-            n.translate(ip("169.254.1.2"), 22),
+            n.translate(ip("169.254.1.2"), 22, NS),
             Ok("192.0.2.10:22".parse().unwrap())
         );
         // --no-map-gw: the gateway is just another neighbour.
         let n = pasta(false);
         assert_eq!(
-            n.translate(ip("192.0.2.1"), 80),
+            n.translate(ip("192.0.2.1"), 80, NS),
             Ok("192.0.2.1:80".parse().unwrap())
         );
         assert!(n.net.valid_source(Ipv4Addr::new(192, 0, 2, 10)));

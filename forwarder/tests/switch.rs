@@ -4,7 +4,7 @@ mod common;
 
 use common::{sealed_config, GUEST, GUEST_MAC, GW, GW_MAC, NET6};
 use etherparse::PacketBuilder;
-use forwarder::{Forwarder, FrameSink, Io, PortId};
+use forwarder::{Forwarder, FrameSink, Io, PortId, Topology};
 use mio::Poll;
 use smoltcp::time::Instant;
 use smoltcp::wire::EthernetAddress;
@@ -45,7 +45,7 @@ struct Net {
 impl Net {
     fn new(vnet: usize) -> Net {
         let now = Instant::from_millis(1);
-        let mut fwd = Forwarder::new(sealed_config(vnet), now);
+        let mut fwd = Forwarder::new(sealed_config(vnet), Topology::Single, now);
         let b = fwd.attach(now, None).unwrap();
         let c = fwd.attach(now, Some(EthernetAddress(C_MAC))).unwrap();
         Net {

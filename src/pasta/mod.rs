@@ -47,7 +47,7 @@ use std::process::ExitCode;
 
 use forwarder::nat::{NatConfig, Neighbours, Network, Network6};
 use forwarder::port::Proto;
-use forwarder::{Config, Forwarder, Limits};
+use forwarder::{Config, Forwarder, Limits, Topology};
 use nix::fcntl::OFlag;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::pipe2;
@@ -178,6 +178,8 @@ pub struct Plan {
     pub link: LinkConfig,
     /// The NAT configuration.
     pub nat: NatConfig,
+    /// The DNS forwarder's upstreams (none unless `--dns-forward` asks for it).
+    pub nameservers: Vec<SocketAddr>,
 }
 
 /// Builds the [`Plan`] of `opts` on a host described by `host`.
@@ -355,9 +357,9 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             net,
             net6: net6.filter(|_| ipv6),
             host_loopback,
-            nameservers: Vec::new(),
             aliases,
         },
+        nameservers: Vec::new(),
     })
 }
 
@@ -471,7 +473,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let mut plan = plan(opts, &host)?;
     let publish = port_rules(opts)?;
     if opts.dns_forward4.is_some() || opts.dns_forward6.is_some() {
-        plan.nat.nameservers = nameservers(opts);
+        plan.nameservers = nameservers(opts);
     }
     let ready = if opts.foreground {
         None
@@ -517,7 +519,7 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let host = HostTemplate::read(opts.interface.as_deref());
     let mut plan = plan(opts, &host)?;
     let publish = port_rules(opts)?;
-    plan.nat.nameservers = nameservers(opts);
+    plan.nameservers = nameservers(opts);
     let cmd = if opts.command.is_empty() {
         vec![std::env::var_os("SHELL").unwrap_or_else(|| "/bin/sh".into())]
     } else {
@@ -683,6 +685,7 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
     let cfg = Config {
         nat: plan.nat.clone(),
         dns_enabled: plan.nat.net.dns.is_some() || plan.nat.net6.is_some_and(|n| n.dns.is_some()),
+        nameservers: plan.nameservers.clone(),
         mtu: plan.link.mtu as usize,
         vnet_hdr_len: tap.vnet_hdr_len(),
         offload: crate::enable_offloads(tap),
@@ -691,19 +694,15 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         outbound_to_loopback: false,
         guest_v4: (!opts.v6_only).then_some(plan.nat.net.guest),
         guest_v6: plan.nat.net6.map(|n| n.guest),
-        tcp_buffer: 2 << 20,
         loopback_handoff: true,
-        udp_idle: smoltcp::time::Duration::from_secs(60),
         limits: Limits {
-            tcp_flows: 16384,
-            tcp_half_open: 1024,
-            udp_flows: 4096,
-            icmp_flows: 256,
             ports: listeners + forwarder::port::MAX_RULES.max(listeners),
+            ..Limits::default()
         },
         seed: crate::random_seed(),
+        ..Config::default()
     };
-    Forwarder::new(cfg, smoltcp::time::Instant::from_micros(0))
+    Forwarder::new(cfg, Topology::Single, smoltcp::time::Instant::from_micros(0))
 }
 
 /// Whether `argv[0]`'s file name asks for pasta's command line (as pasta's own

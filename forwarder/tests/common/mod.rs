@@ -7,7 +7,7 @@ use std::time::Duration as StdDuration;
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use forwarder::nat::{NatConfig, Network};
-use forwarder::{Config, Forwarder, FrameSink, Io, Limits};
+use forwarder::{Config, Forwarder, FrameSink, Io, Limits, Topology};
 use mio::{Events, Poll};
 use smoltcp::time::{Duration, Instant};
 
@@ -46,9 +46,9 @@ impl Sim {
                 net: Network::slirp(Ipv4Addr::new(10, 0, 2, 0), 24),
                 net6: None,
                 host_loopback,
-                nameservers: vec![],
                 aliases: vec![],
             },
+            nameservers: vec![],
             dns_enabled: true,
             mtu: 1500,
             vnet_hdr_len: 0,
@@ -152,9 +152,9 @@ pub fn sealed_config(vnet_hdr_len: usize) -> Config {
             net: Network::slirp(Ipv4Addr::new(10, 0, 2, 0), 24),
             net6: Some(NET6),
             host_loopback: false,
-            nameservers: vec![],
             aliases: vec![],
         },
+        nameservers: vec![],
         dns_enabled: true,
         mtu: 1500,
         vnet_hdr_len,
@@ -249,7 +249,7 @@ pub fn reaches_nothing(nat: &NatConfig, frame: &[u8], vnet: usize) -> bool {
     };
     [0, 1, 53, 67, 80, 443, 65535]
         .iter()
-        .all(|&port| nat.translate(dst, port).is_err())
+        .all(|&port| nat.translate(dst, port, &[]).is_err())
 }
 
 /// The Internet checksum of `data` added to `sum`, not yet folded.
@@ -414,7 +414,7 @@ impl Sealed {
         Sealed {
             poll: Poll::new().unwrap(),
             events: Events::with_capacity(64),
-            fwd: Forwarder::new(cfg, Instant::from_micros(0)),
+            fwd: Forwarder::new(cfg, Topology::Single, Instant::from_micros(0)),
             sink,
             vnet,
             nat,
@@ -463,7 +463,7 @@ impl Sim {
         Sim {
             poll: Poll::new().unwrap(),
             events: Events::with_capacity(64),
-            fwd: Forwarder::new(cfg, Instant::from_micros(0)),
+            fwd: Forwarder::new(cfg, Topology::Single, Instant::from_micros(0)),
             wire: Wire::default(),
             start: std::time::Instant::now(),
         }
