@@ -618,6 +618,7 @@ fn detach() -> Result<OwnedFd, PastaRunError> {
 fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forwarder {
     let cfg = Config {
         nat: plan.nat.clone(),
+        services: forwarder::Services::default(),
         dns_enabled: plan.nat.net.dns.is_some() || plan.nat.net6.is_some_and(|n| n.dns.is_some()),
         mtu: plan.link.mtu as usize,
         vnet_hdr_len: tap.vnet_hdr_len(),
