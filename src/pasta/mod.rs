@@ -247,7 +247,9 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             guest: addr6,
             loopback: opts.map_loopback6.unwrap_or(gw6),
             neighbours: Neighbours::AllButGuest,
-            router_adverts: false,
+            // As pasta: router advertisements unless --config-net configured the
+            // namespace (or --no-ra, --no-ndp, --no-icmp).
+            router_adverts: !opts.config_net && !opts.no_ra && !opts.no_ndp && !opts.no_icmp,
         }
     });
     let mtu = opts.mtu.unwrap_or(DEFAULT_MTU);
@@ -274,10 +276,12 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             prefix_len: n.prefix_len,
             gateway: n.gateway,
         }),
-        // The host's other routes whose next hop the namespace reaches on its link.
+        // The host's other routes whose next hop the namespace reaches on its link
+        // (none with --no-copy-routes).
         routes: host
             .routes
             .iter()
+            .filter(|_| !opts.no_copy_routes)
             .copied()
             .filter(|r| match *r {
                 Route::V4 { gateway, .. } => !opts.v6_only && net.contains(gateway),
@@ -422,9 +426,11 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         configure: opts.config_net.then(|| plan.link.clone()),
     };
     let tap = netns::open_tap(&spec)?;
-    let watch = match TargetWatch::new(&target) {
-        Ok(w) => Some(w),
-        Err(e) => return Err(e.into()),
+    // --no-netns-quit: the namespace or target process going away does not end usernet.
+    let watch = if opts.no_netns_quit {
+        None
+    } else {
+        Some(TargetWatch::new(&target)?)
     };
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
@@ -618,7 +624,16 @@ fn detach() -> Result<OwnedFd, PastaRunError> {
 fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forwarder {
     let cfg = Config {
         nat: plan.nat.clone(),
-        services: forwarder::Services::default(),
+        services: forwarder::Services {
+            tcp: !opts.no_tcp,
+            udp: !opts.no_udp,
+            icmp: !opts.no_icmp,
+            dhcp: !opts.no_dhcp,
+            // pasta: --no-icmp turns NDP off too.
+            ndp: !opts.no_ndp && !opts.no_icmp,
+            // pasta announces no resolver by DHCP or NDP unless --dhcp-dns.
+            announce_dns: opts.dhcp_dns,
+        },
         dns_enabled: plan.nat.net.dns.is_some() || plan.nat.net6.is_some_and(|n| n.dns.is_some()),
         mtu: plan.link.mtu as usize,
         vnet_hdr_len: tap.vnet_hdr_len(),
@@ -628,7 +643,8 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         guest_v4: (!opts.v6_only).then_some(plan.nat.net.guest),
         guest_v6: plan.nat.net6.map(|n| n.guest),
         tcp_buffer: 2 << 20,
-        loopback_handoff: true,
+        // --no-splice: loopback clients of -t/-u ports cross the link like any other.
+        loopback_handoff: !opts.no_splice,
         udp_idle: smoltcp::time::Duration::from_secs(60),
         limits: Limits {
             tcp_flows: 16384,
