@@ -1218,7 +1218,15 @@ usernet taking pasta's command line. Options:
   --dns-forward ADDR       --dns-host ADDR         --no-map-gw
   --map-host-loopback ADDR|none                    --map-guest-addr ADDR|none
   --host-lo-to-ns-lo       --runas UID[:GID] (the current user only)
+  --no-tcp  --no-udp  --no-icmp  --no-dhcp  --no-dhcpv6  --no-ndp  --no-ra
+                           turn that protocol handler or service off
+  --dhcp-dns               DHCP/RA name the --dns-forward address
+  --no-splice              loopback clients of -t/-u cross the link
+  --no-netns-quit          keep running when the target goes away
+  --no-copy-routes  --no-copy-addrs  (with --config-net)
+  -S, --search LIST|none   --chroot-fallback       (accepted)
   --version                -h, --help
+Every other pasta option is refused with the reason.
 ";
 
 #[cfg(test)]
