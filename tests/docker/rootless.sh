@@ -227,15 +227,21 @@ grep -q "Address: 198.51.100.1" <<<"$out" || fail "world.test did not resolve on
 
 echo "--- dockerd exits: no usernet process is left"
 out="$(as_user "docker rm -f usernet-srv usernet-a && docker network rm usernet-net" 2>&1)" || fail "docker rm: $out"
-# usernet's processes: those in H whose argv[0] is one of ours (not another run's).
+# usernet's processes, this run's only: argv[0] one of ours, in H's network namespace (the
+# main process) or in dockerd's user namespace (pasta mode's helper in RootlessKit's child).
+h_netns="net:[$(stat -L -c %i "/run/netns/$H")]"
 usernet_pids() {
-    for pid in $(ip netns pids "$H" 2>/dev/null); do
-        if tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | head -n 1 | grep -q '^/opt/usernet/libexec/'; then
-            echo "$pid"
+    for d in /proc/[0-9]*; do
+        if tr '\0' '\n' 2>/dev/null <"$d/cmdline" | head -n 1 | grep -q '^/opt/usernet/libexec/' \
+            && { [ "$(readlink "$d/ns/net" 2>/dev/null)" = "$h_netns" ] \
+                || [ "$(readlink "$d/ns/user" 2>/dev/null)" = "$userns" ]; }; then
+            echo "${d#/proc/}"
         fi
     done
 }
-[ -n "$(usernet_pids)" ] || fail "no usernet process ran as $mode"
+running="$(usernet_pids | wc -l)"
+[ "$running" -ge 1 ] || fail "no usernet process ran as $mode"
+echo "usernet processes while dockerd runs: $running"
 # dockerd-rootless.sh execs RootlessKit (the child of the background job): SIGTERM it, as
 # systemd stops the service.
 rk=""
