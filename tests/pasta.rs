@@ -1377,3 +1377,37 @@ fn pasta_rootlesskit_20_line_with_precreated_tap0_reaches_the_world() {
     });
     assert!(status.is_some(), "usernet outlived RootlessKit's child");
 }
+
+#[test]
+fn pasta_no_splice_sends_loopback_clients_across_the_link() {
+    let Some(t) = topology(false) else { return };
+    let ns = t.container_ns();
+    let sink = TcpServer::sink(&ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 81));
+    let mut args = podman53(&ns, &["-t", "8081:81"]);
+    args.insert(0, "--no-splice".to_owned());
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_host(|| upload_to_sink(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8081), 0x31, 1 << 20));
+    // Without --no-splice the server sees a local client, its own address (the test
+    // above); across the link it sees the gateway, which stands for the host's loopback.
+    assert_eq!(sink.stats.peer_ips(), vec![WORLD_LINK]);
+}
+
+#[test]
+fn pasta_no_netns_quit_outlives_its_namespace_until_sigterm() {
+    let Some(t) = topology(false) else { return };
+    let mut args = podman53(&t.container_ns(), &[]);
+    args.insert(0, "--no-netns-quit".to_owned());
+    let p = Pasta::start(&t, &strs(&args));
+    ip(&["netns", "del", &t.container]);
+    // Without the option usernet is gone at once (inotify; see the foreground test).
+    std::thread::sleep(Duration::from_secs(2));
+    let pids = p.pids();
+    assert!(
+        !pids.is_empty(),
+        "--no-netns-quit: usernet went with its namespace"
+    );
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
+}
