@@ -732,4 +732,35 @@ mod tests {
         assert_eq!(p.link.addr, Ipv4Addr::new(169, 254, 2, 1));
         assert_eq!(p.link.gateway, Ipv4Addr::new(169, 254, 2, 2));
     }
+
+    #[test]
+    fn router_adverts_and_copied_routes_follow_the_options() {
+        let ra = |args: &[&str]| {
+            plan(&opts(args), &host())
+                .unwrap()
+                .nat
+                .net6
+                .unwrap()
+                .router_adverts
+        };
+        // As pasta: advertisements unless --config-net configured the namespace.
+        assert!(ra(&["1"]));
+        for off in [
+            &["--config-net", "1"][..],
+            &["--no-ra", "1"],
+            &["--no-ndp", "1"],
+            &["--no-icmp", "1"],
+        ] {
+            assert!(!ra(off), "{off:?}");
+        }
+        let mut h = host();
+        h.routes = vec![Route::V4 {
+            dst: Ipv4Addr::new(203, 0, 113, 0),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(198, 51, 100, 2),
+        }];
+        let routes = |args: &[&str]| plan(&opts(args), &h).unwrap().link.routes.len();
+        assert_eq!(routes(&["--config-net", "1"]), 1);
+        assert_eq!(routes(&["--config-net", "--no-copy-routes", "1"]), 0);
+    }
 }
