@@ -686,8 +686,13 @@ fn find_long(name: &str) -> Result<(&'static str, Arg, char), PastaError> {
         .filter(|(n, _, _)| n.starts_with(name))
         .collect();
     match matches.as_slice() {
-        [&(n, a, c)] if !name.is_empty() => Ok((n, a, c)),
-        [] | [_] => Err(PastaError::Unrecognized(format!("--{name}"))),
+        [] => Err(PastaError::Unrecognized(format!("--{name}"))),
+        _ if name.is_empty() => Err(PastaError::Unrecognized(format!("--{name}"))),
+        // As glibc: prefixes of several names for the same option are not ambiguous
+        // (`--sock` is `--socket` and `--socket-path`, both `-s`).
+        [&(n, a, c), rest @ ..] if rest.iter().all(|&&(_, ra, rc)| (ra, rc) == (a, c)) => {
+            Ok((n, a, c))
+        }
         _ => Err(PastaError::Ambiguous(format!("--{name}"))),
     }
 }
@@ -1319,6 +1324,15 @@ mod tests {
         assert!(matches!(parse(&["--map"]), Err(PastaError::Ambiguous(_))));
         // --config-net and --conf-path, as in pasta.
         assert!(matches!(parse(&["--conf"]), Err(PastaError::Ambiguous(_))));
+        // --socket and --socket-path are both -s: not ambiguous (then refused as pasta).
+        assert_eq!(
+            parse(&["--sock", "x"]).unwrap_err().to_string(),
+            "-s is for passt / vhost-user mode only"
+        );
+        assert_eq!(
+            parse(&["--=x"]).unwrap_err(),
+            PastaError::Unrecognized("--".into())
+        );
     }
 
     /// Every long option of pasta's (passt's conf.c, 2026-07) and every short one.
