@@ -16,6 +16,7 @@
 //!     --api-socket /run/user/1600/dockerd-rootless/.s4nn.sock --enable-sandbox
 //!     --enable-seccomp CHILD_PID tap0
 //! slirp4netns --version         (twice, after start)
+//! (with the default port driver `builtin`: the same without `--api-socket ...`)
 //!
 //! pasta --foreground --stderr --ns-ifname=tap0 --mtu=1500 --no-dhcp --no-ra
 //!     --address=10.0.2.100 --netmask=24 --gateway=10.0.2.2 --dns-forward=10.0.2.3
@@ -23,7 +24,8 @@
 //! ```
 //!
 //! (`DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER=slirp4netns` with slirp4netns: published ports
-//! through usernet's API socket; `implicit` with pasta: pasta's `-t/-u auto`.)
+//! through usernet's API socket; `builtin`, dockerd-rootless.sh's default: RootlessKit's own;
+//! `implicit` with pasta: pasta's `-t/-u auto`.)
 //!
 //! Checked per driver: a container's outbound TCP (a file, SHA-256 compared) and UDP (a
 //! payload echoed) to a "world" namespace, DNS through RootlessKit's 10.0.2.3 to the test
@@ -63,8 +65,16 @@ fn rootless_docker_runs_usernet_as_slirp4netns_and_as_pasta() {
         return;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/docker/rootless.sh");
-    // One after the other: both runs install usernet into the same root file system.
-    for (i, mode) in ["slirp4netns", "pasta"].into_iter().enumerate() {
+    // One after the other: the runs install usernet into the same root file system.
+    // slirp4netns with its port driver (published ports through usernet's API) and with
+    // dockerd-rootless.sh's default `builtin` (RootlessKit forwards them itself); pasta with
+    // `implicit` (usernet's -t/-u auto).
+    let runs = [
+        ("slirp4netns", "slirp4netns"),
+        ("slirp4netns", "builtin"),
+        ("pasta", "implicit"),
+    ];
+    for (i, (mode, port_driver)) in runs.into_iter().enumerate() {
         let prefix = format!("un{}d{i}", std::process::id());
         let out = Command::new("bash")
             .arg(&script)
@@ -72,14 +82,16 @@ fn rootless_docker_runs_usernet_as_slirp4netns_and_as_pasta() {
             .arg(usernet_bin())
             .arg(&prefix)
             .arg(mode)
+            .arg(port_driver)
             .output()
             .expect("run tests/docker/rootless.sh");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         println!("{stdout}");
         assert!(
-            out.status.success() && stdout.contains(&format!("docker rootless {mode}: ok")),
-            "rootless Docker with usernet as {mode} failed ({}):\n{stdout}\n{stderr}",
+            out.status.success()
+                && stdout.contains(&format!("docker rootless {mode} ({port_driver}): ok")),
+            "rootless Docker with usernet as {mode} (port driver {port_driver}) failed ({}):\n{stdout}\n{stderr}",
             out.status
         );
     }

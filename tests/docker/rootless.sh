@@ -2,7 +2,7 @@
 # Rootless Docker runs usernet as RootlessKit's network driver: the real client end to end
 # (driven by tests/docker_rootless.rs).
 #
-# Usage: rootless.sh ROOT USERNET_BIN PREFIX MODE
+# Usage: rootless.sh ROOT USERNET_BIN PREFIX MODE [PORT_DRIVER]
 #   ROOT        a root file system from make-root.sh (Debian 13: docker.io 26, rootlesskit 2.0,
 #               user `undock`)
 #   USERNET_BIN the usernet binary under test; installed as ROOT/opt/usernet/libexec/{slirp4netns,
@@ -14,6 +14,8 @@
 #               through usernet's API socket);
 #               pasta: DOCKERD_ROOTLESS_ROOTLESSKIT_NET=pasta with PORT_DRIVER=implicit
 #               (published ports are pasta's -t/-u auto)
+#   PORT_DRIVER another DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER (e.g. builtin, the default of
+#               dockerd-rootless.sh, where RootlessKit forwards published ports itself)
 #
 # Topology: host H (198.51.100.2/24, default route via W) and world W (198.51.100.1), joined
 # by a veth; nothing else. dockerd-rootless.sh runs as `undock` inside H, in a private mount
@@ -29,7 +31,7 @@
 # dockerd has exited.
 set -euo pipefail
 
-root="$1" bin="$2" p="$3" mode="$4"
+root="$1" bin="$2" p="$3" mode="$4" port_driver="${5:-}"
 H="${p}H" W="${p}W"
 work="$(mktemp -d /tmp/usernet-docker.XXXXXX)"
 pids=()
@@ -71,9 +73,9 @@ cleanup() {
 trap cleanup EXIT
 
 case "$mode" in
-slirp4netns) port_driver=slirp4netns ;;
-pasta) port_driver=implicit ;;
-*) echo "usage: rootless.sh ROOT USERNET_BIN PREFIX slirp4netns|pasta" >&2; exit 2 ;;
+slirp4netns) : "${port_driver:=slirp4netns}" ;;
+pasta) : "${port_driver:=implicit}" ;;
+*) echo "usage: rootless.sh ROOT USERNET_BIN PREFIX slirp4netns|pasta [PORT_DRIVER]" >&2; exit 2 ;;
 esac
 
 ip netns add "$H"
@@ -270,4 +272,4 @@ echo "no usernet process is left"
 
 echo "--- the argv RootlessKit passed"
 cat "$work/tmp/usernet-argv.log"
-echo "docker rootless $mode: ok"
+echo "docker rootless $mode ($port_driver): ok"
