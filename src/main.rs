@@ -759,6 +759,7 @@ fn forwarder_with(
             host_loopback: !net.disable_host_loopback,
             aliases: Vec::new(),
         },
+        services: forwarder::Services::default(),
         dns_enabled: !net.disable_dns,
         nameservers,
         mtu: net.mtu as usize,

@@ -716,6 +716,8 @@ fn pasta_without_config_net_offers_the_host_address_by_dhcp() {
         &[
             "--dns-forward",
             "169.254.1.1",
+            // pasta announces the resolver by DHCP only when asked to.
+            "--dhcp-dns",
             "-t",
             "none",
             "-u",
@@ -1235,4 +1237,269 @@ fn pasta_address_alone_keeps_the_host_gateway_on_link() {
     });
     assert_eq!(sink.stats.peer_ips(), vec![HOST_ADDR]);
     assert_eq!(sink6.stats.peer_ips6(), vec![HOST_ADDR6]);
+}
+
+/// ICMPv6 types of the frames in pcap file `path` (Ethernet, IPv6 without extension
+/// headers), in order.
+fn pcap_icmp6_types(path: &std::path::Path) -> Vec<u8> {
+    let data = std::fs::read(path).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut off = 24;
+    while off + 16 <= data.len() {
+        let len = u32::from_le_bytes(data[off + 8..off + 12].try_into().unwrap()) as usize;
+        let frame = &data[off + 16..(off + 16 + len).min(data.len())];
+        if frame.len() > 54 && frame[12..14] == [0x86, 0xdd] && frame[20] == 58 {
+            out.push(frame[54]);
+        }
+        off += 16 + len;
+    }
+    out
+}
+
+/// udhcpc on C's `vh` (link up first): `Ok(lease line)` or `Err(output)` when it got none.
+fn udhcpc_lease(t: &Topology, tries: &str) -> Result<String, String> {
+    let out = t.tmp.join("lease");
+    let _ = std::fs::remove_file(&out);
+    let script = t.tmp.join("udhcpc.script");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in bound) echo \"ip=$ip router=$router dns=$dns\" > {};; esac\nexit 0\n",
+            out.display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let s = script.to_string_lossy().into_owned();
+    let f = t.run_in_container(
+        "busybox",
+        &[
+            "udhcpc", "-i", "vh", "-n", "-q", "-f", "-t", tries, "-T", "1", "-A", "1", "-s", &s,
+        ],
+        Duration::from_secs(30),
+    );
+    std::fs::read_to_string(&out).map_err(|_| f.to_string())
+}
+
+#[test]
+fn pasta_no_dhcp_and_no_ra_turn_those_services_off() {
+    let Some(t) = topology(true) else { return };
+    if !require_tool("busybox") {
+        return;
+    }
+    let pcap = t.tmp.join("link.pcap");
+    let pcap_s = pcap.to_string_lossy().into_owned();
+    let ns = t.container_ns();
+    let base = [
+        "--dns-forward",
+        "169.254.1.1",
+        "-t",
+        "none",
+        "-u",
+        "none",
+        "-T",
+        "none",
+        "-U",
+        "none",
+        "-q",
+        "-p",
+        &pcap_s,
+        "--netns",
+        &ns,
+    ];
+    let ra_route = || {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &t.container, "-6", "route", "show", "default"])
+            .output()
+            .expect("ip route");
+        String::from_utf8_lossy(&out.stdout).contains("proto ra")
+    };
+    // Without --config-net, as pasta: DHCP answers (no resolver named without
+    // --dhcp-dns) and router solicitations get advertisements (a default route).
+    let p = Pasta::start(&t, &base);
+    ip(&["-n", &t.container, "link", "set", "vh", "up"]);
+    let lease = udhcpc_lease(&t, "5").expect("a DHCP lease without --no-dhcp");
+    assert_eq!(lease.trim_end(), "ip=198.51.100.1 router=198.51.100.2 dns=");
+    assert!(
+        wait_for(Duration::from_secs(15), || ra_route().then_some(())).is_some(),
+        "no router advertisement without --no-ra: ICMPv6 types {:?}",
+        pcap_icmp6_types(&pcap)
+    );
+    for pid in p.pids() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
+    drop(p);
+    ip(&["-n", &t.container, "-6", "route", "flush", "proto", "ra"]);
+    // --no-dhcp --no-ra: udhcpc gets nothing; the kernel's router solicitations are
+    // seen on the link and get no advertisement.
+    let mut args = base.to_vec();
+    args.splice(0..0, ["--no-dhcp", "--no-ra"]);
+    let _p = Pasta::start(&t, &args);
+    ip(&["-n", &t.container, "link", "set", "vh", "up"]);
+    let got = udhcpc_lease(&t, "2");
+    assert!(got.is_err(), "a lease with --no-dhcp: {got:?}");
+    let solicited = wait_for(Duration::from_secs(15), || {
+        pcap_icmp6_types(&pcap).contains(&133).then_some(())
+    });
+    assert!(
+        solicited.is_some(),
+        "the kernel sent no router solicitation"
+    );
+    // An advertisement answers a solicitation at once (the first run above): give it a
+    // second, then none must be on the link.
+    std::thread::sleep(Duration::from_secs(1));
+    let types = pcap_icmp6_types(&pcap);
+    assert!(
+        !types.contains(&134),
+        "router advertisement with --no-ra: {types:?}"
+    );
+    assert!(
+        !ra_route(),
+        "a default route from an advertisement with --no-ra"
+    );
+}
+
+#[test]
+fn pasta_no_tcp_and_no_udp_drop_that_protocol_only() {
+    let Some(t) = topology(false) else { return };
+    let echo = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let uecho = UdpEcho::start(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    let tcp_to = SocketAddr::from(echo.addr);
+    for (flag, tcp_on) in [("--no-udp", true), ("--no-tcp", false)] {
+        let mut args = podman53(&t.container_ns(), &[]);
+        args.insert(0, flag.to_owned());
+        let p = Pasta::start(&t, &strs(&args));
+        let accepted = || {
+            echo.stats
+                .accepted
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        let before = accepted();
+        t.in_container(|| {
+            let sock = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+            let udp = udp_roundtrip(&sock, uecho.addr, b"datagram", if tcp_on { 1 } else { 3 });
+            if tcp_on {
+                tcp_echo_roundtrip(tcp_to, b"segment");
+                assert!(udp.is_err(), "UDP forwarded with --no-udp");
+            } else {
+                udp.unwrap_or_else(|e| panic!("UDP with --no-tcp: {e}"));
+                let c = std::net::TcpStream::connect_timeout(&tcp_to, Duration::from_secs(3));
+                assert!(c.is_err(), "TCP connected with --no-tcp");
+            }
+        });
+        // The world's server saw the TCP client only when TCP was on.
+        let seen = accepted() - before;
+        assert_eq!(seen, usize::from(tcp_on), "{flag}");
+        for pid in p.pids() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+        assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
+    }
+    // A port of a protocol turned off is refused, before anything is set up.
+    let mut args = podman53(&t.container_ns(), &["-t", "8080"]);
+    args.insert(0, "--no-tcp".to_owned());
+    let p = Pasta::run(&t, &strs(&args));
+    assert_eq!(p.first.code(), Some(1), "{}", p.first);
+    assert!(p.first.stderr.contains("--no-tcp"), "{}", p.first);
+}
+
+#[test]
+fn pasta_rootlesskit_20_line_with_precreated_tap0_reaches_the_world() {
+    let Some(t) = topology(false) else { return };
+    // RootlessKit 2.0's child: a process in C. RootlessKit creates tap0 there before
+    // pasta starts, and sets its MTU, address and route while pasta starts.
+    let mut holder = ChildGuard::spawn(t.exec_in(&t.container, "sleep", &["120"]));
+    let pid = holder.pid().to_string();
+    ip(&[
+        "-n",
+        &t.container,
+        "tuntap",
+        "add",
+        "name",
+        "tap0",
+        "mode",
+        "tap",
+    ]);
+    ip(&["-n", &t.container, "link", "set", "tap0", "mtu", "1500"]);
+    let sink = TcpServer::sink(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
+    // The exact argv of RootlessKit 2.0.2 (Debian 13) for rootless Docker with
+    // DOCKERD_ROOTLESS_ROOTLESSKIT_NET=pasta, DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER=implicit.
+    let args = [
+        "--foreground",
+        "--stderr",
+        "--ns-ifname=tap0",
+        "--mtu=1500",
+        "--no-dhcp",
+        "--no-ra",
+        "--address=10.0.2.100",
+        "--netmask=24",
+        "--gateway=10.0.2.2",
+        "--dns-forward=10.0.2.3",
+        "--no-map-gw",
+        "--ipv4-only",
+        "--tcp-ports=auto",
+        "--udp-ports=auto",
+        &pid,
+    ];
+    // Nobody waits for it: it stays in front, as RootlessKit runs it.
+    let mut pasta = ChildGuard::spawn(t.exec_in(&t.host, t.pasta_bin(), &args));
+    t.configure_container_tap("tap0");
+    let connected = wait_for(Duration::from_secs(10), || {
+        if let Some(s) = pasta.0.try_wait().expect("try_wait") {
+            panic!("usernet exited ({s}) with RootlessKit 2.0's command line");
+        }
+        t.in_container(|| {
+            std::net::TcpStream::connect_timeout(&sink.addr.into(), Duration::from_secs(1)).ok()
+        })
+    });
+    assert!(connected.is_some(), "no outbound TCP through usernet");
+    drop(connected);
+    t.in_container(|| upload_to_sink(sink.addr, 0x20, 4 << 20));
+    assert!(sink.stats.peer_ips().iter().all(|ip| *ip == HOST_ADDR));
+    assert!(
+        pasta.0.try_wait().expect("try_wait").is_none(),
+        "usernet went away"
+    );
+    // RootlessKit ends its child; usernet follows its target process.
+    kill_tree(&mut holder.0);
+    let status = wait_for(Duration::from_secs(5), || {
+        pasta.0.try_wait().expect("try_wait")
+    });
+    assert!(status.is_some(), "usernet outlived RootlessKit's child");
+}
+
+#[test]
+fn pasta_no_splice_sends_loopback_clients_across_the_link() {
+    let Some(t) = topology(false) else { return };
+    let ns = t.container_ns();
+    let sink = TcpServer::sink(&ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 81));
+    let mut args = podman53(&ns, &["-t", "8081:81"]);
+    args.insert(0, "--no-splice".to_owned());
+    let _p = Pasta::start(&t, &strs(&args));
+    t.in_host(|| upload_to_sink(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8081), 0x31, 1 << 20));
+    // Without --no-splice the server sees a local client, its own address (the test
+    // above); across the link it sees the gateway, which stands for the host's loopback.
+    assert_eq!(sink.stats.peer_ips(), vec![WORLD_LINK]);
+}
+
+#[test]
+fn pasta_no_netns_quit_outlives_its_namespace_until_sigterm() {
+    let Some(t) = topology(false) else { return };
+    let mut args = podman53(&t.container_ns(), &[]);
+    args.insert(0, "--no-netns-quit".to_owned());
+    let p = Pasta::start(&t, &strs(&args));
+    ip(&["netns", "del", &t.container]);
+    // Without the option usernet is gone at once (inotify; see the foreground test).
+    std::thread::sleep(Duration::from_secs(2));
+    let pids = p.pids();
+    assert!(
+        !pids.is_empty(),
+        "--no-netns-quit: usernet went with its namespace"
+    );
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
 }

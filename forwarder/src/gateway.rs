@@ -75,7 +75,9 @@ impl Gateway {
             server: net.gateway(),
             prefix_len: net.prefix_len,
             router: net.gateway(),
-            dns: net.dns().filter(|_| cfg.dns_enabled),
+            dns: net
+                .dns()
+                .filter(|_| cfg.dns_enabled && cfg.services.announce_dns),
             pool_start: net.dhcp_start(),
             pool_len: net.dhcp_pool_len(),
             lease: std::time::Duration::from_secs(24 * 3600),
@@ -86,7 +88,7 @@ impl Gateway {
             next_ra: cfg
                 .nat
                 .net6
-                .filter(|n| n.router_adverts && !members)
+                .filter(|n| n.router_adverts && cfg.services.ndp && !members)
                 .map(|_| now),
             cfg,
             dhcp,
@@ -99,6 +101,11 @@ impl Gateway {
             reasm: Some(frag::Reassembler::default()),
             no_ra: members,
         }
+    }
+
+    /// Whether DHCP and router advertisements name the DNS forwarder.
+    fn announce_dns(&self) -> bool {
+        self.cfg.dns_enabled && self.cfg.services.announce_dns
     }
 
     /// A member's assigned address, for its DHCP client (`None`: withdrawn).
@@ -114,7 +121,7 @@ impl Gateway {
     pub(crate) fn handle_timeouts(&mut self, now: Instant, link: &mut Link, c: &mut Counters) {
         if let (Some(at), Some(net6)) = (self.next_ra, self.cfg.nat.net6) {
             if now >= at {
-                if ndp::advertise(link, &net6, self.cfg.dns_enabled, ndp::ALL_NODES) {
+                if ndp::advertise(link, &net6, self.announce_dns(), ndp::ALL_NODES) {
                     c.ndp_router_adverts += 1;
                 }
                 self.next_ra = Some(ndp::next_advert(now, self.ra_sent));
@@ -228,6 +235,10 @@ impl Gateway {
                 cx.c.drop_udp_malformed += 1;
                 return;
             }
+            if !self.cfg.services.dhcp {
+                cx.c.drop_service_off += 1;
+                return;
+            }
             self.handle_dhcp(now, payload, cx);
             return;
         }
@@ -239,6 +250,10 @@ impl Gateway {
             IpAddress::Ipv4(repr.src_addr),
             IpAddress::Ipv4(repr.dst_addr),
         );
+        if !self.service_on(repr.next_header) {
+            cx.c.drop_service_off += 1;
+            return;
+        }
         if repr.next_header == IpProtocol::Icmp
             && matches!(icmp::parse_v4(payload), Some(icmp::Message::Echo(_)))
             && self.echo_local(cx.link, cx.c, src, dst, payload)
@@ -312,6 +327,14 @@ impl Gateway {
                     // Someone claiming our address.
                     cx.c.drop_bad_source += 1;
                 }
+                Some(icmp::Message::NeighborSolicit | icmp::Message::RouterSolicit)
+                    if !self.cfg.services.ndp =>
+                {
+                    cx.c.drop_service_off += 1;
+                }
+                Some(icmp::Message::Echo(_)) if !self.cfg.services.icmp => {
+                    cx.c.drop_service_off += 1;
+                }
                 Some(icmp::Message::NeighborSolicit) => {
                     if ndp::answer_solicitation(cx.link, &net6, repr.src_addr, payload) {
                         cx.c.ndp_adverts += 1;
@@ -326,7 +349,7 @@ impl Gateway {
                     } else {
                         repr.src_addr
                     };
-                    if ndp::advertise(cx.link, &net6, self.cfg.dns_enabled, to) {
+                    if ndp::advertise(cx.link, &net6, self.announce_dns(), to) {
                         cx.c.ndp_router_adverts += 1;
                     }
                 }
@@ -350,6 +373,10 @@ impl Gateway {
         }
         // Learn the guest's address for published ports.
         cx.nat.learn_guest_v6(repr.src_addr);
+        if !self.service_on(repr.next_header) {
+            cx.c.drop_service_off += 1;
+            return;
+        }
         match repr.next_header {
             IpProtocol::Tcp | IpProtocol::Udp => {
                 cx.nat.handle_l4(
@@ -367,6 +394,18 @@ impl Gateway {
             }
             // Extension headers (hop-by-hop of MLD, fragments, ...) are not handled.
             _ => cx.c.drop_ipv6_ext += 1,
+        }
+    }
+
+    /// Whether the handler of transport `proto` is on ([`crate::Services`]); other
+    /// protocols are not a service (their own checks apply).
+    fn service_on(&self, proto: IpProtocol) -> bool {
+        let s = &self.cfg.services;
+        match proto {
+            IpProtocol::Tcp => s.tcp,
+            IpProtocol::Udp => s.udp,
+            IpProtocol::Icmp | IpProtocol::Icmpv6 => s.icmp,
+            _ => true,
         }
     }
 

@@ -149,6 +149,42 @@ impl Default for Limits {
     }
 }
 
+/// The protocol handlers and virtual services, each of which can be turned off (pasta's
+/// `--no-tcp`, `--no-udp`, `--no-icmp`, `--no-dhcp`, `--no-ndp`, `--dhcp-dns`). What is
+/// off is dropped and counted in `drop_service_off`, never forwarded otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Services {
+    /// TCP from the guest is forwarded.
+    pub tcp: bool,
+    /// UDP from the guest is forwarded (the DNS forwarder included; DHCP is [`dhcp`]).
+    ///
+    /// [`dhcp`]: Services::dhcp
+    pub udp: bool,
+    /// ICMP and ICMPv6 echo requests are answered (ours) and forwarded.
+    pub icmp: bool,
+    /// The DHCP server answers.
+    pub dhcp: bool,
+    /// Neighbour solicitations and router solicitations are answered, and router
+    /// advertisements sent (when the IPv6 network has them on).
+    pub ndp: bool,
+    /// DHCP and router advertisements name the DNS forwarder (when it is enabled).
+    pub announce_dns: bool,
+}
+
+impl Default for Services {
+    /// Everything on.
+    fn default() -> Self {
+        Services {
+            tcp: true,
+            udp: true,
+            icmp: true,
+            dhcp: true,
+            ndp: true,
+            announce_dns: true,
+        }
+    }
+}
+
 /// Forwarder configuration: fixed for the forwarder's life and shared by its parts.
 /// What changes while it runs (the nameservers' order, learned addresses) is state of
 /// the part that changes it. Front ends write the fields they set and take the rest
@@ -157,6 +193,8 @@ impl Default for Limits {
 pub struct Config {
     /// Addresses and NAT policy.
     pub nat: NatConfig,
+    /// Which protocol handlers and services are on.
+    pub services: Services,
     /// Whether the DNS forwarder is offered (and announced by DHCP).
     pub dns_enabled: bool,
     /// The DNS forwarder's upstreams at start, in order (empty: it does not answer);
@@ -200,12 +238,13 @@ pub struct Config {
 }
 
 impl Default for Config {
-    /// slirp4netns's defaults ([`NatConfig::default`], MTU 1500, DNS on with no upstream
-    /// yet, no vnet header), 2 MiB of TCP buffer per flow and direction, UDP flows idle
+    /// slirp4netns's defaults ([`NatConfig::default`], every service on, MTU 1500, DNS on
+    /// with no upstream yet, no vnet header), 2 MiB of TCP buffer per flow and direction, UDP flows idle
     /// for 60 s, [`Limits::default`], and a random seed.
     fn default() -> Config {
         Config {
             nat: NatConfig::default(),
+            services: Services::default(),
             dns_enabled: true,
             nameservers: Vec::new(),
             mtu: 1500,
@@ -303,6 +342,9 @@ counters! {
         drop_bad_source,
         /// Packets of a transport protocol we do not handle.
         drop_protocol,
+        /// Packets for a service or protocol handler that is turned off ([`Services`]:
+        /// pasta's `--no-tcp`, `--no-udp`, `--no-icmp`, `--no-dhcp`, `--no-ndp`).
+        drop_service_off,
         /// Malformed TCP.
         drop_tcp_malformed,
         /// TCP with a bad checksum.

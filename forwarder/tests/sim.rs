@@ -335,3 +335,101 @@ fn malformed_frames_dropped_and_counted() {
     assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
     assert!(sim.wire.0.is_empty(), "nothing answered: {:?}", sim.wire.0);
 }
+
+/// A DHCP DISCOVER from the guest (broadcast).
+fn dhcp_discover() -> Vec<u8> {
+    let mut dhcp = vec![0u8; 240];
+    dhcp[0] = 1;
+    dhcp[1] = 1;
+    dhcp[2] = 6;
+    dhcp[4..8].copy_from_slice(&[1, 2, 3, 4]);
+    dhcp[10] = 0x80;
+    dhcp[28..34].copy_from_slice(&GUEST_MAC);
+    dhcp[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    dhcp.extend_from_slice(&[53, 1, 1, 255]);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, [0xff; 6])
+        .ipv4([0; 4], [255; 4], 64)
+        .udp(68, 67)
+        .write(&mut frame, &dhcp)
+        .unwrap();
+    frame
+}
+
+/// pasta's `--no-tcp --no-udp --no-icmp --no-dhcp`: each is dropped and counted, nothing
+/// reaches the host or is answered; what stays on (ARP) still works.
+#[test]
+fn services_turned_off_are_dropped_and_counted() {
+    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+    server.set_nonblocking(true).unwrap();
+    let uport = server.local_addr().unwrap().port();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let tport = listener.local_addr().unwrap().port();
+    let mut cfg = Sim::config(true);
+    cfg.services = forwarder::Services {
+        tcp: false,
+        udp: false,
+        icmp: false,
+        dhcp: false,
+        ndp: false,
+        announce_dns: false,
+    };
+    let mut sim = Sim::with_config(cfg);
+    let mut udp = Vec::new();
+    guest().udp(4444, uport).write(&mut udp, b"ping").unwrap();
+    let mut ping = Vec::new();
+    guest()
+        .icmpv4_echo_request(0x77, 3)
+        .write(&mut ping, b"abcdefgh")
+        .unwrap();
+    let syn = tcp_frame(GW, 40000, tport, 1, |b| b.syn(), &[]);
+    for frame in [&dhcp_discover(), &udp, &ping, &syn] {
+        sim.send(frame);
+    }
+    assert!(sim.wire.0.is_empty(), "answered: {:?}", sim.wire.0);
+    assert_eq!(sim.fwd.counters().drop_service_off, 4);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
+    assert!(
+        server.recv_from(&mut [0u8; 16]).is_err(),
+        "UDP reached the host"
+    );
+    assert!(listener.accept().is_err(), "TCP reached the host");
+}
+
+/// The DNS forwarder is named by DHCP only with `announce_dns` (pasta's `--dhcp-dns`).
+#[test]
+fn dhcp_names_the_dns_forwarder_only_when_announced() {
+    for announce in [true, false] {
+        let mut cfg = Sim::config(true);
+        cfg.services.announce_dns = announce;
+        let mut sim = Sim::with_config(cfg);
+        sim.send(&dhcp_discover());
+        let offer = sim.wire.0.pop().expect("DHCP offer");
+        let p = SlicedPacket::from_ethernet(&offer).unwrap();
+        let Some(TransportSlice::Udp(u)) = &p.transport else {
+            panic!()
+        };
+        // Option 6 (domain name servers) naming 10.0.2.3, among the options after the
+        // magic cookie.
+        let opts = &u.payload()[240..];
+        let mut i = 0;
+        let mut dns = None;
+        while i + 1 < opts.len() && opts[i] != 255 {
+            if opts[i] == 0 {
+                i += 1;
+                continue;
+            }
+            let len = usize::from(opts[i + 1]);
+            if opts[i] == 6 {
+                dns = Some(opts[i + 2..i + 2 + len].to_vec());
+            }
+            i += 2 + len;
+        }
+        assert_eq!(
+            dns,
+            announce.then(|| vec![10, 0, 2, 3]),
+            "announce_dns {announce}"
+        );
+    }
+}

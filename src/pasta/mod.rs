@@ -283,7 +283,9 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             guest: addr6,
             loopback: opts.map_loopback6.unwrap_or(gw6),
             neighbours: Neighbours::AllButGuest,
-            router_adverts: false,
+            // As pasta: router advertisements unless --config-net configured the
+            // namespace (or --no-ra, --no-ndp, --no-icmp).
+            router_adverts: !opts.config_net && !opts.no_ra && !opts.no_ndp && !opts.no_icmp,
         }
     });
     let mtu = opts.mtu.unwrap_or(DEFAULT_MTU);
@@ -311,10 +313,11 @@ pub fn plan(opts: &PastaOpts, host: &HostTemplate) -> Result<Plan, PastaError> {
             gateway: n.gateway,
         }),
         // The host's on-link prefixes (but the namespace's own), and its other routes whose
-        // next hop the namespace reaches on its link.
+        // next hop the namespace reaches on its link (none with --no-copy-routes).
         routes: host
             .routes
             .iter()
+            .filter(|_| !opts.no_copy_routes)
             .copied()
             .filter(|r| match *r {
                 Route::V4 { gateway, .. } if gateway.is_unspecified() => {
@@ -488,9 +491,11 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         configure: opts.config_net.then(|| plan.link.clone()),
     };
     let tap = netns::open_tap(&spec)?;
-    let watch = match TargetWatch::new(&target) {
-        Ok(w) => Some(w),
-        Err(e) => return Err(e.into()),
+    // --no-netns-quit: the namespace or target process going away does not end usernet.
+    let watch = if opts.no_netns_quit {
+        None
+    } else {
+        Some(TargetWatch::new(&target)?)
     };
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
@@ -684,6 +689,16 @@ fn detach() -> Result<OwnedFd, PastaRunError> {
 fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forwarder {
     let cfg = Config {
         nat: plan.nat.clone(),
+        services: forwarder::Services {
+            tcp: !opts.no_tcp,
+            udp: !opts.no_udp,
+            icmp: !opts.no_icmp,
+            dhcp: !opts.no_dhcp,
+            // pasta: --no-icmp turns NDP off too.
+            ndp: !opts.no_ndp && !opts.no_icmp,
+            // pasta announces no resolver by DHCP or NDP unless --dhcp-dns.
+            announce_dns: opts.dhcp_dns,
+        },
         dns_enabled: plan.nat.net.dns.is_some() || plan.nat.net6.is_some_and(|n| n.dns.is_some()),
         nameservers: plan.nameservers.clone(),
         mtu: plan.link.mtu as usize,
@@ -694,7 +709,8 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         outbound_to_loopback: false,
         guest_v4: (!opts.v6_only).then_some(plan.nat.net.guest),
         guest_v6: plan.nat.net6.map(|n| n.guest),
-        loopback_handoff: true,
+        // --no-splice: loopback clients of -t/-u ports cross the link like any other.
+        loopback_handoff: !opts.no_splice,
         limits: Limits {
             ports: listeners + forwarder::port::MAX_RULES.max(listeners),
             ..Limits::default()
@@ -823,5 +839,36 @@ mod tests {
         h.routes.clear();
         let e = plan(&opts(&["--config-net", "-a", "192.0.2.1", "1"]), &h).unwrap_err();
         assert!(e.to_string().contains("no on-link route"), "{e}");
+    }
+
+    #[test]
+    fn router_adverts_and_copied_routes_follow_the_options() {
+        let ra = |args: &[&str]| {
+            plan(&opts(args), &host())
+                .unwrap()
+                .nat
+                .net6
+                .unwrap()
+                .router_adverts
+        };
+        // As pasta: advertisements unless --config-net configured the namespace.
+        assert!(ra(&["1"]));
+        for off in [
+            &["--config-net", "1"][..],
+            &["--no-ra", "1"],
+            &["--no-ndp", "1"],
+            &["--no-icmp", "1"],
+        ] {
+            assert!(!ra(off), "{off:?}");
+        }
+        let mut h = host();
+        h.routes = vec![Route::V4 {
+            dst: Ipv4Addr::new(203, 0, 113, 0),
+            prefix_len: 24,
+            gateway: Ipv4Addr::new(198, 51, 100, 2),
+        }];
+        let routes = |args: &[&str]| plan(&opts(args), &h).unwrap().link.routes.len();
+        assert_eq!(routes(&["--config-net", "1"]), 1);
+        assert_eq!(routes(&["--config-net", "--no-copy-routes", "1"]), 0);
     }
 }

@@ -22,10 +22,16 @@
 //! exclusions alone ([`AllBut`], `-t/-u`) forwards every other port but the ephemeral
 //! ones, best effort (see [`crate::conf::Publish::best_effort`]). `all` is refused with pasta's own
 //! text (pasta allows it for passt only), and so are modes that do not combine
-//! ([`PastaError::Pasta`], printed without a prefix, as pasta prints it). What usernet
-//! does not implement (`-T/-U` `%IF` and exclusions alone, every pasta option not listed
-//! in [`LONG`]) is refused with pasta's message for an unknown option or a sentence
-//! naming it, never ignored.
+//! ([`PastaError::Pasta`], printed without a prefix, as pasta prints it).
+//!
+//! **Every option pasta has** (passt's `conf.c`) is in [`LONG`]/[`SHORT`], so none is
+//! unknown by omission: the ones that turn a service off (`--no-dhcp`, `--no-ra`,
+//! `--no-tcp`, ...) are taken with their meaning (the forwarder's `Services`); the ones
+//! pasta itself refuses in pasta mode (`-s`, `--one-off`, `--no-dhcp-dns`, ...) get
+//! pasta's text; what usernet does not implement (`-M`, `--freebind`, `--fd`, `-T/-U`
+//! `%IF` and exclusions alone, ...) gets a sentence naming the option and why
+//! ([`refusal`]), never ignored. Only an option pasta does not have either is
+//! `unrecognized option`.
 //!
 //! **The host template** ([`HostTemplate`]): `--config-net` copies the addresses of the
 //! host interface holding the default route (`/proc/net/route`, `/proc/net/ipv6_route`,
@@ -116,7 +122,83 @@ const LONG: &[(&str, Arg, char)] = &[
     ("host-lo-to-ns-lo", Arg::No, '\u{b}'),
     ("ns-mac-addr", Arg::Yes, '\u{c}'),
     ("runas", Arg::Yes, '\u{d}'),
+    // Services and protocol handlers turned off.
+    ("no-tcp", Arg::No, '\u{e000}'),
+    ("no-udp", Arg::No, '\u{e001}'),
+    ("no-icmp", Arg::No, '\u{e002}'),
+    ("no-dhcp", Arg::No, '\u{e003}'),
+    ("no-dhcpv6", Arg::No, '\u{e004}'),
+    ("no-ndp", Arg::No, '\u{e005}'),
+    ("no-ra", Arg::No, '\u{e006}'),
+    ("no-splice", Arg::No, '\u{e007}'),
+    ("dhcp-dns", Arg::No, '\u{e008}'),
+    ("no-netns-quit", Arg::No, '\u{e009}'),
+    ("no-copy-routes", Arg::No, '\u{e00a}'),
+    ("no-copy-addrs", Arg::No, '\u{e00b}'),
+    ("chroot-fallback", Arg::No, '\u{e00c}'),
+    ("search", Arg::Yes, 'S'),
+    // The rest of pasta's options: refused, each with its reason (see `refusal`).
+    ("socket", Arg::Yes, 's'),
+    ("socket-path", Arg::Yes, 's'),
+    ("fd", Arg::Yes, 'F'),
+    ("conf-path", Arg::Yes, 'c'),
+    ("mac-addr", Arg::Yes, 'M'),
+    ("hostname", Arg::Yes, 'H'),
+    ("one-off", Arg::No, '1'),
+    ("splice-only", Arg::No, '\u{e100}'),
+    ("freebind", Arg::No, '\u{e101}'),
+    ("no-dhcp-dns", Arg::No, '\u{e102}'),
+    ("dhcp-search", Arg::No, '\u{e103}'),
+    ("no-dhcp-search", Arg::No, '\u{e104}'),
+    ("log-size", Arg::Yes, '\u{e105}'),
+    ("outbound-if4", Arg::Yes, '\u{e106}'),
+    ("outbound-if6", Arg::Yes, '\u{e107}'),
+    ("netns-only", Arg::No, '\u{e108}'),
+    ("vhost-user", Arg::No, '\u{e109}'),
+    ("print-capabilities", Arg::No, '\u{e10a}'),
+    ("fqdn", Arg::Yes, '\u{e10b}'),
+    ("repair-path", Arg::Yes, '\u{e10c}'),
+    ("migrate-exit", Arg::No, '\u{e10d}'),
+    ("migrate-no-linger", Arg::No, '\u{e10e}'),
+    ("stats", Arg::Yes, '\u{e10f}'),
 ];
+
+/// Why usernet refuses one of pasta's options (code as in [`LONG`]), or `None` for the
+/// ones it takes. Every option of pasta's (passt's `conf.c`, its man page) is in [`LONG`]
+/// and [`SHORT`]: none is unknown by omission. pasta's own words where pasta refuses it
+/// too ([`PastaError::Pasta`]), otherwise a sentence naming what usernet does not do.
+fn refusal(code: char, name: &str, value: &str) -> Option<PastaError> {
+    let pasta = |s: &str| Some(PastaError::Pasta(s.to_owned()));
+    let unsupported = |why: &str| {
+        Some(PastaError::Invalid(format!(
+            "--{name}: not supported by usernet ({why})"
+        )))
+    };
+    match code {
+        // pasta's texts: these are for passt or vhost-user, in pasta mode too.
+        's' => pasta("-s is for passt / vhost-user mode only"),
+        '1' => pasta("--one-off is for passt mode only"),
+        '\u{e102}' => pasta("--no-dhcp-dns is for passt mode only"),
+        '\u{e104}' => pasta("--no-dhcp-search is for passt mode only"),
+        '\u{e10c}' if value == "none" => None,
+        '\u{e10c}' => pasta("--repair-path is for vhost-user mode only"),
+        '\u{e10d}' => pasta("--migrate-exit is for vhost-user mode only"),
+        '\u{e10e}' => pasta("--migrate-no-linger is for vhost-user mode only"),
+        'F' => unsupported("a pre-opened tap socket is for passt's guests; pasta mode opens the namespace's TAP itself"),
+        'c' => unsupported("no pesto control socket: ports are fixed at start, or followed with auto"),
+        'M' => unsupported("the gateway's MAC address is usernet's own"),
+        'H' | '\u{e10b}' => unsupported("its DHCP server sends no host name"),
+        '\u{e100}' => unsupported("the namespace's link is always served"),
+        '\u{e101}' => unsupported("forwarded ports bind only local addresses"),
+        '\u{e103}' => unsupported("it announces no DNS search list"),
+        '\u{e105}' => unsupported("its log file is not rotated or bounded"),
+        '\u{e106}' | '\u{e107}' => unsupported("host sockets are not bound to an interface; -o binds an address"),
+        '\u{e108}' => unsupported("a PID target joins the process's user namespace too; use --netns PATH"),
+        '\u{e109}' | '\u{e10a}' => unsupported("there is no vhost-user mode"),
+        '\u{e10f}' => unsupported("its counters are not printed"),
+        _ => None,
+    }
+}
 
 /// Short options and whether they take a value.
 const SHORT: &[(char, Arg)] = &[
@@ -142,6 +224,13 @@ const SHORT: &[(char, Arg)] = &[
     ('T', Arg::Yes),
     ('U', Arg::Yes),
     ('I', Arg::Yes),
+    ('S', Arg::Yes),
+    ('s', Arg::Yes),
+    ('F', Arg::Yes),
+    ('c', Arg::Yes),
+    ('M', Arg::Yes),
+    ('H', Arg::Yes),
+    ('1', Arg::No),
 ];
 
 /// One `-t/-u/-T/-U` forwarding range: host (or, for `-T/-U`, namespace) ports
@@ -559,6 +648,37 @@ pub struct PastaOpts {
     pub map_guest6: Option<Ipv6Addr>,
     /// `--host-lo-to-ns-lo`.
     pub host_lo_to_ns_lo: bool,
+    /// `--no-tcp`: TCP from the namespace is dropped; no TCP port is forwarded.
+    pub no_tcp: bool,
+    /// `--no-udp`: UDP from the namespace (DNS included, DHCP aside) is dropped; no UDP
+    /// port is forwarded.
+    pub no_udp: bool,
+    /// `--no-icmp`: echo requests are dropped (and, as in pasta, NDP is off too).
+    pub no_icmp: bool,
+    /// `--no-dhcp`: the DHCP server does not answer.
+    pub no_dhcp: bool,
+    /// `--no-dhcpv6`: accepted; usernet has no DHCPv6 server to turn off.
+    pub no_dhcpv6: bool,
+    /// `--no-ndp`: neighbour and router solicitations are not answered, no router
+    /// advertisements.
+    pub no_ndp: bool,
+    /// `--no-ra`: no router advertisements (without `--config-net` they are sent, as
+    /// pasta does).
+    pub no_ra: bool,
+    /// `--no-splice`: clients on the host's loopback cross the link like any other.
+    pub no_splice: bool,
+    /// `--dhcp-dns`: DHCP and router advertisements name the `--dns-forward` address.
+    pub dhcp_dns: bool,
+    /// `-S/--search`: the DNS search list (announced only with `--dhcp-search`, which
+    /// usernet refuses); `none` empties it.
+    pub search: Vec<String>,
+    /// `--no-netns-quit`: keep running when the namespace or target process goes away.
+    pub no_netns_quit: bool,
+    /// `--no-copy-routes`: `--config-net` sets the default route only.
+    pub no_copy_routes: bool,
+    /// `--no-copy-addrs`: `--config-net` sets one address per family (what usernet
+    /// does anyway).
+    pub no_copy_addrs: bool,
 }
 
 /// Finds a long option by its full name or a unique prefix (getopt_long).
@@ -571,8 +691,13 @@ fn find_long(name: &str) -> Result<(&'static str, Arg, char), PastaError> {
         .filter(|(n, _, _)| n.starts_with(name))
         .collect();
     match matches.as_slice() {
-        [&(n, a, c)] if !name.is_empty() => Ok((n, a, c)),
-        [] | [_] => Err(PastaError::Unrecognized(format!("--{name}"))),
+        [] => Err(PastaError::Unrecognized(format!("--{name}"))),
+        _ if name.is_empty() => Err(PastaError::Unrecognized(format!("--{name}"))),
+        // As glibc: prefixes of several names for the same option are not ambiguous
+        // (`--sock` is `--socket` and `--socket-path`, both `-s`).
+        [&(n, a, c), rest @ ..] if rest.iter().all(|&&(_, ra, rc)| (ra, rc) == (a, c)) => {
+            Ok((n, a, c))
+        }
         _ => Err(PastaError::Ambiguous(format!("--{name}"))),
     }
 }
@@ -659,6 +784,9 @@ impl PastaOpts {
 
     fn apply(&mut self, code: char, name: &str, value: Option<String>) -> Result<(), PastaError> {
         let v = value.unwrap_or_default();
+        if let Some(e) = refusal(code, name, &v) {
+            return Err(e);
+        }
         let bad = |what: &str| PastaError::Invalid(format!("invalid {what} for --{name}: '{v}'"));
         let ip = || v.parse::<IpAddr>().map_err(|_| bad("address"));
         match code {
@@ -792,13 +920,86 @@ impl PastaOpts {
                     )));
                 }
             }
+            '\u{e000}' => self.no_tcp = true,
+            '\u{e001}' => self.no_udp = true,
+            '\u{e002}' => self.no_icmp = true,
+            '\u{e003}' => self.no_dhcp = true,
+            '\u{e004}' => self.no_dhcpv6 = true,
+            '\u{e005}' => self.no_ndp = true,
+            '\u{e006}' => self.no_ra = true,
+            '\u{e007}' => self.no_splice = true,
+            '\u{e008}' => self.dhcp_dns = true,
+            '\u{e009}' => self.no_netns_quit = true,
+            '\u{e00a}' => self.no_copy_routes = true,
+            '\u{e00b}' => self.no_copy_addrs = true,
+            // usernet never chroots in pasta mode: nothing can fail to fall back from.
+            '\u{e00c}' | '\u{e10c}' => {}
+            'S' if v == "none" => self.search.clear(),
+            'S' => {
+                for d in v.split_whitespace() {
+                    if d.len() > 253 || d.bytes().any(|b| b.is_ascii_control()) {
+                        return Err(bad("search domain"));
+                    }
+                    self.search.push(d.to_owned());
+                }
+            }
             '\u{c}' => self.ns_mac = Some(crate::conf::parse_mac(&v).map_err(PastaError::Invalid)?),
             _ => return Err(PastaError::Unrecognized(format!("--{name}"))),
         }
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), PastaError> {
+    fn validate(&mut self) -> Result<(), PastaError> {
+        if self.no_splice && self.host_lo_to_ns_lo {
+            return Err(PastaError::Pasta(
+                "--host-lo-to-ns-lo is incompatible with --no-splice".into(),
+            ));
+        }
+        if self.dhcp_dns && self.dns_forward4.is_none() && self.dns_forward6.is_none() {
+            return Err(PastaError::Invalid(
+                "--dhcp-dns: usernet announces its --dns-forward address only: give --dns-forward too".into(),
+            ));
+        }
+        if !self.config_net {
+            for (set, opt) in [
+                (self.no_copy_routes, "--no-copy-routes"),
+                (self.no_copy_addrs, "--no-copy-addrs"),
+            ] {
+                if set {
+                    return Err(PastaError::Pasta(format!("{opt} needs --config-net")));
+                }
+            }
+        }
+        // A protocol turned off forwards no port of its own (pasta refuses the rules).
+        for (off, proto, specs) in [
+            (
+                self.no_tcp,
+                "TCP",
+                [(&mut self.tcp, "-t"), (&mut self.tcp_ns, "-T")],
+            ),
+            (
+                self.no_udp,
+                "UDP",
+                [(&mut self.udp, "-u"), (&mut self.udp_ns, "-U")],
+            ),
+        ] {
+            if !off {
+                continue;
+            }
+            for (spec, opt) in specs {
+                if !spec.ranges.is_empty() || !spec.all_but.is_empty() {
+                    return Err(PastaError::Invalid(format!(
+                        "{opt}: cannot forward {proto} ports with {proto} disabled (--no-{})",
+                        proto.to_ascii_lowercase()
+                    )));
+                }
+                *spec = PortSpec {
+                    given: true,
+                    none: true,
+                    ..PortSpec::default()
+                };
+            }
+        }
         if self.v4_only && self.v6_only {
             return Err(PastaError::Invalid(
                 "options ipv4-only and ipv6-only are mutually exclusive".into(),
@@ -1038,7 +1239,15 @@ usernet taking pasta's command line. Options:
   --dns-forward ADDR       --dns-host ADDR         --no-map-gw
   --map-host-loopback ADDR|none                    --map-guest-addr ADDR|none
   --host-lo-to-ns-lo       --runas UID[:GID] (the current user only)
+  --no-tcp  --no-udp  --no-icmp  --no-dhcp  --no-dhcpv6  --no-ndp  --no-ra
+                           turn that protocol handler or service off
+  --dhcp-dns               DHCP/RA name the --dns-forward address
+  --no-splice              loopback clients of -t/-u cross the link
+  --no-netns-quit          keep running when the target goes away
+  --no-copy-routes  --no-copy-addrs  (with --config-net)
+  -S, --search LIST|none   --chroot-fallback       (accepted)
   --version                -h, --help
+Every other pasta option is refused with the reason.
 ";
 
 #[cfg(test)]
@@ -1104,9 +1313,9 @@ mod tests {
 
     #[test]
     fn getopt_forms_prefixes_and_errors() {
-        let o = parse(&["-t8080", "-tnone", "--conf", "-dq"]);
+        let o = parse(&["-t8080", "-tnone", "--config", "-dq"]);
         assert!(o.is_err(), "none after a port must be refused");
-        let o = parse(&["-t8080", "--conf", "-dqm", "1500", "--netns=x"]).unwrap();
+        let o = parse(&["-t8080", "--config", "-dqm", "1500", "--netns=x"]).unwrap();
         assert!(o.config_net && o.debug && o.quiet);
         assert_eq!(o.mtu, Some(1500));
         assert_eq!(o.netns, Some(PathBuf::from("/run/netns/x")));
@@ -1129,6 +1338,269 @@ mod tests {
             "option '--quiet' doesn't allow an argument"
         );
         assert!(matches!(parse(&["--map"]), Err(PastaError::Ambiguous(_))));
+        // --config-net and --conf-path, as in pasta.
+        assert!(matches!(parse(&["--conf"]), Err(PastaError::Ambiguous(_))));
+        // --socket and --socket-path are both -s: not ambiguous (then refused as pasta).
+        assert_eq!(
+            parse(&["--sock", "x"]).unwrap_err().to_string(),
+            "-s is for passt / vhost-user mode only"
+        );
+        assert_eq!(
+            parse(&["--=x"]).unwrap_err(),
+            PastaError::Unrecognized("--".into())
+        );
+    }
+
+    /// Every long option of pasta's (passt's conf.c, 2026-07) and every short one.
+    const PASTA_LONG: &[&str] = &[
+        "debug",
+        "quiet",
+        "foreground",
+        "stderr",
+        "log-file",
+        "help",
+        "socket",
+        "fd",
+        "ns-ifname",
+        "pcap",
+        "pid",
+        "mtu",
+        "address",
+        "netmask",
+        "mac-addr",
+        "gateway",
+        "interface",
+        "outbound",
+        "dns",
+        "search",
+        "hostname",
+        "no-tcp",
+        "no-udp",
+        "no-icmp",
+        "no-dhcp",
+        "no-dhcpv6",
+        "no-ndp",
+        "no-ra",
+        "no-splice",
+        "splice-only",
+        "freebind",
+        "no-map-gw",
+        "ipv4-only",
+        "ipv6-only",
+        "one-off",
+        "tcp-ports",
+        "udp-ports",
+        "tcp-ns",
+        "udp-ns",
+        "userns",
+        "netns",
+        "ns-mac-addr",
+        "dhcp-dns",
+        "no-dhcp-dns",
+        "dhcp-search",
+        "no-dhcp-search",
+        "dns-forward",
+        "no-netns-quit",
+        "trace",
+        "runas",
+        "log-size",
+        "version",
+        "outbound-if4",
+        "outbound-if6",
+        "config-net",
+        "no-copy-routes",
+        "no-copy-addrs",
+        "netns-only",
+        "map-host-loopback",
+        "map-guest-addr",
+        "host-lo-to-ns-lo",
+        "dns-host",
+        "vhost-user",
+        "print-capabilities",
+        "socket-path",
+        "fqdn",
+        "repair-path",
+        "migrate-exit",
+        "migrate-no-linger",
+        "stats",
+        "conf-path",
+        "chroot-fallback",
+    ];
+
+    #[test]
+    fn every_pasta_option_is_known() {
+        for name in PASTA_LONG {
+            let (full, _, _) = find_long(name).unwrap_or_else(|e| panic!("--{name}: {e}"));
+            assert_eq!(full, *name);
+        }
+        assert_eq!(
+            LONG.len(),
+            PASTA_LONG.len(),
+            "an option pasta does not have"
+        );
+        // passt's getopt string: "+dqfel:hs:c:F:I:p:P:m:a:n:M:g:i:o:D:S:H:461t:u:T:U:".
+        for c in "dqfehs:c:F:I:p:P:m:a:n:M:g:i:o:D:S:H:461t:u:T:U:l:".chars() {
+            if c != ':' {
+                assert!(SHORT.iter().any(|(s, _)| *s == c), "-{c}");
+            }
+        }
+        assert_eq!(SHORT.len(), 29);
+    }
+
+    #[test]
+    fn rootlesskit_20_line_turns_services_off() {
+        // RootlessKit 2.0.x (Debian 13, rootless Docker with --net=pasta), verbatim.
+        let o = parse(&[
+            "--foreground",
+            "--stderr",
+            "--ns-ifname=tap0",
+            "--mtu=1500",
+            "--no-dhcp",
+            "--no-ra",
+            "--address=10.0.2.100",
+            "--netmask=24",
+            "--gateway=10.0.2.2",
+            "--dns-forward=10.0.2.3",
+            "--no-map-gw",
+            "--ipv4-only",
+            "--tcp-ports=auto",
+            "--udp-ports=auto",
+            "4242",
+        ])
+        .unwrap();
+        assert!(o.foreground && o.no_dhcp && o.no_ra && o.no_map_gw && o.v4_only);
+        assert!(!o.config_net && !o.no_tcp && !o.no_ndp && !o.dhcp_dns);
+        assert!(o.tcp.auto && o.udp.auto);
+        assert_eq!(o.pid, Some(4242));
+    }
+
+    #[test]
+    fn service_options() {
+        let o = parse(&[
+            "--no-tcp",
+            "--no-udp",
+            "--no-icmp",
+            "--no-dhcp",
+            "--no-dhcpv6",
+            "--no-ndp",
+            "--no-ra",
+            "--no-splice",
+            "--no-netns-quit",
+            "--chroot-fallback",
+            "--repair-path=none",
+            "-S",
+            "a.example b.example",
+            "--netns",
+            "x",
+        ])
+        .unwrap();
+        assert!(o.no_tcp && o.no_udp && o.no_icmp && o.no_dhcp && o.no_dhcpv6);
+        assert!(o.no_ndp && o.no_ra && o.no_splice && o.no_netns_quit);
+        assert_eq!(o.search, ["a.example", "b.example"]);
+        // Nothing of a protocol turned off is forwarded, auto included.
+        for s in [&o.tcp, &o.udp, &o.tcp_ns, &o.udp_ns] {
+            assert!(s.given && s.none && !s.auto && s.ranges.is_empty());
+        }
+        assert!(parse(&["-S", "x", "-S", "none", "1"])
+            .unwrap()
+            .search
+            .is_empty());
+        let o = parse(&["--config-net", "--no-copy-routes", "--no-copy-addrs", "1"]).unwrap();
+        assert!(o.no_copy_routes && o.no_copy_addrs);
+        let o = parse(&["--dhcp-dns", "--dns-forward", "10.0.2.3", "1"]).unwrap();
+        assert!(o.dhcp_dns);
+        // Explicit ports of a protocol turned off are refused; the other protocol's not.
+        for args in [
+            &["--no-tcp", "-t", "80", "1"][..],
+            &["-T", "80", "--no-tcp", "1"],
+            &["--no-udp", "-u", "~53", "1"],
+            &["--no-udp", "-U", "53", "1"],
+        ] {
+            let e = parse(args).unwrap_err().to_string();
+            assert!(e.contains("disabled (--no-"), "{args:?}: {e}");
+        }
+        let o = parse(&["--no-tcp", "-u", "53", "1"]).unwrap();
+        assert_eq!(o.udp.ranges.len(), 1);
+    }
+
+    #[test]
+    fn refused_options_say_why() {
+        let err = |args: &[&str]| parse(args).unwrap_err();
+        // pasta's own texts where pasta refuses them too.
+        for (args, text) in [
+            (
+                &["-s", "/tmp/s"][..],
+                "-s is for passt / vhost-user mode only",
+            ),
+            (
+                &["--socket-path=/tmp/s"],
+                "-s is for passt / vhost-user mode only",
+            ),
+            (&["-1"], "--one-off is for passt mode only"),
+            (&["--no-dhcp-dns"], "--no-dhcp-dns is for passt mode only"),
+            (
+                &["--no-dhcp-search"],
+                "--no-dhcp-search is for passt mode only",
+            ),
+            (
+                &["--repair-path", "/x"],
+                "--repair-path is for vhost-user mode only",
+            ),
+            (
+                &["--migrate-exit"],
+                "--migrate-exit is for vhost-user mode only",
+            ),
+            (
+                &["--migrate-no-linger"],
+                "--migrate-no-linger is for vhost-user mode only",
+            ),
+            (
+                &["--no-copy-routes", "1"],
+                "--no-copy-routes needs --config-net",
+            ),
+            (
+                &["--no-copy-addrs", "1"],
+                "--no-copy-addrs needs --config-net",
+            ),
+            (
+                &["--no-splice", "--host-lo-to-ns-lo", "1"],
+                "--host-lo-to-ns-lo is incompatible with --no-splice",
+            ),
+        ] {
+            assert_eq!(err(args), PastaError::Pasta(text.into()), "{args:?}");
+        }
+        // What usernet does not do: a sentence naming the option, never "unrecognized".
+        for (args, name) in [
+            (&["-F", "3"][..], "--fd"),
+            (&["-c", "/tmp/c"], "--conf-path"),
+            (&["-M", "02:00:00:00:00:01"], "--mac-addr"),
+            (&["-H", "box"], "--hostname"),
+            (&["--fqdn", "box.example"], "--fqdn"),
+            (&["--splice-only"], "--splice-only"),
+            (&["--freebind"], "--freebind"),
+            (&["--dhcp-search"], "--dhcp-search"),
+            (&["--log-size", "1000000"], "--log-size"),
+            (&["--outbound-if4", "eth0"], "--outbound-if4"),
+            (&["--outbound-if6=eth0"], "--outbound-if6"),
+            (&["--netns-only"], "--netns-only"),
+            (&["--vhost-user"], "--vhost-user"),
+            (&["--print-capabilities"], "--print-capabilities"),
+            (&["-f", "--stats", "1"], "--stats"),
+        ] {
+            let e = err(args);
+            assert!(matches!(e, PastaError::Invalid(_)), "{args:?}: {e:?}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("{name}: not supported by usernet (")),
+                "{e}"
+            );
+        }
+        assert!(err(&["--dhcp-dns", "1"])
+            .to_string()
+            .contains("--dns-forward"));
+        assert!(err(&["-S", "bad\u{7}name"])
+            .to_string()
+            .contains("search domain"));
     }
 
     #[test]
