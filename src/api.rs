@@ -26,6 +26,7 @@ use mio::net::UnixListener;
 use mio::{Interest, Registry, Token};
 
 use crate::requests::Clients;
+use crate::subsystem::{Cx, Next, StartError, Subsystem};
 use serde_json::{json, Value};
 
 /// Largest request, in bytes (slirp4netns's buffer: 4096 bytes read means too large).
@@ -292,11 +293,6 @@ impl Server {
         })
     }
 
-    /// Whether `token` belongs to the API.
-    pub fn owns(&self, token: Token) -> bool {
-        token == self.listener_token || self.clients.owns(token)
-    }
-
     /// Handles readiness of an API token.
     pub fn handle(&mut self, token: Token, registry: &Registry, ctl: &mut dyn Control) {
         if token == self.listener_token {
@@ -319,6 +315,98 @@ impl Server {
     /// returns when to call again.
     pub fn expire(&mut self, now: Instant, registry: &Registry) -> Option<Instant> {
         self.clients.expire(now, &self.listener, registry)
+    }
+}
+
+/// The API socket as a part of the event loop (`--api-socket`, run mode's own): bound at
+/// start-up, its listener at the subsystem's base token and its clients after it.
+pub struct Socket {
+    path: PathBuf,
+    max_clients: usize,
+    server: Option<Server>,
+}
+
+impl Socket {
+    /// The socket at `path`, serving at most `max_clients` at once.
+    pub fn new(path: PathBuf, max_clients: usize) -> Socket {
+        Socket {
+            path,
+            max_clients,
+            server: None,
+        }
+    }
+}
+
+impl Subsystem for Socket {
+    fn start(&mut self, base: usize, cx: &mut Cx<'_>) -> Result<(), StartError> {
+        let server = Server::bind(&self.path, cx.registry, Token(base), base + 1, self.max_clients)?;
+        self.server = Some(server);
+        Ok(())
+    }
+
+    fn handle(&mut self, local: usize, cx: &mut Cx<'_>) -> Next {
+        let Some(server) = self.server.as_mut() else {
+            return Next::Continue;
+        };
+        let token = Token(server.listener_token.0 + local);
+        let mut io = Io {
+            registry: cx.registry,
+            tap: cx.taps.sink(),
+        };
+        let mut ctl = InfoControl {
+            inner: FwdControl {
+                fwd: cx.fwd,
+                io: &mut io,
+            },
+            info: cx.info,
+            waits: cx.waits,
+        };
+        server.handle(token, cx.registry, &mut ctl);
+        Next::Continue
+    }
+
+    fn poll_timeout(&mut self, cx: &mut Cx<'_>) -> Option<Instant> {
+        self.server.as_mut()?.expire(Instant::now(), cx.registry)
+    }
+}
+
+/// [`FwdControl`] plus what `get_info` answers and the loop's waits.
+struct InfoControl<'c, 'a, 'io> {
+    inner: FwdControl<'a, 'io>,
+    info: &'c serde_json::Value,
+    /// The event loop's waits so far (`get_stats` section `loop`).
+    waits: crate::busy_poll::WaitStats,
+}
+
+impl Control for InfoControl<'_, '_, '_> {
+    fn add(
+        &mut self,
+        proto: Proto,
+        host: SocketAddr,
+        guest: Option<Ipv4Addr>,
+        port: u16,
+    ) -> Result<PortRule, PortError> {
+        self.inner.add(proto, host, guest, port)
+    }
+    fn remove(&mut self, id: u32) -> Result<(), PortError> {
+        self.inner.remove(id)
+    }
+    fn list(&self) -> Vec<PortRule> {
+        self.inner.list()
+    }
+    fn stats(&self) -> Value {
+        let mut stats = self.inner.stats();
+        let w = self.waits;
+        stats["loop"] = json!({
+            "sleeps": w.sleeps,
+            "spin_polls": w.spin_polls,
+            "spun_wakeups": w.spun_wakeups,
+            "spin_us": w.spin_us,
+        });
+        stats
+    }
+    fn info(&self) -> Value {
+        self.info.clone()
     }
 }
 

@@ -22,10 +22,10 @@
 //! are passed on to it, see [`crate::pidns`]).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use forwarder::port::{PortError, PortRule, Proto};
+use forwarder::port::PortError;
 use forwarder::{Forwarder, FrameSink, Io};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -36,56 +36,43 @@ use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};
 use crate::conf::Publish;
 use crate::netns::TargetWatch;
-use crate::pcap::Pcap;
 use crate::pidns::Supervisor;
+use crate::subsystem::{self, Cx, Next, Subsystem};
+use crate::pcap::Pcap;
 use crate::sys::tap::Tap;
 
-const SIGNAL: Token = Token(1);
-const EXIT_FD: Token = Token(2);
-const WATCH: Token = Token(3);
-const API: Token = Token(4);
-const RESOLV: Token = Token(5);
-const NETWORK: Token = Token(6);
-/// API client tokens, far above any flow token.
-const API_CLIENTS: usize = 1 << 40;
-/// TAP tokens: this plus the switch port, between flow and API client tokens.
+/// TAP tokens: this plus the switch port, above every flow token.
 const TAPS: usize = 1 << 32;
-/// Network members' watches (process or namespace gone): this plus the switch port.
-const WATCHES: usize = 1 << 36;
-/// Clients of a network's control socket, above the watches.
-pub const NETWORK_CLIENTS: usize = 1 << 38;
+/// Subsystem tokens: subsystem `i` has [`subsystem::TOKENS`] of them from
+/// `SUBSYSTEMS + i * subsystem::TOKENS` up.
+const SUBSYSTEMS: usize = 1 << 40;
 
-/// Tokens of a [`Service`]'s sources, above the API clients'.
-pub const SERVICE_TOKENS: usize = 1 << 41;
+/// Who a readiness event is for, from its token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// A flow's host socket or a published port's listener (the forwarder's tokens).
+    Flow(Token),
+    /// A member's TAP, by switch port.
+    Tap(forwarder::PortId),
+    /// Subsystem `.0`'s source `.1` (its token minus its base).
+    Sub(usize, usize),
+}
 
-/// Extra work of a mode that the loop drives besides the forwarder (pasta's port scans
-/// and loopback relays). Its sources use tokens from [`SERVICE_TOKENS`] up.
-pub trait Service {
-    /// When [`tick`](Self::tick) is next due (`None`: never).
-    fn next_tick(&self) -> Option<std::time::Instant>;
-    /// Periodic work (and once before ready), with control of the published ports.
-    ///
-    /// # Errors
-    /// A failure that must stop start-up (the first call only; later ones are logged).
-    fn tick(
-        &mut self,
-        now: std::time::Instant,
-        ctl: &mut dyn api::Control,
-        registry: &mio::Registry,
-    ) -> io::Result<()>;
-    /// Whether `token` is one of its sources.
-    fn owns(&self, token: Token) -> bool;
-    /// A readiness event of one of its sources.
-    fn handle(&mut self, token: Token, registry: &mio::Registry);
-    /// Bytes it has moved by itself (not through the TAP) so far: a stream there is bulk
-    /// traffic too, not spun for ([`crate::busy_poll`]).
-    fn bytes_relayed(&self) -> u64 {
-        0
+impl Source {
+    fn of(token: Token) -> Source {
+        match token.0 {
+            t if t >= SUBSYSTEMS => {
+                let rel = t - SUBSYSTEMS;
+                Source::Sub(rel / subsystem::TOKENS, rel % subsystem::TOKENS)
+            }
+            t if t >= TAPS => Source::Tap(t - TAPS),
+            _ => Source::Flow(token),
+        }
     }
-    /// A published-port connection or datagram from a loopback client that the forwarder
-    /// handed over ([`forwarder::Config::loopback_handoff`]); dropping it closes it.
-    fn take_connection(&mut self, conn: forwarder::port::Handoff, registry: &mio::Registry) {
-        let _ = (conn, registry);
+
+    /// The first token of subsystem `i`.
+    fn base(i: usize) -> usize {
+        SUBSYSTEMS + i * subsystem::TOKENS
     }
 }
 
@@ -113,6 +100,9 @@ pub enum LoopError {
     /// An isolation stage failed.
     #[error(transparent)]
     Isolation(#[from] crate::isolation::IsolationError),
+    /// A part of the loop could not start; its own error.
+    #[error(transparent)]
+    Start(subsystem::StartError),
     /// A best-effort rule (pasta's `-t ~PORTS`) ran out of descriptors (pasta's text).
     #[error("Can't open enough sockets for port specifier: {value}")]
     Descriptors {
@@ -181,8 +171,8 @@ pub struct Extras {
     /// Runs once everything is set up, just before ready is reported (pasta mode: the
     /// PID file, detaching from the caller's stdio). An error ends start-up.
     pub before_ready: Option<Box<dyn FnOnce() -> io::Result<()>>>,
-    /// A mode's extra work, see [`Service`].
-    pub service: Option<Box<dyn Service>>,
+    /// A mode's own part of the loop (pasta's ports).
+    pub service: Option<Box<dyn Subsystem>>,
     /// `--pcap`: every TAP frame, both ways.
     pub pcap: Option<Pcap>,
 }
@@ -216,7 +206,7 @@ impl Members {
     }
 }
 
-impl crate::network::Taps for Members {
+impl subsystem::Taps for Members {
     fn add(
         &mut self,
         port: forwarder::PortId,
@@ -243,10 +233,6 @@ impl crate::network::Taps for Members {
     fn sink(&mut self) -> &mut dyn FrameSink {
         self
     }
-
-    fn watch_token(&self, port: forwarder::PortId) -> Token {
-        Token(WATCHES + port)
-    }
 }
 
 impl FrameSink for Members {
@@ -259,46 +245,6 @@ impl FrameSink for Members {
             p.record(frame);
         }
         Ok(())
-    }
-}
-
-/// [`api::FwdControl`] plus what `get_info` answers.
-struct InfoControl<'c, 'a, 'io> {
-    inner: api::FwdControl<'a, 'io>,
-    info: &'c serde_json::Value,
-    /// The event loop's waits so far (`get_stats` section `loop`).
-    waits: crate::busy_poll::WaitStats,
-}
-
-impl api::Control for InfoControl<'_, '_, '_> {
-    fn add(
-        &mut self,
-        proto: Proto,
-        host: std::net::SocketAddr,
-        guest: Option<std::net::Ipv4Addr>,
-        port: u16,
-    ) -> Result<PortRule, PortError> {
-        self.inner.add(proto, host, guest, port)
-    }
-    fn remove(&mut self, id: u32) -> Result<(), PortError> {
-        self.inner.remove(id)
-    }
-    fn list(&self) -> Vec<PortRule> {
-        self.inner.list()
-    }
-    fn stats(&self) -> serde_json::Value {
-        let mut stats = self.inner.stats();
-        let w = self.waits;
-        stats["loop"] = serde_json::json!({
-            "sleeps": w.sleeps,
-            "spin_polls": w.spin_polls,
-            "spun_wakeups": w.spun_wakeups,
-            "spin_us": w.spin_us,
-        });
-        stats
-    }
-    fn info(&self) -> serde_json::Value {
-        self.info.clone()
     }
 }
 
@@ -379,13 +325,42 @@ pub fn run(tap: Tap, fwd: Forwarder, signals: SignalFd, extras: Extras) -> Resul
 /// The event loop after start-up, ready to [`run`](Running::run).
 pub struct Running {
     members: Members,
-    /// Serving a usernet network: members come and go.
-    network: Option<crate::network::Server>,
     fwd: Forwarder,
-    signals: SignalFd,
-    extras: Extras,
+    /// Every other part of the loop; subsystem `i` owns the tokens of [`Source::Sub`]`(i, _)`.
+    subs: Vec<Box<dyn Subsystem>>,
     poll: Poll,
-    api: Option<api::Server>,
+    /// What `get_info` answers.
+    info: serde_json::Value,
+    /// `--busy-poll`.
+    busy_poll: std::time::Duration,
+}
+
+impl Running {
+    fn new(members: Members, fwd: Forwarder, info: serde_json::Value) -> Result<Running, LoopError> {
+        Ok(Running {
+            members,
+            fwd,
+            subs: Vec::new(),
+            poll: Poll::new().map_err(LoopError::Setup)?,
+            info,
+            busy_poll: std::time::Duration::from_micros(50),
+        })
+    }
+
+    /// Adds and starts a subsystem (its sources registered under its tokens).
+    fn add(&mut self, mut sub: Box<dyn Subsystem>) -> Result<(), LoopError> {
+        let base = Source::base(self.subs.len());
+        let mut cx = Cx {
+            fwd: &mut self.fwd,
+            registry: self.poll.registry(),
+            taps: &mut self.members,
+            info: &self.info,
+            waits: crate::busy_poll::WaitStats::default(),
+        };
+        sub.start(base, &mut cx).map_err(LoopError::Start)?;
+        self.subs.push(sub);
+        Ok(())
+    }
 }
 
 /// Start-up: registers every descriptor, binds the API socket, publishes the `-p` ports,
@@ -395,81 +370,77 @@ pub struct Running {
 /// [`LoopError`] for the first step that fails.
 pub fn start(
     tap: Tap,
-    mut fwd: Forwarder,
+    fwd: Forwarder,
     signals: SignalFd,
     mut extras: Extras,
 ) -> Result<Running, LoopError> {
-    let poll = Poll::new().map_err(LoopError::Setup)?;
-    let registry = poll.registry();
-    let reg = |fd: i32, token, interest| {
-        registry
-            .register(&mut SourceFd(&fd), token, interest)
-            .map_err(LoopError::Setup)
-    };
-    reg(
-        tap.as_raw_fd(),
-        Token(TAPS),
-        Interest::READABLE | Interest::WRITABLE,
-    )?;
     let mut members = Members(Vec::new(), extras.pcap.take());
     // The forwarder's first port.
     members.insert(0, tap);
-    reg(signals.as_raw_fd(), SIGNAL, Interest::READABLE)?;
-    if let Some(fd) = &extras.exit_fd {
-        set_nonblocking(fd).map_err(LoopError::Setup)?;
-        reg(fd.as_raw_fd(), EXIT_FD, Interest::READABLE)?;
-    }
-    if let Some(watch) = &extras.watch {
-        reg(watch.as_raw_fd(), WATCH, Interest::READABLE)?;
-    }
-    if let Some(resolv) = &extras.resolv {
-        reg(resolv.as_raw_fd(), RESOLV, Interest::READABLE)?;
-    }
-    let api = match &extras.api_socket {
-        Some(path) => Some(api::Server::bind(
-            path,
-            poll.registry(),
-            API,
-            API_CLIENTS,
-            extras.max_api_clients,
-        )?),
-        None => None,
-    };
-    publish(&mut fwd, &extras, poll.registry())?;
-    if let Some(service) = extras.service.as_mut() {
-        let mut io = Io {
-            registry: poll.registry(),
-            tap: &mut members,
-        };
-        let mut ctl = api::FwdControl {
-            fwd: &mut fwd,
-            io: &mut io,
-        };
-        service
-            .tick(std::time::Instant::now(), &mut ctl, poll.registry())
+    let mut running = Running::new(members, fwd, extras.info.clone())?;
+    running.busy_poll = extras.busy_poll;
+    if let Some(m) = running.members.get(0) {
+        running
+            .poll
+            .registry()
+            .register(
+                &mut SourceFd(&m.tap.as_raw_fd()),
+                Token(TAPS),
+                Interest::READABLE | Interest::WRITABLE,
+            )
             .map_err(LoopError::Setup)?;
+    }
+    running.add(Box::new(subsystem::Signals::new(signals, extras.child.take())))?;
+    if let Some(fd) = extras.exit_fd.take() {
+        running.add(Box::new(subsystem::ExitFd(fd)))?;
+    }
+    if let Some(watch) = extras.watch.take() {
+        running.add(Box::new(subsystem::Target(watch)))?;
+    }
+    if let Some(resolv) = extras.resolv.take() {
+        running.add(Box::new(subsystem::Resolv(resolv)))?;
+    }
+    if let Some(path) = &extras.api_socket {
+        let api = api::Socket::new(path.clone(), extras.max_api_clients);
+        running.add(Box::new(api))?;
+    }
+    publish(&mut running.fwd, &extras, running.poll.registry())?;
+    if let Some(service) = extras.service.take() {
+        running.add(service)?;
+    }
+    {
+        let Running {
+            members,
+            fwd,
+            subs,
+            poll,
+            info,
+            ..
+        } = &mut running;
+        for sub in subs.iter_mut() {
+            let mut cx = Cx {
+                fwd,
+                registry: poll.registry(),
+                taps: members,
+                info,
+                waits: crate::busy_poll::WaitStats::default(),
+            };
+            sub.before_ready(&mut cx).map_err(LoopError::Start)?;
+        }
     }
     crate::isolation::apply(&extras.isolation)?;
     crate::isolation::test_probe();
     if let Some(hook) = extras.before_ready.take() {
         hook().map_err(LoopError::Setup)?;
     }
-    log::info!("{}", setup_summary(&fwd, &extras));
+    log::info!("{}", setup_summary(&running.fwd, &extras));
     if let Some(fd) = extras.ready_fd.take() {
         let mut f = File::from(fd);
         if let Err(e) = f.write_all(b"1") {
             log::warn!("cannot write to the ready fd: {e}");
         }
     }
-    Ok(Running {
-        members,
-        network: None,
-        fwd,
-        signals,
-        extras,
-        poll,
-        api,
-    })
+    Ok(running)
 }
 
 /// Publishes the `-p` rules of `extras` (see [`Publish`]; best-effort rules as
@@ -553,44 +524,16 @@ fn publish(
 /// joins and the API.
 ///
 /// # Errors
-/// [`LoopError::Setup`] when a registration fails.
+/// [`LoopError`] when a registration fails.
 pub fn start_network(
     server: crate::network::Server,
     fwd: Forwarder,
     signals: SignalFd,
 ) -> Result<Running, LoopError> {
-    let poll = Poll::new().map_err(LoopError::Setup)?;
-    let registry = poll.registry();
-    for (fd, token) in [(signals.as_raw_fd(), SIGNAL), (server.fd(), NETWORK)] {
-        registry
-            .register(&mut SourceFd(&fd), token, Interest::READABLE)
-            .map_err(LoopError::Setup)?;
-    }
-    Ok(Running {
-        members: Members::default(),
-        network: Some(server),
-        fwd,
-        signals,
-        extras: Extras {
-            exit_fd: None,
-            ready_fd: None,
-            watch: None,
-            child: None,
-            isolation: crate::isolation::Isolation::default(),
-            api_socket: None,
-            info: serde_json::Value::Null,
-            publish: Vec::new(),
-            publish_ipv6: false,
-            max_api_clients: 64,
-            busy_poll: std::time::Duration::from_micros(50),
-            resolv: None,
-            before_ready: None,
-            service: None,
-            pcap: None,
-        },
-        poll,
-        api: None,
-    })
+    let mut running = Running::new(Members::default(), fwd, serde_json::Value::Null)?;
+    running.add(Box::new(subsystem::Signals::new(signals, None)))?;
+    running.add(Box::new(server))?;
+    Ok(running)
 }
 
 impl Running {
@@ -601,12 +544,11 @@ impl Running {
     pub fn run(self) -> Result<i32, LoopError> {
         let Running {
             mut members,
-            mut network,
             mut fwd,
-            signals,
-            mut extras,
+            mut subs,
             mut poll,
-            mut api,
+            info,
+            busy_poll,
         } = self;
         let start = std::time::Instant::now();
         let clock = |t: std::time::Instant| {
@@ -615,8 +557,20 @@ impl Running {
         let mut events = Events::with_capacity(1024);
         let mut frame = vec![0u8; RX_BUFFER];
         let mut tap_blocked = false;
-        let mut waiter = BusyPoll::new(extras.busy_poll);
+        let mut waiter = BusyPoll::new(busy_poll);
         let mut bulk = BulkMeter::new(start);
+        // One subsystem call: `$f(sub, cx)` with a fresh context.
+        macro_rules! cx {
+            () => {
+                Cx {
+                    fwd: &mut fwd,
+                    registry: poll.registry(),
+                    taps: &mut members,
+                    info: &info,
+                    waits: waiter.stats(),
+                }
+            };
+        }
 
         loop {
             let any_readable = members.0.iter().flatten().any(|m| m.readable);
@@ -629,49 +583,18 @@ impl Running {
                     let us = at.total_micros().saturating_sub(now.total_micros());
                     std::time::Duration::from_micros(us.max(0).unsigned_abs())
                 });
-                let api_due = api
-                    .as_mut()
-                    .and_then(|a| a.expire(std::time::Instant::now(), poll.registry()))
-                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                let child_due = extras
-                    .child
-                    .as_ref()
-                    .and_then(Supervisor::poll_timeout)
-                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                let resolv_due = extras
-                    .resolv
-                    .as_ref()
-                    .and_then(|r| r.poll_timeout())
-                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                let network_due = network
-                    .as_mut()
-                    .and_then(|s| {
-                        let wall = std::time::Instant::now();
-                        let clients = s.expire(wall, poll.registry());
-                        clients.into_iter().chain(s.poll_timeout()).min()
-                    })
-                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                let service_due = extras
-                    .service
-                    .as_ref()
-                    .and_then(|s| s.next_tick())
-                    .map(|at| at.saturating_duration_since(std::time::Instant::now()));
-                [
-                    flows,
-                    api_due,
-                    child_due,
-                    resolv_due,
-                    network_due,
-                    service_due,
-                ]
-                .into_iter()
-                .flatten()
-                .min()
+                let mut due = flows;
+                for sub in subs.iter_mut() {
+                    let at = sub.poll_timeout(&mut cx!());
+                    let wait = at.map(|at| at.saturating_duration_since(std::time::Instant::now()));
+                    due = due.into_iter().chain(wait).min();
+                }
+                due
             };
             // A stream has buffers on both sides and gains nothing from a faster wake-up,
             // so it is not spun for.
             let c = fwd.counters();
-            let relayed = extras.service.as_ref().map_or(0, |s| s.bytes_relayed());
+            let relayed: u64 = subs.iter().map(|s| s.bytes_relayed()).sum();
             let spin = !bulk.is_bulk(std::time::Instant::now(), c.rx_bytes + c.tx_bytes + relayed);
             if let Err(e) = waiter.wait(&mut poll, &mut events, timeout, spin) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -683,83 +606,22 @@ impl Running {
             for event in events.iter() {
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
                 let writable = event.is_writable() || event.is_write_closed() || event.is_error();
-                match event.token() {
-                    Token(t) if (WATCHES..NETWORK_CLIENTS).contains(&t) => {
-                        if let Some(server) = network.as_mut() {
-                            let mut host = crate::network::Host {
-                                registry: poll.registry(),
-                                taps: &mut members,
-                            };
-                            server.watch_event(&mut fwd, &mut host, t - WATCHES);
-                        }
-                    }
-                    Token(t) if (TAPS..WATCHES).contains(&t) => {
-                        if let Some(Some(m)) = members.0.get_mut(t - TAPS) {
+                match Source::of(event.token()) {
+                    Source::Tap(port) => {
+                        if let Some(Some(m)) = members.0.get_mut(port) {
                             m.readable |= readable;
                         }
                         if event.is_writable() {
                             tap_blocked = false;
                         }
                     }
-                    SIGNAL => {
-                        if let Some(code) = handle_signals(&signals, extras.child.as_mut()) {
+                    Source::Sub(i, local) => {
+                        let Some(sub) = subs.get_mut(i) else { continue };
+                        if let Next::Exit(code) = sub.handle(local, &mut cx!()) {
                             return Ok(code);
                         }
                     }
-                    EXIT_FD => {
-                        if exit_fd_closed(extras.exit_fd.as_ref()) {
-                            log::info!("exit fd closed: exiting");
-                            return Ok(0);
-                        }
-                    }
-                    WATCH => {
-                        if extras.watch.as_mut().is_some_and(|w| w.target_gone()) {
-                            log::info!("the namespace went away: exiting");
-                            return Ok(0);
-                        }
-                    }
-                    RESOLV => {
-                        if let Some(r) = extras.resolv.as_mut() {
-                            r.handle_ready(std::time::Instant::now());
-                        }
-                    }
-                    NETWORK => {
-                        if let Some(server) = network.as_mut() {
-                            server.accept(poll.registry());
-                        }
-                    }
-                    token if network.as_ref().is_some_and(|s| s.owns(token)) => {
-                        if let Some(server) = network.as_mut() {
-                            let mut host = crate::network::Host {
-                                registry: poll.registry(),
-                                taps: &mut members,
-                            };
-                            server.handle_client(token, &mut fwd, &mut host);
-                        }
-                    }
-                    token if extras.service.as_ref().is_some_and(|s| s.owns(token)) => {
-                        if let Some(s) = extras.service.as_mut() {
-                            s.handle(token, poll.registry());
-                        }
-                    }
-                    token if api.as_ref().is_some_and(|a| a.owns(token)) => {
-                        if let Some(a) = api.as_mut() {
-                            let mut io = Io {
-                                registry: poll.registry(),
-                                tap: &mut members,
-                            };
-                            let mut ctl = InfoControl {
-                                inner: api::FwdControl {
-                                    fwd: &mut fwd,
-                                    io: &mut io,
-                                },
-                                info: &extras.info,
-                                waits: waiter.stats(),
-                            };
-                            a.handle(token, poll.registry(), &mut ctl);
-                        }
-                    }
-                    token => {
+                    Source::Flow(token) => {
                         let mut io = Io {
                             registry: poll.registry(),
                             tap: &mut members,
@@ -803,64 +665,44 @@ impl Running {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => {
                             // EBADFD/EIO: the device was unregistered with its namespace.
-                            let Some(server) = network.as_mut() else {
+                            let mut taken = false;
+                            for sub in subs.iter_mut() {
+                                if sub.tap_gone(port, &mut cx!()) {
+                                    taken = true;
+                                    break;
+                                }
+                            }
+                            if !taken {
                                 log::info!("the TAP device went away ({e}): exiting");
                                 return Ok(0);
-                            };
+                            }
                             log::info!("the TAP of port {port} went away ({e})");
-                            let mut host = crate::network::Host {
-                                registry: poll.registry(),
-                                taps: &mut members,
-                            };
-                            server.port_gone(&mut fwd, &mut host, port);
                             break;
                         }
                     }
                 }
             }
-            if let Some(child) = extras.child.as_mut() {
-                child.handle_timeout(std::time::Instant::now());
-            }
             let mut io = Io {
                 registry: poll.registry(),
                 tap: &mut members,
             };
-            if let Some(list) = extras
-                .resolv
-                .as_mut()
-                .and_then(|r| r.poll(std::time::Instant::now()))
-            {
-                fwd.set_nameservers(list, &mut io);
-            }
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
-            for conn in fwd.handoffs() {
-                if let Some(service) = extras.service.as_mut() {
-                    service.take_connection(conn, poll.registry());
+            let handoffs: Vec<_> = fwd.handoffs().collect();
+            for conn in handoffs {
+                let mut conn = Some(conn);
+                for sub in subs.iter_mut() {
+                    let Some(c) = conn.take() else { break };
+                    conn = sub.take_connection(c, &mut cx!());
                 }
             }
-            if let Some(service) = extras.service.as_mut() {
-                let wall = std::time::Instant::now();
-                if service.next_tick().is_some_and(|at| at <= wall) {
-                    let mut ctl = api::FwdControl {
-                        fwd: &mut fwd,
-                        io: &mut io,
-                    };
-                    if let Err(e) = service.tick(wall, &mut ctl, poll.registry()) {
-                        log::warn!("{e}");
-                    }
+            for sub in subs.iter_mut() {
+                if let Next::Exit(code) = sub.turn(&mut cx!()) {
+                    return Ok(code);
                 }
             }
             if !tap_blocked {
                 tap_blocked = !fwd.flush(&mut members);
-            }
-            if let Some(server) = network.as_mut() {
-                let now = std::time::Instant::now();
-                server.expire(now, poll.registry());
-                if server.should_exit(now) {
-                    log::info!("network {}: no members left, exiting", server.def().name);
-                    return Ok(0);
-                }
             }
             if let Some(p) = members.1.as_mut() {
                 p.flush();
@@ -869,60 +711,3 @@ impl Running {
     }
 }
 
-fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
-    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
-    Ok(())
-}
-
-/// Drains the exit pipe; true at end of file (data written to it is ignored).
-fn exit_fd_closed(fd: Option<&OwnedFd>) -> bool {
-    let Some(fd) = fd else {
-        return false;
-    };
-    let Ok(dup) = fd.try_clone() else {
-        return false;
-    };
-    let mut f = File::from(dup);
-    let mut buf = [0u8; 64];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(_) => return true,
-        }
-    }
-}
-
-/// Handles pending signals; `Some(status)` when the loop should end.
-pub(crate) fn handle_signals(
-    signals: &SignalFd,
-    mut child: Option<&mut Supervisor>,
-) -> Option<i32> {
-    while let Ok(Some(info)) = signals.read_signal() {
-        let Ok(sig) = Signal::try_from(info.ssi_signo as i32) else {
-            continue;
-        };
-        match (sig, child.as_deref_mut()) {
-            (Signal::SIGCHLD, Some(child)) => {
-                if let Some(code) = child.try_reap() {
-                    return Some(code);
-                }
-            }
-            (Signal::SIGCHLD, None) => {}
-            (sig, Some(child)) => {
-                // Run mode: the command decides; pass the signal on.
-                child.handle_signal(sig, info.ssi_code, std::time::Instant::now());
-            }
-            (sig, None) => {
-                log::info!("{sig}: exiting");
-                return Some(0);
-            }
-        }
-    }
-    None
-}

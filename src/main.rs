@@ -27,6 +27,7 @@ mod pidns;
 mod requests;
 mod resolv_watch;
 mod runs;
+mod subsystem;
 mod sys;
 
 use std::io;
@@ -1014,7 +1015,7 @@ fn supervise(
             &mut fds,
             nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::NONE),
         );
-        if let Some(code) = event_loop::handle_signals(signals, Some(&mut child)) {
+        if let Some(code) = subsystem::handle_signals(signals, Some(&mut child)) {
             return Ok(code);
         }
         child.handle_timeout(std::time::Instant::now());
@@ -1041,7 +1042,7 @@ fn network_serve(name: &str) -> Result<i32, MainError> {
 
 fn serve_network(def: network::Def) -> Result<i32, MainError> {
     let name = def.name.clone();
-    let Some(server) = network::Server::bind(def.clone(), event_loop::NETWORK_CLIENTS)? else {
+    let Some(server) = network::Server::bind(def.clone())? else {
         log::info!("network {name} is served already");
         return Ok(0);
     };

@@ -60,6 +60,7 @@ use smoltcp::wire::EthernetAddress;
 
 use crate::conf::Publish;
 use crate::sys::tap::Tap;
+use crate::subsystem::{Cx, Next, StartError, Subsystem};
 
 /// Members of one network.
 pub const MAX_MEMBERS: usize = 253;
@@ -71,6 +72,8 @@ const RESERVE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Control clients served at once (more are closed at accept).
 pub const MAX_CLIENTS: usize = 64;
+/// The members' watches' tokens, from the subsystem's base: this plus the switch port.
+const WATCH_TOKENS: usize = 1 << 20;
 /// Largest request, in bytes (a member's `attach` with its names and addresses).
 const MAX_REQUEST: usize = 16 << 10;
 /// Flows one member address may have open (TCP, UDP and ICMP together), by default.
@@ -675,27 +678,12 @@ impl Member {
     }
 }
 
-/// The members' TAPs, as the event loop keeps them.
-pub trait Taps {
-    /// Starts watching `tap` as `port`'s.
-    ///
-    /// # Errors
-    /// The registration's.
-    fn add(&mut self, port: PortId, tap: Tap, registry: &mio::Registry) -> io::Result<()>;
-    /// Stops watching and closes `port`'s TAP (the device goes away with it).
-    fn remove(&mut self, port: PortId, registry: &mio::Registry);
-    /// The token under which `port`'s member's watch is registered.
-    fn watch_token(&self, port: PortId) -> mio::Token;
-    /// Where frames for the members go.
-    fn sink(&mut self) -> &mut dyn forwarder::FrameSink;
-}
-
 /// The event loop's side for one call.
 pub struct Host<'a> {
     /// Registry for the TAPs and flow sockets.
     pub registry: &'a mio::Registry,
     /// The TAPs.
-    pub taps: &'a mut dyn Taps,
+    pub taps: &'a mut dyn crate::subsystem::Taps,
 }
 
 impl Host<'_> {
@@ -712,6 +700,9 @@ pub struct Server {
     def: Def,
     listener: mio::net::UnixListener,
     clients: crate::requests::Clients,
+    /// The subsystem's first token: the listener's; clients follow, then (from
+    /// [`WATCH_TOKENS`] on) the members' watches by port.
+    base: usize,
     /// Held for the process's lifetime: the one server of this network.
     _lock: nix::fcntl::Flock<fs::File>,
     members: BTreeMap<u64, Member>,
@@ -723,11 +714,11 @@ pub struct Server {
 
 impl Server {
     /// Takes the network's lock and binds its socket. `Ok(None)` when another process
-    /// serves the network already. Its clients' tokens start at `client_base`.
+    /// serves the network already.
     ///
     /// # Errors
     /// [`NetworkError`] when the runtime directory or socket cannot be set up.
-    pub fn bind(def: Def, client_base: usize) -> Result<Option<Server>, NetworkError> {
+    pub fn bind(def: Def) -> Result<Option<Server>, NetworkError> {
         let dir = runtime_dir();
         fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
         let lock_path = dir.join(format!("{}.lock", def.name));
@@ -754,11 +745,12 @@ impl Server {
             listener: mio::net::UnixListener::from_std(listener),
             clients: crate::requests::Clients::new(
                 "network socket",
-                client_base,
+                1,
                 MAX_CLIENTS,
                 MAX_REQUEST,
                 REQUEST_TIMEOUT,
             ),
+            base: 0,
             _lock: lock,
             members: BTreeMap::new(),
             next_id: 1,
@@ -768,18 +760,8 @@ impl Server {
         }))
     }
 
-    /// The network's definition.
-    pub fn def(&self) -> &Def {
-        &self.def
-    }
-
-    /// The listening socket's descriptor, to register for readability.
-    pub fn fd(&self) -> std::os::fd::RawFd {
-        self.listener.as_raw_fd()
-    }
-
     /// Whether the process should end: asked to, or nobody is (or was ever) a member.
-    pub fn should_exit(&self, now: Instant) -> bool {
+    fn should_exit(&self, now: Instant) -> bool {
         if self.shutdown {
             return true;
         }
@@ -792,7 +774,7 @@ impl Server {
     }
 
     /// When [`should_exit`](Self::should_exit) may change without an event.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    fn deadline(&self) -> Option<Instant> {
         let idle = (!self.joined).then(|| self.started + IDLE_EXIT);
         let reserved = self
             .members
@@ -804,7 +786,7 @@ impl Server {
     }
 
     /// A member's TAP went away (its namespace ended): the member leaves.
-    pub fn port_gone(&mut self, fwd: &mut Forwarder, host: &mut Host<'_>, port: PortId) {
+    fn port_gone(&mut self, fwd: &mut Forwarder, host: &mut Host<'_>, port: PortId) {
         let id = self
             .members
             .iter()
@@ -841,7 +823,7 @@ impl Server {
 
     /// The watch of `port`'s member fired: the member leaves if its process or namespace
     /// is gone.
-    pub fn watch_event(&mut self, fwd: &mut Forwarder, host: &mut Host<'_>, port: PortId) {
+    fn watch_event(&mut self, fwd: &mut Forwarder, host: &mut Host<'_>, port: PortId) {
         let gone = self
             .members
             .iter_mut()
@@ -855,7 +837,7 @@ impl Server {
     /// Frees reservations that were never attached.
     /// Frees reservations that were never attached and closes control clients that sent
     /// no request in time; returns when to call again for the clients.
-    pub fn expire(&mut self, now: Instant, registry: &mio::Registry) -> Option<Instant> {
+    fn expire(&mut self, now: Instant, registry: &mio::Registry) -> Option<Instant> {
         self.expire_reservations(now);
         self.clients.expire(now, &self.listener, registry)
     }
@@ -865,20 +847,14 @@ impl Server {
             .retain(|_, m| m.port.is_some() || m.reserved_until > now);
     }
 
-    /// Accepts the pending connections; their requests come with [`handle_client`].
-    ///
-    /// [`handle_client`]: Self::handle_client
-    pub fn accept(&mut self, registry: &mio::Registry) {
+    /// Accepts the pending connections; their requests come with
+    /// [`handle_client`](Self::handle_client).
+    fn accept(&mut self, registry: &mio::Registry) {
         self.clients.accept(&self.listener, registry);
     }
 
-    /// Whether `token` is a control client's.
-    pub fn owns(&self, token: mio::Token) -> bool {
-        self.clients.owns(token)
-    }
-
     /// Reads what client `token` sent and, once its request is complete, serves it.
-    pub fn handle_client(&mut self, token: mio::Token, fwd: &mut Forwarder, host: &mut Host<'_>) {
+    fn handle_client(&mut self, token: mio::Token, fwd: &mut Forwarder, host: &mut Host<'_>) {
         let Some(req) = self.clients.read(token, host.registry) else {
             return;
         };
@@ -1161,7 +1137,7 @@ impl Server {
         if let Some(target) = target {
             match crate::netns::TargetWatch::new(&target) {
                 Ok(w) => {
-                    let token = host.taps.watch_token(port);
+                    let token = mio::Token(self.base + WATCH_TOKENS + port);
                     if let Err(e) = host.registry.register(
                         &mut mio::unix::SourceFd(&w.as_raw_fd()),
                         token,
@@ -1238,6 +1214,63 @@ fn api_execute(
     match reply.pointer("/error/desc").and_then(Value::as_str) {
         Some(desc) => Err(desc.to_owned()),
         None => Ok(reply.get("return").cloned().unwrap_or(reply)),
+    }
+}
+
+/// The network's serving process as a part of the event loop: its control socket, its
+/// members' watches, and its end when nobody is (or was ever) a member.
+impl Subsystem for Server {
+    fn start(&mut self, base: usize, cx: &mut Cx<'_>) -> Result<(), StartError> {
+        self.base = base;
+        self.clients = crate::requests::Clients::new(
+            "network socket",
+            base + 1,
+            MAX_CLIENTS,
+            MAX_REQUEST,
+            REQUEST_TIMEOUT,
+        );
+        cx.registry
+            .register(&mut self.listener, mio::Token(base), mio::Interest::READABLE)?;
+        Ok(())
+    }
+
+    fn handle(&mut self, local: usize, cx: &mut Cx<'_>) -> Next {
+        let mut host = Host {
+            registry: cx.registry,
+            taps: &mut *cx.taps,
+        };
+        match local {
+            0 => self.accept(cx.registry),
+            l if l < WATCH_TOKENS => {
+                self.handle_client(mio::Token(self.base + l), cx.fwd, &mut host)
+            }
+            l => self.watch_event(cx.fwd, &mut host, l - WATCH_TOKENS),
+        }
+        Next::Continue
+    }
+
+    fn poll_timeout(&mut self, cx: &mut Cx<'_>) -> Option<Instant> {
+        let clients = self.expire(Instant::now(), cx.registry);
+        clients.into_iter().chain(self.deadline()).min()
+    }
+
+    fn turn(&mut self, cx: &mut Cx<'_>) -> Next {
+        let now = Instant::now();
+        self.expire(now, cx.registry);
+        if self.should_exit(now) {
+            log::info!("network {}: no members left, exiting", self.def.name);
+            return Next::Exit(0);
+        }
+        Next::Continue
+    }
+
+    fn tap_gone(&mut self, port: PortId, cx: &mut Cx<'_>) -> bool {
+        let mut host = Host {
+            registry: cx.registry,
+            taps: &mut *cx.taps,
+        };
+        self.port_gone(cx.fwd, &mut host, port);
+        true
     }
 }
 

@@ -82,15 +82,6 @@ impl Clients {
         }
     }
 
-    /// Whether `token` is one of ours (a client's, or a closed client's whose event was
-    /// already queued). A slab's keys stay below its most entries at once.
-    pub fn owns(&self, token: Token) -> bool {
-        token
-            .0
-            .checked_sub(self.base)
-            .is_some_and(|i| i < self.max_clients)
-    }
-
     /// Accepts every pending connection of `listener`.
     pub fn accept(&mut self, listener: &UnixListener, registry: &Registry) {
         loop {

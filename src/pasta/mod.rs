@@ -500,7 +500,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
     let service = ports::PastaPorts::new(opts, &target, ns_v4, ns_v6)?
-        .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
+        .map(|s| Box::new(s) as Box<dyn crate::subsystem::Subsystem>);
     let signals = event_loop::signal_fd(false)?;
     let pid_file = opts.pid_file.clone();
     let detach_stdio = !opts.foreground;
@@ -558,7 +558,7 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
     let service = ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), ns_v4, ns_v6)?
-        .map(|s| Box::new(s) as Box<dyn event_loop::Service>);
+        .map(|s| Box::new(s) as Box<dyn crate::subsystem::Subsystem>);
     let pid_file = opts.pid_file.clone();
     let supervisor = crate::pidns::Supervisor::new(pid, std::time::Duration::from_secs(10));
     let mut extras = extras(
@@ -584,7 +584,7 @@ fn extras(
     child: Option<crate::pidns::Supervisor>,
     publish: Vec<Publish>,
     before_ready: Box<dyn FnOnce() -> io::Result<()>>,
-    service: Option<Box<dyn event_loop::Service>>,
+    service: Option<Box<dyn crate::subsystem::Subsystem>>,
     pcap: Option<crate::pcap::Pcap>,
 ) -> Extras {
     Extras {

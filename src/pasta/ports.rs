@@ -51,7 +51,7 @@ use super::agent::{parse_proc_net, Agent, Listening};
 use super::opts::{PastaOpts, PortSpec};
 use super::PastaRunError;
 use crate::api::Control;
-use crate::event_loop::{Service, SERVICE_TOKENS};
+use crate::subsystem::{Cx, Next, StartError, Subsystem};
 use crate::netns::Target;
 
 /// How often `auto` rescans.
@@ -163,6 +163,8 @@ struct Relay {
     moved: u64,
     /// Loopback clients of `-u` ports by (client, guest port).
     spliced: BTreeMap<(SocketAddr, u16), usize>,
+    /// The subsystem's first token: entry `k` is registered as `base + k`.
+    base: usize,
 }
 
 impl Default for Relay {
@@ -174,12 +176,9 @@ impl Default for Relay {
             listeners: BTreeMap::new(),
             moved: 0,
             spliced: BTreeMap::new(),
+            base: 0,
         }
     }
-}
-
-fn token(key: usize) -> Token {
-    Token(SERVICE_TOKENS + key)
 }
 
 impl Relay {
@@ -207,13 +206,10 @@ impl Relay {
             },
         };
         let key = self.entries.insert(entry);
+        let token = Token(self.base + key);
         let res = match &mut self.entries[key] {
-            Entry::TcpListen { sock, .. } => {
-                registry.register(sock, token(key), Interest::READABLE)
-            }
-            Entry::UdpListen { sock, .. } => {
-                registry.register(sock, token(key), Interest::READABLE)
-            }
+            Entry::TcpListen { sock, .. } => registry.register(sock, token, Interest::READABLE),
+            Entry::UdpListen { sock, .. } => registry.register(sock, token, Interest::READABLE),
             _ => Ok(()),
         };
         if let Err(e) = res {
@@ -268,7 +264,7 @@ impl Relay {
                 };
                 let k = self.entries.vacant_key();
                 if registry
-                    .register(&mut ns, token(k), Interest::READABLE)
+                    .register(&mut ns, Token(self.base + k), Interest::READABLE)
                     .is_err()
                 {
                     return;
@@ -379,8 +375,9 @@ impl Relay {
         }
         let rw = Interest::READABLE | Interest::WRITABLE;
         for k in [ka, kb] {
+            let token = Token(self.base + k);
             if let Some(Entry::TcpSide(s)) = self.entries.get_mut(k) {
-                if let Err(e) = registry.register(&mut s.sock, token(k), rw) {
+                if let Err(e) = registry.register(&mut s.sock, token, rw) {
                     self.close_pair(ka, registry);
                     return Err(e);
                 }
@@ -490,7 +487,7 @@ impl Relay {
                     }
                     let a = self.entries.vacant_key();
                     if registry
-                        .register(&mut sock, token(a), Interest::READABLE)
+                        .register(&mut sock, Token(self.base + a), Interest::READABLE)
                         .is_err()
                     {
                         continue;
@@ -817,11 +814,9 @@ impl PastaPorts {
     }
 }
 
-impl Service for PastaPorts {
-    fn next_tick(&self) -> Option<Instant> {
-        self.next
-    }
-
+impl PastaPorts {
+    /// The periodic work (and once before ready): `-T/-U` listeners, the `auto` scans of
+    /// both sides, the relays' expiry.
     fn tick(&mut self, now: Instant, ctl: &mut dyn Control, registry: &Registry) -> io::Result<()> {
         if self.first {
             self.first = false;
@@ -853,19 +848,61 @@ impl Service for PastaPorts {
         Ok(())
     }
 
-    fn owns(&self, token: Token) -> bool {
-        token.0 >= SERVICE_TOKENS
+    fn tick_with(&mut self, now: Instant, cx: &mut Cx<'_>) -> io::Result<()> {
+        let mut io = forwarder::Io {
+            registry: cx.registry,
+            tap: cx.taps.sink(),
+        };
+        let mut ctl = crate::api::FwdControl {
+            fwd: cx.fwd,
+            io: &mut io,
+        };
+        self.tick(now, &mut ctl, cx.registry)
+    }
+}
+
+impl Subsystem for PastaPorts {
+    fn start(&mut self, base: usize, _cx: &mut Cx<'_>) -> Result<(), StartError> {
+        self.relay.base = base;
+        Ok(())
     }
 
-    fn handle(&mut self, token: Token, registry: &Registry) {
-        self.relay.handle(token.0 - SERVICE_TOKENS, registry);
+    fn before_ready(&mut self, cx: &mut Cx<'_>) -> Result<(), StartError> {
+        self.tick_with(Instant::now(), cx)
+            .map_err(|e| Box::new(crate::event_loop::LoopError::Setup(e)).into())
+    }
+
+    fn handle(&mut self, local: usize, cx: &mut Cx<'_>) -> Next {
+        self.relay.handle(local, cx.registry);
+        Next::Continue
+    }
+
+    fn poll_timeout(&mut self, _cx: &mut Cx<'_>) -> Option<Instant> {
+        self.next
+    }
+
+    fn turn(&mut self, cx: &mut Cx<'_>) -> Next {
+        let now = Instant::now();
+        if self.next.is_some_and(|at| at <= now) {
+            if let Err(e) = self.tick_with(now, cx) {
+                log::warn!("{e}");
+            }
+        }
+        Next::Continue
     }
 
     fn bytes_relayed(&self) -> u64 {
         self.relay.moved
     }
 
-    fn take_connection(&mut self, conn: Handoff, registry: &Registry) {
+    fn take_connection(&mut self, conn: Handoff, cx: &mut Cx<'_>) -> Option<Handoff> {
+        self.splice(conn, cx.registry);
+        None
+    }
+}
+
+impl PastaPorts {
+    fn splice(&mut self, conn: Handoff, registry: &Registry) {
         let (client, guest_port) = match &conn {
             Handoff::Tcp {
                 client, guest_port, ..
