@@ -12,10 +12,15 @@
 //! queued for the members. smoltcp's clock is fed from a
 //! monotonic clock (`std::time::Instant`), never the wall clock.
 //!
-//! Start-up ([`start`]) binds the API socket, publishes the `-p` ports and applies the
-//! isolation stages; only once all of that worked does the caller release run mode's
-//! command and call [`Running::run`], so that a failure stops usernet before the command
-//! ever runs.
+//! Everything else the loop serves is a [`Subsystem`] with tokens of its own (signals, the
+//! exit pipe, the attach target, the resolv.conf watch, the API socket, a network's control
+//! socket, pasta's ports): a token says by arithmetic whether it is a flow's, a TAP's or a
+//! subsystem's ([`Source`]), and every subsystem is called the same way.
+//!
+//! Start-up ([`start`]) starts the subsystems (the API socket is bound), publishes the `-p`
+//! ports and applies the isolation stages; only once all of that worked does the caller
+//! release run mode's command and call [`Running::run`], so that a failure stops usernet
+//! before the command ever runs.
 //!
 //! Exits: SIGTERM/SIGINT (attach mode) or the `-e` pipe's end of file: status 0; the
 //! attach target or the TAP going away: status 0; in run mode, the command's exit (signals
