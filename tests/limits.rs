@@ -735,10 +735,15 @@ fn get_stats_shape_and_counters_move() {
         .expect("return");
     assert_eq!(
         ret.keys().collect::<Vec<_>>(),
-        ["counters", "flows", "limits"],
+        ["counters", "flows", "limits", "loop"],
         "sections"
     );
-    for (section, want) in [("flows", &FLOW_KEYS[..]), ("limits", &LIMIT_KEYS[..])] {
+    let loop_keys = ["sleeps", "spin_polls", "spin_us", "spun_wakeups"];
+    for (section, want) in [
+        ("flows", &FLOW_KEYS[..]),
+        ("limits", &LIMIT_KEYS[..]),
+        ("loop", &loop_keys[..]),
+    ] {
         let got: Vec<_> = ret[section].as_obj().expect("object").keys().collect();
         assert_eq!(got, want, "keys of {section}");
     }

@@ -628,6 +628,12 @@ fn run_isolated_as_unprivileged_user_gets_its_own_user_namespace() {
     let mut same_user = t.exec_in(&t.host, "setpriv", &nobody[1..]);
     same_user.args(["sleep", "30"]);
     let contrast = ChildGuard::spawn(same_user);
+    // Until it has become `sleep` it is still root's `ip` or `setpriv`.
+    let comm = format!("/proc/{}/comm", contrast.pid());
+    let became = wait_for(Duration::from_secs(10), || {
+        (std::fs::read_to_string(&comm).ok()?.trim() == "sleep").then_some(())
+    });
+    assert!(became.is_some(), "the contrast process never became sleep");
     for (pid, readable) in [(contrast.pid(), true), (u.pid, false)] {
         for (tool, file) in [("cat", "environ"), ("ls", "root/")] {
             let path = format!("/proc/{pid}/{file}");
