@@ -339,7 +339,13 @@ impl Socket {
 
 impl Subsystem for Socket {
     fn start(&mut self, base: usize, cx: &mut Cx<'_>) -> Result<(), StartError> {
-        let server = Server::bind(&self.path, cx.registry, Token(base), base + 1, self.max_clients)?;
+        let server = Server::bind(
+            &self.path,
+            cx.registry,
+            Token(base),
+            base + 1,
+            self.max_clients,
+        )?;
         self.server = Some(server);
         Ok(())
     }

@@ -339,18 +339,27 @@ mod tests {
         let before = bp.stats();
         bp.wait(&mut poll, &mut events, Some(wait), false).unwrap();
         let bulk = bp.stats();
-        assert_eq!(bulk.spin_polls, before.spin_polls, "a bulk wait polled without blocking");
+        assert_eq!(
+            bulk.spin_polls, before.spin_polls,
+            "a bulk wait polled without blocking"
+        );
         assert_eq!(bulk.sleeps, before.sleeps + 1);
 
         bp.wait(&mut poll, &mut events, Some(wait), true).unwrap();
         let spun = bp.stats();
-        assert!(spun.spin_polls > bulk.spin_polls, "an interactive wait did not spin");
+        assert!(
+            spun.spin_polls > bulk.spin_polls,
+            "an interactive wait did not spin"
+        );
         assert!(
             spun.spin_us - bulk.spin_us >= wait.as_micros() as u64,
             "spun for {} µs of a {wait:?} wait",
             spun.spin_us - bulk.spin_us
         );
-        assert_eq!(spun.sleeps, bulk.sleeps, "the spin used the whole timeout: no sleep");
+        assert_eq!(
+            spun.sleeps, bulk.sleeps,
+            "the spin used the whole timeout: no sleep"
+        );
         assert_eq!(bp.window(), Duration::from_secs(10), "window kept");
     }
 }

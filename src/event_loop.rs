@@ -41,9 +41,9 @@ use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};
 use crate::conf::Publish;
 use crate::netns::TargetWatch;
+use crate::pcap::Pcap;
 use crate::pidns::Supervisor;
 use crate::subsystem::{self, Cx, Next, Subsystem};
-use crate::pcap::Pcap;
 use crate::sys::tap::Tap;
 
 /// TAP tokens: this plus the switch port, above every flow token.
@@ -341,7 +341,11 @@ pub struct Running {
 }
 
 impl Running {
-    fn new(members: Members, fwd: Forwarder, info: serde_json::Value) -> Result<Running, LoopError> {
+    fn new(
+        members: Members,
+        fwd: Forwarder,
+        info: serde_json::Value,
+    ) -> Result<Running, LoopError> {
         Ok(Running {
             members,
             fwd,
@@ -395,7 +399,10 @@ pub fn start(
             )
             .map_err(LoopError::Setup)?;
     }
-    running.add(Box::new(subsystem::Signals::new(signals, extras.child.take())))?;
+    running.add(Box::new(subsystem::Signals::new(
+        signals,
+        extras.child.take(),
+    )))?;
     if let Some(fd) = extras.exit_fd.take() {
         running.add(Box::new(subsystem::ExitFd(fd)))?;
     }
@@ -715,4 +722,3 @@ impl Running {
         }
     }
 }
-

@@ -781,7 +781,11 @@ fn forwarder_with(
         seed: random_seed(),
         ..Config::default()
     };
-    Forwarder::new(cfg, Topology::Single, smoltcp::time::Instant::from_micros(0))
+    Forwarder::new(
+        cfg,
+        Topology::Single,
+        smoltcp::time::Instant::from_micros(0),
+    )
 }
 
 /// Turns on checksum and TCP segmentation offloads on a TAP with a vnet header: the

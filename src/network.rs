@@ -59,8 +59,8 @@ use serde_json::{json, Value};
 use smoltcp::wire::EthernetAddress;
 
 use crate::conf::Publish;
-use crate::sys::tap::Tap;
 use crate::subsystem::{Cx, Next, StartError, Subsystem};
+use crate::sys::tap::Tap;
 
 /// Members of one network.
 pub const MAX_MEMBERS: usize = 253;
@@ -1229,8 +1229,11 @@ impl Subsystem for Server {
             MAX_REQUEST,
             REQUEST_TIMEOUT,
         );
-        cx.registry
-            .register(&mut self.listener, mio::Token(base), mio::Interest::READABLE)?;
+        cx.registry.register(
+            &mut self.listener,
+            mio::Token(base),
+            mio::Interest::READABLE,
+        )?;
         Ok(())
     }
 

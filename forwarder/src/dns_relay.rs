@@ -289,6 +289,39 @@ fn question_end(buf: &[u8], mut at: usize) -> Option<usize> {
     (end <= buf.len()).then_some(end)
 }
 
+/// The DNS forwarder's state in the NAT: the upstreams in use and in what order, whether
+/// they answer, and the member names answered without them.
+pub(crate) struct Upstreams {
+    /// The upstreams now, in the order new DNS flows try them: replaced when resolv.conf
+    /// changes, one that did not answer moved to the end.
+    pub nameservers: Vec<std::net::SocketAddr>,
+    /// Set when a query got SERVFAIL, to the `dns_answers` count then: while no answer
+    /// came since, new DNS flows are quick.
+    pub dns_down: Option<u64>,
+    /// Member names the DNS address answers itself.
+    pub names: crate::names::Names,
+}
+
+impl Upstreams {
+    /// `nameservers` in use, healthy so far, no names.
+    pub fn new(nameservers: Vec<std::net::SocketAddr>) -> Upstreams {
+        Upstreams {
+            nameservers,
+            dns_down: None,
+            names: crate::names::Names::default(),
+        }
+    }
+
+    /// Moves `server`, which did not answer, to the end: new DNS flows start with one that
+    /// does.
+    pub fn demote(&mut self, server: std::net::SocketAddr) {
+        if let Some(pos) = self.nameservers.iter().position(|s| *s == server) {
+            let s = self.nameservers.remove(pos);
+            self.nameservers.push(s);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,11 @@
 //! - TCP: one smoltcp socket per flow, each in its own `SocketSet` ([`crate::tcp`]); UDP
 //!   and ICMP bypass smoltcp with connected host sockets ([`crate::udp`], [`crate::icmp`]).
 //! - Where a destination goes (host loopback, DNS, denied) is [`crate::nat::NatConfig`]'s
-//!   decision; this type keeps the tables.
+//!   decision; this type keeps the state, in three parts by concern: the flow table
+//!   ([`FlowTable`]: flows and listeners, key maps, timers, the turn's dirty list, limits
+//!   and per-member quotas, the pool of guest sockets), the published ports' own state
+//!   ([`port::Published`]: rules, inbound UDP associations, parked frames, handoffs) and
+//!   the DNS forwarder's upstreams and health ([`crate::dns_relay::Upstreams`]).
 //!
 //! Limits: every table is bounded by [`Limits`] (one flow table and one set of limits for
 //! all members of a network); when full, new flows are refused (TCP: RST, UDP/ICMP:
@@ -36,8 +40,8 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPacket};
 
 use crate::{
-    emit, icmp, names, nat, port, sys, tcp, timer, udp, Config, Counters, FlowKey, Io, Limits,
-    Link, Topology, FLOW_TOKEN_BASE,
+    dns_relay, emit, icmp, names, nat, port, sys, tcp, timer, udp, Config, Counters, FlowKey, Io,
+    Limits, Link, Topology, FLOW_TOKEN_BASE,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -122,71 +126,44 @@ const MAX_PARKED: usize = 16;
 /// The NAT: flows, published ports and their tables.
 pub struct Nat {
     cfg: Arc<Config>,
-    /// The DNS forwarder's upstreams now, in the order new DNS flows try them: replaced
-    /// when resolv.conf changes, one that did not answer moved to the end.
-    nameservers: Vec<std::net::SocketAddr>,
+    /// Every flow and listener, and the ways to find them.
+    table: FlowTable,
+    /// The published ports' rules and their inbound state.
+    published: port::Published,
+    /// The DNS forwarder's upstreams and health, and the member names it answers.
+    dns: dns_relay::Upstreams,
+    /// Guest datagrams of one flow waiting to leave together.
+    udp_batch: udp::Batch,
+    /// No flow leaves the network (an `--internal` network).
+    internal: bool,
+}
+
+/// The token table: every flow and published port's listener, the maps that find a flow
+/// by the key the guest sees, its timers and the flows to relay this turn, with the
+/// limits that bound them (per member too, in a network).
+pub(crate) struct FlowTable {
     flows: Slab<Flow>,
     tcp_map: HashMap<FlowKey, usize>,
     udp_map: HashMap<FlowKey, usize>,
     icmp_map: HashMap<FlowKey, usize>,
     timers: timer::Timers,
+    /// TCP flows touched this turn, to relay.
     dirty: Vec<usize>,
+    /// An empty socket set, for smoltcp calls that need one.
     no_flow: SocketSet<'static>,
+    /// TCP flows whose host connect is pending.
     half_open: usize,
-    /// Published ports: rule id -> token table entry.
-    ports: std::collections::BTreeMap<u32, usize>,
-    next_port_id: u32,
-    /// Receive buffer for datagrams of published UDP ports.
-    scratch: Box<[u8]>,
-    /// The guest's global IPv6 address, configured or learned.
-    guest_v6: Option<Ipv6Address>,
-    /// Frames for a guest whose MAC address is not known yet (published-port datagrams
-    /// that arrive before the guest has spoken), released once it is. At most
-    /// [`MAX_PARKED`]; a rare path, so plain `Vec`s.
-    parked: Vec<Vec<u8>>,
-    /// Closed guest sockets kept for the next flows (at most [`SOCKET_POOL`]).
-    socket_pool: Vec<tcp::Guest>,
-    /// Published-port UDP associations by (guest port, client as the guest sees it):
-    /// a guest with several addresses may answer from another one than it was sent to.
-    udp_in_by_port: HashMap<(u16, (IpAddress, u16)), usize>,
-    /// Published-port UDP associations by (rule, client as the host sees it): every
-    /// datagram of one client socket reaches the guest from the same address and port,
-    /// also when that client is shown as the gateway with a port of its own.
-    udp_in_by_client: HashMap<(u32, std::net::SocketAddr), usize>,
-    /// Guest datagrams of one flow waiting to leave together.
-    udp_batch: udp::Batch,
-    /// Set when a DNS query got SERVFAIL, to the `dns_answers` count then: while no
-    /// answer came since, new DNS flows are quick ([`crate::dns_relay`]).
-    dns_down: Option<u64>,
-    /// Member names the DNS address answers itself.
-    names: names::Names,
-    /// No flow leaves the network (an `--internal` network).
-    internal: bool,
-    /// Several members: the IPv6 address of published ports is not learned.
-    shared: bool,
     /// Flows per guest address, when [`member_limit`](Self::member_limit) is set.
     member_flows: HashMap<IpAddress, usize>,
     /// Most flows (TCP, UDP, ICMP together) one guest address may have open.
     member_limit: Option<usize>,
-    /// Loopback connections of published ports for the caller ([`Config::loopback_handoff`]).
-    handoffs: Vec<port::Handoff>,
+    /// Closed guest sockets kept for the next flows (at most [`SOCKET_POOL`]).
+    socket_pool: Vec<tcp::Guest>,
 }
 
-impl Nat {
-    /// Empty tables for `cfg`; a [`Topology::Network`] shares them between members
-    /// (each with at most its share of flows; no flow leaves an internal one).
-    pub fn new(cfg: Arc<Config>, topology: Topology) -> Nat {
-        let (member_limit, internal) = match topology {
-            Topology::Single => (None, false),
-            Topology::Network {
-                member_flows,
-                internal,
-            } => (Some(member_flows), internal),
-        };
-        Nat {
-            guest_v6: cfg.guest_v6,
-            nameservers: cfg.nameservers.clone(),
-            cfg,
+impl FlowTable {
+    fn new(member_limit: Option<usize>) -> FlowTable {
+        FlowTable {
             flows: Slab::new(),
             tcp_map: HashMap::new(),
             udp_map: HashMap::new(),
@@ -195,43 +172,10 @@ impl Nat {
             dirty: Vec::new(),
             no_flow: SocketSet::new(Vec::new()),
             half_open: 0,
-            ports: std::collections::BTreeMap::new(),
-            next_port_id: 1,
-            scratch: vec![0u8; 65536].into_boxed_slice(),
-            parked: Vec::new(),
-            socket_pool: Vec::with_capacity(SOCKET_POOL),
-            udp_in_by_port: HashMap::new(),
-            udp_in_by_client: HashMap::new(),
-            udp_batch: udp::Batch::new(sys::udp_gso_supported()),
-            dns_down: None,
-            names: names::Names::default(),
-            internal,
-            shared: member_limit.is_some(),
             member_flows: HashMap::new(),
             member_limit,
-            handoffs: Vec::new(),
+            socket_pool: Vec::with_capacity(SOCKET_POOL),
         }
-    }
-
-    /// See [`crate::Forwarder::handoffs`].
-    pub(crate) fn handoffs(&mut self) -> std::vec::Drain<'_, port::Handoff> {
-        self.handoffs.drain(..)
-    }
-
-    /// The member names the DNS address answers.
-    pub(crate) fn names_mut(&mut self) -> &mut names::Names {
-        &mut self.names
-    }
-
-    /// Where a guest destination goes on the host.
-    fn translate(&self, dst: IpAddr, port: u16) -> Result<std::net::SocketAddr, nat::Deny> {
-        if self.internal {
-            return Err(nat::Deny::NotRoutable);
-        }
-        if !self.cfg.dns_enabled && self.cfg.nat.is_dns_address(dst) {
-            return Err(nat::Deny::Nobody);
-        }
-        self.cfg.nat.translate(dst, port, &self.nameservers)
     }
 
     /// Whether `guest` has as many flows open as a member may (counted).
@@ -265,17 +209,71 @@ impl Nat {
         }
     }
 
+    /// Puts flow `id` on this turn's list to relay.
+    fn mark_dirty(&mut self, id: usize) {
+        if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
+            if flow.dirty {
+                return;
+            }
+            flow.dirty = true;
+        }
+        self.dirty.push(id);
+    }
+}
+
+impl Nat {
+    /// Empty tables for `cfg`; a [`Topology::Network`] shares them between members
+    /// (each with at most its share of flows; no flow leaves an internal one).
+    pub fn new(cfg: Arc<Config>, topology: Topology) -> Nat {
+        let (member_limit, internal) = match topology {
+            Topology::Single => (None, false),
+            Topology::Network {
+                member_flows,
+                internal,
+            } => (Some(member_flows), internal),
+        };
+        Nat {
+            table: FlowTable::new(member_limit),
+            published: port::Published::new(cfg.guest_v6, member_limit.is_some()),
+            dns: dns_relay::Upstreams::new(cfg.nameservers.clone()),
+            udp_batch: udp::Batch::new(sys::udp_gso_supported()),
+            internal,
+            cfg,
+        }
+    }
+
+    /// See [`crate::Forwarder::handoffs`].
+    pub(crate) fn handoffs(&mut self) -> std::vec::Drain<'_, port::Handoff> {
+        self.published.handoffs.drain(..)
+    }
+
+    /// The member names the DNS address answers.
+    pub(crate) fn names_mut(&mut self) -> &mut names::Names {
+        &mut self.dns.names
+    }
+
+    /// Where a guest destination goes on the host.
+    fn translate(&self, dst: IpAddr, port: u16) -> Result<std::net::SocketAddr, nat::Deny> {
+        if self.internal {
+            return Err(nat::Deny::NotRoutable);
+        }
+        if !self.cfg.dns_enabled && self.cfg.nat.is_dns_address(dst) {
+            return Err(nat::Deny::Nobody);
+        }
+        self.cfg.nat.translate(dst, port, &self.dns.nameservers)
+    }
+
     /// Answers a DNS query for a member name; false when the query is not for one.
     fn answer_name(&self, link: &mut Link, c: &mut Counters, key: FlowKey, query: &[u8]) -> bool {
         let dns = match key.remote.0 {
             IpAddress::Ipv4(a) => Some(a) == self.cfg.nat.net.dns(),
             IpAddress::Ipv6(a) => self.cfg.nat.net6.is_some_and(|n| Some(a) == n.dns()),
         };
-        if !dns || key.remote.1 != 53 || self.names.is_empty() {
+        if !dns || key.remote.1 != 53 || self.dns.names.is_empty() {
             return false;
         }
         let mtu = link.mtu;
-        let names = &self.names;
+        let names = &self.dns.names;
         match emit::udp(
             &link.l2,
             &mut link.txq,
@@ -295,30 +293,34 @@ impl Nat {
     /// Learns the guest's IPv6 address from its traffic, unless it was configured (a
     /// guest with SLAAC has several: stick to one).
     pub(crate) fn learn_guest_v6(&mut self, src: Ipv6Address) {
-        if !self.shared && self.cfg.guest_v6.is_none() && self.guest_v6 != Some(src) {
-            self.guest_v6 = Some(src);
+        if !self.published.shared
+            && self.cfg.guest_v6.is_none()
+            && self.published.guest_v6 != Some(src)
+        {
+            self.published.guest_v6 = Some(src);
         }
     }
 
     /// Whether frames wait for the guest's MAC address.
     pub(crate) fn has_parked(&self) -> bool {
-        !self.parked.is_empty()
+        !self.published.parked.is_empty()
     }
 
     /// When the next flow timer is due.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next()
+        self.table.timers.next()
     }
 
     /// Closed TCP sockets waiting for reuse.
     pub fn pooled_sockets(&self) -> usize {
-        self.socket_pool.len()
+        self.table.socket_pool.len()
     }
 
     /// A closed guest socket: pooled, or new. `None` (counted) when the memory for a new
     /// one's buffers cannot be had.
     fn guest_socket(&mut self, c: &mut Counters) -> Option<tcp::Guest> {
         let guest = self
+            .table
             .socket_pool
             .pop()
             .or_else(|| tcp::Guest::new(self.cfg.tcp_buffer));
@@ -334,12 +336,12 @@ impl Nat {
 
     /// Entries in the timer heap (stale ones included): a diagnostic.
     pub fn timer_entries(&self) -> usize {
-        self.timers.len()
+        self.table.timers.len()
     }
 
     /// TCP flows whose host connection is still being made.
     pub fn half_open(&self) -> usize {
-        self.half_open
+        self.table.half_open
     }
 
     /// The table limits in force.
@@ -349,7 +351,11 @@ impl Nat {
 
     /// Open flows by protocol: (tcp, udp, icmp).
     pub fn flow_counts(&self) -> (usize, usize, usize) {
-        (self.tcp_map.len(), self.udp_map.len(), self.icmp_map.len())
+        (
+            self.table.tcp_map.len(),
+            self.table.udp_map.len(),
+            self.table.icmp_map.len(),
+        )
     }
 
     /// Whether `addr` is a unicast address (for ICMP errors).
@@ -439,10 +445,10 @@ impl Nat {
             guest: (src, segment.src_port()),
             remote: (dst, segment.dst_port()),
         };
-        if let Some(&id) = self.tcp_map.get(&key) {
-            if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
+        if let Some(&id) = self.table.tcp_map.get(&key) {
+            if let Some(Flow::Tcp(flow)) = self.table.flows.get_mut(id) {
                 flow.ingress(now, link, ip);
-                self.mark_dirty(id);
+                self.table.mark_dirty(id);
             }
             return;
         }
@@ -459,7 +465,7 @@ impl Nat {
         let l = link;
         let mut dev = Link::device(&mut l.l2, &mut l.txq, &l.caps, Some(ip), guest, l.mtu);
         l.iface
-            .poll_ingress_single(now, &mut dev, &mut self.no_flow);
+            .poll_ingress_single(now, &mut dev, &mut self.table.no_flow);
     }
 
     fn open_tcp(
@@ -472,12 +478,14 @@ impl Nat {
         io: &mut Io<'_>,
     ) {
         let limits = self.cfg.limits;
-        if self.tcp_map.len() >= limits.tcp_flows || self.half_open >= limits.tcp_half_open {
+        if self.table.tcp_map.len() >= limits.tcp_flows
+            || self.table.half_open >= limits.tcp_half_open
+        {
             c.tcp_table_full += 1;
             self.reset_stray(link, now, key.guest.0, ip);
             return;
         }
-        if self.member_full(c, &key.guest.0) {
+        if self.table.member_full(c, &key.guest.0) {
             self.reset_stray(link, now, key.guest.0, ip);
             return;
         }
@@ -509,18 +517,18 @@ impl Nat {
             self.reset_stray(link, now, key.guest.0, ip);
             return;
         };
-        let entry = self.flows.vacant_entry();
+        let entry = self.table.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
         match tcp::TcpFlow::open(key, target, ip, &opts, io.registry, token, guest) {
             Ok(mut flow) => {
                 flow.ingress(now, link, ip);
                 entry.insert(Flow::Tcp(Box::new(flow)));
-                self.tcp_map.insert(key, id);
-                self.member_opened(key.guest.0);
-                self.half_open += 1;
+                self.table.tcp_map.insert(key, id);
+                self.table.member_opened(key.guest.0);
+                self.table.half_open += 1;
                 c.tcp_opened += 1;
-                self.mark_dirty(id);
+                self.table.mark_dirty(id);
             }
             Err(tcp::OpenError::Refused) => {
                 c.tcp_refused += 1;
@@ -559,10 +567,11 @@ impl Nat {
         if self.answer_name(link, c, key, data) {
             return;
         }
-        let known = self
-            .udp_map
-            .get(&key)
-            .or_else(|| self.udp_in_by_port.get(&(key.guest.1, key.remote)));
+        let known = self.table.udp_map.get(&key).or_else(|| {
+            self.published
+                .udp_in_by_port
+                .get(&(key.guest.1, key.remote))
+        });
         let id = match known {
             Some(&id) => id,
             None => match self.open_udp(link, c, now, key, ip, io) {
@@ -573,14 +582,14 @@ impl Nat {
         if !self.udp_batch.accepts(id, data) {
             self.send_udp_batch(c);
         }
-        match self.flows.get_mut(id) {
+        match self.table.flows.get_mut(id) {
             Some(Flow::Udp(flow)) => {
                 flow.last_active = now;
                 if let Some(dns) = flow.dns.as_deref_mut() {
-                    dns.set_quick(self.dns_down == Some(c.dns_answers));
+                    dns.set_quick(self.dns.dns_down == Some(c.dns_answers));
                     dns.query(now, data);
                     if let Some(at) = dns.deadline() {
-                        self.timers.arm(&mut flow.timer, id, at);
+                        self.table.timers.arm(&mut flow.timer, id, at);
                     }
                 }
             }
@@ -588,7 +597,7 @@ impl Nat {
             _ => return,
         }
         // A published port whose rule is gone has no route: the reply is dropped.
-        if let Some((route, gso)) = udp_route(&mut self.flows, id) {
+        if let Some((route, gso)) = udp_route(&mut self.table.flows, id) {
             let gso = *gso;
             self.udp_batch.push(id, route, gso, data, c);
         }
@@ -615,9 +624,10 @@ impl Nat {
         list: Vec<std::net::SocketAddr>,
         io: &mut Io<'_>,
     ) {
-        self.nameservers = list;
-        self.dns_down = None;
+        self.dns.nameservers = list;
+        self.dns.dns_down = None;
         let stale: Vec<usize> = self
+            .table
             .flows
             .iter()
             .filter(|(_, f)| matches!(f, Flow::Udp(u) if u.dns.is_some()))
@@ -637,11 +647,11 @@ impl Nat {
         ip: &[u8],
         io: &mut Io<'_>,
     ) -> Option<usize> {
-        if self.udp_map.len() >= self.cfg.limits.udp_flows {
+        if self.table.udp_map.len() >= self.cfg.limits.udp_flows {
             c.udp_table_full += 1;
             return None;
         }
-        if self.member_full(c, &key.guest.0) {
+        if self.table.member_full(c, &key.guest.0) {
             return None;
         }
         let target = match self.translate(key.remote.0.into(), key.remote.1) {
@@ -664,14 +674,14 @@ impl Nat {
                 return None;
             }
         };
-        let id = self.flows.vacant_key();
+        let id = self.table.flows.vacant_key();
         let token = Token(FLOW_TOKEN_BASE + id);
         // The DNS forwarder's flows fail over between the nameservers.
         let dns = key.remote.1 == 53
-            && !self.nameservers.is_empty()
+            && !self.dns.nameservers.is_empty()
             && self.cfg.nat.is_dns_address(key.remote.0.into());
         let servers = if dns {
-            &self.nameservers[..]
+            &self.dns.nameservers[..]
         } else {
             std::slice::from_ref(&target)
         };
@@ -682,7 +692,7 @@ impl Nat {
             opened = udp::UdpFlow::open(now, key, *server, outbound, io.registry, token).map(
                 |mut flow| {
                     if dns {
-                        let quick = self.dns_down == Some(c.dns_answers);
+                        let quick = self.dns.dns_down == Some(c.dns_answers);
                         flow.follow_dns(servers, i, now, quick);
                     }
                     flow
@@ -694,13 +704,13 @@ impl Nat {
         }
         match opened {
             Ok(flow) => {
-                self.flows.insert(Flow::Udp(flow));
-                self.udp_map.insert(key, id);
-                self.member_opened(key.guest.0);
+                self.table.flows.insert(Flow::Udp(flow));
+                self.table.udp_map.insert(key, id);
+                self.table.member_opened(key.guest.0);
                 c.udp_opened += 1;
                 let at = now + self.cfg.udp_idle;
-                if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
-                    self.timers.arm(slot, id, at);
+                if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot) {
+                    self.table.timers.arm(slot, id, at);
                 }
                 Some(id)
             }
@@ -744,28 +754,29 @@ impl Nat {
             guest: (src, ident),
             remote: (dst, 0),
         };
-        let id = match self.icmp_map.get(&key) {
+        let id = match self.table.icmp_map.get(&key) {
             Some(&id) => id,
             None => {
-                if self.member_full(c, &key.guest.0) {
+                if self.table.member_full(c, &key.guest.0) {
                     return;
                 }
-                if self.icmp_map.len() >= self.cfg.limits.icmp_flows {
+                if self.table.icmp_map.len() >= self.cfg.limits.icmp_flows {
                     c.icmp_denied += 1;
                     return;
                 }
                 let outbound = self.outbound_for(&dst.into());
-                let entry = self.flows.vacant_entry();
+                let entry = self.table.flows.vacant_entry();
                 let id = entry.key();
                 let token = Token(FLOW_TOKEN_BASE + id);
                 match icmp::IcmpFlow::open(now, key, outbound, io.registry, token) {
                     Ok(flow) => {
                         entry.insert(Flow::Icmp(flow));
-                        self.member_opened(key.guest.0);
-                        self.icmp_map.insert(key, id);
+                        self.table.member_opened(key.guest.0);
+                        self.table.icmp_map.insert(key, id);
                         c.icmp_opened += 1;
-                        if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
-                            self.timers.arm(slot, id, now + icmp::IDLE);
+                        if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot)
+                        {
+                            self.table.timers.arm(slot, id, now + icmp::IDLE);
                         }
                         id
                     }
@@ -781,7 +792,7 @@ impl Nat {
                 }
             }
         };
-        if let Some(Flow::Icmp(flow)) = self.flows.get_mut(id) {
+        if let Some(Flow::Icmp(flow)) = self.table.flows.get_mut(id) {
             flow.send(now, payload);
         }
     }
@@ -804,16 +815,16 @@ impl Nat {
             return;
         };
         let mtu = link.mtu;
-        match self.flows.get_mut(id) {
+        match self.table.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
                 flow.on_ready(readable, writable, hup);
-                self.mark_dirty(id);
+                self.table.mark_dirty(id);
             }
             Some(Flow::Udp(flow)) => {
                 if readable {
                     let done = flow.receive(now, link, mtu, io, c);
                     if !done {
-                        self.mark_dirty(id);
+                        self.table.mark_dirty(id);
                     }
                 }
             }
@@ -831,16 +842,6 @@ impl Nat {
         }
     }
 
-    fn mark_dirty(&mut self, id: usize) {
-        if let Some(Flow::Tcp(flow)) = self.flows.get_mut(id) {
-            if flow.dirty {
-                return;
-            }
-            flow.dirty = true;
-        }
-        self.dirty.push(id);
-    }
-
     /// Services the flows whose timers are due.
     pub(crate) fn handle_timeouts(
         &mut self,
@@ -849,8 +850,8 @@ impl Nat {
         now: Instant,
         io: &mut Io<'_>,
     ) {
-        while let Some((at, id)) = self.timers.pop_due(now) {
-            let Some(flow) = self.flows.get_mut(id) else {
+        while let Some((at, id)) = self.table.timers.pop_due(now) {
+            let Some(flow) = self.table.flows.get_mut(id) else {
                 continue;
             };
             let Some(slot) = flow.timer_slot() else {
@@ -863,7 +864,7 @@ impl Nat {
             // Datagram flows close after their idle time; TCP flows let smoltcp decide.
             let idle = match flow {
                 Flow::Tcp(_) => {
-                    self.mark_dirty(id);
+                    self.table.mark_dirty(id);
                     continue;
                 }
                 Flow::Udp(f) => {
@@ -871,20 +872,18 @@ impl Nat {
                     let servfail = c.dns_servfail;
                     let (silent, dns_at) = f.poll_dns(now, link, c);
                     if let Some(server) = silent {
-                        // New DNS flows start with one that answers.
-                        if let Some(pos) = self.nameservers.iter().position(|s| *s == server) {
-                            let s = self.nameservers.remove(pos);
-                            self.nameservers.push(s);
-                        }
+                        self.dns.demote(server);
                     }
                     if c.dns_servfail != servfail {
                         // No nameserver answers: quick flows until one does.
-                        self.dns_down = Some(c.dns_answers);
+                        self.dns.dns_down = Some(c.dns_answers);
                     }
                     match dns_at {
                         Some(at) if at < idle => {
-                            if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
-                                self.timers.arm(slot, id, at);
+                            if let Some(slot) =
+                                self.table.flows.get_mut(id).and_then(Flow::timer_slot)
+                            {
+                                self.table.timers.arm(slot, id, at);
                             }
                             continue;
                         }
@@ -901,8 +900,8 @@ impl Nat {
             };
             if now >= idle {
                 self.close_flow(c, id, io);
-            } else if let Some(slot) = self.flows.get_mut(id).and_then(Flow::timer_slot) {
-                self.timers.arm(slot, id, idle);
+            } else if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot) {
+                self.table.timers.arm(slot, id, idle);
             }
         }
     }
@@ -912,7 +911,7 @@ impl Nat {
         let Some(id) = self.udp_batch.flow() else {
             return;
         };
-        match udp_route(&mut self.flows, id) {
+        match udp_route(&mut self.table.flows, id) {
             Some((route, gso)) => {
                 if !self.udp_batch.send(route, c) {
                     *gso = false;
@@ -936,16 +935,16 @@ impl Nat {
         self.report_udp_failure(link, now);
         // A flow serviced here may be marked dirty again (its host socket became
         // writable meanwhile): the outer loop picks that up.
-        while !self.dirty.is_empty() {
-            let batch = std::mem::take(&mut self.dirty);
+        while !self.table.dirty.is_empty() {
+            let batch = std::mem::take(&mut self.table.dirty);
             for &id in &batch {
                 self.poll_flow(link, c, now, id, io);
             }
             // Reuse the allocation.
             let mut batch = batch;
             batch.clear();
-            if self.dirty.is_empty() {
-                self.dirty = batch;
+            if self.table.dirty.is_empty() {
+                self.table.dirty = batch;
             }
         }
     }
@@ -958,13 +957,13 @@ impl Nat {
         id: usize,
         io: &mut Io<'_>,
     ) {
-        match self.flows.get_mut(id) {
+        match self.table.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
                 flow.dirty = false;
                 let was_connecting = flow.is_connecting();
                 let status = flow.poll(now, link, io, c);
                 if was_connecting && !flow.is_connecting() {
-                    self.half_open -= 1;
+                    self.table.half_open -= 1;
                 }
                 match status {
                     tcp::Status::Alive(Some(at)) => {
@@ -975,7 +974,7 @@ impl Nat {
                         } else {
                             at
                         };
-                        self.timers.arm(&mut flow.timer, id, at);
+                        self.table.timers.arm(&mut flow.timer, id, at);
                     }
                     tcp::Status::Alive(None) => {}
                     tcp::Status::Unreachable(code) => {
@@ -992,7 +991,7 @@ impl Nat {
                 if !flow.receive(now, link, mtu, io, c) {
                     // The guest link is congested: retry shortly.
                     let at = now + Duration::from_millis(1);
-                    self.timers.arm(&mut flow.timer, id, at);
+                    self.table.timers.arm(&mut flow.timer, id, at);
                 }
             }
             _ => {}
@@ -1003,39 +1002,43 @@ impl Nat {
         if self.udp_batch.flow() == Some(id) {
             self.send_udp_batch(c);
         }
-        let Some(flow) = self.flows.try_remove(id) else {
+        let Some(flow) = self.table.flows.try_remove(id) else {
             return;
         };
         match flow {
             Flow::Tcp(f) => {
                 if f.is_connecting() {
-                    self.half_open -= 1;
+                    self.table.half_open -= 1;
                 }
-                self.tcp_map.remove(&f.key);
-                self.member_release(f.key.guest.0);
+                self.table.tcp_map.remove(&f.key);
+                self.table.member_release(f.key.guest.0);
                 let light = f.moved() <= POOL_MAX_MOVED;
                 let guest = f.close(io.registry);
-                if light && self.socket_pool.len() < SOCKET_POOL {
-                    self.socket_pool.push(guest);
+                if light && self.table.socket_pool.len() < SOCKET_POOL {
+                    self.table.socket_pool.push(guest);
                 }
                 c.tcp_closed += 1;
             }
             Flow::Udp(mut f) => {
-                self.udp_map.remove(&f.key);
-                self.member_release(f.key.guest.0);
+                self.table.udp_map.remove(&f.key);
+                self.table.member_release(f.key.guest.0);
                 f.close(io.registry);
                 c.udp_closed += 1;
             }
             Flow::UdpIn(f) => {
-                self.udp_map.remove(&f.key);
-                self.member_release(f.key.guest.0);
-                self.udp_in_by_port.remove(&(f.key.guest.1, f.key.remote));
-                self.udp_in_by_client.remove(&(f.rule_id, f.client));
+                self.table.udp_map.remove(&f.key);
+                self.table.member_release(f.key.guest.0);
+                self.published
+                    .udp_in_by_port
+                    .remove(&(f.key.guest.1, f.key.remote));
+                self.published
+                    .udp_in_by_client
+                    .remove(&(f.rule_id, f.client));
                 c.udp_closed += 1;
             }
             Flow::Icmp(mut f) => {
-                self.icmp_map.remove(&f.key);
-                self.member_release(f.key.guest.0);
+                self.table.icmp_map.remove(&f.key);
+                self.table.member_release(f.key.guest.0);
                 f.close(io.registry);
                 c.icmp_closed += 1;
             }
@@ -1067,22 +1070,22 @@ impl Nat {
                 "the guest address must be a host address of the guest network",
             ));
         }
-        if self.ports.len() >= self.cfg.limits.ports {
+        if self.published.ports.len() >= self.cfg.limits.ports {
             return Err(port::PortError::TooMany(self.cfg.limits.ports));
         }
         let rule = port::PortRule {
-            id: self.next_port_id,
+            id: self.published.next_port_id,
             proto,
             host,
             guest: std::net::SocketAddrV4::new(guest_ip, guest_port),
             device: device.map(str::to_owned),
         };
-        let entry = self.flows.vacant_entry();
+        let entry = self.table.flows.vacant_entry();
         let id = entry.key();
         let listener = port::Listener::open(rule.clone(), registry, Token(FLOW_TOKEN_BASE + id))?;
         entry.insert(Flow::Port(Box::new(listener)));
-        self.ports.insert(rule.id, id);
-        self.next_port_id += 1;
+        self.published.ports.insert(rule.id, id);
+        self.published.next_port_id += 1;
         Ok(rule)
     }
 
@@ -1097,6 +1100,7 @@ impl Nat {
         io: &mut Io<'_>,
     ) -> Result<(), port::PortError> {
         let id = self
+            .published
             .ports
             .remove(&rule_id)
             .ok_or(port::PortError::NotFound(rule_id))?;
@@ -1106,9 +1110,10 @@ impl Nat {
 
     /// The published ports, by id.
     pub fn port_rules(&self) -> Vec<port::PortRule> {
-        self.ports
+        self.published
+            .ports
             .values()
-            .filter_map(|&id| match self.flows.get(id) {
+            .filter_map(|&id| match self.table.flows.get(id) {
                 Some(Flow::Port(l)) => Some(l.rule.clone()),
                 _ => None,
             })
@@ -1128,7 +1133,7 @@ impl Nat {
         let net6 = self.cfg.nat.net6;
         // Several members: the rule's IPv4 address says which; IPv6 clients reach it
         // from the gateway's address.
-        let guest_v6 = self.guest_v6.filter(|_| !self.shared);
+        let guest_v6 = self.published.guest_v6.filter(|_| !self.published.shared);
         let guest = match (client, net6, guest_v6) {
             (std::net::SocketAddr::V6(_), Some(_), Some(g6)) => {
                 (IpAddress::Ipv6(g6), rule_guest.port())
@@ -1142,7 +1147,11 @@ impl Nat {
             }
         }
         let gw = self.gateway_for(&guest.0);
-        let map = if tcp { &self.tcp_map } else { &self.udp_map };
+        let map = if tcp {
+            &self.table.tcp_map
+        } else {
+            &self.table.udp_map
+        };
         let mut p = client.port().max(1024);
         for _ in 0..64 {
             if !map.contains_key(&FlowKey {
@@ -1165,7 +1174,7 @@ impl Nat {
         io: &mut Io<'_>,
     ) {
         loop {
-            let Some(Flow::Port(l)) = self.flows.get(id) else {
+            let Some(Flow::Port(l)) = self.table.flows.get(id) else {
                 return;
             };
             let (rule_id, host, guest) = (l.rule.id, l.rule.host, l.rule.guest);
@@ -1184,20 +1193,20 @@ impl Nat {
                     // new edge will announce it: try again shortly.
                     log::debug!("accept on {host} failed: {e}");
                     c.tcp_host_errors += 1;
-                    if let Some(Flow::Port(l)) = self.flows.get_mut(id) {
-                        self.timers.arm(&mut l.retry, id, now + ACCEPT_RETRY);
+                    if let Some(Flow::Port(l)) = self.table.flows.get_mut(id) {
+                        self.table.timers.arm(&mut l.retry, id, now + ACCEPT_RETRY);
                     }
                     return;
                 }
             };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
                 c.tcp_handed_off += 1;
-                self.handoffs.push(port::Handoff::Tcp {
+                self.published.handoffs.push(port::Handoff::Tcp {
                     stream,
                     client,
                     guest_port: guest.port(),
                 });
-            } else if self.tcp_map.len() >= self.cfg.limits.tcp_flows {
+            } else if self.table.tcp_map.len() >= self.cfg.limits.tcp_flows {
                 c.tcp_table_full += 1;
                 let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
             } else {
@@ -1221,16 +1230,16 @@ impl Nat {
             let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
             return;
         };
-        let entry = self.flows.vacant_entry();
+        let entry = self.table.flows.vacant_entry();
         let id = entry.key();
         let token = Token(FLOW_TOKEN_BASE + id);
         match tcp::TcpFlow::accept(key, stream, link, io.registry, token, guest) {
             Ok(flow) => {
                 entry.insert(Flow::Tcp(Box::new(flow)));
-                self.member_opened(key.guest.0);
-                self.tcp_map.insert(key, id);
+                self.table.member_opened(key.guest.0);
+                self.table.tcp_map.insert(key, id);
                 c.tcp_opened += 1;
-                self.mark_dirty(id);
+                self.table.mark_dirty(id);
             }
             Err(e) => {
                 log::debug!("cannot forward connection from {client}: {e:?}");
@@ -1252,28 +1261,29 @@ impl Nat {
         io: &mut Io<'_>,
     ) {
         loop {
-            let Some(Flow::Port(l)) = self.flows.get(id) else {
+            let Some(Flow::Port(l)) = self.table.flows.get(id) else {
                 return;
             };
             let port::ListenSocket::Udp(sock) = &l.socket else {
                 return;
             };
-            let (n, client, local) = match sys::recv_with_dst(sock.as_raw_fd(), &mut self.scratch) {
-                Ok(got) => got,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return,
-            };
+            let (n, client, local) =
+                match sys::recv_with_dst(sock.as_raw_fd(), &mut self.published.scratch) {
+                    Ok(got) => got,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
-                let Some(Flow::Port(l)) = self.flows.get_mut(id) else {
+                let Some(Flow::Port(l)) = self.table.flows.get_mut(id) else {
                     return;
                 };
                 match l.handoff_socket() {
                     Ok(socket) => {
                         c.udp_handed_off += 1;
-                        self.handoffs.push(port::Handoff::Udp {
+                        self.published.handoffs.push(port::Handoff::Udp {
                             socket,
                             client,
-                            data: self.scratch[..n].to_vec(),
+                            data: self.published.scratch[..n].to_vec(),
                             guest_port: rule_guest.port(),
                         });
                     }
@@ -1283,8 +1293,12 @@ impl Nat {
             }
             // A known client keeps its association (and so the address and port the guest
             // sees); only a new one is given ends, which may move a hidden client's port.
-            let known = self.udp_in_by_client.get(&(rule_id, client)).copied();
-            let key = match known.and_then(|f| self.flows.get(f)) {
+            let known = self
+                .published
+                .udp_in_by_client
+                .get(&(rule_id, client))
+                .copied();
+            let key = match known.and_then(|f| self.table.flows.get(f)) {
                 Some(Flow::UdpIn(f)) => f.key,
                 _ => {
                     let (guest, remote) = self.inbound_ends(client, rule_guest, false);
@@ -1292,18 +1306,23 @@ impl Nat {
                 }
             };
             let (guest, remote) = (key.guest, key.remote);
-            match self.udp_map.get(&key).and_then(|&f| self.flows.get_mut(f)) {
+            match self
+                .table
+                .udp_map
+                .get(&key)
+                .and_then(|&f| self.table.flows.get_mut(f))
+            {
                 Some(Flow::UdpIn(f)) => {
                     f.last_active = now;
                     f.local = local;
                 }
                 Some(_) => {}
                 None => {
-                    if self.udp_map.len() >= self.cfg.limits.udp_flows {
+                    if self.table.udp_map.len() >= self.cfg.limits.udp_flows {
                         c.udp_table_full += 1;
                         continue;
                     }
-                    let fid = self.flows.insert(Flow::UdpIn(udp::InboundFlow {
+                    let fid = self.table.flows.insert(Flow::UdpIn(udp::InboundFlow {
                         key,
                         listener: id,
                         rule_id,
@@ -1313,17 +1332,21 @@ impl Nat {
                         timer: None,
                         gso: true,
                     }));
-                    self.udp_map.insert(key, fid);
-                    self.member_opened(key.guest.0);
-                    self.udp_in_by_port.insert((key.guest.1, key.remote), fid);
-                    self.udp_in_by_client.insert((rule_id, client), fid);
+                    self.table.udp_map.insert(key, fid);
+                    self.table.member_opened(key.guest.0);
+                    self.published
+                        .udp_in_by_port
+                        .insert((key.guest.1, key.remote), fid);
+                    self.published
+                        .udp_in_by_client
+                        .insert((rule_id, client), fid);
                     c.udp_opened += 1;
-                    if let Some(slot) = self.flows.get_mut(fid).and_then(Flow::timer_slot) {
-                        self.timers.arm(slot, fid, now + self.cfg.udp_idle);
+                    if let Some(slot) = self.table.flows.get_mut(fid).and_then(Flow::timer_slot) {
+                        self.table.timers.arm(slot, fid, now + self.cfg.udp_idle);
                     }
                 }
             }
-            let data = &self.scratch[..n];
+            let data = &self.published.scratch[..n];
             let mtu = link.mtu;
             let send = |link: &mut Link| {
                 emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
@@ -1340,9 +1363,9 @@ impl Nat {
                 Err(emit::EmitError::TooBig) => c.udp_too_big += 1,
                 Err(emit::EmitError::NoNeighbor) => {
                     // `park` needs `&mut self`: lend it the buffer (a move, no copy).
-                    let scratch = std::mem::take(&mut self.scratch);
+                    let scratch = std::mem::take(&mut self.published.scratch);
                     self.park(link, c, now, guest.0, remote, guest, &scratch[..n]);
-                    self.scratch = scratch;
+                    self.published.scratch = scratch;
                 }
                 Err(_) => c.udp_send_dropped += 1,
             }
@@ -1364,7 +1387,7 @@ impl Nat {
         if let IpAddress::Ipv4(g) = to {
             link.l2.probe_guest(now, g, &mut link.txq);
         }
-        if self.parked.len() >= MAX_PARKED {
+        if self.published.parked.len() >= MAX_PARKED {
             c.udp_send_dropped += 1;
             return;
         }
@@ -1384,7 +1407,7 @@ impl Nat {
         match built {
             Ok(_) => {
                 if let Some(frame) = link.txq.uncommit_last() {
-                    self.parked.push(frame.to_vec());
+                    self.published.parked.push(frame.to_vec());
                 }
             }
             Err(_) => c.udp_send_dropped += 1,
@@ -1397,7 +1420,7 @@ impl Nat {
             return;
         };
         let at = link.l2.header_len() - stack::l2::ETHERNET_HEADER_LEN;
-        for frame in std::mem::take(&mut self.parked) {
+        for frame in std::mem::take(&mut self.published.parked) {
             if link.txq.is_full() {
                 link.flush(io.tap, c);
             }

@@ -263,7 +263,6 @@ impl Default for NatConfig {
 }
 
 impl NatConfig {
-
     /// Whether `dst` is the DNS forwarder's address (`net+3` or the IPv6 one).
     pub fn is_dns_address(&self, dst: IpAddr) -> bool {
         match dst {
@@ -415,7 +414,10 @@ mod tests {
     fn dns_port_53_maps_to_first_nameserver_other_ports_denied() {
         let n = nat(true);
         let dns = IpAddr::from(Ipv4Addr::new(10, 0, 2, 3));
-        assert_eq!(n.translate(dns, 53, NS), Ok("127.0.0.53:53".parse().unwrap()));
+        assert_eq!(
+            n.translate(dns, 53, NS),
+            Ok("127.0.0.53:53".parse().unwrap())
+        );
         assert_eq!(n.translate(dns, 80, NS), Err(Deny::NoService));
         assert_eq!(n.translate(dns, 53, &[]), Err(Deny::NoService));
     }
@@ -468,7 +470,11 @@ mod tests {
             "::",
             "::ffff:127.0.0.1",
         ] {
-            assert_eq!(n.translate(v6(dst), 80, NS), Err(Deny::NotRoutable), "{dst}");
+            assert_eq!(
+                n.translate(v6(dst), 80, NS),
+                Err(Deny::NotRoutable),
+                "{dst}"
+            );
         }
         assert_eq!(
             nat(false).translate(v6("fd00::2"), 80, NS),
@@ -526,8 +532,14 @@ mod tests {
             n.translate(ip("192.0.2.7"), 80, NS),
             Ok("192.0.2.7:80".parse().unwrap())
         );
-        assert_eq!(n.translate(ip("192.0.2.10"), 80, NS), Err(Deny::NotRoutable));
-        assert_eq!(n.translate(ip("192.0.2.255"), 80, NS), Err(Deny::NotRoutable));
+        assert_eq!(
+            n.translate(ip("192.0.2.10"), 80, NS),
+            Err(Deny::NotRoutable)
+        );
+        assert_eq!(
+            n.translate(ip("192.0.2.255"), 80, NS),
+            Err(Deny::NotRoutable)
+        );
         assert_eq!(
             n.translate(ip("192.0.2.1"), 80, NS),
             Ok("127.0.0.1:80".parse().unwrap())

@@ -24,11 +24,13 @@
 //! Limits: a rule count bound ([`MAX_RULES`]); connections and associations count
 //! against the TCP and UDP flow limits like outbound flows.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 
 use mio::{Interest, Registry, Token};
+use smoltcp::wire::{IpAddress, Ipv6Address};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// Most rules at once, by default.
@@ -161,6 +163,51 @@ impl PortError {
             | PortError::Privileged { source, .. }
             | PortError::Device { source, .. } => Some(source),
             PortError::TooMany(_) | PortError::NotFound(_) | PortError::Invalid(_) => None,
+        }
+    }
+}
+
+/// The published ports' state apart from the flow table: the rules, the receive buffer
+/// of their UDP sockets, the inbound UDP associations, frames waiting for the guest's MAC
+/// address, and the loopback clients handed to the caller.
+pub(crate) struct Published {
+    /// Rule id -> its listener's entry in the flow table.
+    pub ports: std::collections::BTreeMap<u32, usize>,
+    pub next_port_id: u32,
+    /// Receive buffer for datagrams of published UDP ports.
+    pub scratch: Box<[u8]>,
+    /// Frames for a guest whose MAC address is not known yet (published-port datagrams
+    /// that arrive before the guest has spoken), released once it is. A rare path, so
+    /// plain `Vec`s, and few of them.
+    pub parked: Vec<Vec<u8>>,
+    /// UDP associations by (guest port, client as the guest sees it): a guest with
+    /// several addresses may answer from another one than it was sent to.
+    pub udp_in_by_port: HashMap<(u16, (IpAddress, u16)), usize>,
+    /// UDP associations by (rule, client as the host sees it): every datagram of one
+    /// client socket reaches the guest from the same address and port, also when that
+    /// client is shown as the gateway with a port of its own.
+    pub udp_in_by_client: HashMap<(u32, SocketAddr), usize>,
+    /// Loopback connections for the caller ([`crate::Config::loopback_handoff`]).
+    pub handoffs: Vec<Handoff>,
+    /// The guest's global IPv6 address, configured or learned: published ports reach it.
+    pub guest_v6: Option<Ipv6Address>,
+    /// Several members: the IPv6 address of published ports is not learned.
+    pub shared: bool,
+}
+
+impl Published {
+    /// No rule yet; `guest_v6` when configured, `shared` for a network.
+    pub fn new(guest_v6: Option<Ipv6Address>, shared: bool) -> Published {
+        Published {
+            ports: std::collections::BTreeMap::new(),
+            next_port_id: 1,
+            scratch: vec![0u8; 65536].into_boxed_slice(),
+            parked: Vec::new(),
+            udp_in_by_port: HashMap::new(),
+            udp_in_by_client: HashMap::new(),
+            handoffs: Vec::new(),
+            guest_v6,
+            shared,
         }
     }
 }

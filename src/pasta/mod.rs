@@ -718,7 +718,11 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         seed: crate::random_seed(),
         ..Config::default()
     };
-    Forwarder::new(cfg, Topology::Single, smoltcp::time::Instant::from_micros(0))
+    Forwarder::new(
+        cfg,
+        Topology::Single,
+        smoltcp::time::Instant::from_micros(0),
+    )
 }
 
 /// Whether `argv[0]`'s file name asks for pasta's command line (as pasta's own

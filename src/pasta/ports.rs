@@ -51,8 +51,8 @@ use super::agent::{parse_proc_net, Agent, Listening};
 use super::opts::{PastaOpts, PortSpec};
 use super::PastaRunError;
 use crate::api::Control;
-use crate::subsystem::{Cx, Next, StartError, Subsystem};
 use crate::netns::Target;
+use crate::subsystem::{Cx, Next, StartError, Subsystem};
 
 /// How often `auto` rescans.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
