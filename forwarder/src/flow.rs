@@ -138,6 +138,37 @@ pub struct Nat {
     internal: bool,
 }
 
+/// What a protocol handler works with for one packet or event: the link its answers go
+/// to, the counters, the host side, and the time.
+pub(crate) struct Cx<'a, 'io> {
+    pub link: &'a mut Link,
+    pub c: &'a mut Counters,
+    pub io: &'a mut Io<'io>,
+    pub now: Instant,
+}
+
+/// A guest's IP packet, parsed down to its transport payload.
+#[derive(Clone, Copy)]
+pub(crate) struct Packet<'a> {
+    pub src: IpAddress,
+    pub dst: IpAddress,
+    /// The whole IP packet (quoted in ICMP errors, parked SYNs).
+    pub ip: &'a [u8],
+    /// The transport header and data.
+    pub payload: &'a [u8],
+    /// Check the transport checksum (not when the TAP said it is partial or verified).
+    pub verify: bool,
+}
+
+/// What a readiness event says of a host socket.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ready {
+    pub readable: bool,
+    pub writable: bool,
+    /// The peer of a stream socket closed its sending side (`EPOLLRDHUP`).
+    pub hup: bool,
+}
+
 /// The token table: every flow and published port's listener, the maps that find a flow
 /// by the key the guest sees, its timers and the flows to relay this turn, with the
 /// limits that bound them (per member too, in a network).
@@ -388,47 +419,29 @@ impl Nat {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn handle_l4(
-        &mut self,
-        link: &mut Link,
-        c: &mut Counters,
-        now: Instant,
-        src: IpAddress,
-        dst: IpAddress,
-        proto: IpProtocol,
-        ip: &[u8],
-        payload: &[u8],
-        verify: bool,
-        io: &mut Io<'_>,
-    ) {
+    /// A guest packet of transport protocol `proto` that is not for the gateway itself.
+    pub(crate) fn handle_l4(&mut self, cx: Cx<'_, '_>, proto: IpProtocol, pkt: Packet<'_>) {
         match proto {
-            IpProtocol::Udp => self.handle_udp(link, c, now, src, dst, ip, payload, verify, io),
-            IpProtocol::Tcp => self.handle_tcp(link, c, now, src, dst, ip, payload, verify, io),
-            IpProtocol::Icmp => match icmp::parse_v4(payload) {
-                None => c.drop_icmp_malformed += 1,
-                Some(msg @ icmp::Message::Echo(_)) => {
-                    self.handle_icmp(link, c, now, src, dst, ip, payload, msg, io)
-                }
-                Some(_) => c.icmp_ignored += 1,
+            IpProtocol::Udp => self.handle_udp(cx, pkt),
+            IpProtocol::Tcp => self.handle_tcp(cx, pkt),
+            IpProtocol::Icmp => match icmp::parse_v4(pkt.payload) {
+                None => cx.c.drop_icmp_malformed += 1,
+                Some(msg @ icmp::Message::Echo(_)) => self.handle_icmp(cx, pkt, msg),
+                Some(_) => cx.c.icmp_ignored += 1,
             },
-            _ => c.drop_protocol += 1,
+            _ => cx.c.drop_protocol += 1,
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn handle_tcp(
-        &mut self,
-        link: &mut Link,
-        c: &mut Counters,
-        now: Instant,
-        src: IpAddress,
-        dst: IpAddress,
-        ip: &[u8],
-        payload: &[u8],
-        verify: bool,
-        io: &mut Io<'_>,
-    ) {
+    fn handle_tcp(&mut self, cx: Cx<'_, '_>, pkt: Packet<'_>) {
+        let Cx { link, c, io, now } = cx;
+        let Packet {
+            src,
+            dst,
+            ip,
+            payload,
+            verify,
+        } = pkt;
         let Ok(segment) = TcpPacket::new_checked(payload) else {
             c.drop_tcp_malformed += 1;
             return;
@@ -547,19 +560,15 @@ impl Nat {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn handle_udp(
-        &mut self,
-        link: &mut Link,
-        c: &mut Counters,
-        now: Instant,
-        src: IpAddress,
-        dst: IpAddress,
-        ip: &[u8],
-        payload: &[u8],
-        verify: bool,
-        io: &mut Io<'_>,
-    ) {
+    fn handle_udp(&mut self, cx: Cx<'_, '_>, pkt: Packet<'_>) {
+        let Cx { link, c, io, now } = cx;
+        let Packet {
+            src,
+            dst,
+            ip,
+            payload,
+            verify,
+        } = pkt;
         let Some((key, data)) = udp::parse(&src, &dst, payload, verify) else {
             c.drop_udp_malformed += 1;
             return;
@@ -729,19 +738,16 @@ impl Nat {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn handle_icmp(
-        &mut self,
-        link: &mut Link,
-        c: &mut Counters,
-        now: Instant,
-        src: IpAddress,
-        dst: IpAddress,
-        ip: &[u8],
-        payload: &[u8],
-        msg: icmp::Message,
-        io: &mut Io<'_>,
-    ) {
+    /// A guest's ICMP or ICMPv6 message `msg` (echo requests are forwarded).
+    pub(crate) fn handle_icmp(&mut self, cx: Cx<'_, '_>, pkt: Packet<'_>, msg: icmp::Message) {
+        let Cx { link, c, io, now } = cx;
+        let Packet {
+            src,
+            dst,
+            ip,
+            payload,
+            ..
+        } = pkt;
         let icmp::Message::Echo(ident) = msg else {
             c.icmp_ignored += 1;
             return;
@@ -799,18 +805,15 @@ impl Nat {
 
     /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`); `hup`:
     /// the peer of a stream socket closed its sending side (`EPOLLRDHUP`).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn handle_ready(
-        &mut self,
-        link: &mut Link,
-        c: &mut Counters,
-        now: Instant,
-        token: Token,
-        readable: bool,
-        writable: bool,
-        hup: bool,
-        io: &mut Io<'_>,
-    ) {
+    /// A readiness event of a flow's or listener's host socket; `hup`: the peer of a
+    /// stream closed its sending side.
+    pub(crate) fn handle_ready(&mut self, cx: Cx<'_, '_>, token: Token, ready: Ready) {
+        let Cx { link, c, io, now } = cx;
+        let Ready {
+            readable,
+            writable,
+            hup,
+        } = ready;
         let Some(id) = token.0.checked_sub(FLOW_TOKEN_BASE) else {
             return;
         };
@@ -1181,7 +1184,8 @@ impl Nat {
             let listener = match &l.socket {
                 port::ListenSocket::Tcp(listener) => listener,
                 port::ListenSocket::Udp(_) => {
-                    return self.port_datagrams(link, c, now, id, rule_id, guest, io)
+                    let cx = Cx { link, c, io, now };
+                    return self.port_datagrams(cx, id, (rule_id, guest));
                 }
             };
             let (stream, client) = match listener.accept() {
@@ -1249,17 +1253,9 @@ impl Nat {
     }
 
     /// Moves datagrams received on a published UDP port into the guest.
-    #[allow(clippy::too_many_arguments)]
-    fn port_datagrams(
-        &mut self,
-        link: &mut Link,
-        c: &mut Counters,
-        now: Instant,
-        id: usize,
-        rule_id: u32,
-        rule_guest: std::net::SocketAddrV4,
-        io: &mut Io<'_>,
-    ) {
+    fn port_datagrams(&mut self, cx: Cx<'_, '_>, id: usize, rule: (u32, std::net::SocketAddrV4)) {
+        let Cx { link, c, io, now } = cx;
+        let (rule_id, rule_guest) = rule;
         loop {
             let Some(Flow::Port(l)) = self.table.flows.get(id) else {
                 return;
@@ -1364,7 +1360,7 @@ impl Nat {
                 Err(emit::EmitError::NoNeighbor) => {
                     // `park` needs `&mut self`: lend it the buffer (a move, no copy).
                     let scratch = std::mem::take(&mut self.published.scratch);
-                    self.park(link, c, now, guest.0, remote, guest, &scratch[..n]);
+                    self.park(link, c, now, remote, guest, &scratch[..n]);
                     self.published.scratch = scratch;
                 }
                 Err(_) => c.udp_send_dropped += 1,
@@ -1373,18 +1369,16 @@ impl Nat {
     }
 
     /// Keeps a datagram for the guest until its MAC address is known, and asks for it.
-    #[allow(clippy::too_many_arguments)]
     fn park(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
         now: Instant,
-        to: IpAddress,
         src: (IpAddress, u16),
         dst: (IpAddress, u16),
         data: &[u8],
     ) {
-        if let IpAddress::Ipv4(g) = to {
+        if let IpAddress::Ipv4(g) = dst.0 {
             link.l2.probe_guest(now, g, &mut link.txq);
         }
         if self.published.parked.len() >= MAX_PARKED {

@@ -34,7 +34,7 @@ use smoltcp::wire::{
 use stack::l2::{Ingress, L2Drop};
 use stack::vnet::{self, VnetRepr};
 
-use crate::flow::Nat;
+use crate::flow::{self, Nat};
 use crate::{dhcp, emit, frag, icmp, nat, ndp, udp, Config, Counters, Io, Link, Topology};
 
 /// What the gateway works with for one frame: the link, the counters, the NAT that takes
@@ -260,17 +260,22 @@ impl Gateway {
         {
             return;
         }
-        cx.nat.handle_l4(
-            cx.link,
-            cx.c,
-            now,
+        let pkt = flow::Packet {
             src,
             dst,
-            repr.next_header,
             ip,
             payload,
             verify,
-            cx.io,
+        };
+        cx.nat.handle_l4(
+            flow::Cx {
+                link: &mut *cx.link,
+                c: &mut *cx.c,
+                io: &mut *cx.io,
+                now,
+            },
+            repr.next_header,
+            pkt,
         );
     }
 
@@ -356,8 +361,23 @@ impl Gateway {
                 Some(msg @ icmp::Message::Echo(_)) => {
                     if self.valid_source_v6(&net6, repr.src_addr) {
                         if !self.echo_local(cx.link, cx.c, src, dst, payload) {
-                            cx.nat
-                                .handle_icmp(cx.link, cx.c, now, src, dst, ip, payload, msg, cx.io);
+                            let pkt = flow::Packet {
+                                src,
+                                dst,
+                                ip,
+                                payload,
+                                verify: false,
+                            };
+                            cx.nat.handle_icmp(
+                                flow::Cx {
+                                    link: &mut *cx.link,
+                                    c: &mut *cx.c,
+                                    io: &mut *cx.io,
+                                    now,
+                                },
+                                pkt,
+                                msg,
+                            );
                         };
                     } else {
                         cx.c.drop_bad_source += 1;
@@ -379,17 +399,22 @@ impl Gateway {
         }
         match repr.next_header {
             IpProtocol::Tcp | IpProtocol::Udp => {
-                cx.nat.handle_l4(
-                    cx.link,
-                    cx.c,
-                    now,
+                let pkt = flow::Packet {
                     src,
                     dst,
-                    repr.next_header,
                     ip,
                     payload,
                     verify,
-                    cx.io,
+                };
+                cx.nat.handle_l4(
+                    flow::Cx {
+                        link: &mut *cx.link,
+                        c: &mut *cx.c,
+                        io: &mut *cx.io,
+                        now,
+                    },
+                    repr.next_header,
+                    pkt,
                 );
             }
             // Extension headers (hop-by-hop of MLD, fragments, ...) are not handled.

@@ -715,9 +715,18 @@ impl Forwarder {
         hup: bool,
         io: &mut Io<'_>,
     ) {
-        let (link, c) = (&mut self.link, &mut self.counters);
-        self.nat
-            .handle_ready(link, c, now, token, readable, writable, hup, io);
+        let cx = flow::Cx {
+            link: &mut self.link,
+            c: &mut self.counters,
+            io,
+            now,
+        };
+        let ready = flow::Ready {
+            readable,
+            writable,
+            hup,
+        };
+        self.nat.handle_ready(cx, token, ready);
     }
 
     /// Services the flows whose timers are due, sends router advertisements and asks
