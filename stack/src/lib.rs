@@ -6,6 +6,8 @@
 //!    [`sys::link`] configures a link inside a namespace with a few ioctls.
 //! 2. [`vnet`]: the `virtio_net_hdr` that prefixes every frame when the TAP runs with
 //!    `IFF_VNET_HDR`.
+//!    [`csum`] finishes the partial checksums it announces that usernet would pass on
+//!    unfinished (tunnelled traffic).
 //! 3. [`l2`]: a thin Ethernet + ARP layer that answers only for usernet's virtual
 //!    addresses and remembers the guest's MAC address.
 //! 4. [`txq`]: a preallocated queue of outgoing frames; everything the guest receives is
@@ -18,6 +20,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod csum;
 pub mod device;
 pub mod iface;
 pub mod l2;
