@@ -143,7 +143,10 @@ fn the_guests_own_partial_checksum_is_left_to_usernet() {
     let mut sim = sim();
     // A plain datagram whose own UDP checksum is partial: nothing to finish.
     let mut frame = vec![0u8; VNET];
-    guest().udp(51001, port).write(&mut frame, b"plain").unwrap();
+    guest()
+        .udp(51001, port)
+        .write(&mut frame, b"plain")
+        .unwrap();
     frame[0] = 1;
     frame[6..8].copy_from_slice(&34u16.to_le_bytes());
     frame[8..10].copy_from_slice(&6u16.to_le_bytes());

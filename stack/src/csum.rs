@@ -62,7 +62,10 @@ fn outer_ip(eth: &[u8]) -> Option<(usize, usize)> {
         [0x08, 0x00] => {
             let ihl = usize::from(ip.first()? & 0x0f) * 4;
             let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-            Some((ETHERNET_HEADER_LEN + ihl, ETHERNET_HEADER_LEN + total.min(ip.len())))
+            Some((
+                ETHERNET_HEADER_LEN + ihl,
+                ETHERNET_HEADER_LEN + total.min(ip.len()),
+            ))
         }
         [0x86, 0xdd] => {
             let payload = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
@@ -194,14 +197,24 @@ mod tests {
             (vec![10, 244, 0, 2], vec![10, 244, 1, 2])
         };
         let b = if inner_v6 {
-            b.ipv6(src.clone().try_into().unwrap(), dst.clone().try_into().unwrap(), 64)
+            b.ipv6(
+                src.clone().try_into().unwrap(),
+                dst.clone().try_into().unwrap(),
+                64,
+            )
         } else {
-            b.ipv4(src.clone().try_into().unwrap(), dst.clone().try_into().unwrap(), 64)
+            b.ipv4(
+                src.clone().try_into().unwrap(),
+                dst.clone().try_into().unwrap(),
+                64,
+            )
         };
         if inner_udp {
             b.udp(40000, 5353).write(&mut inner, payload).unwrap();
         } else {
-            b.tcp(40000, 8080, 7, 65535).write(&mut inner, payload).unwrap();
+            b.tcp(40000, 8080, 7, 65535)
+                .write(&mut inner, payload)
+                .unwrap();
         }
         let mut vxlan = vec![8, 0, 0, 0, 0, 0, 1, 0];
         vxlan.extend_from_slice(&inner);
@@ -288,7 +301,14 @@ mod tests {
         // Data whose sum is 0xffff: the complement is 0, stored as 0xffff.
         let mut eth = vec![0u8; 14];
         eth.extend_from_slice(&[0xff, 0xff, 0, 0]);
-        finish(&mut eth, Partial { start: 14, field: 16, end: 18 });
+        finish(
+            &mut eth,
+            Partial {
+                start: 14,
+                field: 16,
+                end: 18,
+            },
+        );
         assert_eq!(&eth[16..18], &[0xff, 0xff]);
     }
 

@@ -1,0 +1,623 @@
+//! usernet as the node network of a rootless Kubernetes (usernetes): two nodes joined by
+//! flannel's VXLAN, each node a namespace served by usernet on its own "host".
+//!
+//! ```text
+//!  host A (Topology a's H)          veth hx 172.31.0.1/24 <--> 172.31.0.2/24 hx   host B
+//!   usernet: node A on tap0 (slirp4netns mode, ports by the API) or hx (pasta mode, -t/-u)
+//!   node A (a's C)                                              node B (b's C)
+//!    flannel.1 vxlan id 1 dstport 8472 nolearning                flannel.1 ...
+//!      fdb: B's MAC -> 172.31.0.2, neigh 10.244.1.0/fd44:1::ffff  fdb: A's MAC -> 172.31.0.1
+//!    cni0 bridge 10.244.0.1/24 fd44:0::1/64                      cni0 10.244.1.1/24 fd44:1::1/64
+//!    pod A (namespace, veth) 10.244.0.2 fd44:0::2                 pod B 10.244.1.2 fd44:1::2
+//! ```
+//!
+//! As flannel sets it up: the VXLAN device's local address is the node's, its peers are
+//! the other *hosts'* addresses, where usernet publishes UDP 8472 into the node. A pod's
+//! packet to the other pod is encapsulated by node A's kernel and leaves through usernet
+//! A's host socket to host B's port 8472, which usernet B delivers into node B.
+//!
+//! With the kernel's default offloads on `flannel.1`, the inner TCP/UDP checksum reaches
+//! usernet still partial; usernet must finish it (see `stack::csum`), or pod B's kernel
+//! drops every segment. Each case checks ping, TCP both ways (payloads compared by
+//! SHA-256), IPv6 TCP, and UDP echo, with `flannel.1`'s checksum offload on (default) and
+//! off (`ethtool -K flannel.1 tx-checksum-ip-generic off`), at flannel MTU 65470 (node
+//! MTU 65520 less VXLAN's 50) and 1450. The NodePort-style case publishes a TCP port on
+//! host A into node A, where a user-space proxy (socat, as kube-proxy's userspace mode)
+//! reaches pod B over VXLAN. Nothing leaves the test's namespaces: the hosts' only other
+//! routes lead to each other.
+
+mod util;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use util::*;
+
+const HOST_A: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 1);
+const HOST_B: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 2);
+/// The hosts' default gateway: an address nobody holds (pasta mode copies the route).
+const LINK_GW: &str = "172.31.0.254";
+const VXLAN_PORT: u16 = 8472;
+const NODE_MTU: u32 = 65520;
+const BYTES: u64 = 8 << 20;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Slirp,
+    Pasta,
+}
+
+/// A named namespace deleted on drop (the pods').
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// One side: its host/node topology and its pod.
+struct Side {
+    /// The node's pod network index: 10.244.N.0/24, fd44:N::/64.
+    n: u8,
+    host_addr: Ipv4Addr,
+    pod: String,
+}
+
+impl Side {
+    fn pod_ns(&self) -> String {
+        netns_path(&self.pod)
+    }
+    fn pod4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.n, 2)
+    }
+    fn pod6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd44, u16::from(self.n), 0, 0, 0, 0, 0, 2)
+    }
+    fn mac(&self) -> String {
+        format!("0e:00:00:00:00:{:02x}", 0xa + self.n)
+    }
+}
+
+/// Two hosts, their nodes served by usernet, flannel between them, one pod each.
+/// Field order is drop order: processes first, then pods, then the topologies.
+struct Cluster {
+    usernets: Vec<Usernet>,
+    pastas: Vec<Pasta>,
+    relays: Vec<ChildGuard>,
+    _pods: Vec<Netns>,
+    sides: [Side; 2],
+    apis: Vec<std::path::PathBuf>,
+    topos: [Topology; 2],
+    mode: Mode,
+}
+
+#[track_caller]
+fn node_sh(t: &Topology, args: &[&str]) -> Finished {
+    let f = run_with_timeout(
+        t.exec_in(&t.container, args[0], &args[1..]),
+        Duration::from_secs(20),
+    );
+    assert!(f.success(), "in node {}: {f}", t.container);
+    f
+}
+
+fn add_hostfwd(api: &Path, proto: &str, port: u16) {
+    let req = format!(
+        r#"{{"execute":"add_hostfwd","arguments":{{"proto":"{proto}","host_addr":"0.0.0.0","host_port":{port},"guest_addr":"10.0.2.100","guest_port":{port}}}}}"#
+    );
+    let reply =
+        api_request(api, &req, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{req}: {e}"));
+    assert!(reply.contains("\"return\""), "{req}: {reply}");
+}
+
+impl Cluster {
+    fn new(mode: Mode) -> Option<Cluster> {
+        if !require_tool("ethtool") || !require_tool("ping") || !require_tool("bridge") {
+            return None;
+        }
+        let vxlan = Path::new("/sys/module/vxlan").exists()
+            || Command::new("modprobe")
+                .arg("vxlan")
+                .status()
+                .is_ok_and(|s| s.success());
+        if !require(vxlan, "the kernel has no vxlan module") {
+            return None;
+        }
+        let a = Topology::new()?;
+        let b = Topology::new()?;
+        // The hosts' link: their only route besides their own subnets, so nothing leaves.
+        ip(&[
+            "-n", &a.host, "link", "add", "hx", "mtu", "65520", "type", "veth", "peer", "name",
+            "hx", "mtu", "65520", "netns", &b.host,
+        ]);
+        for (t, addr) in [(&a, HOST_A), (&b, HOST_B)] {
+            ip(&[
+                "-n",
+                &t.host,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "hx",
+            ]);
+            ip(&["-n", &t.host, "link", "set", "hx", "up"]);
+            ip(&[
+                "-n", &t.host, "route", "add", "default", "via", LINK_GW, "dev", "hx",
+            ]);
+        }
+        let sides = [
+            Side {
+                n: 0,
+                host_addr: HOST_A,
+                pod: a.host.replace('h', "p"),
+            },
+            Side {
+                n: 1,
+                host_addr: HOST_B,
+                pod: b.host.replace('h', "p"),
+            },
+        ];
+        let mut c = Cluster {
+            usernets: Vec::new(),
+            pastas: Vec::new(),
+            relays: Vec::new(),
+            _pods: Vec::new(),
+            sides,
+            apis: Vec::new(),
+            topos: [a, b],
+            mode,
+        };
+        for i in 0..2 {
+            c.start_node_network(i);
+        }
+        for i in 0..2 {
+            c.setup_node(i);
+        }
+        Some(c)
+    }
+
+    /// usernet for node `i`, with UDP 8472 and TCP 6443 published from its host.
+    fn start_node_network(&mut self, i: usize) {
+        let t = &self.topos[i];
+        match self.mode {
+            Mode::Slirp => {
+                let api = t.tmp.join("api.sock");
+                let api_s = api.to_str().expect("utf-8 path").to_owned();
+                let u = UsernetCmd::new(t)
+                    .args(["-c", "--mtu", &NODE_MTU.to_string(), "-a", &api_s])
+                    .start();
+                for (proto, port) in [("udp", VXLAN_PORT), ("tcp", 6443), ("tcp", 30080)] {
+                    add_hostfwd(&api, proto, port);
+                }
+                self.usernets.push(u);
+                self.apis.push(api);
+            }
+            Mode::Pasta => {
+                let ns = t.container_ns();
+                let p = Pasta::start(
+                    t,
+                    &[
+                        "--config-net",
+                        "-t",
+                        "6443,30080",
+                        "-u",
+                        "8472",
+                        "-T",
+                        "none",
+                        "-U",
+                        "none",
+                        "--quiet",
+                        "--netns",
+                        &ns,
+                    ],
+                );
+                self.pastas.push(p);
+            }
+        }
+    }
+
+    /// The node's address and interface, as flannel would find them.
+    fn node_link(&self, i: usize) -> (String, &'static str) {
+        match self.mode {
+            Mode::Slirp => ("10.0.2.100".into(), "tap0"),
+            Mode::Pasta => (self.sides[i].host_addr.to_string(), "hx"),
+        }
+    }
+
+    /// flannel's VXLAN device, the bridge and the pod in node `i`.
+    fn setup_node(&mut self, i: usize) {
+        let (me, peer) = (&self.sides[i], &self.sides[1 - i]);
+        let t = &self.topos[i];
+        let (node_ip, dev) = self.node_link(i);
+        let n = me.n;
+        for kv in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            node_sh(t, &["sysctl", "-q", "-w", kv]);
+        }
+        node_sh(
+            t,
+            &[
+                "ip",
+                "link",
+                "add",
+                "flannel.1",
+                "address",
+                &me.mac(),
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &node_ip,
+                "dev",
+                dev,
+                "dstport",
+                "8472",
+                "nolearning",
+            ],
+        );
+        node_sh(
+            t,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.244.{n}.0/32"),
+                "dev",
+                "flannel.1",
+            ],
+        );
+        node_sh(
+            t,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("fd44:{n}::ffff/128"),
+                "dev",
+                "flannel.1",
+                "nodad",
+            ],
+        );
+        node_sh(t, &["ip", "link", "set", "flannel.1", "up"]);
+        let pn = peer.n;
+        let peer_vtep4 = format!("10.244.{pn}.0");
+        let peer_vtep6 = format!("fd44:{pn}::ffff");
+        node_sh(
+            t,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("10.244.{pn}.0/24"),
+                "via",
+                &peer_vtep4,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ],
+        );
+        node_sh(
+            t,
+            &[
+                "ip",
+                "neigh",
+                "replace",
+                &peer_vtep4,
+                "lladdr",
+                &peer.mac(),
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+        );
+        node_sh(
+            t,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                &format!("fd44:{pn}::/64"),
+                "via",
+                &peer_vtep6,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ],
+        );
+        node_sh(
+            t,
+            &[
+                "ip",
+                "-6",
+                "neigh",
+                "replace",
+                &peer_vtep6,
+                "lladdr",
+                &peer.mac(),
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ],
+        );
+        node_sh(
+            t,
+            &[
+                "bridge",
+                "fdb",
+                "append",
+                &peer.mac(),
+                "dev",
+                "flannel.1",
+                "dst",
+                &peer.host_addr.to_string(),
+            ],
+        );
+        // The bridge and the pod.
+        node_sh(t, &["ip", "link", "add", "cni0", "type", "bridge"]);
+        node_sh(
+            t,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("10.244.{n}.1/24"),
+                "dev",
+                "cni0",
+            ],
+        );
+        node_sh(
+            t,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("fd44:{n}::1/64"),
+                "dev",
+                "cni0",
+                "nodad",
+            ],
+        );
+        node_sh(t, &["ip", "link", "set", "cni0", "up"]);
+        let pod = me.pod.clone();
+        ip(&["netns", "add", &pod]);
+        self._pods.push(Netns(pod.clone()));
+        for kv in [
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            sh("ip", &["netns", "exec", &pod, "sysctl", "-q", "-w", kv]);
+        }
+        node_sh(
+            t,
+            &[
+                "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", &pod,
+            ],
+        );
+        node_sh(t, &["ip", "link", "set", "veth0", "master", "cni0", "up"]);
+        ip(&["-n", &pod, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &pod,
+            "addr",
+            "add",
+            &format!("10.244.{n}.2/24"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&[
+            "-n",
+            &pod,
+            "addr",
+            "add",
+            &format!("fd44:{n}::2/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        ip(&["-n", &pod, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &pod,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{n}.1"),
+        ]);
+        ip(&[
+            "-n",
+            &pod,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd44:{n}::1"),
+        ]);
+    }
+
+    /// flannel's MTU on `flannel.1` and the pod links (node MTU less 50, or 1450).
+    fn set_flannel_mtu(&self, mtu: u32) {
+        let m = mtu.to_string();
+        for (t, s) in self.topos.iter().zip(&self.sides) {
+            for dev in ["flannel.1", "veth0", "cni0"] {
+                node_sh(t, &["ip", "link", "set", dev, "mtu", &m]);
+            }
+            ip(&["-n", &s.pod, "link", "set", "eth0", "mtu", &m]);
+        }
+    }
+
+    /// `flannel.1`'s checksum offload on (the kernel's default) or off, in both nodes.
+    fn set_offload(&self, on: bool) {
+        let v = if on { "on" } else { "off" };
+        for t in &self.topos {
+            node_sh(
+                t,
+                &["ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", v],
+            );
+        }
+    }
+
+    /// `usernet` A's counters (slirp4netns mode only: pasta mode has no API socket).
+    fn stats(&self, i: usize) -> Option<UsernetStats> {
+        self.apis.get(i).map(|a| get_stats(a))
+    }
+}
+
+fn ping(from: &Side, to: &str) -> Finished {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns", "exec", &from.pod, "ping", "-c", "1", "-w", "10", to,
+    ]);
+    run_with_timeout(cmd, Duration::from_secs(20))
+}
+
+/// Ping, TCP both ways (IPv4) and A to B (IPv6), UDP echo of sizes up to the pod MTU.
+fn exercise(c: &Cluster, mtu: u32, what: &str) {
+    let [a, b] = &c.sides;
+    for (from, to) in [
+        (a, b.pod4().to_string()),
+        (b, a.pod4().to_string()),
+        (a, b.pod6().to_string()),
+    ] {
+        let f = ping(from, &to);
+        assert!(f.success(), "{what}: ping {to} from pod {}: {f}", from.n);
+    }
+    let mut seed = u64::from(mtu) * 10;
+    for (from, to) in [(a, b), (b, a)] {
+        seed += 1;
+        let sink = TcpServer::sink(&to.pod_ns(), SocketAddrV4::new(to.pod4(), 0));
+        let addr = sink.addr;
+        eprintln!("{what}: TCP pod {} -> pod {} ({addr})", from.n, to.n);
+        in_netns(&from.pod_ns(), || upload_to_sink(addr, seed, BYTES));
+    }
+    let sink6 = TcpServer6::sink(&b.pod_ns(), SocketAddrV6::new(b.pod6(), 0, 0, 0));
+    let addr6 = sink6.addr;
+    eprintln!("{what}: TCP/IPv6 pod 0 -> pod 1 ({addr6})");
+    in_netns(&a.pod_ns(), || upload_to_sink6(addr6, seed + 1, BYTES));
+    let echo = UdpEcho::start(&b.pod_ns(), SocketAddrV4::new(b.pod4(), 0));
+    let dst = echo.addr;
+    let biggest = mtu as usize - 28;
+    in_netns(&a.pod_ns(), || {
+        let sock = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+        for size in [1, 1000, biggest] {
+            udp_roundtrip(&sock, dst, &pattern(seed + size as u64, size), 3)
+                .unwrap_or_else(|e| panic!("{what}: UDP {size} bytes pod 0 -> {dst}: {e}"));
+        }
+    });
+    let echo6 = UdpEcho6::start(&b.pod_ns(), SocketAddrV6::new(b.pod6(), 0, 0, 0));
+    let dst6 = echo6.addr;
+    in_netns(&a.pod_ns(), || {
+        let sock = UdpSocket::bind("[::]:0").expect("bind udp6");
+        sock.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        udp_roundtrip6(&sock, dst6, &pattern(seed + 7, 1200), 3)
+            .unwrap_or_else(|e| panic!("{what}: UDP/IPv6 pod 0 -> {dst6}: {e}"));
+    });
+}
+
+/// Every combination of `flannel.1`'s checksum offload and MTU, in `mode`.
+fn pods_talk_across_nodes(mode: Mode) {
+    let Some(c) = Cluster::new(mode) else { return };
+    for mtu in [NODE_MTU - 50, 1450] {
+        c.set_flannel_mtu(mtu);
+        for offload in [true, false] {
+            c.set_offload(offload);
+            let what = format!("{mode:?} mode, flannel MTU {mtu}, checksum offload {offload}");
+            let before = c.stats(0);
+            exercise(&c, mtu, &what);
+            if let (Some(s0), Some(s1)) = (before, c.stats(0)) {
+                let finished = s1.delta(&s0, "counters.csum_finished");
+                // With the offload on, node A's kernel left the inner checksums to usernet;
+                // with it off, it finished them itself.
+                assert_eq!(
+                    finished > 0,
+                    offload,
+                    "{what}: {finished} checksums finished"
+                );
+                assert_eq!(s1.delta(&s0, "counters.drop_csum_offsets"), 0, "{what}");
+            }
+        }
+    }
+    let mut c = c;
+    for u in &mut c.usernets {
+        u.assert_running();
+    }
+}
+
+#[test]
+fn vxlan_pods_talk_across_nodes_slirp4netns_mode() {
+    pods_talk_across_nodes(Mode::Slirp);
+}
+
+#[test]
+fn vxlan_pods_talk_across_nodes_pasta_mode() {
+    pods_talk_across_nodes(Mode::Pasta);
+}
+
+/// A NodePort-style published port: a client of host A reaches, through usernet's
+/// published TCP port 30080 and a user-space proxy in node A (kube-proxy's userspace mode),
+/// a server in pod B over VXLAN, checksum offload on; the node's own TCP crosses the
+/// tunnel too. 6443 likewise reaches an API-server stand-in in node A.
+fn node_port_reaches_pod_on_other_node(mode: Mode) {
+    if !require_tool("socat") {
+        return;
+    }
+    let Some(mut c) = Cluster::new(mode) else {
+        return;
+    };
+    c.set_flannel_mtu(1450);
+    let b = &c.sides[1];
+    let sink = TcpServer::sink(&b.pod_ns(), SocketAddrV4::new(b.pod4(), 0));
+    let target = format!("TCP:{}", sink.addr);
+    let node_a = &c.topos[0];
+    let listen = |port: u16| format!("TCP-LISTEN:{port},reuseaddr,fork");
+    let proxy = node_a.exec_in(&node_a.container, "socat", &[&listen(30080), &target]);
+    c.relays.push(ChildGuard::spawn(proxy));
+    let api_server = TcpServer::sink(
+        &node_a.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6443),
+    );
+    let ready = wait_for(Duration::from_secs(10), || {
+        in_netns(&node_a.container_ns(), || {
+            std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, 30080)).ok()
+        })
+    });
+    assert!(ready.is_some(), "the node's proxy did not listen");
+    // The probe connection reached the sink too: it sends nothing, the sink counts it.
+    drop(ready);
+    for (port, what) in [
+        (30080u16, "NodePort 30080 -> pod B"),
+        (6443, "6443 -> node A"),
+    ] {
+        // From another address of host A's link than its own: a remote client.
+        let to = SocketAddrV4::new(HOST_A, port);
+        eprintln!("{mode:?} mode: {what} via {to}");
+        in_netns(&c.topos[1].host_ns(), || {
+            upload_to_sink(to, 4242 + u64::from(port), BYTES)
+        });
+    }
+    drop(api_server);
+}
+
+#[test]
+fn vxlan_node_port_reaches_pod_on_other_node_slirp4netns_mode() {
+    node_port_reaches_pod_on_other_node(Mode::Slirp);
+}
+
+#[test]
+fn vxlan_node_port_reaches_pod_on_other_node_pasta_mode() {
+    node_port_reaches_pod_on_other_node(Mode::Pasta);
+}
