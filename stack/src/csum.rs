@@ -116,6 +116,24 @@ fn check_partial(frame: &[u8], vnet_hdr_len: usize) -> Check {
     Check::Finish(Partial { start, field, end })
 }
 
+/// Any partial checksum `frame` announces (its own transport checksum included), for a
+/// copy that must show finished checksums (a packet capture); `None` without one, for
+/// TCP super-frames (GSO: their checksums are the segments') and for offsets outside
+/// the packet.
+pub fn announced(frame: &[u8], vnet_hdr_len: usize) -> Option<Partial> {
+    if vnet_hdr_len < HEADER_LEN
+        || frame.len() < HEADER_LEN
+        || frame[0] & FLAG_NEEDS_CSUM == 0
+        || frame[1] != 0
+    {
+        return None;
+    }
+    let le = |i: usize| usize::from(u16::from_le_bytes([frame[i], frame[i + 1]]));
+    let (start, field) = (le(6), le(6) + le(8));
+    let (_, end) = outer_ip(frame.get(vnet_hdr_len..)?)?;
+    (start >= ETHERNET_HEADER_LEN && field + 2 <= end).then_some(Partial { start, field, end })
+}
+
 /// The ones-complement sum of `data` (big-endian 16-bit words, an odd last byte padded
 /// with zero), not folded.
 fn sum(data: &[u8]) -> u64 {
@@ -294,6 +312,27 @@ mod tests {
         padded.extend_from_slice(&[0; 8]);
         padded[6..8].copy_from_slice(&((len + 2) as u16).to_le_bytes());
         assert_eq!(check(&padded, VNET), Check::Bad);
+    }
+
+    #[test]
+    fn announced_covers_the_own_checksum_too_but_not_super_frames() {
+        let (good, mut partial, _) = tunnelled(false, true, b"own");
+        // The outer UDP checksum, partial: seeded with the outer pseudo-header sum.
+        let outer_len = good.len() - 34;
+        let seed = pseudo(&[10, 0, 2, 100], &[172, 31, 0, 2], 17, outer_len);
+        let mut own = partial.clone();
+        own[6..8].copy_from_slice(&34u16.to_le_bytes());
+        own[8..10].copy_from_slice(&6u16.to_le_bytes());
+        own[VNET + 40..VNET + 42].copy_from_slice(&seed.to_be_bytes());
+        let p = announced(&own, VNET).expect("own checksum announced");
+        finish(&mut own[VNET..], p);
+        let s = fold(sum(&own[VNET + 34..]) + u64::from(seed));
+        assert_eq!(s, 0xffff, "the outer UDP checksum verifies");
+        partial[1] = 1;
+        assert_eq!(announced(&partial, VNET), None, "super-frame");
+        partial[1] = 0;
+        partial[0] = 0;
+        assert_eq!(announced(&partial, VNET), None, "no flag");
     }
 
     #[test]
