@@ -26,6 +26,22 @@
 //!
 //! The end of the packet is the end of the IP packet (its length field), not of the
 //! frame: Ethernet padding is not summed. Nothing here allocates.
+//!
+//! ## Where partial checksums and super-frames go (audit)
+//!
+//! - Gateway to host sockets (UDP payloads, TCP streams, ICMP echo data, DNS queries):
+//!   [`check`] runs on every frame the switch hands the gateway
+//!   (`forwarder::Forwarder::handle_port_frame`), before anything parses it.
+//! - Switch to other members: frames keep their vnet header, unchanged. Every port of a
+//!   switch has the network's vnet header length and offloads (a TAP that differs is
+//!   refused when it joins, `src/network.rs`), and a TAP takes `NEEDS_CSUM` and GSO
+//!   frames on write whatever its own offload flags: the member's kernel finishes them.
+//! - TCP super-frames (GSO) reach smoltcp, which takes them as one segment. The TAP
+//!   never negotiates UDP or tunnel segmentation, so a guest's kernel cuts those frames
+//!   itself; a frame that claims it anyway is relayed as the one datagram it holds.
+//! - ICMP errors quote the guest's packet as it came, partial checksum included, back to
+//!   the guest only, whose kernel matches quotes by addresses and ports.
+//! - `--pcap`: finished in the recorded copy ([`announced`]), super-frames excepted.
 
 use crate::l2::ETHERNET_HEADER_LEN;
 use crate::vnet::{FLAG_NEEDS_CSUM, HEADER_LEN};
