@@ -21,10 +21,13 @@
 //! drops every segment. Each case checks ping, TCP both ways (payloads compared by
 //! SHA-256), IPv6 TCP, and UDP echo, with `flannel.1`'s checksum offload on (default) and
 //! off (`ethtool -K flannel.1 tx-checksum-ip-generic off`), at flannel MTU 65470 (node
-//! MTU 65520 less VXLAN's 50) and 1450. The NodePort-style case publishes a TCP port on
-//! host A into node A, where a user-space proxy (socat, as kube-proxy's userspace mode)
-//! reaches pod B over VXLAN. Nothing leaves the test's namespaces: the hosts' only other
-//! routes lead to each other.
+//! MTU 65520 less VXLAN's 50) and 1450. The `vxlan_over_ipv6_` cases add flannel's
+//! dual-stack device: the hosts also get 2001:db8:31::1 and ::2, usernet publishes 8472
+//! over IPv6 too, and inner IPv6 crosses `flannel-v6.1`, a VXLAN over IPv6 between the
+//! nodes' IPv6 addresses and the hosts' (MTUs 65450 and 1430). The NodePort-style case
+//! publishes a TCP port on host A into node A, where a user-space proxy (socat, as
+//! kube-proxy's userspace mode) reaches pod B over VXLAN. Nothing leaves the test's
+//! namespaces: the hosts' only other routes lead to each other.
 
 mod util;
 
@@ -79,6 +82,14 @@ impl Side {
     fn mac(&self) -> String {
         format!("0e:00:00:00:00:{:02x}", 0xa + self.n)
     }
+    /// `flannel-v6.1`'s MAC address (VXLAN over IPv6).
+    fn mac6(&self) -> String {
+        format!("0e:00:00:00:06:{:02x}", 0xa + self.n)
+    }
+    /// The host's IPv6 address on the hosts' link.
+    fn host_addr6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 0xdb8, 0x31, 0, 0, 0, 0, 1 + u16::from(self.n))
+    }
 }
 
 /// Two hosts, their nodes served by usernet, flannel between them, one pod each.
@@ -92,6 +103,9 @@ struct Cluster {
     apis: Vec<std::path::PathBuf>,
     topos: [Topology; 2],
     mode: Mode,
+    /// flannel's dual-stack setup: inner IPv6 crosses `flannel-v6.1`, a VXLAN over IPv6
+    /// between the hosts' IPv6 addresses (inner IPv4 keeps `flannel.1` over IPv4).
+    underlay6: bool,
 }
 
 #[track_caller]
@@ -104,9 +118,16 @@ fn node_sh(t: &Topology, args: &[&str]) -> Finished {
     f
 }
 
-fn add_hostfwd(api: &Path, proto: &str, port: u16) {
+/// `add_hostfwd` of `port` on `host_addr` to the same port of the guest (`0.0.0.0`: its
+/// 10.0.2.100; `::`: its IPv6 address, over IPv6).
+fn add_hostfwd(api: &Path, proto: &str, host_addr: &str, port: u16) {
+    let guest = if host_addr.contains(':') {
+        String::new()
+    } else {
+        r#","guest_addr":"10.0.2.100""#.to_owned()
+    };
     let req = format!(
-        r#"{{"execute":"add_hostfwd","arguments":{{"proto":"{proto}","host_addr":"0.0.0.0","host_port":{port},"guest_addr":"10.0.2.100","guest_port":{port}}}}}"#
+        r#"{{"execute":"add_hostfwd","arguments":{{"proto":"{proto}","host_addr":"{host_addr}","host_port":{port}{guest},"guest_port":{port}}}}}"#
     );
     let reply =
         api_request(api, &req, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{req}: {e}"));
@@ -114,7 +135,7 @@ fn add_hostfwd(api: &Path, proto: &str, port: u16) {
 }
 
 impl Cluster {
-    fn new(mode: Mode) -> Option<Cluster> {
+    fn new(mode: Mode, underlay6: bool) -> Option<Cluster> {
         if !require_tool("ethtool") || !require_tool("ping") || !require_tool("bridge") {
             return None;
         }
@@ -148,6 +169,37 @@ impl Cluster {
                 "-n", &t.host, "route", "add", "default", "via", LINK_GW, "dev", "hx",
             ]);
         }
+        let hosts6 = [(&a, "2001:db8:31::1/64"), (&b, "2001:db8:31::2/64")];
+        for (t, addr) in hosts6.into_iter().filter(|_| underlay6) {
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &t.host,
+                    "sysctl",
+                    "-q",
+                    "-w",
+                    "net.ipv6.conf.all.disable_ipv6=0",
+                    "net.ipv6.conf.hx.disable_ipv6=0",
+                ],
+            );
+            ip(&[
+                "-n", &t.host, "-6", "addr", "add", addr, "dev", "hx", "nodad",
+            ]);
+            ip(&[
+                "-n",
+                &t.host,
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "2001:db8:31::fe",
+                "dev",
+                "hx",
+            ]);
+        }
         let sides = [
             Side {
                 n: 0,
@@ -169,6 +221,7 @@ impl Cluster {
             apis: Vec::new(),
             topos: [a, b],
             mode,
+            underlay6,
         };
         for i in 0..2 {
             c.start_node_network(i);
@@ -186,11 +239,17 @@ impl Cluster {
             Mode::Slirp => {
                 let api = t.tmp.join("api.sock");
                 let api_s = api.to_str().expect("utf-8 path").to_owned();
-                let u = UsernetCmd::new(t)
-                    .args(["-c", "--mtu", &NODE_MTU.to_string(), "-a", &api_s])
-                    .start();
+                let mtu = NODE_MTU.to_string();
+                let mut args = vec!["-c", "--mtu", &mtu, "-a", &api_s];
+                if self.underlay6 {
+                    args.push("-6");
+                }
+                let u = UsernetCmd::new(t).args(args).start();
                 for (proto, port) in [("udp", VXLAN_PORT), ("tcp", 6443), ("tcp", 30080)] {
-                    add_hostfwd(&api, proto, port);
+                    add_hostfwd(&api, proto, "0.0.0.0", port);
+                }
+                if self.underlay6 {
+                    add_hostfwd(&api, "udp", "::", VXLAN_PORT);
                 }
                 self.usernets.push(u);
                 self.apis.push(api);
@@ -219,6 +278,23 @@ impl Cluster {
         }
     }
 
+    /// The node's IPv6 address, for `flannel-v6.1`.
+    fn node_addr6(&self, i: usize) -> String {
+        match self.mode {
+            Mode::Slirp => "fd00::100".into(),
+            Mode::Pasta => self.sides[i].host_addr6().to_string(),
+        }
+    }
+
+    /// The VXLAN devices of each node.
+    fn vxlan_devs(&self) -> &'static [&'static str] {
+        if self.underlay6 {
+            &["flannel.1", "flannel-v6.1"]
+        } else {
+            &["flannel.1"]
+        }
+    }
+
     /// The node's address and interface, as flannel would find them.
     fn node_link(&self, i: usize) -> (String, &'static str) {
         match self.mode {
@@ -227,12 +303,12 @@ impl Cluster {
         }
     }
 
-    /// flannel's VXLAN device, the bridge and the pod in node `i`.
+    /// flannel's VXLAN device(s), the bridge and the pod in node `i`.
     fn setup_node(&mut self, i: usize) {
         let (me, peer) = (&self.sides[i], &self.sides[1 - i]);
         let t = &self.topos[i];
         let (node_ip, dev) = self.node_link(i);
-        let n = me.n;
+        let (n, pn) = (me.n, peer.n);
         for kv in [
             "net.ipv4.ip_forward=1",
             "net.ipv6.conf.all.forwarding=1",
@@ -242,154 +318,57 @@ impl Cluster {
         ] {
             node_sh(t, &["sysctl", "-q", "-w", kv]);
         }
-        node_sh(
-            t,
-            &[
-                "ip",
-                "link",
-                "add",
-                "flannel.1",
-                "address",
-                &me.mac(),
-                "type",
-                "vxlan",
-                "id",
-                "1",
-                "local",
-                &node_ip,
-                "dev",
-                dev,
-                "dstport",
-                "8472",
-                "nolearning",
-            ],
-        );
-        node_sh(
-            t,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("10.244.{n}.0/32"),
-                "dev",
-                "flannel.1",
-            ],
-        );
-        node_sh(
-            t,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("fd44:{n}::ffff/128"),
-                "dev",
-                "flannel.1",
-                "nodad",
-            ],
-        );
-        node_sh(t, &["ip", "link", "set", "flannel.1", "up"]);
-        let pn = peer.n;
-        let peer_vtep4 = format!("10.244.{pn}.0");
-        let peer_vtep6 = format!("fd44:{pn}::ffff");
-        node_sh(
-            t,
-            &[
-                "ip",
-                "route",
-                "add",
-                &format!("10.244.{pn}.0/24"),
-                "via",
-                &peer_vtep4,
-                "dev",
-                "flannel.1",
-                "onlink",
-            ],
-        );
-        node_sh(
-            t,
-            &[
-                "ip",
-                "neigh",
-                "replace",
-                &peer_vtep4,
-                "lladdr",
-                &peer.mac(),
-                "dev",
-                "flannel.1",
-                "nud",
-                "permanent",
-            ],
-        );
-        node_sh(
-            t,
-            &[
-                "ip",
-                "-6",
-                "route",
-                "add",
-                &format!("fd44:{pn}::/64"),
-                "via",
-                &peer_vtep6,
-                "dev",
-                "flannel.1",
-                "onlink",
-            ],
-        );
-        node_sh(
-            t,
-            &[
-                "ip",
-                "-6",
-                "neigh",
-                "replace",
-                &peer_vtep6,
-                "lladdr",
-                &peer.mac(),
-                "dev",
-                "flannel.1",
-                "nud",
-                "permanent",
-            ],
-        );
-        node_sh(
-            t,
-            &[
-                "bridge",
-                "fdb",
-                "append",
-                &peer.mac(),
-                "dev",
-                "flannel.1",
-                "dst",
-                &peer.host_addr.to_string(),
-            ],
-        );
+        let run = |line: String| node_sh(t, &line.split_whitespace().collect::<Vec<_>>());
+        // flannel.1: VXLAN over IPv4 between the hosts; inner IPv4, and inner IPv6 too
+        // unless flannel-v6.1 carries it.
+        let (v6dev, mac6, peer_mac6) = if self.underlay6 {
+            ("flannel-v6.1", me.mac6(), peer.mac6())
+        } else {
+            ("flannel.1", me.mac(), peer.mac())
+        };
+        run(format!(
+            "ip link add flannel.1 address {} type vxlan id 1 local {node_ip} dev {dev} \
+             dstport 8472 nolearning",
+            me.mac()
+        ));
+        if self.underlay6 {
+            run(format!(
+                "ip link add flannel-v6.1 address {mac6} type vxlan id 1 local {} dev {dev} \
+                 dstport 8472 nolearning",
+                self.node_addr6(i)
+            ));
+            run(format!(
+                "bridge fdb append {peer_mac6} dev flannel-v6.1 dst {}",
+                peer.host_addr6()
+            ));
+            run("ip link set flannel-v6.1 up".into());
+        }
+        run(format!("ip addr add 10.244.{n}.0/32 dev flannel.1"));
+        run(format!("ip addr add fd44:{n}::ffff/128 dev {v6dev} nodad"));
+        run("ip link set flannel.1 up".into());
+        run(format!(
+            "ip route add 10.244.{pn}.0/24 via 10.244.{pn}.0 dev flannel.1 onlink"
+        ));
+        run(format!(
+            "ip neigh replace 10.244.{pn}.0 lladdr {} dev flannel.1 nud permanent",
+            peer.mac()
+        ));
+        run(format!(
+            "ip -6 route add fd44:{pn}::/64 via fd44:{pn}::ffff dev {v6dev} onlink"
+        ));
+        run(format!(
+            "ip -6 neigh replace fd44:{pn}::ffff lladdr {peer_mac6} dev {v6dev} nud permanent"
+        ));
+        run(format!(
+            "bridge fdb append {} dev flannel.1 dst {}",
+            peer.mac(),
+            peer.host_addr
+        ));
         // The bridge and the pod.
-        node_sh(t, &["ip", "link", "add", "cni0", "type", "bridge"]);
-        node_sh(
-            t,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("10.244.{n}.1/24"),
-                "dev",
-                "cni0",
-            ],
-        );
-        node_sh(
-            t,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("fd44:{n}::1/64"),
-                "dev",
-                "cni0",
-                "nodad",
-            ],
-        );
-        node_sh(t, &["ip", "link", "set", "cni0", "up"]);
+        run("ip link add cni0 type bridge".into());
+        run(format!("ip addr add 10.244.{n}.1/24 dev cni0"));
+        run(format!("ip addr add fd44:{n}::1/64 dev cni0 nodad"));
+        run("ip link set cni0 up".into());
         let pod = me.pod.clone();
         ip(&["netns", "add", &pod]);
         self._pods.push(Netns(pod.clone()));
@@ -399,75 +378,51 @@ impl Cluster {
         ] {
             sh("ip", &["netns", "exec", &pod, "sysctl", "-q", "-w", kv]);
         }
-        node_sh(
-            t,
-            &[
-                "ip", "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", &pod,
-            ],
-        );
-        node_sh(t, &["ip", "link", "set", "veth0", "master", "cni0", "up"]);
-        ip(&["-n", &pod, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &pod,
-            "addr",
-            "add",
-            &format!("10.244.{n}.2/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&[
-            "-n",
-            &pod,
-            "addr",
-            "add",
-            &format!("fd44:{n}::2/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
-        ip(&["-n", &pod, "link", "set", "eth0", "up"]);
-        ip(&[
-            "-n",
-            &pod,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.244.{n}.1"),
-        ]);
-        ip(&[
-            "-n",
-            &pod,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd44:{n}::1"),
-        ]);
+        run(format!(
+            "ip link add veth0 type veth peer name eth0 netns {pod}"
+        ));
+        run("ip link set veth0 master cni0 up".into());
+        let pod_ip = |line: String| ip(&line.split_whitespace().collect::<Vec<_>>());
+        pod_ip(format!("-n {pod} link set lo up"));
+        pod_ip(format!("-n {pod} addr add 10.244.{n}.2/24 dev eth0"));
+        pod_ip(format!("-n {pod} addr add fd44:{n}::2/64 dev eth0 nodad"));
+        pod_ip(format!("-n {pod} link set eth0 up"));
+        pod_ip(format!("-n {pod} route add default via 10.244.{n}.1"));
+        pod_ip(format!("-n {pod} -6 route add default via fd44:{n}::1"));
     }
 
-    /// flannel's MTU on `flannel.1` and the pod links (node MTU less 50, or 1450).
+    /// flannel's MTU on its VXLAN devices and the pod links.
     fn set_flannel_mtu(&self, mtu: u32) {
         let m = mtu.to_string();
         for (t, s) in self.topos.iter().zip(&self.sides) {
-            for dev in ["flannel.1", "veth0", "cni0"] {
+            for dev in self.vxlan_devs().iter().chain(&["veth0", "cni0"]) {
                 node_sh(t, &["ip", "link", "set", dev, "mtu", &m]);
             }
             ip(&["-n", &s.pod, "link", "set", "eth0", "mtu", &m]);
         }
     }
 
-    /// `flannel.1`'s checksum offload on (the kernel's default) or off, in both nodes.
+    /// The VXLAN devices' checksum offload on (the kernel's default) or off, in both nodes.
     fn set_offload(&self, on: bool) {
         let v = if on { "on" } else { "off" };
         for t in &self.topos {
-            node_sh(
-                t,
-                &["ethtool", "-K", "flannel.1", "tx-checksum-ip-generic", v],
-            );
+            for dev in self.vxlan_devs() {
+                node_sh(t, &["ethtool", "-K", dev, "tx-checksum-ip-generic", v]);
+            }
         }
+    }
+
+    /// Packets node A's VXLAN devices have sent.
+    fn tx_packets(&self) -> Vec<u64> {
+        let t = &self.topos[0];
+        self.vxlan_devs()
+            .iter()
+            .map(|dev| {
+                let path = format!("/sys/class/net/{dev}/statistics/tx_packets");
+                let f = node_sh(t, &["cat", &path]);
+                f.stdout.trim().parse().expect("a packet count")
+            })
+            .collect()
     }
 
     /// `usernet` A's counters (slirp4netns mode only: pasta mode has no API socket).
@@ -528,16 +483,33 @@ fn exercise(c: &Cluster, mtu: u32, what: &str) {
     });
 }
 
-/// Every combination of `flannel.1`'s checksum offload and MTU, in `mode`.
-fn pods_talk_across_nodes(mode: Mode) {
-    let Some(c) = Cluster::new(mode) else { return };
-    for mtu in [NODE_MTU - 50, 1450] {
+/// Every combination of the VXLAN devices' checksum offload and MTU, in `mode`; with
+/// `underlay6`, inner IPv6 crosses a VXLAN over IPv6 (flannel's dual stack), whose 20
+/// more bytes of header the MTUs leave room for.
+fn pods_talk_across_nodes(mode: Mode, underlay6: bool) {
+    let Some(c) = Cluster::new(mode, underlay6) else {
+        return;
+    };
+    let mtus = if underlay6 {
+        [NODE_MTU - 70, 1430]
+    } else {
+        [NODE_MTU - 50, 1450]
+    };
+    for mtu in mtus {
         c.set_flannel_mtu(mtu);
         for offload in [true, false] {
             c.set_offload(offload);
-            let what = format!("{mode:?} mode, flannel MTU {mtu}, checksum offload {offload}");
+            let what = format!(
+                "{mode:?} mode, IPv6 underlay {underlay6}, flannel MTU {mtu}, \
+                 checksum offload {offload}"
+            );
             let before = c.stats(0);
+            let sent = c.tx_packets();
             exercise(&c, mtu, &what);
+            // Every VXLAN device carried its share (flannel-v6.1: the inner IPv6).
+            for ((dev, was), now) in c.vxlan_devs().iter().zip(sent).zip(c.tx_packets()) {
+                assert!(now > was + 100, "{what}: {dev} sent {} packets", now - was);
+            }
             if let (Some(s0), Some(s1)) = (before, c.stats(0)) {
                 let finished = s1.delta(&s0, "counters.csum_finished");
                 // With the offload on, node A's kernel left the inner checksums to usernet;
@@ -559,15 +531,25 @@ fn pods_talk_across_nodes(mode: Mode) {
 
 #[test]
 fn vxlan_pods_talk_across_nodes_slirp4netns_mode() {
-    pods_talk_across_nodes(Mode::Slirp);
+    pods_talk_across_nodes(Mode::Slirp, false);
 }
 
 #[test]
 fn vxlan_pods_talk_across_nodes_pasta_mode() {
-    pods_talk_across_nodes(Mode::Pasta);
+    pods_talk_across_nodes(Mode::Pasta, false);
 }
 
-/// A NodePort-style published port: a client of host A reaches, through usernet's
+#[test]
+fn vxlan_over_ipv6_pods_talk_across_nodes_slirp4netns_mode() {
+    pods_talk_across_nodes(Mode::Slirp, true);
+}
+
+#[test]
+fn vxlan_over_ipv6_pods_talk_across_nodes_pasta_mode() {
+    pods_talk_across_nodes(Mode::Pasta, true);
+}
+
+/// A NodePort-style published port: a client on host B reaches, through host A's
 /// published TCP port 30080 and a user-space proxy in node A (kube-proxy's userspace mode),
 /// a server in pod B over VXLAN, checksum offload on; the node's own TCP crosses the
 /// tunnel too. 6443 likewise reaches an API-server stand-in in node A.
@@ -575,7 +557,7 @@ fn node_port_reaches_pod_on_other_node(mode: Mode) {
     if !require_tool("socat") {
         return;
     }
-    let Some(mut c) = Cluster::new(mode) else {
+    let Some(mut c) = Cluster::new(mode, false) else {
         return;
     };
     c.set_flannel_mtu(1450);
@@ -602,7 +584,7 @@ fn node_port_reaches_pod_on_other_node(mode: Mode) {
         (30080u16, "NodePort 30080 -> pod B"),
         (6443, "6443 -> node A"),
     ] {
-        // From another address of host A's link than its own: a remote client.
+        // A remote client: host B.
         let to = SocketAddrV4::new(HOST_A, port);
         eprintln!("{mode:?} mode: {what} via {to}");
         in_netns(&c.topos[1].host_ns(), || {
