@@ -603,3 +603,76 @@ fn vxlan_node_port_reaches_pod_on_other_node_slirp4netns_mode() {
 fn vxlan_node_port_reaches_pod_on_other_node_pasta_mode() {
     node_port_reaches_pod_on_other_node(Mode::Pasta);
 }
+
+/// A pod reaching the API server of another node through a service address, as
+/// kube-proxy and flannel set it up: in node B, a DNAT of the `kubernetes` service
+/// (10.96.0.1:443) to host A's published 6443 and flannel's masquerade of pod traffic
+/// leaving the pod network; pod B's connection leaves through usernet B and reaches a
+/// stand-in API server in node A through host A's published port.
+fn pod_reaches_api_server_through_dnat(mode: Mode) {
+    if !require_tool("iptables") {
+        return;
+    }
+    let Some(c) = Cluster::new(mode, false) else {
+        return;
+    };
+    c.set_flannel_mtu(1450);
+    let (node_a, node_b) = (&c.topos[0], &c.topos[1]);
+    let api_server = TcpServer::sink(
+        &node_a.container_ns(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6443),
+    );
+    let dnat = format!("{HOST_A}:6443");
+    for rule in [
+        vec![
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.1/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "443",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &dnat,
+        ],
+        vec![
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.244.0.0/16",
+            "!",
+            "-d",
+            "10.244.0.0/16",
+            "-j",
+            "MASQUERADE",
+        ],
+    ] {
+        let mut args = vec!["iptables"];
+        args.extend(rule);
+        node_sh(node_b, &args);
+    }
+    let service = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+    eprintln!("{mode:?} mode: pod B -> {service} -> DNAT {dnat}");
+    in_netns(&c.sides[1].pod_ns(), || {
+        upload_to_sink(service, 0x6443, BYTES)
+    });
+    // The API server saw host B: the connection left node B through usernet B.
+    assert_eq!(api_server.stats.peer_ips(), vec![HOST_B]);
+}
+
+#[test]
+fn vxlan_pod_reaches_api_server_through_dnat_slirp4netns_mode() {
+    pod_reaches_api_server_through_dnat(Mode::Slirp);
+}
+
+#[test]
+fn vxlan_pod_reaches_api_server_through_dnat_pasta_mode() {
+    pod_reaches_api_server_through_dnat(Mode::Pasta);
+}
