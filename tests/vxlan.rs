@@ -26,8 +26,18 @@
 //! over IPv6 too, and inner IPv6 crosses `flannel-v6.1`, a VXLAN over IPv6 between the
 //! nodes' IPv6 addresses and the hosts' (MTUs 65450 and 1430). The NodePort-style case
 //! publishes a TCP port on host A into node A, where a user-space proxy (socat, as
-//! kube-proxy's userspace mode) reaches pod B over VXLAN. Nothing leaves the test's
-//! namespaces: the hosts' only other routes lead to each other.
+//! kube-proxy's userspace mode) reaches pod B over VXLAN; the DNAT case sends pod B to
+//! node A's API server through a service address (iptables in node B, as kube-proxy and
+//! flannel). The `node_containers` cases use usernetes' own layout: usernet serves the
+//! container engine's namespace, where a bridge, Docker's masquerade and its DNAT of
+//! 8472/udp stand between usernet's TAP and the node container (10.100.N.2) that runs
+//! flannel. Nothing leaves the test's namespaces: the hosts' only other routes lead to
+//! each other.
+//!
+//! `USERNET_TEST_BIN=/usr/bin/slirp4netns` runs the slirp4netns-mode cases against the
+//! real slirp4netns (usernet's counters are then not read): it passes the direct layout
+//! and fails the container layout with the offload on, as usernetes' udev rule says
+//! (the engine's NAT spoils the outer checksum of offloaded VXLAN, flannel-io/flannel#1279).
 
 mod util;
 
@@ -66,10 +76,15 @@ struct Side {
     /// The node's pod network index: 10.244.N.0/24, fd44:N::/64.
     n: u8,
     host_addr: Ipv4Addr,
+    /// The node's namespace: the one usernet serves, or a container behind it.
+    node: String,
     pod: String,
 }
 
 impl Side {
+    fn node_ns(&self) -> String {
+        netns_path(&self.node)
+    }
     fn pod_ns(&self) -> String {
         netns_path(&self.pod)
     }
@@ -106,16 +121,26 @@ struct Cluster {
     /// flannel's dual-stack setup: inner IPv6 crosses `flannel-v6.1`, a VXLAN over IPv6
     /// between the hosts' IPv6 addresses (inner IPv4 keeps `flannel.1` over IPv4).
     underlay6: bool,
+    /// usernetes' own layout: the namespace usernet serves is the container engine's
+    /// (RootlessKit's), and the node is a container behind it, on a bridge, reached
+    /// through the engine's DNAT of 8472/udp and leaving through its masquerade.
+    in_container: bool,
 }
 
+/// `ip netns exec NS ARGS`, panicking with the output on failure.
 #[track_caller]
-fn node_sh(t: &Topology, args: &[&str]) -> Finished {
-    let f = run_with_timeout(
-        t.exec_in(&t.container, args[0], &args[1..]),
-        Duration::from_secs(20),
-    );
-    assert!(f.success(), "in node {}: {f}", t.container);
+fn ns_sh(ns: &str, args: &[&str]) -> Finished {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(args);
+    let f = run_with_timeout(cmd, Duration::from_secs(20));
+    assert!(f.success(), "in {ns}: {f}");
     f
+}
+
+/// [`ns_sh`] with the words of `line`.
+#[track_caller]
+fn ns_line(ns: &str, line: &str) -> Finished {
+    ns_sh(ns, &line.split_whitespace().collect::<Vec<_>>())
 }
 
 /// `add_hostfwd` of `port` on `host_addr` to the same port of the guest (`0.0.0.0`: its
@@ -135,7 +160,7 @@ fn add_hostfwd(api: &Path, proto: &str, host_addr: &str, port: u16) {
 }
 
 impl Cluster {
-    fn new(mode: Mode, underlay6: bool) -> Option<Cluster> {
+    fn new(mode: Mode, underlay6: bool, in_container: bool) -> Option<Cluster> {
         if !require_tool("ethtool") || !require_tool("ping") || !require_tool("bridge") {
             return None;
         }
@@ -204,11 +229,21 @@ impl Cluster {
             Side {
                 n: 0,
                 host_addr: HOST_A,
+                node: if in_container {
+                    a.host.replace('h', "k")
+                } else {
+                    a.container.clone()
+                },
                 pod: a.host.replace('h', "p"),
             },
             Side {
                 n: 1,
                 host_addr: HOST_B,
+                node: if in_container {
+                    b.host.replace('h', "k")
+                } else {
+                    b.container.clone()
+                },
                 pod: b.host.replace('h', "p"),
             },
         ];
@@ -222,11 +257,15 @@ impl Cluster {
             topos: [a, b],
             mode,
             underlay6,
+            in_container,
         };
         for i in 0..2 {
             c.start_node_network(i);
         }
         for i in 0..2 {
+            if in_container {
+                c.setup_engine_nat(i);
+            }
             c.setup_node(i);
         }
         Some(c)
@@ -297,16 +336,53 @@ impl Cluster {
 
     /// The node's address and interface, as flannel would find them.
     fn node_link(&self, i: usize) -> (String, &'static str) {
-        match self.mode {
-            Mode::Slirp => ("10.0.2.100".into(), "tap0"),
-            Mode::Pasta => (self.sides[i].host_addr.to_string(), "hx"),
+        match (self.in_container, self.mode) {
+            (true, _) => (format!("10.100.{}.2", self.sides[i].n), "eth0"),
+            (false, Mode::Slirp) => ("10.0.2.100".into(), "tap0"),
+            (false, Mode::Pasta) => (self.sides[i].host_addr.to_string(), "hx"),
+        }
+    }
+
+    /// usernetes' layout for side `i`: in the engine's namespace (the one usernet serves)
+    /// a bridge with the node container on a veth (10.100.N.2, MTU 65520, as a compose
+    /// network with that MTU), forwarding, Docker's masquerade of the containers' traffic
+    /// and its DNAT of the published 8472/udp to the node.
+    fn setup_engine_nat(&mut self, i: usize) {
+        let engine = self.topos[i].container.clone();
+        let (node, n) = (self.sides[i].node.clone(), self.sides[i].n);
+        ip(&["netns", "add", &node]);
+        self._pods.push(Netns(node.clone()));
+        for line in [
+            "sysctl -q -w net.ipv4.ip_forward=1".to_owned(),
+            "ip link add br-u7s mtu 65520 type bridge".to_owned(),
+            format!("ip addr add 10.100.{n}.1/24 dev br-u7s"),
+            "ip link set br-u7s up".to_owned(),
+            format!(
+                "ip link add veth-u7s mtu 65520 type veth peer name eth0 mtu 65520 netns {node}"
+            ),
+            "ip link set veth-u7s master br-u7s up".to_owned(),
+            format!("iptables -t nat -A POSTROUTING -s 10.100.{n}.0/24 ! -o br-u7s -j MASQUERADE"),
+            format!(
+                "iptables -t nat -A PREROUTING ! -i br-u7s -p udp --dport 8472 -j DNAT \
+                 --to-destination 10.100.{n}.2:8472"
+            ),
+        ] {
+            ns_line(&engine, &line);
+        }
+        for line in [
+            "ip link set lo up".to_owned(),
+            format!("ip addr add 10.100.{n}.2/24 dev eth0"),
+            "ip link set eth0 up".to_owned(),
+            format!("ip route add default via 10.100.{n}.1"),
+        ] {
+            ns_line(&node, &line);
         }
     }
 
     /// flannel's VXLAN device(s), the bridge and the pod in node `i`.
     fn setup_node(&mut self, i: usize) {
         let (me, peer) = (&self.sides[i], &self.sides[1 - i]);
-        let t = &self.topos[i];
+        let node = me.node.as_str();
         let (node_ip, dev) = self.node_link(i);
         let (n, pn) = (me.n, peer.n);
         for kv in [
@@ -316,9 +392,9 @@ impl Cluster {
             "net.ipv6.conf.default.disable_ipv6=0",
             "net.ipv6.conf.default.accept_dad=0",
         ] {
-            node_sh(t, &["sysctl", "-q", "-w", kv]);
+            ns_sh(node, &["sysctl", "-q", "-w", kv]);
         }
-        let run = |line: String| node_sh(t, &line.split_whitespace().collect::<Vec<_>>());
+        let run = |line: String| ns_line(node, &line);
         // flannel.1: VXLAN over IPv4 between the hosts; inner IPv4, and inner IPv6 too
         // unless flannel-v6.1 carries it.
         let (v6dev, mac6, peer_mac6) = if self.underlay6 {
@@ -394,9 +470,9 @@ impl Cluster {
     /// flannel's MTU on its VXLAN devices and the pod links.
     fn set_flannel_mtu(&self, mtu: u32) {
         let m = mtu.to_string();
-        for (t, s) in self.topos.iter().zip(&self.sides) {
+        for s in &self.sides {
             for dev in self.vxlan_devs().iter().chain(&["veth0", "cni0"]) {
-                node_sh(t, &["ip", "link", "set", dev, "mtu", &m]);
+                ns_sh(&s.node, &["ip", "link", "set", dev, "mtu", &m]);
             }
             ip(&["-n", &s.pod, "link", "set", "eth0", "mtu", &m]);
         }
@@ -405,28 +481,35 @@ impl Cluster {
     /// The VXLAN devices' checksum offload on (the kernel's default) or off, in both nodes.
     fn set_offload(&self, on: bool) {
         let v = if on { "on" } else { "off" };
-        for t in &self.topos {
+        for s in &self.sides {
             for dev in self.vxlan_devs() {
-                node_sh(t, &["ethtool", "-K", dev, "tx-checksum-ip-generic", v]);
+                ns_sh(
+                    &s.node,
+                    &["ethtool", "-K", dev, "tx-checksum-ip-generic", v],
+                );
             }
         }
     }
 
     /// Packets node A's VXLAN devices have sent.
     fn tx_packets(&self) -> Vec<u64> {
-        let t = &self.topos[0];
+        let node = &self.sides[0].node;
         self.vxlan_devs()
             .iter()
             .map(|dev| {
                 let path = format!("/sys/class/net/{dev}/statistics/tx_packets");
-                let f = node_sh(t, &["cat", &path]);
+                let f = ns_sh(node, &["cat", &path]);
                 f.stdout.trim().parse().expect("a packet count")
             })
             .collect()
     }
 
     /// `usernet` A's counters (slirp4netns mode only: pasta mode has no API socket).
+    /// None either when another binary stands in (`USERNET_TEST_BIN`, for comparison).
     fn stats(&self, i: usize) -> Option<UsernetStats> {
+        if std::env::var_os("USERNET_TEST_BIN").is_some() {
+            return None;
+        }
         self.apis.get(i).map(|a| get_stats(a))
     }
 }
@@ -486,8 +569,11 @@ fn exercise(c: &Cluster, mtu: u32, what: &str) {
 /// Every combination of the VXLAN devices' checksum offload and MTU, in `mode`; with
 /// `underlay6`, inner IPv6 crosses a VXLAN over IPv6 (flannel's dual stack), whose 20
 /// more bytes of header the MTUs leave room for.
-fn pods_talk_across_nodes(mode: Mode, underlay6: bool) {
-    let Some(c) = Cluster::new(mode, underlay6) else {
+fn pods_talk_across_nodes(mode: Mode, underlay6: bool, in_container: bool) {
+    if in_container && !require_tool("iptables") {
+        return;
+    }
+    let Some(c) = Cluster::new(mode, underlay6, in_container) else {
         return;
     };
     let mtus = if underlay6 {
@@ -500,8 +586,8 @@ fn pods_talk_across_nodes(mode: Mode, underlay6: bool) {
         for offload in [true, false] {
             c.set_offload(offload);
             let what = format!(
-                "{mode:?} mode, IPv6 underlay {underlay6}, flannel MTU {mtu}, \
-                 checksum offload {offload}"
+                "{mode:?} mode, IPv6 underlay {underlay6}, node in a container \
+                 {in_container}, flannel MTU {mtu}, checksum offload {offload}"
             );
             let before = c.stats(0);
             let sent = c.tx_packets();
@@ -531,22 +617,35 @@ fn pods_talk_across_nodes(mode: Mode, underlay6: bool) {
 
 #[test]
 fn vxlan_pods_talk_across_nodes_slirp4netns_mode() {
-    pods_talk_across_nodes(Mode::Slirp, false);
+    pods_talk_across_nodes(Mode::Slirp, false, false);
 }
 
 #[test]
 fn vxlan_pods_talk_across_nodes_pasta_mode() {
-    pods_talk_across_nodes(Mode::Pasta, false);
+    pods_talk_across_nodes(Mode::Pasta, false, false);
 }
 
 #[test]
 fn vxlan_over_ipv6_pods_talk_across_nodes_slirp4netns_mode() {
-    pods_talk_across_nodes(Mode::Slirp, true);
+    pods_talk_across_nodes(Mode::Slirp, true, false);
 }
 
 #[test]
 fn vxlan_over_ipv6_pods_talk_across_nodes_pasta_mode() {
-    pods_talk_across_nodes(Mode::Pasta, true);
+    pods_talk_across_nodes(Mode::Pasta, true, false);
+}
+
+/// usernetes' own layout: the node is a container behind the engine's bridge, DNAT and
+/// masquerade, in the namespace usernet serves (the offloaded VXLAN datagrams cross the
+/// engine's NAT before they reach usernet's TAP).
+#[test]
+fn vxlan_node_containers_talk_across_hosts_slirp4netns_mode() {
+    pods_talk_across_nodes(Mode::Slirp, false, true);
+}
+
+#[test]
+fn vxlan_node_containers_talk_across_hosts_pasta_mode() {
+    pods_talk_across_nodes(Mode::Pasta, false, true);
 }
 
 /// A NodePort-style published port: a client on host B reaches, through host A's
@@ -557,23 +656,24 @@ fn node_port_reaches_pod_on_other_node(mode: Mode) {
     if !require_tool("socat") {
         return;
     }
-    let Some(mut c) = Cluster::new(mode, false) else {
+    let Some(mut c) = Cluster::new(mode, false, false) else {
         return;
     };
     c.set_flannel_mtu(1450);
     let b = &c.sides[1];
     let sink = TcpServer::sink(&b.pod_ns(), SocketAddrV4::new(b.pod4(), 0));
     let target = format!("TCP:{}", sink.addr);
-    let node_a = &c.topos[0];
+    let node_a = c.sides[0].node.clone();
     let listen = |port: u16| format!("TCP-LISTEN:{port},reuseaddr,fork");
-    let proxy = node_a.exec_in(&node_a.container, "socat", &[&listen(30080), &target]);
+    let mut proxy = Command::new("ip");
+    proxy.args(["netns", "exec", &node_a, "socat", &listen(30080), &target]);
     c.relays.push(ChildGuard::spawn(proxy));
     let api_server = TcpServer::sink(
-        &node_a.container_ns(),
+        &netns_path(&node_a),
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6443),
     );
     let ready = wait_for(Duration::from_secs(10), || {
-        in_netns(&node_a.container_ns(), || {
+        in_netns(&netns_path(&node_a), || {
             std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, 30080)).ok()
         })
     });
@@ -613,50 +713,24 @@ fn pod_reaches_api_server_through_dnat(mode: Mode) {
     if !require_tool("iptables") {
         return;
     }
-    let Some(c) = Cluster::new(mode, false) else {
+    let Some(c) = Cluster::new(mode, false, false) else {
         return;
     };
     c.set_flannel_mtu(1450);
-    let (node_a, node_b) = (&c.topos[0], &c.topos[1]);
     let api_server = TcpServer::sink(
-        &node_a.container_ns(),
+        &c.sides[0].node_ns(),
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 6443),
     );
     let dnat = format!("{HOST_A}:6443");
     for rule in [
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "10.96.0.1/32",
-            "-p",
-            "tcp",
-            "--dport",
-            "443",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &dnat,
-        ],
-        vec![
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            "10.244.0.0/16",
-            "!",
-            "-d",
-            "10.244.0.0/16",
-            "-j",
-            "MASQUERADE",
-        ],
+        format!(
+            "iptables -t nat -A PREROUTING -d 10.96.0.1/32 -p tcp --dport 443 -j DNAT \
+             --to-destination {dnat}"
+        ),
+        "iptables -t nat -A POSTROUTING -s 10.244.0.0/16 ! -d 10.244.0.0/16 -j MASQUERADE"
+            .to_owned(),
     ] {
-        let mut args = vec!["iptables"];
-        args.extend(rule);
-        node_sh(node_b, &args);
+        ns_line(&c.sides[1].node, &rule);
     }
     let service = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
     eprintln!("{mode:?} mode: pod B -> {service} -> DNAT {dnat}");
