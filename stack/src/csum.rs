@@ -17,12 +17,15 @@
 //!
 //! [`check`] tells these frames apart at the cost of a flag test for frames without
 //! `NEEDS_CSUM`, and a few header reads for those with it: a partial checksum that starts
-//! exactly at the outer transport header is usernet's to ignore ([`Check::Own`]); one
-//! anywhere else lies in data usernet passes on ([`Check::Finish`]), and [`finish`]
-//! completes it, as the kernel's `skb_checksum_help` would: fold the sum over
+//! exactly at the outer transport header, or whose field lies in any header, is
+//! usernet's to ignore ([`Check::Own`]: usernet rebuilds headers, and never rewrites one
+//! after it was checked); one whose field lies in the transport payload of a TCP, UDP or
+//! ICMP packet (not a fragment) is in data usernet passes on ([`Check::Finish`]), and
+//! [`finish`] completes it, as the kernel's `skb_checksum_help` would: fold the sum over
 //! `[start, end)`, complement it, store it (`0xffff` for a result of 0, which a UDP
-//! receiver would read as "no checksum"). Offsets that do not fit in the packet are bad
-//! input ([`Check::Bad`]): the caller drops and counts the frame.
+//! receiver would read as "no checksum"). Offsets a kernel's tun would refuse (the field
+//! beyond the packet, the start inside the Ethernet header) are bad input
+//! ([`Check::Bad`]): the caller drops and counts the frame.
 //!
 //! The end of the packet is the end of the IP packet (its length field), not of the
 //! frame: Ethernet padding is not summed. Nothing here allocates.
@@ -62,36 +65,55 @@ pub struct Partial {
 pub enum Check {
     /// Nothing: no partial checksum, or not an IP packet usernet can place.
     None,
-    /// The partial checksum is the frame's own transport checksum (usernet terminates it).
+    /// The partial checksum is not in data usernet passes on: the frame's own transport
+    /// checksum (usernet terminates it), or a field in headers usernet rebuilds.
     Own,
-    /// The partial checksum lies in data usernet passes on: [`finish`] it first.
+    /// The partial checksum's field lies in data usernet passes on (a transport
+    /// payload): [`finish`] it first.
     Finish(Partial),
-    /// `NEEDS_CSUM` with offsets outside the packet: drop and count.
+    /// `NEEDS_CSUM` with offsets a kernel would refuse (the field beyond the packet, the
+    /// start inside the Ethernet header): drop and count.
     Bad,
 }
 
-/// The outer IP packet of an Ethernet frame: where its transport header starts and where
-/// it ends (both from the start of the frame, the end bounded by the frame).
-fn outer_ip(eth: &[u8]) -> Option<(usize, usize)> {
+/// The outer IP packet of an Ethernet frame, in offsets from the start of the frame.
+struct Outer {
+    /// Where its transport header starts.
+    l4: usize,
+    /// Where it ends (bounded by the frame).
+    end: usize,
+    /// Where the data usernet passes on starts (the transport payload of TCP, UDP and
+    /// ICMP); `None` for fragments and other protocols, which usernet does not relay.
+    data: Option<usize>,
+}
+
+fn outer_ip(eth: &[u8]) -> Option<Outer> {
     let ip = eth.get(ETHERNET_HEADER_LEN..)?;
-    match eth.get(12..14)? {
+    let (l4, end, proto) = match eth.get(12..14)? {
         [0x08, 0x00] => {
             let ihl = usize::from(ip.first()? & 0x0f) * 4;
             let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?]));
-            Some((
-                ETHERNET_HEADER_LEN + ihl,
-                ETHERNET_HEADER_LEN + total.min(ip.len()),
-            ))
+            // More fragments, or a fragment offset: no transport header of its own.
+            let frag = u16::from_be_bytes([*ip.get(6)?, *ip.get(7)?]) & 0x3fff != 0;
+            let proto = if frag { None } else { Some(*ip.get(9)?) };
+            (ihl, total.min(ip.len()), proto)
         }
         [0x86, 0xdd] => {
             let payload = usize::from(u16::from_be_bytes([*ip.get(4)?, *ip.get(5)?]));
-            Some((
-                ETHERNET_HEADER_LEN + 40,
-                ETHERNET_HEADER_LEN + (40 + payload).min(ip.len()),
-            ))
+            (40, (40 + payload).min(ip.len()), Some(*ip.get(6)?))
         }
-        _ => None,
-    }
+        _ => return None,
+    };
+    let header = match proto {
+        Some(6) => usize::from(ip.get(l4 + 12)? >> 4) * 4,
+        Some(17 | 1 | 58) => 8,
+        _ => 0,
+    };
+    Some(Outer {
+        l4: ETHERNET_HEADER_LEN + l4,
+        end: ETHERNET_HEADER_LEN + end,
+        data: (header > 0).then_some(ETHERNET_HEADER_LEN + l4 + header),
+    })
 }
 
 /// What `frame` (a vnet header of `vnet_hdr_len` bytes, 0 or [`HEADER_LEN`], then the
@@ -110,26 +132,31 @@ fn bad() -> Check {
 }
 
 fn check_partial(frame: &[u8], vnet_hdr_len: usize) -> Check {
-    let le = |i: usize| usize::from(u16::from_le_bytes([frame[i], frame[i + 1]]));
-    // `frame` holds at least the vnet header (checked by the caller's length).
     if frame.len() < HEADER_LEN {
         return Check::None;
     }
-    let (start, offset) = (le(6), le(8));
+    let le = |i: usize| usize::from(u16::from_le_bytes([frame[i], frame[i + 1]]));
+    let (start, field) = (le(6), le(6) + le(8));
     let Some(eth) = frame.get(vnet_hdr_len..) else {
         return Check::None;
     };
-    let Some((l4, end)) = outer_ip(eth) else {
+    let Some(outer) = outer_ip(eth) else {
         return Check::None;
     };
-    if start == l4 {
-        return Check::Own;
-    }
-    let field = start + offset;
-    if start < ETHERNET_HEADER_LEN || field + 2 > end {
+    // Offsets a kernel would refuse (tun: virtio_net_hdr_to_skb).
+    if start < ETHERNET_HEADER_LEN || field + 2 > outer.end {
         return bad();
     }
-    Check::Finish(Partial { start, field, end })
+    // Only a checksum field inside the data usernet passes on is finished: headers are
+    // usernet's to rebuild, and are never rewritten after they were checked.
+    match outer.data {
+        Some(data) if start != outer.l4 && field >= data => Check::Finish(Partial {
+            start,
+            field,
+            end: outer.end,
+        }),
+        _ => Check::Own,
+    }
 }
 
 /// Any partial checksum `frame` announces (its own transport checksum included), for a
@@ -146,7 +173,7 @@ pub fn announced(frame: &[u8], vnet_hdr_len: usize) -> Option<Partial> {
     }
     let le = |i: usize| usize::from(u16::from_le_bytes([frame[i], frame[i + 1]]));
     let (start, field) = (le(6), le(6) + le(8));
-    let (_, end) = outer_ip(frame.get(vnet_hdr_len..)?)?;
+    let end = outer_ip(frame.get(vnet_hdr_len..)?)?.end;
     (start >= ETHERNET_HEADER_LEN && field + 2 <= end).then_some(Partial { start, field, end })
 }
 
@@ -302,6 +329,20 @@ mod tests {
         partial[6..8].copy_from_slice(&34u16.to_le_bytes());
         partial[8..10].copy_from_slice(&6u16.to_le_bytes());
         assert_eq!(check(&partial, VNET), Check::Own);
+        // A field in a header (the outer IPv4 addresses, the UDP ports) is never
+        // rewritten, wherever the sum would start.
+        for (start, offset) in [(14, 12), (20, 10), (34, 0), (14, 26)] {
+            let mut f = partial.clone();
+            f[6..8].copy_from_slice(&(start as u16).to_le_bytes());
+            f[8..10].copy_from_slice(&(offset as u16).to_le_bytes());
+            assert_eq!(check(&f, VNET), Check::Own, "start {start} offset {offset}");
+        }
+        // A fragment has no transport payload of its own until it is reassembled.
+        let mut frag = partial.clone();
+        frag[6..8].copy_from_slice(&60u16.to_le_bytes());
+        assert!(matches!(check(&frag, VNET), Check::Finish(_)));
+        frag[VNET + 14 + 6] = 0x20; // more fragments
+        assert_eq!(check(&frag, VNET), Check::Own);
         // Not IP (ARP): nothing usernet relays as it is.
         partial[VNET + 12..VNET + 14].copy_from_slice(&[0x08, 0x06]);
         assert_eq!(check(&partial, VNET), Check::None);
