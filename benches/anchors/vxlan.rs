@@ -268,9 +268,8 @@ fn cluster(engine: &str, bins: &Bins<'_>, mtu: u32) -> Result<Cluster, String> {
         links.push(start_engine(&mut c, engine, bins, mtu, i)?);
     }
     let fmtu = mtu - 50;
-    for i in 0..2 {
+    for (i, (ip, dev)) in links.iter().enumerate() {
         let (node, pod) = (c.node(i).to_owned(), c.pod(i).to_owned());
-        let (ip, dev) = &links[i];
         let (n, pn) = (i, 1 - i);
         let (mac, peer_mac) = (
             format!("0e:00:00:00:00:{:02x}", 0xa + n),
