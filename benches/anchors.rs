@@ -23,6 +23,7 @@
 //! | pasta_ready_ms | exec of pasta's command line to the first process's exit, pasta and usernet-pasta (usernet as `pasta`) | ms |
 //! | scale | usernet with 10,000 idle connections: tcp_out as % of without, RSS growth per connection | %, KiB |
 //! | c2c_tcp, c2c_rr, tcp_out_8 | 8 namespaces on one switch (usernet network, kernel bridge + veth, VDE): iperf3 member -> member, 1-byte ping-pong member <-> member (one way), iperf3 member -> host with seven others attached; `FIGURES=c2c` for these alone | Gbit/s, µs |
+//! | pod_tcp | two usernetes-style nodes, each served by the engine on its own host namespace, joined by flannel's VXLAN (offloads on): iperf3 pod -> pod; `FIGURES=pod_tcp` (or `vxlan`) alone, engines usernet, usernet-pasta, slirp4netns, pasta | Gbit/s |
 //! | member_rss_kib | usernet network: VmRSS growth of its serving process per idle member, 1 to 8 members (`FIGURES=member_rss_kib ENGINES=usernet` alone) | KiB |
 //!
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
@@ -51,6 +52,8 @@ mod engine;
 mod figures;
 #[path = "anchors/sys.rs"]
 mod sys;
+#[path = "anchors/vxlan.rs"]
+mod vxlan;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -239,7 +242,10 @@ fn config() -> Result<Config, String> {
         (false, None) => Fig::ALL.to_vec(),
         (false, Some(v)) => {
             let mut f = Vec::new();
-            for w in words(&v).filter(|w| *w != "c2c" && !c2c::FIGS.contains(w)) {
+            let other = |w: &&str| {
+                *w == "c2c" || c2c::FIGS.contains(w) || *w == "vxlan" || vxlan::FIGS.contains(w)
+            };
+            for w in words(&v).filter(|w| !other(w)) {
                 f.extend(Fig::parse(w).ok_or(format!(
                     "FIGURES: unknown figure {w:?} (known: {}, scale, udp)",
                     Fig::ALL.map(Fig::name).join(" ")
@@ -844,6 +850,33 @@ fn real_main() -> Result<ExitCode, String> {
             &cfg.mtus,
             &c2c_engines,
             &c2c_figs,
+        ));
+    }
+    // Pods of two nodes over flannel's VXLAN: their own table (FIGURES=pod_tcp or vxlan,
+    // or every figure); ENGINES names its engines too.
+    let vx_wanted =
+        env("FIGURES").is_none_or(|v| words(&v).any(|w| w == "vxlan" || vxlan::FIGS.contains(&w)));
+    let vx_engines: Vec<&str> = env("ENGINES")
+        .map(|v| {
+            vxlan::ENGINES
+                .into_iter()
+                .filter(|e| words(&v).any(|w| w == *e))
+                .collect::<Vec<_>>()
+        })
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| vxlan::ENGINES.to_vec());
+    if !cfg.smoke && vx_wanted {
+        let bins = vxlan::Bins {
+            usernet: &usernet,
+            slirp4netns: tools.slirp4netns.as_deref(),
+            pasta: tools.pasta.as_deref(),
+        };
+        out.push_str(&vxlan::table(
+            &bins,
+            cfg.runs,
+            cfg.secs,
+            &cfg.mtus,
+            &vx_engines,
         ));
     }
     if !rep.failures.is_empty() {

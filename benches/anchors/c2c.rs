@@ -272,7 +272,7 @@ fn vde(mtu: u32) -> Result<Net, String> {
 }
 
 /// iperf3 from `from` to a server in `to` at `addr`: Gbit/s received.
-fn iperf(from: &str, to: &str, addr: Ipv4Addr, secs: u64) -> Result<f64, String> {
+pub fn iperf(from: &str, to: &str, addr: Ipv4Addr, secs: u64) -> Result<f64, String> {
     let port = "5299";
     let server = sys::ChildProc::spawn(
         Command::new("ip")

@@ -36,6 +36,9 @@
 //! - No allocation per packet: buffers are sized when a flow opens.
 //! - Every table is bounded by [`Limits`]; when full, new flows are refused (TCP: RST,
 //!   UDP/ICMP: dropped) and counted, existing flows keep going.
+//! - What leaves as it is leaves finished: a partial checksum (checksum offload) in data
+//!   the gateway relays unchanged, such as the inner TCP/UDP checksum of a VXLAN
+//!   datagram, is completed first ([`stack::csum`]); frames without one cost a flag test.
 //! - Guest input is never trusted: malformed packets are dropped and counted in
 //!   [`Counters`], never a panic.
 
@@ -426,6 +429,12 @@ counters! {
         dns_names_answered,
         /// Flows refused because the member had as many open as a member may.
         member_flow_limit,
+        /// Frames whose partial checksum (checksum offload) lay in data usernet relays as
+        /// it is, such as the inner TCP/UDP checksum of a VXLAN datagram, finished by
+        /// usernet before relaying.
+        csum_finished,
+        /// Frames whose partial-checksum offsets (vnet header) lay outside the packet.
+        drop_csum_offsets,
     }
 }
 
@@ -499,6 +508,26 @@ pub struct FlowKey {
     /// The destination as the guest addressed it.
     pub remote: (IpAddress, u16),
 }
+/// Copies `frame` into `scratch` and finishes its partial checksum `p` there (the
+/// Ethernet frame starts after `vnet_hdr_len` bytes). `scratch` grows once to the largest
+/// frame and is reused.
+fn finished_copy<'s>(
+    scratch: &'s mut Vec<u8>,
+    frame: &[u8],
+    vnet_hdr_len: usize,
+    p: stack::csum::Partial,
+) -> &'s [u8] {
+    if scratch.capacity() == 0 {
+        scratch.reserve_exact(vnet_hdr_len + stack::l2::ETHERNET_HEADER_LEN + 65536);
+    }
+    scratch.clear();
+    scratch.extend_from_slice(frame);
+    if let Some(eth) = scratch.get_mut(vnet_hdr_len..) {
+        stack::csum::finish(eth, p);
+    }
+    scratch
+}
+
 /// Frames queued for the members by the gateway: room for a burst of full-size segments.
 const TXQ_SLOTS: usize = 256;
 
@@ -509,6 +538,9 @@ pub struct Forwarder {
     gateway: Gateway,
     nat: Nat,
     counters: Counters,
+    /// A copy of the frame being handled whose partial checksum usernet finishes
+    /// ([`stack::csum`]); its room is reserved on first use, once.
+    scratch: Vec<u8>,
 }
 
 impl Forwarder {
@@ -562,6 +594,7 @@ impl Forwarder {
             nat: Nat::new(Arc::clone(&cfg), topology),
             cfg,
             counters: Counters::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -694,6 +727,20 @@ impl Forwarder {
             }
         };
         if to_gateway {
+            // A partial checksum in data the gateway relays as it is (a tunnel's inner
+            // TCP/UDP checksum) is finished on a copy first; members get the frame as
+            // it came (their TAPs take partial checksums, as every port of the switch).
+            let frame = match stack::csum::check(frame, self.cfg.vnet_hdr_len) {
+                stack::csum::Check::None | stack::csum::Check::Own => frame,
+                stack::csum::Check::Bad => {
+                    self.counters.drop_csum_offsets += 1;
+                    return;
+                }
+                stack::csum::Check::Finish(p) => {
+                    self.counters.csum_finished += 1;
+                    finished_copy(&mut self.scratch, frame, self.cfg.vnet_hdr_len, p)
+                }
+            };
             let mut cx = Cx {
                 link: &mut self.link,
                 c: &mut self.counters,

@@ -1835,6 +1835,16 @@ fn oversized_frames_handled_and_answers_fit_the_mtu() {
     }
 }
 
+/// Whether the vnet header of the IPv4 frame `f` asks for a checksum at offsets a
+/// kernel's tun would refuse (`NEEDS_CSUM`, the sum starting inside the Ethernet header
+/// or the field beyond the IP packet): such frames are dropped and counted.
+fn refused_csum_offsets(f: &[u8], vnet: usize) -> bool {
+    let le = |i: usize| usize::from(u16::from_le_bytes([f[i], f[i + 1]]));
+    let total = usize::from(u16::from_be_bytes([f[vnet + 16], f[vnet + 17]]));
+    let ip_end = 14 + total.min(f.len() - vnet - 14);
+    f[0] & 1 != 0 && (le(6) < 14 || le(6) + le(8) + 2 > ip_end)
+}
+
 #[test]
 fn bogus_vnet_headers_change_nothing_and_answers_stay_sane() {
     let vnet = 10;
@@ -1846,30 +1856,56 @@ fn bogus_vnet_headers_change_nothing_and_answers_stay_sane() {
         let f = template(vnet, Kind::Tcp4, 0);
         assert_eq!(verdict(&mut s, &f[..cut]).0, [("drop_truncated", 1)]);
     }
+    let mut refusals = 0;
     for _ in 0..2000 {
         // A SYN to a refused destination: denied and reset whatever the vnet header
-        // says, the RST with a vnet header of our own.
+        // says, the RST with a vnet header of our own; unless the header asks for a
+        // checksum at offsets a kernel would refuse: dropped and counted.
         let mut f = template(vnet, Kind::Tcp4, 0);
         gen.bogus_vnet(&mut f, &mut r);
         let flags = f[0];
+        let refused = refused_csum_offsets(&f, vnet);
+        refusals += u32::from(refused);
         let (m, answered) = verdict(&mut s, &f);
-        assert_eq!(m, [("tcp_denied", 1)], "vnet {}", hex(&f[..10]));
-        assert!(answered);
+        let expect = if refused {
+            "drop_csum_offsets"
+        } else {
+            "tcp_denied"
+        };
+        assert_eq!(m, [(expect, 1)], "vnet {}", hex(&f[..10]));
+        assert_eq!(answered, !refused);
         // A fragment stays a fragment.
         let mut g = one_fragment(vnet, Kind::Udp4, 8, 8, true, r.u16());
         g[..10].copy_from_slice(&f[..10]);
-        assert_eq!(verdict(&mut s, &g).0, [("ipv4_fragments", 1)]);
+        let expect = if refused_csum_offsets(&g, vnet) {
+            "drop_csum_offsets"
+        } else {
+            "ipv4_fragments"
+        };
+        assert_eq!(
+            verdict(&mut s, &g).0,
+            [(expect, 1)],
+            "vnet {}",
+            hex(&g[..10])
+        );
         // A bad TCP checksum is dropped unless the header says the kernel left or
         // checked it (NEEDS_CSUM, DATA_VALID).
         let mut h = f.clone();
         h[vnet + 34 + 16] ^= 0x5a;
-        let expect = if flags & 3 == 0 {
+        let expect = if refused {
+            "drop_csum_offsets"
+        } else if flags & 3 == 0 {
             "drop_bad_checksum"
         } else {
             "tcp_denied"
         };
         assert_eq!(verdict(&mut s, &h).0, [(expect, 1)]);
     }
+    // Both kinds of header were tried.
+    assert!(
+        (100..1900).contains(&refusals),
+        "{refusals} refused of 2000"
+    );
     assert_sealed(&s);
 }
 

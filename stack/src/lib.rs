@@ -4,6 +4,8 @@
 //!
 //! 1. [`vnet`]: the `virtio_net_hdr` that prefixes every frame when the TAP runs with
 //!    `IFF_VNET_HDR`.
+//!    [`csum`] finishes the partial checksums it announces that usernet would pass on
+//!    unfinished (tunnelled traffic).
 //! 2. [`l2`]: a thin Ethernet + ARP layer that answers only for usernet's virtual
 //!    addresses and remembers the guest's MAC address.
 //! 3. [`txq`]: a preallocated queue of outgoing frames; everything the guest receives is
@@ -19,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod csum;
 pub mod device;
 pub mod iface;
 pub mod l2;
