@@ -20,29 +20,8 @@ if [ -x "$root/usr/sbin/dockerd" ] && [ -x "$root/usr/bin/docker" ] && [ -x "$ro
     exit 0
 fi
 
-# The mirror apt is configured with: deb822 sources first, then the one-line format.
-mirror="$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)"
-if [ -z "$mirror" ]; then
-    mirror="$(awk '$1 == "deb" && $2 !~ /^\[/ { print $2; exit } $1 == "deb" { print $3; exit }' \
-        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)"
-fi
-if [ -z "$mirror" ]; then
-    echo "make-root.sh: no Debian mirror found in /etc/apt/sources.list*" >&2
-    exit 1
-fi
-
-command -v debootstrap >/dev/null || apt-get install -y -q --no-install-recommends debootstrap
-rm -rf "$root"
 # docker-cli is the `docker` command (a package of its own in Debian 13).
 # dockerd-rootless.sh needs rootlesskit, newuidmap/newgidmap (uidmap), ip (iproute2) and,
 # inside, iptables for docker's bridge networks; dockerd runs containerd and runc.
-debootstrap --variant=minbase \
-    --include=docker.io,docker-cli,rootlesskit,containerd,runc,uidmap,iproute2,iptables,busybox-static,ca-certificates,procps \
-    trixie "$root" "$mirror"
-
-chroot "$root" useradd -m -u 1600 undock
-echo "undock:300000:65536" >"$root/etc/subuid"
-echo "undock:300000:65536" >"$root/etc/subgid"
-
-touch "$root/.usernet-ready"
-echo "make-root.sh: $root is ready"
+bash "$(dirname "$0")/../util/trixie-root.sh" "$root" undock 1600 300000 \
+    docker.io,docker-cli,rootlesskit,containerd,runc,uidmap,iproute2,iptables,busybox-static,ca-certificates,procps

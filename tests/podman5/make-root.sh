@@ -16,25 +16,5 @@ if [ -x "$root/usr/bin/podman" ] && [ -x "$root/usr/bin/newuidmap" ] && [ -e "$r
     exit 0
 fi
 
-# The mirror apt is configured with: deb822 sources first, then the one-line format.
-mirror="$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)"
-if [ -z "$mirror" ]; then
-    mirror="$(awk '$1 == "deb" && $2 !~ /^\[/ { print $2; exit } $1 == "deb" { print $3; exit }' \
-        /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true)"
-fi
-if [ -z "$mirror" ]; then
-    echo "make-root.sh: no Debian mirror found in /etc/apt/sources.list*" >&2
-    exit 1
-fi
-
-command -v debootstrap >/dev/null || apt-get install -y -q --no-install-recommends debootstrap
-rm -rf "$root"
-debootstrap --variant=minbase \
-    --include=podman,crun,conmon,catatonit,uidmap,busybox-static,iproute2,ca-certificates \
-    trixie "$root" "$mirror"
-
-chroot "$root" useradd -m -u 1500 unpod
-echo "unpod:200000:65536" >"$root/etc/subuid"
-echo "unpod:200000:65536" >"$root/etc/subgid"
-touch "$root/.usernet-ready"
-echo "make-root.sh: $root is ready"
+bash "$(dirname "$0")/../util/trixie-root.sh" "$root" unpod 1500 200000 \
+    podman,crun,conmon,catatonit,uidmap,busybox-static,iproute2,ca-certificates
