@@ -1428,3 +1428,44 @@ impl Nat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(n: u8) -> IpAddress {
+        IpAddress::v4(10, 0, 2, n)
+    }
+
+    #[test]
+    fn member_quota_counts_each_member_apart_and_frees_on_release() {
+        let mut t = FlowTable::new(Some(2));
+        let mut c = Counters::default();
+        let (a, b) = (member(100), member(101));
+        assert!(!t.member_full(&mut c, &a));
+        t.member_opened(a);
+        t.member_opened(a);
+        assert!(t.member_full(&mut c, &a), "a has its 2 flows");
+        assert!(!t.member_full(&mut c, &b), "b's share is its own");
+        assert_eq!(c.member_flow_limit, 1, "one refusal counted");
+        t.member_release(a);
+        assert!(!t.member_full(&mut c, &a));
+        t.member_release(a);
+        assert!(t.member_flows.is_empty(), "a member with no flow leaves no entry");
+        // Releasing more than was opened (a flow of before the limit) changes nothing.
+        t.member_release(b);
+        assert!(t.member_flows.is_empty());
+    }
+
+    #[test]
+    fn single_namespace_has_no_quota() {
+        let mut t = FlowTable::new(None);
+        let mut c = Counters::default();
+        for _ in 0..10_000 {
+            t.member_opened(member(100));
+        }
+        assert!(!t.member_full(&mut c, &member(100)));
+        assert!(t.member_flows.is_empty(), "nothing is counted without a limit");
+        assert_eq!(c.member_flow_limit, 0);
+    }
+}
