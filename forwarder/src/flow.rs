@@ -1451,7 +1451,10 @@ mod tests {
         t.member_release(a);
         assert!(!t.member_full(&mut c, &a));
         t.member_release(a);
-        assert!(t.member_flows.is_empty(), "a member with no flow leaves no entry");
+        assert!(
+            t.member_flows.is_empty(),
+            "a member with no flow leaves no entry"
+        );
         // Releasing more than was opened (a flow of before the limit) changes nothing.
         t.member_release(b);
         assert!(t.member_flows.is_empty());
@@ -1465,7 +1468,10 @@ mod tests {
             t.member_opened(member(100));
         }
         assert!(!t.member_full(&mut c, &member(100)));
-        assert!(t.member_flows.is_empty(), "nothing is counted without a limit");
+        assert!(
+            t.member_flows.is_empty(),
+            "nothing is counted without a limit"
+        );
         assert_eq!(c.member_flow_limit, 0);
     }
 }
