@@ -332,23 +332,6 @@ pub struct Publish {
     /// The host interface the listeners are bound to (`SO_BINDTODEVICE`, pasta's
     /// `ADDR%IF/` and `%IF/`); `None`: any.
     pub device: Option<String>,
-    /// The pasta option the rule comes from (pasta's messages quote it); `None`: not
-    /// pasta's.
-    pub option: Option<PastaOption>,
-    /// pasta's exclusion-only `-t/-u` specs (`-t ~20000-20010`, "every other port"): a
-    /// port that cannot be bound (in use, privileged) is skipped, but running out of
-    /// descriptors is an error, and so is an option none of whose ports could be bound.
-    /// false: every port must bind.
-    pub best_effort: bool,
-}
-
-/// A pasta option as given, `-t` and its value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PastaOption {
-    /// The option, `-t` or `-u`.
-    pub opt: String,
-    /// Its value as given.
-    pub value: String,
 }
 
 impl Publish {
@@ -426,8 +409,6 @@ pub fn parse_publish(s: &str) -> Result<Publish, String> {
         guest_port: g0,
         count,
         device: None,
-        option: None,
-        best_effort: false,
     })
 }
 

@@ -108,33 +108,6 @@ pub enum LoopError {
     /// A part of the loop could not start; its own error.
     #[error(transparent)]
     Start(subsystem::StartError),
-    /// A best-effort rule (pasta's `-t ~PORTS`) ran out of descriptors (pasta's text).
-    #[error("Can't open enough sockets for port specifier: {value}")]
-    Descriptors {
-        /// The option's value.
-        value: String,
-    },
-    /// No port of a best-effort option could be bound (pasta's text).
-    #[error("Failed to bind any port for '{opt} {value}', exiting")]
-    NoneBound {
-        /// The option, `-t` or `-u`.
-        opt: String,
-        /// Its value.
-        value: String,
-    },
-    /// A port of a pasta option could not be bound (pasta's text, which callers match:
-    /// podman's tests look for the port and then the system's error text).
-    #[error("Failed to bind port {port} ({why}) for option '{opt} {value}', exiting")]
-    PastaBind {
-        /// The host port.
-        port: u16,
-        /// The system's error text (strerror).
-        why: String,
-        /// The option, `-t` or `-u`.
-        opt: String,
-        /// Its value as given.
-        value: String,
-    },
     /// A `-p` port could not be published.
     #[error("cannot publish {spec}")]
     Publish {
@@ -176,8 +149,9 @@ pub struct Extras {
     /// Runs once everything is set up, just before ready is reported (pasta mode: the
     /// PID file, detaching from the caller's stdio). An error ends start-up.
     pub before_ready: Option<Box<dyn FnOnce() -> io::Result<()>>>,
-    /// A mode's own part of the loop (pasta's ports).
-    pub service: Option<Box<dyn Subsystem>>,
+    /// A mode's own parts of the loop (pasta's ports), started in this order after the
+    /// `-p` rules are published.
+    pub services: Vec<Box<dyn Subsystem>>,
     /// `--pcap`: every TAP frame, both ways.
     pub pcap: Option<Pcap>,
 }
@@ -417,7 +391,7 @@ pub fn start(
         running.add(Box::new(api))?;
     }
     publish(&mut running.fwd, &extras, running.poll.registry())?;
-    if let Some(service) = extras.service.take() {
+    for service in std::mem::take(&mut extras.services) {
         running.add(service)?;
     }
     {
@@ -455,79 +429,36 @@ pub fn start(
     Ok(running)
 }
 
-/// Publishes the `-p` rules of `extras` (see [`Publish`]; best-effort rules as
-/// [`crate::conf::Publish::best_effort`] says).
+/// Publishes the `-p` rules of `extras` (see [`Publish`]); every port must bind, but the
+/// IPv6 half of an address-less rule on a host without IPv6.
 fn publish(
     fwd: &mut Forwarder,
     extras: &Extras,
     registry: &mio::Registry,
 ) -> Result<(), LoopError> {
-    // Best-effort options and whether one of their ports was bound.
-    let mut best_effort: Vec<(&crate::conf::PastaOption, bool)> = Vec::new();
     for spec in &extras.publish {
-        let mut bound = false;
         for ip in spec.host_addrs(extras.publish_ipv6) {
             for (host_port, guest_port) in spec.pairs() {
                 let host = std::net::SocketAddr::new(ip, host_port);
                 let device = spec.device.as_deref();
-                let err =
-                    match fwd.add_port_on(spec.proto, host, device, None, guest_port, registry) {
-                        Ok(_) => {
-                            bound = true;
-                            continue;
-                        }
-                        Err(e) => e,
-                    };
-                let os_error = err.os_error().and_then(io::Error::raw_os_error);
-                let best_effort = spec.option.as_ref().filter(|_| spec.best_effort);
-                match (best_effort, err) {
-                    (Some(be), _) if matches!(os_error, Some(libc::EMFILE | libc::ENFILE)) => {
-                        return Err(LoopError::Descriptors {
-                            value: be.value.clone(),
-                        });
-                    }
-                    // Anything else (in use, privileged, no such address) skips the port.
-                    (Some(_), e) => {
-                        log::debug!("{} {host} not forwarded: {e}", spec.proto.as_str())
-                    }
-                    // No IPv6 in this kernel: the IPv4 half of an address-less rule still
-                    // serves.
-                    (None, PortError::Listen { source, .. })
+                match fwd.add_port_on(spec.proto, host, device, None, guest_port, registry) {
+                    Ok(_) => {}
+                    Err(PortError::Listen { source, .. })
                         if spec.host_ip.is_none()
                             && ip.is_ipv6()
                             && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
                     {
                         log::warn!("no IPv6 on this host: {host} not published");
                     }
-                    (None, source) => {
-                        if let (Some(o), Some(code)) = (&spec.option, os_error) {
-                            return Err(LoopError::PastaBind {
-                                port: host_port,
-                                why: nix::errno::Errno::from_raw(code).desc().to_owned(),
-                                opt: o.opt.clone(),
-                                value: o.value.clone(),
-                            });
-                        }
+                    Err(source) => {
                         return Err(LoopError::Publish {
                             spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
                             source,
-                        });
+                        })
                     }
                 }
             }
         }
-        if let Some(be) = spec.option.as_ref().filter(|_| spec.best_effort) {
-            match best_effort.iter_mut().find(|(b, _)| *b == be) {
-                Some((_, any)) => *any |= bound,
-                None => best_effort.push((be, bound)),
-            }
-        }
-    }
-    if let Some((be, _)) = best_effort.iter().find(|(_, any)| !any) {
-        return Err(LoopError::NoneBound {
-            opt: be.opt.clone(),
-            value: be.value.clone(),
-        });
     }
     Ok(())
 }

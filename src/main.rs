@@ -289,7 +289,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
         before_ready: None,
-        service: None,
+        services: Vec::new(),
         pcap: open_pcap(&args.net, &tap)?,
     };
     let setup = Setup {
@@ -408,7 +408,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         busy_poll: std::time::Duration::from_micros(args.net.busy_poll.into()),
         resolv: resolv_watch(&args.net),
         before_ready: None,
-        service: None,
+        services: Vec::new(),
         pcap: open_pcap(&args.net, &tap)?,
     };
     // Every set-up step first: if one fails, `hold` is dropped unreleased and the child

@@ -37,6 +37,7 @@
 pub mod agent;
 pub mod opts;
 pub mod ports;
+pub mod publish;
 
 use std::ffi::OsString;
 use std::io::{self, Read as _};
@@ -52,7 +53,6 @@ use nix::fcntl::OFlag;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::pipe2;
 
-use crate::conf::Publish;
 use crate::event_loop::{self, Extras};
 use crate::netns::{self, AttachSpec, Target, TargetWatch};
 use crate::sys::link::{Ipv6Link, LinkConfig, Route};
@@ -99,9 +99,10 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> PastaRunError {
 fn report(e: &(dyn std::error::Error + 'static)) {
     let verbatim = match e.downcast_ref::<PastaRunError>() {
         Some(PastaRunError::Opts(PastaError::Pasta(_))) => true,
-        Some(PastaRunError::Loop(l)) => matches!(
-            l,
-            event_loop::LoopError::Descriptors { .. } | event_loop::LoopError::NoneBound { .. }
+        // Its ports' texts (publish::PublishError) are pasta's, but for a refused rule.
+        Some(PastaRunError::Loop(event_loop::LoopError::Start(e))) => matches!(
+            e.downcast_ref::<publish::PublishError>(),
+            Some(p) if !matches!(p, publish::PublishError::Refused { .. })
         ),
         _ => matches!(e.downcast_ref::<PastaError>(), Some(PastaError::Pasta(_))),
     };
@@ -386,7 +387,7 @@ fn in_prefix4(ip: Ipv4Addr, dst: Ipv4Addr, prefix_len: u8) -> bool {
 }
 
 /// The `-t/-u` rules, after checking that every `%IF` names an interface of the host.
-fn port_rules(opts: &PastaOpts) -> Result<Vec<Publish>, PastaError> {
+fn port_rules(opts: &PastaOpts) -> Result<Vec<publish::Rule>, PastaError> {
     for (spec, opt) in [(&opts.tcp, "-t"), (&opts.udp, "-u")] {
         for name in spec.interfaces() {
             if nix::net::if_::if_nametoindex(name).is_err() {
@@ -411,8 +412,8 @@ fn port_rules(opts: &PastaOpts) -> Result<Vec<Publish>, PastaError> {
 
 /// How many host listeners `publish` asks for (address-less rules already name each
 /// address).
-fn listener_count(publish: &[Publish]) -> usize {
-    publish.iter().map(|p| usize::from(p.count)).sum()
+fn listener_count(rules: &[publish::Rule]) -> usize {
+    rules.iter().map(|r| usize::from(r.publish.count)).sum()
 }
 
 /// Raises the soft limit of open files to the hard one, as pasta does: exclusion-only
@@ -499,8 +500,10 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     };
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
-    let service = ports::PastaPorts::new(opts, &target, ns_v4, ns_v6)?
-        .map(|s| Box::new(s) as Box<dyn crate::subsystem::Subsystem>);
+    let services = services(
+        publish,
+        ports::PastaPorts::new(opts, &target, ns_v4, ns_v6)?,
+    );
     let signals = event_loop::signal_fd(false)?;
     let pid_file = opts.pid_file.clone();
     let detach_stdio = !opts.foreground;
@@ -508,9 +511,8 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         ready,
         watch,
         None,
-        publish,
         Box::new(move || before_ready(pid_file.as_deref(), detach_stdio)),
-        service,
+        services,
         open_pcap(opts, &tap)?,
     );
     extras.resolv = resolv_watch(opts);
@@ -557,17 +559,16 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
-    let service = ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), ns_v4, ns_v6)?
-        .map(|s| Box::new(s) as Box<dyn crate::subsystem::Subsystem>);
+    let pasta_ports = ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), ns_v4, ns_v6)?;
+    let services = services(publish, pasta_ports);
     let pid_file = opts.pid_file.clone();
     let supervisor = crate::pidns::Supervisor::new(pid, std::time::Duration::from_secs(10));
     let mut extras = extras(
         None,
         None,
         Some(supervisor),
-        publish,
         Box::new(move || before_ready(pid_file.as_deref(), false)),
-        service,
+        services,
         open_pcap(opts, &tap)?,
     );
     extras.resolv = resolv_watch(opts);
@@ -576,15 +577,27 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     Ok(running.run()?)
 }
 
+/// pasta's parts of the event loop: its `-t/-u` rules, published first, then its port scans
+/// and relays (when it has any).
+fn services(
+    rules: Vec<publish::Rule>,
+    pasta_ports: Option<ports::PastaPorts>,
+) -> Vec<Box<dyn crate::subsystem::Subsystem>> {
+    let mut v: Vec<Box<dyn crate::subsystem::Subsystem>> = vec![Box::new(publish::Ports(rules))];
+    if let Some(p) = pasta_ports {
+        v.push(Box::new(p));
+    }
+    v
+}
+
 /// The event loop's extras in pasta mode: no API socket, no sandbox (pasta's callers
 /// isolate it themselves), the default busy polling.
 fn extras(
     ready_fd: Option<OwnedFd>,
     watch: Option<TargetWatch>,
     child: Option<crate::pidns::Supervisor>,
-    publish: Vec<Publish>,
     before_ready: Box<dyn FnOnce() -> io::Result<()>>,
-    service: Option<Box<dyn crate::subsystem::Subsystem>>,
+    services: Vec<Box<dyn crate::subsystem::Subsystem>>,
     pcap: Option<crate::pcap::Pcap>,
 ) -> Extras {
     Extras {
@@ -600,14 +613,14 @@ fn extras(
         },
         api_socket: None,
         info: serde_json::json!({"mode": "pasta", "pid": std::process::id()}),
-        publish,
-        // Address-less -t/-u ranges already name 0.0.0.0 and :: (see PortSpec::publish).
+        // pasta's -t/-u rules are published by its own part of the loop (publish::Ports).
+        publish: Vec::new(),
         publish_ipv6: false,
         max_api_clients: 0,
         busy_poll: std::time::Duration::from_micros(50),
         resolv: None,
         before_ready: Some(before_ready),
-        service,
+        services,
         pcap,
     }
 }

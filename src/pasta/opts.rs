@@ -20,7 +20,7 @@
 //! lists; repeated options add up). As in pasta, an option's exclusions cut that option's
 //! ranges only, `%IF` (`-t/-u`) binds the host listeners to an interface, and an option of
 //! exclusions alone ([`AllBut`], `-t/-u`) forwards every other port but the ephemeral
-//! ones, best effort (see [`crate::conf::Publish::best_effort`]). `all` is refused with pasta's own
+//! ones, best effort (see [`super::publish`]). `all` is refused with pasta's own
 //! text (pasta allows it for passt only), and so are modes that do not combine
 //! ([`PastaError::Pasta`], printed without a prefix, as pasta prints it).
 //!
@@ -46,6 +46,7 @@ use std::path::PathBuf;
 use forwarder::port::Proto;
 
 use crate::conf::Publish;
+use crate::pasta::publish::{PastaOption, Rule};
 use crate::sys::link::Route;
 
 /// Errors of the command line and of the host template; printed as one line on stderr,
@@ -253,7 +254,7 @@ pub struct PortRange {
 
 /// An option of exclusions only (`-t ~20000-20010`): every other port that is not
 /// ephemeral (`net.ipv4.ip_local_port_range`), each to the same port, as far as the
-/// host lets them be bound (see [`crate::conf::Publish::best_effort`]).
+/// host lets them be bound (see [`super::publish`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllBut {
     /// `ADDR/`: the address to listen on; `None`: every address.
@@ -501,7 +502,7 @@ impl PortSpec {
         v4_only: bool,
         v6_only: bool,
         ephemeral: (u16, u16),
-    ) -> Vec<Publish> {
+    ) -> Vec<Rule> {
         let addrs = |addr: Option<IpAddr>| -> Vec<IpAddr> {
             match addr {
                 Some(a) => vec![a],
@@ -521,21 +522,23 @@ impl PortSpec {
             Proto::Tcp => "-t",
             Proto::Udp => "-u",
         };
-        let option = |value: &str| crate::conf::PastaOption {
+        let option = |value: &str| PastaOption {
             opt: opt.into(),
             value: value.into(),
         };
         let mut out = Vec::new();
         for r in &self.ranges {
             for host_ip in addrs(r.addr) {
-                out.push(Publish {
-                    proto,
-                    host_ip: Some(host_ip),
-                    host_port: r.first,
-                    guest_port: r.to,
-                    count: r.last - r.first + 1,
-                    device: r.ifname.clone(),
-                    option: Some(option(&r.value)),
+                out.push(Rule {
+                    publish: Publish {
+                        proto,
+                        host_ip: Some(host_ip),
+                        host_port: r.first,
+                        guest_port: r.to,
+                        count: r.last - r.first + 1,
+                        device: r.ifname.clone(),
+                    },
+                    option: option(&r.value),
                     best_effort: false,
                 });
             }
@@ -545,14 +548,16 @@ impl PortSpec {
             skip.push(ephemeral);
             for host_ip in addrs(a.addr) {
                 for (first, last) in runs(1, u16::MAX, &skip) {
-                    out.push(Publish {
-                        proto,
-                        host_ip: Some(host_ip),
-                        host_port: first,
-                        guest_port: first,
-                        count: last - first + 1,
-                        device: a.ifname.clone(),
-                        option: Some(option(&a.value)),
+                    out.push(Rule {
+                        publish: Publish {
+                            proto,
+                            host_ip: Some(host_ip),
+                            host_port: first,
+                            guest_port: first,
+                            count: last - first + 1,
+                            device: a.ifname.clone(),
+                        },
+                        option: option(&a.value),
                         best_effort: true,
                     });
                 }
@@ -1612,9 +1617,10 @@ mod tests {
         assert!(parse(&["--netns", "x", "--", "sh"]).is_err());
     }
 
-    fn rules(p: &[Publish]) -> Vec<(String, u16, u16, u16)> {
+    fn rules(p: &[Rule]) -> Vec<(String, u16, u16, u16)> {
         p.iter()
-            .map(|p| {
+            .map(|r| {
+                let p = &r.publish;
                 (
                     p.host_ip.map(|a| a.to_string()).unwrap_or_default(),
                     p.host_port,
@@ -1633,7 +1639,9 @@ mod tests {
         s.add("-t", "::1/9000").unwrap();
         s.add("-t", "100-110,~103-104,~110").unwrap();
         let p = s.publish(Proto::Tcp, false, false, EPHEMERAL_FALLBACK);
-        assert!(p.iter().all(|p| p.device.is_none() && !p.best_effort));
+        assert!(p
+            .iter()
+            .all(|p| p.publish.device.is_none() && !p.best_effort));
         assert_eq!(
             rules(&p),
             [
@@ -1696,9 +1704,9 @@ mod tests {
             .iter()
             .map(|p| {
                 (
-                    p.host_ip.unwrap().to_string(),
-                    p.host_port,
-                    p.device.clone(),
+                    p.publish.host_ip.unwrap().to_string(),
+                    p.publish.host_port,
+                    p.publish.device.clone(),
                 )
             })
             .collect();
@@ -1740,7 +1748,7 @@ mod tests {
             ]
         );
         assert!(p[0].best_effort);
-        let be = p[0].option.clone().expect("option");
+        let be = p[0].option.clone();
         assert_eq!((be.opt.as_str(), be.value.as_str()), ("-t", "~20000-20010"));
         // With an address and interface, several exclusions, UDP; the ephemeral range
         // at the top.
@@ -1749,8 +1757,8 @@ mod tests {
         let p = u.publish(Proto::Udp, false, false, EPHEMERAL_FALLBACK);
         // 65001-65535 is ephemeral.
         assert_eq!(rules(&p), [("127.0.0.1".into(), 1001, 1001, 999)]);
-        assert_eq!(p[0].device.as_deref(), Some("lo"));
-        assert_eq!(p[0].option.as_ref().unwrap().opt, "-u");
+        assert_eq!(p[0].publish.device.as_deref(), Some("lo"));
+        assert_eq!(p[0].option.opt, "-u");
         // Not for -T/-U; not with auto or none (pasta's texts).
         assert!(PortSpec::default().add("-T", "~80").is_err());
         let mut a = PortSpec::default();
