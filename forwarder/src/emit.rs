@@ -41,6 +41,28 @@ pub fn ip_header_len(addr: &IpAddress) -> usize {
     }
 }
 
+/// Where a packet is built: the link layer that frames it, the queue slot it goes in, and
+/// the MTU it must fit.
+pub struct Out<'a> {
+    /// The link layer (headers, the guest's MAC address).
+    pub l2: &'a L2,
+    /// The transmit queue.
+    pub txq: &'a mut TxQueue,
+    /// The guest link's MTU.
+    pub mtu: usize,
+}
+
+impl<'a> Out<'a> {
+    /// A link's queue.
+    pub(crate) fn of(link: &'a mut crate::Link) -> Out<'a> {
+        Out {
+            l2: &link.l2,
+            txq: &mut link.txq,
+            mtu: link.mtu,
+        }
+    }
+}
+
 /// Builds an IP packet (IPv4 or IPv6, after `src`/`dst`) in the next queue slot.
 /// `payload` gets the rest of the slot (so that a `recv()` into it sees whole datagrams)
 /// and returns how much it wrote, or `None` to abandon the packet; more than the MTU
@@ -48,17 +70,15 @@ pub fn ip_header_len(addr: &IpAddress) -> usize {
 ///
 /// # Errors
 /// [`EmitError`] when nothing was queued.
-#[allow(clippy::too_many_arguments)]
 pub fn ip(
-    l2: &L2,
-    txq: &mut TxQueue,
-    mtu: usize,
+    out: Out<'_>,
     src: IpAddress,
     dst: IpAddress,
     protocol: IpProtocol,
     dst_mac: Option<EthernetAddress>,
     payload: impl FnOnce(&mut [u8]) -> Option<usize>,
 ) -> Result<usize, EmitError> {
+    let Out { l2, txq, mtu } = out;
     let Some(dst_mac) = dst_mac.or_else(|| l2.neighbor(&dst)) else {
         return Err(EmitError::NoNeighbor);
     };
@@ -114,42 +134,30 @@ pub fn ip(
 ///
 /// # Errors
 /// [`EmitError`] when nothing was queued.
-#[allow(clippy::too_many_arguments)]
 pub fn udp(
-    l2: &L2,
-    txq: &mut TxQueue,
-    mtu: usize,
+    out: Out<'_>,
     src: (IpAddress, u16),
     dst: (IpAddress, u16),
     dst_mac: Option<EthernetAddress>,
     data: impl FnOnce(&mut [u8]) -> Option<usize>,
 ) -> Result<usize, EmitError> {
-    ip(
-        l2,
-        txq,
-        mtu,
-        src.0,
-        dst.0,
-        IpProtocol::Udp,
-        dst_mac,
-        |area| {
-            let n = data(area.get_mut(UDP_HEADER_LEN..)?)?;
-            let repr = UdpRepr {
-                src_port: src.1,
-                dst_port: dst.1,
-            };
-            let mut packet = UdpPacket::new_unchecked(&mut area[..UDP_HEADER_LEN + n]);
-            repr.emit(
-                &mut packet,
-                &src.0,
-                &dst.0,
-                n,
-                |_| {},
-                &ChecksumCapabilities::default(),
-            );
-            Some(UDP_HEADER_LEN + n)
-        },
-    )
+    ip(out, src.0, dst.0, IpProtocol::Udp, dst_mac, |area| {
+        let n = data(area.get_mut(UDP_HEADER_LEN..)?)?;
+        let repr = UdpRepr {
+            src_port: src.1,
+            dst_port: dst.1,
+        };
+        let mut packet = UdpPacket::new_unchecked(&mut area[..UDP_HEADER_LEN + n]);
+        repr.emit(
+            &mut packet,
+            &src.0,
+            &dst.0,
+            n,
+            |_| {},
+            &ChecksumCapabilities::default(),
+        );
+        Some(UDP_HEADER_LEN + n)
+    })
 }
 
 #[cfg(test)]
@@ -164,10 +172,13 @@ mod tests {
         let mac = EthernetAddress([2, 0, 0, 0, 0, 1]);
         let l2 = L2::new(L2::mac_for(gw), [gw, Ipv4Address::new(10, 0, 2, 3)], 0);
         let mut q = TxQueue::new(2, 2048);
+        let out = Out {
+            l2: &l2,
+            txq: &mut q,
+            mtu: 1500,
+        };
         let n = udp(
-            &l2,
-            &mut q,
-            1500,
+            out,
             (gw.into(), 53),
             (guest.into(), 4000),
             Some(mac),
@@ -198,6 +209,10 @@ mod tests {
         assert_eq!(ip_hdr.header_checksum, ip_hdr.calc_header_checksum());
     }
 
+    fn out<'a>(l2: &'a L2, txq: &'a mut TxQueue) -> Out<'a> {
+        Out { l2, txq, mtu: 1500 }
+    }
+
     #[test]
     fn queue_full_and_unknown_neighbor_reported() {
         let gw = Ipv4Address::new(10, 0, 2, 2);
@@ -206,13 +221,13 @@ mod tests {
         let guest = (Ipv4Address::new(10, 0, 2, 100).into(), 1);
         let gw_ep = (IpAddress::from(gw), 1);
         assert_eq!(
-            udp(&l2, &mut q, 1500, gw_ep, guest, None, |_| Some(0)),
+            udp(out(&l2, &mut q), gw_ep, guest, None, |_| Some(0)),
             Err(EmitError::NoNeighbor)
         );
         let mac = Some(EthernetAddress([2, 0, 0, 0, 0, 1]));
-        udp(&l2, &mut q, 1500, gw_ep, guest, mac, |_| Some(0)).unwrap();
+        udp(out(&l2, &mut q), gw_ep, guest, mac, |_| Some(0)).unwrap();
         assert_eq!(
-            udp(&l2, &mut q, 1500, gw_ep, guest, mac, |_| Some(0)),
+            udp(out(&l2, &mut q), gw_ep, guest, mac, |_| Some(0)),
             Err(EmitError::QueueFull)
         );
     }

@@ -303,17 +303,10 @@ impl Nat {
         if !dns || key.remote.1 != 53 || self.dns.names.is_empty() {
             return false;
         }
-        let mtu = link.mtu;
         let names = &self.dns.names;
-        match emit::udp(
-            &link.l2,
-            &mut link.txq,
-            mtu,
-            key.remote,
-            key.guest,
-            None,
-            |buf| names.answer(query, buf),
-        ) {
+        match emit::udp(emit::Out::of(link), key.remote, key.guest, None, |buf| {
+            names.answer(query, buf)
+        }) {
             Ok(_) => c.dns_names_answered += 1,
             Err(emit::EmitError::Empty) => return false,
             Err(_) => c.udp_send_dropped += 1,
@@ -621,8 +614,7 @@ impl Nat {
                 icmp::Unreachable::Port => f.key.remote.0,
                 _ => self.gateway_for(&f.key.remote.0),
             };
-            let (remote, guest) = (f.key.remote, f.key.guest);
-            icmp::emit_unreachable_udp(link, now, from, remote, guest, f.code, f.len, f.head());
+            icmp::emit_unreachable_udp(link, now, from, f.key, f.code, (f.len, f.head()));
         }
     }
 
@@ -817,7 +809,6 @@ impl Nat {
         let Some(id) = token.0.checked_sub(FLOW_TOKEN_BASE) else {
             return;
         };
-        let mtu = link.mtu;
         match self.table.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
                 flow.on_ready(readable, writable, hup);
@@ -825,7 +816,7 @@ impl Nat {
             }
             Some(Flow::Udp(flow)) => {
                 if readable {
-                    let done = flow.receive(now, link, mtu, io, c);
+                    let done = flow.receive(now, link, io, c);
                     if !done {
                         self.table.mark_dirty(id);
                     }
@@ -990,8 +981,8 @@ impl Nat {
                 }
             }
             Some(Flow::Udp(flow)) => {
-                let mtu = link.mtu;
-                if !flow.receive(now, link, mtu, io, c) {
+                let drained = flow.receive(now, link, io, c);
+                if !drained {
                     // The guest link is congested: retry shortly.
                     let at = now + Duration::from_millis(1);
                     self.table.timers.arm(&mut flow.timer, id, at);
@@ -1343,9 +1334,8 @@ impl Nat {
                 }
             }
             let data = &self.published.scratch[..n];
-            let mtu = link.mtu;
             let send = |link: &mut Link| {
-                emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
+                emit::udp(emit::Out::of(link), remote, guest, None, |buf| {
                     buf.get_mut(..data.len())?.copy_from_slice(data);
                     Some(data.len())
                 })
@@ -1385,11 +1375,8 @@ impl Nat {
             c.udp_send_dropped += 1;
             return;
         }
-        let mtu = link.mtu;
         let built = emit::udp(
-            &link.l2,
-            &mut link.txq,
-            mtu,
+            emit::Out::of(link),
             src,
             dst,
             Some(EthernetAddress::BROADCAST),

@@ -463,9 +463,7 @@ impl Gateway {
             }
         };
         let res = emit::udp(
-            &cx.link.l2,
-            &mut cx.link.txq,
-            cx.link.mtu,
+            emit::Out::of(cx.link),
             (gateway.into(), 67),
             (reply.dst_ip.into(), 68),
             Some(reply.dst_mac),

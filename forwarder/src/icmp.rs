@@ -223,11 +223,8 @@ pub(crate) fn emit_echo_reply(
     guest: IpAddress,
     request: &[u8],
 ) -> bool {
-    let mtu = link.mtu;
     let res = emit::ip(
-        &link.l2,
-        &mut link.txq,
-        mtu,
+        emit::Out::of(link),
         ours,
         guest,
         protocol(&ours),
@@ -274,11 +271,8 @@ pub(crate) fn emit_unreachable(
         }
     };
     let quote = &original[..quote_len];
-    let mtu = link.mtu;
     let res = emit::ip(
-        &link.l2,
-        &mut link.txq,
-        mtu,
+        emit::Out::of(link),
         from,
         to,
         protocol(&from),
@@ -316,22 +310,20 @@ pub(crate) fn emit_unreachable(
 /// (RFC 4443); the guest's kernel matches on the headers.
 pub(crate) const QUOTE_PAYLOAD: usize = 64;
 
-/// Sends "destination unreachable" from `from` about a guest datagram of the flow
-/// `guest` -> `remote`, quoting it rebuilt from its addresses, ports, length (`data_len`
-/// payload bytes) and first payload bytes `head` (the datagram itself is gone when the
-/// host socket reports the failure). Nothing when the link's [`ErrorLimit`] has no token
-/// left.
-#[allow(clippy::too_many_arguments)]
+/// Sends "destination unreachable" from `from` about a guest datagram of the flow `key`
+/// (guest -> remote), quoting it rebuilt from its addresses, ports, and `datagram`: its
+/// payload length and first payload bytes (the datagram itself is gone when the host
+/// socket reports the failure). Nothing when the link's [`ErrorLimit`] has no token left.
 pub(crate) fn emit_unreachable_udp(
     link: &mut Link,
     now: Instant,
     from: IpAddress,
-    remote: (IpAddress, u16),
-    guest: (IpAddress, u16),
+    key: crate::FlowKey,
     code: Unreachable,
-    data_len: usize,
-    head: &[u8],
+    datagram: (usize, &[u8]),
 ) {
+    let (remote, guest) = (key.remote, key.guest);
+    let (data_len, head) = datagram;
     if !link.icmp_limit.allow(now) {
         return;
     }
@@ -433,41 +425,31 @@ impl IcmpFlow {
     ) {
         let (remote, guest) = (self.key.remote.0, self.key.guest);
         loop {
-            let mtu = link.mtu;
             let mut done = false;
             let proto = protocol(&remote);
-            let res = emit::ip(
-                &link.l2,
-                &mut link.txq,
-                mtu,
-                remote,
-                guest.0,
-                proto,
-                None,
-                |buf| {
-                    let n = match self.host.recv(buf) {
-                        Ok(n) => n,
-                        Err(_) => {
-                            done = true;
-                            return None;
-                        }
-                    };
-                    let reply = buf.get_mut(..n)?;
-                    let is_reply = match remote {
-                        IpAddress::Ipv4(_) => {
-                            reply.first() == Some(&u8::from(Icmpv4Message::EchoReply))
-                        }
-                        IpAddress::Ipv6(_) => {
-                            reply.first() == Some(&u8::from(Icmpv6Message::EchoReply))
-                        }
-                    };
-                    if !is_reply {
+            let res = emit::ip(emit::Out::of(link), remote, guest.0, proto, None, |buf| {
+                let n = match self.host.recv(buf) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        done = true;
                         return None;
                     }
-                    make_reply(reply, &remote, &guest.0, Some(guest.1))?;
-                    Some(n)
-                },
-            );
+                };
+                let reply = buf.get_mut(..n)?;
+                let is_reply = match remote {
+                    IpAddress::Ipv4(_) => {
+                        reply.first() == Some(&u8::from(Icmpv4Message::EchoReply))
+                    }
+                    IpAddress::Ipv6(_) => {
+                        reply.first() == Some(&u8::from(Icmpv6Message::EchoReply))
+                    }
+                };
+                if !is_reply {
+                    return None;
+                }
+                make_reply(reply, &remote, &guest.0, Some(guest.1))?;
+                Some(n)
+            });
             match res {
                 Ok(_) => self.last_active = now,
                 Err(EmitError::QueueFull) => {

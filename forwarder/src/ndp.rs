@@ -86,11 +86,8 @@ pub(crate) fn answer_solicitation(
     let dst = if dad { ALL_NODES } else { src };
     let dst_mac = dad.then(|| multicast_mac(&ALL_NODES));
     let mac = link.l2.mac();
-    let mtu = link.mtu;
     let res = emit::ip(
-        &link.l2,
-        &mut link.txq,
-        mtu,
+        emit::Out::of(link),
         IpAddress::Ipv6(target),
         IpAddress::Ipv6(dst),
         IpProtocol::Icmpv6,
@@ -122,9 +119,7 @@ pub(crate) fn advertise(link: &mut Link, net: &Network6, dns: bool, dst: Ipv6Add
     let dns = if dns { net.dns() } else { None };
     let len = if dns.is_some() { 88 } else { 64 };
     let res = emit::ip(
-        &link.l2,
-        &mut link.txq,
-        mtu,
+        emit::Out::of(link),
         IpAddress::Ipv6(src),
         IpAddress::Ipv6(dst),
         IpProtocol::Icmpv6,

@@ -439,10 +439,10 @@ impl UdpFlow {
                 }
             }
         }
-        let (remote, guest, mtu) = (self.key.remote, self.key.guest, link.mtu);
+        let (remote, guest) = (self.key.remote, self.key.guest);
         dns.expire(now, |reply| {
             c.dns_servfail += 1;
-            let res = emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
+            let res = emit::udp(emit::Out::of(link), remote, guest, None, |buf| {
                 let out = buf.get_mut(..reply.len())?;
                 out.copy_from_slice(reply);
                 Some(reply.len())
@@ -470,7 +470,6 @@ impl UdpFlow {
         &mut self,
         now: Instant,
         link: &mut Link,
-        mtu: usize,
         io: &mut Io<'_>,
         c: &mut Counters,
     ) -> bool {
@@ -478,7 +477,7 @@ impl UdpFlow {
         loop {
             let mut outcome: io::Result<usize> = Ok(0);
             let (host, dns) = (&self.host, &mut self.dns);
-            let res = emit::udp(&link.l2, &mut link.txq, mtu, remote, guest, None, |buf| {
+            let res = emit::udp(emit::Out::of(link), remote, guest, None, |buf| {
                 outcome = host.recv(buf);
                 let n = *outcome.as_ref().ok()?;
                 if let Some(dns) = dns {
@@ -518,16 +517,8 @@ impl UdpFlow {
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                     // The host got a port unreachable for one of the guest's datagrams:
                     // which one is not known, so the quote holds the headers only.
-                    icmp::emit_unreachable_udp(
-                        link,
-                        now,
-                        remote.0,
-                        remote,
-                        guest,
-                        Unreachable::Port,
-                        0,
-                        &[],
-                    );
+                    let (key, code) = (self.key, Unreachable::Port);
+                    icmp::emit_unreachable_udp(link, now, remote.0, key, code, (0, &[]));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
