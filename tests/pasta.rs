@@ -734,28 +734,7 @@ fn pasta_without_config_net_offers_the_host_address_by_dhcp() {
     // Not configured: the link is down and has no address.
     assert!(!t.container_addrs("vh").contains("inet "));
     ip(&["-n", &t.container, "link", "set", "vh", "up"]);
-    let out = t.tmp.join("lease");
-    let script = t.tmp.join("udhcpc.script");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in bound) echo \"ip=$ip router=$router dns=$dns subnet=$subnet\" > {};; esac\nexit 0\n",
-            out.display()
-        ),
-    )
-    .expect("script");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let s = script.to_string_lossy().into_owned();
-    let f = t.run_in_container(
-        "busybox",
-        &[
-            "udhcpc", "-i", "vh", "-n", "-q", "-f", "-t", "5", "-T", "2", "-A", "1", "-s", &s,
-        ],
-        Duration::from_secs(30),
-    );
-    f.assert_success();
-    let lease = std::fs::read_to_string(&out).unwrap_or_else(|_| panic!("no lease:\n{f}"));
+    let lease = udhcpc_lease(&t, "5").unwrap_or_else(|f| panic!("no lease:\n{f}"));
     assert!(
         lease.contains("ip=198.51.100.1 router=198.51.100.2 dns=169.254.1.1 subnet=255.255.255.0"),
         "{lease}"
@@ -1264,7 +1243,7 @@ fn udhcpc_lease(t: &Topology, tries: &str) -> Result<String, String> {
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\ncase \"$1\" in bound) echo \"ip=$ip router=$router dns=$dns\" > {};; esac\nexit 0\n",
+            "#!/bin/sh\ncase \"$1\" in bound) echo \"ip=$ip router=$router dns=$dns subnet=$subnet\" > {};; esac\nexit 0\n",
             out.display()
         ),
     )
@@ -1320,7 +1299,10 @@ fn pasta_no_dhcp_and_no_ra_turn_those_services_off() {
     let p = Pasta::start(&t, &base);
     ip(&["-n", &t.container, "link", "set", "vh", "up"]);
     let lease = udhcpc_lease(&t, "5").expect("a DHCP lease without --no-dhcp");
-    assert_eq!(lease.trim_end(), "ip=198.51.100.1 router=198.51.100.2 dns=");
+    assert_eq!(
+        lease.trim_end(),
+        "ip=198.51.100.1 router=198.51.100.2 dns= subnet=255.255.255.0"
+    );
     assert!(
         wait_for(Duration::from_secs(15), || ra_route().then_some(())).is_some(),
         "no router advertisement without --no-ra: ICMPv6 types {:?}",
