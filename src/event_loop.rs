@@ -597,7 +597,7 @@ impl Running {
                                 registry: poll.registry(),
                                 tap: &mut members,
                             };
-                            fwd.handle_port_frame(now, port, &frame[..n], &mut io);
+                            fwd.handle_port_frame(now, port, &mut frame[..n], &mut io);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             if let Some(Some(m)) = members.0.get_mut(port) {

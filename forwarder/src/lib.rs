@@ -508,26 +508,6 @@ pub struct FlowKey {
     /// The destination as the guest addressed it.
     pub remote: (IpAddress, u16),
 }
-/// Copies `frame` into `scratch` and finishes its partial checksum `p` there (the
-/// Ethernet frame starts after `vnet_hdr_len` bytes). `scratch` grows once to the largest
-/// frame and is reused.
-fn finished_copy<'s>(
-    scratch: &'s mut Vec<u8>,
-    frame: &[u8],
-    vnet_hdr_len: usize,
-    p: stack::csum::Partial,
-) -> &'s [u8] {
-    if scratch.capacity() == 0 {
-        scratch.reserve_exact(vnet_hdr_len + stack::l2::ETHERNET_HEADER_LEN + 65536);
-    }
-    scratch.clear();
-    scratch.extend_from_slice(frame);
-    if let Some(eth) = scratch.get_mut(vnet_hdr_len..) {
-        stack::csum::finish(eth, p);
-    }
-    scratch
-}
-
 /// Frames queued for the members by the gateway: room for a burst of full-size segments.
 const TXQ_SLOTS: usize = 256;
 
@@ -538,9 +518,6 @@ pub struct Forwarder {
     gateway: Gateway,
     nat: Nat,
     counters: Counters,
-    /// A copy of the frame being handled whose partial checksum usernet finishes
-    /// ([`stack::csum`]); its room is reserved on first use, once.
-    scratch: Vec<u8>,
 }
 
 impl Forwarder {
@@ -594,7 +571,6 @@ impl Forwarder {
             nat: Nat::new(Arc::clone(&cfg), topology),
             cfg,
             counters: Counters::default(),
-            scratch: Vec::new(),
         }
     }
 
@@ -692,13 +668,21 @@ impl Forwarder {
     }
 
     /// Takes one frame read from the first member port's TAP (vnet header included).
-    pub fn handle_frame(&mut self, now: Instant, frame: &[u8], io: &mut Io<'_>) {
+    pub fn handle_frame(&mut self, now: Instant, frame: &mut [u8], io: &mut Io<'_>) {
         self.handle_port_frame(now, 0, frame, io);
     }
 
     /// Takes one frame read from `port`'s TAP (vnet header included): switched to other
-    /// members as it is, or handled by the gateway.
-    pub fn handle_port_frame(&mut self, now: Instant, port: PortId, frame: &[u8], io: &mut Io<'_>) {
+    /// members as it is, or handled by the gateway. The frame is the caller's read buffer:
+    /// a partial checksum the gateway would relay unfinished is finished in it
+    /// ([`stack::csum`]), once it has gone to any other member.
+    pub fn handle_port_frame(
+        &mut self,
+        now: Instant,
+        port: PortId,
+        frame: &mut [u8],
+        io: &mut Io<'_>,
+    ) {
         self.counters.rx_frames += 1;
         self.counters.rx_bytes += frame.len() as u64;
         let to_gateway = match self.link.switch.handle_frame(now, port, frame) {
@@ -728,19 +712,23 @@ impl Forwarder {
         };
         if to_gateway {
             // A partial checksum in data the gateway relays as it is (a tunnel's inner
-            // TCP/UDP checksum) is finished on a copy first; members get the frame as
-            // it came (their TAPs take partial checksums, as every port of the switch).
-            let frame = match stack::csum::check(frame, self.cfg.vnet_hdr_len) {
-                stack::csum::Check::None | stack::csum::Check::Own => frame,
+            // TCP/UDP checksum) is finished first, in place: members already got the
+            // frame as it came (their TAPs take partial checksums, as every port of the
+            // switch).
+            match stack::csum::check(frame, self.cfg.vnet_hdr_len) {
+                stack::csum::Check::None | stack::csum::Check::Own => {}
                 stack::csum::Check::Bad => {
                     self.counters.drop_csum_offsets += 1;
                     return;
                 }
                 stack::csum::Check::Finish(p) => {
                     self.counters.csum_finished += 1;
-                    finished_copy(&mut self.scratch, frame, self.cfg.vnet_hdr_len, p)
+                    if let Some(eth) = frame.get_mut(self.cfg.vnet_hdr_len..) {
+                        stack::csum::finish(eth, p);
+                    }
                 }
-            };
+            }
+            let frame = &*frame;
             let mut cx = Cx {
                 link: &mut self.link,
                 c: &mut self.counters,

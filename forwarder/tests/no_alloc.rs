@@ -105,7 +105,7 @@ fn turn(sim: &mut Sim, tally: &mut Tally) {
     sim.fwd.flush(io.tap);
 }
 
-fn guest_frame(sim: &mut Sim, frame: &[u8], tally: &mut Tally) {
+fn guest_frame(sim: &mut Sim, frame: &mut [u8], tally: &mut Tally) {
     let now = sim.now();
     let mut io = forwarder::Io {
         registry: sim.poll.registry(),
@@ -154,7 +154,7 @@ fn steady_state_tcp_and_udp_allocate_nothing() {
             .psh()
             .write(&mut frame, &chunk)
             .unwrap();
-        guest_frame(sim, &frame, tally);
+        guest_frame(sim, &mut frame, tally);
         *seq = seq.wrapping_add(SEG as u32);
         // Guest -> host UDP datagram; the host echoes it.
         udp.clear();
@@ -163,7 +163,7 @@ fn steady_state_tcp_and_udp_allocate_nothing() {
             .udp(5555, uport)
             .write(&mut udp, b"ping")
             .unwrap();
-        guest_frame(sim, &udp, tally);
+        guest_frame(sim, &mut udp, tally);
         turn(sim, tally);
         while let Ok((n, from)) = echo.recv_from(&mut udp_buf) {
             echo.send_to(&udp_buf[..n], from).unwrap();

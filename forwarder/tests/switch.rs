@@ -40,6 +40,8 @@ struct Net {
     fwd: Forwarder,
     out: Ports,
     ports: [PortId; 3],
+    /// The read buffer frames are handed over in, as the event loop's.
+    rx: Vec<u8>,
 }
 
 impl Net {
@@ -53,6 +55,7 @@ impl Net {
             fwd,
             out: Ports::default(),
             ports: [0, b, c],
+            rx: Vec::new(),
         }
     }
 
@@ -62,7 +65,9 @@ impl Net {
             registry: self.poll.registry(),
             tap: &mut self.out,
         };
-        self.fwd.handle_port_frame(now, port, frame, &mut io);
+        self.rx.clear();
+        self.rx.extend_from_slice(frame);
+        self.fwd.handle_port_frame(now, port, &mut self.rx, &mut io);
         self.fwd.poll_flows(now, &mut io);
         self.fwd.flush(&mut self.out);
     }

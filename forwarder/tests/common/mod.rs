@@ -32,6 +32,8 @@ pub struct Sim {
     pub fwd: Forwarder,
     pub wire: Wire,
     pub start: std::time::Instant,
+    /// The read buffer frames are handed over in, as the event loop's.
+    rx: Vec<u8>,
 }
 
 impl Sim {
@@ -78,7 +80,9 @@ impl Sim {
             registry: self.poll.registry(),
             tap: &mut self.wire,
         };
-        self.fwd.handle_frame(now, frame, &mut io);
+        self.rx.clear();
+        self.rx.extend_from_slice(frame);
+        self.fwd.handle_frame(now, &mut self.rx, &mut io);
         self.fwd.poll_flows(now, &mut io);
         self.fwd.flush(&mut self.wire);
     }
@@ -402,6 +406,8 @@ pub struct Sealed {
     pub vnet: usize,
     nat: NatConfig,
     micros: i64,
+    /// The read buffer frames are handed over in, as the event loop's.
+    rx: Vec<u8>,
 }
 
 impl Sealed {
@@ -421,6 +427,7 @@ impl Sealed {
             vnet,
             nat,
             micros: 0,
+            rx: Vec::new(),
         }
     }
 
@@ -444,7 +451,9 @@ impl Sealed {
             registry: self.poll.registry(),
             tap: &mut self.sink,
         };
-        self.fwd.handle_frame(now, frame, &mut io);
+        self.rx.clear();
+        self.rx.extend_from_slice(frame);
+        self.fwd.handle_frame(now, &mut self.rx, &mut io);
     }
 
     /// The rest of an event loop turn: readiness (none is expected), timers, flows,
@@ -468,6 +477,7 @@ impl Sim {
             fwd: Forwarder::new(cfg, Topology::Single, Instant::from_micros(0)),
             wire: Wire::default(),
             start: std::time::Instant::now(),
+            rx: Vec::new(),
         }
     }
 }
