@@ -46,6 +46,19 @@ pub(crate) struct Cx<'a, 'io> {
     pub io: &'a mut Io<'io>,
 }
 
+impl<'io> Cx<'_, 'io> {
+    /// The NAT, and its handler context for this frame at `now`.
+    fn nat_cx(&mut self, now: Instant) -> (&mut Nat, flow::Cx<'_, 'io>) {
+        let cx = flow::Cx {
+            link: &mut *self.link,
+            c: &mut *self.c,
+            io: &mut *self.io,
+            now,
+        };
+        (&mut *self.nat, cx)
+    }
+}
+
 /// The gateway's own state: DHCP leases, router advertisements, reassembly.
 pub struct Gateway {
     cfg: Arc<Config>,
@@ -71,7 +84,7 @@ impl Gateway {
     pub fn new(cfg: Arc<Config>, topology: Topology, now: Instant) -> Gateway {
         let members = matches!(topology, Topology::Network { .. });
         let net = cfg.nat.net;
-        let dhcp = dhcp::DhcpServer::new(dhcp::DhcpConfig {
+        let mut dhcp = dhcp::DhcpServer::new(dhcp::DhcpConfig {
             server: net.gateway(),
             prefix_len: net.prefix_len,
             router: net.gateway(),
@@ -82,7 +95,6 @@ impl Gateway {
             pool_len: net.dhcp_pool_len(),
             lease: std::time::Duration::from_secs(24 * 3600),
         });
-        let mut dhcp = dhcp;
         dhcp.set_reserved_only(members);
         Gateway {
             next_ra: cfg
@@ -267,16 +279,8 @@ impl Gateway {
             payload,
             verify,
         };
-        cx.nat.handle_l4(
-            flow::Cx {
-                link: &mut *cx.link,
-                c: &mut *cx.c,
-                io: &mut *cx.io,
-                now,
-            },
-            repr.next_header,
-            pkt,
-        );
+        let (nat, fcx) = cx.nat_cx(now);
+        nat.handle_l4(fcx, repr.next_header, pkt);
     }
 
     /// Collects a fragment; handles the datagram it completes.
@@ -368,16 +372,8 @@ impl Gateway {
                                 payload,
                                 verify: false,
                             };
-                            cx.nat.handle_icmp(
-                                flow::Cx {
-                                    link: &mut *cx.link,
-                                    c: &mut *cx.c,
-                                    io: &mut *cx.io,
-                                    now,
-                                },
-                                pkt,
-                                msg,
-                            );
+                            let (nat, fcx) = cx.nat_cx(now);
+                            nat.handle_icmp(fcx, pkt, msg);
                         };
                     } else {
                         cx.c.drop_bad_source += 1;
@@ -406,16 +402,8 @@ impl Gateway {
                     payload,
                     verify,
                 };
-                cx.nat.handle_l4(
-                    flow::Cx {
-                        link: &mut *cx.link,
-                        c: &mut *cx.c,
-                        io: &mut *cx.io,
-                        now,
-                    },
-                    repr.next_header,
-                    pkt,
-                );
+                let (nat, fcx) = cx.nat_cx(now);
+                nat.handle_l4(fcx, repr.next_header, pkt);
             }
             // Extension headers (hop-by-hop of MLD, fragments, ...) are not handled.
             _ => cx.c.drop_ipv6_ext += 1,
