@@ -631,12 +631,11 @@ impl Running {
             };
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
-            let handoffs: Vec<_> = fwd.handoffs().collect();
-            for conn in handoffs {
+            for conn in fwd.handoffs() {
                 let mut conn = Some(conn);
                 for sub in subs.iter_mut() {
                     let Some(c) = conn.take() else { break };
-                    conn = sub.take_connection(c, &mut cx!());
+                    conn = sub.take_connection(c, poll.registry());
                 }
             }
             for sub in subs.iter_mut() {

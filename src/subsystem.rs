@@ -122,9 +122,9 @@ pub trait Subsystem {
     fn take_connection(
         &mut self,
         conn: forwarder::port::Handoff,
-        cx: &mut Cx<'_>,
+        registry: &Registry,
     ) -> Option<forwarder::port::Handoff> {
-        let _ = cx;
+        let _ = registry;
         Some(conn)
     }
 

@@ -895,8 +895,8 @@ impl Subsystem for PastaPorts {
         self.relay.moved
     }
 
-    fn take_connection(&mut self, conn: Handoff, cx: &mut Cx<'_>) -> Option<Handoff> {
-        self.splice(conn, cx.registry);
+    fn take_connection(&mut self, conn: Handoff, registry: &Registry) -> Option<Handoff> {
+        self.splice(conn, registry);
         None
     }
 }
