@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use forwarder::port::{PortError, PortRule, Proto};
 use forwarder::{Forwarder, Io};
+
+use crate::host::Sockets;
 use mio::net::UnixListener;
 use mio::{Interest, Registry, Token};
 
@@ -68,7 +70,7 @@ pub(crate) struct FwdControl<'a, 'io> {
     /// The forwarder.
     pub fwd: &'a mut Forwarder,
     /// The host side.
-    pub io: &'a mut Io<'io>,
+    pub io: &'a mut Io<'io, Sockets>,
 }
 
 impl Control for FwdControl<'_, '_> {
@@ -79,8 +81,7 @@ impl Control for FwdControl<'_, '_> {
         guest: Option<std::net::Ipv4Addr>,
         port: u16,
     ) -> Result<PortRule, PortError> {
-        self.fwd
-            .add_port(proto, host, guest, port, self.io.registry)
+        self.fwd.add_port(proto, host, guest, port, self.io.host)
     }
     fn remove(&mut self, id: u32) -> Result<(), PortError> {
         self.fwd.remove_port(id, self.io)
@@ -356,7 +357,7 @@ impl Subsystem for Socket {
         };
         let token = Token(server.listener_token.0 + local);
         let mut io = Io {
-            registry: cx.registry,
+            host: &mut *cx.sockets,
             tap: cx.taps.sink(),
         };
         let mut ctl = InfoControl {

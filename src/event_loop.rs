@@ -3,7 +3,8 @@
 //! # Theory of operation
 //!
 //! One thread, one mio `Poll` (epoll, edge-triggered) for the members' TAPs (one per
-//! switch port; a single namespace is a network of one) and the host sockets. Per turn:
+//! switch port; a single namespace is a network of one) and the forwarder's host sockets
+//! ([`crate::host::Sockets`], registered under their flow ids). Per turn:
 //! wait (until the forwarder's next timer, or not at all while a TAP still has frames;
 //! spinning first while traffic is interactive, see [`crate::busy_poll`]), note
 //! readiness, read a bounded batch of frames from each readable TAP (fairness with the
@@ -40,13 +41,14 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};
 use crate::conf::Publish;
+use crate::host::Sockets;
 use crate::netns::TargetWatch;
 use crate::pcap::Pcap;
 use crate::pidns::Supervisor;
 use crate::subsystem::{self, Cx, Next, Subsystem};
 use crate::sys::tap::Tap;
 
-/// TAP tokens: this plus the switch port, above every flow token.
+/// TAP tokens: this plus the switch port, above every flow token (a flow's id).
 const TAPS: usize = 1 << 32;
 /// Subsystem tokens: subsystem `i` has [`subsystem::TOKENS`] of them from
 /// `SUBSYSTEMS + i * subsystem::TOKENS` up.
@@ -55,8 +57,9 @@ const SUBSYSTEMS: usize = 1 << 40;
 /// Who a readiness event is for, from its token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
-    /// A flow's host socket or a published port's listener (the forwarder's tokens).
-    Flow(Token),
+    /// A flow's host socket or a published port's listener, by flow id (its token,
+    /// [`crate::host`]).
+    Flow(usize),
     /// A member's TAP, by switch port.
     Tap(forwarder::PortId),
     /// Subsystem `.0`'s source `.1` (its token minus its base).
@@ -71,7 +74,7 @@ impl Source {
                 Source::Sub(rel / subsystem::TOKENS, rel % subsystem::TOKENS)
             }
             t if t >= TAPS => Source::Tap(t - TAPS),
-            _ => Source::Flow(token),
+            t => Source::Flow(t),
         }
     }
 
@@ -305,6 +308,8 @@ pub fn run(tap: Tap, fwd: Forwarder, signals: SignalFd, extras: Extras) -> Resul
 pub struct Running {
     members: Members,
     fwd: Forwarder,
+    /// The forwarder's host sockets.
+    sockets: Sockets,
     /// Every other part of the loop; subsystem `i` owns the tokens of [`Source::Sub`]`(i, _)`.
     subs: Vec<Box<dyn Subsystem>>,
     poll: Poll,
@@ -320,11 +325,14 @@ impl Running {
         fwd: Forwarder,
         info: serde_json::Value,
     ) -> Result<Running, LoopError> {
+        let poll = Poll::new().map_err(LoopError::Setup)?;
+        let registry = poll.registry().try_clone().map_err(LoopError::Setup)?;
         Ok(Running {
             members,
             fwd,
+            sockets: Sockets::new(registry),
             subs: Vec::new(),
-            poll: Poll::new().map_err(LoopError::Setup)?,
+            poll,
             info,
             busy_poll: std::time::Duration::from_micros(50),
         })
@@ -336,6 +344,7 @@ impl Running {
         let mut cx = Cx {
             fwd: &mut self.fwd,
             registry: self.poll.registry(),
+            sockets: &mut self.sockets,
             taps: &mut self.members,
             info: &self.info,
             waits: crate::busy_poll::WaitStats::default(),
@@ -390,7 +399,7 @@ pub fn start(
         let api = api::Socket::new(path.clone(), extras.max_api_clients);
         running.add(Box::new(api))?;
     }
-    publish(&mut running.fwd, &extras, running.poll.registry())?;
+    publish(&mut running.fwd, &extras, &mut running.sockets)?;
     for service in std::mem::take(&mut extras.services) {
         running.add(service)?;
     }
@@ -398,6 +407,7 @@ pub fn start(
         let Running {
             members,
             fwd,
+            sockets,
             subs,
             poll,
             info,
@@ -407,6 +417,7 @@ pub fn start(
             let mut cx = Cx {
                 fwd,
                 registry: poll.registry(),
+                sockets,
                 taps: members,
                 info,
                 waits: crate::busy_poll::WaitStats::default(),
@@ -431,17 +442,13 @@ pub fn start(
 
 /// Publishes the `-p` rules of `extras` (see [`Publish`]); every port must bind, but the
 /// IPv6 half of an address-less rule on a host without IPv6.
-fn publish(
-    fwd: &mut Forwarder,
-    extras: &Extras,
-    registry: &mio::Registry,
-) -> Result<(), LoopError> {
+fn publish(fwd: &mut Forwarder, extras: &Extras, sockets: &mut Sockets) -> Result<(), LoopError> {
     for spec in &extras.publish {
         for ip in spec.host_addrs(extras.publish_ipv6) {
             for (host_port, guest_port) in spec.pairs() {
                 let host = std::net::SocketAddr::new(ip, host_port);
                 let device = spec.device.as_deref();
-                match fwd.add_port_on(spec.proto, host, device, None, guest_port, registry) {
+                match fwd.add_port_on(spec.proto, host, device, None, guest_port, sockets) {
                     Ok(_) => {}
                     Err(PortError::Listen { source, .. })
                         if spec.host_ip.is_none()
@@ -488,6 +495,7 @@ impl Running {
         let Running {
             mut members,
             mut fwd,
+            mut sockets,
             mut subs,
             mut poll,
             info,
@@ -508,6 +516,7 @@ impl Running {
                 Cx {
                     fwd: &mut fwd,
                     registry: poll.registry(),
+                    sockets: &mut sockets,
                     taps: &mut members,
                     info: &info,
                     waits: waiter.stats(),
@@ -564,14 +573,14 @@ impl Running {
                             return Ok(code);
                         }
                     }
-                    Source::Flow(token) => {
+                    Source::Flow(id) => {
                         let mut io = Io {
-                            registry: poll.registry(),
+                            host: &mut sockets,
                             tap: &mut members,
                         };
                         fwd.handle_ready(
                             now,
-                            token,
+                            id,
                             readable,
                             writable,
                             event.is_read_closed(),
@@ -594,7 +603,7 @@ impl Running {
                                 p.record(&frame[..n]);
                             }
                             let mut io = Io {
-                                registry: poll.registry(),
+                                host: &mut sockets,
                                 tap: &mut members,
                             };
                             fwd.handle_port_frame(now, port, &mut frame[..n], &mut io);
@@ -626,12 +635,12 @@ impl Running {
                 }
             }
             let mut io = Io {
-                registry: poll.registry(),
+                host: &mut sockets,
                 tap: &mut members,
             };
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
-            for conn in fwd.handoffs() {
+            for conn in sockets.handoffs() {
                 let mut conn = Some(conn);
                 for sub in subs.iter_mut() {
                     let Some(c) = conn.take() else { break };

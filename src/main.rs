@@ -18,6 +18,7 @@ mod busy_poll;
 mod cli_docs;
 mod conf;
 mod event_loop;
+mod host;
 mod isolation;
 mod netns;
 mod network;

@@ -680,16 +680,18 @@ impl Member {
 
 /// The event loop's side for one call.
 pub struct Host<'a> {
-    /// Registry for the TAPs and flow sockets.
+    /// Registry for the TAPs.
     pub registry: &'a mio::Registry,
+    /// The forwarder's host sockets.
+    pub sockets: &'a mut crate::host::Sockets,
     /// The TAPs.
     pub taps: &'a mut dyn crate::subsystem::Taps,
 }
 
 impl Host<'_> {
-    fn io(&mut self) -> forwarder::Io<'_> {
+    fn io(&mut self) -> forwarder::Io<'_, crate::host::Sockets> {
         forwarder::Io {
-            registry: self.registry,
+            host: &mut *self.sockets,
             tap: self.taps.sink(),
         }
     }
@@ -1180,7 +1182,7 @@ impl Server {
                 SocketAddr::new(host_ip, hp),
                 Some(v4),
                 gp,
-                host.registry,
+                host.sockets,
             ) {
                 Ok(rule) => rules.push(rule.id),
                 Err(e) => {
@@ -1206,7 +1208,7 @@ impl Server {
 /// The slirp4netns-shaped calls, through [`crate::api::execute`].
 fn api_execute(
     fwd: &mut Forwarder,
-    io: &mut forwarder::Io<'_>,
+    io: &mut forwarder::Io<'_, crate::host::Sockets>,
     req: &Value,
 ) -> Result<Value, String> {
     let mut ctl = crate::api::FwdControl { fwd, io };
@@ -1240,6 +1242,7 @@ impl Subsystem for Server {
     fn handle(&mut self, local: usize, cx: &mut Cx<'_>) -> Next {
         let mut host = Host {
             registry: cx.registry,
+            sockets: &mut *cx.sockets,
             taps: &mut *cx.taps,
         };
         match local {
@@ -1270,6 +1273,7 @@ impl Subsystem for Server {
     fn tap_gone(&mut self, port: PortId, cx: &mut Cx<'_>) -> bool {
         let mut host = Host {
             registry: cx.registry,
+            sockets: &mut *cx.sockets,
             taps: &mut *cx.taps,
         };
         self.port_gone(cx.fwd, &mut host, port);

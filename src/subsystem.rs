@@ -31,6 +31,7 @@ use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
 
 use crate::busy_poll::WaitStats;
+use crate::host::{Handoff, Sockets};
 use crate::netns::TargetWatch;
 use crate::pidns::Supervisor;
 use crate::resolv_watch::ResolvWatch;
@@ -70,6 +71,8 @@ pub struct Cx<'a> {
     pub fwd: &'a mut Forwarder,
     /// Where sources are registered.
     pub registry: &'a Registry,
+    /// The forwarder's host sockets.
+    pub sockets: &'a mut Sockets,
     /// The members' TAPs.
     pub taps: &'a mut dyn Taps,
     /// What `get_info` answers: mode, pid, and in run mode the name and command.
@@ -119,11 +122,7 @@ pub trait Subsystem {
 
     /// A published-port connection or datagram of a loopback client that the forwarder
     /// handed over ([`forwarder::Config::loopback_handoff`]); given back if not taken.
-    fn take_connection(
-        &mut self,
-        conn: forwarder::port::Handoff,
-        registry: &Registry,
-    ) -> Option<forwarder::port::Handoff> {
+    fn take_connection(&mut self, conn: Handoff, registry: &Registry) -> Option<Handoff> {
         let _ = registry;
         Some(conn)
     }
@@ -280,7 +279,7 @@ impl Subsystem for Resolv {
     fn turn(&mut self, cx: &mut Cx<'_>) -> Next {
         if let Some(list) = self.0.poll(Instant::now()) {
             let mut io = Io {
-                registry: cx.registry,
+                host: &mut *cx.sockets,
                 tap: cx.taps.sink(),
             };
             cx.fwd.set_nameservers(list, &mut io);

@@ -9,15 +9,16 @@
 //! the switch ([`crate::switch`]) delivers to the member that owns the destination.
 //!
 //! - One token table ([`Flow`] in a `Slab`) holds TCP, UDP, ICMP flows and the published
-//!   ports' listeners; the mio token of a host socket is its index plus
-//!   [`FLOW_TOKEN_BASE`]. Three maps find a flow by the key the guest sees on the wire.
+//!   ports' listeners; a flow's index there is its id, which names its host socket to
+//!   the [`HostIo`] ([`crate::host`]). Three maps find a flow by the key the guest sees on
+//!   the wire.
 //! - TCP: one smoltcp socket per flow, each in its own `SocketSet` ([`crate::tcp`]); UDP
 //!   and ICMP bypass smoltcp with connected host sockets ([`crate::udp`], [`crate::icmp`]).
 //! - Where a destination goes (host loopback, DNS, denied) is [`crate::nat::NatConfig`]'s
 //!   decision; this type keeps the state, in three parts by concern: the flow table
 //!   ([`FlowTable`]: flows and listeners, key maps, timers, the turn's dirty list, limits
 //!   and per-member quotas, the pool of guest sockets), the published ports' own state
-//!   ([`port::Published`]: rules, inbound UDP associations, parked frames, handoffs) and
+//!   ([`port::Published`]: rules, inbound UDP associations, parked frames) and
 //!   the DNS forwarder's upstreams and health ([`crate::dns_relay::Upstreams`]).
 //!
 //! Limits: every table is bounded by [`Limits`] (one flow table and one set of limits for
@@ -30,18 +31,16 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use mio::Token;
 use slab::Slab;
 use smoltcp::iface::SocketSet;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPacket};
 
 use crate::{
-    dns_relay, emit, icmp, names, nat, port, sys, tcp, timer, udp, Config, Counters, FlowKey, Io,
-    Limits, Link, Topology, FLOW_TOKEN_BASE,
+    dns_relay, emit, icmp, names, nat, port, tcp, timer, udp, Close, Config, Counters, FlowKey,
+    HostIo, Io, Limits, Link, Topology,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -84,16 +83,13 @@ fn udp_route(flows: &mut Slab<Flow>, id: usize) -> Option<(udp::Route, &mut bool
             let Some(Flow::Port(l)) = flows.get(f.listener) else {
                 return None;
             };
-            let port::ListenSocket::Udp(sock) = &l.socket else {
-                return None;
-            };
-            if l.rule.id != f.rule_id {
+            if l.rule.proto != port::Proto::Udp || l.rule.id != f.rule_id {
                 return None;
             }
             // Replies from the address the client used (the rule's socket may be bound
             // to a wildcard address).
             udp::Route {
-                fd: sock.as_raw_fd(),
+                id: f.listener,
                 to: Some(f.client),
                 from: f.local,
                 key: f.key,
@@ -140,10 +136,10 @@ pub struct Nat {
 
 /// What a protocol handler works with for one packet or event: the link its answers go
 /// to, the counters, the host side, and the time.
-pub(crate) struct Cx<'a, 'io> {
+pub(crate) struct Cx<'a, 'io, H> {
     pub link: &'a mut Link,
     pub c: &'a mut Counters,
-    pub io: &'a mut Io<'io>,
+    pub io: &'a mut Io<'io, H>,
     pub now: Instant,
 }
 
@@ -267,15 +263,10 @@ impl Nat {
             table: FlowTable::new(member_limit),
             published: port::Published::new(cfg.guest_v6, member_limit.is_some()),
             dns: dns_relay::Upstreams::new(cfg.nameservers.clone()),
-            udp_batch: udp::Batch::new(sys::udp_gso_supported()),
+            udp_batch: udp::Batch::new(),
             internal,
             cfg,
         }
-    }
-
-    /// See [`crate::Forwarder::handoffs`].
-    pub(crate) fn handoffs(&mut self) -> std::vec::Drain<'_, port::Handoff> {
-        self.published.handoffs.drain(..)
     }
 
     /// The member names the DNS address answers.
@@ -413,7 +404,12 @@ impl Nat {
     }
 
     /// A guest packet of transport protocol `proto` that is not for the gateway itself.
-    pub(crate) fn handle_l4(&mut self, cx: Cx<'_, '_>, proto: IpProtocol, pkt: Packet<'_>) {
+    pub(crate) fn handle_l4<H: HostIo>(
+        &mut self,
+        cx: Cx<'_, '_, H>,
+        proto: IpProtocol,
+        pkt: Packet<'_>,
+    ) {
         match proto {
             IpProtocol::Udp => self.handle_udp(cx, pkt),
             IpProtocol::Tcp => self.handle_tcp(cx, pkt),
@@ -426,7 +422,7 @@ impl Nat {
         }
     }
 
-    fn handle_tcp(&mut self, cx: Cx<'_, '_>, pkt: Packet<'_>) {
+    fn handle_tcp<H: HostIo>(&mut self, cx: Cx<'_, '_, H>, pkt: Packet<'_>) {
         let Cx { link, c, io, now } = cx;
         let Packet {
             src,
@@ -474,14 +470,14 @@ impl Nat {
             .poll_ingress_single(now, &mut dev, &mut self.table.no_flow);
     }
 
-    fn open_tcp(
+    fn open_tcp<H: HostIo>(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
         now: Instant,
         key: FlowKey,
         ip: &[u8],
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         let limits = self.cfg.limits;
         if self.table.tcp_map.len() >= limits.tcp_flows
@@ -525,8 +521,7 @@ impl Nat {
         };
         let entry = self.table.flows.vacant_entry();
         let id = entry.key();
-        let token = Token(FLOW_TOKEN_BASE + id);
-        match tcp::TcpFlow::open(key, target, ip, &opts, io.registry, token, guest) {
+        match tcp::TcpFlow::open(id, key, target, ip, &opts, io.host, guest) {
             Ok(mut flow) => {
                 flow.ingress(now, link, ip);
                 entry.insert(Flow::Tcp(Box::new(flow)));
@@ -553,7 +548,7 @@ impl Nat {
         }
     }
 
-    fn handle_udp(&mut self, cx: Cx<'_, '_>, pkt: Packet<'_>) {
+    fn handle_udp<H: HostIo>(&mut self, cx: Cx<'_, '_, H>, pkt: Packet<'_>) {
         let Cx { link, c, io, now } = cx;
         let Packet {
             src,
@@ -582,7 +577,7 @@ impl Nat {
             },
         };
         if !self.udp_batch.accepts(id, data) {
-            self.send_udp_batch(c);
+            self.send_udp_batch(c, io.host);
         }
         match self.table.flows.get_mut(id) {
             Some(Flow::Udp(flow)) => {
@@ -601,7 +596,7 @@ impl Nat {
         // A published port whose rule is gone has no route: the reply is dropped.
         if let Some((route, gso)) = udp_route(&mut self.table.flows, id) {
             let gso = *gso;
-            self.udp_batch.push(id, route, gso, data, c);
+            self.udp_batch.push(id, route, gso, data, c, io.host);
         }
         self.report_udp_failure(link, now);
     }
@@ -619,11 +614,11 @@ impl Nat {
     }
 
     /// Takes the new nameservers: closes the DNS forwarder's UDP flows.
-    pub(crate) fn set_nameservers(
+    pub(crate) fn set_nameservers<H: HostIo>(
         &mut self,
         c: &mut Counters,
         list: Vec<std::net::SocketAddr>,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         self.dns.nameservers = list;
         self.dns.dns_down = None;
@@ -639,14 +634,14 @@ impl Nat {
         }
     }
 
-    fn open_udp(
+    fn open_udp<H: HostIo>(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
         now: Instant,
         key: FlowKey,
         ip: &[u8],
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) -> Option<usize> {
         if self.table.udp_map.len() >= self.cfg.limits.udp_flows {
             c.udp_table_full += 1;
@@ -676,7 +671,6 @@ impl Nat {
             }
         };
         let id = self.table.flows.vacant_key();
-        let token = Token(FLOW_TOKEN_BASE + id);
         // The DNS forwarder's flows fail over between the nameservers.
         let dns = key.remote.1 == 53
             && !self.dns.nameservers.is_empty()
@@ -690,15 +684,14 @@ impl Nat {
         let mut opened = Err(io::Error::from_raw_os_error(libc::ENETUNREACH));
         for (i, server) in servers.iter().enumerate() {
             let outbound = self.outbound_for(&server.ip());
-            opened = udp::UdpFlow::open(now, key, *server, outbound, io.registry, token).map(
-                |mut flow| {
+            opened =
+                udp::UdpFlow::open(now, id, key, *server, outbound, io.host).map(|mut flow| {
                     if dns {
                         let quick = self.dns.dns_down == Some(c.dns_answers);
                         flow.follow_dns(servers, i, now, quick);
                     }
                     flow
-                },
-            );
+                });
             if opened.is_ok() {
                 break;
             }
@@ -731,7 +724,12 @@ impl Nat {
     }
 
     /// A guest's ICMP or ICMPv6 message `msg` (echo requests are forwarded).
-    pub(crate) fn handle_icmp(&mut self, cx: Cx<'_, '_>, pkt: Packet<'_>, msg: icmp::Message) {
+    pub(crate) fn handle_icmp<H: HostIo>(
+        &mut self,
+        cx: Cx<'_, '_, H>,
+        pkt: Packet<'_>,
+        msg: icmp::Message,
+    ) {
         let Cx { link, c, io, now } = cx;
         let Packet {
             src,
@@ -765,8 +763,7 @@ impl Nat {
                 let outbound = self.outbound_for(&dst.into());
                 let entry = self.table.flows.vacant_entry();
                 let id = entry.key();
-                let token = Token(FLOW_TOKEN_BASE + id);
-                match icmp::IcmpFlow::open(now, key, outbound, io.registry, token) {
+                match icmp::IcmpFlow::open(now, id, key, outbound, io.host) {
                     Ok(flow) => {
                         entry.insert(Flow::Icmp(flow));
                         self.table.member_opened(key.guest.0);
@@ -791,24 +788,19 @@ impl Nat {
             }
         };
         if let Some(Flow::Icmp(flow)) = self.table.flows.get_mut(id) {
-            flow.send(now, payload);
+            flow.send(now, payload, io.host);
         }
     }
 
-    /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`); `hup`:
-    /// the peer of a stream socket closed its sending side (`EPOLLRDHUP`).
-    /// A readiness event of a flow's or listener's host socket; `hup`: the peer of a
-    /// stream closed its sending side.
-    pub(crate) fn handle_ready(&mut self, cx: Cx<'_, '_>, token: Token, ready: Ready) {
+    /// A readiness event of the host socket of flow (or listener) `id`; `hup`: the peer
+    /// of a stream closed its sending side.
+    pub(crate) fn handle_ready<H: HostIo>(&mut self, cx: Cx<'_, '_, H>, id: usize, ready: Ready) {
         let Cx { link, c, io, now } = cx;
         let Ready {
             readable,
             writable,
             hup,
         } = ready;
-        let Some(id) = token.0.checked_sub(FLOW_TOKEN_BASE) else {
-            return;
-        };
         match self.table.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
                 flow.on_ready(readable, writable, hup);
@@ -837,12 +829,12 @@ impl Nat {
     }
 
     /// Services the flows whose timers are due.
-    pub(crate) fn handle_timeouts(
+    pub(crate) fn handle_timeouts<H: HostIo>(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
         now: Instant,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         while let Some((at, id)) = self.table.timers.pop_due(now) {
             let Some(flow) = self.table.flows.get_mut(id) else {
@@ -864,7 +856,7 @@ impl Nat {
                 Flow::Udp(f) => {
                     let idle = f.last_active + self.cfg.udp_idle;
                     let servfail = c.dns_servfail;
-                    let (silent, dns_at) = f.poll_dns(now, link, c);
+                    let (silent, dns_at) = f.poll_dns(now, link, c, io.host);
                     if let Some(server) = silent {
                         self.dns.demote(server);
                     }
@@ -901,13 +893,13 @@ impl Nat {
     }
 
     /// Sends the guest datagrams waiting in the UDP batch.
-    fn send_udp_batch(&mut self, c: &mut Counters) {
+    fn send_udp_batch(&mut self, c: &mut Counters, host: &mut impl HostIo) {
         let Some(id) = self.udp_batch.flow() else {
             return;
         };
         match udp_route(&mut self.table.flows, id) {
             Some((route, gso)) => {
-                if !self.udp_batch.send(route, c) {
+                if !self.udp_batch.send(route, c, host) {
                     *gso = false;
                 }
             }
@@ -918,14 +910,14 @@ impl Nat {
     /// Sends the guest datagrams that wait in a batch, then relays data and sends
     /// segments for every flow touched since the last call. Call after every batch of
     /// guest frames.
-    pub(crate) fn poll_flows(
+    pub(crate) fn poll_flows<H: HostIo>(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
         now: Instant,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
-        self.send_udp_batch(c);
+        self.send_udp_batch(c, io.host);
         self.report_udp_failure(link, now);
         // A flow serviced here may be marked dirty again (its host socket became
         // writable meanwhile): the outer loop picks that up.
@@ -943,13 +935,13 @@ impl Nat {
         }
     }
 
-    fn poll_flow(
+    fn poll_flow<H: HostIo>(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
         now: Instant,
         id: usize,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         match self.table.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
@@ -992,9 +984,9 @@ impl Nat {
         }
     }
 
-    fn close_flow(&mut self, c: &mut Counters, id: usize, io: &mut Io<'_>) {
+    fn close_flow<H: HostIo>(&mut self, c: &mut Counters, id: usize, io: &mut Io<'_, H>) {
         if self.udp_batch.flow() == Some(id) {
-            self.send_udp_batch(c);
+            self.send_udp_batch(c, io.host);
         }
         let Some(flow) = self.table.flows.try_remove(id) else {
             return;
@@ -1007,16 +999,16 @@ impl Nat {
                 self.table.tcp_map.remove(&f.key);
                 self.table.member_release(f.key.guest.0);
                 let light = f.moved() <= POOL_MAX_MOVED;
-                let guest = f.close(io.registry);
+                let guest = f.close(io.host);
                 if light && self.table.socket_pool.len() < SOCKET_POOL {
                     self.table.socket_pool.push(guest);
                 }
                 c.tcp_closed += 1;
             }
-            Flow::Udp(mut f) => {
+            Flow::Udp(f) => {
                 self.table.udp_map.remove(&f.key);
                 self.table.member_release(f.key.guest.0);
-                f.close(io.registry);
+                io.host.close(id, Close::Clean);
                 c.udp_closed += 1;
             }
             Flow::UdpIn(f) => {
@@ -1030,13 +1022,13 @@ impl Nat {
                     .remove(&(f.rule_id, f.client));
                 c.udp_closed += 1;
             }
-            Flow::Icmp(mut f) => {
+            Flow::Icmp(f) => {
                 self.table.icmp_map.remove(&f.key);
                 self.table.member_release(f.key.guest.0);
-                f.close(io.registry);
+                io.host.close(id, Close::Clean);
                 c.icmp_closed += 1;
             }
-            Flow::Port(mut l) => l.close(io.registry),
+            Flow::Port(_) => io.host.close(id, Close::Clean),
         }
     }
 
@@ -1052,7 +1044,7 @@ impl Nat {
         device: Option<&str>,
         guest_addr: Option<Ipv4Addr>,
         guest_port: u16,
-        registry: &mio::Registry,
+        sockets: &mut impl HostIo,
     ) -> Result<port::PortRule, port::PortError> {
         let net = self.cfg.nat.net;
         let guest_ip = guest_addr.unwrap_or(net.guest());
@@ -1076,7 +1068,8 @@ impl Nat {
         };
         let entry = self.table.flows.vacant_entry();
         let id = entry.key();
-        let listener = port::Listener::open(rule.clone(), registry, Token(FLOW_TOKEN_BASE + id))?;
+        sockets.listen(id, &rule)?;
+        let listener = port::Listener::new(rule.clone());
         entry.insert(Flow::Port(Box::new(listener)));
         self.published.ports.insert(rule.id, id);
         self.published.next_port_id += 1;
@@ -1087,11 +1080,11 @@ impl Nat {
     ///
     /// # Errors
     /// [`port::PortError::NotFound`] for an unknown id.
-    pub(crate) fn remove_port(
+    pub(crate) fn remove_port<H: HostIo>(
         &mut self,
         c: &mut Counters,
         rule_id: u32,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) -> Result<(), port::PortError> {
         let id = self
             .published
@@ -1159,27 +1152,27 @@ impl Nat {
         (guest, (gw, p))
     }
 
-    fn port_ready(
+    fn port_ready<H: HostIo>(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
         now: Instant,
         id: usize,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         loop {
             let Some(Flow::Port(l)) = self.table.flows.get(id) else {
                 return;
             };
             let (rule_id, host, guest) = (l.rule.id, l.rule.host, l.rule.guest);
-            let listener = match &l.socket {
-                port::ListenSocket::Tcp(listener) => listener,
-                port::ListenSocket::Udp(_) => {
-                    let cx = Cx { link, c, io, now };
-                    return self.port_datagrams(cx, id, (rule_id, guest));
-                }
-            };
-            let (stream, client) = match listener.accept() {
+            if l.rule.proto == port::Proto::Udp {
+                let cx = Cx { link, c, io, now };
+                return self.port_datagrams(cx, id, (rule_id, guest));
+            }
+            // The connection is kept as the next flow's; the entry is taken only if it
+            // becomes one.
+            let conn = self.table.flows.vacant_key();
+            let client = match io.host.accept(id, conn) {
                 Ok(conn) => conn,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1196,39 +1189,35 @@ impl Nat {
             };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
                 c.tcp_handed_off += 1;
-                self.published.handoffs.push(port::Handoff::Tcp {
-                    stream,
-                    client,
-                    guest_port: guest.port(),
-                });
+                io.host.hand_off_tcp(conn, client, guest.port());
             } else if self.table.tcp_map.len() >= self.cfg.limits.tcp_flows {
                 c.tcp_table_full += 1;
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+                io.host.close(conn, Close::Reset);
             } else {
-                self.accept_tcp(link, c, stream, client, guest, io);
+                self.accept_tcp(link, c, conn, client, guest, io);
             }
         }
     }
 
-    fn accept_tcp(
+    fn accept_tcp<H: HostIo>(
         &mut self,
         link: &mut Link,
         c: &mut Counters,
-        stream: mio::net::TcpStream,
+        conn: usize,
         client: std::net::SocketAddr,
         rule_guest: std::net::SocketAddrV4,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         let (guest, remote) = self.inbound_ends(client, rule_guest, true);
         let key = FlowKey { guest, remote };
         let Some(guest) = self.guest_socket(c) else {
-            let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+            io.host.close(conn, Close::Reset);
             return;
         };
         let entry = self.table.flows.vacant_entry();
         let id = entry.key();
-        let token = Token(FLOW_TOKEN_BASE + id);
-        match tcp::TcpFlow::accept(key, stream, link, io.registry, token, guest) {
+        debug_assert_eq!(id, conn, "the accepted connection's id is the next entry");
+        match tcp::TcpFlow::accept(id, key, link, io.host, guest) {
             Ok(flow) => {
                 entry.insert(Flow::Tcp(Box::new(flow)));
                 self.table.member_opened(key.guest.0);
@@ -1244,36 +1233,27 @@ impl Nat {
     }
 
     /// Moves datagrams received on a published UDP port into the guest.
-    fn port_datagrams(&mut self, cx: Cx<'_, '_>, id: usize, rule: (u32, std::net::SocketAddrV4)) {
+    fn port_datagrams<H: HostIo>(
+        &mut self,
+        cx: Cx<'_, '_, H>,
+        id: usize,
+        rule: (u32, std::net::SocketAddrV4),
+    ) {
         let Cx { link, c, io, now } = cx;
         let (rule_id, rule_guest) = rule;
         loop {
-            let Some(Flow::Port(l)) = self.table.flows.get(id) else {
+            if !matches!(self.table.flows.get(id), Some(Flow::Port(_))) {
                 return;
+            }
+            let (n, client, local) = match io.host.recv_from(id, &mut self.published.scratch) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
             };
-            let port::ListenSocket::Udp(sock) = &l.socket else {
-                return;
-            };
-            let (n, client, local) =
-                match sys::recv_with_dst(sock.as_raw_fd(), &mut self.published.scratch) {
-                    Ok(got) => got,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => return,
-                };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
-                let Some(Flow::Port(l)) = self.table.flows.get_mut(id) else {
-                    return;
-                };
-                match l.handoff_socket() {
-                    Ok(socket) => {
-                        c.udp_handed_off += 1;
-                        self.published.handoffs.push(port::Handoff::Udp {
-                            socket,
-                            client,
-                            data: self.published.scratch[..n].to_vec(),
-                            guest_port: rule_guest.port(),
-                        });
-                    }
+                let data = &self.published.scratch[..n];
+                match io.host.hand_off_udp(id, client, data, rule_guest.port()) {
+                    Ok(()) => c.udp_handed_off += 1,
                     Err(_) => c.udp_send_dropped += 1,
                 }
                 continue;
@@ -1396,7 +1376,12 @@ impl Nat {
     }
 
     /// Sends the parked frames now that the guest's MAC address is known.
-    pub(crate) fn release_parked(&mut self, link: &mut Link, c: &mut Counters, io: &mut Io<'_>) {
+    pub(crate) fn release_parked<H: HostIo>(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        io: &mut Io<'_, H>,
+    ) {
         let Some(mac) = link.l2.guest_mac() else {
             return;
         };

@@ -35,20 +35,20 @@ use stack::l2::{Ingress, L2Drop};
 use stack::vnet::{self, VnetRepr};
 
 use crate::flow::{self, Nat};
-use crate::{dhcp, emit, frag, icmp, nat, ndp, udp, Config, Counters, Io, Link, Topology};
+use crate::{dhcp, emit, frag, icmp, nat, ndp, udp, Config, Counters, HostIo, Io, Link, Topology};
 
 /// What the gateway works with for one frame: the link, the counters, the NAT that takes
 /// what is not for the gateway itself, and the host side.
-pub(crate) struct Cx<'a, 'io> {
+pub(crate) struct Cx<'a, 'io, H> {
     pub link: &'a mut Link,
     pub c: &'a mut Counters,
     pub nat: &'a mut Nat,
-    pub io: &'a mut Io<'io>,
+    pub io: &'a mut Io<'io, H>,
 }
 
-impl<'io> Cx<'_, 'io> {
+impl<'io, H: HostIo> Cx<'_, 'io, H> {
     /// The NAT, and its handler context for this frame at `now`.
-    fn nat_cx(&mut self, now: Instant) -> (&mut Nat, flow::Cx<'_, 'io>) {
+    fn nat_cx(&mut self, now: Instant) -> (&mut Nat, flow::Cx<'_, 'io, H>) {
         let cx = flow::Cx {
             link: &mut *self.link,
             c: &mut *self.c,
@@ -179,7 +179,12 @@ impl Gateway {
     }
 
     /// Takes one frame read from the TAP (vnet header included).
-    pub(crate) fn handle_frame(&mut self, now: Instant, frame: &[u8], cx: &mut Cx<'_, '_>) {
+    pub(crate) fn handle_frame<H: HostIo>(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        cx: &mut Cx<'_, '_, H>,
+    ) {
         if cx.link.txq.is_full() {
             cx.link.flush(cx.io.tap, cx.c);
         }
@@ -204,7 +209,13 @@ impl Gateway {
         }
     }
 
-    fn handle_ipv4(&mut self, now: Instant, ip: &[u8], vnet: &VnetRepr, cx: &mut Cx<'_, '_>) {
+    fn handle_ipv4<H: HostIo>(
+        &mut self,
+        now: Instant,
+        ip: &[u8],
+        vnet: &VnetRepr,
+        cx: &mut Cx<'_, '_, H>,
+    ) {
         // The guest's kernel leaves transport checksums to us ("partial") when the TAP
         // has checksum offload, or says it verified them; else they are checked here.
         let verify = vnet.flags & (vnet::FLAG_NEEDS_CSUM | vnet::FLAG_DATA_VALID) == 0;
@@ -284,12 +295,12 @@ impl Gateway {
     }
 
     /// Collects a fragment; handles the datagram it completes.
-    fn handle_fragment(
+    fn handle_fragment<H: HostIo>(
         &mut self,
         now: Instant,
         packet: &Ipv4Packet<&[u8]>,
         vnet: &VnetRepr,
-        cx: &mut Cx<'_, '_>,
+        cx: &mut Cx<'_, '_, H>,
     ) {
         let Some(mut reasm) = self.reasm.take() else {
             return;
@@ -307,7 +318,13 @@ impl Gateway {
         self.reasm = Some(reasm);
     }
 
-    fn handle_ipv6(&mut self, now: Instant, ip: &[u8], vnet: &VnetRepr, cx: &mut Cx<'_, '_>) {
+    fn handle_ipv6<H: HostIo>(
+        &mut self,
+        now: Instant,
+        ip: &[u8],
+        vnet: &VnetRepr,
+        cx: &mut Cx<'_, '_, H>,
+    ) {
         let verify = vnet.flags & (vnet::FLAG_NEEDS_CSUM | vnet::FLAG_DATA_VALID) == 0;
         let Ok(packet) = Ipv6Packet::new_checked(ip) else {
             cx.c.drop_ipv6_malformed += 1;
@@ -428,7 +445,7 @@ impl Gateway {
         net6.contains(a) && !net6.is_ours(a) && a != net6.prefix
     }
 
-    fn handle_dhcp(&mut self, now: Instant, payload: &[u8], cx: &mut Cx<'_, '_>) {
+    fn handle_dhcp<H: HostIo>(&mut self, now: Instant, payload: &[u8], cx: &mut Cx<'_, '_, H>) {
         let now = self.epoch + std::time::Duration::from_micros(now.total_micros().unsigned_abs());
         let Some(data) = payload.get(emit::UDP_HEADER_LEN..) else {
             cx.c.drop_udp_malformed += 1;

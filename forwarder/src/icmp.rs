@@ -14,19 +14,17 @@
 //!   MTU for IPv6 (RFC 4443).
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use mio::{Interest, Registry, Token};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{
     Icmpv4Message, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, IpAddress, IpProtocol, Ipv4Packet,
     Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket,
 };
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::emit::{self, EmitError};
-use crate::{FlowKey, Io, Link};
+use crate::{FlowKey, HostIo, Io, Link};
 
 /// Echo flows close after this long without traffic.
 pub const IDLE: Duration = Duration::from_secs(10);
@@ -369,7 +367,8 @@ pub(crate) fn emit_unreachable_udp(
 /// One echo flow through a ping socket.
 pub struct IcmpFlow {
     pub(crate) key: FlowKey,
-    host: mio::net::UdpSocket,
+    /// The flow's id: its ping socket's name for the [`HostIo`].
+    id: usize,
     pub(crate) last_active: Instant,
     pub(crate) timer: Option<Instant>,
 }
@@ -380,37 +379,26 @@ impl IcmpFlow {
     ///
     /// # Errors
     /// When ping sockets are not permitted (`EACCES`) or other socket calls fail.
-    pub fn open(
+    pub(crate) fn open(
         now: Instant,
+        id: usize,
         key: FlowKey,
         outbound: Option<IpAddr>,
-        registry: &Registry,
-        token: Token,
+        host: &mut impl HostIo,
     ) -> io::Result<IcmpFlow> {
-        let dst: IpAddr = key.remote.0.into();
-        let (domain, proto) = match dst {
-            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
-            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
-        };
-        let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto))?;
-        if let Some(addr) = outbound.filter(|a| a.is_ipv4() == dst.is_ipv4()) {
-            socket.bind(&SocketAddr::new(addr, 0).into())?;
-        }
-        socket.connect(&SocketAddr::new(dst, 0).into())?;
-        let mut host = mio::net::UdpSocket::from_std(socket.into());
-        registry.register(&mut host, token, Interest::READABLE)?;
+        host.icmp_open(id, key.remote.0.into(), outbound)?;
         Ok(IcmpFlow {
             key,
-            host,
+            id,
             last_active: now,
             timer: None,
         })
     }
 
     /// Sends a guest echo request (the whole ICMP message).
-    pub(crate) fn send(&mut self, now: Instant, message: &[u8]) {
+    pub(crate) fn send(&mut self, now: Instant, message: &[u8], host: &mut impl HostIo) {
         self.last_active = now;
-        if let Err(e) = self.host.send(message) {
+        if let Err(e) = host.send(self.id, message) {
             log::trace!("ping send failed: {e}");
         }
     }
@@ -420,15 +408,15 @@ impl IcmpFlow {
         &mut self,
         now: Instant,
         link: &mut Link,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, impl HostIo>,
         c: &mut crate::Counters,
     ) {
-        let (remote, guest) = (self.key.remote.0, self.key.guest);
+        let (remote, guest, id) = (self.key.remote.0, self.key.guest, self.id);
         loop {
             let mut done = false;
             let proto = protocol(&remote);
             let res = emit::ip(emit::Out::of(link), remote, guest.0, proto, None, |buf| {
-                let n = match self.host.recv(buf) {
+                let n = match io.host.recv(id, buf) {
                     Ok(n) => n,
                     Err(_) => {
                         done = true;
@@ -461,11 +449,6 @@ impl IcmpFlow {
                 Err(_) => {}
             }
         }
-    }
-
-    /// Deregisters and closes the ping socket.
-    pub(crate) fn close(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut self.host);
     }
 }
 

@@ -21,16 +21,16 @@
 //! The event loop (the `usernet` binary) owns the TAP and the mio `Poll`, and per turn:
 //! 1. feeds each frame read from a member's TAP to [`Forwarder::handle_port_frame`]
 //!    ([`Forwarder::handle_frame`] for the first port);
-//! 2. feeds each readiness event of a flow token to [`Forwarder::handle_ready`];
+//! 2. feeds each readiness event of a flow's host socket to [`Forwarder::handle_ready`];
 //! 3. calls [`Forwarder::handle_timeouts`], then [`Forwarder::poll_flows`], which relays
 //!    data of every flow touched in this turn and sends what smoltcp has to send;
 //! 4. writes out the transmit queue and the ports' queues ([`Forwarder::flush`]) and
 //!    sleeps until
 //!    [`Forwarder::poll_timeout`].
 //!
-//! Host I/O (socket creation, `read`/`write` on flow sockets, registration) happens here
-//! through the [`Io`] handed in; the TAPs themselves are behind [`FrameSink`], so tests
-//! can run the forwarder over memory.
+//! Host I/O (socket creation, `read`/`write` on flow sockets, readiness) is the caller's,
+//! behind [`HostIo`] ([`host`]), and the TAPs are behind [`FrameSink`]; both come in the
+//! [`Io`] handed to every call, so tests run the forwarder over memory on a fake clock.
 //!
 //! ## Invariants
 //! - No allocation per packet: buffers are sized when a flow opens.
@@ -84,6 +84,7 @@ pub mod emit;
 pub mod flow;
 pub mod frag;
 pub mod gateway;
+pub mod host;
 pub mod icmp;
 pub mod names;
 pub mod nat;
@@ -109,17 +110,16 @@ use stack::txq::TxQueue;
 
 use crate::flow::Nat;
 use crate::gateway::{Cx, Gateway};
+pub use crate::host::{Close, HostIo};
 use crate::nat::NatConfig;
 pub use crate::switch::{FrameSink, PortId, Verdict};
 use crate::switch::{Switch, SwitchError};
 
-/// Tokens from this value up belong to flows; the event loop keeps the ones below.
-pub const FLOW_TOKEN_BASE: usize = 16;
-
-/// The host side handed to the forwarder for one call.
-pub struct Io<'a> {
-    /// Registry for flow sockets.
-    pub registry: &'a mio::Registry,
+/// The outside world handed to the forwarder for one call: the host's sockets and the
+/// members' TAPs.
+pub struct Io<'a, H> {
+    /// The host sockets, by flow id ([`host`]).
+    pub host: &'a mut H,
     /// The members' TAPs.
     pub tap: &'a mut dyn FrameSink,
 }
@@ -229,8 +229,8 @@ pub struct Config {
     pub tcp_buffer: usize,
     /// TCP connections and UDP datagrams of published ports from loopback clients are
     /// not forwarded through the guest link but handed to the caller
-    /// ([`Forwarder::handoffs`]), who sends them on inside the guest's namespace: pasta's
-    /// "splice" path.
+    /// ([`HostIo::hand_off_tcp`], [`HostIo::hand_off_udp`]), who sends them on inside the
+    /// guest's namespace: pasta's "splice" path.
     pub loopback_handoff: bool,
     /// UDP flows are closed after this long without traffic.
     pub udp_idle: Duration,
@@ -668,7 +668,7 @@ impl Forwarder {
     }
 
     /// Takes one frame read from the first member port's TAP (vnet header included).
-    pub fn handle_frame(&mut self, now: Instant, frame: &mut [u8], io: &mut Io<'_>) {
+    pub fn handle_frame<H: HostIo>(&mut self, now: Instant, frame: &mut [u8], io: &mut Io<'_, H>) {
         self.handle_port_frame(now, 0, frame, io);
     }
 
@@ -676,12 +676,12 @@ impl Forwarder {
     /// members as it is, or handled by the gateway. The frame is the caller's read buffer:
     /// a partial checksum the gateway would relay unfinished is finished in it
     /// ([`stack::csum`]), once it has gone to any other member.
-    pub fn handle_port_frame(
+    pub fn handle_port_frame<H: HostIo>(
         &mut self,
         now: Instant,
         port: PortId,
         frame: &mut [u8],
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         self.counters.rx_frames += 1;
         self.counters.rx_bytes += frame.len() as u64;
@@ -739,16 +739,17 @@ impl Forwarder {
         }
     }
 
-    /// Takes a readiness event for `token` (a flow token, `>= FLOW_TOKEN_BASE`); `hup`:
-    /// the peer of a stream socket closed its sending side (`EPOLLRDHUP`).
-    pub fn handle_ready(
+    /// Takes a readiness event of the host socket of flow `flow` (the id the
+    /// [`HostIo`] was given); `hup`: the peer of a stream socket closed its sending side
+    /// (`EPOLLRDHUP`).
+    pub fn handle_ready<H: HostIo>(
         &mut self,
         now: Instant,
-        token: mio::Token,
+        flow: usize,
         readable: bool,
         writable: bool,
         hup: bool,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, H>,
     ) {
         let cx = flow::Cx {
             link: &mut self.link,
@@ -761,12 +762,12 @@ impl Forwarder {
             writable,
             hup,
         };
-        self.nat.handle_ready(cx, token, ready);
+        self.nat.handle_ready(cx, flow, ready);
     }
 
     /// Services the flows whose timers are due, sends router advertisements and asks
     /// for the guest's MAC address while it is unknown.
-    pub fn handle_timeouts(&mut self, now: Instant, io: &mut Io<'_>) {
+    pub fn handle_timeouts<H: HostIo>(&mut self, now: Instant, io: &mut Io<'_, H>) {
         self.link.switch.set_now(now);
         self.gateway
             .handle_timeouts(now, &mut self.link, &mut self.counters);
@@ -777,7 +778,7 @@ impl Forwarder {
     /// Sends the guest datagrams that wait in a batch, then relays data and sends
     /// segments for every flow touched since the last call. Call after every batch of
     /// guest frames.
-    pub fn poll_flows(&mut self, now: Instant, io: &mut Io<'_>) {
+    pub fn poll_flows<H: HostIo>(&mut self, now: Instant, io: &mut Io<'_, H>) {
         self.nat
             .poll_flows(&mut self.link, &mut self.counters, now, io);
     }
@@ -793,10 +794,10 @@ impl Forwarder {
         host: std::net::SocketAddr,
         guest_addr: Option<Ipv4Addr>,
         guest_port: u16,
-        registry: &mio::Registry,
+        sockets: &mut impl HostIo,
     ) -> Result<port::PortRule, port::PortError> {
         self.nat
-            .add_port(proto, host, None, guest_addr, guest_port, registry)
+            .add_port(proto, host, None, guest_addr, guest_port, sockets)
     }
 
     /// [`add_port`](Self::add_port) with the host socket bound to the interface `device`
@@ -812,23 +813,21 @@ impl Forwarder {
         device: Option<&str>,
         guest_addr: Option<Ipv4Addr>,
         guest_port: u16,
-        registry: &mio::Registry,
+        sockets: &mut impl HostIo,
     ) -> Result<port::PortRule, port::PortError> {
         self.nat
-            .add_port(proto, host, device, guest_addr, guest_port, registry)
-    }
-
-    /// The loopback connections and datagrams of published ports since the last call,
-    /// when [`Config::loopback_handoff`] is set; whatever is not taken is dropped.
-    pub fn handoffs(&mut self) -> std::vec::Drain<'_, port::Handoff> {
-        self.nat.handoffs()
+            .add_port(proto, host, device, guest_addr, guest_port, sockets)
     }
 
     /// Unpublishes a port. Connections already made through it keep going.
     ///
     /// # Errors
     /// [`port::PortError::NotFound`] for an unknown id.
-    pub fn remove_port(&mut self, rule_id: u32, io: &mut Io<'_>) -> Result<(), port::PortError> {
+    pub fn remove_port<H: HostIo>(
+        &mut self,
+        rule_id: u32,
+        io: &mut Io<'_, H>,
+    ) -> Result<(), port::PortError> {
         self.nat.remove_port(&mut self.counters, rule_id, io)
     }
 
@@ -840,7 +839,11 @@ impl Forwarder {
     /// Replaces the DNS forwarder's nameservers (the host's resolv.conf changed). Its UDP
     /// flows are closed, so that the guest's next queries go to the new servers; TCP
     /// connections finish with the old ones. Nothing with the forwarder disabled.
-    pub fn set_nameservers(&mut self, list: Vec<std::net::SocketAddr>, io: &mut Io<'_>) {
+    pub fn set_nameservers<H: HostIo>(
+        &mut self,
+        list: Vec<std::net::SocketAddr>,
+        io: &mut Io<'_, H>,
+    ) {
         if !self.cfg.dns_enabled {
             return;
         }

@@ -16,10 +16,9 @@
 //!
 //! **Loopback clients in pasta mode.** With [`crate::Config::loopback_handoff`], a TCP
 //! connection or a UDP datagram from a loopback client is not forwarded at all: it is
-//! handed to the caller as a [`Handoff`], who sends it on inside the guest's namespace
-//! (pasta's model; see `src/pasta/ports.rs`). A datagram is a copy and comes with a
-//! duplicate of the rule's socket (made once per rule): loopback UDP is not the path bulk
-//! traffic takes.
+//! handed to the caller ([`crate::HostIo::hand_off_tcp`], [`crate::HostIo::hand_off_udp`]),
+//! who sends it on inside the guest's namespace (pasta's model; see `src/pasta/ports.rs`).
+//! A datagram is a copy: loopback UDP is not the path bulk traffic takes.
 //!
 //! Limits: a rule count bound ([`MAX_RULES`]); connections and associations count
 //! against the TCP and UDP flow limits like outbound flows.
@@ -27,11 +26,8 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 
-use mio::{Interest, Registry, Token};
 use smoltcp::wire::{IpAddress, Ipv6Address};
-use socket2::{Domain, Protocol, Socket, Type};
 
 /// Most rules at once, by default.
 pub const MAX_RULES: usize = 1024;
@@ -69,32 +65,6 @@ pub struct PortRule {
     /// The host interface the socket is bound to (`SO_BINDTODEVICE`): only connections
     /// and datagrams arriving through it are accepted. `None`: any interface.
     pub device: Option<String>,
-}
-
-/// What a published port received from a loopback client and handed to the caller
-/// instead of forwarding it through the guest link ([`crate::Config::loopback_handoff`]).
-#[derive(Debug)]
-pub enum Handoff {
-    /// An accepted TCP connection.
-    Tcp {
-        /// The connection.
-        stream: mio::net::TcpStream,
-        /// The client (a loopback address).
-        client: SocketAddr,
-        /// The guest port the rule forwards to.
-        guest_port: u16,
-    },
-    /// A datagram; answers go to `client` through `socket`.
-    Udp {
-        /// A duplicate of the rule's socket (non-blocking), shared by its handoffs.
-        socket: std::sync::Arc<std::net::UdpSocket>,
-        /// The client (a loopback address).
-        client: SocketAddr,
-        /// The datagram.
-        data: Vec<u8>,
-        /// The guest port the rule forwards to.
-        guest_port: u16,
-    },
 }
 
 /// Why a rule could not be added or removed.
@@ -168,8 +138,8 @@ impl PortError {
 }
 
 /// The published ports' state apart from the flow table: the rules, the receive buffer
-/// of their UDP sockets, the inbound UDP associations, frames waiting for the guest's MAC
-/// address, and the loopback clients handed to the caller.
+/// of their UDP sockets, the inbound UDP associations and frames waiting for the guest's
+/// MAC address.
 pub(crate) struct Published {
     /// Rule id -> its listener's entry in the flow table.
     pub ports: std::collections::BTreeMap<u32, usize>,
@@ -187,8 +157,6 @@ pub(crate) struct Published {
     /// client socket reaches the guest from the same address and port, also when that
     /// client is shown as the gateway with a port of its own.
     pub udp_in_by_client: HashMap<(u32, SocketAddr), usize>,
-    /// Loopback connections for the caller ([`crate::Config::loopback_handoff`]).
-    pub handoffs: Vec<Handoff>,
     /// The guest's global IPv6 address, configured or learned: published ports reach it.
     pub guest_v6: Option<Ipv6Address>,
     /// Several members: the IPv6 address of published ports is not learned.
@@ -205,126 +173,25 @@ impl Published {
             parked: Vec::new(),
             udp_in_by_port: HashMap::new(),
             udp_in_by_client: HashMap::new(),
-            handoffs: Vec::new(),
             guest_v6,
             shared,
         }
     }
 }
 
-pub(crate) enum ListenSocket {
-    Tcp(mio::net::TcpListener),
-    Udp(mio::net::UdpSocket),
-}
-
-/// A rule and its host socket.
+/// A rule of the flow table; its host socket is the [`crate::HostIo`]'s, under the
+/// rule's entry id.
 pub(crate) struct Listener {
     pub rule: PortRule,
-    pub socket: ListenSocket,
     /// When to try `accept` again after it failed for lack of fds (EMFILE): the
     /// connection waits in the backlog and no new edge will say so.
     pub retry: Option<smoltcp::time::Instant>,
-    /// A duplicate of a UDP rule's socket for [`Handoff::Udp`], made on the first one.
-    handoff_socket: Option<std::sync::Arc<std::net::UdpSocket>>,
 }
 
 impl Listener {
-    /// Binds the host socket of `rule` and registers it.
-    pub fn open(rule: PortRule, registry: &Registry, token: Token) -> Result<Listener, PortError> {
-        let addr = rule.host;
-        let fail = |source: io::Error| {
-            if source.kind() == io::ErrorKind::AddrInUse {
-                PortError::InUse { addr, source }
-            } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
-                PortError::Privileged { addr, source }
-            } else {
-                PortError::Listen { addr, source }
-            }
-        };
-        let ty = match rule.proto {
-            Proto::Tcp => Type::STREAM,
-            Proto::Udp => Type::DGRAM,
-        };
-        let proto = match rule.proto {
-            Proto::Tcp => Protocol::TCP,
-            Proto::Udp => Protocol::UDP,
-        };
-        let socket = Socket::new(
-            Domain::for_address(addr),
-            ty.nonblocking().cloexec(),
-            Some(proto),
-        )
-        .map_err(fail)?;
-        if addr.is_ipv6() {
-            // `[::]` means IPv6 only, so that a rule for 0.0.0.0 can coexist.
-            socket.set_only_v6(true).map_err(fail)?;
-        }
-        if let Some(dev) = &rule.device {
-            socket
-                .bind_device(Some(dev.as_bytes()))
-                .map_err(|source| PortError::Device {
-                    addr,
-                    device: dev.clone(),
-                    source,
-                })?;
-        }
-        if rule.proto == Proto::Tcp {
-            // Re-publishing a port right after removing it must not trip over TIME-WAIT.
-            socket.set_reuse_address(true).map_err(fail)?;
-        }
-        socket.bind(&addr.into()).map_err(fail)?;
-        let socket = match rule.proto {
-            Proto::Tcp => {
-                socket.listen(1024).map_err(fail)?;
-                let mut l = mio::net::TcpListener::from_std(socket.into());
-                registry
-                    .register(&mut l, token, Interest::READABLE)
-                    .map_err(fail)?;
-                ListenSocket::Tcp(l)
-            }
-            Proto::Udp => {
-                crate::udp::widen_receive_buffer(&socket);
-                if addr.ip().is_unspecified() {
-                    // Learn each datagram's local address, to reply from it.
-                    crate::sys::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6()).map_err(fail)?;
-                }
-                let mut u = mio::net::UdpSocket::from_std(socket.into());
-                registry
-                    .register(&mut u, token, Interest::READABLE)
-                    .map_err(fail)?;
-                ListenSocket::Udp(u)
-            }
-        };
-        Ok(Listener {
-            rule,
-            socket,
-            retry: None,
-            handoff_socket: None,
-        })
-    }
-
-    /// The duplicate of a UDP rule's socket that handed-off datagrams are answered
-    /// through: one `dup` per rule, not one per datagram.
-    pub fn handoff_socket(&mut self) -> io::Result<std::sync::Arc<std::net::UdpSocket>> {
-        if let Some(s) = &self.handoff_socket {
-            return Ok(s.clone());
-        }
-        let ListenSocket::Udp(u) = &self.socket else {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        };
-        let dup = std::sync::Arc::new(std::net::UdpSocket::from(
-            socket2::SockRef::from(u).try_clone()?,
-        ));
-        self.handoff_socket = Some(dup.clone());
-        Ok(dup)
-    }
-
-    /// Deregisters and closes the host socket.
-    pub fn close(&mut self, registry: &Registry) {
-        let _ = match &mut self.socket {
-            ListenSocket::Tcp(l) => registry.deregister(l),
-            ListenSocket::Udp(u) => registry.deregister(u),
-        };
+    /// The rule whose socket the host has just opened.
+    pub fn new(rule: PortRule) -> Listener {
+        Listener { rule, retry: None }
     }
 }
 
@@ -400,62 +267,5 @@ mod tests {
             None,
             "no IPv6 in the guest"
         );
-    }
-
-    #[test]
-    fn device_bound_listener_and_unknown_device() {
-        let poll = mio::Poll::new().unwrap();
-        let rule = |id, device: &str| PortRule {
-            id,
-            proto: Proto::Tcp,
-            host: "127.0.0.1:0".parse().unwrap(),
-            guest: "10.0.2.100:80".parse().unwrap(),
-            device: Some(device.to_owned()),
-        };
-        match Listener::open(rule(1, "lo"), poll.registry(), Token(1)) {
-            Ok(l) => {
-                let ListenSocket::Tcp(t) = &l.socket else {
-                    panic!()
-                };
-                let s = socket2::SockRef::from(t);
-                assert_eq!(s.device().unwrap().as_deref(), Some(&b"lo"[..]));
-            }
-            // Before Linux 5.7 SO_BINDTODEVICE needs CAP_NET_RAW.
-            Err(PortError::Device { source, .. })
-                if source.kind() == io::ErrorKind::PermissionDenied => {}
-            Err(e) => panic!("unexpected error {e}"),
-        }
-        match Listener::open(rule(2, "nosuch-if0"), poll.registry(), Token(2)) {
-            Err(PortError::Device { device, .. }) => assert_eq!(device, "nosuch-if0"),
-            Err(e) => panic!("unexpected error {e}"),
-            Ok(_) => panic!("bound to an interface that does not exist"),
-        }
-    }
-
-    #[test]
-    fn second_bind_same_address_in_use() {
-        let poll = mio::Poll::new().unwrap();
-        let rule = |id| PortRule {
-            id,
-            proto: Proto::Tcp,
-            host: "127.0.0.1:0".parse().unwrap(),
-            guest: "10.0.2.100:80".parse().unwrap(),
-            device: None,
-        };
-        let first = Listener::open(rule(1), poll.registry(), Token(1)).unwrap();
-        let ListenSocket::Tcp(l) = &first.socket else {
-            panic!()
-        };
-        let taken = l.local_addr().unwrap();
-        let mut second = rule(2);
-        second.host = taken;
-        match Listener::open(second, poll.registry(), Token(2)) {
-            Err(PortError::InUse { addr, source }) => {
-                assert_eq!(addr, taken);
-                assert_eq!(source.raw_os_error(), Some(libc::EADDRINUSE));
-            }
-            Err(e) => panic!("unexpected error {e}"),
-            Ok(_) => panic!("second bind succeeded"),
-        }
     }
 }

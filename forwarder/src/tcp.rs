@@ -1,4 +1,4 @@
-//! TCP flows: a smoltcp socket facing the guest, a host `TcpStream` facing the world.
+//! TCP flows: a smoltcp socket facing the guest, a host stream facing the world.
 //!
 //! # Theory of operation
 //!
@@ -19,7 +19,8 @@
 //!   error, as a kernel router would report them. The SYN's first bytes are kept to quote
 //!   in that ICMP error.
 //! - **Open.** Data moves through smoltcp's buffers straight to and from the host socket
-//!   (`recv`/`send` closures call `write`/`read`): one copy each way. Readiness is
+//!   (`recv`/`send` closures call the host's `write`/`read`, [`HostIo`]): one copy each
+//!   way. Readiness is
 //!   edge-triggered, so the flow remembers whether the host socket is readable/writable
 //!   and stops reading when smoltcp's transmit buffer is full (the guest's window
 //!   throttles the host through TCP flow control on the host socket).
@@ -38,18 +39,16 @@
 //! reported to the guest as host unreachable and the flow leaves the half-open table, so
 //! that after a SYN flood into a black hole the table drains by itself within 20 s.
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::io;
+use std::net::SocketAddr;
 
-use mio::{Interest, Registry, Token};
 use smoltcp::iface::{PollResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::IpListenEndpoint;
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::icmp::Unreachable;
-use crate::{sys, Counters, FlowKey, Io, Link};
+use crate::{sys, Close, Counters, FlowKey, HostIo, Io, Link};
 
 /// Bytes of the guest's SYN kept for an ICMP error: the IPv4 header (with options) and
 /// the first 8 bytes of TCP.
@@ -107,7 +106,8 @@ enum Phase {
 /// One TCP flow.
 pub struct TcpFlow {
     pub(crate) key: FlowKey,
-    host: mio::net::TcpStream,
+    /// The flow's id: its host socket's name for the [`HostIo`].
+    id: usize,
     sockets: SocketSet<'static>,
     handle: SocketHandle,
     phase: Phase,
@@ -118,6 +118,8 @@ pub struct TcpFlow {
     host_eof: bool,
     host_hup: bool,
     host_wr_shut: bool,
+    /// The host side is to be reset when the flow is closed.
+    host_reset: bool,
     /// Bytes relayed, both directions together (saturating): how much of smoltcp's
     /// buffers was touched.
     moved: usize,
@@ -166,19 +168,16 @@ impl TcpFlow {
     /// # Errors
     /// [`OpenError`] when the connection fails at once.
     pub(crate) fn open(
+        id: usize,
         key: FlowKey,
         target: SocketAddr,
         syn: &[u8],
         opts: &OpenOptions,
-        registry: &Registry,
-        token: Token,
+        host: &mut impl HostIo,
         mut guest: Guest,
     ) -> Result<TcpFlow, OpenError> {
-        let host = connect(target, opts.outbound).map_err(|e| classify(&e))?;
-        let mut host = mio::net::TcpStream::from_std(host);
-        registry
-            .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
-            .map_err(OpenError::Local)?;
+        host.tcp_connect(id, target, opts.outbound)
+            .map_err(|e| classify(&e))?;
 
         let socket = guest.socket();
         socket.pause_synack(true);
@@ -189,6 +188,7 @@ impl TcpFlow {
         // Cannot fail: the port is non-zero (a SYN to port 0 is refused by smoltcp's
         // parser before it gets here) and the socket is closed.
         if socket.listen(endpoint).is_err() {
+            host.close(id, Close::Reset);
             return Err(OpenError::Refused);
         }
         let Guest { sockets, handle } = guest;
@@ -197,7 +197,7 @@ impl TcpFlow {
         quote[..syn_len].copy_from_slice(&syn[..syn_len]);
         Ok(TcpFlow {
             key,
-            host,
+            id,
             sockets,
             handle,
             phase: Phase::Connecting(None),
@@ -208,6 +208,7 @@ impl TcpFlow {
             host_eof: false,
             host_hup: false,
             host_wr_shut: false,
+            host_reset: false,
             moved: 0,
             dirty: false,
             timer: None,
@@ -217,26 +218,24 @@ impl TcpFlow {
     /// A flow for a connection accepted on a published port: smoltcp connects from
     /// `key.remote` (the client as the guest will see it) to `key.guest`.
     ///
+    /// The accepted connection is the host's under `id`.
+    ///
     /// # Errors
-    /// [`OpenError::Local`] when the host socket cannot be registered or smoltcp refuses
+    /// [`OpenError::Local`] when the host socket cannot be watched or smoltcp refuses
     /// the endpoints.
     pub(crate) fn accept(
+        id: usize,
         key: FlowKey,
-        mut host: mio::net::TcpStream,
         link: &mut Link,
-        registry: &Registry,
-        token: Token,
+        host: &mut impl HostIo,
         mut guest: Guest,
     ) -> Result<TcpFlow, OpenError> {
-        let _ = host.set_nodelay(true);
-        registry
-            .register(&mut host, token, Interest::READABLE | Interest::WRITABLE)
-            .map_err(OpenError::Local)?;
+        host.adopt(id).map_err(OpenError::Local)?;
         let socket = guest.socket();
         socket.pause_synack(false);
         let (remote, local) = (key.guest, key.remote);
         if let Err(e) = socket.connect(link.iface.context(), remote, local) {
-            let _ = registry.deregister(&mut host);
+            host.close(id, Close::Clean);
             return Err(OpenError::Local(io::Error::other(format!(
                 "smoltcp connect: {e}"
             ))));
@@ -244,7 +243,7 @@ impl TcpFlow {
         let Guest { sockets, handle } = guest;
         Ok(TcpFlow {
             key,
-            host,
+            id,
             sockets,
             handle,
             phase: Phase::Open,
@@ -255,6 +254,7 @@ impl TcpFlow {
             host_eof: false,
             host_hup: false,
             host_wr_shut: false,
+            host_reset: false,
             moved: 0,
             dirty: false,
             timer: None,
@@ -299,7 +299,7 @@ impl TcpFlow {
         &mut self,
         now: Instant,
         link: &mut Link,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, impl HostIo>,
         c: &mut Counters,
     ) -> Status {
         let status = self.poll_phase(now, link, io, c);
@@ -315,7 +315,7 @@ impl TcpFlow {
         &mut self,
         now: Instant,
         link: &mut Link,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, impl HostIo>,
         c: &mut Counters,
     ) -> Status {
         if let Phase::Connecting(deadline) = self.phase {
@@ -331,16 +331,12 @@ impl TcpFlow {
                 }
                 return self.egress(now, link, io, c);
             }
-            match self.host.take_error() {
-                Ok(Some(e)) | Err(e) => return self.connect_failed(&e, now, link, io, c),
-                Ok(None) => {}
-            }
-            match self.host.peer_addr() {
-                Ok(_) => {
+            match io.host.tcp_connected(self.id) {
+                Ok(true) => {
                     self.phase = Phase::Open;
                     self.socket().pause_synack(false);
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                Ok(false) => {
                     // Spurious wake-up: still connecting.
                     self.host_writable = false;
                     self.host_readable = false;
@@ -349,7 +345,7 @@ impl TcpFlow {
                 Err(e) => return self.connect_failed(&e, now, link, io, c),
             }
         }
-        self.relay();
+        self.relay(io.host);
         self.egress(now, link, io, c)
     }
 
@@ -358,7 +354,7 @@ impl TcpFlow {
         e: &io::Error,
         now: Instant,
         link: &mut Link,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, impl HostIo>,
         c: &mut Counters,
     ) -> Status {
         log::debug!("TCP connect to {:?} failed: {e}", self.key.remote);
@@ -384,13 +380,13 @@ impl TcpFlow {
     }
 
     /// Copies data both ways between smoltcp and the host socket.
-    fn relay(&mut self) {
+    fn relay(&mut self, host: &mut impl HostIo) {
         let socket = self.sockets.get_mut::<tcp::Socket>(self.handle);
-        let host = &mut self.host;
+        let id = self.id;
 
         // Guest -> host.
         while self.host_writable && !self.host_wr_shut && socket.can_recv() {
-            let res = socket.recv(|buf| match host.write(buf) {
+            let res = socket.recv(|buf| match host.write(id, buf) {
                 Ok(n) => (n, Ok((n, buf.len()))),
                 Err(e) => (0, Err(e)),
             });
@@ -417,13 +413,13 @@ impl TcpFlow {
             State::CloseWait | State::LastAck | State::Closing | State::TimeWait
         );
         if guest_fin && !socket.can_recv() && !self.host_wr_shut {
-            let _ = host.shutdown(Shutdown::Write);
+            host.shutdown_write(id);
             self.host_wr_shut = true;
         }
 
         // Host -> guest.
         while self.host_readable && !self.host_eof && socket.can_send() {
-            let res = socket.send(|buf| match host.read(buf) {
+            let res = socket.send(|buf| match host.read(id, buf) {
                 Ok(n) => (n, Ok((n, buf.len()))),
                 Err(e) => (0, Err(e)),
             });
@@ -457,7 +453,7 @@ impl TcpFlow {
         &mut self,
         now: Instant,
         link: &mut Link,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, impl HostIo>,
         c: &mut Counters,
     ) -> Status {
         let guest = self.key.guest.0;
@@ -486,14 +482,13 @@ impl TcpFlow {
             State::Closed => {
                 if !(self.host_eof && self.host_wr_shut) {
                     // The guest reset, or we aborted: reset the host side too.
-                    let _ = socket2::SockRef::from(&self.host)
-                        .set_linger(Some(std::time::Duration::ZERO));
+                    self.host_reset = true;
                 }
                 Status::Done
             }
             State::TimeWait if !socket.can_recv() => {
                 if !self.host_wr_shut {
-                    let _ = self.host.shutdown(Shutdown::Write);
+                    io.host.shutdown_write(self.id);
                 }
                 Status::Done
             }
@@ -507,16 +502,22 @@ impl TcpFlow {
         self.moved
     }
 
-    /// Deregisters and closes the host socket; hands back the guest socket, closed,
-    /// for reuse.
-    pub(crate) fn close(self, registry: &Registry) -> Guest {
+    /// Closes the host socket (with a RST when the flow ended in one); hands back the
+    /// guest socket, closed, for reuse.
+    pub(crate) fn close(self, host: &mut impl HostIo) -> Guest {
         let TcpFlow {
-            mut host,
+            id,
+            host_reset,
             sockets,
             handle,
             ..
         } = self;
-        let _ = registry.deregister(&mut host);
+        let how = if host_reset {
+            Close::Reset
+        } else {
+            Close::Clean
+        };
+        host.close(id, how);
         let mut guest = Guest { sockets, handle };
         if guest.socket().is_open() {
             // Never dispatched again: the flow is gone. `listen`/`connect` reset it.
@@ -538,28 +539,4 @@ fn new_socket(buffer: usize) -> Option<tcp::Socket<'static>> {
     socket.set_ack_delay(Some(Duration::from_millis(1)));
     socket.set_timeout(Some(Duration::from_secs(60)));
     Some(socket)
-}
-
-/// A non-blocking TCP connect, bound to `outbound` if given (of the target's family).
-fn connect(
-    target: SocketAddr,
-    outbound: Option<std::net::IpAddr>,
-) -> io::Result<std::net::TcpStream> {
-    let socket = Socket::new(
-        Domain::for_address(target),
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
-    socket.set_tcp_nodelay(true)?;
-    if let Some(addr) = outbound {
-        if addr.is_ipv4() == target.is_ipv4() {
-            socket.bind(&SocketAddr::new(addr, 0).into())?;
-        }
-    }
-    match socket.connect(&target.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(socket.into())
 }

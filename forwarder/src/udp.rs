@@ -26,23 +26,21 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 
-use mio::{Interest, Registry, Token};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, Ipv4Repr, UdpPacket, UdpRepr};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::dns_relay::{DnsState, Failover};
 use crate::emit::{self, EmitError};
 use crate::icmp::{self, Unreachable};
-use crate::{sys, Counters, FlowKey, Io, Link};
+use crate::{Counters, FlowKey, HostIo, Io, Link};
 
 /// One UDP flow.
 pub struct UdpFlow {
     pub(crate) key: FlowKey,
-    host: mio::net::UdpSocket,
+    /// The flow's id: its host socket's name for the [`HostIo`].
+    id: usize,
     pub(crate) last_active: Instant,
     pub(crate) timer: Option<Instant>,
     /// Whether the host route takes segmented sends (false after it refused one).
@@ -51,12 +49,12 @@ pub struct UdpFlow {
     pub(crate) dns: Option<Box<DnsState>>,
 }
 
-/// How guest datagrams of a flow leave: a host socket, the peer (`None`: the socket's
-/// connected one) and the local address to send from (`None`: by route); `key` is the
+/// How guest datagrams of a flow leave: a host socket (a flow's or a published port's id),
+/// the peer (`None`: the socket's connected one) and the local address to send from (`None`: by route); `key` is the
 /// flow as the guest sees it, for errors about its datagrams.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Route {
-    pub fd: std::os::fd::RawFd,
+    pub id: usize,
     pub to: Option<SocketAddr>,
     pub from: Option<IpAddr>,
     pub key: FlowKey,
@@ -106,8 +104,14 @@ fn note_failure(slot: &mut Option<SendFailure>, key: FlowKey, e: &io::Error, dat
 impl Route {
     /// Sends one datagram; a failure is counted (UDP may drop, the guest's protocol
     /// recovers) and, when the guest should hear of it, noted in `failure`.
-    fn send_one(self, data: &[u8], c: &mut Counters, failure: &mut Option<SendFailure>) {
-        if let Err(e) = sys::send_msg(self.fd, data, self.to, self.from, None) {
+    fn send_one(
+        self,
+        data: &[u8],
+        c: &mut Counters,
+        failure: &mut Option<SendFailure>,
+        host: &mut impl HostIo,
+    ) {
+        if let Err(e) = host.send_msg(self.id, data, self.to, self.from, None) {
             log::trace!("UDP send ({:?}) failed: {e}", self.to);
             c.udp_send_dropped += 1;
             note_failure(failure, self.key, &e, data);
@@ -123,10 +127,11 @@ impl Route {
         count: usize,
         c: &mut Counters,
         failure: &mut Option<SendFailure>,
+        host: &mut impl HostIo,
     ) -> bool {
         // `seg` is at most MAX_BATCH_BYTES.
         let seg16 = u16::try_from(seg).unwrap_or(u16::MAX);
-        match sys::send_msg(self.fd, data, self.to, self.from, Some(seg16)) {
+        match host.send_msg(self.id, data, self.to, self.from, Some(seg16)) {
             Ok(_) => {
                 c.udp_gso_sends += 1;
                 c.udp_gso_datagrams += count as u64;
@@ -143,7 +148,7 @@ impl Route {
                     self.to
                 );
                 for datagram in data.chunks(seg) {
-                    self.send_one(datagram, c, failure);
+                    self.send_one(datagram, c, failure, host);
                 }
                 false
             }
@@ -164,22 +169,6 @@ const MAX_SEGMENTS: usize = 64;
 /// Most payload bytes in one segmented send: one IPv4 datagram's worth.
 const MAX_BATCH_BYTES: usize = 65_507;
 
-/// Receive buffer asked for on every host UDP socket (the kernel caps it at
-/// `net.core.rmem_max`).
-///
-/// The default (`rmem_default`, 208 KiB) holds about 90 datagrams of 1400 bytes: a sender
-/// that bursts, as paced senders do, overflows it whenever the loop is busy elsewhere
-/// for a millisecond (iperf3 -u at 1 Gbit/s towards the container lost 4-10 %; with 1 MiB
-/// 0-0.3 %, with 4 MiB none, 3 runs each). Only queued datagrams use the memory.
-const UDP_RCVBUF: usize = 4 << 20;
-
-/// Asks for [`UDP_RCVBUF`]; a refusal leaves the default, which still works.
-pub(crate) fn widen_receive_buffer(socket: &Socket) {
-    if let Err(e) = socket.set_recv_buffer_size(UDP_RCVBUF) {
-        log::debug!("SO_RCVBUF {UDP_RCVBUF}: {e}");
-    }
-}
-
 /// Guest datagrams of one flow waiting to leave with one `sendmsg` (UDP GSO).
 ///
 /// A guest that streams sends runs of equal-sized datagrams to one destination, and one
@@ -195,20 +184,17 @@ pub(crate) struct Batch {
     /// Size of every datagram but the last (never 0: empty datagrams do not wait).
     seg: usize,
     buf: Vec<u8>,
-    /// Whether the kernel segments at all ([`sys::udp_gso_supported`]).
-    enabled: bool,
     /// A send that failed in a way the guest should hear of, not yet reported.
     failure: Option<SendFailure>,
 }
 
 impl Batch {
-    /// An empty batch; `enabled` false sends every datagram alone.
-    pub(crate) fn new(enabled: bool) -> Batch {
+    /// An empty batch (datagrams wait only where the host segments, [`HostIo::udp_gso`]).
+    pub(crate) fn new() -> Batch {
         Batch {
             flow: None,
             seg: 0,
             buf: Vec::new(),
-            enabled,
             failure: None,
         }
     }
@@ -242,9 +228,10 @@ impl Batch {
         gso: bool,
         data: &[u8],
         c: &mut Counters,
+        host: &mut impl HostIo,
     ) {
-        if !self.enabled || !gso || data.is_empty() {
-            route.send_one(data, c, &mut self.failure);
+        if !host.udp_gso() || !gso || data.is_empty() {
+            route.send_one(data, c, &mut self.failure, host);
             return;
         }
         if self.flow.is_none() {
@@ -269,14 +256,14 @@ impl Batch {
     /// Sends the waiting datagrams by `route` (that of [`Batch::flow`]). Returns false when
     /// the route could not segment them (they went one by one): the flow's `gso` is off
     /// from then on.
-    pub(crate) fn send(&mut self, route: Route, c: &mut Counters) -> bool {
+    pub(crate) fn send(&mut self, route: Route, c: &mut Counters, host: &mut impl HostIo) -> bool {
         let segmented = match self.count() {
             0 => true,
             1 => {
-                route.send_one(&self.buf, c, &mut self.failure);
+                route.send_one(&self.buf, c, &mut self.failure, host);
                 true
             }
-            n => route.send_run(&self.buf, self.seg, n, c, &mut self.failure),
+            n => route.send_run(&self.buf, self.seg, n, c, &mut self.failure, host),
         };
         self.clear();
         segmented
@@ -365,35 +352,22 @@ pub fn parse<'a>(
 }
 
 impl UdpFlow {
-    /// Opens the host socket for a new flow to `target`.
+    /// Opens the host socket (`id`) for a new flow to `target`, from `outbound` if given.
     ///
     /// # Errors
     /// When the socket cannot be created, bound, connected or registered.
-    pub fn open(
+    pub(crate) fn open(
         now: Instant,
+        id: usize,
         key: FlowKey,
         target: SocketAddr,
         outbound: Option<IpAddr>,
-        registry: &Registry,
-        token: Token,
+        host: &mut impl HostIo,
     ) -> io::Result<UdpFlow> {
-        let socket = Socket::new(
-            Domain::for_address(target),
-            Type::DGRAM.nonblocking().cloexec(),
-            Some(Protocol::UDP),
-        )?;
-        if let Some(addr) = outbound {
-            if addr.is_ipv4() == target.is_ipv4() {
-                socket.bind(&SocketAddr::new(addr, 0).into())?;
-            }
-        }
-        widen_receive_buffer(&socket);
-        socket.connect(&target.into())?;
-        let mut host = mio::net::UdpSocket::from_std(socket.into());
-        registry.register(&mut host, token, Interest::READABLE)?;
+        host.udp_open(id, target, outbound)?;
         Ok(UdpFlow {
             key,
-            host,
+            id,
             last_active: now,
             timer: None,
             gso: true,
@@ -421,6 +395,7 @@ impl UdpFlow {
         now: Instant,
         link: &mut Link,
         c: &mut Counters,
+        host: &mut impl HostIo,
     ) -> (Option<SocketAddr>, Option<Instant>) {
         let Some(dns) = self.dns.as_deref_mut() else {
             return (None, None);
@@ -430,11 +405,11 @@ impl UdpFlow {
             log::debug!("DNS: {from} did not answer within 1 s, asking {to}");
             c.dns_failovers += 1;
             silent = Some(from);
-            if let Err(e) = self.host.connect(to) {
+            if let Err(e) = host.udp_connect(self.id, to) {
                 log::debug!("DNS: cannot connect to {to}: {e}");
             }
             for q in dns.pending_queries() {
-                if let Err(e) = self.host.send(q) {
+                if let Err(e) = host.send(self.id, q) {
                     log::trace!("DNS: resend to {to} failed: {e}");
                 }
             }
@@ -457,7 +432,7 @@ impl UdpFlow {
     /// Where the guest's datagrams go: the connected host socket.
     pub(crate) fn route(&self) -> Route {
         Route {
-            fd: self.host.as_raw_fd(),
+            id: self.id,
             to: None,
             from: None,
             key: self.key,
@@ -470,15 +445,15 @@ impl UdpFlow {
         &mut self,
         now: Instant,
         link: &mut Link,
-        io: &mut Io<'_>,
+        io: &mut Io<'_, impl HostIo>,
         c: &mut Counters,
     ) -> bool {
-        let (remote, guest) = (self.key.remote, self.key.guest);
+        let (remote, guest, id) = (self.key.remote, self.key.guest, self.id);
         loop {
             let mut outcome: io::Result<usize> = Ok(0);
-            let (host, dns) = (&self.host, &mut self.dns);
+            let (host, dns) = (&mut *io.host, &mut self.dns);
             let res = emit::udp(emit::Out::of(link), remote, guest, None, |buf| {
-                outcome = host.recv(buf);
+                outcome = host.recv(id, buf);
                 let n = *outcome.as_ref().ok()?;
                 if let Some(dns) = dns {
                     if dns.answered(&buf[..n.min(2)]) {
@@ -504,7 +479,7 @@ impl UdpFlow {
                 }
                 Err(EmitError::NoNeighbor) => {
                     // Drain and drop: the guest has never spoken, nobody to deliver to.
-                    let _ = self.host.recv(&mut [0u8; 1]);
+                    let _ = io.host.recv(id, &mut [0u8; 1]);
                     if matches!(outcome, Err(ref e) if e.kind() == io::ErrorKind::WouldBlock) {
                         return true;
                     }
@@ -528,11 +503,6 @@ impl UdpFlow {
                 Ok(_) => {}
             }
         }
-    }
-
-    /// Deregisters and closes the host socket.
-    pub(crate) fn close(&mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut self.host);
     }
 }
 

@@ -2094,16 +2094,10 @@ fn random_bytes_never_open_anything() {
 }
 
 /// The tables stay within their limits under a SYN burst and a UDP spray from many
-/// source ports. Host sockets here reach only this test's listeners on 127.0.0.1
-/// (gateway with host loopback on, frames built here, never mutated).
+/// source ports (gateway with host loopback on, to the in-memory host's listener).
 #[test]
 fn flows_stay_within_limits() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let tcp_port = listener.local_addr().unwrap().port();
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    udp.set_nonblocking(true).unwrap();
-    let udp_port = udp.local_addr().unwrap().port();
+    let (tcp_port, udp_port) = (8080, 5353);
 
     let mut cfg = sealed_config(0);
     cfg.nat.host_loopback = true;
@@ -2116,7 +2110,8 @@ fn flows_stay_within_limits() {
     };
     let limits = cfg.limits;
     let mut sim = Sim::with_config(cfg);
-    let mut accepted = Vec::new();
+    let listener = std::net::SocketAddr::from(([127, 0, 0, 1], tcp_port));
+    sim.host.tcp(listener, Remote::Accept);
     for i in 0..400u16 {
         let syn = tcp_frame(GW, 10_000 + i, tcp_port, 1, |b| b.syn(), &[]);
         sim.send(&syn);
@@ -2131,19 +2126,17 @@ fn flows_stay_within_limits() {
         assert!(sim.fwd.half_open() <= limits.tcp_half_open);
         assert!(udp_flows <= limits.udp_flows, "{udp_flows} UDP flows");
         if i % 16 == 0 {
-            sim.run_until(5, |_| false);
-            while let Ok((conn, _)) = listener.accept() {
-                accepted.push(conn);
-            }
-            let mut buf = [0u8; 64];
-            while udp.recv_from(&mut buf).is_ok() {}
+            sim.run_for(5);
         }
     }
     let c = sim.fwd.counters();
     assert!(c.tcp_table_full > 0, "TCP limit never hit");
     assert!(c.udp_table_full > 0, "UDP limit never hit");
     assert!(c.udp_opened as usize <= limits.udp_flows);
-    assert!(!accepted.is_empty(), "no flow reached the listener");
+    assert!(
+        !sim.host.streams_to(listener).is_empty(),
+        "no flow reached the listener"
+    );
 }
 
 // Findings of the first hardening pass, now fixed.

@@ -1,5 +1,6 @@
 //! No allocation per packet: a counting global allocator watches the forwarder carry
-//! steady-state TCP (both directions) and UDP (round trips) after a warm-up.
+//! steady-state TCP (both directions) and UDP (round trips) after a warm-up, over the
+//! in-memory host (whose buffers are sized when a socket opens).
 //! Our stand-in for passt's seccomp-blocked `brk`/`mmap`.
 #![expect(
     unsafe_code,
@@ -10,10 +11,8 @@ mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::io::{Read, Write};
-use std::net::{TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration as StdDuration;
 
 use common::*;
 use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
@@ -86,29 +85,15 @@ impl forwarder::FrameSink for Tally {
 }
 
 fn turn(sim: &mut Sim, tally: &mut Tally) {
-    sim.poll
-        .poll(&mut sim.events, Some(StdDuration::from_millis(1)))
-        .unwrap();
+    sim.micros += 1000;
     let now = sim.now();
-    let mut io = forwarder::Io {
-        registry: sim.poll.registry(),
-        tap: tally,
-    };
-    for ev in sim.events.iter() {
-        let r = ev.is_readable() || ev.is_read_closed();
-        let w = ev.is_writable() || ev.is_write_closed();
-        sim.fwd
-            .handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
-    }
-    sim.fwd.handle_timeouts(now, &mut io);
-    sim.fwd.poll_flows(now, &mut io);
-    sim.fwd.flush(io.tap);
+    finish_turn(&mut sim.fwd, &mut sim.host, now, tally);
 }
 
 fn guest_frame(sim: &mut Sim, frame: &mut [u8], tally: &mut Tally) {
     let now = sim.now();
     let mut io = forwarder::Io {
-        registry: sim.poll.registry(),
+        host: &mut sim.host,
         tap: tally,
     };
     sim.fwd.handle_frame(now, frame, &mut io);
@@ -116,20 +101,20 @@ fn guest_frame(sim: &mut Sim, frame: &mut [u8], tally: &mut Tally) {
 
 #[test]
 fn steady_state_tcp_and_udp_allocate_nothing() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
-    echo.set_nonblocking(true).unwrap();
-    let uport = echo.local_addr().unwrap().port();
-
+    let (port, uport) = (8080, 7);
     let mut sim = Sim::new(true);
+    sim.host
+        .tcp(SocketAddr::from(([127, 0, 0, 1], port)), Remote::Accept);
     sim.send(&tcp_frame(GW, 40001, port, 1000, |b| b.syn(), &[]));
     let synack = sim
         .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.syn && t.ack))
         .expect("SYN-ACK");
     let server_isn = tcp_of(&synack).unwrap().0.sequence_number;
-    let (mut host, _) = listener.accept().unwrap();
-    host.set_nonblocking(true).unwrap();
+    let host = sim
+        .host
+        .stream_to(SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap();
+    let mut echo = None;
 
     const SEG: usize = 512;
     let chunk = [0x5au8; SEG];
@@ -140,8 +125,6 @@ fn steady_state_tcp_and_udp_allocate_nothing() {
     };
     let mut frame = Vec::with_capacity(2048);
     let mut udp = Vec::with_capacity(256);
-    let mut sink = vec![0u8; 1 << 20];
-    let mut udp_buf = [0u8; 64];
     let mut received = 0usize;
 
     let mut step = |sim: &mut Sim, tally: &mut Tally, seq: &mut u32| {
@@ -165,17 +148,15 @@ fn steady_state_tcp_and_udp_allocate_nothing() {
             .unwrap();
         guest_frame(sim, &mut udp, tally);
         turn(sim, tally);
-        while let Ok((n, from)) = echo.recv_from(&mut udp_buf) {
-            echo.send_to(&udp_buf[..n], from).unwrap();
-        }
+        let echo = *echo.get_or_insert_with(|| {
+            sim.host
+                .dgram_to(SocketAddr::from(([127, 0, 0, 1], uport)))
+                .unwrap()
+        });
+        sim.host.dgram_echo(echo);
         // Host -> guest: some data back; host reads what arrived.
-        let _ = host.write(&chunk);
-        while let Ok(n) = host.read(&mut sink) {
-            if n == 0 {
-                break;
-            }
-            received += n;
-        }
+        sim.host.peer_write(host, &chunk);
+        received += sim.host.peer_discard(host);
         turn(sim, tally);
     };
 

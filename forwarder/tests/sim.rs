@@ -1,10 +1,8 @@
-//! The forwarder driven over memory (see `common`).
+//! The forwarder driven over memory (see `common`): an in-memory host, a fake clock.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, UdpSocket};
-use std::time::Duration as StdDuration;
+use std::net::SocketAddr;
 
 use common::*;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -68,13 +66,10 @@ fn ping_gateway_answered_with_same_payload() {
 
 #[test]
 fn syn_to_closed_port_reset() {
-    // A loopback port with nothing listening: bind, learn the port, close.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A loopback port with nothing listening.
+    let port = 8080;
     let mut sim = Sim::new(true);
+    sim.host.tcp(loopback(port), Remote::Refuse);
     sim.send(&tcp_frame(GW, 40000, port, 1000, |b| b.syn(), &[]));
     let rst = sim
         .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.rst))
@@ -89,10 +84,9 @@ fn syn_to_closed_port_reset() {
 /// unreachable from the gateway ("Network is unreachable"), not a RST.
 #[test]
 fn syn_with_host_loopback_disabled_network_unreachable_without_connecting() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let port = 8080;
     let mut sim = Sim::new(false);
+    sim.host.tcp(loopback(port), Remote::Accept);
     sim.send(&tcp_frame(GW, 40000, port, 1, |b| b.syn(), &[]));
     let err = sim.wire.0.pop().expect("ICMP error");
     let p = SlicedPacket::from_ethernet(&err).unwrap();
@@ -105,10 +99,7 @@ fn syn_with_host_loopback_disabled_network_unreachable_without_connecting() {
             etherparse::icmpv4::DestUnreachableHeader::Network
         )
     );
-    assert!(
-        listener.accept().is_err(),
-        "nothing may reach the host's loopback"
-    );
+    assert_eq!(sim.host.opened, 0, "nothing may reach the host's loopback");
     assert_eq!(sim.fwd.counters().tcp_denied, 1);
 }
 
@@ -131,9 +122,9 @@ fn stray_ack_reset() {
 
 #[test]
 fn tcp_handshake_data_both_ways_and_close() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let port = 8080;
     let mut sim = Sim::new(true);
+    sim.host.tcp(loopback(port), Remote::Accept);
     sim.send(&tcp_frame(GW, 40001, port, 5000, |b| b.syn(), &[]));
     let synack = sim
         .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.syn && t.ack))
@@ -141,8 +132,7 @@ fn tcp_handshake_data_both_ways_and_close() {
     let (t, _, _) = tcp_of(&synack).unwrap();
     assert_eq!(t.acknowledgment_number, 5001);
     let server_isn = t.sequence_number;
-    let (mut conn, peer) = listener.accept().unwrap();
-    assert!(peer.ip().is_loopback());
+    let conn = sim.host.stream_to(loopback(port)).expect("host connection");
 
     sim.send(&tcp_frame(
         GW,
@@ -152,14 +142,10 @@ fn tcp_handshake_data_both_ways_and_close() {
         |b| b.ack(server_isn + 1).psh(),
         b"hello host",
     ));
-    sim.run_until(200, |_| false);
-    conn.set_read_timeout(Some(StdDuration::from_secs(2)))
-        .unwrap();
-    let mut buf = [0u8; 10];
-    conn.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"hello host");
+    sim.run_for(200);
+    assert_eq!(sim.host.peer_read_all(conn), b"hello host");
 
-    conn.write_all(b"hello guest").unwrap();
+    sim.host.peer_write(conn, b"hello guest");
     let data = sim
         .run_until(2000, |f| tcp_of(f).is_some_and(|(_, d, _)| !d.is_empty()))
         .expect("data for the guest");
@@ -168,14 +154,19 @@ fn tcp_handshake_data_both_ways_and_close() {
     assert_eq!(t.acknowledgment_number, 5011);
 
     // Host closes: FIN to the guest; guest acknowledges and closes too.
-    drop(conn);
+    sim.host.peer_fin(conn);
     let fin = sim
         .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.fin))
         .expect("FIN after the host closed");
     let (t, _, _) = tcp_of(&fin).unwrap();
     let ack = t.sequence_number + 1;
     sim.send(&tcp_frame(GW, 40001, port, 5011, |b| b.ack(ack).fin(), &[]));
-    sim.run_until(200, |_| false);
+    sim.run_for(200);
+    assert!(sim
+        .host
+        .closed
+        .iter()
+        .any(|c| c.id == conn && c.fin && c.how == forwarder::Close::Clean));
     assert_eq!(
         sim.fwd.flow_counts(),
         (0, 0, 0),
@@ -191,19 +182,19 @@ fn tcp_handshake_data_both_ways_and_close() {
 /// A bulk flow's socket is freed, not pooled: its buffers' pages would stay resident.
 #[test]
 fn bulk_flow_socket_not_pooled() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let port = 8080;
     let mut sim = Sim::with_config(forwarder::Config {
         tcp_buffer: 1 << 20,
         loopback_handoff: false,
         ..Sim::config(true)
     });
+    sim.host.tcp(loopback(port), Remote::Accept);
     sim.send(&tcp_frame(GW, 40002, port, 7000, |b| b.syn(), &[]));
     let synack = sim
         .run_until(2000, |f| tcp_of(f).is_some_and(|(t, _, _)| t.syn && t.ack))
         .expect("SYN-ACK");
     let server_isn = tcp_of(&synack).unwrap().0.sequence_number;
-    let (mut conn, _) = listener.accept().unwrap();
+    let conn = sim.host.stream_to(loopback(port)).unwrap();
     sim.send(&tcp_frame(
         GW,
         40002,
@@ -214,29 +205,35 @@ fn bulk_flow_socket_not_pooled() {
     ));
     // 512 KiB from the host: smoltcp takes it into its buffer whether or not the guest
     // acknowledges it.
-    conn.write_all(&vec![7u8; 512 << 10]).unwrap();
-    sim.run_until(300, |_| false);
+    let mut sent = 0;
+    while sent < 512 << 10 {
+        sent += sim.host.peer_write(conn, &vec![7u8; (512 << 10) - sent]);
+        sim.run_for(5);
+    }
+    sim.run_for(300);
     sim.send(&tcp_frame(GW, 40002, port, 7001, |b| b.rst(), &[]));
-    sim.run_until(100, |_| false);
+    sim.run_for(100);
+    assert!(
+        sim.host
+            .closed
+            .iter()
+            .any(|c| c.id == conn && c.how == forwarder::Close::Reset),
+        "the guest's RST resets the host side"
+    );
     assert_eq!(sim.fwd.flow_counts(), (0, 0, 0), "flow freed after RST");
     assert_eq!(sim.fwd.pooled_sockets(), 0, "bulk socket freed");
 }
 
 #[test]
 fn udp_round_trip_through_gateway() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server
-        .set_read_timeout(Some(StdDuration::from_secs(2)))
-        .unwrap();
-    let port = server.local_addr().unwrap().port();
+    let port = 5353;
     let mut sim = Sim::new(true);
     let mut frame = Vec::new();
     guest().udp(4444, port).write(&mut frame, b"ping").unwrap();
     sim.send(&frame);
-    let mut buf = [0u8; 16];
-    let (n, from) = server.recv_from(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"ping");
-    server.send_to(b"pong!", from).unwrap();
+    let sock = sim.host.dgram_to(loopback(port)).expect("a host socket");
+    assert_eq!(sim.host.take_sent(sock), [b"ping".to_vec()]);
+    sim.host.dgram_reply(sock, b"pong!");
     let reply = sim
         .run_until(2000, |f| {
             matches!(
@@ -360,12 +357,7 @@ fn dhcp_discover() -> Vec<u8> {
 /// reaches the host or is answered; what stays on (ARP) still works.
 #[test]
 fn services_turned_off_are_dropped_and_counted() {
-    let server = UdpSocket::bind("127.0.0.1:0").unwrap();
-    server.set_nonblocking(true).unwrap();
-    let uport = server.local_addr().unwrap().port();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let tport = listener.local_addr().unwrap().port();
+    let (uport, tport) = (5353, 8080);
     let mut cfg = Sim::config(true);
     cfg.services = forwarder::Services {
         tcp: false,
@@ -390,11 +382,7 @@ fn services_turned_off_are_dropped_and_counted() {
     assert!(sim.wire.0.is_empty(), "answered: {:?}", sim.wire.0);
     assert_eq!(sim.fwd.counters().drop_service_off, 4);
     assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
-    assert!(
-        server.recv_from(&mut [0u8; 16]).is_err(),
-        "UDP reached the host"
-    );
-    assert!(listener.accept().is_err(), "TCP reached the host");
+    assert_eq!(sim.host.opened, 0, "a flow reached the host");
 }
 
 /// The DNS forwarder is named by DHCP only with `announce_dns` (pasta's `--dhcp-dns`).
@@ -432,4 +420,9 @@ fn dhcp_names_the_dns_forwarder_only_when_announced() {
             "announce_dns {announce}"
         );
     }
+}
+
+/// The host's loopback at `port`: where the gateway's address leads.
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }

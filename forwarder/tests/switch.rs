@@ -2,10 +2,9 @@
 
 mod common;
 
-use common::{sealed_config, GUEST, GUEST_MAC, GW, GW_MAC, NET6};
+use common::{sealed_config, MemHost, GUEST, GUEST_MAC, GW, GW_MAC, NET6};
 use etherparse::PacketBuilder;
 use forwarder::{Forwarder, FrameSink, Io, PortId, Topology};
-use mio::Poll;
 use smoltcp::time::Instant;
 use smoltcp::wire::EthernetAddress;
 use std::net::Ipv6Addr;
@@ -36,7 +35,7 @@ impl Ports {
 }
 
 struct Net {
-    poll: Poll,
+    host: MemHost,
     fwd: Forwarder,
     out: Ports,
     ports: [PortId; 3],
@@ -51,7 +50,7 @@ impl Net {
         let b = fwd.attach(now, None).unwrap();
         let c = fwd.attach(now, Some(EthernetAddress(C_MAC))).unwrap();
         Net {
-            poll: Poll::new().unwrap(),
+            host: MemHost::default(),
             fwd,
             out: Ports::default(),
             ports: [0, b, c],
@@ -62,7 +61,7 @@ impl Net {
     fn send(&mut self, port: PortId, frame: &[u8]) {
         let now = Instant::from_millis(2);
         let mut io = Io {
-            registry: self.poll.registry(),
+            host: &mut self.host,
             tap: &mut self.out,
         };
         self.rx.clear();

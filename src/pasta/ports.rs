@@ -42,7 +42,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use forwarder::port::{Handoff, Proto};
+use forwarder::port::Proto;
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use slab::Slab;
@@ -51,6 +51,7 @@ use super::agent::{parse_proc_net, Agent, Listening};
 use super::opts::{PastaOpts, PortSpec};
 use super::PastaRunError;
 use crate::api::Control;
+use crate::host::Handoff;
 use crate::netns::Target;
 use crate::subsystem::{Cx, Next, StartError, Subsystem};
 
@@ -850,7 +851,7 @@ impl PastaPorts {
 
     fn tick_with(&mut self, now: Instant, cx: &mut Cx<'_>) -> io::Result<()> {
         let mut io = forwarder::Io {
-            registry: cx.registry,
+            host: &mut *cx.sockets,
             tap: cx.taps.sink(),
         };
         let mut ctl = crate::api::FwdControl {

@@ -102,9 +102,9 @@ impl Ports {
                 for (host_port, guest_port) in spec.pairs() {
                     let host = std::net::SocketAddr::new(ip, host_port);
                     let device = spec.device.as_deref();
-                    let added =
-                        cx.fwd
-                            .add_port_on(spec.proto, host, device, None, guest_port, cx.registry);
+                    let added = cx
+                        .fwd
+                        .add_port_on(spec.proto, host, device, None, guest_port, cx.sockets);
                     let err = match added {
                         Ok(_) => {
                             bound = true;

@@ -14,6 +14,7 @@ pub mod alloc;
 pub mod caps;
 pub mod fd;
 pub mod link;
+pub mod msg;
 pub mod seccomp;
 pub mod tap;
 

@@ -1,15 +1,20 @@
-//! The forwarder driven over memory: guest frames built and checked with etherparse (an
-//! implementation independent of smoltcp::wire), host sockets on this machine's loopback.
+//! The forwarder driven over memory, quinn-proto `Pair` style: guest frames built and
+//! checked with etherparse (an implementation independent of smoltcp::wire), host sockets
+//! in memory ([`host::MemHost`]), time on a fake clock that jumps to the forwarder's next
+//! deadline. Nothing sleeps, nothing leaves the process, every run is the same.
 #![allow(dead_code)]
 
+pub mod host;
+
 use std::net::Ipv4Addr;
-use std::time::Duration as StdDuration;
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use forwarder::nat::{NatConfig, Network};
 use forwarder::{Config, Forwarder, FrameSink, Io, Limits, Topology};
-use mio::{Events, Poll};
 use smoltcp::time::{Duration, Instant};
+
+#[allow(unused_imports)]
+pub use host::{MemHost, Remote};
 
 pub const GUEST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x64];
 pub const GW_MAC: [u8; 6] = [0x52, 0x55, 10, 0, 2, 2];
@@ -27,11 +32,11 @@ impl FrameSink for Wire {
 }
 
 pub struct Sim {
-    pub poll: Poll,
-    pub events: Events,
+    pub host: MemHost,
     pub fwd: Forwarder,
     pub wire: Wire,
-    pub start: std::time::Instant,
+    /// The fake clock, in microseconds.
+    pub micros: i64,
     /// The read buffer frames are handed over in, as the event loop's.
     rx: Vec<u8>,
 }
@@ -70,14 +75,19 @@ impl Sim {
     }
 
     pub fn now(&self) -> Instant {
-        Instant::from_micros(self.start.elapsed().as_micros() as i64)
+        Instant::from_micros(self.micros)
+    }
+
+    /// Moves the fake clock on by `d`.
+    pub fn advance(&mut self, d: Duration) {
+        self.micros += d.total_micros() as i64;
     }
 
     /// Feeds a guest frame and runs the forwarder's turn.
     pub fn send(&mut self, frame: &[u8]) {
         let now = self.now();
         let mut io = Io {
-            registry: self.poll.registry(),
+            host: &mut self.host,
             tap: &mut self.wire,
         };
         self.rx.clear();
@@ -87,23 +97,39 @@ impl Sim {
         self.fwd.flush(&mut self.wire);
     }
 
-    /// Runs event loop turns until `done` holds for a frame sent to the guest or the
-    /// time runs out; returns that frame.
+    /// One event loop turn at the current time: readiness, timers, flows, flush.
+    pub fn turn(&mut self) {
+        let now = self.now();
+        finish_turn(&mut self.fwd, &mut self.host, now, &mut self.wire);
+    }
+
+    /// Runs event loop turns until `done` holds for a frame sent to the guest or `ms`
+    /// of fake time have passed; returns that frame. Between turns the clock jumps to
+    /// the forwarder's next deadline when no readiness is pending (10 us otherwise).
     pub fn run_until(&mut self, ms: u64, mut done: impl FnMut(&[u8]) -> bool) -> Option<Vec<u8>> {
-        let deadline = std::time::Instant::now() + StdDuration::from_millis(ms);
+        let deadline = self.micros + ms as i64 * 1000;
         loop {
             if let Some(i) = self.wire.0.iter().position(|f| done(f)) {
                 return Some(self.wire.0.remove(i));
             }
-            if std::time::Instant::now() > deadline {
+            if self.micros >= deadline {
                 return None;
             }
-            self.poll
-                .poll(&mut self.events, Some(StdDuration::from_millis(5)))
-                .unwrap();
-            let now = self.now();
-            finish_turn(&mut self.fwd, &self.poll, &self.events, now, &mut self.wire);
+            let next = if self.host.events.is_empty() {
+                self.fwd
+                    .poll_timeout()
+                    .map_or(deadline, |at| at.total_micros())
+            } else {
+                self.micros
+            };
+            self.micros = next.clamp(self.micros + 10, deadline);
+            self.turn();
         }
+    }
+
+    /// Runs turns for `ms` of fake time, whatever comes out.
+    pub fn run_for(&mut self, ms: u64) {
+        self.run_until(ms, |_| false);
     }
 }
 
@@ -399,8 +425,7 @@ impl FrameSink for Discard {
 /// frames: [`feed`](Self::feed) takes one frame, [`turn`](Self::turn) runs the rest of
 /// an event loop turn (timers, flows, flush) once per batch.
 pub struct Sealed {
-    pub poll: Poll,
-    pub events: Events,
+    pub host: MemHost,
     pub fwd: Forwarder,
     pub sink: Discard,
     pub vnet: usize,
@@ -420,8 +445,7 @@ impl Sealed {
             ..Discard::default()
         };
         Sealed {
-            poll: Poll::new().unwrap(),
-            events: Events::with_capacity(64),
+            host: MemHost::default(),
             fwd: Forwarder::new(cfg, Topology::Single, Instant::from_micros(0)),
             sink,
             vnet,
@@ -448,7 +472,7 @@ impl Sealed {
         self.micros += 10;
         let now = self.now();
         let mut io = Io {
-            registry: self.poll.registry(),
+            host: &mut self.host,
             tap: &mut self.sink,
         };
         self.rx.clear();
@@ -459,12 +483,9 @@ impl Sealed {
     /// The rest of an event loop turn: readiness (none is expected), timers, flows,
     /// flush.
     pub fn turn(&mut self) {
-        self.poll
-            .poll(&mut self.events, Some(StdDuration::ZERO))
-            .unwrap();
         self.micros += 1000;
         let now = self.now();
-        finish_turn(&mut self.fwd, &self.poll, &self.events, now, &mut self.sink);
+        finish_turn(&mut self.fwd, &mut self.host, now, &mut self.sink);
     }
 }
 
@@ -472,11 +493,10 @@ impl Sim {
     /// A simulation of a forwarder with `cfg` (limits, NAT policy, vnet header).
     pub fn with_config(cfg: Config) -> Sim {
         Sim {
-            poll: Poll::new().unwrap(),
-            events: Events::with_capacity(64),
+            host: MemHost::default(),
             fwd: Forwarder::new(cfg, Topology::Single, Instant::from_micros(0)),
             wire: Wire::default(),
-            start: std::time::Instant::now(),
+            micros: 0,
             rx: Vec::new(),
         }
     }
@@ -484,22 +504,22 @@ impl Sim {
 
 /// The rest of an event loop turn after the wait, as `src/event_loop.rs` does it:
 /// readiness, timers, flows, then the frames for the guest.
-fn finish_turn(
-    fwd: &mut Forwarder,
-    poll: &Poll,
-    events: &Events,
-    now: Instant,
-    tap: &mut dyn FrameSink,
-) {
+pub fn finish_turn(fwd: &mut Forwarder, host: &mut MemHost, now: Instant, tap: &mut dyn FrameSink) {
+    // Events raised while these are handled wait for the next turn, as epoll's would.
+    let mut events = std::mem::take(&mut host.spare);
+    std::mem::swap(&mut events, &mut host.events);
     let mut io = Io {
-        registry: poll.registry(),
+        host: &mut *host,
         tap: &mut *tap,
     };
-    for ev in events.iter() {
-        let r = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-        let w = ev.is_writable() || ev.is_write_closed() || ev.is_error();
-        fwd.handle_ready(now, ev.token(), r, w, ev.is_read_closed(), &mut io);
+    for ev in events.drain(..) {
+        fwd.handle_ready(now, ev.id, ev.readable, ev.writable, ev.hup, &mut io);
     }
+    host.spare = events;
+    let mut io = Io {
+        host: &mut *host,
+        tap: &mut *tap,
+    };
     fwd.handle_timeouts(now, &mut io);
     fwd.poll_flows(now, &mut io);
     fwd.flush(tap);

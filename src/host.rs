@@ -1,0 +1,537 @@
+//! The forwarder's host side on this machine: real sockets, watched by the event loop's
+//! mio `Poll`.
+//!
+//! # Theory of operation
+//!
+//! [`Sockets`] implements [`forwarder::HostIo`]: the forwarder names a host socket by its
+//! flow's id, and this table holds the socket at that index (flow ids are a slab's keys,
+//! so the table is dense). Every socket it opens is registered with the loop's `Poll`
+//! under the token `Token(id)` (the flow tokens: below the TAPs' and the subsystems',
+//! [`crate::event_loop`]), edge-triggered: streams for reading and writing, datagram
+//! sockets and listeners for reading. The event loop hands each event of such a token to
+//! [`forwarder::Forwarder::handle_ready`] with `id`; [`forwarder::HostIo::close`]
+//! deregisters and closes.
+//!
+//! A call costs an index and a match on top of its system call: no allocation, no
+//! dynamic dispatch (the forwarder is generic over its host). The datagram calls with a
+//! local address or segmentation are [`crate::sys::msg`]'s.
+//!
+//! Loopback clients of published ports in pasta mode are not forwarded but handed over
+//! ([`forwarder::Config::loopback_handoff`]): they wait in [`Sockets::handoffs`] for the
+//! subsystem that splices them (`src/pasta/ports.rs`). A handed-over datagram comes with
+//! a duplicate of its rule's socket, made once per rule.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use forwarder::port::{PortError, PortRule, Proto};
+use forwarder::{Close, HostIo};
+use mio::net::{TcpListener, TcpStream, UdpSocket};
+use mio::{Interest, Registry, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::sys::msg;
+
+/// What a published port received from a loopback client and handed to the caller
+/// instead of forwarding it through the guest link ([`forwarder::Config::loopback_handoff`]).
+#[derive(Debug)]
+pub enum Handoff {
+    /// An accepted TCP connection.
+    Tcp {
+        /// The connection.
+        stream: TcpStream,
+        /// The client (a loopback address).
+        client: SocketAddr,
+        /// The guest port the rule forwards to.
+        guest_port: u16,
+    },
+    /// A datagram; answers go to `client` through `socket`.
+    Udp {
+        /// A duplicate of the rule's socket (non-blocking), shared by its handoffs.
+        socket: Arc<std::net::UdpSocket>,
+        /// The client (a loopback address).
+        client: SocketAddr,
+        /// The datagram.
+        data: Vec<u8>,
+        /// The guest port the rule forwards to.
+        guest_port: u16,
+    },
+}
+
+/// One entry of the table.
+enum Entry {
+    Free,
+    /// A flow's TCP stream (registered).
+    Stream(TcpStream),
+    /// A flow's UDP or ping socket, connected (registered).
+    Dgram(UdpSocket),
+    /// A published TCP port (registered).
+    Listener(TcpListener),
+    /// A published UDP port (registered), and its duplicate for handoffs once made.
+    Port(UdpSocket, Option<Arc<std::net::UdpSocket>>),
+    /// A connection accepted and not yet adopted (not registered).
+    Accepted(TcpStream),
+}
+
+/// Receive buffer asked for on every host UDP socket (the kernel caps it at
+/// `net.core.rmem_max`).
+///
+/// The default (`rmem_default`, 208 KiB) holds about 90 datagrams of 1400 bytes: a sender
+/// that bursts, as paced senders do, overflows it whenever the loop is busy elsewhere
+/// for a millisecond (iperf3 -u at 1 Gbit/s towards the container lost 4-10 %; with 1 MiB
+/// 0-0.3 %, with 4 MiB none, 3 runs each). Only queued datagrams use the memory.
+const UDP_RCVBUF: usize = 4 << 20;
+
+/// Asks for [`UDP_RCVBUF`]; a refusal leaves the default, which still works.
+fn widen_receive_buffer(socket: &Socket) {
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RCVBUF) {
+        log::debug!("SO_RCVBUF {UDP_RCVBUF}: {e}");
+    }
+}
+
+/// The error of a call on an id that holds no socket of that kind (a forwarder bug).
+fn no_socket() -> io::Error {
+    io::Error::from(io::ErrorKind::NotFound)
+}
+
+/// The forwarder's host sockets; see the module's header.
+pub struct Sockets {
+    registry: Registry,
+    table: Vec<Entry>,
+    /// Whether the kernel segments UDP sends ([`msg::udp_gso_supported`]).
+    gso: bool,
+    handoffs: Vec<Handoff>,
+}
+
+impl Sockets {
+    /// An empty table whose sockets are registered with `registry` (the loop's).
+    pub fn new(registry: Registry) -> Sockets {
+        Sockets {
+            registry,
+            table: Vec::new(),
+            gso: msg::udp_gso_supported(),
+            handoffs: Vec::new(),
+        }
+    }
+
+    /// The loopback connections and datagrams of published ports since the last call;
+    /// whatever is not taken is dropped.
+    pub fn handoffs(&mut self) -> std::vec::Drain<'_, Handoff> {
+        self.handoffs.drain(..)
+    }
+
+    fn put(&mut self, id: usize, entry: Entry) {
+        if self.table.len() <= id {
+            self.table.resize_with(id + 1, || Entry::Free);
+        }
+        self.table[id] = entry;
+    }
+
+    fn take(&mut self, id: usize) -> Entry {
+        match self.table.get_mut(id) {
+            Some(e) => std::mem::replace(e, Entry::Free),
+            None => Entry::Free,
+        }
+    }
+
+    fn stream(&mut self, id: usize) -> io::Result<&mut TcpStream> {
+        match self.table.get_mut(id) {
+            Some(Entry::Stream(s)) => Ok(s),
+            _ => Err(no_socket()),
+        }
+    }
+
+    fn dgram(&mut self, id: usize) -> io::Result<&mut UdpSocket> {
+        match self.table.get_mut(id) {
+            Some(Entry::Dgram(s) | Entry::Port(s, _)) => Ok(s),
+            _ => Err(no_socket()),
+        }
+    }
+
+    /// Registers a flow's datagram socket and keeps it as `id`.
+    fn add_dgram(&mut self, id: usize, socket: Socket) -> io::Result<()> {
+        let mut sock = UdpSocket::from_std(socket.into());
+        self.registry
+            .register(&mut sock, Token(id), Interest::READABLE)?;
+        self.put(id, Entry::Dgram(sock));
+        Ok(())
+    }
+}
+
+/// Binds `socket` to `outbound` when it is of `target`'s family.
+fn bind_outbound(socket: &Socket, outbound: Option<IpAddr>, target: IpAddr) -> io::Result<()> {
+    if let Some(addr) = outbound {
+        if addr.is_ipv4() == target.is_ipv4() {
+            socket.bind(&SocketAddr::new(addr, 0).into())?;
+        }
+    }
+    Ok(())
+}
+
+impl HostIo for Sockets {
+    fn tcp_connect(
+        &mut self,
+        id: usize,
+        target: SocketAddr,
+        bind: Option<IpAddr>,
+    ) -> io::Result<()> {
+        let socket = Socket::new(
+            Domain::for_address(target),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        socket.set_tcp_nodelay(true)?;
+        bind_outbound(&socket, bind, target.ip())?;
+        match socket.connect(&target.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let mut stream = TcpStream::from_std(socket.into());
+        self.registry.register(
+            &mut stream,
+            Token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.put(id, Entry::Stream(stream));
+        Ok(())
+    }
+
+    fn tcp_connected(&mut self, id: usize) -> io::Result<bool> {
+        let stream = self.stream(id)?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+        match stream.peer_addr() {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    #[inline]
+    fn read(&mut self, id: usize, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream(id)?.read(buf)
+    }
+
+    #[inline]
+    fn write(&mut self, id: usize, buf: &[u8]) -> io::Result<usize> {
+        self.stream(id)?.write(buf)
+    }
+
+    fn shutdown_write(&mut self, id: usize) {
+        if let Ok(s) = self.stream(id) {
+            let _ = s.shutdown(Shutdown::Write);
+        }
+    }
+
+    fn udp_open(&mut self, id: usize, target: SocketAddr, bind: Option<IpAddr>) -> io::Result<()> {
+        let socket = Socket::new(
+            Domain::for_address(target),
+            Type::DGRAM.nonblocking().cloexec(),
+            Some(Protocol::UDP),
+        )?;
+        bind_outbound(&socket, bind, target.ip())?;
+        widen_receive_buffer(&socket);
+        socket.connect(&target.into())?;
+        self.add_dgram(id, socket)
+    }
+
+    fn udp_connect(&mut self, id: usize, to: SocketAddr) -> io::Result<()> {
+        self.dgram(id)?.connect(to)
+    }
+
+    fn icmp_open(&mut self, id: usize, dst: IpAddr, bind: Option<IpAddr>) -> io::Result<()> {
+        let (domain, proto) = match dst {
+            IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4),
+            IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6),
+        };
+        let socket = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), Some(proto))?;
+        bind_outbound(&socket, bind, dst)?;
+        socket.connect(&SocketAddr::new(dst, 0).into())?;
+        self.add_dgram(id, socket)
+    }
+
+    #[inline]
+    fn send(&mut self, id: usize, data: &[u8]) -> io::Result<usize> {
+        self.dgram(id)?.send(data)
+    }
+
+    #[inline]
+    fn recv(&mut self, id: usize, buf: &mut [u8]) -> io::Result<usize> {
+        self.dgram(id)?.recv(buf)
+    }
+
+    #[inline]
+    fn send_msg(
+        &mut self,
+        id: usize,
+        data: &[u8],
+        to: Option<SocketAddr>,
+        from: Option<IpAddr>,
+        seg: Option<u16>,
+    ) -> io::Result<usize> {
+        let fd = self.dgram(id)?.as_raw_fd();
+        msg::send_msg(fd, data, to, from, seg)
+    }
+
+    fn recv_from(
+        &mut self,
+        id: usize,
+        buf: &mut [u8],
+    ) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+        let fd = self.dgram(id)?.as_raw_fd();
+        msg::recv_with_dst(fd, buf)
+    }
+
+    #[inline]
+    fn udp_gso(&self) -> bool {
+        self.gso
+    }
+
+    fn listen(&mut self, id: usize, rule: &PortRule) -> Result<(), PortError> {
+        let entry = open_listener(rule, &self.registry, Token(id))?;
+        self.put(id, entry);
+        Ok(())
+    }
+
+    fn accept(&mut self, listener: usize, id: usize) -> io::Result<SocketAddr> {
+        let Some(Entry::Listener(l)) = self.table.get(listener) else {
+            return Err(no_socket());
+        };
+        let (stream, client) = l.accept()?;
+        self.put(id, Entry::Accepted(stream));
+        Ok(client)
+    }
+
+    fn adopt(&mut self, id: usize) -> io::Result<()> {
+        let Entry::Accepted(mut stream) = self.take(id) else {
+            return Err(no_socket());
+        };
+        let _ = stream.set_nodelay(true);
+        self.registry.register(
+            &mut stream,
+            Token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        self.put(id, Entry::Stream(stream));
+        Ok(())
+    }
+
+    fn hand_off_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) {
+        if let Entry::Accepted(stream) = self.take(id) {
+            self.handoffs.push(Handoff::Tcp {
+                stream,
+                client,
+                guest_port,
+            });
+        }
+    }
+
+    fn hand_off_udp(
+        &mut self,
+        listener: usize,
+        client: SocketAddr,
+        data: &[u8],
+        guest_port: u16,
+    ) -> io::Result<()> {
+        let Some(Entry::Port(sock, dup)) = self.table.get_mut(listener) else {
+            return Err(no_socket());
+        };
+        let socket = match dup {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(std::net::UdpSocket::from(
+                    socket2::SockRef::from(&*sock).try_clone()?,
+                ));
+                *dup = Some(s.clone());
+                s
+            }
+        };
+        self.handoffs.push(Handoff::Udp {
+            socket,
+            client,
+            data: data.to_vec(),
+            guest_port,
+        });
+        Ok(())
+    }
+
+    fn close(&mut self, id: usize, how: Close) {
+        let entry = self.take(id);
+        let registry = &self.registry;
+        match entry {
+            Entry::Free => {}
+            Entry::Stream(mut s) => {
+                let _ = registry.deregister(&mut s);
+                if how == Close::Reset {
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+                }
+            }
+            Entry::Accepted(s) => {
+                if how == Close::Reset {
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
+                }
+            }
+            Entry::Dgram(mut s) | Entry::Port(mut s, _) => {
+                let _ = registry.deregister(&mut s);
+            }
+            Entry::Listener(mut l) => {
+                let _ = registry.deregister(&mut l);
+            }
+        }
+    }
+}
+
+/// Binds the host socket of `rule` and registers it as `token`.
+fn open_listener(rule: &PortRule, registry: &Registry, token: Token) -> Result<Entry, PortError> {
+    let addr = rule.host;
+    let fail = |source: io::Error| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            PortError::InUse { addr, source }
+        } else if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+            PortError::Privileged { addr, source }
+        } else {
+            PortError::Listen { addr, source }
+        }
+    };
+    let (ty, proto) = match rule.proto {
+        Proto::Tcp => (Type::STREAM, Protocol::TCP),
+        Proto::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        ty.nonblocking().cloexec(),
+        Some(proto),
+    )
+    .map_err(fail)?;
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only, so that a rule for 0.0.0.0 can coexist.
+        socket.set_only_v6(true).map_err(fail)?;
+    }
+    if let Some(dev) = &rule.device {
+        socket
+            .bind_device(Some(dev.as_bytes()))
+            .map_err(|source| PortError::Device {
+                addr,
+                device: dev.clone(),
+                source,
+            })?;
+    }
+    if rule.proto == Proto::Tcp {
+        // Re-publishing a port right after removing it must not trip over TIME-WAIT.
+        socket.set_reuse_address(true).map_err(fail)?;
+    }
+    socket.bind(&addr.into()).map_err(fail)?;
+    match rule.proto {
+        Proto::Tcp => {
+            socket.listen(1024).map_err(fail)?;
+            let mut l = TcpListener::from_std(socket.into());
+            registry
+                .register(&mut l, token, Interest::READABLE)
+                .map_err(fail)?;
+            Ok(Entry::Listener(l))
+        }
+        Proto::Udp => {
+            widen_receive_buffer(&socket);
+            if addr.ip().is_unspecified() {
+                // Learn each datagram's local address, to reply from it.
+                msg::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6()).map_err(fail)?;
+            }
+            let mut u = UdpSocket::from_std(socket.into());
+            registry
+                .register(&mut u, token, Interest::READABLE)
+                .map_err(fail)?;
+            Ok(Entry::Port(u, None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sockets() -> (mio::Poll, Sockets) {
+        let poll = mio::Poll::new().unwrap();
+        let s = Sockets::new(poll.registry().try_clone().unwrap());
+        (poll, s)
+    }
+
+    fn listener_addr(s: &Sockets, id: usize) -> &TcpListener {
+        match &s.table[id] {
+            Entry::Listener(l) => l,
+            _ => panic!("no listener at {id}"),
+        }
+    }
+
+    #[test]
+    fn device_bound_listener_and_unknown_device() {
+        let (_poll, mut s) = sockets();
+        let rule = |id, device: &str| PortRule {
+            id,
+            proto: Proto::Tcp,
+            host: "127.0.0.1:0".parse().unwrap(),
+            guest: "10.0.2.100:80".parse().unwrap(),
+            device: Some(device.to_owned()),
+        };
+        match s.listen(1, &rule(1, "lo")) {
+            Ok(()) => {
+                let sock = socket2::SockRef::from(listener_addr(&s, 1));
+                assert_eq!(sock.device().unwrap().as_deref(), Some(&b"lo"[..]));
+            }
+            // Before Linux 5.7 SO_BINDTODEVICE needs CAP_NET_RAW.
+            Err(PortError::Device { source, .. })
+                if source.kind() == io::ErrorKind::PermissionDenied => {}
+            Err(e) => panic!("unexpected error {e}"),
+        }
+        match s.listen(2, &rule(2, "nosuch-if0")) {
+            Err(PortError::Device { device, .. }) => assert_eq!(device, "nosuch-if0"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(()) => panic!("bound to an interface that does not exist"),
+        }
+    }
+
+    #[test]
+    fn second_bind_same_address_in_use() {
+        let (_poll, mut s) = sockets();
+        let rule = |id| PortRule {
+            id,
+            proto: Proto::Tcp,
+            host: "127.0.0.1:0".parse().unwrap(),
+            guest: "10.0.2.100:80".parse().unwrap(),
+            device: None,
+        };
+        s.listen(1, &rule(1)).unwrap();
+        let taken = listener_addr(&s, 1).local_addr().unwrap();
+        let mut second = rule(2);
+        second.host = taken;
+        match s.listen(2, &second) {
+            Err(PortError::InUse { addr, source }) => {
+                assert_eq!(addr, taken);
+                assert_eq!(source.raw_os_error(), Some(libc::EADDRINUSE));
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(()) => panic!("second bind succeeded"),
+        }
+    }
+
+    #[test]
+    fn close_frees_the_entry_and_a_reset_stream_is_reset() {
+        let (_poll, mut s) = sockets();
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = server.local_addr().unwrap();
+        s.tcp_connect(3, target, None).unwrap();
+        let (mut peer, _) = server.accept().unwrap();
+        s.close(3, Close::Reset);
+        assert!(matches!(s.table[3], Entry::Free));
+        let mut buf = [0u8; 1];
+        let err = peer.read(&mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert_eq!(
+            s.read(3, &mut buf).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+}
