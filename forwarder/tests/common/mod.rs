@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod host;
+pub mod pair;
 
 use std::net::Ipv4Addr;
 

@@ -1,0 +1,544 @@
+//! Deterministic simulation of flows end to end: a guest (smoltcp, or frames built with
+//! etherparse), the forwarder, and the in-memory host, on a fake clock (see `common`).
+//! No socket, no sleep: timeouts of seconds run in microseconds, every run is the same.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use common::host::Handed;
+use common::pair::Pair;
+use common::*;
+use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use forwarder::port::Proto;
+use forwarder::Close;
+use smoltcp::socket::tcp::State;
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A guest connected through the gateway to the host's loopback port 8080, established;
+/// returns the pair, the guest socket and the host stream.
+fn established() -> (Pair, smoltcp::iface::SocketHandle, usize) {
+    let mut sim = Sim::new(true);
+    sim.host.tcp(loopback(8080), Remote::Accept);
+    let mut p = Pair::new(sim);
+    let h = p.connect((GW, 8080), 40000);
+    p.drive(100);
+    assert_eq!(p.tcp(h).state(), State::Established);
+    let conn = p.sim.host.stream_to(loopback(8080)).expect("host stream");
+    (p, h, conn)
+}
+
+/// The ICMPv4 messages the guest was sent, with their source.
+fn icmp_seen(frames: &[Vec<u8>]) -> Vec<([u8; 4], Icmpv4Type)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            let Some(NetSlice::Ipv4(ip)) = &p.net else {
+                return None;
+            };
+            let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+                return None;
+            };
+            Some((ip.header().source(), icmp.icmp_type()))
+        })
+        .collect()
+}
+
+/// The UDP datagrams in `frames`: (source, destination, payload).
+fn udp_seen(frames: &[Vec<u8>]) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            let Some(NetSlice::Ipv4(ip)) = &p.net else {
+                return None;
+            };
+            let Some(TransportSlice::Udp(u)) = &p.transport else {
+                return None;
+            };
+            let h = ip.header();
+            Some((
+                SocketAddr::from((h.source(), u.source_port())),
+                SocketAddr::from((h.destination(), u.destination_port())),
+                u.payload().to_vec(),
+            ))
+        })
+        .collect()
+}
+
+fn udp_frame(dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .ipv4(GUEST, dst, 64)
+        .udp(sport, dport)
+        .write(&mut f, data)
+        .unwrap();
+    f
+}
+
+#[test]
+fn tcp_data_both_ways_then_both_close() {
+    let (mut p, h, conn) = established();
+    p.tcp(h).send_slice(b"hello host").unwrap();
+    p.drive(10);
+    assert_eq!(p.sim.host.peer_read_all(conn), b"hello host");
+    p.sim.host.peer_write(conn, b"hello guest");
+    p.drive(10);
+    let mut buf = [0u8; 64];
+    let n = p.tcp(h).recv_slice(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"hello guest");
+
+    p.tcp(h).close();
+    p.drive(10);
+    assert!(
+        p.sim.host.stream(conn).fwd_fin,
+        "the guest's FIN reaches the host"
+    );
+    p.sim.host.peer_fin(conn);
+    p.drive(10);
+    assert!(matches!(p.tcp(h).state(), State::TimeWait | State::Closed));
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+    let closed = p.sim.host.closed.last().unwrap();
+    assert_eq!(
+        (closed.id, closed.how, closed.fin),
+        (conn, Close::Clean, true)
+    );
+    let c = p.sim.fwd.counters();
+    assert_eq!((c.tcp_opened, c.tcp_closed), (1, 1));
+}
+
+#[test]
+fn guest_half_close_host_keeps_sending() {
+    let (mut p, h, conn) = established();
+    p.tcp(h).close();
+    p.drive(10);
+    assert!(p.sim.host.stream(conn).fwd_fin);
+    assert_eq!(p.tcp(h).state(), State::FinWait2);
+    // The host's side is still open: its data reaches the guest.
+    let data = vec![0x42u8; 100_000];
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while got.len() < data.len() {
+        sent += p.sim.host.peer_write(conn, &data[sent..]);
+        p.drive(5);
+        while let Ok(n) = p.tcp(h).recv_slice(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert_eq!(got, data);
+    p.sim.host.peer_fin(conn);
+    p.drive(10);
+    assert!(matches!(p.tcp(h).state(), State::TimeWait | State::Closed));
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+}
+
+#[test]
+fn host_half_close_guest_keeps_sending() {
+    let (mut p, h, conn) = established();
+    p.sim.host.peer_fin(conn);
+    p.drive(10);
+    assert_eq!(
+        p.tcp(h).state(),
+        State::CloseWait,
+        "the host's FIN reaches the guest"
+    );
+    assert!(!p.sim.host.stream(conn).fwd_fin);
+    p.tcp(h).send_slice(b"after your FIN").unwrap();
+    p.drive(10);
+    assert_eq!(p.sim.host.peer_read_all(conn), b"after your FIN");
+    p.tcp(h).close();
+    p.drive(10);
+    assert!(matches!(p.tcp(h).state(), State::Closed | State::TimeWait));
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!(p.sim.host.closed.last().unwrap().how, Close::Clean);
+}
+
+#[test]
+fn host_reset_resets_the_guest() {
+    let (mut p, h, conn) = established();
+    p.sim.host.peer_reset(conn);
+    p.drive(10);
+    assert_eq!(p.tcp(h).state(), State::Closed, "RST to the guest");
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!(p.sim.host.closed.last().unwrap().how, Close::Reset);
+}
+
+#[test]
+fn guest_reset_resets_the_host() {
+    let (mut p, h, conn) = established();
+    p.tcp(h).abort();
+    p.drive(10);
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+    let closed = p.sim.host.closed.last().unwrap();
+    assert_eq!((closed.id, closed.how), (conn, Close::Reset));
+}
+
+#[test]
+fn refused_connect_is_a_rst_to_the_guest() {
+    let mut sim = Sim::new(true);
+    sim.host.tcp(loopback(8080), Remote::Refuse);
+    let mut p = Pair::new(sim);
+    let h = p.connect((GW, 8080), 40000);
+    p.drive(100);
+    assert_eq!(p.tcp(h).state(), State::Closed);
+    assert_eq!(p.sim.fwd.counters().tcp_refused, 1);
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!(p.sim.host.open_sockets(), 0);
+}
+
+#[test]
+fn unreachable_connects_are_icmp_errors_from_the_gateway() {
+    for (remote, code) in [
+        (Remote::Unreachable, 1u8),
+        (Remote::FailNow(libc::ENETUNREACH), 0),
+        (Remote::FailNow(libc::EACCES), 13),
+    ] {
+        let mut sim = Sim::new(true);
+        sim.host.tcp(loopback(8080), remote);
+        let mut p = Pair::new(sim);
+        p.connect((GW, 8080), 40000);
+        p.drive(100);
+        let icmp = icmp_seen(&p.seen);
+        let unreachable: Vec<_> = icmp
+            .iter()
+            .filter_map(|(src, t)| match t {
+                Icmpv4Type::DestinationUnreachable(h) => Some((*src, h.code_u8())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(unreachable, [(GW, code)], "{remote:?}");
+        assert_eq!(p.sim.fwd.counters().tcp_unreachable, 1, "{remote:?}");
+        assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+        assert_eq!(p.sim.host.open_sockets(), 0);
+    }
+}
+
+#[test]
+fn syn_flood_into_a_black_hole_drains_on_the_fake_clock() {
+    let mut cfg = Sim::config(true);
+    cfg.limits.tcp_half_open = 8;
+    let mut sim = Sim::with_config(cfg);
+    sim.host.default_tcp = Remote::Silent;
+    for i in 0..20u16 {
+        sim.send(&tcp_frame(GW, 10_000 + i, 80, 1, |b| b.syn(), &[]));
+    }
+    assert_eq!(sim.fwd.half_open(), 8);
+    assert_eq!(
+        sim.fwd.counters().tcp_table_full,
+        12,
+        "refused beyond the limit"
+    );
+    assert_eq!(sim.host.open_sockets(), 8);
+    // Just before the connect timeout nothing gave up; just after, everything did.
+    sim.run_for(forwarder::tcp::CONNECT_TIMEOUT.total_millis() - 10);
+    assert_eq!(sim.fwd.half_open(), 8);
+    sim.run_for(20);
+    assert_eq!(sim.fwd.half_open(), 0);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!(sim.fwd.counters().tcp_unreachable, 8);
+    assert_eq!(sim.host.open_sockets(), 0);
+    // The table takes new flows again.
+    sim.send(&tcp_frame(GW, 30_000, 80, 1, |b| b.syn(), &[]));
+    assert_eq!(sim.fwd.half_open(), 1);
+}
+
+#[test]
+fn tcp_table_full_is_a_rst() {
+    let mut cfg = Sim::config(true);
+    cfg.limits.tcp_flows = 2;
+    let mut sim = Sim::with_config(cfg);
+    sim.host.default_tcp = Remote::Accept;
+    for i in 0..3u16 {
+        sim.send(&tcp_frame(GW, 10_000 + i, 80, 1, |b| b.syn(), &[]));
+    }
+    let rst = sim
+        .wire
+        .0
+        .iter()
+        .filter_map(|f| tcp_of(f))
+        .filter(|(t, _, _)| t.rst);
+    assert_eq!(
+        rst.map(|(t, _, _)| t.destination_port).collect::<Vec<_>>(),
+        [10_002]
+    );
+    assert_eq!(sim.fwd.counters().tcp_table_full, 1);
+    assert_eq!(sim.fwd.flow_counts().0, 2);
+}
+
+#[test]
+fn udp_association_lives_while_used_and_expires_when_idle() {
+    let mut sim = Sim::new(true);
+    let idle = Sim::config(true).udp_idle.total_millis();
+    sim.send(&udp_frame(GW, 4444, 5353, b"one"));
+    let sock = sim.host.dgram_to(loopback(5353)).unwrap();
+    sim.run_for(idle / 2);
+    sim.send(&udp_frame(GW, 4444, 5353, b"two"));
+    assert_eq!(sim.host.take_sent(sock), [b"one".to_vec(), b"two".to_vec()]);
+    assert_eq!(sim.fwd.counters().udp_opened, 1, "one association");
+    // A reply keeps it too.
+    sim.run_for(idle / 2);
+    sim.host.dgram_reply(sock, b"back");
+    sim.run_for(idle - 10);
+    assert_eq!(
+        sim.fwd.flow_counts(),
+        (0, 1, 0),
+        "alive: used {idle} ms ago at most"
+    );
+    sim.run_for(20);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0), "idle: closed");
+    assert_eq!(sim.fwd.counters().udp_closed, 1);
+    assert_eq!(sim.host.closed.last().unwrap().peer, Some(loopback(5353)));
+    let replies = udp_seen(&sim.wire.0);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].2, b"back");
+}
+
+#[test]
+fn host_icmp_errors_for_udp_reach_the_guest() {
+    let mut sim = Sim::new(true);
+    // The host's socket hears port unreachable for an earlier datagram.
+    sim.send(&udp_frame(GW, 4444, 5353, b"anyone?"));
+    let sock = sim.host.dgram_to(loopback(5353)).unwrap();
+    sim.host.dgram_error(sock, libc::ECONNREFUSED);
+    sim.run_for(1);
+    // The host has no route to another destination at all.
+    let far = [203, 0, 113, 7];
+    sim.host
+        .unreachable
+        .insert(IpAddr::from(far), libc::ENETUNREACH);
+    sim.send(&udp_frame(far, 4445, 53, b"q"));
+    let icmp = icmp_seen(&sim.wire.0);
+    let codes: Vec<_> = icmp
+        .iter()
+        .filter_map(|(src, t)| match t {
+            Icmpv4Type::DestinationUnreachable(h) => Some((*src, h.code_u8())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [(GW, 3), (GW, 0)],
+        "port unreachable, network unreachable"
+    );
+    assert_eq!(sim.fwd.counters().udp_host_errors, 1);
+}
+
+/// A DNS query with ID `id` for `example.org A`.
+fn dns_query(id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    q.extend_from_slice(b"\x07example\x03org\x00\x00\x01\x00\x01");
+    q
+}
+
+#[test]
+fn dns_fails_over_after_a_second_and_answers_servfail_at_four() {
+    let (a, b) = (
+        SocketAddr::from(([192, 0, 2, 1], 53)),
+        SocketAddr::from(([192, 0, 2, 2], 53)),
+    );
+    let mut cfg = Sim::config(true);
+    cfg.nameservers = vec![a, b];
+    let mut sim = Sim::with_config(cfg);
+    sim.send(&udp_frame([10, 0, 2, 3], 4444, 53, &dns_query(0x1234)));
+    let sock = sim.host.dgram_to(a).expect("asked the first nameserver");
+    assert_eq!(sim.host.take_sent(sock), [dns_query(0x1234)]);
+    let per_server = forwarder::dns_relay::PER_SERVER.total_millis();
+    sim.run_for(per_server - 1);
+    assert!(sim.host.take_sent(sock).is_empty());
+    sim.run_for(2);
+    assert_eq!(sim.host.dgram_to(b), Some(sock), "the flow moved on");
+    assert_eq!(sim.host.take_sent(sock), [dns_query(0x1234)], "asked again");
+    assert_eq!(sim.fwd.counters().dns_failovers, 1);
+    // Nobody answers: SERVFAIL 4 s after the query, not before.
+    let total = forwarder::dns_relay::TOTAL.total_millis();
+    sim.run_for(total - per_server - 10);
+    assert!(udp_seen(&sim.wire.0).is_empty());
+    sim.run_for(20);
+    let replies = udp_seen(&sim.wire.0);
+    assert_eq!(replies.len(), 1);
+    let (from, to, reply) = &replies[0];
+    assert_eq!(
+        (*from, *to),
+        (
+            SocketAddr::from(([10, 0, 2, 3], 53)),
+            SocketAddr::from((GUEST, 4444))
+        )
+    );
+    assert_eq!(&reply[..2], &[0x12, 0x34]);
+    assert_eq!(reply[3] & 0xf, 2, "SERVFAIL");
+    assert_eq!(sim.fwd.counters().dns_servfail, 1);
+}
+
+#[test]
+fn dns_answer_from_the_second_nameserver_reaches_the_guest() {
+    let (a, b) = (
+        SocketAddr::from(([192, 0, 2, 1], 53)),
+        SocketAddr::from(([192, 0, 2, 2], 53)),
+    );
+    let mut cfg = Sim::config(true);
+    cfg.nameservers = vec![a, b];
+    let mut sim = Sim::with_config(cfg);
+    sim.send(&udp_frame([10, 0, 2, 3], 4444, 53, &dns_query(7)));
+    let sock = sim.host.dgram_to(a).unwrap();
+    sim.run_for(1001);
+    assert_eq!(sim.host.dgram_to(b), Some(sock));
+    let mut answer = dns_query(7);
+    answer[2] |= 0x80;
+    sim.host.dgram_reply(sock, &answer);
+    sim.run_for(5000);
+    let replies = udp_seen(&sim.wire.0);
+    assert_eq!(replies.len(), 1, "the answer, and no SERVFAIL after it");
+    assert_eq!(replies[0].2, answer);
+    assert_eq!(sim.fwd.counters().dns_answers, 1);
+    assert_eq!(sim.fwd.counters().dns_servfail, 0);
+}
+
+#[test]
+fn published_tcp_port_brings_a_connection_in() {
+    let mut p = Pair::new(Sim::new(true));
+    let addr = SocketAddr::from(([0, 0, 0, 0], 2222));
+    let rule = p
+        .sim
+        .fwd
+        .add_port(Proto::Tcp, addr, None, 22, &mut p.sim.host)
+        .unwrap();
+    assert_eq!(rule.guest.port(), 22);
+    let h = p.listen(22);
+    let client = SocketAddr::from(([203, 0, 113, 9], 5555));
+    p.sim.host.connect_in(addr, client);
+    p.drive(100);
+    assert_eq!(p.tcp(h).state(), State::Established);
+    let remote = p.tcp(h).remote_endpoint().unwrap();
+    assert_eq!(
+        (remote.addr, remote.port),
+        (smoltcp::wire::IpAddress::v4(203, 0, 113, 9), 5555),
+        "the guest sees the client as it is"
+    );
+    let conn = p.sim.host.stream_to(client).unwrap();
+    p.sim.host.peer_write(conn, b"SSH-2.0-client\r\n");
+    p.drive(10);
+    let mut buf = [0u8; 64];
+    let n = p.tcp(h).recv_slice(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"SSH-2.0-client\r\n");
+    p.tcp(h).send_slice(b"SSH-2.0-guest\r\n").unwrap();
+    p.drive(10);
+    assert_eq!(p.sim.host.peer_read_all(conn), b"SSH-2.0-guest\r\n");
+    // Unpublished: the connection made through it keeps going, the listener is closed.
+    let mut io = forwarder::Io {
+        host: &mut p.sim.host,
+        tap: &mut p.sim.wire,
+    };
+    p.sim.fwd.remove_port(rule.id, &mut io).unwrap();
+    assert!(p.sim.host.port_at(addr).is_none());
+    p.sim.host.peer_write(conn, b"more");
+    p.drive(10);
+    let n = p.tcp(h).recv_slice(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"more");
+}
+
+#[test]
+fn published_udp_port_association_and_replies() {
+    let mut sim = Sim::new(true);
+    let addr = SocketAddr::from(([0, 0, 0, 0], 5353));
+    sim.fwd
+        .add_port(Proto::Udp, addr, None, 53, &mut sim.host)
+        .unwrap();
+    // The guest has spoken (its MAC address is known).
+    sim.send(&udp_frame(GW, 1, 9, b"hi"));
+    let client = SocketAddr::from(([203, 0, 113, 9], 4000));
+    let local = IpAddr::from([192, 0, 2, 10]);
+    sim.host.datagram_in(addr, client, Some(local), b"query");
+    sim.run_for(1);
+    let got = udp_seen(&sim.wire.0);
+    assert_eq!(
+        got,
+        [(client, SocketAddr::from((GUEST, 53)), b"query".to_vec())]
+    );
+    sim.send(&udp_frame([203, 0, 113, 9], 53, 4000, b"answer"));
+    assert_eq!(
+        sim.host.port_sent(addr),
+        [(Some(client), Some(local), b"answer".to_vec())],
+        "the reply leaves from the address the client used"
+    );
+    assert_eq!(sim.fwd.counters().udp_opened, 2);
+}
+
+#[test]
+fn loopback_clients_are_handed_off() {
+    let mut cfg = Sim::config(true);
+    cfg.loopback_handoff = true;
+    let mut sim = Sim::with_config(cfg);
+    let tcp = SocketAddr::from(([127, 0, 0, 1], 2222));
+    let udp = SocketAddr::from(([127, 0, 0, 1], 5353));
+    sim.fwd
+        .add_port(Proto::Tcp, tcp, None, 22, &mut sim.host)
+        .unwrap();
+    sim.fwd
+        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
+        .unwrap();
+    let client = SocketAddr::from(([127, 0, 0, 1], 40000));
+    sim.host.connect_in(tcp, client);
+    sim.host.datagram_in(udp, client, None, b"q");
+    sim.run_for(1);
+    assert_eq!(
+        sim.host.handed,
+        [
+            Handed::Tcp {
+                client,
+                guest_port: 22
+            },
+            Handed::Udp {
+                client,
+                data: b"q".to_vec(),
+                guest_port: 53
+            }
+        ]
+    );
+    let c = sim.fwd.counters();
+    assert_eq!((c.tcp_handed_off, c.udp_handed_off), (1, 1));
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
+    assert!(sim.wire.0.is_empty(), "nothing crossed the guest link");
+}
+
+#[test]
+fn ping_through_a_ping_socket() {
+    let mut sim = Sim::new(true);
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .ipv4(GUEST, [203, 0, 113, 1], 64)
+        .icmpv4_echo_request(0x55, 1)
+        .write(&mut frame, b"ping!")
+        .unwrap();
+    sim.send(&frame);
+    sim.run_for(1);
+    let replies: Vec<_> = icmp_seen(&sim.wire.0);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].0, [203, 0, 113, 1]);
+    assert!(matches!(replies[0].1, Icmpv4Type::EchoReply(e) if e.id == 0x55 && e.seq == 1));
+    // Idle ping flows close.
+    sim.run_for(forwarder::icmp::IDLE.total_millis() + 10);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!(sim.fwd.counters().icmp_closed, 1);
+}
+
+#[test]
+fn udp_table_full_drops_and_counts() {
+    let mut cfg = Sim::config(true);
+    cfg.limits.udp_flows = 3;
+    let mut sim = Sim::with_config(cfg);
+    for i in 0..5u16 {
+        sim.send(&udp_frame(GW, 4000 + i, 5353, b"x"));
+    }
+    assert_eq!(sim.fwd.flow_counts().1, 3);
+    assert_eq!(sim.fwd.counters().udp_table_full, 2);
+    assert_eq!(sim.host.open_sockets(), 3);
+}
