@@ -1,9 +1,11 @@
-//! Guest frames into a forwarder that can reach nothing (host loopback off, no DNS
-//! upstream, every IP destination rewritten to a refused address): the frame input
-//! path must never panic, never hang, never open a host socket and never send the
-//! guest a malformed frame. The input format is `common::replay_frames`'s: a mode byte
-//! (vnet header, checksum repair, one frame or length-prefixed frames), then the
-//! frame(s). A fresh forwarder per input, so that every finding reproduces.
+//! Guest frames, as they are, into a forwarder open to everything over the in-memory
+//! host (every flow opens, in memory; nothing leaves the process), which then runs on
+//! its fake clock until its datagram flows expire: the frame input path must never
+//! panic, never hang, never send the guest a malformed frame, never exceed a table
+//! limit, and its flows and host sockets must agree. The input format is
+//! `common::replay_frames`'s: a mode byte (vnet header, checksum repair, one frame or
+//! length-prefixed frames, what the host does), then the frame(s). A fresh forwarder
+//! per input, so that every finding reproduces.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

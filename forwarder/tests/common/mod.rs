@@ -530,47 +530,153 @@ pub fn finish_turn(fwd: &mut Forwarder, host: &mut MemHost, now: Instant, tap: &
 /// packet, and then some.
 pub const MAX_FRAME: usize = 65560;
 
+/// A forwarder open to everything, over the in-memory host: host loopback on, a DNS
+/// upstream, IPv6 on, offloads following the vnet header. Nothing needs sealing: the
+/// only host is [`MemHost`], so every flow a guest frame asks for is opened, in memory.
+pub fn open_config(vnet_hdr_len: usize) -> Config {
+    let mut cfg = sealed_config(vnet_hdr_len);
+    cfg.nat.host_loopback = true;
+    cfg.nameservers = vec![std::net::SocketAddr::from(([192, 0, 2, 53], 53))];
+    cfg.limits = Limits {
+        tcp_flows: 64,
+        tcp_half_open: 16,
+        udp_flows: 32,
+        icmp_flows: 8,
+        ports: 4,
+    };
+    cfg
+}
+
+/// What the in-memory host does in a [`replay_frames`] run, from the mode byte.
+fn host_for(mode: u8) -> MemHost {
+    let default_tcp = match (mode >> 2) & 7 {
+        0 | 1 => Remote::Accept,
+        2 => Remote::Refuse,
+        3 => Remote::Unreachable,
+        4 => Remote::Silent,
+        5 => Remote::FailNow(libc::ENETUNREACH),
+        6 => Remote::FailNow(libc::EMFILE),
+        _ => Remote::FailNow(libc::EACCES),
+    };
+    MemHost {
+        default_tcp,
+        echo: mode & 0x20 != 0,
+        ..MemHost::default()
+    }
+}
+
+/// The host's peers act: datagram peers send back what they got (mode bit 5), stream
+/// peers read everything, answer and close (mode bit 6).
+fn peers_act(host: &mut MemHost, mode: u8, round: usize) {
+    for id in 0..host.socks.len() {
+        match &host.socks[id] {
+            Some(host::Sock::Dgram(_)) if mode & 0x20 != 0 => {
+                host.dgram_echo(id);
+            }
+            Some(host::Sock::Stream(s)) if mode & 0x40 != 0 && s.watched => {
+                host.peer_read_all(id);
+                match round {
+                    0 => {
+                        host.peer_write(id, b"HTTP/1.0 200 OK\r\n\r\n");
+                    }
+                    1 => host.peer_fin(id),
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Checks the forwarder against its host: the tables within their limits, and exactly
+/// one host socket per open flow (none leaked, none missing).
+fn assert_consistent(fwd: &Forwarder, host: &MemHost) {
+    let l = fwd.limits();
+    let (tcp, udp, icmp) = fwd.flow_counts();
+    assert!(tcp <= l.tcp_flows && udp <= l.udp_flows && icmp <= l.icmp_flows);
+    assert!(fwd.half_open() <= l.tcp_half_open);
+    assert_eq!(
+        host.open_sockets(),
+        tcp + udp + icmp,
+        "host sockets and flows disagree: {:?}",
+        fwd.flow_counts()
+    );
+}
+
 /// One input of the `frame_parser` fuzz target, also replayed from its corpus by
 /// `tests/hostile.rs`: a mode byte, then the frame. Mode bit 0: vnet header (10 bytes)
 /// or none; bit 1: recompute checksums (so mutations get past them); bit 7: the rest is
 /// frames, each prefixed by its length (2 bytes, little endian), all fed to one
-/// forwarder; bits 2-6 choose the refused destination every frame's IP destination is
-/// rewritten to ([`confine`]).
+/// forwarder; bits 2-4: what TCP connects meet on the host ([`host_for`]); bit 5: the
+/// host's datagram peers answer; bit 6: its stream peers answer and close.
+///
+/// The frames go in as they are, to a forwarder of [`open_config`] over the in-memory
+/// host, which then runs on its fake clock (the host's peers acting) until every
+/// datagram flow has expired.
 ///
 /// # Panics
-/// When the forwarder panics, opens a host socket or sends the guest a malformed frame.
+/// When the forwarder panics, sends the guest a malformed frame, exceeds a limit, or
+/// its flows and the host's sockets disagree.
 pub fn replay_frames(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let vnet = if mode & 1 == 0 { 0 } else { 10 };
-    let mut s = Sealed::new(vnet);
-    let mut feed = |frame: &[u8]| {
-        let mut frame = frame[..frame.len().min(MAX_FRAME)].to_vec();
-        confine(&mut frame, vnet, u64::from(mode >> 2));
+    let cfg = open_config(vnet);
+    let idle = cfg.udp_idle;
+    let mut sink = Discard {
+        vnet,
+        mtu: cfg.mtu,
+        ..Discard::default()
+    };
+    let mut fwd = Forwarder::new(cfg, Topology::Single, Instant::from_micros(0));
+    let mut host = host_for(mode);
+    let mut micros = 0i64;
+    let mut rx = Vec::new();
+    let mut feed = |fwd: &mut Forwarder, host: &mut MemHost, sink: &mut Discard, frame: &[u8]| {
+        rx.clear();
+        rx.extend_from_slice(&frame[..frame.len().min(MAX_FRAME)]);
         if mode & 2 != 0 {
-            fix_checksums(&mut frame, vnet);
+            fix_checksums(&mut rx, vnet);
         }
-        s.feed(&frame);
+        micros += 10;
+        let mut io = Io { host, tap: sink };
+        fwd.handle_frame(Instant::from_micros(micros), &mut rx, &mut io);
     };
     if mode & 0x80 == 0 {
-        feed(rest);
+        feed(&mut fwd, &mut host, &mut sink, rest);
     } else {
         let mut rest = rest;
         while let [a, b, tail @ ..] = rest {
             let len = usize::from(u16::from_le_bytes([*a, *b])).min(tail.len());
             let (frame, next) = tail.split_at(len);
-            feed(frame);
+            feed(&mut fwd, &mut host, &mut sink, frame);
             rest = next;
         }
     }
-    s.turn();
-    let c = s.fwd.counters();
-    assert_eq!((c.tcp_opened, c.udp_opened, c.icmp_opened), (0, 0, 0));
-    assert_eq!(s.fwd.flow_counts(), (0, 0, 0));
+    // The host's answers, then the clock runs to the end of every datagram flow (and of
+    // every half-open connect), a bounded number of turns.
+    let end = micros + (idle + Duration::from_secs(30)).total_micros() as i64;
+    for round in 0..256 {
+        if micros >= end {
+            break;
+        }
+        peers_act(&mut host, mode, round);
+        finish_turn(&mut fwd, &mut host, Instant::from_micros(micros), &mut sink);
+        assert_consistent(&fwd, &host);
+        micros = if host.events.is_empty() {
+            fwd.poll_timeout()
+                .map_or(end, |at| at.total_micros())
+                .clamp(micros + 1000, end)
+        } else {
+            micros + 1000
+        };
+    }
+    finish_turn(&mut fwd, &mut host, Instant::from_micros(micros), &mut sink);
+    assert_consistent(&fwd, &host);
     assert_eq!(
-        s.sink.bad, 0,
+        sink.bad, 0,
         "malformed frame to the guest: {:02x?}",
-        s.sink.first_bad
+        sink.first_bad
     );
 }
