@@ -540,3 +540,337 @@ fn new_socket(buffer: usize) -> Option<tcp::Socket<'static>> {
     socket.set_timeout(Some(Duration::from_secs(60)));
     Some(socket)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::net::IpAddr;
+
+    use etherparse::{SlicedPacket, TransportSlice};
+    use smoltcp::wire::{EthernetAddress, IpAddress};
+
+    use super::*;
+    use crate::port::{PortError, PortRule};
+    use crate::{Config, Forwarder, Topology};
+
+    /// A host of one stream, scripted by the test.
+    #[derive(Default)]
+    struct OneStream {
+        /// The connect's outcome so far: `None` pending, `Some(0)` made, else an errno.
+        outcome: Option<i32>,
+        to_peer: Vec<u8>,
+        to_fwd: VecDeque<u8>,
+        /// Bytes the next writes may take before `WouldBlock`.
+        room: usize,
+        writes: usize,
+        fin: bool,
+        closed: Option<Close>,
+    }
+
+    impl HostIo for OneStream {
+        fn tcp_connect(&mut self, _: usize, _: SocketAddr, _: Option<IpAddr>) -> io::Result<()> {
+            Ok(())
+        }
+        fn tcp_connected(&mut self, _: usize) -> io::Result<bool> {
+            match self.outcome {
+                None => Ok(false),
+                Some(0) => Ok(true),
+                Some(n) => Err(io::Error::from_raw_os_error(n)),
+            }
+        }
+        fn read(&mut self, _: usize, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.to_fwd.len());
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            for (b, d) in buf.iter_mut().zip(self.to_fwd.drain(..n)) {
+                *b = d;
+            }
+            Ok(n)
+        }
+        fn write(&mut self, _: usize, buf: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            let n = buf.len().min(self.room);
+            if n == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.room -= n;
+            self.to_peer.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn shutdown_write(&mut self, _: usize) {
+            self.fin = true;
+        }
+        fn close(&mut self, _: usize, how: Close) {
+            self.closed = Some(how);
+        }
+        // Not a stream's: never called by a TCP flow.
+        fn udp_open(&mut self, _: usize, _: SocketAddr, _: Option<IpAddr>) -> io::Result<()> {
+            unreachable!()
+        }
+        fn udp_connect(&mut self, _: usize, _: SocketAddr) -> io::Result<()> {
+            unreachable!()
+        }
+        fn icmp_open(&mut self, _: usize, _: IpAddr, _: Option<IpAddr>) -> io::Result<()> {
+            unreachable!()
+        }
+        fn send(&mut self, _: usize, _: &[u8]) -> io::Result<usize> {
+            unreachable!()
+        }
+        fn recv(&mut self, _: usize, _: &mut [u8]) -> io::Result<usize> {
+            unreachable!()
+        }
+        fn send_msg(
+            &mut self,
+            _: usize,
+            _: &[u8],
+            _: Option<SocketAddr>,
+            _: Option<IpAddr>,
+            _: Option<u16>,
+        ) -> io::Result<usize> {
+            unreachable!()
+        }
+        fn recv_from(
+            &mut self,
+            _: usize,
+            _: &mut [u8],
+        ) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+            unreachable!()
+        }
+        fn udp_gso(&self) -> bool {
+            false
+        }
+        fn listen(&mut self, _: usize, _: &PortRule) -> Result<(), PortError> {
+            unreachable!()
+        }
+        fn accept(&mut self, _: usize, _: usize) -> io::Result<SocketAddr> {
+            unreachable!()
+        }
+        fn adopt(&mut self, _: usize) -> io::Result<()> {
+            unreachable!()
+        }
+        fn hand_off_tcp(&mut self, _: usize, _: SocketAddr, _: u16) {
+            unreachable!()
+        }
+        fn hand_off_udp(&mut self, _: usize, _: SocketAddr, _: &[u8], _: u16) -> io::Result<()> {
+            unreachable!()
+        }
+    }
+
+    struct NoTap;
+
+    impl crate::FrameSink for NoTap {
+        fn send_frame(&mut self, _: crate::PortId, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const GUEST: [u8; 4] = [10, 0, 2, 100];
+    const GW: [u8; 4] = [10, 0, 2, 2];
+
+    /// A forwarder whose link knows the guest's MAC address, a flow key and its SYN.
+    fn setup() -> (Forwarder, FlowKey, Vec<u8>) {
+        let cfg = Config {
+            tcp_buffer: 64 << 10,
+            seed: 1,
+            ..Config::default()
+        };
+        let topology = Topology::Network {
+            member_flows: 16,
+            internal: false,
+        };
+        let mut fwd = Forwarder::new(cfg, topology, Instant::from_millis(1));
+        let mac = EthernetAddress([2, 0, 0, 0, 0, 0x64]);
+        fwd.link
+            .l2
+            .set_neighbor(IpAddress::v4(10, 0, 2, 100), Some(mac));
+        let key = FlowKey {
+            guest: (IpAddress::v4(10, 0, 2, 100), 40000),
+            remote: (IpAddress::v4(10, 0, 2, 2), 80),
+        };
+        (fwd, key, segment(1000, None, |b| b.syn(), &[]))
+    }
+
+    /// A guest segment (an IPv4 packet) to the gateway's port 80.
+    fn segment(
+        seq: u32,
+        ack: Option<u32>,
+        f: impl FnOnce(
+            etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+        ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv4(GUEST, GW, 64).tcp(40000, 80, seq, 65535);
+        let b = match ack {
+            Some(a) => f(b.ack(a)),
+            None => f(b),
+        };
+        let mut out = Vec::new();
+        b.write(&mut out, data).unwrap();
+        out
+    }
+
+    /// The TCP segments queued for the guest (taken): (syn, ack, rst, seq, ack number).
+    fn queued(link: &mut Link) -> Vec<(bool, bool, bool, u32, u32)> {
+        let mut out = Vec::new();
+        while let Some(frame) = link.txq.front() {
+            if let Ok(p) = SlicedPacket::from_ethernet(frame) {
+                if let Some(TransportSlice::Tcp(t)) = p.transport {
+                    let h = t.to_header();
+                    out.push((
+                        h.syn,
+                        h.ack,
+                        h.rst,
+                        h.sequence_number,
+                        h.acknowledgment_number,
+                    ));
+                }
+            }
+            link.txq.pop();
+        }
+        out
+    }
+
+    fn open(fwd: &mut Forwarder, key: FlowKey, syn: &[u8], host: &mut OneStream) -> TcpFlow {
+        let opts = OpenOptions {
+            outbound: None,
+            buffer: 64 << 10,
+        };
+        let guest = Guest::new(64 << 10).unwrap();
+        let target = SocketAddr::from(([127, 0, 0, 1], 80));
+        let mut flow = TcpFlow::open(3, key, target, syn, &opts, host, guest).unwrap();
+        flow.ingress(Instant::from_millis(2), &mut fwd.link, syn);
+        flow
+    }
+
+    fn poll(fwd: &mut Forwarder, flow: &mut TcpFlow, host: &mut OneStream, ms: i64) -> Status {
+        let mut io = Io {
+            host,
+            tap: &mut NoTap,
+        };
+        let mut c = Counters::default();
+        flow.poll(Instant::from_millis(ms), &mut fwd.link, &mut io, &mut c)
+    }
+
+    #[test]
+    fn syn_ack_waits_for_the_host_connection() {
+        let (mut fwd, key, syn) = setup();
+        let mut host = OneStream::default();
+        let mut flow = open(&mut fwd, key, &syn, &mut host);
+        assert!(matches!(
+            poll(&mut fwd, &mut flow, &mut host, 2),
+            Status::Alive(Some(_))
+        ));
+        assert_eq!(
+            queued(&mut fwd.link),
+            [],
+            "nothing before the host connected"
+        );
+        // A spurious wake-up: still connecting.
+        flow.on_ready(false, true, false);
+        poll(&mut fwd, &mut flow, &mut host, 3);
+        assert!(flow.is_connecting());
+        assert_eq!(queued(&mut fwd.link), []);
+        host.outcome = Some(0);
+        flow.on_ready(false, true, false);
+        poll(&mut fwd, &mut flow, &mut host, 4);
+        assert!(!flow.is_connecting());
+        let q = queued(&mut fwd.link);
+        assert_eq!(q.len(), 1);
+        let (syn, ack, rst, _, ack_no) = q[0];
+        assert_eq!((syn, ack, rst, ack_no), (true, true, false, 1001));
+    }
+
+    #[test]
+    fn a_connect_without_answer_gives_up_at_the_deadline() {
+        let (mut fwd, key, syn) = setup();
+        let mut host = OneStream::default();
+        let mut flow = open(&mut fwd, key, &syn, &mut host);
+        let deadline = 2 + CONNECT_TIMEOUT.total_millis() as i64;
+        match poll(&mut fwd, &mut flow, &mut host, 2) {
+            Status::Alive(Some(at)) => assert!(at.total_millis() <= deadline),
+            other => panic!("{other:?}"),
+        }
+        let before = poll(&mut fwd, &mut flow, &mut host, deadline - 1);
+        assert!(matches!(before, Status::Alive(_)), "{before:?}");
+        let at = poll(&mut fwd, &mut flow, &mut host, deadline);
+        assert_eq!(at, Status::Unreachable(Unreachable::Host));
+        assert_eq!(flow.syn(), &syn[..], "the SYN is quoted in the ICMP error");
+    }
+
+    #[test]
+    fn a_refused_connect_resets_both_sides() {
+        let (mut fwd, key, syn) = setup();
+        let mut host = OneStream {
+            outcome: Some(libc::ECONNREFUSED),
+            ..OneStream::default()
+        };
+        let mut flow = open(&mut fwd, key, &syn, &mut host);
+        flow.on_ready(true, true, true);
+        assert_eq!(poll(&mut fwd, &mut flow, &mut host, 2), Status::Done);
+        let q = queued(&mut fwd.link);
+        assert!(
+            q.iter().any(|&(_, _, rst, _, _)| rst),
+            "RST to the guest: {q:?}"
+        );
+        flow.close(&mut host);
+        assert_eq!(host.closed, Some(Close::Reset));
+    }
+
+    #[test]
+    fn a_short_write_waits_for_writable() {
+        let (mut fwd, key, syn) = setup();
+        let mut host = OneStream {
+            outcome: Some(0),
+            room: 3,
+            ..OneStream::default()
+        };
+        let mut flow = open(&mut fwd, key, &syn, &mut host);
+        flow.on_ready(false, true, false);
+        poll(&mut fwd, &mut flow, &mut host, 2);
+        let isn = queued(&mut fwd.link)[0].3;
+        let data = segment(1001, Some(isn + 1), |b| b.psh(), b"0123456789");
+        flow.ingress(Instant::from_millis(3), &mut fwd.link, &data);
+        poll(&mut fwd, &mut flow, &mut host, 3);
+        assert_eq!((host.to_peer.as_slice(), host.writes), (&b"012"[..], 1));
+        // No writable edge yet: no write tried, however often the flow is polled.
+        poll(&mut fwd, &mut flow, &mut host, 4);
+        poll(&mut fwd, &mut flow, &mut host, 5);
+        assert_eq!(host.writes, 1);
+        host.room = 100;
+        flow.on_ready(false, true, false);
+        poll(&mut fwd, &mut flow, &mut host, 6);
+        assert_eq!(host.to_peer, b"0123456789");
+        // The guest's FIN: the host's write side is shut once everything is written.
+        let fin = segment(1011, Some(isn + 1), |b| b.fin(), &[]);
+        flow.ingress(Instant::from_millis(7), &mut fwd.link, &fin);
+        poll(&mut fwd, &mut flow, &mut host, 7);
+        assert!(host.fin);
+        assert_eq!(flow.moved(), 10);
+    }
+
+    #[test]
+    fn host_data_reaches_the_guest_and_an_unreset_flow_closes_clean() {
+        let (mut fwd, key, syn) = setup();
+        let mut host = OneStream {
+            outcome: Some(0),
+            room: 100,
+            ..OneStream::default()
+        };
+        let mut flow = open(&mut fwd, key, &syn, &mut host);
+        flow.on_ready(false, true, false);
+        poll(&mut fwd, &mut flow, &mut host, 2);
+        let isn = queued(&mut fwd.link)[0].3;
+        let ack = segment(1001, Some(isn + 1), |b| b, &[]);
+        flow.ingress(Instant::from_millis(3), &mut fwd.link, &ack);
+        host.to_fwd.extend(b"reply");
+        flow.on_ready(true, false, false);
+        poll(&mut fwd, &mut flow, &mut host, 3);
+        assert!(host.to_fwd.is_empty(), "read into smoltcp's buffer");
+        assert!(!queued(&mut fwd.link).is_empty(), "data for the guest");
+        assert_eq!(flow.moved(), 5);
+        let guest = flow.close(&mut host);
+        assert_eq!(host.closed, Some(Close::Clean), "no reset asked for");
+        drop(guest);
+    }
+}
