@@ -13,20 +13,20 @@
 //! Layering:
 //! - [`nat`]: where a guest destination goes on the host (gateway = host loopback, DNS).
 //! - [`tcp`]: one smoltcp socket per flow, each in its own `SocketSet`, relayed to a
-//!   host `TcpStream`; [`udp`] and [`icmp`] bypass smoltcp with connected host sockets;
-//!   [`dhcp`] and [`dns`] are the virtual services.
+//!   host stream; [`udp`] and [`icmp`] bypass smoltcp with connected host sockets (all
+//!   of them the [`HostIo`]'s, [`host`]); [`dhcp`] and [`dns`] are the virtual services.
 //! - [`emit`] builds packets straight into the transmit queue, [`timer`] wakes flows.
 //!
 //! ## How to drive it
-//! The event loop (the `usernet` binary) owns the TAP and the mio `Poll`, and per turn:
+//! The event loop (the `usernet` binary) owns the TAPs, the host sockets (its
+//! [`HostIo`]) and the `Poll` that watches both, and per turn:
 //! 1. feeds each frame read from a member's TAP to [`Forwarder::handle_port_frame`]
 //!    ([`Forwarder::handle_frame`] for the first port);
 //! 2. feeds each readiness event of a flow's host socket to [`Forwarder::handle_ready`];
 //! 3. calls [`Forwarder::handle_timeouts`], then [`Forwarder::poll_flows`], which relays
 //!    data of every flow touched in this turn and sends what smoltcp has to send;
 //! 4. writes out the transmit queue and the ports' queues ([`Forwarder::flush`]) and
-//!    sleeps until
-//!    [`Forwarder::poll_timeout`].
+//!    sleeps until [`Forwarder::poll_timeout`].
 //!
 //! Host I/O (socket creation, `read`/`write` on flow sockets, readiness) is the caller's,
 //! behind [`HostIo`] ([`host`]), and the TAPs are behind [`FrameSink`]; both come in the
