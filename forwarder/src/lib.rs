@@ -80,6 +80,7 @@ macro_rules! counters {
 pub mod dhcp;
 pub mod dns;
 pub mod dns_relay;
+pub mod egress;
 pub mod emit;
 pub mod flow;
 pub mod frag;

@@ -1,0 +1,1681 @@
+//! Egress policy: which destinations a guest's new flows may reach, by address and by name.
+//!
+//! # Theory of operation
+//!
+//! A [`Policy`] is an ordered list of rules and a default. Each new flow (a TCP SYN, the
+//! first datagram of a UDP flow, the first echo request of an ICMP flow; never a later
+//! packet) is checked once, in [`crate::flow`]'s translate-and-deny path, before any host
+//! socket exists: a denied flow leaves nothing on the host side, not even a SYN.
+//!
+//! Rules, evaluated in this order, the first that matches deciding:
+//!
+//! 1. the address rules (`allow`/`deny` CIDR, optionally narrowed to `tcp`, `udp` or
+//!    `icmp` and, for TCP and UDP, a port range), in the order given;
+//! 2. `deny-private`, wherever it was written: RFC 1918, CGNAT `100.64.0.0/10`,
+//!    link-local `169.254.0.0/16` and `fe80::/10` (cloud metadata services), ULA
+//!    `fc00::/7`, multicast, loopback (the gateway's host-loopback mapping), `0.0.0.0/8`,
+//!    the limited broadcast and the host's own addresses. It comes after every explicit
+//!    rule so that an `allow` naming one of these addresses opens it whatever the order;
+//! 3. the names: an address the DNS forwarder saw in an answer for an `allow-domain`
+//!    name, until that answer's TTL ends (clamped to [`Spec::ttl_min`]..[`Spec::ttl_max`]);
+//! 4. the default (`allow`, or `deny` with `--default-deny`).
+//!
+//! A name therefore never opens an address an address rule closes: an allowed name that
+//! resolves to `127.0.0.1`, `10.x` or `169.254.169.254` (DNS rebinding) stays denied by
+//! `deny-private` or an explicit `deny`.
+//!
+//! **Which address is matched.** A flow has the destination the guest addressed and the
+//! destination usernet connects to on the host; they differ only where usernet maps
+//! (the gateway's address to the host's `127.0.0.1`/`::1`, pasta's `--map-guest-addr`).
+//! Both are looked up and the rule that comes first for either decides, so
+//! `deny 10.0.2.2` and `deny 127.0.0.1` both close the host's loopback, and `allow
+//! 10.0.2.2` opens it again before `deny-private`.
+//!
+//! **The DNS forwarder** (the DNS address, port 53) is usernet's own service, not egress:
+//! UDP queries to it are always taken. While names are filtered ([`Policy::filters_names`]:
+//! any `allow-domain`, or the default is deny) a query whose question is not an allowed
+//! name gets NXDOMAIN from usernet and never reaches a resolver (so no data leaves in
+//! query names either), and TCP to the DNS forwarder is denied (it is not filtered).
+//! NXDOMAIN rather than REFUSED: REFUSED makes stub resolvers try the next server and
+//! report a temporary failure, which clients retry; NXDOMAIN is final ("Could not resolve
+//! host") and negatively cached. DNS to any other resolver is an ordinary flow under the
+//! rules.
+//!
+//! **The lookup** ([`Table`]): per family, one hash map per prefix length in use, from the
+//! masked address to the positions of the rules with that prefix (ascending). A lookup
+//! visits the prefix lengths in the order of the first rule each holds and stops as soon
+//! as a length cannot hold an earlier rule than the best match so far: at most 33 (129)
+//! hash probes, in practice as many as there are distinct lengths (a list of 1,000 `/32`
+//! hosts is one probe). A longest-prefix trie would not do better here: first-match
+//! order, not prefix length, decides, so every length must be looked at anyway.
+//!
+//! Limits: [`MAX_LEARNED`] addresses learned from names (expired ones are dropped first;
+//! beyond, new answers are not learned and their flows follow the default). Denied flows
+//! are logged at `info` at most [`LOG_BURST`] per second, with a count of those left out.
+//!
+//! Security: the policy covers where new flows go. It does not inspect what flows to
+//! allowed addresses carry (an allowed CDN address serves other names too), and does not
+//! apply to published ports (inbound) nor to traffic between the members of a network.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::rc::Rc;
+
+use smoltcp::time::{Duration, Instant};
+
+/// Most addresses learned from DNS answers at once.
+pub const MAX_LEARNED: usize = 65536;
+
+/// Denied flows logged per second at most.
+pub const LOG_BURST: u32 = 10;
+
+/// Default lower bound of a learned address's lifetime, seconds: the time a client may
+/// take between its lookup and its connection, and the caches of stub resolvers and
+/// runtimes (glibc's nscd, the JVM's 30 s) that outlive short TTLs.
+pub const TTL_MIN: u32 = 30;
+
+/// Default upper bound of a learned address's lifetime, seconds.
+pub const TTL_MAX: u32 = 3600;
+
+/// Most rules in a policy.
+pub const MAX_RULES: usize = 100_000;
+
+/// What a rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// The flow is opened.
+    Allow,
+    /// The flow is refused: ICMP administratively prohibited.
+    Deny,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        })
+    }
+}
+
+/// A flow's transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP or ICMPv6 echo.
+    Icmp,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        })
+    }
+}
+
+/// An address block: IPv4, IPv6, or both families whole (`any`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cidr {
+    /// An IPv4 block (host bits clear).
+    V4(Ipv4Addr, u8),
+    /// An IPv6 block (host bits clear).
+    V6(Ipv6Addr, u8),
+    /// Every address of both families.
+    Any,
+}
+
+impl Cidr {
+    /// Parses `A.B.C.D[/N]`, `X::Y[/N]` or `any`; a bare address is a single host. Host
+    /// bits must be clear (`10.0.0.1/8` is refused: it is probably a typing error).
+    ///
+    /// # Errors
+    /// A message naming what is wrong.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        if s == "any" {
+            return Ok(Cidr::Any);
+        }
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}`: not an address or CIDR block"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            None => max,
+            Some(l) => match l.parse::<u8>() {
+                Ok(n) if n <= max => n,
+                _ => return Err(format!("`{s}`: prefix length must be 0..={max}")),
+            },
+        };
+        let bits = to_bits(addr);
+        let masked = bits & mask(family_len(addr), len);
+        if masked != bits {
+            let meant = Cidr::from_bits(addr.is_ipv4(), masked, len);
+            return Err(format!("`{s}`: host bits set (did you mean {meant}?)"));
+        }
+        Ok(Cidr::from_bits(addr.is_ipv4(), masked, len))
+    }
+
+    fn from_bits(v4: bool, bits: u128, len: u8) -> Cidr {
+        if v4 {
+            Cidr::V4(Ipv4Addr::from((bits >> 96) as u32), len)
+        } else {
+            Cidr::V6(Ipv6Addr::from(bits), len)
+        }
+    }
+
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (*self, ip) {
+            (Cidr::Any, _) => true,
+            (Cidr::V4(net, len), IpAddr::V4(_)) => {
+                to_bits(ip) & mask(32, len) == to_bits(IpAddr::V4(net))
+            }
+            (Cidr::V6(net, len), IpAddr::V6(_)) => {
+                to_bits(ip) & mask(128, len) == to_bits(IpAddr::V6(net))
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cidr::V4(a, 32) => write!(f, "{a}"),
+            Cidr::V6(a, 128) => write!(f, "{a}"),
+            Cidr::V4(a, l) => write!(f, "{a}/{l}"),
+            Cidr::V6(a, l) => write!(f, "{a}/{l}"),
+            Cidr::Any => f.write_str("any"),
+        }
+    }
+}
+
+/// An address as the top bits of a `u128` (IPv4 in the top 32 bits): one masking rule
+/// for both families.
+fn to_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn family_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// The mask of a `len`-bit prefix of an address of `family` bits, in [`to_bits`] form.
+fn mask(family: u8, len: u8) -> u128 {
+    let len = u32::from(len.min(family));
+    u128::MAX.checked_shl(128 - len).unwrap_or(0)
+}
+
+/// One rule as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleKind {
+    /// `allow|deny CIDR [PROTO[:PORT[-PORT]]]`.
+    Address {
+        /// Allow or deny.
+        action: Action,
+        /// The destination block.
+        net: Cidr,
+        /// Only this protocol (any: `None`).
+        proto: Option<Proto>,
+        /// Only these destination ports, inclusive (TCP and UDP; all: `0..=65535`).
+        ports: (u16, u16),
+    },
+    /// `deny-private`: see the module documentation.
+    DenyPrivate,
+    /// `allow-domain NAME` (lower case, no trailing dot); `*.NAME`: its subdomains.
+    Domain(String),
+}
+
+impl RuleKind {
+    /// Parses one rule: `allow CIDR [PROTO[:PORTS]]`, `deny CIDR [PROTO[:PORTS]]`,
+    /// `deny-private` or `allow-domain NAME`. Words are separated by blanks or commas.
+    ///
+    /// # Errors
+    /// A message naming what is wrong.
+    pub fn parse(line: &str) -> Result<RuleKind, String> {
+        let mut words = line
+            .split(|c: char| c.is_ascii_whitespace() || c == ',')
+            .filter(|w| !w.is_empty());
+        let verb = words.next().ok_or("empty rule")?;
+        let rest: Vec<&str> = words.collect();
+        match verb {
+            "allow" | "deny" => {
+                let action = if verb == "allow" {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                };
+                let (net, narrow) = match rest[..] {
+                    [net] => (net, None),
+                    [net, narrow] => (net, Some(narrow)),
+                    _ => return Err(format!("`{line}`: expected `{verb} CIDR [PROTO[:PORTS]]`")),
+                };
+                let net = Cidr::parse(net)?;
+                let (proto, ports) = match narrow {
+                    None => (None, (0, u16::MAX)),
+                    Some(n) => parse_narrow(n)?,
+                };
+                Ok(RuleKind::Address {
+                    action,
+                    net,
+                    proto,
+                    ports,
+                })
+            }
+            "deny-private" if rest.is_empty() => Ok(RuleKind::DenyPrivate),
+            "allow-domain" => match rest[..] {
+                [name] => parse_domain(name).map(RuleKind::Domain),
+                _ => Err(format!("`{line}`: expected `allow-domain NAME`")),
+            },
+            _ => Err(format!(
+                "`{line}`: a rule is `allow CIDR [PROTO[:PORTS]]`, `deny CIDR [PROTO[:PORTS]]`, \
+                 `deny-private` or `allow-domain NAME`"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for RuleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuleKind::Address {
+                action,
+                net,
+                proto,
+                ports,
+            } => {
+                write!(f, "{action} {net}")?;
+                if let Some(p) = proto {
+                    write!(f, " {p}")?;
+                }
+                match *ports {
+                    (0, u16::MAX) => Ok(()),
+                    (a, b) if a == b => write!(f, ":{a}"),
+                    (a, b) => write!(f, ":{a}-{b}"),
+                }
+            }
+            RuleKind::DenyPrivate => f.write_str("deny-private"),
+            RuleKind::Domain(name) => write!(f, "allow-domain {name}"),
+        }
+    }
+}
+
+/// `tcp`, `udp:53`, `tcp:8000-8100`, `icmp`.
+fn parse_narrow(s: &str) -> Result<(Option<Proto>, (u16, u16)), String> {
+    let (proto, ports) = match s.split_once(':') {
+        Some((p, ports)) => (p, Some(ports)),
+        None => (s, None),
+    };
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        "icmp" => Proto::Icmp,
+        _ => return Err(format!("`{s}`: protocol must be tcp, udp or icmp")),
+    };
+    let Some(ports) = ports else {
+        return Ok((Some(proto), (0, u16::MAX)));
+    };
+    if proto == Proto::Icmp {
+        return Err(format!("`{s}`: icmp has no ports"));
+    }
+    let range = match ports.split_once('-') {
+        Some((a, b)) => a.parse::<u16>().ok().zip(b.parse::<u16>().ok()),
+        None => ports.parse::<u16>().ok().map(|p| (p, p)),
+    };
+    match range {
+        Some((a, b)) if a <= b && a > 0 => Ok((Some(proto), (a, b))),
+        _ => Err(format!("`{s}`: ports must be N or N-M, 1..=65535, N <= M")),
+    }
+}
+
+/// A domain name as `allow-domain` takes it: letters, digits, `-`, `_`, dots, an
+/// optional leading `*.`; lower-cased, without trailing dot.
+fn parse_domain(s: &str) -> Result<String, String> {
+    let name = s.trim_end_matches('.').to_ascii_lowercase();
+    let bare = name.strip_prefix("*.").unwrap_or(&name);
+    let ok = !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(name)
+    } else {
+        Err(format!(
+            "`{s}`: not a domain name (NAME or *.NAME for its subdomains)"
+        ))
+    }
+}
+
+/// A policy as written: its rules in order, the default, the TTL bounds of learned
+/// addresses, and the host's own addresses (which `deny-private` covers; the caller
+/// fills them in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    /// The rules, in order.
+    pub rules: Vec<RuleKind>,
+    /// What happens to a flow no rule matches.
+    pub default: Action,
+    /// Shortest time, in seconds, a learned address stays allowed.
+    pub ttl_min: u32,
+    /// Longest time, in seconds, a learned address stays allowed.
+    pub ttl_max: u32,
+    /// The host's own addresses, denied by `deny-private`.
+    pub host_addrs: Vec<IpAddr>,
+}
+
+impl Default for Spec {
+    /// No rule, default allow, TTLs [`TTL_MIN`]..[`TTL_MAX`].
+    fn default() -> Spec {
+        Spec {
+            rules: Vec::new(),
+            default: Action::Allow,
+            ttl_min: TTL_MIN,
+            ttl_max: TTL_MAX,
+            host_addrs: Vec::new(),
+        }
+    }
+}
+
+impl Spec {
+    /// Parses a policy file, adding to `self` (so that command-line rules and files
+    /// combine in the order given). The format, one directive per line, `#` starting a
+    /// comment:
+    ///
+    /// ```text
+    /// default deny                 # or: default allow
+    /// deny-private
+    /// allow 192.168.1.10 tcp:22    # CIDR or address, [tcp|udp|icmp[:PORT[-PORT]]]
+    /// deny 203.0.113.0/24
+    /// allow 2001:db8::/32 udp:53
+    /// allow-domain example.com     # the name itself
+    /// allow-domain *.example.com   # its subdomains
+    /// name-ttl 30 3600             # learned addresses live min..max seconds
+    /// ```
+    ///
+    /// # Errors
+    /// `line N: what is wrong`.
+    pub fn parse_file(&mut self, text: &str) -> Result<(), String> {
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            self.parse_directive(line)
+                .map_err(|e| format!("line {}: {e}", n + 1))?;
+        }
+        Ok(())
+    }
+
+    fn parse_directive(&mut self, line: &str) -> Result<(), String> {
+        let words: Vec<&str> = line.split_ascii_whitespace().collect();
+        match words[..] {
+            ["default", "allow"] => self.default = Action::Allow,
+            ["default", "deny"] => self.default = Action::Deny,
+            ["default", ..] => return Err(format!("`{line}`: expected `default allow|deny`")),
+            ["name-ttl", min, max] => {
+                let (min, max) = min
+                    .parse::<u32>()
+                    .ok()
+                    .zip(max.parse::<u32>().ok())
+                    .filter(|(a, b)| a <= b && *b <= 7 * 86400)
+                    .ok_or_else(|| {
+                        format!(
+                            "`{line}`: expected `name-ttl MIN MAX`, seconds, MIN <= MAX <= 604800"
+                        )
+                    })?;
+                self.ttl_min = min;
+                self.ttl_max = max;
+            }
+            ["name-ttl", ..] => return Err(format!("`{line}`: expected `name-ttl MIN MAX`")),
+            _ => self.push(RuleKind::parse(line)?)?,
+        }
+        Ok(())
+    }
+
+    /// Appends a rule.
+    ///
+    /// # Errors
+    /// When the policy already has [`MAX_RULES`].
+    pub fn push(&mut self, rule: RuleKind) -> Result<(), String> {
+        if self.rules.len() >= MAX_RULES {
+            return Err(format!("more than {MAX_RULES} rules"));
+        }
+        self.rules.push(rule);
+        Ok(())
+    }
+
+    /// Whether the policy lets everything through (no rule, default allow).
+    pub fn is_open(&self) -> bool {
+        self.rules.is_empty() && self.default == Action::Allow
+    }
+}
+
+/// The blocks of `deny-private` (the host's own addresses are added from the [`Spec`]).
+pub const PRIVATE: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "224.0.0.0/4",
+    "255.255.255.255",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+    "::1",
+    "::",
+    "::ffff:0.0.0.0/96",
+];
+
+/// A rule in force: what it says, its id (stable while the policy changes) and its hits.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Its id, for the API.
+    pub id: u32,
+    /// What it says.
+    pub kind: RuleKind,
+    /// Flows it decided (allowed or denied).
+    pub hits: u64,
+}
+
+/// One address block of a rule in evaluation order.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Index of the rule in [`Policy::rules`].
+    rule: usize,
+    action: Action,
+    proto: Option<Proto>,
+    ports: (u16, u16),
+}
+
+impl Entry {
+    fn matches(&self, proto: Proto, port: u16) -> bool {
+        self.proto.is_none_or(|p| p == proto)
+            && (proto == Proto::Icmp || (self.ports.0..=self.ports.1).contains(&port))
+    }
+}
+
+/// One prefix length's map: masked address -> positions (ascending) of its entries.
+#[derive(Debug, Default)]
+struct Level {
+    len: u8,
+    /// The smallest position it holds.
+    first: u32,
+    map: HashMap<u128, Vec<u32>>,
+}
+
+/// One family's address rules: see the module documentation.
+#[derive(Debug, Default)]
+struct Table {
+    /// Ordered by [`Level::first`].
+    levels: Vec<Level>,
+    family: u8,
+}
+
+impl Table {
+    fn new(family: u8) -> Table {
+        Table {
+            levels: Vec::new(),
+            family,
+        }
+    }
+
+    /// Adds the block `bits/len` at position `pos` (positions come in ascending order).
+    fn insert(&mut self, bits: u128, len: u8, pos: u32) {
+        let level = match self.levels.iter_mut().position(|l| l.len == len) {
+            Some(i) => &mut self.levels[i],
+            None => {
+                self.levels.push(Level {
+                    len,
+                    first: pos,
+                    map: HashMap::new(),
+                });
+                self.levels.last_mut().expect("just pushed")
+            }
+        };
+        level.map.entry(bits).or_default().push(pos);
+    }
+
+    /// Puts the levels in lookup order, once every block is in.
+    fn seal(&mut self) {
+        self.levels.sort_by_key(|l| l.first);
+    }
+
+    /// The first position whose block holds `bits` and whose entry matches.
+    fn lookup(&self, bits: u128, order: &[Entry], proto: Proto, port: u16) -> Option<u32> {
+        let mut best: Option<u32> = None;
+        for level in &self.levels {
+            if best.is_some_and(|b| level.first >= b) {
+                break;
+            }
+            let Some(list) = level.map.get(&(bits & mask(self.family, level.len))) else {
+                continue;
+            };
+            for &pos in list {
+                if best.is_some_and(|b| pos >= b) {
+                    break;
+                }
+                if order[pos as usize].matches(proto, port) {
+                    best = Some(pos);
+                    break;
+                }
+            }
+        }
+        best
+    }
+}
+
+/// An address learned from a DNS answer.
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    expires: Instant,
+    /// Index of the `allow-domain` rule in [`Policy::rules`].
+    rule: usize,
+}
+
+/// The names side of a policy, shared with the DNS forwarder's flows (which learn from
+/// the answers they relay): the allowed names and the addresses learned from them.
+#[derive(Debug, Default)]
+pub struct Names {
+    /// Exact names -> rule index.
+    exact: HashMap<String, usize>,
+    /// `*.NAME` rules: NAME -> rule index.
+    suffix: HashMap<String, usize>,
+    learned: HashMap<IpAddr, Learned>,
+    ttl_min: u32,
+    ttl_max: u32,
+    /// Whether queries for names not allowed are answered NXDOMAIN.
+    filter: bool,
+    /// Addresses learned (counter).
+    pub learned_total: u64,
+}
+
+impl Names {
+    /// The rule that allows `name` (lower case, no trailing dot).
+    fn allows(&self, name: &str) -> Option<usize> {
+        if let Some(&i) = self.exact.get(name) {
+            return Some(i);
+        }
+        let mut rest = name;
+        while let Some((_, parent)) = rest.split_once('.') {
+            if let Some(&i) = self.suffix.get(parent) {
+                return Some(i);
+            }
+            rest = parent;
+        }
+        None
+    }
+
+    fn lookup(&self, now: Instant, ip: IpAddr) -> Option<usize> {
+        self.learned
+            .get(&ip)
+            .filter(|l| l.expires > now)
+            .map(|l| l.rule)
+    }
+
+    /// Learns the A and AAAA records of a DNS `reply` whose question is an allowed name
+    /// (CNAME chains included: the host's resolver answers for the question). Returns how
+    /// many addresses were learned.
+    pub fn learn(&mut self, now: Instant, reply: &[u8]) -> usize {
+        let Some(msg) = parse_reply(reply) else {
+            return 0;
+        };
+        let Some(rule) = self.allows(msg.name.as_str()) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (ip, ttl) in msg.addrs.iter().flatten() {
+            if self.learned.len() >= MAX_LEARNED && !self.learned.contains_key(ip) {
+                self.learned.retain(|_, l| l.expires > now);
+                if self.learned.len() >= MAX_LEARNED {
+                    log::info!("egress: {MAX_LEARNED} learned addresses, {ip} not learned");
+                    break;
+                }
+            }
+            let ttl = (*ttl).clamp(self.ttl_min, self.ttl_max);
+            let expires = now + Duration::from_secs(u64::from(ttl));
+            let e = self.learned.entry(*ip).or_insert(Learned { expires, rule });
+            e.expires = e.expires.max(expires);
+            e.rule = rule;
+            n += 1;
+        }
+        self.learned_total += n as u64;
+        n
+    }
+
+    /// With names filtered: writes into `out` the NXDOMAIN answer to `query` when its
+    /// question is not an allowed name (REFUSED for a query with no single question),
+    /// and returns its length. `None`: the query may go to the resolver.
+    pub fn refuse(&self, query: &[u8], out: &mut [u8]) -> Option<usize> {
+        if !self.filter || query.len() < 12 {
+            // Too short to answer: the resolver drops it as well.
+            return None;
+        }
+        let standard = query[2] & 0x78 == 0 && query[2] & 0x80 == 0;
+        let question = if standard && u16::from_be_bytes([query[4], query[5]]) == 1 {
+            read_name(query, 12).and_then(|(name, end)| {
+                let qend = end.checked_add(4).filter(|&e| e <= query.len())?;
+                Some((name, qend))
+            })
+        } else {
+            None
+        };
+        let (rcode, qlen) = match question {
+            Some((name, _)) if self.allows(&name).is_some() => return None,
+            Some((_, qend)) => (3, qend),
+            None => (5, 12),
+        };
+        let head = out.get_mut(..qlen)?;
+        head.copy_from_slice(&query[..qlen]);
+        // QR, opcode and RD as asked, RA; the rcode; the question only.
+        out[2] = 0x80 | (query[2] & 0x79);
+        out[3] = 0x80 | rcode;
+        let qd: u16 = if rcode == 3 { 1 } else { 0 };
+        out[4..6].copy_from_slice(&qd.to_be_bytes());
+        out[6..12].fill(0);
+        Some(qlen)
+    }
+}
+
+/// What a DNS reply says that the policy learns from.
+struct Reply {
+    name: String,
+    /// Up to 16 (address, TTL) pairs.
+    addrs: [Option<(IpAddr, u32)>; 16],
+}
+
+/// Parses a reply (QR set, NOERROR, one question): its question name and the A/AAAA
+/// records of its answer section.
+fn parse_reply(msg: &[u8]) -> Option<Reply> {
+    if msg.len() < 12 || msg[2] & 0x80 == 0 || msg[3] & 0x0f != 0 {
+        return None;
+    }
+    if u16::from_be_bytes([msg[4], msg[5]]) != 1 {
+        return None;
+    }
+    let ancount = u16::from_be_bytes([msg[6], msg[7]]);
+    let (name, end) = read_name(msg, 12)?;
+    let mut at = end.checked_add(4)?;
+    let mut reply = Reply {
+        name,
+        addrs: [None; 16],
+    };
+    let mut n = 0;
+    for _ in 0..ancount {
+        at = skip_name(msg, at)?;
+        let rr = msg.get(at..at + 10)?;
+        let rtype = u16::from_be_bytes([rr[0], rr[1]]);
+        let class = u16::from_be_bytes([rr[2], rr[3]]);
+        let ttl = u32::from_be_bytes([rr[4], rr[5], rr[6], rr[7]]);
+        let rdlen = usize::from(u16::from_be_bytes([rr[8], rr[9]]));
+        let rdata = msg.get(at + 10..at + 10 + rdlen)?;
+        at += 10 + rdlen;
+        let ip = match (rtype, class, rdlen) {
+            (1, 1, 4) => IpAddr::V4(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3])),
+            (28, 1, 16) => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(rdata);
+                IpAddr::V6(Ipv6Addr::from(o))
+            }
+            _ => continue,
+        };
+        if n < reply.addrs.len() {
+            reply.addrs[n] = Some((ip, ttl));
+            n += 1;
+        }
+    }
+    Some(reply)
+}
+
+/// Reads the uncompressed name at `at` (a question's) as lower-case dotted text: the
+/// name and the offset after it.
+fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
+    let mut name = String::new();
+    loop {
+        let len = usize::from(*msg.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        if len & 0xc0 != 0 || name.len() + len + 1 > 255 {
+            return None;
+        }
+        let label = msg.get(at..at + len)?;
+        if !name.is_empty() {
+            name.push('.');
+        }
+        for &b in label {
+            name.push(char::from(b.to_ascii_lowercase()));
+        }
+        at += len;
+    }
+    Some((name, at))
+}
+
+/// The offset after the (possibly compressed) name at `at`.
+fn skip_name(msg: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *msg.get(at)?;
+        match len {
+            0 => return Some(at + 1),
+            l if l & 0xc0 == 0xc0 => {
+                msg.get(at + 1)?;
+                return Some(at + 2);
+            }
+            l if l & 0xc0 == 0 => at += 1 + usize::from(l),
+            _ => return None,
+        }
+    }
+}
+
+/// A flow to check.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowDst {
+    /// Its protocol.
+    pub proto: Proto,
+    /// The destination the guest addressed.
+    pub dst: IpAddr,
+    /// The destination on the host (the same unless usernet maps it).
+    pub host: IpAddr,
+    /// The destination port (0 for ICMP).
+    pub port: u16,
+    /// Whether it is the DNS forwarder's own service (the DNS address, port 53).
+    pub dns_service: bool,
+}
+
+/// Which rule decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decider {
+    /// The rule of this id.
+    Rule(u32),
+    /// An address learned for the `allow-domain` rule of this id.
+    Name(u32),
+    /// The default.
+    Default,
+    /// TCP to the DNS forwarder while names are filtered.
+    DnsOverTcp,
+}
+
+impl fmt::Display for Decider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decider::Rule(id) => write!(f, "rule {id}"),
+            Decider::Name(id) => write!(f, "name rule {id}"),
+            Decider::Default => f.write_str("default"),
+            Decider::DnsOverTcp => f.write_str("DNS over TCP (names are filtered)"),
+        }
+    }
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// Allowed or denied.
+    pub action: Action,
+    /// By what.
+    pub by: Decider,
+}
+
+/// Rate limit of the log of denied flows.
+#[derive(Debug)]
+struct LogLimit {
+    second: Instant,
+    count: u32,
+    suppressed: u64,
+}
+
+/// A policy in force: its rules with their hit counters, the lookup tables, and the
+/// names learned.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    default: Action,
+    default_hits: u64,
+    host_addrs: Vec<IpAddr>,
+    order: Vec<Entry>,
+    v4: Table,
+    v6: Table,
+    names: Rc<RefCell<Names>>,
+    next_id: u32,
+    log: LogLimit,
+}
+
+impl Policy {
+    /// The policy `spec` says, rule ids from 1.
+    pub fn new(spec: &Spec) -> Policy {
+        let mut p = Policy {
+            rules: Vec::new(),
+            default: spec.default,
+            default_hits: 0,
+            host_addrs: spec.host_addrs.clone(),
+            order: Vec::new(),
+            v4: Table::new(32),
+            v6: Table::new(128),
+            names: Rc::new(RefCell::new(Names::default())),
+            next_id: 1,
+            log: LogLimit {
+                second: Instant::ZERO,
+                count: 0,
+                suppressed: 0,
+            },
+        };
+        {
+            let mut names = p.names.borrow_mut();
+            names.ttl_min = spec.ttl_min;
+            names.ttl_max = spec.ttl_max;
+        }
+        for kind in &spec.rules {
+            p.rules.push(Rule {
+                id: p.next_id,
+                kind: kind.clone(),
+                hits: 0,
+            });
+            p.next_id += 1;
+        }
+        p.rebuild();
+        p
+    }
+
+    /// Rebuilds the tables and the names from [`rules`](Self::rules); learned addresses
+    /// of `allow-domain` rules that remain are kept.
+    fn rebuild(&mut self) {
+        self.order.clear();
+        self.v4 = Table::new(32);
+        self.v6 = Table::new(128);
+        let mut private = None;
+        for (i, rule) in self.rules.iter().enumerate() {
+            match rule.kind {
+                RuleKind::Address {
+                    action,
+                    net,
+                    proto,
+                    ports,
+                } => {
+                    let e = Entry {
+                        rule: i,
+                        action,
+                        proto,
+                        ports,
+                    };
+                    Self::add_block(&mut self.order, &mut self.v4, &mut self.v6, net, e);
+                }
+                RuleKind::DenyPrivate => private = private.or(Some(i)),
+                RuleKind::Domain(_) => {}
+            }
+        }
+        if let Some(i) = private {
+            let e = Entry {
+                rule: i,
+                action: Action::Deny,
+                proto: None,
+                ports: (0, u16::MAX),
+            };
+            let pos = self.order.len() as u32;
+            self.order.push(e);
+            let blocks = PRIVATE
+                .iter()
+                .map(|s| Cidr::parse(s).expect("valid built-in block"))
+                .chain(self.host_addrs.iter().map(|&a| match a {
+                    IpAddr::V4(a) => Cidr::V4(a, 32),
+                    IpAddr::V6(a) => Cidr::V6(a, 128),
+                }));
+            for net in blocks {
+                match net {
+                    Cidr::V4(a, l) => self.v4.insert(to_bits(IpAddr::V4(a)), l, pos),
+                    Cidr::V6(a, l) => self.v6.insert(to_bits(IpAddr::V6(a)), l, pos),
+                    Cidr::Any => {}
+                }
+            }
+        }
+        self.v4.seal();
+        self.v6.seal();
+        let mut names = self.names.borrow_mut();
+        names.exact.clear();
+        names.suffix.clear();
+        let mut any_domain = false;
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let RuleKind::Domain(name) = &rule.kind {
+                any_domain = true;
+                match name.strip_prefix("*.") {
+                    Some(s) => names.suffix.entry(s.to_string()).or_insert(i),
+                    None => names.exact.entry(name.clone()).or_insert(i),
+                };
+            }
+        }
+        names.filter = any_domain || self.default == Action::Deny;
+        // Learned addresses hold the index of their rule ([`insert`](Self::insert) and
+        // [`remove`](Self::remove) keep it in step).
+        let rules = &self.rules;
+        names.learned.retain(|_, l| {
+            matches!(
+                rules.get(l.rule),
+                Some(Rule {
+                    kind: RuleKind::Domain(_),
+                    ..
+                })
+            )
+        });
+    }
+
+    fn add_block(order: &mut Vec<Entry>, v4: &mut Table, v6: &mut Table, net: Cidr, e: Entry) {
+        let pos = order.len() as u32;
+        order.push(e);
+        match net {
+            Cidr::V4(a, l) => v4.insert(to_bits(IpAddr::V4(a)), l, pos),
+            Cidr::V6(a, l) => v6.insert(to_bits(IpAddr::V6(a)), l, pos),
+            Cidr::Any => {
+                v4.insert(0, 0, pos);
+                v6.insert(0, 0, pos);
+            }
+        }
+    }
+
+    /// The rules in force, in order, with their hits.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The default and how many flows it decided.
+    pub fn default_action(&self) -> (Action, u64) {
+        (self.default, self.default_hits)
+    }
+
+    /// The policy as written now (rules and default; the TTL bounds and host addresses
+    /// it was made with).
+    pub fn spec(&self) -> Spec {
+        let names = self.names.borrow();
+        Spec {
+            rules: self.rules.iter().map(|r| r.kind.clone()).collect(),
+            default: self.default,
+            ttl_min: names.ttl_min,
+            ttl_max: names.ttl_max,
+            host_addrs: self.host_addrs.clone(),
+        }
+    }
+
+    /// Inserts a rule before position `at` (the end: `None` or past it); its id.
+    ///
+    /// # Errors
+    /// When the policy has [`MAX_RULES`] already.
+    pub fn insert(&mut self, at: Option<usize>, kind: RuleKind) -> Result<u32, String> {
+        if self.rules.len() >= MAX_RULES {
+            return Err(format!("more than {MAX_RULES} rules"));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let at = at.unwrap_or(self.rules.len()).min(self.rules.len());
+        // Learned addresses hold rule indices: shift them with the rules.
+        for l in self.names.borrow_mut().learned.values_mut() {
+            if l.rule >= at {
+                l.rule += 1;
+            }
+        }
+        self.rules.insert(at, Rule { id, kind, hits: 0 });
+        self.rebuild();
+        Ok(id)
+    }
+
+    /// Removes the rule `id`; false if there is none.
+    pub fn remove(&mut self, id: u32) -> bool {
+        let Some(at) = self.rules.iter().position(|r| r.id == id) else {
+            return false;
+        };
+        {
+            let mut names = self.names.borrow_mut();
+            names.learned.retain(|_, l| l.rule != at);
+            for l in names.learned.values_mut() {
+                if l.rule > at {
+                    l.rule -= 1;
+                }
+            }
+        }
+        self.rules.remove(at);
+        self.rebuild();
+        true
+    }
+
+    /// Sets the default.
+    pub fn set_default(&mut self, action: Action) {
+        self.default = action;
+        self.rebuild();
+    }
+
+    /// Whether DNS queries for names not allowed are answered NXDOMAIN.
+    pub fn filters_names(&self) -> bool {
+        self.names.borrow().filter
+    }
+
+    /// The names side, for the DNS forwarder's flows.
+    pub fn names(&self) -> Rc<RefCell<Names>> {
+        Rc::clone(&self.names)
+    }
+
+    /// Addresses learned from names since the start.
+    pub fn learned_total(&self) -> u64 {
+        self.names.borrow().learned_total
+    }
+
+    /// Decides a new flow and counts the hit; a denied flow is logged (rate-limited).
+    pub fn check(&mut self, now: Instant, f: &FlowDst) -> Verdict {
+        let v = self.decide(now, f);
+        match v.by {
+            Decider::Rule(id) | Decider::Name(id) => {
+                if let Some(r) = self.rules.iter_mut().find(|r| r.id == id) {
+                    r.hits += 1;
+                }
+            }
+            Decider::Default => self.default_hits += 1,
+            Decider::DnsOverTcp => {}
+        }
+        if v.action == Action::Deny {
+            self.log_denied(now, f, v.by);
+        }
+        v
+    }
+
+    /// Decides a flow without counting it (for flows already open, when rules change).
+    pub fn decide(&self, now: Instant, f: &FlowDst) -> Verdict {
+        if f.dns_service {
+            return match (f.proto, self.filters_names()) {
+                (Proto::Tcp, true) => Verdict {
+                    action: Action::Deny,
+                    by: Decider::DnsOverTcp,
+                },
+                _ => Verdict {
+                    action: Action::Allow,
+                    by: Decider::Default,
+                },
+            };
+        }
+        let pos = self.lookup(f.dst, f.proto, f.port);
+        let pos = if f.host == f.dst {
+            pos
+        } else {
+            match (pos, self.lookup(f.host, f.proto, f.port)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        if let Some(pos) = pos {
+            let e = self.order[pos as usize];
+            return Verdict {
+                action: e.action,
+                by: Decider::Rule(self.rules[e.rule].id),
+            };
+        }
+        let names = self.names.borrow();
+        let learned = names
+            .lookup(now, f.dst)
+            .or_else(|| names.lookup(now, f.host));
+        if let Some(i) = learned {
+            return Verdict {
+                action: Action::Allow,
+                by: Decider::Name(self.rules[i].id),
+            };
+        }
+        Verdict {
+            action: self.default,
+            by: Decider::Default,
+        }
+    }
+
+    fn lookup(&self, ip: IpAddr, proto: Proto, port: u16) -> Option<u32> {
+        let table = if ip.is_ipv4() { &self.v4 } else { &self.v6 };
+        table.lookup(to_bits(ip), &self.order, proto, port)
+    }
+
+    fn log_denied(&mut self, now: Instant, f: &FlowDst, by: Decider) {
+        if !log::log_enabled!(log::Level::Info) {
+            return;
+        }
+        let l = &mut self.log;
+        if now >= l.second + Duration::from_secs(1) {
+            l.second = now;
+            l.count = 0;
+        }
+        if l.count >= LOG_BURST {
+            l.suppressed += 1;
+            return;
+        }
+        l.count += 1;
+        let rule = match by {
+            Decider::Rule(id) | Decider::Name(id) => self
+                .rules
+                .iter()
+                .find(|r| r.id == id)
+                .map(|r| format!("{by} ({})", r.kind))
+                .unwrap_or_else(|| by.to_string()),
+            _ => by.to_string(),
+        };
+        let port = match f.proto {
+            Proto::Icmp => String::new(),
+            _ => format!(" port {}", f.port),
+        };
+        let more = std::mem::take(&mut l.suppressed);
+        let more = if more > 0 {
+            format!(" ({more} more denied flows not logged)")
+        } else {
+            String::new()
+        };
+        log::info!(
+            "egress: denied {} to {}{port} by {rule}{more}",
+            f.proto,
+            f.dst
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(rules: &[&str], default: Action) -> Spec {
+        let mut s = Spec {
+            default,
+            ..Spec::default()
+        };
+        for r in rules {
+            s.push(RuleKind::parse(r).unwrap()).unwrap();
+        }
+        s
+    }
+
+    fn flow(proto: Proto, dst: &str, port: u16) -> FlowDst {
+        let ip: IpAddr = dst.parse().unwrap();
+        FlowDst {
+            proto,
+            dst: ip,
+            host: ip,
+            port,
+            dns_service: false,
+        }
+    }
+
+    fn allowed(p: &mut Policy, proto: Proto, dst: &str, port: u16) -> bool {
+        p.check(Instant::ZERO, &flow(proto, dst, port)).action == Action::Allow
+    }
+
+    #[test]
+    fn rules_parse_and_print_back() {
+        for (text, shown) in [
+            ("allow 10.0.0.0/8", "allow 10.0.0.0/8"),
+            ("deny 192.0.2.1,tcp:443", "deny 192.0.2.1 tcp:443"),
+            (
+                "deny 192.0.2.1/32 tcp:8000-8100",
+                "deny 192.0.2.1 tcp:8000-8100",
+            ),
+            ("allow 2001:db8::/32 udp:53", "allow 2001:db8::/32 udp:53"),
+            ("deny any icmp", "deny any icmp"),
+            ("deny-private", "deny-private"),
+            ("allow-domain Example.COM.", "allow-domain example.com"),
+            ("allow-domain *.example.com", "allow-domain *.example.com"),
+        ] {
+            assert_eq!(RuleKind::parse(text).unwrap().to_string(), shown, "{text}");
+        }
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_a_reason() {
+        for bad in [
+            "",
+            "permit 10.0.0.0/8",
+            "allow 10.0.0.1/8",
+            "allow 10.0.0.0/33",
+            "allow 300.0.0.0",
+            "allow 10.0.0.0/8 sctp",
+            "allow 10.0.0.0/8 tcp:0",
+            "allow 10.0.0.0/8 tcp:90-80",
+            "allow 10.0.0.0/8 tcp:70000",
+            "allow 10.0.0.0/8 icmp:8",
+            "allow 10.0.0.0/8 tcp:1 extra",
+            "allow-domain",
+            "allow-domain exa mple.com",
+            "allow-domain *.",
+            "allow-domain a..b",
+            "deny-private now",
+        ] {
+            assert!(RuleKind::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(RuleKind::parse("allow 10.0.0.1/8")
+            .unwrap_err()
+            .contains("10.0.0.0/8"));
+    }
+
+    #[test]
+    fn policy_file_parses_with_line_numbers() {
+        let mut s = Spec::default();
+        s.parse_file(
+            "# sandbox\n\ndefault deny\ndeny-private  # no LAN\nallow 192.0.2.0/24 tcp:443\n\
+             allow-domain *.example.com\nname-ttl 5 60\n",
+        )
+        .unwrap();
+        assert_eq!(s.default, Action::Deny);
+        assert_eq!((s.ttl_min, s.ttl_max), (5, 60));
+        assert_eq!(s.rules.len(), 3);
+        let err = Spec::default()
+            .parse_file("default deny\nallow nowhere\n")
+            .unwrap_err();
+        assert!(err.starts_with("line 2:"), "{err}");
+        assert!(Spec::default().parse_file("name-ttl 60 5").is_err());
+        assert!(Spec::default().parse_file("default maybe").is_err());
+    }
+
+    #[test]
+    fn first_match_wins_with_protocols_and_ports() {
+        let mut p = Policy::new(&spec(
+            &[
+                "allow 192.0.2.7 tcp:443",
+                "deny 192.0.2.0/24",
+                "allow 192.0.2.0/24",
+                "deny 198.51.100.0/24 udp:50-60",
+                "deny 2001:db8::/32 tcp",
+                "deny any icmp",
+            ],
+            Action::Allow,
+        ));
+        assert!(allowed(&mut p, Proto::Tcp, "192.0.2.7", 443));
+        assert!(!allowed(&mut p, Proto::Tcp, "192.0.2.7", 80));
+        assert!(!allowed(&mut p, Proto::Udp, "192.0.2.7", 443));
+        assert!(!allowed(&mut p, Proto::Tcp, "192.0.2.8", 443));
+        assert!(!allowed(&mut p, Proto::Udp, "198.51.100.1", 53));
+        assert!(allowed(&mut p, Proto::Udp, "198.51.100.1", 61));
+        assert!(allowed(&mut p, Proto::Tcp, "198.51.100.1", 53));
+        assert!(!allowed(&mut p, Proto::Tcp, "2001:db8::1", 80));
+        assert!(allowed(&mut p, Proto::Udp, "2001:db8::1", 80));
+        assert!(!allowed(&mut p, Proto::Icmp, "203.0.113.1", 0));
+        assert!(!allowed(&mut p, Proto::Icmp, "2001:db8:1::1", 0));
+        assert!(allowed(&mut p, Proto::Tcp, "203.0.113.1", 80));
+        let hits: Vec<u64> = p.rules().iter().map(|r| r.hits).collect();
+        assert_eq!(hits, [1, 3, 0, 1, 1, 2]);
+        assert_eq!(p.default_action(), (Action::Allow, 4));
+    }
+
+    #[test]
+    fn default_deny_and_explicit_allow() {
+        let mut p = Policy::new(&spec(&["allow 203.0.113.0/24"], Action::Deny));
+        assert!(allowed(&mut p, Proto::Tcp, "203.0.113.9", 80));
+        assert!(!allowed(&mut p, Proto::Tcp, "198.51.100.9", 80));
+        assert!(!allowed(&mut p, Proto::Udp, "2001:db8::9", 80));
+    }
+
+    #[test]
+    fn deny_private_covers_its_ranges_and_yields_to_any_allow() {
+        let mut s = spec(&["deny-private", "allow 192.168.1.10"], Action::Allow);
+        s.host_addrs = vec!["198.51.100.77".parse().unwrap()];
+        let mut p = Policy::new(&s);
+        for dst in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.0.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "127.0.0.1",
+            "224.0.0.251",
+            "255.255.255.255",
+            "0.1.2.3",
+            "198.51.100.77",
+            "fd12::1",
+            "fe80::1",
+            "ff02::fb",
+            "::1",
+        ] {
+            assert!(!allowed(&mut p, Proto::Tcp, dst, 80), "{dst}");
+        }
+        for dst in [
+            "192.168.1.10",
+            "172.32.0.1",
+            "100.128.0.1",
+            "8.8.8.8",
+            "2001:db8::1",
+        ] {
+            assert!(allowed(&mut p, Proto::Tcp, dst, 80), "{dst}");
+        }
+    }
+
+    #[test]
+    fn mapped_destinations_match_either_address() {
+        // The gateway 10.0.2.2 is the host's 127.0.0.1.
+        let gw = FlowDst {
+            proto: Proto::Tcp,
+            dst: "10.0.2.2".parse().unwrap(),
+            host: "127.0.0.1".parse().unwrap(),
+            port: 8080,
+            dns_service: false,
+        };
+        let mut p = Policy::new(&spec(&["deny-private"], Action::Allow));
+        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Deny);
+        let mut p = Policy::new(&spec(
+            &["deny-private", "allow 10.0.2.2 tcp:8080"],
+            Action::Allow,
+        ));
+        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Allow);
+        let mut p = Policy::new(&spec(&["deny 127.0.0.1"], Action::Allow));
+        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Deny);
+        let mut p = Policy::new(&spec(
+            &["allow 127.0.0.0/8", "deny 10.0.2.2"],
+            Action::Allow,
+        ));
+        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Allow);
+    }
+
+    /// A tiny deterministic generator for the table test.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+    }
+
+    #[test]
+    fn table_agrees_with_a_linear_scan() {
+        let mut rng = Lcg(7);
+        let mut s = Spec::default();
+        let mut nets = Vec::new();
+        for _ in 0..1000 {
+            let (net, text) = if rng.next().is_multiple_of(4) {
+                let len = (rng.next() % 129) as u8;
+                let bits = (u128::from(rng.next()) << 96 | 0x2001_0db8 << 64) & mask(128, len);
+                let c = Cidr::V6(Ipv6Addr::from(bits), len);
+                (c, c.to_string())
+            } else {
+                let len = [8u8, 16, 24, 28, 32][(rng.next() % 5) as usize];
+                let bits = (u128::from(rng.next() as u32 & 0x0aff_ffff) << 96) & mask(32, len);
+                let c = Cidr::from_bits(true, bits, len);
+                (c, c.to_string())
+            };
+            let action = if rng.next().is_multiple_of(2) {
+                "allow"
+            } else {
+                "deny"
+            };
+            let narrow = match rng.next() % 3 {
+                0 => String::new(),
+                1 => format!(" tcp:{}", 1 + rng.next() % 1000),
+                _ => " udp".to_string(),
+            };
+            s.push(RuleKind::parse(&format!("{action} {text}{narrow}")).unwrap())
+                .unwrap();
+            nets.push(net);
+        }
+        let p = Policy::new(&s);
+        for _ in 0..20000 {
+            let ip = if rng.next().is_multiple_of(4) {
+                IpAddr::V6(Ipv6Addr::from(
+                    u128::from(rng.next()) << 96 | 0x2001_0db8 << 64,
+                ))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(rng.next() as u32 & 0x0aff_ffff))
+            };
+            let proto = [Proto::Tcp, Proto::Udp][(rng.next() % 2) as usize];
+            let port = (1 + rng.next() % 1000) as u16;
+            let f = FlowDst {
+                proto,
+                dst: ip,
+                host: ip,
+                port,
+                dns_service: false,
+            };
+            let scan = s.rules.iter().position(|r| match r {
+                RuleKind::Address {
+                    net,
+                    proto: rp,
+                    ports,
+                    ..
+                } => {
+                    net.contains(ip)
+                        && rp.is_none_or(|x| x == proto)
+                        && (ports.0..=ports.1).contains(&port)
+                }
+                _ => false,
+            });
+            let expect = scan.map_or(Decider::Default, |i| Decider::Rule(i as u32 + 1));
+            assert_eq!(
+                p.decide(Instant::ZERO, &f).by,
+                expect,
+                "{ip} {proto} {port}"
+            );
+        }
+    }
+
+    /// A query for `name` of type `qtype`.
+    fn query(name: &str, qtype: u16) -> Vec<u8> {
+        let mut q = vec![0x12, 0x34, 0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in name.split('.') {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&qtype.to_be_bytes());
+        q.extend_from_slice(&[0, 1]);
+        q
+    }
+
+    /// A reply to `query(name, 1)`: a CNAME, then A records, names compressed.
+    fn reply(name: &str, addrs: &[[u8; 4]], ttl: u32) -> Vec<u8> {
+        let mut r = query(name, 1);
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[6..8].copy_from_slice(&(addrs.len() as u16 + 1).to_be_bytes());
+        // CNAME to "cdn" + pointer to the question name.
+        r.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&[0, 6, 3, b'c', b'd', b'n', 0xc0, 12]);
+        let cname_at = r.len() - 6;
+        for a in addrs {
+            r.extend_from_slice(&[0xc0, cname_at as u8, 0, 1, 0, 1]);
+            r.extend_from_slice(&ttl.to_be_bytes());
+            r.extend_from_slice(&[0, 4]);
+            r.extend_from_slice(a);
+        }
+        r
+    }
+
+    #[test]
+    fn names_not_allowed_get_nxdomain_allowed_ones_go_through() {
+        let p = Policy::new(&spec(
+            &["allow-domain example.com", "allow-domain *.example.org"],
+            Action::Deny,
+        ));
+        let names = p.names();
+        let names = names.borrow();
+        let mut out = [0u8; 512];
+        for ok in [
+            "example.com",
+            "EXAMPLE.com",
+            "www.example.org",
+            "a.b.example.org",
+        ] {
+            assert_eq!(names.refuse(&query(ok, 1), &mut out), None, "{ok}");
+        }
+        for no in [
+            "www.example.com",
+            "example.org",
+            "evil.test",
+            "example.com.evil.test",
+        ] {
+            let q = query(no, 28);
+            let n = names.refuse(&q, &mut out).expect(no);
+            assert_eq!(n, q.len());
+            assert_eq!(&out[..2], &q[..2], "ID kept");
+            assert_eq!(out[2], 0x81, "QR, RD");
+            assert_eq!(out[3] & 0x0f, 3, "NXDOMAIN");
+            assert_eq!(&out[4..12], &[0, 1, 0, 0, 0, 0, 0, 0]);
+            assert_eq!(&out[12..n], &q[12..]);
+        }
+        // Two questions, or a response: REFUSED, header only.
+        let mut two = query("example.com", 1);
+        two[5] = 2;
+        assert_eq!(names.refuse(&two, &mut out), Some(12));
+        assert_eq!(out[3] & 0x0f, 5);
+        assert_eq!(names.refuse(&[0u8; 5], &mut out), None);
+    }
+
+    #[test]
+    fn no_filter_with_default_allow_and_no_names() {
+        let p = Policy::new(&spec(&["deny-private"], Action::Allow));
+        assert!(!p.filters_names());
+        let mut out = [0u8; 512];
+        assert_eq!(
+            p.names().borrow().refuse(&query("evil.test", 1), &mut out),
+            None
+        );
+    }
+
+    #[test]
+    fn learned_addresses_allow_until_the_ttl_ends_and_never_past_address_rules() {
+        let mut s = spec(
+            &["deny-private", "allow-domain *.example.com"],
+            Action::Deny,
+        );
+        s.ttl_min = 10;
+        s.ttl_max = 100;
+        let mut p = Policy::new(&s);
+        let t0 = Instant::from_secs(1000);
+        let r = reply("www.example.com", &[[203, 0, 113, 5], [10, 0, 0, 1]], 1);
+        assert_eq!(p.names().borrow_mut().learn(t0, &r), 2);
+        // Not an allowed name: nothing learned.
+        let other = reply("evil.test", &[[198, 51, 100, 1]], 300);
+        assert_eq!(p.names().borrow_mut().learn(t0, &other), 0);
+        let at = |p: &mut Policy, t: Instant, dst: &str| p.check(t, &flow(Proto::Tcp, dst, 443));
+        assert_eq!(
+            at(&mut p, t0, "203.0.113.5"),
+            Verdict {
+                action: Action::Allow,
+                by: Decider::Name(2)
+            }
+        );
+        // Rebinding into a private range: deny-private still decides.
+        assert_eq!(at(&mut p, t0, "10.0.0.1").action, Action::Deny);
+        assert_eq!(at(&mut p, t0, "198.51.100.1").action, Action::Deny);
+        // TTL 1 s raised to the floor of 10 s.
+        let t9 = t0 + Duration::from_secs(9);
+        assert_eq!(at(&mut p, t9, "203.0.113.5").action, Action::Allow);
+        let t10 = t0 + Duration::from_secs(10);
+        assert_eq!(at(&mut p, t10, "203.0.113.5").action, Action::Deny);
+        // A long TTL is capped.
+        let r = reply("api.example.com", &[[203, 0, 113, 6]], 86400);
+        p.names().borrow_mut().learn(t0, &r);
+        assert_eq!(
+            at(&mut p, t0 + Duration::from_secs(99), "203.0.113.6").action,
+            Action::Allow
+        );
+        assert_eq!(
+            at(&mut p, t0 + Duration::from_secs(100), "203.0.113.6").action,
+            Action::Deny
+        );
+        assert_eq!(p.rules()[1].hits, 3);
+    }
+
+    #[test]
+    fn rules_change_at_run_time_and_learned_addresses_follow() {
+        let mut p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
+        let t0 = Instant::from_secs(1);
+        p.names()
+            .borrow_mut()
+            .learn(t0, &reply("example.com", &[[203, 0, 113, 5]], 60));
+        let deny = p
+            .insert(Some(0), RuleKind::parse("deny 192.0.2.0/24").unwrap())
+            .unwrap();
+        assert_eq!(deny, 2);
+        assert_eq!(
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            Decider::Name(1)
+        );
+        assert_eq!(
+            p.check(t0, &flow(Proto::Tcp, "192.0.2.1", 80)).by,
+            Decider::Rule(2)
+        );
+        let deny2 = p
+            .insert(None, RuleKind::parse("deny 203.0.113.5").unwrap())
+            .unwrap();
+        assert_eq!(
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            Decider::Rule(deny2)
+        );
+        assert!(p.remove(deny2));
+        assert!(!p.remove(deny2));
+        assert!(p.remove(deny));
+        assert_eq!(
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            Decider::Name(1)
+        );
+        // The name's rule goes: so do its addresses.
+        assert!(p.remove(1));
+        assert_eq!(
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            Decider::Default
+        );
+        p.set_default(Action::Allow);
+        assert!(!p.filters_names());
+        assert_eq!(p.spec().rules, vec![]);
+    }
+
+    #[test]
+    fn dns_service_is_exempt_but_not_over_tcp_while_names_are_filtered() {
+        let dns = |proto| FlowDst {
+            dns_service: true,
+            ..flow(proto, "10.0.2.3", 53)
+        };
+        let mut p = Policy::new(&spec(&["deny-private"], Action::Deny));
+        assert_eq!(
+            p.check(Instant::ZERO, &dns(Proto::Udp)).action,
+            Action::Allow
+        );
+        assert_eq!(
+            p.check(Instant::ZERO, &dns(Proto::Tcp)).by,
+            Decider::DnsOverTcp
+        );
+        let mut p = Policy::new(&spec(&["deny-private"], Action::Allow));
+        assert_eq!(
+            p.check(Instant::ZERO, &dns(Proto::Tcp)).action,
+            Action::Allow
+        );
+    }
+
+    #[test]
+    fn garbage_replies_teach_nothing() {
+        let p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
+        let names = p.names();
+        let mut names = names.borrow_mut();
+        let good = reply("example.com", &[[203, 0, 113, 5]], 60);
+        for cut in 0..good.len() - 1 {
+            // A truncated reply may still carry some records: never more than there are.
+            assert!(names.learn(Instant::ZERO, &good[..cut]) <= 1);
+        }
+        let mut err = good.clone();
+        err[3] = 0x83;
+        assert_eq!(names.learn(Instant::ZERO, &err), 0);
+        let mut q = good.clone();
+        q[2] = 0x01;
+        assert_eq!(names.learn(Instant::ZERO, &q), 0);
+    }
+}
