@@ -57,11 +57,10 @@
 //! allowed addresses carry (an allowed CDN address serves other names too), and does not
 //! apply to published ports (inbound) nor to traffic between the members of a network.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use smoltcp::time::{Duration, Instant};
 
@@ -792,6 +791,14 @@ fn skip_name(msg: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
+/// Locks a names side (shared with the DNS flows, one thread: never contended; a
+/// poisoned lock is taken as it is, the data stays consistent between calls).
+pub fn lock(names: &Mutex<Names>) -> MutexGuard<'_, Names> {
+    names
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A flow to check.
 #[derive(Debug, Clone, Copy)]
 pub struct FlowDst {
@@ -859,7 +866,7 @@ pub struct Policy {
     order: Vec<Entry>,
     v4: Table,
     v6: Table,
-    names: Rc<RefCell<Names>>,
+    names: Arc<Mutex<Names>>,
     next_id: u32,
     log: LogLimit,
 }
@@ -875,7 +882,7 @@ impl Policy {
             order: Vec::new(),
             v4: Table::new(32),
             v6: Table::new(128),
-            names: Rc::new(RefCell::new(Names::default())),
+            names: Arc::new(Mutex::new(Names::default())),
             next_id: 1,
             log: LogLimit {
                 second: Instant::ZERO,
@@ -884,7 +891,7 @@ impl Policy {
             },
         };
         {
-            let mut names = p.names.borrow_mut();
+            let mut names = lock(&p.names);
             names.ttl_min = spec.ttl_min;
             names.ttl_max = spec.ttl_max;
         }
@@ -953,7 +960,7 @@ impl Policy {
         }
         self.v4.seal();
         self.v6.seal();
-        let mut names = self.names.borrow_mut();
+        let mut names = lock(&self.names);
         names.exact.clear();
         names.suffix.clear();
         let mut any_domain = false;
@@ -1007,7 +1014,7 @@ impl Policy {
     /// The policy as written now (rules and default; the TTL bounds and host addresses
     /// it was made with).
     pub fn spec(&self) -> Spec {
-        let names = self.names.borrow();
+        let names = lock(&self.names);
         Spec {
             rules: self.rules.iter().map(|r| r.kind.clone()).collect(),
             default: self.default,
@@ -1029,7 +1036,7 @@ impl Policy {
         self.next_id += 1;
         let at = at.unwrap_or(self.rules.len()).min(self.rules.len());
         // Learned addresses hold rule indices: shift them with the rules.
-        for l in self.names.borrow_mut().learned.values_mut() {
+        for l in lock(&self.names).learned.values_mut() {
             if l.rule >= at {
                 l.rule += 1;
             }
@@ -1045,7 +1052,7 @@ impl Policy {
             return false;
         };
         {
-            let mut names = self.names.borrow_mut();
+            let mut names = lock(&self.names);
             names.learned.retain(|_, l| l.rule != at);
             for l in names.learned.values_mut() {
                 if l.rule > at {
@@ -1066,17 +1073,17 @@ impl Policy {
 
     /// Whether DNS queries for names not allowed are answered NXDOMAIN.
     pub fn filters_names(&self) -> bool {
-        self.names.borrow().filter
+        lock(&self.names).filter
     }
 
     /// The names side, for the DNS forwarder's flows.
-    pub fn names(&self) -> Rc<RefCell<Names>> {
-        Rc::clone(&self.names)
+    pub fn names(&self) -> Arc<Mutex<Names>> {
+        Arc::clone(&self.names)
     }
 
     /// Addresses learned from names since the start.
     pub fn learned_total(&self) -> u64 {
-        self.names.borrow().learned_total
+        lock(&self.names).learned_total
     }
 
     /// Decides a new flow and counts the hit; a denied flow is logged (rate-limited).
@@ -1127,7 +1134,7 @@ impl Policy {
                 by: Decider::Rule(self.rules[e.rule].id),
             };
         }
-        let names = self.names.borrow();
+        let names = lock(&self.names);
         let learned = names
             .lookup(now, f.dst)
             .or_else(|| names.lookup(now, f.host));
@@ -1186,6 +1193,127 @@ impl Policy {
             f.proto,
             f.dst
         );
+    }
+}
+
+/// The policies of one forwarder: the network's (the single namespace's, in attach and
+/// run mode) and the members' own. A member's flow must pass both; member-to-member
+/// traffic on the switch never comes here.
+#[derive(Debug, Default)]
+pub(crate) struct Egress {
+    all: Option<Policy>,
+    /// Members' policies, by slot.
+    members: Vec<Option<Policy>>,
+    /// A member's addresses -> its slot.
+    member_of: HashMap<IpAddr, usize>,
+}
+
+impl Egress {
+    /// Sets (`Some`) or removes the policy of `member` (its addresses; `None`: the
+    /// network's).
+    pub fn set(&mut self, member: &[IpAddr], spec: Option<&Spec>) {
+        if member.is_empty() {
+            self.all = spec.filter(|s| !s.is_open()).map(Policy::new);
+            return;
+        }
+        let slot = member.iter().find_map(|a| self.member_of.get(a).copied());
+        for a in member {
+            self.member_of.remove(a);
+        }
+        if let Some(i) = slot {
+            self.members[i] = None;
+        }
+        let Some(spec) = spec else {
+            return;
+        };
+        let i = match self.members.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.members.push(None);
+                self.members.len() - 1
+            }
+        };
+        self.members[i] = Some(Policy::new(spec));
+        for a in member {
+            self.member_of.insert(*a, i);
+        }
+    }
+
+    /// The policy of `member` (an address of it; `None`: the network's).
+    pub fn get(&self, member: Option<IpAddr>) -> Option<&Policy> {
+        match member {
+            None => self.all.as_ref(),
+            Some(a) => self.members.get(*self.member_of.get(&a)?)?.as_ref(),
+        }
+    }
+
+    /// See [`get`](Self::get).
+    pub fn get_mut(&mut self, member: Option<IpAddr>) -> Option<&mut Policy> {
+        match member {
+            None => self.all.as_mut(),
+            Some(a) => self.members.get_mut(*self.member_of.get(&a)?)?.as_mut(),
+        }
+    }
+
+    /// Whether any policy is set.
+    pub fn is_empty(&self) -> bool {
+        self.all.is_none() && self.member_of.is_empty()
+    }
+
+    fn member_mut(&mut self, guest: IpAddr) -> Option<&mut Policy> {
+        let i = *self.member_of.get(&guest)?;
+        self.members.get_mut(i)?.as_mut()
+    }
+
+    /// Decides a new flow of `guest` (counted, logged): the network's policy, then the
+    /// member's.
+    pub fn check(&mut self, now: Instant, guest: IpAddr, f: &FlowDst) -> Verdict {
+        let allow = Verdict {
+            action: Action::Allow,
+            by: Decider::Default,
+        };
+        let v = self.all.as_mut().map_or(allow, |p| p.check(now, f));
+        if v.action == Action::Deny {
+            return v;
+        }
+        self.member_mut(guest).map_or(v, |p| p.check(now, f))
+    }
+
+    /// Whether a flow already open would be denied now (not counted).
+    pub fn denies(&self, now: Instant, guest: IpAddr, f: &FlowDst) -> bool {
+        let member = self
+            .member_of
+            .get(&guest)
+            .and_then(|&i| self.members[i].as_ref());
+        [self.all.as_ref(), member]
+            .into_iter()
+            .flatten()
+            .any(|p| p.decide(now, f).action == Action::Deny)
+    }
+
+    /// The names sides that learn from `guest`'s DNS answers.
+    pub fn learners(&self, guest: IpAddr) -> [Option<Arc<Mutex<Names>>>; 2] {
+        let member = self
+            .member_of
+            .get(&guest)
+            .and_then(|&i| self.members[i].as_ref());
+        [
+            self.all.as_ref().map(Policy::names),
+            member.map(Policy::names),
+        ]
+    }
+
+    /// With names filtered for `guest`: the NXDOMAIN (or REFUSED) answer to `query`
+    /// written into `out`, its length. `None`: the query may go on.
+    pub fn refuse(&self, guest: IpAddr, query: &[u8], out: &mut [u8]) -> Option<usize> {
+        let member = self
+            .member_of
+            .get(&guest)
+            .and_then(|&i| self.members[i].as_ref());
+        [self.all.as_ref(), member]
+            .into_iter()
+            .flatten()
+            .find_map(|p| lock(&p.names).refuse(query, out))
     }
 }
 
@@ -1506,7 +1634,7 @@ mod tests {
             Action::Deny,
         ));
         let names = p.names();
-        let names = names.borrow();
+        let names = lock(&names);
         let mut out = [0u8; 512];
         for ok in [
             "example.com",
@@ -1545,7 +1673,7 @@ mod tests {
         assert!(!p.filters_names());
         let mut out = [0u8; 512];
         assert_eq!(
-            p.names().borrow().refuse(&query("evil.test", 1), &mut out),
+            lock(&p.names()).refuse(&query("evil.test", 1), &mut out),
             None
         );
     }
@@ -1561,10 +1689,10 @@ mod tests {
         let mut p = Policy::new(&s);
         let t0 = Instant::from_secs(1000);
         let r = reply("www.example.com", &[[203, 0, 113, 5], [10, 0, 0, 1]], 1);
-        assert_eq!(p.names().borrow_mut().learn(t0, &r), 2);
+        assert_eq!(lock(&p.names()).learn(t0, &r), 2);
         // Not an allowed name: nothing learned.
         let other = reply("evil.test", &[[198, 51, 100, 1]], 300);
-        assert_eq!(p.names().borrow_mut().learn(t0, &other), 0);
+        assert_eq!(lock(&p.names()).learn(t0, &other), 0);
         let at = |p: &mut Policy, t: Instant, dst: &str| p.check(t, &flow(Proto::Tcp, dst, 443));
         assert_eq!(
             at(&mut p, t0, "203.0.113.5"),
@@ -1583,7 +1711,7 @@ mod tests {
         assert_eq!(at(&mut p, t10, "203.0.113.5").action, Action::Deny);
         // A long TTL is capped.
         let r = reply("api.example.com", &[[203, 0, 113, 6]], 86400);
-        p.names().borrow_mut().learn(t0, &r);
+        lock(&p.names()).learn(t0, &r);
         assert_eq!(
             at(&mut p, t0 + Duration::from_secs(99), "203.0.113.6").action,
             Action::Allow
@@ -1599,9 +1727,7 @@ mod tests {
     fn rules_change_at_run_time_and_learned_addresses_follow() {
         let mut p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
         let t0 = Instant::from_secs(1);
-        p.names()
-            .borrow_mut()
-            .learn(t0, &reply("example.com", &[[203, 0, 113, 5]], 60));
+        lock(&p.names()).learn(t0, &reply("example.com", &[[203, 0, 113, 5]], 60));
         let deny = p
             .insert(Some(0), RuleKind::parse("deny 192.0.2.0/24").unwrap())
             .unwrap();
@@ -1665,7 +1791,7 @@ mod tests {
     fn garbage_replies_teach_nothing() {
         let p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
         let names = p.names();
-        let mut names = names.borrow_mut();
+        let mut names = lock(&names);
         let good = reply("example.com", &[[203, 0, 113, 5]], 60);
         for cut in 0..good.len() - 1 {
             // A truncated reply may still carry some records: never more than there are.

@@ -39,8 +39,8 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPacket};
 
 use crate::{
-    dns_relay, emit, icmp, names, nat, port, tcp, timer, udp, Close, Config, Counters, FlowKey,
-    HostIo, Io, Limits, Link, Topology,
+    dns_relay, egress, emit, icmp, names, nat, port, tcp, timer, udp, Close, Config, Counters,
+    FlowKey, HostIo, Io, Limits, Link, Topology,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -132,6 +132,8 @@ pub struct Nat {
     udp_batch: udp::Batch,
     /// No flow leaves the network (an `--internal` network).
     internal: bool,
+    /// The egress policies, checked once per new flow.
+    pub(crate) egress: egress::Egress,
 }
 
 /// What a protocol handler works with for one packet or event: the link its answers go
@@ -265,6 +267,7 @@ impl Nat {
             dns: dns_relay::Upstreams::new(cfg.nameservers.clone()),
             udp_batch: udp::Batch::new(),
             internal,
+            egress: egress::Egress::default(),
             cfg,
         }
     }
@@ -283,6 +286,58 @@ impl Nat {
             return Err(nat::Deny::Nobody);
         }
         self.cfg.nat.translate(dst, port, &self.dns.nameservers)
+    }
+
+    /// Where a new flow of `key` goes on the host, if the NAT and the egress policy let
+    /// it: [`translate`](Self::translate), then the policy (once per flow, never per
+    /// packet).
+    fn admit(
+        &mut self,
+        now: Instant,
+        c: &mut Counters,
+        proto: egress::Proto,
+        key: &FlowKey,
+    ) -> Result<std::net::SocketAddr, nat::Deny> {
+        let target = self.translate(key.remote.0.into(), key.remote.1)?;
+        if self.egress.is_empty() {
+            return Ok(target);
+        }
+        let dst = IpAddr::from(key.remote.0);
+        let f = egress::FlowDst {
+            proto,
+            dst,
+            host: target.ip(),
+            port: key.remote.1,
+            dns_service: key.remote.1 == 53 && self.cfg.nat.is_dns_address(dst),
+        };
+        match self.egress.check(now, key.guest.0.into(), &f).action {
+            egress::Action::Allow => Ok(target),
+            egress::Action::Deny => {
+                c.egress_denied += 1;
+                Err(nat::Deny::Egress)
+            }
+        }
+    }
+
+    /// With names filtered by the egress policy: answers NXDOMAIN to a DNS query for a
+    /// name it does not allow; false when the query may go on.
+    fn refuse_name(&self, link: &mut Link, c: &mut Counters, key: FlowKey, query: &[u8]) -> bool {
+        if self.egress.is_empty()
+            || key.remote.1 != 53
+            || !self.cfg.nat.is_dns_address(key.remote.0.into())
+        {
+            return false;
+        }
+        let egress = &self.egress;
+        let guest = IpAddr::from(key.guest.0);
+        match emit::udp(emit::Out::of(link), key.remote, key.guest, None, |buf| {
+            egress.refuse(guest, query, buf)
+        }) {
+            Ok(_) => c.egress_names_refused += 1,
+            Err(emit::EmitError::Empty) => return false,
+            Err(_) => c.udp_send_dropped += 1,
+        }
+        true
     }
 
     /// Answers a DNS query for a member name; false when the query is not for one.
@@ -491,7 +546,7 @@ impl Nat {
             self.reset_stray(link, now, key.guest.0, ip);
             return;
         }
-        let target = match self.translate(key.remote.0.into(), key.remote.1) {
+        let target = match self.admit(now, c, egress::Proto::Tcp, &key) {
             Ok(target) => target,
             Err(deny) => {
                 log::debug!("TCP to {:?} denied: {deny:?}", key.remote);
@@ -561,7 +616,7 @@ impl Nat {
             c.drop_udp_malformed += 1;
             return;
         };
-        if self.answer_name(link, c, key, data) {
+        if self.answer_name(link, c, key, data) || self.refuse_name(link, c, key, data) {
             return;
         }
         let known = self.table.udp_map.get(&key).or_else(|| {
@@ -650,7 +705,7 @@ impl Nat {
         if self.table.member_full(c, &key.guest.0) {
             return None;
         }
-        let target = match self.translate(key.remote.0.into(), key.remote.1) {
+        let target = match self.admit(now, c, egress::Proto::Udp, &key) {
             Ok(target) => target,
             Err(deny) => {
                 log::debug!("UDP to {:?} denied: {deny:?}", key.remote);
@@ -663,9 +718,14 @@ impl Nat {
                     deny => icmp::deny_reason(deny).unwrap_or(icmp::Unreachable::Prohibited),
                 };
                 // Never an ICMP error about (or from) a broadcast or multicast address
-                // (RFC 1122 3.2.2): the guest's mDNS and SSDP end here.
+                // (RFC 1122 3.2.2): the guest's mDNS and SSDP end here. The policy's
+                // refusal comes from the gateway, as a filtering router's.
+                let from = match deny {
+                    nat::Deny::Egress => self.gateway_for(&key.remote.0),
+                    _ => key.remote.0,
+                };
                 if self.is_unicast(&key.remote.0) {
-                    icmp::emit_unreachable(link, key.remote.0, code, ip);
+                    icmp::emit_unreachable(link, from, code, ip);
                 }
                 return None;
             }
@@ -689,6 +749,9 @@ impl Nat {
                     if dns {
                         let quick = self.dns.dns_down == Some(c.dns_answers);
                         flow.follow_dns(servers, i, now, quick);
+                        if let Some(d) = flow.dns.as_deref_mut() {
+                            d.learn_into(self.egress.learners(key.guest.0.into()));
+                        }
                     }
                     flow
                 });
@@ -758,6 +821,13 @@ impl Nat {
                 }
                 if self.table.icmp_map.len() >= self.cfg.limits.icmp_flows {
                     c.icmp_denied += 1;
+                    return;
+                }
+                if let Err(deny) = self.admit(now, c, egress::Proto::Icmp, &key) {
+                    c.icmp_denied += 1;
+                    let code = icmp::deny_reason(deny).unwrap_or(icmp::Unreachable::Prohibited);
+                    let gw = self.gateway_for(&dst);
+                    icmp::emit_unreachable(link, gw, code, ip);
                     return;
                 }
                 let outbound = self.outbound_for(&dst.into());
@@ -1030,6 +1100,53 @@ impl Nat {
             }
             Flow::Port(_) => io.host.close(id, Close::Clean),
         }
+    }
+
+    /// Resets the open flows the egress policies now deny; how many.
+    pub(crate) fn reset_denied(
+        &mut self,
+        link: &mut Link,
+        c: &mut Counters,
+        now: Instant,
+        io: &mut Io<'_, impl HostIo>,
+    ) -> usize {
+        if self.egress.is_empty() {
+            return 0;
+        }
+        let denied: Vec<usize> = self
+            .table
+            .flows
+            .iter()
+            .filter_map(|(id, f)| {
+                let (proto, key) = match f {
+                    Flow::Tcp(f) => (egress::Proto::Tcp, f.key),
+                    Flow::Udp(f) => (egress::Proto::Udp, f.key),
+                    Flow::Icmp(f) => (egress::Proto::Icmp, f.key),
+                    _ => return None,
+                };
+                let dst = IpAddr::from(key.remote.0);
+                let host = self.translate(dst, key.remote.1).map_or(dst, |t| t.ip());
+                let flow = egress::FlowDst {
+                    proto,
+                    dst,
+                    host,
+                    port: key.remote.1,
+                    dns_service: key.remote.1 == 53 && self.cfg.nat.is_dns_address(dst),
+                };
+                self.egress
+                    .denies(now, key.guest.0.into(), &flow)
+                    .then_some(id)
+            })
+            .collect();
+        for &id in &denied {
+            if let Some(Flow::Tcp(f)) = self.table.flows.get_mut(id) {
+                log::info!("egress: reset TCP flow to {:?}", f.key.remote);
+                f.reset(now, link, io, c);
+            }
+            self.close_flow(c, id, io);
+            c.egress_reset += 1;
+        }
+        denied.len()
     }
 
     /// Publishes a port: listens on `host` (bound to interface `device`, if given) and

@@ -135,6 +135,7 @@ pub(crate) fn unreachable_for(err: &io::Error) -> Option<Unreachable> {
 pub fn deny_reason(deny: crate::nat::Deny) -> Option<Unreachable> {
     match deny {
         crate::nat::Deny::HostLoopbackDisabled => Some(Unreachable::Net),
+        crate::nat::Deny::Egress => Some(Unreachable::Prohibited),
         crate::nat::Deny::NoService | crate::nat::Deny::NotRoutable | crate::nat::Deny::Nobody => {
             None
         }

@@ -98,7 +98,7 @@ pub mod timer;
 pub mod udp;
 
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use smoltcp::iface::Interface;
@@ -428,6 +428,13 @@ counters! {
         switched_frames,
         /// DNS queries for member names answered by the network's DNS.
         dns_names_answered,
+        /// New flows the egress policy denied (also counted in `tcp_denied`, `udp_denied`,
+        /// `icmp_denied`).
+        egress_denied,
+        /// DNS queries the egress policy answered NXDOMAIN (a name it does not allow).
+        egress_names_refused,
+        /// Open flows closed because a changed egress policy denies them.
+        egress_reset,
         /// Flows refused because the member had as many open as a member may.
         member_flow_limit,
         /// Frames whose partial checksum (checksum offload) lay in data usernet relays as
@@ -849,6 +856,31 @@ impl Forwarder {
             return;
         }
         self.nat.set_nameservers(&mut self.counters, list, io);
+    }
+
+    /// Sets (`Some`) or removes (`None`) the egress policy of the network (`member`
+    /// empty; in a single namespace: its policy) or of the member with these addresses.
+    /// New flows follow it at once; open flows are left alone (see
+    /// [`reset_denied_flows`](Self::reset_denied_flows)).
+    pub fn set_egress(&mut self, member: &[IpAddr], spec: Option<&egress::Spec>) {
+        self.nat.egress.set(member, spec);
+    }
+
+    /// The egress policy of the network (`None`) or of the member with this address.
+    pub fn egress(&self, member: Option<IpAddr>) -> Option<&egress::Policy> {
+        self.nat.egress.get(member)
+    }
+
+    /// See [`egress`](Self::egress): to change its rules.
+    pub fn egress_mut(&mut self, member: Option<IpAddr>) -> Option<&mut egress::Policy> {
+        self.nat.egress.get_mut(member)
+    }
+
+    /// Resets the open flows the egress policies now deny (TCP: a RST both ways; UDP and
+    /// ICMP flows are closed). Returns how many.
+    pub fn reset_denied_flows<H: HostIo>(&mut self, now: Instant, io: &mut Io<'_, H>) -> usize {
+        self.nat
+            .reset_denied(&mut self.link, &mut self.counters, now, io)
     }
 
     /// Writes the gateway's transmit queue and the frames waiting in the ports' queues

@@ -244,6 +244,9 @@ pub enum Deny {
     NoService,
     /// An address that is never routed (ours, loopback, multicast, broadcast, unspecified).
     NotRoutable,
+    /// The egress policy refuses it ([`crate::egress`]): answered "administratively
+    /// prohibited", as a filtering router does.
+    Egress,
     /// The DNS address with DNS disabled: nobody is there, so nothing answers (no reset,
     /// no ICMP error) and a connection times out, as with libslirp, which still answers
     /// ARP for that address.

@@ -502,6 +502,19 @@ impl TcpFlow {
         self.moved
     }
 
+    /// Resets the flow both ways (the egress policy now denies it): a RST to the guest
+    /// now, and one to the host peer when the flow is closed.
+    pub(crate) fn reset(
+        &mut self,
+        now: Instant,
+        link: &mut Link,
+        io: &mut Io<'_, impl HostIo>,
+        c: &mut Counters,
+    ) {
+        self.socket().abort();
+        let _ = self.egress(now, link, io, c);
+    }
+
     /// Closes the host socket (with a RST when the flow ended in one); hands back the
     /// guest socket, closed, for reuse.
     pub(crate) fn close(self, host: &mut impl HostIo) -> Guest {

@@ -456,7 +456,7 @@ impl UdpFlow {
                 outcome = host.recv(id, buf);
                 let n = *outcome.as_ref().ok()?;
                 if let Some(dns) = dns {
-                    if dns.answered(&buf[..n.min(2)]) {
+                    if dns.answered(now, &buf[..n]) {
                         c.dns_answers += 1;
                     }
                 }
