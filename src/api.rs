@@ -63,6 +63,11 @@ pub trait Control {
     fn info(&self) -> Value {
         json!({})
     }
+    /// An egress policy command ([`crate::egress::execute`]); `None`: not one, or no
+    /// policy here.
+    fn egress(&mut self, _execute: &str, _args: Option<&Value>) -> Option<Value> {
+        None
+    }
 }
 
 /// The API's view of the forwarder for one request.
@@ -89,6 +94,9 @@ impl Control for FwdControl<'_, '_> {
     fn list(&self) -> Vec<PortRule> {
         self.fwd.port_rules()
     }
+    fn egress(&mut self, execute: &str, args: Option<&Value>) -> Option<Value> {
+        crate::egress::execute(self.fwd, self.io, execute, args)
+    }
     fn stats(&self) -> serde_json::Value {
         let (tcp, udp, icmp) = self.fwd.flow_counts();
         let limits = self.fwd.limits();
@@ -98,7 +106,7 @@ impl Control for FwdControl<'_, '_> {
             .iter()
             .map(|(name, value)| (name.to_owned(), value.into()))
             .collect();
-        serde_json::json!({
+        let mut stats = serde_json::json!({
             "flows": {
                 "tcp": tcp,
                 "tcp_half_open": self.fwd.half_open(),
@@ -113,7 +121,12 @@ impl Control for FwdControl<'_, '_> {
                 "icmp_flows": limits.icmp_flows,
             },
             "counters": counters,
-        })
+        });
+        // The egress policy's rules and hits, when there is one.
+        if let Some(p) = self.fwd.egress(None) {
+            stats["egress"] = crate::egress::policy_json(p);
+        }
+        stats
     }
 }
 
@@ -165,7 +178,9 @@ pub fn execute(request: &[u8], ctl: &mut dyn Control) -> Value {
         }
         "get_stats" => json!({ "return": ctl.stats() }),
         "get_info" => json!({ "return": ctl.info() }),
-        _ => error("bad request: unknown execute"),
+        other => ctl
+            .egress(other, args)
+            .unwrap_or_else(|| error("bad request: unknown execute")),
     }
 }
 
@@ -400,6 +415,9 @@ impl Control for InfoControl<'_, '_, '_> {
     }
     fn list(&self) -> Vec<PortRule> {
         self.inner.list()
+    }
+    fn egress(&mut self, execute: &str, args: Option<&Value>) -> Option<Value> {
+        self.inner.egress(execute, args)
     }
     fn stats(&self) -> Value {
         let mut stats = self.inner.stats();

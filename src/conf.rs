@@ -521,6 +521,9 @@ pub struct NetArgs {
     /// Log level: error, warn, info, debug or trace (default: $RUST_LOG, else warn).
     #[arg(long, value_name = "LEVEL", value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
     pub log_level: Option<String>,
+
+    #[command(flatten)]
+    pub egress: crate::egress::EgressArgs,
 }
 
 /// Attach mode (slirp4netns's command line).

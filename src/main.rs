@@ -17,6 +17,7 @@ mod api;
 mod busy_poll;
 mod cli_docs;
 mod conf;
+mod egress;
 mod event_loop;
 mod host;
 mod isolation;
@@ -449,6 +450,12 @@ fn stats_client(args: conf::StatsArgs) -> Result<i32, MainError> {
         _ => println!("{key} {value}"),
     };
     for (section, body) in reply["return"].as_object().unwrap_or(&empty) {
+        if section == "egress" {
+            egress::stats_lines(body)
+                .iter()
+                .for_each(|l| println!("{l}"));
+            continue;
+        }
         for (name, value) in body.as_object().unwrap_or(&empty) {
             line(
                 format!("{section}.{name}"),
@@ -782,11 +789,13 @@ fn forwarder_with(
         seed: random_seed(),
         ..Config::default()
     };
-    Forwarder::new(
+    let mut fwd = Forwarder::new(
         cfg,
         Topology::Single,
         smoltcp::time::Instant::from_micros(0),
-    )
+    );
+    fwd.set_egress(&[], net.egress.spec().as_ref());
+    fwd
 }
 
 /// Turns on checksum and TCP segmentation offloads on a TAP with a vnet header: the

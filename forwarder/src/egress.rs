@@ -1199,13 +1199,27 @@ impl Policy {
 /// The policies of one forwarder: the network's (the single namespace's, in attach and
 /// run mode) and the members' own. A member's flow must pass both; member-to-member
 /// traffic on the switch never comes here.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Egress {
     all: Option<Policy>,
     /// Members' policies, by slot.
     members: Vec<Option<Policy>>,
     /// A member's addresses -> its slot.
     member_of: HashMap<IpAddr, usize>,
+    /// The time of the latest check: the forwarder's clock for a change made between
+    /// packets (through the API).
+    pub last_check: Instant,
+}
+
+impl Default for Egress {
+    fn default() -> Egress {
+        Egress {
+            all: None,
+            members: Vec::new(),
+            member_of: HashMap::new(),
+            last_check: Instant::ZERO,
+        }
+    }
 }
 
 impl Egress {
@@ -1213,7 +1227,7 @@ impl Egress {
     /// network's).
     pub fn set(&mut self, member: &[IpAddr], spec: Option<&Spec>) {
         if member.is_empty() {
-            self.all = spec.filter(|s| !s.is_open()).map(Policy::new);
+            self.all = spec.map(Policy::new);
             return;
         }
         let slot = member.iter().find_map(|a| self.member_of.get(a).copied());
@@ -1268,6 +1282,7 @@ impl Egress {
     /// Decides a new flow of `guest` (counted, logged): the network's policy, then the
     /// member's.
     pub fn check(&mut self, now: Instant, guest: IpAddr, f: &FlowDst) -> Verdict {
+        self.last_check = self.last_check.max(now);
         let allow = Verdict {
             action: Action::Allow,
             by: Decider::Default,

@@ -1,0 +1,578 @@
+//! The egress policy end to end (attach mode, `-c`): `--deny-private` against each of its
+//! ranges, the metadata address, the host's own address and the gateway's mapping; address
+//! rules in first-match order for TCP, UDP and ICMP echo in both families; names through
+//! the DNS forwarder (allowed name reachable, others NXDOMAIN and never asked upstream,
+//! literal IPs, rebinding, TTL expiry, DNS to another resolver and over TCP); rules changed
+//! through the API with and without resetting open flows; what `curl`, `ping` and a plain
+//! `connect` print.
+//!
+//! "Nothing leaves": every denied address has a counting listener in W (TCP accepts, UDP
+//! datagrams), and W's `Ip: InReceives` (its own namespace's `/proc/net/snmp`) does not move
+//! while only denied flows are tried. Each test also shows the same listener counting when
+//! the policy lets the flow through, so that a zero means something.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+/// Stand-ins in W for the LAN, CGNAT and the metadata service, routed from H via W.
+const LAN: [Ipv4Addr; 5] = [
+    Ipv4Addr::new(10, 99, 0, 1),
+    Ipv4Addr::new(192, 168, 77, 1),
+    Ipv4Addr::new(172, 16, 5, 1),
+    Ipv4Addr::new(100, 64, 0, 1),
+    Ipv4Addr::new(169, 254, 169, 254),
+];
+
+fn any(ip: Ipv4Addr) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, 0)
+}
+
+/// Puts `addrs` on W's loopback and routes them from H via W.
+fn add_world_addrs(t: &Topology, addrs: &[Ipv4Addr]) {
+    for a in addrs {
+        let a = format!("{a}/32");
+        ip(&["-n", &t.world, "addr", "add", &a, "dev", "lo"]);
+        ip(&["-n", &t.host, "route", "add", &a, "via", "198.51.100.2"]);
+    }
+}
+
+/// W's `Ip: InReceives`: every IPv4 packet that reached W.
+fn world_ip_in(t: &Topology) -> u64 {
+    let f = sh("ip", &["netns", "exec", &t.world, "cat", "/proc/net/snmp"]);
+    let mut lines = f.stdout.lines().filter(|l| l.starts_with("Ip: "));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "InReceives")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// A TCP connect from C's current namespace that must fail at once with `errno`; the
+/// error's text.
+#[track_caller]
+fn connect_fails(addr: SocketAddr, errno: i32) -> String {
+    let t0 = Instant::now();
+    match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+        Ok(_) => panic!("connect to {addr} succeeded; the policy should deny it"),
+        Err(e) => {
+            assert_eq!(
+                e.raw_os_error(),
+                Some(errno),
+                "connect to {addr}: {e} after {:.2?}",
+                t0.elapsed()
+            );
+            e.to_string()
+        }
+    }
+}
+
+/// An API request and its reply.
+fn api(sock: &std::path::Path, req: &str) -> String {
+    api_request(sock, req, Duration::from_secs(5)).expect("API request")
+}
+
+#[test]
+fn egress_deny_private_closes_lan_metadata_host_and_gateway_nothing_leaves() {
+    let Some(t) = Topology::new() else { return };
+    add_world_addrs(&t, &LAN);
+    t.host_sysctl("net.ipv4.ping_group_range", "0 2147483647");
+    let tcp: Vec<TcpServer> = LAN
+        .iter()
+        .map(|&a| TcpServer::echo(&t.world_ns(), any(a)))
+        .collect();
+    let udp: Vec<UdpEcho> = LAN
+        .iter()
+        .map(|&a| UdpEcho::start(&t.world_ns(), any(a)))
+        .collect();
+    let host_own = TcpServer::echo(&t.host_ns(), any(HOST_ADDR));
+    let loopback = TcpServer::echo(&t.host_ns(), any(Ipv4Addr::LOCALHOST));
+    let opened = TcpServer::echo(&t.host_ns(), any(Ipv4Addr::LOCALHOST));
+    let world = TcpServer::echo(&t.world_ns(), any(WORLD));
+    let sock = t.tmp.join("api.sock");
+    let allow = format!("10.0.2.2,tcp:{}", opened.addr.port());
+    let u = UsernetCmd::new(&t)
+        .args([
+            "-c",
+            "--log-level",
+            "info",
+            "--deny-private",
+            "--allow",
+            &allow,
+        ])
+        .args(["-a", sock.to_str().unwrap()])
+        .start();
+    // The world is open, and so is the one port of the host's loopback an --allow names,
+    // though it comes after --deny-private on the command line.
+    t.in_container(|| {
+        echo_once(world.addr, b"world");
+        echo_once(SocketAddrV4::new(GATEWAY, opened.addr.port()), b"allowed");
+    });
+    let before = world_ip_in(&t);
+    let texts = t.in_container(|| {
+        let mut texts = Vec::new();
+        for (s, u) in tcp.iter().zip(&udp) {
+            texts.push(connect_fails(s.addr.into(), libc::EHOSTUNREACH));
+            let e = udp_error_after_send(u.addr.into(), b"x", Duration::from_secs(2));
+            assert_eq!(e, Some(libc::EHOSTUNREACH), "UDP to {}", u.addr);
+        }
+        // The gateway's mapping to the host's loopback, and the host's own address.
+        let gw = SocketAddrV4::new(GATEWAY, loopback.addr.port());
+        connect_fails(gw.into(), libc::EHOSTUNREACH);
+        connect_fails(host_own.addr.into(), libc::EHOSTUNREACH);
+        texts
+    });
+    assert!(texts[0].contains("No route to host"), "{texts:?}");
+    for lan in ["10.99.0.1", "169.254.169.254"] {
+        let f = t.run_in_container(
+            "ping",
+            &["-n", "-c", "1", "-W", "2", lan],
+            Duration::from_secs(10),
+        );
+        assert!(!f.success() && f.stdout.contains("Packet filtered"), "{f}");
+        let f = t.run_in_container(
+            "curl",
+            &["-sS", "--max-time", "5", &format!("http://{lan}:80/")],
+            Duration::from_secs(10),
+        );
+        assert_eq!(f.code(), Some(7), "{f}");
+        assert!(f.stderr.contains("Failed to connect"), "{f}");
+    }
+    // Nothing of the denied flows reached W, nor the host's listeners.
+    assert_eq!(world_ip_in(&t), before, "packets reached W");
+    for s in tcp.iter().chain([&host_own, &loopback]) {
+        assert_eq!(s.stats.accepted.load(Ordering::SeqCst), 0, "{}", s.addr);
+    }
+    for s in &udp {
+        assert_eq!(s.stats.accepted.load(Ordering::SeqCst), 0, "{}", s.addr);
+    }
+    // Denied flows are logged, and counted on the rule.
+    let log = wait_for(Duration::from_secs(5), || {
+        let e = u.stderr();
+        e.contains("egress: denied tcp to 10.99.0.1 port")
+            .then_some(e)
+    });
+    assert!(log.is_some(), "no log line:\n{}", u.stderr());
+    let list = api(&sock, r#"{"execute":"list_egress"}"#);
+    let v = parse_json_value(&list).unwrap();
+    let rules = v.get("return").unwrap().get("rules").unwrap();
+    let JsonValue::Arr(rules) = rules else {
+        panic!("{list}")
+    };
+    let private = rules
+        .iter()
+        .find(|r| r.get("rule").and_then(JsonValue::as_str) == Some("deny-private"))
+        .unwrap_or_else(|| panic!("{list}"));
+    // 5 TCP, 5 UDP, 2 more TCP, 2 pings, 2 curls.
+    assert_eq!(
+        private.get("hits").and_then(JsonValue::as_u64),
+        Some(16),
+        "{list}"
+    );
+    // The same listeners count once the rule is gone: the zeros above mean something.
+    let id = private.get("id").and_then(JsonValue::as_u64).unwrap();
+    let r = api(
+        &sock,
+        &format!(r#"{{"execute":"remove_egress_rule","arguments":{{"id":{id}}}}}"#),
+    );
+    assert!(r.contains("return"), "{r}");
+    t.in_container(|| {
+        echo_once(tcp[4].addr, b"metadata");
+        udp_roundtrip(
+            &udp_socket(any(Ipv4Addr::UNSPECIFIED)),
+            udp[0].addr,
+            b"lan",
+            3,
+        )
+        .unwrap();
+    });
+    assert_eq!(tcp[4].stats.accepted.load(Ordering::SeqCst), 1);
+    assert!(world_ip_in(&t) > before);
+}
+
+#[test]
+fn egress_address_rules_first_match_protocols_and_ports() {
+    let Some(t) = Topology::new() else { return };
+    t.host_sysctl("net.ipv4.ping_group_range", "0 2147483647");
+    let a = Ipv4Addr::new(203, 0, 113, 7);
+    let b = Ipv4Addr::new(203, 0, 113, 8);
+    let http_a = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(a, 8080));
+    let other_a = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(a, 8081));
+    let http_b = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(b, 8080));
+    let udp_a = UdpEcho::start(&t.world_ns(), SocketAddrV4::new(a, 8080));
+    let udp_b = UdpEcho::start(&t.world_ns(), SocketAddrV4::new(b, 5005));
+    let beyond = TcpServer::echo(&t.world_ns(), any(Ipv4Addr::new(203, 0, 113, 200)));
+    let _u = UsernetCmd::new(&t)
+        .args([
+            "-c",
+            "--allow",
+            "203.0.113.7,tcp:8080",
+            "--allow",
+            "203.0.113.8,udp",
+        ])
+        .args(["--deny", "203.0.113.0/28", "--deny", "any,icmp"])
+        .args(["--allow", "203.0.113.0/24"])
+        .start();
+    t.in_container(|| {
+        echo_once(http_a.addr, b"first rule");
+        connect_fails(other_a.addr.into(), libc::EHOSTUNREACH);
+        connect_fails(http_b.addr.into(), libc::EHOSTUNREACH);
+        let e = udp_error_after_send(udp_a.addr.into(), b"x", Duration::from_secs(2));
+        assert_eq!(e, Some(libc::EHOSTUNREACH));
+        udp_roundtrip(
+            &udp_socket(any(Ipv4Addr::UNSPECIFIED)),
+            udp_b.addr,
+            b"udp",
+            3,
+        )
+        .unwrap();
+        // Outside 203.0.113.0/28: the last --allow, which the default would have done too.
+        echo_once(beyond.addr, b"later rule");
+    });
+    let f = t.run_in_container(
+        "ping",
+        &["-n", "-c", "1", "-W", "2", "203.0.113.1"],
+        Duration::from_secs(10),
+    );
+    assert!(!f.success() && f.stdout.contains("Packet filtered"), "{f}");
+    assert_eq!(other_a.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(http_b.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(udp_a.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(udp_b.stats.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn egress_ipv6_rules_and_deny_private() {
+    let Some(t) = Topology::new_ipv6() else {
+        return;
+    };
+    t.host_sysctl("net.ipv4.ping_group_range", "0 2147483647");
+    let any6 = |ip| SocketAddrV6::new(ip, 0, 0, 0);
+    let tcp = TcpServer6::echo(&t.world_ns(), any6(WORLD6));
+    let udp = UdpEcho6::start(&t.world_ns(), any6(WORLD6));
+    let loopback = TcpServer6::echo(&t.host_ns(), any6(Ipv6Addr::LOCALHOST));
+    let world4 = TcpServer::echo(&t.world_ns(), any(WORLD));
+    let _u = UsernetCmd::new(&t)
+        .args([
+            "-c",
+            "-6",
+            "--deny-private",
+            "--deny",
+            "2001:db8:2::/64,tcp",
+        ])
+        .start();
+    let texts = t.in_container(|| {
+        let text = connect_fails(tcp.addr.into(), libc::EACCES);
+        // UDP to the same address is not denied.
+        udp_roundtrip6(
+            &udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
+            udp.addr,
+            b"v6",
+            3,
+        )
+        .unwrap();
+        // The gateway fd00::2 is the host's ::1: deny-private.
+        let gw = SocketAddrV6::new(GATEWAY6, loopback.addr.port(), 0, 0);
+        connect_fails(gw.into(), libc::EACCES);
+        let e = udp_error_after_send(gw.into(), b"x", Duration::from_secs(2));
+        assert_eq!(e, Some(libc::EACCES));
+        echo_once(world4.addr, b"IPv4 untouched");
+        text
+    });
+    // ICMPv6 "administratively prohibited" is EACCES to Linux.
+    assert!(texts.contains("Permission denied"), "{texts}");
+    assert_eq!(tcp.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(loopback.stats.accepted.load(Ordering::SeqCst), 0);
+    let f = t.run_in_container(
+        "ping",
+        &["-6", "-n", "-c", "1", "-W", "2", "fd00::2"],
+        Duration::from_secs(10),
+    );
+    // The gateway answers its own pings: never a flow, never egress.
+    f.assert_success();
+    let f = t.run_in_container(
+        "ping",
+        &["-6", "-n", "-c", "1", "-W", "2", "fe80::1%tap0"],
+        Duration::from_secs(10),
+    );
+    assert!(!f.success(), "{f}");
+}
+
+/// A DNS server on H's 127.0.0.1:53 (usernet's upstream) answering A queries from a table
+/// of (name, address, TTL); other names NXDOMAIN. Records every question name.
+struct TableDns {
+    names: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl TableDns {
+    fn start(t: &Topology, table: &'static [(&'static str, Ipv4Addr, u32)]) -> TableDns {
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53);
+        let sock = in_netns(&t.host_ns(), || UdpSocket::bind(addr)).expect("bind DNS");
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let names = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (n, s) = (names.clone(), stop.clone());
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while !s.load(Ordering::SeqCst) {
+                let Ok((len, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                let q = &buf[..len];
+                let Some(p) = parse_dns(q) else { continue };
+                n.lock().unwrap().push(p.qname.clone());
+                // The question ends after the name and 4 bytes.
+                let mut at = 12;
+                while at < q.len() && q[at] != 0 {
+                    at += 1 + q[at] as usize;
+                }
+                let qend = at + 5;
+                let qtype = u16::from_be_bytes([q[at + 1], q[at + 2]]);
+                let hit = table.iter().find(|(name, _, _)| *name == p.qname);
+                let mut r = q[..qend].to_vec();
+                r[2] = 0x84 | (q[2] & 1);
+                r[3] = if hit.is_some() { 0x80 } else { 0x83 };
+                r[6..12].fill(0);
+                if let (Some((_, a, ttl)), 1) = (hit, qtype) {
+                    r[7] = 1;
+                    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+                    r.extend_from_slice(&ttl.to_be_bytes());
+                    r.extend_from_slice(&[0, 4]);
+                    r.extend_from_slice(&a.octets());
+                }
+                let _ = sock.send_to(&r, peer);
+            }
+        });
+        TableDns {
+            names,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn asked(&self, name: &str) -> usize {
+        self.names
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == name)
+            .count()
+    }
+}
+
+impl Drop for TableDns {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.thread.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The names used by the name tests (W holds all of 203.0.113.0/24).
+const NAMES: &[(&str, Ipv4Addr, u32)] = &[
+    ("allowed.test", Ipv4Addr::new(203, 0, 113, 20), 300),
+    ("www.allowed.test", Ipv4Addr::new(203, 0, 113, 21), 300),
+    ("short.allowed.test", Ipv4Addr::new(203, 0, 113, 22), 1),
+    ("rebind.allowed.test", Ipv4Addr::new(10, 99, 0, 1), 300),
+    ("other.test", Ipv4Addr::new(203, 0, 113, 23), 300),
+];
+
+fn http_on(t: &Topology, ip: Ipv4Addr) -> TcpServer {
+    TcpServer::http(
+        &t.world_ns(),
+        SocketAddrV4::new(ip, 80),
+        "hello from the world\n",
+    )
+}
+
+#[test]
+fn egress_allow_domain_only_those_names_reachable() {
+    let Some(t) = Topology::new() else { return };
+    add_world_addrs(&t, &LAN[..1]);
+    let dns = TableDns::start(&t, NAMES);
+    t.set_container_resolv_conf("nameserver 10.0.2.3\n");
+    let servers: Vec<TcpServer> = NAMES.iter().map(|(_, a, _)| http_on(&t, *a)).collect();
+    // A resolver of the container's own choosing, in W.
+    let rogue = UdpEcho::start(&t.world_ns(), SocketAddrV4::new(WORLD, 53));
+    let policy = t.tmp.join("policy");
+    std::fs::write(
+        &policy,
+        "# only these names\ndefault deny\ndeny-private\nallow-domain allowed.test\n\
+         allow-domain *.allowed.test\nname-ttl 1 3600\n",
+    )
+    .unwrap();
+    let sock = t.tmp.join("api.sock");
+    let _u = UsernetCmd::new(&t)
+        .args(["-c", "--egress-policy", policy.to_str().unwrap()])
+        .args(["-a", sock.to_str().unwrap()])
+        .start();
+    let curl = |url: &str| {
+        t.run_in_container(
+            "curl",
+            &["-sS", "--max-time", "5", url],
+            Duration::from_secs(10),
+        )
+    };
+    for url in ["http://allowed.test/", "http://www.allowed.test/"] {
+        let f = curl(url);
+        f.assert_success();
+        assert_eq!(f.stdout, "hello from the world\n", "{f}");
+    }
+    // Not allowed: NXDOMAIN from usernet, never asked upstream.
+    let f = curl("http://other.test/");
+    assert_eq!(f.code(), Some(6), "{f}");
+    assert!(f.stderr.contains("Could not resolve host"), "{f}");
+    assert_eq!(dns.asked("other.test"), 0);
+    let f = t.run_in_container(
+        "dig",
+        &[
+            "+short",
+            "+tries=1",
+            "+time=3",
+            "@10.0.2.3",
+            "other.test",
+            "TXT",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(f.code(), Some(0), "{f}");
+    assert_eq!(f.stdout, "", "{f}");
+    // A literal IP of a name not allowed.
+    let f = curl("http://203.0.113.23/");
+    assert_eq!(f.code(), Some(7), "{f}");
+    // Allowed name, private address (rebinding): deny-private decides.
+    let f = curl("http://rebind.allowed.test/");
+    assert_eq!(f.code(), Some(7), "{f}");
+    assert!(dns.asked("rebind.allowed.test") >= 1);
+    // DNS to another resolver, and over TCP to usernet's (not filtered: denied).
+    let f = t.run_in_container(
+        "dig",
+        &["+tries=1", "+time=2", "@203.0.113.1", "allowed.test"],
+        Duration::from_secs(10),
+    );
+    assert_ne!(f.code(), Some(0), "{f}");
+    assert_eq!(rogue.stats.accepted.load(Ordering::SeqCst), 0);
+    let f = t.run_in_container(
+        "dig",
+        &["+tcp", "+tries=1", "+time=2", "@10.0.2.3", "allowed.test"],
+        Duration::from_secs(10),
+    );
+    assert_ne!(f.code(), Some(0), "{f}");
+    // TTL expiry: short.allowed.test lives 1 s (name-ttl 1 ...).
+    let f = t.run_in_container(
+        "dig",
+        &[
+            "+short",
+            "+tries=1",
+            "+time=3",
+            "@10.0.2.3",
+            "short.allowed.test",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(f.stdout.trim(), "203.0.113.22", "{f}");
+    thread::sleep(Duration::from_millis(2500));
+    let f = curl("http://203.0.113.22/");
+    assert_eq!(f.code(), Some(7), "{f}");
+    // Only the allowed flows reached their servers.
+    let accepted: Vec<usize> = servers
+        .iter()
+        .map(|s| s.stats.accepted.load(Ordering::SeqCst))
+        .collect();
+    assert_eq!(accepted, [1, 1, 0, 0, 0]);
+    let stats = get_stats(&sock);
+    assert!(stats.get("counters.egress_names_refused") >= 2);
+    assert!(stats.get("counters.egress_denied") >= 4);
+}
+
+#[test]
+fn egress_rules_change_through_the_api_and_reset_open_flows() {
+    let Some(t) = Topology::new() else { return };
+    let echo = TcpServer::echo(&t.world_ns(), any(WORLD));
+    let sock = t.tmp.join("api.sock");
+    let _u = UsernetCmd::new(&t)
+        .args(["-c", "-a", sock.to_str().unwrap()])
+        .start();
+    let ok = |s: &mut TcpStream, what: &[u8]| {
+        s.write_all(what).unwrap();
+        let mut back = vec![0u8; what.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, what);
+    };
+    t.in_container(|| {
+        let mut open = connect(echo.addr).unwrap();
+        open.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        ok(&mut open, b"before");
+        let r = api(
+            &sock,
+            r#"{"execute":"add_egress_rule","arguments":{"rule":"deny 203.0.113.0/24 tcp"}}"#,
+        );
+        assert!(r.contains(r#""id":1"#) && r.contains(r#""reset":0"#), "{r}");
+        // New flows follow at once; the open one goes on.
+        connect_fails(echo.addr.into(), libc::EHOSTUNREACH);
+        ok(&mut open, b"still open");
+        let r = api(
+            &sock,
+            r#"{"execute":"add_egress_rule","arguments":{"rule":"allow 203.0.113.1 tcp","position":0}}"#,
+        );
+        assert!(r.contains(r#""id":2"#), "{r}");
+        ok(&mut connect(echo.addr).unwrap(), b"x");
+        let r = api(
+            &sock,
+            r#"{"execute":"remove_egress_rule","arguments":{"id":2,"reset":true}}"#,
+        );
+        assert!(r.contains(r#""reset":"#) && !r.contains(r#""reset":0"#), "{r}");
+        // The open flow was reset (a RST reached the guest).
+        let mut buf = [0u8; 16];
+        let e = open.read(&mut buf);
+        assert!(
+            matches!(&e, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{e:?}"
+        );
+        let r = api(
+            &sock,
+            r#"{"execute":"set_egress_default","arguments":{"default":"deny"}}"#,
+        );
+        assert!(r.contains("return"), "{r}");
+        let r = api(&sock, r#"{"execute":"list_egress"}"#);
+        assert!(
+            r.contains(r#""default":"deny""#) && r.contains(r#""rule":"deny 203.0.113.0/24 tcp""#),
+            "{r}"
+        );
+        for bad in [
+            r#"{"execute":"add_egress_rule","arguments":{"rule":"deny 10.0.0.1/8"}}"#,
+            r#"{"execute":"remove_egress_rule","arguments":{"id":99}}"#,
+            r#"{"execute":"set_egress_default","arguments":{"default":"maybe"}}"#,
+        ] {
+            let r = api(&sock, bad);
+            assert!(r.contains("error"), "{bad}: {r}");
+        }
+    });
+    // `usernet stats` shows the rules and their hits.
+    let f = run_with_timeout(
+        {
+            let mut c = std::process::Command::new(usernet_bin());
+            c.args(["stats", "-a", sock.to_str().unwrap()]);
+            c
+        },
+        Duration::from_secs(10),
+    );
+    f.assert_success();
+    assert!(
+        f.stdout.contains("egress.rule.1 1 deny 203.0.113.0/24 tcp"),
+        "{}",
+        f.stdout
+    );
+}
