@@ -175,6 +175,10 @@ pub enum NetworkAction {
         /// are refused as when the network's tables are full.
         #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         max_member_flows: u32,
+        /// The network's egress policy, for every member's flows (a policy file: see
+        /// --egress-policy of attach mode); members may add their own at run/connect.
+        #[arg(long = "egress-policy", value_name = "FILE", value_parser = crate::egress::parse_policy_file)]
+        egress_policy: Option<crate::egress::Ordered<forwarder::egress::Spec>>,
     },
     /// List the networks.
     Ls,
@@ -216,6 +220,9 @@ pub enum NetworkAction {
         /// Its interface name in the namespace (default: the first free ethN).
         #[arg(long = "interface", value_name = "NAME")]
         interface: Option<String>,
+        /// The member's own egress policy, on top of the network's.
+        #[command(flatten)]
+        egress: crate::egress::EgressArgs,
     },
     /// Detach a member (by name or IPv4 address) from a network.
     Disconnect {

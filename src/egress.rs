@@ -70,7 +70,7 @@ pub fn read_policy_file(path: &str) -> Result<Spec, String> {
     Ok(spec)
 }
 
-fn parse_policy_file(path: &str) -> Result<Ordered<Spec>, String> {
+pub fn parse_policy_file(path: &str) -> Result<Ordered<Spec>, String> {
     read_policy_file(path).map(ordered)
 }
 

@@ -854,6 +854,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
             network_mtu,
             no_loopback,
             max_member_flows,
+            egress_policy,
         } => {
             let def = network::create(&network::CreateSpec {
                 name,
@@ -865,6 +866,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
                 mtu: network_mtu,
                 disable_host_loopback: no_loopback,
                 member_flows: max_member_flows,
+                egress: egress_policy.map(|o| o.value),
             })?;
             println!("{}", def.name);
         }
@@ -887,6 +889,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
             ip6,
             mac,
             interface,
+            egress,
         } => {
             let spec = network::JoinSpec {
                 name: member_name,
@@ -895,6 +898,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
                 ip6,
                 mac,
                 publish: Vec::new(),
+                egress: egress.spec(),
                 namespace: target.clone(),
             };
             return network_connect(&name, &target, &spec, interface);
@@ -977,6 +981,7 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
         ip6: args.ip6,
         mac: args.macaddress,
         publish: args.net.publish.clone(),
+        egress: args.net.egress.spec(),
         namespace: "run".into(),
     };
     let lease = network::reserve(name, &spec)?;
@@ -1083,7 +1088,8 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
         member_flows: def.member_flows as usize,
         internal: def.internal,
     };
-    let fwd = Forwarder::new(cfg, topology, smoltcp::time::Instant::from_micros(0));
+    let mut fwd = Forwarder::new(cfg, topology, smoltcp::time::Instant::from_micros(0));
+    fwd.set_egress(&[], def.egress.as_ref());
     let signals = event_loop::signal_fd(false)?;
     Ok(event_loop::start_network(server, fwd, signals)?.run()?)
 }

@@ -45,12 +45,13 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use forwarder::egress::Spec;
 use forwarder::names::Addrs;
 use forwarder::nat::{Network, Network6};
 use forwarder::port::Proto;
@@ -139,6 +140,8 @@ pub struct Def {
     pub disable_host_loopback: bool,
     /// Flows one member address may have open.
     pub member_flows: u32,
+    /// The network's egress policy (every member's flows), if any.
+    pub egress: Option<Spec>,
 }
 
 impl Def {
@@ -154,6 +157,7 @@ impl Def {
             "mtu": self.mtu,
             "disable_host_loopback": self.disable_host_loopback,
             "max_member_flows": self.member_flows,
+            "egress_policy": self.egress.as_ref().map(ToString::to_string),
         })
     }
 
@@ -177,6 +181,11 @@ impl Def {
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(MEMBER_FLOWS),
+            // A policy that no longer reads makes the definition unusable: never open.
+            egress: match v["egress_policy"].as_str() {
+                Some(text) => Some(parse_policy(text).ok()?),
+                None => None,
+            },
         })
     }
 
@@ -184,6 +193,14 @@ impl Def {
     pub fn host_loopback(&self) -> bool {
         !self.internal && !self.disable_host_loopback
     }
+}
+
+/// A policy in the file format ([`Spec`]'s text) with the host's addresses filled in.
+fn parse_policy(text: &str) -> Result<Spec, String> {
+    let mut spec = Spec::default();
+    spec.parse_file(text)?;
+    spec.host_addrs = crate::egress::host_addrs();
+    Ok(spec)
 }
 
 /// `net` with its gateway (and host loopback address) at `gateway`, which must be a host
@@ -311,6 +328,8 @@ pub struct CreateSpec {
     pub disable_host_loopback: bool,
     /// `--max-member-flows`.
     pub member_flows: u32,
+    /// `--egress-policy`.
+    pub egress: Option<Spec>,
 }
 
 /// `usernet network create`: writes the definition (a free `10.89.N.0/24` and
@@ -379,6 +398,7 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
         mtu: spec.mtu,
         disable_host_loopback: spec.disable_host_loopback,
         member_flows: spec.member_flows,
+        egress: spec.egress.clone(),
     };
     let dir = config_dir();
     fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
@@ -502,6 +522,8 @@ pub struct JoinSpec {
     pub mac: Option<[u8; 6]>,
     /// Ports to publish to it.
     pub publish: Vec<Publish>,
+    /// Its own egress policy (on top of the network's).
+    pub egress: Option<Spec>,
     /// Its namespace, for `inspect` (a PID, a path, "run").
     pub namespace: String,
 }
@@ -564,6 +586,7 @@ pub fn attach(
         name,
         &json!({"execute": "attach", "arguments": {
             "id": lease.id, "namespace": spec.namespace, "publish": publish,
+            "egress": spec.egress.as_ref().map(ToString::to_string),
             "watch_pid": match watch { crate::netns::Target::Pid(p) => Some(*p), _ => None },
             "watch_path": match watch {
                 crate::netns::Target::Path(p) => Some(p.to_string_lossy().into_owned()),
@@ -623,9 +646,13 @@ pub fn list() -> Result<Vec<String>, NetworkError> {
 pub fn inspect(name: &str) -> Result<Value, NetworkError> {
     let def = load(name)?;
     let members = request(name, &json!({"execute": "members"}), None).unwrap_or(json!([]));
+    let egress = request(name, &json!({"execute": "list_egress"}), None).ok();
     let mut v = def.to_json();
     v["running"] = json!(running(name));
     v["members"] = members;
+    if let Some(e) = egress {
+        v["egress"] = e;
+    }
     Ok(v)
 }
 
@@ -675,6 +702,12 @@ impl Member {
             v4: Some(self.v4),
             v6: self.v6,
         }
+    }
+    /// Its addresses, as the egress policy keys its own policy.
+    fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.v4))
+            .chain(self.v6.map(IpAddr::V6))
+            .collect()
     }
 }
 
@@ -809,6 +842,7 @@ impl Server {
         };
         log::info!("member {} ({}) left", m.name, m.v4);
         fwd.remove_member(m.addrs(), &m.name, &m.aliases);
+        fwd.set_egress(&m.ips(), None);
         for rule in &m.rules {
             let _ = fwd.remove_port(*rule, &mut host.io());
         }
@@ -979,6 +1013,9 @@ impl Server {
                     "namespace": m.namespace,
                     "published_ports": rules,
                     "port_counters": counters,
+                    "egress": fwd
+                        .egress(Some(IpAddr::V4(m.v4)))
+                        .map(crate::egress::policy_json),
                 })
             })
             .collect();
@@ -1158,6 +1195,19 @@ impl Server {
         if !fwd.add_member(port, EthernetAddress(m.mac), addrs, &m.name, &m.aliases) {
             log::warn!("the network's name table is full: {} has no name", m.name);
         }
+        let ips = m.ips();
+        if let Some(text) = args["egress"].as_str() {
+            match parse_policy(text) {
+                Ok(spec) => fwd.set_egress(&ips, Some(&spec)),
+                Err(e) => {
+                    self.leave(fwd, host, id);
+                    return Err(format!("bad egress policy: {e}"));
+                }
+            }
+        }
+        let Some(m) = self.members.get(&id) else {
+            return Err("the member left".into());
+        };
         self.joined = true;
         log::info!("member {} ({}) joined on port {port}", m.name, m.v4);
         let v4 = m.v4;

@@ -576,3 +576,117 @@ fn egress_rules_change_through_the_api_and_reset_open_flows() {
         f.stdout
     );
 }
+
+/// A network test's own configuration and runtime directories (as tests/network.rs).
+struct Nets<'t> {
+    t: &'t Topology,
+    cfg: std::path::PathBuf,
+    run: std::path::PathBuf,
+}
+
+impl<'t> Nets<'t> {
+    fn new(t: &'t Topology) -> Self {
+        let (cfg, run) = (t.tmp.join("config"), t.tmp.join("runtime"));
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        Nets { t, cfg, run }
+    }
+
+    fn env(&self) -> Vec<String> {
+        vec![
+            "env".into(),
+            format!("XDG_CONFIG_HOME={}", self.cfg.display()),
+            format!("XDG_RUNTIME_DIR={}", self.run.display()),
+            "RUST_LOG=info".into(),
+        ]
+    }
+
+    fn cli(&self, args: &[&str]) -> Finished {
+        UsernetCmd::new(self.t)
+            .wrap(self.env())
+            .target(args)
+            .output(Duration::from_secs(20))
+    }
+
+    /// A member running `sleep MARKER`: its `usernet run` (killed on drop) and its PID.
+    fn member(&self, net: &str, name: &str, opts: &[&str]) -> (Usernet, u32) {
+        let tag: u32 = name.bytes().map(u32::from).sum();
+        let m = format!("43.{}{tag:04}", std::process::id());
+        let mut target = vec!["run", "--network", net, "--name", name];
+        target.extend_from_slice(opts);
+        target.extend_from_slice(&["--", "sleep", &m]);
+        let mut u = UsernetCmd::new(self.t)
+            .wrap(self.env())
+            .target(target)
+            .spawn();
+        let pid = wait_for(Duration::from_secs(20), || sleepers(&m).first().copied());
+        let Some(pid) = pid else {
+            u.assert_running();
+            panic!("member {name} never started: {}", u.stderr());
+        };
+        (u, pid)
+    }
+}
+
+#[test]
+fn egress_network_policy_and_members_own_member_traffic_untouched() {
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    let policy = t.tmp.join("net.policy");
+    std::fs::write(&policy, "deny 203.0.113.5\n").unwrap();
+    n.cli(&[
+        "network",
+        "create",
+        "egnet",
+        "--subnet",
+        "10.96.0.0/24",
+        "--egress-policy",
+        policy.to_str().unwrap(),
+    ])
+    .assert_success();
+    let server = |last| {
+        TcpServer::echo(
+            &t.world_ns(),
+            SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, last), 7000),
+        )
+    };
+    let (s5, s6, s7) = (server(5), server(6), server(7));
+    // a: only 203.0.113.7 (and the network's own members); b: the network's policy only.
+    let (_ua, a) = n.member("egnet", "a", &["--default-deny", "--allow", "203.0.113.7"]);
+    let (_ub, b) = n.member("egnet", "b", &[]);
+    let (a_ns, b_ns) = (format!("/proc/{a}/ns/net"), format!("/proc/{b}/ns/net"));
+    let b_echo = TcpServer::echo(&b_ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7001));
+    in_netns(&a_ns, || {
+        connect_fails(s5.addr.into(), libc::EHOSTUNREACH);
+        connect_fails(s6.addr.into(), libc::EHOSTUNREACH);
+        echo_once(s7.addr, b"a out");
+        // Member to member: the switch, not egress.
+        echo_once(
+            SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 101), 7001),
+            b"a to b",
+        );
+    });
+    in_netns(&b_ns, || {
+        connect_fails(s5.addr.into(), libc::EHOSTUNREACH);
+        echo_once(s6.addr, b"b out");
+        echo_once(s7.addr, b"b out");
+    });
+    assert_eq!(s5.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(s6.stats.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(s7.stats.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(b_echo.stats.accepted.load(Ordering::SeqCst), 1);
+    let f = n.cli(&["network", "inspect", "egnet"]);
+    f.assert_success();
+    let v: serde_json::Value = serde_json::from_str(&f.stdout).unwrap();
+    assert_eq!(
+        v["egress_policy"],
+        "default allow\nname-ttl 30 3600\ndeny 203.0.113.5\n"
+    );
+    assert_eq!(v["egress"]["rules"][0]["hits"], 2, "{v:#}");
+    let members = v["members"].as_array().unwrap();
+    let ma = members.iter().find(|m| m["name"] == "a").unwrap();
+    assert_eq!(ma["egress"]["default"], "deny", "{v:#}");
+    assert_eq!(ma["egress"]["default_hits"], 1, "{v:#}");
+    let mb = members.iter().find(|m| m["name"] == "b").unwrap();
+    assert!(mb["egress"].is_null(), "{v:#}");
+}

@@ -471,6 +471,19 @@ impl Spec {
     }
 }
 
+impl fmt::Display for Spec {
+    /// The policy file's text of the policy (without the host's addresses):
+    /// [`parse_file`](Spec::parse_file) reads it back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "default {}", self.default)?;
+        writeln!(f, "name-ttl {} {}", self.ttl_min, self.ttl_max)?;
+        for r in &self.rules {
+            writeln!(f, "{r}")?;
+        }
+        Ok(())
+    }
+}
+
 /// The blocks of `deny-private` (the host's own addresses are added from the [`Spec`]).
 pub const PRIVATE: &[&str] = &[
     "10.0.0.0/8",
@@ -1425,6 +1438,23 @@ mod tests {
         assert!(err.starts_with("line 2:"), "{err}");
         assert!(Spec::default().parse_file("name-ttl 60 5").is_err());
         assert!(Spec::default().parse_file("default maybe").is_err());
+    }
+
+    #[test]
+    fn policy_text_reads_back() {
+        let mut s = spec(
+            &[
+                "deny-private",
+                "allow 192.0.2.0/24 tcp:80-81",
+                "allow-domain *.example.com",
+                "deny any icmp",
+            ],
+            Action::Deny,
+        );
+        s.ttl_min = 7;
+        let mut back = Spec::default();
+        back.parse_file(&s.to_string()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]
