@@ -690,3 +690,55 @@ fn egress_network_policy_and_members_own_member_traffic_untouched() {
     let mb = members.iter().find(|m| m["name"] == "b").unwrap();
     assert!(mb["egress"].is_null(), "{v:#}");
 }
+
+#[test]
+fn egress_pasta_mode_options_from_podman_network_pasta_args() {
+    let Some(t) = Topology::new() else { return };
+    t.host_default_routes();
+    add_world_addrs(&t, &LAN[..1]);
+    let dns = DnsServer::start(&t);
+    let lan = TcpServer::echo(&t.world_ns(), any(LAN[0]));
+    let world = TcpServer::echo(&t.world_ns(), any(WORLD));
+    let own = TcpServer::echo(&t.host_ns(), any(HOST_ADDR));
+    // podman 5.3's line, then what `--network pasta:--egress-deny-private` appends.
+    let netns = t.container_ns();
+    let args = [
+        "--config-net",
+        "--dns-forward",
+        "169.254.1.1",
+        "-t",
+        "none",
+        "-u",
+        "none",
+        "-T",
+        "none",
+        "-U",
+        "none",
+        "--no-map-gw",
+        "--quiet",
+        "--netns",
+        &netns,
+        "--map-guest-addr",
+        "169.254.1.2",
+        "--egress-deny-private",
+    ];
+    let _p = Pasta::start(&t, &args);
+    t.in_container(|| {
+        echo_once(world.addr, b"world");
+        connect_fails(lan.addr.into(), libc::EHOSTUNREACH);
+        // host.containers.internal is the host's own address: denied too.
+        let host = SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 2), own.addr.port());
+        connect_fails(host.into(), libc::EHOSTUNREACH);
+        // The DNS forwarder is usernet's own service.
+        let q = dns_query(0x77, DNS_NAME, QTYPE_A);
+        let r = dns_udp_exchange(SocketAddrV4::new(Ipv4Addr::new(169, 254, 1, 1), 53), &q);
+        assert_eq!(parse_dns(&r.expect("DNS answer")).unwrap().a, vec![WORLD]);
+    });
+    assert_eq!(lan.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(own.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(world.stats.accepted.load(Ordering::SeqCst), 1);
+    assert!(dns.udp_queries.load(Ordering::SeqCst) >= 1);
+    let f = Pasta::run(&t, &["--egress-deny", "10.0.0.1/8", "--netns", &netns]);
+    assert_eq!(f.first.code(), Some(1), "{}", f.first);
+    assert!(f.first.stderr.contains("--egress-deny: "), "{}", f.first);
+}

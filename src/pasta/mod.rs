@@ -731,11 +731,13 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         seed: crate::random_seed(),
         ..Config::default()
     };
-    Forwarder::new(
+    let mut fwd = Forwarder::new(
         cfg,
         Topology::Single,
         smoltcp::time::Instant::from_micros(0),
-    )
+    );
+    fwd.set_egress(&[], opts.egress_spec().as_ref());
+    fwd
 }
 
 /// Whether `argv[0]`'s file name asks for pasta's command line (as pasta's own

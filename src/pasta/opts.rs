@@ -162,6 +162,14 @@ const LONG: &[(&str, Arg, char)] = &[
     ("migrate-exit", Arg::No, '\u{e10d}'),
     ("migrate-no-linger", Arg::No, '\u{e10e}'),
     ("stats", Arg::Yes, '\u{e10f}'),
+    // usernet's egress policy (no pasta option starts with `egress`, so no abbreviation
+    // of one of pasta's changes meaning).
+    ("egress-allow", Arg::Yes, '\u{e200}'),
+    ("egress-deny", Arg::Yes, '\u{e201}'),
+    ("egress-deny-private", Arg::No, '\u{e202}'),
+    ("egress-allow-domain", Arg::Yes, '\u{e203}'),
+    ("egress-default-deny", Arg::No, '\u{e204}'),
+    ("egress-policy", Arg::Yes, '\u{e205}'),
 ];
 
 /// Why usernet refuses one of pasta's options (code as in [`LONG`]), or `None` for the
@@ -684,6 +692,14 @@ pub struct PastaOpts {
     /// `--no-copy-addrs`: `--config-net` sets one address per family (what usernet
     /// does anyway).
     pub no_copy_addrs: bool,
+    /// usernet's `--egress-allow`, `--egress-deny`, `--egress-allow-domain` rules and
+    /// `--egress-policy` files, in command-line order (a file's default and name TTLs
+    /// too).
+    pub egress: forwarder::egress::Spec,
+    /// `--egress-deny-private`.
+    pub egress_deny_private: bool,
+    /// `--egress-default-deny`.
+    pub egress_default_deny: bool,
 }
 
 /// Finds a long option by its full name or a unique prefix (getopt_long).
@@ -949,6 +965,7 @@ impl PastaOpts {
                 }
             }
             '\u{c}' => self.ns_mac = Some(crate::conf::parse_mac(&v).map_err(PastaError::Invalid)?),
+            '\u{e200}'..='\u{e205}' => self.egress_option(code, name, &v)?,
             _ => return Err(PastaError::Unrecognized(format!("--{name}"))),
         }
         Ok(())
@@ -1024,6 +1041,54 @@ impl PastaOpts {
             ));
         }
         Ok(())
+    }
+
+    /// An `--egress-*` option.
+    fn egress_option(&mut self, code: char, name: &str, v: &str) -> Result<(), PastaError> {
+        use forwarder::egress::RuleKind;
+        let bad = |e: String| PastaError::Invalid(format!("--{name}: {e}"));
+        let verb = match code {
+            '\u{e200}' => "allow",
+            '\u{e201}' => "deny",
+            '\u{e203}' => "allow-domain",
+            '\u{e202}' => {
+                self.egress_deny_private = true;
+                return Ok(());
+            }
+            '\u{e204}' => {
+                self.egress_default_deny = true;
+                return Ok(());
+            }
+            _ => {
+                let file = crate::egress::read_policy_file(v).map_err(bad)?;
+                self.egress.default = file.default;
+                self.egress.ttl_min = file.ttl_min;
+                self.egress.ttl_max = file.ttl_max;
+                for r in file.rules {
+                    self.egress.push(r).map_err(bad)?;
+                }
+                return Ok(());
+            }
+        };
+        let rule = RuleKind::parse(&format!("{verb} {v}")).map_err(bad)?;
+        self.egress.push(rule).map_err(bad)?;
+        Ok(())
+    }
+
+    /// The egress policy the `--egress-*` options say; `None` when they say nothing.
+    pub fn egress_spec(&self) -> Option<forwarder::egress::Spec> {
+        let mut spec = self.egress.clone();
+        if self.egress_deny_private {
+            spec.rules.push(forwarder::egress::RuleKind::DenyPrivate);
+        }
+        if self.egress_default_deny {
+            spec.default = forwarder::egress::Action::Deny;
+        }
+        if spec.is_open() {
+            return None;
+        }
+        spec.host_addrs = crate::egress::host_addrs();
+        Some(spec)
     }
 
     /// The log filter these options ask for.
@@ -1252,6 +1317,10 @@ usernet taking pasta's command line. Options:
   --no-copy-routes  --no-copy-addrs  (with --config-net)
   -S, --search LIST|none   --chroot-fallback       (accepted)
   --version                -h, --help
+usernet's egress policy (rules in order, first match wins; see usernet's README):
+  --egress-allow CIDR[,PROTO[:PORTS]]   --egress-deny CIDR[,PROTO[:PORTS]]
+  --egress-deny-private    --egress-allow-domain NAME   --egress-default-deny
+  --egress-policy FILE
 Every other pasta option is refused with the reason.
 ";
 
@@ -1433,16 +1502,55 @@ mod tests {
     ];
 
     #[test]
+    fn egress_options_keep_their_order() {
+        let o = parse(&[
+            "--config-net",
+            "--egress-deny-private",
+            "--egress-allow",
+            "192.168.1.10,tcp:22",
+            "--egress-allow-domain=*.example.com",
+            "--egress-deny",
+            "any,udp:53",
+            "--egress-default-deny",
+            "1",
+        ])
+        .unwrap();
+        let spec = o.egress_spec().unwrap();
+        let shown: Vec<String> = spec.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "allow 192.168.1.10 tcp:22",
+                "allow-domain *.example.com",
+                "deny any udp:53",
+                "deny-private",
+            ]
+        );
+        assert_eq!(spec.default, forwarder::egress::Action::Deny);
+        assert!(parse(&["1"]).unwrap().egress_spec().is_none());
+        let e = parse(&["--egress-deny", "10.0.0.1/8", "1"]).unwrap_err();
+        assert!(e.to_string().starts_with("--egress-deny: "), "{e}");
+        assert!(parse(&["--egress-policy", "/nonexistent", "1"]).is_err());
+    }
+
+    #[test]
     fn every_pasta_option_is_known() {
         for name in PASTA_LONG {
             let (full, _, _) = find_long(name).unwrap_or_else(|e| panic!("--{name}: {e}"));
             assert_eq!(full, *name);
         }
+        let ours = LONG
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("egress-"))
+            .count();
         assert_eq!(
-            LONG.len(),
+            LONG.len() - ours,
             PASTA_LONG.len(),
             "an option pasta does not have"
         );
+        // usernet's own options cannot collide with pasta's, nor change what an
+        // abbreviation of one of pasta's means.
+        assert!(PASTA_LONG.iter().all(|n| !n.starts_with('e')));
         // passt's getopt string: "+dqfel:hs:c:F:I:p:P:m:a:n:M:g:i:o:D:S:H:461t:u:T:U:".
         for c in "dqfehs:c:F:I:p:P:m:a:n:M:g:i:o:D:S:H:461t:u:T:U:l:".chars() {
             if c != ':' {
