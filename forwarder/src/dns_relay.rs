@@ -33,8 +33,12 @@
 //! by the kernel (the socket is connected to the next one). DNS over TCP goes to the
 //! first nameserver of the current list, without failover.
 //!
+//! An answer to a followed query also goes to the egress policies of the flow's guest
+//! ([`crate::egress::Names::learn`]), which learn the addresses of the names they allow.
+//!
 //! Security: nothing of the reply is trusted beyond its ID (two bytes, checked for
-//! length); the SERVFAIL is built from the guest's own query, bounded by its length.
+//! length), and the egress policy's parser, bounded by the reply; the SERVFAIL is built
+//! from the guest's own query, bounded by its length.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -838,6 +838,9 @@ pub enum Decider {
     Default,
     /// TCP to the DNS forwarder while names are filtered.
     DnsOverTcp,
+    /// The DNS forwarder's own service (UDP, or TCP while names are not filtered): not
+    /// egress, not counted.
+    DnsService,
 }
 
 impl fmt::Display for Decider {
@@ -847,6 +850,7 @@ impl fmt::Display for Decider {
             Decider::Name(id) => write!(f, "name rule {id}"),
             Decider::Default => f.write_str("default"),
             Decider::DnsOverTcp => f.write_str("DNS over TCP (names are filtered)"),
+            Decider::DnsService => f.write_str("the DNS forwarder"),
         }
     }
 }
@@ -1109,7 +1113,7 @@ impl Policy {
                 }
             }
             Decider::Default => self.default_hits += 1,
-            Decider::DnsOverTcp => {}
+            Decider::DnsOverTcp | Decider::DnsService => {}
         }
         if v.action == Action::Deny {
             self.log_denied(now, f, v.by);
@@ -1127,7 +1131,7 @@ impl Policy {
                 },
                 _ => Verdict {
                     action: Action::Allow,
-                    by: Decider::Default,
+                    by: Decider::DnsService,
                 },
             };
         }
@@ -1825,10 +1829,30 @@ mod tests {
             p.check(Instant::ZERO, &dns(Proto::Tcp)).by,
             Decider::DnsOverTcp
         );
+        assert_eq!(p.default_action(), (Action::Deny, 0), "not counted");
         let mut p = Policy::new(&spec(&["deny-private"], Action::Allow));
         assert_eq!(
             p.check(Instant::ZERO, &dns(Proto::Tcp)).action,
             Action::Allow
+        );
+    }
+
+    #[test]
+    fn aaaa_records_are_learned_too() {
+        let p = Policy::new(&spec(&["allow-domain v6.example"], Action::Deny));
+        let mut r = query("v6.example", 28);
+        r[2] = 0x81;
+        r[3] = 0x80;
+        r[7] = 1;
+        r.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+        let ip: Ipv6Addr = "2001:db8::42".parse().unwrap();
+        r.extend_from_slice(&ip.octets());
+        assert_eq!(lock(&p.names()).learn(Instant::ZERO, &r), 1);
+        let mut p = p;
+        assert_eq!(
+            p.check(Instant::ZERO, &flow(Proto::Tcp, "2001:db8::42", 443))
+                .by,
+            Decider::Name(1)
         );
     }
 

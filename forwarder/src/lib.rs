@@ -12,6 +12,8 @@
 //!
 //! Layering:
 //! - [`nat`]: where a guest destination goes on the host (gateway = host loopback, DNS).
+//! - [`egress`]: whether a new flow may go there at all (the egress policy: rules by
+//!   address, protocol and port, names learned by the DNS forwarder).
 //! - [`tcp`]: one smoltcp socket per flow, each in its own `SocketSet`, relayed to a
 //!   host stream; [`udp`] and [`icmp`] bypass smoltcp with connected host sockets (all
 //!   of them the [`HostIo`]'s, [`host`]); [`dhcp`] and [`dns`] are the virtual services.
