@@ -15,6 +15,7 @@
 //! | tcp_pub | iperf3, host -> published 127.0.0.1 port -> container | Gbit/s |
 //! | rr | 1-byte TCP ping-pong container <-> host, one-way (RTT/2, as sockperf) | µs |
 //! | crr | connect + 1 B + 1 B + close per connection, sequential | conn/s |
+//! | crr_1k_rules | crr with 1,000 egress rules in force (usernet: four prefix lengths, none matching) | conn/s |
 //! | udp_1400, udp_8000 | iperf3 -u at a fixed offered rate, -l 1400 / 8000 | Gbit/s received, loss % |
 //! | udp_1400_max, udp_8000_max | the highest offered rate carried with under 1 % loss (RFC 2544 throughput: doubling, then 3 bisections, 2 s probes) | Gbit/s received, loss % |
 //! | udp_rr | 1-byte UDP ping-pong, one-way (RTT/2) | µs |
@@ -74,6 +75,7 @@ enum Fig {
     TcpPub,
     Rr,
     Crr,
+    CrrRules,
     Udp1400,
     Udp8000,
     Udp1400Max,
@@ -87,12 +89,13 @@ enum Fig {
 }
 
 impl Fig {
-    const ALL: [Fig; 15] = [
+    const ALL: [Fig; 16] = [
         Fig::TcpOut,
         Fig::TcpIn,
         Fig::TcpPub,
         Fig::Rr,
         Fig::Crr,
+        Fig::CrrRules,
         Fig::Udp1400,
         Fig::Udp8000,
         Fig::Udp1400Max,
@@ -112,6 +115,7 @@ impl Fig {
             Fig::TcpPub => "tcp_pub",
             Fig::Rr => "rr",
             Fig::Crr => "crr",
+            Fig::CrrRules => "crr_1k_rules",
             Fig::Udp1400 => "udp_1400",
             Fig::Udp8000 => "udp_8000",
             Fig::Udp1400Max => "udp_1400_max",
@@ -132,7 +136,7 @@ impl Fig {
             Fig::Udp1400 | Fig::Udp8000 => ("Gbit/s rx (loss)", true),
             Fig::Udp1400Max | Fig::Udp8000Max => ("Gbit/s at <1% loss", true),
             Fig::Rr | Fig::UdpRr => ("µs", false),
-            Fig::Crr => ("conn/s", true),
+            Fig::Crr | Fig::CrrRules => ("conn/s", true),
             Fig::CpuPerGib => ("CPU s/GiB", false),
             Fig::StartupMs | Fig::PastaReadyMs => ("ms", false),
             Fig::ScaleTcpOut => ("% of tcp_out", true),
@@ -142,7 +146,7 @@ impl Fig {
 
     fn decimals(self) -> usize {
         match self {
-            Fig::Crr | Fig::ScaleTcpOut => 0,
+            Fig::Crr | Fig::CrrRules | Fig::ScaleTcpOut => 0,
             Fig::Rr | Fig::UdpRr | Fig::StartupMs | Fig::PastaReadyMs | Fig::ScaleRss => 1,
             _ => 2,
         }
@@ -160,7 +164,7 @@ impl Fig {
             Fig::CpuPerGib => k.has_process(),
             Fig::StartupMs => k.has_ready_fd(),
             Fig::PastaReadyMs => k.is_pasta_like(),
-            Fig::ScaleTcpOut | Fig::ScaleRss => k == Kind::Usernet,
+            Fig::ScaleTcpOut | Fig::ScaleRss | Fig::CrrRules => k == Kind::Usernet,
             _ => true,
         }
     }
@@ -555,6 +559,7 @@ fn measure(
         Fig::TcpPub => gbps(figures::tcp_pub(s, ctx)),
         Fig::Rr => figures::rr(s, ctx, srv).map(|v| (v, None)),
         Fig::Crr => figures::crr(s, ctx, srv).map(|v| (v, None)),
+        Fig::CrrRules => figures::crr_rules(s, ctx, srv).map(|v| (v, None)),
         Fig::Udp1400 => udp("1400"),
         Fig::Udp8000 => udp("8000"),
         Fig::Udp1400Max => figures::udp_lossless(s, ctx, "1400").map(|(v, l)| (v, Some(l))),

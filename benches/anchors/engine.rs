@@ -160,6 +160,8 @@ pub struct Session {
     pub engine_pid: Option<i32>,
     /// Exec to ready-fd byte, ms.
     pub startup_ms: Option<f64>,
+    /// The engine's slirp4netns-style API socket, if it has one.
+    pub api_socket: Option<PathBuf>,
     enter: Vec<String>,
     undo: Vec<Undo>,
 }
@@ -192,6 +194,7 @@ impl Session {
             pub_port: tools.pub_port,
             engine_pid: None,
             startup_ms: None,
+            api_socket: None,
             enter: Vec::new(),
             undo: Vec::new(),
         };
@@ -334,6 +337,7 @@ impl Session {
         if !reply.contains("\"return\"") {
             return Err(format!("{name}: add_hostfwd failed: {}", reply.trim()));
         }
+        self.api_socket = Some(sock);
         Ok(())
     }
 
@@ -490,7 +494,7 @@ impl Session {
 }
 
 /// One request on a slirp4netns-style API socket: write, half-close, read the reply.
-fn api(sock: &Path, req: &str) -> Result<String, String> {
+pub fn api(sock: &Path, req: &str) -> Result<String, String> {
     let mut s =
         UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))

@@ -386,6 +386,41 @@ pub fn crr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
     })
 }
 
+/// [`crr`] with 1,000 egress rules in force (usernet only): 250 deny rules each of /32,
+/// /24, /20 and /16 blocks that the flows never match, so that every connection looks up
+/// four prefix lengths for both its addresses (the gateway and the host's loopback) and
+/// falls through to the default. The rules go in through the API and are removed after.
+pub fn crr_rules(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
+    let sock = s.api_socket.as_ref().ok_or("no API socket")?;
+    let mut ids = Vec::new();
+    for k in 0..250u32 {
+        for block in [
+            format!("198.18.{k}.1"),
+            format!("198.19.{k}.0/24"),
+            format!("100.{}.{}.0/20", 64 + k / 16, (k % 16) * 16),
+            format!("11.{k}.0.0/16"),
+        ] {
+            let req = format!(
+                r#"{{"execute":"add_egress_rule","arguments":{{"rule":"deny {block} tcp"}}}}"#
+            );
+            let reply = crate::engine::api(sock, &req)?;
+            let id = reply
+                .split("\"id\":")
+                .nth(1)
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u32>().ok())
+                .ok_or_else(|| format!("add_egress_rule: {}", reply.trim()))?;
+            ids.push(id);
+        }
+    }
+    let out = crr(s, ctx, srv);
+    for id in ids {
+        let req = format!(r#"{{"execute":"remove_egress_rule","arguments":{{"id":{id}}}}}"#);
+        crate::engine::api(sock, &req)?;
+    }
+    out
+}
+
 /// UDP ping-pong of 1 byte from the container: mean one-way latency (round trip / 2), µs.
 /// A datagram without an answer within 200 ms counts as lost; more than 1 % lost fails.
 pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
