@@ -531,13 +531,37 @@ impl Entry {
     }
 }
 
+/// The hash of the prefix maps: a multiply-and-fold of the masked address. Their keys are
+/// the rules' blocks, which the user chose; the guest only looks up, so it cannot make
+/// keys collide, and SipHash would cost most of a lookup.
+#[derive(Debug, Default, Clone, Copy)]
+struct PrefixHasher(u64);
+
+impl std::hash::Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        let folded = (v as u64) ^ ((v >> 64) as u64).rotate_left(29);
+        let m = u128::from(folded ^ self.0) * 0x9e37_79b9_7f4a_7c15;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+}
+
+type PrefixMap = HashMap<u128, Vec<u32>, std::hash::BuildHasherDefault<PrefixHasher>>;
+
 /// One prefix length's map: masked address -> positions (ascending) of its entries.
 #[derive(Debug, Default)]
 struct Level {
     len: u8,
     /// The smallest position it holds.
     first: u32,
-    map: HashMap<u128, Vec<u32>>,
+    map: PrefixMap,
 }
 
 /// One family's address rules: see the module documentation.
@@ -564,7 +588,7 @@ impl Table {
                 self.levels.push(Level {
                     len,
                     first: pos,
-                    map: HashMap::new(),
+                    map: PrefixMap::default(),
                 });
                 self.levels.last_mut().expect("just pushed")
             }
@@ -1105,26 +1129,27 @@ impl Policy {
 
     /// Decides a new flow and counts the hit; a denied flow is logged (rate-limited).
     pub fn check(&mut self, now: Instant, f: &FlowDst) -> Verdict {
-        let v = self.decide(now, f);
-        match v.by {
-            Decider::Rule(id) | Decider::Name(id) => {
-                if let Some(r) = self.rules.iter_mut().find(|r| r.id == id) {
-                    r.hits += 1;
-                }
-            }
-            Decider::Default => self.default_hits += 1,
-            Decider::DnsOverTcp | Decider::DnsService => {}
+        let (v, rule) = self.decide_by(now, f);
+        match (rule, v.by) {
+            (Some(i), _) => self.rules[i].hits += 1,
+            (None, Decider::Default) => self.default_hits += 1,
+            (None, _) => {}
         }
         if v.action == Action::Deny {
-            self.log_denied(now, f, v.by);
+            self.log_denied(now, f, v.by, rule);
         }
         v
     }
 
     /// Decides a flow without counting it (for flows already open, when rules change).
     pub fn decide(&self, now: Instant, f: &FlowDst) -> Verdict {
+        self.decide_by(now, f).0
+    }
+
+    /// The verdict on `f` and the index of the rule that gave it, if a rule did.
+    fn decide_by(&self, now: Instant, f: &FlowDst) -> (Verdict, Option<usize>) {
         if f.dns_service {
-            return match (f.proto, self.filters_names()) {
+            let v = match (f.proto, self.filters_names()) {
                 (Proto::Tcp, true) => Verdict {
                     action: Action::Deny,
                     by: Decider::DnsOverTcp,
@@ -1134,6 +1159,7 @@ impl Policy {
                     by: Decider::DnsService,
                 },
             };
+            return (v, None);
         }
         let pos = self.lookup(f.dst, f.proto, f.port);
         let pos = if f.host == f.dst {
@@ -1146,25 +1172,28 @@ impl Policy {
         };
         if let Some(pos) = pos {
             let e = self.order[pos as usize];
-            return Verdict {
+            let v = Verdict {
                 action: e.action,
                 by: Decider::Rule(self.rules[e.rule].id),
             };
+            return (v, Some(e.rule));
         }
         let names = lock(&self.names);
         let learned = names
             .lookup(now, f.dst)
             .or_else(|| names.lookup(now, f.host));
         if let Some(i) = learned {
-            return Verdict {
+            let v = Verdict {
                 action: Action::Allow,
                 by: Decider::Name(self.rules[i].id),
             };
+            return (v, Some(i));
         }
-        Verdict {
+        let v = Verdict {
             action: self.default,
             by: Decider::Default,
-        }
+        };
+        (v, None)
     }
 
     fn lookup(&self, ip: IpAddr, proto: Proto, port: u16) -> Option<u32> {
@@ -1172,7 +1201,7 @@ impl Policy {
         table.lookup(to_bits(ip), &self.order, proto, port)
     }
 
-    fn log_denied(&mut self, now: Instant, f: &FlowDst, by: Decider) {
+    fn log_denied(&mut self, now: Instant, f: &FlowDst, by: Decider, rule: Option<usize>) {
         if !log::log_enabled!(log::Level::Info) {
             return;
         }
@@ -1186,14 +1215,9 @@ impl Policy {
             return;
         }
         l.count += 1;
-        let rule = match by {
-            Decider::Rule(id) | Decider::Name(id) => self
-                .rules
-                .iter()
-                .find(|r| r.id == id)
-                .map(|r| format!("{by} ({})", r.kind))
-                .unwrap_or_else(|| by.to_string()),
-            _ => by.to_string(),
+        let rule = match rule.and_then(|i| self.rules.get(i)) {
+            Some(r) => format!("{by} ({})", r.kind),
+            None => by.to_string(),
         };
         let port = match f.proto {
             Proto::Icmp => String::new(),
