@@ -1,15 +1,16 @@
-//! The egress policy end to end (attach mode, `-c`): `--deny-private` against each of its
-//! ranges, the metadata address, the host's own address and the gateway's mapping; address
-//! rules in first-match order for TCP, UDP and ICMP echo in both families; names through
-//! the DNS forwarder (allowed name reachable, others NXDOMAIN and never asked upstream,
-//! literal IPs, rebinding, TTL expiry, DNS to another resolver and over TCP); rules changed
-//! through the API with and without resetting open flows; what `curl`, `ping` and a plain
-//! `connect` print.
+//! The egress policy end to end: attach mode (`-c`) for `--deny-private` against each of
+//! its ranges, the metadata address, the host's own address and the gateway's mapping;
+//! address rules in first-match order for TCP, UDP and ICMP echo in both families; names
+//! through the DNS forwarder (allowed name reachable, others NXDOMAIN and never asked
+//! upstream, literal IPs, rebinding, TTL expiry, DNS to another resolver and over TCP);
+//! rules changed through the API with and without resetting open flows; what `curl`,
+//! `ping` and a plain `connect` print. Then one case each for `usernet run`, a network
+//! (its policy and a member's own) and pasta mode with podman's command line.
 //!
-//! "Nothing leaves": every denied address has a counting listener in W (TCP accepts, UDP
-//! datagrams), and W's `Ip: InReceives` (its own namespace's `/proc/net/snmp`) does not move
-//! while only denied flows are tried. Each test also shows the same listener counting when
-//! the policy lets the flow through, so that a zero means something.
+//! "Nothing leaves": every denied address has a counting listener (TCP accepts, UDP
+//! datagrams), and in the first test W's `Ip: InReceives` (its own namespace's
+//! `/proc/net/snmp`) does not move while only denied flows are tried; that test then
+//! removes the rule and shows the same listeners counting, so that a zero means something.
 
 mod util;
 
@@ -246,7 +247,7 @@ fn egress_address_rules_first_match_protocols_and_ports() {
     assert_eq!(other_a.stats.accepted.load(Ordering::SeqCst), 0);
     assert_eq!(http_b.stats.accepted.load(Ordering::SeqCst), 0);
     assert_eq!(udp_a.stats.accepted.load(Ordering::SeqCst), 0);
-    assert_eq!(udp_b.stats.accepted.load(Ordering::SeqCst), 1);
+    assert!(udp_b.stats.accepted.load(Ordering::SeqCst) >= 1);
 }
 
 #[test]
@@ -260,6 +261,29 @@ fn egress_ipv6_rules_and_deny_private() {
     let udp = UdpEcho6::start(&t.world_ns(), any6(WORLD6));
     let loopback = TcpServer6::echo(&t.host_ns(), any6(Ipv6Addr::LOCALHOST));
     let world4 = TcpServer::echo(&t.world_ns(), any(WORLD));
+    // A ULA neighbour of the host's, in W.
+    ip(&[
+        "-n",
+        &t.world,
+        "-6",
+        "addr",
+        "add",
+        "fd99::1/128",
+        "dev",
+        "lo",
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &t.host,
+        "-6",
+        "route",
+        "add",
+        "fd99::1/128",
+        "via",
+        "2001:db8:1::2",
+    ]);
+    let ula = TcpServer6::echo(&t.world_ns(), any6("fd99::1".parse().unwrap()));
     let _u = UsernetCmd::new(&t)
         .args([
             "-c",
@@ -268,6 +292,7 @@ fn egress_ipv6_rules_and_deny_private() {
             "--deny",
             "2001:db8:2::/64,tcp",
         ])
+        .args(["--deny", "2001:db8:2::1,icmp"])
         .start();
     let texts = t.in_container(|| {
         let text = connect_fails(tcp.addr.into(), libc::EACCES);
@@ -279,31 +304,37 @@ fn egress_ipv6_rules_and_deny_private() {
             3,
         )
         .unwrap();
-        // The gateway fd00::2 is the host's ::1: deny-private.
+        // The gateway fd00::2 is the host's ::1, and fd99::1 is ULA: deny-private.
         let gw = SocketAddrV6::new(GATEWAY6, loopback.addr.port(), 0, 0);
         connect_fails(gw.into(), libc::EACCES);
         let e = udp_error_after_send(gw.into(), b"x", Duration::from_secs(2));
         assert_eq!(e, Some(libc::EACCES));
+        connect_fails(ula.addr.into(), libc::EACCES);
         echo_once(world4.addr, b"IPv4 untouched");
         text
     });
     // ICMPv6 "administratively prohibited" is EACCES to Linux.
     assert!(texts.contains("Permission denied"), "{texts}");
-    assert_eq!(tcp.stats.accepted.load(Ordering::SeqCst), 0);
-    assert_eq!(loopback.stats.accepted.load(Ordering::SeqCst), 0);
+    for s in [&tcp, &loopback, &ula] {
+        assert_eq!(s.stats.accepted.load(Ordering::SeqCst), 0, "{}", s.addr);
+    }
+    assert!(udp.stats.accepted.load(Ordering::SeqCst) >= 1);
+    let f = t.run_in_container(
+        "ping",
+        &["-6", "-n", "-c", "1", "-W", "2", "2001:db8:2::1"],
+        Duration::from_secs(10),
+    );
+    assert!(
+        !f.success() && f.stdout.to_lowercase().contains("prohibited"),
+        "{f}"
+    );
+    // The gateway answers its own pings: never a flow, never egress.
     let f = t.run_in_container(
         "ping",
         &["-6", "-n", "-c", "1", "-W", "2", "fd00::2"],
         Duration::from_secs(10),
     );
-    // The gateway answers its own pings: never a flow, never egress.
     f.assert_success();
-    let f = t.run_in_container(
-        "ping",
-        &["-6", "-n", "-c", "1", "-W", "2", "fe80::1%tap0"],
-        Duration::from_secs(10),
-    );
-    assert!(!f.success(), "{f}");
 }
 
 /// A DNS server on H's 127.0.0.1:53 (usernet's upstream) answering A queries from a table
@@ -741,4 +772,35 @@ fn egress_pasta_mode_options_from_podman_network_pasta_args() {
     let f = Pasta::run(&t, &["--egress-deny", "10.0.0.1/8", "--netns", &netns]);
     assert_eq!(f.first.code(), Some(1), "{}", f.first);
     assert!(f.first.stderr.contains("--egress-deny: "), "{}", f.first);
+}
+
+#[test]
+fn egress_run_mode_only_allowed_names_reachable() {
+    let Some(t) = Topology::new() else { return };
+    let _dns = DnsServer::start(&t);
+    let named = http_on(&t, WORLD);
+    let other = http_on(&t, Ipv4Addr::new(203, 0, 113, 7));
+    let script = "curl -sS --max-time 5 http://example.test/; echo \"rc=$?\"; \
+                  curl -sS --max-time 5 http://203.0.113.7/; echo \"rc=$?\"; \
+                  curl -sS --max-time 5 http://nosuch.test/; echo \"rc=$?\"";
+    let f = UsernetCmd::new(&t)
+        .target([
+            "run",
+            "--default-deny",
+            "--allow-domain",
+            "example.test",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output(Duration::from_secs(60));
+    f.assert_success();
+    assert_eq!(f.stdout, "hello from the world\nrc=0\nrc=7\nrc=6\n", "{f}");
+    assert!(
+        f.stderr.contains("Could not resolve host: nosuch.test"),
+        "{f}"
+    );
+    assert_eq!(named.stats.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(other.stats.accepted.load(Ordering::SeqCst), 0);
 }
