@@ -943,6 +943,11 @@ impl Server {
                 v["members"] = self.members_json(fwd);
                 Ok(v)
             }
+            "list_egress" | "add_egress_rule" | "remove_egress_rule" | "set_egress_default"
+                if !args["member"].is_null() =>
+            {
+                self.member_egress(fwd, host, req)
+            }
             _ => api_execute(fwd, &mut host.io(), req),
         }
     }
@@ -956,6 +961,30 @@ impl Server {
             })
             .map(|(&id, _)| id)
             .ok_or_else(|| format!("no member {who:?} in network {:?}", self.def.name))
+    }
+
+    /// An egress API command for a `member` (its name, an alias or its IPv4 address): on
+    /// its own policy, made (empty, for all its addresses) if it has none yet.
+    fn member_egress(
+        &mut self,
+        fwd: &mut Forwarder,
+        host: &mut Host<'_>,
+        req: &Value,
+    ) -> Result<Value, String> {
+        let who = req["arguments"]["member"].as_str().unwrap_or("");
+        let id = self.member_id(who)?;
+        let m = &self.members[&id];
+        let v4 = IpAddr::V4(m.v4);
+        if fwd.egress(Some(v4)).is_none() && req["execute"] != "list_egress" {
+            let spec = Spec {
+                host_addrs: crate::egress::host_addrs(),
+                ..Spec::default()
+            };
+            fwd.set_egress(&m.ips(), Some(&spec));
+        }
+        let mut req = req.clone();
+        req["arguments"]["member"] = json!(v4.to_string());
+        api_execute(fwd, &mut host.io(), &req)
     }
 
     /// `add_hostfwd` with a `member`: the port is published to that member's address,

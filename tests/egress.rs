@@ -720,6 +720,16 @@ fn egress_network_policy_and_members_own_member_traffic_untouched() {
     assert_eq!(ma["egress"]["default_hits"], 1, "{v:#}");
     let mb = members.iter().find(|m| m["name"] == "b").unwrap();
     assert!(mb["egress"].is_null(), "{v:#}");
+    // A rule for b alone, by its name, through the network's API socket.
+    let sock = n.run.join("usernet").join("egnet.sock");
+    let r = api(
+        &sock,
+        r#"{"execute":"add_egress_rule","arguments":{"member":"b","rule":"deny 203.0.113.7 tcp"}}"#,
+    );
+    assert!(r.contains(r#""id":1"#), "{r}");
+    in_netns(&b_ns, || connect_fails(s7.addr.into(), libc::EHOSTUNREACH));
+    in_netns(&a_ns, || echo_once(s7.addr, b"a still out"));
+    assert_eq!(s7.stats.accepted.load(Ordering::SeqCst), 3);
 }
 
 #[test]

@@ -647,7 +647,7 @@ pub struct Names {
     /// Whether queries for names not allowed are answered NXDOMAIN.
     filter: bool,
     /// Addresses learned (counter).
-    pub learned_total: u64,
+    learned_total: u64,
 }
 
 impl Names {
