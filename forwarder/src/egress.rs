@@ -1881,6 +1881,32 @@ mod tests {
     }
 
     #[test]
+    fn random_messages_never_panic() {
+        let p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
+        let names = p.names();
+        let mut names = lock(&names);
+        let mut rng = Lcg(11);
+        let good = reply("example.com", &[[203, 0, 113, 5]], 60);
+        let mut out = [0u8; 512];
+        for _ in 0..20000 {
+            let mut m = if rng.next().is_multiple_of(2) {
+                good.clone()
+            } else {
+                query("example.com", 1)
+            };
+            for _ in 0..(1 + rng.next() % 4) {
+                let i = rng.next() as usize % m.len();
+                m[i] = rng.next() as u8;
+            }
+            m.truncate(rng.next() as usize % (m.len() + 1));
+            names.learn(Instant::ZERO, &m);
+            if let Some(n) = names.refuse(&m, &mut out) {
+                assert!(n <= m.len());
+            }
+        }
+    }
+
+    #[test]
     fn garbage_replies_teach_nothing() {
         let p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
         let names = p.names();
