@@ -1,0 +1,212 @@
+//! The egress policy in the forwarder, over the in-memory host (see `common`): a denied
+//! flow opens no host socket at all and is answered "administratively prohibited"; the
+//! DNS forwarder answers names the policy does not allow itself and learns the addresses
+//! of those it allows from the answers it relays; a changed policy resets the open flows
+//! it denies, a RST both ways.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::pair::Pair;
+use common::*;
+use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use forwarder::egress::{Action, RuleKind, Spec};
+use forwarder::Close;
+use smoltcp::socket::tcp::State;
+
+const WORLD: [u8; 4] = [203, 0, 113, 1];
+const NS: [u8; 4] = [192, 0, 2, 53];
+
+fn spec(rules: &[&str], default: Action) -> Spec {
+    let mut s = Spec {
+        default,
+        ..Spec::default()
+    };
+    for r in rules {
+        s.push(RuleKind::parse(r).unwrap()).unwrap();
+    }
+    s
+}
+
+/// The ICMPv4 destination-unreachable codes the guest was sent, with their source.
+fn unreachables(frames: &[Vec<u8>]) -> Vec<([u8; 4], u8)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            let Some(NetSlice::Ipv4(ip)) = &p.net else {
+                return None;
+            };
+            let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
+                return None;
+            };
+            match icmp.icmp_type() {
+                Icmpv4Type::DestinationUnreachable(h) => Some((ip.header().source(), h.code_u8())),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn udp_frame(dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .ipv4(GUEST, dst, 64)
+        .udp(sport, dport)
+        .write(&mut f, data)
+        .unwrap();
+    f
+}
+
+/// The UDP payloads sent to the guest.
+fn udp_payloads(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            let Some(TransportSlice::Udp(u)) = &p.transport else {
+                return None;
+            };
+            Some(u.payload().to_vec())
+        })
+        .collect()
+}
+
+/// A query for `name` A with ID `id`.
+fn query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        q.push(l.len() as u8);
+        q.extend_from_slice(l.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The answer to `query` with one A record.
+fn answer(query: &[u8], addr: [u8; 4], ttl: u32) -> Vec<u8> {
+    let mut r = query.to_vec();
+    r[2] |= 0x80;
+    r[3] = 0x80;
+    r[7] = 1;
+    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+    r.extend_from_slice(&ttl.to_be_bytes());
+    r.extend_from_slice(&[0, 4]);
+    r.extend_from_slice(&addr);
+    r
+}
+
+#[test]
+fn denied_syn_datagram_and_echo_open_no_host_socket() {
+    let mut sim = Sim::new(true);
+    sim.host.tcp(SocketAddr::from((WORLD, 80)), Remote::Accept);
+    sim.fwd
+        .set_egress(&[], Some(&spec(&["deny 203.0.113.0/24"], Action::Allow)));
+    let mut p = Pair::new(sim);
+    let h = p.connect((WORLD, 80), 40000);
+    p.drive(100);
+    assert_ne!(p.tcp(h).state(), State::Established);
+    p.sim.send(&udp_frame(WORLD, 5000, 53, b"x"));
+    let mut echo = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .ipv4(GUEST, WORLD, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut echo, b"ping")
+        .unwrap();
+    p.sim.send(&echo);
+    assert_eq!(p.sim.host.opened, 0, "a host socket was opened");
+    let mut seen = p.seen.clone();
+    seen.append(&mut p.sim.wire.0);
+    let codes = unreachables(&seen);
+    assert!(codes.len() >= 3, "{codes:?}");
+    assert!(codes.iter().all(|&c| c == (GW, 13)), "{codes:?}");
+    let c = p.sim.fwd.counters();
+    assert_eq!((c.tcp_opened, c.udp_opened, c.icmp_opened), (0, 0, 0));
+    assert!(c.egress_denied >= 3 && c.tcp_denied >= 1 && c.udp_denied == 1 && c.icmp_denied == 1);
+    let policy = p.sim.fwd.egress(None).unwrap();
+    assert_eq!(policy.rules()[0].hits, c.egress_denied);
+}
+
+#[test]
+fn names_not_allowed_never_reach_the_resolver_allowed_ones_open_their_addresses() {
+    let mut cfg = Sim::config(true);
+    cfg.nameservers = vec![SocketAddr::from((NS, 53))];
+    let mut sim = Sim::with_config(cfg);
+    sim.host.tcp(SocketAddr::from((WORLD, 443)), Remote::Accept);
+    sim.fwd.set_egress(
+        &[],
+        Some(&spec(&["allow-domain *.example.org"], Action::Deny)),
+    );
+    // Not allowed: NXDOMAIN from the DNS address, no socket to the resolver.
+    sim.send(&udp_frame([10, 0, 2, 3], 4444, 53, &query(1, "evil.test")));
+    assert_eq!(sim.host.opened, 0);
+    let replies = udp_payloads(&sim.wire.0);
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0][3] & 0xf, 3, "NXDOMAIN");
+    assert_eq!(sim.fwd.counters().egress_names_refused, 1);
+    // Before any answer, the address is denied.
+    let mut p = Pair::new(sim);
+    let h = p.connect((WORLD, 443), 40001);
+    p.drive(100);
+    assert!(p
+        .sim
+        .host
+        .stream_to(SocketAddr::from((WORLD, 443)))
+        .is_none());
+    p.sockets.remove(h);
+    // Allowed: relayed, and the answer teaches the address.
+    let q = query(2, "www.example.org");
+    p.sim.send(&udp_frame([10, 0, 2, 3], 4445, 53, &q));
+    let sock = p
+        .sim
+        .host
+        .dgram_to(SocketAddr::from((NS, 53)))
+        .expect("asked");
+    assert_eq!(p.sim.host.take_sent(sock), std::slice::from_ref(&q));
+    p.sim.host.dgram_reply(sock, &answer(&q, WORLD, 300));
+    p.drive(100);
+    assert_eq!(p.sim.fwd.egress(None).unwrap().learned_total(), 1);
+    let h = p.connect((WORLD, 443), 40002);
+    p.drive(100);
+    assert_eq!(p.tcp(h).state(), State::Established);
+    let rules = p.sim.fwd.egress(None).unwrap().rules();
+    assert_eq!(rules[0].hits, 1, "the name's rule let it through");
+}
+
+#[test]
+fn a_changed_policy_resets_the_open_flows_it_denies() {
+    let mut sim = Sim::new(true);
+    sim.host.tcp(SocketAddr::from((WORLD, 80)), Remote::Accept);
+    sim.fwd.set_egress(&[], Some(&Spec::default()));
+    let mut p = Pair::new(sim);
+    let h = p.connect((WORLD, 80), 40000);
+    p.drive(100);
+    assert_eq!(p.tcp(h).state(), State::Established);
+    let conn = p.sim.host.stream_to(SocketAddr::from((WORLD, 80))).unwrap();
+    let rule = RuleKind::parse("deny 203.0.113.1 tcp:80").unwrap();
+    p.sim
+        .fwd
+        .egress_mut(None)
+        .unwrap()
+        .insert(None, rule)
+        .unwrap();
+    // New rules leave open flows alone until asked.
+    p.drive(10);
+    assert_eq!(p.tcp(h).state(), State::Established);
+    let n = {
+        let mut io = forwarder::Io {
+            host: &mut p.sim.host,
+            tap: &mut p.sim.wire,
+        };
+        p.sim.fwd.reset_denied_flows(&mut io)
+    };
+    assert_eq!(n, 1);
+    p.drive(10);
+    assert_eq!(p.tcp(h).state(), State::Closed, "the guest got a RST");
+    let closed = p.sim.host.closed.last().unwrap();
+    assert_eq!((closed.id, closed.how), (conn, Close::Reset));
+    assert_eq!(p.sim.fwd.counters().egress_reset, 1);
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+}
