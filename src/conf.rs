@@ -69,6 +69,8 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Publish, list or unpublish ports of a running usernet through its API socket.
     Ports(PortsArgs),
+    /// List or change the egress policy of a running usernet through its API socket.
+    Egress(EgressArgs),
     /// Show the counters, flows and limits of a running usernet (its API socket).
     Stats(StatsArgs),
     /// Manage networks: many namespaces on one user-space switch.
@@ -123,6 +125,60 @@ impl CompletionShell {
             CompletionShell::Fish => clap_complete::Shell::Fish,
         }
     }
+}
+
+/// `usernet egress`.
+#[derive(Debug, Args)]
+pub struct EgressArgs {
+    /// The usernet to ask.
+    #[command(flatten)]
+    pub target: ApiTarget,
+
+    /// With --network: the member (name, alias or IPv4 address) whose own policy to
+    /// list or change (default: the network's).
+    #[arg(long, value_name = "MEMBER")]
+    pub member: Option<String>,
+
+    /// What to do (required unless -v/--version).
+    #[command(subcommand)]
+    pub action: Option<EgressAction>,
+}
+
+/// What `usernet egress` does.
+#[derive(Debug, Subcommand)]
+pub enum EgressAction {
+    /// List the rules with their ids and hits, and the default.
+    List,
+    /// Add a rule: `deny 10.0.0.0/8 tcp:22`, `allow 192.0.2.7`, `deny-private`,
+    /// `allow-domain example.com` (the words of a policy file's line).
+    Add {
+        /// The rule's words.
+        #[arg(required = true, num_args = 1.., value_name = "RULE")]
+        rule: Vec<String>,
+        /// Before the rule at this position (0: first; default: last).
+        #[arg(long, value_name = "N")]
+        position: Option<usize>,
+        /// Also reset the open flows the new rule denies.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Remove a rule by the id `add` or `list` showed.
+    Remove {
+        /// The rule's id.
+        id: u32,
+        /// Also reset the open flows the policy now denies.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Set what happens to flows no rule matches: allow or deny.
+    Default {
+        /// allow or deny.
+        #[arg(value_parser = ["allow", "deny"])]
+        action: String,
+        /// Also reset the open flows the policy now denies.
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 /// `usernet ps`.

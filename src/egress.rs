@@ -302,6 +302,88 @@ fn policy_of(fwd: &mut Forwarder, member: Option<IpAddr>) -> &mut Policy {
     fwd.egress_mut(member).expect("just set")
 }
 
+/// `usernet egress`: one API request through `ask`, human-readable output.
+///
+/// # Errors
+/// What the API says is wrong, or a missing action.
+pub fn client(
+    args: crate::conf::EgressArgs,
+    ask: impl Fn(&Value) -> Result<Value, crate::MainError>,
+) -> Result<i32, crate::MainError> {
+    use crate::conf::EgressAction;
+    let Some(action) = args.action else {
+        return Err(crate::MainError::Usage(
+            "egress needs an action: list, add, remove or default (see usernet egress --help)"
+                .into(),
+        ));
+    };
+    let member = args.member.as_ref().map(|m| json!(m));
+    let with = |execute: &str, mut arguments: Value| {
+        if let Some(m) = &member {
+            arguments["member"] = m.clone();
+        }
+        json!({"execute": execute, "arguments": arguments})
+    };
+    let reset_line = |reply: &Value| {
+        if let Some(n) = reply.pointer("/return/reset").and_then(Value::as_u64) {
+            if n > 0 {
+                println!("reset {n} open flows");
+            }
+        }
+    };
+    match action {
+        EgressAction::List => {
+            let reply = ask(&with("list_egress", json!({})))?;
+            let p = &reply["return"];
+            println!("ID HITS RULE");
+            for r in p["rules"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {} {}",
+                    r["id"],
+                    r["hits"],
+                    r["rule"].as_str().unwrap_or("?")
+                );
+            }
+            let hits = p["default_hits"].as_u64().unwrap_or(0);
+            println!(
+                "- {hits} default {}",
+                p["default"].as_str().unwrap_or("allow")
+            );
+        }
+        EgressAction::Add {
+            rule,
+            position,
+            reset,
+        } => {
+            let mut a = json!({"rule": rule.join(" "), "reset": reset});
+            if let Some(n) = position {
+                a["position"] = json!(n);
+            }
+            let reply = ask(&with("add_egress_rule", a))?;
+            println!(
+                "{}",
+                reply.pointer("/return/id").cloned().unwrap_or(Value::Null)
+            );
+            reset_line(&reply);
+        }
+        EgressAction::Remove { id, reset } => {
+            let reply = ask(&with(
+                "remove_egress_rule",
+                json!({"id": id, "reset": reset}),
+            ))?;
+            reset_line(&reply);
+        }
+        EgressAction::Default { action, reset } => {
+            let reply = ask(&with(
+                "set_egress_default",
+                json!({"default": action, "reset": reset}),
+            ))?;
+            reset_line(&reply);
+        }
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,7 @@ fn main() -> ExitCode {
     let sub_version = match &cli.command {
         Some(Command::Run(a)) => a.version,
         Some(Command::Ports(a)) => a.target.version,
+        Some(Command::Egress(a)) => a.target.version,
         Some(Command::Stats(a)) => a.target.version,
         Some(Command::Ps(a)) => a.version,
         Some(Command::Man(_) | Command::Completions(_)) => false,
@@ -125,6 +126,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Run(args)) => run_mode(*args),
         Some(Command::Ports(args)) => ports_client(args),
+        Some(Command::Egress(args)) => api_socket_of(&args.target)
+            .and_then(|socket| egress::client(args, |req| api_call(&socket, req))),
         Some(Command::Stats(args)) => stats_client(args),
         Some(Command::Network(args)) => network_command(args),
         Some(Command::Ps(_)) => ps_client(),

@@ -591,21 +591,42 @@ fn egress_rules_change_through_the_api_and_reset_open_flows() {
             assert!(r.contains("error"), "{bad}: {r}");
         }
     });
-    // `usernet stats` shows the rules and their hits.
-    let f = run_with_timeout(
-        {
-            let mut c = std::process::Command::new(usernet_bin());
-            c.args(["stats", "-a", sock.to_str().unwrap()]);
-            c
-        },
-        Duration::from_secs(10),
-    );
+    // `usernet stats` and `usernet egress` show the rules and their hits.
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(usernet_bin());
+        c.arg(args[0])
+            .args(["-a", sock.to_str().unwrap()])
+            .args(&args[1..]);
+        run_with_timeout(c, Duration::from_secs(10))
+    };
+    let f = cli(&["stats"]);
     f.assert_success();
     assert!(
         f.stdout.contains("egress.rule.1 1 deny 203.0.113.0/24 tcp"),
         "{}",
         f.stdout
     );
+    let f = cli(&["egress", "add", "allow", "203.0.113.1", "--position", "0"]);
+    f.assert_success();
+    assert_eq!(f.stdout, "3\n", "{f}");
+    let f = cli(&["egress", "list"]);
+    f.assert_success();
+    assert_eq!(
+        f.stdout,
+        "ID HITS RULE\n3 0 allow 203.0.113.1\n1 1 deny 203.0.113.0/24 tcp\n- 0 default deny\n",
+        "{f}"
+    );
+    t.in_container(|| {
+        let mut open = connect(echo.addr).unwrap();
+        open.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        ok(&mut open, b"allowed again");
+        let f = cli(&["egress", "remove", "3", "--reset"]);
+        f.assert_success();
+        assert_eq!(f.stdout, "reset 1 open flows\n", "{f}");
+    });
+    let f = cli(&["egress", "remove", "3"]);
+    assert_eq!(f.code(), Some(1), "{f}");
+    assert!(f.stderr.contains("bad arguments.id"), "{f}");
 }
 
 /// A network test's own configuration and runtime directories (as tests/network.rs).
