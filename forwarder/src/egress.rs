@@ -1240,27 +1240,13 @@ impl Policy {
 /// The policies of one forwarder: the network's (the single namespace's, in attach and
 /// run mode) and the members' own. A member's flow must pass both; member-to-member
 /// traffic on the switch never comes here.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub(crate) struct Egress {
     all: Option<Policy>,
     /// Members' policies, by slot.
     members: Vec<Option<Policy>>,
     /// A member's addresses -> its slot.
     member_of: HashMap<IpAddr, usize>,
-    /// The time of the latest check: the forwarder's clock for a change made between
-    /// packets (through the API).
-    pub last_check: Instant,
-}
-
-impl Default for Egress {
-    fn default() -> Egress {
-        Egress {
-            all: None,
-            members: Vec::new(),
-            member_of: HashMap::new(),
-            last_check: Instant::ZERO,
-        }
-    }
 }
 
 impl Egress {
@@ -1323,7 +1309,6 @@ impl Egress {
     /// Decides a new flow of `guest` (counted, logged): the network's policy, then the
     /// member's.
     pub fn check(&mut self, now: Instant, guest: IpAddr, f: &FlowDst) -> Verdict {
-        self.last_check = self.last_check.max(now);
         let allow = Verdict {
             action: Action::Allow,
             by: Decider::Default,

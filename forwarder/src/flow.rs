@@ -557,6 +557,8 @@ impl Nat {
                 match icmp::deny_reason(deny) {
                     // The host's loopback behind the gateway is switched off: the gateway
                     // has no route there ("Network is unreachable"), as in slirp4netns.
+                    // The egress policy refuses: "administratively prohibited", as a
+                    // filtering router answers.
                     Some(code) => {
                         let gw = self.gateway_for(&key.remote.0);
                         icmp::emit_unreachable(link, gw, code, ip);

@@ -879,10 +879,10 @@ impl Forwarder {
     }
 
     /// Resets the open flows the egress policies now deny (TCP: a RST both ways; UDP and
-    /// ICMP flows are closed). Returns how many. An address learned from a name counts
-    /// as it did at the latest new flow.
+    /// ICMP flows are closed). Returns how many. Called between turns (the API): the time
+    /// is that of the latest frame or turn.
     pub fn reset_denied_flows<H: HostIo>(&mut self, io: &mut Io<'_, H>) -> usize {
-        let now = self.nat.egress.last_check;
+        let now = self.link.switch.now();
         self.nat
             .reset_denied(&mut self.link, &mut self.counters, now, io)
     }

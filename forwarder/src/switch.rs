@@ -293,6 +293,11 @@ impl Switch {
         self.now = now;
     }
 
+    /// The time of the latest frame or turn.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
     /// Attaches a member port. `mac`: the member's address when it is known (then fixed:
     /// frames from any other are spoofed), else learned from the member's first frame.
     ///
