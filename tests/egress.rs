@@ -172,12 +172,11 @@ fn egress_deny_private_closes_lan_metadata_host_and_gateway_nothing_leaves() {
         .iter()
         .find(|r| r.get("rule").and_then(JsonValue::as_str) == Some("deny-private"))
         .unwrap_or_else(|| panic!("{list}"));
-    // 5 TCP, 5 UDP, 2 more TCP, 2 pings, 2 curls.
-    assert_eq!(
-        private.get("hits").and_then(JsonValue::as_u64),
-        Some(16),
-        "{list}"
-    );
+    // 5 TCP, 5 UDP, 2 more TCP, 2 pings, 2 curls (a SYN the guest sent again would be
+    // checked again): every denial, and only those, counted on the rule.
+    let hits = private.get("hits").and_then(JsonValue::as_u64).unwrap();
+    assert!(hits >= 16, "{list}");
+    assert_eq!(get_stats(&sock).get("counters.egress_denied"), hits);
     // The same listeners count once the rule is gone: the zeros above mean something.
     let id = private.get("id").and_then(JsonValue::as_u64).unwrap();
     let r = api(
@@ -599,10 +598,26 @@ fn egress_rules_change_through_the_api_and_reset_open_flows() {
             .args(&args[1..]);
         run_with_timeout(c, Duration::from_secs(10))
     };
+    // Rule 1 denied one connect (once more for each SYN the guest sent again).
+    let hits = get_stats(&sock).json.clone();
+    let hits = hits
+        .get("return")
+        .and_then(|r| r.get("egress"))
+        .and_then(|e| e.get("rules"))
+        .and_then(|r| match r {
+            JsonValue::Arr(a) => a
+                .first()
+                .and_then(|r| r.get("hits"))
+                .and_then(JsonValue::as_u64),
+            _ => None,
+        })
+        .unwrap();
+    assert!(hits >= 1);
     let f = cli(&["stats"]);
     f.assert_success();
     assert!(
-        f.stdout.contains("egress.rule.1 1 deny 203.0.113.0/24 tcp"),
+        f.stdout
+            .contains(&format!("egress.rule.1 {hits} deny 203.0.113.0/24 tcp")),
         "{}",
         f.stdout
     );
@@ -613,7 +628,9 @@ fn egress_rules_change_through_the_api_and_reset_open_flows() {
     f.assert_success();
     assert_eq!(
         f.stdout,
-        "ID HITS RULE\n3 0 allow 203.0.113.1\n1 1 deny 203.0.113.0/24 tcp\n- 0 default deny\n",
+        format!(
+            "ID HITS RULE\n3 0 allow 203.0.113.1\n1 {hits} deny 203.0.113.0/24 tcp\n- 0 default deny\n"
+        ),
         "{f}"
     );
     t.in_container(|| {
@@ -734,11 +751,12 @@ fn egress_network_policy_and_members_own_member_traffic_untouched() {
         v["egress_policy"],
         "default allow\nname-ttl 30 3600\ndeny 203.0.113.5\n"
     );
-    assert_eq!(v["egress"]["rules"][0]["hits"], 2, "{v:#}");
+    // One denied connect per member (a SYN sent again would be checked again).
+    assert!(v["egress"]["rules"][0]["hits"].as_u64() >= Some(2), "{v:#}");
     let members = v["members"].as_array().unwrap();
     let ma = members.iter().find(|m| m["name"] == "a").unwrap();
     assert_eq!(ma["egress"]["default"], "deny", "{v:#}");
-    assert_eq!(ma["egress"]["default_hits"], 1, "{v:#}");
+    assert!(ma["egress"]["default_hits"].as_u64() >= Some(1), "{v:#}");
     let mb = members.iter().find(|m| m["name"] == "b").unwrap();
     assert!(mb["egress"].is_null(), "{v:#}");
     // A rule for b alone, by its name, through the network's API socket.
