@@ -140,12 +140,12 @@ impl EgressArgs {
         if spec.is_open() {
             return None;
         }
-        spec.host_addrs = host_addrs();
         Some(spec)
     }
 }
 
-/// The host's own addresses (every interface's), which `deny-private` covers.
+/// The host's own addresses (every interface's), which `deny-private` covers: read at
+/// start, before the sandbox (seccomp allows no netlink socket).
 pub fn host_addrs() -> Vec<IpAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
@@ -292,12 +292,8 @@ pub fn execute(
 /// none yet.
 fn policy_of(fwd: &mut Forwarder, member: Option<IpAddr>) -> &mut Policy {
     if fwd.egress(member).is_none() {
-        let spec = Spec {
-            host_addrs: host_addrs(),
-            ..Spec::default()
-        };
         let addrs: Vec<IpAddr> = member.into_iter().collect();
-        fwd.set_egress(&addrs, Some(&spec));
+        fwd.set_egress(&addrs, Some(&Spec::default()));
     }
     fwd.egress_mut(member).expect("just set")
 }

@@ -797,6 +797,7 @@ fn forwarder_with(
         Topology::Single,
         smoltcp::time::Instant::from_micros(0),
     );
+    fwd.set_host_addrs(egress::host_addrs());
     fwd.set_egress(&[], net.egress.spec().as_ref());
     fwd
 }
@@ -1092,6 +1093,7 @@ fn serve_network(def: network::Def) -> Result<i32, MainError> {
         internal: def.internal,
     };
     let mut fwd = Forwarder::new(cfg, topology, smoltcp::time::Instant::from_micros(0));
+    fwd.set_host_addrs(egress::host_addrs());
     fwd.set_egress(&[], def.egress.as_ref());
     let signals = event_loop::signal_fd(false)?;
     Ok(event_loop::start_network(server, fwd, signals)?.run()?)

@@ -195,11 +195,10 @@ impl Def {
     }
 }
 
-/// A policy in the file format ([`Spec`]'s text) with the host's addresses filled in.
+/// A policy in the file format ([`Spec`]'s text).
 fn parse_policy(text: &str) -> Result<Spec, String> {
     let mut spec = Spec::default();
     spec.parse_file(text)?;
-    spec.host_addrs = crate::egress::host_addrs();
     Ok(spec)
 }
 
@@ -976,11 +975,7 @@ impl Server {
         let m = &self.members[&id];
         let v4 = IpAddr::V4(m.v4);
         if fwd.egress(Some(v4)).is_none() && req["execute"] != "list_egress" {
-            let spec = Spec {
-                host_addrs: crate::egress::host_addrs(),
-                ..Spec::default()
-            };
-            fwd.set_egress(&m.ips(), Some(&spec));
+            fwd.set_egress(&m.ips(), Some(&Spec::default()));
         }
         let mut req = req.clone();
         req["arguments"]["member"] = json!(v4.to_string());

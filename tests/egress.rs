@@ -853,3 +853,36 @@ fn egress_run_mode_only_allowed_names_reachable() {
     assert_eq!(named.stats.accepted.load(Ordering::SeqCst), 1);
     assert_eq!(other.stats.accepted.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn egress_run_mode_rules_added_at_run_time_under_the_sandbox() {
+    let Some(t) = Topology::new() else { return };
+    let a = http_on(&t, Ipv4Addr::new(203, 0, 113, 7));
+    let b = http_on(&t, Ipv4Addr::new(203, 0, 113, 8));
+    let sock = t.tmp.join("run.sock");
+    let bin = usernet_bin();
+    // No policy at start; the command adds one rule through the API (sandbox and seccomp
+    // on, as run mode's default), then tries both addresses.
+    let script = format!(
+        "{bin} egress -a {sock} add deny 203.0.113.7 >/dev/null || exit 9; \
+         curl -sS --max-time 5 http://203.0.113.7/; echo \"rc=$?\"; \
+         curl -sS --max-time 5 http://203.0.113.8/; echo \"rc=$?\"",
+        bin = bin.display(),
+        sock = sock.display()
+    );
+    let f = UsernetCmd::new(&t)
+        .target([
+            "run",
+            "-a",
+            sock.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output(Duration::from_secs(60));
+    f.assert_success();
+    assert_eq!(f.stdout, "rc=7\nhello from the world\nrc=0\n", "{f}");
+    assert_eq!(a.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(b.stats.accepted.load(Ordering::SeqCst), 1);
+}

@@ -380,7 +380,8 @@ pub struct Spec {
     pub ttl_min: u32,
     /// Longest time, in seconds, a learned address stays allowed.
     pub ttl_max: u32,
-    /// The host's own addresses, denied by `deny-private`.
+    /// The host's own addresses, denied by `deny-private` (a forwarder puts in its own,
+    /// [`crate::Forwarder::set_host_addrs`]).
     pub host_addrs: Vec<IpAddr>,
 }
 
@@ -1247,12 +1248,19 @@ pub(crate) struct Egress {
     members: Vec<Option<Policy>>,
     /// A member's addresses -> its slot.
     member_of: HashMap<IpAddr, usize>,
+    /// The host's own addresses, which `deny-private` covers in every policy.
+    pub host_addrs: Vec<IpAddr>,
 }
 
 impl Egress {
     /// Sets (`Some`) or removes the policy of `member` (its addresses; `None`: the
-    /// network's).
+    /// network's). Its `deny-private` covers [`host_addrs`](Self::host_addrs).
     pub fn set(&mut self, member: &[IpAddr], spec: Option<&Spec>) {
+        let spec = spec.map(|s| Spec {
+            host_addrs: self.host_addrs.clone(),
+            ..s.clone()
+        });
+        let spec = spec.as_ref();
         if member.is_empty() {
             self.all = spec.map(Policy::new);
             return;

@@ -860,6 +860,12 @@ impl Forwarder {
         self.nat.set_nameservers(&mut self.counters, list, io);
     }
 
+    /// The host's own addresses, which every egress policy's `deny-private` covers. Read
+    /// them once at start: a sandboxed process may not be able to later.
+    pub fn set_host_addrs(&mut self, addrs: Vec<IpAddr>) {
+        self.nat.egress.host_addrs = addrs;
+    }
+
     /// Sets (`Some`) or removes (`None`) the egress policy of the network (`member`
     /// empty; in a single namespace: its policy) or of the member with these addresses.
     /// New flows follow it at once; open flows are left alone (see

@@ -1087,7 +1087,6 @@ impl PastaOpts {
         if spec.is_open() {
             return None;
         }
-        spec.host_addrs = crate::egress::host_addrs();
         Some(spec)
     }
 
