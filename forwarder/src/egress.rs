@@ -678,10 +678,11 @@ impl Names {
     /// (CNAME chains included: the host's resolver answers for the question). Returns how
     /// many addresses were learned.
     pub fn learn(&mut self, now: Instant, reply: &[u8]) -> usize {
-        let Some(msg) = parse_reply(reply) else {
+        let mut name = [0u8; MAX_NAME];
+        let Some(msg) = parse_reply(reply, &mut name) else {
             return 0;
         };
-        let Some(rule) = self.allows(msg.name.as_str()) else {
+        let Some(rule) = self.allows(msg.name) else {
             return 0;
         };
         let mut n = 0;
@@ -713,17 +714,24 @@ impl Names {
             return None;
         }
         let standard = query[2] & 0x78 == 0 && query[2] & 0x80 == 0;
+        let mut buf = [0u8; MAX_NAME];
         let question = if standard && u16::from_be_bytes([query[4], query[5]]) == 1 {
-            read_name(query, 12).and_then(|(name, end)| {
+            read_name(query, 12, &mut buf).and_then(|(len, end)| {
                 let qend = end.checked_add(4).filter(|&e| e <= query.len())?;
-                Some((name, qend))
+                Some((len, qend))
             })
         } else {
             None
         };
         let (rcode, qlen) = match question {
-            Some((name, _)) if self.allows(&name).is_some() => return None,
-            Some((_, qend)) => (3, qend),
+            Some((len, qend)) => {
+                // A name that is not text is no allowed name.
+                let name = std::str::from_utf8(&buf[..len]).ok();
+                if name.is_some_and(|n| self.allows(n).is_some()) {
+                    return None;
+                }
+                (3, qend)
+            }
             None => (5, 12),
         };
         let head = out.get_mut(..qlen)?;
@@ -738,16 +746,19 @@ impl Names {
     }
 }
 
+/// Longest name in dotted text.
+const MAX_NAME: usize = 255;
+
 /// What a DNS reply says that the policy learns from.
-struct Reply {
-    name: String,
+struct Reply<'a> {
+    name: &'a str,
     /// Up to 16 (address, TTL) pairs.
     addrs: [Option<(IpAddr, u32)>; 16],
 }
 
 /// Parses a reply (QR set, NOERROR, one question): its question name and the A/AAAA
 /// records of its answer section.
-fn parse_reply(msg: &[u8]) -> Option<Reply> {
+fn parse_reply<'a>(msg: &[u8], buf: &'a mut [u8; MAX_NAME]) -> Option<Reply<'a>> {
     if msg.len() < 12 || msg[2] & 0x80 == 0 || msg[3] & 0x0f != 0 {
         return None;
     }
@@ -755,7 +766,8 @@ fn parse_reply(msg: &[u8]) -> Option<Reply> {
         return None;
     }
     let ancount = u16::from_be_bytes([msg[6], msg[7]]);
-    let (name, end) = read_name(msg, 12)?;
+    let (len, end) = read_name(msg, 12, buf)?;
+    let name = std::str::from_utf8(&buf[..len]).ok()?;
     let mut at = end.checked_add(4)?;
     let mut reply = Reply {
         name,
@@ -788,29 +800,31 @@ fn parse_reply(msg: &[u8]) -> Option<Reply> {
     Some(reply)
 }
 
-/// Reads the uncompressed name at `at` (a question's) as lower-case dotted text: the
-/// name and the offset after it.
-fn read_name(msg: &[u8], mut at: usize) -> Option<(String, usize)> {
-    let mut name = String::new();
+/// Reads the uncompressed name at `at` (a question's) into `out` as lower-case dotted
+/// text, without allocating: its length, and the offset after it in `msg`.
+fn read_name(msg: &[u8], mut at: usize, out: &mut [u8; MAX_NAME]) -> Option<(usize, usize)> {
+    let mut n = 0;
     loop {
         let len = usize::from(*msg.get(at)?);
         at += 1;
         if len == 0 {
             break;
         }
-        if len & 0xc0 != 0 || name.len() + len + 1 > 255 {
+        let dot = usize::from(n > 0);
+        if len & 0xc0 != 0 || n + dot + len > MAX_NAME {
             return None;
         }
         let label = msg.get(at..at + len)?;
-        if !name.is_empty() {
-            name.push('.');
+        if dot == 1 {
+            out[n] = b'.';
         }
-        for &b in label {
-            name.push(char::from(b.to_ascii_lowercase()));
+        for (o, b) in out[n + dot..n + dot + len].iter_mut().zip(label) {
+            *o = b.to_ascii_lowercase();
         }
+        n += dot + len;
         at += len;
     }
-    Some((name, at))
+    Some((n, at))
 }
 
 /// The offset after the (possibly compressed) name at `at`.
