@@ -258,6 +258,8 @@ fn egress_ipv6_rules_and_deny_private() {
     let any6 = |ip| SocketAddrV6::new(ip, 0, 0, 0);
     let tcp = TcpServer6::echo(&t.world_ns(), any6(WORLD6));
     let udp = UdpEcho6::start(&t.world_ns(), any6(WORLD6));
+    let udp_denied = UdpEcho6::start(&t.world_ns(), any6(WORLD6));
+    let deny_udp = format!("2001:db8:2::1,udp:{}", udp_denied.addr.port());
     let loopback = TcpServer6::echo(&t.host_ns(), any6(Ipv6Addr::LOCALHOST));
     let world4 = TcpServer::echo(&t.world_ns(), any(WORLD));
     // A ULA neighbour of the host's, in W.
@@ -291,7 +293,7 @@ fn egress_ipv6_rules_and_deny_private() {
             "--deny",
             "2001:db8:2::/64,tcp",
         ])
-        .args(["--deny", "2001:db8:2::1,icmp"])
+        .args(["--deny", "2001:db8:2::1,icmp", "--deny", &deny_udp])
         .start();
     let texts = t.in_container(|| {
         let text = connect_fails(tcp.addr.into(), libc::EACCES);
@@ -303,6 +305,9 @@ fn egress_ipv6_rules_and_deny_private() {
             3,
         )
         .unwrap();
+        // Another port of the same address is, by its own rule.
+        let e = udp_error_after_send(udp_denied.addr.into(), b"x", Duration::from_secs(2));
+        assert_eq!(e, Some(libc::EACCES));
         // The gateway fd00::2 is the host's ::1, and fd99::1 is ULA: deny-private.
         let gw = SocketAddrV6::new(GATEWAY6, loopback.addr.port(), 0, 0);
         connect_fails(gw.into(), libc::EACCES);
@@ -318,6 +323,7 @@ fn egress_ipv6_rules_and_deny_private() {
         assert_eq!(s.stats.accepted.load(Ordering::SeqCst), 0, "{}", s.addr);
     }
     assert!(udp.stats.accepted.load(Ordering::SeqCst) >= 1);
+    assert_eq!(udp_denied.stats.accepted.load(Ordering::SeqCst), 0);
     let f = t.run_in_container(
         "ping",
         &["-6", "-n", "-c", "1", "-W", "2", "2001:db8:2::1"],
