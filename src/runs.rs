@@ -264,7 +264,13 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir(&dir).unwrap();
         let live = std::os::unix::net::UnixListener::bind(dir.join("live.sock")).unwrap();
-        drop(std::os::unix::net::UnixListener::bind(dir.join("dead.sock")).unwrap());
+        // A dead run's socket: bound, never listening. (A listener dropped here could live
+        // on in a child another test forks meanwhile, and then accept connections.)
+        let dead =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        dead.bind(&socket2::SockAddr::unix(dir.join("dead.sock")).unwrap())
+            .unwrap();
+        drop(dead);
         assert!(dir.join("dead.sock").exists());
         assert!(is_live(&dir.join("live.sock")));
         assert!(!is_live(&dir.join("dead.sock")));
