@@ -11,11 +11,14 @@
 //! | figure | what | unit |
 //! |---|---|---|
 //! | tcp_out | iperf3, container -> host loopback | Gbit/s |
+//! | tcp_out_p4 | the same with 4 parallel streams (`iperf3 -P 4`), aggregate | Gbit/s |
 //! | tcp_in | iperf3 -R, host loopback -> container | Gbit/s |
 //! | tcp_pub | iperf3, host -> published 127.0.0.1 port -> container | Gbit/s |
 //! | rr | 1-byte TCP ping-pong container <-> host, one-way (RTT/2, as sockperf) | µs |
+//! | rr_cpu | the engine's CPU use during rr (what busy polling costs) | % of one CPU |
 //! | crr | connect + 1 B + 1 B + close per connection, sequential | conn/s |
 //! | crr_1k_rules | crr with 1,000 egress rules in force (usernet: four prefix lengths, none matching) | conn/s |
+//! | crr6 | crr over IPv6 (`fd00::2` -> host `::1`; kernel: `fd00:253:3::1`) | conn/s |
 //! | udp_1400, udp_8000 | iperf3 -u at a fixed offered rate, -l 1400 / 8000 | Gbit/s received, loss % |
 //! | udp_1400_max, udp_8000_max | the highest offered rate carried with under 1 % loss (RFC 2544 throughput: doubling, then 3 bisections, 2 s probes) | Gbit/s received, loss % |
 //! | udp_rr | 1-byte UDP ping-pong, one-way (RTT/2) | µs |
@@ -23,16 +26,24 @@
 //! | startup_ms | exec to the ready-fd byte (`-r FD`), usernet and slirp4netns | ms |
 //! | pasta_ready_ms | exec of pasta's command line to the first process's exit, pasta and usernet-pasta (usernet as `pasta`) | ms |
 //! | scale | usernet with 10,000 idle connections: tcp_out as % of without, RSS growth per connection | %, KiB |
-//! | c2c_tcp, c2c_rr, tcp_out_8 | 8 namespaces on one switch (usernet network, kernel bridge + veth, VDE): iperf3 member -> member, 1-byte ping-pong member <-> member (one way), iperf3 member -> host with seven others attached; `FIGURES=c2c` for these alone | Gbit/s, µs |
+//! | c2c_tcp, c2c_rr, tcp_out_8, tcp_out_4x | 8 namespaces on one switch (usernet network, kernel bridge + veth, VDE): iperf3 member -> member, 1-byte ping-pong member <-> member (one way), iperf3 member -> host with seven others attached, 4 members streaming to the host at once (aggregate); `FIGURES=c2c` for these alone | Gbit/s, µs |
 //! | pod_tcp | two usernetes-style nodes, each served by the engine on its own host namespace, joined by flannel's VXLAN (offloads on): iperf3 pod -> pod; `FIGURES=pod_tcp` (or `vxlan`) alone, engines usernet, usernet-pasta, slirp4netns, pasta | Gbit/s |
 //! | member_rss_kib | usernet network: VmRSS growth of its serving process per idle member, 1 to 8 members (`FIGURES=member_rss_kib ENGINES=usernet` alone) | KiB |
 //!
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
-//! `ENGINES` ("usernet usernet-pasta slirp4netns pasta kernel"), `FIGURES` (all; `scale`, `udp` and `udp_max` name
-//! both of theirs), `UDP_RATE` (iperf3 -b, "1G"), `SCALE_CONNS` (10000), `USERNET_BIN` (default
-//! target/release/usernet, rebuilt with `cargo build --release` when missing or older than the
-//! sources), `SLIRP4NETNS`, `PASTA` (other builds). `BENCH_SMOKE=1` is the CI guard: usernet
+//! `ENGINES` ("usernet usernet-pasta slirp4netns pasta pasta2025 kernel"), `FIGURES` (all;
+//! `scale`, `udp` and `udp_max` name both of theirs, `rr` names rr_cpu too), `UDP_RATE` (iperf3 -b, "1G"),
+//! `SCALE_CONNS` (10000), `USERNET_BIN` (default target/release/usernet, rebuilt with
+//! `cargo build --release` when missing or older than the sources), `SLIRP4NETNS`, `PASTA`
+//! (other builds), `PASTA2025` (default `/var/lib/usernet-bench/passt-2025/bin/pasta`).
+//! Every table has a `usernet ÷ kernel` column (or, for c2c, `usernet ÷ kernel`): the
+//! ratio to kernel veth that the targets are stated in.
+//!
+//! The engine `pasta2025` is the 2025 passt release (Debian 13's source package), built with
+//! `bash benches/anchors/passt-2025.sh` (idempotent; Debian's archive only, plain `make`,
+//! installed under `/var/lib/usernet-bench/passt-2025/`, nothing in the repository); without
+//! it the column says "not built". `BENCH_SMOKE=1` is the CI guard: usernet
 //! and slirp4netns, tcp_out at MTU 65520, RUNS=3 and SECS=3 (unless set); exit status 1 only
 //! if usernet's median is below slirp4netns's (or usernet fails), 0 with a note if slirp4netns
 //! cannot run. The table goes to stdout and to `target/bench/anchors-<date>-<HHMM>.md`
@@ -71,11 +82,14 @@ use figures::{Ctx, HostServers};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Fig {
     TcpOut,
+    TcpOutP4,
     TcpIn,
     TcpPub,
     Rr,
+    RrCpu,
     Crr,
     CrrRules,
+    Crr6,
     Udp1400,
     Udp8000,
     Udp1400Max,
@@ -89,13 +103,16 @@ enum Fig {
 }
 
 impl Fig {
-    const ALL: [Fig; 16] = [
+    const ALL: [Fig; 19] = [
         Fig::TcpOut,
+        Fig::TcpOutP4,
         Fig::TcpIn,
         Fig::TcpPub,
         Fig::Rr,
+        Fig::RrCpu,
         Fig::Crr,
         Fig::CrrRules,
+        Fig::Crr6,
         Fig::Udp1400,
         Fig::Udp8000,
         Fig::Udp1400Max,
@@ -111,11 +128,14 @@ impl Fig {
     fn name(self) -> &'static str {
         match self {
             Fig::TcpOut => "tcp_out",
+            Fig::TcpOutP4 => "tcp_out_p4",
             Fig::TcpIn => "tcp_in",
             Fig::TcpPub => "tcp_pub",
             Fig::Rr => "rr",
+            Fig::RrCpu => "rr_cpu",
             Fig::Crr => "crr",
             Fig::CrrRules => "crr_1k_rules",
+            Fig::Crr6 => "crr6",
             Fig::Udp1400 => "udp_1400",
             Fig::Udp8000 => "udp_8000",
             Fig::Udp1400Max => "udp_1400_max",
@@ -132,11 +152,12 @@ impl Fig {
     /// Unit, and whether higher is better.
     fn unit(self) -> (&'static str, bool) {
         match self {
-            Fig::TcpOut | Fig::TcpIn | Fig::TcpPub => ("Gbit/s", true),
+            Fig::TcpOut | Fig::TcpOutP4 | Fig::TcpIn | Fig::TcpPub => ("Gbit/s", true),
             Fig::Udp1400 | Fig::Udp8000 => ("Gbit/s rx (loss)", true),
             Fig::Udp1400Max | Fig::Udp8000Max => ("Gbit/s at <1% loss", true),
             Fig::Rr | Fig::UdpRr => ("µs", false),
-            Fig::Crr | Fig::CrrRules => ("conn/s", true),
+            Fig::Crr | Fig::CrrRules | Fig::Crr6 => ("conn/s", true),
+            Fig::RrCpu => ("% of a CPU", false),
             Fig::CpuPerGib => ("CPU s/GiB", false),
             Fig::StartupMs | Fig::PastaReadyMs => ("ms", false),
             Fig::ScaleTcpOut => ("% of tcp_out", true),
@@ -146,7 +167,7 @@ impl Fig {
 
     fn decimals(self) -> usize {
         match self {
-            Fig::Crr | Fig::CrrRules | Fig::ScaleTcpOut => 0,
+            Fig::Crr | Fig::CrrRules | Fig::Crr6 | Fig::ScaleTcpOut | Fig::RrCpu => 0,
             Fig::Rr | Fig::UdpRr | Fig::StartupMs | Fig::PastaReadyMs | Fig::ScaleRss => 1,
             _ => 2,
         }
@@ -161,7 +182,7 @@ impl Fig {
 
     fn applies(self, k: Kind) -> bool {
         match self {
-            Fig::CpuPerGib => k.has_process(),
+            Fig::CpuPerGib | Fig::RrCpu => k.has_process(),
             Fig::StartupMs => k.has_ready_fd(),
             Fig::PastaReadyMs => k.is_pasta_like(),
             Fig::ScaleTcpOut | Fig::ScaleRss | Fig::CrrRules => k == Kind::Usernet,
@@ -173,6 +194,8 @@ impl Fig {
     fn parse(s: &str) -> Option<Vec<Fig>> {
         match s {
             "scale" => Some(vec![Fig::ScaleTcpOut, Fig::ScaleRss]),
+            // Latency with what it costs.
+            "rr" => Some(vec![Fig::Rr, Fig::RrCpu]),
             "udp" => Some(vec![Fig::Udp1400, Fig::Udp8000]),
             "udp_max" => Some(vec![Fig::Udp1400Max, Fig::Udp8000Max]),
             _ => Fig::ALL
@@ -555,11 +578,27 @@ fn measure(
                 cpu
             }
         }
+        Fig::TcpOutP4 => gbps(figures::iperf_to_host(s, ctx, &["-P", "4"])),
         Fig::TcpIn => gbps(figures::iperf_to_host(s, ctx, &["-R"])),
         Fig::TcpPub => gbps(figures::tcp_pub(s, ctx)),
-        Fig::Rr => figures::rr(s, ctx, srv).map(|v| (v, None)),
+        Fig::Rr | Fig::RrCpu => {
+            let r = figures::rr(s, ctx, srv);
+            let cpu = match &r {
+                Ok((_, Some(c))) => Ok((*c, None)),
+                Ok((_, None)) => Err("no engine CPU time".into()),
+                Err(e) => Err(e.clone()),
+            };
+            let us = r.map(|(v, _)| (v, None));
+            if f == Fig::Rr {
+                cache.insert(Fig::RrCpu, cpu);
+                us
+            } else {
+                cpu
+            }
+        }
         Fig::Crr => figures::crr(s, ctx, srv).map(|v| (v, None)),
         Fig::CrrRules => figures::crr_rules(s, ctx, srv).map(|v| (v, None)),
+        Fig::Crr6 => figures::crr6(s, ctx, srv).map(|v| (v, None)),
         Fig::Udp1400 => udp("1400"),
         Fig::Udp8000 => udp("8000"),
         Fig::Udp1400Max => figures::udp_lossless(s, ctx, "1400").map(|(v, l)| (v, Some(l))),
@@ -646,6 +685,9 @@ fn real_main() -> Result<ExitCode, String> {
         usernet: usernet.clone(),
         slirp4netns: sys::which(&env("SLIRP4NETNS").unwrap_or_else(|| "slirp4netns".into())),
         pasta: sys::which(&env("PASTA").unwrap_or_else(|| "pasta".into())),
+        pasta2025: sys::which(
+            &env("PASTA2025").unwrap_or_else(|| engine::PASTA2025_DEFAULT.into()),
+        ),
         dir,
         pub_port: free_port()?,
     };
@@ -691,7 +733,7 @@ fn real_main() -> Result<ExitCode, String> {
                 let servers = session
                     .as_ref()
                     .map_err(Clone::clone)
-                    .and_then(|s| HostServers::start(s.bind));
+                    .and_then(|s| HostServers::start(s.bind, s.host6.map(|h| h.1)));
                 match (&session, &servers) {
                     (Ok(s), Ok(srv)) => {
                         let mut cache = BTreeMap::new();
@@ -745,7 +787,7 @@ fn real_main() -> Result<ExitCode, String> {
     );
     let _ = writeln!(
         out,
-        "- usernet {git} ({}); {}; {}; {}",
+        "- usernet {git} ({}); {}; {}; pasta2025: {}; {}",
         usernet.display(),
         tools
             .slirp4netns
@@ -761,6 +803,13 @@ fn real_main() -> Result<ExitCode, String> {
                 &p.to_string_lossy(),
                 &["--version"]
             )),
+        tools.pasta2025.as_ref().map_or("not built".into(), |p| {
+            // Its --version prints nothing to a pipe: passt-2025.sh notes the version.
+            p.parent()
+                .and_then(Path::parent)
+                .and_then(|d| fs::read_to_string(d.join("VERSION")).ok())
+                .map_or_else(|| p.display().to_string(), |v| v.trim().to_string())
+        }),
         first_line("iperf3", &["--version"]),
     );
     let _ = writeln!(

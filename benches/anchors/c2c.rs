@@ -12,7 +12,9 @@
 //!
 //! Figures: `c2c_tcp` (iperf3 member 0 -> member 1), `c2c_rr` (1-byte TCP ping-pong
 //! between them, one way = RTT/2), `tcp_out_8` (iperf3 member 0 -> the host while the
-//! other seven are attached) and, for usernet only, `member_rss_kib` (the memory an idle
+//! other seven are attached), `tcp_out_4x` (members 0 to 3 each run iperf3 to the host at
+//! the same time: the aggregate, what one event loop serving several members can carry)
+//! and, for usernet only, `member_rss_kib` (the memory an idle
 //! member costs: the VmRSS of the network's serving process with all members attached
 //! minus with the first one, divided by the members added, before any traffic).
 //! `FIGURES` may name single figures of this table (`FIGURES=member_rss_kib`: nothing
@@ -34,7 +36,16 @@ pub const MEMBERS: usize = 8;
 pub const ENGINES: [&str; 3] = ["usernet", "kernel", "vde"];
 
 /// The rows.
-pub const FIGS: [&str; 4] = ["c2c_tcp", "c2c_rr", "tcp_out_8", "member_rss_kib"];
+pub const FIGS: [&str; 5] = [
+    "c2c_tcp",
+    "c2c_rr",
+    "tcp_out_8",
+    "tcp_out_4x",
+    "member_rss_kib",
+];
+
+/// Members streaming to the host at once in `tcp_out_4x`.
+const STREAMS: usize = 4;
 
 /// One engine's members, torn down on drop.
 struct Net {
@@ -273,7 +284,30 @@ fn vde(mtu: u32) -> Result<Net, String> {
 
 /// iperf3 from `from` to a server in `to` at `addr`: Gbit/s received.
 pub fn iperf(from: &str, to: &str, addr: Ipv4Addr, secs: u64) -> Result<f64, String> {
-    let port = "5299";
+    iperf_on(from, to, addr, "5299", secs)
+}
+
+/// iperf3 from [`STREAMS`] members at once, each to a server of its own in the host
+/// namespace: the sum of the Gbit/s received.
+fn iperf_parallel(net: &Net, secs: u64) -> Result<f64, String> {
+    let host = net.host.clone();
+    let runs: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (from, to, addr) = (net.ns[i].clone(), host.clone(), net.host_addr);
+            std::thread::spawn(move || iperf_on(&from, &to, addr, &(5300 + i).to_string(), secs))
+        })
+        .collect();
+    let mut sum = 0.0;
+    for (i, r) in runs.into_iter().enumerate() {
+        sum += r
+            .join()
+            .map_err(|_| "iperf thread panicked".to_string())?
+            .map_err(|e| format!("member {i}: {e}"))?;
+    }
+    Ok(sum)
+}
+
+fn iperf_on(from: &str, to: &str, addr: Ipv4Addr, port: &str, secs: u64) -> Result<f64, String> {
     let server = sys::ChildProc::spawn(
         Command::new("ip")
             .args(["netns", "exec", to, "iperf3", "-s", "-1", "-p", port])
@@ -359,7 +393,7 @@ fn measure(
     mtu: u32,
     secs: u64,
     want: &[&str],
-) -> Result<[Cell; 4], String> {
+) -> Result<[Cell; 5], String> {
     let mut net = match engine {
         "usernet" => usernet(bin, mtu)?,
         "kernel" => kernel(mtu)?,
@@ -371,11 +405,12 @@ fn measure(
     // tcp_out with the other members attached: to an iperf3 server on the host side
     // (usernet: the gateway reaches the host namespace's loopback).
     let out = wants("tcp_out_8").then(|| iperf(&net.ns[0], &net.host, net.host_addr, secs));
+    let out4 = wants("tcp_out_4x").then(|| iperf_parallel(&net, secs));
     let rss = net
         .member_rss_kib
         .take()
         .filter(|_| wants("member_rss_kib"));
-    Ok([tcp, lat, out, rss])
+    Ok([tcp, lat, out, out4, rss])
 }
 
 /// The member-to-member table in Markdown, medians of `runs`, for `engines` (of
@@ -421,15 +456,18 @@ pub fn table(
                 }
             }
         }
+        let ratio = engines.contains(&"usernet") && engines.contains(&"kernel");
         out.push_str(&format!(
-            "\n#### MTU {mtu}{}\n\n| figure | unit | {} |\n|---|---|{}\n",
+            "\n#### MTU {mtu}{}\n\n| figure | unit | {} |{}\n|---|---|{}{}\n",
             if mtu > 1500 && engines.contains(&"vde") {
                 " (VDE at 1500: its frames stop near 1518 bytes)"
             } else {
                 ""
             },
             engines.join(" | "),
-            "---:|".repeat(engines.len())
+            if ratio { " usernet ÷ kernel |" } else { "" },
+            "---:|".repeat(engines.len()),
+            if ratio { "---:|" } else { "" },
         ));
         for (f, name) in FIGS.iter().enumerate() {
             if !figs.contains(name) {
@@ -440,19 +478,30 @@ pub fn table(
                 "member_rss_kib" => "KiB ↓",
                 _ => "Gbit/s ↑",
             };
-            let cells: Vec<String> = samples[f]
+            let median = |v: &Vec<f64>| {
+                let mut v = v.clone();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied()
+            };
+            let mut cells: Vec<String> = samples[f]
                 .iter()
                 .zip(&applies[f])
-                .map(|(v, &applies)| {
-                    let mut v = v.clone();
-                    v.sort_by(f64::total_cmp);
-                    match v.get(v.len() / 2) {
-                        Some(m) => format!("{m:.2}"),
-                        None if applies => "fail".into(),
-                        None => "-".into(),
-                    }
+                .map(|(v, &applies)| match median(v) {
+                    Some(m) => format!("{m:.2}"),
+                    None if applies => "fail".into(),
+                    None => "-".into(),
                 })
                 .collect();
+            if ratio {
+                let of = |e: &str| {
+                    let i = engines.iter().position(|x| *x == e)?;
+                    median(&samples[f][i])
+                };
+                cells.push(match (of("usernet"), of("kernel")) {
+                    (Some(u), Some(k)) if k > 0.0 => format!("{:.2}x", u / k),
+                    _ => "-".into(),
+                });
+            }
             out.push_str(&format!("| {name} | {unit} | {} |\n", cells.join(" | ")));
         }
         for e in errors {
@@ -464,6 +513,7 @@ pub fn table(
         "\nc2c: {MEMBERS} namespaces on one switch; c2c_tcp: iperf3 member -> member; c2c_rr: \
          1-byte TCP ping-pong member <-> member, one way; tcp_out_8: iperf3 member -> host side \
          with the other seven attached (usernet: its gateway to the host namespace); \
+         tcp_out_4x: {STREAMS} members streaming to the host side at once, aggregate; \
          member_rss_kib: the VmRSS growth of usernet's serving process per idle member, \
          from one member to {MEMBERS}.\n"
     ));

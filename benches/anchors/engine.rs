@@ -5,16 +5,22 @@
 //!   slirp4netns command line for usernet and slirp4netns (`--configure --mtu=M --api-socket S
 //!   -r FD PID tap0`, the port published with `add_hostfwd` on the API socket) and pasta's
 //!   podman-like one (`--config-net -t PUB:5201`). The host is `10.0.2.2` from inside.
+//!   usernet and slirp4netns also get `--enable-ipv6`: the host's `::1` is `fd00::2` from
+//!   inside (crr6). pasta copies the host's IPv6 set-up, so it has IPv6 only where the host
+//!   has a routable IPv6 interface.
+//! - pasta2025: the 2025 passt release built by `passt-2025.sh` (default
+//!   `/var/lib/usernet-bench/passt-2025/bin/pasta`, else `PASTA2025`), run like pasta.
 //! - kernel: `ip netns add` plus a veth pair at the same MTU, `10.253.3.1` (host) and
-//!   `10.253.3.2` (container); the published port is an iptables DNAT from 127.0.0.1:PUB to the
-//!   container, with MASQUERADE and `route_localnet` on the host end of the veth only.
+//!   `10.253.3.2` (container), `fd00:253:3::1` and `::2` for IPv6; the published port is an
+//!   iptables DNAT from 127.0.0.1:PUB to the container, with MASQUERADE and `route_localnet`
+//!   on the host end of the veth only.
 //!
 //! Commands run inside the container with `nsenter -t PID -U -n --preserve-credentials` (or
 //! `ip netns exec`), both of which exec in place, so the PID we hold is the command's own.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -31,6 +37,11 @@ pub const CONTAINER_PORT: u16 = 5201;
 const KERNEL_HOST: Ipv4Addr = Ipv4Addr::new(10, 253, 3, 1);
 const KERNEL_GUEST: Ipv4Addr = Ipv4Addr::new(10, 253, 3, 2);
 const SLIRP_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const KERNEL_HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x253, 3, 0, 0, 0, 0, 1);
+const KERNEL_GUEST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x253, 3, 0, 0, 0, 0, 2);
+const SLIRP_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+/// Where `passt-2025.sh` installs the 2025 passt release by default.
+pub const PASTA2025_DEFAULT: &str = "/var/lib/usernet-bench/passt-2025/bin/pasta";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One of the compared network engines.
@@ -42,19 +53,22 @@ pub enum Kind {
     UsernetPasta,
     /// slirp4netns (libslirp).
     Slirp4netns,
-    /// pasta (passt).
+    /// pasta (passt), the installed one (Debian 12: 2023).
     Pasta,
+    /// pasta of the 2025 passt release, built by `passt-2025.sh`.
+    Pasta2025,
     /// Kernel veth (the ceiling).
     Kernel,
 }
 
 impl Kind {
     /// All, in table order.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Usernet,
         Kind::UsernetPasta,
         Kind::Slirp4netns,
         Kind::Pasta,
+        Kind::Pasta2025,
         Kind::Kernel,
     ];
 
@@ -65,6 +79,7 @@ impl Kind {
             Kind::UsernetPasta => "usernet-pasta",
             Kind::Slirp4netns => "slirp4netns",
             Kind::Pasta => "pasta",
+            Kind::Pasta2025 => "pasta2025",
             Kind::Kernel => "kernel",
         }
     }
@@ -89,7 +104,7 @@ impl Kind {
     /// Whether it is started with pasta's command line (start-up: exec to the first
     /// process's exit, what podman waits for).
     pub fn is_pasta_like(self) -> bool {
-        matches!(self, Kind::UsernetPasta | Kind::Pasta)
+        matches!(self, Kind::UsernetPasta | Kind::Pasta | Kind::Pasta2025)
     }
 }
 
@@ -102,6 +117,8 @@ pub struct Tools {
     pub slirp4netns: Option<PathBuf>,
     /// pasta (`PASTA` overrides).
     pub pasta: Option<PathBuf>,
+    /// The 2025 pasta (`PASTA2025` overrides [`PASTA2025_DEFAULT`]).
+    pub pasta2025: Option<PathBuf>,
     /// Work directory (API sockets, logs, pid files).
     pub dir: PathBuf,
     /// The host port published to the container's port 5201.
@@ -112,9 +129,11 @@ impl Tools {
     /// Why `kind` cannot run here, if it cannot.
     pub fn missing(&self, kind: Kind) -> Option<String> {
         let need: &[&str] = match kind {
-            Kind::Usernet | Kind::UsernetPasta | Kind::Slirp4netns | Kind::Pasta => {
-                &["unshare", "nsenter"]
-            }
+            Kind::Usernet
+            | Kind::UsernetPasta
+            | Kind::Slirp4netns
+            | Kind::Pasta
+            | Kind::Pasta2025 => &["unshare", "nsenter"],
             Kind::Kernel => &["ip", "iptables"],
         };
         for t in need {
@@ -128,6 +147,9 @@ impl Tools {
             }
             Kind::Slirp4netns if self.slirp4netns.is_none() => Some("not installed".into()),
             Kind::Pasta if self.pasta.is_none() => Some("not installed".into()),
+            Kind::Pasta2025 if self.pasta2025.is_none() => {
+                Some("not built (bash benches/anchors/passt-2025.sh)".into())
+            }
             _ => None,
         }
     }
@@ -154,6 +176,9 @@ pub struct Session {
     pub host: Ipv4Addr,
     /// Where the host-side servers listen.
     pub bind: Ipv4Addr,
+    /// The host as the container sees it over IPv6, and where the host-side IPv6 servers
+    /// listen, when the container has IPv6.
+    pub host6: Option<(Ipv6Addr, Ipv6Addr)>,
     /// The published port on the host's 127.0.0.1 (to the container's port 5201).
     pub pub_port: u16,
     /// The engine's process (CPU and RSS), if it has one.
@@ -191,6 +216,7 @@ impl Session {
             netns: PathBuf::new(),
             host: SLIRP_GATEWAY,
             bind: Ipv4Addr::LOCALHOST,
+            host6: None,
             pub_port: tools.pub_port,
             engine_pid: None,
             startup_ms: None,
@@ -200,7 +226,11 @@ impl Session {
         };
         match kind {
             Kind::Kernel => s.start_kernel()?,
-            Kind::Usernet | Kind::UsernetPasta | Kind::Slirp4netns | Kind::Pasta => {
+            Kind::Usernet
+            | Kind::UsernetPasta
+            | Kind::Slirp4netns
+            | Kind::Pasta
+            | Kind::Pasta2025 => {
                 let target = s.start_target()?;
                 s.netns = PathBuf::from(format!("/proc/{target}/ns/net"));
                 s.enter = [
@@ -214,9 +244,12 @@ impl Session {
                 .map(String::from)
                 .to_vec();
                 match kind {
-                    Kind::Pasta | Kind::UsernetPasta => s.start_pasta(tools, target)?,
+                    Kind::Pasta | Kind::Pasta2025 | Kind::UsernetPasta => {
+                        s.start_pasta(tools, target)?
+                    }
                     _ => s.start_slirp_like(tools, target)?,
                 }
+                s.find_ipv6();
             }
         }
         Ok(s)
@@ -290,6 +323,7 @@ impl Session {
         let (ready_r, ready_w) = nix::unistd::pipe().map_err(|e| format!("pipe: {e}"))?;
         let mut cmd = Command::new(&bin);
         cmd.arg("--configure")
+            .arg("--enable-ipv6")
             .arg(format!("--mtu={}", self.mtu))
             .arg("--api-socket")
             .arg(&sock)
@@ -353,6 +387,8 @@ impl Session {
             let mut c = Command::new(&tools.usernet);
             std::os::unix::process::CommandExt::arg0(&mut c, "pasta");
             c
+        } else if self.kind == Kind::Pasta2025 {
+            Command::new(tools.pasta2025.clone().ok_or("not built")?)
         } else {
             Command::new(tools.pasta.clone().ok_or("not installed")?)
         };
@@ -487,9 +523,60 @@ impl Session {
         }
         self.netns = PathBuf::from(format!("/run/netns/{ns}"));
         self.enter = ["ip", "netns", "exec", &ns].map(String::from).to_vec();
+        let (h6, g6) = (format!("{KERNEL_HOST6}/64"), format!("{KERNEL_GUEST6}/64"));
+        sys::sh("ip", &["addr", "add", &h6, "dev", &vh, "nodad"])?;
+        sys::sh("ip", &["-n", &ns, "addr", "add", &g6, "dev", &vc, "nodad"])?;
         self.host = KERNEL_HOST;
         self.bind = KERNEL_HOST;
+        self.host6 = Some((KERNEL_HOST6, KERNEL_HOST6));
         Ok(())
+    }
+
+    /// Engines with a process: whether the container got a usable (non-tentative) global
+    /// IPv6 address and a default route within 3 s (SLAAC), and where it reaches the host.
+    fn find_ipv6(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let addr = self
+                .cmd("ip")
+                .args(["-6", "addr", "show", "scope", "global"])
+                .output();
+            let route = self
+                .cmd("ip")
+                .args(["-6", "route", "show", "default"])
+                .output();
+            let ok = |o: &std::io::Result<std::process::Output>| {
+                o.as_ref()
+                    .ok()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            };
+            if let (Some(a), Some(r)) = (ok(&addr), ok(&route)) {
+                if a.contains("inet6") && !a.contains("tentative") && r.contains("default") {
+                    // usernet, slirp4netns: fd00::2 is the host's loopback (their router
+                    // advertises a link-local address). pasta maps the gateway address it
+                    // copied from the host to the host's loopback.
+                    let via = r
+                        .split_whitespace()
+                        .skip_while(|w| *w != "via")
+                        .nth(1)
+                        .and_then(|g| g.parse::<Ipv6Addr>().ok())
+                        .filter(|g| !g.is_unicast_link_local());
+                    let gw = match self.kind {
+                        Kind::Usernet | Kind::Slirp4netns => SLIRP_GATEWAY6,
+                        _ => match via {
+                            Some(g) => g,
+                            None => return,
+                        },
+                    };
+                    self.host6 = Some((gw, Ipv6Addr::LOCALHOST));
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

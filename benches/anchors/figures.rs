@@ -8,7 +8,7 @@
 //! Every socket has a timeout and every child process a deadline.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -44,6 +44,8 @@ pub struct HostServers {
     pub rr: u16,
     /// Accept, 1 byte in, 1 byte out, close (crr).
     pub crr: u16,
+    /// The same on the host's IPv6 address (crr6), if the session has IPv6.
+    pub crr6: Option<u16>,
     /// UDP echo (udp_rr).
     pub udp: u16,
     /// Accepts and holds connections (scale).
@@ -55,7 +57,7 @@ pub struct HostServers {
 }
 
 fn tcp_server(
-    bind: Ipv4Addr,
+    bind: IpAddr,
     stop: &Arc<AtomicBool>,
     listeners: &mut Vec<TcpListener>,
     mut serve: impl FnMut(TcpStream) + Send + 'static,
@@ -79,27 +81,37 @@ fn tcp_server(
     Ok((port, h))
 }
 
+fn crr_serve(mut c: TcpStream) {
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut b = [0u8; 1];
+    if c.read(&mut b).unwrap_or(0) == 1 {
+        let _ = c.write_all(&b);
+    }
+}
+
 impl HostServers {
-    /// Starts them on `bind` (ports chosen by the kernel).
-    pub fn start(bind: Ipv4Addr) -> Result<HostServers, String> {
+    /// Starts them on `bind` (ports chosen by the kernel), the crr6 server on `bind6`.
+    pub fn start(bind: Ipv4Addr, bind6: Option<Ipv6Addr>) -> Result<HostServers, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
         let mut ls = Vec::new();
-        let (rr, h) = tcp_server(bind, &stop, &mut ls, |c| {
+        let (rr, h) = tcp_server(bind.into(), &stop, &mut ls, |c| {
             thread::spawn(move || echo(c));
         })?;
         threads.push(h);
-        let (crr, h) = tcp_server(bind, &stop, &mut ls, |mut c| {
-            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut b = [0u8; 1];
-            if c.read(&mut b).unwrap_or(0) == 1 {
-                let _ = c.write_all(&b);
-            }
-        })?;
+        let (crr, h) = tcp_server(bind.into(), &stop, &mut ls, crr_serve)?;
         threads.push(h);
+        let crr6 = match bind6 {
+            Some(b6) => {
+                let (port, h) = tcp_server(b6.into(), &stop, &mut ls, crr_serve)?;
+                threads.push(h);
+                Some(port)
+            }
+            None => None,
+        };
         let keep = held.clone();
-        let (idle, h) = tcp_server(bind, &stop, &mut ls, move |c| {
+        let (idle, h) = tcp_server(bind.into(), &stop, &mut ls, move |c| {
             keep.lock().unwrap_or_else(|e| e.into_inner()).push(c);
         })?;
         threads.push(h);
@@ -118,6 +130,7 @@ impl HostServers {
         Ok(HostServers {
             rr,
             crr,
+            crr6,
             udp,
             idle,
             listeners: ls,
@@ -312,11 +325,14 @@ fn io<T>(r: std::io::Result<T>, what: &str) -> Result<T, String> {
 }
 
 /// TCP ping-pong of 1 byte from the container: mean one-way latency (round trip / 2, as
-/// sockperf reports it), µs.
-pub fn rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
+/// sockperf reports it), µs, and the engine's CPU use meanwhile in % of one CPU (what busy
+/// polling costs), if it has a process.
+pub fn rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<f64>), String> {
     let addr = SocketAddr::from((s.host, srv.rr));
     let secs = Duration::from_secs(ctx.secs);
-    sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
+    let cpu = std::sync::Arc::new(Mutex::new(None));
+    let (cpu_in, pid) = (cpu.clone(), s.engine_pid);
+    let us = sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
         let mut c = io(
             TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT),
             "connect",
@@ -332,20 +348,37 @@ pub fn rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
         for _ in 0..100 {
             once(&mut c)?; // warm-up
         }
+        let cpu0 = pid.and_then(sys::cpu_seconds);
         let t0 = Instant::now();
         let mut n = 0u64;
         while t0.elapsed() < secs {
             once(&mut c)?;
             n += 1;
         }
-        Ok(t0.elapsed().as_secs_f64() / n as f64 / 2.0 * 1e6)
-    })
+        let t = t0.elapsed().as_secs_f64();
+        let used = cpu0.zip(pid.and_then(sys::cpu_seconds)).map(|(a, b)| b - a);
+        *cpu_in.lock().unwrap_or_else(|e| e.into_inner()) = used.map(|u| u / t * 100.0);
+        Ok(t / n as f64 / 2.0 * 1e6)
+    })?;
+    let cpu = *cpu.lock().unwrap_or_else(|e| e.into_inner());
+    Ok((us, cpu))
 }
 
 /// Connect, 1 byte each way, close (RST, like crr.c, so the client has no TIME_WAIT pile-up),
 /// sequentially from the container: connections per second.
 pub fn crr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
-    let addr = SocketAddr::from((s.host, srv.crr));
+    crr_to(s, ctx, SocketAddr::from((s.host, srv.crr)))
+}
+
+/// [`crr`] over IPv6, to the host as the container sees it over IPv6.
+pub fn crr6(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
+    match (s.host6, srv.crr6) {
+        (Some((host, _)), Some(port)) => crr_to(s, ctx, SocketAddr::from((host, port))),
+        _ => Err("no IPv6 in the container".into()),
+    }
+}
+
+fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<f64, String> {
     let secs = Duration::from_secs(ctx.secs);
     sys::in_netns(&s.netns, secs + Duration::from_secs(30), move || {
         let one = |addr: &SocketAddr| -> std::io::Result<()> {
