@@ -10,7 +10,7 @@
 //! [`crate::event_loop`]), edge-triggered: streams for reading and writing, datagram
 //! sockets and listeners for reading. The event loop hands each event of such a token to
 //! [`forwarder::Forwarder::handle_ready`] with `id`; [`forwarder::HostIo::close`]
-//! deregisters and closes.
+//! deregisters and closes (a stream is only closed, which ends its registration too).
 //!
 //! A call costs an index and a match on top of its system call: no allocation, no
 //! dynamic dispatch (the forwarder is generic over its host). The datagram calls with a
@@ -364,8 +364,13 @@ impl HostIo for Sockets {
         let registry = &self.registry;
         match entry {
             Entry::Free => {}
-            Entry::Stream(mut s) => {
-                let _ = registry.deregister(&mut s);
+            // Not deregistered first: closing the descriptor takes it out of the epoll set
+            // (the kernel drops a registration with the last reference to its file, and
+            // the table holds the only one), one `epoll_ctl` less per connection. Were a
+            // reference ever held elsewhere for a moment (a fork's child before its exec),
+            // a late event would reach the flow that reuses the id as a spurious wake-up,
+            // which every flow handles (`WouldBlock`, a connect still in progress).
+            Entry::Stream(s) => {
                 if how == Close::Reset {
                     let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
                 }
