@@ -201,12 +201,15 @@ impl HostIo for Sockets {
 
     fn tcp_connected(&mut self, id: usize) -> io::Result<bool> {
         let stream = self.stream(id)?;
-        if let Some(e) = stream.take_error()? {
-            return Err(e);
-        }
+        // One system call when connected (nearly always, after a readiness event): a
+        // socket with a peer address has no pending connect error. Only when it has none
+        // does SO_ERROR tell a failed connect from one still in progress.
         match stream.peer_addr() {
             Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => match stream.take_error()? {
+                Some(e) => Err(e),
+                None => Ok(false),
+            },
             Err(e) => Err(e),
         }
     }
