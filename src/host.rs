@@ -7,7 +7,8 @@
 //! flow's id, and this table holds the socket at that index (flow ids are a slab's keys,
 //! so the table is dense). Every socket it opens is registered with the loop's `Poll`
 //! under the token `Token(id)` (the flow tokens: below the TAPs' and the subsystems',
-//! [`crate::event_loop`]), edge-triggered: streams for reading and writing, datagram
+//! [`crate::event_loop`]), edge-triggered: streams for reading and writing (one connected
+//! within its connect call for writing only once a write leaves bytes behind), datagram
 //! sockets and listeners for reading. The event loop hands each event of such a token to
 //! [`forwarder::Forwarder::handle_ready`] with `id`; [`forwarder::HostIo::close`]
 //! deregisters and closes (a stream is only closed, which ends its registration too).
@@ -63,8 +64,9 @@ pub enum Handoff {
 /// One entry of the table.
 enum Entry {
     Free,
-    /// A flow's TCP stream (registered).
-    Stream(TcpStream),
+    /// A flow's TCP stream (registered), and whether for writing too (see
+    /// [`Sockets::write`](HostIo::write)).
+    Stream(TcpStream, bool),
     /// A flow's UDP or ping socket, connected (registered).
     Dgram(UdpSocket),
     /// A published TCP port (registered).
@@ -138,7 +140,7 @@ impl Sockets {
 
     fn stream(&mut self, id: usize) -> io::Result<&mut TcpStream> {
         match self.table.get_mut(id) {
-            Some(Entry::Stream(s)) => Ok(s),
+            Some(Entry::Stream(s, _)) => Ok(s),
             _ => Err(no_socket()),
         }
     }
@@ -176,7 +178,7 @@ impl HostIo for Sockets {
         id: usize,
         target: SocketAddr,
         bind: Option<IpAddr>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let socket = Socket::new(
             Domain::for_address(target),
             Type::STREAM.nonblocking().cloexec(),
@@ -184,19 +186,27 @@ impl HostIo for Sockets {
         )?;
         socket.set_tcp_nodelay(true)?;
         bind_outbound(&socket, bind, target.ip())?;
-        match socket.connect(&target.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        let connected = match socket.connect(&target.into()) {
+            Ok(()) => true,
+            // A connect to one of this host's own addresses (the gateway's usual target,
+            // the host's loopback) is made before the call returns, although it says
+            // EINPROGRESS: one getpeername saves the wait for the readiness event, a turn
+            // of the loop and the checks after it. Elsewhere it costs that one call.
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => socket.peer_addr().is_ok(),
             Err(e) => return Err(e),
-        }
+        };
         let mut stream = TcpStream::from_std(socket.into());
-        self.registry.register(
-            &mut stream,
-            Token(id),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        self.put(id, Entry::Stream(stream));
-        Ok(())
+        // A connected stream is watched for reading only until a write fills its buffer:
+        // registered for writing, it would be reported writable at once, a turn of the
+        // loop for nothing. A connect in progress is reported by its writability.
+        let interest = if connected {
+            Interest::READABLE
+        } else {
+            Interest::READABLE | Interest::WRITABLE
+        };
+        self.registry.register(&mut stream, Token(id), interest)?;
+        self.put(id, Entry::Stream(stream, !connected));
+        Ok(connected)
     }
 
     fn tcp_connected(&mut self, id: usize) -> io::Result<bool> {
@@ -219,9 +229,26 @@ impl HostIo for Sockets {
         self.stream(id)?.read(buf)
     }
 
+    /// A stream registered for reading only (connected at once, see `tcp_connect`) is
+    /// registered for writing as well when a write leaves bytes behind: the forwarder then
+    /// waits for its writability. Re-registering evaluates the readiness anew, so a buffer
+    /// that drained meanwhile is still reported.
     #[inline]
     fn write(&mut self, id: usize, buf: &[u8]) -> io::Result<usize> {
-        self.stream(id)?.write(buf)
+        let Some(Entry::Stream(s, watched)) = self.table.get_mut(id) else {
+            return Err(no_socket());
+        };
+        let res = s.write(buf);
+        let full = match &res {
+            Ok(n) => *n < buf.len(),
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        };
+        if full && !*watched {
+            self.registry
+                .reregister(s, Token(id), Interest::READABLE | Interest::WRITABLE)?;
+            *watched = true;
+        }
+        res
     }
 
     fn shutdown_write(&mut self, id: usize) {
@@ -319,7 +346,7 @@ impl HostIo for Sockets {
             Token(id),
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        self.put(id, Entry::Stream(stream));
+        self.put(id, Entry::Stream(stream, true));
         Ok(())
     }
 
@@ -373,7 +400,7 @@ impl HostIo for Sockets {
             // reference ever held elsewhere for a moment (a fork's child before its exec),
             // a late event would reach the flow that reuses the id as a spurious wake-up,
             // which every flow handles (`WouldBlock`, a connect still in progress).
-            Entry::Stream(s) => {
+            Entry::Stream(s, _) => {
                 if how == Close::Reset {
                     let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
                 }
@@ -498,6 +525,54 @@ mod tests {
             Err(PortError::Device { device, .. }) => assert_eq!(device, "nosuch-if0"),
             Err(e) => panic!("unexpected error {e}"),
             Ok(()) => panic!("bound to an interface that does not exist"),
+        }
+    }
+
+    #[test]
+    fn loopback_connect_is_made_at_once_and_writes_watched_once_full() {
+        use std::time::{Duration, Instant};
+        let (mut poll, mut s) = sockets();
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(s
+            .tcp_connect(4, server.local_addr().unwrap(), None)
+            .unwrap());
+        assert!(s.tcp_connected(4).unwrap());
+        let (mut peer, _) = server.accept().unwrap();
+        let mut events = mio::Events::with_capacity(8);
+        let writable = |events: &mio::Events| {
+            events
+                .iter()
+                .any(|e| e.token() == Token(4) && e.is_writable())
+        };
+        // Watched for reading only: no writability reported while nothing is full.
+        poll.poll(&mut events, Some(Duration::from_millis(50)))
+            .unwrap();
+        assert!(!writable(&events));
+        // Fill the send buffer while the peer does not read.
+        let chunk = vec![7u8; 1 << 16];
+        loop {
+            match s.write(4, &chunk) {
+                Ok(n) if n == chunk.len() => {}
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+        }
+        // Once the peer reads, writability is reported.
+        peer.set_nonblocking(true).unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            while peer.read(&mut buf).is_ok_and(|n| n > 0) {}
+            poll.poll(&mut events, Some(Duration::from_millis(10)))
+                .unwrap();
+            if writable(&events) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no writability after the peer read"
+            );
         }
     }
 

@@ -580,11 +580,14 @@ impl Nat {
         let id = entry.key();
         match tcp::TcpFlow::open(id, key, target, ip, &opts, io.host, guest) {
             Ok(mut flow) => {
+                let flow_connecting = flow.is_connecting();
                 flow.ingress(now, link, ip);
                 entry.insert(Flow::Tcp(Box::new(flow)));
                 self.table.tcp_map.insert(key, id);
                 self.table.member_opened(key.guest.0);
-                self.table.half_open += 1;
+                if flow_connecting {
+                    self.table.half_open += 1;
+                }
                 c.tcp_opened += 1;
                 self.table.mark_dirty(id);
             }

@@ -51,8 +51,10 @@ pub enum Close {
 /// The host's sockets, named by flow id. See the module's header.
 pub trait HostIo {
     /// Starts a non-blocking TCP connect to `target` for flow `id`, from `bind` (an
-    /// address of the target's family) if given, Nagle off. Its outcome comes as
-    /// readiness ([`tcp_connected`](Self::tcp_connected) then tells).
+    /// address of the target's family) if given, Nagle off. `Ok(true)` when it is
+    /// connected already (a connect to one of the host's own addresses is made within the
+    /// call); otherwise its outcome comes as readiness ([`tcp_connected`](Self::tcp_connected)
+    /// then tells).
     ///
     /// # Errors
     /// When the connect fails at once (`ECONNREFUSED`, `ENETUNREACH`, `EMFILE`...).
@@ -61,7 +63,7 @@ pub trait HostIo {
         id: usize,
         target: SocketAddr,
         bind: Option<IpAddr>,
-    ) -> io::Result<()>;
+    ) -> io::Result<bool>;
 
     /// After readiness of a connecting stream: `Ok(true)` when connected, `Ok(false)` when
     /// still connecting (a spurious wake-up).

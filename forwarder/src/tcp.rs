@@ -176,11 +176,14 @@ impl TcpFlow {
         host: &mut impl HostIo,
         mut guest: Guest,
     ) -> Result<TcpFlow, OpenError> {
-        host.tcp_connect(id, target, opts.outbound)
+        let connected = host
+            .tcp_connect(id, target, opts.outbound)
             .map_err(|e| classify(&e))?;
 
         let socket = guest.socket();
-        socket.pause_synack(true);
+        // Connected already (the host's own addresses): the SYN-ACK leaves in this turn,
+        // without a wait for the readiness event.
+        socket.pause_synack(!connected);
         let endpoint = IpListenEndpoint {
             addr: Some(key.remote.0),
             port: key.remote.1,
@@ -200,11 +203,15 @@ impl TcpFlow {
             id,
             sockets,
             handle,
-            phase: Phase::Connecting(None),
+            phase: if connected {
+                Phase::Open
+            } else {
+                Phase::Connecting(None)
+            },
             syn: quote,
             syn_len,
             host_readable: false,
-            host_writable: false,
+            host_writable: connected,
             host_eof: false,
             host_hup: false,
             host_wr_shut: false,
@@ -581,8 +588,8 @@ mod tests {
     }
 
     impl HostIo for OneStream {
-        fn tcp_connect(&mut self, _: usize, _: SocketAddr, _: Option<IpAddr>) -> io::Result<()> {
-            Ok(())
+        fn tcp_connect(&mut self, _: usize, _: SocketAddr, _: Option<IpAddr>) -> io::Result<bool> {
+            Ok(false)
         }
         fn tcp_connected(&mut self, _: usize) -> io::Result<bool> {
             match self.outcome {

@@ -476,7 +476,7 @@ impl HostIo for MemHost {
         id: usize,
         target: SocketAddr,
         _bind: Option<IpAddr>,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let remote = self
             .remotes
             .get(&target)
@@ -494,7 +494,8 @@ impl HostIo for MemHost {
             Remote::Accept => self.event(id, false, true, false),
             _ => self.event(id, true, true, true),
         }
-        Ok(())
+        // Connects complete at their first readiness event, as a remote host's would.
+        Ok(false)
     }
 
     fn tcp_connected(&mut self, id: usize) -> io::Result<bool> {
