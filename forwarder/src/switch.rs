@@ -458,7 +458,14 @@ impl Switch {
             }
             return Verdict::Drop;
         };
-        let owner = self.owner(now, src);
+        // Whose address it is matters only for a source the port has not learned: most
+        // frames come from their port's own address and skip the table's lookup.
+        let learned = self.ports.get(port).is_some_and(|p| p.mac == Some(src));
+        let owner = if learned {
+            Some(port)
+        } else {
+            self.owner(now, src)
+        };
         let Some(p) = self.ports.get_mut(port) else {
             return Verdict::Drop;
         };
