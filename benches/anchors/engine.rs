@@ -533,9 +533,10 @@ impl Session {
     }
 
     /// Engines with a process: whether the container got a usable (non-tentative) global
-    /// IPv6 address and a default route within 3 s (SLAAC), and where it reaches the host.
+    /// IPv6 address and a default route within 6 s (SLAAC; slirp4netns's router
+    /// advertisement sometimes takes over 3 s), and where it reaches the host.
     fn find_ipv6(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(6);
         loop {
             let addr = self
                 .cmd("ip")
