@@ -733,7 +733,7 @@ fn real_main() -> Result<ExitCode, String> {
                 let servers = session
                     .as_ref()
                     .map_err(Clone::clone)
-                    .and_then(|s| HostServers::start(s.bind, s.host6.map(|h| h.1)));
+                    .and_then(|s| HostServers::start(s.bind, s.bind6));
                 match (&session, &servers) {
                     (Ok(s), Ok(srv)) => {
                         let mut cache = BTreeMap::new();

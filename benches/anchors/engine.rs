@@ -176,9 +176,12 @@ pub struct Session {
     pub host: Ipv4Addr,
     /// Where the host-side servers listen.
     pub bind: Ipv4Addr,
-    /// The host as the container sees it over IPv6, and where the host-side IPv6 servers
-    /// listen, when the container has IPv6.
-    pub host6: Option<(Ipv6Addr, Ipv6Addr)>,
+    /// Where the host-side IPv6 servers listen (the engines with a process relay to the
+    /// host's `::1`).
+    pub bind6: Ipv6Addr,
+    /// Kernel: the host as the container sees it over IPv6 ([`Session::host6`] finds it
+    /// for the others, when a figure needs it).
+    kernel_host6: Option<Ipv6Addr>,
     /// The published port on the host's 127.0.0.1 (to the container's port 5201).
     pub pub_port: u16,
     /// The engine's process (CPU and RSS), if it has one.
@@ -216,7 +219,8 @@ impl Session {
             netns: PathBuf::new(),
             host: SLIRP_GATEWAY,
             bind: Ipv4Addr::LOCALHOST,
-            host6: None,
+            bind6: Ipv6Addr::LOCALHOST,
+            kernel_host6: None,
             pub_port: tools.pub_port,
             engine_pid: None,
             startup_ms: None,
@@ -249,7 +253,6 @@ impl Session {
                     }
                     _ => s.start_slirp_like(tools, target)?,
                 }
-                s.find_ipv6();
             }
         }
         Ok(s)
@@ -528,14 +531,19 @@ impl Session {
         sys::sh("ip", &["-n", &ns, "addr", "add", &g6, "dev", &vc, "nodad"])?;
         self.host = KERNEL_HOST;
         self.bind = KERNEL_HOST;
-        self.host6 = Some((KERNEL_HOST6, KERNEL_HOST6));
+        self.bind6 = KERNEL_HOST6;
+        self.kernel_host6 = Some(KERNEL_HOST6);
         Ok(())
     }
 
-    /// Engines with a process: whether the container got a usable (non-tentative) global
-    /// IPv6 address and a default route within 6 s (SLAAC; slirp4netns's router
-    /// advertisement sometimes takes over 3 s), and where it reaches the host.
-    fn find_ipv6(&mut self) {
+    /// The host as the container sees it over IPv6, if the container has IPv6. For the
+    /// engines with a process: once the container has a usable (non-tentative) global
+    /// address and a default route, waited for up to 6 s (SLAAC; slirp4netns's router
+    /// advertisement sometimes takes over 3 s), only by the figures that use IPv6.
+    pub fn host6(&self) -> Option<Ipv6Addr> {
+        if self.kind == Kind::Kernel {
+            return self.kernel_host6;
+        }
         let deadline = Instant::now() + Duration::from_secs(6);
         loop {
             let addr = self
@@ -562,19 +570,14 @@ impl Session {
                         .nth(1)
                         .and_then(|g| g.parse::<Ipv6Addr>().ok())
                         .filter(|g| !g.is_unicast_link_local());
-                    let gw = match self.kind {
-                        Kind::Usernet | Kind::Slirp4netns => SLIRP_GATEWAY6,
-                        _ => match via {
-                            Some(g) => g,
-                            None => return,
-                        },
+                    return match self.kind {
+                        Kind::Usernet | Kind::Slirp4netns => Some(SLIRP_GATEWAY6),
+                        _ => via,
                     };
-                    self.host6 = Some((gw, Ipv6Addr::LOCALHOST));
-                    return;
                 }
             }
             if Instant::now() > deadline {
-                return;
+                return None;
             }
             thread::sleep(Duration::from_millis(50));
         }

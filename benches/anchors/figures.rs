@@ -44,7 +44,7 @@ pub struct HostServers {
     pub rr: u16,
     /// Accept, 1 byte in, 1 byte out, close (crr).
     pub crr: u16,
-    /// The same on the host's IPv6 address (crr6), if the session has IPv6.
+    /// The same on the host's IPv6 address (crr6), if it has IPv6.
     pub crr6: Option<u16>,
     /// UDP echo (udp_rr).
     pub udp: u16,
@@ -90,8 +90,9 @@ fn crr_serve(mut c: TcpStream) {
 }
 
 impl HostServers {
-    /// Starts them on `bind` (ports chosen by the kernel), the crr6 server on `bind6`.
-    pub fn start(bind: Ipv4Addr, bind6: Option<Ipv6Addr>) -> Result<HostServers, String> {
+    /// Starts them on `bind` (ports chosen by the kernel), the crr6 server on `bind6` (none
+    /// on a host without IPv6).
+    pub fn start(bind: Ipv4Addr, bind6: Ipv6Addr) -> Result<HostServers, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let held = Arc::new(Mutex::new(Vec::new()));
         let mut threads = Vec::new();
@@ -102,13 +103,12 @@ impl HostServers {
         threads.push(h);
         let (crr, h) = tcp_server(bind.into(), &stop, &mut ls, crr_serve)?;
         threads.push(h);
-        let crr6 = match bind6 {
-            Some(b6) => {
-                let (port, h) = tcp_server(b6.into(), &stop, &mut ls, crr_serve)?;
+        let crr6 = match tcp_server(bind6.into(), &stop, &mut ls, crr_serve) {
+            Ok((port, h)) => {
                 threads.push(h);
                 Some(port)
             }
-            None => None,
+            Err(_) => None,
         };
         let keep = held.clone();
         let (idle, h) = tcp_server(bind.into(), &stop, &mut ls, move |c| {
@@ -372,9 +372,10 @@ pub fn crr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
 
 /// [`crr`] over IPv6, to the host as the container sees it over IPv6.
 pub fn crr6(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
-    match (s.host6, srv.crr6) {
-        (Some((host, _)), Some(port)) => crr_to(s, ctx, SocketAddr::from((host, port))),
-        _ => Err("no IPv6 in the container".into()),
+    match (srv.crr6, s.host6()) {
+        (Some(port), Some(host)) => crr_to(s, ctx, SocketAddr::from((host, port))),
+        (None, _) => Err("no IPv6 on the host".into()),
+        (_, None) => Err("no IPv6 in the container".into()),
     }
 }
 
