@@ -35,6 +35,8 @@
 //!
 //! Limits: at most [`MAX_RELAYS`] relayed TCP connections and UDP associations; beyond,
 //! new ones are refused (closed). Relayed UDP associations idle for [`UDP_IDLE`] end.
+//! This table is the relay's own, not the forwarder's flow table: README's Layout says
+//! why, and what moving it there needs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
