@@ -547,7 +547,8 @@ impl Running {
             // so it is not spun for.
             let c = fwd.counters();
             let relayed: u64 = subs.iter().map(|s| s.bytes_relayed()).sum();
-            let spin = !bulk.is_bulk(std::time::Instant::now(), c.rx_bytes + c.tx_bytes + relayed);
+            let moved = c.rx_bytes + c.tx_bytes + c.splice_bytes + relayed;
+            let spin = !bulk.is_bulk(std::time::Instant::now(), moved);
             if let Err(e) = waiter.wait(&mut poll, &mut events, timeout, spin) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -640,13 +641,6 @@ impl Running {
             };
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
-            for conn in sockets.handoffs() {
-                let mut conn = Some(conn);
-                for sub in subs.iter_mut() {
-                    let Some(c) = conn.take() else { break };
-                    conn = sub.take_connection(c, poll.registry());
-                }
-            }
             for sub in subs.iter_mut() {
                 if let Next::Exit(code) = sub.turn(&mut cx!()) {
                     return Ok(code);

@@ -17,14 +17,18 @@
 //! dynamic dispatch (the forwarder is generic over its host). The datagram calls with a
 //! local address or segmentation are [`crate::sys::msg`]'s.
 //!
-//! Loopback clients of published ports in pasta mode are not forwarded but handed over
-//! ([`forwarder::Config::loopback_handoff`]): they wait in [`Sockets::handoffs`] for the
-//! subsystem that splices them (`src/pasta/ports.rs`). A handed-over datagram comes with
-//! a duplicate of its rule's socket, made once per rule.
+//! Loopback clients of published ports in pasta mode are not forwarded
+//! ([`forwarder::Config::loopback_handoff`]). A connection becomes a spliced flow: the
+//! [`NsOpener`] that pasta mode installs ([`Sockets::set_opener`]) opens its other side
+//! inside the namespace, and the two sockets, both registered under the flow's token,
+//! are relayed by [`crate::splice::Pair`] through pipes. A datagram goes to its client's
+//! spliced association: a socket the opener makes inside the namespace, whose replies
+//! are sent back through a duplicate of the rule's socket (made once per rule, so that
+//! they still go out once the rule is removed).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use forwarder::port::{PortError, PortRule, Proto};
@@ -33,32 +37,25 @@ use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::splice::Pair;
 use crate::sys::msg;
 
-/// What a published port received from a loopback client and handed to the caller
-/// instead of forwarding it through the guest link ([`forwarder::Config::loopback_handoff`]).
-#[derive(Debug)]
-pub enum Handoff {
-    /// An accepted TCP connection.
-    Tcp {
-        /// The connection.
-        stream: TcpStream,
-        /// The client (a loopback address).
-        client: SocketAddr,
-        /// The guest port the rule forwards to.
-        guest_port: u16,
-    },
-    /// A datagram; answers go to `client` through `socket`.
-    Udp {
-        /// A duplicate of the rule's socket (non-blocking), shared by its handoffs.
-        socket: Arc<std::net::UdpSocket>,
-        /// The client (a loopback address).
-        client: SocketAddr,
-        /// The datagram.
-        data: Vec<u8>,
-        /// The guest port the rule forwards to.
-        guest_port: u16,
-    },
+/// Opens the namespace's side of a spliced connection: installed by pasta mode, whose
+/// agent makes sockets inside the namespace.
+pub trait NsOpener {
+    /// A TCP socket inside the namespace, non-blocking, connecting to the guest's port
+    /// `guest_port` for the loopback client `client` (its family first).
+    ///
+    /// # Errors
+    /// When the namespace has no address to reach, or the socket cannot be made.
+    fn tcp_connect(&self, client: SocketAddr, guest_port: u16) -> io::Result<OwnedFd>;
+
+    /// A UDP socket inside the namespace, non-blocking, connected to the guest's port
+    /// `guest_port` for the loopback client `client`, from the client's port if free.
+    ///
+    /// # Errors
+    /// As [`tcp_connect`](Self::tcp_connect).
+    fn udp_connect(&self, client: SocketAddr, guest_port: u16) -> io::Result<OwnedFd>;
 }
 
 /// One entry of the table.
@@ -71,10 +68,20 @@ enum Entry {
     Dgram(UdpSocket),
     /// A published TCP port (registered).
     Listener(TcpListener),
-    /// A published UDP port (registered), and its duplicate for handoffs once made.
+    /// A published UDP port (registered), and its duplicate for spliced associations
+    /// once made.
     Port(UdpSocket, Option<Arc<std::net::UdpSocket>>),
     /// A connection accepted and not yet adopted (not registered).
     Accepted(TcpStream),
+    /// A spliced flow: both sockets registered under its token.
+    Splice(Box<Pair>),
+    /// A spliced UDP association (registered): its socket in the namespace, and the
+    /// rule's socket its replies go to `client` through.
+    SpliceUdp {
+        ns: UdpSocket,
+        port: Arc<std::net::UdpSocket>,
+        client: SocketAddr,
+    },
 }
 
 /// Receive buffer asked for on every host UDP socket (the kernel caps it at
@@ -104,7 +111,10 @@ pub struct Sockets {
     table: Vec<Entry>,
     /// Whether the kernel segments UDP sends ([`msg::udp_gso_supported`]).
     gso: bool,
-    handoffs: Vec<Handoff>,
+    /// Replies of spliced UDP associations pass here (sized at the first).
+    splice_buf: Vec<u8>,
+    /// Opens the namespace's side of spliced flows (pasta mode).
+    opener: Option<Box<dyn NsOpener>>,
 }
 
 impl Sockets {
@@ -114,14 +124,14 @@ impl Sockets {
             registry,
             table: Vec::new(),
             gso: msg::udp_gso_supported(),
-            handoffs: Vec::new(),
+            splice_buf: Vec::new(),
+            opener: None,
         }
     }
 
-    /// The loopback connections and datagrams of published ports since the last call;
-    /// whatever is not taken is dropped.
-    pub fn handoffs(&mut self) -> std::vec::Drain<'_, Handoff> {
-        self.handoffs.drain(..)
+    /// Installs what opens the namespace's side of spliced flows.
+    pub fn set_opener(&mut self, opener: Box<dyn NsOpener>) {
+        self.opener = Some(opener);
     }
 
     fn put(&mut self, id: usize, entry: Entry) {
@@ -147,7 +157,7 @@ impl Sockets {
 
     fn dgram(&mut self, id: usize) -> io::Result<&mut UdpSocket> {
         match self.table.get_mut(id) {
-            Some(Entry::Dgram(s) | Entry::Port(s, _)) => Ok(s),
+            Some(Entry::Dgram(s) | Entry::Port(s, _) | Entry::SpliceUdp { ns: s, .. }) => Ok(s),
             _ => Err(no_socket()),
         }
     }
@@ -350,27 +360,51 @@ impl HostIo for Sockets {
         Ok(())
     }
 
-    fn hand_off_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) {
-        if let Entry::Accepted(stream) = self.take(id) {
-            self.handoffs.push(Handoff::Tcp {
-                stream,
-                client,
-                guest_port,
-            });
+    fn splice_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
+        let Entry::Accepted(stream) = self.take(id) else {
+            return Err(no_socket());
+        };
+        let opener = self.opener.as_ref().ok_or_else(no_socket)?;
+        let ns = TcpStream::from_std(std::net::TcpStream::from(
+            opener.tcp_connect(client, guest_port)?,
+        ));
+        let mut pair = Box::new(Pair::new(stream, ns)?);
+        let rw = Interest::READABLE | Interest::WRITABLE;
+        for sock in pair.sockets() {
+            self.registry.register(sock, Token(id), rw)?;
+        }
+        self.put(id, Entry::Splice(pair));
+        Ok(())
+    }
+
+    #[inline]
+    fn splice_relay(&mut self, id: usize) -> (usize, bool) {
+        match self.table.get_mut(id) {
+            Some(Entry::Splice(pair)) => pair.pump(),
+            Some(Entry::SpliceUdp { ns, port, client }) => {
+                let mut moved = 0;
+                while let Ok(n) = ns.recv(&mut self.splice_buf) {
+                    if port.send_to(&self.splice_buf[..n], *client).is_ok() {
+                        moved += n;
+                    }
+                }
+                (moved, false)
+            }
+            _ => (0, true),
         }
     }
 
-    fn hand_off_udp(
+    fn splice_udp(
         &mut self,
+        id: usize,
         listener: usize,
         client: SocketAddr,
-        data: &[u8],
         guest_port: u16,
     ) -> io::Result<()> {
         let Some(Entry::Port(sock, dup)) = self.table.get_mut(listener) else {
             return Err(no_socket());
         };
-        let socket = match dup {
+        let port = match dup {
             Some(s) => s.clone(),
             None => {
                 let s = Arc::new(std::net::UdpSocket::from(
@@ -380,12 +414,16 @@ impl HostIo for Sockets {
                 s
             }
         };
-        self.handoffs.push(Handoff::Udp {
-            socket,
-            client,
-            data: data.to_vec(),
-            guest_port,
-        });
+        let opener = self.opener.as_ref().ok_or_else(no_socket)?;
+        let mut ns = UdpSocket::from_std(std::net::UdpSocket::from(
+            opener.udp_connect(client, guest_port)?,
+        ));
+        self.registry
+            .register(&mut ns, Token(id), Interest::READABLE)?;
+        if self.splice_buf.is_empty() {
+            self.splice_buf = vec![0u8; 65536];
+        }
+        self.put(id, Entry::SpliceUdp { ns, port, client });
         Ok(())
     }
 
@@ -410,12 +448,14 @@ impl HostIo for Sockets {
                     let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
                 }
             }
-            Entry::Dgram(mut s) | Entry::Port(mut s, _) => {
+            Entry::Dgram(mut s) | Entry::Port(mut s, _) | Entry::SpliceUdp { ns: mut s, .. } => {
                 let _ = registry.deregister(&mut s);
             }
             Entry::Listener(mut l) => {
                 let _ = registry.deregister(&mut l);
             }
+            // Closing the sockets takes them out of the epoll set.
+            Entry::Splice(_) => {}
         }
     }
 }

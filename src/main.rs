@@ -29,6 +29,7 @@ mod pidns;
 mod requests;
 mod resolv_watch;
 mod runs;
+mod splice;
 mod subsystem;
 mod sys;
 
@@ -788,6 +789,7 @@ fn forwarder_with(
             udp_flows: net.max_udp_flows as usize,
             icmp_flows: net.max_icmp_flows as usize,
             ports: net.max_published_ports as usize,
+            ..Limits::default()
         },
         seed: random_seed(),
         ..Config::default()

@@ -31,7 +31,7 @@ use nix::sys::signal::Signal;
 use nix::sys::signalfd::SignalFd;
 
 use crate::busy_poll::WaitStats;
-use crate::host::{Handoff, Sockets};
+use crate::host::Sockets;
 use crate::netns::TargetWatch;
 use crate::pidns::Supervisor;
 use crate::resolv_watch::ResolvWatch;
@@ -118,13 +118,6 @@ pub trait Subsystem {
     /// too, not spun for ([`crate::busy_poll`]).
     fn bytes_relayed(&self) -> u64 {
         0
-    }
-
-    /// A published-port connection or datagram of a loopback client that the forwarder
-    /// handed over ([`forwarder::Config::loopback_handoff`]); given back if not taken.
-    fn take_connection(&mut self, conn: Handoff, registry: &Registry) -> Option<Handoff> {
-        let _ = registry;
-        Some(conn)
     }
 
     /// `port`'s TAP went away (its namespace ended); false: the loop ends.

@@ -39,8 +39,8 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPacket};
 
 use crate::{
-    dns_relay, egress, emit, icmp, names, nat, port, tcp, timer, udp, Close, Config, Counters,
-    FlowKey, HostIo, Io, Limits, Link, Topology,
+    dns_relay, egress, emit, icmp, names, nat, port, splice, tcp, timer, udp, Close, Config,
+    Counters, FlowKey, HostIo, Io, Limits, Link, Topology,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -50,6 +50,8 @@ pub(crate) enum Flow {
     UdpIn(udp::InboundFlow),
     Icmp(icmp::IcmpFlow),
     Port(Box<port::Listener>),
+    /// A flow the host relays by itself, pasta's splice path ([`crate::splice`]).
+    Splice(splice::SpliceFlow),
 }
 
 impl Flow {
@@ -60,6 +62,7 @@ impl Flow {
             Flow::UdpIn(f) => Some(&mut f.timer),
             Flow::Icmp(f) => Some(&mut f.timer),
             Flow::Port(l) => Some(&mut l.retry),
+            Flow::Splice(f) => Some(&mut f.timer),
         }
     }
 }
@@ -182,6 +185,10 @@ pub(crate) struct FlowTable {
     no_flow: SocketSet<'static>,
     /// TCP flows whose host connect is pending.
     half_open: usize,
+    /// Spliced flows.
+    spliced: usize,
+    /// Spliced UDP associations by (client, guest port).
+    splice_udp: HashMap<(std::net::SocketAddr, u16), usize>,
     /// Flows per guest address, when [`member_limit`](Self::member_limit) is set.
     member_flows: HashMap<IpAddress, usize>,
     /// Most flows (TCP, UDP, ICMP together) one guest address may have open.
@@ -200,6 +207,8 @@ impl FlowTable {
             timers: timer::Timers::new(),
             dirty: Vec::new(),
             no_flow: SocketSet::new(Vec::new()),
+            spliced: 0,
+            splice_udp: HashMap::new(),
             half_open: 0,
             member_flows: HashMap::new(),
             member_limit,
@@ -412,6 +421,11 @@ impl Nat {
     /// TCP flows whose host connection is still being made.
     pub fn half_open(&self) -> usize {
         self.table.half_open
+    }
+
+    /// Spliced flows open.
+    pub fn spliced_flows(&self) -> usize {
+        self.table.spliced
     }
 
     /// The table limits in force.
@@ -899,6 +913,16 @@ impl Nat {
                     self.port_ready(link, c, now, id, io);
                 }
             }
+            Some(Flow::Splice(f)) => {
+                let (moved, done) = io.host.splice_relay(id);
+                c.splice_bytes += moved as u64;
+                if moved > 0 {
+                    f.last_active = now;
+                }
+                if done {
+                    self.close_flow(c, id, io);
+                }
+            }
             Some(Flow::UdpIn(_)) | None => {}
         }
     }
@@ -953,6 +977,7 @@ impl Nat {
                 }
                 Flow::UdpIn(f) => f.last_active + self.cfg.udp_idle,
                 Flow::Icmp(f) => f.last_active + icmp::IDLE,
+                Flow::Splice(f) => f.last_active + splice::UDP_IDLE,
                 Flow::Port(_) => {
                     // A retry after EMFILE.
                     self.port_ready(link, c, now, id, io);
@@ -1104,6 +1129,14 @@ impl Nat {
                 c.icmp_closed += 1;
             }
             Flow::Port(_) => io.host.close(id, Close::Clean),
+            Flow::Splice(f) => {
+                if let Some(key) = f.udp {
+                    self.table.splice_udp.remove(&key);
+                }
+                self.table.spliced -= 1;
+                io.host.close(id, Close::Clean);
+                c.splice_closed += 1;
+            }
         }
     }
 
@@ -1310,14 +1343,92 @@ impl Nat {
                 }
             };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
-                c.tcp_handed_off += 1;
-                io.host.hand_off_tcp(conn, client, guest.port());
+                self.splice_tcp(c, now, conn, client, guest.port(), io);
             } else if self.table.tcp_map.len() >= self.cfg.limits.tcp_flows {
                 c.tcp_table_full += 1;
                 io.host.close(conn, Close::Reset);
             } else {
                 self.accept_tcp(link, c, conn, client, guest, io);
             }
+        }
+    }
+
+    /// Splices the accepted connection `conn` of a loopback client to `guest_port`
+    /// inside the guest's namespace, as flow `conn`.
+    fn splice_tcp<H: HostIo>(
+        &mut self,
+        c: &mut Counters,
+        now: Instant,
+        conn: usize,
+        client: std::net::SocketAddr,
+        guest_port: u16,
+        io: &mut Io<'_, H>,
+    ) {
+        c.tcp_handed_off += 1;
+        if self.table.spliced >= self.cfg.limits.spliced {
+            c.splice_table_full += 1;
+            io.host.close(conn, Close::Clean);
+            return;
+        }
+        if let Err(e) = io.host.splice_tcp(conn, client, guest_port) {
+            log::debug!("cannot splice {client} to port {guest_port}: {e}");
+            return;
+        }
+        let id = self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
+            udp: None,
+            last_active: now,
+            timer: None,
+        }));
+        debug_assert_eq!(id, conn, "the accepted connection's id is the next entry");
+        self.table.spliced += 1;
+    }
+
+    /// Sends the datagram of the loopback client `client`, received on the published
+    /// UDP port `listener`, to `guest_port` inside the guest's namespace, through the
+    /// client's spliced association (opened if new).
+    fn splice_datagram<H: HostIo>(
+        &mut self,
+        cx: Cx<'_, '_, H>,
+        listener: usize,
+        client: std::net::SocketAddr,
+        guest_port: u16,
+        data: &[u8],
+    ) {
+        let Cx { c, io, now, .. } = cx;
+        c.udp_handed_off += 1;
+        let key = (client, guest_port);
+        let id = match self.table.splice_udp.get(&key) {
+            Some(&id) => id,
+            None => {
+                if self.table.spliced >= self.cfg.limits.spliced {
+                    c.splice_table_full += 1;
+                    return;
+                }
+                let id = self.table.flows.vacant_key();
+                if let Err(e) = io.host.splice_udp(id, listener, client, guest_port) {
+                    log::debug!("cannot splice {client} to port {guest_port}: {e}");
+                    c.udp_send_dropped += 1;
+                    return;
+                }
+                self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
+                    udp: Some(key),
+                    last_active: now,
+                    timer: None,
+                }));
+                self.table.splice_udp.insert(key, id);
+                self.table.spliced += 1;
+                if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot) {
+                    self.table.timers.arm(slot, id, now + splice::UDP_IDLE);
+                }
+                id
+            }
+        };
+        if let Some(Flow::Splice(f)) = self.table.flows.get_mut(id) {
+            f.last_active = now;
+        }
+        match io.host.send(id, data) {
+            Ok(n) => c.splice_bytes += n as u64,
+            Err(_) => c.udp_send_dropped += 1,
         }
     }
 
@@ -1373,11 +1484,16 @@ impl Nat {
                 Err(_) => return,
             };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
-                let data = &self.published.scratch[..n];
-                match io.host.hand_off_udp(id, client, data, rule_guest.port()) {
-                    Ok(()) => c.udp_handed_off += 1,
-                    Err(_) => c.udp_send_dropped += 1,
-                }
+                // `splice_datagram` needs `&mut self`: lend it the buffer (a move).
+                let scratch = std::mem::take(&mut self.published.scratch);
+                let cx = Cx {
+                    link: &mut *link,
+                    c: &mut *c,
+                    io: &mut *io,
+                    now,
+                };
+                self.splice_datagram(cx, id, client, rule_guest.port(), &scratch[..n]);
+                self.published.scratch = scratch;
                 continue;
             }
             // A known client keeps its association (and so the address and port the guest

@@ -160,7 +160,7 @@ pub trait HostIo {
     fn listen(&mut self, id: usize, rule: &PortRule) -> Result<(), PortError>;
 
     /// Accepts a connection on listener `listener` and keeps it as `id`, not yet watched:
-    /// the caller then [`adopt`](Self::adopt)s it, [`hand_off_tcp`](Self::hand_off_tcp)s
+    /// the caller then [`adopt`](Self::adopt)s it, [`splice_tcp`](Self::splice_tcp)s
     /// it or [`close`](Self::close)s it. Returns the client's address.
     ///
     /// # Errors
@@ -173,20 +173,37 @@ pub trait HostIo {
     /// When it cannot be watched; it is closed then.
     fn adopt(&mut self, id: usize) -> io::Result<()>;
 
-    /// Hands the accepted connection `id` of a loopback client to the caller's relay
-    /// ([`crate::Config::loopback_handoff`]); `id` is free again.
-    fn hand_off_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16);
-
-    /// Hands a datagram of a loopback client, received on `listener`, to the caller's
-    /// relay, which answers through (a duplicate of) that socket.
+    /// Splices the accepted connection `id` of a loopback client
+    /// ([`crate::Config::loopback_handoff`]): opens a connection to the guest's
+    /// `guest_port` from inside the guest's namespace, not through the guest link, and
+    /// watches both under `id` (readable and writable, edge-triggered) until
+    /// [`close`](Self::close). The bytes then move between the two host-side
+    /// ([`splice_relay`](Self::splice_relay)), never through the forwarder.
     ///
     /// # Errors
-    /// When the socket cannot be shared.
-    fn hand_off_udp(
+    /// When the other side cannot be opened; `id` is closed then.
+    fn splice_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()>;
+
+    /// After readiness of spliced flow `id`: moves what waits, both ways (a UDP
+    /// association: the replies). Returns the bytes written to either side, and whether
+    /// the flow is over (a TCP one: both sides closed theirs and everything was
+    /// delivered, or an error).
+    fn splice_relay(&mut self, id: usize) -> (usize, bool);
+
+    /// Opens spliced UDP association `id` of the loopback client `client` of the
+    /// published UDP port `listener` ([`crate::Config::loopback_handoff`]): a datagram
+    /// socket inside the guest's namespace connected to the guest's `guest_port`, watched
+    /// for reading under `id`; the forwarder [`send`](Self::send)s the client's
+    /// datagrams on it, and [`splice_relay`](Self::splice_relay) sends the replies to
+    /// `client` through `listener`'s socket.
+    ///
+    /// # Errors
+    /// When the socket cannot be opened.
+    fn splice_udp(
         &mut self,
+        id: usize,
         listener: usize,
         client: SocketAddr,
-        data: &[u8],
         guest_port: u16,
     ) -> io::Result<()>;
 

@@ -93,6 +93,7 @@ pub mod names;
 pub mod nat;
 pub mod ndp;
 pub mod port;
+pub mod splice;
 pub mod switch;
 mod sys;
 pub mod tcp;
@@ -141,6 +142,8 @@ pub struct Limits {
     pub icmp_flows: usize,
     /// Published ports (rules).
     pub ports: usize,
+    /// Spliced flows (pasta's loopback clients, [`Config::loopback_handoff`]).
+    pub spliced: usize,
 }
 
 impl Default for Limits {
@@ -151,6 +154,7 @@ impl Default for Limits {
             udp_flows: 4096,
             icmp_flows: 256,
             ports: port::MAX_RULES,
+            spliced: 4096,
         }
     }
 }
@@ -231,9 +235,9 @@ pub struct Config {
     /// Bytes of smoltcp buffer per TCP flow and direction.
     pub tcp_buffer: usize,
     /// TCP connections and UDP datagrams of published ports from loopback clients are
-    /// not forwarded through the guest link but handed to the caller
-    /// ([`HostIo::hand_off_tcp`], [`HostIo::hand_off_udp`]), who sends them on inside the
-    /// guest's namespace: pasta's "splice" path.
+    /// not forwarded through the guest link but sent on inside the guest's namespace
+    /// by the host ([`HostIo::splice_tcp`], [`HostIo::splice_udp`]): pasta's "splice"
+    /// path.
     pub loopback_handoff: bool,
     /// UDP flows are closed after this long without traffic.
     pub udp_idle: Duration,
@@ -373,13 +377,19 @@ counters! {
         tcp_table_full,
         /// TCP flows refused by a local error (EMFILE, no memory for buffers...).
         tcp_host_errors,
-        /// Published-port connections from loopback clients handed to pasta mode's
-        /// relay inside the namespace (they do not cross the guest link).
+        /// Published-port connections from loopback clients spliced to the guest's port
+        /// inside its namespace (pasta mode; they do not cross the guest link).
         tcp_handed_off,
+        /// Spliced flows closed.
+        splice_closed,
+        /// Spliced flows refused: their limit ([`Limits::spliced`]) reached.
+        splice_table_full,
+        /// Bytes moved by spliced flows (either way).
+        splice_bytes,
         /// TCP segments of no flow (answered with RST).
         tcp_stray_segments,
-        /// Published-port datagrams from loopback clients handed to pasta mode's relay
-        /// inside the namespace (they do not cross the guest link).
+        /// Published-port datagrams from loopback clients spliced to the guest's port
+        /// inside its namespace (pasta mode; they do not cross the guest link).
         udp_handed_off,
         /// UDP flows opened.
         udp_opened,
@@ -670,6 +680,11 @@ impl Forwarder {
     /// The table limits in force.
     pub fn limits(&self) -> Limits {
         self.nat.limits()
+    }
+
+    /// Spliced flows open (pasta's loopback clients, [`Config::loopback_handoff`]).
+    pub fn spliced_flows(&self) -> usize {
+        self.nat.spliced_flows()
     }
 
     /// Open flows by protocol: (tcp, udp, icmp).

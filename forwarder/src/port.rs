@@ -15,9 +15,9 @@
 //! keeping their port where it is free.
 //!
 //! **Loopback clients in pasta mode.** With [`crate::Config::loopback_handoff`], a TCP
-//! connection or a UDP datagram from a loopback client is not forwarded at all: it is
-//! handed to the caller ([`crate::HostIo::hand_off_tcp`], [`crate::HostIo::hand_off_udp`]),
-//! who sends it on inside the guest's namespace (pasta's model; see `src/pasta/ports.rs`).
+//! connection or a UDP datagram from a loopback client is not forwarded at all: the host
+//! sends it on inside the guest's namespace (pasta's model): it becomes a spliced flow
+//! ([`crate::splice`]).
 //! A datagram is a copy: loopback UDP is not the path bulk traffic takes.
 //!
 //! Limits: a rule count bound ([`MAX_RULES`]); connections and associations count

@@ -669,10 +669,13 @@ mod tests {
         fn adopt(&mut self, _: usize) -> io::Result<()> {
             unreachable!()
         }
-        fn hand_off_tcp(&mut self, _: usize, _: SocketAddr, _: u16) {
+        fn splice_tcp(&mut self, _: usize, _: SocketAddr, _: u16) -> io::Result<()> {
             unreachable!()
         }
-        fn hand_off_udp(&mut self, _: usize, _: SocketAddr, _: &[u8], _: u16) -> io::Result<()> {
+        fn splice_relay(&mut self, _: usize) -> (usize, bool) {
+            unreachable!()
+        }
+        fn splice_udp(&mut self, _: usize, _: usize, _: SocketAddr, _: u16) -> io::Result<()> {
             unreachable!()
         }
     }

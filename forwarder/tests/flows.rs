@@ -6,7 +6,6 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 
-use common::host::Handed;
 use common::pair::Pair;
 use common::*;
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -473,40 +472,184 @@ fn published_udp_port_association_and_replies() {
 }
 
 #[test]
-fn loopback_clients_are_handed_off() {
+fn loopback_datagrams_are_spliced_until_the_association_idles() {
     let mut cfg = Sim::config(true);
     cfg.loopback_handoff = true;
     let mut sim = Sim::with_config(cfg);
-    let tcp = SocketAddr::from(([127, 0, 0, 1], 2222));
-    let udp = SocketAddr::from(([127, 0, 0, 1], 5353));
-    sim.fwd
-        .add_port(Proto::Tcp, tcp, None, 22, &mut sim.host)
-        .unwrap();
+    let udp = loopback(5353);
     sim.fwd
         .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
         .unwrap();
-    let client = SocketAddr::from(([127, 0, 0, 1], 40000));
-    sim.host.connect_in(tcp, client);
-    sim.host.datagram_in(udp, client, None, b"q");
+    let client = loopback(40000);
+    sim.host.datagram_in(udp, client, None, b"q1");
+    sim.run_for(1);
+    let id = sim
+        .host
+        .dgram_to(loopback(53))
+        .expect("the namespace's socket");
+    assert_eq!(sim.host.take_sent(id), [b"q1".to_vec()]);
+    assert_eq!(sim.fwd.spliced_flows(), 1);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0), "not a guest flow");
+    sim.host.dgram_reply(id, b"answer");
     sim.run_for(1);
     assert_eq!(
-        sim.host.handed,
-        [
-            Handed::Tcp {
-                client,
-                guest_port: 22
-            },
-            Handed::Udp {
-                client,
-                data: b"q".to_vec(),
-                guest_port: 53
-            }
-        ]
+        sim.host.port_sent(udp),
+        [(Some(client), None, b"answer".to_vec())]
     );
+    // The client's next datagram takes the same association.
+    sim.host.datagram_in(udp, client, None, b"q2");
+    sim.run_for(1);
+    assert_eq!(sim.host.take_sent(id), [b"q2".to_vec()]);
     let c = sim.fwd.counters();
-    assert_eq!((c.tcp_handed_off, c.udp_handed_off), (1, 1));
-    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!((c.udp_handed_off, c.splice_bytes), (2, 10));
     assert!(sim.wire.0.is_empty(), "nothing crossed the guest link");
+    // A reply keeps it alive too; it ends 180 s after the last datagram.
+    let idle = forwarder::splice::UDP_IDLE.total_millis();
+    sim.run_for(idle - 1000);
+    sim.host.dgram_reply(id, b"late");
+    sim.run_for(idle - 1000);
+    assert_eq!(sim.fwd.spliced_flows(), 1, "kept by the reply");
+    sim.run_for(2000);
+    assert_eq!(sim.fwd.spliced_flows(), 0);
+    assert!(
+        sim.host.dgram_to(loopback(53)).is_none(),
+        "its socket closed"
+    );
+    assert_eq!(sim.fwd.counters().splice_closed, 1);
+}
+
+#[test]
+fn spliced_associations_beyond_their_limit_are_dropped() {
+    let mut cfg = Sim::config(true);
+    cfg.loopback_handoff = true;
+    cfg.limits.spliced = 1;
+    let mut sim = Sim::with_config(cfg);
+    let udp = loopback(5353);
+    sim.fwd
+        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
+        .unwrap();
+    sim.host.datagram_in(udp, loopback(40000), None, b"a");
+    sim.host.datagram_in(udp, loopback(40001), None, b"b");
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 1);
+    assert_eq!(sim.fwd.counters().splice_table_full, 1);
+    assert_eq!(sim.host.open_sockets(), 2, "the port and one association");
+}
+
+/// A simulation in pasta mode with a `-t` port on the host's loopback 2222 -> 22;
+/// returns it and the port's address.
+fn splicing(limit: usize) -> (Sim, SocketAddr) {
+    let mut cfg = Sim::config(true);
+    cfg.loopback_handoff = true;
+    cfg.limits.spliced = limit;
+    let mut sim = Sim::with_config(cfg);
+    let tcp = loopback(2222);
+    sim.fwd
+        .add_port(Proto::Tcp, tcp, None, 22, &mut sim.host)
+        .unwrap();
+    (sim, tcp)
+}
+
+#[test]
+fn loopback_client_is_spliced_and_relayed_both_ways() {
+    let (mut sim, tcp) = splicing(8);
+    let client = loopback(40000);
+    sim.host.connect_in(tcp, client);
+    sim.run_for(1);
+    let ids = sim.host.pairs();
+    assert_eq!(ids.len(), 1, "one spliced flow");
+    let id = ids[0];
+    let pair = sim.host.pair(id);
+    assert_eq!((pair.client, pair.guest_port), (client, 22));
+    assert_eq!(sim.fwd.spliced_flows(), 1);
+    assert_eq!(sim.fwd.flow_counts(), (0, 0, 0), "not a guest flow");
+    sim.host.client_write(id, b"ssh-hello");
+    sim.run_for(1);
+    sim.host.ns_write(id, b"welcome");
+    sim.run_for(1);
+    let pair = sim.host.pair(id);
+    assert_eq!(pair.to_ns, b"ssh-hello");
+    assert_eq!(pair.to_client, b"welcome");
+    let c = sim.fwd.counters();
+    assert_eq!((c.tcp_handed_off, c.splice_bytes), (1, 16));
+    assert!(sim.wire.0.is_empty(), "nothing crossed the guest link");
+}
+
+#[test]
+fn spliced_flow_half_closes_then_ends() {
+    let (mut sim, tcp) = splicing(8);
+    sim.host.connect_in(tcp, loopback(40000));
+    sim.run_for(1);
+    let id = sim.host.pairs()[0];
+    sim.host.client_write(id, b"request");
+    sim.host.client_fin(id);
+    sim.run_for(1);
+    let pair = sim.host.pair(id);
+    assert_eq!(pair.to_ns, b"request");
+    assert!(pair.ns_got_fin && !pair.client_got_fin, "half-closed");
+    // The server answers after the client's FIN, then closes.
+    sim.host.ns_write(id, b"reply");
+    sim.run_for(1);
+    assert_eq!(sim.host.pair(id).to_client, b"reply");
+    assert_eq!(sim.fwd.spliced_flows(), 1, "open while the server sends");
+    sim.host.ns_fin(id);
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 0);
+    assert!(sim.host.pairs().is_empty());
+    assert_eq!(
+        sim.host.closed.last().map(|c| (c.id, c.how)),
+        Some((id, Close::Clean))
+    );
+    assert_eq!(sim.fwd.counters().splice_closed, 1);
+}
+
+#[test]
+fn spliced_flow_ends_on_a_reset() {
+    let (mut sim, tcp) = splicing(8);
+    sim.host.connect_in(tcp, loopback(40000));
+    sim.run_for(1);
+    let id = sim.host.pairs()[0];
+    sim.host.client_reset(id);
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 0);
+    assert!(sim.host.pairs().is_empty());
+}
+
+#[test]
+fn spliced_flows_beyond_their_limit_are_refused() {
+    let (mut sim, tcp) = splicing(2);
+    for port in 40000..40003 {
+        sim.host.connect_in(tcp, loopback(port));
+    }
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 2);
+    assert_eq!(sim.host.pairs().len(), 2);
+    let c = sim.fwd.counters();
+    assert_eq!((c.tcp_handed_off, c.splice_table_full), (3, 1));
+    assert_eq!(sim.host.open_sockets(), 3, "the listener and two pairs");
+    // A flow that ends makes room.
+    let id = sim.host.pairs()[0];
+    sim.host.client_reset(id);
+    sim.run_for(1);
+    sim.host.connect_in(tcp, loopback(40010));
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 2);
+    assert_eq!(sim.fwd.counters().splice_table_full, 1);
+}
+
+#[test]
+fn splice_that_cannot_reach_the_namespace_closes_the_client() {
+    let (mut sim, tcp) = splicing(8);
+    sim.host.splice_error = Some(libc::ECONNREFUSED);
+    sim.host.connect_in(tcp, loopback(40000));
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 0);
+    assert_eq!(sim.host.open_sockets(), 1, "only the listener");
+    // The id is free again: the next connection takes it.
+    sim.host.splice_error = None;
+    sim.host.connect_in(tcp, loopback(40001));
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 1);
 }
 
 #[test]

@@ -2107,6 +2107,7 @@ fn flows_stay_within_limits() {
         udp_flows: 16,
         icmp_flows: 4,
         ports: 4,
+        spliced: 4,
     };
     let limits = cfg.limits;
     let mut sim = Sim::with_config(cfg);

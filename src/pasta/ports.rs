@@ -40,8 +40,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use forwarder::port::Proto;
@@ -53,8 +54,9 @@ use super::agent::{parse_proc_net, Agent, Listening};
 use super::opts::{PastaOpts, PortSpec};
 use super::PastaRunError;
 use crate::api::Control;
-use crate::host::Handoff;
+use crate::host::NsOpener;
 use crate::netns::Target;
+use crate::splice::Pair;
 use crate::subsystem::{Cx, Next, StartError, Subsystem};
 
 /// How often `auto` rescans.
@@ -63,16 +65,12 @@ pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
 pub const MAX_RELAYS: usize = 4096;
 /// Relayed UDP associations end after this long without traffic.
 pub const UDP_IDLE: Duration = Duration::from_secs(180);
-/// Pipe capacity asked for per relayed direction (the kernel may give less: a user's
-/// pipes beyond `fs.pipe-user-pages-soft` get the minimum).
-const PIPE_SIZE: usize = 1 << 20;
-
 /// One source of the relay.
 enum Entry {
     /// A `-T` listener in the namespace; connections go to `to` on the host.
     TcpListen { sock: TcpListener, to: SocketAddr },
-    /// One side of a relayed TCP connection; `peer` is the other side's key.
-    TcpSide(Box<TcpSide>),
+    /// A relayed `-T` connection, both sockets registered under its key.
+    TcpPair(Box<Pair>),
     /// A `-U` socket in the namespace; datagrams go to `to` on the host.
     UdpListen { sock: UdpSocket, to: SocketAddr },
     /// A host socket of a UDP association: replies go back through `listener` to
@@ -83,74 +81,6 @@ enum Entry {
         client: SocketAddr,
         last: Instant,
     },
-    /// A loopback client of a `-u` port: `ns` is connected to the namespace's side,
-    /// replies go to `client` through `host` (the rule's socket).
-    UdpSplice {
-        ns: UdpSocket,
-        host: std::sync::Arc<std::net::UdpSocket>,
-        client: SocketAddr,
-        guest_port: u16,
-        last: Instant,
-    },
-}
-
-struct TcpSide {
-    sock: TcpStream,
-    peer: usize,
-    /// Read from this side, not yet written to the peer.
-    pipe: Pipe,
-    /// This side reached end of file (and the peer was told once the pipe is empty).
-    eof: bool,
-    /// The peer's write side was shut down.
-    shut: bool,
-}
-
-/// A pipe that bytes cross between two sockets by `splice(2)`.
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
-    /// Bytes in it.
-    len: usize,
-    /// Its capacity.
-    cap: usize,
-}
-
-impl Pipe {
-    fn new() -> io::Result<Pipe> {
-        use nix::fcntl::{fcntl, FcntlArg, OFlag};
-        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        let asked = i32::try_from(PIPE_SIZE).unwrap_or(i32::MAX);
-        let cap = fcntl(&w, FcntlArg::F_SETPIPE_SZ(asked))
-            .or_else(|_| fcntl(&w, FcntlArg::F_GETPIPE_SZ))?;
-        Ok(Pipe {
-            r,
-            w,
-            len: 0,
-            cap: usize::try_from(cap).unwrap_or(4096),
-        })
-    }
-}
-
-/// `splice(2)` without blocking: `Ok(None)` for `EAGAIN`.
-fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<Option<usize>> {
-    use nix::fcntl::SpliceFFlags;
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
-    loop {
-        match nix::fcntl::splice(from, None, to, None, len, flags) {
-            Ok(n) => return Ok(Some(n)),
-            Err(nix::errno::Errno::EAGAIN) => return Ok(None),
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// A datagram of a loopback client of a `-u` port ([`Handoff::Udp`]'s fields).
-struct UdpHandoff {
-    socket: std::sync::Arc<std::net::UdpSocket>,
-    client: SocketAddr,
-    data: Vec<u8>,
-    guest_port: u16,
 }
 
 /// The relay of `-T/-U` and of loopback clients of `-t/-u` ports.
@@ -164,8 +94,8 @@ struct Relay {
     listeners: BTreeMap<(Proto, u16), Vec<usize>>,
     /// Bytes written to either side so far.
     moved: u64,
-    /// Loopback clients of `-u` ports by (client, guest port).
-    spliced: BTreeMap<(SocketAddr, u16), usize>,
+    /// Relayed `-T` connections (each counts as two relays, one per socket).
+    pairs: usize,
     /// The subsystem's first token: entry `k` is registered as `base + k`.
     base: usize,
 }
@@ -178,7 +108,7 @@ impl Default for Relay {
             assoc: BTreeMap::new(),
             listeners: BTreeMap::new(),
             moved: 0,
-            spliced: BTreeMap::new(),
+            pairs: 0,
             base: 0,
         }
     }
@@ -186,7 +116,7 @@ impl Default for Relay {
 
 impl Relay {
     fn relays(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.pairs
     }
 
     fn add_listener(
@@ -242,76 +172,10 @@ impl Relay {
     fn handle(&mut self, key: usize, registry: &Registry) {
         match self.entries.get(key) {
             Some(Entry::TcpListen { .. }) => self.accept(key, registry),
-            Some(Entry::TcpSide(_)) => self.pump_pair(key, registry),
+            Some(Entry::TcpPair(_)) => self.pump_pair(key),
             Some(Entry::UdpListen { .. }) => self.udp_from_ns(key, registry),
             Some(Entry::UdpAssoc { .. }) => self.udp_from_host(key),
-            Some(Entry::UdpSplice { .. }) => self.udp_splice_reply(key),
             None => {}
-        }
-    }
-
-    /// A datagram of a loopback client of a `-u` port, for `to` in the namespace.
-    fn udp_splice(&mut self, agent: &Agent, h: UdpHandoff, to: SocketAddr, registry: &Registry) {
-        let key = match self.spliced.get(&(h.client, h.guest_port)) {
-            Some(&k) => k,
-            None => {
-                if self.relays() >= MAX_RELAYS {
-                    return;
-                }
-                let mut ns = match agent.udp_connect(to, h.client.port()) {
-                    Ok(fd) => UdpSocket::from_std(std::net::UdpSocket::from(fd)),
-                    Err(e) => {
-                        log::debug!("cannot reach {to} in the namespace: {e}");
-                        return;
-                    }
-                };
-                let k = self.entries.vacant_key();
-                if registry
-                    .register(&mut ns, Token(self.base + k), Interest::READABLE)
-                    .is_err()
-                {
-                    return;
-                }
-                self.entries.insert(Entry::UdpSplice {
-                    ns,
-                    host: h.socket,
-                    client: h.client,
-                    guest_port: h.guest_port,
-                    last: Instant::now(),
-                });
-                self.spliced.insert((h.client, h.guest_port), k);
-                k
-            }
-        };
-        if let Some(Entry::UdpSplice { ns, last, .. }) = self.entries.get_mut(key) {
-            *last = Instant::now();
-            if ns.send(&h.data).is_ok() {
-                self.moved += h.data.len() as u64;
-            }
-        }
-    }
-
-    /// Replies from the namespace to a loopback client of a `-u` port.
-    fn udp_splice_reply(&mut self, key: usize) {
-        loop {
-            let Some(Entry::UdpSplice {
-                ns,
-                host,
-                client,
-                last,
-                ..
-            }) = self.entries.get_mut(key)
-            else {
-                return;
-            };
-            let n = match ns.recv(&mut self.buf) {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            *last = Instant::now();
-            if host.send_to(&self.buf[..n], *client).is_ok() {
-                self.moved += n as u64;
-            }
         }
     }
 
@@ -348,115 +212,28 @@ impl Relay {
 
     /// Relays `a` and `b` to each other until both ends are done.
     fn add_pair(&mut self, a: TcpStream, b: TcpStream, registry: &Registry) -> io::Result<()> {
-        let side = |sock: TcpStream, peer| -> io::Result<Entry> {
-            let _ = sock.set_nodelay(true);
-            Ok(Entry::TcpSide(Box::new(TcpSide {
-                sock,
-                peer,
-                pipe: Pipe::new()?,
-                eof: false,
-                shut: false,
-            })))
-        };
-        let ka = self.entries.vacant_key();
-        let ea = side(a, ka + 1)?;
-        self.entries.insert(ea);
-        let eb = match side(b, ka) {
-            Ok(e) => e,
-            Err(e) => {
-                self.entries.remove(ka);
-                return Err(e);
-            }
-        };
-        let kb = self.entries.insert(eb);
-        if kb != ka + 1 {
-            // Slab keys are handed out in order only when nothing was freed in
-            // between: fix the links.
-            if let Some(Entry::TcpSide(s)) = self.entries.get_mut(ka) {
-                s.peer = kb;
-            }
-        }
+        let mut pair = Box::new(Pair::new(a, b)?);
+        let key = self.entries.vacant_key();
         let rw = Interest::READABLE | Interest::WRITABLE;
-        for k in [ka, kb] {
-            let token = Token(self.base + k);
-            if let Some(Entry::TcpSide(s)) = self.entries.get_mut(k) {
-                if let Err(e) = registry.register(&mut s.sock, token, rw) {
-                    self.close_pair(ka, registry);
-                    return Err(e);
-                }
-            }
+        for sock in pair.sockets() {
+            registry.register(sock, Token(self.base + key), rw)?;
         }
+        self.entries.insert(Entry::TcpPair(pair));
+        self.pairs += 1;
         Ok(())
     }
 
-    /// Moves bytes both ways between `key` and its peer.
-    fn pump_pair(&mut self, key: usize, registry: &Registry) {
-        let Some(Entry::TcpSide(s)) = self.entries.get(key) else {
+    /// Moves bytes both ways in pair `key`; closes it when done.
+    fn pump_pair(&mut self, key: usize) {
+        let Some(Entry::TcpPair(pair)) = self.entries.get_mut(key) else {
             return;
         };
-        let peer = s.peer;
-        let mut done = false;
-        for (from, to) in [(key, peer), (peer, key)] {
-            match self.pump(from, to) {
-                Ok(finished) => done |= finished,
-                Err(_) => {
-                    done = true;
-                    break;
-                }
-            }
-        }
-        let both_eof = [key, peer].iter().all(
-            |k| matches!(self.entries.get(*k), Some(Entry::TcpSide(s)) if s.eof && s.pipe.len == 0),
-        );
-        if done || both_eof {
-            self.close_pair(key, registry);
-        }
-    }
-
-    /// Moves what `from` has (and what waits in its pipe) to `to`. `Ok(true)` when the
-    /// connection is over.
-    fn pump(&mut self, from: usize, to: usize) -> io::Result<bool> {
-        let Some((Entry::TcpSide(src), Entry::TcpSide(dst))) = self.entries.get2_mut(from, to)
-        else {
-            return Ok(true);
-        };
-        loop {
-            // Empty the pipe first.
-            while src.pipe.len > 0 {
-                match splice(src.pipe.r.as_fd(), dst.sock.as_fd(), src.pipe.len)? {
-                    Some(0) => return Ok(true),
-                    Some(n) => {
-                        src.pipe.len -= n;
-                        self.moved += n as u64;
-                    }
-                    None => return Ok(false),
-                }
-            }
-            if src.eof {
-                if !src.shut {
-                    let _ = dst.sock.shutdown(Shutdown::Write);
-                    src.shut = true;
-                }
-                return Ok(false);
-            }
-            // The pipe is empty: EAGAIN can only mean that the socket is.
-            match splice(src.sock.as_fd(), src.pipe.w.as_fd(), src.pipe.cap)? {
-                Some(0) => src.eof = true,
-                Some(n) => src.pipe.len += n,
-                None => return Ok(false),
-            }
-        }
-    }
-
-    fn close_pair(&mut self, key: usize, registry: &Registry) {
-        let peer = match self.entries.get(key) {
-            Some(Entry::TcpSide(s)) => Some(s.peer),
-            _ => None,
-        };
-        for k in std::iter::once(key).chain(peer) {
-            if let Some(Entry::TcpSide(mut s)) = self.entries.try_remove(k) {
-                let _ = registry.deregister(&mut s.sock);
-            }
+        let (moved, done) = pair.pump();
+        self.moved += moved as u64;
+        if done {
+            // Closing the sockets takes them out of the epoll set.
+            self.entries.remove(key);
+            self.pairs -= 1;
         }
     }
 
@@ -544,35 +321,20 @@ impl Relay {
             .entries
             .iter()
             .filter_map(|(k, e)| match e {
-                Entry::UdpAssoc { last, .. } | Entry::UdpSplice { last, .. }
-                    if now.duration_since(*last) > UDP_IDLE =>
-                {
-                    Some(k)
-                }
+                Entry::UdpAssoc { last, .. } if now.duration_since(*last) > UDP_IDLE => Some(k),
                 _ => None,
             })
             .collect();
         for k in stale {
-            match self.entries.try_remove(k) {
-                Some(Entry::UdpAssoc {
-                    mut sock,
-                    listener,
-                    client,
-                    ..
-                }) => {
-                    self.assoc.remove(&(listener, client));
-                    let _ = registry.deregister(&mut sock);
-                }
-                Some(Entry::UdpSplice {
-                    mut ns,
-                    client,
-                    guest_port,
-                    ..
-                }) => {
-                    self.spliced.remove(&(client, guest_port));
-                    let _ = registry.deregister(&mut ns);
-                }
-                _ => {}
+            if let Some(Entry::UdpAssoc {
+                mut sock,
+                listener,
+                client,
+                ..
+            }) = self.entries.try_remove(k)
+            {
+                self.assoc.remove(&(listener, client));
+                let _ = registry.deregister(&mut sock);
             }
         }
     }
@@ -587,7 +349,7 @@ struct AutoHost {
 
 /// pasta's dynamic ports as an event-loop [`Service`].
 pub struct PastaPorts {
-    agent: Agent,
+    agent: Rc<Agent>,
     v4_only: bool,
     v6_only: bool,
     ns_ipv6: bool,
@@ -604,9 +366,8 @@ pub struct PastaPorts {
     relay: Relay,
     next: Option<Instant>,
     first: bool,
-    /// Where loopback clients of `-t` ports go in the namespace, per family: its own
-    /// address, or its loopback address with `--host-lo-to-ns-lo`.
-    splice_to: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    /// Where loopback clients of `-t/-u` ports go in the namespace.
+    splicer: Splicer,
 }
 
 /// A spec that is `auto` (given so, or not given at all: pasta's default).
@@ -660,9 +421,8 @@ impl PastaPorts {
         if !dynamic && !forwarded {
             return Ok(None);
         }
-        let agent = Agent::spawn(target, opts.userns.as_deref())?;
+        let agent = Rc::new(Agent::spawn(target, opts.userns.as_deref())?);
         Ok(Some(PastaPorts {
-            agent,
             v4_only: opts.v4_only,
             v6_only: opts.v6_only,
             ns_ipv6,
@@ -675,14 +435,18 @@ impl PastaPorts {
             relay: Relay::default(),
             next: Some(Instant::now()),
             first: true,
-            splice_to: if opts.host_lo_to_ns_lo {
-                (
-                    ns_v4.map(|_| Ipv4Addr::LOCALHOST),
-                    ns_v6.map(|_| Ipv6Addr::LOCALHOST),
-                )
-            } else {
-                (ns_v4, ns_v6)
+            splicer: Splicer {
+                agent: agent.clone(),
+                to: if opts.host_lo_to_ns_lo {
+                    (
+                        ns_v4.map(|_| Ipv4Addr::LOCALHOST),
+                        ns_v6.map(|_| Ipv6Addr::LOCALHOST),
+                    )
+                } else {
+                    (ns_v4, ns_v6)
+                },
             },
+            agent,
         }))
     }
 
@@ -865,8 +629,9 @@ impl PastaPorts {
 }
 
 impl Subsystem for PastaPorts {
-    fn start(&mut self, base: usize, _cx: &mut Cx<'_>) -> Result<(), StartError> {
+    fn start(&mut self, base: usize, cx: &mut Cx<'_>) -> Result<(), StartError> {
         self.relay.base = base;
+        cx.sockets.set_opener(Box::new(self.splicer.clone()));
         Ok(())
     }
 
@@ -897,64 +662,45 @@ impl Subsystem for PastaPorts {
     fn bytes_relayed(&self) -> u64 {
         self.relay.moved
     }
-
-    fn take_connection(&mut self, conn: Handoff, registry: &Registry) -> Option<Handoff> {
-        self.splice(conn, registry);
-        None
-    }
 }
 
-impl PastaPorts {
-    fn splice(&mut self, conn: Handoff, registry: &Registry) {
-        let (client, guest_port) = match &conn {
-            Handoff::Tcp {
-                client, guest_port, ..
-            }
-            | Handoff::Udp {
-                client, guest_port, ..
-            } => (*client, *guest_port),
-        };
-        // The client's family first; a namespace without it is reached by the other.
-        let (v4, v6) = self.splice_to;
+/// Where loopback clients of `-t/-u` ports go: the namespace's side, opened by the agent.
+#[derive(Clone)]
+struct Splicer {
+    agent: Rc<Agent>,
+    /// The namespace's address per family: its own, or its loopback address with
+    /// `--host-lo-to-ns-lo`.
+    to: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+}
+
+impl Splicer {
+    /// Where `client`'s traffic to `guest_port` goes in the namespace: the client's
+    /// family first; a namespace without it is reached by the other.
+    fn to(&self, client: SocketAddr, guest_port: u16) -> Option<SocketAddr> {
+        let (v4, v6) = self.to;
         let to_v4 = v4.map(|a| SocketAddr::new(a.into(), guest_port));
         let to_v6 = v6.map(|a| SocketAddr::new(a.into(), guest_port));
-        let to = if client.is_ipv6() {
+        if client.is_ipv6() {
             to_v6.or(to_v4)
         } else {
             to_v4.or(to_v6)
-        };
-        let Some(to) = to else { return };
-        match conn {
-            Handoff::Udp {
-                socket,
-                client,
-                data,
-                guest_port,
-            } => {
-                let h = UdpHandoff {
-                    socket,
-                    client,
-                    data,
-                    guest_port,
-                };
-                self.relay.udp_splice(&self.agent, h, to, registry);
-            }
-            Handoff::Tcp { stream, .. } => {
-                if self.relay.relays() + 2 > MAX_RELAYS {
-                    log::debug!("relay table full: connection from {client} refused");
-                    return;
-                }
-                let ns = match self.agent.connect(to) {
-                    Ok(fd) => TcpStream::from_std(std::net::TcpStream::from(fd)),
-                    Err(e) => {
-                        log::debug!("cannot connect to {to} in the namespace: {e}");
-                        return;
-                    }
-                };
-                if let Err(e) = self.relay.add_pair(stream, ns, registry) {
-                    log::debug!("relay of {client} to {to}: {e}");
-                }
-            }
         }
+    }
+}
+
+impl NsOpener for Splicer {
+    fn tcp_connect(&self, client: SocketAddr, guest_port: u16) -> io::Result<OwnedFd> {
+        let to = self
+            .to(client, guest_port)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))?;
+        self.agent.connect(to)
+    }
+
+    fn udp_connect(&self, client: SocketAddr, guest_port: u16) -> io::Result<OwnedFd> {
+        let to = self
+            .to(client, guest_port)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))?;
+        // The client's port, as pasta keeps it (any port if it is taken).
+        self.agent.udp_connect(to, client.port())
     }
 }

@@ -93,6 +93,9 @@ pub struct Dgram {
     pub error: Option<i32>,
     /// Segmented sends taken.
     pub gso_sends: usize,
+    /// A spliced UDP association: replies go to this client through this published
+    /// port (listener id); `peer` is the guest's port inside the namespace.
+    pub splice: Option<(usize, SocketAddr)>,
 }
 
 /// A published port's socket.
@@ -107,11 +110,36 @@ pub struct Port {
     pub sent: Vec<(Option<SocketAddr>, Option<IpAddr>, Vec<u8>)>,
 }
 
+/// A spliced flow: the loopback client's connection and the one to the guest's port
+/// opened inside the namespace, relayed by the host.
+#[derive(Debug)]
+pub struct Pair {
+    pub client: SocketAddr,
+    pub guest_port: u16,
+    /// What the client sent, not yet relayed.
+    from_client: VecDeque<u8>,
+    /// What the namespace's server sent, not yet relayed.
+    from_ns: VecDeque<u8>,
+    /// Relayed to the namespace's server.
+    pub to_ns: Vec<u8>,
+    /// Relayed to the client.
+    pub to_client: Vec<u8>,
+    /// The client / the server shut down its sending side.
+    client_fin: bool,
+    ns_fin: bool,
+    /// The server / the client got that FIN (after the bytes before it).
+    pub ns_got_fin: bool,
+    pub client_got_fin: bool,
+    /// Either side reset its connection.
+    reset: bool,
+}
+
 #[derive(Debug)]
 pub enum Sock {
     Stream(Stream),
     Dgram(Dgram),
     Port(Port),
+    Pair(Pair),
 }
 
 /// A socket the forwarder closed, for tests to look at.
@@ -122,20 +150,6 @@ pub struct Closed {
     pub how: Close,
     /// A stream the forwarder shut down before (a FIN went first).
     pub fin: bool,
-}
-
-/// Something handed to the caller's relay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Handed {
-    Tcp {
-        client: SocketAddr,
-        guest_port: u16,
-    },
-    Udp {
-        client: SocketAddr,
-        data: Vec<u8>,
-        guest_port: u16,
-    },
 }
 
 /// Bytes a stream buffers each way before `WouldBlock`.
@@ -163,7 +177,8 @@ pub struct MemHost {
     /// Listening addresses taken (a second rule for one fails with `EADDRINUSE`).
     pub bound: Vec<SocketAddr>,
     pub closed: Vec<Closed>,
-    pub handed: Vec<Handed>,
+    /// Splices meet this error number when opening the namespace's side.
+    pub splice_error: Option<i32>,
     /// Sockets opened, of any kind.
     pub opened: usize,
 }
@@ -181,7 +196,7 @@ impl Default for MemHost {
             echo: true,
             bound: Vec::new(),
             closed: Vec::new(),
-            handed: Vec::new(),
+            splice_error: None,
             opened: 0,
         }
     }
@@ -253,6 +268,58 @@ impl MemHost {
             Some(Some(Sock::Port(p))) => Ok(p),
             _ => Err(io::Error::from(io::ErrorKind::NotFound)),
         }
+    }
+
+    /// The spliced flow `id`.
+    pub fn pair(&self, id: usize) -> &Pair {
+        match self.socks.get(id) {
+            Some(Some(Sock::Pair(p))) => p,
+            other => panic!("no spliced flow at {id}: {other:?}"),
+        }
+    }
+
+    fn pair_mut(&mut self, id: usize) -> &mut Pair {
+        match self.socks.get_mut(id) {
+            Some(Some(Sock::Pair(p))) => p,
+            other => panic!("no spliced flow at {id}: {other:?}"),
+        }
+    }
+
+    /// The ids of the spliced flows open.
+    pub fn pairs(&self) -> Vec<usize> {
+        (0..self.socks.len())
+            .filter(|&i| matches!(self.socks[i], Some(Sock::Pair(_))))
+            .collect()
+    }
+
+    /// The loopback client of spliced flow `id` sends `data`.
+    pub fn client_write(&mut self, id: usize, data: &[u8]) {
+        self.pair_mut(id).from_client.extend(data);
+        self.event(id, true, false, false);
+    }
+
+    /// The namespace's server of spliced flow `id` sends `data`.
+    pub fn ns_write(&mut self, id: usize, data: &[u8]) {
+        self.pair_mut(id).from_ns.extend(data);
+        self.event(id, true, false, false);
+    }
+
+    /// The loopback client of spliced flow `id` shuts down its sending side.
+    pub fn client_fin(&mut self, id: usize) {
+        self.pair_mut(id).client_fin = true;
+        self.event(id, true, false, true);
+    }
+
+    /// The namespace's server of spliced flow `id` shuts down its sending side.
+    pub fn ns_fin(&mut self, id: usize) {
+        self.pair_mut(id).ns_fin = true;
+        self.event(id, true, false, true);
+    }
+
+    /// The loopback client of spliced flow `id` resets its connection.
+    pub fn client_reset(&mut self, id: usize) {
+        self.pair_mut(id).reset = true;
+        self.event(id, true, true, true);
     }
 
     /// Makes TCP connects to `addr` meet `remote`.
@@ -450,6 +517,7 @@ impl MemHost {
                 inbox: VecDeque::with_capacity(DGRAM_BUFFER),
                 error: None,
                 gso_sends: 0,
+                splice: None,
             }),
         );
         Ok(())
@@ -685,26 +753,81 @@ impl HostIo for MemHost {
         Ok(())
     }
 
-    fn hand_off_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) {
-        if let Some(Some(Sock::Stream(_))) = self.socks.get(id) {
-            self.socks[id] = None;
+    fn splice_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
+        if !matches!(self.socks.get(id), Some(Some(Sock::Stream(_)))) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
         }
-        self.handed.push(Handed::Tcp { client, guest_port });
+        if let Some(n) = self.splice_error {
+            self.socks[id] = None;
+            return Err(errno(n));
+        }
+        self.socks[id] = Some(Sock::Pair(Pair {
+            client,
+            guest_port,
+            from_client: VecDeque::new(),
+            from_ns: VecDeque::new(),
+            to_ns: Vec::new(),
+            to_client: Vec::new(),
+            client_fin: false,
+            ns_fin: false,
+            ns_got_fin: false,
+            client_got_fin: false,
+            reset: false,
+        }));
+        // Both sockets are watched from now on: what the client sent already is there.
+        self.event(id, true, true, false);
+        Ok(())
     }
 
-    fn hand_off_udp(
+    fn splice_relay(&mut self, id: usize) -> (usize, bool) {
+        if let Ok(Dgram {
+            splice: Some((listener, client)),
+            ..
+        }) = self.dgram_mut(id)
+        {
+            let (listener, client) = (*listener, *client);
+            let mut buf = [0u8; 2048];
+            let mut moved = 0;
+            while let Some(n) = self
+                .dgram_mut(id)
+                .ok()
+                .and_then(|d| pop_dgram(&mut d.inbox, &mut buf))
+            {
+                if let Ok(p) = self.port_mut(listener) {
+                    p.sent.push((Some(client), None, buf[..n].to_vec()));
+                    moved += n;
+                }
+            }
+            return (moved, false);
+        }
+        let Some(Some(Sock::Pair(p))) = self.socks.get_mut(id) else {
+            return (0, true);
+        };
+        if p.reset {
+            return (0, true);
+        }
+        let n = p.from_client.len() + p.from_ns.len();
+        p.to_ns.extend(p.from_client.drain(..));
+        p.to_client.extend(p.from_ns.drain(..));
+        p.ns_got_fin |= p.client_fin;
+        p.client_got_fin |= p.ns_fin;
+        (n, p.ns_got_fin && p.client_got_fin)
+    }
+
+    fn splice_udp(
         &mut self,
+        id: usize,
         listener: usize,
         client: SocketAddr,
-        data: &[u8],
         guest_port: u16,
     ) -> io::Result<()> {
         self.port_mut(listener)?;
-        self.handed.push(Handed::Udp {
-            client,
-            data: data.to_vec(),
-            guest_port,
-        });
+        if let Some(n) = self.splice_error {
+            return Err(errno(n));
+        }
+        let ns = SocketAddr::new(client.ip(), guest_port);
+        self.open_dgram(id, ns, false)?;
+        self.dgram_mut(id)?.splice = Some((listener, client));
         Ok(())
     }
 
@@ -719,6 +842,7 @@ impl HostIo for MemHost {
                 self.bound.retain(|a| *a != p.rule.host);
                 (None, false)
             }
+            Sock::Pair(p) => (Some(p.client), p.client_got_fin),
         };
         self.closed.push(Closed { id, peer, how, fin });
         // A closed socket raises nothing more (its id may be reused at once).

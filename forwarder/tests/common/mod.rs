@@ -543,6 +543,7 @@ pub fn open_config(vnet_hdr_len: usize) -> Config {
         udp_flows: 32,
         icmp_flows: 8,
         ports: 4,
+        spliced: 8,
     };
     cfg
 }
