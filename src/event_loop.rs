@@ -546,8 +546,7 @@ impl Running {
             // A stream has buffers on both sides and gains nothing from a faster wake-up,
             // so it is not spun for.
             let c = fwd.counters();
-            let relayed: u64 = subs.iter().map(|s| s.bytes_relayed()).sum();
-            let moved = c.rx_bytes + c.tx_bytes + c.splice_bytes + relayed;
+            let moved = c.rx_bytes + c.tx_bytes + c.splice_bytes;
             let spin = !bulk.is_bulk(std::time::Instant::now(), moved);
             if let Err(e) = waiter.wait(&mut poll, &mut events, timeout, spin) {
                 if e.kind() == io::ErrorKind::Interrupted {

@@ -32,7 +32,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use forwarder::port::{PortError, PortRule, Proto};
-use forwarder::{Close, HostIo};
+use forwarder::{Close, HostIo, SpliceTo};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -56,6 +56,13 @@ pub trait NsOpener {
     /// # Errors
     /// As [`tcp_connect`](Self::tcp_connect).
     fn udp_connect(&self, client: SocketAddr, guest_port: u16) -> io::Result<OwnedFd>;
+
+    /// A socket bound to `addr` inside the namespace (TCP: listening), non-blocking:
+    /// pasta's `-T/-U`.
+    ///
+    /// # Errors
+    /// When the address cannot be had there (`EADDRINUSE`...).
+    fn bind(&self, proto: Proto, addr: SocketAddr) -> io::Result<OwnedFd>;
 }
 
 /// One entry of the table.
@@ -360,15 +367,18 @@ impl HostIo for Sockets {
         Ok(())
     }
 
-    fn splice_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
+    fn splice_tcp(&mut self, id: usize, to: SpliceTo) -> io::Result<()> {
         let Entry::Accepted(stream) = self.take(id) else {
             return Err(no_socket());
         };
-        let opener = self.opener.as_ref().ok_or_else(no_socket)?;
-        let ns = TcpStream::from_std(std::net::TcpStream::from(
-            opener.tcp_connect(client, guest_port)?,
-        ));
-        let mut pair = Box::new(Pair::new(stream, ns)?);
+        let other = match to {
+            SpliceTo::Guest { client, port } => {
+                let opener = self.opener.as_ref().ok_or_else(no_socket)?;
+                TcpStream::from_std(std::net::TcpStream::from(opener.tcp_connect(client, port)?))
+            }
+            SpliceTo::Host(addr) => TcpStream::connect(addr)?,
+        };
+        let mut pair = Box::new(Pair::new(stream, other)?);
         let rw = Interest::READABLE | Interest::WRITABLE;
         for sock in pair.sockets() {
             self.registry.register(sock, Token(id), rw)?;
@@ -392,6 +402,26 @@ impl HostIo for Sockets {
             }
             _ => (0, true),
         }
+    }
+
+    fn splice_listen(&mut self, id: usize, proto: Proto, addr: SocketAddr) -> io::Result<()> {
+        let opener = self.opener.as_ref().ok_or_else(no_socket)?;
+        let fd = opener.bind(proto, addr)?;
+        let token = Token(id);
+        let entry = match proto {
+            Proto::Tcp => {
+                let mut l = TcpListener::from_std(std::net::TcpListener::from(fd));
+                self.registry.register(&mut l, token, Interest::READABLE)?;
+                Entry::Listener(l)
+            }
+            Proto::Udp => {
+                let mut u = UdpSocket::from_std(std::net::UdpSocket::from(fd));
+                self.registry.register(&mut u, token, Interest::READABLE)?;
+                Entry::Port(u, None)
+            }
+        };
+        self.put(id, entry);
+        Ok(())
     }
 
     fn splice_udp(

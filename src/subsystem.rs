@@ -114,12 +114,6 @@ pub trait Subsystem {
         Next::Continue
     }
 
-    /// Bytes it moved by itself (not through a TAP) so far: a stream there is bulk traffic
-    /// too, not spun for ([`crate::busy_poll`]).
-    fn bytes_relayed(&self) -> u64 {
-        0
-    }
-
     /// `port`'s TAP went away (its namespace ended); false: the loop ends.
     fn tap_gone(&mut self, port: PortId, cx: &mut Cx<'_>) -> bool {
         let _ = (port, cx);

@@ -40,7 +40,7 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPack
 
 use crate::{
     dns_relay, egress, emit, icmp, names, nat, port, splice, tcp, timer, udp, Close, Config,
-    Counters, FlowKey, HostIo, Io, Limits, Link, Topology,
+    Counters, FlowKey, HostIo, Io, Limits, Link, SpliceTo, Topology,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -187,8 +187,10 @@ pub(crate) struct FlowTable {
     half_open: usize,
     /// Spliced flows.
     spliced: usize,
-    /// Spliced UDP associations by (client, guest port).
+    /// Spliced UDP associations of loopback clients by (client, guest port).
     splice_udp: HashMap<(std::net::SocketAddr, u16), usize>,
+    /// `-U` associations by (listener, client).
+    splice_assoc: HashMap<(usize, std::net::SocketAddr), usize>,
     /// Flows per guest address, when [`member_limit`](Self::member_limit) is set.
     member_flows: HashMap<IpAddress, usize>,
     /// Most flows (TCP, UDP, ICMP together) one guest address may have open.
@@ -209,6 +211,7 @@ impl FlowTable {
             no_flow: SocketSet::new(Vec::new()),
             spliced: 0,
             splice_udp: HashMap::new(),
+            splice_assoc: HashMap::new(),
             half_open: 0,
             member_flows: HashMap::new(),
             member_limit,
@@ -913,16 +916,7 @@ impl Nat {
                     self.port_ready(link, c, now, id, io);
                 }
             }
-            Some(Flow::Splice(f)) => {
-                let (moved, done) = io.host.splice_relay(id);
-                c.splice_bytes += moved as u64;
-                if moved > 0 {
-                    f.last_active = now;
-                }
-                if done {
-                    self.close_flow(c, id, io);
-                }
-            }
+            Some(Flow::Splice(_)) => self.splice_ready(c, now, id, io),
             Some(Flow::UdpIn(_)) | None => {}
         }
     }
@@ -1130,11 +1124,31 @@ impl Nat {
             }
             Flow::Port(_) => io.host.close(id, Close::Clean),
             Flow::Splice(f) => {
-                if let Some(key) = f.udp {
-                    self.table.splice_udp.remove(&key);
+                io.host.close(id, Close::Clean);
+                match f.kind {
+                    splice::Kind::Listener { .. } => {
+                        // Its associations end with it.
+                        let ends: Vec<usize> = self
+                            .table
+                            .splice_assoc
+                            .iter()
+                            .filter(|((l, _), _)| *l == id)
+                            .map(|(_, &a)| a)
+                            .collect();
+                        for a in ends {
+                            self.close_flow(c, a, io);
+                        }
+                        return;
+                    }
+                    splice::Kind::Pair => {}
+                    splice::Kind::Udp { client, guest_port } => {
+                        self.table.splice_udp.remove(&(client, guest_port));
+                    }
+                    splice::Kind::Assoc { listener, client } => {
+                        self.table.splice_assoc.remove(&(listener, client));
+                    }
                 }
                 self.table.spliced -= 1;
-                io.host.close(id, Close::Clean);
                 c.splice_closed += 1;
             }
         }
@@ -1343,7 +1357,12 @@ impl Nat {
                 }
             };
             if self.cfg.loopback_handoff && client.ip().is_loopback() {
-                self.splice_tcp(c, now, conn, client, guest.port(), io);
+                c.tcp_handed_off += 1;
+                let to = SpliceTo::Guest {
+                    client,
+                    port: guest.port(),
+                };
+                self.splice_pair(c, now, conn, to, io);
             } else if self.table.tcp_map.len() >= self.cfg.limits.tcp_flows {
                 c.tcp_table_full += 1;
                 io.host.close(conn, Close::Reset);
@@ -1353,34 +1372,215 @@ impl Nat {
         }
     }
 
-    /// Splices the accepted connection `conn` of a loopback client to `guest_port`
-    /// inside the guest's namespace, as flow `conn`.
-    fn splice_tcp<H: HostIo>(
+    /// Splices the accepted connection `conn` to `to`, as flow `conn`.
+    fn splice_pair<H: HostIo>(
         &mut self,
         c: &mut Counters,
         now: Instant,
         conn: usize,
-        client: std::net::SocketAddr,
-        guest_port: u16,
+        to: SpliceTo,
         io: &mut Io<'_, H>,
     ) {
-        c.tcp_handed_off += 1;
         if self.table.spliced >= self.cfg.limits.spliced {
             c.splice_table_full += 1;
             io.host.close(conn, Close::Clean);
             return;
         }
-        if let Err(e) = io.host.splice_tcp(conn, client, guest_port) {
-            log::debug!("cannot splice {client} to port {guest_port}: {e}");
+        if let Err(e) = io.host.splice_tcp(conn, to) {
+            log::debug!("cannot splice a connection to {to:?}: {e}");
             return;
         }
         let id = self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
-            udp: None,
+            kind: splice::Kind::Pair,
             last_active: now,
             timer: None,
         }));
         debug_assert_eq!(id, conn, "the accepted connection's id is the next entry");
         self.table.spliced += 1;
+    }
+
+    /// A new spliced association as the next entry, with its idle timer; `open` opens
+    /// its host socket (given the entry's id).
+    fn splice_assoc<H: HostIo>(
+        &mut self,
+        c: &mut Counters,
+        now: Instant,
+        kind: splice::Kind,
+        io: &mut Io<'_, H>,
+        open: impl FnOnce(&mut H, usize) -> io::Result<()>,
+    ) -> Option<usize> {
+        if self.table.spliced >= self.cfg.limits.spliced {
+            c.splice_table_full += 1;
+            return None;
+        }
+        let id = self.table.flows.vacant_key();
+        if let Err(e) = open(io.host, id) {
+            log::debug!("cannot open a spliced association ({kind:?}): {e}");
+            c.udp_send_dropped += 1;
+            return None;
+        }
+        self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
+            kind,
+            last_active: now,
+            timer: None,
+        }));
+        match kind {
+            splice::Kind::Udp { client, guest_port } => {
+                self.table.splice_udp.insert((client, guest_port), id);
+            }
+            splice::Kind::Assoc { listener, client } => {
+                self.table.splice_assoc.insert((listener, client), id);
+            }
+            splice::Kind::Pair | splice::Kind::Listener { .. } => {}
+        }
+        self.table.spliced += 1;
+        if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot) {
+            self.table.timers.arm(slot, id, now + splice::UDP_IDLE);
+        }
+        Some(id)
+    }
+
+    /// Readiness of spliced entry `id`.
+    fn splice_ready<H: HostIo>(
+        &mut self,
+        c: &mut Counters,
+        now: Instant,
+        id: usize,
+        io: &mut Io<'_, H>,
+    ) {
+        let Some(Flow::Splice(f)) = self.table.flows.get_mut(id) else {
+            return;
+        };
+        match f.kind {
+            splice::Kind::Pair | splice::Kind::Udp { .. } => {
+                let (moved, done) = io.host.splice_relay(id);
+                c.splice_bytes += moved as u64;
+                if moved > 0 {
+                    f.last_active = now;
+                }
+                if done {
+                    self.close_flow(c, id, io);
+                }
+            }
+            splice::Kind::Listener {
+                proto: port::Proto::Tcp,
+                to,
+            } => loop {
+                let conn = self.table.flows.vacant_key();
+                match io.host.accept(id, conn) {
+                    Ok(_) => self.splice_pair(c, now, conn, SpliceTo::Host(to), io),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            log::debug!("-T accept: {e}");
+                        }
+                        return;
+                    }
+                }
+            },
+            splice::Kind::Listener {
+                proto: port::Proto::Udp,
+                to,
+            } => self.splice_from_listener(c, now, id, to, io),
+            splice::Kind::Assoc { listener, client } => loop {
+                let buf = &mut self.published.scratch;
+                let n = match io.host.recv(id, buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                if let Some(Flow::Splice(f)) = self.table.flows.get_mut(id) {
+                    f.last_active = now;
+                }
+                if io
+                    .host
+                    .send_msg(listener, &buf[..n], Some(client), None, None)
+                    .is_ok()
+                {
+                    c.splice_bytes += n as u64;
+                }
+            },
+        }
+    }
+
+    /// Datagrams on the `-U` listener `id`, each to its client's association with `to`.
+    fn splice_from_listener<H: HostIo>(
+        &mut self,
+        c: &mut Counters,
+        now: Instant,
+        id: usize,
+        to: std::net::SocketAddr,
+        io: &mut Io<'_, H>,
+    ) {
+        loop {
+            let (n, client, _) = match io.host.recv_from(id, &mut self.published.scratch) {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return,
+            };
+            let aid = match self.table.splice_assoc.get(&(id, client)) {
+                Some(&a) => a,
+                None => {
+                    let kind = splice::Kind::Assoc {
+                        listener: id,
+                        client,
+                    };
+                    let bind: IpAddr = if to.is_ipv6() {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    } else {
+                        Ipv4Addr::LOCALHOST.into()
+                    };
+                    let open = |h: &mut H, a| h.udp_open(a, to, Some(bind));
+                    match self.splice_assoc(c, now, kind, io, open) {
+                        Some(a) => a,
+                        None => continue,
+                    }
+                }
+            };
+            if let Some(Flow::Splice(f)) = self.table.flows.get_mut(aid) {
+                f.last_active = now;
+            }
+            match io.host.send(aid, &self.published.scratch[..n]) {
+                Ok(_) => c.splice_bytes += n as u64,
+                Err(_) => c.udp_send_dropped += 1,
+            }
+        }
+    }
+
+    /// Opens a `-T` (TCP) or `-U` (UDP) listener on `addr` inside the guest's namespace
+    /// whose connections and datagrams are spliced to `to` on the host; returns its id.
+    ///
+    /// # Errors
+    /// The host's, when the socket cannot be had there.
+    pub(crate) fn add_splice_listener<H: HostIo>(
+        &mut self,
+        proto: port::Proto,
+        addr: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+        io: &mut Io<'_, H>,
+    ) -> io::Result<usize> {
+        let id = self.table.flows.vacant_key();
+        io.host.splice_listen(id, proto, addr)?;
+        self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
+            kind: splice::Kind::Listener { proto, to },
+            last_active: Instant::ZERO,
+            timer: None,
+        }));
+        Ok(id)
+    }
+
+    /// Closes the `-T/-U` listener `id` (and its associations).
+    pub(crate) fn remove_splice_listener<H: HostIo>(
+        &mut self,
+        c: &mut Counters,
+        id: usize,
+        io: &mut Io<'_, H>,
+    ) {
+        if let Some(Flow::Splice(f)) = self.table.flows.get(id) {
+            if matches!(f.kind, splice::Kind::Listener { .. }) {
+                self.close_flow(c, id, io);
+            }
+        }
     }
 
     /// Sends the datagram of the loopback client `client`, received on the published
@@ -1396,31 +1596,15 @@ impl Nat {
     ) {
         let Cx { c, io, now, .. } = cx;
         c.udp_handed_off += 1;
-        let key = (client, guest_port);
-        let id = match self.table.splice_udp.get(&key) {
+        let id = match self.table.splice_udp.get(&(client, guest_port)) {
             Some(&id) => id,
             None => {
-                if self.table.spliced >= self.cfg.limits.spliced {
-                    c.splice_table_full += 1;
-                    return;
+                let kind = splice::Kind::Udp { client, guest_port };
+                let open = |h: &mut H, id| h.splice_udp(id, listener, client, guest_port);
+                match self.splice_assoc(c, now, kind, io, open) {
+                    Some(id) => id,
+                    None => return,
                 }
-                let id = self.table.flows.vacant_key();
-                if let Err(e) = io.host.splice_udp(id, listener, client, guest_port) {
-                    log::debug!("cannot splice {client} to port {guest_port}: {e}");
-                    c.udp_send_dropped += 1;
-                    return;
-                }
-                self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
-                    udp: Some(key),
-                    last_active: now,
-                    timer: None,
-                }));
-                self.table.splice_udp.insert(key, id);
-                self.table.spliced += 1;
-                if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot) {
-                    self.table.timers.arm(slot, id, now + splice::UDP_IDLE);
-                }
-                id
             }
         };
         if let Some(Flow::Splice(f)) = self.table.flows.get_mut(id) {

@@ -36,7 +36,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::port::{PortError, PortRule};
+use crate::port::{PortError, PortRule, Proto};
 
 /// How a flow's host socket is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,23 @@ pub enum Close {
     /// A stream is reset (`SO_LINGER` 0: RST), as a kernel would on an aborted
     /// connection.
     Reset,
+}
+
+/// Where the host opens the other side of a spliced connection
+/// ([`HostIo::splice_tcp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpliceTo {
+    /// The guest's `port` inside its namespace, for the loopback client `client` of a
+    /// published port (pasta's `-t`).
+    Guest {
+        /// The client.
+        client: SocketAddr,
+        /// The guest's port.
+        port: u16,
+    },
+    /// This address on the host (pasta's `-T`: a connection accepted inside the
+    /// namespace, for the host's loopback).
+    Host(SocketAddr),
 }
 
 /// The host's sockets, named by flow id. See the module's header.
@@ -173,16 +190,26 @@ pub trait HostIo {
     /// When it cannot be watched; it is closed then.
     fn adopt(&mut self, id: usize) -> io::Result<()>;
 
-    /// Splices the accepted connection `id` of a loopback client
-    /// ([`crate::Config::loopback_handoff`]): opens a connection to the guest's
-    /// `guest_port` from inside the guest's namespace, not through the guest link, and
-    /// watches both under `id` (readable and writable, edge-triggered) until
-    /// [`close`](Self::close). The bytes then move between the two host-side
+    /// Splices the accepted connection `id`: opens a connection to `to` (for a loopback
+    /// client of a published port, [`crate::Config::loopback_handoff`]: the guest's port
+    /// from inside the guest's namespace, not through the guest link) and watches both
+    /// under `id` (readable and writable, edge-triggered) until [`close`](Self::close).
+    /// The bytes then move between the two host-side
     /// ([`splice_relay`](Self::splice_relay)), never through the forwarder.
     ///
     /// # Errors
     /// When the other side cannot be opened; `id` is closed then.
-    fn splice_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()>;
+    fn splice_tcp(&mut self, id: usize, to: SpliceTo) -> io::Result<()>;
+
+    /// Opens listener `id` inside the guest's namespace (pasta's `-T/-U`): a TCP listener
+    /// or a UDP socket bound to `addr` there, watched for reading; its connections are
+    /// [`accept`](Self::accept)ed and its datagrams received
+    /// ([`recv_from`](Self::recv_from)) and answered ([`send_msg`](Self::send_msg)) as a
+    /// published port's.
+    ///
+    /// # Errors
+    /// When the socket cannot be had there (`EADDRINUSE`...).
+    fn splice_listen(&mut self, id: usize, proto: Proto, addr: SocketAddr) -> io::Result<()>;
 
     /// After readiness of spliced flow `id`: moves what waits, both ways (a UDP
     /// association: the replies). Returns the bytes written to either side, and whether

@@ -114,7 +114,7 @@ use stack::txq::TxQueue;
 
 use crate::flow::Nat;
 use crate::gateway::{Cx, Gateway};
-pub use crate::host::{Close, HostIo};
+pub use crate::host::{Close, HostIo, SpliceTo};
 use crate::nat::NatConfig;
 pub use crate::switch::{FrameSink, PortId, Verdict};
 use crate::switch::{Switch, SwitchError};
@@ -854,6 +854,28 @@ impl Forwarder {
         io: &mut Io<'_, H>,
     ) -> Result<(), port::PortError> {
         self.nat.remove_port(&mut self.counters, rule_id, io)
+    }
+
+    /// Opens a pasta `-T` (TCP) or `-U` (UDP) listener on `addr` inside the guest's
+    /// namespace, whose connections and datagrams are spliced to `to` on the host
+    /// ([`splice`]); returns its id, for
+    /// [`remove_splice_listener`](Self::remove_splice_listener).
+    ///
+    /// # Errors
+    /// The host's, when the socket cannot be had there (`EADDRINUSE`...).
+    pub fn add_splice_listener<H: HostIo>(
+        &mut self,
+        proto: port::Proto,
+        addr: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+        io: &mut Io<'_, H>,
+    ) -> io::Result<usize> {
+        self.nat.add_splice_listener(proto, addr, to, io)
+    }
+
+    /// Closes the `-T/-U` listener `id` and its UDP associations.
+    pub fn remove_splice_listener<H: HostIo>(&mut self, id: usize, io: &mut Io<'_, H>) {
+        self.nat.remove_splice_listener(&mut self.counters, id, io);
     }
 
     /// The published ports, by id.

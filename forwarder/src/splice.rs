@@ -1,35 +1,61 @@
-//! Spliced flows: pasta's loopback clients of published ports, relayed by the host.
+//! Spliced flows: pasta's loopback clients of published ports and its `-T/-U` ports,
+//! relayed by the host.
 //!
 //! # Theory of operation
 //!
-//! With [`crate::Config::loopback_handoff`] (pasta mode), a connection or datagram that a
-//! loopback client sends to a published port does not cross the guest link: the host
-//! opens the other side inside the guest's namespace and moves the bytes itself
-//! ([`crate::HostIo::splice_tcp`], [`crate::HostIo::splice_udp`],
-//! [`crate::HostIo::splice_relay`]: for TCP by `splice(2)` through pipes). Such a flow
-//! is one more kind in the flow table, as in passt: the table gives it its id (which
-//! names its sockets to the host), bounds it by [`crate::Limits::spliced`], counts it
-//! ([`crate::Counters`]: `tcp_handed_off`, `udp_handed_off`, `splice_closed`,
-//! `splice_table_full`, `splice_bytes`, the last also read by the event loop's busy
-//! polling as bulk traffic) and ends it:
+//! In pasta mode some flows never cross the guest link; the host relays them itself,
+//! for TCP by `splice(2)` through pipes ([`crate::HostIo::splice_tcp`],
+//! [`crate::HostIo::splice_relay`]):
 //!
-//! - a TCP one when the host says it is over (both sides closed theirs and everything
-//!   was delivered, or an error);
-//! - a UDP one, an association of one client with the guest's port found by
-//!   (client, guest port), after [`UDP_IDLE`] without a datagram either way, on the
-//!   flow timers.
+//! - **Loopback clients of published ports** ([`crate::Config::loopback_handoff`]): a
+//!   connection becomes a pair whose other side the host opens to the guest's port from
+//!   inside the guest's namespace; a client's datagrams go through a UDP association,
+//!   a socket opened there ([`crate::HostIo::splice_udp`]) and found again by (client,
+//!   guest port), whose replies the host sends back through the rule's socket.
+//! - **`-T/-U`**: a listener inside the namespace ([`crate::HostIo::splice_listen`],
+//!   [`crate::Forwarder::add_splice_listener`]) whose connections become pairs with a
+//!   connection to an address on the host's loopback, and whose datagrams go through a
+//!   UDP association per client: a host socket connected to that address, its replies
+//!   sent back to the client through the listener (these datagrams pass through the
+//!   forwarder's buffer, as a published port's).
+//!
+//! Each is one more kind in the flow table, as in passt: the table gives it its id
+//! (which names its sockets to the host), bounds the pairs and associations by
+//! [`crate::Limits::spliced`], counts them ([`crate::Counters`]: `tcp_handed_off`,
+//! `udp_handed_off`, `splice_closed`, `splice_table_full`, `splice_bytes`, the last also
+//! read by the event loop's busy polling as bulk traffic) and ends them: a pair when
+//! the host says it is over (both sides closed theirs and everything was delivered, or
+//! an error), an association after [`UDP_IDLE`] without a datagram either way, on the
+//! flow timers, or with its listener.
+
+use std::net::SocketAddr;
 
 use smoltcp::time::{Duration, Instant};
+
+use crate::port::Proto;
 
 /// A spliced UDP association ends after this long without traffic (pasta's 180 s,
 /// where [`crate::Config::udp_idle`] of flows through the guest link is 60 s).
 pub const UDP_IDLE: Duration = Duration::from_secs(180);
 
-/// A spliced flow's entry in the flow table.
+/// What a spliced entry of the flow table is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A relayed TCP connection.
+    Pair,
+    /// A loopback client's association with the guest's port.
+    Udp { client: SocketAddr, guest_port: u16 },
+    /// A `-T/-U` listener inside the namespace, relayed to `to` on the host.
+    Listener { proto: Proto, to: SocketAddr },
+    /// A `-U` client's association: a host socket connected to the listener's `to`;
+    /// replies go back through `listener` to `client`.
+    Assoc { listener: usize, client: SocketAddr },
+}
+
+/// A spliced entry of the flow table.
 pub(crate) struct SpliceFlow {
-    /// A UDP association's (client, guest port); `None` for TCP.
-    pub udp: Option<(std::net::SocketAddr, u16)>,
+    pub kind: Kind,
     pub last_active: Instant,
-    /// A UDP association's idle timer.
+    /// An association's idle timer.
     pub timer: Option<Instant>,
 }

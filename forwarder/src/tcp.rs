@@ -570,7 +570,7 @@ mod tests {
     use smoltcp::wire::{EthernetAddress, IpAddress};
 
     use super::*;
-    use crate::port::{PortError, PortRule};
+    use crate::port::{PortError, PortRule, Proto};
     use crate::{Config, Forwarder, Topology};
 
     /// A host of one stream, scripted by the test.
@@ -669,7 +669,10 @@ mod tests {
         fn adopt(&mut self, _: usize) -> io::Result<()> {
             unreachable!()
         }
-        fn splice_tcp(&mut self, _: usize, _: SocketAddr, _: u16) -> io::Result<()> {
+        fn splice_tcp(&mut self, _: usize, _: crate::SpliceTo) -> io::Result<()> {
+            unreachable!()
+        }
+        fn splice_listen(&mut self, _: usize, _: Proto, _: SocketAddr) -> io::Result<()> {
             unreachable!()
         }
         fn splice_relay(&mut self, _: usize) -> (usize, bool) {

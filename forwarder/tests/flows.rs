@@ -560,7 +560,8 @@ fn loopback_client_is_spliced_and_relayed_both_ways() {
     assert_eq!(ids.len(), 1, "one spliced flow");
     let id = ids[0];
     let pair = sim.host.pair(id);
-    assert_eq!((pair.client, pair.guest_port), (client, 22));
+    assert_eq!(pair.client, client);
+    assert_eq!(pair.to, forwarder::SpliceTo::Guest { client, port: 22 });
     assert_eq!(sim.fwd.spliced_flows(), 1);
     assert_eq!(sim.fwd.flow_counts(), (0, 0, 0), "not a guest flow");
     sim.host.client_write(id, b"ssh-hello");
@@ -684,4 +685,99 @@ fn udp_table_full_drops_and_counts() {
     assert_eq!(sim.fwd.flow_counts().1, 3);
     assert_eq!(sim.fwd.counters().udp_table_full, 2);
     assert_eq!(sim.host.open_sockets(), 3);
+}
+
+/// A `-T` listener on the namespace's 127.0.0.1:3000 relayed to the host's port 4000.
+#[test]
+fn namespace_listener_splices_connections_to_the_host() {
+    let mut sim = Sim::new(true);
+    let ns = loopback(3000);
+    let to = loopback(4000);
+    let mut io = forwarder::Io {
+        host: &mut sim.host,
+        tap: &mut sim.wire,
+    };
+    let l = sim
+        .fwd
+        .add_splice_listener(Proto::Tcp, ns, to, &mut io)
+        .unwrap();
+    let client = loopback(45000);
+    sim.host.connect_in(ns, client);
+    sim.run_for(1);
+    let id = sim.host.pairs()[0];
+    assert_eq!(sim.host.pair(id).to, forwarder::SpliceTo::Host(to));
+    sim.host.client_write(id, b"GET");
+    sim.host.client_fin(id);
+    sim.host.ns_write(id, b"200");
+    sim.host.ns_fin(id);
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 0, "both sides closed");
+    let c = sim.fwd.counters();
+    assert_eq!(
+        (c.splice_bytes, c.splice_closed, c.tcp_handed_off),
+        (6, 1, 0)
+    );
+    // Removed: the listener is closed.
+    let mut io = forwarder::Io {
+        host: &mut sim.host,
+        tap: &mut sim.wire,
+    };
+    sim.fwd.remove_splice_listener(l, &mut io);
+    assert!(sim.host.port_at(ns).is_none());
+}
+
+/// A `-U` socket on the namespace's 127.0.0.1:5300 relayed to the host's port 53: one
+/// association per client, replies back through the listener, expiry on the fake clock,
+/// and the associations end with their listener.
+#[test]
+fn namespace_udp_listener_keeps_an_association_per_client() {
+    let mut sim = Sim::new(true);
+    let ns = loopback(5300);
+    let to = loopback(53);
+    let mut io = forwarder::Io {
+        host: &mut sim.host,
+        tap: &mut sim.wire,
+    };
+    let l = sim
+        .fwd
+        .add_splice_listener(Proto::Udp, ns, to, &mut io)
+        .unwrap();
+    let client = loopback(46000);
+    sim.host.datagram_in(ns, client, None, b"query");
+    sim.run_for(1);
+    let a = sim
+        .host
+        .dgram_to(to)
+        .expect("the association's host socket");
+    assert_eq!(sim.host.take_sent(a), [b"query".to_vec()]);
+    sim.host.dgram_reply(a, b"answer");
+    sim.run_for(1);
+    assert_eq!(
+        sim.host.port_sent(ns),
+        [(Some(client), None, b"answer".to_vec())]
+    );
+    sim.host.datagram_in(ns, client, None, b"again");
+    sim.run_for(1);
+    assert_eq!(
+        sim.host.take_sent(a),
+        [b"again".to_vec()],
+        "the same association"
+    );
+    assert_eq!(sim.fwd.spliced_flows(), 1);
+    // Idle for UDP_IDLE: gone.
+    sim.run_for(forwarder::splice::UDP_IDLE.total_millis() + 10);
+    assert_eq!(sim.fwd.spliced_flows(), 0);
+    assert!(sim.host.dgram_to(to).is_none());
+    // A new association ends with its listener.
+    sim.host.datagram_in(ns, client, None, b"late");
+    sim.run_for(1);
+    assert_eq!(sim.fwd.spliced_flows(), 1);
+    let mut io = forwarder::Io {
+        host: &mut sim.host,
+        tap: &mut sim.wire,
+    };
+    sim.fwd.remove_splice_listener(l, &mut io);
+    assert_eq!(sim.fwd.spliced_flows(), 0);
+    assert_eq!(sim.host.open_sockets(), 0);
+    assert_eq!(sim.fwd.counters().splice_closed, 2);
 }

@@ -24,7 +24,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use forwarder::port::{PortError, PortRule, Proto};
-use forwarder::{Close, HostIo};
+use forwarder::{Close, HostIo, SpliceTo};
 
 /// What a TCP connect to an address meets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +114,10 @@ pub struct Port {
 /// opened inside the namespace, relayed by the host.
 #[derive(Debug)]
 pub struct Pair {
+    /// The accepted connection's client.
     pub client: SocketAddr,
-    pub guest_port: u16,
+    /// Where the other side was opened.
+    pub to: SpliceTo,
     /// What the client sent, not yet relayed.
     from_client: VecDeque<u8>,
     /// What the namespace's server sent, not yet relayed.
@@ -753,17 +755,18 @@ impl HostIo for MemHost {
         Ok(())
     }
 
-    fn splice_tcp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
-        if !matches!(self.socks.get(id), Some(Some(Sock::Stream(_)))) {
-            return Err(io::Error::from(io::ErrorKind::NotFound));
-        }
+    fn splice_tcp(&mut self, id: usize, to: SpliceTo) -> io::Result<()> {
+        let client = match self.socks.get(id) {
+            Some(Some(Sock::Stream(s))) => s.peer,
+            _ => return Err(io::Error::from(io::ErrorKind::NotFound)),
+        };
         if let Some(n) = self.splice_error {
             self.socks[id] = None;
             return Err(errno(n));
         }
         self.socks[id] = Some(Sock::Pair(Pair {
             client,
-            guest_port,
+            to,
             from_client: VecDeque::new(),
             from_ns: VecDeque::new(),
             to_ns: Vec::new(),
@@ -812,6 +815,20 @@ impl HostIo for MemHost {
         p.ns_got_fin |= p.client_fin;
         p.client_got_fin |= p.ns_fin;
         (n, p.ns_got_fin && p.client_got_fin)
+    }
+
+    fn splice_listen(&mut self, id: usize, proto: Proto, addr: SocketAddr) -> io::Result<()> {
+        if let Some(n) = self.splice_error {
+            return Err(errno(n));
+        }
+        let rule = PortRule {
+            id: 0,
+            proto,
+            host: addr,
+            guest: std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0),
+            device: None,
+        };
+        self.listen(id, &rule).map_err(|_| errno(libc::EADDRINUSE))
     }
 
     fn splice_udp(
