@@ -195,13 +195,7 @@ fn a_changed_policy_resets_the_open_flows_it_denies() {
     // New rules leave open flows alone until asked.
     p.drive(10);
     assert_eq!(p.tcp(h).state(), State::Established);
-    let n = {
-        let mut io = forwarder::Io {
-            host: &mut p.sim.host,
-            tap: &mut p.sim.wire,
-        };
-        p.sim.fwd.reset_denied_flows(&mut io)
-    };
+    let n = p.sim.with_io(|fwd, io| fwd.reset_denied_flows(io));
     assert_eq!(n, 1);
     p.drive(10);
     assert_eq!(p.tcp(h).state(), State::Closed, "the guest got a RST");

@@ -432,11 +432,9 @@ fn published_tcp_port_brings_a_connection_in() {
     p.drive(10);
     assert_eq!(p.sim.host.peer_read_all(conn), b"SSH-2.0-guest\r\n");
     // Unpublished: the connection made through it keeps going, the listener is closed.
-    let mut io = forwarder::Io {
-        host: &mut p.sim.host,
-        tap: &mut p.sim.wire,
-    };
-    p.sim.fwd.remove_port(rule.id, &mut io).unwrap();
+    p.sim
+        .with_io(|fwd, io| fwd.remove_port(rule.id, io))
+        .unwrap();
     assert!(p.sim.host.port_at(addr).is_none());
     p.sim.host.peer_write(conn, b"more");
     p.drive(10);
@@ -693,13 +691,8 @@ fn namespace_listener_splices_connections_to_the_host() {
     let mut sim = Sim::new(true);
     let ns = loopback(3000);
     let to = loopback(4000);
-    let mut io = forwarder::Io {
-        host: &mut sim.host,
-        tap: &mut sim.wire,
-    };
     let l = sim
-        .fwd
-        .add_splice_listener(Proto::Tcp, ns, to, &mut io)
+        .with_io(|fwd, io| fwd.add_splice_listener(Proto::Tcp, ns, to, io))
         .unwrap();
     let client = loopback(45000);
     sim.host.connect_in(ns, client);
@@ -718,11 +711,7 @@ fn namespace_listener_splices_connections_to_the_host() {
         (6, 1, 0)
     );
     // Removed: the listener is closed.
-    let mut io = forwarder::Io {
-        host: &mut sim.host,
-        tap: &mut sim.wire,
-    };
-    sim.fwd.remove_splice_listener(l, &mut io);
+    sim.with_io(|fwd, io| fwd.remove_splice_listener(l, io));
     assert!(sim.host.port_at(ns).is_none());
 }
 
@@ -734,13 +723,8 @@ fn namespace_udp_listener_keeps_an_association_per_client() {
     let mut sim = Sim::new(true);
     let ns = loopback(5300);
     let to = loopback(53);
-    let mut io = forwarder::Io {
-        host: &mut sim.host,
-        tap: &mut sim.wire,
-    };
     let l = sim
-        .fwd
-        .add_splice_listener(Proto::Udp, ns, to, &mut io)
+        .with_io(|fwd, io| fwd.add_splice_listener(Proto::Udp, ns, to, io))
         .unwrap();
     let client = loopback(46000);
     sim.host.datagram_in(ns, client, None, b"query");
@@ -772,11 +756,7 @@ fn namespace_udp_listener_keeps_an_association_per_client() {
     sim.host.datagram_in(ns, client, None, b"late");
     sim.run_for(1);
     assert_eq!(sim.fwd.spliced_flows(), 1);
-    let mut io = forwarder::Io {
-        host: &mut sim.host,
-        tap: &mut sim.wire,
-    };
-    sim.fwd.remove_splice_listener(l, &mut io);
+    sim.with_io(|fwd, io| fwd.remove_splice_listener(l, io));
     assert_eq!(sim.fwd.spliced_flows(), 0);
     assert_eq!(sim.host.open_sockets(), 0);
     assert_eq!(sim.fwd.counters().splice_closed, 2);

@@ -132,6 +132,16 @@ impl Sim {
     pub fn run_for(&mut self, ms: u64) {
         self.run_until(ms, |_| false);
     }
+
+    /// Lends the forwarder this simulation's host and wire, as the event loop does for a
+    /// call outside a turn (publishing a port, a splice listener, resetting flows).
+    pub fn with_io<R>(&mut self, f: impl FnOnce(&mut Forwarder, &mut Io<'_, MemHost>) -> R) -> R {
+        let mut io = Io {
+            host: &mut self.host,
+            tap: &mut self.wire,
+        };
+        f(&mut self.fwd, &mut io)
+    }
 }
 
 pub fn guest() -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
