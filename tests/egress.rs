@@ -652,37 +652,7 @@ fn egress_rules_change_through_the_api_and_reset_open_flows() {
     assert!(f.stderr.contains("bad arguments.id"), "{f}");
 }
 
-/// A network test's own configuration and runtime directories (as tests/network.rs).
-struct Nets<'t> {
-    t: &'t Topology,
-    cfg: std::path::PathBuf,
-    run: std::path::PathBuf,
-}
-
-impl<'t> Nets<'t> {
-    fn new(t: &'t Topology) -> Self {
-        let (cfg, run) = (t.tmp.join("config"), t.tmp.join("runtime"));
-        std::fs::create_dir_all(&cfg).unwrap();
-        std::fs::create_dir_all(&run).unwrap();
-        Nets { t, cfg, run }
-    }
-
-    fn env(&self) -> Vec<String> {
-        vec![
-            "env".into(),
-            format!("XDG_CONFIG_HOME={}", self.cfg.display()),
-            format!("XDG_RUNTIME_DIR={}", self.run.display()),
-            "RUST_LOG=info".into(),
-        ]
-    }
-
-    fn cli(&self, args: &[&str]) -> Finished {
-        UsernetCmd::new(self.t)
-            .wrap(self.env())
-            .target(args)
-            .output(Duration::from_secs(20))
-    }
-
+impl Nets<'_> {
     /// A member running `sleep MARKER`: its `usernet run` (killed on drop) and its PID.
     fn member(&self, net: &str, name: &str, opts: &[&str]) -> (Usernet, u32) {
         let tag: u32 = name.bytes().map(u32::from).sum();

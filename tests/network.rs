@@ -10,18 +10,10 @@
 mod util;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use util::*;
-
-/// The networks of one test.
-struct Nets<'t> {
-    t: &'t Topology,
-    cfg: PathBuf,
-    run: PathBuf,
-}
 
 /// One member: its `usernet run` (killed on drop) and its command's namespace.
 struct Member {
@@ -44,32 +36,7 @@ fn marker() -> String {
     format!("41.{}{n:03}", std::process::id())
 }
 
-impl<'t> Nets<'t> {
-    fn new(t: &'t Topology) -> Self {
-        let cfg = t.tmp.join("config");
-        let run = t.tmp.join("runtime");
-        std::fs::create_dir_all(&cfg).unwrap();
-        std::fs::create_dir_all(&run).unwrap();
-        Nets { t, cfg, run }
-    }
-
-    fn env(&self) -> Vec<String> {
-        vec![
-            "env".into(),
-            format!("XDG_CONFIG_HOME={}", self.cfg.display()),
-            format!("XDG_RUNTIME_DIR={}", self.run.display()),
-            "RUST_LOG=info".into(),
-        ]
-    }
-
-    /// `usernet ARGS...` in H, to completion.
-    fn cli(&self, args: &[&str]) -> Finished {
-        UsernetCmd::new(self.t)
-            .wrap(self.env())
-            .target(args)
-            .output(Duration::from_secs(20))
-    }
-
+impl Nets<'_> {
     /// `usernet network create ARGS...`, which must work.
     fn create(&self, args: &[&str]) {
         let mut a = vec!["network", "create"];

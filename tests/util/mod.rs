@@ -2248,6 +2248,41 @@ pub const READY_FD: RawFd = 3;
 /// Child fd number of the `-e` pipe (as podman passes it).
 pub const EXIT_FD: RawFd = 4;
 
+/// The networks of one test: `usernet network` with its own configuration and runtime
+/// directories (`XDG_CONFIG_HOME`, `XDG_RUNTIME_DIR`) under the test's temporary directory.
+pub struct Nets<'t> {
+    pub t: &'t Topology,
+    pub cfg: PathBuf,
+    pub run: PathBuf,
+}
+
+impl<'t> Nets<'t> {
+    pub fn new(t: &'t Topology) -> Self {
+        let (cfg, run) = (t.tmp.join("config"), t.tmp.join("runtime"));
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        Nets { t, cfg, run }
+    }
+
+    /// The `env` wrapper that points usernet at those directories.
+    pub fn env(&self) -> Vec<String> {
+        vec![
+            "env".into(),
+            format!("XDG_CONFIG_HOME={}", self.cfg.display()),
+            format!("XDG_RUNTIME_DIR={}", self.run.display()),
+            "RUST_LOG=info".into(),
+        ]
+    }
+
+    /// `usernet ARGS...` in H, to completion.
+    pub fn cli(&self, args: &[&str]) -> Finished {
+        UsernetCmd::new(self.t)
+            .wrap(self.env())
+            .target(args)
+            .output(Duration::from_secs(20))
+    }
+}
+
 /// Builder for one usernet process, run as `ip netns exec H [WRAP...] usernet OPTS... TARGET`.
 ///
 /// The default target is `--netns-type=path /run/netns/C tap0`.
