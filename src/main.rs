@@ -128,7 +128,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run_mode(*args),
         Some(Command::Ports(args)) => ports_client(args),
         Some(Command::Egress(args)) => api_socket_of(&args.target)
-            .and_then(|socket| egress::client(args, |req| api_call(&socket, req))),
+            .and_then(|socket| egress_client(args, |req| api_call(&socket, req))),
         Some(Command::Stats(args)) => stats_client(args),
         Some(Command::Network(args)) => network_command(args),
         Some(Command::Ps(_)) => ps_client(),
@@ -422,6 +422,94 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
     let running = event_loop::start(tap, fwd, signals, extras)?;
     hold.release()?;
     Ok(running.run()?)
+}
+
+/// `usernet egress`: one API request through `ask`, human-readable output.
+///
+/// # Errors
+/// What the API says is wrong, or a missing action.
+fn egress_client(
+    args: conf::EgressArgs,
+    ask: impl Fn(&serde_json::Value) -> Result<serde_json::Value, MainError>,
+) -> Result<i32, MainError> {
+    use conf::EgressAction;
+    let Some(action) = args.action else {
+        return Err(MainError::Usage(
+            "egress needs an action: list, add, remove or default (see usernet egress --help)"
+                .into(),
+        ));
+    };
+    let member = args.member.as_ref().map(|m| serde_json::json!(m));
+    let with = |execute: &str, mut arguments: serde_json::Value| {
+        if let Some(m) = &member {
+            arguments["member"] = m.clone();
+        }
+        serde_json::json!({"execute": execute, "arguments": arguments})
+    };
+    let reset_line = |reply: &serde_json::Value| {
+        if let Some(n) = reply
+            .pointer("/return/reset")
+            .and_then(serde_json::Value::as_u64)
+        {
+            if n > 0 {
+                println!("reset {n} open flows");
+            }
+        }
+    };
+    match action {
+        EgressAction::List => {
+            let reply = ask(&with("list_egress", serde_json::json!({})))?;
+            let p = &reply["return"];
+            println!("ID HITS RULE");
+            for r in p["rules"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {} {}",
+                    r["id"],
+                    r["hits"],
+                    r["rule"].as_str().unwrap_or("?")
+                );
+            }
+            let hits = p["default_hits"].as_u64().unwrap_or(0);
+            println!(
+                "- {hits} default {}",
+                p["default"].as_str().unwrap_or("allow")
+            );
+        }
+        EgressAction::Add {
+            rule,
+            position,
+            reset,
+        } => {
+            let mut a = serde_json::json!({"rule": rule.join(" "), "reset": reset});
+            if let Some(n) = position {
+                a["position"] = serde_json::json!(n);
+            }
+            let reply = ask(&with("add_egress_rule", a))?;
+            println!(
+                "{}",
+                reply
+                    .pointer("/return/id")
+                    .cloned()
+                    .unwrap_or(serde_json::Value::Null)
+            );
+            reset_line(&reply);
+        }
+        EgressAction::Remove { id, reset } => {
+            let reply = ask(&with(
+                "remove_egress_rule",
+                serde_json::json!({"id": id, "reset": reset}),
+            ))?;
+            reset_line(&reply);
+        }
+        EgressAction::Default { action, reset } => {
+            let reply = ask(&with(
+                "set_egress_default",
+                serde_json::json!({"default": action, "reset": reset}),
+            ))?;
+            reset_line(&reply);
+        }
+    }
+    Ok(0)
 }
 
 /// One API request from a client subcommand: the reply, or its error's text.
