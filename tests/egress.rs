@@ -756,28 +756,10 @@ fn egress_pasta_mode_options_from_podman_network_pasta_args() {
     let lan = TcpServer::echo(&t.world_ns(), any(LAN[0]));
     let world = TcpServer::echo(&t.world_ns(), any(WORLD));
     let own = TcpServer::echo(&t.host_ns(), any(HOST_ADDR));
-    // podman 5.3's line, then what `--network pasta:--egress-deny-private` appends.
+    // podman 5.3's line for `--network pasta:--egress-deny-private`.
     let netns = t.container_ns();
-    let args = [
-        "--config-net",
-        "--dns-forward",
-        "169.254.1.1",
-        "-t",
-        "none",
-        "-u",
-        "none",
-        "-T",
-        "none",
-        "-U",
-        "none",
-        "--no-map-gw",
-        "--quiet",
-        "--netns",
-        &netns,
-        "--map-guest-addr",
-        "169.254.1.2",
-        "--egress-deny-private",
-    ];
+    let args = podman53(&netns, &["--egress-deny-private"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _p = Pasta::start(&t, &args);
     t.in_container(|| {
         echo_once(world.addr, b"world");

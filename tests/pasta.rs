@@ -18,31 +18,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use util::*;
 
-/// podman 5.3+'s default per-container line, with the container's netns path.
-fn podman53(netns: &str, ports: &[&str]) -> Vec<String> {
-    let mut v = vec!["--config-net".to_owned()];
-    v.extend(ports.iter().map(|s| (*s).to_owned()));
-    let has = |o: &str| ports.contains(&o);
-    v.extend(["--dns-forward", "169.254.1.1"].map(String::from));
-    for o in ["-t", "-u", "-T", "-U"] {
-        if !has(o) {
-            v.extend([o.to_owned(), "none".to_owned()]);
-        }
-    }
-    v.extend(
-        [
-            "--no-map-gw",
-            "--quiet",
-            "--netns",
-            netns,
-            "--map-guest-addr",
-            "169.254.1.2",
-        ]
-        .map(String::from),
-    );
-    v
-}
-
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }

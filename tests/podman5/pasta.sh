@@ -124,6 +124,17 @@ grep -q "^$want_host " <<<"$out" || fail "the file from the host differs or did 
 grep -q "^$want_world " <<<"$out" || fail "the file from the world differs or did not arrive"
 grep -q "198.51.100.2/24" <<<"$out" || fail "the container did not get the host's address"
 
+echo "--- --network pasta:--egress-deny,198.51.100.1/32 keeps a container off the world server"
+out="$(as_podman_user "$PODMAN run --cgroups disabled --network pasta:--egress-deny,198.51.100.1/32 --rm localhost/usernet-bb sh -c '
+    wget -q -O - http://host.containers.internal:8081/host.bin | sha256sum
+    wget -q -T 10 -O /dev/null http://198.51.100.1:8082/world.bin 2>&1 || echo \"world: refused\"'")"
+echo "$out"
+grep -q "^$want_host " <<<"$out" || fail "egress: the file from the host differs or did not arrive"
+grep -q "No route to host" <<<"$out" && grep -q "world: refused" <<<"$out" \
+    || fail "egress: the denied world server was not refused with 'No route to host'"
+grep -q -- "--config-net --egress-deny 198.51.100.1/32 " "$work/tmp/pasta-argv.log" \
+    || fail "egress: podman did not pass --egress-deny right after --config-net"
+
 echo "--- a container serves a file through -p 8080:80"
 as_podman_user "$RUN -d --name usernet-srv -p 8080:80 localhost/usernet-bb httpd -f -vv -p 80 -h /srv >/dev/null"
 want_ctr="$(sha256sum <"$work/img/srv/ctr.bin" | cut -d' ' -f1)"

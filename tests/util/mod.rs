@@ -2248,6 +2248,33 @@ pub const READY_FD: RawFd = 3;
 /// Child fd number of the `-e` pipe (as podman passes it).
 pub const EXIT_FD: RawFd = 4;
 
+/// podman 5.3+'s per-container pasta line, with the container's netns path; `user` stands
+/// where podman puts published ports and the user's `--network pasta:...` options, right
+/// after `--config-net` (as tests/podman5 logs it from the real podman).
+pub fn podman53(netns: &str, user: &[&str]) -> Vec<String> {
+    let mut v = vec!["--config-net".to_owned()];
+    v.extend(user.iter().map(|s| (*s).to_owned()));
+    let has = |o: &str| user.contains(&o);
+    v.extend(["--dns-forward", "169.254.1.1"].map(String::from));
+    for o in ["-t", "-u", "-T", "-U"] {
+        if !has(o) {
+            v.extend([o.to_owned(), "none".to_owned()]);
+        }
+    }
+    v.extend(
+        [
+            "--no-map-gw",
+            "--quiet",
+            "--netns",
+            netns,
+            "--map-guest-addr",
+            "169.254.1.2",
+        ]
+        .map(String::from),
+    );
+    v
+}
+
 /// The networks of one test: `usernet network` with its own configuration and runtime
 /// directories (`XDG_CONFIG_HOME`, `XDG_RUNTIME_DIR`) under the test's temporary directory.
 pub struct Nets<'t> {
