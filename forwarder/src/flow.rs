@@ -331,13 +331,15 @@ impl Nat {
         }
     }
 
+    /// Whether a guest's flow goes to the DNS forwarder (the DNS address, port 53).
+    fn to_dns_forwarder(&self, key: FlowKey) -> bool {
+        key.remote.1 == 53 && self.cfg.nat.is_dns_address(key.remote.0.into())
+    }
+
     /// With names filtered by the egress policy: answers NXDOMAIN to a DNS query for a
     /// name it does not allow; false when the query may go on.
     fn refuse_name(&self, link: &mut Link, c: &mut Counters, key: FlowKey, query: &[u8]) -> bool {
-        if self.egress.is_empty()
-            || key.remote.1 != 53
-            || !self.cfg.nat.is_dns_address(key.remote.0.into())
-        {
+        if self.egress.is_empty() || !self.to_dns_forwarder(key) {
             return false;
         }
         let egress = &self.egress;
@@ -354,11 +356,7 @@ impl Nat {
 
     /// Answers a DNS query for a member name; false when the query is not for one.
     fn answer_name(&self, link: &mut Link, c: &mut Counters, key: FlowKey, query: &[u8]) -> bool {
-        let dns = match key.remote.0 {
-            IpAddress::Ipv4(a) => Some(a) == self.cfg.nat.net.dns(),
-            IpAddress::Ipv6(a) => self.cfg.nat.net6.is_some_and(|n| Some(a) == n.dns()),
-        };
-        if !dns || key.remote.1 != 53 || self.dns.names.is_empty() {
+        if self.dns.names.is_empty() || !self.to_dns_forwarder(key) {
             return false;
         }
         let names = &self.dns.names;
@@ -754,9 +752,7 @@ impl Nat {
         };
         let id = self.table.flows.vacant_key();
         // The DNS forwarder's flows fail over between the nameservers.
-        let dns = key.remote.1 == 53
-            && !self.dns.nameservers.is_empty()
-            && self.cfg.nat.is_dns_address(key.remote.0.into());
+        let dns = !self.dns.nameservers.is_empty() && self.to_dns_forwarder(key);
         let servers = if dns {
             &self.dns.nameservers[..]
         } else {
