@@ -314,20 +314,24 @@ impl Nat {
         if self.egress.is_empty() {
             return Ok(target);
         }
-        let dst = IpAddr::from(key.remote.0);
-        let f = egress::FlowDst {
-            proto,
-            dst,
-            host: target.ip(),
-            port: key.remote.1,
-            dns_service: key.remote.1 == 53 && self.cfg.nat.is_dns_address(dst),
-        };
+        let f = self.flow_dst(proto, key, target.ip());
         match self.egress.check(now, key.guest.0.into(), &f).action {
             egress::Action::Allow => Ok(target),
             egress::Action::Deny => {
                 c.egress_denied += 1;
                 Err(nat::Deny::Egress)
             }
+        }
+    }
+
+    /// What the egress policy looks at of a flow of `key` that goes to `host`.
+    fn flow_dst(&self, proto: egress::Proto, key: &FlowKey, host: IpAddr) -> egress::FlowDst {
+        egress::FlowDst {
+            proto,
+            dst: key.remote.0.into(),
+            host,
+            port: key.remote.1,
+            dns_service: self.to_dns_forwarder(*key),
         }
     }
 
@@ -1174,13 +1178,7 @@ impl Nat {
                 };
                 let dst = IpAddr::from(key.remote.0);
                 let host = self.translate(dst, key.remote.1).map_or(dst, |t| t.ip());
-                let flow = egress::FlowDst {
-                    proto,
-                    dst,
-                    host,
-                    port: key.remote.1,
-                    dns_service: key.remote.1 == 53 && self.cfg.nat.is_dns_address(dst),
-                };
+                let flow = self.flow_dst(proto, &key, host);
                 self.egress
                     .denies(now, key.guest.0.into(), &flow)
                     .then_some(id)
