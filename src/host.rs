@@ -459,7 +459,6 @@ impl HostIo for Sockets {
 
     fn close(&mut self, id: usize, how: Close) {
         let entry = self.take(id);
-        let registry = &self.registry;
         match entry {
             Entry::Free => {}
             // Not deregistered first: closing the descriptor takes it out of the epoll set
@@ -468,24 +467,18 @@ impl HostIo for Sockets {
             // reference ever held elsewhere for a moment (a fork's child before its exec),
             // a late event would reach the flow that reuses the id as a spurious wake-up,
             // which every flow handles (`WouldBlock`, a connect still in progress).
-            Entry::Stream(s, _) => {
+            Entry::Stream(s, _) | Entry::Accepted(s) => {
                 if how == Close::Reset {
                     let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
                 }
             }
-            Entry::Accepted(s) => {
-                if how == Close::Reset {
-                    let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
-                }
+            // The same holds for a flow's datagram socket, a listener and a pair.
+            Entry::Dgram(_) | Entry::Listener(_) | Entry::SpliceUdp { .. } | Entry::Splice(_) => {}
+            // A published UDP port whose duplicate (for handed-over datagrams) may outlive
+            // it: without this its registration would stay with the duplicate.
+            Entry::Port(mut s, _) => {
+                let _ = self.registry.deregister(&mut s);
             }
-            Entry::Dgram(mut s) | Entry::Port(mut s, _) | Entry::SpliceUdp { ns: mut s, .. } => {
-                let _ = registry.deregister(&mut s);
-            }
-            Entry::Listener(mut l) => {
-                let _ = registry.deregister(&mut l);
-            }
-            // Closing the sockets takes them out of the epoll set.
-            Entry::Splice(_) => {}
         }
     }
 }
