@@ -175,13 +175,23 @@ mod tests {
         let (mut client, a) = connected();
         let (mut server, b) = connected();
         let mut pair = Pair::new(a, b).unwrap();
+        // Bounds that only a broken relay reaches: it fails the test instead of hanging it.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for s in [&client, &server] {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+                .unwrap();
+        }
+        let pump = |pair: &mut Pair| {
+            assert!(std::time::Instant::now() < give_up, "the relay stalled");
+            pair.pump()
+        };
         client.write_all(b"hello").unwrap();
         client.shutdown(Shutdown::Write).unwrap();
         let mut got = Vec::new();
         let mut moved = 0;
         // Blocking reads on the far ends; the pump runs until the bytes arrived.
         while moved < 5 {
-            moved += pair.pump().0;
+            moved += pump(&mut pair).0;
         }
         server.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"hello", "bytes and the FIN reached the server");
@@ -189,7 +199,7 @@ mod tests {
         server.shutdown(Shutdown::Write).unwrap();
         let mut done = false;
         while !done {
-            let (n, d) = pair.pump();
+            let (n, d) = pump(&mut pair);
             moved += n;
             done = d;
         }
