@@ -478,11 +478,7 @@ pub fn table(
                 "member_rss_kib" => "KiB ↓",
                 _ => "Gbit/s ↑",
             };
-            let median = |v: &Vec<f64>| {
-                let mut v = v.clone();
-                v.sort_by(f64::total_cmp);
-                v.get(v.len() / 2).copied()
-            };
+            let median = |v: &Vec<f64>| crate::median(v.clone());
             let mut cells: Vec<String> = samples[f]
                 .iter()
                 .zip(&applies[f])
