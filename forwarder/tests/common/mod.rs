@@ -79,11 +79,6 @@ impl Sim {
         Instant::from_micros(self.micros)
     }
 
-    /// Moves the fake clock on by `d`.
-    pub fn advance(&mut self, d: Duration) {
-        self.micros += d.total_micros() as i64;
-    }
-
     /// Feeds a guest frame and runs the forwarder's turn.
     pub fn send(&mut self, frame: &[u8]) {
         let now = self.now();

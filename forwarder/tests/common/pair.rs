@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::time::{Duration, Instant};
+use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
 use super::{finish_turn, Sim, GUEST, GUEST_MAC, GW};
@@ -176,10 +176,5 @@ impl Pair {
             };
             self.sim.micros = next.total_micros().max(self.sim.micros + 1);
         }
-    }
-
-    /// Moves the clock on by `d` and runs.
-    pub fn advance(&mut self, d: Duration) {
-        self.drive(d.total_millis());
     }
 }
