@@ -65,9 +65,7 @@ fn parse_allow_domain(s: &str) -> Result<Ordered<RuleKind>, String> {
 /// Reads and checks a policy file.
 pub fn read_policy_file(path: &str) -> Result<Spec, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let mut spec = Spec::default();
-    spec.parse_file(&text).map_err(|e| format!("{path}: {e}"))?;
-    Ok(spec)
+    text.parse().map_err(|e| format!("{path}: {e}"))
 }
 
 pub fn parse_policy_file(path: &str) -> Result<Ordered<Spec>, String> {

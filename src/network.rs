@@ -183,7 +183,7 @@ impl Def {
                 .unwrap_or(MEMBER_FLOWS),
             // A policy that no longer reads makes the definition unusable: never open.
             egress: match v["egress_policy"].as_str() {
-                Some(text) => Some(parse_policy(text).ok()?),
+                Some(text) => Some(text.parse::<Spec>().ok()?),
                 None => None,
             },
         })
@@ -196,12 +196,6 @@ impl Def {
 }
 
 /// A policy in the file format ([`Spec`]'s text).
-fn parse_policy(text: &str) -> Result<Spec, String> {
-    let mut spec = Spec::default();
-    spec.parse_file(text)?;
-    Ok(spec)
-}
-
 /// `net` with its gateway (and host loopback address) at `gateway`, which must be a host
 /// address of the subnet other than the DNS forwarder's.
 fn with_gateway(mut net: Network, gateway: Ipv4Addr) -> Result<Network, String> {
@@ -1221,7 +1215,7 @@ impl Server {
         }
         let ips = m.ips();
         if let Some(text) = args["egress"].as_str() {
-            match parse_policy(text) {
+            match text.parse::<Spec>() {
                 Ok(spec) => fwd.set_egress(&ips, Some(&spec)),
                 Err(e) => {
                     self.leave(fwd, host, id);

@@ -472,6 +472,17 @@ impl Spec {
     }
 }
 
+impl std::str::FromStr for Spec {
+    type Err = String;
+
+    /// A policy file's text as a policy of its own ([`Spec::parse_file`]).
+    fn from_str(text: &str) -> Result<Spec, String> {
+        let mut spec = Spec::default();
+        spec.parse_file(text)?;
+        Ok(spec)
+    }
+}
+
 impl fmt::Display for Spec {
     /// The policy file's text of the policy (without the host's addresses):
     /// [`parse_file`](Spec::parse_file) reads it back.
