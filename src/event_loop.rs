@@ -578,14 +578,13 @@ impl Running {
                             host: &mut sockets,
                             tap: &mut members,
                         };
-                        fwd.handle_ready(
-                            now,
-                            id,
+                        let ready = forwarder::Ready {
                             readable,
                             writable,
-                            event.is_read_closed(),
-                            &mut io,
-                        )
+                            hup: event.is_read_closed(),
+                            error: event.is_error(),
+                        };
+                        fwd.handle_ready(now, id, ready, &mut io)
                     }
                 }
             }

@@ -40,7 +40,7 @@ use smoltcp::wire::{EthernetAddress, IpAddress, IpProtocol, Ipv6Address, TcpPack
 
 use crate::{
     dns_relay, egress, emit, icmp, names, nat, port, splice, tcp, timer, udp, Close, Config,
-    Counters, FlowKey, HostIo, Io, Limits, Link, SpliceTo, Topology,
+    Counters, FlowKey, HostIo, Io, Limits, Link, Ready, SpliceTo, Topology,
 };
 
 /// An entry of the token table: a flow, or a published port's listener.
@@ -159,15 +159,6 @@ pub(crate) struct Packet<'a> {
     pub payload: &'a [u8],
     /// Check the transport checksum (not when the TAP said it is partial or verified).
     pub verify: bool,
-}
-
-/// What a readiness event says of a host socket.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Ready {
-    pub readable: bool,
-    pub writable: bool,
-    /// The peer of a stream socket closed its sending side (`EPOLLRDHUP`).
-    pub hup: bool,
 }
 
 /// The token table: every flow and published port's listener, the maps that find a flow
@@ -888,14 +879,10 @@ impl Nat {
     /// of a stream closed its sending side.
     pub(crate) fn handle_ready<H: HostIo>(&mut self, cx: Cx<'_, '_, H>, id: usize, ready: Ready) {
         let Cx { link, c, io, now } = cx;
-        let Ready {
-            readable,
-            writable,
-            hup,
-        } = ready;
+        let Ready { readable, .. } = ready;
         match self.table.flows.get_mut(id) {
             Some(Flow::Tcp(flow)) => {
-                flow.on_ready(readable, writable, hup);
+                flow.on_ready(ready);
                 self.table.mark_dirty(id);
             }
             Some(Flow::Udp(flow)) => {

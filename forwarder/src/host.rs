@@ -10,8 +10,8 @@
 //! way quinn-proto's `Endpoint` does it:
 //!
 //! - **In**: frames ([`crate::Forwarder::handle_port_frame`]), readiness of a flow's host
-//!   socket by flow id ([`crate::Forwarder::handle_ready`]: readable, writable, the peer
-//!   closed its sending side) and the clock ([`crate::Forwarder::handle_timeouts`]).
+//!   socket by flow id ([`crate::Forwarder::handle_ready`], a [`Ready`]: readable,
+//!   writable, the peer closed its sending side, an error is pending) and the clock ([`crate::Forwarder::handle_timeouts`]).
 //! - **Out**: calls on the [`HostIo`] (connect, send, receive, shut down, close by flow
 //!   id), frames for the members, and the next deadline
 //!   ([`crate::Forwarder::poll_timeout`]).
@@ -37,6 +37,20 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::port::{PortError, PortRule, Proto};
+
+/// What a readiness event says of a flow's host socket ([`crate::Forwarder::handle_ready`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ready {
+    /// Data, an end of stream or an error is there to read (`EPOLLIN`).
+    pub readable: bool,
+    /// Room to write (`EPOLLOUT`).
+    pub writable: bool,
+    /// The peer of a stream socket closed its sending side (`EPOLLRDHUP`, or `EPOLLHUP`):
+    /// what is left to read ends in an end of stream, or in an error if `error` is set.
+    pub hup: bool,
+    /// An error is pending (`EPOLLERR`: a reset, a failed connect, an ICMP error).
+    pub error: bool,
+}
 
 /// How a flow's host socket is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -114,7 +114,7 @@ use stack::txq::TxQueue;
 
 use crate::flow::Nat;
 use crate::gateway::{Cx, Gateway};
-pub use crate::host::{Close, HostIo, SpliceTo};
+pub use crate::host::{Close, HostIo, Ready, SpliceTo};
 use crate::nat::NatConfig;
 pub use crate::switch::{FrameSink, PortId, Verdict};
 use crate::switch::{Switch, SwitchError};
@@ -765,15 +765,12 @@ impl Forwarder {
     }
 
     /// Takes a readiness event of the host socket of flow `flow` (the id the
-    /// [`HostIo`] was given); `hup`: the peer of a stream socket closed its sending side
-    /// (`EPOLLRDHUP`).
+    /// [`HostIo`] was given).
     pub fn handle_ready<H: HostIo>(
         &mut self,
         now: Instant,
         flow: usize,
-        readable: bool,
-        writable: bool,
-        hup: bool,
+        ready: Ready,
         io: &mut Io<'_, H>,
     ) {
         let cx = flow::Cx {
@@ -781,11 +778,6 @@ impl Forwarder {
             c: &mut self.counters,
             io,
             now,
-        };
-        let ready = flow::Ready {
-            readable,
-            writable,
-            hup,
         };
         self.nat.handle_ready(cx, flow, ready);
     }

@@ -48,7 +48,7 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::IpListenEndpoint;
 
 use crate::icmp::Unreachable;
-use crate::{sys, Close, Counters, FlowKey, HostIo, Io, Link};
+use crate::{sys, Close, Counters, FlowKey, HostIo, Io, Link, Ready};
 
 /// Bytes of the guest's SYN kept for an ICMP error: the IPv4 header (with options) and
 /// the first 8 bytes of TCP.
@@ -116,7 +116,11 @@ pub struct TcpFlow {
     host_readable: bool,
     host_writable: bool,
     host_eof: bool,
+    /// The peer closed its sending side: what is left to read ends in an end of stream,
+    /// or in an error if `host_error`.
     host_hup: bool,
+    /// An error is pending on the host socket (a reset).
+    host_error: bool,
     host_wr_shut: bool,
     /// The host side is to be reset when the flow is closed.
     host_reset: bool,
@@ -214,6 +218,7 @@ impl TcpFlow {
             host_writable: connected,
             host_eof: false,
             host_hup: false,
+            host_error: false,
             host_wr_shut: false,
             host_reset: false,
             moved: 0,
@@ -260,6 +265,7 @@ impl TcpFlow {
             host_writable: true,
             host_eof: false,
             host_hup: false,
+            host_error: false,
             host_wr_shut: false,
             host_reset: false,
             moved: 0,
@@ -293,11 +299,12 @@ impl TcpFlow {
             .poll_ingress_single(now, &mut dev, &mut self.sockets);
     }
 
-    /// Records host socket readiness (`hup`: the peer closed its sending side).
-    pub(crate) fn on_ready(&mut self, readable: bool, writable: bool, hup: bool) {
-        self.host_readable |= readable;
-        self.host_writable |= writable;
-        self.host_hup |= hup;
+    /// Records host socket readiness.
+    pub(crate) fn on_ready(&mut self, r: Ready) {
+        self.host_readable |= r.readable;
+        self.host_writable |= r.writable;
+        self.host_hup |= r.hup;
+        self.host_error |= r.error;
     }
 
     /// Moves data, sends segments, and says what the flow needs next (while the host
@@ -438,10 +445,16 @@ impl TcpFlow {
                     self.host_eof = true;
                     socket.close();
                 }
-                // A short read drained the socket: the next data raises a new edge, so
-                // skip the read that would fail with EAGAIN. Not once the peer has
-                // half-closed: its FIN raises no new edge and must be read now.
+                // A short read drained the socket. Before the peer's FIN, the next data
+                // raises a new edge: skip the read that would fail with EAGAIN. After
+                // it, nothing more can come: that read would return the end of stream,
+                // so take it as read (and the guest gets the FIN with the last data).
+                // Unless an error is pending: a reset must be read, to reset the guest.
                 Ok(Ok((n, len))) if n < len && !self.host_hup => self.host_readable = false,
+                Ok(Ok((n, len))) if n < len && !self.host_error => {
+                    self.host_eof = true;
+                    socket.close();
+                }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => self.host_readable = false,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -572,6 +585,19 @@ mod tests {
     use super::*;
     use crate::port::{PortError, PortRule, Proto};
     use crate::{Config, Forwarder, Topology};
+
+    const READABLE: Ready = Ready {
+        readable: true,
+        writable: false,
+        hup: false,
+        error: false,
+    };
+    const WRITABLE: Ready = Ready {
+        readable: false,
+        writable: true,
+        hup: false,
+        error: false,
+    };
 
     /// A host of one stream, scripted by the test.
     #[derive(Default)]
@@ -793,12 +819,12 @@ mod tests {
             "nothing before the host connected"
         );
         // A spurious wake-up: still connecting.
-        flow.on_ready(false, true, false);
+        flow.on_ready(WRITABLE);
         poll(&mut fwd, &mut flow, &mut host, 3);
         assert!(flow.is_connecting());
         assert_eq!(queued(&mut fwd.link), []);
         host.outcome = Some(0);
-        flow.on_ready(false, true, false);
+        flow.on_ready(WRITABLE);
         poll(&mut fwd, &mut flow, &mut host, 4);
         assert!(!flow.is_connecting());
         let q = queued(&mut fwd.link);
@@ -832,7 +858,12 @@ mod tests {
             ..OneStream::default()
         };
         let mut flow = open(&mut fwd, key, &syn, &mut host);
-        flow.on_ready(true, true, true);
+        flow.on_ready(Ready {
+            readable: true,
+            writable: true,
+            hup: true,
+            error: true,
+        });
         assert_eq!(poll(&mut fwd, &mut flow, &mut host, 2), Status::Done);
         let q = queued(&mut fwd.link);
         assert!(
@@ -852,7 +883,7 @@ mod tests {
             ..OneStream::default()
         };
         let mut flow = open(&mut fwd, key, &syn, &mut host);
-        flow.on_ready(false, true, false);
+        flow.on_ready(WRITABLE);
         poll(&mut fwd, &mut flow, &mut host, 2);
         let isn = queued(&mut fwd.link)[0].3;
         let data = segment(1001, Some(isn + 1), |b| b.psh(), b"0123456789");
@@ -864,7 +895,7 @@ mod tests {
         poll(&mut fwd, &mut flow, &mut host, 5);
         assert_eq!(host.writes, 1);
         host.room = 100;
-        flow.on_ready(false, true, false);
+        flow.on_ready(WRITABLE);
         poll(&mut fwd, &mut flow, &mut host, 6);
         assert_eq!(host.to_peer, b"0123456789");
         // The guest's FIN: the host's write side is shut once everything is written.
@@ -884,13 +915,13 @@ mod tests {
             ..OneStream::default()
         };
         let mut flow = open(&mut fwd, key, &syn, &mut host);
-        flow.on_ready(false, true, false);
+        flow.on_ready(WRITABLE);
         poll(&mut fwd, &mut flow, &mut host, 2);
         let isn = queued(&mut fwd.link)[0].3;
         let ack = segment(1001, Some(isn + 1), |b| b, &[]);
         flow.ingress(Instant::from_millis(3), &mut fwd.link, &ack);
         host.to_fwd.extend(b"reply");
-        flow.on_ready(true, false, false);
+        flow.on_ready(READABLE);
         poll(&mut fwd, &mut flow, &mut host, 3);
         assert!(host.to_fwd.is_empty(), "read into smoltcp's buffer");
         assert!(!queued(&mut fwd.link).is_empty(), "data for the guest");

@@ -170,6 +170,60 @@ fn host_reset_resets_the_guest() {
     assert_eq!(p.sim.host.closed.last().unwrap().how, Close::Reset);
 }
 
+/// The TCP segments in `frames` sent to the guest: (payload, FIN, RST).
+fn tcp_seen(frames: &[Vec<u8>]) -> Vec<(Vec<u8>, bool, bool)> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            let Some(TransportSlice::Tcp(t)) = &p.transport else {
+                return None;
+            };
+            Some((t.payload().to_vec(), t.fin(), t.rst()))
+        })
+        .collect()
+}
+
+/// The host's last data and its FIN come in one event: one read takes both (a short read
+/// after the peer's FIN can only be followed by the end of stream), and the guest gets
+/// them in one segment.
+#[test]
+fn host_data_and_fin_take_one_read_and_one_segment() {
+    let (mut p, h, conn) = established();
+    p.seen.clear();
+    let reads = p.sim.host.stream(conn).reads;
+    p.sim.host.peer_write(conn, b"last words");
+    p.sim.host.peer_fin(conn);
+    p.drive(10);
+    assert_eq!(p.sim.host.stream(conn).reads - reads, 1, "one read");
+    assert_eq!(
+        tcp_seen(&p.seen),
+        vec![(b"last words".to_vec(), true, false)],
+        "data and FIN in one segment"
+    );
+    let mut buf = [0u8; 64];
+    let n = p.tcp(h).recv_slice(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"last words");
+    assert_eq!(p.tcp(h).state(), State::CloseWait);
+}
+
+/// Data then a reset in one event: the short read is not taken for an end of stream, the
+/// reset is read and passed on.
+#[test]
+fn host_data_then_reset_is_still_a_reset() {
+    let (mut p, h, conn) = established();
+    p.seen.clear();
+    p.sim.host.peer_write(conn, b"partial");
+    p.sim.host.peer_reset(conn);
+    p.drive(10);
+    let seen = tcp_seen(&p.seen);
+    assert!(seen.iter().all(|&(_, fin, _)| !fin), "no FIN: {seen:?}");
+    assert!(seen.iter().any(|&(_, _, rst)| rst), "RST: {seen:?}");
+    assert_eq!(p.tcp(h).state(), State::Closed);
+    assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
+    assert_eq!(p.sim.host.closed.last().unwrap().how, Close::Reset);
+}
+
 #[test]
 fn guest_reset_resets_the_host() {
     let (mut p, h, conn) = established();

@@ -49,6 +49,8 @@ pub struct Ready {
     pub writable: bool,
     /// The peer closed its sending side (`EPOLLRDHUP`).
     pub hup: bool,
+    /// An error is pending (`EPOLLERR`: a reset, a failed connect).
+    pub error: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +80,8 @@ pub struct Stream {
     pub watched: bool,
     /// A write found the buffer full: the next room raises writable.
     blocked: bool,
+    /// Reads the forwarder made (system calls, for a real host).
+    pub reads: usize,
 }
 
 /// A datagram socket's state (UDP or ping).
@@ -240,6 +244,18 @@ impl MemHost {
             readable,
             writable,
             hup,
+            error: false,
+        });
+    }
+
+    /// A reset or a failed connect: everything at once, as epoll reports it.
+    fn error_event(&mut self, id: usize) {
+        self.events.push(Ready {
+            id,
+            readable: true,
+            writable: true,
+            hup: true,
+            error: true,
         });
     }
 
@@ -321,7 +337,7 @@ impl MemHost {
     /// The loopback client of spliced flow `id` resets its connection.
     pub fn client_reset(&mut self, id: usize) {
         self.pair_mut(id).reset = true;
-        self.event(id, true, true, true);
+        self.error_event(id);
     }
 
     /// Makes TCP connects to `addr` meet `remote`.
@@ -443,11 +459,11 @@ impl MemHost {
     }
 
     /// The peer resets the connection (RST).
+    /// What it sent before stays readable; the reset is reported after it, as the kernel's
+    /// `recv` does.
     pub fn peer_reset(&mut self, id: usize) {
-        let s = self.stream_mut(id).expect("stream");
-        s.peer_reset = true;
-        s.to_fwd.clear();
-        self.event(id, true, true, true);
+        self.stream_mut(id).expect("stream").peer_reset = true;
+        self.error_event(id);
     }
 
     /// Datagrams the forwarder sent on `id` since the last call.
@@ -536,6 +552,7 @@ impl MemHost {
             peer_reset: false,
             watched,
             blocked: false,
+            reads: 0,
         }
     }
 }
@@ -562,7 +579,7 @@ impl HostIo for MemHost {
         match remote {
             Remote::Silent => {}
             Remote::Accept => self.event(id, false, true, false),
-            _ => self.event(id, true, true, true),
+            _ => self.error_event(id),
         }
         // Connects complete at their first readiness event, as a remote host's would.
         Ok(false)
@@ -584,10 +601,11 @@ impl HostIo for MemHost {
 
     fn read(&mut self, id: usize, buf: &mut [u8]) -> io::Result<usize> {
         let s = self.stream_mut(id)?;
-        if s.peer_reset {
-            return Err(errno(libc::ECONNRESET));
-        }
+        s.reads += 1;
         if s.to_fwd.is_empty() {
+            if s.peer_reset {
+                return Err(errno(libc::ECONNRESET));
+            }
             return if s.peer_fin {
                 Ok(0)
             } else {

@@ -519,7 +519,13 @@ pub fn finish_turn(fwd: &mut Forwarder, host: &mut MemHost, now: Instant, tap: &
         tap: &mut *tap,
     };
     for ev in events.drain(..) {
-        fwd.handle_ready(now, ev.id, ev.readable, ev.writable, ev.hup, &mut io);
+        let ready = forwarder::Ready {
+            readable: ev.readable,
+            writable: ev.writable,
+            hup: ev.hup,
+            error: ev.error,
+        };
+        fwd.handle_ready(now, ev.id, ready, &mut io);
     }
     host.spare = events;
     let mut io = Io {
