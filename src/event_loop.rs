@@ -9,8 +9,9 @@
 //! spinning first while traffic is interactive, see [`crate::busy_poll`]), note
 //! readiness, read a bounded batch of frames from each readable TAP (fairness with the
 //! other members and the host sockets; the rest is read next turn), then let the
-//! forwarder run its timers, relay every flow touched in this turn, and write what it
-//! queued for the members. smoltcp's clock is fed from a
+//! forwarder run its timers, relay every flow touched in this turn, write what it
+//! queued for the members, and only then close the streams it closed (the guest does not
+//! wait for their FINs and RSTs). smoltcp's clock is fed from a
 //! monotonic clock (`std::time::Instant`), never the wall clock.
 //!
 //! Everything else the loop serves is a [`Subsystem`] with tokens of its own (signals, the
@@ -647,6 +648,7 @@ impl Running {
             if !tap_blocked {
                 tap_blocked = !fwd.flush(&mut members);
             }
+            sockets.end_turn();
             if let Some(p) = members.1.as_mut() {
                 p.flush();
             }
