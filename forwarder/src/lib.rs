@@ -45,6 +45,10 @@
 //!   [`Counters`], never a panic.
 
 #![deny(unsafe_code)]
+// The modules' theory-of-operation headers are written for the people who change them and
+// name the private types they are about: read them with `cargo doc -p forwarder
+// --document-private-items`, where every such link resolves.
+#![allow(rustdoc::private_intra_doc_links)]
 
 /// Declares a counter struct, its name/value listing and its explanations in one place:
 /// each counter's doc comment is also its explanation (`usernet stats --explain`).
