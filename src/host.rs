@@ -29,14 +29,13 @@
 //! [`NsOpener`] that pasta mode installs ([`Sockets::set_opener`]) opens its other side
 //! inside the namespace, and the two sockets, both registered under the flow's token,
 //! are relayed by [`crate::splice::Pair`] through pipes. A datagram goes to its client's
-//! spliced association: a socket the opener makes inside the namespace, whose replies
-//! are sent back through a duplicate of the rule's socket (made once per rule, so that
-//! they still go out once the rule is removed).
+//! spliced association: a socket the opener makes inside the namespace, then a flow's
+//! datagram socket like any other (the forwarder relays its replies through the rule's
+//! socket, and closes it with the rule).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
 
 use forwarder::port::{PortError, PortRule, Proto};
 use forwarder::{Close, HostIo, SpliceTo};
@@ -78,24 +77,17 @@ enum Entry {
     /// A flow's TCP stream (registered), and whether for writing too (see
     /// [`Sockets::write`](HostIo::write)).
     Stream(TcpStream, bool),
-    /// A flow's UDP or ping socket, connected (registered).
+    /// A flow's UDP or ping socket, connected (registered): also a spliced UDP
+    /// association's socket inside the namespace.
     Dgram(UdpSocket),
     /// A published TCP port (registered).
     Listener(TcpListener),
-    /// A published UDP port (registered), and its duplicate for spliced associations
-    /// once made.
-    Port(UdpSocket, Option<Arc<std::net::UdpSocket>>),
+    /// A published UDP port (registered).
+    Port(UdpSocket),
     /// A connection accepted and not yet adopted (not registered).
     Accepted(TcpStream),
     /// A spliced flow: both sockets registered under its token.
     Splice(Box<Pair>),
-    /// A spliced UDP association (registered): its socket in the namespace, and the
-    /// rule's socket its replies go to `client` through.
-    SpliceUdp {
-        ns: UdpSocket,
-        port: Arc<std::net::UdpSocket>,
-        client: SocketAddr,
-    },
 }
 
 /// Receive buffer asked for on every host UDP socket (the kernel caps it at
@@ -125,8 +117,6 @@ pub struct Sockets {
     table: Vec<Entry>,
     /// Whether the kernel segments UDP sends ([`msg::udp_gso_supported`]).
     gso: bool,
-    /// Replies of spliced UDP associations pass here (sized at the first).
-    splice_buf: Vec<u8>,
     /// Opens the namespace's side of spliced flows (pasta mode).
     opener: Option<Box<dyn NsOpener>>,
     /// Streams closed this turn, closed for real by [`Sockets::end_turn`].
@@ -164,7 +154,6 @@ impl Sockets {
             registry,
             table: Vec::new(),
             gso: msg::udp_gso_supported(),
-            splice_buf: Vec::new(),
             opener: None,
             closing: Vec::new(),
             // A family the host lacks has none (and its connects fail as they would).
@@ -226,7 +215,7 @@ impl Sockets {
 
     fn dgram(&mut self, id: usize) -> io::Result<&mut UdpSocket> {
         match self.table.get_mut(id) {
-            Some(Entry::Dgram(s) | Entry::Port(s, _) | Entry::SpliceUdp { ns: s, .. }) => Ok(s),
+            Some(Entry::Dgram(s) | Entry::Port(s)) => Ok(s),
             _ => Err(no_socket()),
         }
     }
@@ -453,15 +442,6 @@ impl HostIo for Sockets {
     fn splice_relay(&mut self, id: usize) -> (usize, bool) {
         match self.table.get_mut(id) {
             Some(Entry::Splice(pair)) => pair.pump(),
-            Some(Entry::SpliceUdp { ns, port, client }) => {
-                let mut moved = 0;
-                while let Ok(n) = ns.recv(&mut self.splice_buf) {
-                    if port.send_to(&self.splice_buf[..n], *client).is_ok() {
-                        moved += n;
-                    }
-                }
-                (moved, false)
-            }
             _ => (0, true),
         }
     }
@@ -479,43 +459,21 @@ impl HostIo for Sockets {
             Proto::Udp => {
                 let mut u = UdpSocket::from_std(std::net::UdpSocket::from(fd));
                 self.registry.register(&mut u, token, Interest::READABLE)?;
-                Entry::Port(u, None)
+                Entry::Port(u)
             }
         };
         self.put(id, entry);
         Ok(())
     }
 
-    fn splice_udp(
-        &mut self,
-        id: usize,
-        listener: usize,
-        client: SocketAddr,
-        guest_port: u16,
-    ) -> io::Result<()> {
-        let Some(Entry::Port(sock, dup)) = self.table.get_mut(listener) else {
-            return Err(no_socket());
-        };
-        let port = match dup {
-            Some(s) => s.clone(),
-            None => {
-                let s = Arc::new(std::net::UdpSocket::from(
-                    socket2::SockRef::from(&*sock).try_clone()?,
-                ));
-                *dup = Some(s.clone());
-                s
-            }
-        };
+    fn splice_udp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
         let opener = self.opener.as_ref().ok_or_else(no_socket)?;
         let mut ns = UdpSocket::from_std(std::net::UdpSocket::from(
             opener.udp_connect(client, guest_port)?,
         ));
         self.registry
             .register(&mut ns, Token(id), Interest::READABLE)?;
-        if self.splice_buf.is_empty() {
-            self.splice_buf = vec![0u8; 65536];
-        }
-        self.put(id, Entry::SpliceUdp { ns, port, client });
+        self.put(id, Entry::Dgram(ns));
         Ok(())
     }
 
@@ -531,13 +489,9 @@ impl HostIo for Sockets {
             // which every flow handles (`WouldBlock`, a connect still in progress).
             // At the end of the turn.
             Entry::Stream(s, _) | Entry::Accepted(s) => self.closing.push((s, how)),
-            // The same holds for a flow's datagram socket, a listener and a pair.
-            Entry::Dgram(_) | Entry::Listener(_) | Entry::SpliceUdp { .. } | Entry::Splice(_) => {}
-            // A published UDP port whose duplicate (for handed-over datagrams) may outlive
-            // it: without this its registration would stay with the duplicate.
-            Entry::Port(mut s, _) => {
-                let _ = self.registry.deregister(&mut s);
-            }
+            // The same holds for a flow's datagram socket, a listener, a published UDP
+            // port and a pair.
+            Entry::Dgram(_) | Entry::Listener(_) | Entry::Port(_) | Entry::Splice(_) => {}
         }
     }
 }
@@ -601,7 +555,7 @@ fn open_listener(rule: &PortRule, registry: &Registry, token: Token) -> Result<E
             registry
                 .register(&mut u, token, Interest::READABLE)
                 .map_err(fail)?;
-            Ok(Entry::Port(u, None))
+            Ok(Entry::Port(u))
         }
     }
 }

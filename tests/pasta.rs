@@ -1460,3 +1460,43 @@ fn pasta_no_netns_quit_outlives_its_namespace_until_sigterm() {
     }
     assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
 }
+
+/// A `-u auto` port that a loopback client used (the splice path) is given back with its
+/// rule: when the container's server goes, the rule goes and the host port is free at once
+/// (the client's association ends with the rule), and when the server comes back the port
+/// is published again and answers the same client. An association that outlived its rule
+/// kept the host port bound for its idle time (180 s): publishing it again failed with
+/// `EADDRINUSE` meanwhile.
+#[test]
+fn pasta_auto_udp_port_of_a_loopback_client_is_free_once_its_rule_goes() {
+    use std::sync::atomic::Ordering;
+    const PORT: u16 = 8127;
+    let Some(t) = topology(false) else { return };
+    let ns = t.container_ns();
+    let any = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT);
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, PORT);
+    let payload = |tag: u8| -> Vec<u8> { (0..1200u32).map(|i| (i as u8) ^ tag).collect() };
+    let echo = UdpEcho::start(&ns, any);
+    let _p = Pasta::start(&t, &strs(&podman53(&ns, &["-u", "auto"])));
+    let client = t.in_host(|| udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)));
+    udp_roundtrip(&client, to, &payload(1), 3).unwrap_or_else(|e| panic!("{e}"));
+    assert!(echo.stats.accepted.load(Ordering::SeqCst) >= 1);
+    assert!(host_ports(&t, "-lun").contains(&PORT));
+    // The server goes: so do its rule and the host port.
+    drop(echo);
+    let freed = wait_for(Duration::from_secs(10), || {
+        (!host_ports(&t, "-lun").contains(&PORT)).then_some(())
+    });
+    assert!(
+        freed.is_some(),
+        "host port {PORT} stayed bound after its rule was removed"
+    );
+    // It comes back: published again, the same client reaches it.
+    let echo = UdpEcho::start(&ns, any);
+    let back = wait_for(Duration::from_secs(10), || {
+        udp_roundtrip(&client, to, &payload(2), 1).ok()
+    });
+    assert!(back.is_some(), "port {PORT} was not published again");
+    assert!(echo.stats.accepted.load(Ordering::SeqCst) >= 1);
+    udp_roundtrip(&client, to, &payload(3), 3).unwrap_or_else(|e| panic!("{e}"));
+}

@@ -178,9 +178,8 @@ pub(crate) struct FlowTable {
     half_open: usize,
     /// Spliced flows.
     spliced: usize,
-    /// Spliced UDP associations of loopback clients by (client, guest port).
-    splice_udp: HashMap<(std::net::SocketAddr, u16), usize>,
-    /// `-U` associations by (listener, client).
+    /// Spliced UDP associations (of `-U` listeners and of published ports' loopback
+    /// clients) by (listener, client).
     splice_assoc: HashMap<(usize, std::net::SocketAddr), usize>,
     /// Flows per guest address, when [`member_limit`](Self::member_limit) is set.
     member_flows: HashMap<IpAddress, usize>,
@@ -201,7 +200,6 @@ impl FlowTable {
             dirty: Vec::new(),
             no_flow: SocketSet::new(Vec::new()),
             spliced: 0,
-            splice_udp: HashMap::new(),
             splice_assoc: HashMap::new(),
             half_open: 0,
             member_flows: HashMap::new(),
@@ -1109,28 +1107,18 @@ impl Nat {
                 io.host.close(id, Close::Clean);
                 c.icmp_closed += 1;
             }
-            Flow::Port(_) => io.host.close(id, Close::Clean),
+            Flow::Port(_) => {
+                io.host.close(id, Close::Clean);
+                self.close_assocs(c, id, io);
+            }
             Flow::Splice(f) => {
                 io.host.close(id, Close::Clean);
                 match f.kind {
                     splice::Kind::Listener { .. } => {
-                        // Its associations end with it.
-                        let ends: Vec<usize> = self
-                            .table
-                            .splice_assoc
-                            .iter()
-                            .filter(|((l, _), _)| *l == id)
-                            .map(|(_, &a)| a)
-                            .collect();
-                        for a in ends {
-                            self.close_flow(c, a, io);
-                        }
+                        self.close_assocs(c, id, io);
                         return;
                     }
                     splice::Kind::Pair => {}
-                    splice::Kind::Udp { client, guest_port } => {
-                        self.table.splice_udp.remove(&(client, guest_port));
-                    }
                     splice::Kind::Assoc { listener, client } => {
                         self.table.splice_assoc.remove(&(listener, client));
                     }
@@ -1138,6 +1126,21 @@ impl Nat {
                 self.table.spliced -= 1;
                 c.splice_closed += 1;
             }
+        }
+    }
+
+    /// Closes the spliced associations whose replies leave through `listener` (a `-U`
+    /// listener or a published UDP port), which was just closed.
+    fn close_assocs<H: HostIo>(&mut self, c: &mut Counters, listener: usize, io: &mut Io<'_, H>) {
+        let ends: Vec<usize> = self
+            .table
+            .splice_assoc
+            .iter()
+            .filter(|((l, _), _)| *l == listener)
+            .map(|(_, &a)| a)
+            .collect();
+        for a in ends {
+            self.close_flow(c, a, io);
         }
     }
 
@@ -1226,7 +1229,9 @@ impl Nat {
         Ok(rule)
     }
 
-    /// Unpublishes a port. Connections already made through it keep going.
+    /// Unpublishes a port. Connections already made through it keep going; the spliced
+    /// UDP associations of its loopback clients, whose replies leave by its socket, end
+    /// with it.
     ///
     /// # Errors
     /// [`port::PortError::NotFound`] for an unknown id.
@@ -1405,14 +1410,8 @@ impl Nat {
             last_active: now,
             timer: None,
         }));
-        match kind {
-            splice::Kind::Udp { client, guest_port } => {
-                self.table.splice_udp.insert((client, guest_port), id);
-            }
-            splice::Kind::Assoc { listener, client } => {
-                self.table.splice_assoc.insert((listener, client), id);
-            }
-            splice::Kind::Pair | splice::Kind::Listener { .. } => {}
+        if let splice::Kind::Assoc { listener, client } = kind {
+            self.table.splice_assoc.insert((listener, client), id);
         }
         self.table.spliced += 1;
         if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot) {
@@ -1433,7 +1432,7 @@ impl Nat {
             return;
         };
         match f.kind {
-            splice::Kind::Pair | splice::Kind::Udp { .. } => {
+            splice::Kind::Pair => {
                 let (moved, done) = io.host.splice_relay(id);
                 c.splice_bytes += moved as u64;
                 if moved > 0 {
@@ -1463,6 +1462,7 @@ impl Nat {
                 proto: port::Proto::Udp,
                 to,
             } => self.splice_from_listener(c, now, id, to, io),
+            // Replies, to the client through its `-U` listener or published port.
             splice::Kind::Assoc { listener, client } => loop {
                 let buf = &mut self.published.scratch;
                 let n = match io.host.recv(id, buf) {
@@ -1577,11 +1577,11 @@ impl Nat {
     ) {
         let Cx { c, io, now, .. } = cx;
         c.udp_handed_off += 1;
-        let id = match self.table.splice_udp.get(&(client, guest_port)) {
+        let id = match self.table.splice_assoc.get(&(listener, client)) {
             Some(&id) => id,
             None => {
-                let kind = splice::Kind::Udp { client, guest_port };
-                let open = |h: &mut H, id| h.splice_udp(id, listener, client, guest_port);
+                let kind = splice::Kind::Assoc { listener, client };
+                let open = |h: &mut H, id| h.splice_udp(id, client, guest_port);
                 match self.splice_assoc(c, now, kind, io, open) {
                     Some(id) => id,
                     None => return,

@@ -225,28 +225,21 @@ pub trait HostIo {
     /// When the socket cannot be had there (`EADDRINUSE`...).
     fn splice_listen(&mut self, id: usize, proto: Proto, addr: SocketAddr) -> io::Result<()>;
 
-    /// After readiness of spliced flow `id`: moves what waits, both ways (a UDP
-    /// association: the replies). Returns the bytes written to either side, and whether
-    /// the flow is over (a TCP one: both sides closed theirs and everything was
-    /// delivered, or an error).
+    /// After readiness of spliced TCP flow `id`: moves what waits, both ways. Returns the
+    /// bytes written to either side, and whether the flow is over (both sides closed
+    /// theirs and everything was delivered, or an error).
     fn splice_relay(&mut self, id: usize) -> (usize, bool);
 
-    /// Opens spliced UDP association `id` of the loopback client `client` of the
-    /// published UDP port `listener` ([`crate::Config::loopback_handoff`]): a datagram
-    /// socket inside the guest's namespace connected to the guest's `guest_port`, watched
-    /// for reading under `id`; the forwarder [`send`](Self::send)s the client's
-    /// datagrams on it, and [`splice_relay`](Self::splice_relay) sends the replies to
-    /// `client` through `listener`'s socket.
+    /// Opens spliced UDP association `id` of the loopback client `client` of a published
+    /// UDP port ([`crate::Config::loopback_handoff`]): a datagram socket inside the
+    /// guest's namespace connected to the guest's `guest_port`, watched for reading under
+    /// `id`. The forwarder [`send`](Self::send)s the client's datagrams on it and
+    /// [`recv`](Self::recv)s the replies, which it sends to `client` through the
+    /// published port's socket ([`send_msg`](Self::send_msg)).
     ///
     /// # Errors
     /// When the socket cannot be opened.
-    fn splice_udp(
-        &mut self,
-        id: usize,
-        listener: usize,
-        client: SocketAddr,
-        guest_port: u16,
-    ) -> io::Result<()>;
+    fn splice_udp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()>;
 
     /// Stops watching and closes the socket of `id` (`how`: for a stream, a RST or not).
     fn close(&mut self, id: usize, how: Close);

@@ -840,7 +840,9 @@ impl Forwarder {
             .add_port(proto, host, device, guest_addr, guest_port, sockets)
     }
 
-    /// Unpublishes a port. Connections already made through it keep going.
+    /// Unpublishes a port. Connections already made through it keep going; the spliced
+    /// UDP associations of its loopback clients, whose replies leave by its socket, end
+    /// with it.
     ///
     /// # Errors
     /// [`port::PortError::NotFound`] for an unknown id.

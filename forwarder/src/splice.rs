@@ -3,21 +3,24 @@
 //!
 //! # Theory of operation
 //!
-//! In pasta mode some flows never cross the guest link; the host relays them itself,
-//! for TCP by `splice(2)` through pipes ([`crate::HostIo::splice_tcp`],
-//! [`crate::HostIo::splice_relay`]):
+//! In pasta mode some flows never cross the guest link. The host relays TCP by itself,
+//! by `splice(2)` through pipes ([`crate::HostIo::splice_tcp`],
+//! [`crate::HostIo::splice_relay`]); datagrams pass through the forwarder's buffer, as a
+//! published port's, but never become frames:
 //!
 //! - **Loopback clients of published ports** ([`crate::Config::loopback_handoff`]): a
 //!   connection becomes a pair whose other side the host opens to the guest's port from
 //!   inside the guest's namespace; a client's datagrams go through a UDP association,
-//!   a socket opened there ([`crate::HostIo::splice_udp`]) and found again by (client,
-//!   guest port), whose replies the host sends back through the rule's socket.
+//!   a socket opened there ([`crate::HostIo::splice_udp`]).
 //! - **`-T/-U`**: a listener inside the namespace ([`crate::HostIo::splice_listen`],
 //!   [`crate::Forwarder::add_splice_listener`]) whose connections become pairs with a
 //!   connection to an address on the host's loopback, and whose datagrams go through a
-//!   UDP association per client: a host socket connected to that address, its replies
-//!   sent back to the client through the listener (these datagrams pass through the
-//!   forwarder's buffer, as a published port's).
+//!   UDP association per client: a host socket connected to that address.
+//!
+//! Both kinds of association are one [`Kind::Assoc`], found again by (listener, client):
+//! the forwarder sends the client's datagrams on the association's socket, receives the
+//! replies there and sends them to the client through the listener's socket (the
+//! published port's or the `-U` one), both named by flow id.
 //!
 //! Each is one more kind in the flow table, as in passt: the table gives it its id
 //! (which names its sockets to the host), bounds the pairs and associations by
@@ -26,7 +29,8 @@
 //! read by the event loop's busy polling as bulk traffic) and ends them: a pair when
 //! the host says it is over (both sides closed theirs and everything was delivered, or
 //! an error), an association after [`UDP_IDLE`] without a datagram either way, on the
-//! flow timers, or with its listener.
+//! flow timers, or with its listener (a `-U` listener, or a published port whose rule
+//! is removed: its replies would have no socket to leave by).
 
 use std::net::SocketAddr;
 
@@ -43,12 +47,11 @@ pub const UDP_IDLE: Duration = Duration::from_secs(180);
 pub(crate) enum Kind {
     /// A relayed TCP connection.
     Pair,
-    /// A loopback client's association with the guest's port.
-    Udp { client: SocketAddr, guest_port: u16 },
     /// A `-T/-U` listener inside the namespace, relayed to `to` on the host.
     Listener { proto: Proto, to: SocketAddr },
-    /// A `-U` client's association: a host socket connected to the listener's `to`;
-    /// replies go back through `listener` to `client`.
+    /// A UDP client's association: a socket connected to the `-U` listener's `to`, or
+    /// to the published port's guest port inside the namespace; replies go back
+    /// through `listener` (the `-U` listener or the published port) to `client`.
     Assoc { listener: usize, client: SocketAddr },
 }
 

@@ -704,7 +704,7 @@ mod tests {
         fn splice_relay(&mut self, _: usize) -> (usize, bool) {
             unreachable!()
         }
-        fn splice_udp(&mut self, _: usize, _: usize, _: SocketAddr, _: u16) -> io::Result<()> {
+        fn splice_udp(&mut self, _: usize, _: SocketAddr, _: u16) -> io::Result<()> {
             unreachable!()
         }
     }

@@ -570,6 +570,69 @@ fn loopback_datagrams_are_spliced_until_the_association_idles() {
     assert_eq!(sim.fwd.counters().splice_closed, 1);
 }
 
+/// A published UDP port's spliced associations end with its rule: no socket of the rule
+/// stays open (a socket kept for their replies would hold the host port), and the same
+/// port is published again at once.
+#[test]
+fn spliced_associations_close_with_their_rule() {
+    let mut cfg = Sim::config(true);
+    cfg.loopback_handoff = true;
+    let mut sim = Sim::with_config(cfg);
+    let udp = loopback(5353);
+    let rule = sim
+        .fwd
+        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
+        .unwrap();
+    let mut seen = Vec::new();
+    for (i, client) in [loopback(40000), loopback(40001)].into_iter().enumerate() {
+        sim.host.datagram_in(udp, client, None, b"query");
+        sim.run_for(1);
+        // The association's socket: the one datagram socket not seen before.
+        let id = (0..sim.host.socks.len())
+            .find(|&i| {
+                matches!(sim.host.socks[i], Some(common::host::Sock::Dgram(_)))
+                    && !seen.contains(&i)
+            })
+            .expect("the association's socket");
+        seen.push(id);
+        assert_eq!(sim.host.take_sent(id), [b"query".to_vec()]);
+        sim.host.dgram_reply(id, &[b'a', i as u8]);
+        sim.run_for(1);
+        assert_eq!(
+            sim.host.port_sent(udp),
+            [(Some(client), None, vec![b'a', i as u8])]
+        );
+    }
+    assert_eq!(sim.fwd.spliced_flows(), 2);
+    assert_eq!(sim.host.open_sockets(), 3, "the port and two associations");
+    sim.with_io(|fwd, io| fwd.remove_port(rule.id, io)).unwrap();
+    assert_eq!(sim.fwd.spliced_flows(), 0);
+    assert_eq!(
+        sim.host.open_sockets(),
+        0,
+        "the associations closed with the rule"
+    );
+    assert_eq!(sim.fwd.counters().splice_closed, 2);
+    // Published again: a client's datagram opens a new association, whose reply leaves
+    // through the new rule's socket.
+    let rule = sim
+        .fwd
+        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
+        .unwrap();
+    sim.host.datagram_in(udp, loopback(40000), None, b"again");
+    sim.run_for(1);
+    let id = sim.host.dgram_to(loopback(53)).expect("a new association");
+    assert_eq!(sim.host.take_sent(id), [b"again".to_vec()]);
+    sim.host.dgram_reply(id, b"back");
+    sim.run_for(1);
+    assert_eq!(
+        sim.host.port_sent(udp),
+        [(Some(loopback(40000)), None, b"back".to_vec())]
+    );
+    sim.with_io(|fwd, io| fwd.remove_port(rule.id, io)).unwrap();
+    assert_eq!(sim.host.open_sockets(), 0);
+}
+
 #[test]
 fn spliced_associations_beyond_their_limit_are_dropped() {
     let mut cfg = Sim::config(true);

@@ -97,9 +97,6 @@ pub struct Dgram {
     pub error: Option<i32>,
     /// Segmented sends taken.
     pub gso_sends: usize,
-    /// A spliced UDP association: replies go to this client through this published
-    /// port (listener id); `peer` is the guest's port inside the namespace.
-    pub splice: Option<(usize, SocketAddr)>,
 }
 
 /// A published port's socket.
@@ -535,7 +532,6 @@ impl MemHost {
                 inbox: VecDeque::with_capacity(DGRAM_BUFFER),
                 error: None,
                 gso_sends: 0,
-                splice: None,
             }),
         );
         Ok(())
@@ -801,26 +797,6 @@ impl HostIo for MemHost {
     }
 
     fn splice_relay(&mut self, id: usize) -> (usize, bool) {
-        if let Ok(Dgram {
-            splice: Some((listener, client)),
-            ..
-        }) = self.dgram_mut(id)
-        {
-            let (listener, client) = (*listener, *client);
-            let mut buf = [0u8; 2048];
-            let mut moved = 0;
-            while let Some(n) = self
-                .dgram_mut(id)
-                .ok()
-                .and_then(|d| pop_dgram(&mut d.inbox, &mut buf))
-            {
-                if let Ok(p) = self.port_mut(listener) {
-                    p.sent.push((Some(client), None, buf[..n].to_vec()));
-                    moved += n;
-                }
-            }
-            return (moved, false);
-        }
         let Some(Some(Sock::Pair(p))) = self.socks.get_mut(id) else {
             return (0, true);
         };
@@ -849,21 +825,13 @@ impl HostIo for MemHost {
         self.listen(id, &rule).map_err(|_| errno(libc::EADDRINUSE))
     }
 
-    fn splice_udp(
-        &mut self,
-        id: usize,
-        listener: usize,
-        client: SocketAddr,
-        guest_port: u16,
-    ) -> io::Result<()> {
-        self.port_mut(listener)?;
+    /// The namespace's socket is a datagram socket to the guest's port (at the client's
+    /// address: this host has no namespace).
+    fn splice_udp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
         if let Some(n) = self.splice_error {
             return Err(errno(n));
         }
-        let ns = SocketAddr::new(client.ip(), guest_port);
-        self.open_dgram(id, ns, false)?;
-        self.dgram_mut(id)?.splice = Some((listener, client));
-        Ok(())
+        self.open_dgram(id, SocketAddr::new(client.ip(), guest_port), false)
     }
 
     fn close(&mut self, id: usize, how: Close) {
