@@ -33,19 +33,17 @@
 //! by the kernel (the socket is connected to the next one). DNS over TCP goes to the
 //! first nameserver of the current list, without failover.
 //!
-//! An answer to a followed query also goes to the egress policies of the flow's guest
-//! ([`crate::egress::Names::learn`]), which learn the addresses of the names they allow.
+//! An answer to a followed query also goes to the egress policies of the flow's guest in
+//! force when it arrives ([`crate::egress::Policy::learn`]), which learn the addresses of
+//! the names they allow.
 //!
 //! Security: nothing of the reply is trusted beyond its ID (two bytes, checked for
 //! length), and the egress policy's parser, bounded by the reply; the SERVFAIL is built
 //! from the guest's own query, bounded by its length.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use smoltcp::time::{Duration, Instant};
-
-use crate::egress;
 
 /// How long a query waits for a nameserver that is not the last one.
 pub const PER_SERVER: Duration = Duration::from_secs(1);
@@ -101,8 +99,6 @@ pub struct DnsState {
     /// Opened while no nameserver answers: no failover, SERVFAIL after [`QUICK`].
     quick: bool,
     pending: [Pending; MAX_PENDING],
-    /// The egress policies that learn the addresses of allowed names from the answers.
-    learners: [Option<Arc<Mutex<egress::Names>>>; 2],
 }
 
 /// What the flow must do at a deadline.
@@ -134,7 +130,6 @@ impl DnsState {
             since: now,
             quick,
             pending: [const { Pending::FREE }; MAX_PENDING],
-            learners: [None, None],
         }
     }
 
@@ -192,24 +187,9 @@ impl DnsState {
         entry.buf[..data.len()].copy_from_slice(data);
     }
 
-    /// Sets the egress policies that learn from this flow's answers.
-    pub fn learn_into(&mut self, learners: [Option<Arc<Mutex<egress::Names>>>; 2]) {
-        self.learners = learners;
-    }
-
-    /// Forgets the query a reply answers; true if it was pending. The answer to a pending
-    /// query teaches the egress policies the addresses of an allowed name.
-    pub fn answered(&mut self, now: Instant, reply: &[u8]) -> bool {
-        let found = self.forget(reply);
-        if found {
-            for names in self.learners.iter().flatten() {
-                egress::lock(names).learn(now, reply);
-            }
-        }
-        found
-    }
-
-    fn forget(&mut self, reply_head: &[u8]) -> bool {
+    /// Forgets the query a reply answers; true if it was pending (the answer to a
+    /// pending query then teaches the egress policies: [`crate::egress`]).
+    pub fn answered(&mut self, reply_head: &[u8]) -> bool {
         let Some(id) = reply_head
             .get(..2)
             .map(|b| u16::from_be_bytes([b[0], b[1]]))
@@ -434,9 +414,9 @@ mod tests {
         let mut s = DnsState::new(&[addr(1), addr(2)], 0, t0, false);
         s.query(t0, &query(1));
         s.query(t0, &query(2));
-        s.answered(t0, &query(1)[..2]);
+        s.answered(&query(1)[..2]);
         assert_eq!(s.pending_queries().count(), 1);
-        s.answered(t0, &query(2));
+        s.answered(&query(2));
         assert_eq!(s.deadline(), None);
         assert_eq!(s.poll(t0 + TOTAL), Failover::Wait);
     }

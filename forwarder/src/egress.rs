@@ -60,7 +60,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use smoltcp::time::{Duration, Instant};
 
@@ -645,10 +644,11 @@ struct Learned {
     rule: usize,
 }
 
-/// The names side of a policy, shared with the DNS forwarder's flows (which learn from
-/// the answers they relay): the allowed names and the addresses learned from them.
+/// The names side of a policy: the allowed names and the addresses learned from them
+/// (the DNS forwarder's flows teach it the answers they relay, through
+/// [`Policy::learn`]).
 #[derive(Debug, Default)]
-pub struct Names {
+struct Names {
     /// Exact names -> rule index.
     exact: HashMap<String, usize>,
     /// `*.NAME` rules: NAME -> rule index.
@@ -685,10 +685,8 @@ impl Names {
             .map(|l| l.rule)
     }
 
-    /// Learns the A and AAAA records of a DNS `reply` whose question is an allowed name
-    /// (CNAME chains included: the host's resolver answers for the question). Returns how
-    /// many addresses were learned.
-    pub fn learn(&mut self, now: Instant, reply: &[u8]) -> usize {
+    /// See [`Policy::learn`].
+    fn learn(&mut self, now: Instant, reply: &[u8]) -> usize {
         let mut name = [0u8; MAX_NAME];
         let Some(msg) = parse_reply(reply, &mut name) else {
             return 0;
@@ -719,7 +717,7 @@ impl Names {
     /// With names filtered: writes into `out` the NXDOMAIN answer to `query` when its
     /// question is not an allowed name (REFUSED for a query with no single question),
     /// and returns its length. `None`: the query may go to the resolver.
-    pub fn refuse(&self, query: &[u8], out: &mut [u8]) -> Option<usize> {
+    fn refuse(&self, query: &[u8], out: &mut [u8]) -> Option<usize> {
         if !self.filter || query.len() < 12 {
             // Too short to answer: the resolver drops it as well.
             return None;
@@ -854,14 +852,6 @@ fn skip_name(msg: &[u8], mut at: usize) -> Option<usize> {
     }
 }
 
-/// Locks a names side (shared with the DNS flows, one thread: never contended; a
-/// poisoned lock is taken as it is, the data stays consistent between calls).
-pub fn lock(names: &Mutex<Names>) -> MutexGuard<'_, Names> {
-    names
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// A flow to check.
 #[derive(Debug, Clone, Copy)]
 pub struct FlowDst {
@@ -933,7 +923,7 @@ pub struct Policy {
     order: Vec<Entry>,
     v4: Table,
     v6: Table,
-    names: Arc<Mutex<Names>>,
+    names: Names,
     next_id: u32,
     log: LogLimit,
 }
@@ -949,7 +939,11 @@ impl Policy {
             order: Vec::new(),
             v4: Table::new(32),
             v6: Table::new(128),
-            names: Arc::new(Mutex::new(Names::default())),
+            names: Names {
+                ttl_min: spec.ttl_min,
+                ttl_max: spec.ttl_max,
+                ..Names::default()
+            },
             next_id: 1,
             log: LogLimit {
                 second: Instant::ZERO,
@@ -957,11 +951,6 @@ impl Policy {
                 suppressed: 0,
             },
         };
-        {
-            let mut names = lock(&p.names);
-            names.ttl_min = spec.ttl_min;
-            names.ttl_max = spec.ttl_max;
-        }
         for kind in &spec.rules {
             p.rules.push(Rule {
                 id: p.next_id,
@@ -1027,7 +1016,7 @@ impl Policy {
         }
         self.v4.seal();
         self.v6.seal();
-        let mut names = lock(&self.names);
+        let names = &mut self.names;
         names.exact.clear();
         names.suffix.clear();
         let mut any_domain = false;
@@ -1081,7 +1070,7 @@ impl Policy {
     /// The policy as written now (rules and default; the TTL bounds and host addresses
     /// it was made with).
     pub fn spec(&self) -> Spec {
-        let names = lock(&self.names);
+        let names = &self.names;
         Spec {
             rules: self.rules.iter().map(|r| r.kind.clone()).collect(),
             default: self.default,
@@ -1103,7 +1092,7 @@ impl Policy {
         self.next_id += 1;
         let at = at.unwrap_or(self.rules.len()).min(self.rules.len());
         // Learned addresses hold rule indices: shift them with the rules.
-        for l in lock(&self.names).learned.values_mut() {
+        for l in self.names.learned.values_mut() {
             if l.rule >= at {
                 l.rule += 1;
             }
@@ -1118,13 +1107,11 @@ impl Policy {
         let Some(at) = self.rules.iter().position(|r| r.id == id) else {
             return false;
         };
-        {
-            let mut names = lock(&self.names);
-            names.learned.retain(|_, l| l.rule != at);
-            for l in names.learned.values_mut() {
-                if l.rule > at {
-                    l.rule -= 1;
-                }
+        let names = &mut self.names;
+        names.learned.retain(|_, l| l.rule != at);
+        for l in names.learned.values_mut() {
+            if l.rule > at {
+                l.rule -= 1;
             }
         }
         self.rules.remove(at);
@@ -1140,17 +1127,26 @@ impl Policy {
 
     /// Whether DNS queries for names not allowed are answered NXDOMAIN.
     pub fn filters_names(&self) -> bool {
-        lock(&self.names).filter
+        self.names.filter
     }
 
-    /// The names side, for the DNS forwarder's flows.
-    pub fn names(&self) -> Arc<Mutex<Names>> {
-        Arc::clone(&self.names)
+    /// Learns the A and AAAA records of a DNS `reply` whose question is an allowed name
+    /// (CNAME chains included: the host's resolver answers for the question). Returns how
+    /// many addresses were learned.
+    pub fn learn(&mut self, now: Instant, reply: &[u8]) -> usize {
+        self.names.learn(now, reply)
+    }
+
+    /// With names filtered: writes into `out` the NXDOMAIN answer to `query` when its
+    /// question is not an allowed name (REFUSED for a query with no single question),
+    /// and returns its length. `None`: the query may go to the resolver.
+    pub fn refuse(&self, query: &[u8], out: &mut [u8]) -> Option<usize> {
+        self.names.refuse(query, out)
     }
 
     /// Addresses learned from names since the start.
     pub fn learned_total(&self) -> u64 {
-        lock(&self.names).learned_total
+        self.names.learned_total
     }
 
     /// Decides a new flow and counts the hit; a denied flow is logged (rate-limited).
@@ -1204,7 +1200,7 @@ impl Policy {
             };
             return (v, Some(e.rule));
         }
-        let names = lock(&self.names);
+        let names = &self.names;
         let learned = names
             .lookup(now, f.dst)
             .or_else(|| names.lookup(now, f.host));
@@ -1365,16 +1361,15 @@ impl Egress {
             .any(|p| p.decide(now, f).action == Action::Deny)
     }
 
-    /// The names sides that learn from `guest`'s DNS answers.
-    pub fn learners(&self, guest: IpAddr) -> [Option<Arc<Mutex<Names>>>; 2] {
-        let member = self
-            .member_of
-            .get(&guest)
-            .and_then(|&i| self.members[i].as_ref());
-        [
-            self.all.as_ref().map(Policy::names),
-            member.map(Policy::names),
-        ]
+    /// Teaches the policies of `guest` (the network's and its own, those in force now)
+    /// the addresses of the allowed names in a DNS `reply` relayed to it.
+    pub fn learn(&mut self, now: Instant, guest: IpAddr, reply: &[u8]) {
+        if let Some(p) = self.all.as_mut() {
+            p.learn(now, reply);
+        }
+        if let Some(p) = self.member_mut(guest) {
+            p.learn(now, reply);
+        }
     }
 
     /// With names filtered for `guest`: the NXDOMAIN (or REFUSED) answer to `query`
@@ -1387,7 +1382,7 @@ impl Egress {
         [self.all.as_ref(), member]
             .into_iter()
             .flatten()
-            .find_map(|p| lock(&p.names).refuse(query, out))
+            .find_map(|p| p.refuse(query, out))
     }
 }
 
@@ -1724,8 +1719,7 @@ mod tests {
             &["allow-domain example.com", "allow-domain *.example.org"],
             Action::Deny,
         ));
-        let names = p.names();
-        let names = lock(&names);
+        let names = &p.names;
         let mut out = [0u8; 512];
         for ok in [
             "example.com",
@@ -1763,10 +1757,7 @@ mod tests {
         let p = Policy::new(&spec(&["deny-private"], Action::Allow));
         assert!(!p.filters_names());
         let mut out = [0u8; 512];
-        assert_eq!(
-            lock(&p.names()).refuse(&query("evil.test", 1), &mut out),
-            None
-        );
+        assert_eq!(p.refuse(&query("evil.test", 1), &mut out), None);
     }
 
     #[test]
@@ -1780,10 +1771,10 @@ mod tests {
         let mut p = Policy::new(&s);
         let t0 = Instant::from_secs(1000);
         let r = reply("www.example.com", &[[203, 0, 113, 5], [10, 0, 0, 1]], 1);
-        assert_eq!(lock(&p.names()).learn(t0, &r), 2);
+        assert_eq!(p.learn(t0, &r), 2);
         // Not an allowed name: nothing learned.
         let other = reply("evil.test", &[[198, 51, 100, 1]], 300);
-        assert_eq!(lock(&p.names()).learn(t0, &other), 0);
+        assert_eq!(p.learn(t0, &other), 0);
         let at = |p: &mut Policy, t: Instant, dst: &str| p.check(t, &flow(Proto::Tcp, dst, 443));
         assert_eq!(
             at(&mut p, t0, "203.0.113.5"),
@@ -1802,7 +1793,7 @@ mod tests {
         assert_eq!(at(&mut p, t10, "203.0.113.5").action, Action::Deny);
         // A long TTL is capped.
         let r = reply("api.example.com", &[[203, 0, 113, 6]], 86400);
-        lock(&p.names()).learn(t0, &r);
+        p.learn(t0, &r);
         assert_eq!(
             at(&mut p, t0 + Duration::from_secs(99), "203.0.113.6").action,
             Action::Allow
@@ -1818,7 +1809,7 @@ mod tests {
     fn rules_change_at_run_time_and_learned_addresses_follow() {
         let mut p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
         let t0 = Instant::from_secs(1);
-        lock(&p.names()).learn(t0, &reply("example.com", &[[203, 0, 113, 5]], 60));
+        p.learn(t0, &reply("example.com", &[[203, 0, 113, 5]], 60));
         let deny = p
             .insert(Some(0), RuleKind::parse("deny 192.0.2.0/24").unwrap())
             .unwrap();
@@ -1881,7 +1872,7 @@ mod tests {
 
     #[test]
     fn aaaa_records_are_learned_too() {
-        let p = Policy::new(&spec(&["allow-domain v6.example"], Action::Deny));
+        let mut p = Policy::new(&spec(&["allow-domain v6.example"], Action::Deny));
         let mut r = query("v6.example", 28);
         r[2] = 0x81;
         r[3] = 0x80;
@@ -1889,8 +1880,7 @@ mod tests {
         r.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
         let ip: Ipv6Addr = "2001:db8::42".parse().unwrap();
         r.extend_from_slice(&ip.octets());
-        assert_eq!(lock(&p.names()).learn(Instant::ZERO, &r), 1);
-        let mut p = p;
+        assert_eq!(p.learn(Instant::ZERO, &r), 1);
         assert_eq!(
             p.check(Instant::ZERO, &flow(Proto::Tcp, "2001:db8::42", 443))
                 .by,
@@ -1900,9 +1890,8 @@ mod tests {
 
     #[test]
     fn random_messages_never_panic() {
-        let p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
-        let names = p.names();
-        let mut names = lock(&names);
+        let mut p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
+        let names = &mut p.names;
         let mut rng = Lcg(11);
         let good = reply("example.com", &[[203, 0, 113, 5]], 60);
         let mut out = [0u8; 512];
@@ -1926,9 +1915,8 @@ mod tests {
 
     #[test]
     fn garbage_replies_teach_nothing() {
-        let p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
-        let names = p.names();
-        let mut names = lock(&names);
+        let mut p = Policy::new(&spec(&["allow-domain example.com"], Action::Deny));
+        let names = &mut p.names;
         let good = reply("example.com", &[[203, 0, 113, 5]], 60);
         for cut in 0..good.len() - 1 {
             // A truncated reply may still carry some records: never more than there are.

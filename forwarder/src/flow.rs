@@ -760,9 +760,6 @@ impl Nat {
                     if dns {
                         let quick = self.dns.dns_down == Some(c.dns_answers);
                         flow.follow_dns(servers, i, now, quick);
-                        if let Some(d) = flow.dns.as_deref_mut() {
-                            d.learn_into(self.egress.learners(key.guest.0.into()));
-                        }
                     }
                     flow
                 });
@@ -885,7 +882,7 @@ impl Nat {
             }
             Some(Flow::Udp(flow)) => {
                 if readable {
-                    let done = flow.receive(now, link, io, c);
+                    let done = flow.receive(now, link, io, c, &mut self.egress);
                     if !done {
                         self.table.mark_dirty(id);
                     }
@@ -1052,7 +1049,7 @@ impl Nat {
                 }
             }
             Some(Flow::Udp(flow)) => {
-                let drained = flow.receive(now, link, io, c);
+                let drained = flow.receive(now, link, io, c, &mut self.egress);
                 if !drained {
                     // The guest link is congested: retry shortly.
                     let at = now + Duration::from_millis(1);

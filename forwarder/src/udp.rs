@@ -32,6 +32,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{IpAddress, Ipv4Repr, UdpPacket, UdpRepr};
 
 use crate::dns_relay::{DnsState, Failover};
+use crate::egress::Egress;
 use crate::emit::{self, EmitError};
 use crate::icmp::{self, Unreachable};
 use crate::{Counters, FlowKey, HostIo, Io, Link};
@@ -439,14 +440,16 @@ impl UdpFlow {
         }
     }
 
-    /// Moves the host socket's datagrams to the guest. Returns false when the guest link
-    /// is congested and datagrams are left to read.
+    /// Moves the host socket's datagrams to the guest; the answers of a DNS forwarder's
+    /// flow teach `egress` (the policies in force now). Returns false when the guest
+    /// link is congested and datagrams are left to read.
     pub(crate) fn receive(
         &mut self,
         now: Instant,
         link: &mut Link,
         io: &mut Io<'_, impl HostIo>,
         c: &mut Counters,
+        egress: &mut Egress,
     ) -> bool {
         let (remote, guest, id) = (self.key.remote, self.key.guest, self.id);
         loop {
@@ -456,8 +459,9 @@ impl UdpFlow {
                 outcome = host.recv(id, buf);
                 let n = *outcome.as_ref().ok()?;
                 if let Some(dns) = dns {
-                    if dns.answered(now, &buf[..n]) {
+                    if dns.answered(&buf[..n]) {
                         c.dns_answers += 1;
+                        egress.learn(now, guest.0.into(), &buf[..n]);
                     }
                 }
                 Some(n)

@@ -204,3 +204,59 @@ fn a_changed_policy_resets_the_open_flows_it_denies() {
     assert_eq!(p.sim.fwd.counters().egress_reset, 1);
     assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
 }
+
+#[test]
+fn dns_flows_opened_before_a_policy_change_learn_into_the_policy_in_force() {
+    const WORLD2: [u8; 4] = [203, 0, 113, 2];
+    let mut cfg = Sim::config(true);
+    cfg.nameservers = vec![SocketAddr::from((NS, 53))];
+    let mut sim = Sim::with_config(cfg);
+    sim.host.tcp(SocketAddr::from((WORLD, 443)), Remote::Accept);
+    sim.host
+        .tcp(SocketAddr::from((WORLD2, 443)), Remote::Accept);
+    let org = spec(&["allow-domain www.example.org"], Action::Deny);
+    sim.fwd.set_egress(&[], Some(&org));
+    // The DNS flow opens under the first policy.
+    sim.send(&udp_frame(
+        [10, 0, 2, 3],
+        4445,
+        53,
+        &query(1, "www.example.org"),
+    ));
+    let sock = sim
+        .host
+        .dgram_to(SocketAddr::from((NS, 53)))
+        .expect("asked");
+    sim.host.take_sent(sock);
+    let mut p = Pair::new(sim);
+    // The network's policy is replaced: the answer comes on the flow opened before.
+    let com = spec(&["allow-domain www.example.com"], Action::Deny);
+    p.sim.fwd.set_egress(&[], Some(&com));
+    let q = query(2, "www.example.com");
+    p.sim.send(&udp_frame([10, 0, 2, 3], 4445, 53, &q));
+    assert_eq!(p.sim.host.take_sent(sock), std::slice::from_ref(&q));
+    p.sim.host.dgram_reply(sock, &answer(&q, WORLD, 300));
+    p.drive(100);
+    assert_eq!(p.sim.fwd.egress(None).unwrap().learned_total(), 1);
+    // Over 1 s: the guest's stack asks ARP for the DNS address first (to answer the
+    // datagrams to its port 4445, which has no socket) and waits a second before asking
+    // for the gateway's.
+    let h = p.connect((WORLD, 443), 40001);
+    p.drive(2000);
+    assert_eq!(p.tcp(h).state(), State::Established);
+    // A member's policy made at run time learns from the same flow.
+    p.sim.fwd.set_egress(&[], None);
+    let guest = std::net::IpAddr::from(GUEST);
+    let net = spec(&["allow-domain api.example.net"], Action::Deny);
+    p.sim.fwd.set_egress(&[guest], Some(&net));
+    let q = query(3, "api.example.net");
+    p.sim.send(&udp_frame([10, 0, 2, 3], 4445, 53, &q));
+    assert_eq!(p.sim.host.take_sent(sock), std::slice::from_ref(&q));
+    p.sim.host.dgram_reply(sock, &answer(&q, WORLD2, 300));
+    p.drive(100);
+    assert_eq!(p.sim.fwd.egress(Some(guest)).unwrap().learned_total(), 1);
+    let h = p.connect((WORLD2, 443), 40002);
+    p.drive(100);
+    assert_eq!(p.tcp(h).state(), State::Established);
+    assert_eq!(p.sim.host.opened, 3, "one DNS flow, two connections");
+}
