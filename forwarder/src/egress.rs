@@ -49,7 +49,8 @@
 //! hosts is one probe). A longest-prefix trie would not do better here: first-match
 //! order, not prefix length, decides, so every length must be looked at anyway.
 //!
-//! Limits: [`MAX_LEARNED`] addresses learned from names (expired ones are dropped first;
+//! Limits: [`MAX_LEARNED`] addresses learned from names (expired ones are dropped first,
+//! in expiry order as answers come: a full table costs a new answer no scan of it;
 //! beyond, new answers are not learned and their flows follow the default). Denied flows
 //! are logged at `info` at most [`LOG_BURST`] per second, with a count of those left out.
 //!
@@ -57,7 +58,8 @@
 //! allowed addresses carry (an allowed CDN address serves other names too), and does not
 //! apply to published ports (inbound) nor to traffic between the members of a network.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -654,6 +656,10 @@ struct Names {
     /// `*.NAME` rules: NAME -> rule index.
     suffix: HashMap<String, usize>,
     learned: HashMap<IpAddr, Learned>,
+    /// `learned` in expiry order, soonest first: an entry each time an address was
+    /// learned or its lifetime extended. One whose address now expires later, or is
+    /// gone, is stale and skipped when it comes up.
+    expiry: BinaryHeap<Reverse<(Instant, IpAddr)>>,
     ttl_min: u32,
     ttl_max: u32,
     /// Whether queries for names not allowed are answered NXDOMAIN.
@@ -694,24 +700,56 @@ impl Names {
         let Some(rule) = self.allows(msg.name) else {
             return 0;
         };
+        self.expire(now);
         let mut n = 0;
         for (ip, ttl) in msg.addrs.iter().flatten() {
-            if self.learned.len() >= MAX_LEARNED && !self.learned.contains_key(ip) {
-                self.learned.retain(|_, l| l.expires > now);
-                if self.learned.len() >= MAX_LEARNED {
-                    log::info!("egress: {MAX_LEARNED} learned addresses, {ip} not learned");
-                    break;
-                }
-            }
             let ttl = (*ttl).clamp(self.ttl_min, self.ttl_max);
             let expires = now + Duration::from_secs(u64::from(ttl));
-            let e = self.learned.entry(*ip).or_insert(Learned { expires, rule });
-            e.expires = e.expires.max(expires);
-            e.rule = rule;
+            if let Some(l) = self.learned.get_mut(ip) {
+                l.rule = rule;
+                if expires > l.expires {
+                    l.expires = expires;
+                    self.order(expires, *ip);
+                }
+            } else if self.learned.len() >= MAX_LEARNED {
+                log::info!("egress: {MAX_LEARNED} learned addresses, {ip} not learned");
+                break;
+            } else {
+                self.learned.insert(*ip, Learned { expires, rule });
+                self.order(expires, *ip);
+            }
             n += 1;
         }
         self.learned_total += n as u64;
         n
+    }
+
+    /// Drops the addresses expired at `now`: each costs a step of the expiry order.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&Reverse((expires, ip))) = self.expiry.peek() {
+            if expires > now {
+                break;
+            }
+            self.expiry.pop();
+            if self.learned.get(&ip).is_some_and(|l| l.expires == expires) {
+                self.learned.remove(&ip);
+            }
+        }
+    }
+
+    /// Puts `ip`, now expiring at `expires`, in the expiry order. Its earlier entry goes
+    /// stale; once stale entries outnumber the addresses, the order is made again from
+    /// the table (as many entries went stale since the last time: amortised, a constant
+    /// per answer).
+    fn order(&mut self, expires: Instant, ip: IpAddr) {
+        self.expiry.push(Reverse((expires, ip)));
+        if self.expiry.len() > 2 * self.learned.len() + 64 {
+            self.expiry = self
+                .learned
+                .iter()
+                .map(|(ip, l)| Reverse((l.expires, *ip)))
+                .collect();
+        }
     }
 
     /// With names filtered: writes into `out` the NXDOMAIN answer to `query` when its
@@ -1803,6 +1841,48 @@ mod tests {
             Action::Deny
         );
         assert_eq!(p.rules()[1].hits, 3);
+    }
+
+    #[test]
+    fn a_full_table_makes_room_from_expired_addresses_in_expiry_order() {
+        let mut s = spec(&["allow-domain example.com"], Action::Deny);
+        s.ttl_min = 1;
+        s.ttl_max = 1000;
+        let mut p = Policy::new(&s);
+        let t0 = Instant::from_secs(10);
+        let addr = |i: usize| [198, 18 + (i >> 16) as u8, (i >> 8) as u8, i as u8];
+        // Full: the first half lives 10 s, the second 1000 s.
+        for chunk in 0..MAX_LEARNED / 16 {
+            let addrs: Vec<[u8; 4]> = (0..16).map(|k| addr(chunk * 16 + k)).collect();
+            let ttl = if chunk < MAX_LEARNED / 32 { 10 } else { 1000 };
+            assert_eq!(p.learn(t0, &reply("example.com", &addrs, ttl)), 16);
+        }
+        let new = |i: u8| reply("example.com", &[[203, 0, 113, i]], 60);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Full of live addresses: a new one is not learned, a known one is renewed.
+        assert_eq!(p.learn(at(9), &new(1)), 0);
+        assert_eq!(p.learn(at(9), &reply("example.com", &[addr(0)], 60)), 1);
+        // The first half expires: room for new ones, the renewed address kept.
+        assert_eq!(p.learn(at(10), &new(1)), 1);
+        assert_eq!(p.names.learned.len(), MAX_LEARNED / 2 + 2);
+        assert_eq!(
+            p.check(at(10), &flow(Proto::Tcp, "198.18.0.0", 80)).by,
+            Decider::Name(1)
+        );
+        assert_eq!(
+            p.check(at(10), &flow(Proto::Tcp, "198.18.0.1", 80)).by,
+            Decider::Default
+        );
+        // Answers renewing the same addresses leave no more entries in the expiry
+        // order than twice the table.
+        for s in 11..2000 {
+            p.learn(at(s), &new(1));
+            assert!(p.names.expiry.len() <= 2 * p.names.learned.len() + 64);
+        }
+        // Everything expires: the table empties as the next answer comes.
+        assert_eq!(p.learn(at(5000), &new(2)), 1);
+        assert_eq!(p.names.learned.len(), 1);
+        assert_eq!(p.names.expiry.len(), 1);
     }
 
     #[test]
