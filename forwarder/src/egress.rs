@@ -1001,8 +1001,10 @@ impl Policy {
         p
     }
 
-    /// Rebuilds the tables and the names from [`rules`](Self::rules); learned addresses
-    /// of `allow-domain` rules that remain are kept.
+    /// Rebuilds the tables and the names from [`rules`](Self::rules). The learned
+    /// addresses stay: each holds the index of its `allow-domain` rule, which
+    /// [`insert`](Self::insert) and [`remove`](Self::remove) keep in step (`remove`
+    /// drops the addresses of the rule it removes).
     fn rebuild(&mut self) {
         self.order.clear();
         self.v4 = Table::new(32);
@@ -1068,18 +1070,6 @@ impl Policy {
             }
         }
         names.filter = any_domain || self.default == Action::Deny;
-        // Learned addresses hold the index of their rule ([`insert`](Self::insert) and
-        // [`remove`](Self::remove) keep it in step).
-        let rules = &self.rules;
-        names.learned.retain(|_, l| {
-            matches!(
-                rules.get(l.rule),
-                Some(Rule {
-                    kind: RuleKind::Domain(_),
-                    ..
-                })
-            )
-        });
     }
 
     fn add_block(order: &mut Vec<Entry>, v4: &mut Table, v6: &mut Table, net: Cidr, e: Entry) {
