@@ -77,6 +77,34 @@ fn gateway_for(nat: &nat::NatConfig, addr: &IpAddress) -> IpAddress {
     }
 }
 
+/// Room for an answer the DNS address gives itself: the question (at most 274 bytes)
+/// and its records (two addresses, or a member's name), a few hundred bytes at most.
+const ANSWER_HERE_MAX: usize = 1024;
+
+/// Answers the guest's DNS query of flow `key` from usernet itself when `answer` writes
+/// an answer and returns its length; `None` when it does not (the query goes on), else
+/// whether the answer went into the guest's queue (`udp_send_dropped` when not). The
+/// answer is decided before it takes a slot of the queue: a full queue loses an answer,
+/// never a query that was to go on.
+fn answer_here(
+    link: &mut Link,
+    c: &mut Counters,
+    key: FlowKey,
+    answer: impl FnOnce(&mut [u8]) -> Option<usize>,
+) -> Option<bool> {
+    let mut buf = [0u8; ANSWER_HERE_MAX];
+    let n = answer(&mut buf)?;
+    let sent = emit::udp(emit::Out::of(link), key.remote, key.guest, None, |out| {
+        let out = out.get_mut(..n)?;
+        out.copy_from_slice(&buf[..n]);
+        Some(n)
+    });
+    if sent.is_err() {
+        c.udp_send_dropped += 1;
+    }
+    Some(sent.is_ok())
+}
+
 /// How guest datagrams of the UDP flow `id` leave, and its flag of whether that route
 /// segments. `None` for other flows and for a published port whose rule is gone.
 fn udp_route(flows: &mut Slab<Flow>, id: usize) -> Option<(udp::Route, &mut bool)> {
@@ -335,14 +363,11 @@ impl Nat {
         if self.egress.is_empty() || !self.to_dns_forwarder(key) {
             return false;
         }
-        let egress = &self.egress;
         let guest = IpAddr::from(key.guest.0);
-        match emit::udp(emit::Out::of(link), key.remote, key.guest, None, |buf| {
-            egress.refuse(guest, query, buf)
-        }) {
-            Ok(_) => c.egress_names_refused += 1,
-            Err(emit::EmitError::Empty) => return false,
-            Err(_) => c.udp_send_dropped += 1,
+        match answer_here(link, c, key, |buf| self.egress.refuse(guest, query, buf)) {
+            None => return false,
+            Some(true) => c.egress_names_refused += 1,
+            Some(false) => {}
         }
         true
     }
@@ -352,13 +377,10 @@ impl Nat {
         if self.dns.names.is_empty() || !self.to_dns_forwarder(key) {
             return false;
         }
-        let names = &self.dns.names;
-        match emit::udp(emit::Out::of(link), key.remote, key.guest, None, |buf| {
-            names.answer(query, buf)
-        }) {
-            Ok(_) => c.dns_names_answered += 1,
-            Err(emit::EmitError::Empty) => return false,
-            Err(_) => c.udp_send_dropped += 1,
+        match answer_here(link, c, key, |buf| self.dns.names.answer(query, buf)) {
+            None => return false,
+            Some(true) => c.dns_names_answered += 1,
+            Some(false) => {}
         }
         true
     }

@@ -12,7 +12,7 @@ use common::pair::Pair;
 use common::*;
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use forwarder::egress::{Action, RuleKind, Spec};
-use forwarder::Close;
+use forwarder::{Close, FrameSink, Io, PortId};
 use smoltcp::socket::tcp::State;
 
 const WORLD: [u8; 4] = [203, 0, 113, 1];
@@ -259,4 +259,51 @@ fn dns_flows_opened_before_a_policy_change_learn_into_the_policy_in_force() {
     p.drive(100);
     assert_eq!(p.tcp(h).state(), State::Established);
     assert_eq!(p.sim.host.opened, 3, "one DNS flow, two connections");
+}
+
+/// A guest link that takes no frame: the gateway's transmit queue fills.
+struct Stuck;
+
+impl FrameSink for Stuck {
+    fn send_frame(&mut self, _port: PortId, _frame: &[u8]) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+}
+
+#[test]
+fn allowed_queries_go_upstream_while_the_guest_link_is_full() {
+    let mut cfg = Sim::config(true);
+    cfg.nameservers = vec![SocketAddr::from((NS, 53))];
+    let mut sim = Sim::with_config(cfg);
+    sim.fwd.set_egress(
+        &[],
+        Some(&spec(&["allow-domain www.example.org"], Action::Deny)),
+    );
+    let now = sim.now();
+    let mut io = Io {
+        host: &mut sim.host,
+        tap: &mut Stuck,
+    };
+    // NXDOMAIN answers the guest does not take, until they no longer fit.
+    let mut id = 0;
+    while sim.fwd.counters().udp_send_dropped == 0 {
+        id += 1;
+        assert!(id < 10_000, "the transmit queue never fills");
+        let mut f = udp_frame([10, 0, 2, 3], 4444, 53, &query(id, "evil.test"));
+        sim.fwd.handle_frame(now, &mut f, &mut io);
+        sim.fwd.flush(io.tap);
+    }
+    let refused = sim.fwd.counters().egress_names_refused;
+    // An allowed query still goes to the resolver.
+    let q = query(id + 1, "www.example.org");
+    sim.fwd
+        .handle_frame(now, &mut udp_frame([10, 0, 2, 3], 4445, 53, &q), &mut io);
+    sim.fwd.poll_flows(now, &mut io);
+    let sock = sim
+        .host
+        .dgram_to(SocketAddr::from((NS, 53)))
+        .expect("the allowed query was dropped");
+    assert_eq!(sim.host.take_sent(sock), std::slice::from_ref(&q));
+    let c = sim.fwd.counters();
+    assert_eq!((c.udp_send_dropped, c.egress_names_refused), (1, refused));
 }
