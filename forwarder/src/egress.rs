@@ -1358,9 +1358,11 @@ impl Egress {
         self.all.is_none() && self.member_of.is_empty()
     }
 
-    fn member_mut(&mut self, guest: IpAddr) -> Option<&mut Policy> {
-        let i = *self.member_of.get(&guest)?;
-        self.members.get_mut(i)?.as_mut()
+    /// The policies a flow of `guest` passes: the network's, then its own.
+    fn of(&self, guest: IpAddr) -> impl Iterator<Item = &Policy> {
+        [self.get(None), self.get(Some(guest))]
+            .into_iter()
+            .flatten()
     }
 
     /// Decides a new flow of `guest` (counted, logged): the network's policy, then the
@@ -1374,18 +1376,12 @@ impl Egress {
         if v.action == Action::Deny {
             return v;
         }
-        self.member_mut(guest).map_or(v, |p| p.check(now, f))
+        self.get_mut(Some(guest)).map_or(v, |p| p.check(now, f))
     }
 
     /// Whether a flow already open would be denied now (not counted).
     pub fn denies(&self, now: Instant, guest: IpAddr, f: &FlowDst) -> bool {
-        let member = self
-            .member_of
-            .get(&guest)
-            .and_then(|&i| self.members[i].as_ref());
-        [self.all.as_ref(), member]
-            .into_iter()
-            .flatten()
+        self.of(guest)
             .any(|p| p.decide(now, f).action == Action::Deny)
     }
 
@@ -1395,7 +1391,7 @@ impl Egress {
         if let Some(p) = self.all.as_mut() {
             p.learn(now, reply);
         }
-        if let Some(p) = self.member_mut(guest) {
+        if let Some(p) = self.get_mut(Some(guest)) {
             p.learn(now, reply);
         }
     }
@@ -1403,14 +1399,7 @@ impl Egress {
     /// With names filtered for `guest`: the NXDOMAIN (or REFUSED) answer to `query`
     /// written into `out`, its length. `None`: the query may go on.
     pub fn refuse(&self, guest: IpAddr, query: &[u8], out: &mut [u8]) -> Option<usize> {
-        let member = self
-            .member_of
-            .get(&guest)
-            .and_then(|&i| self.members[i].as_ref());
-        [self.all.as_ref(), member]
-            .into_iter()
-            .flatten()
-            .find_map(|p| p.refuse(query, out))
+        self.of(guest).find_map(|p| p.refuse(query, out))
     }
 }
 
