@@ -129,17 +129,25 @@ impl EgressArgs {
         }
         rules.sort_by_key(|(seq, _)| *seq);
         spec.rules = rules.into_iter().flat_map(|(_, r)| r).collect();
-        if self.deny_private {
-            spec.rules.push(RuleKind::DenyPrivate);
-        }
-        if self.default_deny {
-            spec.default = Action::Deny;
-        }
-        if spec.is_open() {
-            return None;
-        }
-        Some(spec)
+        finish_spec(spec, self.deny_private, self.default_deny)
     }
+}
+
+/// A front end's policy from its rules and files (`spec`) and its two switches,
+/// `--egress-deny-private` (a rule anywhere: it comes after every explicit one, see
+/// [`forwarder::egress`]) and `--egress-default-deny`; `None` when it then lets
+/// everything through.
+pub fn finish_spec(mut spec: Spec, deny_private: bool, default_deny: bool) -> Option<Spec> {
+    if deny_private {
+        spec.rules.push(RuleKind::DenyPrivate);
+    }
+    if default_deny {
+        spec.default = Action::Deny;
+    }
+    if spec.is_open() {
+        return None;
+    }
+    Some(spec)
 }
 
 /// The host's own addresses (every interface's), which `deny-private` covers: read at

@@ -1077,17 +1077,11 @@ impl PastaOpts {
 
     /// The egress policy the `--egress-*` options say; `None` when they say nothing.
     pub fn egress_spec(&self) -> Option<forwarder::egress::Spec> {
-        let mut spec = self.egress.clone();
-        if self.egress_deny_private {
-            spec.rules.push(forwarder::egress::RuleKind::DenyPrivate);
-        }
-        if self.egress_default_deny {
-            spec.default = forwarder::egress::Action::Deny;
-        }
-        if spec.is_open() {
-            return None;
-        }
-        Some(spec)
+        crate::egress::finish_spec(
+            self.egress.clone(),
+            self.egress_deny_private,
+            self.egress_default_deny,
+        )
     }
 
     /// The log filter these options ask for.
