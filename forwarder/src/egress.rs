@@ -5,7 +5,9 @@
 //! A [`Policy`] is an ordered list of rules and a default. Each new flow (a TCP SYN, the
 //! first datagram of a UDP flow, the first echo request of an ICMP flow; never a later
 //! packet) is checked once, in [`crate::flow`]'s translate-and-deny path, before any host
-//! socket exists: a denied flow leaves nothing on the host side, not even a SYN.
+//! socket exists: a denied flow leaves nothing on the host side, not even a SYN. A
+//! denied SYN the guest sends again (same flow, same initial sequence number) is the
+//! same attempt: decided again, but not counted or logged again.
 //!
 //! Rules, evaluated in this order, the first that matches deciding:
 //!

@@ -165,6 +165,28 @@ pub struct Nat {
     internal: bool,
     /// The egress policies, checked once per new flow.
     pub(crate) egress: egress::Egress,
+    /// The SYNs the egress policies denied last.
+    denied_syns: DeniedSyns,
+}
+
+/// The last SYNs the egress policies denied, by flow and initial sequence number: a
+/// guest that sends one again (no ICMP error reached it, or its stack goes on despite
+/// one) makes the same attempt, which the rules' hits and `egress_denied` count once.
+#[derive(Default)]
+struct DeniedSyns {
+    recent: [Option<(FlowKey, u32)>; 16],
+    next: usize,
+}
+
+impl DeniedSyns {
+    fn contains(&self, key: &FlowKey, isn: u32) -> bool {
+        self.recent.contains(&Some((*key, isn)))
+    }
+
+    fn insert(&mut self, key: FlowKey, isn: u32) {
+        self.recent[self.next] = Some((key, isn));
+        self.next = (self.next + 1) % self.recent.len();
+    }
 }
 
 /// What a protocol handler works with for one packet or event: the link its answers go
@@ -297,6 +319,7 @@ impl Nat {
             udp_batch: udp::Batch::new(),
             internal,
             egress: egress::Egress::default(),
+            denied_syns: DeniedSyns::default(),
             cfg,
         }
     }
@@ -319,26 +342,34 @@ impl Nat {
 
     /// Where a new flow of `key` goes on the host, if the NAT and the egress policy let
     /// it: [`translate`](Self::translate), then the policy (once per flow, never per
-    /// packet).
+    /// packet). `again`: an attempt the policy already counted (a SYN sent again), now
+    /// decided without counting or logging it.
     fn admit(
         &mut self,
         now: Instant,
         c: &mut Counters,
         proto: egress::Proto,
         key: &FlowKey,
+        again: bool,
     ) -> Result<std::net::SocketAddr, nat::Deny> {
         let target = self.translate(key.remote.0.into(), key.remote.1)?;
         if self.egress.is_empty() {
             return Ok(target);
         }
         let f = self.flow_dst(proto, key, target.ip());
-        match self.egress.check(now, key.guest.0.into(), &f).action {
-            egress::Action::Allow => Ok(target),
-            egress::Action::Deny => {
-                c.egress_denied += 1;
-                Err(nat::Deny::Egress)
-            }
+        let guest = key.guest.0.into();
+        let denied = if again {
+            self.egress.denies(now, guest, &f)
+        } else {
+            self.egress.check(now, guest, &f).action == egress::Action::Deny
+        };
+        if !denied {
+            return Ok(target);
         }
+        if !again {
+            c.egress_denied += 1;
+        }
+        Err(nat::Deny::Egress)
     }
 
     /// What the egress policy looks at of a flow of `key` that goes to `host`.
@@ -544,7 +575,8 @@ impl Nat {
             self.reset_stray(link, now, src, ip);
             return;
         }
-        self.open_tcp(link, c, now, key, ip, io);
+        let isn = segment.seq_number().0 as u32;
+        self.open_tcp(Cx { link, c, io, now }, key, isn, ip);
     }
 
     /// Lets smoltcp answer a segment that belongs to no flow: a RST, as a host would.
@@ -555,15 +587,9 @@ impl Nat {
             .poll_ingress_single(now, &mut dev, &mut self.table.no_flow);
     }
 
-    fn open_tcp<H: HostIo>(
-        &mut self,
-        link: &mut Link,
-        c: &mut Counters,
-        now: Instant,
-        key: FlowKey,
-        ip: &[u8],
-        io: &mut Io<'_, H>,
-    ) {
+    /// Opens the flow of the guest's SYN `ip` (`key`, initial sequence number `isn`).
+    fn open_tcp<H: HostIo>(&mut self, cx: Cx<'_, '_, H>, key: FlowKey, isn: u32, ip: &[u8]) {
+        let Cx { link, c, io, now } = cx;
         let limits = self.cfg.limits;
         if self.table.tcp_map.len() >= limits.tcp_flows
             || self.table.half_open >= limits.tcp_half_open
@@ -576,11 +602,15 @@ impl Nat {
             self.reset_stray(link, now, key.guest.0, ip);
             return;
         }
-        let target = match self.admit(now, c, egress::Proto::Tcp, &key) {
+        let again = self.denied_syns.contains(&key, isn);
+        let target = match self.admit(now, c, egress::Proto::Tcp, &key, again) {
             Ok(target) => target,
             Err(deny) => {
                 log::debug!("TCP to {:?} denied: {deny:?}", key.remote);
                 c.tcp_denied += 1;
+                if deny == nat::Deny::Egress && !again {
+                    self.denied_syns.insert(key, isn);
+                }
                 if deny == nat::Deny::Nobody {
                     return;
                 }
@@ -740,7 +770,7 @@ impl Nat {
         if self.table.member_full(c, &key.guest.0) {
             return None;
         }
-        let target = match self.admit(now, c, egress::Proto::Udp, &key) {
+        let target = match self.admit(now, c, egress::Proto::Udp, &key, false) {
             Ok(target) => target,
             Err(deny) => {
                 log::debug!("UDP to {:?} denied: {deny:?}", key.remote);
@@ -853,7 +883,7 @@ impl Nat {
                     c.icmp_denied += 1;
                     return;
                 }
-                if let Err(deny) = self.admit(now, c, egress::Proto::Icmp, &key) {
+                if let Err(deny) = self.admit(now, c, egress::Proto::Icmp, &key, false) {
                     c.icmp_denied += 1;
                     let code = icmp::deny_reason(deny).unwrap_or(icmp::Unreachable::Prohibited);
                     let gw = self.gateway_for(&dst);

@@ -445,7 +445,7 @@ counters! {
         /// DNS queries for member names answered by the network's DNS.
         dns_names_answered,
         /// New flows the egress policy denied (also counted in `tcp_denied`, `udp_denied`,
-        /// `icmp_denied`).
+        /// `icmp_denied`, which count a SYN sent again twice; this does not).
         egress_denied,
         /// DNS queries the egress policy answered NXDOMAIN (a name it does not allow).
         egress_names_refused,
