@@ -602,7 +602,8 @@ impl Nat {
             self.reset_stray(link, now, key.guest.0, ip);
             return;
         }
-        let again = self.denied_syns.contains(&key, isn);
+        // Without a policy, no SYN was denied by one: no look.
+        let again = !self.egress.is_empty() && self.denied_syns.contains(&key, isn);
         let target = match self.admit(now, c, egress::Proto::Tcp, &key, again) {
             Ok(target) => target,
             Err(deny) => {
