@@ -695,6 +695,10 @@ impl Names {
 
     /// See [`Policy::learn`].
     fn learn(&mut self, now: Instant, reply: &[u8]) -> usize {
+        if self.exact.is_empty() && self.suffix.is_empty() {
+            // No name is allowed by a rule: nothing to learn, no reply to parse.
+            return 0;
+        }
         let mut name = [0u8; MAX_NAME];
         let Some(msg) = parse_reply(reply, &mut name) else {
             return 0;
