@@ -400,7 +400,31 @@ pub fn start(
         let api = api::Socket::new(path.clone(), extras.max_api_clients);
         running.add(Box::new(api))?;
     }
-    publish(&mut running.fwd, &extras, &mut running.sockets)?;
+    // Every `-p` port must bind, but the IPv6 half of an address-less rule on a host
+    // without IPv6.
+    for spec in &extras.publish {
+        let (fwd, sockets) = (&mut running.fwd, &mut running.sockets);
+        publish(
+            fwd,
+            sockets,
+            spec,
+            extras.publish_ipv6,
+            |host, guest_port, e| match e {
+                PortError::Listen { source, .. }
+                    if spec.host_ip.is_none()
+                        && host.is_ipv6()
+                        && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
+                {
+                    log::warn!("no IPv6 on this host: {host} not published");
+                    Ok(())
+                }
+                source => Err(LoopError::Publish {
+                    spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
+                    source,
+                }),
+            },
+        )?;
+    }
     for service in std::mem::take(&mut extras.services) {
         running.add(service)?;
     }
@@ -441,34 +465,29 @@ pub fn start(
     Ok(running)
 }
 
-/// Publishes the `-p` rules of `extras` (see [`Publish`]); every port must bind, but the
-/// IPv6 half of an address-less rule on a host without IPv6.
-fn publish(fwd: &mut Forwarder, extras: &Extras, sockets: &mut Sockets) -> Result<(), LoopError> {
-    for spec in &extras.publish {
-        for ip in spec.host_addrs(extras.publish_ipv6) {
-            for (host_port, guest_port) in spec.pairs() {
-                let host = std::net::SocketAddr::new(ip, host_port);
-                let device = spec.device.as_deref();
-                match fwd.add_port_on(spec.proto, host, device, None, guest_port, sockets) {
-                    Ok(_) => {}
-                    Err(PortError::Listen { source, .. })
-                        if spec.host_ip.is_none()
-                            && ip.is_ipv6()
-                            && source.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
-                    {
-                        log::warn!("no IPv6 on this host: {host} not published");
-                    }
-                    Err(source) => {
-                        return Err(LoopError::Publish {
-                            spec: format!("{} {host} -> {guest_port}", spec.proto.as_str()),
-                            source,
-                        })
-                    }
-                }
+/// Publishes `spec`'s listeners (an address-less rule on `[::]` too when `ipv6`); returns
+/// whether any was bound. A listener that cannot be had goes to `failed`, with its host
+/// address and container port: `Ok` skips it, `Err` ends publishing with that error.
+/// Every front end publishes this way, with its own rules for failures.
+pub(crate) fn publish<E>(
+    fwd: &mut Forwarder,
+    sockets: &mut Sockets,
+    spec: &Publish,
+    ipv6: bool,
+    mut failed: impl FnMut(std::net::SocketAddr, u16, PortError) -> Result<(), E>,
+) -> Result<bool, E> {
+    let mut bound = false;
+    for ip in spec.host_addrs(ipv6) {
+        for (host_port, guest_port) in spec.pairs() {
+            let host = std::net::SocketAddr::new(ip, host_port);
+            let device = spec.device.as_deref();
+            match fwd.add_port_on(spec.proto, host, device, None, guest_port, sockets) {
+                Ok(_) => bound = true,
+                Err(e) => failed(host, guest_port, e)?,
             }
         }
     }
-    Ok(())
+    Ok(bound)
 }
 
 /// Start-up of a network's serving process: no member yet; the network's socket serves

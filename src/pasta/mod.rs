@@ -500,10 +500,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     };
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
-    let services = services(
-        publish,
-        ports::PastaPorts::new(opts, &target, ns_v4, ns_v6)?,
-    );
+    let pasta_ports = ports::PastaPorts::new(opts, &target, ns_v4, ns_v6, publish)?;
     let signals = event_loop::signal_fd(false)?;
     let pid_file = opts.pid_file.clone();
     let detach_stdio = !opts.foreground;
@@ -512,7 +509,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         watch,
         None,
         Box::new(move || before_ready(pid_file.as_deref(), detach_stdio)),
-        services,
+        pasta_ports,
         open_pcap(opts, &tap)?,
     );
     extras.resolv = resolv_watch(opts);
@@ -559,8 +556,8 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     let netns::RunChild { pid, tap, mut hold } = netns::spawn_run(&spec)?;
     let fwd = forwarder(opts, &plan, &tap, listener_count(&publish));
     let (ns_v4, ns_v6) = ns_addrs(opts, &plan);
-    let pasta_ports = ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), ns_v4, ns_v6)?;
-    let services = services(publish, pasta_ports);
+    let pasta_ports =
+        ports::PastaPorts::new(opts, &Target::Pid(pid.as_raw()), ns_v4, ns_v6, publish)?;
     let pid_file = opts.pid_file.clone();
     let supervisor = crate::pidns::Supervisor::new(pid, std::time::Duration::from_secs(10));
     let mut extras = extras(
@@ -568,7 +565,7 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         None,
         Some(supervisor),
         Box::new(move || before_ready(pid_file.as_deref(), false)),
-        services,
+        pasta_ports,
         open_pcap(opts, &tap)?,
     );
     extras.resolv = resolv_watch(opts);
@@ -577,27 +574,15 @@ fn run_command(opts: &PastaOpts) -> Result<i32, PastaRunError> {
     Ok(running.run()?)
 }
 
-/// pasta's parts of the event loop: its `-t/-u` rules, published first, then its port scans
-/// and relays (when it has any).
-fn services(
-    rules: Vec<publish::Rule>,
-    pasta_ports: Option<ports::PastaPorts>,
-) -> Vec<Box<dyn crate::subsystem::Subsystem>> {
-    let mut v: Vec<Box<dyn crate::subsystem::Subsystem>> = vec![Box::new(publish::Ports(rules))];
-    if let Some(p) = pasta_ports {
-        v.push(Box::new(p));
-    }
-    v
-}
-
 /// The event loop's extras in pasta mode: no API socket, no sandbox (pasta's callers
-/// isolate it themselves), the default busy polling.
+/// isolate it themselves), the default busy polling; pasta's ports (its `-t/-u` rules, port
+/// scans and relays) are its one part of the loop, when it has them.
 fn extras(
     ready_fd: Option<OwnedFd>,
     watch: Option<TargetWatch>,
     child: Option<crate::pidns::Supervisor>,
     before_ready: Box<dyn FnOnce() -> io::Result<()>>,
-    services: Vec<Box<dyn crate::subsystem::Subsystem>>,
+    pasta_ports: Option<ports::PastaPorts>,
     pcap: Option<crate::pcap::Pcap>,
 ) -> Extras {
     Extras {
@@ -613,14 +598,17 @@ fn extras(
         },
         api_socket: None,
         info: serde_json::json!({"mode": "pasta", "pid": std::process::id()}),
-        // pasta's -t/-u rules are published by its own part of the loop (publish::Ports).
+        // pasta's -t/-u rules are published by its own part of the loop (ports::PastaPorts).
         publish: Vec::new(),
         publish_ipv6: false,
         max_api_clients: 0,
         busy_poll: std::time::Duration::from_micros(50),
         resolv: None,
         before_ready: Some(before_ready),
-        services,
+        services: pasta_ports
+            .into_iter()
+            .map(|p| Box::new(p) as Box<dyn crate::subsystem::Subsystem>)
+            .collect(),
         pcap,
     }
 }

@@ -1,6 +1,10 @@
-//! pasta's dynamic ports: `-t/-u auto` and `-T/-U` (namespace loopback to host loopback).
+//! pasta's ports: `-t/-u` published, `-t/-u auto` and `-T/-U` (namespace loopback to host
+//! loopback).
 //!
 //! # Theory of operation
+//!
+//! **`-t/-u`**: first thing before ready, the rules are published with pasta's rules for
+//! failures ([`super::publish`]); a failure ends start-up.
 //!
 //! **`-t/-u auto`**: once before ready and then every [`SCAN_INTERVAL`], the
 //! [`Agent`] lists the sockets listening in the namespace; every port bound there to a
@@ -44,6 +48,7 @@ use forwarder::port::Proto;
 
 use super::agent::{parse_proc_net, Agent, Listening};
 use super::opts::{PastaOpts, PortSpec};
+use super::publish::{self, Rule};
 use super::PastaRunError;
 use crate::api::Control;
 use crate::host::NsOpener;
@@ -59,9 +64,11 @@ struct AutoHost {
     rules: BTreeMap<u16, Vec<u32>>,
 }
 
-/// pasta's dynamic ports as an event-loop [`Service`].
+/// pasta's ports as a part of the event loop ([`Subsystem`]).
 pub struct PastaPorts {
     agent: Rc<Agent>,
+    /// The `-t/-u` rules, published before ready.
+    rules: Vec<Rule>,
     v4_only: bool,
     v6_only: bool,
     ns_ipv6: bool,
@@ -89,9 +96,9 @@ fn is_auto(spec: &PortSpec) -> bool {
 }
 
 impl PastaPorts {
-    /// The service for `opts` in a namespace with addresses `ns_v4` and `ns_v6`, or
-    /// `None` when there is nothing to do (no port forwarded either way, nothing
-    /// dynamic).
+    /// The service for `opts` and its `-t/-u` `rules` in a namespace with addresses
+    /// `ns_v4` and `ns_v6`, or `None` when there is nothing to do (no port forwarded
+    /// either way, nothing dynamic).
     ///
     /// # Errors
     /// The agent cannot be started in `target`'s namespaces.
@@ -100,6 +107,7 @@ impl PastaPorts {
         target: &Target,
         ns_v4: Option<Ipv4Addr>,
         ns_v6: Option<Ipv6Addr>,
+        rules: Vec<Rule>,
     ) -> Result<Option<PastaPorts>, PastaRunError> {
         let ns_ipv6 = ns_v6.is_some();
         let auto = |s: &PortSpec| {
@@ -131,11 +139,12 @@ impl PastaPorts {
         let forwarded = [&opts.tcp, &opts.udp]
             .iter()
             .any(|s| !s.ranges.is_empty() || !s.all_but.is_empty());
-        if !dynamic && !forwarded {
+        if rules.is_empty() && !dynamic && !forwarded {
             return Ok(None);
         }
         let agent = Rc::new(Agent::spawn(target, opts.userns.as_deref())?);
         Ok(Some(PastaPorts {
+            rules,
             v4_only: opts.v4_only,
             v6_only: opts.v6_only,
             ns_ipv6,
@@ -355,6 +364,7 @@ impl Subsystem for PastaPorts {
     }
 
     fn before_ready(&mut self, cx: &mut Cx<'_>) -> Result<(), StartError> {
+        publish::publish(&std::mem::take(&mut self.rules), cx.fwd, cx.sockets)?;
         self.tick(Instant::now(), cx)
             .map_err(|e| Box::new(crate::event_loop::LoopError::Setup(e)).into())
     }

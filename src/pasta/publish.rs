@@ -14,15 +14,18 @@
 //!   option none of whose ports could be bound (`Failed to bind any port for '-t SPEC',
 //!   exiting`).
 //!
-//! [`Ports`] is a part of the event loop ([`crate::subsystem`]) that binds every rule
-//! just before ready; its errors are [`PublishError`], which pasta prints as they are.
+//! [`publish`] binds every rule just before ready (pasta's ports do it first thing,
+//! [`super::ports::PastaPorts`]) with the event loop's [`event_loop::publish`] and these
+//! rules for failures; its errors are [`PublishError`], which pasta prints as they are.
 
 use std::io;
 
 use forwarder::port::PortError;
+use forwarder::Forwarder;
 
 use crate::conf::Publish;
-use crate::subsystem::{Cx, Next, StartError, Subsystem};
+use crate::event_loop;
+use crate::host::Sockets;
 
 /// A pasta option as given, `-t` and its value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,87 +90,56 @@ pub enum PublishError {
     },
 }
 
-/// pasta's `-t/-u` rules as a part of the event loop.
-pub struct Ports(pub Vec<Rule>);
-
-impl Ports {
-    fn publish(&self, cx: &mut Cx<'_>) -> Result<(), PublishError> {
-        // Best-effort options and whether one of their ports was bound.
-        let mut options: Vec<(&PastaOption, bool)> = Vec::new();
-        for rule in &self.0 {
-            let spec = &rule.publish;
-            let o = &rule.option;
-            let mut bound = false;
-            for ip in spec.host_addrs(false) {
-                for (host_port, guest_port) in spec.pairs() {
-                    let host = std::net::SocketAddr::new(ip, host_port);
-                    let device = spec.device.as_deref();
-                    let added = cx
-                        .fwd
-                        .add_port_on(spec.proto, host, device, None, guest_port, cx.sockets);
-                    let err = match added {
-                        Ok(_) => {
-                            bound = true;
-                            continue;
-                        }
-                        Err(e) => e,
-                    };
-                    let os_error = err.os_error().and_then(io::Error::raw_os_error);
-                    match (rule.best_effort, os_error) {
-                        (true, Some(libc::EMFILE | libc::ENFILE)) => {
-                            return Err(PublishError::Descriptors {
-                                value: o.value.clone(),
-                            });
-                        }
-                        // Anything else (in use, privileged, no such address) skips it.
-                        (true, _) => {
-                            log::debug!("{} {host} not forwarded: {err}", spec.proto.as_str())
-                        }
-                        (false, Some(code)) => {
-                            return Err(PublishError::Bind {
-                                port: host_port,
-                                why: nix::errno::Errno::from_raw(code).desc().to_owned(),
-                                opt: o.opt.clone(),
-                                value: o.value.clone(),
-                            });
-                        }
-                        (false, None) => {
-                            return Err(PublishError::Refused {
-                                opt: o.opt.clone(),
-                                value: o.value.clone(),
-                                source: err,
-                            });
-                        }
-                    }
+/// Publishes `rules` with pasta's rules for failures (see the module's header).
+///
+/// # Errors
+/// The first failure that ends start-up, in pasta's words.
+pub fn publish(
+    rules: &[Rule],
+    fwd: &mut Forwarder,
+    sockets: &mut Sockets,
+) -> Result<(), PublishError> {
+    // Best-effort options and whether one of their ports was bound.
+    let mut options: Vec<(&PastaOption, bool)> = Vec::new();
+    for rule in rules {
+        let o = &rule.option;
+        let bound = event_loop::publish(fwd, sockets, &rule.publish, false, |host, _, err| {
+            let os_error = err.os_error().and_then(io::Error::raw_os_error);
+            match (rule.best_effort, os_error) {
+                (true, Some(libc::EMFILE | libc::ENFILE)) => Err(PublishError::Descriptors {
+                    value: o.value.clone(),
+                }),
+                // Anything else (in use, privileged, no such address) skips it.
+                (true, _) => {
+                    let proto = rule.publish.proto.as_str();
+                    log::debug!("{proto} {host} not forwarded: {err}");
+                    Ok(())
                 }
+                (false, Some(code)) => Err(PublishError::Bind {
+                    port: host.port(),
+                    why: nix::errno::Errno::from_raw(code).desc().to_owned(),
+                    opt: o.opt.clone(),
+                    value: o.value.clone(),
+                }),
+                (false, None) => Err(PublishError::Refused {
+                    opt: o.opt.clone(),
+                    value: o.value.clone(),
+                    source: err,
+                }),
             }
-            if rule.best_effort {
-                match options.iter_mut().find(|(b, _)| *b == o) {
-                    Some((_, any)) => *any |= bound,
-                    None => options.push((o, bound)),
-                }
+        })?;
+        if rule.best_effort {
+            match options.iter_mut().find(|(b, _)| *b == o) {
+                Some((_, any)) => *any |= bound,
+                None => options.push((o, bound)),
             }
         }
-        if let Some((o, _)) = options.iter().find(|(_, any)| !any) {
-            return Err(PublishError::NoneBound {
-                opt: o.opt.clone(),
-                value: o.value.clone(),
-            });
-        }
-        Ok(())
     }
-}
-
-impl Subsystem for Ports {
-    fn start(&mut self, _base: usize, _cx: &mut Cx<'_>) -> Result<(), StartError> {
-        Ok(())
+    if let Some((o, _)) = options.iter().find(|(_, any)| !any) {
+        return Err(PublishError::NoneBound {
+            opt: o.opt.clone(),
+            value: o.value.clone(),
+        });
     }
-
-    fn before_ready(&mut self, cx: &mut Cx<'_>) -> Result<(), StartError> {
-        Ok(self.publish(cx)?)
-    }
-
-    fn handle(&mut self, _local: usize, _cx: &mut Cx<'_>) -> Next {
-        Next::Continue
-    }
+    Ok(())
 }
