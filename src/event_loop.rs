@@ -42,14 +42,16 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use crate::api;
 use crate::busy_poll::{BulkMeter, BusyPoll};
 use crate::conf::Publish;
-use crate::host::Sockets;
+use crate::host::{Sockets, PEER_TOKENS};
 use crate::netns::TargetWatch;
 use crate::pcap::Pcap;
 use crate::pidns::Supervisor;
+use crate::splice::End;
 use crate::subsystem::{self, Cx, Next, Subsystem};
 use crate::sys::tap::Tap;
 
-/// TAP tokens: this plus the switch port, above every flow token (a flow's id).
+/// TAP tokens: this plus the switch port, above every flow token (a flow's id, or
+/// [`PEER_TOKENS`] plus it for a spliced pair's second socket).
 const TAPS: usize = 1 << 32;
 /// Subsystem tokens: subsystem `i` has [`subsystem::TOKENS`] of them from
 /// `SUBSYSTEMS + i * subsystem::TOKENS` up.
@@ -59,8 +61,9 @@ const SUBSYSTEMS: usize = 1 << 40;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     /// A flow's host socket or a published port's listener, by flow id (its token,
-    /// [`crate::host`]).
-    Flow(usize),
+    /// [`crate::host`]), and which socket of a spliced pair it is (`A` for all others;
+    /// `B` from [`PEER_TOKENS`] up).
+    Flow(usize, End),
     /// A member's TAP, by switch port.
     Tap(forwarder::PortId),
     /// Subsystem `.0`'s source `.1` (its token minus its base).
@@ -75,7 +78,8 @@ impl Source {
                 Source::Sub(rel / subsystem::TOKENS, rel % subsystem::TOKENS)
             }
             t if t >= TAPS => Source::Tap(t - TAPS),
-            t => Source::Flow(t),
+            t if t >= PEER_TOKENS => Source::Flow(t - PEER_TOKENS, End::B),
+            t => Source::Flow(t, End::A),
         }
     }
 
@@ -593,7 +597,8 @@ impl Running {
                             return Ok(code);
                         }
                     }
-                    Source::Flow(id) => {
+                    Source::Flow(id, end) => {
+                        sockets.note_splice(id, end, readable, writable);
                         let mut io = Io {
                             host: &mut sockets,
                             tap: &mut members,

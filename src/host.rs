@@ -27,8 +27,11 @@
 //! Loopback clients of published ports in pasta mode are not forwarded
 //! ([`forwarder::Config::loopback_handoff`]). A connection becomes a spliced flow: the
 //! [`NsOpener`] that pasta mode installs ([`Sockets::set_opener`]) opens its other side
-//! inside the namespace, and the two sockets, both registered under the flow's token,
-//! are relayed by [`crate::splice::Pair`] through pipes. A datagram goes to its client's
+//! inside the namespace, and the two sockets are relayed by [`crate::splice::Pair`]
+//! through pipes. The accepted one is registered under the flow's token, the other under
+//! [`PEER_TOKENS`] plus it; the event loop tells [`Sockets::note_splice`] which one an
+//! event is for before the forwarder relays the flow, so that the pair moves only the
+//! directions that event lets move. A datagram goes to its client's
 //! spliced association: a socket the opener makes inside the namespace, then a flow's
 //! datagram socket like any other (the forwarder relays its replies through the rule's
 //! socket, and closes it with the rule).
@@ -43,7 +46,7 @@ use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::splice::Pair;
+use crate::splice::{End, Pair};
 use crate::sys::msg;
 
 /// Opens the namespace's side of a spliced connection: installed by pasta mode, whose
@@ -71,6 +74,10 @@ pub trait NsOpener {
     fn bind(&self, proto: Proto, addr: SocketAddr) -> io::Result<OwnedFd>;
 }
 
+/// Tokens of spliced pairs' second sockets: this plus the flow's id (flow ids stay far
+/// below: the forwarder's limits bound them).
+pub const PEER_TOKENS: usize = 1 << 31;
+
 /// One entry of the table.
 enum Entry {
     Free,
@@ -86,7 +93,8 @@ enum Entry {
     Port(UdpSocket),
     /// A connection accepted and not yet adopted (not registered).
     Accepted(TcpStream),
-    /// A spliced flow: both sockets registered under its token.
+    /// A spliced flow: its first socket registered under its token, the second under
+    /// [`PEER_TOKENS`] plus it.
     Splice(Box<Pair>),
 }
 
@@ -159,6 +167,15 @@ impl Sockets {
             // A family the host lacks has none (and its connects fail as they would).
             spare: [tcp_socket(Domain::IPV4).ok(), tcp_socket(Domain::IPV6).ok()],
             refill: [false; 2],
+        }
+    }
+
+    /// Notes an event of socket `end` of spliced flow `id` for its next
+    /// [`HostIo::splice_relay`] ([`Pair::note`]); nothing for any other flow.
+    #[inline]
+    pub fn note_splice(&mut self, id: usize, end: End, readable: bool, writable: bool) {
+        if let Some(Entry::Splice(pair)) = self.table.get_mut(id) {
+            pair.note(end, readable, writable);
         }
     }
 
@@ -431,9 +448,9 @@ impl HostIo for Sockets {
         };
         let mut pair = Box::new(Pair::new(stream, other)?);
         let rw = Interest::READABLE | Interest::WRITABLE;
-        for sock in pair.sockets() {
-            self.registry.register(sock, Token(id), rw)?;
-        }
+        let [a, b] = pair.sockets();
+        self.registry.register(a, Token(id), rw)?;
+        self.registry.register(b, Token(PEER_TOKENS + id), rw)?;
         self.put(id, Entry::Splice(pair));
         Ok(())
     }
@@ -441,7 +458,7 @@ impl HostIo for Sockets {
     #[inline]
     fn splice_relay(&mut self, id: usize) -> (usize, bool) {
         match self.table.get_mut(id) {
-            Some(Entry::Splice(pair)) => pair.pump(),
+            Some(Entry::Splice(pair)) => pair.pump_noted(),
             _ => (0, true),
         }
     }

@@ -11,9 +11,23 @@
 //! is shut down (half-close); the pair is over when both sides reached end of file and
 //! both pipes are empty, or on an error of either socket.
 //!
-//! Both sockets are watched under one token (the spliced flow's id,
-//! [`crate::host::Sockets`]): any readiness of either pumps both directions
-//! ([`Pair::pump`]), which costs a `splice` returning `EAGAIN` per idle direction.
+//! The two sockets are watched under two tokens ([`crate::host::Sockets`]: the flow's id
+//! for side A, the accepted socket, and [`crate::host::PEER_TOKENS`] plus it for side B),
+//! so an event says which socket it is for. [`Pair::note`] turns it into the directions
+//! that socket can serve, and [`Pair::pump_noted`] moves only those:
+//!
+//! - a side readable: its own direction (drain its pipe, then read it while the pipe
+//!   empties);
+//! - a side writable: the other direction, only if that one's pipe holds bytes; it drains
+//!   them, then goes on reading the other socket, whose readable edge was taken while
+//!   the pipe could not empty.
+//!
+//! A direction whose pipe is empty has read its socket until `EAGAIN` (or its end), so a
+//! writable destination with an empty pipe has nothing to move: the edge-triggered
+//! readable event of the source comes when there is. An idle direction costs no
+//! `splice`: a 1-byte ping-pong takes three per direction (into the pipe, out of it, and
+//! the read that finds the socket empty), where pumping both directions on every event
+//! of either socket also tried the idle one, an `EAGAIN` each time.
 
 use std::io;
 use std::net::Shutdown;
@@ -92,10 +106,21 @@ impl Side {
     }
 }
 
+/// Which socket of a [`Pair`] an event is for: `A` is the one it was made with first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The first socket (the accepted connection).
+    A,
+    /// The second socket (the one opened for it).
+    B,
+}
+
 /// Two stream sockets relayed to each other; see the module's header.
 pub struct Pair {
     a: Side,
     b: Side,
+    /// The directions the events since the last pump can move: A to B, B to A.
+    noted: [bool; 2],
 }
 
 impl Pair {
@@ -107,6 +132,7 @@ impl Pair {
         Ok(Pair {
             a: Side::new(a)?,
             b: Side::new(b)?,
+            noted: [false; 2],
         })
     }
 
@@ -115,13 +141,42 @@ impl Pair {
         [&mut self.a.sock, &mut self.b.sock]
     }
 
-    /// Moves what either side has (and what waits in the pipes) to the other. Returns the
-    /// bytes written to either side, and whether the pair is over (both ends done, or an
-    /// error).
+    /// Notes an event of socket `end`: the directions it lets move, for the next
+    /// [`pump_noted`](Self::pump_noted). Readable: its own; writable: the other, if that
+    /// one's pipe holds bytes (an empty pipe means its source was read to `EAGAIN`).
+    pub fn note(&mut self, end: End, readable: bool, writable: bool) {
+        let (own, other, other_waiting) = match end {
+            End::A => (0, 1, self.b.pipe.len > 0),
+            End::B => (1, 0, self.a.pipe.len > 0),
+        };
+        self.noted[own] |= readable;
+        self.noted[other] |= writable && other_waiting;
+    }
+
+    /// Moves what the noted events let move (see [`note`](Self::note)), and forgets them.
+    /// Returns the bytes written to either side, and whether the pair is over (both ends
+    /// done, or an error).
+    pub fn pump_noted(&mut self) -> (usize, bool) {
+        let [a_to_b, b_to_a] = std::mem::take(&mut self.noted);
+        self.pump_ways(a_to_b, b_to_a)
+    }
+
+    /// Moves what either side has (and what waits in the pipes) to the other, whatever
+    /// the events. Returns as [`pump_noted`](Self::pump_noted).
+    #[cfg(test)]
     pub fn pump(&mut self) -> (usize, bool) {
+        self.pump_ways(true, true)
+    }
+
+    fn pump_ways(&mut self, a_to_b: bool, b_to_a: bool) -> (usize, bool) {
         let mut moved = 0;
-        let r = pump_one(&mut self.a, &mut self.b, &mut moved)
-            .and_then(|()| pump_one(&mut self.b, &mut self.a, &mut moved));
+        let mut r = Ok(());
+        if a_to_b {
+            r = pump_one(&mut self.a, &mut self.b, &mut moved);
+        }
+        if b_to_a && r.is_ok() {
+            r = pump_one(&mut self.b, &mut self.a, &mut moved);
+        }
         (moved, r.is_err() || (self.a.done() && self.b.done()))
     }
 }
@@ -207,5 +262,114 @@ mod tests {
         let mut back = Vec::new();
         client.read_to_end(&mut back).unwrap();
         assert_eq!(back, b"world");
+    }
+
+    /// Bytes waiting to be read on `s` (non-blocking peek; 0 when none).
+    fn waiting(s: &std::net::TcpStream) -> usize {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0; 64];
+        let n = match s.peek(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("{e}"),
+        };
+        s.set_nonblocking(false).unwrap();
+        n
+    }
+
+    #[test]
+    fn an_event_pumps_only_the_directions_its_socket_serves() {
+        let (mut client, a) = connected();
+        let (mut server, b) = connected();
+        let mut pair = Pair::new(a, b).unwrap();
+        client.write_all(b"up").unwrap();
+        server.write_all(b"down").unwrap();
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        // A readable: A to B only, though B has bytes too.
+        let mut moved = 0;
+        while moved < 2 {
+            assert!(std::time::Instant::now() < give_up, "the relay stalled");
+            pair.note(End::A, true, false);
+            moved += pair.pump_noted().0;
+        }
+        assert_eq!(moved, 2);
+        let mut got = [0; 2];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"up");
+        assert_eq!(waiting(&client), 0, "B's bytes moved on A's event");
+        // A writable with B's pipe empty: nothing to move (B's readable event brings it).
+        pair.note(End::A, false, true);
+        assert_eq!(pair.pump_noted(), (0, false));
+        assert_eq!(waiting(&client), 0);
+        // Nothing noted: nothing moves.
+        assert_eq!(pair.pump_noted(), (0, false));
+        assert_eq!(waiting(&client), 0);
+        moved = 0;
+        while moved < 4 {
+            assert!(std::time::Instant::now() < give_up, "the relay stalled");
+            pair.note(End::B, true, false);
+            moved += pair.pump_noted().0;
+        }
+        let mut got = [0; 4];
+        client.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"down");
+    }
+
+    #[test]
+    fn a_writable_destination_drains_the_pipe_left_behind() {
+        let (mut client, a) = connected();
+        let (mut server, b) = connected();
+        // Small buffers towards the server, which does not read yet: B fills up.
+        socket2::SockRef::from(&b)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&server)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let mut pair = Pair::new(a, b).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let chunk = vec![0x5a; 64 << 10];
+        let mut sent = 0;
+        // A readable until A's pipe keeps bytes that B cannot take.
+        while pair.a.pipe.len == 0 {
+            assert!(std::time::Instant::now() < give_up, "B never filled up");
+            match client.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            pair.note(End::A, true, false);
+            let (_, done) = pair.pump_noted();
+            assert!(!done);
+        }
+        let left = pair.a.pipe.len;
+        // B readable (nothing to read there) or A writable move nothing of A's pipe.
+        pair.note(End::B, true, false);
+        pair.note(End::A, false, true);
+        assert_eq!(pair.pump_noted(), (0, false));
+        assert_eq!(pair.a.pipe.len, left);
+        // The server reads; B's writable event alone drains what A's pipe kept.
+        server.set_nonblocking(true).unwrap();
+        let mut buf = vec![0; 64 << 10];
+        let mut moved = 0;
+        let mut received = 0;
+        while moved == 0 {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "the pipe never drained"
+            );
+            match server.read(&mut buf) {
+                Ok(n) => {
+                    assert!(buf[..n].iter().all(|&x| x == 0x5a));
+                    received += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            pair.note(End::B, false, true);
+            moved += pair.pump_noted().0;
+        }
+        assert!(received <= sent);
     }
 }

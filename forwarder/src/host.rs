@@ -225,9 +225,11 @@ pub trait HostIo {
     /// When the socket cannot be had there (`EADDRINUSE`...).
     fn splice_listen(&mut self, id: usize, proto: Proto, addr: SocketAddr) -> io::Result<()>;
 
-    /// After readiness of spliced TCP flow `id`: moves what waits, both ways. Returns the
-    /// bytes written to either side, and whether the flow is over (both sides closed
-    /// theirs and everything was delivered, or an error).
+    /// After readiness of either socket of spliced TCP flow `id`: moves what waits in the
+    /// directions that socket's readiness lets move (the host knows which socket it
+    /// was, and watches each under a token of its own). Returns the bytes written to
+    /// either side, and whether the flow is over (both sides closed theirs and everything
+    /// was delivered, or an error).
     fn splice_relay(&mut self, id: usize) -> (usize, bool);
 
     /// Opens spliced UDP association `id` of the loopback client `client` of a published
