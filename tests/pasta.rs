@@ -1005,6 +1005,34 @@ fn pasta_loopback_clients_of_t_ports_reach_the_namespace_address_from_inside() {
     drop(source);
 }
 
+/// A loopback client of a port published on the wildcard address, sending to another of
+/// the host's loopback addresses (127.0.0.2: 127.0.0.0/8 is all loopback), gets its replies
+/// from the address it sent to: a `connect()`ed client only takes datagrams from its peer.
+/// The spliced association remembers the local address its client's datagrams arrived on.
+#[test]
+fn pasta_loopback_udp_client_of_wildcard_port_gets_replies_from_the_address_it_sent_to() {
+    let Some(t) = topology(true) else { return };
+    let ns = t.container_ns();
+    let udp = UdpEcho::start(&ns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 55));
+    let args = podman53(&ns, &["-u", "5311:55"]);
+    let _p = Pasta::start(&t, &strs(&args));
+    let to = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 5311);
+    t.in_host(|| {
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        s.connect(to).expect("connect");
+        let mut buf = [0u8; 2048];
+        for i in 0..3u8 {
+            let msg: Vec<u8> = (0..1000u32).map(|j| (j as u8) ^ i).collect();
+            s.send(&msg).expect("send");
+            let n = s
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no echo from {to} (datagram {i}): {e}"));
+            assert!(buf[..n] == msg[..], "echo differs: {n} bytes");
+        }
+    });
+    assert!(udp.stats.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+}
+
 #[test]
 fn pasta_host_lo_to_ns_lo_brings_loopback_clients_to_the_namespace_loopback() {
     let Some(t) = topology(true) else { return };

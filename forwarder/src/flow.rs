@@ -1169,7 +1169,9 @@ impl Nat {
                         return;
                     }
                     splice::Kind::Pair => {}
-                    splice::Kind::Assoc { listener, client } => {
+                    splice::Kind::Assoc {
+                        listener, client, ..
+                    } => {
                         self.table.splice_assoc.remove(&(listener, client));
                     }
                 }
@@ -1460,7 +1462,10 @@ impl Nat {
             last_active: now,
             timer: None,
         }));
-        if let splice::Kind::Assoc { listener, client } = kind {
+        if let splice::Kind::Assoc {
+            listener, client, ..
+        } = kind
+        {
             self.table.splice_assoc.insert((listener, client), id);
         }
         self.table.spliced += 1;
@@ -1512,8 +1517,13 @@ impl Nat {
                 proto: port::Proto::Udp,
                 to,
             } => self.splice_from_listener(c, now, id, to, io),
-            // Replies, to the client through its `-U` listener or published port.
-            splice::Kind::Assoc { listener, client } => loop {
+            // Replies, to the client through its `-U` listener or published port, from
+            // the address it sent to.
+            splice::Kind::Assoc {
+                listener,
+                client,
+                local,
+            } => loop {
                 let buf = &mut self.published.scratch;
                 let n = match io.host.recv(id, buf) {
                     Ok(n) => n,
@@ -1525,7 +1535,7 @@ impl Nat {
                 }
                 if io
                     .host
-                    .send_msg(listener, &buf[..n], Some(client), None, None)
+                    .send_msg(listener, &buf[..n], Some(client), local, None)
                     .is_ok()
                 {
                     c.splice_bytes += n as u64;
@@ -1544,7 +1554,7 @@ impl Nat {
         io: &mut Io<'_, H>,
     ) {
         loop {
-            let (n, client, _) = match io.host.recv_from(id, &mut self.published.scratch) {
+            let (n, client, local) = match io.host.recv_from(id, &mut self.published.scratch) {
                 Ok(got) => got,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
@@ -1555,6 +1565,7 @@ impl Nat {
                     let kind = splice::Kind::Assoc {
                         listener: id,
                         client,
+                        local,
                     };
                     let bind: IpAddr = if to.is_ipv6() {
                         std::net::Ipv6Addr::LOCALHOST.into()
@@ -1615,13 +1626,15 @@ impl Nat {
     }
 
     /// Sends the datagram of the loopback client `client`, received on the published
-    /// UDP port `listener`, to `guest_port` inside the guest's namespace, through the
-    /// client's spliced association (opened if new).
+    /// UDP port `listener` at the local address `local`, to `guest_port` inside the
+    /// guest's namespace, through the client's spliced association (opened if new,
+    /// its replies to leave from `local`).
     fn splice_datagram<H: HostIo>(
         &mut self,
         cx: Cx<'_, '_, H>,
         listener: usize,
         client: std::net::SocketAddr,
+        local: Option<IpAddr>,
         guest_port: u16,
         data: &[u8],
     ) {
@@ -1630,7 +1643,11 @@ impl Nat {
         let id = match self.table.splice_assoc.get(&(listener, client)) {
             Some(&id) => id,
             None => {
-                let kind = splice::Kind::Assoc { listener, client };
+                let kind = splice::Kind::Assoc {
+                    listener,
+                    client,
+                    local,
+                };
                 let open = |h: &mut H, id| h.splice_udp(id, client, guest_port);
                 match self.splice_assoc(c, now, kind, io, open) {
                     Some(id) => id,
@@ -1707,7 +1724,8 @@ impl Nat {
                     io: &mut *io,
                     now,
                 };
-                self.splice_datagram(cx, id, client, rule_guest.port(), &scratch[..n]);
+                let guest_port = rule_guest.port();
+                self.splice_datagram(cx, id, client, local, guest_port, &scratch[..n]);
                 self.published.scratch = scratch;
                 continue;
             }

@@ -237,7 +237,8 @@ pub trait HostIo {
     /// guest's namespace connected to the guest's `guest_port`, watched for reading under
     /// `id`. The forwarder [`send`](Self::send)s the client's datagrams on it and
     /// [`recv`](Self::recv)s the replies, which it sends to `client` through the
-    /// published port's socket ([`send_msg`](Self::send_msg)).
+    /// published port's socket ([`send_msg`](Self::send_msg)), from the local address
+    /// the client's first datagram arrived on ([`recv_from`](Self::recv_from)).
     ///
     /// # Errors
     /// When the socket cannot be opened.

@@ -20,7 +20,12 @@
 //! Both kinds of association are one [`Kind::Assoc`], found again by (listener, client):
 //! the forwarder sends the client's datagrams on the association's socket, receives the
 //! replies there and sends them to the client through the listener's socket (the
-//! published port's or the `-U` one), both named by flow id.
+//! published port's or the `-U` one), both named by flow id, from the local address the
+//! client's first datagram arrived on. A published port bound to a wildcard address
+//! learns it with each datagram (`IP_PKTINFO`, as for its flows through the guest link):
+//! a client that sent to 127.0.0.2, or to another address of the host, takes its replies
+//! from there, where the route would pick 127.0.0.1 and a `connect()`ed client would
+//! drop them.
 //!
 //! Each is one more kind in the flow table, as in passt: the table gives it its id
 //! (which names its sockets to the host), bounds the pairs and associations by
@@ -32,7 +37,7 @@
 //! flow timers, or with its listener (a `-U` listener, or a published port whose rule
 //! is removed: its replies would have no socket to leave by).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::time::{Duration, Instant};
 
@@ -51,8 +56,14 @@ pub(crate) enum Kind {
     Listener { proto: Proto, to: SocketAddr },
     /// A UDP client's association: a socket connected to the `-U` listener's `to`, or
     /// to the published port's guest port inside the namespace; replies go back
-    /// through `listener` (the `-U` listener or the published port) to `client`.
-    Assoc { listener: usize, client: SocketAddr },
+    /// through `listener` (the `-U` listener or the published port) to `client`, from
+    /// `local`, the address the client's first datagram arrived on (`None`: by route,
+    /// for a listener bound to one address).
+    Assoc {
+        listener: usize,
+        client: SocketAddr,
+        local: Option<IpAddr>,
+    },
 }
 
 /// A spliced entry of the flow table.

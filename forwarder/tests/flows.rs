@@ -570,6 +570,37 @@ fn loopback_datagrams_are_spliced_until_the_association_idles() {
     assert_eq!(sim.fwd.counters().splice_closed, 1);
 }
 
+/// A loopback client of a port published on the wildcard address gets the replies of its
+/// spliced association from the local address its datagrams arrived on (127.0.0.2 here),
+/// not the one the route picks: a `connect()`ed client only takes datagrams from its peer.
+#[test]
+fn spliced_replies_leave_from_the_address_the_client_sent_to() {
+    let mut cfg = Sim::config(true);
+    cfg.loopback_handoff = true;
+    let mut sim = Sim::with_config(cfg);
+    let udp = SocketAddr::from(([0, 0, 0, 0], 5353));
+    sim.fwd
+        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
+        .unwrap();
+    let client = loopback(40000);
+    let local = IpAddr::from([127, 0, 0, 2]);
+    sim.host.datagram_in(udp, client, Some(local), b"q1");
+    sim.run_for(1);
+    let id = sim
+        .host
+        .dgram_to(loopback(53))
+        .expect("the namespace's socket");
+    assert_eq!(sim.host.take_sent(id), [b"q1".to_vec()]);
+    sim.host.dgram_reply(id, b"answer");
+    sim.run_for(1);
+    assert_eq!(
+        sim.host.port_sent(udp),
+        [(Some(client), Some(local), b"answer".to_vec())],
+        "the reply leaves from the address the client sent to"
+    );
+    assert_eq!(sim.fwd.spliced_flows(), 1);
+}
+
 /// A published UDP port's spliced associations end with its rule: no socket of the rule
 /// stays open (a socket kept for their replies would hold the host port), and the same
 /// port is published again at once.
