@@ -474,6 +474,10 @@ impl HostIo for Sockets {
                 Entry::Listener(l)
             }
             Proto::Udp => {
+                if addr.ip().is_unspecified() {
+                    // As a published port: replies leave from the address the client used.
+                    msg::enable_pktinfo(fd.as_raw_fd(), addr.is_ipv6())?;
+                }
                 let mut u = UdpSocket::from_std(std::net::UdpSocket::from(fd));
                 self.registry.register(&mut u, token, Interest::READABLE)?;
                 Entry::Port(u)

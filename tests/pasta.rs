@@ -1017,20 +1017,36 @@ fn pasta_loopback_udp_client_of_wildcard_port_gets_replies_from_the_address_it_s
     let args = podman53(&ns, &["-u", "5311:55"]);
     let _p = Pasta::start(&t, &strs(&args));
     let to = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 5311);
-    t.in_host(|| {
-        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
-        s.connect(to).expect("connect");
-        let mut buf = [0u8; 2048];
-        for i in 0..3u8 {
-            let msg: Vec<u8> = (0..1000u32).map(|j| (j as u8) ^ i).collect();
-            s.send(&msg).expect("send");
-            let n = s
-                .recv(&mut buf)
-                .unwrap_or_else(|e| panic!("no echo from {to} (datagram {i}): {e}"));
-            assert!(buf[..n] == msg[..], "echo differs: {n} bytes");
-        }
-    });
+    t.in_host(|| connected_udp_echoes(to));
     assert!(udp.stats.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+}
+
+/// The same inside the namespace, through a `-U` listener on the wildcard address.
+#[test]
+fn pasta_udp_client_of_wildcard_u_ns_port_gets_replies_from_the_address_it_sent_to() {
+    let Some(t) = topology(true) else { return };
+    let udp = UdpEcho::start(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5356));
+    let args = podman53(&t.container_ns(), &["-U", "0.0.0.0/5355:5356"]);
+    let _p = Pasta::start(&t, &strs(&args));
+    let to = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 5355);
+    t.in_container(|| connected_udp_echoes(to));
+    assert!(udp.stats.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+}
+
+/// Three datagrams of 1000 bytes from a UDP socket on 127.0.0.1 `connect()`ed to `to`,
+/// each echoed back to it (a reply from another address is not delivered), bytes compared.
+fn connected_udp_echoes(to: SocketAddrV4) {
+    let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    s.connect(to).expect("connect");
+    let mut buf = [0u8; 2048];
+    for i in 0..3u8 {
+        let msg: Vec<u8> = (0..1000u32).map(|j| (j as u8) ^ i).collect();
+        s.send(&msg).expect("send");
+        let n = s
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no echo from {to} (datagram {i}): {e}"));
+        assert!(buf[..n] == msg[..], "echo differs: {n} bytes");
+    }
 }
 
 #[test]

@@ -218,8 +218,8 @@ pub trait HostIo {
     /// Opens listener `id` inside the guest's namespace (pasta's `-T/-U`): a TCP listener
     /// or a UDP socket bound to `addr` there, watched for reading; its connections are
     /// [`accept`](Self::accept)ed and its datagrams received
-    /// ([`recv_from`](Self::recv_from)) and answered ([`send_msg`](Self::send_msg)) as a
-    /// published port's.
+    /// ([`recv_from`](Self::recv_from), with their local address when `addr` is a
+    /// wildcard one) and answered ([`send_msg`](Self::send_msg)) as a published port's.
     ///
     /// # Errors
     /// When the socket cannot be had there (`EADDRINUSE`...).

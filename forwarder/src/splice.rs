@@ -21,11 +21,11 @@
 //! the forwarder sends the client's datagrams on the association's socket, receives the
 //! replies there and sends them to the client through the listener's socket (the
 //! published port's or the `-U` one), both named by flow id, from the local address the
-//! client's first datagram arrived on. A published port bound to a wildcard address
-//! learns it with each datagram (`IP_PKTINFO`, as for its flows through the guest link):
-//! a client that sent to 127.0.0.2, or to another address of the host, takes its replies
-//! from there, where the route would pick 127.0.0.1 and a `connect()`ed client would
-//! drop them.
+//! client's first datagram arrived on. A listener bound to a wildcard address learns it
+//! with each datagram (`IP_PKTINFO`, as a published port does for its flows through the
+//! guest link): a client that sent to 127.0.0.2, or to another local address, takes its
+//! replies from there, where the route would pick 127.0.0.1 and a `connect()`ed client
+//! would drop them.
 //!
 //! Each is one more kind in the flow table, as in passt: the table gives it its id
 //! (which names its sockets to the host), bounds the pairs and associations by
