@@ -30,43 +30,52 @@ fn established() -> (Pair, smoltcp::iface::SocketHandle, usize) {
     (p, h, conn)
 }
 
-/// The ICMPv4 messages the guest was sent, with their source.
-fn icmp_seen(frames: &[Vec<u8>]) -> Vec<([u8; 4], Icmpv4Type)> {
+/// What `pick` finds in each of `frames` (IPv4 network and transport layers parsed).
+fn seen<T>(
+    frames: &[Vec<u8>],
+    pick: impl Fn(&etherparse::Ipv4Slice<'_>, &TransportSlice<'_>) -> Option<T>,
+) -> Vec<T> {
     frames
         .iter()
         .filter_map(|f| {
             let p = SlicedPacket::from_ethernet(f).ok()?;
-            let Some(NetSlice::Ipv4(ip)) = &p.net else {
+            let (Some(NetSlice::Ipv4(ip)), Some(t)) = (&p.net, &p.transport) else {
                 return None;
             };
-            let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
-                return None;
-            };
-            Some((ip.header().source(), icmp.icmp_type()))
+            pick(ip, t)
         })
         .collect()
 }
 
+/// The ICMPv4 messages the guest was sent, with their source.
+fn icmp_seen(frames: &[Vec<u8>]) -> Vec<([u8; 4], Icmpv4Type)> {
+    seen(frames, |ip, t| match t {
+        TransportSlice::Icmpv4(icmp) => Some((ip.header().source(), icmp.icmp_type())),
+        _ => None,
+    })
+}
+
 /// The UDP datagrams in `frames`: (source, destination, payload).
 fn udp_seen(frames: &[Vec<u8>]) -> Vec<(SocketAddr, SocketAddr, Vec<u8>)> {
-    frames
-        .iter()
-        .filter_map(|f| {
-            let p = SlicedPacket::from_ethernet(f).ok()?;
-            let Some(NetSlice::Ipv4(ip)) = &p.net else {
-                return None;
-            };
-            let Some(TransportSlice::Udp(u)) = &p.transport else {
-                return None;
-            };
-            let h = ip.header();
-            Some((
-                SocketAddr::from((h.source(), u.source_port())),
-                SocketAddr::from((h.destination(), u.destination_port())),
-                u.payload().to_vec(),
-            ))
-        })
-        .collect()
+    seen(frames, |ip, t| {
+        let TransportSlice::Udp(u) = t else {
+            return None;
+        };
+        let h = ip.header();
+        Some((
+            SocketAddr::from((h.source(), u.source_port())),
+            SocketAddr::from((h.destination(), u.destination_port())),
+            u.payload().to_vec(),
+        ))
+    })
+}
+
+/// The TCP segments in `frames` sent to the guest: (payload, FIN, RST).
+fn tcp_seen(frames: &[Vec<u8>]) -> Vec<(Vec<u8>, bool, bool)> {
+    seen(frames, |_, t| match t {
+        TransportSlice::Tcp(t) => Some((t.payload().to_vec(), t.fin(), t.rst())),
+        _ => None,
+    })
 }
 
 fn udp_frame(dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
@@ -168,20 +177,6 @@ fn host_reset_resets_the_guest() {
     assert_eq!(p.tcp(h).state(), State::Closed, "RST to the guest");
     assert_eq!(p.sim.fwd.flow_counts(), (0, 0, 0));
     assert_eq!(p.sim.host.closed.last().unwrap().how, Close::Reset);
-}
-
-/// The TCP segments in `frames` sent to the guest: (payload, FIN, RST).
-fn tcp_seen(frames: &[Vec<u8>]) -> Vec<(Vec<u8>, bool, bool)> {
-    frames
-        .iter()
-        .filter_map(|f| {
-            let p = SlicedPacket::from_ethernet(f).ok()?;
-            let Some(TransportSlice::Tcp(t)) = &p.transport else {
-                return None;
-            };
-            Some((t.payload().to_vec(), t.fin(), t.rst()))
-        })
-        .collect()
 }
 
 /// The host's last data and its FIN come in one event: one read takes both (a short read
