@@ -520,13 +520,8 @@ fn published_udp_port_association_and_replies() {
 
 #[test]
 fn loopback_datagrams_are_spliced_until_the_association_idles() {
-    let mut cfg = Sim::config(true);
-    cfg.loopback_handoff = true;
-    let mut sim = Sim::with_config(cfg);
     let udp = loopback(5353);
-    sim.fwd
-        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
-        .unwrap();
+    let (mut sim, _) = splicing_port(Proto::Udp, udp, 53, None);
     let client = loopback(40000);
     sim.host.datagram_in(udp, client, None, b"q1");
     sim.run_for(1);
@@ -570,13 +565,8 @@ fn loopback_datagrams_are_spliced_until_the_association_idles() {
 /// not the one the route picks: a `connect()`ed client only takes datagrams from its peer.
 #[test]
 fn spliced_replies_leave_from_the_address_the_client_sent_to() {
-    let mut cfg = Sim::config(true);
-    cfg.loopback_handoff = true;
-    let mut sim = Sim::with_config(cfg);
     let udp = SocketAddr::from(([0, 0, 0, 0], 5353));
-    sim.fwd
-        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
-        .unwrap();
+    let (mut sim, _) = splicing_port(Proto::Udp, udp, 53, None);
     let client = loopback(40000);
     let local = IpAddr::from([127, 0, 0, 2]);
     sim.host.datagram_in(udp, client, Some(local), b"q1");
@@ -601,14 +591,8 @@ fn spliced_replies_leave_from_the_address_the_client_sent_to() {
 /// port is published again at once.
 #[test]
 fn spliced_associations_close_with_their_rule() {
-    let mut cfg = Sim::config(true);
-    cfg.loopback_handoff = true;
-    let mut sim = Sim::with_config(cfg);
     let udp = loopback(5353);
-    let rule = sim
-        .fwd
-        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
-        .unwrap();
+    let (mut sim, rule) = splicing_port(Proto::Udp, udp, 53, None);
     let mut seen = Vec::new();
     for (i, client) in [loopback(40000), loopback(40001)].into_iter().enumerate() {
         sim.host.datagram_in(udp, client, None, b"query");
@@ -661,14 +645,8 @@ fn spliced_associations_close_with_their_rule() {
 
 #[test]
 fn spliced_associations_beyond_their_limit_are_dropped() {
-    let mut cfg = Sim::config(true);
-    cfg.loopback_handoff = true;
-    cfg.limits.spliced = 1;
-    let mut sim = Sim::with_config(cfg);
     let udp = loopback(5353);
-    sim.fwd
-        .add_port(Proto::Udp, udp, None, 53, &mut sim.host)
-        .unwrap();
+    let (mut sim, _) = splicing_port(Proto::Udp, udp, 53, Some(1));
     sim.host.datagram_in(udp, loopback(40000), None, b"a");
     sim.host.datagram_in(udp, loopback(40001), None, b"b");
     sim.run_for(1);
@@ -680,15 +658,30 @@ fn spliced_associations_beyond_their_limit_are_dropped() {
 /// A simulation in pasta mode with a `-t` port on the host's loopback 2222 -> 22;
 /// returns it and the port's address.
 fn splicing(limit: usize) -> (Sim, SocketAddr) {
+    let tcp = loopback(2222);
+    let (sim, _) = splicing_port(Proto::Tcp, tcp, 22, Some(limit));
+    (sim, tcp)
+}
+
+/// A simulation whose loopback clients are spliced (pasta mode), with `host` published to
+/// the guest's `port`, and at most `limit` spliced flows if given; and the rule.
+fn splicing_port(
+    proto: Proto,
+    host: SocketAddr,
+    port: u16,
+    limit: Option<usize>,
+) -> (Sim, forwarder::port::PortRule) {
     let mut cfg = Sim::config(true);
     cfg.loopback_handoff = true;
-    cfg.limits.spliced = limit;
+    if let Some(limit) = limit {
+        cfg.limits.spliced = limit;
+    }
     let mut sim = Sim::with_config(cfg);
-    let tcp = loopback(2222);
-    sim.fwd
-        .add_port(Proto::Tcp, tcp, None, 22, &mut sim.host)
+    let rule = sim
+        .fwd
+        .add_port(proto, host, None, port, &mut sim.host)
         .unwrap();
-    (sim, tcp)
+    (sim, rule)
 }
 
 #[test]
