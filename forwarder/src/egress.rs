@@ -67,6 +67,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use smoltcp::time::{Duration, Instant};
 
+use crate::names;
+
 /// Most addresses learned from DNS answers at once.
 pub const MAX_LEARNED: usize = 65536;
 
@@ -769,7 +771,7 @@ impl Names {
         let standard = query[2] & 0x78 == 0 && query[2] & 0x80 == 0;
         let mut buf = [0u8; MAX_NAME];
         let question = if standard && u16::from_be_bytes([query[4], query[5]]) == 1 {
-            read_name(query, 12, &mut buf).and_then(|(len, end)| {
+            names::read_name(query, 12, &mut buf).and_then(|(len, end)| {
                 let qend = end.checked_add(4).filter(|&e| e <= query.len())?;
                 Some((len, qend))
             })
@@ -819,7 +821,7 @@ fn parse_reply<'a>(msg: &[u8], buf: &'a mut [u8; MAX_NAME]) -> Option<Reply<'a>>
         return None;
     }
     let ancount = u16::from_be_bytes([msg[6], msg[7]]);
-    let (len, end) = read_name(msg, 12, buf)?;
+    let (len, end) = names::read_name(msg, 12, buf)?;
     let name = std::str::from_utf8(&buf[..len]).ok()?;
     let mut at = end.checked_add(4)?;
     let mut reply = Reply {
@@ -851,33 +853,6 @@ fn parse_reply<'a>(msg: &[u8], buf: &'a mut [u8; MAX_NAME]) -> Option<Reply<'a>>
         }
     }
     Some(reply)
-}
-
-/// Reads the uncompressed name at `at` (a question's) into `out` as lower-case dotted
-/// text, without allocating: its length, and the offset after it in `msg`.
-fn read_name(msg: &[u8], mut at: usize, out: &mut [u8; MAX_NAME]) -> Option<(usize, usize)> {
-    let mut n = 0;
-    loop {
-        let len = usize::from(*msg.get(at)?);
-        at += 1;
-        if len == 0 {
-            break;
-        }
-        let dot = usize::from(n > 0);
-        if len & 0xc0 != 0 || n + dot + len > MAX_NAME {
-            return None;
-        }
-        let label = msg.get(at..at + len)?;
-        if dot == 1 {
-            out[n] = b'.';
-        }
-        for (o, b) in out[n + dot..n + dot + len].iter_mut().zip(label) {
-            *o = b.to_ascii_lowercase();
-        }
-        n += dot + len;
-        at += len;
-    }
-    Some((n, at))
 }
 
 /// The offset after the (possibly compressed) name at `at`.

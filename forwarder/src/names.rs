@@ -195,9 +195,10 @@ fn normalize(name: &str) -> String {
     name.trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// Reads the uncompressed name at `at` as lower-case dotted text into `out`: (its
-/// length, the offset after the name).
-fn read_name(msg: &[u8], mut at: usize, out: &mut [u8; 256]) -> Option<(usize, usize)> {
+/// Reads the uncompressed name at `at` (a question's) as lower-case dotted text into
+/// `out`, without allocating: (its length, the offset after the name). `None` for a name
+/// longer than `out` or not uncompressed. The egress policy reads its questions with it too.
+pub(crate) fn read_name(msg: &[u8], mut at: usize, out: &mut [u8]) -> Option<(usize, usize)> {
     let mut len = 0;
     loop {
         let l = usize::from(*msg.get(at)?);
