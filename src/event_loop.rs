@@ -597,6 +597,7 @@ impl Running {
                             return Ok(code);
                         }
                     }
+                    Source::Flow(id, _) if sockets.closed_this_turn(id) => {}
                     Source::Flow(id, end) => {
                         sockets.note_splice(id, end, readable, writable);
                         let mut io = Io {

@@ -129,6 +129,8 @@ pub struct Sockets {
     opener: Option<Box<dyn NsOpener>>,
     /// Streams closed this turn, closed for real by [`Sockets::end_turn`].
     closing: Vec<(TcpStream, Close)>,
+    /// The ids closed this turn (see [`Sockets::closed_this_turn`]).
+    closed: Vec<usize>,
     /// A TCP socket made ahead of need for each family (IPv4, IPv6), with its options
     /// set; see [`Sockets::end_turn`].
     spare: [Option<Socket>; 2],
@@ -164,6 +166,7 @@ impl Sockets {
             gso: msg::udp_gso_supported(),
             opener: None,
             closing: Vec::new(),
+            closed: Vec::new(),
             // A family the host lacks has none (and its connects fail as they would).
             spare: [tcp_socket(Domain::IPV4).ok(), tcp_socket(Domain::IPV6).ok()],
             refill: [false; 2],
@@ -179,6 +182,14 @@ impl Sockets {
         }
     }
 
+    /// Whether `id` was closed this turn. The rest of the turn's events for it came from
+    /// the closed socket, not from the flow that may already reuse the id (whose socket's
+    /// events come after the next wait): the event loop drops them, or a stale end of
+    /// stream would end the new flow's stream early.
+    pub fn closed_this_turn(&self, id: usize) -> bool {
+        self.closed.contains(&id)
+    }
+
     /// The work of a turn that the guest need not wait for: the event loop calls it once
     /// the turn's frames are written, before it waits.
     ///
@@ -189,6 +200,7 @@ impl Sockets {
     ///   (`socket(2)`, and `TCP_NODELAY` set). One per family, so at most one connect per
     ///   turn takes a spare; the others make their socket at once, as all did before.
     pub fn end_turn(&mut self) {
+        self.closed.clear();
         for (s, how) in self.closing.drain(..) {
             if how == Close::Reset {
                 let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
@@ -499,6 +511,7 @@ impl HostIo for Sockets {
     }
 
     fn close(&mut self, id: usize, how: Close) {
+        self.closed.push(id);
         let entry = self.take(id);
         match entry {
             Entry::Free => {}
@@ -744,7 +757,12 @@ mod tests {
             io::ErrorKind::WouldBlock,
             "closed before the turn's end"
         );
+        assert!(
+            s.closed_this_turn(3),
+            "its late events are dropped this turn"
+        );
         s.end_turn();
+        assert!(!s.closed_this_turn(3), "the id's next socket is reported");
         let err = peer.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
         assert_eq!(
