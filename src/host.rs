@@ -501,13 +501,8 @@ impl HostIo for Sockets {
 
     fn splice_udp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
         let opener = self.opener.as_ref().ok_or_else(no_socket)?;
-        let mut ns = UdpSocket::from_std(std::net::UdpSocket::from(
-            opener.udp_connect(client, guest_port)?,
-        ));
-        self.registry
-            .register(&mut ns, Token(id), Interest::READABLE)?;
-        self.put(id, Entry::Dgram(ns));
-        Ok(())
+        let fd = opener.udp_connect(client, guest_port)?;
+        self.add_dgram(id, Socket::from(fd))
     }
 
     fn close(&mut self, id: usize, how: Close) {
