@@ -461,6 +461,9 @@ impl HostIo for Sockets {
         let mut pair = Box::new(Pair::new(stream, other)?);
         let rw = Interest::READABLE | Interest::WRITABLE;
         let [a, b] = pair.sockets();
+        // Flow ids stay far below: ids are reused, and the flow limits (25,000 by default)
+        // bound how many are open.
+        debug_assert!(id < PEER_TOKENS, "flow id {id} in the pairs' second range");
         self.registry.register(a, Token(id), rw)?;
         self.registry.register(b, Token(PEER_TOKENS + id), rw)?;
         self.put(id, Entry::Splice(pair));
