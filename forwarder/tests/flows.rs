@@ -836,8 +836,11 @@ fn namespace_listener_splices_connections_to_the_host() {
     let id = sim.host.pairs()[0];
     assert_eq!(sim.host.pair(id).to, forwarder::SpliceTo::Host(to));
     sim.host.client_write(id, b"GET");
-    sim.host.client_fin(id);
     sim.host.ns_write(id, b"200");
+    sim.run_for(1);
+    assert_eq!(sim.host.pair(id).to_ns, b"GET");
+    assert_eq!(sim.host.pair(id).to_client, b"200");
+    sim.host.client_fin(id);
     sim.host.ns_fin(id);
     sim.run_for(1);
     assert_eq!(sim.fwd.spliced_flows(), 0, "both sides closed");
