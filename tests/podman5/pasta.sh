@@ -167,4 +167,10 @@ echo "--- the argv podman built"
 cat "$work/tmp/pasta-argv.log"
 grep -q -- "--config-net" "$work/tmp/pasta-argv.log" || fail "podman did not pass --config-net"
 grep -q -- "-t 8080-8080:80-80" "$work/tmp/pasta-argv.log" || fail "podman did not pass the published port"
+# The whole lines, as tests/util's podman53() builds them for the other tests.
+tail=' --dns-forward 169\.254\.1\.1 -t none -u none -T none -U none --no-map-gw --quiet --netns [^ ]+ --map-guest-addr 169\.254\.1\.2$'
+for line in "^--config-net$tail" "^--config-net --egress-deny 198\.51\.100\.1/32$tail" \
+    "^--config-net -t 8080-8080:80-80${tail/ -t none/}"; do
+    grep -qE -- "$line" "$work/tmp/pasta-argv.log" || fail "no logged argv matches $line"
+done
 echo "podman5 pasta: ok"
