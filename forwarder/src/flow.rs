@@ -1488,11 +1488,9 @@ impl Nat {
         };
         match f.kind {
             splice::Kind::Pair => {
+                // A pair has no idle time: it lives as long as its two connections.
                 let (moved, done) = io.host.splice_relay(id);
                 c.splice_bytes += moved as u64;
-                if moved > 0 {
-                    f.last_active = now;
-                }
                 if done {
                     self.close_flow(c, id, io);
                 }

@@ -69,6 +69,7 @@ pub(crate) enum Kind {
 /// A spliced entry of the flow table.
 pub(crate) struct SpliceFlow {
     pub kind: Kind,
+    /// An association's last datagram, either way (pairs and listeners have no idle time).
     pub last_active: Instant,
     /// An association's idle timer.
     pub timer: Option<Instant>,
