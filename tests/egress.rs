@@ -652,27 +652,6 @@ fn egress_rules_change_through_the_api_and_reset_open_flows() {
     assert!(f.stderr.contains("bad arguments.id"), "{f}");
 }
 
-impl Nets<'_> {
-    /// A member running `sleep MARKER`: its `usernet run` (killed on drop) and its PID.
-    fn member(&self, net: &str, name: &str, opts: &[&str]) -> (Usernet, u32) {
-        let tag: u32 = name.bytes().map(u32::from).sum();
-        let m = format!("43.{}{tag:04}", std::process::id());
-        let mut target = vec!["run", "--network", net, "--name", name];
-        target.extend_from_slice(opts);
-        target.extend_from_slice(&["--", "sleep", &m]);
-        let mut u = UsernetCmd::new(self.t)
-            .wrap(self.env())
-            .target(target)
-            .spawn();
-        let pid = wait_for(Duration::from_secs(20), || sleepers(&m).first().copied());
-        let Some(pid) = pid else {
-            u.assert_running();
-            panic!("member {name} never started: {}", u.stderr());
-        };
-        (u, pid)
-    }
-}
-
 #[test]
 fn egress_network_policy_and_members_own_member_traffic_untouched() {
     let Some(t) = Topology::new() else { return };

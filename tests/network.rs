@@ -28,38 +28,18 @@ impl Member {
     }
 }
 
-static MARKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// A `sleep` argument no other process uses.
-fn marker() -> String {
-    let n = MARKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    format!("41.{}{n:03}", std::process::id())
-}
-
 impl Nets<'_> {
+    /// [`Nets::member`], kept as a [`Member`].
+    fn run_member(&self, net: &str, name: &str, opts: &[&str]) -> Member {
+        let (_u, pid) = self.member(net, name, opts);
+        Member { _u, pid }
+    }
+
     /// `usernet network create ARGS...`, which must work.
     fn create(&self, args: &[&str]) {
         let mut a = vec!["network", "create"];
         a.extend_from_slice(args);
         self.cli(&a).assert_success();
-    }
-
-    /// A member of `net` named `name` running `sleep`, with more `run` options.
-    fn member(&self, net: &str, name: &str, opts: &[&str]) -> Member {
-        let m = marker();
-        let mut target = vec!["run", "--network", net, "--name", name];
-        target.extend_from_slice(opts);
-        target.extend_from_slice(&["--", "sleep", &m]);
-        let mut u = UsernetCmd::new(self.t)
-            .wrap(self.env())
-            .target(target)
-            .spawn();
-        let pid = wait_for(Duration::from_secs(20), || sleepers(&m).first().copied());
-        let Some(pid) = pid else {
-            u.assert_running();
-            panic!("member {name}: `sleep {m}` never started: {}", u.stderr());
-        };
-        Member { _u: u, pid }
     }
 
     /// `usernet network inspect NET` as JSON.
@@ -129,9 +109,9 @@ fn three_members_talk_both_families_by_name() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n1", "--ipv6"]);
-    let a = n.member("n1", "alpha", &["--alias", "first"]);
-    let b = n.member("n1", "beta", &[]);
-    let c = n.member("n1", "gamma", &["--ip", "10.89.0.50"]);
+    let a = n.run_member("n1", "alpha", &["--alias", "first"]);
+    let b = n.run_member("n1", "beta", &[]);
+    let c = n.run_member("n1", "gamma", &["--ip", "10.89.0.50"]);
     let (ja, jb, jc) = (
         n.member_json("n1", "alpha"),
         n.member_json("n1", "beta"),
@@ -237,9 +217,9 @@ fn networks_are_isolated_and_internal_ones_have_no_way_out() {
     let n = Nets::new(&t);
     n.create(&["outer", "--subnet", "10.90.1.0/24"]);
     n.create(&["inner", "--subnet", "10.90.2.0/24", "--internal"]);
-    let o = n.member("outer", "o1", &[]);
-    let i1 = n.member("inner", "i1", &[]);
-    let i2 = n.member("inner", "i2", &[]);
+    let o = n.run_member("outer", "o1", &[]);
+    let i1 = n.run_member("inner", "i1", &[]);
+    let i2 = n.run_member("inner", "i2", &[]);
     let world = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
     let host = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
 
@@ -289,7 +269,7 @@ fn connect_and_disconnect_a_running_namespace() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n3", "--subnet", "10.91.0.0/24"]);
-    let a = n.member("n3", "a", &[]);
+    let a = n.run_member("n3", "a", &[]);
     let c = t.container_ns();
     let f = n.cli(&[
         "network", "connect", "n3", &c, "--name", "joined", "--alias", "j",
@@ -325,7 +305,7 @@ fn connect_and_disconnect_a_running_namespace() {
     );
     assert!(!ping(&a.ns(), "10.91.0.101"));
     // Another member takes the freed address.
-    let b = n.member("n3", "b", &[]);
+    let b = n.run_member("n3", "b", &[]);
     assert_eq!(
         ip4(&n.member_json("n3", "b")),
         Ipv4Addr::new(10, 91, 0, 101)
@@ -338,11 +318,11 @@ fn published_port_reaches_the_second_member_with_the_client_address_and_hairpins
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n4", "--subnet", "10.92.0.0/24"]);
-    let a = n.member("n4", "a", &[]);
+    let a = n.run_member("n4", "a", &[]);
     let server_port = 8080;
     let host_port = 18080 + (std::process::id() % 1000) as u16;
     let spec = format!("{host_port}:{server_port}");
-    let b = n.member("n4", "b", &["-p", &spec]);
+    let b = n.run_member("n4", "b", &["-p", &spec]);
     let sink = TcpServer::sink(
         &b.ns(),
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, server_port),
@@ -366,8 +346,8 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n5", "--subnet", "10.93.0.0/24"]);
-    let a = n.member("n5", "a", &[]);
-    let b = n.member("n5", "b", &[]);
+    let a = n.run_member("n5", "a", &[]);
+    let b = n.run_member("n5", "b", &[]);
     let echo = UdpEcho::start(&b.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     let to_b = SocketAddrV4::new(Ipv4Addr::new(10, 93, 0, 101), echo.addr.port());
     // a takes a third address and sends from it: dropped at its port.
@@ -413,7 +393,7 @@ fn definitions_persist_and_rm_is_refused_while_in_use() {
     n.create(&["keep", "--subnet", "10.94.0.0/24", "--ipv6"]);
     let f = n.cli(&["network", "create", "keep"]);
     assert!(!f.success() && f.stderr.contains("exists"), "{f}");
-    let a = n.member("keep", "a", &[]);
+    let a = n.run_member("keep", "a", &[]);
     let f = n.cli(&["network", "rm", "keep"]);
     assert!(!f.success() && f.stderr.contains("in use"), "{f}");
     // The member goes: so does the serving process, the definition stays.
@@ -430,7 +410,7 @@ fn definitions_persist_and_rm_is_refused_while_in_use() {
     let ls = n.cli(&["network", "ls"]);
     assert!(ls.stdout.contains("keep 10.94.0.0/24 fd89::/64"), "{ls}");
     // A new serving process takes it up again.
-    let b = n.member("keep", "b", &[]);
+    let b = n.run_member("keep", "b", &[]);
     assert_eq!(
         ip4(&n.member_json("keep", "b")),
         Ipv4Addr::new(10, 94, 0, 100)
@@ -446,9 +426,9 @@ fn a_member_killed_mid_transfer_leaves_the_others_going() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n6", "--subnet", "10.95.0.0/24"]);
-    let server = n.member("n6", "server", &[]);
-    let doomed = n.member("n6", "doomed", &[]);
-    let steady = n.member("n6", "steady", &[]);
+    let server = n.run_member("n6", "server", &[]);
+    let doomed = n.run_member("n6", "doomed", &[]);
+    let steady = n.run_member("n6", "steady", &[]);
     let sink = TcpServer::sink(&server.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 95, 0, 100), sink.addr.port());
     // doomed streams without end; it is killed while steady's transfer runs.
@@ -487,8 +467,8 @@ fn run_modes_none_host_and_container() {
     assert!(f.stdout.contains(&HOST_ADDR.to_string()), "{f}");
     // container:PID: a member's namespace, with its address, reaching another member.
     n.create(&["n7", "--subnet", "10.96.0.0/24"]);
-    let a = n.member("n7", "a", &[]);
-    let b = n.member("n7", "b", &[]);
+    let a = n.run_member("n7", "a", &[]);
+    let b = n.run_member("n7", "b", &[]);
     let spec = format!("container:{}", a.pid);
     let f = n.cli(&[
         "run",
@@ -530,8 +510,8 @@ fn one_member_cannot_take_more_flows_than_its_share() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n8", "--subnet", "10.97.0.0/24", "--max-member-flows", "4"]);
-    let greedy = n.member("n8", "greedy", &[]);
-    let modest = n.member("n8", "modest", &[]);
+    let greedy = n.run_member("n8", "greedy", &[]);
+    let modest = n.run_member("n8", "modest", &[]);
     let echo = TcpServer::echo(&t.world_ns(), SocketAddrV4::new(WORLD, 0));
     // greedy holds its four flows open; the fifth is refused.
     let held: Vec<_> = in_netns(&greedy.ns(), || {
@@ -559,8 +539,8 @@ fn ports_published_to_a_named_member_through_the_network() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n9", "--subnet", "10.98.0.0/24"]);
-    let a = n.member("n9", "a", &[]);
-    let b = n.member("n9", "b", &["--alias", "web"]);
+    let a = n.run_member("n9", "a", &[]);
+    let b = n.run_member("n9", "b", &["--alias", "web"]);
     let server_port = 8080;
     let host_port = 19080 + (std::process::id() % 1000) as u16;
     let spec = format!("{host_port}:{server_port}");
@@ -622,8 +602,8 @@ fn a_chosen_gateway_address_is_the_route_out_and_names_still_resolve() {
     }
     n.create(&["n10", "--subnet", "10.99.0.0/24", "--gateway", "10.99.0.1"]);
     assert_eq!(n.inspect("n10")["gateway"], "10.99.0.1");
-    let a = n.member("n10", "a", &[]);
-    let b = n.member("n10", "b", &[]);
+    let a = n.run_member("n10", "a", &[]);
+    let b = n.run_member("n10", "b", &[]);
     // The member's default route is the chosen address, which answers; net+2 does not.
     let route = std::fs::read_to_string(format!("/proc/{}/net/route", a.pid)).unwrap();
     // Gateway 10.99.0.1 as /proc/net/route prints it (little-endian hex).
@@ -664,8 +644,8 @@ fn chosen_ipv6_and_mac_addresses_are_the_members_own() {
         "fd42:11::/64",
     ]);
     let mac = "02:42:ac:11:00:99";
-    let a = n.member("n11", "a", &["--ip6", "fd42:11::beef", "--mac", mac]);
-    let b = n.member("n11", "b", &[]);
+    let a = n.run_member("n11", "a", &["--ip6", "fd42:11::beef", "--mac", mac]);
+    let b = n.run_member("n11", "b", &[]);
     let ja = n.member_json("n11", "a");
     assert_eq!(
         ip6(&ja),
@@ -715,9 +695,9 @@ fn connect_by_pid_joins_its_namespace_and_leaves_with_the_process() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n12", "--subnet", "10.101.0.0/24"]);
-    let a = n.member("n12", "a", &[]);
+    let a = n.run_member("n12", "a", &[]);
     // A process in C that usernet did not start.
-    let m = marker();
+    let m = sleep_marker();
     let holder = ChildGuard::spawn(t.exec_in(&t.container, "sleep", &[&m]));
     let pid = wait_for(Duration::from_secs(10), || sleepers(&m).first().copied())
         .expect("the sleeper in C never started");
@@ -799,8 +779,8 @@ fn a_members_dhcp_client_gets_its_own_address_never_a_static_one() {
     let n = Nets::new(&t);
     n.create(&["n14", "--subnet", "10.103.0.0/24"]);
     // s holds the first address of the DHCP pool (net+15) as its static --ip.
-    let s = n.member("n14", "s", &["--ip", "10.103.0.15"]);
-    let a = n.member("n14", "a", &[]);
+    let s = n.run_member("n14", "s", &["--ip", "10.103.0.15"]);
+    let a = n.run_member("n14", "a", &[]);
     for (m, tag, want) in [(&a, "a", "10.103.0.100"), (&s, "s", "10.103.0.15")] {
         let lease = udhcpc_lease(&t, &m.ns(), tag);
         assert!(lease.contains(&format!("ip={want} ")), "{tag}: {lease}");
@@ -847,8 +827,8 @@ fn a_member_cannot_be_the_others_router_or_dhcp_server() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n13", "--subnet", "10.102.0.0/24", "--ipv6"]);
-    let rogue = n.member("n13", "rogue", &[]);
-    let b = n.member("n13", "b", &[]);
+    let rogue = n.run_member("n13", "rogue", &[]);
+    let b = n.run_member("n13", "b", &[]);
     assert!(ping(&b.ns(), "10.102.0.100"));
     let routes = |ns: &str| sh_in(ns, "ip -6 route show; ip -6 addr show").stdout;
     let before = routes(&b.ns());
@@ -914,8 +894,8 @@ fn a_silent_control_client_does_not_stall_the_members() {
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n9", "--subnet", "10.96.0.0/24"]);
-    let a = n.member("n9", "a", &[]);
-    let b = n.member("n9", "b", &[]);
+    let a = n.run_member("n9", "a", &[]);
+    let b = n.run_member("n9", "b", &[]);
     let echo = UdpEcho::start(&b.ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
     let to = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 101), echo.addr.port());
     // Warm-up: the members know each other's MAC addresses.

@@ -2301,6 +2301,25 @@ impl<'t> Nets<'t> {
         ]
     }
 
+    /// A member of `net` named `name` running `sleep` with a [`sleep_marker`], with more
+    /// `run` options: its `usernet run` (killed on drop) and the `sleep`'s PID.
+    pub fn member(&self, net: &str, name: &str, opts: &[&str]) -> (Usernet, u32) {
+        let m = sleep_marker();
+        let mut target = vec!["run", "--network", net, "--name", name];
+        target.extend_from_slice(opts);
+        target.extend_from_slice(&["--", "sleep", &m]);
+        let mut u = UsernetCmd::new(self.t)
+            .wrap(self.env())
+            .target(target)
+            .spawn();
+        let pid = wait_for(Duration::from_secs(20), || sleepers(&m).first().copied());
+        let Some(pid) = pid else {
+            u.assert_running();
+            panic!("member {name}: `sleep {m}` never started: {}", u.stderr());
+        };
+        (u, pid)
+    }
+
     /// `usernet ARGS...` in H, to completion.
     pub fn cli(&self, args: &[&str]) -> Finished {
         UsernetCmd::new(self.t)
@@ -2689,6 +2708,14 @@ pub fn open_tap_in(ns_path: &str, name: &str) -> OwnedFd {
         assert!(rc == 0, "TUNSETIFF {name}: {}", io::Error::last_os_error());
         OwnedFd::from(f)
     })
+}
+
+/// A `sleep` argument no other process uses (this test process's id and a count), for
+/// [`sleepers`] to find the process by.
+pub fn sleep_marker() -> String {
+    static MARKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = MARKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    format!("41.{}{n:03}", std::process::id())
 }
 
 /// PIDs of the processes whose command line is `sleep MARKER`.
