@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use common::pair::Pair;
 use common::*;
-use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{Icmpv4Type, PacketBuilder, TransportSlice};
 use forwarder::egress::{Action, RuleKind, Spec};
 use forwarder::{Close, FrameSink, Io, PortId};
 use smoltcp::socket::tcp::State;
@@ -31,46 +31,21 @@ fn spec(rules: &[&str], default: Action) -> Spec {
 
 /// The ICMPv4 destination-unreachable codes the guest was sent, with their source.
 fn unreachables(frames: &[Vec<u8>]) -> Vec<([u8; 4], u8)> {
-    frames
-        .iter()
-        .filter_map(|f| {
-            let p = SlicedPacket::from_ethernet(f).ok()?;
-            let Some(NetSlice::Ipv4(ip)) = &p.net else {
-                return None;
-            };
-            let Some(TransportSlice::Icmpv4(icmp)) = &p.transport else {
-                return None;
-            };
-            match icmp.icmp_type() {
-                Icmpv4Type::DestinationUnreachable(h) => Some((ip.header().source(), h.code_u8())),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
-fn udp_frame(dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
-        .ipv4(GUEST, dst, 64)
-        .udp(sport, dport)
-        .write(&mut f, data)
-        .unwrap();
-    f
+    seen(frames, |ip, t| match t {
+        TransportSlice::Icmpv4(icmp) => match icmp.icmp_type() {
+            Icmpv4Type::DestinationUnreachable(h) => Some((ip.header().source(), h.code_u8())),
+            _ => None,
+        },
+        _ => None,
+    })
 }
 
 /// The UDP payloads sent to the guest.
 fn udp_payloads(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    frames
-        .iter()
-        .filter_map(|f| {
-            let p = SlicedPacket::from_ethernet(f).ok()?;
-            let Some(TransportSlice::Udp(u)) = &p.transport else {
-                return None;
-            };
-            Some(u.payload().to_vec())
-        })
-        .collect()
+    seen(frames, |_, t| match t {
+        TransportSlice::Udp(u) => Some(u.payload().to_vec()),
+        _ => None,
+    })
 }
 
 /// A query for `name` A with ID `id`.

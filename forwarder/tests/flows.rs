@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use common::pair::Pair;
 use common::*;
-use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use etherparse::{Icmpv4Type, PacketBuilder, TransportSlice};
 use forwarder::port::Proto;
 use forwarder::Close;
 use smoltcp::socket::tcp::State;
@@ -28,23 +28,6 @@ fn established() -> (Pair, smoltcp::iface::SocketHandle, usize) {
     assert_eq!(p.tcp(h).state(), State::Established);
     let conn = p.sim.host.stream_to(loopback(8080)).expect("host stream");
     (p, h, conn)
-}
-
-/// What `pick` finds in each of `frames` (IPv4 network and transport layers parsed).
-fn seen<T>(
-    frames: &[Vec<u8>],
-    pick: impl Fn(&etherparse::Ipv4Slice<'_>, &TransportSlice<'_>) -> Option<T>,
-) -> Vec<T> {
-    frames
-        .iter()
-        .filter_map(|f| {
-            let p = SlicedPacket::from_ethernet(f).ok()?;
-            let (Some(NetSlice::Ipv4(ip)), Some(t)) = (&p.net, &p.transport) else {
-                return None;
-            };
-            pick(ip, t)
-        })
-        .collect()
 }
 
 /// The ICMPv4 messages the guest was sent, with their source.
@@ -76,16 +59,6 @@ fn tcp_seen(frames: &[Vec<u8>]) -> Vec<(Vec<u8>, bool, bool)> {
         TransportSlice::Tcp(t) => Some((t.payload().to_vec(), t.fin(), t.rst())),
         _ => None,
     })
-}
-
-fn udp_frame(dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
-        .ipv4(GUEST, dst, 64)
-        .udp(sport, dport)
-        .write(&mut f, data)
-        .unwrap();
-    f
 }
 
 #[test]

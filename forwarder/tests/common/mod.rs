@@ -154,6 +154,34 @@ pub fn tcp_of(frame: &[u8]) -> Option<(etherparse::TcpHeader, Vec<u8>, [u8; 4])>
     Some((t.to_header(), t.payload().to_vec(), ip.header().source()))
 }
 
+/// What `pick` finds in each of `frames` (IPv4 network and transport layers parsed).
+pub fn seen<T>(
+    frames: &[Vec<u8>],
+    pick: impl Fn(&etherparse::Ipv4Slice<'_>, &TransportSlice<'_>) -> Option<T>,
+) -> Vec<T> {
+    frames
+        .iter()
+        .filter_map(|f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            let (Some(NetSlice::Ipv4(ip)), Some(t)) = (&p.net, &p.transport) else {
+                return None;
+            };
+            pick(ip, t)
+        })
+        .collect()
+}
+
+/// A UDP datagram from the guest to `dst`.
+pub fn udp_frame(dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, GW_MAC)
+        .ipv4(GUEST, dst, 64)
+        .udp(sport, dport)
+        .write(&mut f, data)
+        .unwrap();
+    f
+}
+
 pub fn tcp_frame(
     dst: [u8; 4],
     sport: u16,
