@@ -491,26 +491,37 @@ fn published_udp_port_association_and_replies() {
     assert_eq!(sim.fwd.counters().udp_opened, 2);
 }
 
+/// A loopback `client`'s datagram to the spliced `port`, arriving on `local`: it leaves on
+/// its association's socket to `to`, whose answer comes back to the client through `port`,
+/// from `local`. Returns the association's socket.
+fn spliced_exchange(
+    sim: &mut Sim,
+    port: SocketAddr,
+    (client, local): (SocketAddr, Option<IpAddr>),
+    to: SocketAddr,
+) -> usize {
+    sim.host.datagram_in(port, client, local, b"q1");
+    sim.run_for(1);
+    let id = sim.host.dgram_to(to).expect("the association's socket");
+    assert_eq!(sim.host.take_sent(id), [b"q1".to_vec()]);
+    sim.host.dgram_reply(id, b"answer");
+    sim.run_for(1);
+    assert_eq!(
+        sim.host.port_sent(port),
+        [(Some(client), local, b"answer".to_vec())],
+        "the reply leaves from the address the client sent to"
+    );
+    id
+}
+
 #[test]
 fn loopback_datagrams_are_spliced_until_the_association_idles() {
     let udp = loopback(5353);
     let (mut sim, _) = splicing_port(Proto::Udp, udp, 53, None);
     let client = loopback(40000);
-    sim.host.datagram_in(udp, client, None, b"q1");
-    sim.run_for(1);
-    let id = sim
-        .host
-        .dgram_to(loopback(53))
-        .expect("the namespace's socket");
-    assert_eq!(sim.host.take_sent(id), [b"q1".to_vec()]);
+    let id = spliced_exchange(&mut sim, udp, (client, None), loopback(53));
     assert_eq!(sim.fwd.spliced_flows(), 1);
     assert_eq!(sim.fwd.flow_counts(), (0, 0, 0), "not a guest flow");
-    sim.host.dgram_reply(id, b"answer");
-    sim.run_for(1);
-    assert_eq!(
-        sim.host.port_sent(udp),
-        [(Some(client), None, b"answer".to_vec())]
-    );
     // The client's next datagram takes the same association.
     sim.host.datagram_in(udp, client, None, b"q2");
     sim.run_for(1);
@@ -540,22 +551,8 @@ fn loopback_datagrams_are_spliced_until_the_association_idles() {
 fn spliced_replies_leave_from_the_address_the_client_sent_to() {
     let udp = SocketAddr::from(([0, 0, 0, 0], 5353));
     let (mut sim, _) = splicing_port(Proto::Udp, udp, 53, None);
-    let client = loopback(40000);
     let local = IpAddr::from([127, 0, 0, 2]);
-    sim.host.datagram_in(udp, client, Some(local), b"q1");
-    sim.run_for(1);
-    let id = sim
-        .host
-        .dgram_to(loopback(53))
-        .expect("the namespace's socket");
-    assert_eq!(sim.host.take_sent(id), [b"q1".to_vec()]);
-    sim.host.dgram_reply(id, b"answer");
-    sim.run_for(1);
-    assert_eq!(
-        sim.host.port_sent(udp),
-        [(Some(client), Some(local), b"answer".to_vec())],
-        "the reply leaves from the address the client sent to"
-    );
+    spliced_exchange(&mut sim, udp, (loopback(40000), Some(local)), loopback(53));
     assert_eq!(sim.fwd.spliced_flows(), 1);
 }
 
@@ -839,19 +836,7 @@ fn namespace_udp_listener_keeps_an_association_per_client() {
         .with_io(|fwd, io| fwd.add_splice_listener(Proto::Udp, ns, to, io))
         .unwrap();
     let client = loopback(46000);
-    sim.host.datagram_in(ns, client, None, b"query");
-    sim.run_for(1);
-    let a = sim
-        .host
-        .dgram_to(to)
-        .expect("the association's host socket");
-    assert_eq!(sim.host.take_sent(a), [b"query".to_vec()]);
-    sim.host.dgram_reply(a, b"answer");
-    sim.run_for(1);
-    assert_eq!(
-        sim.host.port_sent(ns),
-        [(Some(client), None, b"answer".to_vec())]
-    );
+    let a = spliced_exchange(&mut sim, ns, (client, None), to);
     sim.host.datagram_in(ns, client, None, b"again");
     sim.run_for(1);
     assert_eq!(
