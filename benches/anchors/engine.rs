@@ -186,7 +186,8 @@ pub struct Session {
     pub pub_port: u16,
     /// The engine's process (CPU and RSS), if it has one.
     pub engine_pid: Option<i32>,
-    /// Exec to ready-fd byte, ms.
+    /// Exec to ready-fd byte, ms (for pasta: to the first process's exit); the run loop
+    /// replaces it with the median over several starts.
     pub startup_ms: Option<f64>,
     /// The engine's slirp4netns-style API socket, if it has one.
     pub api_socket: Option<PathBuf>,

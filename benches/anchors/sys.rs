@@ -99,10 +99,16 @@ fn undo(item: Item) {
             if proc_start_time(pid) == Some(start) {
                 let pid = Pid::from_raw(pid);
                 let _ = kill(pid, Signal::SIGKILL);
-                // Reap it if it is our child (ECHILD otherwise).
+                // Reap it if it is our child; else (pasta's daemon) wait until it has
+                // exited, so that its ports are free for the next session.
                 let deadline = Instant::now() + Duration::from_secs(1);
-                while let Ok(WaitStatus::StillAlive) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                    if Instant::now() > deadline {
+                loop {
+                    let gone = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::StillAlive) => false,
+                        Err(nix::errno::Errno::ECHILD) => !alive(pid.as_raw(), start),
+                        _ => true,
+                    };
+                    if gone || Instant::now() > deadline {
                         break;
                     }
                     thread::sleep(Duration::from_millis(2));
@@ -185,6 +191,15 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 1..];
     Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Whether the process `pid` that started at `start` is still running (a zombie has
+/// exited: its files are closed).
+fn alive(pid: i32, start: u64) -> bool {
+    stat_fields(pid).is_some_and(|f| {
+        f.first().is_some_and(|state| state != "Z")
+            && f.get(19).and_then(|t| t.parse().ok()) == Some(start)
+    })
 }
 
 /// Start time of a process (field 22 of `/proc/PID/stat`).
