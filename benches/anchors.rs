@@ -22,6 +22,7 @@
 //! | udp_1400, udp_8000 | iperf3 -u at a fixed offered rate, -l 1400 / 8000 | Gbit/s received, loss % |
 //! | udp_1400_max, udp_8000_max | the highest offered rate carried with under 1 % loss (RFC 2544 throughput: doubling, then 3 bisections, 2 s probes) | Gbit/s received, loss % |
 //! | udp_rr | 1-byte UDP ping-pong, one-way (RTT/2) | µs |
+//! | udp_rr_cpu | the engine's CPU use during udp_rr | % of one CPU |
 //! | cpu_per_gib | engine CPU time (its threads' schedstat, else utime + stime) per GiB received in tcp_out | s/GiB |
 //! | startup_ms | exec to the ready-fd byte (`-r FD`), usernet and slirp4netns; median of 5 starts per run | ms |
 //! | pasta_ready_ms | exec of pasta's command line to the first process's exit, pasta and usernet-pasta (usernet as `pasta`); median of 5 starts per run | ms |
@@ -33,7 +34,7 @@
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
 //! `ENGINES` ("usernet usernet-pasta slirp4netns pasta pasta2025 kernel"), `FIGURES` (all;
-//! `scale`, `udp` and `udp_max` name both of theirs, `rr` names rr_cpu too), `UDP_RATE` (iperf3 -b, "1G"),
+//! `scale`, `udp` and `udp_max` name both of theirs, `rr` and `udp_rr` name their `_cpu` rows too), `UDP_RATE` (iperf3 -b, "1G"),
 //! `SCALE_CONNS` (10000), `USERNET_BIN` (default target/release/usernet, rebuilt with
 //! `cargo build --release` when missing or older than the sources), `SLIRP4NETNS`, `PASTA`
 //! (other builds), `PASTA2025` (default `/var/lib/usernet-bench/passt-2025/bin/pasta`).
@@ -95,6 +96,7 @@ enum Fig {
     Udp1400Max,
     Udp8000Max,
     UdpRr,
+    UdpRrCpu,
     CpuPerGib,
     StartupMs,
     PastaReadyMs,
@@ -103,7 +105,7 @@ enum Fig {
 }
 
 impl Fig {
-    const ALL: [Fig; 19] = [
+    const ALL: [Fig; 20] = [
         Fig::TcpOut,
         Fig::TcpOutP4,
         Fig::TcpIn,
@@ -118,6 +120,7 @@ impl Fig {
         Fig::Udp1400Max,
         Fig::Udp8000Max,
         Fig::UdpRr,
+        Fig::UdpRrCpu,
         Fig::CpuPerGib,
         Fig::StartupMs,
         Fig::PastaReadyMs,
@@ -141,6 +144,7 @@ impl Fig {
             Fig::Udp1400Max => "udp_1400_max",
             Fig::Udp8000Max => "udp_8000_max",
             Fig::UdpRr => "udp_rr",
+            Fig::UdpRrCpu => "udp_rr_cpu",
             Fig::CpuPerGib => "cpu_per_gib",
             Fig::StartupMs => "startup_ms",
             Fig::PastaReadyMs => "pasta_ready_ms",
@@ -157,7 +161,7 @@ impl Fig {
             Fig::Udp1400Max | Fig::Udp8000Max => ("Gbit/s at <1% loss", true),
             Fig::Rr | Fig::UdpRr => ("µs", false),
             Fig::Crr | Fig::CrrRules | Fig::Crr6 => ("conn/s", true),
-            Fig::RrCpu => ("% of a CPU", false),
+            Fig::RrCpu | Fig::UdpRrCpu => ("% of a CPU", false),
             Fig::CpuPerGib => ("CPU s/GiB", false),
             Fig::StartupMs | Fig::PastaReadyMs => ("ms", false),
             Fig::ScaleTcpOut => ("% of tcp_out", true),
@@ -167,7 +171,12 @@ impl Fig {
 
     fn decimals(self) -> usize {
         match self {
-            Fig::Crr | Fig::CrrRules | Fig::Crr6 | Fig::ScaleTcpOut | Fig::RrCpu => 0,
+            Fig::Crr
+            | Fig::CrrRules
+            | Fig::Crr6
+            | Fig::ScaleTcpOut
+            | Fig::RrCpu
+            | Fig::UdpRrCpu => 0,
             Fig::Rr | Fig::UdpRr | Fig::StartupMs | Fig::PastaReadyMs | Fig::ScaleRss => 1,
             _ => 2,
         }
@@ -182,7 +191,7 @@ impl Fig {
 
     fn applies(self, k: Kind) -> bool {
         match self {
-            Fig::CpuPerGib | Fig::RrCpu => k.has_process(),
+            Fig::CpuPerGib | Fig::RrCpu | Fig::UdpRrCpu => k.has_process(),
             Fig::StartupMs => k.has_ready_fd(),
             Fig::PastaReadyMs => k.is_pasta_like(),
             Fig::ScaleTcpOut | Fig::ScaleRss | Fig::CrrRules => k == Kind::Usernet,
@@ -196,6 +205,7 @@ impl Fig {
             "scale" => Some(vec![Fig::ScaleTcpOut, Fig::ScaleRss]),
             // Latency with what it costs.
             "rr" => Some(vec![Fig::Rr, Fig::RrCpu]),
+            "udp_rr" => Some(vec![Fig::UdpRr, Fig::UdpRrCpu]),
             "udp" => Some(vec![Fig::Udp1400, Fig::Udp8000]),
             "udp_max" => Some(vec![Fig::Udp1400Max, Fig::Udp8000Max]),
             _ => Fig::ALL
@@ -584,16 +594,20 @@ fn measure(
         Fig::TcpOutP4 => gbps(figures::iperf_to_host(s, ctx, &["-P", "4"])),
         Fig::TcpIn => gbps(figures::iperf_to_host(s, ctx, &["-R"])),
         Fig::TcpPub => gbps(figures::tcp_pub(s, ctx)),
-        Fig::Rr | Fig::RrCpu => {
-            let r = figures::rr(s, ctx, srv);
+        Fig::Rr | Fig::RrCpu | Fig::UdpRr | Fig::UdpRrCpu => {
+            let (r, cpu_fig) = if matches!(f, Fig::Rr | Fig::RrCpu) {
+                (figures::rr(s, ctx, srv), Fig::RrCpu)
+            } else {
+                (figures::udp_rr(s, ctx, srv), Fig::UdpRrCpu)
+            };
             let cpu = match &r {
                 Ok((_, Some(c))) => Ok((*c, None)),
                 Ok((_, None)) => Err("no engine CPU time".into()),
                 Err(e) => Err(e.clone()),
             };
             let us = r.map(|(v, _)| (v, None));
-            if f == Fig::Rr {
-                cache.insert(Fig::RrCpu, cpu);
+            if f != cpu_fig {
+                cache.insert(cpu_fig, cpu);
                 us
             } else {
                 cpu
@@ -606,7 +620,6 @@ fn measure(
         Fig::Udp8000 => udp("8000"),
         Fig::Udp1400Max => figures::udp_lossless(s, ctx, "1400").map(|(v, l)| (v, Some(l))),
         Fig::Udp8000Max => figures::udp_lossless(s, ctx, "8000").map(|(v, l)| (v, Some(l))),
-        Fig::UdpRr => figures::udp_rr(s, ctx, srv).map(|v| (v, None)),
         Fig::StartupMs | Fig::PastaReadyMs => s
             .startup_ms
             .map(|v| (v, None))

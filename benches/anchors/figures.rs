@@ -465,12 +465,16 @@ fn add_rules(sock: &std::path::Path, ids: &mut Vec<u32>) -> Result<(), String> {
     Ok(())
 }
 
-/// UDP ping-pong of 1 byte from the container: mean one-way latency (round trip / 2), µs.
-/// A datagram without an answer within 200 ms counts as lost; more than 1 % lost fails.
-pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
+/// UDP ping-pong of 1 byte from the container: mean one-way latency (round trip / 2), µs,
+/// and the engine's CPU use after the warm-up (% of one CPU, `None` without an engine
+/// process). A datagram without an answer within 200 ms counts as lost; more than 1 % lost
+/// fails.
+pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<f64>), String> {
     let addr = SocketAddr::from((s.host, srv.udp));
     let secs = Duration::from_secs(ctx.secs);
-    sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
+    let cpu = std::sync::Arc::new(Mutex::new(None));
+    let (cpu_in, pid) = (cpu.clone(), s.engine_pid);
+    let us = sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
         let u = io(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)), "bind")?;
         io(u.connect(addr), "connect")?;
         io(
@@ -481,8 +485,12 @@ pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> 
         let (mut n, mut lost, mut sum) = (0u64, 0u64, 0f64);
         let t0 = Instant::now();
         let mut i = 0u64;
+        let mut cpu0 = None;
         while t0.elapsed() < secs {
             i += 1;
+            if i == 101 {
+                cpu0 = Some((Instant::now(), pid.and_then(sys::cpu_seconds)));
+            }
             let t = Instant::now();
             io(u.send(b"x"), "send")?;
             match u.recv(&mut b) {
@@ -502,8 +510,15 @@ pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> 
         if n == 0 || lost * 100 > n + lost {
             return Err(format!("{n} answered, {lost} lost"));
         }
+        if let Some((t1, Some(c0))) = cpu0 {
+            let used = pid.and_then(sys::cpu_seconds).map(|c1| c1 - c0);
+            let t = t1.elapsed().as_secs_f64();
+            *cpu_in.lock().unwrap_or_else(|e| e.into_inner()) = used.map(|u| u / t * 100.0);
+        }
         Ok(sum / n as f64 / 2.0 * 1e6)
-    })
+    })?;
+    let cpu = *cpu.lock().unwrap_or_else(|e| e.into_inner());
+    Ok((us, cpu))
 }
 
 /// The container side of the scale figure, run as `anchors --idle-client ADDR N` inside the
