@@ -481,23 +481,7 @@ impl HostIo for Sockets {
     fn splice_listen(&mut self, id: usize, proto: Proto, addr: SocketAddr) -> io::Result<()> {
         let opener = self.opener.as_ref().ok_or_else(no_socket)?;
         let fd = opener.bind(proto, addr)?;
-        let token = Token(id);
-        let entry = match proto {
-            Proto::Tcp => {
-                let mut l = TcpListener::from_std(std::net::TcpListener::from(fd));
-                self.registry.register(&mut l, token, Interest::READABLE)?;
-                Entry::Listener(l)
-            }
-            Proto::Udp => {
-                if addr.ip().is_unspecified() {
-                    // As a published port: replies leave from the address the client used.
-                    msg::enable_pktinfo(fd.as_raw_fd(), addr.is_ipv6())?;
-                }
-                let mut u = UdpSocket::from_std(std::net::UdpSocket::from(fd));
-                self.registry.register(&mut u, token, Interest::READABLE)?;
-                Entry::Port(u)
-            }
-        };
+        let entry = register_port(Socket::from(fd), proto, addr, &self.registry, Token(id))?;
         self.put(id, entry);
         Ok(())
     }
@@ -568,25 +552,36 @@ fn open_listener(rule: &PortRule, registry: &Registry, token: Token) -> Result<E
         socket.set_reuse_address(true).map_err(fail)?;
     }
     socket.bind(&addr.into()).map_err(fail)?;
-    match rule.proto {
+    if rule.proto == Proto::Tcp {
+        socket.listen(1024).map_err(fail)?;
+    }
+    register_port(socket, rule.proto, addr, registry, token).map_err(fail)
+}
+
+/// Registers `socket`, bound to `addr` (TCP: listening), as the listener or UDP port
+/// `token`: a published port and a `-T/-U` listener in pasta's namespace alike. A UDP port
+/// gets the [`UDP_RCVBUF`] receive buffer and, on a wildcard address, learns each
+/// datagram's local address, to reply from it.
+fn register_port(
+    socket: Socket,
+    proto: Proto,
+    addr: SocketAddr,
+    registry: &Registry,
+    token: Token,
+) -> io::Result<Entry> {
+    match proto {
         Proto::Tcp => {
-            socket.listen(1024).map_err(fail)?;
             let mut l = TcpListener::from_std(socket.into());
-            registry
-                .register(&mut l, token, Interest::READABLE)
-                .map_err(fail)?;
+            registry.register(&mut l, token, Interest::READABLE)?;
             Ok(Entry::Listener(l))
         }
         Proto::Udp => {
             widen_receive_buffer(&socket);
             if addr.ip().is_unspecified() {
-                // Learn each datagram's local address, to reply from it.
-                msg::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6()).map_err(fail)?;
+                msg::enable_pktinfo(socket.as_raw_fd(), addr.is_ipv6())?;
             }
             let mut u = UdpSocket::from_std(socket.into());
-            registry
-                .register(&mut u, token, Interest::READABLE)
-                .map_err(fail)?;
+            registry.register(&mut u, token, Interest::READABLE)?;
             Ok(Entry::Port(u))
         }
     }

@@ -6,8 +6,8 @@
 //! routes, traffic to the world and on-link, published ports (`-t/-u`: single, range,
 //! translated, address-bound, interface-bound `%IF`, exclusions alone; IPv4 and IPv6;
 //! `all` refused with pasta's text), `--dns-forward`, `--map-guest-addr`,
-//! `--no-map-gw`, the PID file, the exit on namespace deletion and SIGTERM, getopt's text
-//! for unknown options, `--version`.
+//! `--no-map-gw`, a burst to a `-U` port held while pasta is stopped, the PID file, the
+//! exit on namespace deletion and SIGTERM, getopt's text for unknown options, `--version`.
 
 mod util;
 
@@ -1031,6 +1031,69 @@ fn pasta_udp_client_of_wildcard_u_ns_port_gets_replies_from_the_address_it_sent_
     let to = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 5355);
     t.in_container(|| connected_udp_echoes(to));
     assert!(udp.stats.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+}
+
+/// A burst of datagrams to a `-U` port waits in the listener's socket while pasta is busy
+/// elsewhere (here: stopped), as on a published port: the listener has the same widened
+/// receive buffer, and every datagram reaches the host's loopback server, in order.
+#[test]
+fn pasta_u_ns_listener_holds_a_burst_sent_while_pasta_is_stopped() {
+    const LEN: usize = 1400;
+    let Some(t) = topology(false) else { return };
+    let server = t.in_host(|| udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)));
+    nix::sys::socket::setsockopt(&server, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
+        .expect("SO_RCVBUF");
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let host_port = server.local_addr().expect("addr").port();
+    let spec = format!("5357:{host_port}");
+    let args = podman53(&t.container_ns(), &["-U", &spec]);
+    let p = Pasta::start(&t, &strs(&args));
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5357);
+    let client = t.in_container(|| udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)));
+    // The association first, so that the burst waits in the listener only.
+    client.send_to(b"warm-up", to).expect("send");
+    let mut buf = vec![0u8; 65536];
+    let n = server.recv(&mut buf).expect("the warm-up datagram");
+    assert_eq!(&buf[..n], b"warm-up");
+
+    // As many datagrams as half of what the listener may queue (1400-byte datagrams take
+    // about 2.3 KiB of buffer each; the kernel caps the buffer at the namespace's rmem_max
+    // and doubles it), at most 1500: far more than the default buffer's 90.
+    let rmem_max: usize = t.in_container(|| {
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .expect("rmem_max")
+            .trim()
+            .parse()
+            .expect("rmem_max")
+    });
+    let n = (2 * rmem_max.min(4 << 20) / 2 / 2400).clamp(50, 1500);
+    let pids: Vec<Pid> = p
+        .pids()
+        .into_iter()
+        .map(|p| Pid::from_raw(p as i32))
+        .collect();
+    for &pid in &pids {
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP pasta");
+    }
+    for i in 0..n {
+        client
+            .send_to(&pattern(i as u64, LEN), to)
+            .unwrap_or_else(|e| panic!("send datagram {i}: {e}"));
+    }
+    for &pid in &pids {
+        kill(pid, Signal::SIGCONT).expect("SIGCONT pasta");
+    }
+    for got in 0..n {
+        match server.recv(&mut buf) {
+            Ok(len) => assert!(
+                buf[..len] == pattern(got as u64, LEN),
+                "datagram {got} of {n} differs (or one before it was lost)"
+            ),
+            Err(e) => panic!("{got} of {n} datagrams arrived (rmem_max {rmem_max}): {e}"),
+        }
+    }
 }
 
 /// Three datagrams of 1000 bytes from a UDP socket on 127.0.0.1 `connect()`ed to `to`,
