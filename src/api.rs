@@ -371,10 +371,7 @@ impl Subsystem for Socket {
             return Next::Continue;
         };
         let token = Token(server.listener_token.0 + local);
-        let mut io = Io {
-            host: &mut *cx.sockets,
-            tap: cx.taps.sink(),
-        };
+        let mut io = cx.sockets.io(cx.taps.sink());
         let mut ctl = InfoControl {
             inner: FwdControl {
                 fwd: cx.fwd,

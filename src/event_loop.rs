@@ -33,7 +33,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use forwarder::port::PortError;
-use forwarder::{Forwarder, FrameSink, Io};
+use forwarder::{Forwarder, FrameSink};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{SigSet, Signal};
@@ -600,10 +600,7 @@ impl Running {
                     Source::Flow(id, _) if sockets.closed_this_turn(id) => {}
                     Source::Flow(id, end) => {
                         sockets.note_splice(id, end, readable, writable);
-                        let mut io = Io {
-                            host: &mut sockets,
-                            tap: &mut members,
-                        };
+                        let mut io = sockets.io(&mut members);
                         let ready = forwarder::Ready {
                             readable,
                             writable,
@@ -627,10 +624,7 @@ impl Running {
                             if let Some(p) = members.1.as_mut() {
                                 p.record(&frame[..n]);
                             }
-                            let mut io = Io {
-                                host: &mut sockets,
-                                tap: &mut members,
-                            };
+                            let mut io = sockets.io(&mut members);
                             fwd.handle_port_frame(now, port, &mut frame[..n], &mut io);
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -659,10 +653,7 @@ impl Running {
                     }
                 }
             }
-            let mut io = Io {
-                host: &mut sockets,
-                tap: &mut members,
-            };
+            let mut io = sockets.io(&mut members);
             fwd.handle_timeouts(now, &mut io);
             fwd.poll_flows(now, &mut io);
             for sub in subs.iter_mut() {

@@ -41,7 +41,7 @@ use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use forwarder::port::{PortError, PortRule, Proto};
-use forwarder::{Close, HostIo, SpliceTo};
+use forwarder::{Close, FrameSink, HostIo, Io, SpliceTo};
 use mio::net::{TcpListener, TcpStream, UdpSocket};
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -171,6 +171,12 @@ impl Sockets {
             spare: [tcp_socket(Domain::IPV4).ok(), tcp_socket(Domain::IPV6).ok()],
             refill: [false; 2],
         }
+    }
+
+    /// The forwarder's outside world for one call: these sockets and `tap`, where frames for
+    /// the members go.
+    pub fn io<'a>(&'a mut self, tap: &'a mut dyn FrameSink) -> Io<'a, Sockets> {
+        Io { host: self, tap }
     }
 
     /// Notes an event of socket `end` of spliced flow `id` for its next

@@ -716,10 +716,7 @@ pub struct Host<'a> {
 
 impl Host<'_> {
     fn io(&mut self) -> forwarder::Io<'_, crate::host::Sockets> {
-        forwarder::Io {
-            host: &mut *self.sockets,
-            tap: self.taps.sink(),
-        }
+        self.sockets.io(self.taps.sink())
     }
 }
 

@@ -24,7 +24,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
-use forwarder::{Forwarder, FrameSink, Io, PortId};
+use forwarder::{Forwarder, FrameSink, PortId};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nix::sys::signal::Signal;
@@ -265,10 +265,7 @@ impl Subsystem for Resolv {
 
     fn turn(&mut self, cx: &mut Cx<'_>) -> Next {
         if let Some(list) = self.0.poll(Instant::now()) {
-            let mut io = Io {
-                host: &mut *cx.sockets,
-                tap: cx.taps.sink(),
-            };
+            let mut io = cx.sockets.io(cx.taps.sink());
             cx.fwd.set_nameservers(list, &mut io);
         }
         Next::Continue

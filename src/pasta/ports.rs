@@ -186,10 +186,7 @@ impl PastaPorts {
             None if self.ns_ipv6 => vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()],
             None => vec![Ipv4Addr::LOCALHOST.into()],
         };
-        let mut io = forwarder::Io {
-            host: &mut *cx.sockets,
-            tap: cx.taps.sink(),
-        };
+        let mut io = cx.sockets.io(cx.taps.sink());
         for a in addrs {
             let host_ip: IpAddr = if a.is_ipv6() {
                 Ipv6Addr::LOCALHOST.into()
@@ -207,10 +204,7 @@ impl PastaPorts {
 
     /// Closes the `-T/-U` listeners of namespace port `port`.
     fn unbind_ns(&mut self, proto: Proto, port: u16, cx: &mut Cx<'_>) {
-        let mut io = forwarder::Io {
-            host: &mut *cx.sockets,
-            tap: cx.taps.sink(),
-        };
+        let mut io = cx.sockets.io(cx.taps.sink());
         for id in self.listeners.remove(&(proto, port)).unwrap_or_default() {
             cx.fwd.remove_splice_listener(id, &mut io);
         }
@@ -337,10 +331,7 @@ impl PastaPorts {
             }
         }
         {
-            let mut io = forwarder::Io {
-                host: &mut *cx.sockets,
-                tap: cx.taps.sink(),
-            };
+            let mut io = cx.sockets.io(cx.taps.sink());
             let mut ctl = crate::api::FwdControl {
                 fwd: cx.fwd,
                 io: &mut io,
