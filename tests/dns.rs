@@ -82,8 +82,8 @@ fn dns_dig_through_forwarder_udp_and_tcp() {
     let dns = DnsServer::start(&t);
     let _u = UsernetCmd::new(&t).args(["-c"]).start();
     for extra in ["+notcp", "+tcp"] {
-        let f = t.run_in_container(
-            "dig",
+        let f = dig(
+            &t,
             &[
                 "@10.0.2.3",
                 DNS_NAME,
@@ -93,15 +93,13 @@ fn dns_dig_through_forwarder_udp_and_tcp() {
                 "+tries=2",
                 extra,
             ],
-            Duration::from_secs(15),
         );
         f.assert_success();
         assert_eq!(f.stdout.trim(), "203.0.113.1", "dig {extra}:\n{f}");
     }
-    let f = t.run_in_container(
-        "dig",
+    let f = dig(
+        &t,
         &["@10.0.2.3", "nosuch.test", "A", "+time=2", "+tries=2"],
-        Duration::from_secs(15),
     );
     assert!(
         f.assert_success().stdout.contains("status: NXDOMAIN"),
@@ -128,10 +126,11 @@ fn queued(sink: &std::net::UdpSocket) -> usize {
     std::iter::from_fn(|| sink.recv(&mut buf).ok()).count()
 }
 
-fn dig(t: &Topology, extra: &[&str]) -> Finished {
+/// [`dig`] A `example.test` at usernet's resolver, one try of 5 s, and `extra`.
+fn dig_example(t: &Topology, extra: &[&str]) -> Finished {
     let mut args = vec!["@10.0.2.3", DNS_NAME, "A", "+time=5", "+tries=1"];
     args.extend_from_slice(extra);
-    t.run_in_container("dig", &args, Duration::from_secs(20))
+    dig(t, &args)
 }
 
 /// The host's first nameserver takes queries and never answers: usernet asks the next
@@ -149,7 +148,7 @@ fn dns_fails_over_from_a_silent_first_nameserver() {
     t.set_host_resolv_conf("nameserver 127.0.0.9\nnameserver 127.0.0.1\n");
     t.set_container_resolv_conf(&format!("nameserver {DNS}\n"));
     let _u = UsernetCmd::new(&t).args(["-c"]).start();
-    let f = dig(&t, &["+short"]);
+    let f = dig_example(&t, &["+short"]);
     assert_eq!(f.assert_success().stdout.trim(), "203.0.113.1", "{f}");
     assert!(
         f.elapsed < Duration::from_millis(2500),
@@ -169,7 +168,7 @@ fn dns_fails_over_from_a_silent_first_nameserver() {
         "getent took {:.2?}:\n{f}",
         f.elapsed
     );
-    let f = dig(&t, &["+short"]);
+    let f = dig_example(&t, &["+short"]);
     assert_eq!(f.assert_success().stdout.trim(), "203.0.113.1", "{f}");
     assert!(
         f.elapsed < Duration::from_millis(1000),
@@ -191,7 +190,7 @@ fn dns_servfail_when_no_nameserver_answers() {
     t.set_host_resolv_conf("nameserver 127.0.0.9\nnameserver 127.0.0.10\n");
     t.set_container_resolv_conf(&format!("nameserver {DNS}\n"));
     let _u = UsernetCmd::new(&t).args(["-c"]).start();
-    let f = dig(&t, &["+time=8"]);
+    let f = dig_example(&t, &["+time=8"]);
     assert!(f.stdout.contains("status: SERVFAIL"), "{f}");
     assert!(
         f.elapsed < Duration::from_secs(6),

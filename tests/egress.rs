@@ -15,9 +15,8 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -342,82 +341,8 @@ fn egress_ipv6_rules_and_deny_private() {
     f.assert_success();
 }
 
-/// A DNS server on H's 127.0.0.1:53 (usernet's upstream) answering A queries from a table
-/// of (name, address, TTL); other names NXDOMAIN. Records every question name.
-struct TableDns {
-    names: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl TableDns {
-    fn start(t: &Topology, table: &'static [(&'static str, Ipv4Addr, u32)]) -> TableDns {
-        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53);
-        let sock = in_netns(&t.host_ns(), || UdpSocket::bind(addr)).expect("bind DNS");
-        sock.set_read_timeout(Some(Duration::from_millis(100)))
-            .unwrap();
-        let names = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (n, s) = (names.clone(), stop.clone());
-        let thread = thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !s.load(Ordering::SeqCst) {
-                let Ok((len, peer)) = sock.recv_from(&mut buf) else {
-                    continue;
-                };
-                let q = &buf[..len];
-                let Some(p) = parse_dns(q) else { continue };
-                n.lock().unwrap().push(p.qname.clone());
-                // The question ends after the name and 4 bytes.
-                let mut at = 12;
-                while at < q.len() && q[at] != 0 {
-                    at += 1 + q[at] as usize;
-                }
-                let qend = at + 5;
-                let qtype = u16::from_be_bytes([q[at + 1], q[at + 2]]);
-                let hit = table.iter().find(|(name, _, _)| *name == p.qname);
-                let mut r = q[..qend].to_vec();
-                r[2] = 0x84 | (q[2] & 1);
-                r[3] = if hit.is_some() { 0x80 } else { 0x83 };
-                r[6..12].fill(0);
-                if let (Some((_, a, ttl)), 1) = (hit, qtype) {
-                    r[7] = 1;
-                    r.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
-                    r.extend_from_slice(&ttl.to_be_bytes());
-                    r.extend_from_slice(&[0, 4]);
-                    r.extend_from_slice(&a.octets());
-                }
-                let _ = sock.send_to(&r, peer);
-            }
-        });
-        TableDns {
-            names,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn asked(&self, name: &str) -> usize {
-        self.names
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|n| *n == name)
-            .count()
-    }
-}
-
-impl Drop for TableDns {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.thread.take() {
-            let _ = h.join();
-        }
-    }
-}
-
 /// The names used by the name tests (W holds all of 203.0.113.0/24).
-const NAMES: &[(&str, Ipv4Addr, u32)] = &[
+const NAMES: &[DnsRecord] = &[
     ("allowed.test", Ipv4Addr::new(203, 0, 113, 20), 300),
     ("www.allowed.test", Ipv4Addr::new(203, 0, 113, 21), 300),
     ("short.allowed.test", Ipv4Addr::new(203, 0, 113, 22), 1),
@@ -437,7 +362,7 @@ fn http_on(t: &Topology, ip: Ipv4Addr) -> TcpServer {
 fn egress_allow_domain_only_those_names_reachable() {
     let Some(t) = Topology::new() else { return };
     add_world_addrs(&t, &LAN[..1]);
-    let dns = TableDns::start(&t, NAMES);
+    let dns = DnsServer::start_table(&t, NAMES);
     t.set_container_resolv_conf("nameserver 10.0.2.3\n");
     let servers: Vec<TcpServer> = NAMES.iter().map(|(_, a, _)| http_on(&t, *a)).collect();
     // A resolver of the container's own choosing, in W.
@@ -471,8 +396,8 @@ fn egress_allow_domain_only_those_names_reachable() {
     assert_eq!(f.code(), Some(6), "{f}");
     assert!(f.stderr.contains("Could not resolve host"), "{f}");
     assert_eq!(dns.asked("other.test"), 0);
-    let f = t.run_in_container(
-        "dig",
+    let f = dig(
+        &t,
         &[
             "+short",
             "+tries=1",
@@ -481,7 +406,6 @@ fn egress_allow_domain_only_those_names_reachable() {
             "other.test",
             "TXT",
         ],
-        Duration::from_secs(10),
     );
     assert_eq!(f.code(), Some(0), "{f}");
     assert_eq!(f.stdout, "", "{f}");
@@ -493,22 +417,17 @@ fn egress_allow_domain_only_those_names_reachable() {
     assert_eq!(f.code(), Some(7), "{f}");
     assert!(dns.asked("rebind.allowed.test") >= 1);
     // DNS to another resolver, and over TCP to usernet's (not filtered: denied).
-    let f = t.run_in_container(
-        "dig",
-        &["+tries=1", "+time=2", "@203.0.113.1", "allowed.test"],
-        Duration::from_secs(10),
-    );
+    let f = dig(&t, &["+tries=1", "+time=2", "@203.0.113.1", "allowed.test"]);
     assert_ne!(f.code(), Some(0), "{f}");
     assert_eq!(rogue.stats.accepted.load(Ordering::SeqCst), 0);
-    let f = t.run_in_container(
-        "dig",
+    let f = dig(
+        &t,
         &["+tcp", "+tries=1", "+time=2", "@10.0.2.3", "allowed.test"],
-        Duration::from_secs(10),
     );
     assert_ne!(f.code(), Some(0), "{f}");
     // TTL expiry: short.allowed.test lives 1 s (name-ttl 1 ...).
-    let f = t.run_in_container(
-        "dig",
+    let f = dig(
+        &t,
         &[
             "+short",
             "+tries=1",
@@ -516,7 +435,6 @@ fn egress_allow_domain_only_those_names_reachable() {
             "@10.0.2.3",
             "short.allowed.test",
         ],
-        Duration::from_secs(10),
     );
     assert_eq!(f.stdout.trim(), "203.0.113.22", "{f}");
     thread::sleep(Duration::from_millis(2500));

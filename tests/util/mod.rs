@@ -2043,9 +2043,20 @@ pub fn parse_dns(m: &[u8]) -> Option<DnsReply> {
     })
 }
 
-/// The test DNS server's answer to `query`: A `example.test` -> [`WORLD`], other types of
-/// `example.test` -> NOERROR without answers, any other name -> NXDOMAIN.
+/// A name a [`DnsServer`] knows: the name, its IPv4 address, the TTL of its A record.
+pub type DnsRecord = (&'static str, Ipv4Addr, u32);
+
+/// What [`DnsServer::start`] serves: `example.test` -> [`WORLD`] for 60 s.
+pub const DNS_TABLE: &[DnsRecord] = &[(DNS_NAME, WORLD, 60)];
+
+/// The test DNS server's answer to `query` ([`DNS_TABLE`]'s, see [`dns_table_answer`]).
 pub fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
+    dns_table_answer(DNS_TABLE, query)
+}
+
+/// The answer to `query` from `table`: A of a name in it -> its address, other types of
+/// its names -> NOERROR without answers, any other name -> NXDOMAIN.
+pub fn dns_table_answer(table: &[DnsRecord], query: &[u8]) -> Option<Vec<u8>> {
     let q = parse_dns(query)?;
     if q.is_response || be16(query, 4)? != 1 {
         return None;
@@ -2053,29 +2064,34 @@ pub fn dns_answer(query: &[u8]) -> Option<Vec<u8>> {
     let (_, qend) = read_name(query, 12)?;
     let qtype = be16(query, qend)?;
     let question = query.get(12..qend + 4)?;
-    let known = q.qname == DNS_NAME;
-    let answer_a = known && qtype == QTYPE_A;
+    let known = table.iter().find(|(name, _, _)| *name == q.qname);
+    let answer_a = known.filter(|_| qtype == QTYPE_A);
     let rd = be16(query, 2)? & 0x0100;
-    let rcode = if known { 0 } else { u16::from(RCODE_NXDOMAIN) };
+    let rcode = if known.is_some() {
+        0
+    } else {
+        u16::from(RCODE_NXDOMAIN)
+    };
     let mut r = Vec::with_capacity(query.len() + 16);
     r.extend_from_slice(&q.id.to_be_bytes());
     r.extend_from_slice(&(0x8000 | 0x0400 | rd | 0x0080 | rcode).to_be_bytes()); // QR AA RD RA
     r.extend_from_slice(&1u16.to_be_bytes());
-    r.extend_from_slice(&u16::from(answer_a).to_be_bytes());
+    r.extend_from_slice(&u16::from(answer_a.is_some()).to_be_bytes());
     r.extend_from_slice(&[0, 0, 0, 0]);
     r.extend_from_slice(question);
-    if answer_a {
+    if let Some((_, addr, ttl)) = answer_a {
         r.extend_from_slice(&[0xC0, 0x0C]); // pointer to the question name
         r.extend_from_slice(&QTYPE_A.to_be_bytes());
         r.extend_from_slice(&1u16.to_be_bytes());
-        r.extend_from_slice(&60u32.to_be_bytes());
+        r.extend_from_slice(&ttl.to_be_bytes());
         r.extend_from_slice(&4u16.to_be_bytes());
-        r.extend_from_slice(&WORLD.octets());
+        r.extend_from_slice(&addr.octets());
     }
     Some(r)
 }
 
-/// The test DNS server on 127.0.0.1:53 in H, over UDP and TCP; stops on drop.
+/// The test DNS server on 127.0.0.1:53 in H, over UDP and TCP, answering from a table
+/// ([`DNS_TABLE`] unless [`DnsServer::start_table`]); stops on drop.
 pub struct DnsServer {
     /// Queries answered over UDP.
     pub udp_queries: Arc<AtomicUsize>,
@@ -2097,20 +2113,32 @@ enum AnyTcpServer {
 impl DnsServer {
     /// Starts the server in the topology's host namespace.
     pub fn start(t: &Topology) -> Self {
-        Self::start_at(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53))
+        Self::start_table(t, DNS_TABLE)
+    }
+
+    /// Starts the server in the topology's host namespace, answering from `table`.
+    pub fn start_table(t: &Topology, table: &'static [DnsRecord]) -> Self {
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 53);
+        Self::start_on(&t.host_ns(), addr.into(), table)
     }
 
     /// Starts the server on `addr` inside `ns_path`.
     pub fn start_at(ns_path: &str, addr: SocketAddrV4) -> Self {
-        Self::start_on(ns_path, addr.into())
+        Self::start_on(ns_path, addr.into(), DNS_TABLE)
     }
 
     /// Starts the server on an IPv6 `addr` (e.g. `[::1]:53`) inside `ns_path`.
     pub fn start_at6(ns_path: &str, addr: SocketAddrV6) -> Self {
-        Self::start_on(ns_path, addr.into())
+        Self::start_on(ns_path, addr.into(), DNS_TABLE)
     }
 
-    fn start_on(ns_path: &str, addr: SocketAddr) -> Self {
+    /// How many questions for `name` it received.
+    pub fn asked(&self, name: &str) -> usize {
+        let names = self.names.lock().unwrap();
+        names.iter().filter(|n| *n == name).count()
+    }
+
+    fn start_on(ns_path: &str, addr: SocketAddr, table: &'static [DnsRecord]) -> Self {
         let udp_queries = Arc::new(AtomicUsize::new(0));
         let tcp_queries = Arc::new(AtomicUsize::new(0));
         let names = Arc::new(Mutex::new(Vec::new()));
@@ -2132,7 +2160,7 @@ impl DnsServer {
                     if let Some(q) = parse_dns(&buf[..n]) {
                         nm.lock().unwrap().push(q.qname);
                     }
-                    if let Some(r) = dns_answer(&buf[..n]) {
+                    if let Some(r) = dns_table_answer(table, &buf[..n]) {
                         uq.fetch_add(1, Ordering::SeqCst);
                         let _ = sock.send_to(&r, peer);
                     }
@@ -2153,7 +2181,7 @@ impl DnsServer {
             if let Some(p) = parse_dns(&q) {
                 nm.lock().unwrap().push(p.qname);
             }
-            let Some(r) = dns_answer(&q) else {
+            let Some(r) = dns_table_answer(table, &q) else {
                 return Ok(());
             };
             tq.fetch_add(1, Ordering::SeqCst);
@@ -2183,6 +2211,12 @@ impl Drop for DnsServer {
             let _ = h.join();
         }
     }
+}
+
+/// `dig ARGS` in C, a real DNS client; its own `+time` and `+tries` end it well within
+/// the 20 s guard.
+pub fn dig(t: &Topology, args: &[&str]) -> Finished {
+    t.run_in_container("dig", args, Duration::from_secs(20))
 }
 
 /// One DNS query over UDP to `server`; `None` if no answer within 3 s (two tries).
