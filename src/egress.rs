@@ -258,8 +258,7 @@ pub fn execute(
                 Ok(id) => id,
                 Err(e) => return Some(error(&format!("bad request: add_egress_rule: {e}"))),
             };
-            let n = if reset { fwd.reset_denied_flows(io) } else { 0 };
-            json!({ "return": { "id": id, "reset": n } })
+            changed(fwd, io, reset, json!({ "id": id }))
         }
         "remove_egress_rule" => {
             let id = arg("id")
@@ -272,8 +271,7 @@ pub fn execute(
             if !removed {
                 return Some(error("bad request: remove_egress_rule: bad arguments.id"));
             }
-            let n = if reset { fwd.reset_denied_flows(io) } else { 0 };
-            json!({ "return": { "reset": n } })
+            changed(fwd, io, reset, json!({}))
         }
         "set_egress_default" => {
             let action = match arg("default").and_then(Value::as_str) {
@@ -286,12 +284,23 @@ pub fn execute(
                 }
             };
             policy_of(fwd, member).set_default(action);
-            let n = if reset { fwd.reset_denied_flows(io) } else { 0 };
-            json!({ "return": { "reset": n } })
+            changed(fwd, io, reset, json!({}))
         }
         _ => return None,
     };
     Some(reply)
+}
+
+/// The reply to a change of a policy: `ret` and how many open flows were reset (with
+/// `"reset": true`, those the policy now denies).
+fn changed(
+    fwd: &mut Forwarder,
+    io: &mut forwarder::Io<'_, crate::host::Sockets>,
+    reset: bool,
+    mut ret: Value,
+) -> Value {
+    ret["reset"] = json!(if reset { fwd.reset_denied_flows(io) } else { 0 });
+    json!({ "return": ret })
 }
 
 /// The policy of `member` (the network's: `None`), made empty (allow all) if there is
