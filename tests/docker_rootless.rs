@@ -36,8 +36,9 @@
 
 mod util;
 
+use std::fs::{self, File};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use util::*;
 
@@ -76,23 +77,47 @@ fn rootless_docker_runs_usernet_as_slirp4netns_and_as_pasta() {
     ];
     for (i, (mode, port_driver)) in runs.into_iter().enumerate() {
         let prefix = format!("un{}d{i}", std::process::id());
-        let out = Command::new("bash")
+        // The script's output goes to files, not pipes: a process left behind with a pipe
+        // open cannot keep the test waiting, and a failure's output stays where it says.
+        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("docker-rootless-{prefix}-{mode}-{port_driver}"));
+        fs::create_dir_all(&logs).expect("create the log directory");
+        let file = |name: &str| {
+            File::create(logs.join(name))
+                .unwrap_or_else(|e| panic!("create {}: {e}", logs.join(name).display()))
+        };
+        let status = Command::new("bash")
             .arg(&script)
             .arg(&root)
             .arg(usernet_bin())
             .arg(&prefix)
             .arg(mode)
             .arg(port_driver)
-            .output()
+            .env("USERNET_DOCKER_LOGS", &logs)
+            .stdin(Stdio::null())
+            .stdout(file("stdout.txt"))
+            .stderr(file("stderr.txt"))
+            .status()
             .expect("run tests/docker/rootless.sh");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let read = |name: &str| {
+            fs::read_to_string(logs.join(name)).unwrap_or_else(|e| format!("({name}: {e})"))
+        };
+        let stdout = read("stdout.txt");
         println!("{stdout}");
-        assert!(
-            out.status.success()
-                && stdout.contains(&format!("docker rootless {mode} ({port_driver}): ok")),
-            "rootless Docker with usernet as {mode} (port driver {port_driver}) failed ({}):\n{stdout}\n{stderr}",
-            out.status
+        if status.success()
+            && stdout.contains(&format!("docker rootless {mode} ({port_driver}): ok"))
+        {
+            let _ = fs::remove_dir_all(&logs);
+            continue;
+        }
+        let (dir, stderr) = (logs.display(), read("stderr.txt"));
+        let (dockerd, dns) = (read("dockerd.log"), read("dns.log"));
+        panic!(
+            "rootless Docker with usernet as {mode} (port driver {port_driver}) failed ({status}); \
+             the script's output and the logs are kept in {dir}\n\
+             --- the script's stdout\n{stdout}\n--- its stderr\n{stderr}\n\
+             --- dockerd-rootless.sh's output (dockerd.log)\n{dockerd}\n\
+             --- the test DNS server's log (dns.log)\n{dns}\n--- (all kept in {dir})"
         );
     }
 }

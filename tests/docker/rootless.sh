@@ -2,7 +2,7 @@
 # Rootless Docker runs usernet as RootlessKit's network driver: the real client end to end
 # (driven by tests/docker_rootless.rs).
 #
-# Usage: rootless.sh ROOT USERNET_BIN PREFIX MODE [PORT_DRIVER]
+# Usage: [USERNET_DOCKER_LOGS=DIR] rootless.sh ROOT USERNET_BIN PREFIX MODE [PORT_DRIVER]
 #   ROOT        a root file system from make-root.sh (Debian 13: docker.io 26, rootlesskit 2.0,
 #               user `undock`)
 #   USERNET_BIN the usernet binary under test; installed as ROOT/opt/usernet/libexec/{slirp4netns,
@@ -16,6 +16,8 @@
 #               (published ports are pasta's -t/-u auto)
 #   PORT_DRIVER another DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER (e.g. builtin, the default of
 #               dockerd-rootless.sh, where RootlessKit forwards published ports itself)
+#   DIR         where the logs are copied at the end, whatever the outcome (dockerd.log:
+#               dockerd-rootless.sh's output, dns.log: W's DNS server, usernet-argv.log)
 #
 # Topology: host H (198.51.100.2/24, default route via W) and world W (198.51.100.1), joined
 # by a veth; nothing else. dockerd-rootless.sh runs as `undock` inside H, in a private mount
@@ -32,14 +34,17 @@
 set -euo pipefail
 
 root="$1" bin="$2" p="$3" mode="$4" port_driver="${5:-}"
+logs="${USERNET_DOCKER_LOGS:-}"
 H="${p}H" W="${p}W"
 work="$(mktemp -d /tmp/usernet-docker.XXXXXX)"
 pids=()
 dockerd_pid=""
 
 fail() {
+    trap - ERR
     echo "FAIL: $*" >&2
-    if [ -s "$work/dockerd.log" ]; then
+    # (with USERNET_DOCKER_LOGS, the whole log is kept there)
+    if [ -z "$logs" ] && [ -s "$work/dockerd.log" ]; then
         echo "--- dockerd-rootless.sh log (last 60 lines)" >&2
         tail -n 60 "$work/dockerd.log" >&2
     fi
@@ -52,6 +57,7 @@ fail() {
 userns=""
 cleanup() {
     set +e
+    trap - ERR
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; done
     # Everything of this run's RootlessKit child (dockerd, containerd, shims, docker-proxy,
     # containers: some live in namespaces of their own, not in H) shares its user
@@ -68,9 +74,23 @@ cleanup() {
     for pid in $(ip netns pids "$H" 2>/dev/null); do kill -9 "$pid" 2>/dev/null; done
     ip netns del "$H" 2>/dev/null
     ip netns del "$W" 2>/dev/null
+    if [ -n "$logs" ]; then
+        cp "$work/dockerd.log" "$work/dns.log" "$work/tmp/usernet-argv.log" "$logs/" 2>/dev/null
+    fi
     rm -rf "$work" 2>/dev/null
 }
 trap cleanup EXIT
+# A command that ends the script through `set -e`, also inside a function, says which,
+# with the logs (in a background job or a command substitution, the script does once the
+# failure reaches it).
+on_error() {
+    local rc=$? cmd="${BASH_COMMAND%%$'\n'*}" at="line ${BASH_LINENO[0]}"
+    [ "$BASHPID" = "$$" ] || return "$rc"
+    [ "${#FUNCNAME[@]}" -le 2 ] || at="$at (in ${FUNCNAME[1]}, called at line ${BASH_LINENO[1]})"
+    fail "$at: \`$cmd\` exited $rc"
+}
+set -E
+trap on_error ERR
 
 case "$mode" in
 slirp4netns) : "${port_driver:=slirp4netns}" ;;
