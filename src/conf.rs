@@ -278,7 +278,7 @@ pub enum NetworkAction {
         interface: Option<String>,
         /// The member's own egress policy, on top of the network's.
         #[command(flatten)]
-        egress: crate::egress::EgressArgs,
+        egress: crate::egress::EgressPolicy,
     },
     /// Detach a member (by name or IPv4 address) from a network.
     Disconnect {
@@ -586,7 +586,7 @@ pub struct NetArgs {
     pub log_level: Option<String>,
 
     #[command(flatten)]
-    pub egress: crate::egress::EgressArgs,
+    pub egress: crate::egress::EgressPolicy,
 }
 
 /// Attach mode (slirp4netns's command line).

@@ -14,6 +14,10 @@
 //!   checked while the command line is parsed (before any sandbox), its rules taking its
 //!   place in that order. `--deny-private` and `--default-deny` are not ordered
 //!   (`deny-private` always comes after the explicit rules; see the forwarder's module).
+//! - The options become one policy while the command line is parsed too
+//!   ([`EgressPolicy`]), the file merged as pasta mode merges its `--egress-policy`
+//!   ([`Spec::append_file`]): more rules than the forwarder's limit, the file's and the
+//!   options' together, is a usage error on every front end.
 //! - `deny-private` also covers the host's own addresses, read with `getifaddrs` when
 //!   the policy is made.
 //!
@@ -26,7 +30,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use clap::Args;
+use clap::{Args, FromArgMatches};
 use forwarder::egress::{Action, Policy, RuleKind, Spec};
 use forwarder::Forwarder;
 use serde_json::{json, Value};
@@ -105,31 +109,93 @@ pub struct EgressArgs {
 
     /// Read rules from FILE: one per line, `allow CIDR [PROTO[:PORTS]]`, `deny ...`,
     /// `deny-private`, `allow-domain NAME`, `default allow|deny`, `name-ttl MIN MAX`;
-    /// `#` comments (see the README).
+    /// `#` comments (see the README). At most 100000 rules, the file's and the options'
+    /// together.
     #[arg(long = "egress-policy", value_name = "FILE", value_parser = parse_policy_file)]
     pub egress_policy: Option<Ordered<Spec>>,
 }
 
 impl EgressArgs {
-    /// The policy these options say; `None` when they say nothing.
-    pub fn spec(&self) -> Option<Spec> {
-        let mut rules: Vec<(u64, Vec<RuleKind>)> = self
-            .allow
-            .iter()
-            .chain(&self.deny)
-            .chain(&self.allow_domain)
-            .map(|o| (o.seq, vec![o.value.clone()]))
-            .collect();
-        let mut spec = Spec::default();
-        if let Some(file) = &self.egress_policy {
-            spec.default = file.value.default;
-            spec.ttl_min = file.value.ttl_min;
-            spec.ttl_max = file.value.ttl_max;
-            rules.push((file.seq, file.value.rules.clone()));
+    /// The policy these options say, `None` when they say nothing: their rules in
+    /// command-line order, the file's merged where it stands ([`Spec::append_file`], as
+    /// pasta mode's `--egress-policy`).
+    ///
+    /// # Errors
+    /// `--OPTION: more than N rules` ([`MAX_RULES`](forwarder::egress::MAX_RULES), the
+    /// files' and the options' together).
+    pub fn spec(&self) -> Result<Option<Spec>, String> {
+        enum Part<'a> {
+            Rule(&'static str, &'a RuleKind),
+            File(&'a Spec),
         }
-        rules.sort_by_key(|(seq, _)| *seq);
-        spec.rules = rules.into_iter().flat_map(|(_, r)| r).collect();
-        finish_spec(spec, self.deny_private, self.default_deny)
+        let rules = [
+            ("--allow", &self.allow),
+            ("--deny", &self.deny),
+            ("--allow-domain", &self.allow_domain),
+        ];
+        let mut parts: Vec<(u64, Part<'_>)> = rules
+            .into_iter()
+            .flat_map(|(opt, list)| list.iter().map(move |o| (o.seq, Part::Rule(opt, &o.value))))
+            .chain(
+                self.egress_policy
+                    .iter()
+                    .map(|o| (o.seq, Part::File(&o.value))),
+            )
+            .collect();
+        parts.sort_by_key(|(seq, _)| *seq);
+        let mut spec = Spec::default();
+        for (_, part) in parts {
+            match part {
+                Part::Rule(opt, rule) => {
+                    spec.push(rule.clone()).map_err(|e| format!("{opt}: {e}"))?
+                }
+                Part::File(file) => spec
+                    .append_file(file)
+                    .map_err(|e| format!("--egress-policy: {e}"))?,
+            }
+        }
+        Ok(finish_spec(spec, self.deny_private, self.default_deny))
+    }
+}
+
+/// The policy of a command's [`EgressArgs`], made while the command line is parsed: a
+/// command flattens this, and a policy [`EgressArgs::spec`] refuses is a usage error
+/// like a bad rule.
+#[derive(Debug, Default, Clone)]
+pub struct EgressPolicy {
+    /// `None` when the options say nothing.
+    pub spec: Option<Spec>,
+}
+
+impl FromArgMatches for EgressPolicy {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        Self::from_arg_matches_mut(&mut m.clone())
+    }
+
+    fn from_arg_matches_mut(m: &mut clap::ArgMatches) -> Result<Self, clap::Error> {
+        let spec = EgressArgs::from_arg_matches_mut(m)?
+            .spec()
+            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ValueValidation, e))?;
+        Ok(EgressPolicy { spec })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl Args for EgressPolicy {
+    fn group_id() -> Option<clap::Id> {
+        EgressArgs::group_id()
+    }
+
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        EgressArgs::augment_args(cmd)
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        EgressArgs::augment_args_for_update(cmd)
     }
 }
 
@@ -321,7 +387,7 @@ mod tests {
     #[derive(Parser)]
     struct T {
         #[command(flatten)]
-        e: EgressArgs,
+        e: EgressPolicy,
     }
 
     #[test]
@@ -343,7 +409,7 @@ mod tests {
             "any,udp:53",
         ])
         .unwrap();
-        let spec = t.e.spec().unwrap();
+        let spec = t.e.spec.unwrap();
         let shown: Vec<String> = spec.rules.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
@@ -360,8 +426,40 @@ mod tests {
     }
 
     #[test]
+    fn the_limit_counts_the_file_and_the_options_together() {
+        use forwarder::egress::MAX_RULES;
+        let dir = std::env::temp_dir().join(format!("usernet-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("policy");
+        std::fs::write(&file, "deny 198.51.100.1\n".repeat(MAX_RULES)).unwrap();
+        let file = file.to_str().unwrap();
+        let t = T::try_parse_from(["t", "--egress-policy", file, "--deny-private"]).unwrap();
+        assert_eq!(t.e.spec.unwrap().rules.len(), MAX_RULES + 1);
+        for (args, culprit) in [
+            (["--egress-policy", file, "--deny", "192.0.2.1"], "--deny"),
+            (
+                ["--allow", "192.0.2.1", "--egress-policy", file],
+                "--egress-policy",
+            ),
+        ] {
+            let e = T::try_parse_from(["t"].into_iter().chain(args))
+                .err()
+                .unwrap();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
+            let want = format!("{culprit}: more than {MAX_RULES} rules");
+            assert!(e.to_string().contains(&want), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        let help = <T as clap::CommandFactory>::command()
+            .term_width(0)
+            .render_long_help();
+        let said = format!("At most {MAX_RULES} rules");
+        assert!(help.to_string().contains(&said), "{help}");
+    }
+
+    #[test]
     fn nothing_said_no_policy_and_bad_values_refused() {
-        assert!(T::try_parse_from(["t"]).unwrap().e.spec().is_none());
+        assert!(T::try_parse_from(["t"]).unwrap().e.spec.is_none());
         for bad in [
             ["t", "--allow", "10.0.0.1/8"],
             ["t", "--deny", "any,tcp:0"],

@@ -888,7 +888,7 @@ fn forwarder_with(
         smoltcp::time::Instant::from_micros(0),
     );
     fwd.set_host_addrs(egress::host_addrs());
-    fwd.set_egress(&[], net.egress.spec().as_ref());
+    fwd.set_egress(&[], net.egress.spec.as_ref());
     fwd
 }
 
@@ -992,7 +992,7 @@ fn network_command(args: NetworkArgs) -> Result<i32, MainError> {
                 ip6,
                 mac,
                 publish: Vec::new(),
-                egress: egress.spec(),
+                egress: egress.spec,
                 namespace: target.clone(),
             };
             return network_connect(&name, &target, &spec, interface);
@@ -1075,7 +1075,7 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
         ip6: args.ip6,
         mac: args.macaddress,
         publish: args.net.publish.clone(),
-        egress: args.net.egress.spec(),
+        egress: args.net.egress.spec.clone(),
         namespace: "run".into(),
     };
     let lease = network::reserve(name, &spec)?;

@@ -5,7 +5,8 @@
 //! upstream, literal IPs, rebinding, TTL expiry, DNS to another resolver and over TCP);
 //! rules changed through the API with and without resetting open flows; what `curl`,
 //! `ping` and a plain `connect` print. Then one case each for `usernet run`, a network
-//! (its policy and a member's own) and pasta mode with podman's command line.
+//! (its policy and a member's own) and pasta mode with podman's command line; a policy
+//! file at the rule limit in `usernet run`, and one rule more refused as a usage error.
 //!
 //! "Nothing leaves": every denied address has a counting listener (TCP accepts, UDP
 //! datagrams), and in the first test W's `Ip: InReceives` (its own namespace's
@@ -740,4 +741,75 @@ fn egress_run_mode_rules_added_at_run_time_under_the_sandbox() {
     assert_eq!(f.stdout, "rc=7\nhello from the world\nrc=0\n", "{f}");
     assert_eq!(a.stats.accepted.load(Ordering::SeqCst), 0);
     assert_eq!(b.stats.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// A policy file of `forwarder::egress::MAX_RULES` rules, the last denying 203.0.113.7
+/// (the others deny addresses of 198.18.0.0/15 no test uses).
+fn full_policy(t: &Topology) -> std::path::PathBuf {
+    let n = forwarder::egress::MAX_RULES;
+    let mut text: String = (0..n - 1)
+        .map(|i| format!("deny 198.18.{}.{}\n", i / 256 % 256, i % 256))
+        .collect();
+    text.push_str("deny 203.0.113.7\n");
+    let path = t.tmp.join("full.policy");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn egress_run_mode_policy_file_at_the_limit_works() {
+    let Some(t) = Topology::new() else { return };
+    let denied = http_on(&t, Ipv4Addr::new(203, 0, 113, 7));
+    let open = http_on(&t, Ipv4Addr::new(203, 0, 113, 8));
+    let policy = full_policy(&t);
+    let f = UsernetCmd::new(&t)
+        .target([
+            "run",
+            "--egress-policy",
+            policy.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "curl -sS --max-time 5 http://203.0.113.7/; echo \"rc=$?\"; \
+             curl -sS --max-time 5 http://203.0.113.8/; echo \"rc=$?\"",
+        ])
+        .output(Duration::from_secs(60));
+    f.assert_success();
+    assert_eq!(f.stdout, "rc=7\nhello from the world\nrc=0\n", "{f}");
+    assert_eq!(denied.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(open.stats.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn egress_run_mode_policy_over_the_limit_with_an_option_is_a_usage_error() {
+    let Some(t) = Topology::new() else { return };
+    let policy = full_policy(&t);
+    let marker = t.tmp.join("ran");
+    // The file alone is at the limit; one --deny more is one rule too many, as in pasta
+    // mode, whichever comes first.
+    let policy = policy.to_str().unwrap();
+    for opts in [
+        ["--egress-policy", policy, "--deny", "203.0.113.8"],
+        ["--deny", "203.0.113.8", "--egress-policy", policy],
+    ] {
+        let f = UsernetCmd::new(&t)
+            .target(["run"].into_iter().chain(opts).chain([
+                "--",
+                "touch",
+                marker.to_str().unwrap(),
+            ]))
+            .output(Duration::from_secs(60));
+        assert_eq!(f.code(), Some(2), "{f}");
+        let culprit = if opts[0] == "--deny" {
+            "--egress-policy"
+        } else {
+            "--deny"
+        };
+        let want = format!(
+            "error: {culprit}: more than {} rules",
+            forwarder::egress::MAX_RULES
+        );
+        assert!(f.stderr.contains(&want), "{f}");
+        assert!(!marker.exists(), "the command ran: {f}");
+    }
 }

@@ -86,6 +86,11 @@ pub const TTL_MAX: u32 = 3600;
 /// Most rules in a policy.
 pub const MAX_RULES: usize = 100_000;
 
+/// The error of a policy over [`MAX_RULES`], whichever way it got there.
+fn too_many_rules() -> String {
+    format!("more than {MAX_RULES} rules")
+}
+
 /// What a rule does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -465,9 +470,27 @@ impl Spec {
     /// When the policy already has [`MAX_RULES`].
     pub fn push(&mut self, rule: RuleKind) -> Result<(), String> {
         if self.rules.len() >= MAX_RULES {
-            return Err(format!("more than {MAX_RULES} rules"));
+            return Err(too_many_rules());
         }
         self.rules.push(rule);
+        Ok(())
+    }
+
+    /// Adds a policy file's policy where it stands among a front end's options: its rules
+    /// after the rules so far, its default and name TTLs in place of these. Every front end
+    /// merges its files through this, so that the rules of all its files and options
+    /// together are held to [`MAX_RULES`].
+    ///
+    /// # Errors
+    /// When the rules would be more than [`MAX_RULES`] (nothing is added then).
+    pub fn append_file(&mut self, file: &Spec) -> Result<(), String> {
+        if self.rules.len() + file.rules.len() > MAX_RULES {
+            return Err(too_many_rules());
+        }
+        self.default = file.default;
+        self.ttl_min = file.ttl_min;
+        self.ttl_max = file.ttl_max;
+        self.rules.extend_from_slice(&file.rules);
         Ok(())
     }
 
@@ -1095,7 +1118,7 @@ impl Policy {
     /// When the policy has [`MAX_RULES`] already.
     pub fn insert(&mut self, at: Option<usize>, kind: RuleKind) -> Result<u32, String> {
         if self.rules.len() >= MAX_RULES {
-            return Err(format!("more than {MAX_RULES} rules"));
+            return Err(too_many_rules());
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -1494,6 +1517,32 @@ mod tests {
         let mut back = Spec::default();
         back.parse_file(&s.to_string()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn a_file_appends_its_rules_and_the_limit_counts_them_all() {
+        let mut s = spec(&["allow 192.0.2.1"], Action::Allow);
+        let mut file = spec(&["deny 192.0.2.0/24"], Action::Deny);
+        file.ttl_min = 5;
+        s.append_file(&file).unwrap();
+        let shown: Vec<String> = s.rules.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["allow 192.0.2.1", "deny 192.0.2.0/24"]);
+        assert_eq!((s.default, s.ttl_min), (Action::Deny, 5));
+        // A file of MAX_RULES rules fills a policy alone, not after another rule.
+        let full = Spec {
+            rules: vec![RuleKind::parse("deny 198.51.100.1").unwrap(); MAX_RULES],
+            ..Spec::default()
+        };
+        let mut s = spec(&["allow 192.0.2.1"], Action::Deny);
+        assert_eq!(
+            s.append_file(&full),
+            Err(format!("more than {MAX_RULES} rules"))
+        );
+        assert_eq!((s.rules.len(), s.default), (1, Action::Deny));
+        let mut s = Spec::default();
+        s.append_file(&full).unwrap();
+        assert_eq!(s.rules.len(), MAX_RULES);
+        assert!(s.push(RuleKind::DenyPrivate).is_err());
     }
 
     #[test]

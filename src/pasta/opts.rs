@@ -1061,13 +1061,7 @@ impl PastaOpts {
             }
             _ => {
                 let file = crate::egress::read_policy_file(v).map_err(bad)?;
-                self.egress.default = file.default;
-                self.egress.ttl_min = file.ttl_min;
-                self.egress.ttl_max = file.ttl_max;
-                for r in file.rules {
-                    self.egress.push(r).map_err(bad)?;
-                }
-                return Ok(());
+                return self.egress.append_file(&file).map_err(bad);
             }
         };
         let rule = RuleKind::parse(&format!("{verb} {v}")).map_err(bad)?;
