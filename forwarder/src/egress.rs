@@ -51,6 +51,11 @@
 //! hosts is one probe). A longest-prefix trie would not do better here: first-match
 //! order, not prefix length, decides, so every length must be looked at anyway.
 //!
+//! **The host's own addresses** are held once, by the forwarder's [`Egress`]
+//! ([`crate::Forwarder::set_host_addrs`], before or after any policy), and given to each
+//! check rather than put in the tables: `deny-private`'s entry comes after every address
+//! rule, so they are looked at only when no address rule matched.
+//!
 //! Limits: [`MAX_LEARNED`] addresses learned from names (expired ones are dropped first,
 //! in expiry order as answers come: a full table costs a new answer no scan of it;
 //! beyond, new answers are not learned and their flows follow the default). Denied flows
@@ -377,9 +382,8 @@ fn parse_domain(s: &str) -> Result<String, String> {
     }
 }
 
-/// A policy as written: its rules in order, the default, the TTL bounds of learned
-/// addresses, and the host's own addresses (which `deny-private` covers; the caller
-/// fills them in).
+/// A policy as written: its rules in order, the default and the TTL bounds of learned
+/// addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Spec {
     /// The rules, in order.
@@ -390,9 +394,6 @@ pub struct Spec {
     pub ttl_min: u32,
     /// Longest time, in seconds, a learned address stays allowed.
     pub ttl_max: u32,
-    /// The host's own addresses, denied by `deny-private` (a forwarder puts in its own,
-    /// [`crate::Forwarder::set_host_addrs`]).
-    pub host_addrs: Vec<IpAddr>,
 }
 
 impl Default for Spec {
@@ -403,7 +404,6 @@ impl Default for Spec {
             default: Action::Allow,
             ttl_min: TTL_MIN,
             ttl_max: TTL_MAX,
-            host_addrs: Vec::new(),
         }
     }
 }
@@ -512,8 +512,8 @@ impl std::str::FromStr for Spec {
 }
 
 impl fmt::Display for Spec {
-    /// The policy file's text of the policy (without the host's addresses):
-    /// [`parse_file`](Spec::parse_file) reads it back.
+    /// The policy file's text of the policy: [`parse_file`](Spec::parse_file) reads it
+    /// back.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "default {}", self.default)?;
         writeln!(f, "name-ttl {} {}", self.ttl_min, self.ttl_max)?;
@@ -524,7 +524,7 @@ impl fmt::Display for Spec {
     }
 }
 
-/// The blocks of `deny-private` (the host's own addresses are added from the [`Spec`]).
+/// The blocks of `deny-private` (and the host's own addresses, which the checks are given).
 pub const PRIVATE: &[&str] = &[
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -961,8 +961,9 @@ pub struct Policy {
     rules: Vec<Rule>,
     default: Action,
     default_hits: u64,
-    host_addrs: Vec<IpAddr>,
     order: Vec<Entry>,
+    /// The position in [`order`](Self::order) of the `deny-private` entry, the last.
+    private: Option<u32>,
     v4: Table,
     v6: Table,
     names: Names,
@@ -977,8 +978,8 @@ impl Policy {
             rules: Vec::new(),
             default: spec.default,
             default_hits: 0,
-            host_addrs: spec.host_addrs.clone(),
             order: Vec::new(),
+            private: None,
             v4: Table::new(32),
             v6: Table::new(128),
             names: Names {
@@ -1011,6 +1012,7 @@ impl Policy {
     /// drops the addresses of the rule it removes).
     fn rebuild(&mut self) {
         self.order.clear();
+        self.private = None;
         self.v4 = Table::new(32);
         self.v6 = Table::new(128);
         let mut private = None;
@@ -1043,14 +1045,11 @@ impl Policy {
             };
             let pos = self.order.len() as u32;
             self.order.push(e);
-            let blocks = PRIVATE
+            self.private = Some(pos);
+            for net in PRIVATE
                 .iter()
                 .map(|s| Cidr::parse(s).expect("valid built-in block"))
-                .chain(self.host_addrs.iter().map(|&a| match a {
-                    IpAddr::V4(a) => Cidr::V4(a, 32),
-                    IpAddr::V6(a) => Cidr::V6(a, 128),
-                }));
-            for net in blocks {
+            {
                 match net {
                     Cidr::V4(a, l) => self.v4.insert(to_bits(IpAddr::V4(a)), l, pos),
                     Cidr::V6(a, l) => self.v6.insert(to_bits(IpAddr::V6(a)), l, pos),
@@ -1099,8 +1098,7 @@ impl Policy {
         (self.default, self.default_hits)
     }
 
-    /// The policy as written now (rules and default; the TTL bounds and host addresses
-    /// it was made with).
+    /// The policy as written now (rules and default; the TTL bounds it was made with).
     pub fn spec(&self) -> Spec {
         let names = &self.names;
         Spec {
@@ -1108,7 +1106,6 @@ impl Policy {
             default: self.default,
             ttl_min: names.ttl_min,
             ttl_max: names.ttl_max,
-            host_addrs: self.host_addrs.clone(),
         }
     }
 
@@ -1182,8 +1179,9 @@ impl Policy {
     }
 
     /// Decides a new flow and counts the hit; a denied flow is logged (rate-limited).
-    pub fn check(&mut self, now: Instant, f: &FlowDst) -> Verdict {
-        let (v, rule) = self.decide_by(now, f);
+    /// `deny-private` covers `host_addrs`, the host's own addresses.
+    pub fn check(&mut self, now: Instant, f: &FlowDst, host_addrs: &[IpAddr]) -> Verdict {
+        let (v, rule) = self.decide_by(now, f, host_addrs);
         match (rule, v.by) {
             (Some(i), _) => self.rules[i].hits += 1,
             (None, Decider::Default) => self.default_hits += 1,
@@ -1195,13 +1193,19 @@ impl Policy {
         v
     }
 
-    /// Decides a flow without counting it (for flows already open, when rules change).
-    pub fn decide(&self, now: Instant, f: &FlowDst) -> Verdict {
-        self.decide_by(now, f).0
+    /// Decides a flow without counting it (for flows already open, when rules change); as
+    /// [`check`](Self::check).
+    pub fn decide(&self, now: Instant, f: &FlowDst, host_addrs: &[IpAddr]) -> Verdict {
+        self.decide_by(now, f, host_addrs).0
     }
 
     /// The verdict on `f` and the index of the rule that gave it, if a rule did.
-    fn decide_by(&self, now: Instant, f: &FlowDst) -> (Verdict, Option<usize>) {
+    fn decide_by(
+        &self,
+        now: Instant,
+        f: &FlowDst,
+        host_addrs: &[IpAddr],
+    ) -> (Verdict, Option<usize>) {
         if f.dns_service {
             let v = match (f.proto, self.filters_names()) {
                 (Proto::Tcp, true) => Verdict {
@@ -1224,6 +1228,12 @@ impl Policy {
                 (a, b) => a.or(b),
             }
         };
+        // The host's own addresses are `deny-private`'s too: its entry is the last, so
+        // they decide only where no address rule does.
+        let pos = pos.or_else(|| {
+            let own = host_addrs.contains(&f.dst) || host_addrs.contains(&f.host);
+            self.private.filter(|_| own)
+        });
         if let Some(pos) = pos {
             let e = self.order[pos as usize];
             let v = Verdict {
@@ -1301,19 +1311,15 @@ pub(crate) struct Egress {
     members: Vec<Option<Policy>>,
     /// A member's addresses -> its slot.
     member_of: HashMap<IpAddr, usize>,
-    /// The host's own addresses, which `deny-private` covers in every policy.
+    /// The host's own addresses, which `deny-private` covers in every policy: held here
+    /// alone and given to each check, so they may be set before or after the policies.
     pub host_addrs: Vec<IpAddr>,
 }
 
 impl Egress {
     /// Sets (`Some`) or removes the policy of `member` (its addresses; `None`: the
-    /// network's). Its `deny-private` covers [`host_addrs`](Self::host_addrs).
+    /// network's).
     pub fn set(&mut self, member: &[IpAddr], spec: Option<&Spec>) {
-        let spec = spec.map(|s| Spec {
-            host_addrs: self.host_addrs.clone(),
-            ..s.clone()
-        });
-        let spec = spec.as_ref();
         if member.is_empty() {
             self.all = spec.map(Policy::new);
             return;
@@ -1376,17 +1382,23 @@ impl Egress {
             action: Action::Allow,
             by: Decider::Default,
         };
-        let v = self.all.as_mut().map_or(allow, |p| p.check(now, f));
+        let host = &self.host_addrs;
+        let v = self.all.as_mut().map_or(allow, |p| p.check(now, f, host));
         if v.action == Action::Deny {
             return v;
         }
-        self.get_mut(Some(guest)).map_or(v, |p| p.check(now, f))
+        let own = self
+            .member_of
+            .get(&guest)
+            .and_then(|&i| self.members.get_mut(i));
+        own.and_then(Option::as_mut)
+            .map_or(v, |p| p.check(now, f, host))
     }
 
     /// Whether a flow already open would be denied now (not counted).
     pub fn denies(&self, now: Instant, guest: IpAddr, f: &FlowDst) -> bool {
         self.of(guest)
-            .any(|p| p.decide(now, f).action == Action::Deny)
+            .any(|p| p.decide(now, f, &self.host_addrs).action == Action::Deny)
     }
 
     /// Teaches the policies of `guest` (the network's and its own, those in force now)
@@ -1433,8 +1445,13 @@ mod tests {
         }
     }
 
+    /// The host's own address in [`allowed`]'s checks.
+    const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 77));
+
     fn allowed(p: &mut Policy, proto: Proto, dst: &str, port: u16) -> bool {
-        p.check(Instant::ZERO, &flow(proto, dst, port)).action == Action::Allow
+        p.check(Instant::ZERO, &flow(proto, dst, port), &[HOST])
+            .action
+            == Action::Allow
     }
 
     #[test]
@@ -1585,8 +1602,7 @@ mod tests {
 
     #[test]
     fn deny_private_covers_its_ranges_and_yields_to_any_allow() {
-        let mut s = spec(&["deny-private", "allow 192.168.1.10"], Action::Allow);
-        s.host_addrs = vec!["198.51.100.77".parse().unwrap()];
+        let s = spec(&["deny-private", "allow 192.168.1.10"], Action::Allow);
         let mut p = Policy::new(&s);
         for dst in [
             "10.1.2.3",
@@ -1619,6 +1635,29 @@ mod tests {
     }
 
     #[test]
+    fn host_addresses_count_whenever_they_are_set() {
+        let mut e = Egress::default();
+        let guest: IpAddr = "10.0.2.100".parse().unwrap();
+        e.set(&[], Some(&spec(&["deny-private"], Action::Allow)));
+        let own = flow(Proto::Tcp, "198.51.100.77", 80);
+        assert_eq!(e.check(Instant::ZERO, guest, &own).action, Action::Allow);
+        // After the policy: it covers them from the next flow on, as one set before.
+        e.host_addrs = vec![HOST];
+        assert_eq!(e.check(Instant::ZERO, guest, &own).by, Decider::Rule(1));
+        assert!(e.denies(Instant::ZERO, guest, &own));
+        // A member's own policy too, and an allow before deny-private still opens them.
+        e.set(&[], None);
+        let member = spec(
+            &["deny-private", "allow 198.51.100.77 tcp:80"],
+            Action::Allow,
+        );
+        e.set(&[guest], Some(&member));
+        assert_eq!(e.check(Instant::ZERO, guest, &own).by, Decider::Rule(2));
+        let other = flow(Proto::Tcp, "198.51.100.77", 81);
+        assert_eq!(e.check(Instant::ZERO, guest, &other).by, Decider::Rule(1));
+    }
+
+    #[test]
     fn mapped_destinations_match_either_address() {
         // The gateway 10.0.2.2 is the host's 127.0.0.1.
         let gw = FlowDst {
@@ -1629,19 +1668,19 @@ mod tests {
             dns_service: false,
         };
         let mut p = Policy::new(&spec(&["deny-private"], Action::Allow));
-        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Deny);
+        assert_eq!(p.check(Instant::ZERO, &gw, &[]).action, Action::Deny);
         let mut p = Policy::new(&spec(
             &["deny-private", "allow 10.0.2.2 tcp:8080"],
             Action::Allow,
         ));
-        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Allow);
+        assert_eq!(p.check(Instant::ZERO, &gw, &[]).action, Action::Allow);
         let mut p = Policy::new(&spec(&["deny 127.0.0.1"], Action::Allow));
-        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Deny);
+        assert_eq!(p.check(Instant::ZERO, &gw, &[]).action, Action::Deny);
         let mut p = Policy::new(&spec(
             &["allow 127.0.0.0/8", "deny 10.0.2.2"],
             Action::Allow,
         ));
-        assert_eq!(p.check(Instant::ZERO, &gw).action, Action::Allow);
+        assert_eq!(p.check(Instant::ZERO, &gw, &[]).action, Action::Allow);
     }
 
     /// A tiny deterministic generator for the table test.
@@ -1720,7 +1759,7 @@ mod tests {
             });
             let expect = scan.map_or(Decider::Default, |i| Decider::Rule(i as u32 + 1));
             assert_eq!(
-                p.decide(Instant::ZERO, &f).by,
+                p.decide(Instant::ZERO, &f, &[]).by,
                 expect,
                 "{ip} {proto} {port}"
             );
@@ -1822,7 +1861,8 @@ mod tests {
         // Not an allowed name: nothing learned.
         let other = reply("evil.test", &[[198, 51, 100, 1]], 300);
         assert_eq!(p.learn(t0, &other), 0);
-        let at = |p: &mut Policy, t: Instant, dst: &str| p.check(t, &flow(Proto::Tcp, dst, 443));
+        let at =
+            |p: &mut Policy, t: Instant, dst: &str| p.check(t, &flow(Proto::Tcp, dst, 443), &[]);
         assert_eq!(
             at(&mut p, t0, "203.0.113.5"),
             Verdict {
@@ -1875,11 +1915,11 @@ mod tests {
         assert_eq!(p.learn(at(10), &new(1)), 1);
         assert_eq!(p.names.learned.len(), MAX_LEARNED / 2 + 2);
         assert_eq!(
-            p.check(at(10), &flow(Proto::Tcp, "198.18.0.0", 80)).by,
+            p.check(at(10), &flow(Proto::Tcp, "198.18.0.0", 80), &[]).by,
             Decider::Name(1)
         );
         assert_eq!(
-            p.check(at(10), &flow(Proto::Tcp, "198.18.0.1", 80)).by,
+            p.check(at(10), &flow(Proto::Tcp, "198.18.0.1", 80), &[]).by,
             Decider::Default
         );
         // Answers renewing the same addresses leave no more entries in the expiry
@@ -1904,31 +1944,31 @@ mod tests {
             .unwrap();
         assert_eq!(deny, 2);
         assert_eq!(
-            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80), &[]).by,
             Decider::Name(1)
         );
         assert_eq!(
-            p.check(t0, &flow(Proto::Tcp, "192.0.2.1", 80)).by,
+            p.check(t0, &flow(Proto::Tcp, "192.0.2.1", 80), &[]).by,
             Decider::Rule(2)
         );
         let deny2 = p
             .insert(None, RuleKind::parse("deny 203.0.113.5").unwrap())
             .unwrap();
         assert_eq!(
-            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80), &[]).by,
             Decider::Rule(deny2)
         );
         assert!(p.remove(deny2));
         assert!(!p.remove(deny2));
         assert!(p.remove(deny));
         assert_eq!(
-            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80), &[]).by,
             Decider::Name(1)
         );
         // The name's rule goes: so do its addresses.
         assert!(p.remove(1));
         assert_eq!(
-            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80)).by,
+            p.check(t0, &flow(Proto::Tcp, "203.0.113.5", 80), &[]).by,
             Decider::Default
         );
         p.set_default(Action::Allow);
@@ -1944,17 +1984,17 @@ mod tests {
         };
         let mut p = Policy::new(&spec(&["deny-private"], Action::Deny));
         assert_eq!(
-            p.check(Instant::ZERO, &dns(Proto::Udp)).action,
+            p.check(Instant::ZERO, &dns(Proto::Udp), &[]).action,
             Action::Allow
         );
         assert_eq!(
-            p.check(Instant::ZERO, &dns(Proto::Tcp)).by,
+            p.check(Instant::ZERO, &dns(Proto::Tcp), &[]).by,
             Decider::DnsOverTcp
         );
         assert_eq!(p.default_action(), (Action::Deny, 0), "not counted");
         let mut p = Policy::new(&spec(&["deny-private"], Action::Allow));
         assert_eq!(
-            p.check(Instant::ZERO, &dns(Proto::Tcp)).action,
+            p.check(Instant::ZERO, &dns(Proto::Tcp), &[]).action,
             Action::Allow
         );
     }
@@ -1971,7 +2011,7 @@ mod tests {
         r.extend_from_slice(&ip.octets());
         assert_eq!(p.learn(Instant::ZERO, &r), 1);
         assert_eq!(
-            p.check(Instant::ZERO, &flow(Proto::Tcp, "2001:db8::42", 443))
+            p.check(Instant::ZERO, &flow(Proto::Tcp, "2001:db8::42", 443), &[])
                 .by,
             Decider::Name(1)
         );

@@ -895,8 +895,9 @@ impl Forwarder {
         self.nat.set_nameservers(&mut self.counters, list, io);
     }
 
-    /// The host's own addresses, which every egress policy's `deny-private` covers. Read
-    /// them once at start: a sandboxed process may not be able to later.
+    /// The host's own addresses, which every egress policy's `deny-private` covers, before
+    /// or after the policies are set. Read them once at start: a sandboxed process may not
+    /// be able to later.
     pub fn set_host_addrs(&mut self, addrs: Vec<IpAddr>) {
         self.nat.egress.host_addrs = addrs;
     }
