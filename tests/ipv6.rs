@@ -770,7 +770,7 @@ fn dns6_forwarder_relays_to_an_ipv6_nameserver() {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn configure_sets_fd00_100_without_tentative_and_default_route() {
+fn configure_sets_fd00_100_nodad_and_default_route() {
     let Some(t) = Topology::new_ipv6() else {
         return;
     };
@@ -785,6 +785,8 @@ fn configure_sets_fd00_100_without_tentative_and_default_route() {
         !line.contains("tentative"),
         "fd00::100 is tentative:\n{addrs}"
     );
+    // Added without duplicate address detection: usable at once, nothing to wait for.
+    assert!(line.contains("nodad"), "fd00::100 is not nodad:\n{addrs}");
     let route = ip(&["-n", &t.container, "-6", "route", "show", "default"]).stdout;
     assert!(
         route.contains("via fd00::2") && route.contains("tap0"),
