@@ -160,6 +160,9 @@ pub struct Extras {
     /// A mode's own parts of the loop (pasta's ports), started in this order after the
     /// `-p` rules are published.
     pub services: Vec<Box<dyn Subsystem>>,
+    /// The helper that opened the TAP ([`crate::netns::open_tap`]): reaped once ready is
+    /// reported, so that ready does not wait for its exit.
+    pub helper: Option<crate::netns::Helper>,
     /// `--pcap`: every TAP frame, both ways.
     pub pcap: Option<Pcap>,
 }
@@ -466,6 +469,7 @@ pub fn start(
             log::warn!("cannot write to the ready fd: {e}");
         }
     }
+    drop(extras.helper.take());
     Ok(running)
 }
 

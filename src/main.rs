@@ -237,14 +237,14 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
             ipv6,
         )
     });
-    let (tap, target) = match kind {
+    let (tap, target, helper) = match kind {
         NetnsType::Tapfd => {
             let fd = parse_fd(&target, "TAP file descriptor")?;
             let fd = sys::fd::adopt(fd).map_err(|source| MainError::Io {
                 what: format!("bad TAP file descriptor {target}"),
                 source,
             })?;
-            (Tap::from_fd(fd)?, None)
+            (Tap::from_fd(fd)?, None, None)
         }
         NetnsType::Pid | NetnsType::Path => {
             let target = if kind == NetnsType::Pid {
@@ -259,7 +259,8 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
                 vnet_hdr: true,
                 configure,
             };
-            (netns::open_tap(&spec)?, Some(target))
+            let (tap, helper) = netns::open_tap(&spec)?;
+            (tap, Some(target), Some(helper))
         }
     };
     let watch = match &target {
@@ -297,6 +298,7 @@ fn attach_mode(args: AttachArgs) -> Result<i32, MainError> {
         before_ready: None,
         services: Vec::new(),
         pcap: open_pcap(&args.net, &tap)?,
+        helper,
     };
     let setup = Setup {
         ipv6,
@@ -416,6 +418,7 @@ fn run_mode(args: RunArgs) -> Result<i32, MainError> {
         before_ready: None,
         services: Vec::new(),
         pcap: open_pcap(&args.net, &tap)?,
+        helper: None,
     };
     // Every set-up step first: if one fails, `hold` is dropped unreleased and the child
     // exits without running the command.
@@ -1039,7 +1042,7 @@ fn network_connect(
             configure: Some(member_link(&def, &lease, &ifname)),
         };
         match netns::open_tap(&attach) {
-            Ok(tap) => {
+            Ok((tap, _helper)) => {
                 network::attach(name, &lease, spec, &tap, &target)?;
                 println!(
                     "{} {} {}",

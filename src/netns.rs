@@ -251,7 +251,8 @@ pub enum NetnsError {
 /// namespace (`setns` into one's own user namespace fails with `EINVAL`). Then it joins
 /// the network namespace (`/proc/PID/ns/net` or the path), creates or attaches the TAP
 /// (see [`Tap::create`]), configures it when `spec.configure` is `Some`, and sends the
-/// descriptor back. The helper is reaped before this returns.
+/// descriptor back. It exits right after; the [`Helper`] returned with the TAP reaps it
+/// (a failed helper is reaped before this returns, for its exit status).
 ///
 /// Call it before starting threads (see [`sys::fork_child`]).
 ///
@@ -260,7 +261,7 @@ pub enum NetnsError {
 /// [`NetnsError::Helper`] with the helper's error text (e.g. `cannot join network
 /// namespace /proc/123/ns/net`, source `No such file or directory`); the other variants
 /// for local failures (`socketpair`, `fork`, receiving, a helper that died).
-pub fn open_tap(spec: &AttachSpec) -> Result<Tap, NetnsError> {
+pub fn open_tap(spec: &AttachSpec) -> Result<(Tap, Helper), NetnsError> {
     let netns = spec.target.netns_path();
     let userns = spec.target.userns_path(spec.userns.as_deref());
     let (parent_sock, child_sock) = seqpacket_pair()?;
@@ -274,10 +275,31 @@ pub fn open_tap(spec: &AttachSpec) -> Result<Tap, NetnsError> {
 
     let answer = receive(parent_sock.as_fd());
     // The helper exits right after answering (or failing to).
-    let status = reap(pid);
+    let helper = Helper(Some(pid));
     match answer {
-        Answer::Tap(fd) => Tap::from_fd(fd).map_err(NetnsError::ReceivedTap),
-        other => Err(answer_error(other, status)),
+        Answer::Tap(fd) => Ok((Tap::from_fd(fd).map_err(NetnsError::ReceivedTap)?, helper)),
+        other => Err(answer_error(other, helper.reap())),
+    }
+}
+
+/// The helper of [`open_tap`], which exits once it has handed the TAP over: reaped when
+/// dropped. Its exit takes a while (0.1-0.2 ms, its copy of our memory is torn down), so
+/// attach mode keeps it until ready has been reported.
+#[derive(Debug)]
+pub struct Helper(Option<Pid>);
+
+impl Helper {
+    /// Waits for the helper's exit; its status as text.
+    fn reap(mut self) -> String {
+        self.0.take().map_or_else(String::new, reap)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            reap(pid);
+        }
     }
 }
 
@@ -1055,7 +1077,7 @@ mod tests {
     #[test]
     fn open_tap_path_configures_link() {
         let ns = NetnsGuard::new("a");
-        let tap = open_tap(&AttachSpec {
+        let (tap, _helper) = open_tap(&AttachSpec {
             target: Target::Path(ns.path()),
             userns: None,
             tap_name: "tap0".into(),
@@ -1095,7 +1117,7 @@ mod tests {
             vnet_hdr: false,
             configure: None,
         };
-        let tap = open_tap(&spec).unwrap();
+        let (tap, _helper) = open_tap(&spec).unwrap();
         assert_eq!(tap.name(), "tap0");
         assert_eq!(tap.vnet_hdr_len(), 0);
         // Not configured: no address.
@@ -1135,7 +1157,7 @@ mod tests {
     fn open_tap_pid_joins_userns() {
         let mut target = UnshareGuard::new(true);
         let pid = target.pid();
-        let tap = open_tap(&AttachSpec {
+        let (tap, _helper) = open_tap(&AttachSpec {
             target: Target::Pid(pid),
             userns: None,
             tap_name: "tap0".into(),
@@ -1177,7 +1199,7 @@ mod tests {
             return;
         }
         let target = UnshareGuard::new(false);
-        let tap = open_tap(&AttachSpec {
+        let (tap, _helper) = open_tap(&AttachSpec {
             target: Target::Pid(target.pid()),
             userns: None,
             tap_name: "tap0".into(),
@@ -1192,7 +1214,7 @@ mod tests {
     fn open_tap_explicit_userns_path() {
         let target = UnshareGuard::new(true);
         let pid = target.pid();
-        let tap = open_tap(&AttachSpec {
+        let (tap, _helper) = open_tap(&AttachSpec {
             target: Target::Path(format!("/proc/{pid}/ns/net").into()),
             userns: Some(format!("/proc/{pid}/ns/user").into()),
             tap_name: "tap7".into(),

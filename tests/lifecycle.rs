@@ -38,6 +38,29 @@ fn ready_fd_gets_1_then_eof_once_configured() {
     u.assert_running();
 }
 
+/// The helper that opened the TAP in the container's namespaces is reaped once ready is
+/// reported (after it, not before: ready does not wait for the helper's exit): usernet
+/// keeps no zombie child.
+#[test]
+fn tap_helper_is_reaped_after_ready() {
+    let Some(t) = Topology::new() else { return };
+    let mut u = UsernetCmd::new(&t).args(["-c"]).start();
+    let children = format!("/proc/{0}/task/{0}/children", u.pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = fs::read_to_string(&children).expect("usernet's children");
+        if left.trim().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usernet still has children 10 s after ready: {left}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    u.assert_running();
+}
+
 #[test]
 fn exit_fd_closed_exits_0() {
     let Some(t) = Topology::new() else { return };

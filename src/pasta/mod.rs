@@ -491,7 +491,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         vnet_hdr: true,
         configure: opts.config_net.then(|| plan.link.clone()),
     };
-    let tap = netns::open_tap(&spec)?;
+    let (tap, helper) = netns::open_tap(&spec)?;
     // --no-netns-quit: the namespace or target process going away does not end usernet.
     let watch = if opts.no_netns_quit {
         None
@@ -513,6 +513,7 @@ fn run(opts: &PastaOpts) -> Result<i32, PastaRunError> {
         open_pcap(opts, &tap)?,
     );
     extras.resolv = resolv_watch(opts);
+    extras.helper = Some(helper);
     Ok(event_loop::run(tap, fwd, signals, extras)?)
 }
 
@@ -610,6 +611,7 @@ fn extras(
             .map(|p| Box::new(p) as Box<dyn crate::subsystem::Subsystem>)
             .collect(),
         pcap,
+        helper: None,
     }
 }
 
