@@ -38,7 +38,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
 use forwarder::nat::{NatConfig, Network, Network6};
 use forwarder::{Config, Forwarder, Limits, Topology};
 
@@ -82,10 +81,7 @@ fn main() -> ExitCode {
     if args.first().is_some_and(pasta::invoked_as_pasta) {
         return pasta::main(&args[1..]);
     }
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => conf::exit_on_parse_error(e),
-    };
+    let cli = Cli::parse_args(args);
     if let Some(Command::Pasta(p)) = &cli.command {
         return pasta::main(&p.args);
     }
