@@ -54,13 +54,7 @@ impl Cli {
     /// line that names a subcommand, or that the attach-only command does not take (help,
     /// an error), goes to the whole command, which gives its usual answer.
     pub fn parse_args(args: Vec<OsString>) -> Cli {
-        let names_subcommand = args
-            .iter()
-            .skip(1)
-            .take_while(|a| *a != "--")
-            .filter_map(|a| a.to_str())
-            .any(Command::has_subcommand);
-        if !names_subcommand {
+        if !names_subcommand(&args) {
             if let Ok(a) = AttachCli::try_parse_from(&args) {
                 return Cli {
                     version: a.version,
@@ -90,6 +84,16 @@ impl Cli {
         }
         Some(fds)
     }
+}
+
+/// Whether `args` (the program name first) name a subcommand before any `--`: one of
+/// [`Command`]'s, or clap's own `help`.
+fn names_subcommand(args: &[OsString]) -> bool {
+    args.iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .filter_map(|a| a.to_str())
+        .any(|a| a == "help" || Command::has_subcommand(a))
 }
 
 /// [`Cli`] without the subcommands: attach mode's options and `--version`, parsed the
@@ -1045,9 +1049,17 @@ mod tests {
                 format!("{whole:?}"),
                 "{line:?}"
             );
-            let sub = line.iter().skip(1).any(|a| Command::has_subcommand(a));
-            assert_eq!(whole.command.is_some(), sub, "{line:?}");
+            assert_eq!(
+                whole.command.is_some(),
+                names_subcommand(&args()),
+                "{line:?}"
+            );
         }
+        // clap's `help` subcommand is the whole command's too (the attach-only command
+        // would take it for a target).
+        let help: Vec<OsString> = ["usernet", "help"].map(OsString::from).into();
+        assert!(names_subcommand(&help));
+        assert!(AttachCli::try_parse_from(&help).is_ok());
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn assert_rejected(f: &Finished) {
 #[test]
 fn cli_help_on_stdout_exit_0_names_every_flag_callers_grep() {
     let Some(t) = Topology::new() else { return };
-    for flag in ["--help", "-h"] {
+    for flag in ["--help", "-h", "help"] {
         let f = usernet(&t, &[flag]);
         assert!(f.success(), "{f}");
         for needle in [
