@@ -2,7 +2,8 @@
  * in a busybox-only image and on the test host alike (busybox's nc has no UDP).
  *
  *   udp echo PORT                 echo every datagram on [::]:PORT (IPv4 too) back, forever
- *   udp send ADDR PORT PAYLOAD    send PAYLOAD (up to 10 tries, 2 s each) and print the reply
+ *   udp send ADDR PORT PAYLOAD    send PAYLOAD (up to 10 tries, 2 s each, 0.2 s after a
+ *                                 refusal) and print the reply
  *                                 and where it came from; exit 0 only for an identical reply
  */
 #include <arpa/inet.h>
@@ -86,8 +87,12 @@ int main(int argc, char **argv)
 			if (poll(&p, 1, 2000) != 1)
 				continue;
 			n = recvfrom(s, buf, sizeof(buf) - 1, 0, (struct sockaddr *)&peer, &len);
-			if (n < 0)
+			if (n < 0) {
+				/* ECONNREFUSED: nothing listens yet (a port `-u auto` publishes
+				 * within a second). Wait, so the tries span that. */
+				usleep(200000);
 				continue;
+			}
 			buf[n] = 0;
 			if (peer.ss_family == AF_INET)
 				inet_ntop(AF_INET, &((struct sockaddr_in *)&peer)->sin_addr, from, sizeof(from));
