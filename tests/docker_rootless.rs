@@ -86,7 +86,11 @@ fn rootless_docker_runs_usernet_as_slirp4netns_and_as_pasta() {
             File::create(logs.join(name))
                 .unwrap_or_else(|e| panic!("create {}: {e}", logs.join(name).display()))
         };
-        let status = Command::new("bash")
+        // A hang (a container that never ends, a stuck dockerd) fails the test with its
+        // logs instead of holding CI: a run takes 20-40 s, `timeout` ends it at 15 min
+        // (SIGTERM: the script's EXIT trap cleans up; SIGKILL 30 s later).
+        let status = Command::new("timeout")
+            .args(["--kill-after=30", "900", "bash"])
             .arg(&script)
             .arg(&root)
             .arg(usernet_bin())
@@ -112,8 +116,13 @@ fn rootless_docker_runs_usernet_as_slirp4netns_and_as_pasta() {
         }
         let (dir, stderr) = (logs.display(), read("stderr.txt"));
         let (dockerd, dns) = (read("dockerd.log"), read("dns.log"));
+        let timed_out = if status.code() == Some(124) {
+            " (timed out after 15 min)"
+        } else {
+            ""
+        };
         panic!(
-            "rootless Docker with usernet as {mode} (port driver {port_driver}) failed ({status}); \
+            "rootless Docker with usernet as {mode} (port driver {port_driver}) failed ({status}){timed_out}; \
              the script's output and the logs are kept in {dir}\n\
              --- the script's stdout\n{stdout}\n--- its stderr\n{stderr}\n\
              --- dockerd-rootless.sh's output (dockerd.log)\n{dockerd}\n\
