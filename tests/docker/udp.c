@@ -2,8 +2,8 @@
  * in a busybox-only image and on the test host alike (busybox's nc has no UDP).
  *
  *   udp echo PORT                 echo every datagram on [::]:PORT (IPv4 too) back, forever
- *   udp send ADDR PORT PAYLOAD    send PAYLOAD (up to 10 tries, 2 s each, 0.2 s after a
- *                                 refusal) and print the reply
+ *   udp send ADDR PORT PAYLOAD    send PAYLOAD (up to 10 tries of 2 s, and 20 s of
+ *                                 refusals) and print the reply
  *                                 and where it came from; exit 0 only for an identical reply
  */
 #include <arpa/inet.h>
@@ -74,22 +74,24 @@ int main(int argc, char **argv)
 			perror("connect");
 			return 1;
 		}
-		for (int i = 0; i < 10; i++) {
+		/* 10 tries that time out; a refusal (nothing listens yet: a port `-u auto`
+		 * publishes within a second) is no try, it waits 0.2 s, 100 of them at most:
+		 * 20 s, what the script gives a published TCP port. */
+		for (int tries = 0, refused = 0; tries < 10 && refused < 100;) {
 			struct pollfd p = { .fd = s, .events = POLLIN };
 			struct sockaddr_storage peer;
 			socklen_t len = sizeof(peer);
-			ssize_t n;
+			ssize_t n = -1;
 
-			if (send(s, argv[4], plen, 0) < 0) {
-				usleep(200000);
-				continue;
+			if (send(s, argv[4], plen, 0) >= 0) {
+				if (poll(&p, 1, 2000) != 1) {
+					tries++;
+					continue;
+				}
+				n = recvfrom(s, buf, sizeof(buf) - 1, 0, (struct sockaddr *)&peer, &len);
 			}
-			if (poll(&p, 1, 2000) != 1)
-				continue;
-			n = recvfrom(s, buf, sizeof(buf) - 1, 0, (struct sockaddr *)&peer, &len);
 			if (n < 0) {
-				/* ECONNREFUSED: nothing listens yet (a port `-u auto` publishes
-				 * within a second). Wait, so the tries span that. */
+				refused++;
 				usleep(200000);
 				continue;
 			}
