@@ -1231,8 +1231,8 @@ impl Policy {
         // The host's own addresses are `deny-private`'s too: its entry is the last, so
         // they decide only where no address rule does.
         let pos = pos.or_else(|| {
-            let own = host_addrs.contains(&f.dst) || host_addrs.contains(&f.host);
-            self.private.filter(|_| own)
+            self.private
+                .filter(|_| host_addrs.contains(&f.dst) || host_addrs.contains(&f.host))
         });
         if let Some(pos) = pos {
             let e = self.order[pos as usize];
