@@ -17,6 +17,7 @@
 //! | rr | 1-byte TCP ping-pong container <-> host, one-way (RTT/2, as sockperf) | µs |
 //! | rr_cpu | the engine's CPU use during rr (what busy polling costs) | % of one CPU |
 //! | crr | connect + 1 B + 1 B + close per connection, sequential | conn/s |
+//! | crr_connect | crr's `connect()`, median (the handshake through the engine, as the client waits for it) | µs |
 //! | crr_1k_rules | crr with 1,000 egress rules in force (usernet: four prefix lengths, none matching) | conn/s |
 //! | crr6 | crr over IPv6 (`fd00::2` -> host `::1`; kernel: `fd00:253:3::1`) | conn/s |
 //! | udp_1400, udp_8000 | iperf3 -u at a fixed offered rate, -l 1400 / 8000 | Gbit/s received, loss % |
@@ -34,7 +35,7 @@
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
 //! `ENGINES` ("usernet usernet-pasta slirp4netns pasta pasta2025 kernel"), `FIGURES` (all;
-//! `scale`, `udp` and `udp_max` name both of theirs, `rr` and `udp_rr` name their `_cpu` rows too), `UDP_RATE` (iperf3 -b, "1G"),
+//! `scale`, `udp` and `udp_max` name both of theirs, `rr` and `udp_rr` name their `_cpu` rows too, `crr` its `crr_connect`), `UDP_RATE` (iperf3 -b, "1G"),
 //! `SCALE_CONNS` (10000), `USERNET_BIN` (default target/release/usernet, rebuilt with
 //! `cargo build --release` when missing or older than the sources), `SLIRP4NETNS`, `PASTA`
 //! (other builds), `PASTA2025` (default `/var/lib/usernet-bench/passt-2025/bin/pasta`).
@@ -89,6 +90,7 @@ enum Fig {
     Rr,
     RrCpu,
     Crr,
+    CrrConnect,
     CrrRules,
     Crr6,
     Udp1400,
@@ -105,7 +107,7 @@ enum Fig {
 }
 
 impl Fig {
-    const ALL: [Fig; 20] = [
+    const ALL: [Fig; 21] = [
         Fig::TcpOut,
         Fig::TcpOutP4,
         Fig::TcpIn,
@@ -113,6 +115,7 @@ impl Fig {
         Fig::Rr,
         Fig::RrCpu,
         Fig::Crr,
+        Fig::CrrConnect,
         Fig::CrrRules,
         Fig::Crr6,
         Fig::Udp1400,
@@ -137,6 +140,7 @@ impl Fig {
             Fig::Rr => "rr",
             Fig::RrCpu => "rr_cpu",
             Fig::Crr => "crr",
+            Fig::CrrConnect => "crr_connect",
             Fig::CrrRules => "crr_1k_rules",
             Fig::Crr6 => "crr6",
             Fig::Udp1400 => "udp_1400",
@@ -159,7 +163,7 @@ impl Fig {
             Fig::TcpOut | Fig::TcpOutP4 | Fig::TcpIn | Fig::TcpPub => ("Gbit/s", true),
             Fig::Udp1400 | Fig::Udp8000 => ("Gbit/s rx (loss)", true),
             Fig::Udp1400Max | Fig::Udp8000Max => ("Gbit/s at <1% loss", true),
-            Fig::Rr | Fig::UdpRr => ("µs", false),
+            Fig::Rr | Fig::UdpRr | Fig::CrrConnect => ("µs", false),
             Fig::Crr | Fig::CrrRules | Fig::Crr6 => ("conn/s", true),
             Fig::RrCpu | Fig::UdpRrCpu => ("% of a CPU", false),
             Fig::CpuPerGib => ("CPU s/GiB", false),
@@ -177,7 +181,12 @@ impl Fig {
             | Fig::ScaleTcpOut
             | Fig::RrCpu
             | Fig::UdpRrCpu => 0,
-            Fig::Rr | Fig::UdpRr | Fig::StartupMs | Fig::PastaReadyMs | Fig::ScaleRss => 1,
+            Fig::Rr
+            | Fig::UdpRr
+            | Fig::CrrConnect
+            | Fig::StartupMs
+            | Fig::PastaReadyMs
+            | Fig::ScaleRss => 1,
             _ => 2,
         }
     }
@@ -205,6 +214,8 @@ impl Fig {
             "scale" => Some(vec![Fig::ScaleTcpOut, Fig::ScaleRss]),
             // Latency with what it costs.
             "rr" => Some(vec![Fig::Rr, Fig::RrCpu]),
+            // Where a connection's time goes.
+            "crr" => Some(vec![Fig::Crr, Fig::CrrConnect]),
             "udp_rr" => Some(vec![Fig::UdpRr, Fig::UdpRrCpu]),
             "udp" => Some(vec![Fig::Udp1400, Fig::Udp8000]),
             "udp_max" => Some(vec![Fig::Udp1400Max, Fig::Udp8000Max]),
@@ -613,9 +624,21 @@ fn measure(
                 cpu
             }
         }
-        Fig::Crr => figures::crr(s, ctx, srv).map(|v| (v, None)),
-        Fig::CrrRules => figures::crr_rules(s, ctx, srv).map(|v| (v, None)),
-        Fig::Crr6 => figures::crr6(s, ctx, srv).map(|v| (v, None)),
+        Fig::Crr | Fig::CrrConnect => {
+            let r = figures::crr(s, ctx, srv);
+            let (rate, connect) = match r {
+                Ok(c) => (Ok((c.rate, None)), Ok((c.connect_us, None))),
+                Err(e) => (Err(e.clone()), Err(e)),
+            };
+            if f == Fig::Crr {
+                cache.insert(Fig::CrrConnect, connect);
+                rate
+            } else {
+                connect
+            }
+        }
+        Fig::CrrRules => figures::crr_rules(s, ctx, srv).map(|c| (c.rate, None)),
+        Fig::Crr6 => figures::crr6(s, ctx, srv).map(|c| (c.rate, None)),
         Fig::Udp1400 => udp("1400"),
         Fig::Udp8000 => udp("8000"),
         Fig::Udp1400Max => figures::udp_lossless(s, ctx, "1400").map(|(v, l)| (v, Some(l))),

@@ -366,12 +366,12 @@ pub fn rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<f64>
 
 /// Connect, 1 byte each way, close (RST, like crr.c, so the client has no TIME_WAIT pile-up),
 /// sequentially from the container: connections per second.
-pub fn crr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
+pub fn crr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<Crr, String> {
     crr_to(s, ctx, SocketAddr::from((s.host, srv.crr)))
 }
 
 /// [`crr`] over IPv6, to the host as the container sees it over IPv6.
-pub fn crr6(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
+pub fn crr6(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<Crr, String> {
     match (srv.crr6, s.host6()) {
         (Some(port), Some(host)) => crr_to(s, ctx, SocketAddr::from((host, port))),
         (None, _) => Err("no IPv6 on the host".into()),
@@ -379,11 +379,25 @@ pub fn crr6(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
     }
 }
 
-fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<f64, String> {
+/// A crr result.
+pub struct Crr {
+    /// Connections per second.
+    pub rate: f64,
+    /// The median time of a connection's `connect()`, µs: through a relay the client
+    /// sleeps until the relay has read its SYN and answered, where over veth the whole
+    /// handshake runs inside the call.
+    pub connect_us: f64,
+}
+
+fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<Crr, String> {
     let secs = Duration::from_secs(ctx.secs);
     sys::in_netns(&s.netns, secs + Duration::from_secs(30), move || {
-        let one = |addr: &SocketAddr| -> std::io::Result<()> {
+        // One entry per connection: a few MB for the fastest engine's 5 s.
+        let mut connects: Vec<Duration> = Vec::new();
+        let mut one = |addr: &SocketAddr| -> std::io::Result<()> {
+            let t = Instant::now();
             let mut c = TcpStream::connect_timeout(addr, CONNECT_TIMEOUT)?;
+            connects.push(t.elapsed());
             c.set_nodelay(true)?;
             setsockopt(
                 &c,
@@ -416,7 +430,10 @@ fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<f64, String> {
         if n == 0 || fails > 100 {
             return Err(format!("{n} ok, {fails} failed: {last_err}"));
         }
-        Ok(n as f64 / t0.elapsed().as_secs_f64())
+        let rate = n as f64 / t0.elapsed().as_secs_f64();
+        connects.sort_unstable();
+        let connect_us = connects[connects.len() / 2].as_secs_f64() * 1e6;
+        Ok(Crr { rate, connect_us })
     })
 }
 
@@ -424,7 +441,7 @@ fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<f64, String> {
 /// /24, /20 and /16 blocks that the flows never match, so that every connection looks up
 /// four prefix lengths for both its addresses (the gateway and the host's loopback) and
 /// falls through to the default. The rules go in through the API and are removed after.
-pub fn crr_rules(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<f64, String> {
+pub fn crr_rules(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<Crr, String> {
     let sock = s.api_socket.as_ref().ok_or("no API socket")?;
     let mut ids = Vec::new();
     // Every rule added is removed again, whatever fails: left behind, rules would weigh
