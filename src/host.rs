@@ -129,8 +129,11 @@ pub struct Sockets {
     opener: Option<Box<dyn NsOpener>>,
     /// Streams closed this turn, closed for real by [`Sockets::end_turn`].
     closing: Vec<(TcpStream, Close)>,
-    /// The ids closed this turn (see [`Sockets::closed_this_turn`]).
-    closed: Vec<usize>,
+    /// The number of the current turn, counted by [`Sockets::end_turn`] from 1.
+    turn: u64,
+    /// For each id, the turn its last socket was closed in (0: never); see
+    /// [`Sockets::closed_this_turn`].
+    closed_in: Vec<u64>,
     /// A TCP socket made ahead of need for each family (IPv4, IPv6), with its options
     /// set; see [`Sockets::end_turn`].
     spare: [Option<Socket>; 2],
@@ -166,7 +169,8 @@ impl Sockets {
             gso: msg::udp_gso_supported(),
             opener: None,
             closing: Vec::new(),
-            closed: Vec::new(),
+            turn: 1,
+            closed_in: Vec::new(),
             // A family the host lacks has none (and its connects fail as they would).
             spare: [tcp_socket(Domain::IPV4).ok(), tcp_socket(Domain::IPV6).ok()],
             refill: [false; 2],
@@ -192,8 +196,9 @@ impl Sockets {
     /// the closed socket, not from the flow that may already reuse the id (whose socket's
     /// events come after the next wait): the event loop drops them, or a stale end of
     /// stream would end the new flow's stream early.
+    #[inline]
     pub fn closed_this_turn(&self, id: usize) -> bool {
-        self.closed.contains(&id)
+        self.closed_in.get(id) == Some(&self.turn)
     }
 
     /// The work of a turn that the guest need not wait for: the event loop calls it once
@@ -206,7 +211,7 @@ impl Sockets {
     ///   (`socket(2)`, and `TCP_NODELAY` set). One per family, so at most one connect per
     ///   turn takes a spare; the others make their socket at once, as all did before.
     pub fn end_turn(&mut self) {
-        self.closed.clear();
+        self.turn += 1;
         for (s, how) in self.closing.drain(..) {
             if how == Close::Reset {
                 let _ = socket2::SockRef::from(&s).set_linger(Some(std::time::Duration::ZERO));
@@ -499,7 +504,10 @@ impl HostIo for Sockets {
     }
 
     fn close(&mut self, id: usize, how: Close) {
-        self.closed.push(id);
+        if self.closed_in.len() <= id {
+            self.closed_in.resize(id + 1, 0);
+        }
+        self.closed_in[id] = self.turn;
         let entry = self.take(id);
         match entry {
             Entry::Free => {}
@@ -768,5 +776,29 @@ mod tests {
             s.read(3, &mut buf).unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
+    }
+
+    /// Many ids closed in one turn, one of them reused at once: all are closed this turn,
+    /// no other id is, and the next turn starts with none.
+    #[test]
+    fn closed_this_turn_holds_for_the_turn_of_the_close() {
+        let (_poll, mut s) = sockets();
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = server.local_addr().unwrap();
+        for id in (0..200).step_by(2) {
+            s.close(id, Close::Clean);
+        }
+        s.tcp_connect(4, target, None).unwrap();
+        for id in 0..300 {
+            assert_eq!(s.closed_this_turn(id), id < 200 && id % 2 == 0, "id {id}");
+        }
+        s.end_turn();
+        assert!((0..300).all(|id| !s.closed_this_turn(id)), "a new turn");
+        s.close(4, Close::Reset);
+        s.close(250, Close::Clean);
+        let closed: Vec<usize> = (0..300).filter(|&id| s.closed_this_turn(id)).collect();
+        assert_eq!(closed, [4, 250]);
+        s.end_turn();
+        assert!((0..300).all(|id| !s.closed_this_turn(id)));
     }
 }
