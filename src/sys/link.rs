@@ -496,7 +496,7 @@ fn configure_ipv6(name: &str, v6: &Ipv6Link, routes: &[Route]) -> Result<(), Lin
             }
         })?;
     }
-    wait_not_tentative(v6.addr, name);
+    warn_if_tentative(v6.addr, name);
     Ok(())
 }
 
@@ -563,36 +563,27 @@ fn add_addr6_nodad(index: u32, addr: Ipv6Addr, prefix_len: u8) -> io::Result<()>
     }
 }
 
-/// Waits (at most [`DAD_WAIT`]) until `addr` has lost its tentative flag: at once with
-/// [`add_addr6_nodad`]'s address, which never has it. A guard for a kernel that sets it
-/// anyway (the kernel clears it from a background job, which lags under load): until
-/// then the address cannot be bound, and the guest's first connections would leave from
-/// its link-local address instead. Reads `/proc/net/if_inet6`, which shows the calling
-/// thread's network namespace.
-fn wait_not_tentative(addr: Ipv6Addr, name: &str) {
+/// Warns if `addr` on link `name` is still tentative: never with [`add_addr6_nodad`]'s
+/// address, which is usable at once. A guard for a kernel that sets the flag anyway: until
+/// its background job clears it the address cannot be bound, and the guest's first
+/// connections would leave from its link-local address instead. Reads
+/// `/proc/net/if_inet6`, which shows the calling thread's network namespace.
+fn warn_if_tentative(addr: Ipv6Addr, name: &str) {
     const IFA_F_TENTATIVE: u32 = 0x40;
+    let Ok(table) = std::fs::read_to_string("/proc/net/if_inet6") else {
+        return;
+    };
     let hex: String = addr.octets().iter().map(|b| format!("{b:02x}")).collect();
-    let deadline = std::time::Instant::now() + DAD_WAIT;
-    while std::time::Instant::now() < deadline {
-        let Ok(table) = std::fs::read_to_string("/proc/net/if_inet6") else {
-            return;
-        };
-        let flags = table.lines().find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            (f.len() >= 6 && f[0] == hex && f[5] == name)
-                .then(|| u32::from_str_radix(f[4], 16).ok())?
-        });
-        match flags {
-            Some(flags) if flags & IFA_F_TENTATIVE != 0 => {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            _ => return,
-        }
+    let flags = table.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() >= 6 && f[0] == hex && f[5] == name).then(|| u32::from_str_radix(f[4], 16).ok())?
+    });
+    if flags.is_some_and(|flags| flags & IFA_F_TENTATIVE != 0) {
+        log::warn!(
+            "{addr} on {name} is tentative despite IFA_F_NODAD: unusable until the kernel clears it"
+        );
     }
 }
-
-/// How long [`configure`] waits for the IPv6 address to become usable.
-const DAD_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `IFF_UP` as the `short` of `ifr_flags`.
 const IFF_UP: c_short = libc::IFF_UP as c_short;
