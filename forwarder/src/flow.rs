@@ -62,7 +62,8 @@ impl Flow {
             Flow::UdpIn(f) => Some(&mut f.timer),
             Flow::Icmp(f) => Some(&mut f.timer),
             Flow::Port(l) => Some(&mut l.retry),
-            Flow::Splice(f) => Some(&mut f.timer),
+            Flow::Splice(splice::SpliceFlow::Assoc { timer, .. }) => Some(timer),
+            Flow::Splice(_) => None,
         }
     }
 }
@@ -1006,7 +1007,11 @@ impl Nat {
                 }
                 Flow::UdpIn(f) => f.last_active + self.cfg.udp_idle,
                 Flow::Icmp(f) => f.last_active + icmp::IDLE,
-                Flow::Splice(f) => f.last_active + splice::UDP_IDLE,
+                Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. }) => {
+                    *last_active + splice::UDP_IDLE
+                }
+                // No timer (`timer_slot`).
+                Flow::Splice(_) => continue,
                 Flow::Port(_) => {
                     // A retry after EMFILE.
                     self.port_ready(link, c, now, id, io);
@@ -1163,13 +1168,13 @@ impl Nat {
             }
             Flow::Splice(f) => {
                 io.host.close(id, Close::Clean);
-                match f.kind {
-                    splice::Kind::Listener { .. } => {
+                match f {
+                    splice::SpliceFlow::Listener { .. } => {
                         self.close_assocs(c, id, io);
                         return;
                     }
-                    splice::Kind::Pair => {}
-                    splice::Kind::Assoc {
+                    splice::SpliceFlow::Pair => {}
+                    splice::SpliceFlow::Assoc {
                         listener, client, ..
                     } => {
                         self.table.splice_assoc.remove(&(listener, client));
@@ -1400,7 +1405,7 @@ impl Nat {
                     client,
                     port: guest.port(),
                 };
-                self.splice_pair(c, now, conn, to, io);
+                self.splice_pair(c, conn, to, io);
             } else if self.table.tcp_map.len() >= self.cfg.limits.tcp_flows {
                 c.tcp_table_full += 1;
                 io.host.close(conn, Close::Reset);
@@ -1414,7 +1419,6 @@ impl Nat {
     fn splice_pair<H: HostIo>(
         &mut self,
         c: &mut Counters,
-        now: Instant,
         conn: usize,
         to: SpliceTo,
         io: &mut Io<'_, H>,
@@ -1428,22 +1432,21 @@ impl Nat {
             log::debug!("cannot splice a connection to {to:?}: {e}");
             return;
         }
-        let id = self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
-            kind: splice::Kind::Pair,
-            last_active: now,
-            timer: None,
-        }));
+        let id = self
+            .table
+            .flows
+            .insert(Flow::Splice(splice::SpliceFlow::Pair));
         debug_assert_eq!(id, conn, "the accepted connection's id is the next entry");
         self.table.spliced += 1;
     }
 
-    /// A new spliced association as the next entry, with its idle timer; `open` opens
-    /// its host socket (given the entry's id).
+    /// The new spliced association `assoc` (a [`splice::SpliceFlow::Assoc`]) as the next
+    /// entry, with its idle timer; `open` opens its host socket (given the entry's id).
     fn splice_assoc<H: HostIo>(
         &mut self,
         c: &mut Counters,
         now: Instant,
-        kind: splice::Kind,
+        assoc: splice::SpliceFlow,
         io: &mut Io<'_, H>,
         open: impl FnOnce(&mut H, usize) -> io::Result<()>,
     ) -> Option<usize> {
@@ -1453,21 +1456,17 @@ impl Nat {
         }
         let id = self.table.flows.vacant_key();
         if let Err(e) = open(io.host, id) {
-            log::debug!("cannot open a spliced association ({kind:?}): {e}");
+            log::debug!("cannot open a spliced association ({assoc:?}): {e}");
             c.udp_send_dropped += 1;
             return None;
         }
-        self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
-            kind,
-            last_active: now,
-            timer: None,
-        }));
-        if let splice::Kind::Assoc {
+        if let splice::SpliceFlow::Assoc {
             listener, client, ..
-        } = kind
+        } = assoc
         {
             self.table.splice_assoc.insert((listener, client), id);
         }
+        self.table.flows.insert(Flow::Splice(assoc));
         self.table.spliced += 1;
         if let Some(slot) = self.table.flows.get_mut(id).and_then(Flow::timer_slot) {
             self.table.timers.arm(slot, id, now + splice::UDP_IDLE);
@@ -1486,8 +1485,8 @@ impl Nat {
         let Some(Flow::Splice(f)) = self.table.flows.get_mut(id) else {
             return;
         };
-        match f.kind {
-            splice::Kind::Pair => {
+        match *f {
+            splice::SpliceFlow::Pair => {
                 // A pair has no idle time: it lives as long as its two connections.
                 let (moved, done) = io.host.splice_relay(id);
                 c.splice_bytes += moved as u64;
@@ -1495,13 +1494,13 @@ impl Nat {
                     self.close_flow(c, id, io);
                 }
             }
-            splice::Kind::Listener {
+            splice::SpliceFlow::Listener {
                 proto: port::Proto::Tcp,
                 to,
             } => loop {
                 let conn = self.table.flows.vacant_key();
                 match io.host.accept(id, conn) {
-                    Ok(_) => self.splice_pair(c, now, conn, SpliceTo::Host(to), io),
+                    Ok(_) => self.splice_pair(c, conn, SpliceTo::Host(to), io),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         if e.kind() != io::ErrorKind::WouldBlock {
@@ -1511,16 +1510,17 @@ impl Nat {
                     }
                 }
             },
-            splice::Kind::Listener {
+            splice::SpliceFlow::Listener {
                 proto: port::Proto::Udp,
                 to,
             } => self.splice_from_listener(c, now, id, to, io),
             // Replies, to the client through its `-U` listener or published port, from
             // the address it sent to.
-            splice::Kind::Assoc {
+            splice::SpliceFlow::Assoc {
                 listener,
                 client,
                 local,
+                ..
             } => loop {
                 let buf = &mut self.published.scratch;
                 let n = match io.host.recv(id, buf) {
@@ -1528,8 +1528,10 @@ impl Nat {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
-                if let Some(Flow::Splice(f)) = self.table.flows.get_mut(id) {
-                    f.last_active = now;
+                if let Some(Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. })) =
+                    self.table.flows.get_mut(id)
+                {
+                    *last_active = now;
                 }
                 if io
                     .host
@@ -1560,10 +1562,12 @@ impl Nat {
             let aid = match self.table.splice_assoc.get(&(id, client)) {
                 Some(&a) => a,
                 None => {
-                    let kind = splice::Kind::Assoc {
+                    let assoc = splice::SpliceFlow::Assoc {
                         listener: id,
                         client,
                         local,
+                        last_active: now,
+                        timer: None,
                     };
                     let bind: IpAddr = if to.is_ipv6() {
                         std::net::Ipv6Addr::LOCALHOST.into()
@@ -1571,14 +1575,16 @@ impl Nat {
                         Ipv4Addr::LOCALHOST.into()
                     };
                     let open = |h: &mut H, a| h.udp_open(a, to, Some(bind));
-                    match self.splice_assoc(c, now, kind, io, open) {
+                    match self.splice_assoc(c, now, assoc, io, open) {
                         Some(a) => a,
                         None => continue,
                     }
                 }
             };
-            if let Some(Flow::Splice(f)) = self.table.flows.get_mut(aid) {
-                f.last_active = now;
+            if let Some(Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. })) =
+                self.table.flows.get_mut(aid)
+            {
+                *last_active = now;
             }
             match io.host.send(aid, &self.published.scratch[..n]) {
                 Ok(_) => c.splice_bytes += n as u64,
@@ -1601,11 +1607,9 @@ impl Nat {
     ) -> io::Result<usize> {
         let id = self.table.flows.vacant_key();
         io.host.splice_listen(id, proto, addr)?;
-        self.table.flows.insert(Flow::Splice(splice::SpliceFlow {
-            kind: splice::Kind::Listener { proto, to },
-            last_active: Instant::ZERO,
-            timer: None,
-        }));
+        self.table
+            .flows
+            .insert(Flow::Splice(splice::SpliceFlow::Listener { proto, to }));
         Ok(id)
     }
 
@@ -1617,7 +1621,7 @@ impl Nat {
         io: &mut Io<'_, H>,
     ) {
         if let Some(Flow::Splice(f)) = self.table.flows.get(id) {
-            if matches!(f.kind, splice::Kind::Listener { .. }) {
+            if matches!(f, splice::SpliceFlow::Listener { .. }) {
                 self.close_flow(c, id, io);
             }
         }
@@ -1641,20 +1645,24 @@ impl Nat {
         let id = match self.table.splice_assoc.get(&(listener, client)) {
             Some(&id) => id,
             None => {
-                let kind = splice::Kind::Assoc {
+                let assoc = splice::SpliceFlow::Assoc {
                     listener,
                     client,
                     local,
+                    last_active: now,
+                    timer: None,
                 };
                 let open = |h: &mut H, id| h.splice_udp(id, client, guest_port);
-                match self.splice_assoc(c, now, kind, io, open) {
+                match self.splice_assoc(c, now, assoc, io, open) {
                     Some(id) => id,
                     None => return,
                 }
             }
         };
-        if let Some(Flow::Splice(f)) = self.table.flows.get_mut(id) {
-            f.last_active = now;
+        if let Some(Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. })) =
+            self.table.flows.get_mut(id)
+        {
+            *last_active = now;
         }
         match io.host.send(id, data) {
             Ok(n) => c.splice_bytes += n as u64,

@@ -17,11 +17,11 @@
 //!   connection to an address on the host's loopback, and whose datagrams go through a
 //!   UDP association per client: a host socket connected to that address.
 //!
-//! Both kinds of association are one [`Kind::Assoc`], found again by (listener, client):
-//! the forwarder sends the client's datagrams on the association's socket, receives the
-//! replies there and sends them to the client through the listener's socket (the
-//! published port's or the `-U` one), both named by flow id, from the local address the
-//! client's first datagram arrived on. A listener bound to a wildcard address learns it
+//! Both kinds of association are one [`SpliceFlow::Assoc`], found again by (listener,
+//! client): the forwarder sends the client's datagrams on the association's socket,
+//! receives the replies there and sends them to the client through the listener's socket
+//! (the published port's or the `-U` one), both named by flow id, from the local address
+//! the client's first datagram arrived on. A listener bound to a wildcard address learns it
 //! with each datagram (`IP_PKTINFO`, as a published port does for its flows through the
 //! guest link): a client that sent to 127.0.0.2, or to another local address, takes its
 //! replies from there, where the route would pick 127.0.0.1 and a `connect()`ed client
@@ -47,30 +47,25 @@ use crate::port::Proto;
 /// where [`crate::Config::udp_idle`] of flows through the guest link is 60 s).
 pub const UDP_IDLE: Duration = Duration::from_secs(180);
 
-/// What a spliced entry of the flow table is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// A relayed TCP connection.
+/// A spliced entry of the flow table.
+#[derive(Debug)]
+pub(crate) enum SpliceFlow {
+    /// A relayed TCP connection (no idle time: it lives as long as its connections).
     Pair,
-    /// A `-T/-U` listener inside the namespace, relayed to `to` on the host.
+    /// A `-T/-U` listener inside the namespace, relayed to `to` on the host (no idle time:
+    /// it lives until removed).
     Listener { proto: Proto, to: SocketAddr },
     /// A UDP client's association: a socket connected to the `-U` listener's `to`, or
     /// to the published port's guest port inside the namespace; replies go back
     /// through `listener` (the `-U` listener or the published port) to `client`, from
     /// `local`, the address the client's first datagram arrived on (`None`: by route,
-    /// for a listener bound to one address).
+    /// for a listener bound to one address). It ends [`UDP_IDLE`] after `last_active`,
+    /// its last datagram either way, on its idle `timer`.
     Assoc {
         listener: usize,
         client: SocketAddr,
         local: Option<IpAddr>,
+        last_active: Instant,
+        timer: Option<Instant>,
     },
-}
-
-/// A spliced entry of the flow table.
-pub(crate) struct SpliceFlow {
-    pub kind: Kind,
-    /// An association's last datagram, either way (pairs and listeners have no idle time).
-    pub last_active: Instant,
-    /// An association's idle timer.
-    pub timer: Option<Instant>,
 }
