@@ -135,11 +135,12 @@ impl PastaPorts {
             || auto_tcp_ns.is_some()
             || auto_udp_ns.is_some()
             || !ns_static.is_empty();
-        // Loopback clients of forwarded ports are relayed here.
+        // Loopback clients of forwarded ports are relayed here. The `-t/-u` rules are
+        // made from these ranges and exclusions: without them there are none.
         let forwarded = [&opts.tcp, &opts.udp]
             .iter()
             .any(|s| !s.ranges.is_empty() || !s.all_but.is_empty());
-        if rules.is_empty() && !dynamic && !forwarded {
+        if !dynamic && !forwarded {
             return Ok(None);
         }
         let agent = Rc::new(Agent::spawn(target, opts.userns.as_deref())?);
