@@ -1387,12 +1387,12 @@ impl Egress {
         if v.action == Action::Deny {
             return v;
         }
+        // Not `get_mut`: it would borrow all of `self`, `host_addrs` with it.
         let own = self
             .member_of
             .get(&guest)
-            .and_then(|&i| self.members.get_mut(i));
-        own.and_then(Option::as_mut)
-            .map_or(v, |p| p.check(now, f, host))
+            .and_then(|&i| self.members.get_mut(i)?.as_mut());
+        own.map_or(v, |p| p.check(now, f, host))
     }
 
     /// Whether a flow already open would be denied now (not counted).
