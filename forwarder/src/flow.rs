@@ -259,6 +259,16 @@ impl FlowTable {
         }
     }
 
+    /// A datagram passed through spliced association `id`, either way, at `now`: its idle
+    /// time starts again.
+    fn touch_assoc(&mut self, id: usize, now: Instant) {
+        if let Some(Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. })) =
+            self.flows.get_mut(id)
+        {
+            *last_active = now;
+        }
+    }
+
     /// Whether `guest` has as many flows open as a member may (counted).
     fn member_full(&self, c: &mut Counters, guest: &IpAddress) -> bool {
         let full = self
@@ -1528,11 +1538,7 @@ impl Nat {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
-                if let Some(Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. })) =
-                    self.table.flows.get_mut(id)
-                {
-                    *last_active = now;
-                }
+                self.table.touch_assoc(id, now);
                 if io
                     .host
                     .send_msg(listener, &buf[..n], Some(client), local, None)
@@ -1581,11 +1587,7 @@ impl Nat {
                     }
                 }
             };
-            if let Some(Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. })) =
-                self.table.flows.get_mut(aid)
-            {
-                *last_active = now;
-            }
+            self.table.touch_assoc(aid, now);
             match io.host.send(aid, &self.published.scratch[..n]) {
                 Ok(_) => c.splice_bytes += n as u64,
                 Err(_) => c.udp_send_dropped += 1,
@@ -1659,11 +1661,7 @@ impl Nat {
                 }
             }
         };
-        if let Some(Flow::Splice(splice::SpliceFlow::Assoc { last_active, .. })) =
-            self.table.flows.get_mut(id)
-        {
-            *last_active = now;
-        }
+        self.table.touch_assoc(id, now);
         match io.host.send(id, data) {
             Ok(n) => c.splice_bytes += n as u64,
             Err(_) => c.udp_send_dropped += 1,
