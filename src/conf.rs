@@ -22,7 +22,6 @@ use forwarder::port::Proto;
 #[derive(Debug, Parser)]
 #[command(
     name = "usernet",
-    disable_version_flag = true,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     override_usage = "usernet [OPTIONS] PID|PATH|FD [TAPNAME]\n       usernet run [OPTIONS] -- COMMAND [ARG]...",
@@ -33,9 +32,8 @@ namespace file PATH, or use the open TAP file descriptor FD), create or attach T
 CMD in new user, network and mount namespaces connected this way."
 )]
 pub struct Cli {
-    /// Print version information and exit.
-    #[arg(short = 'v', long = "version", action = clap::ArgAction::SetTrue)]
-    pub version: bool,
+    #[command(flatten)]
+    pub version: VersionFlag,
 
     #[command(flatten)]
     pub attach: AttachArgs,
@@ -99,13 +97,23 @@ fn names_subcommand(args: &[OsString]) -> bool {
 /// [`Cli`] without the subcommands: attach mode's options and `--version`, parsed the
 /// same way (see [`Cli::parse_args`]).
 #[derive(Debug, Parser)]
-#[command(name = "usernet", disable_version_flag = true)]
+#[command(name = "usernet")]
 struct AttachCli {
-    #[arg(short = 'v', long = "version", action = clap::ArgAction::SetTrue)]
-    version: bool,
+    #[command(flatten)]
+    version: VersionFlag,
 
     #[command(flatten)]
     attach: AttachArgs,
+}
+
+/// slirp4netns's `-v/--version` in place of clap's `-V/--version`: one definition for
+/// [`Cli`] and [`AttachCli`], which flatten it (and so also turn clap's flag off).
+#[derive(Debug, Clone, Copy, Args)]
+#[command(disable_version_flag = true)]
+pub struct VersionFlag {
+    /// Print version information and exit.
+    #[arg(id = "version", short = 'v', long = "version", action = clap::ArgAction::SetTrue)]
+    pub asked: bool,
 }
 
 /// Subcommands.
@@ -1002,7 +1010,7 @@ mod tests {
     /// and leaves every subcommand to the whole command.
     #[test]
     fn parse_args_fast_path_matches_the_whole_command() {
-        let lines: [&[&str]; 6] = [
+        let lines: [&[&str]; 7] = [
             &[
                 "usernet",
                 "--configure",
@@ -1029,6 +1037,7 @@ mod tests {
                 "tap0",
             ],
             &["usernet", "--version"],
+            &["usernet", "-v", "42"],
             &[
                 "usernet",
                 "-c",
@@ -1060,6 +1069,11 @@ mod tests {
         let help: Vec<OsString> = ["usernet", "help"].map(OsString::from).into();
         assert!(names_subcommand(&help));
         assert!(AttachCli::try_parse_from(&help).is_ok());
+        // Both take slirp4netns's -v/--version ([`VersionFlag`]), neither clap's -V.
+        for (name, cmd) in [("Cli", Cli::command()), ("AttachCli", AttachCli::command())] {
+            let e = cmd.try_get_matches_from(["usernet", "-V"]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::UnknownArgument, "{name}");
+        }
     }
 
     #[test]

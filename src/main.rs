@@ -85,7 +85,7 @@ fn main() -> ExitCode {
     if let Some(Command::Pasta(p)) = &cli.command {
         return pasta::main(&p.args);
     }
-    if cli.version {
+    if cli.version.asked {
         print!("{}", conf::version_text());
         return ExitCode::SUCCESS;
     }
