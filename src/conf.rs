@@ -14,7 +14,7 @@ use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use forwarder::nat::{Network, Network6};
 use forwarder::port::Proto;
 
@@ -61,10 +61,35 @@ impl Cli {
                 };
             }
         }
-        match Cli::try_parse_from(args) {
+        match Cli::try_parse_whole(args) {
             Ok(cli) => cli,
             Err(e) => exit_on_parse_error(e),
         }
+    }
+
+    /// [`Cli::try_parse_from`], but an error of the values taken together (an egress
+    /// policy over its limit: [`EgressPolicy`](crate::egress::EgressPolicy)) shows the
+    /// usage of the subcommand given, as an error of one value does; clap's derive would
+    /// show the top-level usage, the only command it knows at that point.
+    fn try_parse_whole(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+        let mut cmd = Cli::command();
+        let mut matches = cmd.try_get_matches_from_mut(args)?;
+        // The subcommands given, outermost first (taking the values takes them away).
+        let mut given = Vec::new();
+        let mut m = &matches;
+        while let Some((name, sub)) = m.subcommand() {
+            given.push(name.to_owned());
+            m = sub;
+        }
+        Cli::from_arg_matches_mut(&mut matches).map_err(|e| {
+            let mut sub = &mut cmd;
+            for name in &given {
+                sub = sub
+                    .find_subcommand_mut(name)
+                    .expect("the command matched this subcommand");
+            }
+            e.format(sub)
+        })
     }
 
     /// Attach mode: the inherited descriptors the command line names (`-e`, `-r`, a

@@ -813,3 +813,44 @@ fn egress_run_mode_policy_over_the_limit_with_an_option_is_a_usage_error() {
         assert!(!marker.exists(), "the command ran: {f}");
     }
 }
+
+#[test]
+fn egress_policy_over_the_limit_shows_the_usage_of_the_command_given() {
+    let Some(t) = Topology::new() else { return };
+    let policy = full_policy(&t);
+    let over = [
+        "--egress-policy",
+        policy.to_str().unwrap(),
+        "--deny",
+        "203.0.113.8",
+    ];
+    let ns = t.container_ns();
+    let attach = ["--netns-type=path", ns.as_str(), "tap0"];
+    let run = ["run", "--", "true"];
+    let connect = ["network", "connect", "n", ns.as_str()];
+    let want = format!(
+        "error: --deny: more than {} rules\n\nUsage: ",
+        forwarder::egress::MAX_RULES
+    );
+    for (line, usage) in [
+        (
+            over.iter().chain(&attach).collect::<Vec<_>>(),
+            "Usage: usernet [OPTIONS] PID|PATH|FD [TAPNAME]\n",
+        ),
+        (
+            run[..1].iter().chain(&over).chain(&run[1..]).collect(),
+            "Usage: usernet run [OPTIONS] [COMMAND]...\n",
+        ),
+        (
+            connect.iter().chain(&over).collect(),
+            "Usage: usernet network connect [OPTIONS] <NAME> <TARGET>\n",
+        ),
+    ] {
+        let f = UsernetCmd::new(&t)
+            .target(line)
+            .output(Duration::from_secs(60));
+        assert_eq!(f.code(), Some(2), "{f}");
+        assert!(f.stderr.starts_with(&want), "{f}");
+        assert!(f.stderr.contains(usage), "not {usage:?}: {f}");
+    }
+}
