@@ -17,7 +17,8 @@
 //! - The options become one policy while the command line is parsed too
 //!   ([`EgressPolicy`]), the file merged as pasta mode merges its `--egress-policy`
 //!   ([`Spec::append_file`]): more rules than the forwarder's limit, the file's and the
-//!   options' together, is a usage error on every front end.
+//!   options' together (`--deny-private` is one, as a file's `deny-private` line is), is
+//!   a usage error on every front end.
 //! - `deny-private` also covers the host's own addresses, read with `getifaddrs` when
 //!   the policy is made.
 //!
@@ -122,7 +123,7 @@ impl EgressArgs {
     ///
     /// # Errors
     /// `--OPTION: more than N rules` ([`MAX_RULES`](forwarder::egress::MAX_RULES), the
-    /// files' and the options' together).
+    /// files' and the options' together, `--deny-private` one of them).
     pub fn spec(&self) -> Result<Option<Spec>, String> {
         enum Part<'a> {
             Rule(&'static str, &'a RuleKind),
@@ -154,7 +155,8 @@ impl EgressArgs {
                     .map_err(|e| format!("--egress-policy: {e}"))?,
             }
         }
-        Ok(finish_spec(spec, self.deny_private, self.default_deny))
+        finish_spec(spec, self.deny_private, self.default_deny)
+            .map_err(|e| format!("--deny-private: {e}"))
     }
 }
 
@@ -203,17 +205,26 @@ impl Args for EgressPolicy {
 /// `--egress-deny-private` (a rule anywhere: it comes after every explicit one, see
 /// [`forwarder::egress`]) and `--egress-default-deny`; `None` when it then lets
 /// everything through.
-pub fn finish_spec(mut spec: Spec, deny_private: bool, default_deny: bool) -> Option<Spec> {
+///
+/// # Errors
+/// `more than N rules` when `deny_private` is a rule beyond
+/// [`MAX_RULES`](forwarder::egress::MAX_RULES): it counts as the policy file's
+/// `deny-private` line does.
+pub fn finish_spec(
+    mut spec: Spec,
+    deny_private: bool,
+    default_deny: bool,
+) -> Result<Option<Spec>, String> {
     if deny_private {
-        spec.rules.push(RuleKind::DenyPrivate);
+        spec.push(RuleKind::DenyPrivate)?;
     }
     if default_deny {
         spec.default = Action::Deny;
     }
     if spec.is_open() {
-        return None;
+        return Ok(None);
     }
-    Some(spec)
+    Ok(Some(spec))
 }
 
 /// The host's own addresses (every interface's), which `deny-private` covers: read at
@@ -433,22 +444,37 @@ mod tests {
         let file = dir.join("policy");
         std::fs::write(&file, "deny 198.51.100.1\n".repeat(MAX_RULES)).unwrap();
         let file = file.to_str().unwrap();
-        let t = T::try_parse_from(["t", "--egress-policy", file, "--deny-private"]).unwrap();
-        assert_eq!(t.e.spec.unwrap().rules.len(), MAX_RULES + 1);
+        // --deny-private is one rule, as a file's `deny-private` line is.
         for (args, culprit) in [
-            (["--egress-policy", file, "--deny", "192.0.2.1"], "--deny"),
             (
-                ["--allow", "192.0.2.1", "--egress-policy", file],
+                &["--egress-policy", file, "--deny", "192.0.2.1"][..],
+                "--deny",
+            ),
+            (
+                &["--allow", "192.0.2.1", "--egress-policy", file],
                 "--egress-policy",
             ),
+            (
+                &["--egress-policy", file, "--deny-private"],
+                "--deny-private",
+            ),
+            (
+                &["--deny-private", "--egress-policy", file],
+                "--deny-private",
+            ),
         ] {
-            let e = T::try_parse_from(["t"].into_iter().chain(args))
-                .err()
-                .unwrap();
+            let e = T::try_parse_from(["t"].iter().chain(args)).err().unwrap();
             assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation);
             let want = format!("{culprit}: more than {MAX_RULES} rules");
             assert!(e.to_string().contains(&want), "{e}");
         }
+        let short = dir.join("short");
+        std::fs::write(&short, "deny 198.51.100.1\n".repeat(MAX_RULES - 1)).unwrap();
+        let short = short.to_str().unwrap();
+        let t = T::try_parse_from(["t", "--egress-policy", short, "--deny-private"]).unwrap();
+        let rules = t.e.spec.unwrap().rules;
+        assert_eq!(rules.len(), MAX_RULES);
+        assert_eq!(rules.last(), Some(&RuleKind::DenyPrivate));
         std::fs::remove_dir_all(&dir).unwrap();
         let help = <T as clap::CommandFactory>::command()
             .term_width(0)

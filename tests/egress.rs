@@ -746,12 +746,22 @@ fn egress_run_mode_rules_added_at_run_time_under_the_sandbox() {
 /// A policy file of `forwarder::egress::MAX_RULES` rules, the last denying 203.0.113.7
 /// (the others deny addresses of 198.18.0.0/15 no test uses).
 fn full_policy(t: &Topology) -> std::path::PathBuf {
-    let n = forwarder::egress::MAX_RULES;
-    let mut text: String = (0..n - 1)
-        .map(|i| format!("deny 198.18.{}.{}\n", i / 256 % 256, i % 256))
-        .collect();
+    let path = short_policy(t);
+    let mut text = std::fs::read_to_string(&path).unwrap();
     text.push_str("deny 203.0.113.7\n");
     let path = t.tmp.join("full.policy");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A policy file of `forwarder::egress::MAX_RULES - 1` rules denying addresses of
+/// 198.18.0.0/15 no test uses: room for one rule more.
+fn short_policy(t: &Topology) -> std::path::PathBuf {
+    let n = forwarder::egress::MAX_RULES;
+    let text: String = (0..n - 1)
+        .map(|i| format!("deny 198.18.{}.{}\n", i / 256 % 256, i % 256))
+        .collect();
+    let path = t.tmp.join("short.policy");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -852,5 +862,74 @@ fn egress_policy_over_the_limit_shows_the_usage_of_the_command_given() {
         assert_eq!(f.code(), Some(2), "{f}");
         assert!(f.stderr.starts_with(&want), "{f}");
         assert!(f.stderr.contains(usage), "not {usage:?}: {f}");
+    }
+}
+
+#[test]
+fn egress_deny_private_option_counts_toward_the_limit_as_a_rule() {
+    let Some(t) = Topology::new() else { return };
+    add_world_addrs(&t, &LAN[..1]);
+    let lan = http_on(&t, LAN[0]);
+    let world = http_on(&t, WORLD);
+    let marker = t.tmp.join("ran");
+    let (full, short) = (full_policy(&t), short_policy(&t));
+    let (full, short) = (full.to_str().unwrap(), short.to_str().unwrap());
+    // A full file and --deny-private: the usage error of a full file and one --deny.
+    let over = |opts: &[&str]| {
+        let f = UsernetCmd::new(&t)
+            .target(["run", "--egress-policy", full].iter().chain(opts).chain(&[
+                "--",
+                "touch",
+                marker.to_str().unwrap(),
+            ]))
+            .output(Duration::from_secs(60));
+        assert_eq!(f.code(), Some(2), "{f}");
+        assert!(!marker.exists(), "the command ran: {f}");
+        f.stderr
+    };
+    let deny = over(&["--deny", "203.0.113.8"]);
+    let private = over(&["--deny-private"]);
+    assert!(deny.starts_with("error: --deny: more than "), "{deny}");
+    assert_eq!(private, deny.replacen("--deny:", "--deny-private:", 1));
+    // One rule short of the limit, --deny-private is the last rule, and in force.
+    let f = UsernetCmd::new(&t)
+        .target([
+            "run",
+            "--egress-policy",
+            short,
+            "--deny-private",
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "curl -sS --max-time 5 http://{}/; echo \"rc=$?\"; \
+                 curl -sS --max-time 5 http://{WORLD}/; echo \"rc=$?\"",
+                LAN[0]
+            ),
+        ])
+        .output(Duration::from_secs(60));
+    f.assert_success();
+    assert_eq!(f.stdout, "rc=7\nhello from the world\nrc=0\n", "{f}");
+    assert_eq!(lan.stats.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(world.stats.accepted.load(Ordering::SeqCst), 1);
+    // Pasta mode's --egress-deny-private too (its errors: one line, exit status 1).
+    let netns = t.container_ns();
+    for (opt, culprit) in [
+        (&["--egress-deny", "203.0.113.8"][..], "--egress-deny"),
+        (&["--egress-deny-private"], "--egress-deny-private"),
+    ] {
+        let args: Vec<&str> = ["--egress-policy", full]
+            .iter()
+            .chain(opt)
+            .chain(&["--netns", netns.as_str()])
+            .copied()
+            .collect();
+        let f = Pasta::run(&t, &args);
+        assert_eq!(f.first.code(), Some(1), "{}", f.first);
+        let want = format!(
+            "{culprit}: more than {} rules",
+            forwarder::egress::MAX_RULES
+        );
+        assert!(f.first.stderr.contains(&want), "{}", f.first);
     }
 }

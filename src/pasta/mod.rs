@@ -727,7 +727,7 @@ fn forwarder(opts: &PastaOpts, plan: &Plan, tap: &Tap, listeners: usize) -> Forw
         smoltcp::time::Instant::from_micros(0),
     );
     fwd.set_host_addrs(crate::egress::host_addrs());
-    fwd.set_egress(&[], opts.egress_spec().as_ref());
+    fwd.set_egress(&[], opts.egress_policy.as_ref());
     fwd
 }
 

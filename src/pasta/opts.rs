@@ -692,14 +692,17 @@ pub struct PastaOpts {
     /// `--no-copy-addrs`: `--config-net` sets one address per family (what usernet
     /// does anyway).
     pub no_copy_addrs: bool,
-    /// usernet's `--egress-allow`, `--egress-deny`, `--egress-allow-domain` rules and
-    /// `--egress-policy` files, in command-line order (a file's default and name TTLs
-    /// too).
-    pub egress: forwarder::egress::Spec,
+    /// The egress policy usernet's `--egress-*` options say, `None` when they say
+    /// nothing: made from the three fields below once every option is read.
+    pub egress_policy: Option<forwarder::egress::Spec>,
+    /// While parsing: usernet's `--egress-allow`, `--egress-deny`, `--egress-allow-domain`
+    /// rules and `--egress-policy` files, in command-line order (a file's default and
+    /// name TTLs too); [`egress_policy`](Self::egress_policy) takes them at the end.
+    egress: forwarder::egress::Spec,
     /// `--egress-deny-private`.
-    pub egress_deny_private: bool,
+    egress_deny_private: bool,
     /// `--egress-default-deny`.
-    pub egress_default_deny: bool,
+    egress_default_deny: bool,
 }
 
 /// Finds a long option by its full name or a unique prefix (getopt_long).
@@ -1040,6 +1043,13 @@ impl PastaOpts {
                 "a command cannot be given with a target namespace".into(),
             ));
         }
+        // `deny-private` comes after every explicit rule, and counts toward the limit.
+        self.egress_policy = crate::egress::finish_spec(
+            std::mem::take(&mut self.egress),
+            self.egress_deny_private,
+            self.egress_default_deny,
+        )
+        .map_err(|e| PastaError::Invalid(format!("--egress-deny-private: {e}")))?;
         Ok(())
     }
 
@@ -1067,15 +1077,6 @@ impl PastaOpts {
         let rule = RuleKind::parse(&format!("{verb} {v}")).map_err(bad)?;
         self.egress.push(rule).map_err(bad)?;
         Ok(())
-    }
-
-    /// The egress policy the `--egress-*` options say; `None` when they say nothing.
-    pub fn egress_spec(&self) -> Option<forwarder::egress::Spec> {
-        crate::egress::finish_spec(
-            self.egress.clone(),
-            self.egress_deny_private,
-            self.egress_default_deny,
-        )
     }
 
     /// The log filter these options ask for.
@@ -1502,7 +1503,7 @@ mod tests {
             "1",
         ])
         .unwrap();
-        let spec = o.egress_spec().unwrap();
+        let spec = o.egress_policy.unwrap();
         let shown: Vec<String> = spec.rules.iter().map(ToString::to_string).collect();
         assert_eq!(
             shown,
@@ -1514,10 +1515,41 @@ mod tests {
             ]
         );
         assert_eq!(spec.default, forwarder::egress::Action::Deny);
-        assert!(parse(&["1"]).unwrap().egress_spec().is_none());
+        assert!(parse(&["1"]).unwrap().egress_policy.is_none());
         let e = parse(&["--egress-deny", "10.0.0.1/8", "1"]).unwrap_err();
         assert!(e.to_string().starts_with("--egress-deny: "), "{e}");
         assert!(parse(&["--egress-policy", "/nonexistent", "1"]).is_err());
+    }
+
+    #[test]
+    fn egress_deny_private_counts_toward_the_limit() {
+        use forwarder::egress::{RuleKind, MAX_RULES};
+        let dir = std::env::temp_dir().join(format!("usernet-pasta-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |name: &str, rules: usize| {
+            let path = dir.join(name);
+            std::fs::write(&path, "deny 198.51.100.1\n".repeat(rules)).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        let (full, short) = (file("full", MAX_RULES), file("short", MAX_RULES - 1));
+        let too_many = format!("more than {MAX_RULES} rules");
+        for (opt, value) in [
+            ("--egress-deny", Some("192.0.2.1")),
+            ("--egress-deny-private", None),
+        ] {
+            let args: Vec<&str> = ["--egress-policy", &full, opt]
+                .into_iter()
+                .chain(value)
+                .chain(["1"])
+                .collect();
+            let e = parse(&args).unwrap_err();
+            assert_eq!(e, PastaError::Invalid(format!("{opt}: {too_many}")));
+        }
+        let o = parse(&["--egress-deny-private", "--egress-policy", &short, "1"]).unwrap();
+        let rules = o.egress_policy.unwrap().rules;
+        assert_eq!(rules.len(), MAX_RULES);
+        assert_eq!(rules.last(), Some(&RuleKind::DenyPrivate));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
