@@ -27,7 +27,7 @@ use crate::host::Sockets;
 use mio::net::UnixListener;
 use mio::{Interest, Registry, Token};
 
-use crate::requests::Clients;
+use crate::requests::{error, Clients};
 use crate::subsystem::{Cx, Next, StartError, Subsystem};
 use serde_json::{json, Value};
 
@@ -128,10 +128,6 @@ impl Control for FwdControl<'_, '_> {
         }
         stats
     }
-}
-
-fn error(desc: &str) -> Value {
-    json!({ "error": { "desc": desc } })
 }
 
 /// A published port as `list_hostfwd` shows it.

@@ -36,6 +36,8 @@ use forwarder::egress::{Action, Policy, RuleKind, Spec};
 use forwarder::Forwarder;
 use serde_json::{json, Value};
 
+use crate::requests::error;
+
 /// A value of the command line with its place in it.
 #[derive(Debug, Clone)]
 pub struct Ordered<T> {
@@ -282,10 +284,6 @@ pub fn stats_lines(policy: &Value) -> Vec<String> {
         ));
     }
     out
-}
-
-fn error(desc: &str) -> Value {
-    json!({ "error": { "desc": desc } })
 }
 
 /// Runs one egress API command (`execute` with its `args`) on `fwd`; the reply. `None`

@@ -887,9 +887,9 @@ impl Server {
         let reply = match serde_json::from_slice::<Value>(&req.bytes) {
             Ok(v) => match self.execute(fwd, host, &v, req.fd) {
                 Ok(v) => json!({ "return": v }),
-                Err(desc) => json!({ "error": { "desc": desc } }),
+                Err(desc) => crate::requests::error(&desc),
             },
-            Err(e) => json!({ "error": { "desc": format!("bad request: {e}") } }),
+            Err(e) => crate::requests::error(&format!("bad request: {e}")),
         };
         let mut line = reply.to_string();
         line.push('\n');

@@ -17,7 +17,9 @@
 //!   ([`Clients::expire`]), and at most `max_clients` are served at once (more are closed at
 //!   accept), so a silent or slow client costs one descriptor for a while, never the loop;
 //! - the reply is a few hundred bytes on a fresh socket: one non-blocking write; a client
-//!   that does not read loses its reply, never our loop.
+//!   that does not read loses its reply, never our loop;
+//! - the reply is one JSON value in slirp4netns's shapes on both sockets: `{"return": ...}`,
+//!   or `{"error": {"desc": ...}}` ([`error`], shared by every command's handler).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Interest, Registry, Token};
+use serde_json::{json, Value};
 use slab::Slab;
 
 /// How soon `accept` is tried again after it failed for lack of fds.
@@ -60,6 +63,11 @@ pub struct Request {
     pub bytes: Vec<u8>,
     /// The descriptor passed with it, if any.
     pub fd: Option<OwnedFd>,
+}
+
+/// The reply refusing a request: `{"error": {"desc": DESC}}`.
+pub fn error(desc: &str) -> Value {
+    json!({ "error": { "desc": desc } })
 }
 
 impl Clients {
