@@ -82,13 +82,14 @@ impl Cli {
             m = sub;
         }
         Cli::from_arg_matches_mut(&mut matches).map_err(|e| {
-            let mut sub = &mut cmd;
-            for name in &given {
-                sub = sub
-                    .find_subcommand_mut(name)
-                    .expect("the command matched this subcommand");
-            }
-            e.format(sub)
+            // Only on this error path: a copy of the subcommand, built (its usage names
+            // its parents) by the parse above.
+            let mut sub = given
+                .iter()
+                .try_fold(&cmd, |c, name| c.find_subcommand(name))
+                .unwrap_or(&cmd)
+                .clone();
+            e.format(&mut sub)
         })
     }
 
