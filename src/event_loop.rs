@@ -610,6 +610,7 @@ impl Running {
                             writable,
                             hup: event.is_read_closed(),
                             error: event.is_error(),
+                            urgent: event.is_priority(),
                         };
                         fwd.handle_ready(now, id, ready, &mut io)
                     }

@@ -7,11 +7,12 @@
 //! flow's id, and this table holds the socket at that index (flow ids are a slab's keys,
 //! so the table is dense). Every socket it opens is registered with the loop's `Poll`
 //! under the token `Token(id)` (the flow tokens: below the TAPs' and the subsystems',
-//! [`crate::event_loop`]), edge-triggered: streams for reading and writing (one connected
-//! within its connect call for writing only once a write leaves bytes behind), datagram
-//! sockets and listeners for reading. The event loop hands each event of such a token to
-//! [`forwarder::Forwarder::handle_ready`] with `id`; [`forwarder::HostIo::close`]
-//! deregisters and closes (a stream is only closed, which ends its registration too).
+//! [`crate::event_loop`]), edge-triggered: streams for reading, urgent data and writing
+//! (one connected within its connect call for writing only once a write leaves bytes
+//! behind), datagram sockets and listeners for reading. The event loop hands each event
+//! of such a token to [`forwarder::Forwarder::handle_ready`] with `id`;
+//! [`forwarder::HostIo::close`] deregisters and closes (a stream is only closed, which
+//! ends its registration too).
 //!
 //! A stream's close waits for the end of the turn ([`Sockets::end_turn`], after the
 //! frames for the guest are written): closing a TCP socket sends its FIN or RST at once,
@@ -114,6 +115,10 @@ fn widen_receive_buffer(socket: &Socket) {
     }
 }
 
+/// What a flow's stream is watched for when not for writing: readable, and urgent data
+/// (`EPOLLPRI`, [`forwarder::Ready::urgent`]).
+const STREAM: Interest = Interest::READABLE.add(Interest::PRIORITY);
+
 /// The error of a call on an id that holds no socket of that kind (a forwarder bug).
 fn no_socket() -> io::Error {
     io::Error::from(io::ErrorKind::NotFound)
@@ -141,7 +146,9 @@ pub struct Sockets {
     refill: [bool; 2],
 }
 
-/// A non-blocking TCP socket of `domain` with the options every flow's stream has.
+/// A non-blocking TCP socket of `domain` with the options every flow's stream has: Nagle
+/// off, urgent data inline (`SO_OOBINLINE`: the guest gets the urgent byte in its place in
+/// the stream; without, a read skips it).
 fn tcp_socket(domain: Domain) -> io::Result<Socket> {
     let socket = Socket::new(
         domain,
@@ -149,6 +156,7 @@ fn tcp_socket(domain: Domain) -> io::Result<Socket> {
         Some(Protocol::TCP),
     )?;
     socket.set_tcp_nodelay(true)?;
+    socket.set_out_of_band_inline(true)?;
     Ok(socket)
 }
 
@@ -308,9 +316,9 @@ impl HostIo for Sockets {
         // registered for writing, it would be reported writable at once, a turn of the
         // loop for nothing. A connect in progress is reported by its writability.
         let interest = if connected {
-            Interest::READABLE
+            STREAM
         } else {
-            Interest::READABLE | Interest::WRITABLE
+            STREAM | Interest::WRITABLE
         };
         self.registry.register(&mut stream, Token(id), interest)?;
         self.put(id, Entry::Stream(stream, !connected));
@@ -353,7 +361,7 @@ impl HostIo for Sockets {
         };
         if full && !*watched {
             self.registry
-                .reregister(s, Token(id), Interest::READABLE | Interest::WRITABLE)?;
+                .reregister(s, Token(id), STREAM | Interest::WRITABLE)?;
             *watched = true;
         }
         res
@@ -449,11 +457,9 @@ impl HostIo for Sockets {
             return Err(no_socket());
         };
         let _ = stream.set_nodelay(true);
-        self.registry.register(
-            &mut stream,
-            Token(id),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
+        // SO_OOBINLINE comes from the listener.
+        self.registry
+            .register(&mut stream, Token(id), STREAM | Interest::WRITABLE)?;
         self.put(id, Entry::Stream(stream, true));
         Ok(())
     }
@@ -564,6 +570,9 @@ fn open_listener(rule: &PortRule, registry: &Registry, token: Token) -> Result<E
     if rule.proto == Proto::Tcp {
         // Re-publishing a port right after removing it must not trip over TIME-WAIT.
         socket.set_reuse_address(true).map_err(fail)?;
+        // Inherited by the accepted connections: urgent data inline, as on
+        // `tcp_socket`'s, at no cost per connection.
+        socket.set_out_of_band_inline(true).map_err(fail)?;
     }
     socket.bind(&addr.into()).map_err(fail)?;
     if rule.proto == Proto::Tcp {
@@ -662,6 +671,7 @@ mod tests {
             };
             assert_eq!(stream.as_raw_fd(), spare, "the spare was used");
             assert!(stream.nodelay().unwrap());
+            assert!(socket2::SockRef::from(stream).out_of_band_inline().unwrap());
             assert_eq!(spare_fd(&s, 0), None);
             s.end_turn();
             assert!(spare_fd(&s, 0).is_some(), "a new spare");
@@ -735,6 +745,11 @@ mod tests {
             device: None,
         };
         s.listen(1, &rule(1)).unwrap();
+        let l = socket2::SockRef::from(listener_addr(&s, 1));
+        assert!(
+            l.out_of_band_inline().unwrap(),
+            "inherited by its connections"
+        );
         let taken = listener_addr(&s, 1).local_addr().unwrap();
         let mut second = rule(2);
         second.host = taken;

@@ -2,7 +2,7 @@
 //! socket or from `-p/--publish`; clients are real sockets in the world namespace W or on H's
 //! loopback (plus curl, socat and iperf3), servers run in the container namespace C.
 //!
-//! Covered: TCP both ways with 16 MiB payloads compared by SHA-256, UDP, the real client
+//! Covered: TCP both ways with 16 MiB payloads compared by SHA-256, urgent data, UDP, the real client
 //! address seen by the container (W clients keep address and port, loopback clients appear as
 //! the gateway 10.0.2.2), several UDP clients sharing one published port, IPv6 listen
 //! addresses, host IP restrictions, port ranges, `usernet run -p`, and teardown when either
@@ -393,6 +393,24 @@ fn tcp_published_with_flag_16mib_both_ways() {
         download_from_source(lo(8081), 0xF5, PAYLOAD);
     });
     u.assert_running();
+}
+
+/// A published port's client's urgent byte (`MSG_OOB`) reaches the guest inline, and so do
+/// the bytes after it (see tests/tcp.rs for the other direction).
+#[test]
+fn tcp_published_urgent_byte_arrives_inline_with_the_rest() {
+    let Some(t) = Topology::new() else { return };
+    let listener = t
+        .in_container(|| std::net::TcpListener::bind(any0()))
+        .expect("bind in C");
+    let p = format!("8080:{}", listener.local_addr().expect("local_addr").port());
+    let u = start(&t, &["-p", &p]);
+    for fin in [true, false] {
+        let mut client = t.in_world(|| connect(host(8080))).expect("connect");
+        // Accepted in C: usernet has adopted the connection.
+        let (mut server, _) = listener.accept().expect("accept");
+        assert_urgent_stream_relayed(&u, &t.world_ns(), &mut client, &mut server, fin);
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! TCP through usernet (attach mode, `-c`, `--netns-type=path`): bulk transfers compared by
 //! SHA-256 in both directions, to the world and to the host's loopback via the gateway,
-//! refused and unreachable destinations, half-close in both directions, and 1,000 concurrent
+//! refused and unreachable destinations, half-close in both directions, urgent data, and 1,000 concurrent
 //! connections whose resources are all freed afterwards.
 
 mod util;
@@ -45,6 +45,26 @@ fn tcp_container_to_host_loopback_via_gateway_both_ways() {
         download_from_source(SocketAddrV4::new(GATEWAY, source.addr.port()), 0x11, BULK);
     });
     assert_eq!(sink.stats.peer_ips(), vec![Ipv4Addr::LOCALHOST]);
+}
+
+/// A host peer's urgent byte (`MSG_OOB`) reaches the guest inline, and so do the bytes after
+/// it: Linux ends a read at the urgent mark, a short read that must not be taken for the
+/// end of the stream when the peer's FIN is in, nor for a drained socket when it is not.
+#[test]
+fn tcp_urgent_byte_from_the_host_arrives_inline_with_the_rest() {
+    let Some(t) = Topology::new() else { return };
+    let listener = t
+        .in_host(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .expect("bind in H");
+    let port = listener.local_addr().expect("local_addr").port();
+    let u = UsernetCmd::new(&t).args(["-c"]).start();
+    for fin in [true, false] {
+        let mut client = t
+            .in_container(|| connect(SocketAddrV4::new(GATEWAY, port)))
+            .expect("connect to the gateway");
+        let (mut server, _) = listener.accept().expect("accept");
+        assert_urgent_stream_relayed(&u, &t.host_ns(), &mut server, &mut client, fin);
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //!
 //! - **In**: frames ([`crate::Forwarder::handle_port_frame`]), readiness of a flow's host
 //!   socket by flow id ([`crate::Forwarder::handle_ready`], a [`Ready`]: readable,
-//!   writable, the peer closed its sending side, an error is pending) and the clock ([`crate::Forwarder::handle_timeouts`]).
+//!   writable, the peer closed its sending side, an error is pending, urgent data came) and the clock ([`crate::Forwarder::handle_timeouts`]).
 //! - **Out**: calls on the [`HostIo`] (connect, send, receive, shut down, close by flow
 //!   id), frames for the members, and the next deadline
 //!   ([`crate::Forwarder::poll_timeout`]).
@@ -50,6 +50,10 @@ pub struct Ready {
     pub hup: bool,
     /// An error is pending (`EPOLLERR`: a reset, a failed connect, an ICMP error).
     pub error: bool,
+    /// Urgent data is pending on a stream (`EPOLLPRI`: the peer sent with `MSG_OOB`).
+    /// Its byte stays in the stream (the host keeps it inline, `SO_OOBINLINE`), but a
+    /// read ends at its mark: short, with more to follow, even after `hup`.
+    pub urgent: bool,
 }
 
 /// How a flow's host socket is closed.
@@ -85,7 +89,8 @@ pub trait HostIo {
     /// address of the target's family) if given, Nagle off. `Ok(true)` when it is
     /// connected already (a connect to one of the host's own addresses is made within the
     /// call); otherwise its outcome comes as readiness ([`tcp_connected`](Self::tcp_connected)
-    /// then tells).
+    /// then tells). Urgent data stays in the stream (`SO_OOBINLINE`); its arrival is
+    /// reported ([`Ready::urgent`]).
     ///
     /// # Errors
     /// When the connect fails at once (`ECONNREFUSED`, `ENETUNREACH`, `EMFILE`...).
@@ -198,7 +203,8 @@ pub trait HostIo {
     /// `WouldBlock` when none is waiting, or the accept's error (`EMFILE`...).
     fn accept(&mut self, listener: usize, id: usize) -> io::Result<SocketAddr>;
 
-    /// Starts watching the accepted connection `id` as a flow's (Nagle off).
+    /// Starts watching the accepted connection `id` as a flow's (Nagle off, urgent data
+    /// inline and reported as for [`tcp_connect`](Self::tcp_connect)).
     ///
     /// # Errors
     /// When it cannot be watched; it is closed then.

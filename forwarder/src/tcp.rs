@@ -27,6 +27,11 @@
 //! - **Half-close.** Host EOF closes smoltcp's send side (FIN after the buffered data); a
 //!   guest FIN shuts down the host socket's write side once smoltcp's receive buffer is
 //!   drained.
+//! - **Urgent data.** smoltcp cannot send an urgent pointer, so a host peer's urgent byte
+//!   (`MSG_OOB`) reaches the guest as an ordinary byte in its place in the stream: the
+//!   host socket keeps it inline (`SO_OOBINLINE`) and reports its arrival
+//!   ([`Ready::urgent`]). A read ends at the urgent mark, so once urgent data came a
+//!   short read no longer counts as a drained socket, nor, after the FIN, as its end.
 //! - **Teardown.** A flow is freed when smoltcp reaches CLOSED or TIME-WAIT (TIME-WAIT
 //!   would otherwise pin the flow for 10 s). If the host side did not close cleanly, the
 //!   host socket is closed with a RST (`SO_LINGER` 0), as a kernel would on reset.
@@ -121,6 +126,10 @@ pub struct TcpFlow {
     host_hup: bool,
     /// An error is pending on the host socket (a reset).
     host_error: bool,
+    /// Urgent data came on the host socket: a read may end at its mark, short with more
+    /// to follow, so a short read tells nothing (kept for the flow's life: one read more
+    /// per drain, only on the rare flows with urgent data).
+    host_urgent: bool,
     host_wr_shut: bool,
     /// The host side is to be reset when the flow is closed.
     host_reset: bool,
@@ -219,6 +228,7 @@ impl TcpFlow {
             host_eof: false,
             host_hup: false,
             host_error: false,
+            host_urgent: false,
             host_wr_shut: false,
             host_reset: false,
             moved: 0,
@@ -266,6 +276,7 @@ impl TcpFlow {
             host_eof: false,
             host_hup: false,
             host_error: false,
+            host_urgent: false,
             host_wr_shut: false,
             host_reset: false,
             moved: 0,
@@ -305,6 +316,7 @@ impl TcpFlow {
         self.host_writable |= r.writable;
         self.host_hup |= r.hup;
         self.host_error |= r.error;
+        self.host_urgent |= r.urgent;
     }
 
     /// Moves data, sends segments, and says what the flow needs next (while the host
@@ -450,6 +462,9 @@ impl TcpFlow {
                 // it, nothing more can come: that read would return the end of stream,
                 // so take it as read (and the guest gets the FIN with the last data).
                 // Unless an error is pending: a reset must be read, to reset the guest.
+                // Nor after urgent data: a read ends at its mark (Linux's tcp_recvmsg),
+                // with the rest still queued, and only the next read can tell.
+                Ok(Ok((n, len))) if n < len && self.host_urgent => {}
                 Ok(Ok((n, len))) if n < len && !self.host_hup => self.host_readable = false,
                 Ok(Ok((n, len))) if n < len && !self.host_error => {
                     self.host_eof = true;
@@ -591,12 +606,14 @@ mod tests {
         writable: false,
         hup: false,
         error: false,
+        urgent: false,
     };
     const WRITABLE: Ready = Ready {
         readable: false,
         writable: true,
         hup: false,
         error: false,
+        urgent: false,
     };
 
     /// A host of one stream, scripted by the test.
@@ -863,6 +880,7 @@ mod tests {
             writable: true,
             hup: true,
             error: true,
+            urgent: false,
         });
         assert_eq!(poll(&mut fwd, &mut flow, &mut host, 2), Status::Done);
         let q = queued(&mut fwd.link);

@@ -1144,6 +1144,103 @@ pub fn half_close_server_first(addr: SocketAddrV4, seed: u64, len: u64) -> [u8; 
     sent
 }
 
+/// Bytes on either side of the urgent byte of [`urgent_stream`].
+pub const URGENT_AT: usize = 1000;
+
+/// What [`send_with_urgent`] sends: 2,001 bytes, byte [`URGENT_AT`] the urgent one.
+pub fn urgent_stream() -> Vec<u8> {
+    pattern(0x0B, 2 * URGENT_AT + 1)
+}
+
+/// Sends [`urgent_stream`] on `s`: 1,000 bytes, one byte with `MSG_OOB` (the urgent
+/// byte), 1,000 bytes.
+#[track_caller]
+pub fn send_with_urgent(s: &mut TcpStream) {
+    use nix::sys::socket::{send, MsgFlags};
+    let data = urgent_stream();
+    s.write_all(&data[..URGENT_AT])
+        .expect("the bytes before the urgent one");
+    let n = send(
+        s.as_raw_fd(),
+        &data[URGENT_AT..=URGENT_AT],
+        MsgFlags::MSG_OOB,
+    )
+    .expect("send(MSG_OOB)");
+    assert_eq!(n, 1, "the urgent byte");
+    s.write_all(&data[URGENT_AT + 1..])
+        .expect("the bytes after the urgent one");
+}
+
+/// Relays [`urgent_stream`] from `sender` (a socket of the namespace at `sender_ns`) to
+/// `receiver` through usernet `u`, with all its bytes, and with `fin` its FIN
+/// (`shutdown(Write)`), queued on usernet's host socket before usernet reads any: usernet
+/// is stopped while `sender` sends, until `ss` shows every byte acknowledged (and with
+/// `fin` the sender in FIN-WAIT-2). Then asserts that `receiver` gets every byte, the
+/// urgent one inline, and, once the sender shut down, the end of the stream.
+#[track_caller]
+pub fn assert_urgent_stream_relayed(
+    u: &Usernet,
+    sender_ns: &str,
+    sender: &mut TcpStream,
+    receiver: &mut TcpStream,
+    fin: bool,
+) {
+    let port = sender.local_addr().expect("local_addr").port();
+    let state = if fin { "fin-wait-2" } else { "established" };
+    u.signal(Signal::SIGSTOP);
+    send_with_urgent(sender);
+    if fin {
+        sender.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    }
+    // `ss -H` with one state: Recv-Q, Send-Q, local and peer address.
+    let acked = wait_for(IO_TIMEOUT, || {
+        let out = in_netns(sender_ns, || {
+            Command::new("ss")
+                .args(["-tnH", "state", state, "sport", "=", &format!(":{port}")])
+                .output()
+        })
+        .expect("ss");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.split_whitespace().nth(1) == Some("0")).then_some(())
+    });
+    u.signal(Signal::SIGCONT);
+    assert!(
+        acked.is_some(),
+        "the sender's bytes were never all acknowledged ({state})"
+    );
+    receiver
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .expect("timeout");
+    let want = urgent_stream();
+    let mut got = vec![0u8; want.len()];
+    let mut n = 0;
+    while n < got.len() {
+        match receiver.read(&mut got[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => panic!("reading after {n} bytes (the urgent byte at {URGENT_AT}): {e}"),
+        }
+    }
+    assert_eq!(
+        n,
+        want.len(),
+        "bytes received before the end of the stream (the urgent byte at {URGENT_AT})"
+    );
+    assert!(got == want, "the bytes received differ from the bytes sent");
+    if !fin {
+        sender.shutdown(Shutdown::Write).expect("shutdown(Write)");
+    }
+    let mut rest = Vec::new();
+    receiver
+        .read_to_end(&mut rest)
+        .unwrap_or_else(|e| panic!("waiting for the end of the stream: {e}"));
+    assert!(
+        rest.is_empty(),
+        "{} bytes after the stream's end",
+        rest.len()
+    );
+}
+
 /// Opens `n` connections to a [`TcpServer::echo`] (all open at once), sends `each` distinct
 /// bytes on every one, checks every echo, then closes them all.
 #[track_caller]

@@ -552,6 +552,7 @@ pub fn finish_turn(fwd: &mut Forwarder, host: &mut MemHost, now: Instant, tap: &
             writable: ev.writable,
             hup: ev.hup,
             error: ev.error,
+            urgent: false,
         };
         fwd.handle_ready(now, ev.id, ready, &mut io);
     }
