@@ -268,6 +268,15 @@ impl Sockets {
         }
     }
 
+    /// Gives a flow's UDP socket, connected, the [`UDP_RCVBUF`] receive buffer, registers
+    /// it and keeps it as `id`: a datagram flow's host socket and a spliced association's
+    /// socket inside the namespace alike (a published port and a `-U` listener get theirs
+    /// from [`register_port`]).
+    fn add_udp(&mut self, id: usize, socket: Socket) -> io::Result<()> {
+        widen_receive_buffer(&socket);
+        self.add_dgram(id, socket)
+    }
+
     /// Registers a flow's datagram socket and keeps it as `id`.
     fn add_dgram(&mut self, id: usize, socket: Socket) -> io::Result<()> {
         let mut sock = UdpSocket::from_std(socket.into());
@@ -380,9 +389,8 @@ impl HostIo for Sockets {
             Some(Protocol::UDP),
         )?;
         bind_outbound(&socket, bind, target.ip())?;
-        widen_receive_buffer(&socket);
         socket.connect(&target.into())?;
-        self.add_dgram(id, socket)
+        self.add_udp(id, socket)
     }
 
     fn udp_connect(&mut self, id: usize, to: SocketAddr) -> io::Result<()> {
@@ -506,7 +514,7 @@ impl HostIo for Sockets {
     fn splice_udp(&mut self, id: usize, client: SocketAddr, guest_port: u16) -> io::Result<()> {
         let opener = self.opener.as_ref().ok_or_else(no_socket)?;
         let fd = opener.udp_connect(client, guest_port)?;
-        self.add_dgram(id, Socket::from(fd))
+        self.add_udp(id, Socket::from(fd))
     }
 
     fn close(&mut self, id: usize, how: Close) {

@@ -6,8 +6,9 @@
 //! routes, traffic to the world and on-link, published ports (`-t/-u`: single, range,
 //! translated, address-bound, interface-bound `%IF`, exclusions alone; IPv4 and IPv6;
 //! `all` refused with pasta's text), `--dns-forward`, `--map-guest-addr`,
-//! `--no-map-gw`, a burst to a `-U` port held while pasta is stopped, the PID file, the
-//! exit on namespace deletion and SIGTERM, getopt's text for unknown options, `--version`.
+//! `--no-map-gw`, a burst to a `-U` port and a reply burst to a `-u` port's loopback
+//! client held while pasta is stopped, the PID file, the exit on namespace deletion and
+//! SIGTERM, getopt's text for unknown options, `--version`.
 
 mod util;
 
@@ -1092,6 +1093,71 @@ fn pasta_u_ns_listener_holds_a_burst_sent_while_pasta_is_stopped() {
                 "datagram {got} of {n} differs (or one before it was lost)"
             ),
             Err(e) => panic!("{got} of {n} datagrams arrived (rmem_max {rmem_max}): {e}"),
+        }
+    }
+}
+
+/// A burst of replies from the container's server to a loopback client of a `-u` port waits
+/// in the client's association, a socket inside the namespace, while pasta is busy
+/// elsewhere (here: stopped): that socket has the widened receive buffer too, and every
+/// reply reaches the client, in order.
+#[test]
+fn pasta_u_port_association_holds_a_reply_burst_sent_while_pasta_is_stopped() {
+    const LEN: usize = 1400;
+    let Some(t) = topology(false) else { return };
+    let server = t.in_container(|| udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
+    server
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let spec = format!("5358:{}", server.local_addr().expect("addr").port());
+    let args = podman53(&t.container_ns(), &["-u", &spec]);
+    let p = Pasta::start(&t, &strs(&args));
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5358);
+    let client = t.in_host(|| udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)));
+    nix::sys::socket::setsockopt(&client, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
+        .expect("SO_RCVBUF");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // The association first: the server answers where the client's datagram came from.
+    client.send_to(b"warm-up", to).expect("send");
+    let mut buf = vec![0u8; 65536];
+    let (n, assoc) = server.recv_from(&mut buf).expect("the warm-up datagram");
+    assert_eq!(&buf[..n], b"warm-up");
+
+    // As many replies as half of what the association's socket may queue, at most 1500,
+    // as in the `-U` test above: far more than the default buffer's 90.
+    let rmem_max: usize = t.in_container(|| {
+        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .expect("rmem_max")
+            .trim()
+            .parse()
+            .expect("rmem_max")
+    });
+    let n = (2 * rmem_max.min(4 << 20) / 2 / 2400).clamp(50, 1500);
+    let pids: Vec<Pid> = p
+        .pids()
+        .into_iter()
+        .map(|p| Pid::from_raw(p as i32))
+        .collect();
+    for &pid in &pids {
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP pasta");
+    }
+    for i in 0..n {
+        server
+            .send_to(&pattern(i as u64, LEN), assoc)
+            .unwrap_or_else(|e| panic!("send reply {i}: {e}"));
+    }
+    for &pid in &pids {
+        kill(pid, Signal::SIGCONT).expect("SIGCONT pasta");
+    }
+    for got in 0..n {
+        match client.recv(&mut buf) {
+            Ok(len) => assert!(
+                buf[..len] == pattern(got as u64, LEN),
+                "reply {got} of {n} differs (or one before it was lost)"
+            ),
+            Err(e) => panic!("{got} of {n} replies arrived (rmem_max {rmem_max}): {e}"),
         }
     }
 }

@@ -240,8 +240,8 @@ pub trait HostIo {
 
     /// Opens spliced UDP association `id` of the loopback client `client` of a published
     /// UDP port ([`crate::Config::loopback_handoff`]): a datagram socket inside the
-    /// guest's namespace connected to the guest's `guest_port`, watched for reading under
-    /// `id`. The forwarder [`send`](Self::send)s the client's datagrams on it and
+    /// guest's namespace connected to the guest's `guest_port`, with a large receive buffer
+    /// (as [`udp_open`](Self::udp_open)'s), watched for reading under `id`. The forwarder [`send`](Self::send)s the client's datagrams on it and
     /// [`recv`](Self::recv)s the replies, which it sends to `client` through the
     /// published port's socket ([`send_msg`](Self::send_msg)), from the local address
     /// the client's first datagram arrived on ([`recv_from`](Self::recv_from)).
