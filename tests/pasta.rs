@@ -1039,7 +1039,6 @@ fn pasta_udp_client_of_wildcard_u_ns_port_gets_replies_from_the_address_it_sent_
 /// receive buffer, and every datagram reaches the host's loopback server, in order.
 #[test]
 fn pasta_u_ns_listener_holds_a_burst_sent_while_pasta_is_stopped() {
-    const LEN: usize = 1400;
     let Some(t) = topology(false) else { return };
     let server = t.in_host(|| udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)));
     nix::sys::socket::setsockopt(&server, nix::sys::socket::sockopt::RcvBuf, &(4 << 20))
@@ -1059,42 +1058,15 @@ fn pasta_u_ns_listener_holds_a_burst_sent_while_pasta_is_stopped() {
     let n = server.recv(&mut buf).expect("the warm-up datagram");
     assert_eq!(&buf[..n], b"warm-up");
 
-    // As many datagrams as half of what the listener may queue (1400-byte datagrams take
-    // about 2.3 KiB of buffer each; the kernel caps the buffer at the namespace's rmem_max
-    // and doubles it), at most 1500: far more than the default buffer's 90.
-    let rmem_max: usize = t.in_container(|| {
-        std::fs::read_to_string("/proc/sys/net/core/rmem_max")
-            .expect("rmem_max")
-            .trim()
-            .parse()
-            .expect("rmem_max")
-    });
-    let n = (2 * rmem_max.min(4 << 20) / 2 / 2400).clamp(50, 1500);
-    let pids: Vec<Pid> = p
-        .pids()
-        .into_iter()
-        .map(|p| Pid::from_raw(p as i32))
-        .collect();
-    for &pid in &pids {
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP pasta");
-    }
-    for i in 0..n {
-        client
-            .send_to(&pattern(i as u64, LEN), to)
-            .unwrap_or_else(|e| panic!("send datagram {i}: {e}"));
-    }
-    for &pid in &pids {
-        kill(pid, Signal::SIGCONT).expect("SIGCONT pasta");
-    }
-    for got in 0..n {
-        match server.recv(&mut buf) {
-            Ok(len) => assert!(
-                buf[..len] == pattern(got as u64, LEN),
-                "datagram {got} of {n} differs (or one before it was lost)"
-            ),
-            Err(e) => panic!("{got} of {n} datagrams arrived (rmem_max {rmem_max}): {e}"),
+    let (n, rmem_max) = burst_len(&t);
+    while_stopped(&p, || {
+        for i in 0..n {
+            client
+                .send_to(&pattern(i as u64, BURST_LEN), to)
+                .unwrap_or_else(|e| panic!("send datagram {i}: {e}"));
         }
-    }
+    });
+    assert_burst(&server, n, rmem_max, "datagram");
 }
 
 /// A burst of replies from the container's server to a loopback client of a `-u` port waits
@@ -1103,7 +1075,6 @@ fn pasta_u_ns_listener_holds_a_burst_sent_while_pasta_is_stopped() {
 /// reply reaches the client, in order.
 #[test]
 fn pasta_u_port_association_holds_a_reply_burst_sent_while_pasta_is_stopped() {
-    const LEN: usize = 1400;
     let Some(t) = topology(false) else { return };
     let server = t.in_container(|| udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
     server
@@ -1125,8 +1096,25 @@ fn pasta_u_port_association_holds_a_reply_burst_sent_while_pasta_is_stopped() {
     let (n, assoc) = server.recv_from(&mut buf).expect("the warm-up datagram");
     assert_eq!(&buf[..n], b"warm-up");
 
-    // As many replies as half of what the association's socket may queue, at most 1500,
-    // as in the `-U` test above: far more than the default buffer's 90.
+    let (n, rmem_max) = burst_len(&t);
+    while_stopped(&p, || {
+        for i in 0..n {
+            server
+                .send_to(&pattern(i as u64, BURST_LEN), assoc)
+                .unwrap_or_else(|e| panic!("send reply {i}: {e}"));
+        }
+    });
+    assert_burst(&client, n, rmem_max, "reply");
+}
+
+/// The datagrams of the burst tests above.
+const BURST_LEN: usize = 1400;
+
+/// How many datagrams a burst test sends, and the namespace's `rmem_max`: half of what a
+/// socket with the widened buffer may queue (1400-byte datagrams take about 2.3 KiB of
+/// buffer each; the kernel caps the buffer at `rmem_max` and doubles it), at most 1500: far
+/// more than the default buffer's 90.
+fn burst_len(t: &Topology) -> (usize, usize) {
     let rmem_max: usize = t.in_container(|| {
         std::fs::read_to_string("/proc/sys/net/core/rmem_max")
             .expect("rmem_max")
@@ -1134,7 +1122,14 @@ fn pasta_u_port_association_holds_a_reply_burst_sent_while_pasta_is_stopped() {
             .parse()
             .expect("rmem_max")
     });
-    let n = (2 * rmem_max.min(4 << 20) / 2 / 2400).clamp(50, 1500);
+    (
+        (2 * rmem_max.min(4 << 20) / 2 / 2400).clamp(50, 1500),
+        rmem_max,
+    )
+}
+
+/// Runs `f` with every pasta process stopped (SIGSTOP, then SIGCONT).
+fn while_stopped(p: &Pasta, f: impl FnOnce()) {
     let pids: Vec<Pid> = p
         .pids()
         .into_iter()
@@ -1143,21 +1138,23 @@ fn pasta_u_port_association_holds_a_reply_burst_sent_while_pasta_is_stopped() {
     for &pid in &pids {
         kill(pid, Signal::SIGSTOP).expect("SIGSTOP pasta");
     }
-    for i in 0..n {
-        server
-            .send_to(&pattern(i as u64, LEN), assoc)
-            .unwrap_or_else(|e| panic!("send reply {i}: {e}"));
-    }
+    f();
     for &pid in &pids {
         kill(pid, Signal::SIGCONT).expect("SIGCONT pasta");
     }
+}
+
+/// Receives the `n` datagrams of a burst on `s`, each compared with what was sent.
+#[track_caller]
+fn assert_burst(s: &UdpSocket, n: usize, rmem_max: usize, what: &str) {
+    let mut buf = vec![0u8; 65536];
     for got in 0..n {
-        match client.recv(&mut buf) {
+        match s.recv(&mut buf) {
             Ok(len) => assert!(
-                buf[..len] == pattern(got as u64, LEN),
-                "reply {got} of {n} differs (or one before it was lost)"
+                buf[..len] == pattern(got as u64, BURST_LEN),
+                "{what} {got} of {n} differs (or one before it was lost)"
             ),
-            Err(e) => panic!("{got} of {n} replies arrived (rmem_max {rmem_max}): {e}"),
+            Err(e) => panic!("{got} of {n} {what}s arrived (rmem_max {rmem_max}): {e}"),
         }
     }
 }
