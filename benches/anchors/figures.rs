@@ -324,15 +324,47 @@ fn io<T>(r: std::io::Result<T>, what: &str) -> Result<T, String> {
     r.map_err(|e| format!("{what}: {e}"))
 }
 
-/// TCP ping-pong of 1 byte from the container: mean one-way latency (round trip / 2, as
-/// sockperf reports it), µs, and the engine's CPU use meanwhile in % of one CPU (what busy
-/// polling costs), if it has a process.
+/// The engine's CPU use over the measured part of a ping-pong: [`CpuMeter::start`] at the
+/// end of the warm-up, [`CpuMeter::percent`] at the end.
+struct CpuMeter {
+    pid: Option<i32>,
+    /// When the reading started and the engine's CPU seconds then.
+    start: Option<(Instant, f64)>,
+}
+
+impl CpuMeter {
+    /// A meter for the engine process `pid` (none: nothing to read), not started yet.
+    fn new(pid: Option<i32>) -> CpuMeter {
+        CpuMeter { pid, start: None }
+    }
+
+    /// Starts the reading: call it when the warm-up ends.
+    fn start(&mut self) {
+        self.start = self
+            .pid
+            .and_then(sys::cpu_seconds)
+            .map(|cpu| (Instant::now(), cpu));
+    }
+
+    /// The engine's CPU use since [`CpuMeter::start`] in % of one CPU; `None` without an
+    /// engine process, or if the reading never started.
+    fn percent(&self) -> Option<f64> {
+        let (t0, cpu0) = self.start?;
+        let cpu1 = sys::cpu_seconds(self.pid?)?;
+        Some((cpu1 - cpu0) / t0.elapsed().as_secs_f64() * 100.0)
+    }
+}
+
+/// TCP ping-pong of 1 byte from the container, 100 round trips of warm-up and then
+/// `ctx.secs` measured: the mean one-way latency (round trip / 2, as sockperf reports it),
+/// µs, and the engine's CPU use meanwhile in % of one CPU (what busy polling costs; `None`
+/// without an engine process).
 pub fn rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<f64>), String> {
     let addr = SocketAddr::from((s.host, srv.rr));
     let secs = Duration::from_secs(ctx.secs);
-    let cpu = std::sync::Arc::new(Mutex::new(None));
-    let (cpu_in, pid) = (cpu.clone(), s.engine_pid);
-    let us = sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
+    let pid = s.engine_pid;
+    sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
+        let mut cpu = CpuMeter::new(pid);
         let mut c = io(
             TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT),
             "connect",
@@ -348,7 +380,7 @@ pub fn rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<f64>
         for _ in 0..100 {
             once(&mut c)?; // warm-up
         }
-        let cpu0 = pid.and_then(sys::cpu_seconds);
+        cpu.start();
         let t0 = Instant::now();
         let mut n = 0u64;
         while t0.elapsed() < secs {
@@ -356,12 +388,8 @@ pub fn rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<f64>
             n += 1;
         }
         let t = t0.elapsed().as_secs_f64();
-        let used = cpu0.zip(pid.and_then(sys::cpu_seconds)).map(|(a, b)| b - a);
-        *cpu_in.lock().unwrap_or_else(|e| e.into_inner()) = used.map(|u| u / t * 100.0);
-        Ok(t / n as f64 / 2.0 * 1e6)
-    })?;
-    let cpu = *cpu.lock().unwrap_or_else(|e| e.into_inner());
-    Ok((us, cpu))
+        Ok((t / n as f64 / 2.0 * 1e6, cpu.percent()))
+    })
 }
 
 /// Connect, 1 byte each way, close (RST, like crr.c, so the client has no TIME_WAIT pile-up),
@@ -482,16 +510,16 @@ fn add_rules(sock: &std::path::Path, ids: &mut Vec<u32>) -> Result<(), String> {
     Ok(())
 }
 
-/// UDP ping-pong of 1 byte from the container: mean one-way latency (round trip / 2), µs,
-/// and the engine's CPU use after the warm-up (% of one CPU, `None` without an engine
-/// process). A datagram without an answer within 200 ms counts as lost; more than 1 % lost
-/// fails.
+/// UDP ping-pong of 1 byte from the container for `ctx.secs`, the first 100 datagrams a
+/// warm-up: the mean one-way latency (round trip / 2), µs, and the engine's CPU use after
+/// the warm-up in % of one CPU (`None` without an engine process). A datagram without an
+/// answer within 200 ms counts as lost; more than 1 % lost fails.
 pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<f64>), String> {
     let addr = SocketAddr::from((s.host, srv.udp));
     let secs = Duration::from_secs(ctx.secs);
-    let cpu = std::sync::Arc::new(Mutex::new(None));
-    let (cpu_in, pid) = (cpu.clone(), s.engine_pid);
-    let us = sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
+    let pid = s.engine_pid;
+    sys::in_netns(&s.netns, secs + Duration::from_secs(15), move || {
+        let mut cpu = CpuMeter::new(pid);
         let u = io(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)), "bind")?;
         io(u.connect(addr), "connect")?;
         io(
@@ -502,11 +530,10 @@ pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<
         let (mut n, mut lost, mut sum) = (0u64, 0u64, 0f64);
         let t0 = Instant::now();
         let mut i = 0u64;
-        let mut cpu0 = None;
         while t0.elapsed() < secs {
             i += 1;
             if i == 101 {
-                cpu0 = Some((Instant::now(), pid.and_then(sys::cpu_seconds)));
+                cpu.start(); // warm-up over
             }
             let t = Instant::now();
             io(u.send(b"x"), "send")?;
@@ -527,15 +554,8 @@ pub fn udp_rr(s: &Session, ctx: &Ctx, srv: &HostServers) -> Result<(f64, Option<
         if n == 0 || lost * 100 > n + lost {
             return Err(format!("{n} answered, {lost} lost"));
         }
-        if let Some((t1, Some(c0))) = cpu0 {
-            let used = pid.and_then(sys::cpu_seconds).map(|c1| c1 - c0);
-            let t = t1.elapsed().as_secs_f64();
-            *cpu_in.lock().unwrap_or_else(|e| e.into_inner()) = used.map(|u| u / t * 100.0);
-        }
-        Ok(sum / n as f64 / 2.0 * 1e6)
-    })?;
-    let cpu = *cpu.lock().unwrap_or_else(|e| e.into_inner());
-    Ok((us, cpu))
+        Ok((sum / n as f64 / 2.0 * 1e6, cpu.percent()))
+    })
 }
 
 /// The container side of the scale figure, run as `anchors --idle-client ADDR N` inside the
