@@ -12,11 +12,12 @@
 //!
 //! Figures: `c2c_tcp` (iperf3 member 0 -> member 1), `c2c_rr` (1-byte TCP ping-pong
 //! between them, one way = RTT/2), `tcp_out_8` (iperf3 member 0 -> the host while the
-//! other seven are attached), `tcp_out_4x` (members 0 to 3 each run iperf3 to the host at
-//! the same time: the aggregate, what one event loop serving several members can carry)
-//! and, for usernet only, `member_rss_kib` (the memory an idle
-//! member costs: the VmRSS of the network's serving process with all members attached
-//! minus with the first one, divided by the members added, before any traffic).
+//! other seven are attached), `tcp_out_4x` (members 0 to 3 each run iperf3 to a server of
+//! its own on the host side, all four released together after every server listens: the sum
+//! of their rates over the common window, what one event loop serving several members can
+//! carry) and, for usernet only, `member_rss_kib` (the memory an idle member costs: the
+//! VmRSS of the network's serving process with all members attached minus with the first
+//! one, divided by the members added, before any traffic).
 //! `FIGURES` may name single figures of this table (`FIGURES=member_rss_kib`: nothing
 //! else is measured) and `ENGINES` its engines (`usernet`, `kernel`, `vde`).
 //! Everything is torn down after each engine, also on error.
@@ -25,6 +26,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -284,38 +286,86 @@ fn vde(mtu: u32) -> Result<Net, String> {
 
 /// iperf3 from `from` to a server in `to` at `addr`: Gbit/s received.
 pub fn iperf(from: &str, to: &str, addr: Ipv4Addr, secs: u64) -> Result<f64, String> {
-    iperf_on(from, to, addr, "5299", secs)
+    let _server = iperf_server(to, 5299)?;
+    iperf_client(from, addr, 5299, secs)
 }
 
-/// iperf3 from [`STREAMS`] members at once, each to a server of its own in the host
-/// namespace: the sum of the Gbit/s received.
+/// `tcp_out_4x`: [`STREAMS`] members stream to the host side at once, each with an iperf3
+/// client of its own to a server of its own there, over the same `secs`: the sum of the
+/// Gbit/s received, the aggregate the switch carries from several members at a time. All
+/// servers listen before any client starts, and the clients are released together, so
+/// their windows coincide up to the time it takes to start a process.
 fn iperf_parallel(net: &Net, secs: u64) -> Result<f64, String> {
-    let host = net.host.clone();
-    let runs: Vec<_> = (0..STREAMS)
-        .map(|i| {
-            let (from, to, addr) = (net.ns[i].clone(), host.clone(), net.host_addr);
-            std::thread::spawn(move || iperf_on(&from, &to, addr, &(5300 + i).to_string(), secs))
+    let ports: Vec<u16> = (0..STREAMS as u16).map(|i| 5300 + i).collect();
+    let _servers = ports
+        .iter()
+        .map(|&port| iperf_server(&net.host, port))
+        .collect::<Result<Vec<_>, _>>()?;
+    let go = Arc::new(Barrier::new(STREAMS));
+    let runs: Vec<_> = ports
+        .iter()
+        .zip(&net.ns)
+        .map(|(&port, from)| {
+            let (from, addr, go) = (from.clone(), net.host_addr, go.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                iperf_client(&from, addr, port, secs)
+            })
         })
         .collect();
+    // Every client ends before its server is stopped.
+    let results: Vec<_> = runs.into_iter().map(|r| r.join()).collect();
     let mut sum = 0.0;
-    for (i, r) in runs.into_iter().enumerate() {
+    for (i, r) in results.into_iter().enumerate() {
         sum += r
-            .join()
             .map_err(|_| "iperf thread panicked".to_string())?
             .map_err(|e| format!("member {i}: {e}"))?;
     }
     Ok(sum)
 }
 
-fn iperf_on(from: &str, to: &str, addr: Ipv4Addr, port: &str, secs: u64) -> Result<f64, String> {
-    let server = sys::ChildProc::spawn(
+/// How long an iperf3 server may take to listen.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts a one-test iperf3 server in namespace `ns` and waits until it listens on `port`:
+/// `ss` in the namespace, not a connection, which would use up the server's one test.
+fn iperf_server(ns: &str, port: u16) -> Result<sys::ChildProc, String> {
+    let port_s = port.to_string();
+    let mut server = sys::ChildProc::spawn(
         Command::new("ip")
-            .args(["netns", "exec", to, "iperf3", "-s", "-1", "-p", port])
+            .args(["netns", "exec", ns, "iperf3", "-s", "-1", "-p", &port_s])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null()),
         "iperf3 -s",
     )?;
-    std::thread::sleep(Duration::from_millis(300));
+    let (sport, deadline) = (format!(":{port}"), Instant::now() + LISTEN_TIMEOUT);
+    loop {
+        let ss = sys::run(
+            Command::new("ip").args(["netns", "exec", ns, "ss", "-Hltn", "sport", "=", &sport]),
+            LISTEN_TIMEOUT,
+        )?;
+        if !ss.ok() {
+            return Err(format!("ss in {ns}: {}", ss.why()));
+        }
+        if !ss.stdout.trim().is_empty() {
+            return Ok(server);
+        }
+        if let Some(st) = server.exited() {
+            return Err(format!(
+                "iperf3 -s in {ns} exited ({st}) before listening on {port}"
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "iperf3 -s in {ns} not listening on {port} after {LISTEN_TIMEOUT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// iperf3 from namespace `from` to the server at `addr`, `port` for `secs`: Gbit/s received.
+fn iperf_client(from: &str, addr: Ipv4Addr, port: u16, secs: u64) -> Result<f64, String> {
     let out = sys::run(
         Command::new("ip").args([
             "netns",
@@ -325,15 +375,13 @@ fn iperf_on(from: &str, to: &str, addr: Ipv4Addr, port: &str, secs: u64) -> Resu
             "-c",
             &addr.to_string(),
             "-p",
-            port,
+            &port.to_string(),
             "-t",
             &secs.to_string(),
             "-J",
         ]),
         Duration::from_secs(secs + 20),
-    );
-    drop(server);
-    let out = out?;
+    )?;
     let v: serde_json::Value =
         serde_json::from_str(&out.stdout).map_err(|e| format!("iperf3 output: {e}"))?;
     v.pointer("/end/sum_received/bits_per_second")
