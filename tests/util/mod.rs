@@ -1185,9 +1185,23 @@ pub fn assert_urgent_stream_relayed(
     receiver: &mut TcpStream,
     fin: bool,
 ) {
+    assert_urgent_stream_relayed_by(&|sig| u.signal(sig), sender_ns, sender, receiver, fin);
+}
+
+/// [`assert_urgent_stream_relayed`] through a relay that `signal` stops (`SIGSTOP`) and
+/// resumes (`SIGCONT`): usernet, or all the processes of a [`Pasta`].
+#[track_caller]
+pub fn assert_urgent_stream_relayed_by(
+    signal: &dyn Fn(Signal),
+    sender_ns: &str,
+    sender: &mut TcpStream,
+    receiver: &mut TcpStream,
+    fin: bool,
+) {
     let port = sender.local_addr().expect("local_addr").port();
+    let peer = sender.peer_addr().expect("peer_addr").port();
     let state = if fin { "fin-wait-2" } else { "established" };
-    u.signal(Signal::SIGSTOP);
+    signal(Signal::SIGSTOP);
     send_with_urgent(sender);
     if fin {
         sender.shutdown(Shutdown::Write).expect("shutdown(Write)");
@@ -1195,15 +1209,17 @@ pub fn assert_urgent_stream_relayed(
     // `ss -H` with one state: Recv-Q, Send-Q, local and peer address.
     let acked = wait_for(IO_TIMEOUT, || {
         let out = in_netns(sender_ns, || {
+            // Both ports: a server's other connections share its local port.
             Command::new("ss")
                 .args(["-tnH", "state", state, "sport", "=", &format!(":{port}")])
+                .args(["and", "dport", "=", &format!(":{peer}")])
                 .output()
         })
         .expect("ss");
         let out = String::from_utf8_lossy(&out.stdout).into_owned();
         (out.split_whitespace().nth(1) == Some("0")).then_some(())
     });
-    u.signal(Signal::SIGCONT);
+    signal(Signal::SIGCONT);
     assert!(
         acked.is_some(),
         "the sender's bytes were never all acknowledged ({state})"
@@ -3421,6 +3437,13 @@ impl Pasta {
             }
         }
         out
+    }
+
+    /// Sends `sig` to every process of this pasta (the relay and its namespace agent).
+    pub fn signal(&self, sig: Signal) {
+        for pid in self.pids() {
+            nix::sys::signal::kill(Pid::from_raw(pid as i32), sig).expect("kill");
+        }
     }
 
     /// Waits up to `t` until no process of this pasta is left.
