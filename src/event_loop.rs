@@ -603,8 +603,6 @@ impl Running {
                     }
                     Source::Flow(id, _) if sockets.closed_this_turn(id) => {}
                     Source::Flow(id, end) => {
-                        sockets.note_splice(id, end, readable, writable);
-                        let mut io = sockets.io(&mut members);
                         let ready = forwarder::Ready {
                             readable,
                             writable,
@@ -612,6 +610,8 @@ impl Running {
                             error: event.is_error(),
                             urgent: event.is_priority(),
                         };
+                        sockets.note_splice(id, end, &ready);
+                        let mut io = sockets.io(&mut members);
                         fwd.handle_ready(now, id, ready, &mut io)
                     }
                 }

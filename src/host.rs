@@ -194,9 +194,9 @@ impl Sockets {
     /// Notes an event of socket `end` of spliced flow `id` for its next
     /// [`HostIo::splice_relay`] ([`Pair::note`]); nothing for any other flow.
     #[inline]
-    pub fn note_splice(&mut self, id: usize, end: End, readable: bool, writable: bool) {
+    pub fn note_splice(&mut self, id: usize, end: End, ready: &forwarder::Ready) {
         if let Some(Entry::Splice(pair)) = self.table.get_mut(id) {
-            pair.note(end, readable, writable);
+            pair.note(end, ready);
         }
     }
 
@@ -232,6 +232,17 @@ impl Sockets {
                 // before; it tries again after it.
                 self.spare[i] = tcp_socket(domain).ok();
             }
+        }
+    }
+
+    /// A TCP socket for a connection to `ip`, with [`tcp_socket`]'s options: the spare of
+    /// its family if there is one (made again at the end of the turn), else a new one.
+    fn take_tcp_socket(&mut self, ip: IpAddr) -> io::Result<Socket> {
+        let (i, domain) = family(ip);
+        self.refill[i] = true;
+        match self.spare[i].take() {
+            Some(socket) => Ok(socket),
+            None => tcp_socket(domain),
         }
     }
 
@@ -304,12 +315,7 @@ impl HostIo for Sockets {
         target: SocketAddr,
         bind: Option<IpAddr>,
     ) -> io::Result<bool> {
-        let (i, domain) = family(target.ip());
-        self.refill[i] = true;
-        let socket = match self.spare[i].take() {
-            Some(socket) => socket,
-            None => tcp_socket(domain)?,
-        };
+        let socket = self.take_tcp_socket(target.ip())?;
         bind_outbound(&socket, bind, target.ip())?;
         let connected = match socket.connect(&target.into()) {
             Ok(()) => true,
@@ -481,10 +487,19 @@ impl HostIo for Sockets {
                 let opener = self.opener.as_ref().ok_or_else(no_socket)?;
                 TcpStream::from_std(std::net::TcpStream::from(opener.tcp_connect(client, port)?))
             }
-            SpliceTo::Host(addr) => TcpStream::connect(addr)?,
+            SpliceTo::Host(addr) => {
+                // The spare, whose options (urgent data inline) the pair needs too.
+                let socket = self.take_tcp_socket(addr.ip())?;
+                match socket.connect(&addr.into()) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                    Err(e) => return Err(e),
+                }
+                TcpStream::from_std(socket.into())
+            }
         };
         let mut pair = Box::new(Pair::new(stream, other)?);
-        let rw = Interest::READABLE | Interest::WRITABLE;
+        let rw = STREAM | Interest::WRITABLE;
         let [a, b] = pair.sockets();
         // Flow ids stay far below: ids are reused, and the flow limits (25,000 by default)
         // bound how many are open.

@@ -28,11 +28,34 @@
 //! `splice`: a 1-byte ping-pong takes three per direction (into the pipe, out of it, and
 //! the read that finds the socket empty), where pumping both directions on every event
 //! of either socket also tried the idle one, an `EAGAIN` each time.
+//!
+//! Urgent data (`MSG_OOB`) stays in the stream, in its place, as in the flows through
+//! the guest link. `splice` from a TCP socket stops at the urgent mark, whatever the
+//! socket's options: there it moves nothing, and says `EAGAIN`, or 0 once the peer's FIN
+//! is queued, with the urgent byte and the rest still to read. Taken at its word, that
+//! stalls the direction (no new readable edge comes for bytes already queued) or cuts the
+//! stream at the mark. So both sockets of a pair keep urgent data inline (`SO_OOBINLINE`,
+//! from their listener or set where they are made: [`crate::host`],
+//! [`crate::pasta::agent`]), both are watched for `EPOLLPRI` as well, and a socket that
+//! reported it is marked for the pair's life. On a marked socket a `splice` that moves
+//! nothing is followed by a one-byte `recv`, which does pass the mark: the byte goes into
+//! the (empty, so it cannot be short) pipe and waits its turn there, and splicing goes
+//! on; only the `recv`'s own `EAGAIN` or 0 means an empty socket or the end of file.
+//!
+//! The urgent data and the FIN behind it may arrive after the event at hand was reported
+//! and before its `splice`, which then returns 0 at a mark that no `EPOLLPRI` announced.
+//! So a `splice` of 0 from an unmarked socket is its end of file only once an event of
+//! that socket reported the peer's end of stream (`EPOLLRDHUP`; `Side::hup`): by then
+//! everything before the FIN was there, and a pending mark was reported with it. Before,
+//! the 0 waits for that event, which the FIN's arrival raises. The sockets that never had
+//! urgent data pay nothing: no call more per `splice` (a `splice` more only when the FIN
+//! overtakes its event), and the `EPOLLPRI` interest rides on their registrations.
 
-use std::io;
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use forwarder::Ready;
 use mio::net::TcpStream;
 
 /// Pipe capacity asked for per direction (the kernel may give less: a user's pipes
@@ -88,6 +111,13 @@ struct Side {
     eof: bool,
     /// The other side's sending side was shut down (after this side's end of file).
     shut: bool,
+    /// This socket reported urgent data (`EPOLLPRI`) once: a `splice` from it that moves
+    /// nothing may have stopped at the urgent mark (see the module's header).
+    urgent: bool,
+    /// This socket reported its peer's end of stream (`EPOLLRDHUP` or `EPOLLHUP`): only
+    /// then is a `splice` of 0 from it the end of file, unless `urgent` (see the module's
+    /// header).
+    hup: bool,
 }
 
 impl Side {
@@ -98,6 +128,8 @@ impl Side {
             pipe: Pipe::new()?,
             eof: false,
             shut: false,
+            urgent: false,
+            hup: false,
         })
     }
 
@@ -141,16 +173,20 @@ impl Pair {
         [&mut self.a.sock, &mut self.b.sock]
     }
 
-    /// Notes an event of socket `end`: the directions it lets move, for the next
-    /// [`pump_noted`](Self::pump_noted). Readable: its own; writable: the other, if that
-    /// one's pipe holds bytes (an empty pipe means its source was read to `EAGAIN`).
-    pub fn note(&mut self, end: End, readable: bool, writable: bool) {
-        let (own, other, other_waiting) = match end {
-            End::A => (0, 1, self.b.pipe.len > 0),
-            End::B => (1, 0, self.a.pipe.len > 0),
+    /// Notes event `ready` of socket `end`: the directions it lets move, for the next
+    /// [`pump_noted`](Self::pump_noted). Readable or urgent: its own; writable: the
+    /// other, if that one's pipe holds bytes (an empty pipe means its source was read to
+    /// `EAGAIN`). Urgent data and the peer's end of stream are kept for good
+    /// (`Side::urgent`, `Side::hup`).
+    pub fn note(&mut self, end: End, ready: &Ready) {
+        let (own, other, side, other_side) = match end {
+            End::A => (0, 1, &mut self.a, &self.b),
+            End::B => (1, 0, &mut self.b, &self.a),
         };
-        self.noted[own] |= readable;
-        self.noted[other] |= writable && other_waiting;
+        side.urgent |= ready.urgent;
+        side.hup |= ready.hup;
+        self.noted[own] |= ready.readable || ready.urgent;
+        self.noted[other] |= ready.writable && other_side.pipe.len > 0;
     }
 
     /// Moves what the noted events let move (see [`note`](Self::note)), and forgets them.
@@ -162,9 +198,12 @@ impl Pair {
     }
 
     /// Moves what either side has (and what waits in the pipes) to the other, whatever
-    /// the events. Returns as [`pump_noted`](Self::pump_noted).
+    /// the events (as if each socket had reported its peer's end of stream, if any).
+    /// Returns as [`pump_noted`](Self::pump_noted).
     #[cfg(test)]
     pub fn pump(&mut self) -> (usize, bool) {
+        self.a.hup = true;
+        self.b.hup = true;
         self.pump_ways(true, true)
     }
 
@@ -203,8 +242,17 @@ fn pump_one(src: &mut Side, dst: &mut Side, moved: &mut usize) -> io::Result<()>
             }
             return Ok(());
         }
-        // The pipe is empty: EAGAIN can only mean that the socket is.
+        // The pipe is empty: EAGAIN can only mean that the socket is, or, on a socket
+        // that had urgent data, that the read stopped at the urgent mark (so can 0).
         match splice(src.sock.as_fd(), src.pipe.w.as_fd(), src.pipe.cap)? {
+            Some(0) | None if src.urgent => {
+                if !pass_mark(src)? {
+                    return Ok(());
+                }
+            }
+            // The end of stream arrived after the event at hand: its own event, urgent
+            // data reported with it if a mark is before it, is still to come.
+            Some(0) if !src.hup => return Ok(()),
             Some(0) => src.eof = true,
             Some(n) => src.pipe.len += n,
             None => return Ok(()),
@@ -212,10 +260,51 @@ fn pump_one(src: &mut Side, dst: &mut Side, moved: &mut usize) -> io::Result<()>
     }
 }
 
+/// After a `splice` from `src` (pipe empty) moved nothing: reads one byte with `recv`,
+/// which gets past the urgent mark where `splice` stops (the urgent byte itself, inline
+/// by `SO_OOBINLINE`), and puts it in the pipe, where it waits its turn like any other.
+/// Returns whether the socket may have more (`false`: `EAGAIN`, it is empty). A read of
+/// 0 is the end of file.
+fn pass_mark(src: &mut Side) -> io::Result<bool> {
+    let mut byte = [0u8; 1];
+    let n = loop {
+        match (&src.sock).read(&mut byte) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    if n == 0 {
+        src.eof = true;
+        return Ok(true);
+    }
+    // One byte into an empty pipe: nothing can be left over (a failure ends the pair).
+    match nix::unistd::write(&src.pipe.w, &byte)? {
+        1 => src.pipe.len += 1,
+        _ => return Err(io::ErrorKind::WriteZero.into()),
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+
+    fn readable() -> Ready {
+        Ready {
+            readable: true,
+            ..Ready::default()
+        }
+    }
+
+    fn writable() -> Ready {
+        Ready {
+            writable: true,
+            ..Ready::default()
+        }
+    }
 
     fn connected() -> (std::net::TcpStream, TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -289,7 +378,7 @@ mod tests {
         let mut moved = 0;
         while moved < 2 {
             assert!(std::time::Instant::now() < give_up, "the relay stalled");
-            pair.note(End::A, true, false);
+            pair.note(End::A, &readable());
             moved += pair.pump_noted().0;
         }
         assert_eq!(moved, 2);
@@ -298,7 +387,7 @@ mod tests {
         assert_eq!(&got, b"up");
         assert_eq!(waiting(&client), 0, "B's bytes moved on A's event");
         // A writable with B's pipe empty: nothing to move (B's readable event brings it).
-        pair.note(End::A, false, true);
+        pair.note(End::A, &writable());
         assert_eq!(pair.pump_noted(), (0, false));
         assert_eq!(waiting(&client), 0);
         // Nothing noted: nothing moves.
@@ -307,7 +396,7 @@ mod tests {
         moved = 0;
         while moved < 4 {
             assert!(std::time::Instant::now() < give_up, "the relay stalled");
-            pair.note(End::B, true, false);
+            pair.note(End::B, &readable());
             moved += pair.pump_noted().0;
         }
         let mut got = [0; 4];
@@ -339,14 +428,14 @@ mod tests {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => panic!("{e}"),
             }
-            pair.note(End::A, true, false);
+            pair.note(End::A, &readable());
             let (_, done) = pair.pump_noted();
             assert!(!done);
         }
         let left = pair.a.pipe.len;
         // B readable (nothing to read there) or A writable move nothing of A's pipe.
-        pair.note(End::B, true, false);
-        pair.note(End::A, false, true);
+        pair.note(End::B, &readable());
+        pair.note(End::A, &writable());
         assert_eq!(pair.pump_noted(), (0, false));
         assert_eq!(pair.a.pipe.len, left);
         // The server reads; B's writable event alone drains what A's pipe kept.
@@ -367,9 +456,59 @@ mod tests {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => panic!("{e}"),
             }
-            pair.note(End::B, false, true);
+            pair.note(End::B, &writable());
             moved += pair.pump_noted().0;
         }
         assert!(received <= sent);
+    }
+
+    /// The urgent mark stops `splice` (0 with the FIN behind it): the bytes after it, the
+    /// urgent one inline, and the end of stream come through once the socket reported
+    /// urgent data, and an event older than the mark and the FIN does not end the stream.
+    #[test]
+    fn urgent_data_passes_inline_and_an_early_event_ends_nothing() {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let (mut client, a) = connected();
+        let (mut server, b) = connected();
+        socket2::SockRef::from(&a)
+            .set_out_of_band_inline(true)
+            .unwrap();
+        let mut pair = Pair::new(a, b).unwrap();
+        client.write_all(b"12345").unwrap();
+        assert_eq!(
+            send(client.as_raw_fd(), b"!", MsgFlags::MSG_OOB).unwrap(),
+            1
+        );
+        client.write_all(b"67890").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        // On loopback the bytes and the FIN are queued on A when the calls return. An
+        // event that reported neither (readable only): the bytes before the mark, and
+        // the stream goes on.
+        pair.note(End::A, &readable());
+        assert_eq!(pair.pump_noted(), (5, false));
+        let mut got = [0; 5];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"12345");
+        server.set_nonblocking(true).unwrap();
+        let peek = server.peek(&mut got).map_err(|e| e.kind());
+        assert_eq!(peek, Err(io::ErrorKind::WouldBlock), "the stream goes on");
+        server.set_nonblocking(false).unwrap();
+        // Their own event: urgent data and the peer's end of stream.
+        let ready = Ready {
+            readable: true,
+            hup: true,
+            urgent: true,
+            ..Ready::default()
+        };
+        pair.note(End::A, &ready);
+        assert_eq!(pair.pump_noted(), (6, false));
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"!67890", "the urgent byte inline, the rest, the end");
+        assert!(pair.a.done());
     }
 }

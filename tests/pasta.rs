@@ -1666,3 +1666,73 @@ fn pasta_auto_udp_port_of_a_loopback_client_is_free_once_its_rule_goes() {
     assert!(echo.stats.accepted.load(Ordering::SeqCst) >= 1);
     udp_roundtrip(&client, to, &payload(3), 3).unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// A spliced pair relays urgent data (`MSG_OOB`) inline, with every byte around it, from
+/// either of its sockets: splice(2) stops at the urgent mark, which must neither end the
+/// stream (with the sender's FIN queued behind it) nor stall it (without). Here the pair of
+/// a `-t` port's loopback client on H and the server in C; the bytes are queued on both of
+/// pasta's sockets while it is stopped ([`assert_urgent_stream_relayed_by`]).
+#[test]
+fn pasta_loopback_client_of_t_port_relays_urgent_data_inline_both_ways() {
+    let Some(t) = topology(false) else { return };
+    let listener = t
+        .in_container(|| std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)))
+        .expect("bind in C");
+    let port = listener.local_addr().expect("local_addr").port();
+    let p = Pasta::start(
+        &t,
+        &strs(&podman53(
+            &t.container_ns(),
+            &["-t", &format!("8095:{port}")],
+        )),
+    );
+    let signal = |sig| p.signal(sig);
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8095);
+    for fin in [true, false] {
+        for from_client in [true, false] {
+            let mut client = t.in_host(|| connect(to)).expect("connect");
+            let (mut server, _) = listener.accept().expect("accept in C");
+            if from_client {
+                // The pair's accepted socket reads the urgent byte.
+                let h = t.host_ns();
+                assert_urgent_stream_relayed_by(&signal, &h, &mut client, &mut server, fin);
+            } else {
+                // The pair's socket in C reads it.
+                let c = t.container_ns();
+                assert_urgent_stream_relayed_by(&signal, &c, &mut server, &mut client, fin);
+            }
+        }
+    }
+}
+
+/// As above for a `-T` port: a client in C of a server on H's loopback, the urgent byte
+/// from either.
+#[test]
+fn pasta_t_ns_port_relays_urgent_data_inline_both_ways() {
+    let Some(t) = topology(false) else { return };
+    let listener = t
+        .in_host(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .expect("bind in H");
+    let port = listener.local_addr().expect("local_addr").port();
+    let p = Pasta::start(
+        &t,
+        &strs(&podman53(&t.container_ns(), &["-T", &port.to_string()])),
+    );
+    let signal = |sig| p.signal(sig);
+    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    for fin in [true, false] {
+        for from_server in [true, false] {
+            let mut client = t.in_container(|| connect(to)).expect("connect");
+            let (mut server, _) = listener.accept().expect("accept in H");
+            if from_server {
+                // The pair's socket on H reads the urgent byte.
+                let h = t.host_ns();
+                assert_urgent_stream_relayed_by(&signal, &h, &mut server, &mut client, fin);
+            } else {
+                // The pair's accepted socket, in C, reads it.
+                let c = t.container_ns();
+                assert_urgent_stream_relayed_by(&signal, &c, &mut client, &mut server, fin);
+            }
+        }
+    }
+}

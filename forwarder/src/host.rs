@@ -213,7 +213,8 @@ pub trait HostIo {
     /// Splices the accepted connection `id`: opens a connection to `to` (for a loopback
     /// client of a published port, [`crate::Config::loopback_handoff`]: the guest's port
     /// from inside the guest's namespace, not through the guest link) and watches both
-    /// under `id` (readable and writable, edge-triggered) until [`close`](Self::close).
+    /// under `id` (readable, urgent data and writable, edge-triggered; urgent data kept
+    /// inline and relayed in its place) until [`close`](Self::close).
     /// The bytes then move between the two host-side
     /// ([`splice_relay`](Self::splice_relay)), never through the forwarder.
     ///

@@ -13,12 +13,13 @@
 //!   unconnected bound UDP), from its `/proc/net/{tcp,tcp6,udp,udp6}`, 4 bytes each:
 //!   protocol (`t`/`u`), 1 if bound to a loopback address only, the port (big endian).
 //! - `L` + protocol + a 16-byte IPv6 (or IPv4-mapped) address + port: a socket bound to
-//!   that address in the namespace (TCP: listening), sent back with `SCM_RIGHTS` after a
-//!   `K`; or `E` + errno.
+//!   that address in the namespace (TCP: listening, urgent data inline for its
+//!   connections, see [`crate::splice`]), sent back with `SCM_RIGHTS` after a `K`; or
+//!   `E` + errno.
 //!
 //! - `C` + the same address form: a TCP socket of the namespace, non-blocking, whose
 //!   connection to that address is under way (pasta mode's loopback clients of `-t`
-//!   ports), sent back the same way.
+//!   ports, urgent data inline), sent back the same way.
 //! - `U` + the same address form + a local port: a UDP socket of the namespace bound to
 //!   that local port (any port if it is taken) and connected to the address (loopback
 //!   clients of `-u` ports, whose source port pasta keeps).
@@ -287,6 +288,9 @@ fn connect_here(addr: SocketAddr) -> io::Result<OwnedFd> {
     sock.set_nonblocking(true)?;
     sock.set_cloexec(true)?;
     sock.set_tcp_nodelay(true)?;
+    // Urgent data inline: the splice relay passes the urgent mark with a read, which
+    // would skip the urgent byte without it.
+    sock.set_out_of_band_inline(true)?;
     match sock.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -329,6 +333,8 @@ fn bind_here(proto: u8, addr: SocketAddr) -> io::Result<OwnedFd> {
     sock.set_cloexec(true)?;
     sock.bind(&addr.into())?;
     if proto == b't' {
+        // Inherited by the connections, as on `connect_here`'s socket.
+        sock.set_out_of_band_inline(true)?;
         sock.listen(1024)?;
     }
     Ok(sock.into())
