@@ -470,8 +470,7 @@ impl HostIo for Sockets {
         let Entry::Accepted(mut stream) = self.take(id) else {
             return Err(no_socket());
         };
-        let _ = stream.set_nodelay(true);
-        // SO_OOBINLINE comes from the listener.
+        // TCP_NODELAY and SO_OOBINLINE come from the listener.
         self.registry
             .register(&mut stream, Token(id), STREAM | Interest::WRITABLE)?;
         self.put(id, Entry::Stream(stream, true));
@@ -593,8 +592,9 @@ fn open_listener(rule: &PortRule, registry: &Registry, token: Token) -> Result<E
     if rule.proto == Proto::Tcp {
         // Re-publishing a port right after removing it must not trip over TIME-WAIT.
         socket.set_reuse_address(true).map_err(fail)?;
-        // Inherited by the accepted connections: urgent data inline, as on
+        // Inherited by the accepted connections: Nagle off and urgent data inline, as on
         // `tcp_socket`'s, at no cost per connection.
+        socket.set_tcp_nodelay(true).map_err(fail)?;
         socket.set_out_of_band_inline(true).map_err(fail)?;
     }
     socket.bind(&addr.into()).map_err(fail)?;
@@ -770,8 +770,17 @@ mod tests {
         s.listen(1, &rule(1)).unwrap();
         let l = socket2::SockRef::from(listener_addr(&s, 1));
         assert!(
-            l.out_of_band_inline().unwrap(),
+            l.out_of_band_inline().unwrap() && l.tcp_nodelay().unwrap(),
             "inherited by its connections"
+        );
+        // On loopback the handshake is over when connect returns: accepted at once.
+        let _c = std::net::TcpStream::connect(listener_addr(&s, 1).local_addr().unwrap());
+        let (accepted, _) = listener_addr(&s, 1).accept().unwrap();
+        let a = socket2::SockRef::from(&accepted);
+        assert!(a.tcp_nodelay().unwrap(), "Nagle off, from the listener");
+        assert!(
+            a.out_of_band_inline().unwrap(),
+            "urgent inline, from the listener"
         );
         let taken = listener_addr(&s, 1).local_addr().unwrap();
         let mut second = rule(2);

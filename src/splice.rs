@@ -122,7 +122,6 @@ struct Side {
 
 impl Side {
     fn new(sock: TcpStream) -> io::Result<Side> {
-        let _ = sock.set_nodelay(true);
         Ok(Side {
             sock,
             pipe: Pipe::new()?,
@@ -156,7 +155,8 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Relays `a` and `b` (Nagle off on both).
+    /// Relays `a` and `b`, which come with their options (Nagle off, urgent data inline)
+    /// from their listener or their maker: none is set per connection here.
     ///
     /// # Errors
     /// When the pipes cannot be made (`EMFILE`...).

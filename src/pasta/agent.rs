@@ -333,7 +333,9 @@ fn bind_here(proto: u8, addr: SocketAddr) -> io::Result<OwnedFd> {
     sock.set_cloexec(true)?;
     sock.bind(&addr.into())?;
     if proto == b't' {
-        // Inherited by the connections, as on `connect_here`'s socket.
+        // Inherited by the connections, as on `connect_here`'s socket: the splice relay
+        // sets no option per connection.
+        sock.set_tcp_nodelay(true)?;
         sock.set_out_of_band_inline(true)?;
         sock.listen(1024)?;
     }
