@@ -1130,18 +1130,9 @@ fn burst_len(t: &Topology) -> (usize, usize) {
 
 /// Runs `f` with every pasta process stopped (SIGSTOP, then SIGCONT).
 fn while_stopped(p: &Pasta, f: impl FnOnce()) {
-    let pids: Vec<Pid> = p
-        .pids()
-        .into_iter()
-        .map(|p| Pid::from_raw(p as i32))
-        .collect();
-    for &pid in &pids {
-        kill(pid, Signal::SIGSTOP).expect("SIGSTOP pasta");
-    }
+    p.signal(Signal::SIGSTOP);
     f();
-    for &pid in &pids {
-        kill(pid, Signal::SIGCONT).expect("SIGCONT pasta");
-    }
+    p.signal(Signal::SIGCONT);
 }
 
 /// Receives the `n` datagrams of a burst on `s`, each compared with what was sent.
