@@ -284,9 +284,10 @@ fn answer(sock: &OwnedFd, res: io::Result<OwnedFd>) -> bool {
 
 fn connect_here(addr: SocketAddr) -> io::Result<OwnedFd> {
     use socket2::{Domain, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    sock.set_nonblocking(true)?;
-    sock.set_cloexec(true)?;
+    // Non-blocking and close-on-exec from `socket(2)` itself: two calls fewer per spliced
+    // connection than setting them after.
+    let stream = Type::STREAM.nonblocking().cloexec();
+    let sock = Socket::new(Domain::for_address(addr), stream, None)?;
     sock.set_tcp_nodelay(true)?;
     // Urgent data inline: the splice relay passes the urgent mark with a read, which
     // would skip the urgent byte without it.
@@ -302,9 +303,7 @@ fn connect_here(addr: SocketAddr) -> io::Result<OwnedFd> {
 fn udp_connect_here(addr: SocketAddr, local_port: u16) -> io::Result<OwnedFd> {
     use socket2::{Domain, Socket, Type};
     let domain = Domain::for_address(addr);
-    let sock = Socket::new(domain, Type::DGRAM, None)?;
-    sock.set_nonblocking(true)?;
-    sock.set_cloexec(true)?;
+    let sock = Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), None)?;
     let any: IpAddr = if addr.is_ipv6() {
         Ipv6Addr::UNSPECIFIED.into()
     } else {
@@ -321,16 +320,14 @@ fn bind_here(proto: u8, addr: SocketAddr) -> io::Result<OwnedFd> {
     use socket2::{Domain, Socket, Type};
     let domain = Domain::for_address(addr);
     let sock = match proto {
-        b't' => Socket::new(domain, Type::STREAM, None)?,
-        b'u' => Socket::new(domain, Type::DGRAM, None)?,
+        b't' => Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?,
+        b'u' => Socket::new(domain, Type::DGRAM.nonblocking().cloexec(), None)?,
         _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
     };
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.set_reuse_address(true)?;
-    sock.set_nonblocking(true)?;
-    sock.set_cloexec(true)?;
     sock.bind(&addr.into())?;
     if proto == b't' {
         // Inherited by the connections, as on `connect_here`'s socket: the splice relay
