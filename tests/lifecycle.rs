@@ -46,18 +46,15 @@ fn tap_helper_is_reaped_after_ready() {
     let Some(t) = Topology::new() else { return };
     let mut u = UsernetCmd::new(&t).args(["-c"]).start();
     let children = format!("/proc/{0}/task/{0}/children", u.pid);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = fs::read_to_string(&children).expect("usernet's children");
-        if left.trim().is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "usernet still has children 10 s after ready: {left}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let read = || fs::read_to_string(&children).expect("usernet's children");
+    let gone = wait_for(Duration::from_secs(10), || {
+        read().trim().is_empty().then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "usernet still has children 10 s after ready: {}",
+        read()
+    );
     u.assert_running();
 }
 
