@@ -595,21 +595,16 @@ fn measure(
                 Err(e) => Err(e.clone()),
             };
             let out = r.map(|r| (r.gbps, None));
-            if f == Fig::TcpOut {
-                cache.insert(Fig::CpuPerGib, cpu);
-                out
-            } else {
-                cpu
-            }
+            one_of_two(f, (Fig::TcpOut, out), (Fig::CpuPerGib, cpu), cache)
         }
         Fig::TcpOutP4 => gbps(figures::iperf_to_host(s, ctx, &["-P", "4"])),
         Fig::TcpIn => gbps(figures::iperf_to_host(s, ctx, &["-R"])),
         Fig::TcpPub => gbps(figures::tcp_pub(s, ctx)),
         Fig::Rr | Fig::RrCpu | Fig::UdpRr | Fig::UdpRrCpu => {
-            let (r, cpu_fig) = if matches!(f, Fig::Rr | Fig::RrCpu) {
-                (figures::rr(s, ctx, srv), Fig::RrCpu)
+            let (r, us_fig, cpu_fig) = if matches!(f, Fig::Rr | Fig::RrCpu) {
+                (figures::rr(s, ctx, srv), Fig::Rr, Fig::RrCpu)
             } else {
-                (figures::udp_rr(s, ctx, srv), Fig::UdpRrCpu)
+                (figures::udp_rr(s, ctx, srv), Fig::UdpRr, Fig::UdpRrCpu)
             };
             let cpu = match &r {
                 Ok((_, Some(c))) => Ok((*c, None)),
@@ -617,12 +612,7 @@ fn measure(
                 Err(e) => Err(e.clone()),
             };
             let us = r.map(|(v, _)| (v, None));
-            if f != cpu_fig {
-                cache.insert(cpu_fig, cpu);
-                us
-            } else {
-                cpu
-            }
+            one_of_two(f, (us_fig, us), (cpu_fig, cpu), cache)
         }
         Fig::Crr | Fig::CrrConnect => {
             let r = figures::crr(s, ctx, srv);
@@ -630,12 +620,7 @@ fn measure(
                 Ok(c) => (Ok((c.rate, None)), Ok((c.connect_us, None))),
                 Err(e) => (Err(e.clone()), Err(e)),
             };
-            if f == Fig::Crr {
-                cache.insert(Fig::CrrConnect, connect);
-                rate
-            } else {
-                connect
-            }
+            one_of_two(f, (Fig::Crr, rate), (Fig::CrrConnect, connect), cache)
         }
         Fig::CrrRules => figures::crr_rules(s, ctx, srv).map(|c| (c.rate, None)),
         Fig::Crr6 => figures::crr6(s, ctx, srv).map(|c| (c.rate, None)),
@@ -653,13 +638,24 @@ fn measure(
                 Ok((p, k)) => (Ok((p, None)), Ok((k, None))),
                 Err(e) => (Err(e.clone()), Err(e)),
             };
-            if f == Fig::ScaleTcpOut {
-                cache.insert(Fig::ScaleRss, rss);
-                pct
-            } else {
-                rss
-            }
+            one_of_two(f, (Fig::ScaleTcpOut, pct), (Fig::ScaleRss, rss), cache)
         }
+    }
+}
+
+/// Two rows measured at once: `f`'s sample; with `f` the first, the second's is kept in
+/// `cache` for when it is asked (the rows come in `Fig::ALL`'s order, the first before).
+fn one_of_two(
+    f: Fig,
+    (first, a): (Fig, Sample),
+    (second, b): (Fig, Sample),
+    cache: &mut BTreeMap<Fig, Sample>,
+) -> Sample {
+    if f == first {
+        cache.insert(second, b);
+        a
+    } else {
+        b
     }
 }
 
