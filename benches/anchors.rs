@@ -872,68 +872,11 @@ fn real_main() -> Result<ExitCode, String> {
         "- RUNS={} (median kept), SECS={} per figure, UDP offered {}bit/s, scale: {} idle connections",
         cfg.runs, cfg.secs, cfg.udp_rate, cfg.scale_conns
     );
-    out.push_str(&rep.table(&cfg));
-    let has = |fs: &[Fig]| fs.iter().any(|f| cfg.figs.contains(f));
-    let mut legend = vec![
-        "↑ higher is better, ↓ lower is better; ratios are usernet ÷ engine (for ↓ figures, \
-         below 1 favours usernet); \"(k/n fail)\": median of the runs that worked."
-            .to_string(),
-    ];
-    if has(&[Fig::Rr, Fig::UdpRr]) {
-        legend.push(
-            "rr, udp_rr: mean one-way latency of a 1-byte ping-pong, container -> host \
-             (round trip / 2, as sockperf reports it)."
-                .into(),
-        );
+    // FIGURES named only c2c or vxlan figures: no main table, not even its headers.
+    if !cfg.figs.is_empty() {
+        out.push_str(&rep.table(&cfg));
+        out.push_str(&legend(&cfg));
     }
-    if has(&[Fig::Crr]) {
-        legend.push("crr: sequential connect + 1 byte + 1 byte + close (RST), like crr.c.".into());
-    }
-    if has(&[Fig::Udp1400, Fig::Udp8000]) {
-        legend.push(format!(
-            "udp_1400, udp_8000: iperf3 -u -b {} -w 4M container -> host, received rate (loss % \
-             from bytes sent and received).",
-            cfg.udp_rate
-        ));
-    }
-    if has(&[Fig::Udp1400Max, Fig::Udp8000Max]) {
-        legend.push(
-            "udp_*_max: the highest offered rate carried with under 1% loss (RFC 2544 \
-             throughput): offered rates double from 1 Gbit/s until one passes and one fails, \
-             then 3 bisections, 2 s per probe; shown is the received rate (loss) of the best \
-             passing probe."
-                .into(),
-        );
-    }
-    if has(&[Fig::CpuPerGib]) {
-        legend.push(
-            "cpu_per_gib: CPU time of the engine process (all threads, /proc schedstat) \
-             during tcp_out per GiB received."
-                .into(),
-        );
-    }
-    if has(&[Fig::StartupMs]) {
-        legend.push(format!(
-            "startup_ms: exec to the ready-fd byte (`-r FD`, with --configure), the median of \
-             {STARTS} starts per run."
-        ));
-    }
-    if has(&[Fig::PastaReadyMs]) {
-        legend.push(format!(
-            "pasta_ready_ms: exec of pasta's command line to the first process's exit with \
-             the namespace configured and the `-t` port bound (what podman waits for); \
-             usernet-pasta is usernet run as `pasta` with the real pasta's command line; the \
-             median of {STARTS} starts per run."
-        ));
-    }
-    if has(&[Fig::ScaleTcpOut, Fig::ScaleRss]) {
-        legend.push(format!(
-            "scale_*: with {} idle TCP connections open from the container through usernet: \
-             tcp_out as % of tcp_out without them, and usernet's VmRSS growth per connection.",
-            cfg.scale_conns
-        ));
-    }
-    let _ = writeln!(out, "\n{}", legend.join(" "));
     // Members of one network: their own table (FIGURES=c2c, or every figure).
     // FIGURES=c2c for the whole table, or single figures of it.
     let c2c_figs: Vec<&str> = match env("FIGURES") {
@@ -1052,4 +995,69 @@ fn main() -> ExitCode {
         }
         Err(_) => ExitCode::from(101),
     }
+}
+
+/// The main table's legend: a sentence for each figure measured.
+fn legend(cfg: &Config) -> String {
+    let has = |fs: &[Fig]| fs.iter().any(|f| cfg.figs.contains(f));
+    let mut legend = vec![
+        "↑ higher is better, ↓ lower is better; ratios are usernet ÷ engine (for ↓ figures, \
+         below 1 favours usernet); \"(k/n fail)\": median of the runs that worked."
+            .to_string(),
+    ];
+    if has(&[Fig::Rr, Fig::UdpRr]) {
+        legend.push(
+            "rr, udp_rr: mean one-way latency of a 1-byte ping-pong, container -> host \
+             (round trip / 2, as sockperf reports it)."
+                .into(),
+        );
+    }
+    if has(&[Fig::Crr]) {
+        legend.push("crr: sequential connect + 1 byte + 1 byte + close (RST), like crr.c.".into());
+    }
+    if has(&[Fig::Udp1400, Fig::Udp8000]) {
+        legend.push(format!(
+            "udp_1400, udp_8000: iperf3 -u -b {} -w 4M container -> host, received rate (loss % \
+             from bytes sent and received).",
+            cfg.udp_rate
+        ));
+    }
+    if has(&[Fig::Udp1400Max, Fig::Udp8000Max]) {
+        legend.push(
+            "udp_*_max: the highest offered rate carried with under 1% loss (RFC 2544 \
+             throughput): offered rates double from 1 Gbit/s until one passes and one fails, \
+             then 3 bisections, 2 s per probe; shown is the received rate (loss) of the best \
+             passing probe."
+                .into(),
+        );
+    }
+    if has(&[Fig::CpuPerGib]) {
+        legend.push(
+            "cpu_per_gib: CPU time of the engine process (all threads, /proc schedstat) \
+             during tcp_out per GiB received."
+                .into(),
+        );
+    }
+    if has(&[Fig::StartupMs]) {
+        legend.push(format!(
+            "startup_ms: exec to the ready-fd byte (`-r FD`, with --configure), the median of \
+             {STARTS} starts per run."
+        ));
+    }
+    if has(&[Fig::PastaReadyMs]) {
+        legend.push(format!(
+            "pasta_ready_ms: exec of pasta's command line to the first process's exit with \
+             the namespace configured and the `-t` port bound (what podman waits for); \
+             usernet-pasta is usernet run as `pasta` with the real pasta's command line; the \
+             median of {STARTS} starts per run."
+        ));
+    }
+    if has(&[Fig::ScaleTcpOut, Fig::ScaleRss]) {
+        legend.push(format!(
+            "scale_*: with {} idle TCP connections open from the container through usernet: \
+             tcp_out as % of tcp_out without them, and usernet's VmRSS growth per connection.",
+            cfg.scale_conns
+        ));
+    }
+    format!("\n{}\n", legend.join(" "))
 }
