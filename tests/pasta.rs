@@ -1034,6 +1034,30 @@ fn pasta_udp_client_of_wildcard_u_ns_port_gets_replies_from_the_address_it_sent_
     assert!(udp.stats.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 3);
 }
 
+/// One unconnected client socket inside the namespace that sends to two loopback
+/// addresses of a wildcard `-U` listener has a spliced association for each (the host's
+/// server sees two sources), and each reply comes from the address its request went to,
+/// in either order, as through a kernel NAT.
+#[test]
+fn pasta_udp_client_sending_to_two_addresses_of_a_u_ns_port_gets_each_reply_from_its_own() {
+    let Some(t) = topology(true) else { return };
+    let udp = UdpEcho::start(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5358));
+    let args = podman53(&t.container_ns(), &["-U", "0.0.0.0/5357:5358"]);
+    let _p = Pasta::start(&t, &strs(&args));
+    let one = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5357);
+    let two = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), 5357);
+    t.in_container(|| {
+        let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        for (i, to) in [one, two, one, two].into_iter().enumerate() {
+            let msg = [i as u8; 100];
+            udp_roundtrip(&s, to, &msg, 5).unwrap_or_else(|e| panic!("datagram {i} to {to}: {e}"));
+        }
+    });
+    let peers: std::collections::HashSet<_> =
+        udp.stats.peers.lock().unwrap().iter().copied().collect();
+    assert_eq!(peers.len(), 2, "one association per address: {peers:?}");
+}
+
 /// A burst of datagrams to a `-U` port waits in the listener's socket while pasta is busy
 /// elsewhere (here: stopped), as on a published port: the listener has the same widened
 /// receive buffer, and every datagram reaches the host's loopback server, in order.

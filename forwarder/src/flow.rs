@@ -230,8 +230,10 @@ pub(crate) struct FlowTable {
     /// Spliced flows.
     spliced: usize,
     /// Spliced UDP associations (of `-U` listeners and of published ports' loopback
-    /// clients) by (listener, client).
-    splice_assoc: HashMap<(usize, std::net::SocketAddr), usize>,
+    /// clients) by (listener, client, local address the client sent to): a client that
+    /// sends from one socket to two local addresses has an association for each, each
+    /// answering from its own address.
+    splice_assoc: HashMap<(usize, std::net::SocketAddr, Option<IpAddr>), usize>,
     /// Flows per guest address, when [`member_limit`](Self::member_limit) is set.
     member_flows: HashMap<IpAddress, usize>,
     /// Most flows (TCP, UDP, ICMP together) one guest address may have open.
@@ -1185,9 +1187,12 @@ impl Nat {
                     }
                     splice::SpliceFlow::Pair => {}
                     splice::SpliceFlow::Assoc {
-                        listener, client, ..
+                        listener,
+                        client,
+                        local,
+                        ..
                     } => {
-                        self.table.splice_assoc.remove(&(listener, client));
+                        self.table.splice_assoc.remove(&(listener, client, local));
                     }
                 }
                 self.table.spliced -= 1;
@@ -1203,7 +1208,7 @@ impl Nat {
             .table
             .splice_assoc
             .iter()
-            .filter(|((l, _), _)| *l == listener)
+            .filter(|((l, _, _), _)| *l == listener)
             .map(|(_, &a)| a)
             .collect();
         for a in ends {
@@ -1471,10 +1476,15 @@ impl Nat {
             return None;
         }
         if let splice::SpliceFlow::Assoc {
-            listener, client, ..
+            listener,
+            client,
+            local,
+            ..
         } = assoc
         {
-            self.table.splice_assoc.insert((listener, client), id);
+            self.table
+                .splice_assoc
+                .insert((listener, client, local), id);
         }
         self.table.flows.insert(Flow::Splice(assoc));
         self.table.spliced += 1;
@@ -1565,7 +1575,7 @@ impl Nat {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            let aid = match self.table.splice_assoc.get(&(id, client)) {
+            let aid = match self.table.splice_assoc.get(&(id, client, local)) {
                 Some(&a) => a,
                 None => {
                     let assoc = splice::SpliceFlow::Assoc {
@@ -1644,7 +1654,7 @@ impl Nat {
     ) {
         let Cx { c, io, now, .. } = cx;
         c.udp_handed_off += 1;
-        let id = match self.table.splice_assoc.get(&(listener, client)) {
+        let id = match self.table.splice_assoc.get(&(listener, client, local)) {
             Some(&id) => id,
             None => {
                 let assoc = splice::SpliceFlow::Assoc {

@@ -18,14 +18,18 @@
 //!   UDP association per client: a host socket connected to that address.
 //!
 //! Both kinds of association are one [`SpliceFlow::Assoc`], found again by (listener,
-//! client): the forwarder sends the client's datagrams on the association's socket,
-//! receives the replies there and sends them to the client through the listener's socket
-//! (the published port's or the `-U` one), both named by flow id, from the local address
-//! the client's first datagram arrived on. A listener bound to a wildcard address learns it
-//! with each datagram (`IP_PKTINFO`, as a published port does for its flows through the
-//! guest link): a client that sent to 127.0.0.2, or to another local address, takes its
-//! replies from there, where the route would pick 127.0.0.1 and a `connect()`ed client
-//! would drop them.
+//! client, local address): the forwarder sends the client's datagrams on the
+//! association's socket, receives the replies there and sends them to the client through
+//! the listener's socket (the published port's or the `-U` one), both named by flow id,
+//! from the local address the client's datagrams arrived on. A listener bound to a
+//! wildcard address learns it with each datagram (`IP_PKTINFO`, as a published port does
+//! for its flows through the guest link): a client that sent to 127.0.0.2, or to another
+//! local address, takes its replies from there, where the route would pick 127.0.0.1 and
+//! a `connect()`ed client would drop them. One client socket that sends to two local
+//! addresses has two associations, as a kernel NAT has two connections: each reply leaves
+//! from the address its request went to. (Through the guest link this cannot be: the guest
+//! sees one client address and port for both, so a published port's flow answers from
+//! the address of the latest datagram.)
 //!
 //! Each is one more kind in the flow table, as in passt: the table gives it its id
 //! (which names its sockets to the host), bounds the pairs and associations by
@@ -58,8 +62,8 @@ pub(crate) enum SpliceFlow {
     /// A UDP client's association: a socket connected to the `-U` listener's `to`, or
     /// to the published port's guest port inside the namespace; replies go back
     /// through `listener` (the `-U` listener or the published port) to `client`, from
-    /// `local`, the address the client's first datagram arrived on (`None`: by route,
-    /// for a listener bound to one address). It ends [`UDP_IDLE`] after `last_active`,
+    /// `local`, the address the client's datagrams arrived on (`None`: by route, for a
+    /// listener bound to one address). It ends [`UDP_IDLE`] after `last_active`,
     /// its last datagram either way, on its idle `timer`.
     Assoc {
         listener: usize,

@@ -556,6 +556,41 @@ fn spliced_replies_leave_from_the_address_the_client_sent_to() {
     assert_eq!(sim.fwd.spliced_flows(), 1);
 }
 
+/// One client socket sending to two of the host's loopback addresses through a port
+/// published on the wildcard address has an association for each, as a kernel NAT has a
+/// connection for each: every reply leaves from the address its request went to, whatever
+/// the order the replies come in.
+#[test]
+fn spliced_client_sending_to_two_local_addresses_gets_each_reply_from_its_own() {
+    let udp = SocketAddr::from(([0, 0, 0, 0], 5353));
+    let (mut sim, _) = splicing_port(Proto::Udp, udp, 53, None);
+    let client = loopback(40000);
+    let (one, two) = (IpAddr::from([127, 0, 0, 1]), IpAddr::from([127, 0, 0, 2]));
+    sim.host.datagram_in(udp, client, Some(one), b"q1");
+    sim.host.datagram_in(udp, client, Some(two), b"q2");
+    sim.run_for(1);
+    assert_eq!(
+        sim.fwd.spliced_flows(),
+        2,
+        "an association per local address"
+    );
+    let ids = sim.host.dgrams_to(loopback(53));
+    assert_eq!(ids.len(), 2);
+    assert_eq!(sim.host.take_sent(ids[0]), [b"q1".to_vec()]);
+    assert_eq!(sim.host.take_sent(ids[1]), [b"q2".to_vec()]);
+    sim.host.dgram_reply(ids[1], b"a2");
+    sim.run_for(1);
+    sim.host.dgram_reply(ids[0], b"a1");
+    sim.run_for(1);
+    assert_eq!(
+        sim.host.port_sent(udp),
+        [
+            (Some(client), Some(two), b"a2".to_vec()),
+            (Some(client), Some(one), b"a1".to_vec())
+        ]
+    );
+}
+
 /// A published UDP port's spliced associations end with its rule: no socket of the rule
 /// stays open (a socket kept for their replies would hold the host port), and the same
 /// port is published again at once.

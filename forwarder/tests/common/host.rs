@@ -356,9 +356,12 @@ impl MemHost {
 
     /// The datagram socket to `peer`.
     pub fn dgram_to(&self, peer: SocketAddr) -> Option<usize> {
+        self.dgrams_to(peer).first().copied()
+    }
+
+    /// Every open datagram socket connected to `peer`, oldest first.
+    pub fn dgrams_to(&self, peer: SocketAddr) -> Vec<usize> {
         self.find(|s| matches!(s, Sock::Dgram(d) if d.peer == peer))
-            .first()
-            .copied()
     }
 
     /// The published port listening on `addr`.
