@@ -18,6 +18,7 @@
 //! | rr_cpu | the engine's CPU use during rr (what busy polling costs) | % of one CPU |
 //! | crr | connect + 1 B + 1 B + close per connection, sequential | conn/s |
 //! | crr_connect | crr's `connect()`, median (the handshake through the engine, as the client waits for it) | µs |
+//! | crr_sleeps | crr's client: voluntary context switches per connection (`getrusage`), the times it slept waiting | per conn |
 //! | crr_1k_rules | crr with 1,000 egress rules in force (usernet: four prefix lengths, none matching) | conn/s |
 //! | crr6 | crr over IPv6 (`fd00::2` -> host `::1`; kernel: `fd00:253:3::1`) | conn/s |
 //! | udp_1400, udp_8000 | iperf3 -u at a fixed offered rate, -l 1400 / 8000 | Gbit/s received, loss % |
@@ -35,7 +36,7 @@
 //! Run it with `cargo bench --bench anchors` (as root); `cargo bench --bench anchors -- --help`
 //! prints this text. Environment: `RUNS` (3), `SECS` per figure (5), `MTUS` ("1500 65520"),
 //! `ENGINES` ("usernet usernet-pasta slirp4netns pasta pasta2025 kernel"), `FIGURES` (all;
-//! `scale`, `udp` and `udp_max` name both of theirs, `rr` and `udp_rr` name their `_cpu` rows too, `crr` its `crr_connect`), `UDP_RATE` (iperf3 -b, "1G"),
+//! `scale`, `udp` and `udp_max` name both of theirs, `rr` and `udp_rr` name their `_cpu` rows too, `crr` its `crr_connect` and `crr_sleeps`), `UDP_RATE` (iperf3 -b, "1G"),
 //! `SCALE_CONNS` (10000), `USERNET_BIN` (default target/release/usernet, rebuilt with
 //! `cargo build --release` when missing or older than the sources), `SLIRP4NETNS`, `PASTA`
 //! (other builds), `PASTA2025` (default `/var/lib/usernet-bench/passt-2025/bin/pasta`).
@@ -91,6 +92,7 @@ enum Fig {
     RrCpu,
     Crr,
     CrrConnect,
+    CrrSleeps,
     CrrRules,
     Crr6,
     Udp1400,
@@ -107,7 +109,7 @@ enum Fig {
 }
 
 impl Fig {
-    const ALL: [Fig; 21] = [
+    const ALL: [Fig; 22] = [
         Fig::TcpOut,
         Fig::TcpOutP4,
         Fig::TcpIn,
@@ -116,6 +118,7 @@ impl Fig {
         Fig::RrCpu,
         Fig::Crr,
         Fig::CrrConnect,
+        Fig::CrrSleeps,
         Fig::CrrRules,
         Fig::Crr6,
         Fig::Udp1400,
@@ -141,6 +144,7 @@ impl Fig {
             Fig::RrCpu => "rr_cpu",
             Fig::Crr => "crr",
             Fig::CrrConnect => "crr_connect",
+            Fig::CrrSleeps => "crr_sleeps",
             Fig::CrrRules => "crr_1k_rules",
             Fig::Crr6 => "crr6",
             Fig::Udp1400 => "udp_1400",
@@ -166,6 +170,7 @@ impl Fig {
             Fig::Rr | Fig::UdpRr | Fig::CrrConnect => ("µs", false),
             Fig::Crr | Fig::CrrRules | Fig::Crr6 => ("conn/s", true),
             Fig::RrCpu | Fig::UdpRrCpu => ("% of a CPU", false),
+            Fig::CrrSleeps => ("per conn", false),
             Fig::CpuPerGib => ("CPU s/GiB", false),
             Fig::StartupMs | Fig::PastaReadyMs => ("ms", false),
             Fig::ScaleTcpOut => ("% of tcp_out", true),
@@ -215,7 +220,7 @@ impl Fig {
             // Latency with what it costs.
             "rr" => Some(vec![Fig::Rr, Fig::RrCpu]),
             // Where a connection's time goes.
-            "crr" => Some(vec![Fig::Crr, Fig::CrrConnect]),
+            "crr" => Some(vec![Fig::Crr, Fig::CrrConnect, Fig::CrrSleeps]),
             "udp_rr" => Some(vec![Fig::UdpRr, Fig::UdpRrCpu]),
             "udp" => Some(vec![Fig::Udp1400, Fig::Udp8000]),
             "udp_max" => Some(vec![Fig::Udp1400Max, Fig::Udp8000Max]),
@@ -595,7 +600,7 @@ fn measure(
                 Err(e) => Err(e.clone()),
             };
             let out = r.map(|r| (r.gbps, None));
-            one_of_two(f, (Fig::TcpOut, out), (Fig::CpuPerGib, cpu), cache)
+            one_of(f, [(Fig::TcpOut, out), (Fig::CpuPerGib, cpu)], cache)
         }
         Fig::TcpOutP4 => gbps(figures::iperf_to_host(s, ctx, &["-P", "4"])),
         Fig::TcpIn => gbps(figures::iperf_to_host(s, ctx, &["-R"])),
@@ -612,15 +617,20 @@ fn measure(
                 Err(e) => Err(e.clone()),
             };
             let us = r.map(|(v, _)| (v, None));
-            one_of_two(f, (us_fig, us), (cpu_fig, cpu), cache)
+            one_of(f, [(us_fig, us), (cpu_fig, cpu)], cache)
         }
-        Fig::Crr | Fig::CrrConnect => {
+        Fig::Crr | Fig::CrrConnect | Fig::CrrSleeps => {
             let r = figures::crr(s, ctx, srv);
-            let (rate, connect) = match r {
-                Ok(c) => (Ok((c.rate, None)), Ok((c.connect_us, None))),
-                Err(e) => (Err(e.clone()), Err(e)),
+            let row = |v: fn(&figures::Crr) -> f64| match &r {
+                Ok(c) => Ok((v(c), None)),
+                Err(e) => Err(e.clone()),
             };
-            one_of_two(f, (Fig::Crr, rate), (Fig::CrrConnect, connect), cache)
+            let rows = [
+                (Fig::Crr, row(|c| c.rate)),
+                (Fig::CrrConnect, row(|c| c.connect_us)),
+                (Fig::CrrSleeps, row(|c| c.sleeps)),
+            ];
+            one_of(f, rows, cache)
         }
         Fig::CrrRules => figures::crr_rules(s, ctx, srv).map(|c| (c.rate, None)),
         Fig::Crr6 => figures::crr6(s, ctx, srv).map(|c| (c.rate, None)),
@@ -638,25 +648,29 @@ fn measure(
                 Ok((p, k)) => (Ok((p, None)), Ok((k, None))),
                 Err(e) => (Err(e.clone()), Err(e)),
             };
-            one_of_two(f, (Fig::ScaleTcpOut, pct), (Fig::ScaleRss, rss), cache)
+            one_of(f, [(Fig::ScaleTcpOut, pct), (Fig::ScaleRss, rss)], cache)
         }
     }
 }
 
-/// Two rows measured at once: `f`'s sample; with `f` the first, the second's is kept in
-/// `cache` for when it is asked (the rows come in `Fig::ALL`'s order, the first before).
-fn one_of_two(
+/// Rows measured at once, in `Fig::ALL`'s order: `f`'s sample; the rows after `f` are kept
+/// in `cache` for when they are asked (a row before `f` was asked before it, or not at all).
+fn one_of<const N: usize>(
     f: Fig,
-    (first, a): (Fig, Sample),
-    (second, b): (Fig, Sample),
+    rows: [(Fig, Sample); N],
     cache: &mut BTreeMap<Fig, Sample>,
 ) -> Sample {
-    if f == first {
-        cache.insert(second, b);
-        a
-    } else {
-        b
+    let mut mine = Err(format!("{} is not measured with these rows", f.name()));
+    let mut after = false;
+    for (g, sample) in rows {
+        if g == f {
+            mine = sample;
+            after = true;
+        } else if after {
+            cache.insert(g, sample);
+        }
     }
+    mine
 }
 
 fn brief(f: Fig, s: &Sample) -> String {
@@ -1013,7 +1027,12 @@ fn legend(cfg: &Config) -> String {
         );
     }
     if has(&[Fig::Crr]) {
-        legend.push("crr: sequential connect + 1 byte + 1 byte + close (RST), like crr.c.".into());
+        legend.push(
+            "crr: sequential connect + 1 byte + 1 byte + close (RST), like crr.c; crr_connect: \
+             the median time of its `connect()`; crr_sleeps: its client's voluntary context \
+             switches per connection (`getrusage`), the times it slept waiting."
+                .into(),
+        );
     }
     if has(&[Fig::Udp1400, Fig::Udp8000]) {
         legend.push(format!(

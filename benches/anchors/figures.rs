@@ -15,6 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use nix::sys::resource::{getrusage, UsageWho};
 use nix::sys::socket::{setsockopt, shutdown, sockopt, Shutdown};
 use std::os::fd::AsRawFd;
 
@@ -415,6 +416,9 @@ pub struct Crr {
     /// sleeps until the relay has read its SYN and answered, where over veth the whole
     /// handshake runs inside the call.
     pub connect_us: f64,
+    /// The client's voluntary context switches per connection: the times it slept waiting,
+    /// for the reply byte (over veth, the only one) and for the `connect()` through a relay.
+    pub sleeps: f64,
 }
 
 fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<Crr, String> {
@@ -441,6 +445,7 @@ fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<Crr, String> {
             c.read_exact(&mut b)
         };
         let t0 = Instant::now();
+        let slept0 = voluntary_switches()?;
         let (mut n, mut fails) = (0u64, 0u64);
         let mut last_err = String::new();
         while t0.elapsed() < secs {
@@ -459,10 +464,22 @@ fn crr_to(s: &Session, ctx: &Ctx, addr: SocketAddr) -> Result<Crr, String> {
             return Err(format!("{n} ok, {fails} failed: {last_err}"));
         }
         let rate = n as f64 / t0.elapsed().as_secs_f64();
+        let sleeps = (voluntary_switches()? - slept0) as f64 / n as f64;
         connects.sort_unstable();
         let connect_us = connects[connects.len() / 2].as_secs_f64() * 1e6;
-        Ok(Crr { rate, connect_us })
+        Ok(Crr {
+            rate,
+            connect_us,
+            sleeps,
+        })
     })
+}
+
+/// This thread's voluntary context switches so far: each a sleep in a blocking call.
+fn voluntary_switches() -> Result<i64, String> {
+    getrusage(UsageWho::RUSAGE_THREAD)
+        .map(|u| u.voluntary_context_switches())
+        .map_err(|e| format!("getrusage: {e}"))
 }
 
 /// [`crr`] with 1,000 egress rules in force (usernet only): 250 deny rules each of /32,
