@@ -267,7 +267,8 @@ pub fn open_tap(spec: &AttachSpec) -> Result<(Tap, Helper), NetnsError> {
     let (parent_sock, child_sock) = seqpacket_pair()?;
 
     let pid = sys::fork_child(&[parent_sock.as_fd()], move || {
-        let result = join_namespaces(&netns, userns.as_deref())
+        let result = refuse_own_netns(&netns, spec.configure.is_some())
+            .and_then(|()| join_namespaces(&netns, userns.as_deref()))
             .and_then(|()| create_tap(&spec.tap_name, spec.vnet_hdr, spec.configure.as_ref()));
         report(child_sock.as_fd(), result)
     })
@@ -601,6 +602,12 @@ enum StepError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "refusing to configure {path}: it is usernet's own network namespace (its default \
+         route would lead into the TAP, usernet's own traffic with it); name the container's \
+         process or namespace"
+    )]
+    OwnNetns { path: PathBuf },
     #[error("cannot create user, network, mount and PID namespaces")]
     Unshare(#[source] nix::Error),
     #[error("cannot set the host name")]
@@ -681,13 +688,32 @@ fn join_namespaces(netns: &Path, userns: Option<&Path>) -> Result<(), StepError>
     })
 }
 
-/// Whether `file` is our own user namespace (same device and inode as
-/// `/proc/self/ns/user`). If ours cannot be read, assume not and let `setns` decide.
+/// Whether `file` is our own user namespace. If ours cannot be read, assume not and let
+/// `setns` decide.
 fn is_own_userns(file: &File) -> bool {
-    match (file.metadata(), fs::metadata("/proc/self/ns/user")) {
+    is_ours(file.metadata(), "/proc/self/ns/user")
+}
+
+/// Whether the namespace `theirs` is the one of ours at `own` (same device and inode);
+/// false when either cannot be read.
+fn is_ours(theirs: io::Result<fs::Metadata>, own: &str) -> bool {
+    match (theirs, fs::metadata(own)) {
         (Ok(theirs), Ok(ours)) => theirs.dev() == ours.dev() && theirs.ino() == ours.ino(),
         _ => false,
     }
+}
+
+/// With `configure`, refuses our own network namespace: its default route would lead
+/// into the TAP we serve, and our host sockets' traffic with it, a loop (slirp4netns
+/// does it; a PID mistyped as one's shell's is enough). Without, a TAP there is fine: a
+/// VM's, say, whose routes are the VM's own.
+fn refuse_own_netns(netns: &Path, configure: bool) -> Result<(), StepError> {
+    if configure && is_ours(fs::metadata(netns), "/proc/self/ns/net") {
+        return Err(StepError::OwnNetns {
+            path: netns.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// Creates the TAP in the current network namespace and configures it if asked.

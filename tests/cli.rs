@@ -179,6 +179,34 @@ fn cli_missing_target_is_usage_error() {
     assert_rejected(&usernet(&t, &["-c"]));
 }
 
+/// `-c` on usernet's own network namespace (here H, where it runs) is refused before
+/// anything is made: its default route would lead into the TAP, usernet's own traffic
+/// included. Without `-c` a TAP there is fine (a VM's): usernet starts and makes it.
+#[test]
+fn cli_configure_of_own_netns_is_refused() {
+    let Some(t) = Topology::new() else { return };
+    let own = t.host_ns();
+    let routes = || ip(&["-n", &t.host, "route"]).stdout;
+    let has_tap = || {
+        ip(&["-n", &t.host, "-o", "link"])
+            .stdout
+            .contains(": tap0:")
+    };
+    let before = routes();
+    let f = usernet(&t, &["-c", "--netns-type=path", &own, "tap0"]);
+    assert_rejected(&f);
+    assert!(
+        f.stderr.contains("usernet's own network namespace"),
+        "the error should say why:\n{f}"
+    );
+    assert_eq!(routes(), before, "H's routes changed");
+    assert!(!has_tap(), "a TAP was left in H");
+    let _u = UsernetCmd::new(&t)
+        .target(["--netns-type=path", &own, "tap0"])
+        .start();
+    assert!(has_tap(), "without -c the TAP is made in H");
+}
+
 #[test]
 fn cli_bad_netns_type_rejected() {
     let Some(t) = Topology::new() else { return };
