@@ -179,9 +179,10 @@ fn cli_missing_target_is_usage_error() {
     assert_rejected(&usernet(&t, &["-c"]));
 }
 
-/// `-c` on usernet's own network namespace (here H, where it runs) is refused before
-/// anything is made: its default route would lead into the TAP, usernet's own traffic
-/// included. Without `-c` a TAP there is fine (a VM's): usernet starts and makes it.
+/// `-c` (and pasta mode's `--config-net`) on usernet's own network namespace (here H, where
+/// it runs) is refused before anything is made: its default route would lead into the TAP,
+/// usernet's own traffic included. Without `-c` a TAP there is fine (a VM's): usernet starts
+/// and makes it.
 #[test]
 fn cli_configure_of_own_netns_is_refused() {
     let Some(t) = Topology::new() else { return };
@@ -198,6 +199,15 @@ fn cli_configure_of_own_netns_is_refused() {
     assert!(
         f.stderr.contains("usernet's own network namespace"),
         "the error should say why:\n{f}"
+    );
+    assert_eq!(routes(), before, "H's routes changed");
+    assert!(!has_tap(), "a TAP was left in H");
+    // Pasta mode's --config-net the same.
+    let f = usernet(&t, &["pasta", "--config-net", "--netns", &own]);
+    assert_rejected(&f);
+    assert!(
+        f.stderr.contains("usernet's own network namespace"),
+        "pasta mode should say why too:\n{f}"
     );
     assert_eq!(routes(), before, "H's routes changed");
     assert!(!has_tap(), "a TAP was left in H");
