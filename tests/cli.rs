@@ -194,23 +194,18 @@ fn cli_configure_of_own_netns_is_refused() {
             .contains(": tap0:")
     };
     let before = routes();
-    let f = usernet(&t, &["-c", "--netns-type=path", &own, "tap0"]);
-    assert_rejected(&f);
-    assert!(
-        f.stderr.contains("usernet's own network namespace"),
-        "the error should say why:\n{f}"
-    );
-    assert_eq!(routes(), before, "H's routes changed");
-    assert!(!has_tap(), "a TAP was left in H");
-    // Pasta mode's --config-net the same.
-    let f = usernet(&t, &["pasta", "--config-net", "--netns", &own]);
-    assert_rejected(&f);
-    assert!(
-        f.stderr.contains("usernet's own network namespace"),
-        "pasta mode should say why too:\n{f}"
-    );
-    assert_eq!(routes(), before, "H's routes changed");
-    assert!(!has_tap(), "a TAP was left in H");
+    let slirp4netns = ["-c", "--netns-type=path", &own, "tap0"];
+    let pasta = ["pasta", "--config-net", "--netns", &own];
+    for args in [&slirp4netns[..], &pasta[..]] {
+        let f = usernet(&t, args);
+        assert_rejected(&f);
+        assert!(
+            f.stderr.contains("usernet's own network namespace"),
+            "the error should say why:\n{f}"
+        );
+        assert_eq!(routes(), before, "H's routes changed");
+        assert!(!has_tap(), "a TAP was left in H");
+    }
     let _u = UsernetCmd::new(&t)
         .target(["--netns-type=path", &own, "tap0"])
         .start();
