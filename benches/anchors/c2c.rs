@@ -324,44 +324,13 @@ fn iperf_parallel(net: &Net, secs: u64) -> Result<f64, String> {
     Ok(sum)
 }
 
-/// How long an iperf3 server may take to listen.
-const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Starts a one-test iperf3 server in namespace `ns` and waits until it listens on `port`:
-/// `ss` in the namespace, not a connection, which would use up the server's one test.
+/// A one-test iperf3 server in namespace `ns` on `port`, listening
+/// ([`crate::figures::iperf_server`]: no connection to find out, which would use up its
+/// one test).
 fn iperf_server(ns: &str, port: u16) -> Result<sys::ChildProc, String> {
-    let port_s = port.to_string();
-    let mut server = sys::ChildProc::spawn(
-        Command::new("ip")
-            .args(["netns", "exec", ns, "iperf3", "-s", "-1", "-p", &port_s])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null()),
-        "iperf3 -s",
-    )?;
-    let (sport, deadline) = (format!(":{port}"), Instant::now() + LISTEN_TIMEOUT);
-    loop {
-        let ss = sys::run(
-            Command::new("ip").args(["netns", "exec", ns, "ss", "-Hltn", "sport", "=", &sport]),
-            LISTEN_TIMEOUT,
-        )?;
-        if !ss.ok() {
-            return Err(format!("ss in {ns}: {}", ss.why()));
-        }
-        if !ss.stdout.trim().is_empty() {
-            return Ok(server);
-        }
-        if let Some(st) = server.exited() {
-            return Err(format!(
-                "iperf3 -s in {ns} exited ({st}) before listening on {port}"
-            ));
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "iperf3 -s in {ns} not listening on {port} after {LISTEN_TIMEOUT:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "iperf3"]);
+    crate::figures::iperf_server(cmd, port)
 }
 
 /// iperf3 from namespace `from` to the server at `addr`, `port` for `secs`: Gbit/s received.

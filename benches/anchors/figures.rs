@@ -217,7 +217,9 @@ fn parse_iperf(out: &sys::Output) -> Result<Iperf, String> {
     })
 }
 
-fn iperf_server(mut cmd: Command, port: u16) -> Result<ChildProc, String> {
+/// `cmd` (iperf3, in the namespace it runs in) as a one-test server on `port`, once it
+/// listens (seen in its namespace's socket table, not by connecting).
+pub fn iperf_server(mut cmd: Command, port: u16) -> Result<ChildProc, String> {
     cmd.args(["-s", "-1", "-p", &port.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
