@@ -146,6 +146,20 @@ pub struct Sockets {
     refill: [bool; 2],
 }
 
+/// Starts the non-blocking `socket`'s connect to `to`: `Ok(true)` if made already,
+/// `Ok(false)` if under way (`EINPROGRESS`; its outcome is reported by writability).
+/// The pasta agent's connects inside the namespace share it.
+///
+/// # Errors
+/// When the connect fails at once (`ECONNREFUSED`, `ENETUNREACH`...).
+pub(crate) fn start_connect(socket: &Socket, to: SocketAddr) -> io::Result<bool> {
+    match socket.connect(&to.into()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// A non-blocking TCP socket of `domain` with the options every flow's stream has: Nagle
 /// off, urgent data inline (`SO_OOBINLINE`: the guest gets the urgent byte in its place in
 /// the stream; without, a read skips it).
@@ -317,15 +331,11 @@ impl HostIo for Sockets {
     ) -> io::Result<bool> {
         let socket = self.take_tcp_socket(target.ip())?;
         bind_outbound(&socket, bind, target.ip())?;
-        let connected = match socket.connect(&target.into()) {
-            Ok(()) => true,
-            // A connect to one of this host's own addresses (the gateway's usual target,
-            // the host's loopback) is made before the call returns, although it says
-            // EINPROGRESS: one getpeername saves the wait for the readiness event, a turn
-            // of the loop and the checks after it. Elsewhere it costs that one call.
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => socket.peer_addr().is_ok(),
-            Err(e) => return Err(e),
-        };
+        // A connect to one of this host's own addresses (the gateway's usual target, the
+        // host's loopback) is made before the call returns, although it says EINPROGRESS:
+        // one getpeername saves the wait for the readiness event, a turn of the loop and
+        // the checks after it. Elsewhere it costs that one call.
+        let connected = start_connect(&socket, target)? || socket.peer_addr().is_ok();
         let mut stream = TcpStream::from_std(socket.into());
         // A connected stream is watched for reading only until a write fills its buffer:
         // registered for writing, it would be reported writable at once, a turn of the
@@ -489,11 +499,7 @@ impl HostIo for Sockets {
             SpliceTo::Host(addr) => {
                 // The spare, whose options (urgent data inline) the pair needs too.
                 let socket = self.take_tcp_socket(addr.ip())?;
-                match socket.connect(&addr.into()) {
-                    Ok(()) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-                    Err(e) => return Err(e),
-                }
+                start_connect(&socket, addr)?;
                 TcpStream::from_std(socket.into())
             }
         };

@@ -292,11 +292,7 @@ fn connect_here(addr: SocketAddr) -> io::Result<OwnedFd> {
     // Urgent data inline: the splice relay passes the urgent mark with a read, which
     // would skip the urgent byte without it.
     sock.set_out_of_band_inline(true)?;
-    match sock.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
+    crate::host::start_connect(&sock, addr)?;
     Ok(sock.into())
 }
 
