@@ -1701,27 +1701,16 @@ fn pasta_loopback_client_of_t_port_relays_urgent_data_inline_both_ways() {
             &["-t", &format!("8095:{port}")],
         )),
     );
-    let signal = |sig| p.signal(sig);
     let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8095);
-    for fin in [true, false] {
-        for from_client in [true, false] {
-            let mut client = t.in_host(|| connect(to)).expect("connect");
-            let (mut server, _) = listener.accept().expect("accept in C");
-            if from_client {
-                // The pair's accepted socket reads the urgent byte.
-                let h = t.host_ns();
-                assert_urgent_stream_relayed_by(&signal, &h, &mut client, &mut server, fin);
-            } else {
-                // The pair's socket in C reads it.
-                let c = t.container_ns();
-                assert_urgent_stream_relayed_by(&signal, &c, &mut server, &mut client, fin);
-            }
-        }
-    }
+    let client = || t.in_host(|| connect(to)).expect("connect");
+    assert_pair_relays_urgent_both_ways(
+        &p,
+        (&t.host_ns(), &client),
+        (&t.container_ns(), &listener),
+    );
 }
 
-/// As above for a `-T` port: a client in C of a server on H's loopback, the urgent byte
-/// from either.
+/// As above for a `-T` port: a client in C of a server on H's loopback.
 #[test]
 fn pasta_t_ns_port_relays_urgent_data_inline_both_ways() {
     let Some(t) = topology(false) else { return };
@@ -1733,21 +1722,35 @@ fn pasta_t_ns_port_relays_urgent_data_inline_both_ways() {
         &t,
         &strs(&podman53(&t.container_ns(), &["-T", &port.to_string()])),
     );
-    let signal = |sig| p.signal(sig);
     let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    let client = || t.in_container(|| connect(to)).expect("connect");
+    assert_pair_relays_urgent_both_ways(
+        &p,
+        (&t.container_ns(), &client),
+        (&t.host_ns(), &listener),
+    );
+}
+
+/// With and without the FIN, the urgent byte from the client, then from the server, each
+/// on a connection of its own: `client` connects from the namespace at the first path to
+/// `listener`, in the namespace at the second, through one of `p`'s spliced pairs.
+#[track_caller]
+fn assert_pair_relays_urgent_both_ways(
+    p: &Pasta,
+    (client_ns, client): (&str, &dyn Fn() -> std::net::TcpStream),
+    (server_ns, listener): (&str, &std::net::TcpListener),
+) {
+    let signal = |sig| p.signal(sig);
     for fin in [true, false] {
-        for from_server in [true, false] {
-            let mut client = t.in_container(|| connect(to)).expect("connect");
-            let (mut server, _) = listener.accept().expect("accept in H");
-            if from_server {
-                // The pair's socket on H reads the urgent byte.
-                let h = t.host_ns();
-                assert_urgent_stream_relayed_by(&signal, &h, &mut server, &mut client, fin);
+        for from_client in [true, false] {
+            let mut c = client();
+            let (mut s, _) = listener.accept().expect("accept");
+            let (ns, sender, receiver) = if from_client {
+                (client_ns, &mut c, &mut s)
             } else {
-                // The pair's accepted socket, in C, reads it.
-                let c = t.container_ns();
-                assert_urgent_stream_relayed_by(&signal, &c, &mut client, &mut server, fin);
-            }
+                (server_ns, &mut s, &mut c)
+            };
+            assert_urgent_stream_relayed_by(&signal, ns, sender, receiver, fin);
         }
     }
 }
