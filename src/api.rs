@@ -7,8 +7,9 @@
 //! never blocks it: sockets are non-blocking, a request is at most [`MAX_REQUEST`] bytes
 //! (larger ones get the `too large message` error), a connection that has not sent a
 //! complete request within [`CLIENT_TIMEOUT`] is closed, and at most `--max-api-clients`
-//! (64) are served at once (more are closed at accept). A request is answered as soon as its bytes
-//! form a complete JSON value or the client half-closes, whichever comes first.
+//! (64) are served at once (a new one beyond that closes the one waiting longest). A
+//! request is answered as soon as its bytes form a complete JSON value or the client
+//! half-closes, whichever comes first.
 //!
 //! Replies and error texts are slirp4netns's, byte for byte where callers might match
 //! them (podman and RootlessKit do), with two improvements: a request without `proto` is

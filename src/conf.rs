@@ -643,7 +643,8 @@ pub struct NetArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65535))]
     pub max_published_ports: u32,
 
-    /// Most API clients served at once; more are closed at once.
+    /// Most API clients served at once; a new one beyond that closes the one that has
+    /// waited longest without sending a complete request.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_api_clients: u32,
 

@@ -40,7 +40,8 @@
 //! the gateway as in single-namespace mode. Limits: [`MAX_MEMBERS`] members, one address
 //! per family each; requests are read without blocking the event loop
 //! ([`crate::requests`]): a client has [`REQUEST_TIMEOUT`] to send one, at most
-//! [`MAX_CLIENTS`] are served at once, and a silent one stalls no member's traffic.
+//! [`MAX_CLIENTS`] are served at once (a new one closes the longest-waiting), and a
+//! silent one stalls no member's traffic.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -71,7 +72,7 @@ pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 const RESERVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send its request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Control clients served at once (more are closed at accept).
+/// Control clients served at once (a new one beyond that closes the longest-waiting).
 pub const MAX_CLIENTS: usize = 64;
 /// The members' watches' tokens, from the subsystem's base: this plus the switch port.
 const WATCH_TOKENS: usize = 1 << 20;

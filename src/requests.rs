@@ -14,8 +14,11 @@
 //! - a request is complete when its bytes form a JSON value, when the client half-closes,
 //!   or when it reaches the size limit; only then does the owner see it ([`Clients::read`]);
 //! - a client that has not completed its request within its timeout is closed
-//!   ([`Clients::expire`]), and at most `max_clients` are served at once (more are closed at
-//!   accept), so a silent or slow client costs one descriptor for a while, never the loop;
+//!   ([`Clients::expire`]), and at most `max_clients` are served at once: a new connection
+//!   beyond that closes the one that has waited longest without completing its request.
+//!   So a silent or slow client costs one descriptor for a while, never the loop, and
+//!   idle connections cannot lock a caller like podman out (a real request is complete
+//!   within microseconds of its connect, so it is never the longest-waiting);
 //! - the reply is a few hundred bytes on a fresh socket: one non-blocking write; a client
 //!   that does not read loses its reply, never our loop;
 //! - the reply is one JSON value in slirp4netns's shapes on both sockets: `{"return": ...}`,
@@ -38,6 +41,8 @@ struct Client {
     buf: Vec<u8>,
     fd: Option<OwnedFd>,
     since: Instant,
+    /// Accept order (ties in `since` are possible within one batch).
+    serial: u64,
 }
 
 /// The connections of one control socket.
@@ -53,6 +58,8 @@ pub struct Clients {
     /// When to try `accept` again after it failed for lack of fds (EMFILE): the client
     /// waits in the backlog and no new edge will say so.
     retry: Option<Instant>,
+    /// The next client's `serial`.
+    accepted: u64,
 }
 
 /// A complete request.
@@ -87,6 +94,7 @@ impl Clients {
             timeout,
             what,
             retry: None,
+            accepted: 0,
         }
     }
 
@@ -104,8 +112,21 @@ impl Clients {
                 }
             };
             if self.clients.len() >= self.max_clients {
-                log::warn!("{}: too many clients, closing a new connection", self.what);
-                continue;
+                // Every client here is still sending its request (complete ones are
+                // answered and closed at once); the one accepted first has waited longest.
+                let oldest = self
+                    .clients
+                    .iter()
+                    .min_by_key(|(_, c)| c.serial)
+                    .map(|(id, _)| id);
+                log::warn!(
+                    "{}: more than {} clients, closing the one waiting longest for its request",
+                    self.what,
+                    self.max_clients
+                );
+                if let Some(id) = oldest {
+                    self.close(id, registry);
+                }
             }
             let entry = self.clients.vacant_entry();
             let token = Token(self.base + entry.key());
@@ -120,7 +141,9 @@ impl Clients {
                 buf: Vec::with_capacity(256),
                 fd: None,
                 since: Instant::now(),
+                serial: self.accepted,
             });
+            self.accepted += 1;
         }
     }
 

@@ -890,7 +890,8 @@ fn api_abuse_does_not_stall_the_data_plane() {
         "16 MiB each way took {took:.2?} with abusive API clients"
     );
 
-    // The API still answers while all of those are held.
+    // The API still answers while those are held: at its limit of 64, each new client
+    // closes the one that has waited longest.
     let t1 = Instant::now();
     let v = api(&sock, LIST);
     assert_eq!(
@@ -911,6 +912,47 @@ fn api_abuse_does_not_stall_the_data_plane() {
     // Every abusive connection is gone from usernet once the clients are.
     wait_fds(&u, base, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(add(&sock, "udp", "0.0.0.0", 18082, 53), 3);
+}
+
+#[test]
+fn api_client_over_the_limit_closes_the_one_waiting_longest() {
+    let Some(t) = Topology::new() else { return };
+    let (u, sock) = start_with_api(&t, &["--max-api-clients", "2"]);
+    // Two connections that send nothing fill the two places.
+    let mut first = api_connect(&sock);
+    let mut second = api_connect(&sock);
+    // A third client is served: the first, which has waited longest, makes room.
+    let v = api(&sock, LIST);
+    assert!(
+        matches!(v.get("entries"), Some(Json::Arr(_))),
+        "list_hostfwd with the API at its limit: {v:?}"
+    );
+    assert_eq!(
+        read_reply(&mut first).as_deref(),
+        Ok(""),
+        "the longest-waiting client is closed without a reply"
+    );
+    // The second is still being served.
+    second
+        .write_all(LIST.as_bytes())
+        .expect("second client writes");
+    second.shutdown(Shutdown::Write).expect("half-close");
+    let raw = read_reply(&mut second).unwrap_or_else(|e| panic!("second client: {e}"));
+    assert!(
+        raw.contains("\"entries\""),
+        "second client's reply: {raw:?}"
+    );
+    // The log line reaches us through a pipe read by another thread.
+    let said = wait_for(Duration::from_secs(5), || {
+        u.stderr()
+            .contains("more than 2 clients, closing the one waiting longest")
+            .then_some(())
+    });
+    assert!(
+        said.is_some(),
+        "usernet says why it closed one:\n{}",
+        u.stderr()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
