@@ -1021,7 +1021,6 @@ fn network_connect(
         Ok(pid) if pid > 0 => Target::Pid(pid),
         _ => Target::Path(PathBuf::from(target)),
     };
-    network::ensure_server(name)?;
     let lease = network::reserve(name, spec)?;
     // The first free ethN, unless a name is given.
     let names: Vec<String> = match interface {
@@ -1066,7 +1065,6 @@ fn run_network(args: RunArgs, name: &str) -> Result<i32, MainError> {
         ));
     }
     let def = network::load(name)?;
-    network::ensure_server(name)?;
     let mut spec = network::JoinSpec {
         name: args.member_name.clone(),
         aliases: args.aliases.clone(),

@@ -14,7 +14,9 @@
 //! `usernet network connect`, holds `RUNTIME/NAME.lock` (`$XDG_RUNTIME_DIR/usernet`, else
 //! `/tmp/usernet-UID`) so that there is never a second one, listens on `RUNTIME/NAME.sock`
 //! and ends when its last member has gone (or when nobody joined within
-//! [`IDLE_EXIT`]).
+//! [`IDLE_EXIT`]). An ending server unlinks its socket first; a member that joins while
+//! it ends (its request closed unanswered, or the socket gone) starts the next one as
+//! soon as the lock is free, and asks again.
 //!
 //! Joining is two requests on that socket, one JSON line each:
 //! 1. `reserve`: the server allocates the member's addresses (IPv4 from `net+100` on,
@@ -114,6 +116,10 @@ pub enum NetworkError {
     /// The serving process did not come up.
     #[error("the serving process of network {0:?} did not start (see {1})")]
     NoServer(String, PathBuf),
+    /// No serving process listens, or the one that did ended before it answered (it was
+    /// exiting, its last member gone).
+    #[error("network {0:?} is not running")]
+    NotRunning(String),
     /// Bad option value.
     #[error("{0}")]
     Usage(String),
@@ -409,13 +415,29 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
 /// # Errors
 /// [`NetworkError::Refused`] with the server's error text; `Io` when it cannot be reached.
 pub fn request(name: &str, req: &Value, fd: Option<&OwnedFd>) -> Result<Value, NetworkError> {
-    let path = socket_path(name);
-    let stream =
-        UnixStream::connect(&path).map_err(io_err(format!("network {name:?} is not running")))?;
-    exchange(stream, req, fd)
+    let stream = UnixStream::connect(socket_path(name))
+        .map_err(|_| NetworkError::NotRunning(name.to_owned()))?;
+    exchange(stream, req, fd).map_err(|e| match e {
+        Exchange::Gone => NetworkError::NotRunning(name.to_owned()),
+        Exchange::Failed(e) => e,
+    })
 }
 
-fn exchange(stream: UnixStream, req: &Value, fd: Option<&OwnedFd>) -> Result<Value, NetworkError> {
+/// How an exchange failed.
+enum Exchange {
+    /// The server closed without reading the request or without a byte of reply: it
+    /// was on its way out, and it served nothing.
+    Gone,
+    Failed(NetworkError),
+}
+
+impl From<NetworkError> for Exchange {
+    fn from(e: NetworkError) -> Exchange {
+        Exchange::Failed(e)
+    }
+}
+
+fn exchange(stream: UnixStream, req: &Value, fd: Option<&OwnedFd>) -> Result<Value, Exchange> {
     let mut line = req.to_string();
     line.push('\n');
     let sent = match fd {
@@ -423,15 +445,31 @@ fn exchange(stream: UnixStream, req: &Value, fd: Option<&OwnedFd>) -> Result<Val
             .map_err(io::Error::from),
         None => (&stream).write_all(line.as_bytes()),
     };
-    sent.map_err(io_err("cannot send the request"))?;
+    match sent {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Err(Exchange::Gone)
+        }
+        r => r.map_err(io_err("cannot send the request"))?,
+    }
     let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .map_err(io_err("cannot read the reply"))?;
+    match BufReader::new(&stream).read_line(&mut reply) {
+        Ok(0) => return Err(Exchange::Gone),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset && reply.is_empty() => {
+            return Err(Exchange::Gone)
+        }
+        r => {
+            r.map_err(io_err("cannot read the reply"))?;
+        }
+    }
     let v: Value = serde_json::from_str(&reply)
         .map_err(|_| NetworkError::Refused("the network's server gave no reply".into()))?;
     if let Some(desc) = v.pointer("/error/desc").and_then(Value::as_str) {
-        return Err(NetworkError::Refused(desc.to_owned()));
+        return Err(NetworkError::Refused(desc.to_owned()).into());
     }
     Ok(v["return"].clone())
 }
@@ -443,16 +481,41 @@ fn running(name: &str) -> bool {
 
 /// Starts network `name`'s serving process unless it runs; waits until it answers.
 ///
+/// A server whose last member has gone unlinks its socket and then ends, holding the
+/// network's lock until it has; a server started meanwhile finds the lock taken and ends
+/// at once. So while nobody answers, a new server is started whenever the lock is free.
+///
 /// # Errors
 /// [`NetworkError::NoServer`] when it does not come up.
-pub fn ensure_server(name: &str) -> Result<(), NetworkError> {
+fn ensure_server(name: &str) -> Result<(), NetworkError> {
     if running(name) {
         return Ok(());
     }
     let dir = runtime_dir();
     fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
     let log = dir.join(format!("{name}.log"));
-    let out = fs::File::create(&log).map_err(io_err(format!("cannot create {}", log.display())))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut child = spawn_server(name, &log)?;
+    while Instant::now() < deadline {
+        if running(name) {
+            // Reaped by init once we exit; nothing to wait for here.
+            std::mem::forget(child);
+            return Ok(());
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            // It lost the lock: another server is coming up, or the last one is ending.
+            if lock_is_free(name) && !running(name) {
+                child = spawn_server(name, &log)?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(NetworkError::NoServer(name.to_owned(), log))
+}
+
+/// `usernet network serve NAME`, its output in `log`.
+fn spawn_server(name: &str, log: &std::path::Path) -> Result<std::process::Child, NetworkError> {
+    let out = fs::File::create(log).map_err(io_err(format!("cannot create {}", log.display())))?;
     let exe = std::env::current_exe().map_err(io_err("cannot find usernet's executable"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["network", "serve", name])
@@ -465,25 +528,20 @@ pub fn ensure_server(name: &str) -> Result<(), NetworkError> {
         cmd.process_group(0);
     }
     // The server inherits our blocked signals; it reads them from a signalfd too.
-    let mut child = cmd
-        .spawn()
-        .map_err(io_err("cannot start the network's serving process"))?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if running(name) {
-            // Reaped by init once we exit; nothing to wait for here.
-            std::mem::forget(child);
-            return Ok(());
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            // Another server won the lock: it is coming up.
-            if running(name) {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Err(NetworkError::NoServer(name.to_owned(), log))
+    cmd.spawn()
+        .map_err(io_err("cannot start the network's serving process"))
+}
+
+/// Whether no process holds network `name`'s lock (taken and let go at once).
+fn lock_is_free(name: &str) -> bool {
+    let Ok(file) = fs::File::open(lock_path(name)) else {
+        return true;
+    };
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+}
+
+fn lock_path(name: &str) -> PathBuf {
+    runtime_dir().join(format!("{name}.lock"))
 }
 
 /// The addresses a member got.
@@ -522,11 +580,24 @@ pub struct JoinSpec {
     pub namespace: String,
 }
 
-/// Asks network `name` for addresses.
+/// Asks network `name` for addresses, starting its serving process if none runs (again
+/// if the one found was ending: a member joining just as the last one leaves).
 ///
 /// # Errors
-/// [`NetworkError`] when the server refuses (address taken, name taken, full).
+/// [`NetworkError`] when the server refuses (address taken, name taken, full) or does
+/// not come up.
 pub fn reserve(name: &str, spec: &JoinSpec) -> Result<Lease, NetworkError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        ensure_server(name)?;
+        match reserve_once(name, spec) {
+            Err(NetworkError::NotRunning(_)) if Instant::now() < deadline => {}
+            r => return r,
+        }
+    }
+}
+
+fn reserve_once(name: &str, spec: &JoinSpec) -> Result<Lease, NetworkError> {
     let ret = request(
         name,
         &json!({"execute": "reserve", "arguments": {
@@ -747,7 +818,7 @@ impl Server {
     pub fn bind(def: Def) -> Result<Option<Server>, NetworkError> {
         let dir = runtime_dir();
         fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-        let lock_path = dir.join(format!("{}.lock", def.name));
+        let lock_path = lock_path(&def.name);
         let lock = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -1330,6 +1401,9 @@ impl Subsystem for Server {
         let now = Instant::now();
         self.expire(now, cx.registry);
         if self.should_exit(now) {
+            // While we hold the lock, the socket is ours: gone, nobody new connects to a
+            // server that will not answer, and a joining member starts the next one.
+            let _ = fs::remove_file(socket_path(&self.def.name));
             log::info!("network {}: no members left, exiting", self.def.name);
             return Next::Exit(0);
         }

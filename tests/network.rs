@@ -928,3 +928,48 @@ fn a_silent_control_client_does_not_stall_the_members() {
         }
     }
 }
+
+/// A member joining just as the network's serving process ends (its last member gone)
+/// gets a new serving process. The ending server is played by the test: it holds the
+/// network's lock, accepts and closes connections without answering (as a server does
+/// between deciding to exit and exiting), then unlinks its socket and, a moment later,
+/// lets the lock go.
+#[test]
+fn a_member_joining_as_the_server_ends_gets_a_new_server() {
+    use std::os::unix::net::UnixListener;
+    let Some(t) = Topology::new() else { return };
+    let n = Nets::new(&t);
+    n.create(&["late", "--subnet", "10.98.0.0/24"]);
+    let dir = n.run.join("usernet");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("late.lock"))
+        .unwrap();
+    let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .unwrap_or_else(|(_, e)| panic!("lock: {e}"));
+    let sock = dir.join("late.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let ending = std::thread::spawn(move || {
+        // The joining member's probe and its `reserve` each find a server that closes
+        // without a word.
+        for _ in 0..2 {
+            let (c, _) = listener.accept().expect("accept");
+            drop(c);
+        }
+        std::fs::remove_file(&sock).unwrap();
+        drop(listener);
+        std::thread::sleep(Duration::from_millis(300));
+        drop(lock);
+    });
+    let m = n.run_member("late", "m", &[]);
+    ending.join().expect("the ending server");
+    assert_eq!(
+        ip4(&n.member_json("late", "m")),
+        Ipv4Addr::new(10, 98, 0, 100)
+    );
+    assert!(ping(&m.ns(), "10.98.0.2"), "the new server routes");
+    drop(m);
+}
