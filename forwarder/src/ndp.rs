@@ -26,7 +26,8 @@ use crate::Link;
 pub const RA_INTERVAL: Duration = Duration::from_secs(60);
 /// Interval of the first unsolicited router advertisements.
 pub const RA_INITIAL_INTERVAL: Duration = Duration::from_secs(1);
-/// How many advertisements use the initial interval.
+/// How many advertisements are followed by the initial interval (RFC 4861's
+/// MAX_INITIAL_RTR_ADVERTISEMENTS): with the one at start, four go out in the first 3 s.
 pub const RA_INITIAL_COUNT: u32 = 3;
 
 const ROUTER_LIFETIME_S: u16 = 1800;
