@@ -10,8 +10,11 @@
 mod util;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use util::*;
 
@@ -883,14 +886,61 @@ fn a_member_cannot_be_the_others_router_or_dhcp_server() {
     drop((rogue, b));
 }
 
+/// How long the network socket gives a client to send its request (`REQUEST_TIMEOUT` in
+/// src/network.rs): usernet closes a silent client no earlier than that after its connect.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Watches `clients`, control clients that never send a request, until `stop` is set: for
+/// each, when it ended (end of file, an error, or bytes from the server) and how many bytes
+/// it got. The instant is taken when poll returns, so it is never before the real end.
+fn watch_silent_clients(
+    clients: Vec<UnixStream>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Option<(Instant, usize)>>> {
+    std::thread::spawn(move || {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let mut ended: Vec<Option<(Instant, usize)>> = vec![None; clients.len()];
+        while !stop.load(Ordering::SeqCst) {
+            let open: Vec<usize> = (0..clients.len()).filter(|&i| ended[i].is_none()).collect();
+            if open.is_empty() {
+                break;
+            }
+            let mut fds: Vec<PollFd> = open
+                .iter()
+                .map(|&i| PollFd::new(clients[i].as_fd(), PollFlags::POLLIN))
+                .collect();
+            let _ = poll(&mut fds, PollTimeout::from(20u16));
+            let woke = Instant::now();
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            for (&i, ready) in open.iter().zip(ready) {
+                if !ready {
+                    continue;
+                }
+                let mut buf = [0u8; 64];
+                match (&clients[i]).read(&mut buf) {
+                    Ok(n) => ended[i] = Some((woke, n)),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => ended[i] = Some((woke, 0)),
+                }
+            }
+        }
+        ended
+    })
+}
+
 /// Control clients that connect and send nothing stall no member: the network's socket is
 /// read without blocking the loop that switches the members' frames. Member traffic flows
-/// and another client's request is answered while three silent clients hold the socket;
-/// they are still connected afterwards, so nothing waited for their requests. (Before, the
-/// loop read each request blocking, for up to 2 s per client.)
+/// and another client's request is answered while three silent clients hold the socket,
+/// and none of them is answered or closed before the socket's request timeout, counted
+/// from its connect: nothing waited for their requests. (Before, the loop read each
+/// request blocking, for up to 2 s per client.)
 #[test]
 fn a_silent_control_client_does_not_stall_the_members() {
-    use std::io::Read;
     let Some(t) = Topology::new() else { return };
     let n = Nets::new(&t);
     n.create(&["n9", "--subnet", "10.96.0.0/24"]);
@@ -904,27 +954,43 @@ fn a_silent_control_client_does_not_stall_the_members() {
         udp_roundtrip(&s, to, b"warm-up", 3).unwrap_or_else(|e| panic!("{e}"));
     });
     let path = n.run.join("usernet").join("n9.sock");
-    let silent: Vec<std::os::unix::net::UnixStream> = (0..3)
+    // Before the connects: usernet's timer for each starts later still.
+    let t0 = Instant::now();
+    let silent: Vec<UnixStream> = (0..3)
         .map(|_| {
-            std::os::unix::net::UnixStream::connect(&path)
-                .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()))
+            let s = UnixStream::connect(&path)
+                .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+            s.set_nonblocking(true).unwrap();
+            s
         })
         .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watch = watch_silent_clients(silent, stop.clone());
     in_netns(&a.ns(), || {
         let s = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
         for i in 0..50u32 {
             let msg = format!("while silent clients wait {i}");
-            udp_roundtrip(&s, to, msg.as_bytes(), 1).unwrap_or_else(|e| panic!("{e}"));
+            udp_roundtrip(&s, to, msg.as_bytes(), 3).unwrap_or_else(|e| panic!("{e}"));
         }
     });
-    let members = n.inspect("n9")["members"].as_array().map_or(0, Vec::len);
-    assert_eq!(members, 2);
-    for mut s in silent {
-        s.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 16];
-        match s.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            other => panic!("a silent client was already served or closed: {other:?}"),
+    let reply = api_request(&path, r#"{"execute":"members"}"#, IO_TIMEOUT)
+        .unwrap_or_else(|e| panic!("members on {}: {e}", path.display()));
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply}"));
+    assert_eq!(v["return"].as_array().map(Vec::len), Some(2), "{reply}");
+    stop.store(true, Ordering::SeqCst);
+    let ended = watch.join().expect("the watching thread");
+    for (i, end) in ended.into_iter().enumerate() {
+        match end {
+            // Still waiting for its request: nothing read it, nothing closed it.
+            None => {}
+            Some((at, 0)) => assert!(
+                at.duration_since(t0) >= REQUEST_TIMEOUT,
+                "silent client {i} was closed {:.2?} after its connect, before the \
+                 {REQUEST_TIMEOUT:?} request timeout",
+                at.duration_since(t0)
+            ),
+            Some((_, got)) => panic!("silent client {i} was answered ({got} bytes)"),
         }
     }
 }
