@@ -373,17 +373,22 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
-    let before = n.member_json("n5", "a")["port_counters"]["drop_spoofed"]
-        .as_u64()
-        .unwrap();
-    assert!(before >= 2, "spoofed datagrams not counted: {before}");
+    let spoofed = || {
+        n.member_json("n5", "a")["port_counters"]["drop_spoofed"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = wait_for(Duration::from_secs(20), || {
+        Some(spoofed()).filter(|&d| d >= 2)
+    });
+    let before = before.unwrap_or_else(|| panic!("spoofed datagrams not counted: {}", spoofed()));
     // a takes b's MAC address: its frames are dropped too.
     sh(&a.ns(), "ip link set eth0 address 02:89:0a:5d:00:65").assert_success();
     assert!(!ping(&a.ns(), "10.93.0.2"));
-    let after = n.member_json("n5", "a")["port_counters"]["drop_spoofed"]
-        .as_u64()
-        .unwrap();
-    assert!(after > before, "{before} -> {after}");
+    let after = wait_for(Duration::from_secs(20), || {
+        Some(spoofed()).filter(|&d| d > before)
+    });
+    assert!(after.is_some(), "{before} -> {}", spoofed());
     // b is unaffected.
     assert!(ping(&b.ns(), "10.93.0.2"));
     drop((a, b));
@@ -862,18 +867,25 @@ fn a_member_cannot_be_the_others_router_or_dhcp_server() {
     });
     let mut buf = [0u8; 512];
     let got = dhcp_client.recv_from(&mut buf);
+    assert!(got.is_err(), "b received the rogue's DHCP offer: {got:?}");
+    // Dropped at the rogue's port and counted: all four, once the switch has seen them.
+    let rogue_drops = || {
+        n.member_json("n13", "rogue")["port_counters"]["drop_rogue_router"]
+            .as_u64()
+            .unwrap()
+    };
+    let dropped = wait_for(Duration::from_secs(20), || {
+        Some(rogue_drops()).filter(|&d| d >= 4)
+    });
+    let Some(dropped) = dropped else {
+        panic!("{}", n.member_json("n13", "rogue"))
+    };
     // b's routes and addresses are unchanged: no default route or prefix from the rogue.
     let after = routes(&b.ns());
     assert!(
         !after.contains("proto ra") && !after.contains("2001:db8:99"),
         "before:\n{before}\nafter:\n{after}"
     );
-    assert!(got.is_err(), "b received the rogue's DHCP offer: {got:?}");
-    // Dropped at the rogue's port and counted.
-    let dropped = n.member_json("n13", "rogue")["port_counters"]["drop_rogue_router"]
-        .as_u64()
-        .unwrap();
-    assert!(dropped >= 4, "{}", n.member_json("n13", "rogue"));
     let stats = n.cli(&["stats", "--network", "n13"]);
     assert!(
         stats
