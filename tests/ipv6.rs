@@ -98,12 +98,23 @@ fn start6<'t>(t: &'t Topology, extra: &[&str]) -> Started<'t> {
     started(t, UsernetCmd::new(t).args(["-6", "-c"]).args(extra))
 }
 
-/// `ping -6 -n -c COUNT -W 1 DST` inside C, bounded by 20 s.
+/// `ping -6 -n -c COUNT -W 10 DST` inside C, bounded by 30 s: for a destination that
+/// answers (a reply, or an ICMPv6 error), which may take a while on a loaded machine.
 fn ping6(t: &Topology, dst: &str, count: &str) -> Finished {
+    ping6_within(t, dst, count, "10")
+}
+
+/// `ping -6 -n -c COUNT -W 1 DST` inside C: for a destination that must not answer. A
+/// wrong reply comes as fast as a right one, so load can only hide it, never fail the test.
+fn ping6_briefly(t: &Topology, dst: &str, count: &str) -> Finished {
+    ping6_within(t, dst, count, "1")
+}
+
+fn ping6_within(t: &Topology, dst: &str, count: &str, wait: &str) -> Finished {
     t.run_in_container(
         "ping",
-        &["-6", "-n", "-c", count, "-W", "1", dst],
-        Duration::from_secs(20),
+        &["-6", "-n", "-c", count, "-W", wait, dst],
+        Duration::from_secs(30),
     )
 }
 
@@ -561,17 +572,12 @@ fn disable_host_loopback6_gateway_fails_fast_world_still_works() {
     let _u = start6(&t, &["--disable-host-loopback"]);
     t.in_container(|| {
         let dst = at6(GATEWAY6, local.addr.port());
-        let t0 = Instant::now();
         let r = TcpStream::connect_timeout(&dst.into(), CONNECT_TIMEOUT);
-        assert!(
-            r.is_err(),
-            "connected to the host's ::1 despite --disable-host-loopback"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "connect to {dst} took {:.2?} to fail ({:?}): must fail fast",
-            t0.elapsed(),
-            r.err()
+        // Fails fast: usernet's "network unreachable" came back, not a timeout.
+        assert_eq!(
+            r.as_ref().err().and_then(io::Error::raw_os_error),
+            Some(libc::ENETUNREACH),
+            "connect to {dst} despite --disable-host-loopback: {r:?}"
         );
         echo_once6(world.addr, b"the IPv6 world is still reachable");
     });
@@ -1264,15 +1270,15 @@ fn without_enable_ipv6_the_guest_gets_no_ipv6_service() {
         "nodad",
     ]);
     ip(&["-n", c, "-6", "route", "add", "default", "via", "fd00::2"]);
-    let f = ping6(&t, "fd00::2", "2");
+    let f = ping6_briefly(&t, "fd00::2", "2");
     assert!(f.status.is_some(), "ping hung:\n{f}");
     assert!(!f.success(), "fd00::2 answered without -6:\n{f}");
     assert!(!f.stdout.contains("bytes from"), "{f}");
     // IPv4 is untouched.
     t.run_in_container(
         "ping",
-        &["-n", "-c", "1", "-W", "2", "10.0.2.2"],
-        Duration::from_secs(10),
+        &["-n", "-c", "1", "-W", "10", "10.0.2.2"],
+        Duration::from_secs(30),
     )
     .assert_success();
 }
