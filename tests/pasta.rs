@@ -1302,12 +1302,6 @@ fn pasta_dns_option_names_the_resolvers_dns_forward_uses() {
 fn pasta_udp_client_socket_is_one_association_tap_and_splice_paths() {
     let Some(t) = topology(true) else { return };
     let ns = t.container_ns();
-    let v4 = |p| SocketAddr::from((Ipv4Addr::UNSPECIFIED, p));
-    let v6 = |p| SocketAddr::from((Ipv6Addr::UNSPECIFIED, p));
-    let tap4 = ConnectedUdpServer::start(&ns, v4(61), 4);
-    let splice4 = ConnectedUdpServer::start(&ns, v4(62), 4);
-    let tap6 = ConnectedUdpServer::start(&ns, v6(63), 4);
-    let splice6 = ConnectedUdpServer::start(&ns, v6(64), 4);
     let args = podman53(
         &ns,
         &[
@@ -1315,28 +1309,34 @@ fn pasta_udp_client_socket_is_one_association_tap_and_splice_paths() {
         ],
     );
     let _p = Pasta::start(&t, &strs(&args));
-    t.in_host(|| {
-        assert_one_udp_association(
-            tap4,
+    // (server port in C, client address in H, destination): TAP and splice paths, IPv4
+    // and IPv6. Each server starts right before its client sends, so its wait for the first
+    // datagram does not include pasta's start or the associations before it.
+    for (port, from, to) in [
+        (
+            61,
             SocketAddr::from((HOST_ADDR, 0)),
             SocketAddr::from((HOST_ADDR, 5401)),
-        );
-        assert_one_udp_association(
-            splice4,
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 5402)),
-        );
-        assert_one_udp_association(
-            tap6,
-            SocketAddr::from((HOST_ADDR6, 0)),
-            SocketAddr::from((HOST_ADDR6, 5403)),
-        );
-        assert_one_udp_association(
-            splice6,
-            SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
-            SocketAddr::from((Ipv6Addr::LOCALHOST, 5404)),
-        );
-    });
+        ),
+        (
+            62,
+            (Ipv4Addr::LOCALHOST, 0).into(),
+            (Ipv4Addr::LOCALHOST, 5402).into(),
+        ),
+        (63, (HOST_ADDR6, 0).into(), (HOST_ADDR6, 5403).into()),
+        (
+            64,
+            (Ipv6Addr::LOCALHOST, 0).into(),
+            (Ipv6Addr::LOCALHOST, 5404).into(),
+        ),
+    ] {
+        let bind = match to {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        };
+        let server = ConnectedUdpServer::start(&ns, bind, 4);
+        t.in_host(|| assert_one_udp_association(server, from, to));
+    }
 }
 
 /// podman 5.4's "IPv4 address assignment" and "IPv6 address assignment": `-a` alone, no
