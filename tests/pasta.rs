@@ -968,9 +968,10 @@ fn pasta_loopback_clients_of_t_ports_reach_the_namespace_address_from_inside() {
         );
         // UDP: the reply comes back from the port asked; the client's port is kept.
         let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        let mut sent = 0;
         for i in 0..3u8 {
             let msg = [b'u', i, 0x55, 0xaa];
-            udp_roundtrip(&s, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5301), &msg, 3)
+            sent += udp_roundtrip(&s, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5301), &msg, 3)
                 .unwrap_or_else(|e| panic!("{e}"));
         }
         let port = s.local_addr().expect("local").port();
@@ -979,9 +980,14 @@ fn pasta_loopback_clients_of_t_ports_reach_the_namespace_address_from_inside() {
             udp_roundtrip(&lo, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 5302), b"lo", 1).is_err(),
             "a loopback-only UDP server was reached"
         );
-        assert_eq!(
-            *udp.stats.peers.lock().unwrap(),
-            vec![SocketAddr::from((HOST_ADDR, port)); 3]
+        // Every datagram from the same source; a slow echo is sent again (up to `sent` in all).
+        let peers = udp.stats.peers.lock().unwrap().clone();
+        assert!(
+            (3..=sent as usize).contains(&peers.len())
+                && peers
+                    .iter()
+                    .all(|&p| p == SocketAddr::from((HOST_ADDR, port))),
+            "{sent} datagrams sent from port {port}, the server saw {peers:?}"
         );
     });
     assert_eq!(
