@@ -48,7 +48,7 @@ fn pasta_podman53_default_line_configures_copy_of_host_and_reaches_world() {
         "pasta printed something:\n{}",
         p.first
     );
-    assert!(p.first.elapsed < Duration::from_secs(5), "{}", p.first);
+    // (A first process that hangs is caught by Pasta::start: no status within 20 s.)
     // The namespace was configured before the first process exited.
     let addrs = t.container_addrs("vh");
     assert!(addrs.contains("198.51.100.1/24"), "{addrs}");
