@@ -84,7 +84,7 @@ fn pasta_podman53_default_line_configures_copy_of_host_and_reaches_world() {
     assert_eq!(p.pids().len(), 1, "one long-lived pasta");
     ip(&["netns", "del", &t.container]);
     assert!(
-        p.wait_gone(Duration::from_secs(5)),
+        p.wait_gone(Duration::from_secs(20)),
         "pasta outlived its namespace"
     );
 }
@@ -141,8 +141,7 @@ fn pasta_podman53_published_ports_tcp_udp_ipv4_ipv6() {
         tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR6, 8080)), b"single v6");
         tcp_echo_roundtrip(SocketAddr::from((HOST_ADDR, 9001)), b"range");
         let s = UdpSocket::bind("[::]:0").expect("bind");
-        s.set_read_timeout(Some(Duration::from_secs(3)))
-            .expect("timeout");
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         for to in [
             SocketAddr::from((HOST_ADDR, 6000)),
             SocketAddr::from((HOST_ADDR6, 6000)),
@@ -176,8 +175,9 @@ fn pasta_podman53_published_ports_tcp_udp_ipv4_ipv6() {
 #[track_caller]
 fn tcp_echo_roundtrip(to: SocketAddr, msg: &[u8]) {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    let mut s = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
         .unwrap_or_else(|e| panic!("connect {to}: {e}"));
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     s.write_all(msg).expect("write");
     s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     let mut got = Vec::new();
@@ -282,7 +282,10 @@ fn pasta_rootless_netns_line_writes_pid_file_and_ends_on_sigterm() {
         assert_eq!(target.to_str(), Some("/dev/null"), "fd {fd}");
     }
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM");
-    assert!(p.wait_gone(Duration::from_secs(5)), "pasta ignored SIGTERM");
+    assert!(
+        p.wait_gone(Duration::from_secs(20)),
+        "pasta ignored SIGTERM"
+    );
 }
 
 #[test]
@@ -386,7 +389,7 @@ fn pasta_rootlesskit_line_with_pid_target() {
     // The target process ends: so does pasta.
     kill_tree(&mut holder.0);
     assert!(
-        p.wait_gone(Duration::from_secs(5)),
+        p.wait_gone(Duration::from_secs(20)),
         "pasta outlived its target PID"
     );
 }
@@ -430,7 +433,7 @@ fn pasta_unknown_option_text_version_and_errors_before_detaching() {
     );
     assert_eq!(p.first.code(), Some(1), "{}", p.first);
     assert!(p.first.stderr.contains("no-such-ns"), "{}", p.first);
-    assert!(p.wait_gone(Duration::from_secs(2)));
+    assert!(p.wait_gone(Duration::from_secs(20)));
     // A port that cannot be bound is an error too (a rule the host already uses).
     let _busy = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8088));
     let p = Pasta::run(
@@ -448,7 +451,7 @@ fn pasta_unknown_option_text_version_and_errors_before_detaching() {
         "{}",
         p.first
     );
-    assert!(p.wait_gone(Duration::from_secs(2)));
+    assert!(p.wait_gone(Duration::from_secs(20)));
 }
 
 #[test]
@@ -484,7 +487,7 @@ fn pasta_rootlesskit_auto_ports_follow_listeners_that_appear_and_go() {
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 8124),
     );
     let to = SocketAddr::from((HOST_ADDR, 8123));
-    let seen = wait_for(Duration::from_secs(5), || {
+    let seen = wait_for(Duration::from_secs(20), || {
         t.in_world(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok())
             .map(|_| ())
     });
@@ -496,7 +499,7 @@ fn pasta_rootlesskit_auto_ports_follow_listeners_that_appear_and_go() {
             .unwrap_or_else(|e| panic!("{e}"));
     });
     drop((echo, udp));
-    let gone = wait_for(Duration::from_secs(5), || {
+    let gone = wait_for(Duration::from_secs(20), || {
         t.in_world(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_err())
             .then_some(())
     });
@@ -550,7 +553,7 @@ fn pasta_tcp_ns_udp_ns_reach_host_loopback_explicit_and_auto() {
     });
     let late = TcpServer::echo(&t.host_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
     let to = SocketAddr::from((Ipv4Addr::LOCALHOST, late.addr.port()));
-    let seen = wait_for(Duration::from_secs(5), || {
+    let seen = wait_for(Duration::from_secs(20), || {
         t.in_container(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).ok())
             .map(|_| ())
     });
@@ -587,7 +590,7 @@ fn pasta_rootlesskit_detach_netns_line_userns_and_netns_paths() {
     t.in_container(|| upload_to_sink(sink.addr, 0x78, 1 << 20));
     kill_tree(&mut holder.0);
     assert!(
-        p.wait_gone(Duration::from_secs(5)),
+        p.wait_gone(Duration::from_secs(20)),
         "pasta outlived the process its --netns path runs through"
     );
 }
@@ -642,7 +645,7 @@ fn pasta_pcap_short_option_captures_the_namespace_link() {
     let p = Pasta::start(&t, &strs(&args));
     t.in_container(|| upload_to_sink(sink.addr, 0x9d, 64 << 10));
     ip(&["netns", "del", &t.container]);
-    assert!(p.wait_gone(Duration::from_secs(5)));
+    assert!(p.wait_gone(Duration::from_secs(20)));
     let out = run_with_timeout(
         {
             let mut c = std::process::Command::new("tcpdump");
@@ -723,7 +726,7 @@ fn pasta_foreground_stays_in_front_until_the_namespace_goes() {
     let mut args = podman53(&t.container_ns(), &[]);
     args.insert(0, "-f".into());
     let mut child = ChildGuard::spawn(t.exec_in(&t.host, t.pasta_bin(), &strs(&args)));
-    let configured = wait_for(Duration::from_secs(10), || {
+    let configured = wait_for(Duration::from_secs(20), || {
         // The link appears only once pasta has created it: ask without failing meanwhile.
         let out = std::process::Command::new("ip")
             .args(["-n", &t.container, "-o", "-4", "addr", "show", "dev", "vh"])
@@ -740,7 +743,7 @@ fn pasta_foreground_stays_in_front_until_the_namespace_goes() {
         "-f went away"
     );
     ip(&["netns", "del", &t.container]);
-    let status = wait_for(Duration::from_secs(5), || {
+    let status = wait_for(Duration::from_secs(20), || {
         child.0.try_wait().expect("try_wait")
     });
     assert_eq!(
@@ -808,7 +811,7 @@ fn pasta_interface_bound_ports_accept_only_through_that_interface() {
     );
     assert_eq!(p.first.code(), Some(1), "{}", p.first);
     assert!(p.first.stderr.contains("'nosuch0'"), "{}", p.first);
-    assert!(p.wait_gone(Duration::from_secs(2)));
+    assert!(p.wait_gone(Duration::from_secs(20)));
 }
 
 /// The ports listening in H (TCP or UDP, any address), from `ss`.
@@ -890,7 +893,7 @@ fn pasta_exclusions_alone_fail_as_pasta_when_nothing_or_too_little_binds() {
         "{}",
         p.first
     );
-    assert!(p.wait_gone(Duration::from_secs(2)));
+    assert!(p.wait_gone(Duration::from_secs(20)));
     // Too few descriptors (a hard limit of 256) for the ~1000 listeners.
     let mut args = vec![
         "--nofile=256:256".to_owned(),
@@ -924,8 +927,8 @@ fn pasta_all_is_refused_with_pastas_text_and_status() {
 /// (`None`: the connection failed).
 fn send_and_read(to: SocketAddr, msg: &[u8]) -> Option<Vec<u8>> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).ok()?;
+    s.set_read_timeout(Some(IO_TIMEOUT)).ok()?;
     s.write_all(msg).ok()?;
     s.shutdown(std::net::Shutdown::Write).ok()?;
     let mut got = Vec::new();
@@ -1472,14 +1475,14 @@ fn pasta_no_dhcp_and_no_ra_turn_those_services_off() {
         "ip=198.51.100.1 router=198.51.100.2 dns= subnet=255.255.255.0"
     );
     assert!(
-        wait_for(Duration::from_secs(15), || ra_route().then_some(())).is_some(),
+        wait_for(Duration::from_secs(20), || ra_route().then_some(())).is_some(),
         "no router advertisement without --no-ra: ICMPv6 types {:?}",
         pcap_icmp6_types(&pcap)
     );
     for pid in p.pids() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
     }
-    assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
+    assert!(p.wait_gone(Duration::from_secs(20)), "SIGTERM");
     drop(p);
     ip(&["-n", &t.container, "-6", "route", "flush", "proto", "ra"]);
     // --no-dhcp --no-ra: udhcpc gets nothing; the kernel's router solicitations are
@@ -1490,7 +1493,7 @@ fn pasta_no_dhcp_and_no_ra_turn_those_services_off() {
     ip(&["-n", &t.container, "link", "set", "vh", "up"]);
     let got = udhcpc_lease(&t, "2");
     assert!(got.is_err(), "a lease with --no-dhcp: {got:?}");
-    let solicited = wait_for(Duration::from_secs(15), || {
+    let solicited = wait_for(Duration::from_secs(20), || {
         pcap_icmp6_types(&pcap).contains(&133).then_some(())
     });
     assert!(
@@ -1545,7 +1548,7 @@ fn pasta_no_tcp_and_no_udp_drop_that_protocol_only() {
         for pid in p.pids() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
         }
-        assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
+        assert!(p.wait_gone(Duration::from_secs(20)), "SIGTERM");
     }
     // A port of a protocol turned off is refused, before anything is set up.
     let mut args = podman53(&t.container_ns(), &["-t", "8080"]);
@@ -1596,7 +1599,7 @@ fn pasta_rootlesskit_20_line_with_precreated_tap0_reaches_the_world() {
     // Nobody waits for it: it stays in front, as RootlessKit runs it.
     let mut pasta = ChildGuard::spawn(t.exec_in(&t.host, t.pasta_bin(), &args));
     t.configure_container_tap("tap0");
-    let connected = wait_for(Duration::from_secs(10), || {
+    let connected = wait_for(Duration::from_secs(20), || {
         if let Some(s) = pasta.0.try_wait().expect("try_wait") {
             panic!("usernet exited ({s}) with RootlessKit 2.0's command line");
         }
@@ -1614,7 +1617,7 @@ fn pasta_rootlesskit_20_line_with_precreated_tap0_reaches_the_world() {
     );
     // RootlessKit ends its child; usernet follows its target process.
     kill_tree(&mut holder.0);
-    let status = wait_for(Duration::from_secs(5), || {
+    let status = wait_for(Duration::from_secs(20), || {
         pasta.0.try_wait().expect("try_wait")
     });
     assert!(status.is_some(), "usernet outlived RootlessKit's child");
@@ -1651,7 +1654,7 @@ fn pasta_no_netns_quit_outlives_its_namespace_until_sigterm() {
     for pid in pids {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
     }
-    assert!(p.wait_gone(Duration::from_secs(5)), "SIGTERM");
+    assert!(p.wait_gone(Duration::from_secs(20)), "SIGTERM");
 }
 
 /// A `-u auto` port that a loopback client used (the splice path) is given back with its
@@ -1677,7 +1680,7 @@ fn pasta_auto_udp_port_of_a_loopback_client_is_free_once_its_rule_goes() {
     assert!(host_ports(&t, "-lun").contains(&PORT));
     // The server goes: so do its rule and the host port.
     drop(echo);
-    let freed = wait_for(Duration::from_secs(10), || {
+    let freed = wait_for(Duration::from_secs(20), || {
         (!host_ports(&t, "-lun").contains(&PORT)).then_some(())
     });
     assert!(
@@ -1686,7 +1689,7 @@ fn pasta_auto_udp_port_of_a_loopback_client_is_free_once_its_rule_goes() {
     );
     // It comes back: published again, the same client reaches it.
     let echo = UdpEcho::start(&ns, any);
-    let back = wait_for(Duration::from_secs(10), || {
+    let back = wait_for(Duration::from_secs(20), || {
         udp_roundtrip(&client, to, &payload(2), 1).ok()
     });
     assert!(back.is_some(), "port {PORT} was not published again");
