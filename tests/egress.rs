@@ -57,6 +57,19 @@ fn world_ip_in(t: &Topology) -> u64 {
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
+/// Whether W has a TCP connection on local port `port` that is not done yet: anything but
+/// listening or TIME_WAIT (after which no more packets are owed to W). From W's own
+/// `/proc/net/tcp`.
+fn world_tcp_open(t: &Topology, port: u16) -> bool {
+    let f = sh("ip", &["netns", "exec", &t.world, "cat", "/proc/net/tcp"]);
+    let port = format!(":{port:04X}");
+    f.stdout.lines().skip(1).any(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        // st: 0A listening, 06 TIME_WAIT.
+        w.len() > 3 && w[1].ends_with(&port) && !matches!(w[3], "0A" | "06")
+    })
+}
+
 /// A TCP connect from C's current namespace that must fail at once with `errno`; the
 /// error's text.
 #[track_caller]
@@ -117,6 +130,12 @@ fn egress_deny_private_closes_lan_metadata_host_and_gateway_nothing_leaves() {
         echo_once(world.addr, b"world");
         echo_once(SocketAddrV4::new(GATEWAY, opened.addr.port()), b"allowed");
     });
+    // The world flow's last packet (H's ACK of W's FIN) may still be on its way when the
+    // client is done: the count starts once W's end of it is closed.
+    let settled = wait_for(Duration::from_secs(20), || {
+        (!world_tcp_open(&t, world.addr.port())).then_some(())
+    });
+    assert!(settled.is_some(), "W's end of the world flow never closed");
     let before = world_ip_in(&t);
     let texts = t.in_container(|| {
         let mut texts = Vec::new();
