@@ -91,7 +91,7 @@ fn connect_fails(addr: SocketAddr, errno: i32) -> String {
 
 /// An API request and its reply.
 fn api(sock: &std::path::Path, req: &str) -> String {
-    api_request(sock, req, Duration::from_secs(5)).expect("API request")
+    api_request(sock, req, IO_TIMEOUT).expect("API request")
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn egress_deny_private_closes_lan_metadata_host_and_gateway_nothing_leaves() {
         let mut texts = Vec::new();
         for (s, u) in tcp.iter().zip(&udp) {
             texts.push(connect_fails(s.addr.into(), libc::EHOSTUNREACH));
-            let e = udp_error_after_send(u.addr.into(), b"x", Duration::from_secs(2));
+            let e = udp_error_after_send(u.addr.into(), b"x", IO_TIMEOUT);
             assert_eq!(e, Some(libc::EHOSTUNREACH), "UDP to {}", u.addr);
         }
         // The gateway's mapping to the host's loopback, and the host's own address.
@@ -154,14 +154,14 @@ fn egress_deny_private_closes_lan_metadata_host_and_gateway_nothing_leaves() {
     for lan in ["10.99.0.1", "169.254.169.254"] {
         let f = t.run_in_container(
             "ping",
-            &["-n", "-c", "1", "-W", "2", lan],
-            Duration::from_secs(10),
+            &["-n", "-c", "1", "-W", "10", lan],
+            Duration::from_secs(30),
         );
         assert!(!f.success() && f.stdout.contains("Packet filtered"), "{f}");
         let f = t.run_in_container(
             "curl",
-            &["-sS", "--max-time", "5", &format!("http://{lan}:80/")],
-            Duration::from_secs(10),
+            &["-sS", "--max-time", "30", &format!("http://{lan}:80/")],
+            Duration::from_secs(40),
         );
         assert_eq!(f.code(), Some(7), "{f}");
         assert!(f.stderr.contains("Failed to connect"), "{f}");
@@ -175,7 +175,7 @@ fn egress_deny_private_closes_lan_metadata_host_and_gateway_nothing_leaves() {
         assert_eq!(s.stats.accepted.load(Ordering::SeqCst), 0, "{}", s.addr);
     }
     // Denied flows are logged, and counted on the rule.
-    let log = wait_for(Duration::from_secs(5), || {
+    let log = wait_for(Duration::from_secs(20), || {
         let e = u.stderr();
         e.contains("egress: denied tcp to 10.99.0.1 port")
             .then_some(e)
@@ -244,7 +244,7 @@ fn egress_address_rules_first_match_protocols_and_ports() {
         echo_once(http_a.addr, b"first rule");
         connect_fails(other_a.addr.into(), libc::EHOSTUNREACH);
         connect_fails(http_b.addr.into(), libc::EHOSTUNREACH);
-        let e = udp_error_after_send(udp_a.addr.into(), b"x", Duration::from_secs(2));
+        let e = udp_error_after_send(udp_a.addr.into(), b"x", IO_TIMEOUT);
         assert_eq!(e, Some(libc::EHOSTUNREACH));
         udp_roundtrip(
             &udp_socket(any(Ipv4Addr::UNSPECIFIED)),
@@ -258,8 +258,8 @@ fn egress_address_rules_first_match_protocols_and_ports() {
     });
     let f = t.run_in_container(
         "ping",
-        &["-n", "-c", "1", "-W", "2", "203.0.113.1"],
-        Duration::from_secs(10),
+        &["-n", "-c", "1", "-W", "10", "203.0.113.1"],
+        Duration::from_secs(30),
     );
     assert!(!f.success() && f.stdout.contains("Packet filtered"), "{f}");
     assert_eq!(other_a.stats.accepted.load(Ordering::SeqCst), 0);
@@ -325,12 +325,12 @@ fn egress_ipv6_rules_and_deny_private() {
         )
         .unwrap();
         // Another port of the same address is, by its own rule.
-        let e = udp_error_after_send(udp_denied.addr.into(), b"x", Duration::from_secs(2));
+        let e = udp_error_after_send(udp_denied.addr.into(), b"x", IO_TIMEOUT);
         assert_eq!(e, Some(libc::EACCES));
         // The gateway fd00::2 is the host's ::1, and fd99::1 is ULA: deny-private.
         let gw = SocketAddrV6::new(GATEWAY6, loopback.addr.port(), 0, 0);
         connect_fails(gw.into(), libc::EACCES);
-        let e = udp_error_after_send(gw.into(), b"x", Duration::from_secs(2));
+        let e = udp_error_after_send(gw.into(), b"x", IO_TIMEOUT);
         assert_eq!(e, Some(libc::EACCES));
         connect_fails(ula.addr.into(), libc::EACCES);
         echo_once(world4.addr, b"IPv4 untouched");
@@ -345,8 +345,8 @@ fn egress_ipv6_rules_and_deny_private() {
     assert_eq!(udp_denied.stats.accepted.load(Ordering::SeqCst), 0);
     let f = t.run_in_container(
         "ping",
-        &["-6", "-n", "-c", "1", "-W", "2", "2001:db8:2::1"],
-        Duration::from_secs(10),
+        &["-6", "-n", "-c", "1", "-W", "10", "2001:db8:2::1"],
+        Duration::from_secs(30),
     );
     assert!(
         !f.success() && f.stdout.to_lowercase().contains("prohibited"),
@@ -355,8 +355,8 @@ fn egress_ipv6_rules_and_deny_private() {
     // The gateway answers its own pings: never a flow, never egress.
     let f = t.run_in_container(
         "ping",
-        &["-6", "-n", "-c", "1", "-W", "2", "fd00::2"],
-        Duration::from_secs(10),
+        &["-6", "-n", "-c", "1", "-W", "10", "fd00::2"],
+        Duration::from_secs(30),
     );
     f.assert_success();
 }
@@ -402,8 +402,8 @@ fn egress_allow_domain_only_those_names_reachable() {
     let curl = |url: &str| {
         t.run_in_container(
             "curl",
-            &["-sS", "--max-time", "5", url],
-            Duration::from_secs(10),
+            &["-sS", "--max-time", "30", url],
+            Duration::from_secs(40),
         )
     };
     for url in ["http://allowed.test/", "http://www.allowed.test/"] {
@@ -421,7 +421,7 @@ fn egress_allow_domain_only_those_names_reachable() {
         &[
             "+short",
             "+tries=1",
-            "+time=3",
+            "+time=10",
             "@10.0.2.3",
             "other.test",
             "TXT",
@@ -451,7 +451,7 @@ fn egress_allow_domain_only_those_names_reachable() {
         &[
             "+short",
             "+tries=1",
-            "+time=3",
+            "+time=10",
             "@10.0.2.3",
             "short.allowed.test",
         ],
@@ -540,7 +540,7 @@ fn egress_rules_change_through_the_api_and_reset_open_flows() {
         c.arg(args[0])
             .args(["-a", sock.to_str().unwrap()])
             .args(&args[1..]);
-        run_with_timeout(c, Duration::from_secs(10))
+        run_with_timeout(c, Duration::from_secs(20))
     };
     // Rule 1 denied one connect (once more for each SYN the guest sent again).
     let hits = get_stats(&sock).json.clone();
@@ -704,9 +704,9 @@ fn egress_run_mode_only_allowed_names_reachable() {
     let _dns = DnsServer::start(&t);
     let named = http_on(&t, WORLD);
     let other = http_on(&t, Ipv4Addr::new(203, 0, 113, 7));
-    let script = "curl -sS --max-time 5 http://example.test/; echo \"rc=$?\"; \
-                  curl -sS --max-time 5 http://203.0.113.7/; echo \"rc=$?\"; \
-                  curl -sS --max-time 5 http://nosuch.test/; echo \"rc=$?\"";
+    let script = "curl -sS --max-time 30 http://example.test/; echo \"rc=$?\"; \
+                  curl -sS --max-time 30 http://203.0.113.7/; echo \"rc=$?\"; \
+                  curl -sS --max-time 30 http://nosuch.test/; echo \"rc=$?\"";
     let f = UsernetCmd::new(&t)
         .target([
             "run",
@@ -718,7 +718,7 @@ fn egress_run_mode_only_allowed_names_reachable() {
             "-c",
             script,
         ])
-        .output(Duration::from_secs(60));
+        .output(Duration::from_secs(120));
     f.assert_success();
     assert_eq!(f.stdout, "hello from the world\nrc=0\nrc=7\nrc=6\n", "{f}");
     assert!(
@@ -740,8 +740,8 @@ fn egress_run_mode_rules_added_at_run_time_under_the_sandbox() {
     // on, as run mode's default), then tries both addresses.
     let script = format!(
         "{bin} egress -a {sock} add deny 203.0.113.7 >/dev/null || exit 9; \
-         curl -sS --max-time 5 http://203.0.113.7/; echo \"rc=$?\"; \
-         curl -sS --max-time 5 http://203.0.113.8/; echo \"rc=$?\"",
+         curl -sS --max-time 30 http://203.0.113.7/; echo \"rc=$?\"; \
+         curl -sS --max-time 30 http://203.0.113.8/; echo \"rc=$?\"",
         bin = bin.display(),
         sock = sock.display()
     );
@@ -755,7 +755,7 @@ fn egress_run_mode_rules_added_at_run_time_under_the_sandbox() {
             "-c",
             &script,
         ])
-        .output(Duration::from_secs(60));
+        .output(Duration::from_secs(120));
     f.assert_success();
     assert_eq!(f.stdout, "rc=7\nhello from the world\nrc=0\n", "{f}");
     assert_eq!(a.stats.accepted.load(Ordering::SeqCst), 0);
@@ -799,10 +799,10 @@ fn egress_run_mode_policy_file_at_the_limit_works() {
             "--",
             "sh",
             "-c",
-            "curl -sS --max-time 5 http://203.0.113.7/; echo \"rc=$?\"; \
-             curl -sS --max-time 5 http://203.0.113.8/; echo \"rc=$?\"",
+            "curl -sS --max-time 30 http://203.0.113.7/; echo \"rc=$?\"; \
+             curl -sS --max-time 30 http://203.0.113.8/; echo \"rc=$?\"",
         ])
-        .output(Duration::from_secs(60));
+        .output(Duration::from_secs(120));
     f.assert_success();
     assert_eq!(f.stdout, "rc=7\nhello from the world\nrc=0\n", "{f}");
     assert_eq!(denied.stats.accepted.load(Ordering::SeqCst), 0);
@@ -921,12 +921,12 @@ fn egress_deny_private_option_counts_toward_the_limit_as_a_rule() {
             "sh",
             "-c",
             &format!(
-                "curl -sS --max-time 5 http://{}/; echo \"rc=$?\"; \
-                 curl -sS --max-time 5 http://{WORLD}/; echo \"rc=$?\"",
+                "curl -sS --max-time 30 http://{}/; echo \"rc=$?\"; \
+                 curl -sS --max-time 30 http://{WORLD}/; echo \"rc=$?\"",
                 LAN[0]
             ),
         ])
-        .output(Duration::from_secs(60));
+        .output(Duration::from_secs(120));
     f.assert_success();
     assert_eq!(f.stdout, "rc=7\nhello from the world\nrc=0\n", "{f}");
     assert_eq!(lan.stats.accepted.load(Ordering::SeqCst), 0);
