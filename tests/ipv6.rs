@@ -522,7 +522,7 @@ fn tcp6_half_close_both_directions() {
         assert!(rest.is_empty(), "no data expected after the server's FIN");
         sent
     });
-    let got = half.stats.wait_digests(1, Duration::from_secs(10));
+    let got = half.stats.wait_digests(1, Duration::from_secs(20));
     assert_eq!(got.len(), 1, "the server never saw the client's EOF");
     assert_eq!(got[0].2, 4 << 20, "bytes received after the server's FIN");
     assert_eq!(hex(&got[0].1), hex(&sent));
@@ -1043,7 +1043,7 @@ fn outbound_addr6_rejects_an_ipv4_address() {
     };
     let f = UsernetCmd::new(&t)
         .args(["-6", "-c", "--outbound-addr6", "198.51.100.1"])
-        .output(Duration::from_secs(10));
+        .output(Duration::from_secs(20));
     assert!(f.status.is_some(), "usernet kept running:\n{f}");
     assert!(
         !f.success(),
