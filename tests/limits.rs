@@ -1047,7 +1047,7 @@ fn half_open_connects_expire_after_20_s_and_the_table_drains() {
             })
             .collect();
         // The table fills; a connection to a live server is refused at once.
-        let full = wait_for(Duration::from_secs(5), || {
+        let full = wait_for(IO_TIMEOUT, || {
             (get_stats(&api).get("flows.tcp_half_open") == N as u64).then_some(())
         });
         assert!(full.is_some(), "the half-open table did not fill");
@@ -1066,8 +1066,11 @@ fn half_open_connects_expire_after_20_s_and_the_table_drains() {
             Some(libc::EHOSTUNREACH),
             "a pending connect ended with {e} after {took:.2?}"
         );
+        // Never before usernet's 20 s: the real check. The upper bound is loose, as the 20 s
+        // start when usernet sees the SYN, which a busy machine delays; before the 40 s
+        // connect timeout only usernet's timer can answer EHOSTUNREACH (H retries ~127 s).
         assert!(
-            *took >= Duration::from_secs(19) && *took < Duration::from_secs(25),
+            *took >= Duration::from_secs(19) && *took < Duration::from_secs(35),
             "a pending connect ended after {took:.2?}, want about 20 s"
         );
     }
