@@ -25,6 +25,9 @@ fn any(ip: Ipv4Addr) -> SocketAddrV4 {
 
 const MIB: u64 = 1 << 20;
 
+/// How long the end of a flow may take to reach every side (polled: a pass is not slower).
+const TEARDOWN: Duration = Duration::from_secs(30);
+
 /// usernet `-c -a PATH EXTRA...` (run through `wrap`, if any), ready.
 fn start_wrapped(t: &Topology, wrap: &[&str], extra: &[&str]) -> (Usernet, PathBuf) {
     let sock = t.tmp.join("api.sock");
@@ -179,9 +182,9 @@ fn world_server_reset_mid_download_reaches_the_container_as_a_reset() {
     let want: [u8; 32] = h.finalize().into();
     assert_eq!(hex(&digest), hex(&want), "bytes before the reset differ");
 
-    wait_server_closed(&server.stats, Duration::from_secs(5));
-    wait_no_tcp_flow(&api, Duration::from_secs(5));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_server_closed(&server.stats, TEARDOWN);
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     u.assert_running();
 }
 
@@ -216,7 +219,7 @@ fn world_server_reset_mid_upload_reaches_the_container_as_a_reset() {
         (off, None)
     });
     eprintln!("the container wrote {written} bytes, then {err:?}");
-    let d = server.stats.wait_digests(1, Duration::from_secs(5));
+    let d = server.stats.wait_digests(1, TEARDOWN);
     assert_eq!(d.len(), 1, "the server did not read its first MiB");
     assert_eq!(
         hex(&d[0].1),
@@ -232,9 +235,9 @@ fn world_server_reset_mid_upload_reaches_the_container_as_a_reset() {
         Some(e) => panic!("expected ECONNRESET or EPIPE after {written} bytes, got {e}"),
         None => panic!("the container wrote {written} bytes to a reset connection without error"),
     }
-    wait_server_closed(&server.stats, Duration::from_secs(5));
-    wait_no_tcp_flow(&api, Duration::from_secs(5));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_server_closed(&server.stats, TEARDOWN);
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     u.assert_running();
 }
 
@@ -294,8 +297,8 @@ fn world_server_stalls_reading_then_resumes_upload_hash_matches() {
         rss1 < rss0 + 16 * 1024,
         "usernet grew from {rss0} to {rss1} KiB"
     );
-    wait_no_tcp_flow(&api, Duration::from_secs(5));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     u.assert_running();
 }
 
@@ -318,8 +321,8 @@ fn world_server_stalls_sending_then_resumes_download_hash_matches() {
     thread::sleep(Duration::from_millis(200));
     let base = u.fd_count();
     t.in_container(|| download_from_source(server.addr, 0x57B, 16 * MIB));
-    wait_no_tcp_flow(&api, Duration::from_secs(5));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     u.assert_running();
 }
 
@@ -373,8 +376,8 @@ fn container_stalls_reading_then_resumes_memory_stays_bounded() {
         "usernet buffered {} KiB while the container did not read",
         peak - rss0
     );
-    wait_no_tcp_flow(&api, Duration::from_secs(5));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     u.assert_running();
 }
 
@@ -396,7 +399,7 @@ fn container_aborts_mid_upload_the_world_sees_a_reset() {
         set_linger_zero(&c);
         drop(c);
     });
-    wait_server_closed(&sink.stats, Duration::from_secs(5));
+    wait_server_closed(&sink.stats, TEARDOWN);
     let errors = sink.stats.errors.lock().unwrap().clone();
     let digests = sink.stats.digests.lock().unwrap().clone();
     assert!(
@@ -409,8 +412,8 @@ fn container_aborts_mid_upload_the_world_sees_a_reset() {
         errors.iter().any(|e| e.contains("reset")),
         "the world server did not see a reset: {errors:?}"
     );
-    wait_no_tcp_flow(&api, Duration::from_secs(5));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     u.assert_running();
 }
 
@@ -440,7 +443,7 @@ fn container_process_killed_mid_download_the_world_sees_the_end() {
     // on the way fills up. Then socat is SIGKILLed with unread data.
     let dst = format!("TCP:{},connect-timeout=5", server.addr);
     let socat = ChildGuard::spawn(t.exec_in(&t.container, "socat", &["-u", &dst, "EXEC:sleep 60"]));
-    let flowing = wait_for(Duration::from_secs(10), || {
+    let flowing = wait_for(IO_TIMEOUT, || {
         (sent.load(Ordering::SeqCst) >= MIB).then_some(())
     });
     assert!(
@@ -452,7 +455,7 @@ fn container_process_killed_mid_download_the_world_sees_the_end() {
     let before = sent.load(Ordering::SeqCst);
     assert!(u.fd_count() > base, "no host socket for socat's flow");
     drop(socat);
-    wait_server_closed(&server.stats, Duration::from_secs(5));
+    wait_server_closed(&server.stats, TEARDOWN);
     let errors = server.stats.errors.lock().unwrap().clone();
     eprintln!(
         "world sent {before} bytes before the kill, {} in all; its error: {errors:?}",
@@ -464,8 +467,8 @@ fn container_process_killed_mid_download_the_world_sees_the_end() {
             .any(|e| e.contains("reset") || e.contains("Broken pipe")),
         "the world server's connection did not fail: {errors:?}"
     );
-    wait_no_tcp_flow(&api, Duration::from_secs(5));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     u.assert_running();
 }
 
@@ -590,15 +593,15 @@ fn host_fd_exhaustion_refuses_new_flows_keeps_established_ones() {
     u.assert_running();
     assert!(bulk_ok, "the 8 MiB upload at EMFILE arrived different");
     // Once fds are free again, the API and new flows work.
-    let s1 = wait_for(Duration::from_secs(10), || try_get_stats(&api).ok())
-        .expect("get_stats after fds were released");
+    let s1 =
+        wait_for(TEARDOWN, || try_get_stats(&api).ok()).expect("get_stats after fds were released");
     let host_errors = s1.delta(&s0, "counters.tcp_host_errors");
     eprintln!("tcp_host_errors +{host_errors}");
     assert!(
         host_errors >= refused,
         "tcp_host_errors grew by {host_errors} for {refused} flows refused at EMFILE"
     );
-    let ok = wait_for(Duration::from_secs(10), || {
+    let ok = wait_for(TEARDOWN, || {
         t.in_container(|| connect(echo.addr).is_ok()).then_some(())
     });
     assert!(ok.is_some(), "no new flow after fds were released");
@@ -646,10 +649,10 @@ fn memory_exhaustion_refuses_new_flows_keeps_established_ones() {
         host_errors >= 4,
         "tcp_host_errors grew by {host_errors} for 4 flows refused without memory"
     );
-    wait_no_tcp_flow(&api, Duration::from_secs(10));
+    wait_no_tcp_flow(&api, TEARDOWN);
     // The closed flows' memory is back (light flows' sockets are kept for reuse): new
     // flows work again.
-    let ok = wait_for(Duration::from_secs(10), || {
+    let ok = wait_for(TEARDOWN, || {
         t.in_container(|| connect(echo.addr).is_ok()).then_some(())
     });
     assert!(ok.is_some(), "no new flow after {n} flows closed");
@@ -694,9 +697,7 @@ fn published_port_connection_at_fd_exhaustion_is_not_left_hanging() {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset".to_string(),
         Ok(n) => format!("{n} bytes"),
         Err(_) => {
-            inbound
-                .set_read_timeout(Some(Duration::from_secs(10)))
-                .expect("timeout");
+            inbound.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
             match inbound.read_exact(&mut b) {
                 Ok(()) => format!("served: {:?}", String::from_utf8_lossy(&b)),
                 Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset".to_string(),
@@ -709,10 +710,10 @@ fn published_port_connection_at_fd_exhaustion_is_not_left_hanging() {
                     drop(other);
                     panic!(
                         "a published-port connection made while usernet was out of fds was \
-                         neither refused nor served 10 s after fds were free again ({e}): it \
-                         waits in the listen backlog, the failed accept is not retried until \
-                         the listener becomes readable again; after one more connection to \
-                         the port it got {after:?}"
+                         neither refused nor served {IO_TIMEOUT:?} after fds were free again \
+                         ({e}): it waits in the listen backlog, the failed accept is not \
+                         retried until the listener becomes readable again; after one more \
+                         connection to the port it got {after:?}"
                     )
                 }
             }
@@ -738,10 +739,9 @@ fn api_request_at_fd_exhaustion_is_not_left_hanging() {
         conns
     });
     // A `get_stats` request while usernet is out of fds, then fds are freed: it must be
-    // answered (or closed) within a few seconds, not wait for another API client.
+    // answered (or closed), not wait for another API client.
     let (reply, after_release) = thread::scope(|s| {
-        let pending =
-            s.spawn(|| api_request(&api, r#"{"execute":"get_stats"}"#, Duration::from_secs(10)));
+        let pending = s.spawn(|| api_request(&api, r#"{"execute":"get_stats"}"#, IO_TIMEOUT));
         thread::sleep(Duration::from_secs(1));
         for c in conns.drain(..10) {
             drop(c);
@@ -813,7 +813,7 @@ fn sequential_connections(n: usize) {
             short_exchange(dst(i), i).unwrap_or_else(|e| panic!("warm-up {i}: {e}"));
         }
     });
-    wait_no_tcp_flow(&api, Duration::from_secs(10));
+    wait_no_tcp_flow(&api, TEARDOWN);
     let base = u.fd_count();
     let rss0 = vm_rss_kib(u.pid);
     let s0 = get_stats(&api);
@@ -850,8 +850,8 @@ fn sequential_connections(n: usize) {
         n as f64 / took.as_secs_f64()
     );
     u.assert_running();
-    wait_no_tcp_flow(&api, Duration::from_secs(15));
-    wait_fds(&u, base, Duration::from_secs(15));
+    wait_no_tcp_flow(&api, TEARDOWN);
+    wait_fds(&u, base, TEARDOWN);
     let s1 = get_stats(&api);
     assert_eq!(s1.delta(&s0, "counters.tcp_opened"), n as u64, "tcp_opened");
     assert_eq!(s1.delta(&s0, "counters.tcp_closed"), n as u64, "tcp_closed");

@@ -714,19 +714,14 @@ fn tcp_flow_limit_refuses_connection_n_plus_1() {
         let mut rest = Vec::new();
         last.read_to_end(&mut rest).expect("EOF");
         drop(last);
-        wait_stat_at_most(
-            &api,
-            "flows.tcp",
-            TCP_FLOWS as u64 - 1,
-            Duration::from_secs(5),
-        );
+        wait_stat_at_most(&api, "flows.tcp", TCP_FLOWS as u64 - 1, IO_TIMEOUT);
         conns.push(connect(echo.addr).expect("a connection once a slot is free"));
         round(&mut conns, 0x300);
         assert_refused(echo.addr);
         drop(conns);
     });
-    wait_stat_at_most(&api, "flows.tcp", 0, Duration::from_secs(10));
-    wait_fds(&u, base, Duration::from_secs(5));
+    wait_stat_at_most(&api, "flows.tcp", 0, IO_TIMEOUT);
+    wait_fds(&u, base, IO_TIMEOUT);
     u.assert_running();
 }
 
@@ -867,7 +862,7 @@ fn get_stats_shape_and_counters_move() {
 
     // Counters move with traffic: one TCP echo ...
     t.in_container(|| echo_once(echo.addr, &pattern(1, 10_000)));
-    let sa = wait_stat_at_most(&api, "flows.tcp", 0, Duration::from_secs(5));
+    let sa = wait_stat_at_most(&api, "flows.tcp", 0, IO_TIMEOUT);
     assert_eq!(sa.delta(&s0, "counters.tcp_opened"), 1, "tcp_opened");
     assert_eq!(sa.delta(&s0, "counters.tcp_closed"), 1, "tcp_closed");
     // ... one UDP round trip, a refused and an unreachable destination.
@@ -877,7 +872,7 @@ fn get_stats_shape_and_counters_move() {
         assert_refused(SocketAddrV4::new(WORLD, 9));
         assert_unreachable(SocketAddrV4::new(UNREACHABLE, 80));
     });
-    let s1 = wait_stat_at_most(&api, "flows.tcp", 0, Duration::from_secs(5));
+    let s1 = wait_stat_at_most(&api, "flows.tcp", 0, IO_TIMEOUT);
     assert_eq!(s1.delta(&sa, "counters.tcp_refused"), 1, "tcp_refused");
     assert_eq!(
         s1.delta(&sa, "counters.tcp_unreachable"),

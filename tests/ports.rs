@@ -31,8 +31,8 @@ use util::*;
 /// 16 MiB: the payload of each direction.
 const PAYLOAD: u64 = 16 << 20;
 
-/// How long teardown may take to propagate.
-const TEARDOWN: Duration = Duration::from_secs(5);
+/// How long teardown may take to propagate (polled, or a read timeout: a pass is not slower).
+const TEARDOWN: Duration = Duration::from_secs(30);
 
 fn any0() -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
@@ -309,20 +309,18 @@ fn drain(s: &mut TcpStream) -> (u64, io::Result<()>) {
 /// Asserts that the connection `s` ends (EOF or reset, not a timeout) within [`TEARDOWN`].
 #[track_caller]
 fn assert_ends(s: &mut TcpStream, what: &str) -> u64 {
-    s.set_read_timeout(Some(TEARDOWN + Duration::from_secs(3)))
-        .expect("timeout");
+    // The read timeout bounds the wait: an end that never comes fails as a timeout below.
+    s.set_read_timeout(Some(TEARDOWN)).expect("timeout");
     let t0 = Instant::now();
     let (n, how) = drain(s);
     match &how {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {}
-        Err(e) => panic!("{what}: connection did not end cleanly after {n} bytes: {e}"),
+        Err(e) => panic!(
+            "{what}: connection did not end cleanly after {n} bytes in {:.2?}: {e}",
+            t0.elapsed()
+        ),
     }
-    assert!(
-        t0.elapsed() < TEARDOWN,
-        "{what}: the end took {:.2?}",
-        t0.elapsed()
-    );
     eprintln!(
         "{what}: ended after {n} bytes ({how:?}) in {:.2?}",
         t0.elapsed()
