@@ -1257,16 +1257,20 @@ fn flag_with_a_port_in_use_fails_clearly_at_startup() {
         !ready,
         "usernet became ready although host port 8080 is taken"
     );
-    let st = u.wait_exit(Duration::from_secs(5));
+    let st = u.wait_exit(IO_TIMEOUT);
     assert!(
         matches!(st, Some(s) if !s.success()),
         "usernet must exit with an error status, got {st:?}"
     );
-    thread::sleep(Duration::from_millis(200));
-    let err = u.stderr();
+    // The message reaches us through a pipe read by another thread.
+    let said = wait_for(IO_TIMEOUT, || {
+        let err = u.stderr();
+        (err.contains("8080") && err.contains("Address already in use")).then_some(())
+    });
     assert!(
-        err.contains("8080") && err.contains("Address already in use"),
-        "stderr must name the port and keep the system's text:\n{err}"
+        said.is_some(),
+        "stderr must name the port and keep the system's text:\n{}",
+        u.stderr()
     );
 }
 
