@@ -1286,36 +1286,51 @@ fn iperf3_through_a_published_port() {
     }
     let _server = ChildGuard::spawn(t.exec_in(&t.container, "iperf3", &["-s", "-p", "5201"]));
     let mut u = start(&t, &["-p", "15201:5201"]);
+    // The server has started once its listener shows in the container.
+    let listening = wait_for(IO_TIMEOUT, || {
+        let ss = run_with_timeout(
+            t.exec_in(&t.container, "ss", &["-ltnH", "sport = :5201"]),
+            Duration::from_secs(10),
+        );
+        (ss.success() && !ss.stdout.trim().is_empty()).then_some(())
+    });
+    assert!(
+        listening.is_some(),
+        "iperf3 -s in the container never listened on 5201"
+    );
     for reverse in [false, true] {
         let mut args = vec!["-c", "198.51.100.1", "-p", "15201", "-t", "2"];
         if reverse {
             args.push("-R");
         }
+        // The server may still be finishing the previous test: it answers "busy" until then.
         let mut last = None;
-        for _ in 0..10 {
+        let done = wait_for(IO_TIMEOUT, || {
             let f = run_with_timeout(
                 t.exec_in(&t.world, "iperf3", &args),
                 Duration::from_secs(30),
             );
-            if f.success() {
-                last = None;
-                eprintln!(
-                    "{}",
-                    f.stdout
-                        .lines()
-                        .rev()
-                        .take(4)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-                break;
+            if f.success() || !format!("{}{}", f.stdout, f.stderr).contains("busy") {
+                return Some(f);
             }
             last = Some(f);
             thread::sleep(Duration::from_millis(300));
-        }
-        if let Some(f) = last {
-            panic!("iperf3 {args:?} failed:\n{f}");
-        }
+            None
+        });
+        let f = done.unwrap_or_else(|| {
+            let last = last.as_ref().map(ToString::to_string).unwrap_or_default();
+            panic!("iperf3 {args:?}: the server stayed busy for {IO_TIMEOUT:?}:\n{last}")
+        });
+        assert!(f.success(), "iperf3 {args:?} failed:\n{f}");
+        eprintln!(
+            "{}",
+            f.stdout
+                .lines()
+                .rev()
+                .take(4)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
     u.assert_running();
 }
