@@ -252,40 +252,60 @@ impl Drop for UdpReporter {
     }
 }
 
-/// Sends `payload` from `sock` to `dst` until a reply from `dst` carrying exactly this
-/// payload arrives (3 tries); returns the peer address the [`UdpReporter`] saw. A reply with
-/// another payload (another client's) is a failure.
+/// Sends `payload` from `sock` to `dst`, again every 2 s, until a reply carrying exactly this
+/// payload arrives (for up to [`IO_TIMEOUT`]); returns the peer address the [`UdpReporter`]
+/// saw. That reply must come from `dst`. Replies with another payload are skipped: late
+/// answers to an earlier request that was sent twice (each client here has its own socket;
+/// replies going to the wrong client are the subject of
+/// `udp_clients_sharing_a_port_each_get_their_own_replies`).
 #[track_caller]
 fn udp_ask(sock: &UdpSocket, dst: SocketAddr, payload: &[u8]) -> SocketAddr {
     let mut buf = vec![0u8; 65536];
-    sock.set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
-    for _ in 0..3 {
+    let end = Instant::now() + IO_TIMEOUT;
+    let mut skipped = Vec::new();
+    while Instant::now() < end {
         sock.send_to(payload, dst)
             .unwrap_or_else(|e| panic!("send_to {dst}: {e}"));
-        match sock.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                assert_eq!(from, dst, "reply from an unexpected source");
-                let text = &buf[..n];
-                let bar = text.iter().position(|&b| b == b'|').unwrap_or_else(|| {
-                    panic!("malformed reply {:?}", String::from_utf8_lossy(text))
-                });
-                assert_eq!(
-                    &text[bar + 1..],
-                    payload,
-                    "client {:?} got a reply meant for someone else: {:?}",
-                    sock.local_addr(),
-                    String::from_utf8_lossy(text)
-                );
-                let peer = std::str::from_utf8(&text[..bar]).expect("utf-8");
-                return peer
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad reported peer {peer:?}"));
+        let resend = (Instant::now() + Duration::from_secs(2)).min(end);
+        loop {
+            let left = resend.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                eprintln!("(udp {dst}: no reply within 2 s; sending again)");
+                break;
             }
-            Err(e) => eprintln!("(udp {dst}: {e}; retrying)"),
+            sock.set_read_timeout(Some(left)).expect("timeout");
+            let (n, from) = match sock.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(e) => panic!("recv from {dst}: {e}"),
+            };
+            let text = &buf[..n];
+            let bar = text
+                .iter()
+                .position(|&b| b == b'|')
+                .unwrap_or_else(|| panic!("malformed reply {:?}", String::from_utf8_lossy(text)));
+            if &text[bar + 1..] != payload {
+                skipped.push(String::from_utf8_lossy(text).into_owned());
+                continue;
+            }
+            assert_eq!(from, dst, "reply from an unexpected source");
+            let peer = std::str::from_utf8(&text[..bar]).expect("utf-8");
+            return peer
+                .parse()
+                .unwrap_or_else(|_| panic!("bad reported peer {peer:?}"));
         }
     }
-    panic!("no UDP reply from {dst} after 3 tries");
+    panic!(
+        "no UDP reply to {:?} from {dst} within {IO_TIMEOUT:?}; other replies: {skipped:?}",
+        String::from_utf8_lossy(payload)
+    );
 }
 
 fn ipv6_loopback_works(t: &Topology) -> bool {
