@@ -952,19 +952,38 @@ fn port_ranges_publish_each_port() {
         assert_refused(host(9003));
         assert_refused(host(8999));
     });
+    // One port at a time: its datagrams (one, or more if udp_roundtrip had to send again)
+    // reach its server and no other, which has had none sent to it yet.
+    let accepted = |i: usize| udp[i].stats.accepted.load(Ordering::SeqCst);
+    let mut attempts = Vec::new();
     t.in_host(|| {
         let s = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
-        for i in 0..2u16 {
-            udp_roundtrip(&s, lo(9100 + i), format!("to {}", 9100 + i).as_bytes(), 3)
+        for i in 0..2usize {
+            let port = 9100 + i as u16;
+            let a = udp_roundtrip(&s, lo(port), format!("to {port}").as_bytes(), 3)
                 .unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                accepted(i) >= 1,
+                "the echo to {port} came from another server"
+            );
+            for j in i + 1..udp.len() {
+                let other = 7100 + j;
+                assert_eq!(
+                    accepted(j),
+                    0,
+                    "host port {port} reached the server on {other}"
+                );
+            }
+            attempts.push(a as usize);
         }
     });
-    for (i, u) in udp.iter().enumerate() {
-        assert_eq!(
-            u.stats.accepted.load(Ordering::SeqCst),
-            1,
-            "UDP server on {}",
-            7100 + i
+    for (i, a) in attempts.into_iter().enumerate() {
+        assert!(
+            (1..=a).contains(&accepted(i)),
+            "UDP server on {} got {} datagrams, {a} were sent to {}",
+            7100 + i,
+            accepted(i),
+            9100 + i
         );
     }
     for (i, s) in tcp.iter().enumerate() {
