@@ -517,15 +517,19 @@ fn udp_published_echo_with_api_and_flag() {
                 .unwrap_or_else(|e| panic!("loopback, port {port}: {e}"));
         });
     }
-    // A real client: socat in W.
+    // A real client: socat in W. After its stdin's EOF socat waits `-t` (0.5 s by default)
+    // for the reply; with readbytes= it ends as soon as the reply's 10 bytes are in.
     if which("socat").is_some() {
         let mut cmd = t.exec_in(
             &t.world,
             "sh",
-            &["-c", "echo hello-udp | socat -T 3 - UDP:198.51.100.1:5300"],
+            &[
+                "-c",
+                "echo hello-udp | socat -t 30 -T 30 - UDP:198.51.100.1:5300,readbytes=10",
+            ],
         );
         cmd.env("LC_ALL", "C");
-        let f = run_with_timeout(cmd, Duration::from_secs(15));
+        let f = run_with_timeout(cmd, Duration::from_secs(60));
         assert!(f.success(), "socat udp:\n{f}");
         assert_eq!(f.stdout, "hello-udp\n", "socat udp:\n{f}");
     }
@@ -546,6 +550,7 @@ fn udp_published_port_reply_bursts_keep_datagram_boundaries() {
         ("host loopback", t.in_host(|| udp_socket(lo(0))), lo(5302)),
     ];
     let mut buf = [0u8; 64];
+    server.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     for (round, (who, client, dst)) in clients.iter().enumerate() {
         client.send_to(b"hello", dst).expect("send");
         let (_, peer) = server.recv_from(&mut buf).expect("the client's datagram");
@@ -587,8 +592,7 @@ fn udp_first_datagram_to_a_fresh_guest_is_delivered() {
     // the guest's MAC address (slirp4netns queues it).
     let got = t.in_world(|| {
         let s = udp_socket(any0());
-        s.set_read_timeout(Some(Duration::from_secs(3)))
-            .expect("timeout");
+        s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
         s.send_to(b"the very first datagram", host(5300))
             .expect("send");
         let mut buf = [0u8; 2048];
@@ -597,7 +601,8 @@ fn udp_first_datagram_to_a_fresh_guest_is_delivered() {
     });
     let got = got.unwrap_or_else(|e| {
         panic!(
-            "no reply to the first datagram within 3 s ({e}); the container received {:?}",
+            "no reply to the first datagram within {IO_TIMEOUT:?} ({e}); the container \
+             received {:?}",
             urep.peers.lock().unwrap()
         )
     });
@@ -724,10 +729,14 @@ fn udp_clients_sharing_a_port_each_get_their_own_replies() {
             Ipv4Addr::new(203, 0, 113, 7),
             Ipv4Addr::new(203, 0, 113, 7),
         ];
+        // Nothing is sent twice: each reply may take its time.
         let socks: Vec<UdpSocket> = srcs
             .iter()
             .map(|ip| udp_socket(SocketAddrV4::new(*ip, 0)))
             .collect();
+        for s in &socks {
+            s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        }
         for round in 0..20 {
             for (i, s) in socks.iter().enumerate() {
                 s.send_to(format!("client {i} round {round}").as_bytes(), dst)
@@ -757,6 +766,9 @@ fn udp_clients_sharing_a_port_each_get_their_own_replies() {
     t.in_host(|| {
         let a = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
         let b = udp_socket(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+        }
         let dst: SocketAddr = lo(5300).into();
         for round in 0..10 {
             a.send_to(format!("a{round}").as_bytes(), dst)
