@@ -697,17 +697,13 @@ fn api_answers_complete_json_without_half_close() {
         add_req("tcp", "0.0.0.0", 8080, "10.0.2.100", 80),
         "  {\"execute\" : \"list_hostfwd\" }  \n".to_string(),
     ] {
-        let t0 = Instant::now();
+        // A reply at all proves it: a client without a complete request is closed without
+        // one when its CLIENT_TIMEOUT expires.
         let raw = api_raw(&sock, req.as_bytes(), false);
         let v = parse_json(&raw).unwrap_or_else(|e| panic!("{req:?}: {e}: {raw:?}"));
         assert!(
             v.get("entries").is_some() || v.get("return").is_some(),
             "{req:?}: {raw}"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(3),
-            "reply without half-close took {:.2?}",
-            t0.elapsed()
         );
     }
     // Written in pieces with pauses, no half-close: answered once complete.
@@ -749,8 +745,11 @@ fn api_socket_exists_before_ready_and_is_unlinked_at_exit() {
         Ok(j(r#"{"entries":[]}"#))
     );
     u.signal(Signal::SIGTERM);
-    let st = u.wait_exit(Duration::from_secs(5));
-    assert!(st.is_some(), "usernet did not exit within 5 s of SIGTERM");
+    let st = u.wait_exit(IO_TIMEOUT);
+    assert!(
+        st.is_some(),
+        "usernet did not exit within {IO_TIMEOUT:?} of SIGTERM"
+    );
     assert!(
         !sock.exists() && fs::symlink_metadata(&sock).is_err(),
         "API socket {} still exists after SIGTERM",
@@ -765,10 +764,10 @@ fn api_socket_exists_before_ready_and_is_unlinked_at_exit() {
     assert!(sock.exists(), "API socket missing after -r");
     assert_reply(&sock, LIST, r#"{"entries":[]}"#);
     u.close_exit_fd();
-    let st = u.wait_exit(Duration::from_secs(5));
+    let st = u.wait_exit(IO_TIMEOUT);
     assert!(
         st.is_some(),
-        "usernet did not exit within 5 s of the exit fd closing"
+        "usernet did not exit within {IO_TIMEOUT:?} of the exit fd closing"
     );
     assert!(
         fs::symlink_metadata(&sock).is_err(),
@@ -891,8 +890,7 @@ fn api_abuse_does_not_stall_the_data_plane() {
     );
 
     // The API still answers while those are held: at its limit of 64, each new client
-    // closes the one that has waited longest.
-    let t1 = Instant::now();
+    // closes the one that has waited longest. (API_TIMEOUT bounds the wait for the reply.)
     let v = api(&sock, LIST);
     assert_eq!(
         v.get("entries")
@@ -900,17 +898,12 @@ fn api_abuse_does_not_stall_the_data_plane() {
         Some(true),
         "list_hostfwd while abused: {v:?}"
     );
-    assert!(
-        t1.elapsed() < Duration::from_secs(5),
-        "API answer took {:.2?}",
-        t1.elapsed()
-    );
     eprintln!("flooder: {}", flooder.join().expect("flooder"));
     eprintln!("slow client: {}", slow.join().expect("slow client"));
     drop(held);
     u.assert_running();
     // Every abusive connection is gone from usernet once the clients are.
-    wait_fds(&u, base, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    wait_fds(&u, base, IO_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(add(&sock, "udp", "0.0.0.0", 18082, 53), 3);
 }
 
@@ -932,18 +925,23 @@ fn api_client_over_the_limit_closes_the_one_waiting_longest() {
         Ok(""),
         "the longest-waiting client is closed without a reply"
     );
-    // The second is still being served.
+    // The second is still being served. It must send within usernet's CLIENT_TIMEOUT (5 s)
+    // of being accepted, or usernet closes it without a reply: inherent in the timeout.
+    let timeout = "usernet closes a client with no complete request 5 s after accepting it: \
+                   did this test take longer to get here?";
     second
         .write_all(LIST.as_bytes())
-        .expect("second client writes");
-    second.shutdown(Shutdown::Write).expect("half-close");
+        .unwrap_or_else(|e| panic!("second client writes: {e} ({timeout})"));
+    second
+        .shutdown(Shutdown::Write)
+        .unwrap_or_else(|e| panic!("second client half-closes: {e} ({timeout})"));
     let raw = read_reply(&mut second).unwrap_or_else(|e| panic!("second client: {e}"));
     assert!(
         raw.contains("\"entries\""),
-        "second client's reply: {raw:?}"
+        "second client's reply: {raw:?} (an empty one: {timeout})"
     );
     // The log line reaches us through a pipe read by another thread.
-    let said = wait_for(Duration::from_secs(5), || {
+    let said = wait_for(IO_TIMEOUT, || {
         u.stderr()
             .contains("more than 2 clients, closing the one waiting longest")
             .then_some(())
