@@ -915,11 +915,12 @@ fn get_stats_shape_and_counters_move() {
         }
     }
     if which("ping").is_some() {
+        // -w: until two replies are in (a late one is not counted lost), 30 s at most.
         let before = get_stats(&api);
         let f = t.run_in_container(
             "ping",
-            &["-c", "2", "-W", "2", "10.0.2.2"],
-            Duration::from_secs(10),
+            &["-c", "2", "-w", "30", "10.0.2.2"],
+            Duration::from_secs(60),
         );
         f.assert_success();
         let after = get_stats(&api);
@@ -934,7 +935,7 @@ fn get_stats_shape_and_counters_move() {
     let api_s = api.to_str().expect("utf-8");
     let mut cmd = std::process::Command::new(&bin);
     cmd.args(["stats", "-a", api_s, "--json"]);
-    let f = run_with_timeout(cmd, Duration::from_secs(10));
+    let f = run_with_timeout(cmd, IO_TIMEOUT);
     f.assert_success();
     let js = usernet_stats_from(f.stdout.trim()).unwrap_or_else(|e| panic!("stats --json: {e}"));
     assert_eq!(
@@ -945,7 +946,7 @@ fn get_stats_shape_and_counters_move() {
     assert_eq!(js.get("limits.udp_flows"), 50);
     let mut cmd = std::process::Command::new(&bin);
     cmd.args(["stats", "-a", api_s]);
-    let f = run_with_timeout(cmd, Duration::from_secs(10));
+    let f = run_with_timeout(cmd, IO_TIMEOUT);
     f.assert_success();
     let mut text_keys = Vec::new();
     for line in f.stdout.lines() {
@@ -969,7 +970,7 @@ fn get_stats_shape_and_counters_move() {
     // `usernet stats --explain`: the same figures, each followed by what it counts.
     let mut cmd = std::process::Command::new(&bin);
     cmd.args(["stats", "-a", api_s, "--explain"]);
-    let f = run_with_timeout(cmd, Duration::from_secs(10));
+    let f = run_with_timeout(cmd, IO_TIMEOUT);
     f.assert_success();
     let mut explained = Vec::new();
     for line in f.stdout.lines() {
@@ -1008,7 +1009,7 @@ fn get_stats_shape_and_counters_move() {
     }
     let mut cmd = std::process::Command::new(&bin);
     cmd.args(["stats", "-a", api_s, "--explain", "--json"]);
-    let f = run_with_timeout(cmd, Duration::from_secs(10));
+    let f = run_with_timeout(cmd, IO_TIMEOUT);
     assert!(!f.success(), "--explain with --json is refused:\n{f}");
     u.assert_running();
 }
