@@ -65,14 +65,12 @@ fn start(t: &Topology, extra: &[&str]) -> Usernet {
     UsernetCmd::new(t).args(["-c"]).args(extra).start()
 }
 
-/// One API exchange (request, `\n`, half-close, reply to EOF), bounded by 10 s.
+/// One API exchange (request, `\n`, half-close, reply to EOF), bounded by [`IO_TIMEOUT`].
 fn api_raw(path: &Path, req: &str) -> String {
     let mut s = UnixStream::connect(path)
         .unwrap_or_else(|e| panic!("connect API socket {}: {e}", path.display()));
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.set_write_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
     s.write_all(format!("{req}\n").as_bytes())
         .expect("write request");
     s.shutdown(Shutdown::Write).expect("half-close");
@@ -457,8 +455,8 @@ fn tcp_published_http_with_curl_from_the_world() {
     let _u = start(&t, &["-p", &p]);
     for url in ["http://198.51.100.1:8080/", "http://198.51.100.3:8080/"] {
         let f = run_with_timeout(
-            t.exec_in(&t.world, "curl", &["-sS", "--max-time", "10", url]),
-            Duration::from_secs(20),
+            t.exec_in(&t.world, "curl", &["-sS", "--max-time", "30", url]),
+            Duration::from_secs(60),
         );
         assert!(f.success(), "curl {url}:\n{f}");
         assert_eq!(f.stdout, "hello from the container\n", "curl {url}:\n{f}");
@@ -467,9 +465,9 @@ fn tcp_published_http_with_curl_from_the_world() {
         t.exec_in(
             &t.host,
             "curl",
-            &["-sS", "--max-time", "10", "http://127.0.0.1:8080/"],
+            &["-sS", "--max-time", "30", "http://127.0.0.1:8080/"],
         ),
-        Duration::from_secs(20),
+        Duration::from_secs(60),
     );
     assert!(
         f.success() && f.stdout == "hello from the container\n",
@@ -1015,7 +1013,7 @@ fn publish_in_run_mode() {
         return;
     }
     let sock = t.tmp.join("run-api.sock");
-    let script = "timeout 30 socat TCP-LISTEN:7000,reuseaddr \
+    let script = "timeout 90 socat TCP-LISTEN:7000,reuseaddr \
                   'SYSTEM:echo hello-from-run $SOCAT_PEERADDR $SOCAT_PEERPORT'";
     let mut u = UsernetCmd::new(&t)
         .target([
@@ -1031,7 +1029,7 @@ fn publish_in_run_mode() {
         ])
         .spawn();
     // The socket appears, and lists the flag's rule.
-    let ok = wait_for(Duration::from_secs(15), || sock.exists().then_some(()));
+    let ok = wait_for(IO_TIMEOUT, || sock.exists().then_some(()));
     assert!(ok.is_some(), "run mode: API socket never appeared");
     let list = api_raw(&sock, r#"{"execute":"list_hostfwd"}"#);
     assert!(
@@ -1040,7 +1038,7 @@ fn publish_in_run_mode() {
     );
     // Retry until socat listens inside (a connection before that is reset or closed).
     let got = t.in_world(|| {
-        wait_for(Duration::from_secs(15), || {
+        wait_for(IO_TIMEOUT, || {
             let mut s = connect(host(8080)).ok()?;
             let local = s.local_addr().ok()?;
             let mut text = String::new();
@@ -1064,7 +1062,7 @@ fn publish_in_run_mode() {
         ],
         "the command saw its client as {text:?}, the client is {local}"
     );
-    let st = u.wait_exit(Duration::from_secs(20));
+    let st = u.wait_exit(IO_TIMEOUT);
     assert!(
         st.map(|s| s.success()) == Some(true),
         "run mode exit: {st:?}\n{}",
@@ -1239,7 +1237,7 @@ fn teardown_container_server_exits_mid_transfer() {
     let pid = server.pid();
     t.in_world(|| {
         // Retry until socat listens.
-        let mut s = wait_for(Duration::from_secs(10), || {
+        let mut s = wait_for(IO_TIMEOUT, || {
             let mut s = connect(host(8081)).ok()?;
             let mut b = [0u8; 1];
             s.read_exact(&mut b).ok()?;
