@@ -323,11 +323,22 @@ fn cmdline(cmd: &Command) -> String {
 pub struct Captured {
     buf: Arc<Mutex<Vec<u8>>>,
     done: Arc<AtomicBool>,
+    /// The pipe's inode, to find the processes that still hold it.
+    inode: u64,
 }
 
+/// How long [`Captured::text_at_eof`] waits for the end of a pipe that no other process
+/// holds: only the capture thread has yet to run, which a busy machine may delay.
+pub const EOF_GUARD: Duration = Duration::from_secs(30);
+
 impl Captured {
-    fn start(mut r: impl Read + Send + 'static) -> Self {
-        let c = Captured::default();
+    fn start(mut r: impl Read + AsRawFd + Send + 'static) -> Self {
+        let inode = fs::metadata(format!("/proc/self/fd/{}", r.as_raw_fd()))
+            .map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
+        let c = Captured {
+            inode,
+            ..Captured::default()
+        };
         let c2 = c.clone();
         thread::Builder::new()
             .name("capture".into())
@@ -352,6 +363,57 @@ impl Captured {
             thread::sleep(Duration::from_millis(5));
         }
         self.text()
+    }
+
+    /// The whole text once the writer has gone: waits for EOF up to [`EOF_GUARD`] while no
+    /// other process holds the pipe's write end (the writer exited; the capture thread has
+    /// yet to read the rest), but only up to `held` while one does (a daemon the writer
+    /// left behind may keep it open for good).
+    pub fn text_at_eof(&self, held: Duration) -> String {
+        let start = Instant::now();
+        // Once no process holds the write end, none can again: no more looking then.
+        let mut alone = false;
+        let mut next_look = start;
+        let mut held_since = None::<Instant>;
+        while !self.done.load(Ordering::SeqCst) && start.elapsed() < EOF_GUARD {
+            if !alone && Instant::now() >= next_look {
+                if self.writer_elsewhere() {
+                    let since = *held_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= held {
+                        break;
+                    }
+                    next_look = Instant::now() + Duration::from_millis(100);
+                } else {
+                    alone = true;
+                }
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.text()
+    }
+
+    /// True if some process holds the pipe's write end (`/proc/PID/fd`, `fdinfo`).
+    fn writer_elsewhere(&self) -> bool {
+        let want = format!("pipe:[{}]", self.inode);
+        let Ok(procs) = fs::read_dir("/proc") else {
+            return false;
+        };
+        let write_only = |fdinfo: PathBuf| {
+            let text = fs::read_to_string(fdinfo).unwrap_or_default();
+            let flags = text.lines().find_map(|l| l.strip_prefix("flags:"));
+            flags
+                .and_then(|f| i32::from_str_radix(f.trim(), 8).ok())
+                .is_some_and(|f| f & libc::O_ACCMODE == libc::O_WRONLY)
+        };
+        procs.flatten().any(|p| {
+            let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+                return false;
+            };
+            fds.flatten().any(|fd| {
+                fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str())
+                    && write_only(p.path().join("fdinfo").join(fd.file_name()))
+            })
+        })
     }
 
     /// What has been captured so far.
@@ -446,10 +508,12 @@ pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> Finished {
         thread::sleep(Duration::from_millis(5));
     };
     let elapsed = start.elapsed();
+    // All of the output, unless a process it left behind holds a pipe: then what came
+    // within a second.
     Finished {
         status,
-        stdout: out.text_after(Duration::from_secs(1)),
-        stderr: err.text_after(Duration::from_secs(1)),
+        stdout: out.text_at_eof(Duration::from_secs(1)),
+        stderr: err.text_at_eof(Duration::from_secs(1)),
         elapsed,
         cmdline: line,
     }
@@ -2786,6 +2850,18 @@ impl Usernet {
     /// usernet's stderr so far.
     pub fn stderr(&self) -> String {
         self.err.text()
+    }
+
+    /// usernet's whole stderr, once it has exited ([`wait_exit`](Self::wait_exit)): waits
+    /// for the capture to reach the end of the pipe (see [`Captured::text_at_eof`]; what
+    /// came within a second if a process usernet left behind still holds it).
+    pub fn stderr_at_exit(&self) -> String {
+        self.err.text_at_eof(Duration::from_secs(1))
+    }
+
+    /// [`stderr_at_exit`](Self::stderr_at_exit) for stdout.
+    pub fn stdout_at_exit(&self) -> String {
+        self.out.text_at_eof(Duration::from_secs(1))
     }
 
     /// usernet's stdout so far.
