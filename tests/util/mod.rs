@@ -1377,7 +1377,7 @@ pub fn concurrent_echo_with(addr: SocketAddrV4, n: usize, each: usize, while_ope
     );
 }
 
-/// Asserts that a TCP connect to `addr` fails with ECONNREFUSED within 5 s.
+/// Asserts that a TCP connect to `addr` fails with ECONNREFUSED.
 #[track_caller]
 pub fn assert_refused(addr: SocketAddrV4) {
     assert_refused_at(addr.into());
@@ -1394,7 +1394,8 @@ fn assert_refused_at(addr: SocketAddr) {
     assert_connect_fails(addr, &[libc::ECONNREFUSED], "ECONNREFUSED");
 }
 
-/// Asserts that a TCP connect to `addr` fails within 5 s (not a timeout) with one of `errnos`.
+/// Asserts that a TCP connect to `addr` fails with one of `errnos`: an answer, not a timeout
+/// (a connect that timed out carries no such errno), however long a busy machine took.
 #[track_caller]
 fn assert_connect_fails(addr: SocketAddr, errnos: &[i32], expected: &str) {
     let t0 = Instant::now();
@@ -1406,15 +1407,10 @@ fn assert_connect_fails(addr: SocketAddr, errnos: &[i32], expected: &str) {
             t0.elapsed()
         ),
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "{expected} took {:.2?}",
-        t0.elapsed()
-    );
 }
 
-/// Asserts that a TCP connect to `addr` fails fast (< 5 s, not a timeout) with EHOSTUNREACH or
-/// ENETUNREACH.
+/// Asserts that a TCP connect to `addr` fails with EHOSTUNREACH or ENETUNREACH (an answer,
+/// not a timeout).
 #[track_caller]
 pub fn assert_unreachable(addr: SocketAddrV4) {
     assert_unreachable_at(addr.into());
@@ -1435,8 +1431,8 @@ fn assert_unreachable_at(addr: SocketAddr) {
     );
 }
 
-/// Asserts that a TCP connect to `addr` fails fast with ENETUNREACH ("Network is
-/// unreachable": an ICMP/ICMPv6 network unreachable came back).
+/// Asserts that a TCP connect to `addr` fails with ENETUNREACH ("Network is unreachable":
+/// an ICMP/ICMPv6 network unreachable came back, not a timeout).
 #[track_caller]
 pub fn assert_net_unreachable(addr: SocketAddr) {
     assert_connect_fails(addr, &[libc::ENETUNREACH], "ENETUNREACH");
