@@ -1497,7 +1497,8 @@ fn udp_socket_at(bind: SocketAddr) -> UdpSocket {
 /// A UDP server in a namespace that behaves like `socat UDP-LISTEN`: it `connect()`s to the
 /// sender of its first datagram, so a later datagram of that client that arrives from another
 /// address or port is not delivered (the kernel answers "port unreachable"). It keeps what it
-/// gets until it has `want` datagrams or none came for 3 s.
+/// gets until it has `want` datagrams, or none came for [`IO_TIMEOUT`] (the first: twice
+/// that from `start`, which may come well before the client's set-up).
 pub struct ConnectedUdpServer {
     pub addr: SocketAddr,
     thread: Option<std::thread::JoinHandle<FirstPeerAndDatagrams>>,
@@ -1514,14 +1515,13 @@ impl ConnectedUdpServer {
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             let mut got = Vec::new();
-            sock.set_read_timeout(Some(Duration::from_secs(10)))
-                .unwrap();
+            sock.set_read_timeout(Some(2 * IO_TIMEOUT)).unwrap();
             let Ok((n, peer)) = sock.recv_from(&mut buf) else {
                 return (None, got);
             };
             got.push(buf[..n].to_vec());
             sock.connect(peer).expect("connect to the first peer");
-            sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
             while got.len() < want {
                 match sock.recv(&mut buf) {
                     Ok(n) => got.push(buf[..n].to_vec()),
