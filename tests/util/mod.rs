@@ -1660,8 +1660,9 @@ pub fn udp_stopped_burst(
     let mut buf = vec![0u8; 65536];
     // One datagram through first: the container has resolved the gateway (ARP, NDP) and
     // usernet has the flow, so the burst waits in the TAP queue, not in a neighbour queue.
-    rx.set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
+    // Sent once (a copy sent again could arrive amid the burst): the neighbour queue keeps it
+    // while the address is resolved, however slowly.
+    rx.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     sock.send_to(b"warm-up", dst)
         .expect("send the warm-up datagram");
     let n = rx.recv(&mut buf).expect("the warm-up datagram");
@@ -1674,7 +1675,7 @@ pub fn udp_stopped_burst(
     }
     nix::sys::signal::kill(pid, Signal::SIGCONT).expect("SIGCONT usernet");
     let mut got = Vec::new();
-    let end = Instant::now() + Duration::from_secs(10);
+    let end = Instant::now() + IO_TIMEOUT;
     rx.set_read_timeout(Some(Duration::from_millis(500)))
         .expect("timeout");
     while got.len() < sizes.len() && Instant::now() < end {
