@@ -96,7 +96,13 @@ fn harness_kernel_veth_stand_in_carries_every_test_flow() {
             let r = dns_udp_exchange(server, &dns_query(3, "nosuch.test", QTYPE_A)).unwrap();
             assert_eq!(parse_dns(&r).unwrap().rcode, RCODE_NXDOMAIN);
         });
-        assert_eq!(dns.udp_queries.load(Ordering::SeqCst), 2);
+        // Two exchanges over UDP (either may have been sent again: more than two queries
+        // then), one over TCP.
+        let udp_queries = dns.udp_queries.load(Ordering::SeqCst);
+        assert!(
+            udp_queries >= 2,
+            "{udp_queries} UDP queries for two exchanges"
+        );
         assert_eq!(dns.tcp_queries.load(Ordering::SeqCst), 1);
 
         // External tools in C, and resolv.conf as usernet will see it in H.

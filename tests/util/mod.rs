@@ -2393,7 +2393,13 @@ pub fn dig(t: &Topology, args: &[&str]) -> Finished {
     t.run_in_container("dig", args, Duration::from_secs(20))
 }
 
-/// One DNS query over UDP to `server`; `None` if no answer within 3 s (two tries).
+/// How long [`dns_udp_exchange`] waits for its answer in all.
+pub const DNS_UDP_WAIT: Duration = Duration::from_secs(20);
+
+/// One DNS query over UDP to `server`, sent again every 2 s (as a stub resolver would) with
+/// the same ID; the first answer with that ID from `server` is returned, `None` if none came
+/// within [`DNS_UDP_WAIT`]. Each exchange has its own socket: a late answer to an earlier
+/// exchange never reaches it.
 pub fn dns_udp_exchange(server: SocketAddrV4, query: &[u8]) -> Option<Vec<u8>> {
     dns_udp_exchange_at(server.into(), query)
 }
@@ -2408,12 +2414,20 @@ fn dns_udp_exchange_at(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
         SocketAddr::V4(_) => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
     };
-    s.set_read_timeout(Some(Duration::from_millis(1500)))
-        .expect("timeout");
     let mut buf = [0u8; 4096];
-    for _ in 0..2 {
+    let end = Instant::now() + DNS_UDP_WAIT;
+    while Instant::now() < end {
         s.send_to(query, server).ok()?;
-        while let Ok((n, from)) = s.recv_from(&mut buf) {
+        let resend = (Instant::now() + Duration::from_secs(2)).min(end);
+        loop {
+            let left = resend.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s.set_read_timeout(Some(left)).expect("timeout");
+            let Ok((n, from)) = s.recv_from(&mut buf) else {
+                break;
+            };
             if (from.ip(), from.port()) == (server.ip(), server.port())
                 && buf[..n].get(..2) == query.get(..2)
             {
@@ -2436,7 +2450,6 @@ pub fn dns_tcp_exchange6(server: SocketAddrV6, query: &[u8]) -> io::Result<Vec<u
 
 fn dns_tcp_exchange_at(server: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
     let mut s = connect_at(server)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut out = (query.len() as u16).to_be_bytes().to_vec();
     out.extend_from_slice(query);
     s.write_all(&out)?;
