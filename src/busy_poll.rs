@@ -284,6 +284,8 @@ mod tests {
         assert_eq!(b.window(), Duration::ZERO);
     }
 
+    /// The event is there before the wait: the first non-blocking poll of the spin takes
+    /// it, whenever this thread runs (asserted on the counters, not on the time).
     #[test]
     fn a_spin_that_catches_an_event_returns_it() {
         let mut poll = Poll::new().unwrap();
@@ -292,21 +294,20 @@ mod tests {
         poll.registry()
             .register(&mut a, mio::Token(7), mio::Interest::READABLE)
             .unwrap();
-        let mut bp = BusyPoll::new(Duration::from_millis(100));
+        let mut bp = BusyPoll::new(Duration::from_secs(10));
         bp.learn(Duration::ZERO);
-        let writer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(5));
-            use std::io::Write;
-            (&b).write_all(b"x").unwrap();
-            b
-        });
-        let start = Instant::now();
-        bp.wait(&mut poll, &mut events, Some(Duration::from_secs(5)), true)
+        use std::io::Write;
+        (&b).write_all(b"x").unwrap();
+        bp.wait(&mut poll, &mut events, Some(Duration::from_secs(60)), true)
             .unwrap();
-        assert!(start.elapsed() < Duration::from_millis(100));
         assert_eq!(events.iter().next().map(|e| e.token()), Some(mio::Token(7)));
-        assert_eq!(bp.window(), Duration::from_millis(100), "window kept");
-        drop(writer.join());
+        let st = bp.stats();
+        assert_eq!(
+            (st.spin_polls, st.spun_wakeups, st.sleeps),
+            (1, 1, 0),
+            "one spin poll took the event, no sleep"
+        );
+        assert_eq!(bp.window(), Duration::from_secs(10), "window kept");
     }
 
     #[test]
@@ -320,8 +321,9 @@ mod tests {
             .unwrap();
         let took = start.elapsed();
         assert!(events.is_empty());
+        // At the timer, not at the 10 s window; the bound is far from both.
         assert!(
-            took >= Duration::from_millis(2) && took < Duration::from_secs(1),
+            took >= Duration::from_millis(2) && took < Duration::from_secs(5),
             "{took:?}"
         );
     }
