@@ -364,4 +364,58 @@ mod tests {
         );
         assert_eq!(bp.window(), Duration::from_secs(10), "window kept");
     }
+
+    /// The sporadic traffic of tests/options.rs on a scripted timeline: an event every
+    /// 2 ms against a 1 ms window. A wait spins for its whole window in vain (the event
+    /// comes later), sleeps, and learns the whole wait: after a short gap opened the window,
+    /// it spins for at most twice the window in all, where a fixed spin would take half of
+    /// every gap. A gap shorter than the window (the scheduler bunched two events) opens it
+    /// again, at the same cost.
+    #[test]
+    fn sporadic_events_cost_two_windows_of_spinning_per_short_gap() {
+        let max = Duration::from_millis(1);
+        let mut b = BusyPoll::new(max);
+        let mut spun = Duration::ZERO;
+        let mut short_gaps = 0u32;
+        for i in 0..500u32 {
+            spun += b.window();
+            // Every 50th gap 0.3 ms; the others 2 to 4.5 ms.
+            let gap = if i % 50 == 0 {
+                short_gaps += 1;
+                Duration::from_micros(300)
+            } else {
+                Duration::from_micros(2000 + u64::from(i % 6) * 500)
+            };
+            if gap <= b.window() {
+                // The spin caught the event: a wake-up saved, the window kept.
+                continue;
+            }
+            b.learn(gap);
+        }
+        assert!(
+            spun <= 2 * max * short_gaps,
+            "spun {spun:?} over 500 gaps, {short_gaps} of them short"
+        );
+        assert_eq!(b.window(), Duration::ZERO, "the last gaps were long");
+    }
+
+    /// The stream of tests/options.rs on a scripted timeline: bursts of 40 frames of 1442
+    /// bytes (1400-byte datagrams), 5 µs apart, one burst every 1 to 3 ms (the sender
+    /// sleeps 1 ms between them, longer on a busy machine). From the 23rd frame of every
+    /// burst (32 KiB) on, the meter says bulk, so the wait that follows a burst, which
+    /// lasts until the next one, is never spun.
+    #[test]
+    fn bursts_of_a_stream_are_bulk_by_their_end() {
+        let t0 = Instant::now();
+        let mut m = BulkMeter::new(t0);
+        let (mut at, mut total) = (t0, 0u64);
+        for burst in 0..200u32 {
+            at += Duration::from_micros(1000 + u64::from(burst % 5) * 500);
+            for frame in 0..40u32 {
+                total += 1442;
+                let bulk = m.is_bulk(at + Duration::from_micros(5) * frame, total);
+                assert!(bulk || frame < 22, "burst {burst}, frame {frame}: not bulk");
+            }
+        }
+    }
 }

@@ -324,10 +324,12 @@ fn busy_poll_serves_a_ping_pong_without_sleeping() {
     );
 }
 
-/// Sporadic traffic closes the window: datagrams 2 ms apart (longer than the 1 ms window)
-/// cost usernet no spinning, where a fixed 1 ms spin would burn half a CPU.
+/// Sporadic traffic, datagrams 2 ms apart (longer than the 1 ms window), all arrive. How
+/// little usernet spins on them is the unit tests' business (`src/busy_poll.rs`, on a
+/// scripted timeline): here a busy machine decides the gaps usernet sees. Asserted: the
+/// loop's counters are consistent with the time that passed.
 #[test]
-fn busy_poll_does_not_spin_on_sporadic_traffic() {
+fn busy_poll_with_sporadic_traffic() {
     let Some(t) = Topology::new() else { return };
     let sink = t.in_host(|| {
         let s = std::net::UdpSocket::bind(any(Ipv4Addr::LOCALHOST)).expect("bind sink");
@@ -354,30 +356,42 @@ fn busy_poll_does_not_spin_on_sporadic_traffic() {
             api.to_str().expect("utf-8 path"),
         ])
         .start();
-    let (spun, wall) = t.in_container(|| {
+    let (before, after, wall) = t.in_container(|| {
         let s = udp_socket(any(Ipv4Addr::UNSPECIFIED));
-        let before = get_stats(&api);
         let t0 = Instant::now();
+        let before = get_stats(&api);
         for i in 0..count {
             s.send_to(&i.to_be_bytes(), dst).unwrap();
             std::thread::sleep(Duration::from_millis(2));
         }
-        let spun = get_stats(&api).delta(&before, "loop.spin_us");
-        (Duration::from_micros(spun), t0.elapsed())
+        (before, get_stats(&api), t0.elapsed())
     });
     assert_eq!(reader.join().unwrap(), count, "datagrams delivered");
-    assert!(
-        spun < wall / 5,
-        "usernet spun for {spun:?} in {wall:?} of sporadic traffic: the window did not close"
-    );
+    assert_loop_counters_consistent(&before, &after, wall);
 }
 
+/// The `loop` counters between two `get_stats` replies taken `wall` apart: every wake-up
+/// saved was a spin poll, and the spins, one after another between the two replies, took
+/// no longer than `wall` in all.
+#[track_caller]
+fn assert_loop_counters_consistent(before: &UsernetStats, after: &UsernetStats, wall: Duration) {
+    let spin_polls = after.delta(before, "loop.spin_polls");
+    let spun = after.delta(before, "loop.spun_wakeups");
+    let spin = Duration::from_micros(after.delta(before, "loop.spin_us"));
+    eprintln!("{spin_polls} spin polls, {spun} wake-ups saved, {spin:?} spun in {wall:?}");
+    assert!(
+        spun <= spin_polls,
+        "{spun} wake-ups saved by {spin_polls} spin polls"
+    );
+    assert!(spin <= wall, "usernet spun for {spin:?} in {wall:?}");
+}
+
+/// Bursts of 40 datagrams of 1400 bytes every millisecond (450 Mbit/s) towards the
+/// container through a 10 ms window: they all arrive, less what a busy machine drops. That
+/// a stream is not spun for is the unit tests' business (`src/busy_poll.rs`, `BulkMeter`
+/// on a scripted timeline); here the counters are consistent with the time that passed.
 #[test]
-fn busy_poll_does_not_spin_on_a_stream() {
-    // Bursts of 40 datagrams of 1400 bytes every millisecond (450 Mbit/s) towards the
-    // container: with a 10 ms window every gap would be spun through; a stream must not be.
-    // Asserted on usernet's own spin time (`loop.spin_us`), not its CPU time, and with
-    // loss allowed: how much of a UDP stream a busy machine drops is the scheduler's doing.
+fn busy_poll_with_a_stream() {
     let Some(t) = Topology::new() else { return };
     let api = t.tmp.join("api.sock");
     let _u = UsernetCmd::new(&t)
@@ -409,23 +423,20 @@ fn busy_poll_does_not_spin_on_a_stream() {
         got
     });
     let data = [0x5au8; 1400];
-    let before = get_stats(&api);
     let t0 = Instant::now();
+    let before = get_stats(&api);
     for _ in 0..bursts {
         for _ in 0..per_burst {
             source.send_to(&data, peer).unwrap();
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    let after = get_stats(&api);
     let wall = t0.elapsed();
-    let spun = Duration::from_micros(get_stats(&api).delta(&before, "loop.spin_us"));
     let got = reader.join().unwrap();
-    eprintln!("usernet spun for {spun:?} in {wall:?}; {got} datagrams arrived");
+    eprintln!("{got} datagrams arrived");
     assert!(got >= per_burst, "only {got} datagrams delivered");
-    assert!(
-        spun < wall / 10,
-        "usernet spun for {spun:?} in {wall:?} of a 450 Mbit/s stream: it spun between bursts"
-    );
+    assert_loop_counters_consistent(&before, &after, wall);
 }
 
 /// `tcpdump -r FILE -n` output, or a failure naming it.
