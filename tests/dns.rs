@@ -134,9 +134,8 @@ fn dig_example(t: &Topology, extra: &[&str]) -> Finished {
 }
 
 /// The host's first nameserver takes queries and never answers: usernet asks the next
-/// one after 1 s (as glibc would, had the container seen the list), so `dig` and `getent`
-/// get their answer well within their own 5 s timeout, and later flows start with the
-/// server that works.
+/// one after 1 s (as glibc would, had the container seen the list), so `dig` gets its
+/// answer within its one try, and later flows start with the server that works.
 #[test]
 fn dns_fails_over_from_a_silent_first_nameserver() {
     let Some(t) = Topology::new() else { return };
@@ -146,34 +145,27 @@ fn dns_fails_over_from_a_silent_first_nameserver() {
     let sink = silent_nameserver(&t, std::net::Ipv4Addr::new(127, 0, 0, 9));
     let dns = DnsServer::start(&t);
     t.set_host_resolv_conf("nameserver 127.0.0.9\nnameserver 127.0.0.1\n");
-    t.set_container_resolv_conf(&format!("nameserver {DNS}\n"));
+    t.set_container_resolv_conf(&format!("nameserver {DNS}\noptions timeout:15\n"));
     let _u = UsernetCmd::new(&t).args(["-c"]).start();
-    let f = dig_example(&t, &["+short"]);
+    // An answer within dig's single try proves usernet failed over: only the second
+    // server answers.
+    let f = dig_example(&t, &["+short", "+time=15"]);
     assert_eq!(f.assert_success().stdout.trim(), "203.0.113.1", "{f}");
-    assert!(
-        f.elapsed < Duration::from_millis(2500),
-        "dig took {:.2?}:\n{f}",
-        f.elapsed
-    );
     assert!(
         queued(&sink) >= 1,
         "the silent nameserver was not asked first"
     );
     assert!(dns.udp_queries.load(Ordering::SeqCst) >= 1);
-    // The silent server went to the end of the list: the next lookups are quick.
+    // The silent server went to the end of the list: the next lookups (new flows) start
+    // with the one that works, which answers, so the silent one is not asked again.
     let f = t.run_in_container("getent", &["hosts", DNS_NAME], Duration::from_secs(20));
     assert!(f.assert_success().stdout.contains("203.0.113.1"), "{f}");
-    assert!(
-        f.elapsed < Duration::from_millis(1000),
-        "getent took {:.2?}:\n{f}",
-        f.elapsed
-    );
-    let f = dig_example(&t, &["+short"]);
+    let f = dig_example(&t, &["+short", "+time=15"]);
     assert_eq!(f.assert_success().stdout.trim(), "203.0.113.1", "{f}");
-    assert!(
-        f.elapsed < Duration::from_millis(1000),
-        "dig took {:.2?}:\n{f}",
-        f.elapsed
+    assert_eq!(
+        queued(&sink),
+        0,
+        "the silent nameserver was asked again after the failover"
     );
 }
 
