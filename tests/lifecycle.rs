@@ -58,21 +58,37 @@ fn tap_helper_is_reaped_after_ready() {
     u.assert_running();
 }
 
+/// How long an exit may take: it includes the kernel's removal of usernet's TAP, under a
+/// lock that the namespace work of tests running beside it contends for.
+const EXIT_GUARD: Duration = Duration::from_secs(20);
+
+/// Asserts that usernet exited with status 0 and logged `why` (at `--log-level info`): the
+/// cause of the exit, whatever time a busy machine took for it.
+#[track_caller]
+fn assert_exited_0(u: &mut Usernet, after: &str, why: &str) {
+    let t0 = Instant::now();
+    let st = u
+        .wait_exit(EXIT_GUARD)
+        .unwrap_or_else(|| panic!("usernet still running {EXIT_GUARD:?} after {after}"));
+    let log = u.stderr_at_exit();
+    assert_eq!(st.code(), Some(0), "exit status after {after}: {st}\n{log}");
+    assert!(
+        log.contains(why),
+        "no {why:?} in the log after {after}:\n{log}"
+    );
+    eprintln!("exited {:.2?} after {after}", t0.elapsed());
+}
+
 #[test]
 fn exit_fd_closed_exits_0() {
     let Some(t) = Topology::new() else { return };
-    let mut u = UsernetCmd::new(&t).args(["-c"]).exit_fd().start();
+    let mut u = UsernetCmd::new(&t)
+        .args(["-c", "--log-level", "info"])
+        .exit_fd()
+        .start();
     u.assert_running();
-    let t0 = Instant::now();
     u.close_exit_fd();
-    let st = u.wait_exit(Duration::from_secs(3));
-    let st = st.unwrap_or_else(|| panic!("usernet still running 3 s after its exit fd closed"));
-    assert_eq!(
-        st.code(),
-        Some(0),
-        "exit status after the exit fd closed: {st}"
-    );
-    eprintln!("exited {:.2?} after the exit fd closed", t0.elapsed());
+    assert_exited_0(&mut u, "its exit fd closed", "exit fd closed: exiting");
 }
 
 #[test]
@@ -81,7 +97,7 @@ fn exit_fd_data_is_ignored() {
     let echo = TcpServer::echo(&t.world_ns(), any(WORLD));
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
     let mut u = UsernetCmd::new(&t)
-        .args(["-c", "-e", "5"])
+        .args(["-c", "--log-level", "info", "-e", "5"])
         .pass_fd(r, 5)
         .start();
     let mut w = fs::File::from(w);
@@ -91,45 +107,31 @@ fn exit_fd_data_is_ignored() {
     u.assert_running();
     t.in_container(|| echo_once(echo.addr, b"still forwarding"));
     drop(w);
-    let st = u
-        .wait_exit(Duration::from_secs(3))
-        .expect("usernet still running after exit fd closed");
-    assert_eq!(st.code(), Some(0), "{st}");
+    assert_exited_0(&mut u, "its exit fd closed", "exit fd closed: exiting");
 }
 
 #[test]
-fn sigterm_and_sigint_exit_0_promptly() {
+fn sigterm_and_sigint_exit_0() {
     for sig in [Signal::SIGTERM, Signal::SIGINT] {
         let Some(t) = Topology::new() else { return };
-        let mut u = UsernetCmd::new(&t).args(["-c"]).start();
-        let t0 = Instant::now();
+        let mut u = UsernetCmd::new(&t)
+            .args(["-c", "--log-level", "info"])
+            .start();
         u.signal(sig);
-        let st = u
-            .wait_exit(Duration::from_secs(2))
-            .unwrap_or_else(|| panic!("usernet still running 2 s after {sig}"));
-        assert_eq!(st.code(), Some(0), "exit status after {sig}: {st}");
-        eprintln!("{sig}: exited after {:.2?}", t0.elapsed());
+        assert_exited_0(&mut u, sig.as_str(), &format!("{sig}: exiting"));
     }
 }
 
+/// `ip netns del` of the target: usernet's watch on `/run/netns` sees the unlink and says
+/// so (no timer is involved: the log line proves the watch ended it).
 #[test]
-fn namespace_deleted_exits_0_within_1s() {
+fn namespace_deleted_exits_0() {
     let Some(t) = Topology::new() else { return };
-    let mut u = UsernetCmd::new(&t).args(["-c"]).start();
+    let mut u = UsernetCmd::new(&t)
+        .args(["-c", "--log-level", "info"])
+        .start();
     ip(&["netns", "del", &t.container]);
-    let t0 = Instant::now();
-    let st = u.wait_exit(Duration::from_secs(3));
-    let took = t0.elapsed();
-    let st = st.unwrap_or_else(|| panic!("usernet still running 3 s after `ip netns del`"));
-    assert_eq!(
-        st.code(),
-        Some(0),
-        "exit status after the namespace went away: {st}"
-    );
-    assert!(
-        took <= Duration::from_secs(1),
-        "usernet took {took:.2?} to notice (limit 1 s)"
-    );
+    assert_exited_0(&mut u, "`ip netns del`", "the namespace went away: exiting");
 }
 
 #[test]

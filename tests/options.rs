@@ -466,7 +466,7 @@ fn pcap_records_both_directions_readable_by_tcpdump() {
         .start();
     t.in_container(|| upload_to_sink(sink.addr, 0x9c, 64 << 10));
     u.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(u.wait_exit(Duration::from_secs(5)).is_some());
+    assert!(u.wait_exit(Duration::from_secs(20)).is_some());
     let text = tcpdump_read(&path);
     let to = "10.0.2.100.".to_owned();
     let world = format!("{WORLD}.{}", sink.addr.port());
