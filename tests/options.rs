@@ -23,17 +23,14 @@ fn disable_host_loopback_gateway_fails_fast_world_still_works() {
         .start();
     t.in_container(|| {
         let dst = SocketAddrV4::new(GATEWAY, local.addr.port());
-        let t0 = Instant::now();
         let r = TcpStream::connect_timeout(&dst.into(), CONNECT_TIMEOUT);
+        let Err(e) = r else {
+            panic!("connected to the host's loopback despite --disable-host-loopback")
+        };
+        // Fails fast: an answer carries an errno, connect_timeout's own time-out none.
         assert!(
-            r.is_err(),
-            "connected to the host's loopback despite --disable-host-loopback"
-        );
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "connect to {dst} took {:.2?} to fail ({:?}): must fail fast",
-            t0.elapsed(),
-            r.err()
+            e.raw_os_error().is_some(),
+            "connect to {dst}: {e}, expected an answer"
         );
         echo_once(world.addr, b"the world is still reachable");
     });
@@ -62,7 +59,7 @@ fn disable_host_loopback_gateway_is_network_unreachable_for_tcp_and_udp() {
             let err = udp_error_after_send(
                 SocketAddr::new(gw, udp.addr.port()),
                 b"to the host's loopback",
-                Duration::from_secs(3),
+                IO_TIMEOUT,
             );
             assert_eq!(
                 err,
@@ -74,8 +71,8 @@ fn disable_host_loopback_gateway_is_network_unreachable_for_tcp_and_udp() {
         });
         let p = t.run_in_container(
             "ping",
-            &["-n", "-c", "1", "-W", "3", &gw.to_string()],
-            Duration::from_secs(10),
+            &["-n", "-c", "1", "-W", "10", &gw.to_string()],
+            Duration::from_secs(20),
         );
         assert!(p.success(), "the gateway {gw} must still answer ping:\n{p}");
     }

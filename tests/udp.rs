@@ -209,10 +209,12 @@ fn udp_host_errors_reach_the_container_as_icmp_errors() {
         ((UNREACHABLE6, 9).into(), libc::ENETUNREACH),
         ((broadcast, 9).into(), libc::EHOSTUNREACH),
     ];
+    // Each case is an ICMP error, which the socket reports when it comes: the error itself,
+    // not its time, tells it from silence.
     for (dst, want) in cases {
         t.in_container(|| {
             let t0 = std::time::Instant::now();
-            let got = udp_error_after_send(dst, b"is anyone there?", Duration::from_secs(3));
+            let got = udp_error_after_send(dst, b"is anyone there?", IO_TIMEOUT);
             assert_eq!(
                 got,
                 Some(want),
@@ -221,18 +223,15 @@ fn udp_host_errors_reach_the_container_as_icmp_errors() {
                 got.map(std::io::Error::from_raw_os_error),
                 t0.elapsed()
             );
-            assert!(
-                t0.elapsed() < Duration::from_secs(1),
-                "{dst}: {:.2?}",
-                t0.elapsed()
-            );
         });
     }
 }
 
 /// The measured case: the host's only nameserver has no route. `getent hosts` of the
 /// guest's own address (a reverse lookup, as `python3 -m http.server` does before it
-/// listens) fails at once, where glibc would otherwise wait 2 x 5 s.
+/// listens) fails at once, where glibc would otherwise wait 2 x 5 s. Here glibc waits 30 s
+/// (its most) for an answer: failing within 20 s means usernet told it the nameserver is
+/// unreachable, however slow the machine.
 #[test]
 fn udp_unreachable_resolver_makes_reverse_lookup_fail_fast() {
     let Some(t) = Topology::new() else { return };
@@ -240,17 +239,19 @@ fn udp_unreachable_resolver_makes_reverse_lookup_fail_fast() {
         return;
     }
     t.set_host_resolv_conf(&format!("nameserver {}\n", Ipv4Addr::new(192, 0, 2, 53)));
-    t.set_container_resolv_conf(&format!("nameserver {DNS}\n"));
+    t.set_container_resolv_conf(&format!(
+        "nameserver {DNS}\noptions timeout:30 attempts:1\n"
+    ));
     let _u = UsernetCmd::new(&t).args(["-c"]).start();
     let f = t.run_in_container(
         "getent",
         &["hosts", &GUEST.to_string()],
-        Duration::from_secs(15),
+        Duration::from_secs(20),
+    );
+    assert!(
+        f.status.is_some(),
+        "getent still waited after 20 s: usernet did not tell it\n{f}"
     );
     assert!(!f.success(), "nothing can answer, yet:\n{f}");
-    assert!(
-        f.elapsed < Duration::from_secs(2),
-        "getent took {:.2?} to fail:\n{f}",
-        f.elapsed
-    );
+    eprintln!("getent failed after {:.2?}", f.elapsed);
 }
