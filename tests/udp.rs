@@ -5,6 +5,7 @@
 mod util;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -132,11 +133,10 @@ fn udp_burst_towards_the_container_waits_in_usernets_socket() {
     let u = UsernetCmd::new(&t).args(["-c"]).start();
     let server = t.in_host(|| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind"));
     let port = server.local_addr().expect("addr").port();
+    server.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     let client = t.in_container(|| udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)));
     setsockopt(&client, sockopt::RcvBuf, &(4 << 20)).expect("SO_RCVBUF");
-    client
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .expect("timeout");
+    client.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
     // The flow: the container speaks first, the host answers its source.
     client
         .send_to(b"hello", SocketAddrV4::new(GATEWAY, port))
@@ -145,6 +145,18 @@ fn udp_burst_towards_the_container_waits_in_usernets_socket() {
     let (_, peer) = server
         .recv_from(&mut buf)
         .expect("the container's datagram");
+    // Bytes of buffer that usernet's socket of the flow (`peer`, in H) holds now.
+    let queued = || -> Option<u64> {
+        let out = in_netns(&t.host_ns(), || {
+            Command::new("ss")
+                .args(["-uanH", "src", &peer.to_string()])
+                .output()
+        })
+        .expect("ss");
+        // State, Recv-Q, Send-Q, local and peer address.
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split_whitespace().nth(1)?.parse().ok()
+    };
 
     // As many datagrams as half of what usernet's socket may queue (1400-byte datagrams
     // take about 2.3 KiB of buffer each; the kernel caps the buffer at rmem_max and
@@ -155,14 +167,34 @@ fn udp_burst_towards_the_container_waits_in_usernets_socket() {
         .parse()
         .expect("rmem_max");
     let n = (2 * rmem_max.min(4 << 20) / 2 / 2400).clamp(50, 1500);
-    // Sent while usernet is stopped: all of them wait in its host socket.
+    // Sent while usernet is stopped: all of them wait in its host socket. In rounds of at
+    // most 50, each once the datagrams before it are in that socket (every one takes the
+    // buffer the first took): the kernel's backlog queue on the way (netdev_max_backlog,
+    // 1000 packets) never holds many, however late its softirq runs on a busy machine.
     let pid = Pid::from_raw(i32::try_from(u.pid).expect("pid"));
     kill(pid, Signal::SIGSTOP).expect("SIGSTOP usernet");
-    for i in 0..n {
+    let send = |i: usize| {
         server
             .send_to(&pattern(i as u64, LEN), peer)
             .unwrap_or_else(|e| panic!("send datagram {i}: {e}"));
+    };
+    send(0);
+    let each = wait_for(IO_TIMEOUT, || queued().filter(|&q| q > 0));
+    let each = each.expect("the first datagram never reached usernet's socket");
+    let mut sent = 1;
+    while sent < n {
+        let round = (n - sent).min(50);
+        (sent..sent + round).for_each(send);
+        sent += round;
+        let want = each * sent as u64;
+        let held = wait_for(IO_TIMEOUT, || queued().filter(|&q| q >= want));
+        assert!(
+            held.is_some(),
+            "usernet's socket holds {:?} bytes, not the {want} of {sent} datagrams",
+            queued()
+        );
     }
+    eprintln!("{n} datagrams in usernet's socket, {each} bytes of buffer each");
     kill(pid, Signal::SIGCONT).expect("SIGCONT usernet");
     let mut got = 0;
     while got < n {
