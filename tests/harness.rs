@@ -71,7 +71,7 @@ fn harness_kernel_veth_stand_in_carries_every_test_flow() {
             download_from_source(source.addr, 2, 8 << 20);
             echo_once(echo.addr, &pattern(3, 100_000));
             let sent = half_close_server_first(half.addr, 4, 1 << 20);
-            let rec = half.stats.wait_digests(1, Duration::from_secs(5));
+            let rec = half.stats.wait_digests(1, IO_TIMEOUT);
             assert_eq!(rec.len(), 1);
             assert_eq!(hex(&rec[0].1), hex(&sent));
             let sock = udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
@@ -108,8 +108,8 @@ fn harness_kernel_veth_stand_in_carries_every_test_flow() {
         // External tools in C, and resolv.conf as usernet will see it in H.
         t.run_in_container(
             "ping",
-            &["-c", "1", "-W", "2", "10.0.2.2"],
-            Duration::from_secs(10),
+            &["-c", "1", "-W", "10", "10.0.2.2"],
+            Duration::from_secs(20),
         )
         .assert_success();
         let url = format!("http://{}/", http.addr);

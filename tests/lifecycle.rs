@@ -388,7 +388,7 @@ fn inherited_descriptors_closed_at_start_but_exit_fd_kept() {
             let _ = tx.send(std::io::Read::read(&mut f, &mut buf).map_err(|e| e.to_string()));
         });
         assert_eq!(
-            rx.recv_timeout(Duration::from_secs(5)),
+            rx.recv_timeout(IO_TIMEOUT),
             Ok(Ok(0)),
             "the caller's pipe did not reach end of file"
         );

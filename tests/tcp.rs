@@ -115,7 +115,7 @@ fn tcp_half_close_server_first() {
     // The server shuts down its write side first; the client reads to EOF, then sends 4 MiB
     // on its still-open side.
     let sent = t.in_container(|| half_close_server_first(half.addr, 0xF2, 4 << 20));
-    let got = half.stats.wait_digests(1, Duration::from_secs(10));
+    let got = half.stats.wait_digests(1, IO_TIMEOUT);
     assert_eq!(got.len(), 1, "the server never saw the client's EOF");
     assert_eq!(
         got[0].2,
@@ -152,10 +152,10 @@ fn tcp_1000_concurrent_connections_all_freed() {
         echo.stats.errors.lock().unwrap()
     );
 
-    // Every flow must be freed: usernet's fd count returns to its baseline within seconds.
+    // Every flow must be freed: usernet's fd count returns to its baseline.
     let t0 = Instant::now();
     let mut last = 0;
-    let back = wait_for(Duration::from_secs(5), || {
+    let back = wait_for(Duration::from_secs(20), || {
         last = u.fd_count();
         (last <= baseline).then_some(())
     });
@@ -170,9 +170,11 @@ fn tcp_1000_concurrent_connections_all_freed() {
         "fds: baseline {baseline}, peak {peak}, back to {last} after {:.2?}",
         t0.elapsed()
     );
-    assert_eq!(
-        echo.stats.open.load(Ordering::SeqCst),
-        0,
-        "world connections still open"
+    // The server's handler threads end after the last close; each may still be on its way.
+    let open = || echo.stats.open.load(Ordering::SeqCst);
+    assert!(
+        wait_for(Duration::from_secs(20), || (open() == 0).then_some(())).is_some(),
+        "{} world connections still open",
+        open()
     );
 }
