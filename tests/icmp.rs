@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use util::*;
 
+/// `ping -c COUNT -W 10 DST` in C: it ends at the last reply, or 10 s after the last request
+/// went unanswered.
 fn ping(t: &Topology, dst: &str, count: &str) -> Finished {
     t.run_in_container(
         "ping",
-        &["-n", "-c", count, "-W", "1", dst],
-        Duration::from_secs(20),
+        &["-n", "-c", count, "-W", "10", dst],
+        Duration::from_secs(30),
     )
 }
 
