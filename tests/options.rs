@@ -408,6 +408,7 @@ fn busy_poll_with_a_stream() {
         ])
         .start();
     let source = t.in_host(|| std::net::UdpSocket::bind(any(Ipv4Addr::LOCALHOST)).expect("bind"));
+    source.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let port = source.local_addr().unwrap().port();
     let sink = t.in_container(|| udp_socket(any(Ipv4Addr::UNSPECIFIED)));
     sink.send_to(b"start", SocketAddrV4::new(GATEWAY, port))

@@ -13,6 +13,7 @@ mod util;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use util::*;
 
@@ -36,19 +37,29 @@ fn podman5_runs_usernet_as_its_pasta() {
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/podman5/pasta.sh");
     let prefix = format!("un{}p", std::process::id());
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg(&root)
-        .arg(usernet_bin())
-        .arg(&prefix)
-        .output()
-        .expect("run tests/podman5/pasta.sh");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&script).arg(&root).arg(usernet_bin()).arg(&prefix);
+    // A hang guard far above the script's run time (it waits for each step itself).
+    let f = run_with_timeout(cmd, Duration::from_secs(300));
+    if f.status.is_none() {
+        // Killed: its exit trap did not run. Its namespaces go, after what runs in them.
+        for ns in [format!("{prefix}H"), format!("{prefix}W")] {
+            let pids = Command::new("ip").args(["netns", "pids", &ns]).output();
+            let pids = pids.map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            for pid in pids.unwrap_or_default().split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+    }
+    println!("{}", f.stdout);
     assert!(
-        out.status.success() && stdout.contains("podman5 pasta: ok"),
-        "podman 5 with usernet as pasta failed ({}):\n{stdout}\n{stderr}",
-        out.status
+        f.success() && f.stdout.contains("podman5 pasta: ok"),
+        "podman 5 with usernet as pasta failed:\n{f}"
     );
 }

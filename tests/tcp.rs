@@ -57,12 +57,16 @@ fn tcp_urgent_byte_from_the_host_arrives_inline_with_the_rest() {
         .in_host(|| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
         .expect("bind in H");
     let port = listener.local_addr().expect("local_addr").port();
+    listener.set_nonblocking(true).expect("nonblocking");
     let u = UsernetCmd::new(&t).args(["-c"]).start();
     for fin in [true, false] {
         let mut client = t
             .in_container(|| connect(SocketAddrV4::new(GATEWAY, port)))
             .expect("connect to the gateway");
-        let (mut server, _) = listener.accept().expect("accept");
+        let (mut server, _) =
+            wait_for(IO_TIMEOUT, || listener.accept().ok()).expect("no connection to accept");
+        server.set_nonblocking(false).expect("blocking");
+        server.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
         assert_urgent_stream_relayed(&u, &t.host_ns(), &mut server, &mut client, fin);
     }
 }

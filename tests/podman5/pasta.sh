@@ -139,13 +139,14 @@ echo "--- a container serves a file through -p 8080:80"
 as_podman_user "$RUN -d --name usernet-srv -p 8080:80 localhost/usernet-bb httpd -f -vv -p 80 -h /srv >/dev/null"
 want_ctr="$(sha256sum <"$work/img/srv/ctr.bin" | cut -d' ' -f1)"
 got=""
-for _ in $(seq 50); do
+# Until the container's server answers: up to 30 s on a busy machine, done at the answer.
+for _ in $(seq 150); do
     got="$(ip netns exec "$H" curl -sS --max-time 5 http://127.0.0.1:8080/ctr.bin 2>/dev/null | sha256sum | cut -d' ' -f1)"
     [ "$got" = "$want_ctr" ] && break
     sleep 0.2
 done
 [ "$got" = "$want_ctr" ] || fail "host loopback client: published file differs or did not arrive"
-got="$(ip netns exec "$W" curl -sS --max-time 10 http://198.51.100.2:8080/ctr.bin | sha256sum | cut -d' ' -f1)"
+got="$(ip netns exec "$W" curl -sS --max-time 30 http://198.51.100.2:8080/ctr.bin | sha256sum | cut -d' ' -f1)"
 [ "$got" = "$want_ctr" ] || fail "world client: published file differs or did not arrive"
 logs="$(as_podman_user "$PODMAN logs usernet-srv 2>&1")"
 grep -q "198.51.100.1" <<<"$logs" || fail "the container's server did not see the world client's address: $logs"
@@ -154,7 +155,8 @@ echo "published port: both clients got the file; the server saw 198.51.100.1"
 n_running="$(pgrep -c -f /opt/usernet/usernet-pasta || true)"
 [ "$n_running" -ge 1 ] || fail "no usernet process serves the running container"
 as_podman_user "$PODMAN rm -f -t 1 usernet-srv >/dev/null"
-for _ in $(seq 50); do
+# usernet exits once it notices: up to 30 s on a busy machine, done when it is gone.
+for _ in $(seq 300); do
     pgrep -f /opt/usernet/usernet-pasta >/dev/null || break
     sleep 0.1
 done
