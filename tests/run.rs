@@ -59,13 +59,12 @@ fn assert_exit(u: &mut Usernet, within: Duration, code: i32) {
     assert_eq!(status.code(), Some(code), "{status}: {}", u.stderr());
 }
 
-/// The captured stdout shows `text` (the capture thread may lag behind the exit).
+/// The stdout of usernet, which has exited, shows `text` (read to its end: the capture
+/// thread may lag behind the exit).
 #[track_caller]
 fn assert_stdout(u: &Usernet, text: &str) {
-    let seen = wait_for(Duration::from_secs(2), || {
-        u.stdout().contains(text).then_some(())
-    });
-    assert!(seen.is_some(), "stdout lacks {text:?}: {}", u.stdout());
+    let out = u.stdout_at_exit();
+    assert!(out.contains(text), "stdout lacks {text:?}: {out}");
 }
 
 #[test]
