@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use util::*;
@@ -58,27 +58,6 @@ fn tap_helper_is_reaped_after_ready() {
     u.assert_running();
 }
 
-/// How long an exit may take: it includes the kernel's removal of usernet's TAP, under a
-/// lock that the namespace work of tests running beside it contends for.
-const EXIT_GUARD: Duration = Duration::from_secs(20);
-
-/// Asserts that usernet exited with status 0 and logged `why` (at `--log-level info`): the
-/// cause of the exit, whatever time a busy machine took for it.
-#[track_caller]
-fn assert_exited_0(u: &mut Usernet, after: &str, why: &str) {
-    let t0 = Instant::now();
-    let st = u
-        .wait_exit(EXIT_GUARD)
-        .unwrap_or_else(|| panic!("usernet still running {EXIT_GUARD:?} after {after}"));
-    let log = u.stderr_at_exit();
-    assert_eq!(st.code(), Some(0), "exit status after {after}: {st}\n{log}");
-    assert!(
-        log.contains(why),
-        "no {why:?} in the log after {after}:\n{log}"
-    );
-    eprintln!("exited {:.2?} after {after}", t0.elapsed());
-}
-
 #[test]
 fn exit_fd_closed_exits_0() {
     let Some(t) = Topology::new() else { return };
@@ -88,7 +67,7 @@ fn exit_fd_closed_exits_0() {
         .start();
     u.assert_running();
     u.close_exit_fd();
-    assert_exited_0(&mut u, "its exit fd closed", "exit fd closed: exiting");
+    u.assert_exited_0("its exit fd closed", "exit fd closed: exiting");
 }
 
 #[test]
@@ -107,7 +86,7 @@ fn exit_fd_data_is_ignored() {
     u.assert_running();
     t.in_container(|| echo_once(echo.addr, b"still forwarding"));
     drop(w);
-    assert_exited_0(&mut u, "its exit fd closed", "exit fd closed: exiting");
+    u.assert_exited_0("its exit fd closed", "exit fd closed: exiting");
 }
 
 #[test]
@@ -118,7 +97,7 @@ fn sigterm_and_sigint_exit_0() {
             .args(["-c", "--log-level", "info"])
             .start();
         u.signal(sig);
-        assert_exited_0(&mut u, sig.as_str(), &format!("{sig}: exiting"));
+        u.assert_exited_0(sig.as_str(), &format!("{sig}: exiting"));
     }
 }
 
@@ -131,7 +110,7 @@ fn namespace_deleted_exits_0() {
         .args(["-c", "--log-level", "info"])
         .start();
     ip(&["netns", "del", &t.container]);
-    assert_exited_0(&mut u, "`ip netns del`", "the namespace went away: exiting");
+    u.assert_exited_0("`ip netns del`", "the namespace went away: exiting");
 }
 
 #[test]

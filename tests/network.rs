@@ -60,6 +60,21 @@ impl Nets<'_> {
             .unwrap_or_else(|| panic!("no member {name} in {}", self.inspect(net)))
     }
 
+    /// Waits up to 20 s for `member`'s port counter `counter` in `net` to reach `at_least`;
+    /// its value then (the switch counts a frame once it has read it from the TAP).
+    #[track_caller]
+    fn wait_port_counter(&self, net: &str, member: &str, counter: &str, at_least: u64) -> u64 {
+        let value = || {
+            self.member_json(net, member)["port_counters"][counter]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no port counter {counter}"))
+        };
+        wait_for(Duration::from_secs(20), || {
+            Some(value()).filter(|&v| v >= at_least)
+        })
+        .unwrap_or_else(|| panic!("{member}'s {counter} is {}, not {at_least}", value()))
+    }
+
     /// The serving process's log of `net`.
     fn log(&self, net: &str) -> String {
         std::fs::read_to_string(self.run.join("usernet").join(format!("{net}.log")))
@@ -385,22 +400,11 @@ fn spoofed_addresses_and_macs_are_dropped_and_counted() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
-    let spoofed = || {
-        n.member_json("n5", "a")["port_counters"]["drop_spoofed"]
-            .as_u64()
-            .unwrap()
-    };
-    let before = wait_for(Duration::from_secs(20), || {
-        Some(spoofed()).filter(|&d| d >= 2)
-    });
-    let before = before.unwrap_or_else(|| panic!("spoofed datagrams not counted: {}", spoofed()));
+    let before = n.wait_port_counter("n5", "a", "drop_spoofed", 2);
     // a takes b's MAC address: its frames are dropped too.
     sh(&a.ns(), "ip link set eth0 address 02:89:0a:5d:00:65").assert_success();
     assert!(!ping_briefly(&a.ns(), "10.93.0.2"));
-    let after = wait_for(Duration::from_secs(20), || {
-        Some(spoofed()).filter(|&d| d > before)
-    });
-    assert!(after.is_some(), "{before} -> {}", spoofed());
+    n.wait_port_counter("n5", "a", "drop_spoofed", before + 1);
     // b is unaffected.
     assert!(ping(&b.ns(), "10.93.0.2"));
     drop((a, b));
@@ -881,17 +885,7 @@ fn a_member_cannot_be_the_others_router_or_dhcp_server() {
     let got = dhcp_client.recv_from(&mut buf);
     assert!(got.is_err(), "b received the rogue's DHCP offer: {got:?}");
     // Dropped at the rogue's port and counted: all four, once the switch has seen them.
-    let rogue_drops = || {
-        n.member_json("n13", "rogue")["port_counters"]["drop_rogue_router"]
-            .as_u64()
-            .unwrap()
-    };
-    let dropped = wait_for(Duration::from_secs(20), || {
-        Some(rogue_drops()).filter(|&d| d >= 4)
-    });
-    let Some(dropped) = dropped else {
-        panic!("{}", n.member_json("n13", "rogue"))
-    };
+    let dropped = n.wait_port_counter("n13", "rogue", "drop_rogue_router", 4);
     // b's routes and addresses are unchanged: no default route or prefix from the rogue.
     let after = routes(&b.ns());
     assert!(

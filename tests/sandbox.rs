@@ -294,25 +294,6 @@ fn sandbox_seccomp_attach_isolated_and_every_path_flows() {
     );
 }
 
-/// How long an exit may take: it includes the kernel's removal of usernet's TAP, under a
-/// lock that the namespace work of tests running beside it contends for.
-const EXIT_GUARD: Duration = Duration::from_secs(20);
-
-/// Asserts that usernet exited with status 0 and logged `why` (at `--log-level info`): the
-/// cause of the exit, whatever time a busy machine took for it.
-#[track_caller]
-fn assert_exited_0(u: &mut Usernet, after: &str, why: &str) {
-    let st = u
-        .wait_exit(EXIT_GUARD)
-        .unwrap_or_else(|| panic!("usernet still running {EXIT_GUARD:?} after {after}"));
-    let log = u.stderr_at_exit();
-    assert_eq!(st.code(), Some(0), "exit after {after}: {st}\n{log}");
-    assert!(
-        log.contains(why),
-        "no {why:?} in the log after {after}:\n{log}"
-    );
-}
-
 #[test]
 fn sandbox_seccomp_exit_fd_and_namespace_deletion_still_end_usernet() {
     let Some(t) = Topology::new() else { return };
@@ -323,7 +304,7 @@ fn sandbox_seccomp_exit_fd_and_namespace_deletion_still_end_usernet() {
         .start();
     assert_isolated(u.pid);
     u.close_exit_fd();
-    assert_exited_0(&mut u, "the -e pipe closed", "exit fd closed: exiting");
+    u.assert_exited_0("the -e pipe closed", "exit fd closed: exiting");
 
     // The target watch (inotify on /run/netns) still works after pivot_root: the log line
     // names it as the cause (no timer could have ended usernet).
@@ -333,7 +314,7 @@ fn sandbox_seccomp_exit_fd_and_namespace_deletion_still_end_usernet() {
         .start();
     assert_isolated(u.pid);
     ip(&["netns", "del", &t.container]);
-    assert_exited_0(&mut u, "`ip netns del`", "the namespace went away: exiting");
+    u.assert_exited_0("`ip netns del`", "the namespace went away: exiting");
 }
 
 #[test]
@@ -359,11 +340,7 @@ fn sandbox_seccomp_pid_target_exit_is_noticed_through_the_pidfd() {
     // The target's end is seen through the pidfd (poll(2) under the filter).
     sleeper.0.kill().expect("kill the sleeper");
     let _ = sleeper.0.wait();
-    assert_exited_0(
-        &mut u,
-        "its target exited",
-        "the namespace went away: exiting",
-    );
+    u.assert_exited_0("its target exited", "the namespace went away: exiting");
 }
 
 #[test]

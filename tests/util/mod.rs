@@ -2745,6 +2745,10 @@ fn map_fds(cmd: &mut Command, map: Vec<(RawFd, RawFd)>) {
     }
 }
 
+/// How long an exit may take: it includes the kernel's removal of usernet's TAP, under a
+/// lock that the namespace work of tests running beside it contends for.
+pub const EXIT_GUARD: Duration = Duration::from_secs(20);
+
 /// A running usernet; SIGKILLed (by PID, with any descendants) on drop, and its output printed
 /// if the test is failing.
 pub struct Usernet {
@@ -2814,6 +2818,23 @@ impl Usernet {
     /// Sends `sig` to usernet.
     pub fn signal(&self, sig: Signal) {
         nix::sys::signal::kill(Pid::from_raw(self.pid as i32), sig).expect("kill");
+    }
+
+    /// Asserts that usernet exits with status 0 within [`EXIT_GUARD`], having logged `why`
+    /// (at `--log-level info`): the cause of the exit, whatever time a busy machine took.
+    #[track_caller]
+    pub fn assert_exited_0(&mut self, after: &str, why: &str) {
+        let t0 = Instant::now();
+        let st = self
+            .wait_exit(EXIT_GUARD)
+            .unwrap_or_else(|| panic!("usernet still running {EXIT_GUARD:?} after {after}"));
+        let log = self.stderr_at_exit();
+        assert_eq!(st.code(), Some(0), "exit status after {after}: {st}\n{log}");
+        assert!(
+            log.contains(why),
+            "no {why:?} in the log after {after}:\n{log}"
+        );
+        eprintln!("exited {:.2?} after {after}", t0.elapsed());
     }
 
     /// Waits up to `t` for usernet to exit.
