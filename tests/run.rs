@@ -51,12 +51,20 @@ fn start_with_sleeper(t: &Topology, opts: &[&str], script: &str, marker: &str) -
     u
 }
 
+/// Asserts that usernet exits with `code` within [`EXIT_GUARD`]. How the command ended is
+/// in the code (143: the SIGTERM passed on; 137: killed after the stop timeout), not in
+/// how long a busy machine took.
 #[track_caller]
-fn assert_exit(u: &mut Usernet, within: Duration, code: i32) {
+fn assert_exit(u: &mut Usernet, code: i32) {
     let status = u
-        .wait_exit(within)
-        .unwrap_or_else(|| panic!("usernet still runs after {within:?}"));
-    assert_eq!(status.code(), Some(code), "{status}: {}", u.stderr());
+        .wait_exit(EXIT_GUARD)
+        .unwrap_or_else(|| panic!("usernet still runs after {EXIT_GUARD:?}"));
+    assert_eq!(
+        status.code(),
+        Some(code),
+        "{status}: {}",
+        u.stderr_at_exit()
+    );
 }
 
 /// The stdout of usernet, which has exited, shows `text` (read to its end: the capture
@@ -74,11 +82,9 @@ fn sigterm_ends_the_command_and_everything_it_started() {
     let _guard = Leftovers(m.clone());
     let script = format!("sleep {m} & wait");
     let mut u = start_with_sleeper(&t, &[], &script, &m);
-    let sent = Instant::now();
     u.signal(Signal::SIGTERM);
     // sh dies of the SIGTERM passed on to it (it is not PID 1): 128 + 15, at once.
-    assert_exit(&mut u, Duration::from_secs(5), 143);
-    assert!(sent.elapsed() < Duration::from_secs(5));
+    assert_exit(&mut u, 143);
     assert_eq!(
         sleepers(&m),
         Vec::<u32>::new(),
@@ -94,8 +100,9 @@ fn background_job_does_not_outlive_the_command() {
     let script = format!("sleep {m} & echo started");
     let f = run_cmd(&t, &[], &script).output(Duration::from_secs(30));
     assert_eq!(f.code(), Some(0), "{f}");
+    // Had usernet waited for the background `sleep` (40 s), the 30 s guard would have
+    // ended it with no exit code.
     assert!(f.stdout.contains("started"), "{f}");
-    assert!(f.elapsed < Duration::from_secs(20), "{f}");
     assert_eq!(
         sleepers(&m),
         Vec::<u32>::new(),
@@ -130,7 +137,7 @@ fn signals_reach_the_command_first() {
     let script = format!("trap 'echo got USR1; exit 5' USR1; sleep {m} & wait");
     let mut u = start_with_sleeper(&t, &[], &script, &m);
     u.signal(Signal::SIGUSR1);
-    assert_exit(&mut u, Duration::from_secs(5), 5);
+    assert_exit(&mut u, 5);
     assert_stdout(&u, "got USR1");
     assert_eq!(sleepers(&m), Vec::<u32>::new());
 
@@ -140,7 +147,7 @@ fn signals_reach_the_command_first() {
     let script = format!("trap 'echo cleaning up; exit 0' TERM; sleep {m} & wait");
     let mut u = start_with_sleeper(&t, &[], &script, &m);
     u.signal(Signal::SIGTERM);
-    assert_exit(&mut u, Duration::from_secs(5), 0);
+    assert_exit(&mut u, 0);
     assert_stdout(&u, "cleaning up");
     assert_eq!(sleepers(&m), Vec::<u32>::new());
 }
@@ -154,7 +161,7 @@ fn a_command_ignoring_sigterm_is_killed_after_the_stop_timeout() {
     let mut u = start_with_sleeper(&t, &["--stop-timeout", "1"], &script, &m);
     let sent = Instant::now();
     u.signal(Signal::SIGTERM);
-    assert_exit(&mut u, Duration::from_secs(10), 137);
+    assert_exit(&mut u, 137);
     let took = sent.elapsed();
     assert!(
         took >= Duration::from_millis(900),
@@ -175,10 +182,8 @@ fn sigkill_of_usernet_takes_the_command_along() {
     let script = format!("sleep {m} & wait");
     let mut u = start_with_sleeper(&t, &[], &script, &m);
     u.signal(Signal::SIGKILL);
-    u.wait_exit(Duration::from_secs(5)).expect("usernet exits");
-    let gone = wait_for(Duration::from_secs(5), || {
-        sleepers(&m).is_empty().then_some(())
-    });
+    u.wait_exit(EXIT_GUARD).expect("usernet exits");
+    let gone = wait_for(EXIT_GUARD, || sleepers(&m).is_empty().then_some(()));
     assert!(
         gone.is_some(),
         "`sleep {m}` outlived usernet: {:?}",
@@ -351,8 +356,8 @@ fn run_serves_its_api_under_its_name_and_clients_find_it() {
     // Socket files go when their runs end.
     u.signal(Signal::SIGTERM);
     u2.signal(Signal::SIGTERM);
-    assert_exit(&mut u, Duration::from_secs(10), 143);
-    assert_exit(&mut u2, Duration::from_secs(10), 143);
+    assert_exit(&mut u, 143);
+    assert_exit(&mut u2, 143);
     assert!(!socket.exists());
     let f = client(&t, &wrap, &["ports", "list"]);
     assert_eq!(f.code(), Some(1), "{f}");
