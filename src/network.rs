@@ -413,7 +413,8 @@ pub fn create(spec: &CreateSpec) -> Result<Def, NetworkError> {
 /// One request to a network's serving process; its `return` value.
 ///
 /// # Errors
-/// [`NetworkError::Refused`] with the server's error text; `Io` when it cannot be reached.
+/// [`NetworkError::Refused`] with the server's error text; `NotRunning` when nobody
+/// listens or the server ended without serving it; `Io` when the exchange failed otherwise.
 pub fn request(name: &str, req: &Value, fd: Option<&OwnedFd>) -> Result<Value, NetworkError> {
     let stream = UnixStream::connect(socket_path(name))
         .map_err(|_| NetworkError::NotRunning(name.to_owned()))?;
@@ -591,7 +592,10 @@ pub fn reserve(name: &str, spec: &JoinSpec) -> Result<Lease, NetworkError> {
     loop {
         ensure_server(name)?;
         match reserve_once(name, spec) {
-            Err(NetworkError::NotRunning(_)) if Instant::now() < deadline => {}
+            // The ending server may still be on its way out: not a busy loop meanwhile.
+            Err(NetworkError::NotRunning(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             r => return r,
         }
     }
