@@ -258,52 +258,27 @@ impl Drop for UdpReporter {
 /// `udp_clients_sharing_a_port_each_get_their_own_replies`).
 #[track_caller]
 fn udp_ask(sock: &UdpSocket, dst: SocketAddr, payload: &[u8]) -> SocketAddr {
-    let mut buf = vec![0u8; 65536];
-    let end = Instant::now() + IO_TIMEOUT;
     let mut skipped = Vec::new();
-    while Instant::now() < end {
-        sock.send_to(payload, dst)
-            .unwrap_or_else(|e| panic!("send_to {dst}: {e}"));
-        let resend = (Instant::now() + Duration::from_secs(2)).min(end);
-        loop {
-            let left = resend.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                eprintln!("(udp {dst}: no reply within 2 s; sending again)");
-                break;
-            }
-            sock.set_read_timeout(Some(left)).expect("timeout");
-            let (n, from) = match sock.recv_from(&mut buf) {
-                Ok(r) => r,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => panic!("recv from {dst}: {e}"),
-            };
-            let text = &buf[..n];
-            let bar = text
-                .iter()
-                .position(|&b| b == b'|')
-                .unwrap_or_else(|| panic!("malformed reply {:?}", String::from_utf8_lossy(text)));
-            if &text[bar + 1..] != payload {
-                skipped.push(String::from_utf8_lossy(text).into_owned());
-                continue;
-            }
-            assert_eq!(from, dst, "reply from an unexpected source");
-            let peer = std::str::from_utf8(&text[..bar]).expect("utf-8");
-            return peer
-                .parse()
-                .unwrap_or_else(|_| panic!("bad reported peer {peer:?}"));
+    let reply = udp_ask_until(sock, dst, payload, IO_TIMEOUT, |from, text| {
+        let bar = text
+            .iter()
+            .position(|&b| b == b'|')
+            .unwrap_or_else(|| panic!("malformed reply {:?}", String::from_utf8_lossy(text)));
+        if &text[bar + 1..] != payload {
+            skipped.push(String::from_utf8_lossy(text).into_owned());
+            return None;
         }
-    }
-    panic!(
-        "no UDP reply to {:?} from {dst} within {IO_TIMEOUT:?}; other replies: {skipped:?}",
-        String::from_utf8_lossy(payload)
-    );
+        assert_eq!(from, dst, "reply from an unexpected source");
+        Some(String::from_utf8(text[..bar].to_vec()).expect("utf-8"))
+    });
+    let Some(peer) = reply else {
+        panic!(
+            "no UDP reply to {:?} from {dst} within {IO_TIMEOUT:?}; other replies: {skipped:?}",
+            String::from_utf8_lossy(payload)
+        );
+    };
+    peer.parse()
+        .unwrap_or_else(|_| panic!("bad reported peer {peer:?}"))
 }
 
 fn ipv6_loopback_works(t: &Topology) -> bool {

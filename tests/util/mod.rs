@@ -2414,24 +2414,50 @@ fn dns_udp_exchange_at(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
         SocketAddr::V4(_) => udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)),
         SocketAddr::V6(_) => udp_socket6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 0, 0, 0)),
     };
-    let mut buf = [0u8; 4096];
-    let end = Instant::now() + DNS_UDP_WAIT;
+    udp_ask_until(&s, server, query, DNS_UDP_WAIT, |from, reply| {
+        ((from.ip(), from.port()) == (server.ip(), server.port())
+            && reply.get(..2) == query.get(..2))
+        .then(|| reply.to_vec())
+    })
+}
+
+/// Sends `payload` from `sock` to `dst`, and again every 2 s (as a stub resolver or any
+/// UDP client that wants an answer would), for up to `total`; the first reply `accept`
+/// takes (from its source and bytes), skipping the others (late answers to an earlier
+/// request); `None` if none came. A receive error other than a timeout ends the wait for
+/// that send.
+pub fn udp_ask_until<T>(
+    sock: &UdpSocket,
+    dst: SocketAddr,
+    payload: &[u8],
+    total: Duration,
+    mut accept: impl FnMut(SocketAddr, &[u8]) -> Option<T>,
+) -> Option<T> {
+    let mut buf = vec![0u8; 65536];
+    let end = Instant::now() + total;
     while Instant::now() < end {
-        s.send_to(query, server).ok()?;
+        sock.send_to(payload, dst).ok()?;
         let resend = (Instant::now() + Duration::from_secs(2)).min(end);
         loop {
             let left = resend.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
-            s.set_read_timeout(Some(left)).expect("timeout");
-            let Ok((n, from)) = s.recv_from(&mut buf) else {
-                break;
+            sock.set_read_timeout(Some(left)).expect("timeout");
+            let (n, from) = match sock.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue
+                }
+                Err(_) => break,
             };
-            if (from.ip(), from.port()) == (server.ip(), server.port())
-                && buf[..n].get(..2) == query.get(..2)
-            {
-                return Some(buf[..n].to_vec());
+            if let Some(v) = accept(from, &buf[..n]) {
+                return Some(v);
             }
         }
     }
